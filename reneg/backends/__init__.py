@@ -1,0 +1,1 @@
+"""Model backends: each turns a host's model into a :class:`reneg.backends.base.Backend`."""

@@ -1,0 +1,248 @@
+"""Diffusers backend: SD1.x / SD2.x (eps and v-prediction) from local files.
+
+Loads a diffusers folder (``model_index.json`` with ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) or a single-file
+``.safetensors`` checkpoint as UI users keep them (then ``config=`` must name a
+local diffusers folder of the same architecture, since diffusers would otherwise
+download the configs). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..cond import Cond
+from ..families import family_for_hidden
+from ..sampling import ddim_schedule, sigmas_from_alphas_cumprod
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+class DiffusersDenoiser:
+    """``D(x, sigma, cond) -> x0`` around a diffusers UNet (FIELD-NOTES 2)."""
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelLoadError(f"prediction type {prediction_type!r} is not supported "
+                                 f"(epsilon and v_prediction are)")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self.log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log().float()
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous timestep for ``sigma`` (log-sigma interpolation; exact on the table)."""
+        ls = self.log_sigmas.to(sigma.device)
+        s = sigma.float().clamp(min=1e-10).log()
+        idx = torch.searchsorted(ls, s.contiguous()).clamp(1, len(ls) - 1)
+        lo, hi = ls[idx - 1], ls[idx]
+        w = ((s - lo) / (hi - lo)).clamp(0, 1)
+        return (idx - 1).float() + w
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        c_in = 1 / (1 + s * s).sqrt()
+        dt = self.unet.dtype
+        kwargs = {}
+        if cond.pooled is not None or cond.extra:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dt), **{
+                k: v.to(dt) for k, v in cond.extra.items()}}
+        out = self.unet((x * c_in).to(dt), self.timestep(sigma), encoder_hidden_states=cond.crossattn.to(dt),
+                        return_dict=False, **kwargs)[0].to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        return x * c_in * c_in - s * c_in * out
+
+
+@dataclass
+class DiffusersBackend:
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    scheduler_config: dict
+    family: str
+    source: str
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        ac = self.alphas_cumprod()
+        self._denoiser = DiffusersDenoiser(self.unet, ac, self.scheduler_config.get("prediction_type", "epsilon"))
+        self._cache: dict[str, torch.Tensor] = {}
+        self._null = None
+
+    # --- schedule -------------------------------------------------------------------------
+    def alphas_cumprod(self) -> torch.Tensor:
+        c = self.scheduler_config
+        n = int(c.get("num_train_timesteps", 1000))
+        b0, b1 = float(c.get("beta_start", 0.00085)), float(c.get("beta_end", 0.012))
+        kind = c.get("beta_schedule", "scaled_linear")
+        if c.get("trained_betas") is not None:
+            betas = torch.tensor(c["trained_betas"], dtype=torch.float32)
+        elif kind == "scaled_linear":
+            betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float32) ** 2
+        elif kind == "linear":
+            betas = torch.linspace(b0, b1, n, dtype=torch.float32)
+        else:
+            raise ModelLoadError(f"{self.source}: beta_schedule {kind!r} is not supported")
+        return torch.cumprod(1.0 - betas, dim=0)
+
+    def schedule(self, steps: int) -> torch.Tensor:
+        c = self.scheduler_config
+        return ddim_schedule(self.alphas_cumprod(), steps, int(c.get("steps_offset", 1)),
+                             c.get("timestep_spacing", "leading"), bool(c.get("set_alpha_to_one", False)))
+
+    # --- model ----------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> DiffusersDenoiser:
+        return self._denoiser
+
+    @property
+    def prediction_type(self) -> str:
+        return self._denoiser.prediction_type
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        return (batch, self.unet.config.in_channels, height // f, width // f)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        out = self.text_encoder(tok.input_ids.to(self.device), return_dict=True)
+        return out.last_hidden_state.float()
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Cached per prompt: a training run sees each prompt many times."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            for p, e in zip(missing, self._encode(missing)):
+                self._cache[p] = e
+            if len(self._cache) > 20000:
+                self._cache = {p: self._cache[p] for p in missing}
+        return Cond(torch.stack([self._cache[p] for p in prompts]))
+
+    def null_embedding(self) -> tuple[torch.Tensor, None]:
+        if self._null is None:
+            self._null = self._encode([""])
+        return self._null.clone(), None
+
+    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None) -> Cond:
+        return Cond(neg.to(self.device))
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        z = x0 / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            z = z + vae.config.shift_factor
+        img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return img.float().clamp(-1, 1)
+
+    def to(self, device) -> "DiffusersBackend":
+        self.device = torch.device(device)
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(self.device)
+        return self
+
+
+def _family_of(text_encoder, unet, source: str) -> str:
+    hidden = int(getattr(text_encoder.config, "hidden_size", 0))
+    xattn = unet.config.cross_attention_dim
+    xattn = xattn[0] if isinstance(xattn, (list, tuple)) else xattn
+    if hidden != xattn:
+        raise ModelLoadError(f"{source}: text encoder hidden size {hidden} does not match the UNet's "
+                             f"cross_attention_dim {xattn} (two-encoder models such as SDXL are not "
+                             f"supported by this backend yet)")
+    fam = family_for_hidden(hidden)
+    if fam is None or fam.name in ("sdxl", "pixart"):
+        raise ModelLoadError(f"{source}: text encoder hidden size {hidden} is not an SD1.x (768), "
+                             f"SD2.x (1024) or demo (64) model")
+    return fam.name
+
+
+def load_diffusers(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   config: str | None = None) -> DiffusersBackend:
+    """Load SD1.x / SD2.x from a diffusers folder or a single-file checkpoint, locally."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _load_folder(path, device, dtype)
+    if os.path.isfile(path):
+        return _load_single_file(path, device, dtype, config)
+    raise ModelLoadError(f"{path}: no such model folder or file (give a local diffusers folder "
+                         f"with model_index.json, or a .safetensors checkpoint)")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not a readable JSON config ({e})") from None
+
+
+def _load_folder(path: str, device, dtype) -> DiffusersBackend:
+    need = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+            "scheduler/scheduler_config.json"]
+    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
+    if missing:
+        raise ModelLoadError(f"{path}: not a complete diffusers Stable Diffusion folder; missing "
+                             f"{', '.join(missing)}")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(local_files_only=True, torch_dtype=dtype)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
+    sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    return _assemble(unet, vae, text_encoder, tokenizer, sched, path, device, dtype)
+
+
+def _assemble(unet, vae, text_encoder, tokenizer, sched, source, device, dtype) -> DiffusersBackend:
+    family = _family_of(text_encoder, unet, source)
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False).eval()
+    backend = DiffusersBackend(unet, vae, text_encoder, tokenizer, dict(sched), family, source,
+                               torch.device(device), dtype)
+    return backend.to(device)
+
+
+def _load_single_file(path: str, device, dtype, config: str | None) -> DiffusersBackend:
+    if not path.endswith((".safetensors", ".ckpt")):
+        raise ModelLoadError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")
+    if path.endswith(".ckpt"):
+        raise ModelLoadError(f"{path}: .ckpt checkpoints are pickles; convert it to .safetensors first")
+    if not config or not os.path.isfile(os.path.join(config, "model_index.json")):
+        raise ModelLoadError(
+            f"{path}: a single-file checkpoint needs its architecture's configs, and ReNeg never "
+            f"downloads them. Pass --config FOLDER, a local diffusers folder of the same model type "
+            f"(e.g. stable-diffusion-v1-5 with model_index.json, unet/config.json, vae/config.json, "
+            f"text_encoder/config.json, tokenizer/ and scheduler/scheduler_config.json; the weights "
+            f"in it are not needed)")
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            path, config=config, local_files_only=True, torch_dtype=dtype,
+            safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: could not load this checkpoint with the configs in {config}: "
+                             f"{str(e)[:400]}") from None
+    return _assemble(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config),
+                     path, device, dtype)

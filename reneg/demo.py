@@ -1,0 +1,69 @@
+"""The built-in demo: the world ``--demo`` runs on, with no files from the user.
+
+It prefers the shipped demo world (:mod:`reneg.demo_world`: a small text-to-image
+model and a preference reward trained on a procedural world of shapes, where a
+learned negative visibly helps). When those assets are absent, it builds a tiny
+random pipeline and reward from fixed configs and seeds, which proves the
+machinery but not the method.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _world():
+    try:
+        from . import demo_world
+    except ImportError:
+        return None
+    try:
+        if os.path.isfile(os.path.join(demo_world.pipeline_dir(), "model_index.json")) and \
+                os.path.isfile(demo_world.reward_checkpoint()):
+            return demo_world
+    except (AttributeError, OSError):
+        return None
+    return None
+
+
+def setup(out: str) -> dict:
+    """Write the demo's prompt files into ``out/demo`` and return paths and settings."""
+    from .fileio import atomic_write_text
+
+    folder = os.path.join(out, "demo")
+    os.makedirs(folder, exist_ok=True)
+    world = _world()
+    if world is not None:
+        model = world.pipeline_dir()
+        reward = f"hpsv2={world.reward_checkpoint()},config={world.reward_config()}"
+        train = list(world.train_prompts(200, seed=0))
+        heldout = list(world.heldout_prompts(16))
+        handcrafted = world.HANDCRAFTED_NEGATIVE
+        settings = dict(getattr(world, "DEMO_SETTINGS", {}))
+        kind = "demo world"
+    else:
+        from .tiny import build_tiny_hps, build_tiny_pipeline
+
+        model = os.path.join(folder, "tiny-pipeline")
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            build_tiny_pipeline(model, seed=0)
+        ckpt = os.path.join(folder, "tiny-reward", "hps_tiny.pt")
+        if not os.path.isfile(ckpt):
+            build_tiny_hps(os.path.dirname(ckpt), seed=0)
+        reward = f"hpsv2={ckpt}"
+        colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+        shapes = ["circle", "square", "triangle", "star"]
+        allp = [f"a {c} {s}" for c in colours for s in shapes]
+        train, heldout = allp[:18], allp[18:]
+        handcrafted = "blurry, noisy, ugly"
+        settings = {}
+        kind = "tiny random models"
+    atomic_write_text(os.path.join(folder, "train_prompts.txt"), "\n".join(train) + "\n")
+    atomic_write_text(os.path.join(folder, "heldout_prompts.txt"), "\n".join(heldout) + "\n")
+    base = dict(resolution=16, steps=30, batch_size=4, micro_batch=4, sampling_steps=10, guidance=7.5,
+                grad_range=(0, 4), lr=5e-2, eval_every=0, checkpoint_every=10, heldout_count=len(heldout),
+                eval_batch=8)
+    base.update(settings)
+    return dict(kind=kind, model=model, reward=reward, prompts=os.path.join(folder, "train_prompts.txt"),
+                heldout=os.path.join(folder, "heldout_prompts.txt"), handcrafted=handcrafted,
+                settings=base, heldout_texts=heldout)

@@ -1,0 +1,303 @@
+"""Negative-embedding files: ReNeg's own format and the formats found in the wild.
+
+Imports only torch and safetensors, so every front-end (the A1111 extension, the
+ComfyUI Load node) can use it.
+
+Our format is a ``.safetensors`` file with ``neg_embedding`` ``[1, L, D]`` (and
+``pooled`` ``[1, P]`` where the family needs one) and string metadata. We also
+read the paper's published files (a bare tensor saved with ``torch.save``),
+diffusers-style ``negative_prompt_embeds`` tensors or dicts saved with
+``torch.save``, and a safetensors file holding a single tensor under any key.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .families import FAMILIES, Family, family_for_hidden, get_family, known_hidden_sizes
+from .fileio import atomic_save_safetensors, read_safetensors_header, safe_torch_load
+
+FORMAT_VERSION = "1"
+MAIN_KEY = "neg_embedding"
+POOLED_KEY = "pooled"
+KINDS = ("global", "per-sample", "null", "handcrafted")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+# keys under which other tools store a negative embedding in a dict
+_ALT_KEYS = ("neg_embedding", "negative_prompt_embeds", "neg_emb", "embedding", "emb",
+             "uncond", "prompt_embeds")
+_ALT_POOLED = ("pooled", "negative_pooled_prompt_embeds", "pooled_prompt_embeds", "pooled_output")
+MAX_FILE_BYTES = 512 * 1024 * 1024
+
+
+class EmbeddingError(ValueError):
+    """A negative-embedding file is unreadable or not what it must be."""
+
+
+@dataclass
+class NegEmbedding:
+    """A validated negative embedding.
+
+    ``tensor`` is ``[1, L, D]`` on the CPU in the dtype it was stored in;
+    ``pooled`` is ``[1, P]`` or None; ``metadata`` is a dict of strings.
+    """
+
+    tensor: torch.Tensor
+    family: str
+    pooled: torch.Tensor | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+    format: str = "reneg"
+
+    @property
+    def family_spec(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem if self.path else "embedding"
+
+    def info(self) -> dict[str, Any]:
+        t = self.tensor.float()
+        out = {
+            "path": self.path,
+            "format": self.format,
+            "family": self.family,
+            "shape": list(self.tensor.shape),
+            "dtype": str(self.tensor.dtype).replace("torch.", ""),
+            "pooled_shape": list(self.pooled.shape) if self.pooled is not None else None,
+            "metadata": dict(self.metadata),
+            "stats": {"mean": float(t.mean()), "std": float(t.std()), "norm": float(t.norm()),
+                      "min": float(t.min()), "max": float(t.max())},
+        }
+        if self.path and os.path.isfile(self.path):
+            out["sha256"] = _sha256(self.path)
+        return out
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = None,
+             expected_family: str | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """Check rank, shape, finiteness and hidden size; return ``([1,L,D], family, pooled)``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise EmbeddingError(f"{path}: expected a tensor, found {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise EmbeddingError(f"{path}: expected a floating-point tensor, found dtype {tensor.dtype}")
+    if tensor.dim() == 2:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 3 or tensor.shape[0] != 1:
+        raise EmbeddingError(f"{path}: expected a tensor of shape [1, tokens, hidden] "
+                             f"(or [tokens, hidden]), found {_shape(tensor)}")
+    hidden = tensor.shape[-1]
+    by_dim = family_for_hidden(hidden)
+    if family:
+        spec = get_family(family) if family in FAMILIES else None
+        if spec is None:
+            raise EmbeddingError(f"{path}: metadata names an unknown family {family!r}; "
+                                 f"expected one of {', '.join(FAMILIES)}")
+        if spec.hidden != hidden:
+            raise EmbeddingError(f"{path}: family {family} needs hidden size {spec.hidden}, "
+                                 f"found {hidden} (shape {_shape(tensor)})")
+    else:
+        if by_dim is None:
+            raise EmbeddingError(f"{path}: unknown hidden size {hidden} (shape {_shape(tensor)}); "
+                                 f"expected one of {known_hidden_sizes()}")
+        spec = by_dim
+    if tensor.shape[1] != spec.tokens:
+        raise EmbeddingError(f"{path}: family {spec.name} needs {spec.tokens} token rows, "
+                             f"found {tensor.shape[1]} (shape {_shape(tensor)})")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise EmbeddingError(f"{path}: expected finite values, found {bad} NaN/inf entries")
+    if pooled is not None:
+        if not isinstance(pooled, torch.Tensor) or not pooled.is_floating_point():
+            raise EmbeddingError(f"{path}: pooled vector must be a float tensor")
+        if pooled.dim() == 1:
+            pooled = pooled.unsqueeze(0)
+        if spec.pooled is None or tuple(pooled.shape) != (1, spec.pooled):
+            want = f"[1, {spec.pooled}]" if spec.pooled else "no pooled vector"
+            raise EmbeddingError(f"{path}: family {spec.name} expects {want}, found pooled {_shape(pooled)}")
+        if not bool(torch.isfinite(pooled).all()):
+            raise EmbeddingError(f"{path}: pooled vector has NaN/inf values")
+    elif spec.pooled is not None and family is not None:
+        # our own files must carry it; foreign files are allowed without (hosts keep theirs)
+        pass
+    if expected_family and spec.name != expected_family:
+        raise EmbeddingError(f"{path}: this is a {spec.name} embedding (hidden size {hidden}), "
+                             f"but the model in use is {expected_family}")
+    return tensor, spec.name, pooled
+
+
+def load_embedding(path: str | os.PathLike, expected_family: str | None = None) -> NegEmbedding:
+    """Load and validate a negative embedding from any supported file."""
+    path = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise EmbeddingError(f"{path}: no such file")
+    size = p.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise EmbeddingError(f"{path}: {size} bytes is far too large for a negative embedding "
+                             f"(expected under {MAX_FILE_BYTES // 2**20} MiB)")
+    with open(p, "rb") as f:
+        magic = f.read(8)
+    is_zip = magic[:4] == b"PK\x03\x04"
+    is_legacy_pickle = magic[:1] == b"\x80"
+    if p.suffix.lower() == ".safetensors" or not (is_zip or is_legacy_pickle):
+        return _load_safetensors(path, expected_family)
+    return _load_pickle(path, expected_family)
+
+
+def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    try:
+        header = read_safetensors_header(path)
+    except ValueError as e:
+        raise EmbeddingError(str(e)) from None
+    meta = dict(header.get("__metadata__") or {})
+    keys = [k for k in header if k != "__metadata__"]
+    try:
+        tensors = load_file(path, device="cpu")
+    except (SafetensorsError, OSError, RuntimeError) as e:
+        raise EmbeddingError(f"{path}: not a readable safetensors file: {e}") from None
+    if MAIN_KEY in tensors:
+        fmt = "reneg" if meta.get("format") == "reneg" or "family" in meta else "safetensors"
+        main, pooled = tensors[MAIN_KEY], tensors.get(POOLED_KEY)
+    elif len(keys) == 1:
+        fmt, main, pooled = "safetensors-single", tensors[keys[0]], None
+    else:
+        main_key = next((k for k in _ALT_KEYS if k in tensors), None)
+        if main_key is None:
+            raise EmbeddingError(f"{path}: expected a tensor named {MAIN_KEY!r} or a single tensor, "
+                                 f"found {len(keys)} tensors: {', '.join(sorted(keys))[:200]}")
+        fmt, main = "safetensors", tensors[main_key]
+        pooled = next((tensors[k] for k in _ALT_POOLED if k in tensors), None)
+    family = meta.get("family") or None
+    tensor, family, pooled = validate(main, path, family, pooled, expected_family)
+    return NegEmbedding(tensor, family, pooled, meta, path, fmt)
+
+
+def _load_pickle(path: str, expected_family: str | None) -> NegEmbedding:
+    try:
+        obj = safe_torch_load(path, what="embedding file")
+    except (ValueError, FileNotFoundError) as e:
+        raise EmbeddingError(str(e)) from None
+    pooled = None
+    meta: dict[str, str] = {}
+    if isinstance(obj, torch.Tensor):
+        fmt, main = "torch-tensor", obj
+    elif isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        main_key = next((k for k in _ALT_KEYS if k in tensors), None)
+        if main_key is None and len(tensors) == 1:
+            main_key = next(iter(tensors))
+        if main_key is None:
+            raise EmbeddingError(f"{path}: expected a tensor or a dict with one of "
+                                 f"{', '.join(_ALT_KEYS)}; found keys {', '.join(map(str, obj))[:200]}")
+        fmt, main = "torch-dict", tensors[main_key]
+        pooled = next((tensors[k] for k in _ALT_POOLED if k in tensors), None)
+        if isinstance(obj.get("metadata"), dict):
+            meta = {str(k): str(v) for k, v in obj["metadata"].items()}
+    else:
+        raise EmbeddingError(f"{path}: expected a tensor or a dict of tensors, found {type(obj).__name__}")
+    family = meta.get("family") if meta.get("family") in FAMILIES else None
+    tensor, family, pooled = validate(main, path, family, pooled, expected_family)
+    return NegEmbedding(tensor, family, pooled, meta, path, fmt)
+
+
+def make_metadata(family: str, kind: str, **fields: Any) -> dict[str, str]:
+    """Build our string metadata. Values that are not strings are JSON-encoded."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    spec = get_family(family)
+    meta: dict[str, Any] = {
+        "format": "reneg",
+        "format_version": FORMAT_VERSION,
+        "family": family,
+        "text_encoder": spec.text_encoder,
+        "hidden_size": spec.hidden,
+        "token_count": spec.tokens,
+        "clip_skip": 1,
+        "kind": kind,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "reneg_version": __version__,
+    }
+    meta.update({k: v for k, v in fields.items() if v is not None})
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def save_embedding(path: str | os.PathLike, emb: NegEmbedding, overwrite: bool = False,
+                   **metadata: Any) -> str:
+    """Write ``emb`` in our format, atomically. Extra keyword fields go into metadata."""
+    path = str(path)
+    if not path.endswith(".safetensors"):
+        raise EmbeddingError(f"{path}: ReNeg embeddings are written as .safetensors")
+    tensor, family, pooled = validate(emb.tensor.detach().cpu(), path, emb.family, emb.pooled)
+    meta = dict(emb.metadata)
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()
+                 if v is not None})
+    for k, v in (("format", "reneg"), ("format_version", FORMAT_VERSION), ("family", family)):
+        meta[k] = v
+    spec = get_family(family)
+    meta.setdefault("text_encoder", spec.text_encoder)
+    meta["hidden_size"] = str(spec.hidden)
+    meta["token_count"] = str(tensor.shape[1])
+    meta.setdefault("clip_skip", "1")
+    meta.setdefault("kind", "global")
+    meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    meta.setdefault("reneg_version", __version__)
+    tensors = {MAIN_KEY: tensor}
+    if pooled is not None:
+        tensors[POOLED_KEY] = pooled.detach().cpu()
+    atomic_save_safetensors(path, tensors, metadata=meta, overwrite=overwrite)
+    return path
+
+
+def convert(src: str, dst: str, family: str | None = None, overwrite: bool = False) -> NegEmbedding:
+    """Convert any supported file to our format; values are kept bit for bit."""
+    emb = load_embedding(src)
+    if family and family != emb.family:
+        # an explicit family must agree with the tensor's shape
+        tensor, fam, pooled = validate(emb.tensor, src, family, emb.pooled)
+        emb = NegEmbedding(tensor, fam, pooled, emb.metadata, src, emb.format)
+    meta = dict(emb.metadata)
+    meta.setdefault("kind", "global")
+    meta.setdefault("source_file", os.path.basename(src))
+    meta.setdefault("source_format", emb.format)
+    out = NegEmbedding(emb.tensor, emb.family, emb.pooled, meta, dst, "reneg")
+    save_embedding(dst, out, overwrite=overwrite)
+    return load_embedding(dst)
+
+
+def list_embedding_files(*folders: str | os.PathLike) -> list[str]:
+    """Files with an embedding suffix in the given folders (recursive), sorted, no duplicates."""
+    seen: dict[str, None] = {}
+    for folder in folders:
+        if not folder or not os.path.isdir(folder):
+            continue
+        for root, _dirs, files in os.walk(folder, followlinks=True):
+            for fn in sorted(files):
+                if fn.lower().endswith(SUFFIXES) and not fn.startswith("."):
+                    seen.setdefault(os.path.join(root, fn), None)
+    return sorted(seen)

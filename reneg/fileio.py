@@ -1,0 +1,175 @@
+"""Crash-safe file writing and safe reading of untrusted files.
+
+Every file ReNeg writes goes to a temporary file in the same folder first and is
+renamed over the target only once complete, so a kill or a full disk never leaves
+a half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class OutputError(OSError):
+    """Writing an output failed (read-only folder, full disk...)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    On any error the temporary file is removed and the old ``path`` (if any) is
+    left untouched.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path}: already exists (not overwriting)")
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write into {folder}: {e.strerror or e}") from e
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if not overwrite and path.exists():
+            raise FileExistsError(f"{path}: already exists (not overwriting)")
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        if isinstance(e, (FileExistsError, OutputError)):
+            raise
+        raise OutputError(f"{path}: writing failed: {e.strerror or e}") from e
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(p: str) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path, data: bytes, overwrite: bool = True) -> None:
+    with atomic_path(path, overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path, text: str, overwrite: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def atomic_write_json(path, obj: Any, overwrite: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", overwrite)
+
+
+def atomic_torch_save(path, obj: Any, overwrite: bool = True) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue(), overwrite)
+
+
+def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None,
+                            overwrite: bool = True) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata=metadata)
+    atomic_write_bytes(path, data, overwrite)
+
+
+def safe_torch_load(path, what: str = "file") -> Any:
+    """``torch.load`` with ``weights_only=True`` and errors that name the file.
+
+    A pickle that would import or call anything besides tensors and plain
+    containers is refused; its payload never runs.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise ValueError(
+            f"{path}: refused to load this {what}: it is a pickle that asks to run code or build "
+            f"objects other than tensors ({detail.strip()[:200]}). Only plain tensor files are loaded "
+            f"(torch.load weights_only=True)."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
+            UnicodeDecodeError, AttributeError, MemoryError, OverflowError) as e:
+        raise ValueError(f"{path}: not a readable torch {what} (truncated or corrupt?): "
+                         f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path) -> dict:
+    """Parse and check a safetensors header without trusting it.
+
+    Checks the header length against the file size, that it is JSON, and that
+    every tensor's byte range lies inside the file and matches its dtype and shape,
+    so that a lying header can cause neither a huge allocation nor a crash.
+    """
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file: {size} bytes, expected an 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+            raise ValueError(f"{path}: corrupt safetensors header: it claims {n} bytes of header "
+                             f"but the file has {size - 8} after the length field")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ValueError(f"{path}: corrupt safetensors metadata (expected string values)")
+            continue
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+            count = 1
+            for s in shape:
+                if not isinstance(s, int) or s < 0:
+                    raise ValueError
+                count *= s
+            ok = (dtype in itemsize and isinstance(a, int) and isinstance(b, int)
+                  and 0 <= a <= b <= data_len and (b - a) == count * itemsize[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {key!r} has an invalid "
+                             f"dtype, shape or byte range ({str(info)[:120]})")
+    return header

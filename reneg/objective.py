@@ -1,0 +1,191 @@
+"""The ReNeg objective (paper eq. 5-7) and per-sample search (Algorithm 1).
+
+One training sample: deterministic DDIM from pure noise down to a grad step
+``i`` chosen among the last ``grad_range`` steps, without gradients; then one
+x0 prediction at ``i`` in which only the unconditional (negative) branch carries
+gradient, a differentiable decode and a reward. ``loss = -reward``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cond import Cond
+from .sampling import Denoiser, cfg_denoise, sample
+
+
+@dataclass
+class ObjectiveConfig:
+    steps: int = 30            # DDIM steps of the full trajectory
+    guidance: float = 7.5      # CFG scale g
+    grad_range: tuple[int, int] = (0, 10)  # grad step counted in DDIM steps from the end, inclusive
+
+    def __post_init__(self):
+        lo, hi = self.grad_range
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not (0 <= lo <= hi < self.steps):
+            raise ValueError(f"grad_range must satisfy 0 <= lo <= hi < steps ({self.steps}); "
+                             f"got {self.grad_range}")
+
+    def grad_index(self, generator: torch.Generator | None = None) -> int:
+        """Index into the sigma schedule of the grad step (uniform in the range)."""
+        lo, hi = self.grad_range
+        k = int(torch.randint(lo, hi + 1, (1,), generator=generator))
+        return self.steps - 1 - k
+
+
+def grad_step_x0(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond,
+                 uncond: Cond, scale: float) -> torch.Tensor:
+    """``x0~ = x0(x, n) + g (x0(x, c) - x0(x, n))`` where only the ``n`` branch has grad.
+
+    With ``g == 1`` the result does not depend on ``n`` at all (and carries no graph).
+    """
+    b = x.shape[0]
+    x = x.detach()
+    with torch.no_grad():
+        x0_c = denoiser(x, sigma, cond.expand(b))
+    if scale == 1.0:
+        return x0_c
+    x0_u = denoiser(x, sigma, uncond.expand(b))
+    return (1.0 - scale) * x0_u + scale * x0_c
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor            # scalar, differentiable w.r.t. the negative
+    rewards: torch.Tensor         # [B] detached rewards of the grad-step prediction
+    grad_index: int
+    x: torch.Tensor | None = None  # latent at the grad step (detached)
+    x0: torch.Tensor | None = None  # grad-step x0 prediction (detached)
+
+
+def reneg_step(denoiser: Denoiser, decode: Callable[[torch.Tensor], torch.Tensor],
+               reward: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: list[str],
+               cond: Cond, uncond: Cond, x_start: torch.Tensor, sigmas: torch.Tensor,
+               scale: float, grad_index: int, reward_weight: float = 1.0) -> StepResult:
+    """One ReNeg sample batch: no-grad rollout to ``grad_index``, then the grad step.
+
+    ``x_start`` is the VE latent at ``sigmas[0]``; ``uncond`` holds the trainable
+    negative (its tensors may require grad); ``reward(images, prompts) -> [B]``.
+    """
+    b = x_start.shape[0]
+    with torch.no_grad():
+        x, _ = sample(denoiser, x_start, sigmas, cond, uncond.detach(), scale, stop=grad_index)
+    sigma = torch.full((b,), float(sigmas[grad_index]), dtype=x.dtype, device=x.device)
+    x0 = grad_step_x0(denoiser, x, sigma, cond, uncond, scale)
+    images = decode(x0)
+    r = reward(images, prompts)
+    loss = -(reward_weight * r).mean()
+    return StepResult(loss, r.detach(), grad_index, x.detach(), x0.detach())
+
+
+@dataclass
+class SearchResult:
+    best: torch.Tensor               # the best negative seen ([1, L, D], detached)
+    best_reward: float
+    start_reward: float
+    best_step: int
+    history: list[dict] = field(default_factory=list)
+    stopped: str = "max_steps"       # max_steps | patience | cancelled
+
+
+def per_sample_search(evaluate: Callable[[torch.Tensor, int], tuple[float, torch.Tensor | None]],
+                      start: torch.Tensor, max_steps: int = 10, patience: int = 3, lr: float = 5e-3,
+                      should_stop: Callable[[], bool] | None = None,
+                      on_step: Callable[[dict], None] | None = None,
+                      optimizer: str = "adamw") -> SearchResult:
+    """The paper's Algorithm 1 around any ``evaluate``.
+
+    ``evaluate(neg, step) -> (score, loss)`` samples with ``neg`` (fresh noise or the
+    fixed seed: the caller decides), returns the score of the image it made and a
+    differentiable loss (or None on the last step, where no update follows).
+    The start is scored first, so the returned ``best`` never scores worse than
+    ``start`` on the scores measured.
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    neg = start.detach().clone().float().requires_grad_(True)
+    opt = (torch.optim.AdamW([neg], lr=lr, weight_decay=0.0) if optimizer == "adamw"
+           else torch.optim.SGD([neg], lr=lr))
+    best, best_r, best_step, start_r = neg.detach().clone(), -math.inf, 0, math.nan
+    counter, stopped, history = 0, "max_steps", []
+    for step in range(max_steps):
+        if should_stop is not None and should_stop():
+            stopped = "cancelled"
+            break
+        opt.zero_grad(set_to_none=True)
+        score, loss = evaluate(neg, step)
+        score = float(score)
+        if step == 0:
+            start_r = score
+        improved = score > best_r
+        if improved:
+            best, best_r, best_step, counter = neg.detach().clone(), score, step, 0
+        else:
+            counter += 1
+        rec = {"step": step, "reward": score, "best_reward": best_r, "improved": improved,
+               "loss": float(loss) if loss is not None else None}
+        history.append(rec)
+        if on_step is not None:
+            on_step(rec)
+        if counter >= patience:
+            stopped = "patience"
+            break
+        if loss is None or step == max_steps - 1:
+            continue
+        if not torch.isfinite(loss):
+            continue
+        loss.backward()
+        if neg.grad is not None and torch.isfinite(neg.grad).all():
+            opt.step()
+    neg.requires_grad_(False)
+    neg.grad = None
+    return SearchResult(best.to(start.dtype), best_r, start_r, best_step, history, stopped)
+
+
+def sample_score_and_loss(denoiser: Denoiser, decode: Callable[[torch.Tensor], torch.Tensor],
+                          reward: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: list[str],
+                          cond: Cond, uncond: Cond, x_start: torch.Tensor, sigmas: torch.Tensor,
+                          scale: float, grad_index: int, want_loss: bool = True,
+                          callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The full image's reward *and* the ReNeg loss from one trajectory.
+
+    Samples without gradients to the grad step, takes the differentiable x0
+    prediction there (the loss), then finishes the same trajectory without
+    gradients and scores the final image. Returns ``(scores [B], loss or None,
+    final image)``. Per-sample search uses this: the score decides keep-best, the
+    loss drives the update, and the rollout is shared.
+    """
+    from .sampling import ddim_step
+
+    with torch.no_grad():
+        x, _ = sample(denoiser, x_start, sigmas, cond, uncond.detach(), scale, stop=grad_index,
+                      callback=callback)
+    loss = None
+    b = x.shape[0]
+    sig = torch.full((b,), float(sigmas[grad_index]), dtype=x.dtype, device=x.device)
+    if want_loss:
+        x0 = grad_step_x0(denoiser, x, sig, cond, uncond, scale)
+        loss = -reward(decode(x0), prompts).mean()
+        x0 = x0.detach()
+    else:
+        with torch.no_grad():
+            x0 = cfg_denoise(denoiser, x, sig, cond, uncond.detach(), scale)
+    with torch.no_grad():
+        x = ddim_step(x, x0, float(sigmas[grad_index]), float(sigmas[grad_index + 1]))
+        if callback is not None:
+            callback(grad_index, x, x0)
+        x, last = sample(denoiser, x, sigmas, cond, uncond.detach(), scale, start=grad_index + 1,
+                         callback=callback)
+        final = last if last is not None else x0
+        image = decode(final)
+        scores = reward(image, prompts).float()
+    return scores, loss, image

@@ -1,0 +1,123 @@
+"""Tiny models built from small fixed configs, saved in the real file layouts.
+
+Used by the test-suite and by benchmarks: a diffusers Stable Diffusion folder
+(UNet2DConditionModel, AutoencoderKL, CLIPTextModel + the real CLIP tokenizer,
+DDIM scheduler) and an HPS-format open_clip checkpoint, so that they load through
+exactly the code paths users' files take. Random weights: they prove the
+machinery, not the method (the demo world in :mod:`reneg.demo_world` does that).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import torch
+
+SD_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False,
+    "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+
+def write_clip_tokenizer(folder: str) -> None:
+    """A transformers CLIPTokenizer folder built offline from open_clip's BPE file
+    (FIELD-NOTES 8): real CLIP ids, padded with ``<|endoftext|>`` as SD1.x does."""
+    import open_clip
+
+    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    from open_clip.tokenizer import bytes_to_unicode
+
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+           "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+           "do_lower_case": True, "errors": "replace"}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=1)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f, indent=1)
+
+
+def save_text_encoder_prefixed(text_encoder, folder: str) -> None:
+    """Save a CLIPTextModel with the ``text_model.`` key prefix real SD folders use
+    (transformers 5 drops it; ComfyUI then loads garbage, FIELD-NOTES 8)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    text_encoder.config.save_pretrained(folder)
+    sd = {}
+    for k, v in text_encoder.state_dict().items():
+        key = k if k.startswith("text_model.") else "text_model." + k
+        sd[key] = v.detach().contiguous().clone()
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
+def build_tiny_pipeline(folder: str, seed: int = 0, hidden: int = 64, prediction_type: str = "epsilon",
+                        sample_size: int = 8) -> str:
+    """A tiny SD-architecture diffusers folder (family ``tiny``, hidden 64): 16 px images, 8 px latents."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=hidden,
+        attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                      num_attention_heads=4, vocab_size=49408, max_position_embeddings=77,
+                                      projection_dim=hidden))
+    os.makedirs(folder, exist_ok=True)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
+    write_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(dict(SD_SCHEDULER, prediction_type=prediction_type), f, indent=1)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder
+
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+def build_tiny_hps(folder: str, seed: int = 0, config: dict | None = None) -> str:
+    """An HPS-format checkpoint (``{"state_dict": ...}``) of a small open_clip model,
+    with its ``open_clip_config.json`` beside it. Returns the checkpoint path."""
+    import open_clip
+
+    cfg = config or TINY_CLIP_CONFIG
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": cfg}, f, indent=1)
+    path = os.path.join(folder, "hps_tiny.pt")
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path

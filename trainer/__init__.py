@@ -1,0 +1,1 @@
+"""ReNeg's headless trainer (installed as ``reneg.trainer``): ``reneg train`` and ``reneg tune``."""

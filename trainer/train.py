@@ -1,0 +1,261 @@
+"""``reneg train``: learn a global negative embedding from a reward (paper section 3).
+
+One readable loop. Each optimizer step averages ``batch_size`` samples: every
+process runs ``batch_size / (micro_batch x processes)`` micro-batches and the
+gradients of the one trainable tensor are averaged across processes, so
+``accelerate launch`` with N processes takes the same step as one process.
+The prompts, noise and grad step of micro-batch ``j`` of step ``s`` are drawn
+from a generator seeded by ``(seed, s, j)``: a resumed run sees exactly the
+samples the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+
+import torch
+
+from reneg.embedding import NegEmbedding, load_embedding, save_embedding
+from reneg.fileio import atomic_write_json
+from reneg.generate import generate_and_score
+from reneg.objective import ObjectiveConfig, reneg_step
+from reneg.prompts import load_prompts
+from reneg.sampling import initial_latent
+
+from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint
+from .config import TrainConfig, validate_train
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if cfg.warmup and step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + index)
+
+
+class CsvLog:
+    FIELDS = ["step", "loss", "reward", "lr", "grad_norm", "skipped", "seconds",
+              "heldout_null", "heldout_handcrafted", "heldout_learned"]
+
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        rows = []
+        if resume_step and os.path.isfile(path):
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
+                        and int(r["step"]) <= resume_step]
+        self.f = open(path, "w", newline="", encoding="utf-8")
+        self.w = csv.DictWriter(self.f, self.FIELDS, extrasaction="ignore")
+        self.w.writeheader()
+        for r in rows:
+            self.w.writerow(r)
+        self.f.flush()
+
+    def write(self, row: dict) -> None:
+        self.w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def _weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+
+def run_train(cfg: TrainConfig, accelerator=None) -> dict:
+    """Train; returns the summary dict (also written to ``OUT/summary.json``)."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision,
+                                     cpu=(cfg.device == "cpu"))
+    validate_train(cfg, acc.num_processes)
+    device = torch.device(cfg.device) if cfg.device and acc.num_processes == 1 else acc.device
+    main = acc.is_main_process
+    torch.manual_seed(cfg.seed)
+
+    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.rewards import load_rewards
+
+    backend = load_diffusers(cfg.model, device=device, dtype=_weights_dtype(cfg, device), config=cfg.config)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(backend)
+    reward = load_rewards(cfg.rewards, device=device, dtype=_weights_dtype(cfg, device))
+
+    prompts = load_prompts(cfg.prompts)
+    if cfg.heldout:
+        train, heldout = prompts, load_prompts(cfg.heldout)[: cfg.heldout_count]
+    else:
+        train, heldout = prompts[: -cfg.heldout_count], prompts[-cfg.heldout_count:]
+    train_texts = [p.text for p in train]
+    heldout_texts = [p.text for p in heldout]
+    heldout_seeds = [cfg.heldout_seed + i for i in range(len(heldout_texts))]
+
+    null, _ = backend.null_embedding()
+    handcrafted = backend.encode_prompts([cfg.handcrafted]).crossattn[:1]
+    if cfg.init == "null":
+        init = null
+    elif cfg.init == "handcrafted":
+        init = handcrafted
+    else:
+        init = load_embedding(cfg.init, expected_family=backend.family).tensor
+    neg = torch.nn.Parameter(init.detach().float().clone().to(device))
+    opt = torch.optim.AdamW([neg], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    start, skipped, history = 0, 0, []
+    ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
+    resume_from = find_resume(cfg.out, cfg.resume) if cfg.resume else None
+    if resume_from:
+        state = load_checkpoint(resume_from)
+        if tuple(state["neg"].shape) != tuple(neg.shape):
+            raise TrainingError(f"{resume_from}: checkpoint embedding {list(state['neg'].shape)} does not "
+                                f"fit this model ({list(neg.shape)})")
+        with torch.no_grad():
+            neg.copy_(state["neg"].to(device))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, skipped, history = state["step"], state.get("skipped", 0), state["heldout"]
+        if "rng_cpu" in state:
+            torch.set_rng_state(state["rng_cpu"])
+
+    obj = ObjectiveConfig(cfg.sampling_steps, cfg.guidance, tuple(cfg.grad_range))
+    sigmas = backend.schedule(cfg.sampling_steps)
+    accum = cfg.batch_size // (cfg.micro_batch * acc.num_processes)
+    shape = backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution)
+    log = CsvLog(os.path.join(cfg.out, "log.csv"), start) if main else None
+    meta = dict(kind="global", base_model=cfg.base_model_name or os.path.basename(os.path.normpath(cfg.model)),
+                rewards=cfg.rewards, steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
+                guidance_scale=cfg.guidance, sampling_steps=cfg.sampling_steps, seed=cfg.seed,
+                resolution=cfg.resolution, init=os.path.basename(cfg.init))
+
+    def heldout_eval(step: int) -> dict:
+        def score(t):
+            return float(generate_and_score(
+                backend, reward, heldout_texts, heldout_seeds, backend.negative_cond(t.detach()),
+                cfg.sampling_steps, cfg.guidance, cfg.resolution, cfg.resolution, cfg.eval_batch).mean())
+        base = next((h for h in history if "null" in h), None)
+        rec = {"step": step,
+               "null": base["null"] if base else score(null),
+               "handcrafted": base["handcrafted"] if base else score(handcrafted),
+               "learned": score(neg)}
+        history.append(rec)
+        return rec
+
+    def write_outputs(step: int) -> None:
+        emb = NegEmbedding(neg.detach().cpu().float(), backend.family, None, {}, None, "reneg")
+        save_embedding(os.path.join(cfg.out, "embedding.safetensors"), emb, overwrite=True,
+                       **dict(meta, trained_steps=step))
+        save_checkpoint(ckpt_path, step=step, neg=neg, optimizer=opt, scheduler=sched, skipped=skipped,
+                        config=cfg.to_json(), heldout=history)
+
+    bar = None
+    if main and cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="reneg train", dynamic_ncols=True)
+    bad_streak, t0 = 0, time.time()
+    try:
+        for step in range(start, cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            rewards, loss_sum = [], 0.0
+            for m in range(accum):
+                j = acc.process_index * accum + m
+                g = sample_generator(cfg.seed, step, j)
+                idx = torch.randint(len(train_texts), (cfg.micro_batch,), generator=g)
+                ps = [train_texts[i] for i in idx]
+                noise = torch.randn(shape, generator=g).to(device)
+                gi = obj.grad_index(g)
+                with acc.autocast():
+                    res = reneg_step(backend.denoiser, backend.decode, reward, ps, backend.encode_prompts(ps),
+                                     backend.negative_cond(neg), initial_latent(noise, sigmas[0]), sigmas,
+                                     cfg.guidance, gi)
+                (res.loss / accum).backward()
+                rewards.append(res.rewards.float())
+                loss_sum += float(res.loss.detach()) / accum
+            grad = neg.grad if neg.grad is not None else torch.zeros_like(neg)
+            if acc.num_processes > 1:
+                grad = acc.reduce(grad.contiguous(), reduction="mean")
+                neg.grad = grad
+            r_all = torch.cat(rewards)
+            if acc.num_processes > 1:
+                r_all = acc.gather(r_all)
+            gnorm = float(grad.norm())
+            if not math.isfinite(gnorm) or not math.isfinite(loss_sum):
+                skipped += 1
+                bad_streak += 1
+                if main:
+                    print(f"reneg train: step {step + 1}: non-finite loss or gradient, update skipped "
+                          f"({bad_streak} in a row, {skipped} in all)", flush=True)
+                if bad_streak >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"stopped: {bad_streak} non-finite updates in a row (limit --max-bad-steps "
+                        f"{cfg.max_bad_steps}). The last good checkpoint is {ckpt_path}; try a lower --lr "
+                        f"or --mixed-precision no.")
+            else:
+                bad_streak = 0
+                opt.step()
+            sched.step()
+            done = step + 1
+            row = {"step": done, "loss": loss_sum, "reward": float(r_all.mean()), "lr": sched.get_last_lr()[0],
+                   "grad_norm": gnorm, "skipped": skipped, "seconds": round(time.time() - t0, 2)}
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and main:
+                rec = heldout_eval(done)
+                row.update({f"heldout_{k}": v for k, v in rec.items() if k != "step"})
+            if main:
+                log.write(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{row['reward']:.4f}", lr=f"{row['lr']:.2e}")
+                if done % cfg.checkpoint_every == 0 and bad_streak == 0:
+                    write_outputs(done)
+            acc.wait_for_everyone()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+
+    summary = {}
+    if main:
+        rec = history[-1] if history and history[-1]["step"] == cfg.steps else heldout_eval(cfg.steps)
+        write_outputs(cfg.steps)
+        summary = {
+            "steps": cfg.steps,
+            "family": backend.family,
+            "heldout": {k: rec[k] for k in ("null", "handcrafted", "learned")},
+            "heldout_prompts": len(heldout_texts),
+            "heldout_seeds": [heldout_seeds[0], heldout_seeds[-1]] if heldout_seeds else [],
+            "heldout_history": history,
+            "skipped_updates": skipped,
+            "rewards": cfg.rewards,
+            "embedding": os.path.join(cfg.out, "embedding.safetensors"),
+            "seconds": round(time.time() - t0, 2),
+            "config": cfg.to_json(),
+        }
+        atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
+    acc.wait_for_everyone()
+    return summary
+
+
+def enable_checkpointing(backend) -> None:
+    """Gradient checkpointing of the UNet and the VAE decoder (less memory, ~1 more forward)."""
+    for m in (backend.unet, backend.vae):
+        if hasattr(m, "enable_gradient_checkpointing"):
+            m.enable_gradient_checkpointing()

@@ -1,0 +1,103 @@
+"""``reneg tune``: per-sample search (the paper's Algorithm 1) for one prompt."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from reneg.embedding import NegEmbedding, load_embedding, save_embedding
+from reneg.fileio import atomic_write_json
+from reneg.generate import seeded_noise
+from reneg.objective import ObjectiveConfig, per_sample_search, sample_score_and_loss
+from reneg.sampling import initial_latent
+
+from .config import ConfigError, _positive, validate_common
+
+
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--demo", action="store_true", help="tune on the built-in demo world (no files needed)")
+    a("--model", help="Stable Diffusion 1.x/2.x: a diffusers folder or a single-file .safetensors")
+    a("--config", help="configs folder for a single-file checkpoint")
+    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC")
+    a("--embedding", help="starting embedding file (default: the null embedding)")
+    a("--prompt", help="the prompt to tune for")
+    a("--seed", type=int, default=0, help="the image's seed")
+    a("--noise", choices=("seed", "fresh"), default="seed",
+      help="seed: tune for this seed's image; fresh: new noise each step, as in the paper")
+    a("--max-steps", type=int, default=10)
+    a("--patience", type=int, default=3)
+    a("--lr", type=float, default=5e-3)
+    a("--sampling-steps", type=int, default=30)
+    a("--guidance", type=float, default=7.5)
+    a("--grad-range", type=int, nargs=2, default=[0, 10], metavar=("LO", "HI"))
+    a("--resolution", type=int, default=512)
+    a("--out", help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
+                    "each step is written beside it")
+    a("--overwrite", action="store_true")
+    a("--device", default=None)
+
+
+def validate_tune(ns) -> None:
+    validate_common(ns)
+    _positive("max-steps", ns.max_steps)
+    _positive("patience", ns.patience)
+    if ns.patience > ns.max_steps:
+        raise ConfigError(f"--patience {ns.patience} is above --max-steps {ns.max_steps}")
+    if not ns.prompt or not ns.prompt.strip():
+        raise ConfigError("--prompt is required and must not be empty")
+    if ns.embedding and not os.path.isfile(ns.embedding):
+        raise ConfigError(f"--embedding {ns.embedding}: no such file")
+    if not ns.out.endswith(".safetensors"):
+        raise ConfigError(f"--out {ns.out}: expected a .safetensors file name")
+    if os.path.exists(ns.out) and not ns.overwrite:
+        raise ConfigError(f"--out {ns.out}: already exists (pass --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(ns.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"--out {ns.out}: folder {folder} does not exist or is not writable")
+
+
+def run_tune(ns) -> dict:
+    validate_tune(ns)
+    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.rewards import load_rewards
+
+    device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = load_diffusers(ns.model, device=device, config=ns.config)
+    reward = load_rewards(ns.rewards, device=device)
+    if ns.embedding:
+        start_emb = load_embedding(ns.embedding, expected_family=backend.family)
+        start = start_emb.tensor.float()
+    else:
+        start, _ = backend.null_embedding()
+    cond = backend.encode_prompts([ns.prompt])
+    obj = ObjectiveConfig(ns.sampling_steps, ns.guidance, tuple(ns.grad_range))
+    sigmas = backend.schedule(ns.sampling_steps)
+    g = torch.Generator().manual_seed(ns.seed)
+
+    def evaluate(neg, step):
+        seed = ns.seed if ns.noise == "seed" else ns.seed + 1 + step
+        noise = seeded_noise(backend, [seed], ns.resolution, ns.resolution)
+        scores, loss, _ = sample_score_and_loss(
+            backend.denoiser, backend.decode, reward, [ns.prompt], cond, backend.negative_cond(neg),
+            initial_latent(noise, sigmas[0]), sigmas, ns.guidance, obj.grad_index(g),
+            want_loss=step < ns.max_steps - 1)
+        return float(scores.mean()), loss
+
+    def on_step(rec):
+        print(f"step {rec['step']}: reward {rec['reward']:.5f} (best {rec['best_reward']:.5f})", flush=True)
+
+    res = per_sample_search(evaluate, start.to(device), ns.max_steps, ns.patience, ns.lr, on_step=on_step)
+    emb = NegEmbedding(res.best.cpu().float(), backend.family)
+    save_embedding(ns.out, emb, overwrite=ns.overwrite, kind="per-sample", prompt=ns.prompt, seed=ns.seed,
+                   noise_mode=ns.noise, base_model=os.path.basename(os.path.normpath(ns.model)),
+                   rewards=ns.rewards, steps=len(res.history), lr=ns.lr, guidance_scale=ns.guidance,
+                   start_embedding=os.path.basename(ns.embedding) if ns.embedding else "null",
+                   start_reward=res.start_reward, best_reward=res.best_reward)
+    report = {"prompt": ns.prompt, "seed": ns.seed, "noise": ns.noise, "start_reward": res.start_reward,
+              "best_reward": res.best_reward, "best_step": res.best_step, "stopped": res.stopped,
+              "history": res.history, "embedding": ns.out}
+    atomic_write_json(os.path.splitext(ns.out)[0] + ".json", report)
+    return report
