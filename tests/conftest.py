@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny models built once per session and saved in the real layouts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> str:
+    from reneg.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "pipeline"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_hps_ckpt(tmp_path_factory) -> str:
+    from reneg.tiny import build_tiny_hps
+
+    return build_tiny_hps(str(tmp_path_factory.mktemp("tiny") / "hps"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_pipeline_dir):
+    from reneg.backends.diffusers_backend import load_diffusers
+
+    return load_diffusers(tiny_pipeline_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_hps_ckpt):
+    from reneg.rewards import load_rewards
+
+    return load_rewards([f"hpsv2={tiny_hps_ckpt}"])
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
