@@ -39,6 +39,12 @@ _ALT_POOLED = ("pooled", "negative_pooled_prompt_embeds", "pooled_prompt_embeds"
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
 
+try:  # the name of safetensors' error class has varied across releases
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # pragma: no cover
+    _SafetensorError = RuntimeError
+
+
 class EmbeddingError(ValueError):
     """A negative-embedding file is unreadable or not what it must be."""
 
@@ -168,7 +174,6 @@ def load_embedding(path: str | os.PathLike, expected_family: str | None = None) 
 
 
 def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
     try:
@@ -179,7 +184,7 @@ def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
     keys = [k for k in header if k != "__metadata__"]
     try:
         tensors = load_file(path, device="cpu")
-    except (SafetensorsError, OSError, RuntimeError) as e:
+    except (_SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise EmbeddingError(f"{path}: not a readable safetensors file: {e}") from None
     if MAIN_KEY in tensors:
         fmt = "reneg" if meta.get("format") == "reneg" or "family" in meta else "safetensors"
