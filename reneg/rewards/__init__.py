@@ -41,6 +41,11 @@ class Reward(torch.nn.Module):
     def requires_grad_(self, requires_grad: bool = True):  # rewards are always frozen
         return super().requires_grad_(False)
 
+    def enable_gradient_checkpointing(self) -> bool:
+        """Recompute the image tower's activations during backward (less memory, about
+        one more forward). Returns whether this reward supports it."""
+        return False
+
 
 def register(name: str, help: str = "", path_kind: str = "file"):
     def deco(fn):
@@ -129,6 +134,9 @@ class WeightedReward(Reward):
         self.weights = list(weights)
         self.name = "+".join(f"{w:g}*{r.name}" if w != 1 else r.name for r, w in zip(rewards, weights))
         self.last_parts: dict[str, torch.Tensor] = {}
+
+    def enable_gradient_checkpointing(self) -> bool:
+        return any([r.enable_gradient_checkpointing() for r in self.rewards])
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         total = None

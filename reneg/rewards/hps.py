@@ -81,6 +81,14 @@ class OpenClipScore(Reward):
         self.scale = scale
         self._text_cache: dict[str, torch.Tensor] = {}
 
+    def enable_gradient_checkpointing(self) -> bool:
+        # the image tower only: text features are computed once per prompt without grad
+        visual = self.model.visual
+        if not hasattr(visual, "transformer") or not hasattr(visual, "set_grad_checkpointing"):
+            return False  # e.g. open_clip's ModifiedResNet towers ignore the switch
+        visual.set_grad_checkpointing(True)
+        return True
+
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         dev = next(self.model.parameters()).device
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
