@@ -156,6 +156,31 @@ class DiffusersBackend:
             m.to(self.device)
         return self
 
+    def set_performance(self, *, sdpa: bool | None = None, checkpointing: bool | None = None,
+                        channels_last: bool | None = None, compile: bool = False) -> "DiffusersBackend":
+        """Speed and memory switches (docs/performance.md); none changes the maths.
+
+        ``sdpa``: PyTorch's fused scaled_dot_product_attention in the UNet and VAE
+        (False: the plain softmax(QK^T)V processor, the benchmarks' reference).
+        ``checkpointing``: recompute UNet and VAE-decoder activations during backward.
+        ``channels_last``: NHWC convolution weights (pays with bf16/fp16 on recent GPUs).
+        ``compile``: ``torch.compile`` the UNet in place. ``None`` leaves a switch as it is.
+        """
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        for m in (self.unet, self.vae):
+            if sdpa is not None:
+                m.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
+            if checkpointing and getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+            elif checkpointing is not None and getattr(m, "_supports_gradient_checkpointing", False):
+                m.disable_gradient_checkpointing()
+            if channels_last is not None:
+                m.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if compile:
+            self.unet.compile()
+        return self
+
 
 def _family_of(text_encoder, unet, source: str) -> str:
     hidden = int(getattr(text_encoder.config, "hidden_size", 0))
