@@ -44,6 +44,8 @@ class TrainConfig:
     resume: str | None = None
     mixed_precision: str = "no"        # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
     device: str | None = None
     base_model_name: str | None = None
     progress: bool = True
@@ -98,7 +100,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--resume", nargs="?", const="latest", default=None,
       help="resume from OUT/checkpoint.pt (or the given checkpoint file)")
     a("--mixed-precision", choices=("no", "fp16", "bf16"), default=d.mixed_precision)
-    a("--gradient-checkpointing", action="store_true")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute UNet, VAE-decoder and reward-tower activations in backward (less memory)")
+    a("--channels-last", action="store_true", help="NHWC convolution weights (pays with bf16/fp16 on GPUs)")
+    a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see docs/performance.md)")
     a("--device", help="cpu, cuda, cuda:1... (default: what accelerate picks)")
     a("--no-progress", dest="progress", action="store_false")
 
