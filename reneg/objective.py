@@ -131,7 +131,7 @@ def per_sample_search(evaluate: Callable[[torch.Tensor, int], tuple[float, torch
         else:
             counter += 1
         rec = {"step": step, "reward": score, "best_reward": best_r, "improved": improved,
-               "loss": float(loss) if loss is not None else None}
+               "loss": float(loss.detach()) if loss is not None else None}
         history.append(rec)
         if on_step is not None:
             on_step(rec)

@@ -148,7 +148,7 @@ class DiffusersBackend:
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
         img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return img.float().clamp(-1, 1)
+        return img.to(torch.promote_types(img.dtype, torch.float32)).clamp(-1, 1)
 
     def to(self, device) -> "DiffusersBackend":
         self.device = torch.device(device)

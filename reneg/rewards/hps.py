@@ -107,10 +107,11 @@ class OpenClipScore(Reward):
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
         p = next(self.model.parameters())
-        x = clip_preprocess(images.to(p.device, torch.float32), self.size).to(p.dtype)
-        img = self.model.encode_image(x).float()
+        work = torch.promote_types(p.dtype, torch.float32)  # fp32 at least, fp64 kept for checks
+        x = clip_preprocess(images.to(p.device, work), self.size).to(p.dtype)
+        img = self.model.encode_image(x).to(work)
         img = img / img.norm(dim=-1, keepdim=True)
-        return self.scale * (img * self.text_features(prompts)).sum(-1)
+        return self.scale * (img * self.text_features(prompts).to(work)).sum(-1)
 
 
 def _load_hps(path, device="cpu", dtype=torch.float32, arch=None, config=None, **unused):
