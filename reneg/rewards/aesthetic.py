@@ -2,7 +2,7 @@
 
 ``aesthetic=MLP_FILE,clip=CLIP_FOLDER``: the MLP is 768-1024-128-64-16-1 with keys
 ``layers.{0,2,4,6,7}`` (e.g. ``sac+logos+ava1-l14-linearMSE.pth``); the CLIP is a
-local Hugging Face ``CLIPModel`` (or ``CLIPVisionModelWithProjection``) folder of
+local Hugging Face ``CLIPModel`` folder of
 OpenAI's ViT-L/14.
 """
 
@@ -38,7 +38,8 @@ class Aesthetic(Reward):
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         p = next(self.vision.parameters())
         x = clip_preprocess(images.to(p.device, torch.float32), self.size).to(p.dtype)
-        emb = self.vision(pixel_values=x).image_embeds.float()
+        emb = self.vision.get_image_features(pixel_values=x)
+        emb = getattr(emb, "pooler_output", emb).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
         return self.mlp(emb.to(next(self.mlp.parameters()).dtype)).squeeze(-1).float()
 
@@ -50,7 +51,7 @@ def load_aesthetic(path, device="cpu", dtype=torch.float32, clip=None, **unused)
     if not clip or not os.path.isfile(os.path.join(clip, "config.json")):
         raise ValueError(f"aesthetic reward {path}: needs clip=FOLDER, a local Hugging Face "
                          f"CLIP ViT-L/14 folder with config.json (got {clip!r})")
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPModel
 
     sd = safe_torch_load(path, what="aesthetic MLP")
     if isinstance(sd, dict) and "state_dict" in sd:
@@ -64,8 +65,9 @@ def load_aesthetic(path, device="cpu", dtype=torch.float32, clip=None, **unused)
         mlp.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(f"{path}: not an aesthetic MLP of the expected shape: {str(e)[:300]}") from None
-    vision = CLIPVisionModelWithProjection.from_pretrained(clip, local_files_only=True, torch_dtype=dtype)
+    vision = CLIPModel.from_pretrained(clip, local_files_only=True, torch_dtype=dtype)
     if vision.config.projection_dim != dim:
         raise ValueError(f"{path}: the MLP expects {dim}-d CLIP embeddings but {clip} gives "
                          f"{vision.config.projection_dim}")
-    return Aesthetic(vision.to(device), mlp.to(device=device, dtype=dtype), int(vision.config.image_size))
+    return Aesthetic(vision.to(device), mlp.to(device=device, dtype=dtype),
+                     int(vision.config.vision_config.image_size))
