@@ -173,9 +173,22 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(str(e)) from None
     if cfg.init not in ("null", "handcrafted") and not os.path.isfile(cfg.init):
         raise ConfigError(f"--init {cfg.init}: expected null, handcrafted or an embedding file")
-    if cfg.resume not in (None, "latest", "auto") and not os.path.isfile(cfg.resume):
-        raise ConfigError(f"--resume {cfg.resume}: no such checkpoint")
+    if cfg.resume is not None:
+        _check_resume(cfg)
     check_out_dir(cfg.out)
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """A missing or unreadable checkpoint is a bad --resume, found before any model loads."""
+    from .checkpoint import find_resume, load_checkpoint
+
+    try:
+        path = find_resume(cfg.out, cfg.resume)
+        if path:
+            load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        hint = " (--resume auto starts afresh when there is none)" if cfg.resume == "latest" else ""
+        raise ConfigError(f"--resume {cfg.resume}: {e}{hint}") from None
 
 
 def check_out_dir(out: str) -> None:
