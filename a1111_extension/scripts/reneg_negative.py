@@ -78,7 +78,10 @@ def _import_core():
     try:
         import reneg.embedding  # noqa: F401
         import reneg.uncond  # noqa: F401
-        return sys.modules["reneg"], None, None
+        pkg = sys.modules["reneg"]
+        parent = os.path.dirname(os.path.dirname(os.path.abspath(pkg.__file__)))
+        in_repo = os.path.isdir(os.path.join(parent, "a1111_extension"))  # an editable install
+        return pkg, (parent if in_repo else None), None
     except ImportError:
         for name in [m for m in sys.modules if m == "reneg" or m.startswith("reneg.")]:
             del sys.modules[name]
@@ -101,7 +104,7 @@ def _import_core():
 
 reneg, CORE_ROOT, CORE_ERROR = _import_core()
 if reneg is not None:
-    from reneg.embedding import EmbeddingError, list_embedding_files, load_embedding
+    from reneg.embedding import EmbeddingError, _sha256, list_embedding_files, load_embedding
     from reneg.families import FAMILIES, family_for_hidden
     from reneg.uncond import content_length, crossattn_of, replace_uncond
 else:
@@ -204,15 +207,10 @@ class EmbeddingStore:
             return None
 
     def short_hash(self, path: str) -> str:
+        """First ten hex digits of the file's SHA-256, computed once per file version."""
         key, value, digest = self._entry(path)
         if digest is None:
-            import hashlib
-
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            digest = h.hexdigest()[:10]
+            digest = _sha256(path)[:10]
             with self.lock:
                 self.cache[path] = (key, value, digest)
         return digest
