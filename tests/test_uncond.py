@@ -7,21 +7,12 @@ import os
 import pytest
 import torch
 
+from a1111_stubs import DictWithShape  # A1111's SDXL conditioning dict
 from reneg.embedding import NegEmbedding, load_embedding
 from reneg.uncond import (MARK_VALUE, blend, content_length, has_marker, match_tokens, replace_uncond,
                           split_marker)
 
 OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "reneg-official")
-
-
-class DictWithShape(dict):
-    def __init__(self, x, shape=None):
-        super().__init__()
-        self.update(x)
-
-    @property
-    def shape(self):
-        return self["crossattn"].shape
 
 
 def emb(d=768, rows=77, seed=0):
