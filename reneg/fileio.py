@@ -35,6 +35,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; outputs get the usual mode
     except OSError as e:
         raise OutputError(f"{path}: cannot write into {folder}: {e.strerror or e}") from e
     try:
@@ -52,6 +53,18 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def _new_file_mode() -> int:
+    """0666 less the process umask (read without changing it), as ``open`` would create."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
 
 
 def _unlink(p: str) -> None:
@@ -102,23 +115,51 @@ def safe_torch_load(path, what: str = "file") -> Any:
 
     import torch
 
+    import warnings
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what}")
+    _check_zip_sizes(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol N" on corrupt files
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise ValueError(
-            f"{path}: refused to load this {what}: it is a pickle that asks to run code or build "
-            f"objects other than tensors ({detail.strip()[:200]}). Only plain tensor files are loaded "
-            f"(torch.load weights_only=True)."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError,
-            UnicodeDecodeError, AttributeError, MemoryError, OverflowError) as e:
+        lines = [ln.strip() for ln in str(e).replace("\x1b[1m", "").replace("\x1b[0m", "").splitlines()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if detail is not None:
+            raise ValueError(
+                f"{path}: refused to load this {what}: it is a pickle that asks to run code or build "
+                f"objects other than tensors ({detail[:200]}). Only plain tensor files are loaded "
+                f"(torch.load weights_only=True)."
+            ) from None
+        detail = next((ln for ln in lines if "Unsupported" in ln or "error:" in ln.lower()), lines[0] if lines else "")
+        raise ValueError(f"{path}: not a readable torch {what} (truncated, corrupt, or not written by "
+                         f"torch.save): {detail[:200]}") from None
+    except Exception as e:  # untrusted input: any failure inside torch.load is a bad file
         raise ValueError(f"{path}: not a readable torch {what} (truncated or corrupt?): "
                          f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _check_zip_sizes(path: Path, what: str) -> None:
+    """Refuse a zip-format torch file whose entries declare far more content than the
+    file holds (a decompression bomb): torch would inflate it into memory first.
+    ``torch.save`` stores entries uncompressed, so a real file declares about its size."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            declared = sum(max(0, int(i.file_size)) for i in z.infolist())
+    except Exception:  # noqa: BLE001 - unreadable archives are reported by torch.load below
+        return
+    if declared > 4 * size + (1 << 20):
+        raise ValueError(f"{path}: refused to load this {what}: its zip entries declare {declared} bytes "
+                         f"of content in a {size}-byte file (a decompression bomb or a corrupt archive)")
 
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024

@@ -41,15 +41,41 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != "reneg-train-checkpoint":
         raise ValueError(f"{path}: not a ReNeg training checkpoint (expected format "
                          f"'reneg-train-checkpoint', found {type(state).__name__}"
-                         f"{' ' + str(state.get('format')) if isinstance(state, dict) else ''})")
+                         f"{' ' + str(state.get('format'))[:60] if isinstance(state, dict) else ''})")
     for key in ("step", "neg", "optimizer", "scheduler"):
         if key not in state:
             raise ValueError(f"{path}: training checkpoint lacks {key!r}")
-    if not isinstance(state["neg"], torch.Tensor) or not torch.isfinite(state["neg"]).all():
-        raise ValueError(f"{path}: training checkpoint holds no finite embedding")
-    state["config"] = json.loads(state.get("config", "{}"))
-    state["heldout"] = json.loads(state.get("heldout", "[]"))
-    state["extra"] = json.loads(state.get("extra", "{}"))
+    neg = state["neg"]
+    if (not isinstance(neg, torch.Tensor) or not neg.is_floating_point() or neg.dim() != 3
+            or not torch.isfinite(neg).all()):
+        raise ValueError(f"{path}: training checkpoint holds no finite [1, tokens, hidden] embedding")
+    # a corrupt file must fail here, with its name, not later inside the optimizer (issue 7)
+    for key in ("step", "skipped"):
+        v = state.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{path}: training checkpoint has an invalid {key!r}: expected an integer "
+                             f">= 0, found {str(v)[:40]}")
+    opt, sched = state["optimizer"], state["scheduler"]
+    if (not isinstance(opt, dict) or not isinstance(opt.get("state"), dict)
+            or not isinstance(opt.get("param_groups"), list)
+            or not all(isinstance(g, dict) and "params" in g for g in opt["param_groups"])
+            or not all(isinstance(s, dict) for s in opt["state"].values()) or not isinstance(sched, dict)):
+        raise ValueError(f"{path}: training checkpoint has a malformed optimizer or scheduler state")
+    for s in opt["state"].values():
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+                raise ValueError(f"{path}: training checkpoint has NaN/inf in the optimizer state {k!r}")
+    for key, default, kind in (("config", "{}", dict), ("heldout", "[]", list), ("extra", "{}", dict)):
+        raw = state.get(key, default)
+        try:
+            value = json.loads(raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: training checkpoint has an unreadable {key!r} "
+                             f"({type(e).__name__}: {str(e)[:80]})") from None
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, dict) for v in value)):
+            raise ValueError(f"{path}: training checkpoint's {key!r} is not a JSON {kind.__name__}"
+                             f"{' of objects' if kind is list else ''}")
+        state[key] = value
     return state
 
 

@@ -59,12 +59,20 @@ class CsvLog:
             with open(path, newline="", encoding="utf-8") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
                         and int(r["step"]) <= resume_step]
-        self.f = open(path, "w", newline="", encoding="utf-8")
-        self.w = csv.DictWriter(self.f, self.FIELDS, extrasaction="ignore")
-        self.w.writeheader()
+        # the kept rows are rewritten atomically, then appended to: a kill while
+        # resuming never truncates the log (issue 7)
+        import io
+
+        from reneg.fileio import atomic_write_text
+
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, self.FIELDS, extrasaction="ignore")
+        w.writeheader()
         for r in rows:
-            self.w.writerow(r)
-        self.f.flush()
+            w.writerow(r)
+        atomic_write_text(path, buf.getvalue())
+        self.f = open(path, "a", newline="", encoding="utf-8")
+        self.w = csv.DictWriter(self.f, self.FIELDS, extrasaction="ignore")
 
     def write(self, row: dict) -> None:
         self.w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

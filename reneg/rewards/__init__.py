@@ -119,7 +119,18 @@ def load_reward(spec: RewardSpec | str, device: str | torch.device = "cpu",
     if isinstance(spec, str):
         spec = parse_spec(spec)
     info = available()[spec.name]
-    model = info.loader(spec.path, device=device, dtype=dtype, **spec.options)
+    try:
+        model = info.loader(spec.path, device=device, dtype=dtype, **spec.options)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - third-party loaders raise their own types on bad files
+        if isinstance(e, ValueError) and spec.path in str(e):
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        code = next((ln for ln in lines if "GLOBAL" in ln), None)
+        what = (f"refused: a pickle in it asks to run code ({code[:200]})" if code else
+                f"{type(e).__name__}: {(lines[0] if lines else '')[:300]}")
+        raise ValueError(f"reward {spec.name}={spec.path}: cannot load it: {what}") from None
     model.eval().requires_grad_(False)
     model.name = spec.name
     return model

@@ -56,15 +56,19 @@ def load_aesthetic(path, device="cpu", dtype=torch.float32, clip=None, **unused)
     sd = safe_torch_load(path, what="aesthetic MLP")
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
-    if not isinstance(sd, dict) or "layers.0.weight" not in sd:
-        raise ValueError(f"{path}: expected an aesthetic MLP state_dict with keys layers.0..7, "
+    w0 = sd.get("layers.0.weight") if isinstance(sd, dict) else None
+    if (not isinstance(w0, torch.Tensor) or w0.dim() != 2
+            or not all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise ValueError(f"{path}: expected an aesthetic MLP state_dict of tensors with keys layers.0..7, "
                          f"found {type(sd).__name__}")
-    dim = sd["layers.0.weight"].shape[1]
+    dim = w0.shape[1]
     mlp = AestheticMLP(dim)
     try:
         mlp.load_state_dict(sd)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, KeyError) as e:
         raise ValueError(f"{path}: not an aesthetic MLP of the expected shape: {str(e)[:300]}") from None
+    if not all(torch.isfinite(p).all() for p in mlp.parameters()):
+        raise ValueError(f"{path}: the aesthetic MLP has NaN/inf weights; the file is corrupt")
     vision = CLIPModel.from_pretrained(clip, local_files_only=True, torch_dtype=dtype)
     if vision.config.projection_dim != dim:
         raise ValueError(f"{path}: the MLP expects {dim}-d CLIP embeddings but {clip} gives "
