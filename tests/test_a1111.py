@@ -449,6 +449,9 @@ _DRIVER = textwrap.dedent(r"""
                 raise ImportError(f"{name} is not importable here")
             return None
 
+    if expect_core != "installed":  # a webui venv without the package: drop an editable install's finder
+        sys.meta_path[:] = [f for f in sys.meta_path
+                            if not str(getattr(f, "__module__", "")).startswith("__editable__")]
     sys.meta_path.insert(0, Block())
     sys.path.insert(0, stubs_dir)
     import torch
@@ -511,6 +514,18 @@ def test_copied_install_with_core_inside(tmp_path, small_models):
     res, _ = _drive(tmp_path, ext, small_models)
     assert res["core_error"] is None and res["heavy"] == [] and res["replaced"]
     assert Path(res["core_file"]).resolve() == (ext / "reneg" / "__init__.py").resolve()
+
+
+def test_copied_install_uses_an_installed_core(tmp_path, small_models):
+    probe = subprocess.run([sys.executable, "-I", "-c", "import reneg, sys; sys.stdout.write(reneg.__file__)"],
+                           cwd=str(tmp_path), capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("the reneg package is not installed in this environment")
+    ext = tmp_path / "webui" / "extensions" / "reneg"
+    shutil.copytree(EXT, ext, ignore=shutil.ignore_patterns("__pycache__"))
+    res, _ = _drive(tmp_path, ext, small_models, expect_core="installed")
+    assert res["core_error"] is None and res["heavy"] == [] and res["replaced"]
+    assert Path(res["core_file"]).resolve() == Path(probe.stdout).resolve()
 
 
 def test_copied_install_without_core_says_so(tmp_path, small_models):
