@@ -1,0 +1,59 @@
+"""The ReNeg demo world: a procedural image-caption world and two tiny models trained on it.
+
+- :mod:`reneg.demo_world.world`: the world (numpy + PIL only).
+- ``assets/pipeline``: a diffusers ``StableDiffusionPipeline`` folder (32 px images, text width 64).
+- ``assets/reward``: a small open_clip reward in HPSv2 checkpoint format plus its model config.
+- :mod:`reneg.demo_world.train_world`: the script that trains both (see ``assets/CARD.md``).
+
+Importing this package needs only numpy and PIL.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .world import HANDCRAFTED_NEGATIVE, heldout_prompts, train_prompts
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+# Name under which :func:`register_reward_config` registers the reward's open_clip config.
+REWARD_MODEL_NAME = "reneg-demo-clip"
+
+
+def pipeline_dir() -> str:
+    """The diffusers folder of the demo text-to-image pipeline."""
+    return os.path.join(ASSETS, "pipeline")
+
+
+def reward_checkpoint() -> str:
+    """The reward checkpoint: ``torch.load(path, weights_only=True)["state_dict"]``."""
+    return os.path.join(ASSETS, "reward", "hps_demo.pt")
+
+
+def reward_config() -> str:
+    """The reward's open_clip model config (JSON with ``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
+    return os.path.join(ASSETS, "reward", "open_clip_config.json")
+
+
+def register_reward_config(name: str = REWARD_MODEL_NAME) -> str:
+    """Register the reward config with open_clip under ``name`` and return the name (imports open_clip)."""
+    import json
+
+    from open_clip import factory
+
+    with open(reward_config(), "r", encoding="utf-8") as f:
+        factory._MODEL_CONFIGS[name] = json.load(f)
+    return name
+
+
+__all__ = [
+    "ASSETS",
+    "HANDCRAFTED_NEGATIVE",
+    "REWARD_MODEL_NAME",
+    "heldout_prompts",
+    "pipeline_dir",
+    "register_reward_config",
+    "reward_checkpoint",
+    "reward_config",
+    "train_prompts",
+]
