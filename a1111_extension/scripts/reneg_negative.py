@@ -352,22 +352,25 @@ def deactivate(p) -> None:
         _fallback["active"] = None
 
 
+def as_strength(v) -> float:
+    """A strength from the UI, the API or an X/Y/Z axis: clamped to 0..1, 1 when unreadable."""
+    try:
+        s = float(v)
+    except (TypeError, ValueError):
+        return 1.0
+    return min(max(s, 0.0), 1.0) if s == s else 1.0
+
+
 def parse_args(args) -> tuple[bool, str, float, bool]:
     """The four script args (see the module docstring), coerced, with defaults for missing ones."""
-    vals = list(args[: len(ARG_DEFAULTS)]) + list(ARG_DEFAULTS[len(args):])
-    enabled, name, strength, hires = vals
+    enabled, name, strength, hires = list(args[: len(ARG_DEFAULTS)]) + list(ARG_DEFAULTS[len(args):])
 
     def as_bool(v, default):
         if isinstance(v, str):
             return v.strip().lower() in ("1", "true", "yes", "on")
         return default if v is None else bool(v)
 
-    try:
-        s = float(strength)
-        s = min(max(s, 0.0), 1.0) if s == s else 1.0
-    except (TypeError, ValueError):
-        s = 1.0
-    return as_bool(enabled, False), str(name or NONE).strip() or NONE, s, as_bool(hires, True)
+    return as_bool(enabled, False), str(name or NONE).strip() or NONE, as_strength(strength), as_bool(hires, True)
 
 
 # --------------------------------------------------------------------------- the CFG hook
@@ -542,7 +545,7 @@ class ReNegScript(scripts.Script):
             name = str(xyz_name).strip() or NONE
             enabled = name != NONE
         if getattr(p, XYZ_STRENGTH, None) is not None:
-            strength = parse_args([True, name, getattr(p, XYZ_STRENGTH)])[2]
+            strength = as_strength(getattr(p, XYZ_STRENGTH))
         if not enabled or name == NONE:
             return
         if reneg is None:
@@ -551,7 +554,7 @@ class ReNegScript(scripts.Script):
         found = store.resolve(name)
         if found is None:
             warn(p, f"ReNeg: not applied: no embedding named {name!r} in "
-                          f"{', '.join(embedding_folders())}")
+                    f"{', '.join(embedding_folders())}")
             return
         name, path = found
         try:
