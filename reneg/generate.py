@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .cond import Cond
@@ -40,3 +42,40 @@ def generate_and_score(backend, reward, prompts: list[str], seeds: list[int], un
             images.append(img.cpu())
     out = torch.cat(scores)
     return (out, torch.cat(images)) if keep_images else out
+
+
+def tune_for_seed(backend, reward, prompt: str, seed: int, start: torch.Tensor, steps: int, guidance: float,
+                  grad_range: tuple[int, int], height: int, width: int, max_steps: int = 10,
+                  patience: int = 3, lr: float = 5e-3, noise: str = "seed", should_stop=None, on_step=None):
+    """Per-sample search (Algorithm 1) for one prompt, shared by ``reneg tune`` and ``reneg eval``.
+
+    ``noise="seed"`` samples every step from ``seed``'s noise (tuning for that image);
+    ``"fresh"`` uses seed ``seed + 1 + step`` at step ``step``, as in the paper. The grad step
+    is drawn from a generator seeded by ``seed``. Returns ``(SearchResult, image)`` where
+    ``image`` ([1, C, H, W] in [-1, 1], CPU) is the image the best negative made during the search
+    (None if no step gave a finite score).
+    """
+    from .objective import ObjectiveConfig, per_sample_search, sample_score_and_loss
+
+    if noise not in ("seed", "fresh"):
+        raise ValueError(f"noise must be 'seed' or 'fresh', got {noise!r}")
+    obj = ObjectiveConfig(steps, guidance, tuple(grad_range))
+    sigmas = backend.schedule(steps)
+    cond = backend.encode_prompts([prompt])
+    g = torch.Generator().manual_seed(seed)
+    best = {"score": -math.inf, "image": None}
+
+    def evaluate(neg, step):
+        s = seed if noise == "seed" else seed + 1 + step
+        x = seeded_noise(backend, [s], height, width)
+        scores, loss, image = sample_score_and_loss(
+            backend.denoiser, backend.decode, reward, [prompt], cond, backend.negative_cond(neg),
+            initial_latent(x, sigmas[0]), sigmas, guidance, obj.grad_index(g), want_loss=step < max_steps - 1)
+        score = float(scores.mean())
+        if score > best["score"]:  # the same keep-best rule as per_sample_search
+            best["score"], best["image"] = score, image.detach().cpu()
+        return score, loss
+
+    res = per_sample_search(evaluate, start.to(backend.device), max_steps, patience, lr,
+                            should_stop=should_stop, on_step=on_step)
+    return res, best["image"]

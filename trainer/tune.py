@@ -9,9 +9,7 @@ import torch
 
 from reneg.embedding import NegEmbedding, load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
-from reneg.generate import seeded_noise
-from reneg.objective import ObjectiveConfig, per_sample_search, sample_score_and_loss
-from reneg.sampling import initial_latent
+from reneg.generate import tune_for_seed
 
 from .config import ConfigError, _positive, validate_common
 
@@ -72,24 +70,12 @@ def run_tune(ns) -> dict:
         start = start_emb.tensor.float()
     else:
         start, _ = backend.null_embedding()
-    cond = backend.encode_prompts([ns.prompt])
-    obj = ObjectiveConfig(ns.sampling_steps, ns.guidance, tuple(ns.grad_range))
-    sigmas = backend.schedule(ns.sampling_steps)
-    g = torch.Generator().manual_seed(ns.seed)
-
-    def evaluate(neg, step):
-        seed = ns.seed if ns.noise == "seed" else ns.seed + 1 + step
-        noise = seeded_noise(backend, [seed], ns.resolution, ns.resolution)
-        scores, loss, _ = sample_score_and_loss(
-            backend.denoiser, backend.decode, reward, [ns.prompt], cond, backend.negative_cond(neg),
-            initial_latent(noise, sigmas[0]), sigmas, ns.guidance, obj.grad_index(g),
-            want_loss=step < ns.max_steps - 1)
-        return float(scores.mean()), loss
-
     def on_step(rec):
         print(f"step {rec['step']}: reward {rec['reward']:.5f} (best {rec['best_reward']:.5f})", flush=True)
 
-    res = per_sample_search(evaluate, start.to(device), ns.max_steps, ns.patience, ns.lr, on_step=on_step)
+    res, _ = tune_for_seed(backend, reward, ns.prompt, ns.seed, start.to(device), ns.sampling_steps, ns.guidance,
+                           tuple(ns.grad_range), ns.resolution, ns.resolution, ns.max_steps, ns.patience, ns.lr,
+                           noise=ns.noise, on_step=on_step)
     emb = NegEmbedding(res.best.cpu().float(), backend.family)
     save_embedding(ns.out, emb, overwrite=ns.overwrite, kind="per-sample", prompt=ns.prompt, seed=ns.seed,
                    noise_mode=ns.noise, base_model=os.path.basename(os.path.normpath(ns.model)),

@@ -1,0 +1,200 @@
+"""The ``reneg eval`` sub-command (registered by :func:`reneg.cli.build_parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+
+from reneg.prompts import PAPER_HANDCRAFTED
+
+from .run import EvalConfig
+
+DEMO_OUT = os.path.join("runs", "demo-eval")
+DEMO_TRAIN = os.path.join("runs", "demo-train")
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    d = EvalConfig()
+    s = sub.add_parser(
+        "eval", help="compare negatives (null, handcrafted, embeddings, per-sample tuning) on a prompt set",
+        description="Generate one image per prompt and seed with every negative (same noise across negatives), "
+                    "score them with one or more rewards and write images/, scores.csv, summary.json, plots/, "
+                    "report.html and report.md into --out. Rerunning with the same --out makes only the "
+                    "missing images.")
+    a = s.add_argument
+    a("--demo", action="store_true", help="run everything on the built-in demo world (no files needed)")
+    a("--model", help="Stable Diffusion 1.x/2.x: a diffusers folder or a single-file .safetensors")
+    a("--config", help="for a single-file checkpoint: a local diffusers folder with its configs")
+    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",
+      help="NAME=PATH[,option=value]; repeat to score with several rewards (each reported on its own); "
+           "the first one also drives per-sample tuning. See 'reneg rewards'")
+    a("--prompts", help="prompt set: .txt (one a line), ImageReward .json, PartiPrompts .tsv (Category column) "
+                        "or an HPSv2 benchmark folder (anime.json, concept-art.json, paintings.json, photo.json)")
+    a("--negative", dest="negatives", action="append", default=[], metavar="[NAME=]SPEC",
+      help="repeatable: null | handcrafted (the paper's prompt, or --handcrafted) | handcrafted:TEXT | text:TEXT "
+           "| FILE (an embedding: .safetensors or the official .bin) | tuned:FILE or tuned:null (per-sample "
+           "tuning from it, per image). Names come from the file names unless given as NAME=SPEC. "
+           "Default: null and handcrafted")
+    a("--handcrafted", default=d.handcrafted, help="text of 'handcrafted' (default: the paper's negative prompt)")
+    a("--out", default=None, help="output folder (default runs/eval, or runs/demo-eval with --demo)")
+    a("--limit", type=int, default=None, help="evaluate a fixed random sub-sample of this many prompts")
+    a("--sample-seed", type=int, default=d.sample_seed, help="seed of the --limit sub-sample")
+    a("--seed", type=int, default=d.seed, help="seed of prompt i's image k is SEED + i * images-per-prompt + k")
+    a("--images-per-prompt", type=int, default=d.images_per_prompt)
+    a("--sampling-steps", type=int, default=d.sampling_steps, help="DDIM steps (paper: 30)")
+    a("--guidance", type=float, default=d.guidance, help="CFG scale (paper: 7.5)")
+    a("--resolution", type=int, default=d.resolution)
+    a("--batch", type=int, default=d.batch, help="images per generation / scoring batch")
+    a("--tune-steps", type=int, default=d.tune_steps, help="per-sample search: at most N steps (paper: 10)")
+    a("--tune-patience", type=int, default=d.tune_patience, help="per-sample search: patience (paper: 3)")
+    a("--tune-lr", type=float, default=d.tune_lr)
+    a("--tune-noise", choices=("seed", "fresh"), default=d.tune_noise,
+      help="seed: tune for each image's own seed (default); fresh: new noise each step as in the paper, then "
+           "the image is made from its seed with the best negative")
+    a("--grad-range", type=int, nargs=2, default=list(d.grad_range), metavar=("LO", "HI"),
+      help="tuning grad step, counted in DDIM steps from the end (paper: 0 10)")
+    a("--save-tuned", action="store_true", help="also save each tuned embedding under OUT/tuned/NAME/")
+    a("--video", metavar="MOTION_ADAPTER", help="AnimateDiff: a local diffusers MotionAdapter folder; --model "
+                                                "must be SD1.x. Frames are scored with the image rewards and "
+                                                "averaged; videos are saved as animated PNGs")
+    a("--frames", type=int, default=d.frames, help="frames per video with --video")
+    a("--reference", help="negative the others are compared to in the report (default: handcrafted, else null)")
+    a("--tie-tol", type=float, default=d.tie_tol, help="score differences up to this count as ties (default 0)")
+    a("--grid-limit", type=int, default=d.grid_limit, help="rows of images shown in report.html")
+    a("--title", default=d.title)
+    a("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    a("--no-progress", dest="progress", action="store_false")
+    s.set_defaults(fn=cmd_eval)
+    return s
+
+
+def config_from_args(ns) -> EvalConfig:
+    d = {k: v for k, v in vars(ns).items() if k in EvalConfig.__dataclass_fields__ and v is not None}
+    d["grad_range"] = tuple(d.get("grad_range", (0, 10)))
+    d.setdefault("out", EvalConfig.out)
+    return EvalConfig(**d)
+
+
+def cmd_eval(ns) -> int:
+    from .run import run_eval
+
+    t0 = time.time()
+    if ns.demo:
+        cfg = demo_config(ns)
+    else:
+        cfg = config_from_args(ns)
+    summary = run_eval(cfg)
+    print(_console_table(summary))
+    print(f"wrote {os.path.join(cfg.out, 'report.html')} (open it in a browser), report.md, summary.json, "
+          f"scores.csv, plots/ and images/ in {cfg.out}  [{time.time() - t0:.1f} s]")
+    return 0
+
+
+def _console_table(summary: dict) -> str:
+    ref = summary["reference"]
+    lines = []
+    for rw in summary["rewards"]:
+        lines.append(f"{rw}: mean [95% CI], win rate over {ref} [95% CI] (W/T/L)")
+        for n in summary["negatives"]:
+            name = n["name"]
+            ci = summary["means"][rw][name]["all"]
+            rng = f"[{ci['lo']:.4f}, {ci['hi']:.4f}]" if ci["lo"] is not None else ""
+            wr = ""
+            if name != ref:
+                w = summary["win_rates"][rw][name][ref]
+                wr = f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}] ({w['wins']}/{w['ties']}/{w['losses']})"
+            lines.append(f"  {name:14s} {ci['mean']:.4f} {rng:22s} {wr}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- --demo
+
+def _category(text: str, shapes) -> str:
+    for w in re.findall(r"[a-z]+", text.lower()):
+        for s in shapes:
+            if w in (s, s + "s"):
+                return s + "s"
+    return "other"
+
+
+def _demo_prompts(d: dict, folder: str) -> str:
+    """The held-out demo prompts as a TSV with a category per shape (so the report shows categories)."""
+    from reneg.fileio import atomic_write_text
+    from reneg.prompts import load_prompts
+
+    try:
+        from reneg.demo_world.world import SHAPES
+    except ImportError:
+        SHAPES = ()
+    shapes = tuple(SHAPES) + ("circle", "square", "triangle", "star")
+    texts = [p.text for p in load_prompts(d["heldout"])]
+    rows = ["Prompt\tCategory"] + [f"{t}\t{_category(t, shapes)}" for t in texts]
+    path = os.path.join(folder, "eval_prompts.tsv")
+    atomic_write_text(path, "\n".join(rows) + "\n")
+    return path
+
+
+def _usable_training(folder: str, world_model: str | None):
+    """(model, embedding) of a finished demo training run in ``folder``, if it fits this demo."""
+    emb, sj = os.path.join(folder, "embedding.safetensors"), os.path.join(folder, "summary.json")
+    if not (os.path.isfile(emb) and os.path.isfile(sj)):
+        return None
+    try:
+        with open(sj, encoding="utf-8") as f:
+            model = json.load(f)["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not model or not os.path.isfile(os.path.join(model, "model_index.json")):
+        return None
+    if world_model and os.path.abspath(model) != os.path.abspath(world_model):
+        return None  # trained on the tiny fallback before the demo world was installed
+    return model, emb
+
+
+def demo_config(ns) -> EvalConfig:
+    from reneg import demo
+
+    out = ns.out or DEMO_OUT
+    d = demo.setup(out)
+    s = d["settings"]
+    world_model = d["model"] if d["kind"] == "demo world" else None
+    print(f"reneg eval --demo: {d['kind']} ({d['model']})", flush=True)
+    found = _usable_training(DEMO_TRAIN, world_model) or _usable_training(os.path.join(out, "train"), world_model)
+    if found:
+        model, emb = found
+        print(f"reneg eval --demo: using the learned embedding {emb}", flush=True)
+    else:
+        model, emb = d["model"], _demo_train(d, os.path.join(out, "train"), ns.progress)
+    cfg = EvalConfig(
+        model=model, rewards=[d["reward"]], prompts=_demo_prompts(d, os.path.join(out, "demo")),
+        negatives=["null", f"handcrafted:{d['handcrafted']}", f"learned={emb}", f"tuned=tuned:{emb}"],
+        out=out, handcrafted=d["handcrafted"], seed=s.get("eval_seed", 1234), sampling_steps=s["sampling_steps"],
+        guidance=s["guidance"], resolution=s["resolution"], batch=s.get("eval_batch", 8),
+        tune_steps=s.get("eval_tune_steps", 4), tune_patience=s.get("eval_tune_patience", 2),
+        tune_lr=s.get("tune_lr", s["lr"]), grad_range=tuple(s["grad_range"]), device=ns.device,
+        progress=ns.progress, remake_mismatched=True,
+        title=f"ReNeg evaluation: built-in demo ({d['kind']})",
+        note=("Demo world: a small model and reward trained on a procedural world of shapes." if world_model else
+              "Tiny random models: this run proves the machinery (files, statistics, report), not the method; "
+              "the numbers mean nothing."))
+    return cfg
+
+
+def _demo_train(d: dict, folder: str, progress: bool) -> str:
+    """A short global embedding with the demo's training settings."""
+    from reneg.trainer.config import TrainConfig
+    from reneg.trainer.train import run_train
+
+    print(f"reneg eval --demo: no learned embedding yet; training a short one into {folder}", flush=True)
+    s = dict(d["settings"])
+    fields = TrainConfig.__dataclass_fields__
+    kw = {k: v for k, v in s.items() if k in fields}
+    kw["grad_range"] = tuple(kw.get("grad_range", (0, 10)))
+    cfg = TrainConfig(model=d["model"], rewards=[d["reward"]], prompts=d["prompts"], heldout=d["heldout"],
+                      out=folder, handcrafted=d["handcrafted"], base_model_name="reneg-demo", progress=progress,
+                      **kw)
+    summary = run_train(cfg)
+    return summary["embedding"]

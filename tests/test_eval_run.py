@@ -1,0 +1,227 @@
+"""reneg eval on tiny models: every output file, the HTML's images, resume, negatives, prompt sets."""
+
+import json
+import os
+import re
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from reneg.embedding import NegEmbedding, save_embedding
+from reneg.evaluation import run as ev
+from reneg.evaluation.run import EvalConfig, EvalError, build_items, parse_negative, parse_negatives
+
+
+@pytest.fixture(scope="module")
+def emb_file(tmp_path_factory, tiny_backend):
+    null, _ = tiny_backend.null_embedding()
+    g = torch.Generator().manual_seed(3)
+    t = null + 0.5 * torch.randn(null.shape, generator=g)
+    path = str(tmp_path_factory.mktemp("emb") / "my_neg.safetensors")
+    save_embedding(path, NegEmbedding(t.float(), "tiny"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "p.tsv"
+    path.write_text("Prompt\tCategory\na red circle\tshapes\na blue square\tshapes\na green cat\tanimals\n",
+                    encoding="utf-8")
+    return str(path)
+
+
+def _cfg(tmp, pipe, hps, prompt_path, emb, **kw):
+    base = dict(model=pipe, rewards=[f"hpsv2={hps}", f"hpsv2={hps}"], prompts=prompt_path,
+                negatives=["null", "handcrafted:blurry, ugly", emb, f"tuned:{emb}"], out=str(tmp),
+                sampling_steps=4, guidance=5.0, resolution=16, batch=2, tune_steps=2, tune_patience=2,
+                tune_lr=0.05, grad_range=(0, 1), seed=7, progress=False, device="cpu")
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+class _Imgs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+
+def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file,
+                                          monkeypatch):
+    out = tmp_path / "ev"
+    cfg = _cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file)
+    summary = ev.run_eval(cfg, log=lambda m: None)
+    negs = ["null", "handcrafted", "my_neg", "tuned-my_neg"]
+    rewards = ["hpsv2", "hpsv2-hps_tiny"]
+
+    # images: one per prompt and negative, named by prompt index, seed and negative
+    images = sorted(os.listdir(out / "images"))
+    assert images == sorted(f"{i:05d}_s{7 + i}_{n}.png" for i in range(3) for n in negs)
+    # scores.csv: one row per image and reward
+    rows = ev.read_scores_csv(str(out / "scores.csv"))
+    assert len(rows) == 3 * 4 * 2
+    assert {r["reward"] for r in rows} == set(rewards)
+    assert {r["category"] for r in rows} == {"shapes", "animals"}
+    assert all(os.path.isfile(out / r["image"]) for r in rows)
+    # summary.json: means with intervals per negative, reward and category; pairwise win rates
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rewards"] == rewards and [n["name"] for n in s["negatives"]] == negs
+    assert s["reference"] == "handcrafted" and s["categories"] == {"shapes": 2, "animals": 1}
+    for rw in rewards:
+        for n in negs:
+            m = s["means"][rw][n]
+            assert m["all"]["n"] == 3 and m["all"]["lo"] <= m["all"]["mean"] <= m["all"]["hi"]
+            assert m["categories"]["animals"]["n"] == 1 and m["categories"]["animals"]["lo"] is None
+            for other in negs:
+                if other != n:
+                    w = s["win_rates"][rw][n][other]
+                    assert w["wins"] + w["ties"] + w["losses"] == 3
+                    assert w["rate"] == pytest.approx(1 - s["win_rates"][rw][other][n]["rate"])
+    mine = [r["score"] for r in rows if r["negative"] == "my_neg" and r["reward"] == "hpsv2"]
+    assert s["means"]["hpsv2"]["my_neg"]["all"]["mean"] == pytest.approx(sum(mine) / 3)
+    assert summary["means"] == s["means"]
+    # per-sample tuning from my_neg keeps the best: never worse than its start on the same seed
+    by = {(r["prompt_index"], r["negative"]): r["score"] for r in rows if r["reward"] == "hpsv2"}
+    for i in range(3):
+        assert by[(i, "tuned-my_neg")] >= by[(i, "my_neg")] - 2e-3
+    tlog = json.loads((out / "tuning_tuned-my_neg.json").read_text())
+    assert len(tlog) == 3 and all(v["best_reward"] >= v["start_reward"] for v in tlog.values())
+    # plots, markdown
+    for p in ("means", "categories", "differences", "winrates"):
+        assert (out / "plots" / f"{p}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert all(f"`{n}`" in md for n in negs) and "| negative |" in md
+    # report.html: every image it shows exists, and it shows every image made
+    html = (out / "report.html").read_text()
+    parser = _Imgs()
+    parser.feed(html)
+    assert all(not src.startswith(("/", "http", "file:")) for src in parser.srcs)
+    for src in parser.srcs:
+        assert (out / src).is_file(), src
+    shown = {src for src in parser.srcs if src.startswith("images/")}
+    assert shown == {f"images/{f}" for f in images}
+    assert {f"plots/{p}.png" for p in ("means", "categories", "differences", "winrates")} <= set(parser.srcs)
+
+    # resume: delete half the images; only those are made again and the scores do not change
+    deleted = images[::2]
+    for f in deleted:
+        os.unlink(out / "images" / f)
+    saved = []
+    real_save = ev.save_frames
+    monkeypatch.setattr(ev, "save_frames", lambda path, fr, **k: (saved.append(os.path.basename(path)),
+                                                                   real_save(path, fr, **k)))
+    ev.run_eval(cfg, log=lambda m: None)
+    assert sorted(saved) == sorted(deleted)
+    rows2 = ev.read_scores_csv(str(out / "scores.csv"))
+    old = {(r["image"], r["reward"]): r["score"] for r in rows}
+    for r in rows2:
+        assert r["score"] == pytest.approx(old[(r["image"], r["reward"])], abs=1e-6)
+
+    # a rerun with other generation settings must not mix images
+    with pytest.raises(EvalError, match="sampling_steps 4 -> 5"):
+        ev.run_eval(_cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, sampling_steps=5),
+                    log=lambda m: None)
+
+
+def test_negative_syntax(tmp_path, emb_file):
+    assert parse_negative("null") == ev.Negative("null", "null", "")
+    hc = parse_negative("handcrafted", handcrafted="bad, ugly")
+    assert (hc.name, hc.kind, hc.source) == ("handcrafted", "text", "bad, ugly")
+    assert parse_negative("handcrafted").source.startswith("distorted, ugly, blurry")
+    assert parse_negative("handcrafted: low quality").source == "low quality"
+    assert parse_negative("text:grainy").name == "text"
+    assert parse_negative(emb_file) == ev.Negative("my_neg", "file", emb_file)
+    assert parse_negative(f"tuned:{emb_file}").name == "tuned-my_neg"
+    assert parse_negative("tuned:null").kind == "tuned"
+    named = parse_negative(f"mine={emb_file}")
+    assert (named.name, named.kind) == ("mine", "file")
+    assert parse_negative("short=text:blurry").source == "blurry"
+    with pytest.raises(EvalError, match="is not a file"):
+        parse_negative(str(tmp_path / "nope.safetensors"))
+    bad = tmp_path / "prompts.txt"
+    bad.write_text("x")
+    with pytest.raises(EvalError, match="does not look like an embedding"):
+        parse_negative(str(bad))
+    with pytest.raises(EvalError, match="text is empty"):
+        parse_negative("handcrafted:")
+    with pytest.raises(EvalError, match="already taken"):
+        parse_negatives([emb_file, emb_file])
+    assert [n.name for n in parse_negatives([emb_file, f"b={emb_file}"])] == ["my_neg", "b"]
+
+
+def test_prompt_sets_and_limit(tmp_path, shared_data):
+    # HPSv2 benchmark layout: categories from the file names
+    folder = tmp_path / "hps"
+    folder.mkdir()
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        (folder / f"{style}.json").write_text(json.dumps([f"{style} prompt {i}" for i in range(5)]))
+    items = build_items(str(folder))
+    assert len(items) == 20 and {it.category for it in items} == {"anime", "concept-art", "paintings", "photo"}
+    # PartiPrompts TSV: the Category column
+    parti = build_items(str(shared_data / "prompts" / "PartiPrompts.tsv"), limit=50, sample_seed=1, seed=100)
+    assert len(parti) == 50 and len({it.category for it in parti}) > 3
+    again = build_items(str(shared_data / "prompts" / "PartiPrompts.tsv"), limit=50, sample_seed=1, seed=100)
+    assert parti == again  # a fixed sub-sample
+    assert all(it.seed == 100 + it.index for it in parti)  # seeds follow the prompt's index in the file
+    # ImageReward JSON and plain text
+    ir = build_items(str(shared_data / "prompts" / "imagereward_benchmark_100.json"), limit=10)
+    assert len(ir) == 10 and ir[0].text
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\n")
+    two = build_items(str(txt), images_per_prompt=3, seed=5)
+    assert [(it.index, it.seed) for it in two] == [(0, 5), (0, 6), (0, 7), (1, 8), (1, 9), (1, 10)]
+
+
+def test_bad_arguments_name_the_flag(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file):
+    def cfg(**kw):
+        return _cfg(tmp_path / "o", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, **kw)
+
+    with pytest.raises(EvalError, match="--model .*no such"):
+        ev.validate_eval(cfg(model=str(tmp_path / "missing")))
+    with pytest.raises(EvalError, match="--reward"):
+        ev.validate_eval(cfg(rewards=[]))
+    with pytest.raises(EvalError, match="--prompts: .*no such prompt file"):
+        ev.validate_eval(cfg(prompts=str(tmp_path / "none.txt")))
+    with pytest.raises(EvalError, match="--grad-range"):
+        ev.validate_eval(cfg(grad_range=(0, 4)))
+    with pytest.raises(EvalError, match="--reference x"):
+        ev.validate_eval(cfg(reference="x"))
+    with pytest.raises(EvalError, match="--video .*MotionAdapter"):
+        ev.validate_eval(cfg(video=str(tmp_path)))
+    with pytest.raises(EvalError, match="--resolution"):
+        ev.validate_eval(cfg(resolution=12))
+
+
+def test_cli_reports_errors(capsys, tmp_path):
+    from reneg.cli import main
+
+    assert main(["eval", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "reneg eval: error: --model is required" in err
+
+
+def test_grid_limit_keeps_every_category():
+    from reneg.evaluation.report import grid_items
+
+    items = [ev.Item(i, f"p{i}", "a" if i < 8 else "b", i) for i in range(10)]
+    shown = grid_items(items, 4)
+    assert len(shown) == 4 and {it.category for it in shown} == {"a", "b"}
+    assert [it.index for it in shown] == [0, 1, 8, 9]
+    assert re.match(r"^\d{5}_s\d+_x\.png$", items[0].image_name("x"))
+
+
+def test_tune_for_seed_returns_the_best_image(tiny_backend, tiny_reward):
+    from reneg.generate import tune_for_seed
+
+    null, _ = tiny_backend.null_embedding()
+    res, image = tune_for_seed(tiny_backend, tiny_reward, "a red circle", 11, null, steps=4, guidance=5.0,
+                               grad_range=(0, 1), height=16, width=16, max_steps=3, patience=3, lr=0.1)
+    assert len(res.history) == 3 and res.best_reward == max(h["reward"] for h in res.history)
+    with torch.no_grad():
+        assert float(tiny_reward(image, ["a red circle"])) == pytest.approx(res.best_reward, abs=1e-5)
+    with pytest.raises(ValueError, match="noise must be"):
+        tune_for_seed(tiny_backend, tiny_reward, "x", 0, null, 4, 5.0, (0, 1), 16, 16, noise="other")
