@@ -215,9 +215,11 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                     print(f"reneg train: step {step + 1}: non-finite loss or gradient, update skipped "
                           f"({bad_streak} in a row, {skipped} in all)", flush=True)
                 if bad_streak >= cfg.max_bad_steps:
+                    last = (f"The last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path)
+                            else "No checkpoint was written before this")
                     raise TrainingError(
                         f"stopped: {bad_streak} non-finite updates in a row (limit --max-bad-steps "
-                        f"{cfg.max_bad_steps}). The last good checkpoint is {ckpt_path}; try a lower --lr "
+                        f"{cfg.max_bad_steps}). {last}; try a lower --lr "
                         f"or --mixed-precision no.")
             else:
                 bad_streak = 0
