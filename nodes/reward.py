@@ -1,0 +1,195 @@
+"""Load Reward Model and Reward Score: differentiable preference models inside ComfyUI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .common import (CATEGORY, REWARD_EXTENSIONS, REWARD_FOLDER, REWARD_TYPE, folder_list, folder_paths_of,
+                     reports_errors, torch_device)
+
+KINDS = ("hpsv2.1", "hpsv2", "pickscore", "aesthetic")
+NONE = "none"
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+
+
+def model_folders() -> list[str]:
+    """Sub-folders of the reward_models folders that hold a Hugging Face model (config.json), as ``name/``."""
+    out = set()
+    for root in folder_paths_of(REWARD_FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for here, dirs, files in os.walk(root, followlinks=True):
+            rel = os.path.relpath(here, root)
+            if rel != "." and "config.json" in files:
+                out.add(rel.replace(os.sep, "/") + "/")
+                dirs[:] = []
+            elif rel.count(os.sep) >= 2:
+                dirs[:] = []
+    return sorted(out)
+
+
+def model_entries() -> list[str]:
+    """Checkpoint files and model folders, for the Load Reward Model list."""
+    folders = model_folders()
+    files = [f for f in folder_list(REWARD_FOLDER)
+             if os.path.splitext(f)[1].lower() in REWARD_EXTENSIONS
+             and not any(f.replace(os.sep, "/").startswith(d) for d in folders)]
+    return sorted(files) + folders
+
+
+def resolve(entry: str, what: str) -> str:
+    for root in folder_paths_of(REWARD_FOLDER):
+        p = os.path.join(root, entry.rstrip("/"))
+        if os.path.exists(p):
+            return p
+    where = ", ".join(folder_paths_of(REWARD_FOLDER)) or f"models/{REWARD_FOLDER}"
+    raise FileNotFoundError(f"{what} {entry!r} was not found in the {REWARD_FOLDER!r} model folder ({where})")
+
+
+class RewardModel:
+    """The RENEG_REWARD value: a loaded reward plus where it came from.
+
+    The model is kept on the CPU between uses and moved to the compute device only
+    while a node uses it (:meth:`use`), so it holds no GPU memory in between.
+    """
+
+    def __init__(self, module, kind: str, source: str, device: torch.device):
+        self.module, self.kind, self.source, self.device = module, kind, source, device
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{os.path.basename(self.source.rstrip('/'))}"
+
+    @contextlib.contextmanager
+    def use(self):
+        moved = self.device.type != "cpu"
+        if moved:
+            self.module.to(self.device)
+        try:
+            yield self.module
+        finally:
+            if moved:
+                self.module.to("cpu")
+                from ..reneg.backends.comfy_backend import release_memory
+
+                release_memory()
+
+
+def _dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, precision)
+
+
+class ReNegLoadRewardModel:
+    DESCRIPTION = ("Loads a preference reward from ComfyUI/models/reward_models: an HPSv2 / HPSv2.1 checkpoint "
+                   "(HPS_v2.1_compressed.pt; an open_clip_config.json beside it selects another architecture), "
+                   "a PickScore folder (Hugging Face CLIPModel), or a LAION aesthetic MLP with its CLIP ViT-L/14 "
+                   "folder.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (REWARD_TYPE,)
+    RETURN_NAMES = ("reward",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        entries = model_entries()
+        return {
+            "required": {
+                "reward_type": (list(KINDS), {"default": "hpsv2.1"}),
+                "model": (entries, {"tooltip": "Checkpoint file (HPS, aesthetic MLP) or model folder (PickScore)."}),
+                "clip_model": ([NONE] + model_folders(), {"default": NONE,
+                               "tooltip": "aesthetic only: the CLIP ViT-L/14 folder (Hugging Face format)."}),
+                "precision": (list(PRECISIONS), {"default": "auto",
+                              "tooltip": "auto: float16 on a GPU, float32 on the CPU."}),
+            }
+        }
+
+    @reports_errors("Load Reward Model")
+    def load(self, reward_type, model, clip_model=NONE, precision="auto"):
+        from ..reneg.rewards import RewardSpec, available, load_reward
+
+        if reward_type not in KINDS:
+            raise ValueError(f"reward_type must be one of {', '.join(KINDS)}, got {reward_type!r}")
+        info = available()[reward_type]
+        path = resolve(model, "model")
+        if info.path_kind == "folder" and not os.path.isdir(path):
+            raise ValueError(f"{reward_type} needs a model folder (shown with a trailing '/'), got the file {model!r}")
+        if info.path_kind == "file" and not os.path.isfile(path):
+            raise ValueError(f"{reward_type} needs a checkpoint file, got the folder {model!r}")
+        options = {}
+        if reward_type == "aesthetic":
+            if not clip_model or clip_model == NONE:
+                raise ValueError("aesthetic needs clip_model: a CLIP ViT-L/14 folder in reward_models")
+            options["clip"] = resolve(clip_model, "clip_model")
+        device = torch_device()
+        # loaded outside inference mode: its weights must be normal tensors for the tune node's backward
+        with torch.inference_mode(False):
+            module = load_reward(RewardSpec(reward_type, path, 1.0, options), "cpu", _dtype(precision, device))
+        return (RewardModel(module, reward_type, path, device),)
+
+
+def images_to_reward_input(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (BHWC in [0, 1]) -> BCHW in [-1, 1], as the rewards take it."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (3, 4):
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected an IMAGE batch [B, H, W, 3], found {shape}")
+    return images[..., :3].movedim(-1, 1).float() * 2 - 1
+
+
+def score_images(reward: RewardModel, images: torch.Tensor, prompt: str, batch: int = 4) -> torch.Tensor:
+    x = images_to_reward_input(images)
+    out = []
+    with torch.no_grad(), reward.use() as module:
+        dev = next(module.parameters()).device
+        for i in range(0, x.shape[0], batch):
+            chunk = x[i:i + batch].to(dev)
+            out.append(module(chunk, [prompt] * chunk.shape[0]).float().cpu())
+    return torch.cat(out)
+
+
+class ReNegRewardScore:
+    DESCRIPTION = ("Scores each image of a batch for the prompt with a reward model. Outputs the scores, a "
+                   "readable report, the batch ranked best first (when rank is on) and the best image.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FLOAT", "STRING", "IMAGE", "IMAGE", "INT")
+    RETURN_NAMES = ("scores", "report", "images", "best_image", "best_index")
+    OUTPUT_IS_LIST = (True, False, False, False, False)
+    OUTPUT_TOOLTIPS = ("One score per image, in input order.", "The scores as text.",
+                       "The batch, best first when rank is on.", "The highest-scoring image.",
+                       "Index (0-based) of the best image in the input batch.")
+    FUNCTION = "score"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE",),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "The prompt the images were made for."}),
+                "reward": (REWARD_TYPE,),
+                "rank": ("BOOLEAN", {"default": True, "tooltip": "Sort the images output best first."}),
+            }
+        }
+
+    @reports_errors("Reward Score")
+    def score(self, images, prompt, reward, rank=True):
+        if not isinstance(reward, RewardModel):
+            raise ValueError(f"reward: expected the output of Load Reward Model, found {type(reward).__name__}")
+        if not str(prompt).strip():
+            raise ValueError("prompt is empty: give the prompt the images were made for")
+        scores = score_images(reward, images, str(prompt))
+        order = torch.argsort(scores, descending=True)
+        best = int(order[0])
+        lines = [f"{reward.name} for {len(scores)} image(s):"]
+        for i, s in enumerate(scores.tolist()):
+            place = int((order == i).nonzero()[0]) + 1
+            lines.append(f"  image {i}: {s:.5f}  (rank {place}){'  best' if i == best else ''}")
+        report = "\n".join(lines)
+        ranked = images[order.to(images.device)] if rank else images
+        return {"ui": {"text": [report]},
+                "result": ([float(s) for s in scores], report, ranked, images[best:best + 1], best)}

@@ -1,0 +1,96 @@
+"""Save ReNeg Embedding: write a (tuned) negative CONDITIONING as a ReNeg file."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .common import CATEGORY, EMBEDDING_FOLDER, folder_paths_of, model_family_of, reports_errors
+
+TITLE = "Save ReNeg Embedding"
+INFO_KEY = "reneg"  # conditioning-dict key under which the tune node leaves its provenance
+_NAME = re.compile(r"^[\w\-. ]+$")
+
+
+def free_name(folder: str, stem: str) -> str:
+    """``stem.safetensors`` if free, else the first free ``stem_00001.safetensors``."""
+    first = os.path.join(folder, stem + ".safetensors")
+    if not os.path.exists(first):
+        return first
+    for i in range(1, 100000):
+        p = os.path.join(folder, f"{stem}_{i:05d}.safetensors")
+        if not os.path.exists(p):
+            return p
+    raise FileExistsError(f"{folder}: no free file name for {stem!r}")
+
+
+class ReNegSaveEmbedding:
+    DESCRIPTION = ("Writes a negative CONDITIONING (e.g. from Per-Sample ReNeg Tune) into ComfyUI/models/reneg "
+                   "as a ReNeg .safetensors file with metadata. An existing file is never replaced unless "
+                   "overwrite is on; otherwise a numbered name is used.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "negative": ("CONDITIONING",),
+                "filename": ("STRING", {"default": "tuned", "tooltip": "File name without extension; "
+                                        "subfolders with '/' are allowed."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of this "
+                                          "name. Off: a free numbered name is used instead."}),
+            },
+            "optional": {
+                "note": ("STRING", {"default": "", "multiline": True, "tooltip": "Stored in the metadata."}),
+            },
+        }
+
+    @reports_errors(TITLE)
+    def save(self, negative, filename, overwrite, note=""):
+        from ..reneg.embedding import NegEmbedding, save_embedding
+        from ..reneg.families import get_family
+
+        if not isinstance(negative, list) or not negative:
+            raise ValueError(f"negative: expected a CONDITIONING, found {type(negative).__name__}")
+        if len(negative) != 1:
+            raise ValueError(f"negative: expected one conditioning entry, found {len(negative)}")
+        t, extra = negative[0][0], negative[0][1]
+        rows = 77
+        if t.dim() != 3 or t.shape[0] != 1 or t.shape[1] % rows:
+            raise ValueError(f"negative: expected a tensor [1, 77k, hidden], found {list(t.shape)}")
+        blocks = t.split(rows, dim=1)
+        if any(not bool((b == blocks[0]).all()) for b in blocks[1:]):
+            raise ValueError(f"negative: {t.shape[1]} token rows that are not one 77-row block repeated "
+                             f"(a long base negative blended in); an embedding file holds 77 rows")
+        t = blocks[0]
+        stem = str(filename).strip().replace("\\", "/")
+        if stem.endswith(".safetensors"):
+            stem = stem[: -len(".safetensors")]
+        parts = [p for p in stem.split("/") if p]
+        if not parts or any(p in (".", "..") or not _NAME.match(p) for p in parts):
+            raise ValueError(f"filename {filename!r}: use letters, digits, '-', '_', '.', spaces and '/' "
+                             f"for subfolders (no '..')")
+        folders = folder_paths_of(EMBEDDING_FOLDER)
+        if not folders:
+            raise ValueError("the 'reneg' model folder is not registered (is the pack loaded in ComfyUI?)")
+        folder = os.path.join(folders[0], *parts[:-1])
+        path = os.path.join(folder, parts[-1] + ".safetensors")
+        if not overwrite:
+            path = free_name(folder, parts[-1])
+        family = model_family_of(t.shape[-1])
+        info = dict(extra.get(INFO_KEY) or {})
+        kind = info.pop("kind", "global")
+        meta = {k: str(v) for k, v in info.items()}
+        if note:
+            meta["note"] = str(note)
+        pooled = extra.get("pooled_output") if get_family(family).pooled else None
+        emb = NegEmbedding(t.detach().float().cpu().clone(), family,
+                           None if pooled is None else pooled.detach().float().cpu().reshape(1, -1),
+                           {"kind": kind, **meta})
+        save_embedding(path, emb, overwrite=bool(overwrite), source="ComfyUI")
+        msg = f"saved {os.path.basename(path)} ({family}, {kind}) in {folder}"
+        return {"ui": {"text": [msg]}, "result": (path,)}

@@ -1,0 +1,157 @@
+"""Per-Sample ReNeg Tune: the paper's Algorithm 1 for one prompt, inside ComfyUI."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import CATEGORY, REWARD_TYPE, check_interrupt, model_family_of, progress_bar, reports_errors
+from .save_embedding import INFO_KEY
+
+TITLE = "Per-Sample ReNeg Tune"
+NOISE_MODES = ("this seed", "fresh noise (paper)")
+FALLBACK_SCHEDULERS = ["ddim_uniform", "normal", "karras", "exponential", "sgm_uniform", "simple", "beta"]
+
+
+def schedulers() -> list[str]:
+    try:
+        from comfy.samplers import SCHEDULER_NAMES
+    except ImportError:
+        return list(FALLBACK_SCHEDULERS)
+    names = list(SCHEDULER_NAMES)
+    return (["ddim_uniform"] if "ddim_uniform" in names else []) + [n for n in names if n != "ddim_uniform"]
+
+
+def one_block(t: torch.Tensor, rows: int = 77) -> torch.Tensor:
+    """``[1, 77k, D]`` made of one 77-row block repeated (as Load ReNeg Embedding gives) -> that block."""
+    if t.shape[1] <= rows or t.shape[1] % rows:
+        return t
+    blocks = t.split(rows, dim=1)
+    return blocks[0] if all(bool((b == blocks[0]).all()) for b in blocks[1:]) else t
+
+
+class ReNegPerSampleTune:
+    DESCRIPTION = ("Tunes the negative embedding for one prompt (ReNeg, Algorithm 1): at most max_steps gradient "
+                   "steps on the reward, stopping after `patience` steps without a new best, keeping the best "
+                   "negative seen, so the result never scores below the start. 'this seed' tunes for the image "
+                   "a KSampler makes with sampler ddim (or euler), the same scheduler, steps, cfg and seed.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING", "FLOAT", "FLOAT")
+    RETURN_NAMES = ("negative", "reward_before", "reward_after")
+    OUTPUT_TOOLTIPS = ("The tuned negative: connect to a sampler's negative input or to Save ReNeg Embedding.",
+                       "Reward of the image made with the starting negative.",
+                       "Reward of the image made with the tuned negative (never below reward_before).")
+    FUNCTION = "tune"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "vae": ("VAE",),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt's conditioning (CLIP Text Encode)."}),
+                "negative": ("CONDITIONING", {"tooltip": "The starting negative, e.g. Load ReNeg Embedding."}),
+                "reward": (REWARD_TYPE,),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "The prompt text, for the reward model."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "max_steps": ("INT", {"default": 10, "min": 1, "max": 200}),
+                "patience": ("INT", {"default": 3, "min": 1, "max": 200}),
+                "learning_rate": ("FLOAT", {"default": 0.005, "min": 0.0, "max": 1.0, "step": 0.0005,
+                                            "round": 0.00001}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01}),
+                "steps": ("INT", {"default": 30, "min": 2, "max": 200, "tooltip": "Sampling steps."}),
+                "grad_step_min": ("INT", {"default": 0, "min": 0, "max": 199, "tooltip":
+                                  "The gradient is taken at a step drawn from [min, max], counted from the end."}),
+                "grad_step_max": ("INT", {"default": 10, "min": 0, "max": 199}),
+                "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8}),
+                "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8}),
+                "noise_mode": (list(NOISE_MODES), {"default": NOISE_MODES[0], "tooltip":
+                               "this seed: tune for the image of this seed; fresh noise: a new seed every "
+                               "step, as in the paper (a negative that helps this prompt in general)."}),
+                "scheduler": (schedulers(), {"default": "ddim_uniform"}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "Takes the size from this latent instead of width/height."}),
+            },
+        }
+
+    @reports_errors(TITLE)
+    def tune(self, model, vae, positive, negative, reward, prompt, seed, max_steps, patience, learning_rate,
+             cfg, steps, grad_step_min, grad_step_max, width, height, noise_mode, scheduler, latent=None):
+        from ..reneg.backends.comfy_backend import ComfyBackend, clone_normal, conditioning_to_cond
+        from ..reneg.generate import seeded_noise
+        from ..reneg.objective import ObjectiveConfig, per_sample_search, sample_score_and_loss
+        from ..reneg.sampling import initial_latent
+        from .reward import RewardModel
+
+        if not isinstance(reward, RewardModel):
+            raise ValueError(f"reward: expected the output of Load Reward Model, found {type(reward).__name__}")
+        prompt = str(prompt)
+        if not prompt.strip():
+            raise ValueError("prompt is empty: give the prompt text the reward should score against")
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {noise_mode!r}")
+        pos, neg = conditioning_to_cond(positive, "positive"), conditioning_to_cond(negative, "negative")
+        if pos.crossattn.shape[-1] != neg.crossattn.shape[-1]:
+            raise ValueError(f"the negative is {model_family_of(neg.crossattn.shape[-1])} (hidden size "
+                             f"{neg.crossattn.shape[-1]}) but the positive is "
+                             f"{model_family_of(pos.crossattn.shape[-1])} ({pos.crossattn.shape[-1]})")
+        backend = ComfyBackend(model, vae, pos.crossattn.shape[-1], scheduler)
+        if latent is not None:
+            samples = latent.get("samples") if isinstance(latent, dict) else None
+            if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
+                raise ValueError("latent: expected a LATENT with 4-d samples")
+            height, width = samples.shape[-2] * backend.vae_scale, samples.shape[-1] * backend.vae_scale
+        backend.width, backend.height = int(width), int(height)
+        backend.latent_shape(1, backend.height, backend.width)  # checks the size
+        sigmas = backend.schedule(int(steps))
+        n = len(sigmas) - 1
+        if not 0 <= grad_step_min <= grad_step_max < n:
+            raise ValueError(f"grad step range [{grad_step_min}, {grad_step_max}] must satisfy "
+                             f"0 <= min <= max < {n} (the sampling steps of scheduler {scheduler})")
+        obj = ObjectiveConfig(n, float(cfg), (int(grad_step_min), int(grad_step_max)))
+        pbar = progress_bar(int(max_steps) * n)
+
+        def on_sample_step(i, x, x0):
+            if pbar is not None:
+                pbar.update(1)
+            check_interrupt()
+
+        with backend.trainable(), reward.use() as rmodel:
+            cond = backend.positive_cond(positive)
+            start = one_block(clone_normal(neg.crossattn).float())
+            neg_pooled = clone_normal(neg.pooled)
+            picks = torch.Generator().manual_seed(int(seed))
+
+            def evaluate(tensor, step):
+                s = int(seed) if noise_mode == NOISE_MODES[0] else (int(seed) + 1 + step) % 2 ** 64
+                noise = seeded_noise(backend, [s], backend.height, backend.width)
+                scores, loss, _ = sample_score_and_loss(
+                    backend.denoiser, backend.decode, rmodel, [prompt], cond,
+                    backend.negative_cond(tensor, neg_pooled), initial_latent(noise, sigmas[0]), sigmas,
+                    float(cfg), obj.grad_index(picks), want_loss=step < max_steps - 1, callback=on_sample_step)
+                return float(scores.mean()), loss
+
+            def on_step(rec):
+                if pbar is not None:
+                    pbar.update_absolute(min((rec["step"] + 1) * n, int(max_steps) * n))
+
+            res = per_sample_search(evaluate, start, int(max_steps), int(patience), float(learning_rate),
+                                    on_step=on_step)
+            tuned = res.best.detach().float().cpu().clone()
+        if pbar is not None:
+            pbar.update_absolute(int(max_steps) * n)
+        extra = dict(negative[0][1])
+        extra[INFO_KEY] = {
+            "kind": "per-sample", "prompt": prompt, "seed": int(seed), "noise_mode": noise_mode,
+            "reward": reward.name, "steps": len(res.history), "best_step": res.best_step,
+            "lr": float(learning_rate), "guidance_scale": float(cfg), "sampling_steps": n,
+            "scheduler": scheduler, "grad_range": f"{grad_step_min},{grad_step_max}",
+            "start_reward": res.start_reward, "best_reward": res.best_reward, "stopped": res.stopped,
+        }
+        lines = [f"step {r['step']}: reward {r['reward']:.5f}{'  new best' if r['improved'] else ''}"
+                 for r in res.history]
+        lines.append(f"before {res.start_reward:.5f} -> after {res.best_reward:.5f} "
+                     f"(best at step {res.best_step}, stopped: {res.stopped})")
+        return {"ui": {"text": ["\n".join(lines)]},
+                "result": ([[tuned, extra]], float(res.start_reward), float(res.best_reward))}

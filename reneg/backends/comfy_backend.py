@@ -1,0 +1,291 @@
+"""ComfyUI backend: a :class:`reneg.backends.base.Backend` over a MODEL and a VAE.
+
+ComfyUI's ``model.model.apply_model(x, sigma, c_crossattn=...)`` already is the
+denoiser ``D(x, sigma, cond) -> x0`` of :mod:`reneg.sampling` (FIELD-NOTES 2, 5):
+it takes sigma, scales the input and returns x0 whatever the parameterisation
+(eps or v). The sigma table comes from the model's ``model_sampling``; decoding
+goes through ``model.process_latent_out`` and ``vae.first_stage_model.decode``
+(``VAE.decode`` itself may fall back to a tiled path decorated with inference mode).
+
+Only torch and the core are imported here; ComfyUI's own modules are imported
+inside the functions that need them, so the module also loads (and is tested)
+with small stand-ins for ``comfy.*``.
+
+A ComfyUI prompt runs under ``torch.inference_mode()``. :meth:`ComfyBackend.trainable`
+is the context in which a gradient can flow through the UNet and the VAE: it loads
+both models fully, turns inference-tensor weights into normal tensors (numerically
+the same; ComfyUI's own LoRA trainer ends with normal tensors too), freezes every
+weight and on exit puts the ``requires_grad`` flags back, drops any ``.grad`` and
+empties the device cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Iterator
+
+import torch
+
+from ..cond import Cond
+from ..families import family_for_hidden, known_hidden_sizes
+from ..sampling import uniform_schedule
+
+
+class ComfyModelError(ValueError):
+    """The MODEL / VAE / CONDITIONING given to a node can not be used."""
+
+
+def conditioning_to_cond(conditioning, what: str = "conditioning") -> Cond:
+    """A ComfyUI CONDITIONING (``[[tensor [B,L,D], {"pooled_output": ...}], ...]``) as a Cond.
+
+    Only plain conditioning with one entry is supported (the output of a text
+    encoder node, or of Load ReNeg Embedding); areas, masks and combined entries
+    are not part of the ReNeg objective.
+    """
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ComfyModelError(f"{what}: expected a CONDITIONING (a list of [tensor, dict]), "
+                              f"found {type(conditioning).__name__}"
+                              f"{' (empty)' if isinstance(conditioning, (list, tuple)) else ''}")
+    if len(conditioning) != 1:
+        raise ComfyModelError(f"{what}: expected plain conditioning with one entry (a text encoder's "
+                              f"output), found {len(conditioning)} entries (combined or area "
+                              f"conditioning can not be tuned)")
+    entry = conditioning[0]
+    if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[0], torch.Tensor):
+        raise ComfyModelError(f"{what}: expected entries of [tensor, dict], found {type(entry).__name__}")
+    t, extra = entry[0], entry[1] if isinstance(entry[1], dict) else {}
+    if t.dim() != 3 or t.shape[0] != 1:
+        raise ComfyModelError(f"{what}: expected a tensor of shape [1, tokens, hidden], "
+                              f"found {list(t.shape)}")
+    ignored = sorted(k for k in ("area", "mask", "control", "gligen") if extra.get(k) is not None)
+    if ignored:
+        raise ComfyModelError(f"{what}: carries {', '.join(ignored)}; per-sample tuning takes plain "
+                              f"text conditioning (connect the text encoder's output)")
+    pooled = extra.get("pooled_output")
+    return Cond(t, pooled if isinstance(pooled, torch.Tensor) else None)
+
+
+def clone_normal(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A normal (non-inference) detached copy of ``t``; call under ``inference_mode(False)``."""
+    if t is None:
+        return None
+    with torch.inference_mode(False):
+        return t.detach().clone()
+
+
+class ComfyDenoiser:
+    """``D(x, sigma, cond) -> x0`` through ``model.model.apply_model``."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        self.model = patcher.model
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        options = getattr(self.patcher, "model_options", None) or {}
+        transformer_options = dict(options.get("transformer_options", {}))
+        transformer_options["sigmas"] = sigma
+        kwargs = {}
+        if "y" in cond.extra:
+            kwargs["y"] = cond.extra["y"]
+        out = self.model.apply_model(x, sigma, c_crossattn=cond.crossattn,
+                                     transformer_options=transformer_options, **kwargs)
+        return out.to(x.dtype)
+
+
+class ComfyBackend:
+    """ReNeg's view of a ComfyUI MODEL (a ModelPatcher) and VAE.
+
+    ``family`` comes from the hidden size of the conditioning the model is used
+    with (``hidden``), checked against the UNet's ``context_dim`` where known.
+    ``scheduler`` names one of ComfyUI's schedulers (``ddim_uniform`` by default)
+    so that a KSampler with sampler ``ddim`` (or ``euler``), that scheduler, the
+    same steps, cfg and seed makes the image the tuning scored.
+    """
+
+    def __init__(self, patcher, vae, hidden: int, scheduler: str = "ddim_uniform",
+                 width: int | None = None, height: int | None = None):
+        if not hasattr(patcher, "model") or not hasattr(patcher.model, "apply_model"):
+            raise ComfyModelError(f"model: expected a ComfyUI MODEL (with model.apply_model), "
+                                  f"found {type(patcher).__name__}")
+        if vae is None or not hasattr(vae, "first_stage_model"):
+            raise ComfyModelError(f"vae: expected a ComfyUI VAE (with first_stage_model), "
+                                  f"found {type(vae).__name__}")
+        self.patcher, self.vae = patcher, vae
+        self.model = patcher.model
+        fam = family_for_hidden(hidden)
+        if fam is None or fam.name == "pixart":
+            raise ComfyModelError(f"the conditioning has hidden size {hidden}; ReNeg's ComfyUI nodes "
+                                  f"support {known_hidden_sizes()} (PixArt is not a ComfyUI UNet model)")
+        ctx = self.context_dim()
+        if ctx is not None and ctx != hidden:
+            have = family_for_hidden(ctx)
+            raise ComfyModelError(f"the conditioning is {fam.name} (hidden size {hidden}) but the model "
+                                  f"in use reads {have.name if have else 'hidden size'} ({ctx}): "
+                                  f"connect the text encoder of the same checkpoint")
+        self.family = fam.name
+        self.scheduler = scheduler
+        self.width, self.height = width, height
+        self.dtype = torch.float32
+        self._denoiser = ComfyDenoiser(patcher)
+
+    # --- model facts ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        dev = getattr(self.patcher, "load_device", None)
+        return torch.device(dev) if dev is not None else torch.device("cpu")
+
+    def context_dim(self) -> int | None:
+        cfg = getattr(getattr(self.model, "model_config", None), "unet_config", None)
+        ctx = cfg.get("context_dim") if isinstance(cfg, dict) else None
+        return int(ctx) if isinstance(ctx, int) else None
+
+    def model_sampling(self):
+        get = getattr(self.patcher, "get_model_object", None)
+        return get("model_sampling") if get is not None else self.model.model_sampling
+
+    @property
+    def denoiser(self) -> ComfyDenoiser:
+        return self._denoiser
+
+    @property
+    def vae_scale(self) -> int:
+        f = getattr(self.vae, "spacial_compression_decode", None)
+        return int(f()) if callable(f) else 8
+
+    @property
+    def latent_channels(self) -> int:
+        fmt = getattr(self.model, "latent_format", None)
+        return int(getattr(fmt, "latent_channels", 4))
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        f = self.vae_scale
+        if height % f or width % f:
+            raise ComfyModelError(f"width and height must be multiples of {f}, got {width}x{height}")
+        return (batch, self.latent_channels, height // f, width // f)
+
+    # --- schedule -------------------------------------------------------------------------
+    def schedule(self, steps: int) -> torch.Tensor:
+        """Sigmas (float64, high to low, ending at 0) from the model's own sigma table."""
+        ms = self.model_sampling()
+        try:
+            from comfy.samplers import calculate_sigmas
+        except ImportError:
+            calculate_sigmas = None
+        if calculate_sigmas is not None and self.scheduler:
+            sig = calculate_sigmas(ms, self.scheduler, steps)
+        else:
+            sig = uniform_schedule(ms.sigmas, steps)
+        sig = torch.as_tensor(sig).detach().double().cpu()
+        if sig.dim() != 1 or len(sig) < 2 or not bool(torch.isfinite(sig).all()):
+            raise ComfyModelError(f"scheduler {self.scheduler!r} gave no usable sigmas for {steps} steps")
+        return sig
+
+    # --- conditioning ---------------------------------------------------------------------
+    def _with_adm(self, cond: Cond) -> Cond:
+        """SDXL-style models read a pooled vector plus size embeddings (``y``); others read
+        neither, so the pooled vector is dropped (positive and negative then always batch)."""
+        if not int(getattr(self.model, "adm_channels", 0) or 0):
+            return Cond(cond.crossattn)
+        if cond.pooled is None:
+            raise ComfyModelError(f"this {self.family} model needs a pooled_output in its conditioning "
+                                  f"and none was given")
+        w = self.width or 8 * 128
+        h = self.height or 8 * 128
+        y = self.model.encode_adm(pooled_output=cond.pooled, width=w, height=h, crop_w=0, crop_h=0,
+                                  target_width=w, target_height=h, device=self.device)
+        extra = dict(cond.extra)
+        extra["y"] = y.to(self.device)
+        return Cond(cond.crossattn, cond.pooled, extra)
+
+    def positive_cond(self, conditioning) -> Cond:
+        """The positive CONDITIONING as a no-grad Cond on the model's device (normal tensors)."""
+        c = conditioning_to_cond(conditioning, "positive")
+        c = Cond(clone_normal(c.crossattn).float().to(self.device),
+                 None if c.pooled is None else clone_normal(c.pooled).float().to(self.device))
+        return self._with_adm(c)
+
+    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None) -> Cond:
+        return self._with_adm(Cond(neg.to(self.device), None if pooled is None else pooled.to(self.device)))
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        raise ComfyModelError("the ComfyUI backend takes conditioning from a text encoder node; "
+                              "it does not encode prompts itself")
+
+    def null_embedding(self):
+        raise ComfyModelError("the ComfyUI backend starts from the negative CONDITIONING it is given")
+
+    # --- decoding -------------------------------------------------------------------------
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Differentiable: model-space x0 -> VAE latent -> image in [-1, 1], BCHW, float32."""
+        z = self.model.process_latent_out(x0)
+        vae_dtype = getattr(self.vae, "vae_dtype", torch.float32)
+        vae_device = getattr(self.vae, "device", x0.device)
+        img = self.vae.first_stage_model.decode(z.to(vae_device, vae_dtype))
+        return img.float().clamp(-1, 1)
+
+    # --- training context -----------------------------------------------------------------
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.model, self.vae.first_stage_model) if isinstance(m, torch.nn.Module)]
+
+    @contextlib.contextmanager
+    def trainable(self) -> Iterator["ComfyBackend"]:
+        """Grad-enabled, weights as normal tensors, models fully loaded; restores flags on exit."""
+        with torch.inference_mode(False), torch.enable_grad():
+            self._load_models()
+            flags = []
+            for m in self.modules():
+                normalise_inference_tensors(m)
+                for p in m.parameters():
+                    flags.append((p, p.requires_grad))
+                    p.requires_grad_(False)
+            try:
+                yield self
+            finally:
+                for p, flag in flags:
+                    p.grad = None
+                    p.requires_grad_(flag)
+                del flags
+                release_memory()
+
+    def _load_models(self) -> None:
+        try:
+            import comfy.model_management as mm
+        except ImportError:
+            return
+        patchers = [self.patcher] + ([self.vae.patcher] if getattr(self.vae, "patcher", None) else [])
+        # as ComfyUI's LoRA trainer does: free the device for training and load both models
+        # completely (no low-VRAM weight casting in the middle of a backward pass)
+        mm.load_models_gpu(patchers, memory_required=1e20, force_full_load=True)
+
+
+def normalise_inference_tensors(module: torch.nn.Module) -> int:
+    """Replace inference-tensor parameters and buffers of ``module`` by normal copies.
+
+    Tensors created under ``torch.inference_mode()`` (ComfyUI loads models inside
+    it) can not be saved for backward. One tensor is copied at a time, so the
+    extra memory is one tensor's. Returns how many were replaced.
+    """
+    n = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    n += 1
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+                    n += 1
+    return n
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return
+    mm.soft_empty_cache()

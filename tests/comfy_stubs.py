@@ -1,0 +1,330 @@
+"""Stand-ins for ComfyUI's ``folder_paths`` and ``comfy.*``, exactly as far as the ReNeg nodes use them,
+and ComfyUI-shaped wrappers (MODEL, VAE, CLIP) around the tiny diffusers models.
+
+No package ships ComfyUI's ``comfy`` code (FIELD-NOTES 5), so the tests install these
+modules into ``sys.modules``, load the pack by path the way ComfyUI's ``nodes.py`` does,
+and remove everything again afterwards.
+
+Semantics kept from ComfyUI (autumn 2025):
+- ``folder_paths.folder_names_and_paths[name] = (paths, extensions)``; an empty extension
+  set lists every file; ``get_full_path`` searches the paths in order.
+- ``model.model.apply_model(x, sigma, c_crossattn=...)`` takes sigma, feeds the UNet
+  ``x / sqrt(1 + sigma^2)`` at the *nearest* table timestep, and returns x0 for eps and v models.
+- ``ModelSamplingDiscrete`` sigmas from the SD "linear" (sqrt-spaced) betas; ``ddim_uniform``
+  as ``comfy.samplers.ddim_scheduler``.
+- The weights of models ComfyUI loads are inference tensors (it loads them inside
+  ``torch.inference_mode()``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+
+STUB_NAMES = ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy.samplers")
+
+
+# --- folder_paths -------------------------------------------------------------------------
+def _folder_paths(models_dir: str) -> types.ModuleType:
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = models_dir
+    fp.folder_names_and_paths = {
+        "checkpoints": ([os.path.join(models_dir, "checkpoints")], {".safetensors", ".ckpt"}),
+    }
+
+    def get_folder_paths(name):
+        return fp.folder_names_and_paths[name][0][:]
+
+    def get_filename_list(name):
+        paths, exts = fp.folder_names_and_paths[name]
+        out = set()
+        for root in paths:
+            if not os.path.isdir(root):
+                continue
+            for here, _dirs, files in os.walk(root, followlinks=True):
+                for f in files:
+                    rel = os.path.relpath(os.path.join(here, f), root)
+                    if not exts or os.path.splitext(f)[1].lower() in exts:
+                        out.add(rel)
+        return sorted(out)
+
+    def get_full_path(name, filename):
+        if name not in fp.folder_names_and_paths:
+            return None
+        filename = os.path.relpath(os.path.join("/", filename), "/")
+        for root in fp.folder_names_and_paths[name][0]:
+            p = os.path.join(root, filename)
+            if os.path.isfile(p):
+                return p
+        return None
+
+    fp.get_folder_paths = get_folder_paths
+    fp.get_filename_list = get_filename_list
+    fp.get_full_path = get_full_path
+    return fp
+
+
+# --- comfy.* ------------------------------------------------------------------------------
+class InterruptProcessingException(Exception):
+    pass
+
+
+def _comfy() -> dict[str, types.ModuleType]:
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.interrupt_processing = False
+    mm.load_calls = []
+    mm.empty_cache_calls = 0
+
+    def interrupt_current_processing(value=True):
+        mm.interrupt_processing = value
+
+    def processing_interrupted():
+        return mm.interrupt_processing
+
+    def throw_exception_if_processing_interrupted():
+        if mm.interrupt_processing:
+            mm.interrupt_processing = False
+            raise InterruptProcessingException()
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        mm.load_calls.append((list(models), memory_required, force_full_load))
+
+    def soft_empty_cache(force=False):
+        mm.empty_cache_calls += 1
+
+    mm.interrupt_current_processing = interrupt_current_processing
+    mm.processing_interrupted = processing_interrupted
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.load_models_gpu = load_models_gpu
+    mm.soft_empty_cache = soft_empty_cache
+    mm.get_torch_device = lambda: torch.device("cpu")
+
+    utils = types.ModuleType("comfy.utils")
+    utils.PROGRESS_BAR_HOOK = None
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current, self.hook = total, 0, utils.PROGRESS_BAR_HOOK
+
+        def update_absolute(self, value, total=None, preview=None):
+            if total is not None:
+                self.total = total
+            self.current = min(value, self.total)
+            if self.hook is not None:
+                self.hook(self.current, self.total, preview)
+
+        def update(self, value):
+            self.update_absolute(self.current + value)
+
+    utils.ProgressBar = ProgressBar
+
+    samplers = types.ModuleType("comfy.samplers")
+
+    def ddim_scheduler(model_sampling, steps):
+        s = model_sampling
+        x = 1
+        sigs = [0.0]
+        ss = max(len(s.sigmas) // steps, 1)
+        while x < len(s.sigmas):
+            sigs.append(float(s.sigmas[x]))
+            x += ss
+        return torch.FloatTensor(sigs[::-1])
+
+    def calculate_sigmas(model_sampling, scheduler_name, steps):
+        if scheduler_name != "ddim_uniform":
+            raise ValueError(f"error invalid scheduler {scheduler_name}")
+        return ddim_scheduler(model_sampling, steps)
+
+    samplers.SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
+                                "normal", "linear_quadratic", "kl_optimal"]
+    samplers.calculate_sigmas = calculate_sigmas
+    comfy.model_management, comfy.utils, comfy.samplers = mm, utils, samplers
+    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "comfy.samplers": samplers}
+
+
+class Host:
+    """The installed stubs: ``host.fp`` (folder_paths), ``host.mm``, ``host.utils``."""
+
+    def __init__(self, models_dir: str):
+        self.models_dir = models_dir
+        self.saved = {n: sys.modules.get(n) for n in STUB_NAMES}
+        self.fp = _folder_paths(models_dir)
+        mods = _comfy()
+        self.mm, self.utils = mods["comfy.model_management"], mods["comfy.utils"]
+        sys.modules["folder_paths"] = self.fp
+        sys.modules.update(mods)
+        self.packs: list[str] = []
+
+    def load_pack(self, pack_dir: str):
+        """What ComfyUI's ``nodes.load_custom_node`` does with a package folder."""
+        name = pack_dir.replace(".", "_x_")
+        spec = importlib.util.spec_from_file_location(name, os.path.join(pack_dir, "__init__.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        self.packs.append(name)
+        return module
+
+    def close(self) -> None:
+        for name in list(sys.modules):
+            if any(name == p or name.startswith(p + ".") for p in self.packs):
+                del sys.modules[name]
+        for n, m in self.saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+# --- ComfyUI-shaped models around the tiny diffusers pipeline ---------------------------
+def to_inference_tensors(module: torch.nn.Module) -> torch.nn.Module:
+    """Make every parameter and buffer an inference tensor, as a ComfyUI load leaves them."""
+    with torch.inference_mode():
+        for sub in module.modules():
+            for n, p in list(sub._parameters.items()):
+                if p is not None:
+                    sub._parameters[n] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            for n, b in list(sub._buffers.items()):
+                if b is not None:
+                    sub._buffers[n] = b.clone()
+    return module
+
+
+class ModelSamplingDiscrete(torch.nn.Module):
+    def __init__(self, prediction: str = "eps", timesteps: int = 1000, start: float = 0.00085, end: float = 0.012):
+        super().__init__()
+        betas = torch.linspace(start ** 0.5, end ** 0.5, timesteps, dtype=torch.float64) ** 2
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        sigmas = ((1 - ac) / ac) ** 0.5
+        self.register_buffer("sigmas", sigmas.float())
+        self.register_buffer("log_sigmas", sigmas.log().float())
+        self.prediction = prediction
+        self.sigma_data = 1.0
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+    def timestep(self, sigma):
+        dists = sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+    def calculate_input(self, sigma, x):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (x.ndim - 1))
+        return x / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
+
+    def calculate_denoised(self, sigma, model_output, x):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+        if self.prediction == "eps":
+            return x - model_output * sigma
+        d = self.sigma_data
+        return x * d ** 2 / (sigma ** 2 + d ** 2) - model_output * sigma * d / (sigma ** 2 + d ** 2) ** 0.5
+
+
+class LatentFormat:
+    latent_channels = 4
+
+    def __init__(self, scale_factor: float):
+        self.scale_factor = scale_factor
+
+
+class BaseModel(torch.nn.Module):
+    """``model.model`` of a ComfyUI MODEL around a diffusers UNet2DConditionModel."""
+
+    def __init__(self, unet, prediction: str, scale_factor: float):
+        super().__init__()
+        self.diffusion_model = unet
+        self.model_sampling = ModelSamplingDiscrete(prediction)
+        self.latent_format = LatentFormat(scale_factor)
+        self.model_config = types.SimpleNamespace(unet_config={"context_dim": unet.config.cross_attention_dim})
+        self.adm_channels = 0
+        self.calls = 0
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        self.calls += 1
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x)
+        ts = self.model_sampling.timestep(t).float()
+        out = self.diffusion_model(xc, ts, encoder_hidden_states=c_crossattn.to(xc.dtype),
+                                   return_dict=False)[0].float()
+        return self.model_sampling.calculate_denoised(sigma, out, x)
+
+    def process_latent_out(self, latent):
+        return latent / self.latent_format.scale_factor
+
+
+class ModelPatcher:
+    def __init__(self, model):
+        self.model = model
+        self.load_device = torch.device("cpu")
+        self.model_options = {"transformer_options": {}}
+
+    def get_model_object(self, name):
+        return getattr(self.model, name)
+
+
+class FirstStage(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def decode(self, z):
+        return self.vae.decode(z, return_dict=False)[0]
+
+
+class VAE:
+    def __init__(self, vae):
+        self.first_stage_model = FirstStage(vae)
+        self.vae_dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.patcher = ModelPatcher(self.first_stage_model)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def spacial_compression_decode(self):
+        return self.factor
+
+
+class CLIP:
+    def __init__(self, text_encoder, tokenizer):
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+
+    def tokenize(self, text):
+        return self.tokenizer([text], padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def encode_from_tokens_scheduled(self, tokens):
+        out = self.text_encoder(tokens)
+        return [[out.last_hidden_state.float(), {"pooled_output": out.pooler_output.float()}]]
+
+
+def tiny_comfy_models(pipeline_dir: str, prediction: str = "eps"):
+    """(MODEL, VAE, CLIP) as ComfyUI would hand them to a node, from a tiny diffusers folder."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae").eval()
+    te = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder").eval()
+    tok = CLIPTokenizer.from_pretrained(pipeline_dir, subfolder="tokenizer")
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+    with open(os.path.join(pipeline_dir, "vae", "config.json")) as f:
+        scale = float(json.load(f).get("scaling_factor", 0.18215))
+    base = to_inference_tensors(BaseModel(unet, prediction, scale))
+    vae = VAE(to_inference_tensors(vae))
+    return ModelPatcher(base), vae, CLIP(to_inference_tensors(te), tok)

@@ -1,0 +1,341 @@
+"""The ComfyUI node pack, loaded by path as ComfyUI loads it, run on tiny models under stubs of
+``comfy.*`` and ``folder_paths`` (tests/comfy_stubs.py), inside ``torch.inference_mode()`` as
+ComfyUI's executor runs every node."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_stubs
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_IDS = ["ReNegLoadEmbedding", "ReNegPerSampleTune", "ReNegRewardScore", "ReNegLoadRewardModel",
+            "ReNegSaveEmbedding"]
+
+
+@pytest.fixture
+def host(tmp_path):
+    h = comfy_stubs.Host(str(tmp_path / "models"))
+    # a path the user set in extra_model_paths.yaml (ComfyUI applies it before loading packs)
+    h.fp.folder_names_and_paths["reneg"] = ([str(tmp_path / "elsewhere")], set())
+    try:
+        h.pack = h.load_pack(str(ROOT))
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture(scope="module")
+def models(tiny_pipeline_dir):
+    return comfy_stubs.tiny_comfy_models(tiny_pipeline_dir)
+
+
+@pytest.fixture
+def reward(host, tiny_hps_ckpt):
+    folder = Path(host.models_dir) / "reward_models" / "tiny-hps"
+    folder.mkdir(parents=True)
+    for f in os.listdir(os.path.dirname(tiny_hps_ckpt)):
+        shutil.copy(os.path.join(os.path.dirname(tiny_hps_ckpt), f), folder / f)
+    node = host.pack.NODE_CLASS_MAPPINGS["ReNegLoadRewardModel"]()
+    entries = node.INPUT_TYPES()["required"]["model"][0]
+    assert "tiny-hps/hps_tiny.pt" in entries
+    with torch.inference_mode():
+        return node.load("hpsv2", "tiny-hps/hps_tiny.pt", "none", "float32")[0]
+
+
+def node(host, name):
+    return host.pack.NODE_CLASS_MAPPINGS[name]()
+
+
+def run(fn, *args, **kwargs):
+    """Call a node function the way ComfyUI's executor does; unwrap {"ui", "result"}."""
+    with torch.inference_mode():
+        out = fn(*args, **kwargs)
+    return out["result"] if isinstance(out, dict) else out
+
+
+def save_tiny_embedding(host, name="tiny_neg.safetensors", seed=0):
+    from reneg.embedding import NegEmbedding, save_embedding
+
+    folder = Path(host.models_dir) / "reneg"
+    folder.mkdir(parents=True, exist_ok=True)
+    t = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(seed))
+    save_embedding(str(folder / name), NegEmbedding(t, "tiny"))
+    return t
+
+
+def test_pack_loads_by_path_importing_only_torch_and_safetensors():
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+import comfy_stubs
+h = comfy_stubs.Host({str(ROOT / 'no-such-models')!r})
+pack = h.load_pack({str(ROOT)!r})
+heavy = [m for m in ("diffusers", "transformers", "open_clip", "numpy.random", "PIL") if m in sys.modules]
+print(sorted(pack.NODE_CLASS_MAPPINGS), heavy)
+for cls in pack.NODE_CLASS_MAPPINGS.values():
+    cls.INPUT_TYPES()
+heavy = [m for m in ("diffusers", "transformers", "open_clip") if m in sys.modules]
+print(heavy)
+"""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ""  # not via the installed 'reneg': relative imports only
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == f"{sorted(NODE_IDS)} []"
+    assert lines[1] == "[]"
+
+
+def test_node_ids_names_and_model_folders(host, tmp_path):
+    pack = host.pack
+    assert sorted(pack.NODE_CLASS_MAPPINGS) == sorted(NODE_IDS)
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {
+        "ReNegLoadEmbedding": "Load ReNeg Embedding", "ReNegPerSampleTune": "Per-Sample ReNeg Tune",
+        "ReNegRewardScore": "Reward Score", "ReNegLoadRewardModel": "Load Reward Model",
+        "ReNegSaveEmbedding": "Save ReNeg Embedding"}
+    paths, exts = host.fp.folder_names_and_paths["reneg"]
+    assert paths[0] == os.path.join(host.models_dir, "reneg")
+    assert str(tmp_path / "elsewhere") in paths  # the user's extra path is kept
+    assert paths[-1] == str(ROOT / "embeddings")
+    assert {".safetensors", ".bin"} <= exts
+    assert host.fp.folder_names_and_paths["reward_models"][0] == [os.path.join(host.models_dir, "reward_models")]
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        spec = cls.INPUT_TYPES()
+        assert callable(getattr(cls, cls.FUNCTION)) and "required" in spec
+        assert len(cls.RETURN_TYPES) == len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))
+
+
+def test_load_embedding_blends_and_keeps_pooled(host, models):
+    _, _, clip = models
+    t = save_tiny_embedding(host)
+    load = node(host, "ReNegLoadEmbedding")
+    assert "tiny_neg.safetensors" in load.INPUT_TYPES()["required"]["embedding"][0]
+    (full,) = run(load.load, "tiny_neg.safetensors", clip, 1.0)
+    assert len(full) == 1 and torch.equal(full[0][0], t)
+    assert full[0][1]["pooled_output"].shape == (1, 64)  # from the empty prompt
+    with torch.inference_mode():
+        null = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        base = clip.encode_from_tokens_scheduled(clip.tokenize("ugly, blurry"))
+    (none,) = run(load.load, "tiny_neg.safetensors", clip, 0.0)
+    assert torch.equal(none[0][0], null[0][0])
+    # a long base negative (154 rows) with a ControlNet-style extra key
+    long_base = [[torch.cat([base[0][0], base[0][0]], 1), dict(base[0][1], control="cn")]]
+    (half,) = run(load.load, "tiny_neg.safetensors", clip, 0.5, base_negative=long_base)
+    assert half[0][0].shape == (1, 154, 64) and half[0][1]["control"] == "cn"
+    expect = 0.5 * (base[0][0] + t)
+    torch.testing.assert_close(half[0][0][:, :77], expect)
+    torch.testing.assert_close(half[0][0][:, 77:], expect)
+
+
+def test_load_embedding_errors_are_clear(host, models):
+    _, _, clip = models
+    folder = Path(host.models_dir) / "reneg"
+    folder.mkdir(parents=True)
+    torch.save(torch.randn(1, 77, 768), folder / "sd15_style.bin")  # the paper's format, SD1.x
+    load = node(host, "ReNegLoadEmbedding")
+    with pytest.raises(RuntimeError) as e:
+        run(load.load, "sd15_style.bin", clip, 1.0)
+    msg = str(e.value)
+    assert msg.startswith("Load ReNeg Embedding:") and "sd1" in msg and "tiny" in msg, msg
+    with pytest.raises(RuntimeError, match="not found in the 'reneg' model folder"):
+        run(load.load, "missing.safetensors", clip, 1.0)
+    save_tiny_embedding(host)
+    with pytest.raises(RuntimeError, match="strength must be between 0 and 1"):
+        run(load.load, "tiny_neg.safetensors", clip, 1.5)
+
+
+def test_reward_model_and_score_rank_images(host, reward, tiny_reward):
+    images = torch.rand(3, 16, 16, 3, generator=torch.Generator().manual_seed(1))
+    score = node(host, "ReNegRewardScore")
+    with torch.inference_mode():
+        out = score.score(images, "a red circle", reward, True)
+    scores, report, ranked, best, best_index = out["result"]
+    assert isinstance(scores, list) and len(scores) == 3 and all(isinstance(s, float) for s in scores)
+    with torch.no_grad():  # the core's reward on the same images gives the same numbers
+        expect = tiny_reward(images.movedim(-1, 1) * 2 - 1, ["a red circle"] * 3)
+    torch.testing.assert_close(torch.tensor(scores), expect.float(), rtol=1e-4, atol=1e-5)
+    order = sorted(range(3), key=lambda i: -scores[i])
+    assert best_index == order[0] and torch.equal(best[0], images[order[0]])
+    assert all(torch.equal(ranked[k], images[i]) for k, i in enumerate(order))
+    assert out["ui"]["text"] == [report] and f"image {order[0]}" in report and "best" in report
+    (_, _, unranked, _, _) = run(score.score, images, "a red circle", reward, False)
+    assert torch.equal(unranked, images)
+    with pytest.raises(RuntimeError, match=r"Reward Score: images: expected an IMAGE batch"):
+        run(score.score, torch.rand(16, 16, 3), "a red circle", reward, True)
+
+
+def test_load_reward_model_errors(host, reward):
+    load = node(host, "ReNegLoadRewardModel")
+    with pytest.raises(RuntimeError, match="Load Reward Model: model 'nope.pt' was not found"):
+        run(load.load, "hpsv2", "nope.pt", "none", "float32")
+    with pytest.raises(RuntimeError, match="pickscore needs a model folder"):
+        run(load.load, "pickscore", "tiny-hps/hps_tiny.pt", "none", "float32")
+    with pytest.raises(RuntimeError, match="aesthetic needs clip_model"):
+        run(load.load, "aesthetic", "tiny-hps/hps_tiny.pt", "none", "float32")
+
+
+def _tune_args(models, positive, negative, reward, **kw):
+    model, vae, _ = models
+    args = dict(model=model, vae=vae, positive=positive, negative=negative, reward=reward,
+                prompt="a red circle", seed=3, max_steps=3, patience=3, learning_rate=0.05, cfg=7.5,
+                steps=4, grad_step_min=0, grad_step_max=2, width=16, height=16, noise_mode="this seed",
+                scheduler="ddim_uniform")
+    args.update(kw)
+    return args
+
+
+def _state(modules):
+    return [(p.requires_grad, p.grad is None) for m in modules for p in m.parameters()]
+
+
+def _conds(clip):
+    with torch.inference_mode():
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return pos, neg
+
+
+def test_tune_never_scores_below_start_and_leaves_nothing_behind(host, models, reward):
+    from reneg.backends.comfy_backend import ComfyBackend
+    from reneg.generate import seeded_noise
+    from reneg.sampling import initial_latent, sample
+
+    model, vae, clip = models
+    pos, neg = _conds(clip)
+    tune = node(host, "ReNegPerSampleTune")
+    modules = [model.model, vae.first_stage_model, reward.module]
+    before = _state(modules)
+    ticks = []
+    host.utils.PROGRESS_BAR_HOOK = lambda cur, total, preview: ticks.append((cur, total))
+    results = []
+    for _ in range(2):  # twice in a row: the second run must see the same clean models
+        with torch.inference_mode():
+            out = tune.tune(**_tune_args(models, pos, neg, reward))
+        results.append(out["result"])
+        assert _state(modules) == before  # no requires_grad, no .grad left behind
+    (tuned, r0, r1), (tuned2, r0b, r1b) = results
+    assert r1 >= r0 and r0b == pytest.approx(r0, abs=1e-5) and r1b == pytest.approx(r1, abs=1e-5)
+    t = tuned[0][0]
+    assert t.shape == (1, 77, 64) and not t.requires_grad and t.grad_fn is None and not t.is_inference()
+    info = tuned[0][1]["reneg"]
+    assert info["kind"] == "per-sample" and info["seed"] == 3 and info["start_reward"] == r0
+    assert "pooled_output" in tuned[0][1]
+    assert ticks and ticks[-1][0] == ticks[-1][1]  # the progress bar ran to the end
+    assert host.mm.load_calls and host.mm.load_calls[0][2] is True  # loaded fully, like the LoRA trainer
+    assert not any(p.is_inference() for p in model.model.parameters())  # weights are normal tensors now
+
+    # the returned negative, sampled again on the tuned seed, scores at least as well as the start
+    backend = ComfyBackend(model, vae, 64, "ddim_uniform")
+    sigmas = backend.schedule(4)
+
+    def final_score(negative):
+        with torch.no_grad():
+            x = initial_latent(seeded_noise(backend, [3], 16, 16), sigmas[0])
+            _, x0 = sample(backend.denoiser, x, sigmas, backend.positive_cond(pos), backend.negative_cond(negative),
+                           7.5)
+            return float(reward.module(backend.decode(x0), ["a red circle"]))
+
+    assert final_score(t) == pytest.approx(r1, abs=1e-4)
+    assert final_score(neg[0][0].clone()) == pytest.approx(r0, abs=1e-4)
+    assert final_score(t) >= final_score(neg[0][0].clone()) - 1e-6
+
+
+def test_tune_cancel_stops_within_a_step(host, models, reward):
+    model, vae, clip = models
+    pos, neg = _conds(clip)
+    modules = [model.model, vae.first_stage_model, reward.module]
+    before = _state(modules)
+    ticks = []
+
+    def hook(cur, total, preview):
+        ticks.append(cur)
+        if cur == 3:  # the user presses Cancel during the first sampling pass
+            host.mm.interrupt_current_processing(True)
+
+    host.utils.PROGRESS_BAR_HOOK = hook
+    tune = node(host, "ReNegPerSampleTune")
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        run(tune.tune, **_tune_args(models, pos, neg, reward, max_steps=10))
+    assert ticks[-1] == 3  # stopped at the very next check: no further sampling step ran
+    assert _state(modules) == before
+    assert host.mm.empty_cache_calls >= 1  # memory released on the way out
+
+
+def test_tune_reports_bad_inputs(host, models, reward):
+    model, vae, clip = models
+    pos, neg = _conds(clip)
+    tune = node(host, "ReNegPerSampleTune")
+    with pytest.raises(RuntimeError, match=r"Per-Sample ReNeg Tune: grad step range \[0, 9\]"):
+        run(tune.tune, **_tune_args(models, pos, neg, reward, grad_step_max=9))
+    wrong = [[torch.zeros(1, 77, 768), {}]]
+    with pytest.raises(RuntimeError, match=r"negative is sd1 .* positive is tiny"):
+        run(tune.tune, **_tune_args(models, pos, wrong, reward))
+    with pytest.raises(RuntimeError, match="prompt is empty"):
+        run(tune.tune, **_tune_args(models, pos, neg, reward, prompt="  "))
+    with pytest.raises(RuntimeError, match="multiples of 2"):
+        run(tune.tune, **_tune_args(models, pos, neg, reward, width=17))
+    combined = neg + neg
+    with pytest.raises(RuntimeError, match="found 2 entries"):
+        run(tune.tune, **_tune_args(models, pos, combined, reward))
+
+
+def test_save_embedding_never_overwrites_silently(host, models):
+    from reneg.embedding import load_embedding
+
+    t = torch.randn(1, 77, 64)
+    cond = [[torch.cat([t, t], 1), {"pooled_output": torch.zeros(1, 64),
+                                    "reneg": {"kind": "per-sample", "prompt": "a red circle", "seed": 3}}]]
+    save = node(host, "ReNegSaveEmbedding")
+    with torch.inference_mode():
+        out = save.save(cond, "sub/tuned", False, note="from a test")
+    (path,) = out["result"]
+    assert path == os.path.join(host.models_dir, "reneg", "sub", "tuned.safetensors")
+    emb = load_embedding(path, expected_family="tiny")
+    assert torch.equal(emb.tensor, t) and emb.metadata["kind"] == "per-sample"
+    assert emb.metadata["prompt"] == "a red circle" and emb.metadata["note"] == "from a test"
+    (second,) = run(save.save, [[t + 1, {}]], "sub/tuned", False)
+    assert second.endswith("tuned_00001.safetensors")
+    assert torch.equal(load_embedding(path).tensor, t)  # the first file is untouched
+    (third,) = run(save.save, [[t + 2, {}]], "sub/tuned", True)
+    assert third == path and torch.equal(load_embedding(path).tensor, t + 2)
+    assert "sub/tuned.safetensors" in node(host, "ReNegLoadEmbedding").INPUT_TYPES()["required"]["embedding"][0]
+    with pytest.raises(RuntimeError, match=r"Save ReNeg Embedding: filename '\.\./x'"):
+        run(save.save, cond, "../x", False)
+    with pytest.raises(RuntimeError, match="not one 77-row block repeated"):
+        run(save.save, [[torch.randn(1, 154, 64), {}]], "long", False)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_comfy_denoiser_matches_the_diffusers_backend(request, tmp_path, prediction):
+    """apply_model (sigma in, x0 out) through the adapter = the core's own diffusers denoiser."""
+    from reneg.backends.comfy_backend import ComfyBackend
+    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.cond import Cond
+    from reneg.tiny import build_tiny_pipeline
+
+    if prediction == "eps":
+        folder = request.getfixturevalue("tiny_pipeline_dir")
+    else:  # SD2.1-768 style
+        folder = build_tiny_pipeline(str(tmp_path / "p"), seed=1, prediction_type="v_prediction")
+    ref = load_diffusers(folder)
+    model, vae, _ = comfy_stubs.tiny_comfy_models(folder, prediction)
+    backend = ComfyBackend(model, vae, 64, "ddim_uniform")
+    sigmas = backend.schedule(10)
+    assert len(sigmas) == 11 and float(sigmas[-1]) == 0.0
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = Cond(torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        for s in sigmas[:-1:3]:
+            sig = torch.full((2,), float(s))
+            torch.testing.assert_close(backend.denoiser(x, sig, cond), ref.denoiser(x, sig, cond),
+                                       rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(backend.decode(x), ref.decode(x), rtol=1e-4, atol=1e-4)
