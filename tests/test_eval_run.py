@@ -34,7 +34,7 @@ def prompt_file(tmp_path_factory):
 def _cfg(tmp, pipe, hps, prompt_path, emb, **kw):
     base = dict(model=pipe, rewards=[f"hpsv2={hps}", f"hpsv2={hps}"], prompts=prompt_path,
                 negatives=["null", "handcrafted:blurry, ugly", emb, f"tuned:{emb}"], out=str(tmp),
-                sampling_steps=4, guidance=5.0, resolution=16, batch=2, tune_steps=2, tune_patience=2,
+                sampling_steps=3, guidance=5.0, resolution=16, batch=4, tune_steps=2, tune_patience=2,
                 tune_lr=0.05, grad_range=(0, 1), seed=7, progress=False, device="cpu")
     base.update(kw)
     return EvalConfig(**base)
@@ -122,7 +122,7 @@ def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_
         assert r["score"] == pytest.approx(old[(r["image"], r["reward"])], abs=1e-6)
 
     # a rerun with other generation settings must not mix images
-    with pytest.raises(EvalError, match="sampling_steps 4 -> 5"):
+    with pytest.raises(EvalError, match="sampling_steps 3 -> 5"):
         ev.run_eval(_cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, sampling_steps=5),
                     log=lambda m: None)
 
@@ -218,10 +218,22 @@ def test_tune_for_seed_returns_the_best_image(tiny_backend, tiny_reward):
     from reneg.generate import tune_for_seed
 
     null, _ = tiny_backend.null_embedding()
-    res, image = tune_for_seed(tiny_backend, tiny_reward, "a red circle", 11, null, steps=4, guidance=5.0,
-                               grad_range=(0, 1), height=16, width=16, max_steps=3, patience=3, lr=0.1)
-    assert len(res.history) == 3 and res.best_reward == max(h["reward"] for h in res.history)
+    res, image = tune_for_seed(tiny_backend, tiny_reward, "a red circle", 11, null, steps=3, guidance=5.0,
+                               grad_range=(0, 1), height=16, width=16, max_steps=2, patience=2, lr=0.5)
+    assert len(res.history) == 2 and res.best_reward == max(h["reward"] for h in res.history)
     with torch.no_grad():
         assert float(tiny_reward(image, ["a red circle"])) == pytest.approx(res.best_reward, abs=1e-5)
     with pytest.raises(ValueError, match="noise must be"):
         tune_for_seed(tiny_backend, tiny_reward, "x", 0, null, 4, 5.0, (0, 1), 16, 16, noise="other")
+
+
+def test_wrong_family_embedding_fails_before_any_image(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file,
+                                                       emb_file):
+    from reneg.embedding import EmbeddingError
+
+    sd1 = str(tmp_path / "sd1_neg.safetensors")
+    save_embedding(sd1, NegEmbedding(torch.zeros(1, 77, 768), "sd1"))
+    cfg = _cfg(tmp_path / "o", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, negatives=["null", sd1])
+    with pytest.raises(EmbeddingError, match="sd1_neg.safetensors"):
+        ev.run_eval(cfg, log=lambda m: None)
+    assert os.listdir(tmp_path / "o" / "images") == []

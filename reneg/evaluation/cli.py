@@ -8,8 +8,6 @@ import os
 import re
 import time
 
-from reneg.prompts import PAPER_HANDCRAFTED
-
 from .run import EvalConfig
 
 DEMO_OUT = os.path.join("runs", "demo-eval")

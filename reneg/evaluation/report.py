@@ -196,7 +196,8 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
             for j, b in enumerate(negs):
                 if a != b:
                     w = summary["win_rates"][rw][a][b]
-                    ax.text(j, i, f"{w['rate']:.2f}", ha="center", va="center", fontsize=9)
+                    ax.text(j, i, f"{w['rate']:.2f}", ha="center", va="center", fontsize=9,
+                            color="white" if abs(w["rate"] - 0.5) > 0.3 else "black")
         ax.set_xticks(range(len(negs)))
         ax.set_xticklabels(negs, rotation=30, ha="right")
         ax.set_yticks(range(len(negs)))
@@ -262,8 +263,8 @@ h1{font-size:1.6em;margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid
 .meta{color:#666;font-size:.9em}
 table{border-collapse:collapse;margin:8px 0 16px} th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f4f4f4} td.l,th.l{text-align:left} td.best{font-weight:bold;background:#e8f5e9}
-.ci{color:#777;font-size:.85em} .plots{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}
-.plots img{max-width:49%;border:1px solid #eee}
+.ci{color:#777;font-size:.85em} .plots{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.plots img{height:250px;width:auto;max-width:100%;border:1px solid #eee}
 table.grid td{text-align:center;vertical-align:top} table.grid td.p{text-align:left;max-width:320px;font-size:.85em}
 table.grid img{width:128px;height:auto;image-rendering:pixelated;display:block;margin:auto}
 .s{font-size:.8em;color:#444} .s.win{color:#1b5e20;font-weight:bold}

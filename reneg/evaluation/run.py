@@ -470,6 +470,9 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
             log(f"reneg eval: note: weight={s.weight:g} of reward {s.name} is ignored (each reward is reported "
                 f"on its own)")
     tune_reward = FrameReward(rewards[0], frames) if frames > 1 else rewards[0]
+    # every embedding file must fit the model before any image is made
+    tensors = {n.source: load_embedding(n.source, expected_family=backend.family).tensor.float()
+               for n in negatives if n.kind in ("file", "tuned") and n.source != "null"}
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
     tuning_logs: dict[str, dict] = {}
     made = 0
@@ -487,7 +490,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                 continue
             if neg.kind == "tuned":
                 tuning_logs[neg.name] = _run_tuned(cfg, backend, tune_reward, neg, items, need, img_dir, bar,
-                                                   load_embedding)
+                                                   tensors.get(neg.source))
                 made += len(need)
                 continue
             if neg.kind == "null":
@@ -495,7 +498,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
             elif neg.kind == "text":
                 t = backend.encode_prompts([neg.source]).crossattn[:1]
             else:
-                t = load_embedding(neg.source, expected_family=backend.family).tensor.float()
+                t = tensors[neg.source]
             uncond = backend.negative_cond(t.to(device))
             made += _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames)
     finally:
@@ -535,7 +538,7 @@ def _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames) -> 
     return n
 
 
-def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, load_embedding) -> dict:
+def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> dict:
     """Per-sample search per item (Algorithm 1) from ``neg.source``; saves the best image."""
     import json
 
@@ -552,10 +555,8 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, load_embedd
             logs = {}
     if not need:
         return logs
-    if neg.source == "null":
+    if start is None:
         start, _ = backend.null_embedding()
-    else:
-        start = load_embedding(neg.source, expected_family=backend.family).tensor.float()
     frames = cfg.frames if cfg.video else 1
     for it in need:
         res, image = tune_for_seed(backend, reward, it.text, it.seed, start.to(backend.device), cfg.sampling_steps,
