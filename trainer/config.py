@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -109,7 +110,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _positive(name: str, v, allow_zero: bool = False):
-    if v is None or (v < 0 if allow_zero else v <= 0):
+    if v is None or not math.isfinite(v) or (v < 0 if allow_zero else v <= 0):  # nan/inf too
         raise ConfigError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
@@ -140,8 +141,24 @@ def validate_common(cfg) -> None:
         raise ConfigError(f"--grad-range {lo} {hi}: need 0 <= LO <= HI < --sampling-steps "
                           f"({cfg.sampling_steps})")
     _positive("lr", cfg.lr)
-    if not cfg.guidance > 0:
+    if not cfg.guidance > 0 or not math.isfinite(cfg.guidance):
         raise ConfigError(f"--guidance must be > 0, got {cfg.guidance}")
+    _check_device(getattr(cfg, "device", None))
+
+
+def _check_device(device: str | None) -> None:
+    if not device:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {device}: not a device ({str(e).splitlines()[0][:120]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
 
 
 def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
@@ -162,20 +179,35 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"--warmup {cfg.warmup} must be below --steps {cfg.steps}")
     if not cfg.prompts:
         raise ConfigError("--prompts is required")
+    flag = "--prompts"
     try:
         n = len(load_prompts(cfg.prompts))
         if cfg.heldout:
+            flag = "--heldout"
             load_prompts(cfg.heldout)
         elif n <= cfg.heldout_count:
             raise ConfigError(f"--prompts {cfg.prompts}: {n} prompts leave none for training after "
                               f"holding out {cfg.heldout_count}; pass --heldout or lower --heldout-count")
     except PromptFileError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{flag}: {e}") from None
     if cfg.init not in ("null", "handcrafted") and not os.path.isfile(cfg.init):
         raise ConfigError(f"--init {cfg.init}: expected null, handcrafted or an embedding file")
+    if cfg.init not in ("null", "handcrafted"):
+        check_embedding_arg("init", cfg.init)
     if cfg.resume is not None:
         _check_resume(cfg)
     check_out_dir(cfg.out)
+
+
+def check_embedding_arg(flag: str, path: str) -> None:
+    """An embedding file given on the command line must load, before any model does
+    (its family is checked against the model later)."""
+    from reneg.embedding import load_embedding
+
+    try:
+        load_embedding(path)
+    except ValueError as e:
+        raise ConfigError(f"--{flag}: {e}") from None
 
 
 def _check_resume(cfg: TrainConfig) -> None:

@@ -11,7 +11,7 @@ from reneg.embedding import NegEmbedding, load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
 from reneg.generate import tune_for_seed
 
-from .config import ConfigError, _positive, validate_common
+from .config import ConfigError, _positive, check_embedding_arg, validate_common
 
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +48,8 @@ def validate_tune(ns) -> None:
         raise ConfigError("--prompt is required and must not be empty")
     if ns.embedding and not os.path.isfile(ns.embedding):
         raise ConfigError(f"--embedding {ns.embedding}: no such file")
+    if ns.embedding:
+        check_embedding_arg("embedding", ns.embedding)
     if not ns.out.endswith(".safetensors"):
         raise ConfigError(f"--out {ns.out}: expected a .safetensors file name")
     if os.path.exists(ns.out) and not ns.overwrite:

@@ -31,6 +31,7 @@ class RewardInfo:
     loader: Callable[..., "Reward"]
     help: str = ""
     path_kind: str = "file"  # file | folder
+    required: tuple[str, ...] = ()  # options the spec must give (checked before any model loads)
 
 
 class Reward(torch.nn.Module):
@@ -47,9 +48,9 @@ class Reward(torch.nn.Module):
         return False
 
 
-def register(name: str, help: str = "", path_kind: str = "file"):
+def register(name: str, help: str = "", path_kind: str = "file", required: tuple[str, ...] = ()):
     def deco(fn):
-        _REGISTRY[name] = RewardInfo(name, fn, help, path_kind)
+        _REGISTRY[name] = RewardInfo(name, fn, help, path_kind, tuple(required))
         return fn
     return deco
 
@@ -105,12 +106,21 @@ def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
                 weight = float(v)
             except ValueError:
                 raise RewardSpecError(f"reward spec {text!r}: weight {v!r} is not a number") from None
+            if weight != weight or weight in (float("inf"), float("-inf")):
+                raise RewardSpecError(f"reward spec {text!r}: weight {v!r} is not a finite number")
         else:
             opts[k] = v
     if check_files:
         for label, p in [("path", path)] + [(k, v) for k, v in opts.items() if k in ("clip", "config")]:
             if not os.path.exists(p):
                 raise RewardSpecError(f"reward spec {text!r}: {label} {p} does not exist")
+        kind = regs[name].path_kind
+        if (kind == "folder") != os.path.isdir(path):
+            raise RewardSpecError(f"reward spec {text!r}: {name} expects a {kind}, but {path} is "
+                                  f"{'a folder' if os.path.isdir(path) else 'a file'}")
+    missing = [k for k in regs[name].required if not opts.get(k)]
+    if missing:
+        raise RewardSpecError(f"reward spec {text!r}: {name} needs {', '.join(k + '=...' for k in missing)}")
     return RewardSpec(name, path, weight, opts)
 
 

@@ -44,7 +44,8 @@ class Aesthetic(Reward):
         return self.mlp(emb.to(next(self.mlp.parameters()).dtype)).squeeze(-1).float()
 
 
-@register("aesthetic", "LAION aesthetic MLP file; option clip=FOLDER (CLIP ViT-L/14, HF format)")
+@register("aesthetic", "LAION aesthetic MLP file; option clip=FOLDER (CLIP ViT-L/14, HF format)",
+          required=("clip",))
 def load_aesthetic(path, device="cpu", dtype=torch.float32, clip=None, **unused):
     if unused:
         raise ValueError(f"aesthetic reward: unknown options {', '.join(unused)} (known: clip)")
