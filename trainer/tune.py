@@ -11,7 +11,7 @@ from reneg.embedding import NegEmbedding, load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
 from reneg.generate import tune_for_seed
 
-from .config import ConfigError, _positive, check_embedding_arg, validate_common
+from .config import ConfigError, _positive, check_embedding_arg, check_out_dir, validate_common
 
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,7 @@ def validate_tune(ns) -> None:
     folder = os.path.dirname(os.path.abspath(ns.out))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ConfigError(f"--out {ns.out}: folder {folder} does not exist or is not writable")
+    check_out_dir(folder)  # a real write: a full disk or read-only mount fails here, not after tuning
 
 
 def run_tune(ns) -> dict:
