@@ -67,12 +67,14 @@ class RewardModel:
     def use(self):
         moved = self.device.type != "cpu"
         if moved:
-            self.module.to(self.device)
+            with torch.inference_mode(False):  # a copy made in inference mode could not be trained through
+                self.module.to(self.device)
         try:
             yield self.module
         finally:
             if moved:
-                self.module.to("cpu")
+                with torch.inference_mode(False):
+                    self.module.to("cpu")
                 from ..reneg.backends.comfy_backend import release_memory
 
                 release_memory()
