@@ -79,9 +79,7 @@ class ReNegPerSampleTune:
     def tune(self, model, vae, positive, negative, reward, prompt, seed, max_steps, patience, learning_rate,
              cfg, steps, grad_step_min, grad_step_max, width, height, noise_mode, scheduler, latent=None):
         from ..reneg.backends.comfy_backend import ComfyBackend, clone_normal, conditioning_to_cond
-        from ..reneg.generate import seeded_noise
-        from ..reneg.objective import ObjectiveConfig, per_sample_search, sample_score_and_loss
-        from ..reneg.sampling import initial_latent
+        from ..reneg.generate import tune_for_seed
         from .reward import RewardModel
 
         if not isinstance(reward, RewardModel):
@@ -109,7 +107,6 @@ class ReNegPerSampleTune:
         if not 0 <= grad_step_min <= grad_step_max < n:
             raise ValueError(f"grad step range [{grad_step_min}, {grad_step_max}] must satisfy "
                              f"0 <= min <= max < {n} (the sampling steps of scheduler {scheduler})")
-        obj = ObjectiveConfig(n, float(cfg), (int(grad_step_min), int(grad_step_max)))
         pbar = progress_bar(int(max_steps) * n)
 
         def on_sample_step(i, x, x0):
@@ -119,25 +116,18 @@ class ReNegPerSampleTune:
 
         with backend.trainable(), reward.use() as rmodel:
             cond = backend.positive_cond(positive)
+            backend.negative_pooled = clone_normal(neg.pooled)
             start = one_block(clone_normal(neg.crossattn).float())
-            neg_pooled = clone_normal(neg.pooled)
-            picks = torch.Generator().manual_seed(int(seed))
-
-            def evaluate(tensor, step):
-                s = int(seed) if noise_mode == NOISE_MODES[0] else (int(seed) + 1 + step) % 2 ** 64
-                noise = seeded_noise(backend, [s], backend.height, backend.width)
-                scores, loss, _ = sample_score_and_loss(
-                    backend.denoiser, backend.decode, rmodel, [prompt], cond,
-                    backend.negative_cond(tensor, neg_pooled), initial_latent(noise, sigmas[0]), sigmas,
-                    float(cfg), obj.grad_index(picks), want_loss=step < max_steps - 1, callback=on_sample_step)
-                return float(scores.mean()), loss
 
             def on_step(rec):
                 if pbar is not None:
                     pbar.update_absolute(min((rec["step"] + 1) * n, int(max_steps) * n))
 
-            res = per_sample_search(evaluate, start, int(max_steps), int(patience), float(learning_rate),
-                                    on_step=on_step)
+            res, _ = tune_for_seed(backend, rmodel, prompt, int(seed), start, int(steps), float(cfg),
+                                   (int(grad_step_min), int(grad_step_max)), backend.height, backend.width,
+                                   int(max_steps), int(patience), float(learning_rate),
+                                   noise="seed" if noise_mode == NOISE_MODES[0] else "fresh", on_step=on_step,
+                                   cond=cond, callback=on_sample_step)
             tuned = res.best.detach().float().cpu().clone()
         if pbar is not None:
             pbar.update_absolute(int(max_steps) * n)

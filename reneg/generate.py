@@ -46,31 +46,35 @@ def generate_and_score(backend, reward, prompts: list[str], seeds: list[int], un
 
 def tune_for_seed(backend, reward, prompt: str, seed: int, start: torch.Tensor, steps: int, guidance: float,
                   grad_range: tuple[int, int], height: int, width: int, max_steps: int = 10,
-                  patience: int = 3, lr: float = 5e-3, noise: str = "seed", should_stop=None, on_step=None):
+                  patience: int = 3, lr: float = 5e-3, noise: str = "seed", should_stop=None, on_step=None,
+                  cond: Cond | None = None, callback=None):
     """Per-sample search (Algorithm 1) for one prompt, shared by ``reneg tune`` and ``reneg eval``.
 
     ``noise="seed"`` samples every step from ``seed``'s noise (tuning for that image);
     ``"fresh"`` uses seed ``seed + 1 + step`` at step ``step``, as in the paper. The grad step
     is drawn from a generator seeded by ``seed``. Returns ``(SearchResult, image)`` where
     ``image`` ([1, C, H, W] in [-1, 1], CPU) is the image the best negative made during the search
-    (None if no step gave a finite score).
+    (None if no step gave a finite score). ``cond`` is the prompt's conditioning where the
+    backend does not encode prompts itself (ComfyUI); ``callback(i, x, x0)`` runs after every
+    sampling step (progress bars, cancellation).
     """
     from .objective import ObjectiveConfig, per_sample_search, sample_score_and_loss
 
     if noise not in ("seed", "fresh"):
         raise ValueError(f"noise must be 'seed' or 'fresh', got {noise!r}")
-    obj = ObjectiveConfig(steps, guidance, tuple(grad_range))
-    sigmas = backend.schedule(steps)
-    cond = backend.encode_prompts([prompt])
+    sigmas = backend.schedule(steps)  # a host's scheduler may give another step count
+    obj = ObjectiveConfig(len(sigmas) - 1, guidance, tuple(grad_range))
+    cond = backend.encode_prompts([prompt]) if cond is None else cond
     g = torch.Generator().manual_seed(seed)
     best = {"score": -math.inf, "image": None}
 
     def evaluate(neg, step):
-        s = seed if noise == "seed" else seed + 1 + step
+        s = seed if noise == "seed" else (seed + 1 + step) % 2 ** 64
         x = seeded_noise(backend, [s], height, width)
         scores, loss, image = sample_score_and_loss(
             backend.denoiser, backend.decode, reward, [prompt], cond, backend.negative_cond(neg),
-            initial_latent(x, sigmas[0]), sigmas, guidance, obj.grad_index(g), want_loss=step < max_steps - 1)
+            initial_latent(x, sigmas[0]), sigmas, guidance, obj.grad_index(g), want_loss=step < max_steps - 1,
+            callback=callback)
         score = float(scores.mean())
         if score > best["score"]:  # the same keep-best rule as per_sample_search
             best["score"], best["image"] = score, image.detach().cpu()

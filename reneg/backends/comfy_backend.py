@@ -126,6 +126,7 @@ class ComfyBackend:
         self.family = fam.name
         self.scheduler = scheduler
         self.width, self.height = width, height
+        self.negative_pooled: torch.Tensor | None = None  # the starting negative's pooled vector
         self.dtype = torch.float32
         self._denoiser = ComfyDenoiser(patcher)
 
@@ -206,6 +207,7 @@ class ComfyBackend:
         return self._with_adm(c)
 
     def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None) -> Cond:
+        pooled = self.negative_pooled if pooled is None else pooled
         return self._with_adm(Cond(neg.to(self.device), None if pooled is None else pooled.to(self.device)))
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
