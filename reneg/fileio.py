@@ -134,7 +134,9 @@ def safe_torch_load(path, what: str = "file") -> Any:
                 f"objects other than tensors ({detail[:200]}). Only plain tensor files are loaded "
                 f"(torch.load weights_only=True)."
             ) from None
-        detail = next((ln for ln in lines if "Unsupported" in ln or "error:" in ln.lower()), lines[0] if lines else "")
+        detail = next((ln for ln in lines if "Unsupported" in ln), None) or next(
+            (ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln and ln.split("error:", 1)[1].strip()),
+            lines[-1] if lines else "")
         raise ValueError(f"{path}: not a readable torch {what} (truncated, corrupt, or not written by "
                          f"torch.save): {detail[:200]}") from None
     except Exception as e:  # untrusted input: any failure inside torch.load is a bad file
