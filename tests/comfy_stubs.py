@@ -187,12 +187,13 @@ class Host:
 
 # --- ComfyUI-shaped models around the tiny diffusers pipeline ---------------------------
 def to_inference_tensors(module: torch.nn.Module) -> torch.nn.Module:
-    """Make every parameter and buffer an inference tensor, as a ComfyUI load leaves them."""
+    """Make every parameter and buffer an inference tensor, as a ComfyUI load leaves them
+    (checked on a real ComfyUI: all UNet and VAE weights inference tensors, requires_grad True)."""
     with torch.inference_mode():
         for sub in module.modules():
             for n, p in list(sub._parameters.items()):
                 if p is not None:
-                    sub._parameters[n] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    sub._parameters[n] = torch.nn.Parameter(p.detach().clone(), requires_grad=True)
             for n, b in list(sub._buffers.items()):
                 if b is not None:
                     sub._buffers[n] = b.clone()
@@ -321,8 +322,6 @@ def tiny_comfy_models(pipeline_dir: str, prediction: str = "eps"):
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae").eval()
     te = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder").eval()
     tok = CLIPTokenizer.from_pretrained(pipeline_dir, subfolder="tokenizer")
-    for m in (unet, vae, te):
-        m.requires_grad_(False)
     with open(os.path.join(pipeline_dir, "vae", "config.json")) as f:
         scale = float(json.load(f).get("scaling_factor", 0.18215))
     base = to_inference_tensors(BaseModel(unet, prediction, scale))

@@ -221,7 +221,7 @@ def test_tune_never_scores_below_start_and_leaves_nothing_behind(host, models, r
         with torch.inference_mode():
             out = tune.tune(**_tune_args(models, pos, neg, reward))
         results.append(out["result"])
-        assert _state(modules) == before  # no requires_grad, no .grad left behind
+        assert _state(modules) == before  # requires_grad as the host had it, no .grad left behind
     (tuned, r0, r1), (tuned2, r0b, r1b) = results
     assert r1 >= r0 and r0b == pytest.approx(r0, abs=1e-5) and r1b == pytest.approx(r1, abs=1e-5)
     t = tuned[0][0]

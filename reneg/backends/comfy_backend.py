@@ -273,7 +273,7 @@ def normalise_inference_tensors(module: torch.nn.Module) -> int:
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_inference():
-                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
                     n += 1
             for name, b in list(sub._buffers.items()):
                 if b is not None and b.is_inference():
