@@ -316,3 +316,33 @@ def test_zz_report_cli_figures():
     print(f"\nflags checked: train {n['train']}, tune {n['tune']}, eval {n['eval']}; cases: "
           f"train {len(TRAIN)}, tune {len(TUNE)}, eval {len(EVAL) if has_eval() else 0}")
     assert len(TRAIN) > 40 and len(TUNE) > 40
+
+
+def test_resume_with_other_sampling_settings_is_refused(env, capsys):
+    """A resumed run repeats the interrupted one only with the same settings: a changed one
+    is named before any model loads (a longer --steps is fine)."""
+    import torch
+
+    from reneg.cli import build_parser
+    from reneg.trainer.checkpoint import save_checkpoint
+    from reneg.trainer.config import config_from_args
+
+    base = train_base(env)
+    cfg = config_from_args(build_parser().parse_args(base))
+    neg = torch.nn.Parameter(torch.zeros(1, 77, 64))
+    opt = torch.optim.AdamW([neg], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), step=1, neg=neg, optimizer=opt, scheduler=sched,
+                    skipped=0, config=cfg.to_json(), heldout=[])
+    with pytest.raises(ModelLoadAttempt):
+        main(base + ["--resume"])
+    with pytest.raises(ModelLoadAttempt):
+        main(base + ["--resume", "--steps", "20"])
+    for flag, extra in [("--seed", ["--seed", "5"]), ("--batch-size", ["--batch-size", "4"]),
+                        ("--lr", ["--lr", "1e-3"]), ("--grad-range", ["--grad-range", "1", "2"]),
+                        ("--guidance", ["--guidance", "5"]), ("--micro-batch", ["--micro-batch", "2"])]:
+        capsys.readouterr()
+        assert main(base + ["--resume", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag in err and "was made with" in err, err
+        FIGURES["train"].add(flag)

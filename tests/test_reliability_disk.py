@@ -275,3 +275,20 @@ def test_tune_on_a_full_disk_keeps_the_old_file(tiny_pipeline_dir, tiny_hps_ckpt
     bad.armed = False
     assert target.read_bytes() == before
     assert no_temp_files(str(out)) == []
+
+
+def test_log_write_on_a_full_disk_names_the_file(tmp_path):
+    """log.csv is held open during a run: when the disk fills, its write fails first."""
+    from reneg.trainer.train import CsvLog
+
+    path = str(tmp_path / "log.csv")
+    log = CsvLog(path, 0)
+    log.write({"step": 1, "loss": 0.5})
+    import csv
+
+    log.f = _FullFile(log.f)  # the disk is full from now on
+    log.w = csv.DictWriter(log.f, CsvLog.FIELDS, extrasaction="ignore")
+    with pytest.raises(OutputError) as ei:
+        log.write({"step": 2, "loss": 0.25})
+    assert path in str(ei.value) and STRERROR["enospc"] in str(ei.value)
+    log.close()

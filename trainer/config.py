@@ -210,17 +210,33 @@ def check_embedding_arg(flag: str, path: str) -> None:
         raise ConfigError(f"--{flag}: {e}") from None
 
 
+# settings that decide which samples a step sees and how it updates (--steps may grow)
+RESUME_MUST_MATCH = ("seed", "batch_size", "micro_batch", "sampling_steps", "grad_range", "guidance",
+                     "resolution", "lr", "lr_schedule", "warmup", "weight_decay")
+
+
 def _check_resume(cfg: TrainConfig) -> None:
     """A missing or unreadable checkpoint is a bad --resume, found before any model loads."""
     from .checkpoint import find_resume, load_checkpoint
 
     try:
         path = find_resume(cfg.out, cfg.resume)
-        if path:
-            load_checkpoint(path)
+        state = load_checkpoint(path) if path else None
     except (OSError, ValueError) as e:
         hint = " (--resume auto starts afresh when there is none)" if cfg.resume == "latest" else ""
         raise ConfigError(f"--resume {cfg.resume}: {e}{hint}") from None
+    if state is None:
+        return
+    # a resumed run repeats the interrupted one only with the same sampling settings
+    old, new = state["config"], cfg.to_json()
+    changed = [k for k in RESUME_MUST_MATCH if k in old and old[k] != new.get(k)]
+    if changed:
+        def show(d):
+            return " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, d[k])) if isinstance(d[k], list) else d[k]}"
+                            for k in changed)
+        raise ConfigError(f"--resume: {path} was made with {show(old)}, this command has {show(new)}; "
+                          f"resume with the same settings (the optimizer state would ignore a new --lr) "
+                          f"or start a new --out")
 
 
 def check_out_dir(out: str) -> None:
@@ -232,9 +248,13 @@ def check_out_dir(out: str) -> None:
     try:
         with open(probe, "w") as f:
             f.write("ok")
-        os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"--out {out}: the folder is not writable ({e.strerror or e})") from None
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:

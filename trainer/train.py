@@ -75,8 +75,13 @@ class CsvLog:
         self.w = csv.DictWriter(self.f, self.FIELDS, extrasaction="ignore")
 
     def write(self, row: dict) -> None:
-        self.w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self.f.flush()
+        try:
+            self.w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self.f.flush()
+        except OSError as e:  # a full disk shows up here first: name the file (issue 7)
+            from reneg.fileio import OutputError
+
+            raise OutputError(f"{self.path}: writing failed: {e.strerror or e}") from e
 
     def close(self):
         self.f.close()
