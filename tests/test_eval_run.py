@@ -13,6 +13,15 @@ from reneg.evaluation import run as ev
 from reneg.evaluation.run import EvalConfig, EvalError, build_items, parse_negative, parse_negatives
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (on a shared 2-core machine, far faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def emb_file(tmp_path_factory, tiny_backend):
     null, _ = tiny_backend.null_embedding()
@@ -237,3 +246,22 @@ def test_wrong_family_embedding_fails_before_any_image(tmp_path, tiny_pipeline_d
     with pytest.raises(EmbeddingError, match="sd1_neg.safetensors"):
         ev.run_eval(cfg, log=lambda m: None)
     assert os.listdir(tmp_path / "o" / "images") == []
+
+
+def test_demo_as_a_new_user(tmp_path, monkeypatch, capsys):
+    """`reneg eval --demo` from an empty folder: trains a short embedding, writes the report; a rerun makes nothing."""
+    from reneg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--demo", "--no-progress"]) == 0
+    out = tmp_path / "runs" / "demo-eval"
+    s = json.loads((out / "summary.json").read_text())
+    assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned", "tuned"]
+    assert (out / "train" / "embedding.safetensors").is_file() and len(s["categories"]) > 1
+    parser = _Imgs()
+    parser.feed((out / "report.html").read_text())
+    assert len([x for x in parser.srcs if x.startswith("images/")]) == 4 * s["images_per_negative"]
+    capsys.readouterr()
+    assert main(["eval", "--demo", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "using the learned embedding" in printed and ", 0 to make" in printed

@@ -64,6 +64,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--grid-limit", type=int, default=d.grid_limit, help="rows of images shown in report.html")
     a("--title", default=d.title)
     a("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    a("--threads", type=int, default=None,
+      help="CPU threads for torch (default: torch's choice; --demo uses 1, fastest for its tiny models)")
     a("--no-progress", dest="progress", action="store_false")
     s.set_defaults(fn=cmd_eval)
     return s
@@ -80,6 +82,13 @@ def cmd_eval(ns) -> int:
     from .run import run_eval
 
     t0 = time.time()
+    threads = ns.threads if ns.threads is not None else (1 if ns.demo else None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     if ns.demo:
         cfg = demo_config(ns)
     else:
@@ -171,7 +180,7 @@ def demo_config(ns) -> EvalConfig:
         negatives=["null", f"handcrafted:{d['handcrafted']}", f"learned={emb}", f"tuned=tuned:{emb}"],
         out=out, handcrafted=d["handcrafted"], seed=s.get("eval_seed", 1234), sampling_steps=s["sampling_steps"],
         guidance=s["guidance"], resolution=s["resolution"], batch=s.get("eval_batch", 8),
-        tune_steps=s.get("eval_tune_steps", 4), tune_patience=s.get("eval_tune_patience", 2),
+        tune_steps=s.get("eval_tune_steps", 5), tune_patience=s.get("eval_tune_patience", 3),
         tune_lr=s.get("tune_lr", s["lr"]), grad_range=tuple(s["grad_range"]), device=ns.device,
         progress=ns.progress, remake_mismatched=True,
         title=f"ReNeg evaluation: built-in demo ({d['kind']})",
@@ -191,6 +200,9 @@ def _demo_train(d: dict, folder: str, progress: bool) -> str:
     fields = TrainConfig.__dataclass_fields__
     kw = {k: v for k, v in s.items() if k in fields}
     kw["grad_range"] = tuple(kw.get("grad_range", (0, 10)))
+    if "eval_train_steps" in s:
+        kw["steps"] = int(s["eval_train_steps"])
+        kw["checkpoint_every"] = min(int(kw.get("checkpoint_every", kw["steps"])), kw["steps"])
     cfg = TrainConfig(model=d["model"], rewards=[d["reward"]], prompts=d["prompts"], heldout=d["heldout"],
                       out=folder, handcrafted=d["handcrafted"], base_model_name="reneg-demo", progress=progress,
                       **kw)
