@@ -265,3 +265,24 @@ def test_demo_as_a_new_user(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--demo", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "using the learned embedding" in printed and ", 0 to make" in printed
+
+
+def test_tuned_fresh_noise_and_saved_embeddings(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_backend, emb_file):
+    """--tune-noise fresh: the image is made from the item's seed with the best negative, which --save-tuned keeps."""
+    from reneg.embedding import load_embedding
+    from reneg.generate import generate, seeded_noise
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a green triangle\n")
+    out = tmp_path / "fresh"
+    cfg = _cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, str(prompts), emb_file, negatives=[f"t=tuned:{emb_file}"],
+               rewards=[f"hpsv2={tiny_hps_ckpt}"], tune_noise="fresh", save_tuned=True, tune_steps=3)
+    ev.run_eval(cfg, log=lambda m: None)
+    saved = load_embedding(str(out / "tuned" / "t" / "00000_s7_t.safetensors"), expected_family="tiny")
+    assert saved.metadata["kind"] == "per-sample" and saved.metadata["prompt"] == "a green triangle"
+    with torch.no_grad():
+        img = generate(tiny_backend, tiny_backend.encode_prompts(["a green triangle"]),
+                       tiny_backend.negative_cond(saved.tensor.float()), seeded_noise(tiny_backend, [7], 16, 16),
+                       cfg.sampling_steps, cfg.guidance)
+    made = ev.load_frames(str(out / "images" / "00000_s7_t.png"))
+    assert (ev.to_uint8(img).astype(int) - ev.to_uint8(made).astype(int)).__abs__().max() <= 1
