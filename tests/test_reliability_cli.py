@@ -310,14 +310,6 @@ def test_type_errors_are_argparse_errors(env, capsys, argv, flag):
     FIGURES[argv[0]].add(flag)
 
 
-def test_zz_report_cli_figures():
-    """Prints the figures for the closing note (run with -s)."""
-    n = {k: len([f for f in v if f.startswith("--")]) for k, v in FIGURES.items()}
-    print(f"\nflags checked: train {n['train']}, tune {n['tune']}, eval {n['eval']}; cases: "
-          f"train {len(TRAIN)}, tune {len(TUNE)}, eval {len(EVAL) if has_eval() else 0}")
-    assert len(TRAIN) > 40 and len(TUNE) > 40
-
-
 def test_resume_with_other_sampling_settings_is_refused(env, capsys):
     """A resumed run repeats the interrupted one only with the same settings: a changed one
     is named before any model loads (a longer --steps is fine)."""
@@ -346,3 +338,11 @@ def test_resume_with_other_sampling_settings_is_refused(env, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and flag in err and "was made with" in err, err
         FIGURES["train"].add(flag)
+
+
+def test_zz_report_cli_figures():
+    """Prints the figures for the closing note (run with -s)."""
+    n = {k: len([f for f in v if f.startswith("--")]) for k, v in FIGURES.items()}
+    print(f"\nflags checked: train {n['train']}, tune {n['tune']}, eval {n['eval']}; cases: "
+          f"train {len(TRAIN)}, tune {len(TUNE)}, eval {len(EVAL) if has_eval() else 0}")
+    assert len(TRAIN) > 40 and len(TUNE) > 40
