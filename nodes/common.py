@@ -83,14 +83,6 @@ def full_path(name: str, filename: str) -> str:
     return path
 
 
-def interrupted() -> bool:
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return False
-    return bool(mm.processing_interrupted())
-
-
 def check_interrupt() -> None:
     """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
     try:
@@ -153,3 +145,12 @@ def model_family_of(hidden: int) -> str:
         raise ReNegNodeError(f"the model's text encoder gives hidden size {hidden}, which no ReNeg "
                              f"embedding family uses ({known_hidden_sizes()})")
     return fam.name
+
+
+def one_block(t: torch.Tensor, rows: int = 77) -> torch.Tensor:
+    """``[1, 77k, D]`` made of one 77-row block repeated (as Load ReNeg Embedding gives for a
+    long base negative) -> that block; anything else is returned as it is."""
+    if t.shape[1] <= rows or t.shape[1] % rows:
+        return t
+    blocks = t.split(rows, dim=1)
+    return blocks[0] if all(bool((b == blocks[0]).all()) for b in blocks[1:]) else t

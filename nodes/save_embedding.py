@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from .common import CATEGORY, EMBEDDING_FOLDER, folder_paths_of, model_family_of, reports_errors
+from .common import CATEGORY, EMBEDDING_FOLDER, folder_paths_of, model_family_of, one_block, reports_errors
 
 TITLE = "Save ReNeg Embedding"
 INFO_KEY = "reneg"  # conditioning-dict key under which the tune node leaves its provenance
@@ -62,11 +62,11 @@ class ReNegSaveEmbedding:
         rows = 77
         if t.dim() != 3 or t.shape[0] != 1 or t.shape[1] % rows:
             raise ValueError(f"negative: expected a tensor [1, 77k, hidden], found {list(t.shape)}")
-        blocks = t.split(rows, dim=1)
-        if any(not bool((b == blocks[0]).all()) for b in blocks[1:]):
+        block = one_block(t, rows)
+        if block.shape[1] != rows:
             raise ValueError(f"negative: {t.shape[1]} token rows that are not one 77-row block repeated "
                              f"(a long base negative blended in); an embedding file holds 77 rows")
-        t = blocks[0]
+        t = block
         stem = str(filename).strip().replace("\\", "/")
         if stem.endswith(".safetensors"):
             stem = stem[: -len(".safetensors")]

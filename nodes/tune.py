@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import CATEGORY, REWARD_TYPE, check_interrupt, model_family_of, progress_bar, reports_errors
+from .common import (CATEGORY, REWARD_TYPE, check_interrupt, model_family_of, one_block, progress_bar,
+                     reports_errors)
 from .save_embedding import INFO_KEY
 
 TITLE = "Per-Sample ReNeg Tune"
@@ -19,14 +20,6 @@ def schedulers() -> list[str]:
         return list(FALLBACK_SCHEDULERS)
     names = list(SCHEDULER_NAMES)
     return (["ddim_uniform"] if "ddim_uniform" in names else []) + [n for n in names if n != "ddim_uniform"]
-
-
-def one_block(t: torch.Tensor, rows: int = 77) -> torch.Tensor:
-    """``[1, 77k, D]`` made of one 77-row block repeated (as Load ReNeg Embedding gives) -> that block."""
-    if t.shape[1] <= rows or t.shape[1] % rows:
-        return t
-    blocks = t.split(rows, dim=1)
-    return blocks[0] if all(bool((b == blocks[0]).all()) for b in blocks[1:]) else t
 
 
 class ReNegPerSampleTune:
