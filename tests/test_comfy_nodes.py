@@ -78,7 +78,7 @@ sys.path.insert(0, {str(ROOT / 'tests')!r})
 import comfy_stubs
 h = comfy_stubs.Host({str(ROOT / 'no-such-models')!r})
 pack = h.load_pack({str(ROOT)!r})
-heavy = [m for m in ("diffusers", "transformers", "open_clip", "numpy.random", "PIL") if m in sys.modules]
+heavy = [m for m in ("diffusers", "transformers", "open_clip") if m in sys.modules]
 print(sorted(pack.NODE_CLASS_MAPPINGS), heavy)
 for cls in pack.NODE_CLASS_MAPPINGS.values():
     cls.INPUT_TYPES()
