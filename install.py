@@ -5,9 +5,10 @@ constrained to the torch and torchvision already installed, so it can never
 change the host's torch. Run by hand with ComfyUI's Python:
 ``python custom_nodes/ReNeg/install.py``.
 
-If this folder is mistaken for an AUTOMATIC1111 / Forge extension (the webui runs
-an extension's ``install.py`` with its own ``launch`` module importable), it does
-nothing: the webui extension is ``a1111_extension/`` and installs itself.
+In an AUTOMATIC1111 / Forge webui (which runs an extension's ``install.py`` with its
+own ``launch`` module importable: "Install from URL" clones this whole repository, and
+``scripts/`` runs the extension in ``a1111_extension/``) it installs nothing: the
+extension needs only torch and safetensors, which the webui ships.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def constraints() -> str:
 
 def main() -> int:
     if in_webui():
-        print("[ReNeg] this is the ComfyUI node pack; for AUTOMATIC1111 / Forge use the a1111_extension/ "
-              "folder of this repository as the extension. Nothing installed.")
+        print("[ReNeg] webui extension (scripts/ runs a1111_extension/scripts/reneg_negative.py): it needs "
+              "only torch and safetensors, which the webui ships. Nothing installed.")
         return 0
     todo = missing()
     if not todo:

@@ -548,3 +548,18 @@ def test_find_core_root(host, tmp_path):
     assert find(str(deep)) is None  # uncond.py is needed too
     (tmp_path / "a" / "reneg" / "uncond.py").write_text("")
     assert Path(find(str(deep / "x.py"))) == tmp_path / "a"
+
+
+def test_install_from_url_entry_point(models):
+    """A webui "Install from URL" clones the whole repository: its top-level scripts/ shim
+    must expose the same script, with one callback, finding the core in the clone."""
+    ns, saved = stubs.install(str(models))
+    try:
+        module = stubs.load_script(str(ROOT / "scripts" / "reneg_negative.py"))
+        script = module.ReNegScript()
+        assert script.title() == "ReNeg"
+        assert module.ReNegScript.__module__ == module.__name__
+        assert module.CORE_ROOT == str(ROOT)
+        assert len(ns.script_callbacks.callback_map["callbacks_cfg_denoiser"]) == 1
+    finally:
+        stubs.uninstall(saved)
