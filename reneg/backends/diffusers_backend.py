@@ -37,7 +37,11 @@ class DiffusersDenoiser:
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Continuous timestep for ``sigma`` (log-sigma interpolation; exact on the table)."""
-        ls = self.log_sigmas.to(sigma.device)
+        if self.log_sigmas.device != sigma.device:
+            # moved once: a copy from pageable host memory on every call would sync the CUDA
+            # stream before each UNet call and stall the CPU that queues the next kernels
+            self.log_sigmas = self.log_sigmas.to(sigma.device)
+        ls = self.log_sigmas
         s = sigma.float().clamp(min=1e-10).log()
         idx = torch.searchsorted(ls, s.contiguous()).clamp(1, len(ls) - 1)
         lo, hi = ls[idx - 1], ls[idx]
