@@ -47,7 +47,7 @@ def generate_and_score(backend, reward, prompts: list[str], seeds: list[int], un
 def tune_for_seed(backend, reward, prompt: str, seed: int, start: torch.Tensor, steps: int, guidance: float,
                   grad_range: tuple[int, int], height: int, width: int, max_steps: int = 10,
                   patience: int = 3, lr: float = 5e-3, noise: str = "seed", should_stop=None, on_step=None,
-                  cond: Cond | None = None, callback=None):
+                  cond: Cond | None = None, callback=None, autocast_dtype: torch.dtype | None = None):
     """Per-sample search (Algorithm 1) for one prompt, shared by ``reneg tune`` and ``reneg eval``.
 
     ``noise="seed"`` samples every step from ``seed``'s noise (tuning for that image);
@@ -56,7 +56,8 @@ def tune_for_seed(backend, reward, prompt: str, seed: int, start: torch.Tensor, 
     ``image`` ([1, C, H, W] in [-1, 1], CPU) is the image the best negative made during the search
     (None if no step gave a finite score). ``cond`` is the prompt's conditioning where the
     backend does not encode prompts itself (ComfyUI); ``callback(i, x, x0)`` runs after every
-    sampling step (progress bars, cancellation).
+    sampling step (progress bars, cancellation). ``autocast_dtype`` runs the forward passes
+    under autocast in that dtype (the backward runs outside it, as PyTorch recommends).
     """
     from .objective import ObjectiveConfig, per_sample_search, sample_score_and_loss
 
@@ -71,10 +72,12 @@ def tune_for_seed(backend, reward, prompt: str, seed: int, start: torch.Tensor, 
     def evaluate(neg, step):
         s = seed if noise == "seed" else (seed + 1 + step) % 2 ** 64
         x = seeded_noise(backend, [s], height, width)
-        scores, loss, image = sample_score_and_loss(
-            backend.denoiser, backend.decode, reward, [prompt], cond, backend.negative_cond(neg),
-            initial_latent(x, sigmas[0]), sigmas, guidance, obj.grad_index(g), want_loss=step < max_steps - 1,
-            callback=callback)
+        with torch.autocast(backend.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            scores, loss, image = sample_score_and_loss(
+                backend.denoiser, backend.decode, reward, [prompt], cond, backend.negative_cond(neg),
+                initial_latent(x, sigmas[0]), sigmas, guidance, obj.grad_index(g),
+                want_loss=step < max_steps - 1, callback=callback)
         score = float(scores.mean())
         if score > best["score"]:  # the same keep-best rule as per_sample_search
             best["score"], best["image"] = score, image.detach().cpu()

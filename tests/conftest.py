@@ -48,3 +48,11 @@ def tiny_reward(tiny_hps_ckpt):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_sessionstart(session):
+    # Tiny models are dominated by per-op overhead: one thread is as fast, and it keeps
+    # the suite from collapsing when the 2 cores are shared (CI, subprocess tests).
+    import torch
+
+    torch.set_num_threads(1)

@@ -87,10 +87,11 @@ class CsvLog:
         self.f.close()
 
 
-def _weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+def weights_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The models' weights dtype for ``--mixed-precision`` (fp32 off the GPU)."""
     if device.type != "cuda":
         return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def run_train(cfg: TrainConfig, accelerator=None) -> dict:
@@ -107,8 +108,8 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     from reneg.backends.diffusers_backend import load_diffusers
     from reneg.rewards import load_rewards
 
-    backend = load_diffusers(cfg.model, device=device, dtype=_weights_dtype(cfg, device), config=cfg.config)
-    reward = load_rewards(cfg.rewards, device=device, dtype=_weights_dtype(cfg, device))
+    backend = load_diffusers(cfg.model, device=device, dtype=weights_dtype(cfg.mixed_precision, device), config=cfg.config)
+    reward = load_rewards(cfg.rewards, device=device, dtype=weights_dtype(cfg.mixed_precision, device))
     if cfg.gradient_checkpointing:
         enable_checkpointing(backend, reward)
     if getattr(cfg, "channels_last", False) or getattr(cfg, "compile", False):

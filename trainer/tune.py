@@ -36,6 +36,10 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                     "each step is written beside it")
     a("--overwrite", action="store_true")
     a("--device", default=None)
+    a("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+      help="on a GPU: load the models in this precision and run under autocast")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute UNet, VAE-decoder and reward activations in backward (less memory)")
 
 
 def validate_tune(ns) -> None:
@@ -65,9 +69,15 @@ def run_tune(ns) -> dict:
     from reneg.backends.diffusers_backend import load_diffusers
     from reneg.rewards import load_rewards
 
+    from .train import enable_checkpointing, weights_dtype
+
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend = load_diffusers(ns.model, device=device, config=ns.config)
-    reward = load_rewards(ns.rewards, device=device)
+    mixed = getattr(ns, "mixed_precision", "no")
+    dtype = weights_dtype(mixed, device)
+    backend = load_diffusers(ns.model, device=device, dtype=dtype, config=ns.config)
+    reward = load_rewards(ns.rewards, device=device, dtype=dtype)
+    if getattr(ns, "gradient_checkpointing", False):
+        enable_checkpointing(backend, reward)
     if ns.embedding:
         start_emb = load_embedding(ns.embedding, expected_family=backend.family)
         start = start_emb.tensor.float()
@@ -78,7 +88,8 @@ def run_tune(ns) -> dict:
 
     res, _ = tune_for_seed(backend, reward, ns.prompt, ns.seed, start.to(device), ns.sampling_steps, ns.guidance,
                            tuple(ns.grad_range), ns.resolution, ns.resolution, ns.max_steps, ns.patience, ns.lr,
-                           noise=ns.noise, on_step=on_step)
+                           noise=ns.noise, on_step=on_step,
+                           autocast_dtype=dtype if dtype != torch.float32 else None)
     emb = NegEmbedding(res.best.cpu().float(), backend.family)
     save_embedding(ns.out, emb, overwrite=ns.overwrite, kind="per-sample", prompt=ns.prompt, seed=ns.seed,
                    noise_mode=ns.noise, base_model=os.path.basename(os.path.normpath(ns.model)),
