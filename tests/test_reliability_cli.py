@@ -228,15 +228,12 @@ EVAL = [c for c in COMMON if c[0] not in ("--lr", "--device") and c[2] != ("--sa
 ]
 
 
-# Gaps in reneg/evaluation (not this issue's files to change): each is a strict xfail, so
-# the test starts failing, as a reminder to move the case up, once the gap is closed.
-EVAL_GAPS = [
-    ("--guidance", lambda e: ["--guidance", "inf"], ()),
+EVAL += [
     ("--tune-lr", lambda e: ["--tune-lr", "inf"], ()),
-    ("--negative", lambda e: ["--negative", e["not_emb"]], ()),   # unreadable: found after the model loads
+    ("--negative", lambda e: ["--negative", e["not_emb"]], ()),   # unreadable embedding file
     ("--device", lambda e: ["--device", "banana"], ()),
 ]
-EVAL = [c for c in EVAL if c is not GUIDANCE_INF]
+
 
 
 def check_case(cmd, base, flag, extra, drop, e, capsys):
@@ -279,15 +276,6 @@ def test_eval_flags(env, capsys, case):
     if not has_eval():
         pytest.skip("reneg.evaluation is not present")
     flag, extra, drop = EVAL[case]
-    check_case("eval", eval_base, flag, extra, drop, env, capsys)
-
-
-@pytest.mark.xfail(strict=True, reason="gap in reneg/evaluation's validate_eval (reported)")
-@pytest.mark.parametrize("case", range(len(EVAL_GAPS)))
-def test_eval_flag_gaps(env, capsys, case):
-    if not has_eval():
-        pytest.skip("reneg.evaluation is not present")
-    flag, extra, drop = EVAL_GAPS[case]
     check_case("eval", eval_base, flag, extra, drop, env, capsys)
 
 

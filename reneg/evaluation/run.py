@@ -214,10 +214,16 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         raise EvalError(f"--limit must be >= 1, got {cfg.limit}")
     if cfg.resolution <= 0 or cfg.resolution % 8:
         raise EvalError(f"--resolution must be a positive multiple of 8, got {cfg.resolution}")
-    if not cfg.guidance > 0:
-        raise EvalError(f"--guidance must be > 0, got {cfg.guidance}")
-    if not cfg.tune_lr > 0:
-        raise EvalError(f"--tune-lr must be > 0, got {cfg.tune_lr}")
+    if not (math.isfinite(cfg.guidance) and cfg.guidance > 0):
+        raise EvalError(f"--guidance must be a finite number > 0, got {cfg.guidance}")
+    if not (math.isfinite(cfg.tune_lr) and cfg.tune_lr > 0):
+        raise EvalError(f"--tune-lr must be a finite number > 0, got {cfg.tune_lr}")
+    from reneg.trainer.config import ConfigError, _check_device
+
+    try:
+        _check_device(cfg.device)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
     if cfg.tune_noise not in ("seed", "fresh"):
         raise EvalError(f"--tune-noise must be seed or fresh, got {cfg.tune_noise}")
     if cfg.tie_tol < 0:
@@ -228,6 +234,14 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         raise EvalError(f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
                         f"diffusion_pytorch_model.safetensors)")
     negatives = parse_negatives(cfg.negatives or ["null", "handcrafted"], cfg.handcrafted)
+    from reneg.embedding import load_embedding
+
+    for n in negatives:
+        if n.kind in ("file", "tuned") and n.source != "null":
+            try:  # readable before any model loads; the family is checked against the model later
+                load_embedding(n.source)
+            except ValueError as e:
+                raise EvalError(f"--negative: {e}") from None
     if any(n.kind == "tuned" for n in negatives):
         lo, hi = cfg.grad_range
         if not (0 <= lo <= hi < cfg.sampling_steps):
