@@ -162,7 +162,7 @@ class DiffusersBackend:
 
     def set_performance(self, *, sdpa: bool | None = None, checkpointing: bool | None = None,
                         channels_last: bool | None = None, compile: bool = False) -> "DiffusersBackend":
-        """Speed and memory switches (docs/performance.md); none changes the maths.
+        """Speed and memory switches (the README's Performance section); none changes the maths.
 
         ``sdpa``: PyTorch's fused scaled_dot_product_attention in the UNet and VAE
         (False: the plain softmax(QK^T)V processor, the benchmarks' reference).
