@@ -67,7 +67,8 @@ DEGRADATION_WORDS = {
 }
 
 # Fraction of all training samples that are degraded, and the fraction of those
-# whose caption names the degradation.  With these values 30 % of all samples
+# whose caption names the degradation (a third each as "a blurry red circle",
+# "a red circle, blurry" and "blurry").  With these values 30 % of all samples
 # are degraded without saying so and 10 % name their degradation.
 DEGRADED_FRACTION = 0.4
 NAMED_FRACTION = 0.25
@@ -119,7 +120,7 @@ def sample_scene(rng: RngLike, **overrides: Any) -> Dict[str, Any]:
     tex: Dict[str, Any] = {
         "c1": [int(v) for v in base],
         "c2": [int(v) for v in other],
-        "period": int(rng.integers(4, 7)),
+        "period": int(rng.integers(5, 8)),
         "orientation": int(rng.integers(3)),  # stripes: 0 horizontal, 1 vertical, 2 diagonal
     }
 
@@ -213,7 +214,12 @@ def render_scene(scene: Dict[str, Any]) -> np.ndarray:
 
 
 def caption_for(scene: Dict[str, Any], degradation: Optional[str] = None, style: int = 0) -> str:
-    """Caption of a scene; ``degradation`` names a degradation (prefix style 0, suffix style 1)."""
+    """Caption of a scene; ``degradation`` names a degradation.
+
+    Styles: 0 "a blurry red circle", 1 "a red circle, blurry", 2 "blurry" (the word alone).
+    """
+    if degradation is not None and style == 2:
+        return DEGRADATION_WORDS[degradation]
     count = scene["count"]
     noun = scene["shape"] if count == 1 else PLURAL[scene["shape"]]
     words = [COUNT_WORDS[count]]
@@ -332,7 +338,7 @@ def make_sample(
         params = sample_degradation_params(kind, rng)
         img = apply_degradation(img, kind, params)
         named = bool(rng.random() < named_fraction)
-        style = int(rng.integers(2))
+        style = int(rng.integers(3))
     caption = caption_for(scene, kind if named else None, style)
     meta = {"scene": scene, "degradation": kind, "params": params, "named": named}
     return img, caption, kind is None, meta

@@ -1,0 +1,1000 @@
+"""Train the ReNeg demo world: a tiny text-to-image latent diffusion model and a tiny reward.
+
+    python -m reneg.demo_world.train_world --out reneg/demo_world/assets [--threads 2] [--smoke]
+
+Stages (each seeded, CPU only):
+  1. data      procedural images and captions from :mod:`reneg.demo_world.world`
+  2. vae       AutoencoderKL 32 px -> 4 x 8 x 8 latent; scaling_factor = 1 / latent std
+  3. diffusion UNet2DConditionModel + CLIPTextModel (hidden 64) trained jointly, eps prediction,
+               SD1.5 noise schedule, 10 % empty captions for classifier-free guidance, EMA weights
+  4. save      diffusers folder (StableDiffusionPipeline, DDIM scheduler), fp16 safetensors,
+               text encoder keys rewritten with the ``text_model.`` prefix
+  5. reward    a small open_clip model trained on clean / degraded / mismatched images; saved as
+               an HPSv2-style ``{"state_dict": ...}`` checkpoint plus its model config JSON
+  6. evaluate  reward accuracy on held-out pairs; DDIM samples with a null vs handcrafted negative
+  7. card      ``CARD.md`` with the figures
+
+``--work DIR`` keeps intermediate checkpoints; ``--resume`` reuses the ones found there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import world
+
+REWARD_MODEL_NAME = "reneg-demo-clip"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+UNET_CONFIG: Dict[str, Any] = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,  # SD1-style: 8 heads at every level
+)
+VAE_CONFIG: Dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    sample_size=32,
+)
+TEXT_CONFIG: Dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=64,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+SCHEDULER_CONFIG: Dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+REWARD_CONFIG: Dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "patch_size": 4, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+FULL = dict(
+    n_data=40000, vae_steps=1500, vae_batch=24, diff_steps=3500, diff_batch=64,
+    n_reward=8000, reward_steps=500, reward_batch=64, n_eval_pairs=1500, eval_seeds=4,
+)
+SMOKE = dict(
+    n_data=600, vae_steps=20, vae_batch=16, diff_steps=20, diff_batch=16,
+    n_reward=300, reward_steps=10, reward_batch=16, n_eval_pairs=60, eval_seeds=1,
+)
+
+
+def log(*a: Any) -> None:
+    print("[%s]" % time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _byte_symbols() -> List[str]:
+    """The 256 byte symbols of GPT-2 style byte-level BPE, in CLIP's vocabulary order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+    printable += list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    order = list(printable)
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            order.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def write_tokenizer_folder(folder: Path) -> None:
+    """Write an SD1-style CLIPTokenizer folder (vocab.json, merges.txt, configs) from open_clip's BPE file.
+
+    vocab = the 256 byte symbols, the same with ``</w>``, the 48,894 merges joined, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` (FIELD-NOTES 8); padding with ``<|endoftext|>``.
+    """
+    from open_clip.tokenizer import default_bpe
+
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = _byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+    config = dict(special, model_max_length=77, tokenizer_class="CLIPTokenizer", do_lower_case=True,
+                  clean_up_tokenization_spaces=True, add_prefix_space=False, errors="replace")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build_tokenizer(folder: Path):
+    """Write the tokenizer folder, load it with transformers and check its ids against open_clip's."""
+    from transformers import CLIPTokenizer
+
+    write_tokenizer_folder(folder)
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    check_tokenizer(tok)
+    return tok
+
+
+def check_tokenizer(tok) -> None:
+    import open_clip
+
+    oc = open_clip.get_tokenizer("ViT-B-32")
+    prompts = ["a red circle on the left", world.HANDCRAFTED_NEGATIVE, "", "Two BLUE squares, noisy!"]
+    a = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    b = oc(prompts)
+    # open_clip pads with 0, SD1 pads with <|endoftext|>; compare up to and including the end token
+    for i in range(len(prompts)):
+        n = int((b[i] != 0).sum())
+        assert torch.equal(a[i, :n], b[i, :n]), (prompts[i], a[i, :n], b[i, :n])
+        assert bool((a[i, n:] == 49407).all())
+
+
+def tokenize(tok, texts: Sequence[str]) -> torch.Tensor:
+    return tok(list(texts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+# --------------------------------------------------------------------------- models
+
+
+def make_vae(scaling_factor: float = 1.0):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG, scaling_factor=scaling_factor)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def make_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, 0).float()
+
+
+def world_token_ids(tok) -> List[int]:
+    """Token ids that occur in world captions, the handcrafted negative or the empty prompt."""
+    ids = set([49406, 49407])
+    for w in world.vocabulary():
+        ids.update(tok(w, add_special_tokens=False).input_ids)
+    return sorted(ids)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def to_model_range(imgs_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(imgs_uint8)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- stage: vae
+
+
+def train_vae(imgs: np.ndarray, cfg: Dict[str, Any], seed: int):
+    torch.manual_seed(seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=4e-3, weight_decay=0.0, betas=(0.9, 0.99))
+    g = np.random.default_rng(seed)
+    steps, bs = cfg["vae_steps"], cfg["vae_batch"]
+    t0 = time.time()
+    for step in range(steps):
+        set_lr(opt, cosine_lr(step, steps, 4e-3, 30))
+        x = to_model_range(imgs[g.integers(0, len(imgs), bs)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = post.kl().mean()
+        loss = l1 + mse + 1e-5 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log("vae %d/%d l1 %.4f mse %.4f kl %.1f (%.0fs)" % (step, steps, l1.item(), mse.item(), kl.item(), time.time() - t0))
+    vae.eval()
+    return vae, {"vae_steps": steps, "vae_final_l1": float(l1.item()), "vae_seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def encode_all(vae, imgs: np.ndarray, bs: int = 500) -> Tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(imgs), bs):
+        post = vae.encode(to_model_range(imgs[i : i + bs])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def reconstruct(vae, imgs: np.ndarray, bs: int = 500) -> np.ndarray:
+    out = []
+    for i in range(0, len(imgs), bs):
+        x = to_model_range(imgs[i : i + bs])
+        out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample))
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- stage: diffusion
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+@torch.no_grad()
+def encode_captions(te, tok, captions: Sequence[str], bs: int = 256) -> torch.Tensor:
+    """last_hidden_state [N, 77, 64] of the (frozen) text encoder."""
+    out = []
+    for i in range(0, len(captions), bs):
+        out.append(te(tokenize(tok, captions[i : i + bs])).last_hidden_state)
+    return torch.cat(out)
+
+
+def train_diffusion(lat_mean, lat_std, scale: float, cond_table: torch.Tensor, cap_idx: torch.Tensor,
+                    empty_cond: torch.Tensor, cfg: Dict[str, Any], seed: int):
+    """Train the UNet on precomputed text-encoder outputs (the text encoder stays frozen)."""
+    torch.manual_seed(seed)
+    unet = make_unet()
+    ema_unet = copy.deepcopy(unet).eval()
+    for p in ema_unet.parameters():
+        p.requires_grad_(False)
+    params = list(unet.parameters())
+    base_lr = 2e-3
+    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=0.0)
+    acp = alphas_cumprod()
+    g = torch.Generator().manual_seed(seed)
+    steps, bs = cfg["diff_steps"], cfg["diff_batch"]
+    t0 = time.time()
+    run = 0.0
+    for step in range(steps):
+        set_lr(opt, cosine_lr(step, steps, base_lr, 150))
+        idx = torch.randint(0, len(cap_idx), (bs,), generator=g)
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * scale
+        h = cond_table[cap_idx[idx]].clone()
+        drop = torch.rand(bs, generator=g) < 0.1
+        h[drop] = empty_cond
+        t = torch.randint(0, 1000, (bs,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(zt, t, h).sample
+        # min-SNR-5 weighting (eps prediction): w = min(snr, 5) / snr; converges faster on a small budget
+        snr = acp[t] / (1 - acp[t])
+        w = snr.clamp(max=5.0) / snr
+        loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema_unet, unet, min(0.999, (1 + step) / (10 + step)))
+        run = loss.item() if step == 0 else 0.98 * run + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log("diffusion %d/%d loss %.4f (%.0fs)" % (step, steps, run, time.time() - t0))
+    return ema_unet, {"diff_steps": steps, "diff_final_loss": run, "diff_seconds": time.time() - t0}
+
+
+# --------------------------------------------------------------------------- stage: save pipeline
+
+
+def rewrite_text_encoder_keys(folder: Path) -> None:
+    """Make sure text_encoder/model.safetensors uses the ``text_model.`` prefix (FIELD-NOTES 8)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    sd = load_file(str(path))
+    if all(k.startswith("text_model.") for k in sd):
+        return
+    new = {}
+    for k, v in sd.items():
+        new[k if k.startswith("text_model.") else "text_model." + k] = v.contiguous()
+    save_file(new, str(path), metadata={"format": "pt"})
+
+
+def save_pipeline(out: Path, vae, unet, te, tok) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pdir = out / "pipeline"
+    if pdir.exists():
+        shutil.rmtree(pdir)
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).half(),
+        text_encoder=copy.deepcopy(te).half(),
+        tokenizer=tok,
+        unet=copy.deepcopy(unet).half(),
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(pdir), safe_serialization=True)
+    shutil.rmtree(pdir / "tokenizer")
+    write_tokenizer_folder(pdir / "tokenizer")  # the SD1 layout; no 3.6 MB tokenizer.json
+    rewrite_text_encoder_keys(pdir / "text_encoder")
+    # fp16 weights on disk, but loaders that follow the config's dtype should build fp32 models
+    cfg_path = pdir / "text_encoder" / "config.json"
+    c = json.loads(cfg_path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in c:
+            c[key] = "float32"
+    cfg_path.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+
+
+def load_pipeline(pdir: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pdir), torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_saved_pipeline(pdir: Path, te_ref) -> None:
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    keys = list(load_file(str(pdir / "text_encoder" / "model.safetensors")).keys())
+    assert keys and all(k.startswith("text_model.") for k in keys), keys[:3]
+    te2 = CLIPTextModel.from_pretrained(str(pdir / "text_encoder"), torch_dtype=torch.float32)
+    ids = torch.tensor([[49406, 320, 736, 7117, 49407] + [49407] * 72])
+    with torch.no_grad():
+        a = te2(ids).last_hidden_state
+        b = te_ref.half().float()(ids).last_hidden_state
+    assert a.dtype == torch.float32
+    assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
+
+
+# --------------------------------------------------------------------------- reward
+
+
+def reward_preprocess(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Differentiable HPS-style preprocessing of images in [-1, 1] (NCHW)."""
+    x = ((x + 1) / 2).clamp(0, 1)
+    h, w = x.shape[-2:]
+    s = image_size / min(h, w)
+    nh, nw = max(image_size, round(h * s)), max(image_size, round(w * s))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - image_size) // 2, (nw - image_size) // 2
+    x = x[..., top : top + image_size, left : left + image_size]
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def make_reward_model():
+    import open_clip
+    from open_clip import factory
+
+    factory._MODEL_CONFIGS[REWARD_MODEL_NAME] = copy.deepcopy(REWARD_CONFIG)
+    return open_clip.create_model(REWARD_MODEL_NAME, pretrained=None)
+
+
+def reward_score(model, imgs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """HPS convention: cosine of L2-normalised image and text features. imgs in [-1, 1]."""
+    fi = F.normalize(model.encode_image(reward_preprocess(imgs, REWARD_CONFIG["vision_cfg"]["image_size"])), dim=-1)
+    ft = F.normalize(model.encode_text(tokens), dim=-1)
+    return (fi * ft).sum(-1)
+
+
+MISMATCH_KINDS = ("colour", "shape", "count", "position", "background")
+
+
+def mismatch_scene(scene: Dict[str, Any], rng: np.random.Generator) -> Tuple[Dict[str, Any], str]:
+    """A scene that differs from ``scene`` in one attribute its caption mentions."""
+    kinds = ["colour", "shape", "count"]
+    if scene["count"] == 1 and scene["named_position"]:
+        kinds.append("position")
+    if scene["named_background"]:
+        kinds.append("background")
+    kind = kinds[int(rng.integers(len(kinds)))]
+
+    def other(options: Sequence[Any], cur: Any) -> Any:
+        opts = [o for o in options if o != cur]
+        return opts[int(rng.integers(len(opts)))]
+
+    s = copy.deepcopy(scene)
+    if kind == "colour":
+        s["colour"] = other(list(world.COLOURS), scene["colour"])
+    elif kind == "shape":
+        s["shape"] = other(world.SHAPES, scene["shape"])
+    elif kind == "background":
+        s["background"] = other(world.BACKGROUNDS, scene["background"])
+    else:
+        ov = {k: scene[k] for k in ("shape", "colour", "background", "named_background")}
+        if kind == "count":
+            ov["count"] = other([1, 2, 3], scene["count"])
+        else:
+            ov["count"] = 1
+            ov["position"] = other([p for p in world.POSITIONS if p != "middle"] + ["middle"], scene["position"])
+        s = world.sample_scene(rng, **ov)
+        s["texture"] = scene["texture"]
+        s["jitter"] = scene["jitter"]
+    return s, kind
+
+
+def reward_triplets(n: int, seed: int) -> Dict[str, Any]:
+    """Clean image, a degraded copy and a mismatched image for ``n`` clean captions."""
+    rng = np.random.default_rng(seed)
+    clean = np.empty((n, 32, 32, 3), np.uint8)
+    deg = np.empty_like(clean)
+    mis = np.empty_like(clean)
+    caps, deg_kinds, mis_kinds = [], [], []
+    for i in range(n):
+        scene = world.sample_scene(rng)
+        clean[i] = world.render_scene(scene)
+        k = world.DEGRADATIONS[int(rng.integers(len(world.DEGRADATIONS)))]
+        deg[i] = world.degrade(clean[i], k, rng)
+        s2, mk = mismatch_scene(scene, rng)
+        mis[i] = world.render_scene(s2)
+        caps.append(world.caption_for(scene))
+        deg_kinds.append(k)
+        mis_kinds.append(mk)
+    return {"clean": clean, "deg": deg, "mis": mis, "caps": caps, "deg_kinds": deg_kinds, "mis_kinds": mis_kinds}
+
+
+def train_reward(data: Dict[str, Any], recon: Dict[str, np.ndarray], cfg: Dict[str, Any], seed: int):
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = make_reward_model()
+    tokenizer = open_clip.get_tokenizer(REWARD_MODEL_NAME)
+    tokens = tokenizer(data["caps"])
+    cap_index = {c: i for i, c in enumerate(sorted(set(data["caps"])))}
+    cap_id = torch.tensor([cap_index[c] for c in data["caps"]])
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)
+    g = np.random.default_rng(seed)
+    n = len(data["caps"])
+    steps, bs = cfg["reward_steps"], cfg["reward_batch"]
+    t0 = time.time()
+    run = None
+
+    def pick(kind: str, idx: np.ndarray) -> torch.Tensor:
+        use_rec = g.random(len(idx)) < 0.5
+        arr = np.where(use_rec[:, None, None, None], recon[kind][idx], data[kind][idx])
+        return to_model_range(arr)
+
+    model.train()
+    for step in range(steps):
+        set_lr(opt, cosine_lr(step, steps, 1e-3, 50))
+        idx = g.integers(0, n, bs)
+        imgs = torch.cat([pick("clean", idx), pick("deg", idx), pick("mis", idx)])
+        fi = F.normalize(model.encode_image(reward_preprocess(imgs, REWARD_CONFIG["vision_cfg"]["image_size"])), dim=-1)
+        ft = F.normalize(model.encode_text(tokens[idx]), dim=-1)
+        f_pos, f_deg, f_mis = fi[:bs], fi[bs : 2 * bs], fi[2 * bs :]
+        ls = model.logit_scale.exp().clamp(max=100)
+        s_pos = (ft * f_pos).sum(-1)
+        s_deg = (ft * f_deg).sum(-1)
+        s_mis = (ft * f_mis).sum(-1)
+        l_pref = F.softplus(-ls * (s_pos - s_deg)).mean() + F.softplus(-ls * (s_pos - s_mis)).mean()
+        logits = ls * ft @ f_pos.t()  # text x image
+        cid = cap_id[idx]
+        same = (cid[:, None] == cid[None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        l_clip = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean())
+        loss = l_clip + l_pref
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        acc = float(((s_pos > s_deg).float().mean() + (s_pos > s_mis).float().mean()) / 2)
+        run = (loss.item(), acc) if run is None else (0.95 * run[0] + 0.05 * loss.item(), 0.95 * run[1] + 0.05 * acc)
+        if step % 100 == 0 or step == steps - 1:
+            log("reward %d/%d loss %.3f train-acc %.3f scale %.1f (%.0fs)" % (step, steps, run[0], run[1], ls.item(), time.time() - t0))
+    model.eval()
+    return model, {"reward_steps": steps, "reward_seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def reward_scores_np(model, imgs_uint8: np.ndarray, caps: Sequence[str], bs: int = 500) -> np.ndarray:
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(REWARD_MODEL_NAME)
+    out = []
+    for i in range(0, len(caps), bs):
+        out.append(reward_score(model, to_model_range(imgs_uint8[i : i + bs]), tokenizer(list(caps[i : i + bs]))))
+    return torch.cat(out).numpy()
+
+
+def eval_reward(model, data: Dict[str, Any], recon: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    caps = data["caps"]
+    res: Dict[str, Any] = {}
+    for src_name, src in (("raw", data), ("vae", recon)):
+        s_pos = reward_scores_np(model, src["clean"], caps)
+        s_deg = reward_scores_np(model, src["deg"], caps)
+        s_mis = reward_scores_np(model, src["mis"], caps)
+        r = {
+            "clean_vs_degraded": float((s_pos > s_deg).mean()),
+            "clean_vs_mismatched": float((s_pos > s_mis).mean()),
+            "mean_clean": float(s_pos.mean()),
+            "mean_degraded": float(s_deg.mean()),
+            "mean_mismatched": float(s_mis.mean()),
+        }
+        dk = np.array(data["deg_kinds"])
+        for k in world.DEGRADATIONS:
+            r["degraded_" + k] = float((s_pos[dk == k] > s_deg[dk == k]).mean())
+        mk = np.array(data["mis_kinds"])
+        for k in MISMATCH_KINDS:
+            if (mk == k).any():
+                r["mismatch_" + k] = float((s_pos[mk == k] > s_mis[mk == k]).mean())
+        res[src_name] = r
+    # a raw clean image against its VAE reconstruction: the reward should not care much
+    s_raw = reward_scores_np(model, data["clean"], caps)
+    s_rec = reward_scores_np(model, recon["clean"], caps)
+    res["clean_raw_minus_vae_mean"] = float((s_raw - s_rec).mean())
+    return res
+
+
+def zero_unused_reward_tokens(model) -> int:
+    """Zero the token embedding rows of tokens the world never uses (they were never trained)."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(REWARD_MODEL_NAME)
+    keep = set([0, 49406, 49407])
+    for w in world.vocabulary():
+        keep.update(int(i) for i in tokenizer([w])[0].tolist())
+    with torch.no_grad():
+        w = model.token_embedding.weight
+        mask = torch.ones(w.shape[0], dtype=torch.bool)
+        mask[sorted(keep)] = False
+        w[mask] = 0
+    return len(keep)
+
+
+def save_reward(out: Path, model) -> None:
+    rdir = out / "reward"
+    rdir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd}, str(rdir / "hps_demo.pt"))
+    (rdir / "open_clip_config.json").write_text(json.dumps(REWARD_CONFIG, indent=2) + "\n")
+
+
+def load_reward(out: Path):
+    import open_clip
+    from open_clip import factory
+
+    cfg = json.loads((out / "reward" / "open_clip_config.json").read_text())
+    factory._MODEL_CONFIGS[REWARD_MODEL_NAME] = cfg
+    model = open_clip.create_model(REWARD_MODEL_NAME, pretrained=None)
+    ckpt = torch.load(str(out / "reward" / "hps_demo.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- evaluation of samples
+
+
+def colour_hits(imgs_uint8: np.ndarray, prompts: Sequence[str]) -> float:
+    """Fraction of images whose most frequent palette colour is the prompt's colour."""
+    pal_names = list(world.COLOURS)
+    pal = np.array([world.COLOURS[c] for c in pal_names], np.float32)
+    hits = 0
+    for im, p in zip(imgs_uint8, prompts):
+        x = im.reshape(-1, 3).astype(np.float32)
+        d = ((x[:, None, :] - pal[None]) ** 2).sum(-1) ** 0.5
+        near = d.min(1) < 60
+        counts = np.bincount(d.argmin(1)[near], minlength=len(pal))
+        want = next(c for c in pal_names if (" %s " % c) in (" %s " % p))
+        hits += int(counts.sum() > 0 and pal_names[int(counts.argmax())] == want)
+    return hits / len(prompts)
+
+
+@torch.no_grad()
+def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], negative: Optional[str], steps: int = 25,
+           guidance: float = 7.5) -> torch.Tensor:
+    """Images in [-1, 1], one per (prompt, seed) with prompts varying fastest."""
+    ps = [p for _ in seeds for p in prompts]
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds for _ in prompts]
+    out = pipe(
+        prompt=ps,
+        negative_prompt=None if negative is None else [negative] * len(ps),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=gens,
+        height=32,
+        width=32,
+        output_type="pt",
+    ).images
+    return out * 2 - 1
+
+
+def eval_samples(pipe, reward, prompts: Sequence[str], seeds: Sequence[int], threshold: float,
+                 grid_path: Optional[Path] = None) -> Dict[str, Any]:
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(REWARD_MODEL_NAME)
+    res: Dict[str, Any] = {}
+    grids = []
+    ps = [p for _ in seeds for p in prompts]
+    toks = tokenizer(ps)
+    for guidance in (5.0, 7.5):
+        for name, neg in (("null", None), ("handcrafted", world.HANDCRAFTED_NEGATIVE)):
+            imgs = sample(pipe, prompts, seeds, neg, guidance=guidance)
+            with torch.no_grad():
+                s = reward_score(reward, imgs, toks).numpy()
+            u8 = to_uint8(imgs)
+            key = "%s_cfg%s" % (name, guidance)
+            res[key] = {
+                "mean_reward": float(s.mean()),
+                "frac_below_threshold": float((s < threshold).mean()),
+                "colour_match": colour_hits(u8, ps),
+            }
+            log("samples %s: %s" % (key, res[key]))
+            if guidance == 7.5:
+                grids.append(u8[:32])
+    if grid_path is not None:
+        from PIL import Image
+
+        g = np.concatenate([world.to_grid(list(x), ncol=8, scale=2) for x in grids], 0)
+        Image.fromarray(g).save(str(grid_path))
+    return res
+
+
+# --------------------------------------------------------------------------- card
+
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
+    r = info["reward_eval"]
+    s = info["samples"]
+    sizes = {name: dir_size(out / name) for name in ("pipeline", "reward")}
+    lines = [
+        "# ReNeg demo world: model card",
+        "",
+        "Two tiny models trained from scratch on CPU on the procedural world in `reneg/demo_world/world.py`",
+        "(32 x 32 RGB images of 1-3 coloured circles / squares / triangles on plain or textured backgrounds).",
+        "They exist only to exercise ReNeg end to end without a GPU; they are not useful for anything else.",
+        "",
+        "## Command and seeds",
+        "",
+        "```",
+        "python -m reneg.demo_world.train_world " + " ".join(argv),
+        "```",
+        "",
+        "Seed %d (data seed %d, VAE %d, diffusion %d, reward data %d, reward %d, held-out reward pairs %d)."
+        % (info["seed"], info["seed"], info["seed"] + 1, info["seed"] + 2, info["seed"] + 3, info["seed"] + 4, info["seed"] + 5),
+        "Training time with %d CPU thread(s): data %.0f s, VAE %.0f s, diffusion %.0f s, reward data %.0f s,"
+        % (info["threads"], info["data_seconds"], info["vae_seconds"], info["diff_seconds"], info["reward_data_seconds"]),
+        "reward %.0f s (%.1f min in all, evaluation included; stages resumed from --work count with the time"
+        % (info["reward_seconds"], info["total_seconds"] / 60),
+        "they took when trained). The machine's 2 cores were shared with other jobs.",
+        "torch %s, diffusers %s, transformers %s, open_clip %s." % tuple(info["versions"]),
+        "",
+        "## Training data",
+        "",
+        "%d samples from `world.make_dataset`: %.0f %% are degraded (blur, noise, smear, washed out, channel-swapped"
+        % (info["n_data"], 100 * world.DEGRADED_FRACTION),
+        "colours); %.0f %% of all samples are degraded without the caption saying so and %.0f %% name the degradation"
+        % (100 * world.UNLABELLED_DEGRADED_FRACTION, 100 * (world.DEGRADED_FRACTION - world.UNLABELLED_DEGRADED_FRACTION)),
+        "(\"a blurry red circle\", \"two red squares, noisy\"). Handcrafted negative: `%s`." % world.HANDCRAFTED_NEGATIVE,
+        "",
+        "## Text-to-image pipeline (`pipeline/`, %.2f MB)" % (sizes["pipeline"] / 1e6),
+        "",
+        "diffusers `StableDiffusionPipeline` folder, fp16 safetensors (load with `torch_dtype=torch.float32`).",
+        "",
+        "- `vae`: AutoencoderKL, block_out_channels (32, 64, 64), 1 layer per block,",
+        "  32 px -> 4 x 8 x 8 latent, L1 + MSE + 1e-5 KL, %d steps of batch %d, AdamW lr 4e-3 cosine.\n"
+        "  `scaling_factor` = 1 / std of sampled training latents = %.4f."
+        % (info["vae_steps"], info["cfg"]["vae_batch"], info["scaling_factor"]),
+        "- `text_encoder`: CLIPTextModel, hidden 64, 3 layers, 4 heads, 77 positions, vocab 49408, quick_gelu;",
+        "  randomly initialised (seed %d) and frozen: the UNet learned to read it. last_hidden_state (after"
+        % (info["seed"] + 6),
+        "  the final layer norm) is the conditioning, as in SD1. Keys carry the `text_model.` prefix. Token",
+        "  embedding rows of tokens that never occur in the world (all but %d ids) are zero." % info["n_world_tokens"],
+        "- `tokenizer`: CLIPTokenizer built offline from open_clip's BPE file: real CLIP ids, padded with",
+        "  `<|endoftext|>`, model_max_length 77.",
+        "- `unet`: UNet2DConditionModel, block_out_channels (32, 64, 64) (CrossAttnDown x 2, Down / Up,",
+        "  CrossAttnUp x 2), 1 layer per block, cross_attention_dim 64, 8 heads, sample_size 8. eps prediction,",
+        "  SD1.5 noise schedule (scaled_linear 0.00085-0.012, 1000 steps), min-SNR-5 loss weighting, 10 % empty",
+        "  captions, AdamW lr 2e-3 cosine, %d steps of batch %d, EMA 0.999 (the EMA weights are shipped).\n"
+        "  Final (weighted) loss %.4f." % (info["diff_steps"], info["cfg"]["diff_batch"], info["diff_final_loss"]),
+        "- `scheduler`: DDIMScheduler with SD1.5's values (steps_offset 1, clip_sample false, set_alpha_to_one false).",
+        "",
+        "## Reward (`reward/`, %.2f MB)" % (sizes["reward"] / 1e6),
+        "",
+        "open_clip CLIP from the custom config `reward/open_clip_config.json` (ViT 32 px, patch 4, width 96,",
+        "3 layers; text width 32, 2 layers, context 77, vocab 49408, so open_clip's default tokenizer works).",
+        "HPSv2 checkpoint format: `torch.load(..., weights_only=True)[\"state_dict\"]` (fp16 tensors; `load_state_dict`",
+        "into the fp32 model casts them). Score = cosine of L2-normalised image and text features. Preprocessing:",
+        "[-1, 1] -> [0, 1] -> bicubic antialiased resize of the shorter side to 32 -> centre crop -> OpenAI CLIP",
+        "mean/std. Register the config under any name, e.g.",
+        "`open_clip.factory._MODEL_CONFIGS[\"%s\"] = json.load(...)` (or `open_clip.add_model_config(path)`, which" % REWARD_MODEL_NAME,
+        "registers it under the file's stem, `open_clip_config`).",
+        "",
+        "Trained %d steps (batch %d caption triplets) on %d clean captions, each with its clean image, a degraded"
+        % (info["reward_steps"], info["cfg"]["reward_batch"], info["cfg"]["n_reward"]),
+        "copy and an image that differs in one named attribute (colour, shape, count, position or background);",
+        "half of all images are replaced by their VAE reconstruction so that the VAE's own softness is not",
+        "punished. Loss: symmetric InfoNCE (identical captions count as positives) + pairwise preference",
+        "(clean > degraded, clean > mismatched) on logit_scale x cosine.",
+        "",
+        "Held-out pairs (%d new captions, seed %d):" % (info["cfg"]["n_eval_pairs"], info["seed"] + 5),
+        "",
+        "| images | clean > degraded | clean > mismatched | mean clean | mean degraded | mean mismatched |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in ("raw", "vae"):
+        x = r[k]
+        lines.append("| %s | %.3f | %.3f | %.3f | %.3f | %.3f |" % (
+            "rendered" if k == "raw" else "VAE reconstructions", x["clean_vs_degraded"], x["clean_vs_mismatched"],
+            x["mean_clean"], x["mean_degraded"], x["mean_mismatched"]))
+    lines += [
+        "",
+        "Per degradation (rendered / VAE): "
+        + ", ".join("%s %.2f / %.2f" % (k, r["raw"]["degraded_" + k], r["vae"]["degraded_" + k]) for k in world.DEGRADATIONS)
+        + ".",
+        "Per mismatch (rendered): "
+        + ", ".join("%s %.2f" % (k, r["raw"]["mismatch_" + k]) for k in MISMATCH_KINDS if "mismatch_" + k in r["raw"])
+        + ".",
+        "",
+        "## Samples (DDIM 25 steps, 32 px)",
+        "",
+        "`heldout_prompts(32)` x seeds %s, scored with the reward. `below threshold` = fraction scoring under the"
+        % (list(info["eval_seeds"]),),
+        "midpoint %.3f between the mean clean and mean degraded held-out VAE-reconstruction scores (a proxy for" % info["threshold"],
+        "\"looks degraded or wrong\"); `colour match` = the most frequent palette colour is the prompt's.",
+        "",
+        "| negative | CFG | mean reward | below threshold | colour match |",
+        "|---|---|---|---|---|",
+    ]
+    for key, v in s.items():
+        name, g = key.split("_cfg")
+        lines.append("| %s | %s | %.4f | %.3f | %.3f |" % (name, g, v["mean_reward"], v["frac_below_threshold"], v["colour_match"]))
+    lines += [
+        "",
+        "`samples.png`: the first 32 samples at CFG 7.5, null negative (top four rows) and handcrafted (bottom four).",
+        "",
+        "## Limits",
+        "",
+        "- Toy models: 32 px, a vocabulary of about 40 words; unseen words map to zero token embeddings.",
+        "- The reward is small and easy to exploit; a negative optimised hard against it will find adversarial",
+        "  images. Check samples by eye.",
+        "- fp16 weights on disk; run in fp32 on CPU.",
+        "",
+    ]
+    (out / "CARD.md").write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny iteration counts, to check the pipeline end to end")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="folder for intermediate checkpoints (default: $TMPDIR/reneg_demo_world_work)")
+    ap.add_argument("--resume", action="store_true", help="reuse intermediate checkpoints found in --work")
+    args = ap.parse_args(argv)
+    raw_argv = list(argv) if argv is not None else sys.argv[1:]
+
+    import diffusers
+    import open_clip
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    cfg = dict(SMOKE if args.smoke else FULL)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work: Path = args.work or Path(tempfile.gettempdir()) / ("reneg_demo_world_work" + ("_smoke" if args.smoke else ""))
+    work.mkdir(parents=True, exist_ok=True)
+    seed = args.seed
+    info: Dict[str, Any] = {"seed": seed, "threads": args.threads, "cfg": cfg, "n_data": cfg["n_data"],
+                            "versions": [torch.__version__, diffusers.__version__, transformers.__version__, open_clip.__version__]}
+    t_start = time.time()
+
+    # tokenizer
+    tok = build_tokenizer(work / "tokenizer")
+
+    # 1. data
+    t0 = time.time()
+    imgs, caps, clean, _ = world.make_dataset(cfg["n_data"], seed)
+    info["data_seconds"] = time.time() - t0
+    log("data: %d samples, %.1f%% clean (%.0fs)" % (len(caps), 100 * clean.mean(), info["data_seconds"]))
+
+    # 2. vae
+    vae_path = work / "vae.pt"
+    if args.resume and vae_path.exists():
+        state = torch.load(str(vae_path), weights_only=True)
+        vae = make_vae()
+        vae.load_state_dict(state["model"])
+        vae.eval()
+        info.update(state["info"])
+        info["vae_seconds_resumed"] = True
+        log("vae: resumed")
+    else:
+        vae, vinfo = train_vae(imgs, cfg, seed + 1)
+        info.update(vinfo)
+        torch.save({"model": vae.state_dict(), "info": vinfo}, str(vae_path))
+    lat_mean, lat_std = encode_all(vae, imgs)
+    g = torch.Generator().manual_seed(seed)
+    z = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=g)
+    scale = float(1.0 / z.std())
+    info["scaling_factor"] = scale
+    vae.register_to_config(scaling_factor=scale)
+    log("vae: latent std %.4f -> scaling_factor %.4f" % (1 / scale, scale))
+
+    # 3. diffusion: a frozen, randomly initialised CLIP text encoder (seeded) and a UNet trained on its outputs
+    torch.manual_seed(seed + 6)
+    te = make_text_encoder().eval()
+    te.requires_grad_(False)
+    # tokens that never occur in the world: zero rows (keeps the files compressible; world prompts unchanged)
+    keep = world_token_ids(tok)
+    info["n_world_tokens"] = len(keep)
+    with torch.no_grad():
+        w = te.get_input_embeddings().weight
+        mask = torch.ones(w.shape[0], dtype=torch.bool)
+        mask[keep] = False
+        w[mask] = 0
+    te.half().float()  # train on exactly the weights that ship (fp16)
+    uniq = sorted(set(caps))
+    where = {c: i for i, c in enumerate(uniq)}
+    cond_table = encode_captions(te, tok, uniq)
+    cap_idx = torch.tensor([where[c] for c in caps])
+    empty_cond = encode_captions(te, tok, [""])[0]
+    log("text encoder: %d distinct captions encoded" % len(uniq))
+    diff_path = work / "diffusion.pt"
+    if args.resume and diff_path.exists():
+        state = torch.load(str(diff_path), weights_only=True)
+        unet = make_unet()
+        unet.load_state_dict(state["unet"])
+        unet.eval()
+        info.update(state["info"])
+        info["diff_seconds_resumed"] = True
+        log("diffusion: resumed")
+    else:
+        unet, dinfo = train_diffusion(lat_mean, lat_std, scale, cond_table, cap_idx, empty_cond, cfg, seed + 2)
+        info.update(dinfo)
+        torch.save({"unet": unet.state_dict(), "info": dinfo}, str(diff_path))
+
+    # 4. save pipeline
+    save_pipeline(out, vae, unet, te, tok)
+    check_saved_pipeline(out / "pipeline", te)
+    check_tokenizer(load_pipeline(out / "pipeline").tokenizer)
+    log("pipeline saved and checked")
+
+    # 5. reward
+    t0 = time.time()
+    rdata = reward_triplets(cfg["n_reward"], seed + 3)
+    vae32 = load_pipeline(out / "pipeline").vae  # the shipped (fp16-rounded) VAE
+    rrec = {k: reconstruct(vae32, rdata[k]) for k in ("clean", "deg", "mis")}
+    data_seconds = time.time() - t0
+    log("reward data ready (%.0fs)" % data_seconds)
+    reward_path = work / "reward.pt"
+    if args.resume and reward_path.exists():
+        state = torch.load(str(reward_path), weights_only=True)
+        reward = make_reward_model()
+        reward.load_state_dict(state["model"])
+        reward.eval()
+        rinfo = state["info"]
+        info["reward_seconds_resumed"] = True
+        log("reward: resumed")
+    else:
+        reward, rinfo = train_reward(rdata, rrec, cfg, seed + 4)
+        torch.save({"model": reward.state_dict(), "info": rinfo}, str(reward_path))
+    info.update(rinfo)
+    info["reward_data_seconds"] = data_seconds
+    zero_unused_reward_tokens(reward)
+    save_reward(out, reward)
+    reward = load_reward(out)  # evaluate what ships
+
+    # 6. evaluate
+    edata = reward_triplets(cfg["n_eval_pairs"], seed + 5)
+    erec = {k: reconstruct(vae32, edata[k]) for k in ("clean", "deg", "mis")}
+    info["reward_eval"] = eval_reward(reward, edata, erec)
+    log("reward eval: %s" % json.dumps(info["reward_eval"]))
+    info["threshold"] = 0.5 * (info["reward_eval"]["vae"]["mean_clean"] + info["reward_eval"]["vae"]["mean_degraded"])
+    pipe = load_pipeline(out / "pipeline")
+    info["eval_seeds"] = list(range(cfg["eval_seeds"]))
+    info["samples"] = eval_samples(pipe, reward, world.heldout_prompts(32), info["eval_seeds"], info["threshold"],
+                                   grid_path=out / "samples.png")
+    info["total_seconds"] = time.time() - t_start
+    if args.resume:  # count stages that were loaded instead of trained with their original time
+        info["total_seconds"] += sum(info[k] for k in ("vae_seconds", "diff_seconds", "reward_seconds")
+                                     if k + "_resumed" in info)
+
+    # 7. card
+    write_card(out, info, raw_argv)
+    (work / "info.json").write_text(json.dumps(info, indent=2, default=str))
+    log("done in %.1f min; assets %.2f MB" % (info["total_seconds"] / 60, dir_size(out) / 1e6))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
