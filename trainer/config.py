@@ -114,8 +114,16 @@ def _positive(name: str, v, allow_zero: bool = False):
         raise ConfigError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
-def validate_common(cfg) -> None:
-    """Checks shared by train and tune."""
+def check_model_and_rewards(cfg) -> None:
+    """``--model``, ``--config`` and ``--reward``: shared by train, tune and eval."""
+    if not cfg.model:
+        raise ConfigError("--model is required (a diffusers folder or a .safetensors checkpoint)")
+    if not os.path.exists(cfg.model):
+        raise ConfigError(f"--model {cfg.model}: no such folder or file")
+    if os.path.isdir(cfg.model) and not os.path.isfile(os.path.join(cfg.model, "model_index.json")):
+        raise ConfigError(f"--model {cfg.model}: not a diffusers folder (no model_index.json)")
+    if cfg.config and not os.path.isdir(cfg.config):
+        raise ConfigError(f"--config {cfg.config}: no such folder")
     if not cfg.rewards:
         raise ConfigError("--reward is required (e.g. --reward hpsv2.1=/models/HPS_v2.1_compressed.pt)")
     from reneg.rewards import RewardSpecError, parse_spec
@@ -125,14 +133,11 @@ def validate_common(cfg) -> None:
             parse_spec(spec)
         except RewardSpecError as e:
             raise ConfigError(f"--reward: {e}") from None
-    if not cfg.model:
-        raise ConfigError("--model is required (a diffusers folder or a .safetensors checkpoint)")
-    if not os.path.exists(cfg.model):
-        raise ConfigError(f"--model {cfg.model}: no such folder or file")
-    if os.path.isdir(cfg.model) and not os.path.isfile(os.path.join(cfg.model, "model_index.json")):
-        raise ConfigError(f"--model {cfg.model}: not a diffusers folder (no model_index.json)")
-    if cfg.config and not os.path.isdir(cfg.config):
-        raise ConfigError(f"--config {cfg.config}: no such folder")
+
+
+def validate_common(cfg) -> None:
+    """Checks shared by train and tune."""
+    check_model_and_rewards(cfg)
     _positive("sampling-steps", cfg.sampling_steps)
     if cfg.resolution <= 0 or cfg.resolution % 8:
         raise ConfigError(f"--resolution must be a positive multiple of 8, got {cfg.resolution}")

@@ -187,22 +187,13 @@ class EvalConfig:
 def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
     """Check every flag before a model loads; returns the items and the negatives."""
     from reneg.prompts import PromptFileError
-    from reneg.rewards import RewardSpecError, parse_spec
 
-    if not cfg.model:
-        raise EvalError("--model is required (a diffusers folder or a .safetensors checkpoint)")
-    if not os.path.exists(cfg.model):
-        raise EvalError(f"--model {cfg.model}: no such folder or file")
-    if os.path.isdir(cfg.model) and not os.path.isfile(os.path.join(cfg.model, "model_index.json")):
-        raise EvalError(f"--model {cfg.model}: not a diffusers folder (no model_index.json)")
-    if not cfg.rewards:
-        raise EvalError("--reward is required (e.g. --reward hpsv2.1=/models/HPS_v2.1_compressed.pt); "
-                        "repeat it to score with several rewards")
-    for s in cfg.rewards:
-        try:
-            parse_spec(s)
-        except RewardSpecError as e:
-            raise EvalError(f"--reward: {e}") from None
+    from reneg.trainer.config import ConfigError, check_model_and_rewards
+
+    try:
+        check_model_and_rewards(cfg)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
     if not cfg.prompts:
         raise EvalError("--prompts is required (.txt, ImageReward .json, PartiPrompts .tsv or an HPSv2 folder)")
     for name in ("sampling_steps", "batch", "images_per_prompt", "tune_steps", "tune_patience", "frames",
@@ -218,7 +209,7 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         raise EvalError(f"--guidance must be a finite number > 0, got {cfg.guidance}")
     if not (math.isfinite(cfg.tune_lr) and cfg.tune_lr > 0):
         raise EvalError(f"--tune-lr must be a finite number > 0, got {cfg.tune_lr}")
-    from reneg.trainer.config import ConfigError, _check_device
+    from reneg.trainer.config import _check_device
 
     try:
         _check_device(cfg.device)
@@ -228,8 +219,6 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         raise EvalError(f"--tune-noise must be seed or fresh, got {cfg.tune_noise}")
     if cfg.tie_tol < 0:
         raise EvalError(f"--tie-tol must be >= 0, got {cfg.tie_tol}")
-    if cfg.config and not os.path.isdir(cfg.config):
-        raise EvalError(f"--config {cfg.config}: no such folder")
     if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")):
         raise EvalError(f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
                         f"diffusion_pytorch_model.safetensors)")
