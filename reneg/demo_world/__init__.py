@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .world import HANDCRAFTED_NEGATIVE, heldout_prompts, train_prompts
+from .world import HANDCRAFTED_NEGATIVE, HANDCRAFTED_NEGATIVE_LONG, heldout_prompts, train_prompts
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -49,6 +49,7 @@ def register_reward_config(name: str = REWARD_MODEL_NAME) -> str:
 __all__ = [
     "ASSETS",
     "HANDCRAFTED_NEGATIVE",
+    "HANDCRAFTED_NEGATIVE_LONG",
     "REWARD_MODEL_NAME",
     "heldout_prompts",
     "pipeline_dir",
