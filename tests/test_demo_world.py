@@ -1,0 +1,173 @@
+"""The demo world: deterministic data, the designed degraded fraction, and the shipped assets."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from reneg import demo_world
+from reneg.demo_world import world
+
+DEGRADATION_WORDS = ("blurry", "noisy", "smeared", "washed", "discoloured")
+
+
+def _has_degradation_word(caption: str) -> bool:
+    return any(w in caption for w in DEGRADATION_WORDS)
+
+
+def test_world_is_deterministic_by_seed():
+    a = world.make_dataset(40, seed=7)
+    b = world.make_dataset(40, seed=7)
+    c = world.make_dataset(40, seed=8)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and np.array_equal(a[2], b[2])
+    assert not np.array_equal(a[0], c[0])
+    rng1, rng2 = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(5):
+        i1, c1, f1, m1 = world.make_sample(rng1)
+        i2, c2, f2, m2 = world.make_sample(rng2)
+        assert np.array_equal(i1, i2) and c1 == c2 and f1 == f2 and m1 == m2
+        assert i1.shape == (32, 32, 3) and i1.dtype == np.uint8
+        # the clean image can be rebuilt from the meta
+        clean = world.render_scene(m1["scene"])
+        assert f1 == np.array_equal(clean, i1) or not f1
+    assert world.heldout_prompts() == world.heldout_prompts()
+    assert world.train_prompts(20, seed=1) == world.train_prompts(20, seed=1)
+    assert world.train_prompts(20, seed=1) != world.train_prompts(20, seed=2)
+
+
+def test_prompts_are_clean_style():
+    held = demo_world.heldout_prompts()
+    assert len(held) == 32 and len(set(held)) == 32
+    train = demo_world.train_prompts(200, seed=0)
+    assert not any(_has_degradation_word(p) for p in held + train)
+    for p in held:
+        assert any(c in p for c in world.COLOURS) and any(s in p for s in world.SHAPES)
+    assert all(w in world.vocabulary() for w in demo_world.HANDCRAFTED_NEGATIVE.replace(",", " ").split())
+
+
+def test_degraded_fraction_is_as_designed():
+    _, caps, clean, metas = world.make_dataset(3000, seed=11)
+    degraded = ~clean
+    named = np.array([m["named"] for m in metas])
+    assert abs(degraded.mean() - world.DEGRADED_FRACTION) < 0.03
+    assert abs((degraded & ~named).mean() - world.UNLABELLED_DEGRADED_FRACTION) < 0.03
+    assert abs(named.mean() - (world.DEGRADED_FRACTION - world.UNLABELLED_DEGRADED_FRACTION)) < 0.02
+    assert not (named & clean).any()
+    for cap, c, n in zip(caps, clean, named):
+        assert _has_degradation_word(cap) == bool(n)
+    kinds = {m["degradation"] for m in metas if m["degradation"]}
+    assert kinds == set(world.DEGRADATIONS)
+
+
+def test_package_paths():
+    assert os.path.isdir(demo_world.ASSETS)
+    assert os.path.isfile(os.path.join(demo_world.pipeline_dir(), "model_index.json"))
+    assert os.path.isfile(demo_world.reward_checkpoint())
+    assert os.path.isfile(demo_world.reward_config())
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(demo_world.pipeline_dir(), torch_dtype=torch.float32,
+                                                local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_pipeline_loads_and_generates(pipe):
+    from safetensors.torch import load_file
+
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
+    assert pipe.text_encoder.dtype == torch.float32
+    assert pipe.unet.config.cross_attention_dim == 64 == pipe.text_encoder.config.hidden_size
+    assert pipe.text_encoder.config.max_position_embeddings == 77
+    assert pipe.text_encoder.config.vocab_size == 49408
+    assert pipe.vae.config.latent_channels == 4 and pipe.vae_scale_factor == 4
+    assert pipe.vae.config.scaling_factor != 1.0
+    sc = pipe.scheduler.config
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert (sc.beta_schedule, sc.beta_start, sc.beta_end, sc.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    assert (sc.steps_offset, sc.clip_sample, sc.set_alpha_to_one, sc.prediction_type) == (1, False, False, "epsilon")
+    index = json.load(open(os.path.join(demo_world.pipeline_dir(), "model_index.json")))
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+
+    keys = load_file(os.path.join(demo_world.pipeline_dir(), "text_encoder", "model.safetensors")).keys()
+    assert keys and all(k.startswith("text_model.") for k in keys)
+
+    ids = pipe.tokenizer("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (1, 77) and ids[0, :5].tolist() == [49406, 320, 736, 7117, 49407]
+    assert (ids[0, 5:] == 49407).all()  # SD1 pads with <|endoftext|>
+
+    out = pipe("two blue squares", num_inference_steps=3, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def _load_reward():
+    import open_clip
+    from open_clip import factory
+
+    name = demo_world.register_reward_config()
+    assert name in factory._MODEL_CONFIGS
+    model = open_clip.create_model(name, pretrained=None)
+    ckpt = torch.load(demo_world.reward_checkpoint(), map_location="cpu", weights_only=True)
+    assert set(ckpt) == {"state_dict"}
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), open_clip.get_tokenizer(name)
+
+
+def _score(model, tokenizer, imgs_uint8, captions):
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.stack(imgs_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [-1, 1]
+    x = (x + 1) / 2
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        fi = F.normalize(model.encode_image((x - mean) / std), dim=-1)
+        ft = F.normalize(model.encode_text(tokenizer(list(captions))), dim=-1)
+    return (fi * ft).sum(-1)
+
+
+def test_reward_prefers_clean_and_matching_images():
+    model, tokenizer = _load_reward()
+    rng = np.random.default_rng(123)
+    clean, degraded, wrong, caps = [], [], [], []
+    for i in range(20):
+        scene = world.sample_scene(rng)
+        img = world.render_scene(scene)
+        kind = world.DEGRADATIONS[i % len(world.DEGRADATIONS)]
+        clean.append(img)
+        degraded.append(world.degrade(img, kind, rng))
+        other = dict(scene, colour=[c for c in world.COLOURS if c != scene["colour"]][i % 5])
+        wrong.append(world.render_scene(other))
+        caps.append(world.caption_for(scene))
+    s_clean = _score(model, tokenizer, clean, caps)
+    s_deg = _score(model, tokenizer, degraded, caps)
+    s_wrong = _score(model, tokenizer, wrong, caps)
+    assert s_clean.mean() > s_deg.mean() and (s_clean > s_deg).float().mean() >= 0.75
+    assert s_clean.mean() > s_wrong.mean() and (s_clean > s_wrong).float().mean() >= 0.75
+
+
+def test_reward_loads_with_the_project_hps_loader():
+    rewards = pytest.importorskip("reneg.rewards")
+    r = rewards.load_rewards(["hpsv2=" + demo_world.reward_checkpoint()])
+    rng = np.random.default_rng(5)
+    scene = world.sample_scene(rng)
+    img = world.render_scene(scene)
+    imgs = [img, world.degrade(img, "blur", rng)]
+    cap = world.caption_for(scene)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        s = r(x, [cap, cap])
+    model, tokenizer = _load_reward()
+    assert torch.allclose(s, _score(model, tokenizer, imgs, [cap, cap]), atol=1e-5)
