@@ -46,8 +46,12 @@ def _cmd_rewards(ns) -> int:
 
 
 def _apply_demo(ns, kind: str) -> None:
+    import torch
+
     from . import demo
 
+    # the demo's models are tiny: per-op overhead dominates and extra threads only contend
+    torch.set_num_threads(1)
     out = ns.out or os.path.join("runs", f"demo-{kind}")
     d = demo.setup(out if kind == "train" else os.path.dirname(os.path.abspath(out)) or ".")
     print(f"reneg {kind} --demo: {d['kind']} ({d['model']})", flush=True)
