@@ -50,11 +50,11 @@ def _apply_demo(ns, kind: str) -> None:
 
     from . import demo
 
-    # the demo's models are tiny: per-op overhead dominates and extra threads only contend
-    torch.set_num_threads(1)
     out = ns.out or os.path.join("runs", f"demo-{kind}")
     d = demo.setup(out if kind == "train" else os.path.dirname(os.path.abspath(out)) or ".")
     print(f"reneg {kind} --demo: {d['kind']} ({d['model']})", flush=True)
+    # tiny models are overhead-bound (one thread); the demo world's batches of 16 gain from two
+    torch.set_num_threads(min(2, os.cpu_count() or 1) if d["kind"] == "demo world" else 1)
     ns.model, ns.rewards = d["model"], [d["reward"]]
     s = d["settings"]
     if kind == "train":
