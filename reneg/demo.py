@@ -30,7 +30,7 @@ def _world():
 # step among the last 11) with 160 steps of 16 samples: under 3 minutes on 2 CPU cores.
 WORLD_SETTINGS = dict(resolution=32, steps=160, batch_size=16, micro_batch=16, sampling_steps=30, guidance=7.5,
                       grad_range=(0, 10), lr=2e-2, eval_every=80, checkpoint_every=40, eval_batch=32,
-                      eval_tune_steps=5, tune_lr=5e-2)
+                      eval_tune_steps=5, tune_lr=5e-2, eval_train_steps=20)
 
 
 def setup(out: str) -> dict:
