@@ -13,15 +13,6 @@ from reneg.evaluation import run as ev
 from reneg.evaluation.run import EvalConfig, EvalError, build_items, parse_negative, parse_negatives
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (on a shared 2-core machine, far faster)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def emb_file(tmp_path_factory, tiny_backend):
     null, _ = tiny_backend.null_embedding()

@@ -15,15 +15,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread is ~100x faster than two fighting for them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture()
 def fresh(tiny_pipeline_dir, tiny_hps_ckpt):
     """A backend and reward of their own: these tests flip switches on them."""

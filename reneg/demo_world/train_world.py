@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import math
 import os
@@ -110,51 +109,11 @@ def log(*a: Any) -> None:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _byte_symbols() -> List[str]:
-    """The 256 byte symbols of GPT-2 style byte-level BPE, in CLIP's vocabulary order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-    printable += list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    order = list(printable)
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            order.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
-
-
 def write_tokenizer_folder(folder: Path) -> None:
-    """Write an SD1-style CLIPTokenizer folder (vocab.json, merges.txt, configs) from open_clip's BPE file.
+    """An SD1-style CLIPTokenizer folder built offline from open_clip's BPE file (FIELD-NOTES 8)."""
+    from reneg.tiny import write_clip_tokenizer
 
-    vocab = the 256 byte symbols, the same with ``</w>``, the 48,894 merges joined, then
-    ``<|startoftext|>`` and ``<|endoftext|>`` (FIELD-NOTES 8); padding with ``<|endoftext|>``.
-    """
-    from open_clip.tokenizer import default_bpe
-
-    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = _byte_symbols()
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "vocab.json", "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-    }
-    config = dict(special, model_max_length=77, tokenizer_class="CLIPTokenizer", do_lower_case=True,
-                  clean_up_tokenization_spaces=True, add_prefix_space=False, errors="replace")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_clip_tokenizer(str(folder))
 
 
 def build_tokenizer(folder: Path):
