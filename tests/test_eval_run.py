@@ -95,6 +95,18 @@ def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_
         assert (out / "plots" / f"{p}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert all(f"`{n}`" in md for n in negs) and "| negative |" in md
+    # grid.png: a row per prompt and seed, a column per negative (label column 230 px, 96 px cells)
+    from PIL import Image
+
+    with Image.open(out / "grid.png") as g:
+        assert g.size == (230 + 4 * 102 + 6, 22 + 3 * 118 + 6)
+        # the first row's first image is the null image of prompt 0, upscaled 16 -> 96 px
+        cell = g.crop((236, 28, 236 + 96, 28 + 96))
+    with Image.open(out / "images" / "00000_s7_null.png") as im:
+        import numpy as np
+
+        assert np.array_equal(np.asarray(cell.resize((16, 16), Image.NEAREST)), np.asarray(im.convert("RGB")))
+    assert "![grid.png" in md
     # report.html: every image it shows exists, and it shows every image made
     html = (out / "report.html").read_text()
     parser = _Imgs()
@@ -241,17 +253,26 @@ def test_wrong_family_embedding_fails_before_any_image(tmp_path, tiny_pipeline_d
 
 def test_demo_as_a_new_user(tmp_path, monkeypatch, capsys):
     """`reneg eval --demo` from an empty folder: trains a short embedding, writes the report; a rerun makes nothing."""
+    from reneg import demo
     from reneg.cli import main
 
+    # the demo's own 16 images per prompt cost a minute more; 2 keep the path and its checks
+    monkeypatch.setitem(demo.WORLD_SETTINGS, "eval_images_per_prompt", 2)
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "--demo", "--no-progress"]) == 0
     out = tmp_path / "runs" / "demo-eval"
     s = json.loads((out / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned", "tuned"]
     assert (out / "train" / "embedding.safetensors").is_file() and len(s["categories"]) > 1
+    # per-sample tuning for the first image of each prompt (--tune-per-prompt 1), the rest for all
+    assert s["images"] == {"null": 2 * s["prompts"], "handcrafted": 2 * s["prompts"], "learned": 2 * s["prompts"],
+                           "tuned": s["prompts"]}
+    sub = s["subsets"]["hpsv2"]["tuned"]
+    assert sub["tuned"]["mean"] >= sub["learned"]["mean"] - 2e-3  # the search keeps its start
     parser = _Imgs()
     parser.feed((out / "report.html").read_text())
-    assert len([x for x in parser.srcs if x.startswith("images/")]) == 4 * s["images_per_negative"]
+    assert len([x for x in parser.srcs if x.startswith("images/")]) == 3 * s["images_per_negative"] + s["prompts"]
+    assert (out / "grid.png").is_file()
     capsys.readouterr()
     assert main(["eval", "--demo", "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -277,3 +298,61 @@ def test_tuned_fresh_noise_and_saved_embeddings(tmp_path, tiny_pipeline_dir, tin
                        cfg.sampling_steps, cfg.guidance)
     made = ev.load_frames(str(out / "images" / "00000_s7_t.png"))
     assert (ev.to_uint8(img).astype(int) - ev.to_uint8(made).astype(int)).__abs__().max() <= 1
+
+
+def test_tune_per_prompt_tunes_a_subset_and_compares_on_it(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file,
+                                                           emb_file, monkeypatch):
+    """--tune-per-prompt 1 with 2 images per prompt: tuned is made for image 0 of each prompt only, compared
+    with the others on those images, and a rerun does not try to make the rest."""
+    out = tmp_path / "ev"
+    cfg = _cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, rewards=[f"hpsv2={tiny_hps_ckpt}"],
+               images_per_prompt=2, tune_per_prompt=1)
+    s = ev.run_eval(cfg, log=lambda m: None)
+    negs = ["null", "handcrafted", "my_neg", "tuned-my_neg"]
+    images = set(os.listdir(out / "images"))
+    tuned = {f for f in images if f.endswith("_tuned-my_neg.png")}
+    # seeds: 7 + i * 2 + k; tuned only for k = 0
+    assert tuned == {f"{i:05d}_s{7 + 2 * i}_tuned-my_neg.png" for i in range(3)}
+    assert len(images) == 3 * 6 + 3
+    assert s["images_per_negative"] == 6 and s["images"] == {"null": 6, "handcrafted": 6, "my_neg": 6,
+                                                             "tuned-my_neg": 3}
+    rows = [r for r in ev.read_scores_csv(str(out / "scores.csv"))]
+    assert len(rows) == 21
+    sc = {(r["prompt_index"], r["seed"], r["negative"]): r["score"] for r in rows}
+    first = [(i, 7 + 2 * i) for i in range(3)]
+    m = s["means"]["hpsv2"]
+    assert m["tuned-my_neg"]["all"]["n"] == 3 and m["my_neg"]["all"]["n"] == 6
+    # a pair is compared on the images both have
+    d = s["differences"]["hpsv2"]["tuned-my_neg"]["my_neg"]
+    assert d["n"] == 3
+    assert d["mean"] == pytest.approx(sum(sc[k + ("tuned-my_neg",)] - sc[k + ("my_neg",)] for k in first) / 3)
+    assert s["win_rates"]["hpsv2"]["tuned-my_neg"]["null"]["n"] == 3
+    assert s["win_rates"]["hpsv2"]["my_neg"]["null"]["n"] == 6
+    # every negative's mean on the tuned images; tuned never below its start there
+    sub = s["subsets"]["hpsv2"]["tuned-my_neg"]
+    assert set(sub) == set(negs) and all(v["n"] == 3 for v in sub.values())
+    assert sub["my_neg"]["mean"] == pytest.approx(sum(sc[k + ("my_neg",)] for k in first) / 3)
+    assert sub["tuned-my_neg"]["mean"] >= sub["my_neg"]["mean"] - 2e-3
+    md = (out / "report.md").read_text()
+    assert "| `tuned-my_neg` | 3 |" in md and "On the 3 images `tuned-my_neg` was made for" in md
+    html = (out / "report.html").read_text()
+    parser = _Imgs()
+    parser.feed(html)
+    assert {x for x in parser.srcs if x.startswith("images/")} == {f"images/{f}" for f in images}
+    assert html.count("not made") == 3 and "tuned-my_neg (n=3)" in html
+    from PIL import Image
+
+    with Image.open(out / "grid.png") as g:  # only rows every negative has: image 0 of each prompt
+        assert g.size == (230 + 4 * 102 + 6, 22 + 3 * 118 + 6)
+    for p in ("means", "categories", "differences", "winrates"):
+        assert (out / "plots" / f"{p}.png").is_file()
+    # rerun: nothing to make (the untuned images of k = 1 are not missing)
+    logs = []
+    ev.run_eval(cfg, log=logs.append)
+    assert any(", 0 to make" in x for x in logs), logs
+
+
+def test_tune_per_prompt_must_be_positive(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file):
+    with pytest.raises(EvalError, match="--tune-per-prompt must be a positive integer, got 0"):
+        ev.validate_eval(_cfg(tmp_path / "ev", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file,
+                              tune_per_prompt=0))

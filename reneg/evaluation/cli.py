@@ -49,6 +49,9 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--tune-steps", type=int, default=d.tune_steps, help="per-sample search: at most N steps (paper: 10)")
     a("--tune-patience", type=int, default=d.tune_patience, help="per-sample search: patience (paper: 3)")
     a("--tune-lr", type=float, default=d.tune_lr)
+    a("--tune-per-prompt", type=int, default=None, metavar="K",
+      help="tuned negatives: tune only the first K images of each prompt (per-sample search is the slow part); "
+           "they are compared with the others on those images (default: all images)")
     a("--tune-noise", choices=("seed", "fresh"), default=d.tune_noise,
       help="seed: tune for each image's own seed (default); fresh: new noise each step as in the paper, then "
            "the image is made from its seed with the best negative")
@@ -65,7 +68,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--title", default=d.title)
     a("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
     a("--threads", type=int, default=None,
-      help="CPU threads for torch (default: torch's choice; --demo uses 1, fastest for its tiny models)")
+      help="CPU threads for torch (default: torch's choice; --demo uses 2 for the demo world, 1 for the tiny "
+           "random fallback)")
     a("--no-progress", dest="progress", action="store_false")
     s.set_defaults(fn=cmd_eval)
     return s
@@ -82,7 +86,11 @@ def cmd_eval(ns) -> int:
     from .run import run_eval
 
     t0 = time.time()
-    threads = ns.threads if ns.threads is not None else (1 if ns.demo else None)
+    if ns.threads is None and ns.demo:
+        from reneg.demo import default_threads
+
+        ns.threads = default_threads()
+    threads = ns.threads
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
@@ -104,16 +112,24 @@ def _console_table(summary: dict) -> str:
     ref = summary["reference"]
     lines = []
     for rw in summary["rewards"]:
-        lines.append(f"{rw}: mean [95% CI], win rate over {ref} [95% CI] (W/T/L)")
+        lines.append(f"{rw}: mean [95% CI]; paired difference vs {ref} [95% CI]; win rate over {ref} [95% CI] "
+                     f"(W/T/L)")
         for n in summary["negatives"]:
             name = n["name"]
             ci = summary["means"][rw][name]["all"]
             rng = f"[{ci['lo']:.4f}, {ci['hi']:.4f}]" if ci["lo"] is not None else ""
-            wr = ""
+            wr = dr = ""
             if name != ref:
                 w = summary["win_rates"][rw][name][ref]
                 wr = f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}] ({w['wins']}/{w['ties']}/{w['losses']})"
-            lines.append(f"  {name:14s} {ci['mean']:.4f} {rng:22s} {wr}")
+                d = summary["differences"][rw][name][ref]
+                dr = f"{d['mean']:+.4f}" + (f" [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d["lo"] is not None else "")
+            n_img = summary.get("images", {}).get(name, summary["images_per_negative"])
+            label = name if n_img == summary["images_per_negative"] else f"{name} (n={n_img})"
+            lines.append(f"  {label:20s} {ci['mean']:.4f} {rng:20s} {dr:28s} {wr}")
+        for part, m in summary.get("subsets", {}).get(rw, {}).items():
+            lines.append(f"  on the {summary['images'][part]} images {part} was made for: " +
+                         ", ".join(f"{k} {v['mean']:.4f}" for k, v in m.items()))
     return "\n".join(lines)
 
 
@@ -180,6 +196,7 @@ def demo_config(ns) -> EvalConfig:
         negatives=["null", f"handcrafted:{d['handcrafted']}", f"learned={emb}", f"tuned=tuned:{emb}"],
         out=out, handcrafted=d["handcrafted"], seed=s.get("eval_seed", 1234), sampling_steps=s["sampling_steps"],
         guidance=s["guidance"], resolution=s["resolution"], batch=s.get("eval_batch", 8),
+        images_per_prompt=s.get("eval_images_per_prompt", 1), tune_per_prompt=s.get("eval_tune_per_prompt"),
         tune_steps=s.get("eval_tune_steps", 5), tune_patience=s.get("eval_tune_patience", 3),
         tune_lr=s.get("tune_lr", s["lr"]), grad_range=tuple(s["grad_range"]), device=ns.device,
         progress=ns.progress, remake_mismatched=True,

@@ -40,29 +40,44 @@ def pick_reference(names: list[str], requested: str | None = None) -> str:
     return names[0]
 
 
-def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing=None) -> dict:
+def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing=None, coverage=None) -> dict:
+    """Means, paired differences and win rates. ``coverage`` ({negative: its items}) names negatives made
+    for a subset of the items (``--tune-per-prompt``); a pair of negatives is compared on the images both
+    have, and ``subsets`` gives every negative's mean on each such subset."""
     neg_names = [n.name for n in negatives]
     keys = [(it.index, it.seed) for it in items]
+    cover = {n: ([(it.index, it.seed) for it in coverage[n]] if coverage and n in coverage else keys)
+             for n in neg_names}
     cats = list(OrderedDict.fromkeys(it.category for it in items))
+    cat_of = {(it.index, it.seed): it.category for it in items}
     by_cat = {c: [(it.index, it.seed) for it in items if it.category == c] for c in cats}
     ref = pick_reference(neg_names, getattr(cfg, "reference", None))
     tie_tol = getattr(cfg, "tie_tol", 0.0)
-    means, wins, diffs = {}, {}, {}
+    partial = [n for n in neg_names if len(cover[n]) != len(keys)]
+
+    def common(a, b):
+        kb = set(cover[b])
+        return [k for k in cover[a] if k in kb]
+
+    means, wins, diffs, subsets = {}, {}, {}, {}
     for rw in reward_names:
         tab = _table(rows, rw)
         for n in neg_names:
-            miss = [k for k in keys if k not in tab.get(n, {})]
+            miss = [k for k in cover[n] if k not in tab.get(n, {})]
             if miss:
                 raise ValueError(f"scores for reward {rw}, negative {n}: {len(miss)} image(s) have no score "
                                  f"(e.g. prompt {miss[0][0]} seed {miss[0][1]})")
-        means[rw] = {n: {"all": stats.mean_ci([tab[n][k] for k in keys]),
-                         "categories": {c: stats.mean_ci([tab[n][k] for k in by_cat[c]]) for c in cats}}
+        means[rw] = {n: {"all": stats.mean_ci([tab[n][k] for k in cover[n]]),
+                         "categories": {c: stats.mean_ci([tab[n][k] for k in cover[n] if cat_of[k] == c])
+                                        for c in cats}}
                      for n in neg_names}
-        wins[rw] = {a: {b: stats.win_rate([tab[a][k] for k in keys], [tab[b][k] for k in keys], tie_tol)
+        wins[rw] = {a: {b: stats.win_rate([tab[a][k] for k in common(a, b)], [tab[b][k] for k in common(a, b)],
+                                          tie_tol)
                         for b in neg_names if b != a} for a in neg_names}
-        diffs[rw] = {a: {b: stats.mean_ci(stats.paired_differences([tab[a][k] for k in keys],
-                                                                    [tab[b][k] for k in keys]))
+        diffs[rw] = {a: {b: stats.mean_ci(stats.paired_differences([tab[a][k] for k in common(a, b)],
+                                                                    [tab[b][k] for k in common(a, b)]))
                          for b in neg_names if b != a} for a in neg_names}
+        subsets[rw] = {p: {n: stats.mean_ci([tab[n][k] for k in cover[p]]) for n in neg_names} for p in partial}
     tune_summary = {}
     for name, logs in (tuning or {}).items():
         vals = [v for v in logs.values() if v.get("best_reward") is not None and v.get("start_reward") is not None]
@@ -86,6 +101,8 @@ def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing
                       for n in negatives],
         "reference": ref,
         "categories": {c: len(v) for c, v in by_cat.items()},
+        "images": {n: len(cover[n]) for n in neg_names},
+        "subsets": subsets,
         "interval_method": stats.INTERVAL_METHOD,
         "tie_tolerance": tie_tol,
         "means": means,
@@ -139,7 +156,7 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
         for yi, ci, c in zip(y, m, colours * 10):
             ax.errorbar(ci["mean"], yi, xerr=_errs(ci), fmt="o", color=c, capsize=4, ms=7)
         ax.set_yticks(y)
-        ax.set_yticklabels(negs)
+        ax.set_yticklabels([_label(summary, n) for n in negs])
         ax.set_title(f"{rw}: mean, 95% CI")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Mean reward per negative ({summary['images_per_negative']} images each)", y=1.02)
@@ -152,9 +169,10 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
     for ax, rw in zip(axes[:, 0], rewards):
         for j, (n, c) in enumerate(zip(negs, colours * 10)):
             xs = [i - 0.4 + width * (j + 0.5) for i in range(len(cats))]
-            cis = [summary["means"][rw][n]["categories"][k] for k in cats]
-            ax.errorbar(xs, [ci["mean"] for ci in cis], yerr=[_errs(ci) for ci in cis], fmt="o", color=c,
-                        capsize=3, label=n)
+            pts = [(x, summary["means"][rw][n]["categories"][k]) for x, k in zip(xs, cats)]
+            pts = [(x, ci) for x, ci in pts if ci["mean"] is not None]
+            ax.errorbar([x for x, _ in pts], [ci["mean"] for _, ci in pts], yerr=[_errs(ci) for _, ci in pts],
+                        fmt="o", color=c, capsize=3, label=n)
         ax.set_xticks(range(len(cats)))
         ax.set_xticklabels([f"{k}\n(n={summary['categories'][k]})" for k in cats])
         ax.set_ylabel(rw)
@@ -170,7 +188,7 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
     for ax, rw in zip(axes[0], rewards):
         tab = _table(rows, rw)
         keys = sorted(tab.get(ref, {}))
-        data = [[tab[n][k] - tab[ref][k] for k in keys] for n in others]
+        data = [[tab[n][k] - tab[ref][k] for k in keys if k in tab.get(n, {})] for n in others]
         if data and all(len(d) > 1 for d in data):
             try:  # matplotlib >= 3.10 names it orientation; older ones only know vert
                 ax.violinplot(data, orientation="horizontal", showmeans=True, showextrema=False)
@@ -181,7 +199,7 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
             ax.scatter(d, jitter, s=10, alpha=0.6, color=colours[(negs.index(others[i])) % len(colours)])
         ax.axvline(0, color="k", lw=1, ls="--")
         ax.set_yticks(range(1, len(others) + 1))
-        ax.set_yticklabels(others)
+        ax.set_yticklabels([_label(summary, n) for n in others])
         ax.set_title(f"{rw}: per-image difference vs {ref}")
         ax.set_xlabel(f"score(negative) - score({ref})")
         ax.grid(axis="x", alpha=0.3)
@@ -208,6 +226,23 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
     return written
 
 
+def _label(summary: dict, name: str) -> str:
+    """The negative's name, with its image count where it was made for fewer images than the others."""
+    n = summary.get("images", {}).get(name)
+    return name if n is None or n == summary["images_per_negative"] else f"{name} (n={n})"
+
+
+def _subset_lines(summary: dict) -> list[str]:
+    """Markdown: every negative's mean on the images a partial negative (tuned) was made for."""
+    lines = []
+    for rw, subs in summary.get("subsets", {}).items():
+        for part, m in subs.items():
+            lines += ["", f"On the {summary['images'][part]} images `{part}` was made for ({rw}, mean ± 95% "
+                          f"half-interval):", "", "| negative | mean |", "|---|---:|"]
+            lines += [f"| `{n}` | {_ci_text(ci)} |" for n, ci in m.items()]
+    return lines
+
+
 # --------------------------------------------------------------------------- markdown
 
 def _ci_text(ci, nd=4) -> str:
@@ -216,6 +251,14 @@ def _ci_text(ci, nd=4) -> str:
     if ci["half"] is None:
         return f"{ci['mean']:.{nd}f}"
     return f"{ci['mean']:.{nd}f} ± {ci['half']:.{nd}f}"
+
+
+def _diff_text(d) -> str:
+    if d["mean"] is None:
+        return "n/a"
+    if d["lo"] is None:
+        return f"{d['mean']:+.4f}"
+    return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
 
 
 def _wr_text(w) -> str:
@@ -229,17 +272,20 @@ def markdown(summary: dict) -> str:
     ref = summary["reference"]
     lines = [f"### {summary['title']}", "",
              f"{summary['prompts']} prompts, {summary['images_per_negative']} images per negative; "
-             f"mean ± 95% half-interval; win rate over `{ref}` (ties count half) with its 95% Wilson interval.",
+             f"mean ± 95% half-interval; paired difference from `{ref}` (same prompt and seed) with its 95% "
+             f"interval; win rate over `{ref}` (ties count half) with its 95% Wilson interval.",
              ""]
-    head = ["negative"]
+    partial = any(_label(summary, n) != n for n in negs)
+    head = ["negative"] + (["images"] if partial else [])
     for rw in summary["rewards"]:
-        head += [f"{rw} mean", f"{rw} win rate vs {ref}"]
+        head += [f"{rw} mean", f"{rw} difference vs {ref}", f"{rw} win rate vs {ref}"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     for n in negs:
-        cells = [f"`{n}`"]
+        cells = [f"`{n}`"] + ([str(summary["images"][n])] if partial else [])
         for rw in summary["rewards"]:
             cells.append(_ci_text(summary["means"][rw][n]["all"]))
+            cells.append("—" if n == ref else _diff_text(summary["differences"][rw][n][ref]))
             cells.append("—" if n == ref else _wr_text(summary["win_rates"][rw][n][ref]))
         lines.append("| " + " | ".join(cells) + " |")
     cats = list(summary["categories"])
@@ -251,6 +297,7 @@ def markdown(summary: dict) -> str:
             for n in negs:
                 lines.append(f"| `{n}` | " + " | ".join(_ci_text(summary["means"][rw][n]["categories"][c])
                                                          for c in cats) + " |")
+    lines += _subset_lines(summary)
     lines += ["", "Negatives: " + "; ".join(f"`{n['name']}` = {n['description']}" for n in summary["negatives"]), ""]
     return "\n".join(lines)
 
@@ -269,6 +316,10 @@ table.grid td{text-align:center;vertical-align:top} table.grid td.p{text-align:l
 table.grid img{width:128px;height:auto;image-rendering:pixelated;display:block;margin:auto}
 .s{font-size:.8em;color:#444} .s.win{color:#1b5e20;font-weight:bold}
 """
+
+
+def _none_low(x):
+    return -math.inf if x is None else x
 
 
 def _e(x) -> str:
@@ -321,7 +372,7 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
     p.append("</tr>")
     best = {rw: max(negs, key=lambda n: summary["means"][rw][n]["all"]["mean"]) for rw in rewards}
     for n in negs:
-        p.append(f"<tr><td class='l'><b>{_e(n)}</b></td>")
+        p.append(f"<tr><td class='l'><b>{_e(_label(summary, n))}</b></td>")
         for rw in rewards:
             ci = summary["means"][rw][n]["all"]
             cls = " class='best'" if best[rw] == n else ""
@@ -368,6 +419,9 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
         for n in negs:
             src = f"images/{it.image_name(n)}"
             v = vals[n]
+            if v is None and _label(summary, n) != n:
+                p.append("<td><span class='s'>not made</span></td>")
+                continue
             cls = "s win" if v is not None and v == top else "s"
             p.append(f"<td><img src='{_e(src)}' alt='{_e(n)}' loading='lazy' title='{_e(n)}: {_e(_fmt(v))}'>"
                      f"<span class='{cls}'>{_e(_fmt(v))}</span></td>")
@@ -385,7 +439,7 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
                 d.append(f"<tr><td class='l'>{_e(n)}</td>")
                 for c in cats:
                     ci = summary["means"][rw][n]["categories"][c]
-                    top = max(negs, key=lambda m: summary["means"][rw][m]["categories"][c]["mean"])
+                    top = max(negs, key=lambda m: _none_low(summary["means"][rw][m]["categories"][c]["mean"]))
                     cls = " class='best'" if top == n else ""
                     d.append(f"<td{cls}>{_e(_ci_text(ci))}</td>")
                 d.append("</tr>")
@@ -407,6 +461,16 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
             d.append("</tr>")
         d.append("</table>")
 
+    for rw, subs in summary.get("subsets", {}).items():
+        for part, m in subs.items():
+            d.append(f"<h3>{_e(rw)} on the {summary['images'][part]} images {_e(part)} was made for</h3>"
+                     f"<table><tr><th class='l'>negative</th><th>mean</th></tr>")
+            top = max(m, key=lambda k: _none_low(m[k]["mean"]))
+            for n, ci in m.items():
+                cls = " class='best'" if n == top else ""
+                d.append(f"<tr><td class='l'>{_e(n)}</td><td{cls}>{_e(_ci_text(ci))}</td></tr>")
+            d.append("</table>")
+
     if summary.get("tuning"):
         d.append("<h3>Per-sample tuning</h3><table><tr><th class='l'>negative</th><th>images</th>"
                  "<th>mean start reward</th><th>mean best reward</th><th>improved</th><th>mean steps</th></tr>")
@@ -422,13 +486,76 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
     return "\n".join(p)
 
 
+# --------------------------------------------------------------------------- grid.png
+
+GRID_PNG = "grid.png"
+
+
+def write_grid_png(out: str, summary: dict, rows, items, rows_limit: int = 12, cell: int = 96) -> str | None:
+    """One picture to paste anywhere: a row per prompt and seed (round-robin across categories, only images
+    every negative has), a column per negative, each image's score under it (best of the row marked)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    negs = [n["name"] for n in summary["negatives"]]
+    rw0 = summary["rewards"][0]
+    score = {(r["prompt_index"], r["seed"], r["negative"]): float(r["score"]) for r in rows if r["reward"] == rw0}
+    full = [it for it in items if all((it.index, it.seed, n) in score for n in negs)]
+    shown = grid_items(full, rows_limit)
+    if not shown:
+        return None
+    font = ImageFont.load_default()
+    label_w, head_h, foot_h, pad = 230, 22, 16, 6
+    width = label_w + len(negs) * (cell + pad) + pad
+    height = head_h + len(shown) * (cell + foot_h + pad) + pad
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, n in enumerate(negs):
+        draw.text((label_w + j * (cell + pad) + pad, 5), n[:18], fill=(0, 0, 0), font=font)
+    for i, it in enumerate(shown):
+        y = head_h + i * (cell + foot_h + pad) + pad
+        words, lines, line = it.text.split(), [], ""
+        for w in words:
+            if len(line) + len(w) + 1 > 36 and line:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+        for k, t in enumerate(lines[:6] + [f"seed {it.seed}"]):
+            draw.text((pad, y + 2 + 13 * k), t, fill=(60, 60, 60) if k < len(lines[:6]) else (130, 130, 130),
+                      font=font)
+        vals = [score[(it.index, it.seed, n)] for n in negs]
+        for j, (n, v) in enumerate(zip(negs, vals)):
+            x = label_w + j * (cell + pad) + pad
+            path = os.path.join(out, "images", it.image_name(n))
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB")
+                    resample = Image.NEAREST if im.width < cell else Image.LANCZOS
+                    sheet.paste(im.resize((cell, cell), resample), (x, y))
+            except OSError:
+                draw.rectangle((x, y, x + cell, y + cell), outline=(200, 0, 0))
+            best = v == max(vals)
+            draw.text((x + 2, y + cell + 2), f"{v:.4f}" + (" *" if best else ""),
+                      fill=(27, 94, 32) if best else (70, 70, 70), font=font)
+    path = os.path.join(out, GRID_PNG)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
+
+
 # --------------------------------------------------------------------------- all outputs
 
 def write_report(out, summary, rows, items, negatives, reward_names, cfg) -> dict:
     atomic_write_json(os.path.join(out, "summary.json"), summary)
     plots = write_plots(out, summary, rows)
-    atomic_write_text(os.path.join(out, "report.md"), markdown(summary))
+    grid = write_grid_png(out, summary, rows, items)
+    md = markdown(summary)
+    if grid:
+        md += f"\n![{GRID_PNG}: images per prompt and negative]({GRID_PNG})\n"
+    atomic_write_text(os.path.join(out, "report.md"), md)
     atomic_write_text(os.path.join(out, "report.html"),
-                      render_html(summary, rows, items, plots, getattr(cfg, "grid_limit", 200)))
+                      render_html(summary, rows, items, plots + ([GRID_PNG] if grid else []),
+                                  getattr(cfg, "grid_limit", 200)))
     return {"summary": os.path.join(out, "summary.json"), "html": os.path.join(out, "report.html"),
-            "markdown": os.path.join(out, "report.md"), "plots": plots}
+            "markdown": os.path.join(out, "report.md"), "plots": plots, "grid": grid}

@@ -127,6 +127,7 @@ class Item:
     text: str
     category: str
     seed: int
+    k: int = 0       # which image of its prompt (0 .. images_per_prompt - 1)
 
     def image_name(self, negative: str) -> str:
         return f"{self.index:05d}_s{self.seed}_{negative}.png"
@@ -138,8 +139,17 @@ def build_items(prompts_path: str, limit: int | None = None, sample_seed: int = 
     prompts = load_prompts(prompts_path)
     indexed = list(enumerate(prompts))
     chosen = subsample(indexed, limit, sample_seed)
-    return [Item(i, p.text, p.category, seed + i * images_per_prompt + k)
+    return [Item(i, p.text, p.category, seed + i * images_per_prompt + k, k)
             for i, p in chosen for k in range(images_per_prompt)]
+
+
+def items_for(cfg, neg: Negative, items: list[Item]) -> list[Item]:
+    """The items ``neg`` is made for: all of them, except tuned negatives under ``--tune-per-prompt K``
+    (the first K images of each prompt; per-sample search is the expensive part of an evaluation)."""
+    k = getattr(cfg, "tune_per_prompt", None)
+    if neg.kind != "tuned" or k is None:
+        return items
+    return [it for it in items if it.k < k]
 
 
 # --------------------------------------------------------------------------- config
@@ -165,6 +175,7 @@ class EvalConfig:
     tune_patience: int = 3
     tune_lr: float = 5e-3
     tune_noise: str = "seed"
+    tune_per_prompt: int | None = None  # tuned negatives: only images k < this of each prompt (None: all)
     grad_range: tuple[int, int] = (0, 10)
     save_tuned: bool = False
     video: str | None = None           # motion-adapter folder (AnimateDiff)
@@ -215,6 +226,8 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         _check_device(cfg.device)
     except ConfigError as e:
         raise EvalError(str(e)) from None
+    if cfg.tune_per_prompt is not None and (not isinstance(cfg.tune_per_prompt, int) or cfg.tune_per_prompt < 1):
+        raise EvalError(f"--tune-per-prompt must be a positive integer, got {cfg.tune_per_prompt}")
     if cfg.tune_noise not in ("seed", "fresh"):
         raise EvalError(f"--tune-noise must be seed or fresh, got {cfg.tune_noise}")
     if cfg.tie_tol < 0:
@@ -479,11 +492,14 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
     tuning_logs: dict[str, dict] = {}
     made = 0
-    total = len(items) * len(negatives)
-    todo = {n.name: [it for it in items if not _image_ok(os.path.join(img_dir, it.image_name(n.name)))]
+    cover = {n.name: items_for(cfg, n, items) for n in negatives}
+    total = sum(len(v) for v in cover.values())
+    todo = {n.name: [it for it in cover[n.name] if not _image_ok(os.path.join(img_dir, it.image_name(n.name)))]
             for n in negatives}
     missing = sum(len(v) for v in todo.values())
-    log(f"reneg eval: {len(items)} images x {len(negatives)} negatives ({', '.join(n.name for n in negatives)}); "
+    sizes = ", ".join(n.name + ("" if len(cover[n.name]) == len(items) else f" ({len(cover[n.name])})")
+                      for n in negatives)
+    log(f"reneg eval: {len(items)} images x {len(negatives)} negatives ({sizes}); "
         f"{total - missing} already made, {missing} to make")
     bar = _progress(total, total - missing, "reneg eval: generate", cfg.progress)
     try:
@@ -510,13 +526,13 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     gen_s = time.time() - t0
 
     t1 = time.time()
-    rows = score_images(cfg, items, negatives, rewards, names, img_dir, frames)
+    rows = score_images(cfg, items, negatives, rewards, names, img_dir, frames, cover)
     write_scores_csv(os.path.join(cfg.out, "scores.csv"), rows)
     score_s = time.time() - t1
 
     from .report import build_summary, write_report
 
-    summary = build_summary(rows, items, negatives, names, cfg, tuning=tuning_logs,
+    summary = build_summary(rows, items, negatives, names, cfg, tuning=tuning_logs, coverage=cover,
                             timing={"generated_images": made, "generate_seconds": round(gen_s, 2),
                                     "score_seconds": round(score_s, 2)})
     write_report(cfg.out, summary, rows, items, negatives, names, cfg)
@@ -595,11 +611,11 @@ def _f(x: float):
 # --------------------------------------------------------------------------- scoring
 
 @torch.no_grad()
-def score_images(cfg, items, negatives, rewards, names, img_dir, frames=1) -> list[dict]:
-    """One row per image and reward, scored from the PNG files."""
+def score_images(cfg, items, negatives, rewards, names, img_dir, frames=1, coverage=None) -> list[dict]:
+    """One row per image and reward, scored from the PNG files (``coverage``: {negative: its items})."""
     device = next((p.device for r in rewards for p in r.parameters()), torch.device("cpu"))
     rows = []
-    pairs = [(n, it) for n in negatives for it in items]
+    pairs = [(n, it) for n in negatives for it in (coverage or {}).get(n.name, items)]
     bar = _progress(len(pairs), 0, "reneg eval: score", cfg.progress)
     try:
         for i in range(0, len(pairs), cfg.batch):
