@@ -53,8 +53,7 @@ def _apply_demo(ns, kind: str) -> None:
     out = ns.out or os.path.join("runs", f"demo-{kind}")
     d = demo.setup(out if kind == "train" else os.path.dirname(os.path.abspath(out)) or ".")
     print(f"reneg {kind} --demo: {d['kind']} ({d['model']})", flush=True)
-    # tiny models are overhead-bound (one thread); the demo world's batches of 16 gain from two
-    torch.set_num_threads(min(2, os.cpu_count() or 1) if d["kind"] == "demo world" else 1)
+    torch.set_num_threads(demo.default_threads())
     ns.model, ns.rewards = d["model"], [d["reward"]]
     s = d["settings"]
     if kind == "train":

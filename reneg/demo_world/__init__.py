@@ -16,22 +16,7 @@ from .world import HANDCRAFTED_NEGATIVE, HANDCRAFTED_NEGATIVE_LONG, heldout_prom
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
-# Trainer settings that suit this world (keys of trainer.config): 32 px images (8 x 8 latents,
-# the size the UNet was trained at), DDIM 30 steps at CFG 7.5 with the grad step in the last 11.
-# Checked with a throwaway CPU run (batch 16, AdamW lr 2e-2 cosine, 200 steps, about 4 minutes
-# on one core): mean reward on heldout_prompts(32) x 8 seeds went from 0.705 (null) and
-# 0.710 (HANDCRAFTED_NEGATIVE) to 0.731 at CFG 7.5.
-DEMO_SETTINGS = dict(
-    resolution=32,
-    sampling_steps=30,
-    guidance=7.5,
-    grad_range=(0, 10),
-    batch_size=16,
-    micro_batch=16,
-    steps=200,
-    lr=2e-2,
-    eval_batch=32,
-)
+# The trainer and eval settings that suit this world live in reneg.demo.WORLD_SETTINGS.
 
 # Name under which :func:`register_reward_config` registers the reward's open_clip config.
 REWARD_MODEL_NAME = "reneg-demo-clip"
@@ -65,7 +50,6 @@ def register_reward_config(name: str = REWARD_MODEL_NAME) -> str:
 
 __all__ = [
     "ASSETS",
-    "DEMO_SETTINGS",
     "HANDCRAFTED_NEGATIVE",
     "HANDCRAFTED_NEGATIVE_LONG",
     "REWARD_MODEL_NAME",
