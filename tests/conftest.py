@@ -56,3 +56,14 @@ def pytest_sessionstart(session):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """CLI entry points called in-process (``--demo`` picks 2 threads) must not change later tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
