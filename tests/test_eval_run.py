@@ -224,6 +224,10 @@ def test_grid_limit_keeps_every_category():
     assert len(shown) == 4 and {it.category for it in shown} == {"a", "b"}
     assert [it.index for it in shown] == [0, 1, 8, 9]
     assert re.match(r"^\d{5}_s\d+_x\.png$", items[0].image_name("x"))
+    # several seeds per prompt: every prompt's first seed is shown before any prompt's second
+    items = [ev.Item(i, f"p{i}", "a", 100 + 3 * i + k, k) for i in range(4) for k in range(3)]
+    shown = grid_items(items, 6)
+    assert [(it.index, it.k) for it in shown] == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1)]
 
 
 def test_tune_for_seed_returns_the_best_image(tiny_backend, tiny_reward):

@@ -327,17 +327,18 @@ def _e(x) -> str:
 
 
 def grid_items(items, limit: int):
-    """At most ``limit`` items, taken round-robin across categories, in file order within each."""
+    """At most ``limit`` items, taken round-robin across categories; within each, every prompt's first
+    image before any prompt's second (more prompts, fewer seeds of each), in file order."""
     cats = OrderedDict()
-    for it in items:
+    order = {id(it): i for i, it in enumerate(items)}
+    for it in sorted(items, key=lambda it: (getattr(it, "k", 0), order[id(it)])):
         cats.setdefault(it.category, []).append(it)
     chosen, lists = [], [list(v) for v in cats.values()]
     while len(chosen) < limit and any(lists):
         for lst in lists:
             if lst and len(chosen) < limit:
                 chosen.append(lst.pop(0))
-    order = {id(it): i for i, it in enumerate(items)}
-    return sorted(chosen, key=lambda it: (list(cats).index(it.category), order[id(it)]))
+    return sorted(chosen, key=lambda it: (list(cats).index(it.category), getattr(it, "k", 0), order[id(it)]))
 
 
 def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 200) -> str:
@@ -362,15 +363,19 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
 
     # summary table
     p.append("<h2>Summary</h2>")
-    p.append(f"<p class='meta'>Mean reward with its 95% interval; win rate over <b>{_e(ref)}</b> "
-             f"(same prompt and seed; ties count half) with its 95% Wilson interval. "
+    p.append(f"<p class='meta'>Mean reward with its 95% interval; paired difference from <b>{_e(ref)}</b> "
+             f"(same prompt and seed) with its 95% Student-t interval; win rate over <b>{_e(ref)}</b> "
+             f"(ties count half) with its 95% Wilson interval. A negative marked n= was made for fewer images "
+             f"(--tune-per-prompt) and is compared on those. "
              f"{_e(summary['interval_method'])}.</p>")
     p.append("<table><tr><th class='l'>negative</th>")
     for rw in rewards:
         p.append(f"<th>{_e(rw)} mean</th><th>difference vs {_e(ref)}</th><th>{_e(rw)} win rate vs {_e(ref)}</th>"
                  f"<th>W / T / L</th>")
     p.append("</tr>")
-    best = {rw: max(negs, key=lambda n: summary["means"][rw][n]["all"]["mean"]) for rw in rewards}
+    # the best mean among negatives made for every image (means over other image sets do not compare)
+    full = [n for n in negs if _label(summary, n) == n] or negs
+    best = {rw: max(full, key=lambda n: summary["means"][rw][n]["all"]["mean"]) for rw in rewards}
     for n in negs:
         p.append(f"<tr><td class='l'><b>{_e(_label(summary, n))}</b></td>")
         for rw in rewards:
