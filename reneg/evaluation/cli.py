@@ -109,6 +109,8 @@ def cmd_eval(ns) -> int:
 
 
 def _console_table(summary: dict) -> str:
+    from .report import _diff_text, _label
+
     ref = summary["reference"]
     lines = []
     for rw in summary["rewards"]:
@@ -122,11 +124,8 @@ def _console_table(summary: dict) -> str:
             if name != ref:
                 w = summary["win_rates"][rw][name][ref]
                 wr = f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}] ({w['wins']}/{w['ties']}/{w['losses']})"
-                d = summary["differences"][rw][name][ref]
-                dr = f"{d['mean']:+.4f}" + (f" [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d["lo"] is not None else "")
-            n_img = summary.get("images", {}).get(name, summary["images_per_negative"])
-            label = name if n_img == summary["images_per_negative"] else f"{name} (n={n_img})"
-            lines.append(f"  {label:20s} {ci['mean']:.4f} {rng:20s} {dr:28s} {wr}")
+                dr = _diff_text(summary["differences"][rw][name][ref])
+            lines.append(f"  {_label(summary, name):20s} {ci['mean']:.4f} {rng:20s} {dr:28s} {wr}")
         for part, m in summary.get("subsets", {}).get(rw, {}).items():
             lines.append(f"  on the {summary['images'][part]} images {part} was made for: " +
                          ", ".join(f"{k} {v['mean']:.4f}" for k, v in m.items()))
