@@ -819,6 +819,16 @@ def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def _resume_stage(path: Path, make, key: str, name: str):
+    """A stage's model and info from its intermediate checkpoint in --work (``--resume``)."""
+    state = torch.load(str(path), weights_only=True)
+    model = make()
+    model.load_state_dict(state[key])
+    model.eval()
+    log(f"{name}: resumed")
+    return model, state["info"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -862,13 +872,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # 2. vae
     vae_path = work / "vae.pt"
     if args.resume and vae_path.exists():
-        state = torch.load(str(vae_path), weights_only=True)
-        vae = make_vae()
-        vae.load_state_dict(state["model"])
-        vae.eval()
-        info.update(state["info"])
+        vae, vinfo = _resume_stage(vae_path, make_vae, "model", "vae")
+        info.update(vinfo)
         info["vae_seconds_resumed"] = True
-        log("vae: resumed")
     else:
         vae, vinfo = train_vae(imgs, cfg, seed + 1)
         info.update(vinfo)
@@ -902,13 +908,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log("text encoder: %d distinct captions encoded" % len(uniq))
     diff_path = work / "diffusion.pt"
     if args.resume and diff_path.exists():
-        state = torch.load(str(diff_path), weights_only=True)
-        unet = make_unet()
-        unet.load_state_dict(state["unet"])
-        unet.eval()
-        info.update(state["info"])
+        unet, dinfo = _resume_stage(diff_path, make_unet, "unet", "diffusion")
+        info.update(dinfo)
         info["diff_seconds_resumed"] = True
-        log("diffusion: resumed")
     else:
         unet, dinfo = train_diffusion(lat_mean, lat_std, scale, cond_table, cap_idx, empty_cond, cfg, seed + 2)
         info.update(dinfo)
@@ -925,13 +927,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     vae32 = load_pipeline(out / "pipeline").vae  # the shipped (fp16-rounded) VAE
     reward_path = work / "reward.pt"
     if args.resume and reward_path.exists():
-        state = torch.load(str(reward_path), weights_only=True)
-        reward = make_reward_model()
-        reward.load_state_dict(state["model"])
-        reward.eval()
-        rinfo = state["info"]
+        reward, rinfo = _resume_stage(reward_path, make_reward_model, "model", "reward")
         info["reward_seconds_resumed"] = True
-        log("reward: resumed")
     else:
         rdata = reward_triplets(cfg["n_reward"], seed + 3)
         rrec = {k: reconstruct(vae32, rdata[k]) for k in ("clean", "deg", "mis")}
