@@ -12,7 +12,6 @@ raises ``EIO``), as real filesystems do.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import errno
 import glob
 import os
@@ -154,14 +153,6 @@ def test_atomic_writers_keep_the_old_file(tmp_path, monkeypatch, mode):
 # --- training runs ----------------------------------------------------------------------------
 
 @pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
 def prompts(tmp_path):
     p = tmp_path / "prompts.txt"
     p.write_text("a red circle\na blue square\na green star\na yellow triangle\na purple circle\n")
@@ -192,7 +183,7 @@ def arm_after_first_checkpoint(monkeypatch, bad: BadFolder):
 
 @pytest.mark.parametrize("mode", ["enospc", "erofs", "eio"])
 def test_training_on_a_failing_disk_keeps_the_last_checkpoint(tiny_pipeline_dir, tiny_hps_ckpt, prompts,
-                                                                tmp_path, monkeypatch, capsys, one_thread,
+                                                                tmp_path, monkeypatch, capsys,
                                                                 mode):
     out = str(tmp_path / "run")
     bad = BadFolder(monkeypatch, out, mode)
@@ -245,8 +236,7 @@ def test_unwritable_out_folder_is_refused_before_any_model_loads(tiny_hps_ckpt, 
     assert bad.hits >= 2
 
 
-def test_tune_on_a_full_disk_keeps_the_old_file(tiny_pipeline_dir, tiny_hps_ckpt, tmp_path, monkeypatch, capsys,
-                                               one_thread):
+def test_tune_on_a_full_disk_keeps_the_old_file(tiny_pipeline_dir, tiny_hps_ckpt, tmp_path, monkeypatch, capsys):
     from reneg.cli import main
 
     out = tmp_path / "tuned"

@@ -63,10 +63,7 @@ def _load_faulty(path, device="cpu", dtype=torch.float32, **options):
 @pytest.fixture
 def faulty(monkeypatch):
     monkeypatch.setitem(_REGISTRY, "faulty", RewardInfo("faulty", _load_faulty, "test: injected faults"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield FAULT
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -78,14 +78,6 @@ def forkserver():
     return ctx
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tiny_pipeline_dir, tiny_hps_ckpt, tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
@@ -177,7 +169,7 @@ def test_reference_run_learns_something(reference, tiny_backend):
     assert float((emb.tensor - null.cpu()).abs().max()) > 1e-3
 
 
-def test_kill_chain_resumes_to_the_same_embedding(world, reference, forkserver, one_thread):
+def test_kill_chain_resumes_to_the_same_embedding(world, reference, forkserver):
     """One run killed five times, at every kind of point, resumed each time with --resume."""
     from reneg.cli import main
 
@@ -259,7 +251,7 @@ def test_kill_chain_resumes_to_the_same_embedding(world, reference, forkserver, 
     print(f"\nkill points tried ({len(KILL_POINTS)}): " + "; ".join(KILL_POINTS))
 
 
-def test_kill_before_first_checkpoint(world, reference, forkserver, one_thread, capsys):
+def test_kill_before_first_checkpoint(world, reference, forkserver, capsys):
     """Killed before any checkpoint: --resume says so before loading a model;
     --resume auto starts afresh and still ends where the reference does."""
     from reneg.cli import main
