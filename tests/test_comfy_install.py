@@ -42,3 +42,14 @@ def test_install_py_holds_torch_at_the_installed_version():
     reqs = (ROOT / "requirements.txt").read_text().splitlines()
     assert not any(r.strip().lower().startswith("torch") for r in reqs)  # never pinned nor listed
     assert set(mod.NEEDED.values()) <= {r.strip() for r in reqs if r.strip() and not r.startswith("#")}
+
+
+def test_entry_point_loaded_as_a_lone_file_registers_nothing_and_does_not_fail(tmp_path):
+    """pytest imports the checkout's __init__.py as a lone module named ``__init__`` when the folder name is not
+    a Python identifier (``git clone ... comfyui-reneg``); that must not break the test run."""
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('__init__', {str(ROOT / '__init__.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "print(m.NODE_CLASS_MAPPINGS, m.NODE_DISPLAY_NAME_MAPPINGS, m.WEB_DIRECTORY)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "{} {} ./web/js", out.stdout + out.stderr
