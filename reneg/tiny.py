@@ -23,9 +23,10 @@ SD_SCHEDULER = {
 }
 
 
-def write_clip_tokenizer(folder: str) -> None:
+def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
     """A transformers CLIPTokenizer folder built offline from open_clip's BPE file
-    (FIELD-NOTES 8): real CLIP ids, padded with ``<|endoftext|>`` as SD1.x does."""
+    (FIELD-NOTES 8): real CLIP ids, padded with ``<|endoftext|>`` as SD1.x does
+    (SDXL's second tokenizer pads with ``!``)."""
     import open_clip
 
     bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
@@ -42,7 +43,7 @@ def write_clip_tokenizer(folder: str) -> None:
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-           "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+           "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
            "do_lower_case": True, "errors": "replace"}
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
@@ -59,7 +60,7 @@ def save_text_encoder_prefixed(text_encoder, folder: str) -> None:
     text_encoder.config.save_pretrained(folder)
     sd = {}
     for k, v in text_encoder.state_dict().items():
-        key = k if k.startswith("text_model.") else "text_model." + k
+        key = k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
         sd[key] = v.detach().contiguous().clone()
     save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
@@ -95,6 +96,57 @@ def build_tiny_pipeline(folder: str, seed: int = 0, hidden: int = 64, prediction
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
              "feature_extractor": [None, None], "requires_safety_checker": False}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder
+
+
+def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
+    """A small SDXL-architecture diffusers folder with SDXL's real conditioning sizes.
+
+    Two text encoders (hidden 768 and 1280, two layers each, real CLIP tokenizers, the
+    second padding with ``!`` and projecting a 1280 pooled vector), a UNet that reads
+    their 2048-wide concatenation plus the pooled vector and six size numbers
+    (``addition_embed_type="text_time"``), so embeddings made with it are ``sdxl``
+    files. About 420 MB on disk, almost all of it the two token tables."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=2048,
+        attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=1280 + 6 * time_dim)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2,
+                        scaling_factor=0.13025, force_upcast=True)
+
+    def clip(hidden, heads, cls, **kw):
+        return cls(CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=heads, vocab_size=49408, max_position_embeddings=77, **kw))
+
+    te = clip(768, 12, CLIPTextModel, projection_dim=768)
+    te2 = clip(1280, 20, CLIPTextModelWithProjection, projection_dim=1280, hidden_act="gelu", pad_token_id=0)
+    os.makedirs(folder, exist_ok=True)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
+    save_text_encoder_prefixed(te2, os.path.join(folder, "text_encoder_2"))
+    write_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    write_clip_tokenizer(os.path.join(folder, "tokenizer_2"), pad_token="!")
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(dict(SD_SCHEDULER, _class_name="EulerDiscreteScheduler"), f, indent=1)
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "force_zeros_for_empty_prompt": True}
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
     return folder

@@ -26,6 +26,13 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> str:
+    from reneg.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny") / "sdxl"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_hps_ckpt(tmp_path_factory) -> str:
     from reneg.tiny import build_tiny_hps
 

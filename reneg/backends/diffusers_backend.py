@@ -1,10 +1,18 @@
-"""Diffusers backend: SD1.x / SD2.x (eps and v-prediction) from local files.
+"""Diffusers backend: SD1.x / SD2.x (eps and v-prediction) and SDXL from local files.
 
 Loads a diffusers folder (``model_index.json`` with ``unet/``, ``vae/``,
-``text_encoder/``, ``tokenizer/``, ``scheduler/``) or a single-file
-``.safetensors`` checkpoint as UI users keep them (then ``config=`` must name a
-local diffusers folder of the same architecture, since diffusers would otherwise
-download the configs). Nothing is ever downloaded.
+``text_encoder/``, ``tokenizer/``, ``scheduler/``, and for SDXL also
+``text_encoder_2/`` and ``tokenizer_2/``) or a single-file ``.safetensors``
+checkpoint as UI users keep them (then ``config=`` must name a local diffusers
+folder of the same architecture, since diffusers would otherwise download the
+configs). Nothing is ever downloaded.
+
+SDXL (FIELD-NOTES 3): the cross-attention conditioning is both encoders'
+penultimate hidden states side by side, ``[B, 77, 768 + 1280]``; the UNet also
+reads the second encoder's projected pooled vector ``[B, 1280]`` and six size
+numbers ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``. The
+denoiser derives the size numbers from the latent it is given, as diffusers'
+``StableDiffusionXLPipeline`` does by default (no crop, original = target size).
 """
 
 from __future__ import annotations
@@ -27,13 +35,34 @@ class ModelLoadError(ValueError):
 class DiffusersDenoiser:
     """``D(x, sigma, cond) -> x0`` around a diffusers UNet (FIELD-NOTES 2)."""
 
-    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 vae_scale: int = 8):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ModelLoadError(f"prediction type {prediction_type!r} is not supported "
                                  f"(epsilon and v_prediction are)")
         self.unet = unet
         self.prediction_type = prediction_type
         self.log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log().float()
+        # SDXL-style UNets read a pooled text vector and size conditioning ("text_time")
+        self.text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        self.vae_scale = int(vae_scale)
+
+    def added_cond(self, x: torch.Tensor, cond: Cond) -> dict | None:
+        """``added_cond_kwargs`` for an SDXL UNet: the pooled vector and ``time_ids``.
+
+        ``time_ids`` come from ``cond.extra`` when a caller set them, otherwise from the
+        latent's size: ``(H, W, 0, 0, H, W)`` in pixels, the pipeline's default."""
+        if not self.text_time:
+            return None
+        if cond.pooled is None:
+            raise ValueError("this SDXL UNet needs a pooled text vector in its conditioning; none was given")
+        dt = self.unet.dtype
+        tid = cond.extra.get("time_ids")
+        if tid is None:
+            h, w = x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
+            tid = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=x.device).expand(x.shape[0], 6)
+        extra = {k: v.to(dt) for k, v in cond.extra.items() if k != "time_ids"}
+        return {"text_embeds": cond.pooled.to(dt), "time_ids": tid.to(dt), **extra}
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Continuous timestep for ``sigma`` (log-sigma interpolation; exact on the table)."""
@@ -53,9 +82,9 @@ class DiffusersDenoiser:
         c_in = 1 / (1 + s * s).sqrt()
         dt = self.unet.dtype
         kwargs = {}
-        if cond.pooled is not None or cond.extra:
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(dt), **{
-                k: v.to(dt) for k, v in cond.extra.items()}}
+        added = self.added_cond(x, cond)
+        if added is not None:
+            kwargs["added_cond_kwargs"] = added
         out = self.unet((x * c_in).to(dt), self.timestep(sigma), encoder_hidden_states=cond.crossattn.to(dt),
                         return_dict=False, **kwargs)[0].to(x.dtype)
         if self.prediction_type == "epsilon":
@@ -74,12 +103,15 @@ class DiffusersBackend:
     source: str
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    text_encoder_2: object = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
+    tokenizer_2: object = None
 
     def __post_init__(self):
         ac = self.alphas_cumprod()
-        self._denoiser = DiffusersDenoiser(self.unet, ac, self.scheduler_config.get("prediction_type", "epsilon"))
-        self._cache: dict[str, torch.Tensor] = {}
-        self._null = None
+        self._denoiser = DiffusersDenoiser(self.unet, ac, self.scheduler_config.get("prediction_type", "epsilon"),
+                                           self.vae_scale)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._null: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     # --- schedule -------------------------------------------------------------------------
     def alphas_cumprod(self) -> torch.Tensor:
@@ -121,30 +153,58 @@ class DiffusersBackend:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
         return (batch, self.unet.config.in_channels, height // f, width // f)
 
+    @staticmethod
+    def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+
     @torch.no_grad()
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        out = self.text_encoder(tok.input_ids.to(self.device), return_dict=True)
-        return out.last_hidden_state.float()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([B, 77, D], pooled [B, P] or None)`` as diffusers' pipelines encode prompts."""
+        if self.text_encoder_2 is None:
+            out = self.text_encoder(self._ids(self.tokenizer, prompts).to(self.device), return_dict=True)
+            return out.last_hidden_state.float(), None
+        parts = []
+        for tok, te in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = te(self._ids(tok, prompts).to(self.device), output_hidden_states=True, return_dict=True)
+            parts.append(out.hidden_states[-2].float())
+        return torch.cat(parts, dim=-1), out.text_embeds.float()
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Cached per prompt: a training run sees each prompt many times."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            for p, e in zip(missing, self._encode(missing)):
-                self._cache[p] = e
+            crossattn, pooled = self._encode(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = (crossattn[i], None if pooled is None else pooled[i])
             if len(self._cache) > 20000:
                 self._cache = {p: self._cache[p] for p in missing}
-        return Cond(torch.stack([self._cache[p] for p in prompts]))
+        rows = [self._cache[p] for p in prompts]
+        pooled = torch.stack([r[1] for r in rows]) if rows and rows[0][1] is not None else None
+        return Cond(torch.stack([r[0] for r in rows]), pooled)
 
-    def null_embedding(self) -> tuple[torch.Tensor, None]:
+    @property
+    def pooled_dim(self) -> int | None:
+        """Size of the pooled vector the UNet reads (SDXL: 1280), or None."""
+        if self.text_encoder_2 is None:
+            return None
+        return int(self.text_encoder_2.config.projection_dim)
+
+    def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``E("")`` and, for SDXL, its pooled vector: what the UIs use as an empty negative
+        (diffusers' SDXL pipeline uses zeros only when no negative prompt is given at all)."""
         if self._null is None:
             self._null = self._encode([""])
-        return self._null.clone(), None
+        null, pooled = self._null
+        return null.clone(), None if pooled is None else pooled.clone()
 
     def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None) -> Cond:
-        return Cond(neg.to(self.device))
+        """A negative's Cond; SDXL's pooled vector is the empty prompt's unless one is given."""
+        if self.text_encoder_2 is None:
+            return Cond(neg.to(self.device))
+        if pooled is None:
+            pooled = self.null_embedding()[1]
+        return Cond(neg.to(self.device), pooled.reshape(1, -1).to(self.device))
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         vae = self.vae
@@ -156,8 +216,11 @@ class DiffusersBackend:
 
     def to(self, device) -> "DiffusersBackend":
         self.device = torch.device(device)
-        for m in (self.unet, self.vae, self.text_encoder):
-            m.to(self.device)
+        for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if m is not None:
+                m.to(self.device)
+        self._cache.clear()
+        self._null = None
         return self
 
     def set_performance(self, *, sdpa: bool | None = None, checkpointing: bool | None = None,
@@ -186,24 +249,50 @@ class DiffusersBackend:
         return self
 
 
-def _family_of(text_encoder, unet, source: str) -> str:
-    hidden = int(getattr(text_encoder.config, "hidden_size", 0))
+def _family_of(text_encoder, unet, source: str, text_encoder_2=None) -> str:
     xattn = unet.config.cross_attention_dim
     xattn = xattn[0] if isinstance(xattn, (list, tuple)) else xattn
-    if hidden != xattn:
-        raise ModelLoadError(f"{source}: text encoder hidden size {hidden} does not match the UNet's "
-                             f"cross_attention_dim {xattn} (two-encoder models such as SDXL are not "
-                             f"supported by this backend yet)")
-    fam = family_for_hidden(hidden)
-    if fam is None or fam.name in ("sdxl", "pixart"):
-        raise ModelLoadError(f"{source}: text encoder hidden size {hidden} is not an SD1.x (768), "
-                             f"SD2.x (1024) or demo (64) model")
+    text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if text_encoder_2 is None:
+        hidden = int(getattr(text_encoder.config, "hidden_size", 0))
+        if text_time:
+            raise ModelLoadError(f"{source}: the UNet reads a pooled vector and size conditioning (SDXL), "
+                                 f"but there is no text_encoder_2/ (an SDXL folder has text_encoder/, "
+                                 f"text_encoder_2/, tokenizer/ and tokenizer_2/)")
+        if hidden != xattn:
+            raise ModelLoadError(f"{source}: text encoder hidden size {hidden} does not match the UNet's "
+                                 f"cross_attention_dim {xattn}")
+        fam = family_for_hidden(hidden)
+        if fam is None or fam.name in ("sdxl", "pixart"):
+            raise ModelLoadError(f"{source}: text encoder hidden size {hidden} is not an SD1.x (768), "
+                                 f"SD2.x (1024) or demo (64) model")
+        return fam.name
+    h1 = int(getattr(text_encoder.config, "hidden_size", 0))
+    h2 = int(getattr(text_encoder_2.config, "hidden_size", 0))
+    if not text_time:
+        raise ModelLoadError(f"{source}: has text_encoder_2/ but its UNet does not read SDXL's pooled vector "
+                             f"and size conditioning (addition_embed_type is "
+                             f"{getattr(unet.config, 'addition_embed_type', None)!r}, expected 'text_time')")
+    if h1 + h2 != xattn:
+        raise ModelLoadError(f"{source}: the two text encoders' hidden sizes {h1} + {h2} do not add up to the "
+                             f"UNet's cross_attention_dim {xattn}")
+    pooled = int(getattr(text_encoder_2.config, "projection_dim", 0))
+    add = getattr(getattr(unet, "add_embedding", None), "linear_1", None)
+    want = pooled + 6 * int(getattr(unet.config, "addition_time_embed_dim", 0) or 0)
+    if add is not None and add.in_features != want:
+        raise ModelLoadError(f"{source}: the UNet's added embedding reads {add.in_features} numbers, but the "
+                             f"pooled vector ({pooled}) and six size numbers give {want} (an SDXL refiner, "
+                             f"which reads an aesthetic score, is not supported)")
+    fam = family_for_hidden(xattn)
+    if fam is None or fam.name != "sdxl" or fam.pooled != pooled:
+        raise ModelLoadError(f"{source}: a two-encoder model with cross_attention_dim {xattn} and a pooled "
+                             f"vector of {pooled} is not SDXL (2048 and 1280)")
     return fam.name
 
 
 def load_diffusers(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    config: str | None = None) -> DiffusersBackend:
-    """Load SD1.x / SD2.x from a diffusers folder or a single-file checkpoint, locally."""
+    """Load SD1.x / SD2.x / SDXL from a diffusers folder or a single-file checkpoint, locally."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return _load_folder(path, device, dtype)
@@ -221,34 +310,52 @@ def _read_json(path: str) -> dict:
         raise ModelLoadError(f"{path}: not a readable JSON config ({e})") from None
 
 
+def _is_sdxl_folder(path: str) -> bool:
+    index = os.path.join(path, "model_index.json")
+    if os.path.isfile(index) and "text_encoder_2" in _read_json(index):
+        return True
+    return os.path.isdir(os.path.join(path, "text_encoder_2"))
+
+
 def _load_folder(path: str, device, dtype) -> DiffusersBackend:
+    sdxl = _is_sdxl_folder(path)
     need = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
             "scheduler/scheduler_config.json"]
+    if sdxl:
+        need += ["text_encoder_2/config.json", "tokenizer_2"]
     missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
     if missing:
-        raise ModelLoadError(f"{path}: not a complete diffusers Stable Diffusion folder; missing "
-                             f"{', '.join(missing)}")
+        kind = "Stable Diffusion XL" if sdxl else "Stable Diffusion"
+        raise ModelLoadError(f"{path}: not a complete diffusers {kind} folder; missing {', '.join(missing)}")
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw = dict(local_files_only=True, torch_dtype=dtype)
+    te2 = tok2 = None
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        if sdxl:
+            te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+            tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
     sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    return _assemble(unet, vae, text_encoder, tokenizer, sched, path, device, dtype)
+    return _assemble(unet, vae, text_encoder, tokenizer, sched, path, device, dtype, te2, tok2)
 
 
-def _assemble(unet, vae, text_encoder, tokenizer, sched, source, device, dtype) -> DiffusersBackend:
-    family = _family_of(text_encoder, unet, source)
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval()
+def _assemble(unet, vae, text_encoder, tokenizer, sched, source, device, dtype,
+              text_encoder_2=None, tokenizer_2=None) -> DiffusersBackend:
+    family = _family_of(text_encoder, unet, source, text_encoder_2)
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in float16, as diffusers' pipeline knows
     backend = DiffusersBackend(unet, vae, text_encoder, tokenizer, dict(sched), family, source,
-                               torch.device(device), dtype)
+                               torch.device(device), dtype, text_encoder_2, tokenizer_2)
     return backend.to(device)
 
 
@@ -262,16 +369,23 @@ def _load_single_file(path: str, device, dtype, config: str | None) -> Diffusers
             f"{path}: a single-file checkpoint needs its architecture's configs, and ReNeg never "
             f"downloads them. Pass --config FOLDER, a local diffusers folder of the same model type "
             f"(e.g. stable-diffusion-v1-5 with model_index.json, unet/config.json, vae/config.json, "
-            f"text_encoder/config.json, tokenizer/ and scheduler/scheduler_config.json; the weights "
+            f"text_encoder/config.json, tokenizer/ and scheduler/scheduler_config.json, or "
+            f"stable-diffusion-xl-base-1.0 with text_encoder_2/ and tokenizer_2/ as well; the weights "
             f"in it are not needed)")
-    from diffusers import StableDiffusionPipeline
-
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            path, config=config, local_files_only=True, torch_dtype=dtype,
-            safety_checker=None, requires_safety_checker=False)
+        if _is_sdxl_folder(config):
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                path, config=config, local_files_only=True, torch_dtype=dtype)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_single_file(
+                path, config=config, local_files_only=True, torch_dtype=dtype,
+                safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"{path}: could not load this checkpoint with the configs in {config}: "
                              f"{str(e)[:400]}") from None
     return _assemble(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config),
-                     path, device, dtype)
+                     path, device, dtype, getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
