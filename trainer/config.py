@@ -62,7 +62,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     a = p.add_argument
     a("--demo", action="store_true", help="train on the built-in demo world (no files needed)")
-    a("--model", help="Stable Diffusion 1.x/2.x: a diffusers folder or a single-file .safetensors")
+    a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
     a("--config", help="for a single-file checkpoint: a local diffusers folder with the same "
                        "architecture's configs")
     a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",

@@ -125,8 +125,12 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     heldout_texts = [p.text for p in heldout]
     heldout_seeds = [cfg.heldout_seed + i for i in range(len(heldout_texts))]
 
-    null, _ = backend.null_embedding()
-    handcrafted = backend.encode_prompts([cfg.handcrafted]).crossattn[:1]
+    # SDXL: the learned negative is the 77 x 2048 cross-attention rows; the pooled vector stays the
+    # empty prompt's (what hosts pass for an empty negative) and is saved beside it in the file
+    null, null_pooled = backend.null_embedding()
+    hc = backend.encode_prompts([cfg.handcrafted])
+    handcrafted = hc.crossattn[:1]
+    hc_pooled = None if hc.pooled is None else hc.pooled[:1]
     if cfg.init == "null":
         init = null
     elif cfg.init == "handcrafted":
@@ -164,20 +168,21 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 resolution=cfg.resolution, init=os.path.basename(cfg.init))
 
     def heldout_eval(step: int) -> dict:
-        def score(t):
+        def score(t, pooled=None):
             return float(generate_and_score(
-                backend, reward, heldout_texts, heldout_seeds, backend.negative_cond(t.detach()),
+                backend, reward, heldout_texts, heldout_seeds, backend.negative_cond(t.detach(), pooled),
                 cfg.sampling_steps, cfg.guidance, cfg.resolution, cfg.resolution, cfg.eval_batch).mean())
         base = next((h for h in history if "null" in h), None)
         rec = {"step": step,
                "null": base["null"] if base else score(null),
-               "handcrafted": base["handcrafted"] if base else score(handcrafted),
+               "handcrafted": base["handcrafted"] if base else score(handcrafted, hc_pooled),
                "learned": score(neg)}
         history.append(rec)
         return rec
 
     def write_outputs(step: int) -> None:
-        emb = NegEmbedding(neg.detach().cpu().float(), backend.family, None, {}, None, "reneg")
+        emb = NegEmbedding(neg.detach().cpu().float(), backend.family,
+                           None if null_pooled is None else null_pooled.cpu().float(), {}, None, "reneg")
         save_embedding(os.path.join(cfg.out, "embedding.safetensors"), emb, overwrite=True,
                        **dict(meta, trained_steps=step))
         save_checkpoint(ckpt_path, step=step, neg=neg, optimizer=opt, scheduler=sched, skipped=skipped,

@@ -17,7 +17,7 @@ from .config import ConfigError, _positive, check_embedding_arg, check_out_dir, 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--demo", action="store_true", help="tune on the built-in demo world (no files needed)")
-    a("--model", help="Stable Diffusion 1.x/2.x: a diffusers folder or a single-file .safetensors")
+    a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
     a("--config", help="configs folder for a single-file checkpoint")
     a("--reward", dest="rewards", action="append", default=[], metavar="SPEC")
     a("--embedding", help="starting embedding file (default: the null embedding)")
@@ -90,7 +90,8 @@ def run_tune(ns) -> dict:
                            tuple(ns.grad_range), ns.resolution, ns.resolution, ns.max_steps, ns.patience, ns.lr,
                            noise=ns.noise, on_step=on_step,
                            autocast_dtype=dtype if dtype != torch.float32 else None)
-    emb = NegEmbedding(res.best.cpu().float(), backend.family)
+    pooled = backend.null_embedding()[1]  # SDXL: the pooled vector the search used, kept in the file
+    emb = NegEmbedding(res.best.cpu().float(), backend.family, None if pooled is None else pooled.cpu().float())
     save_embedding(ns.out, emb, overwrite=ns.overwrite, kind="per-sample", prompt=ns.prompt, seed=ns.seed,
                    noise_mode=ns.noise, base_model=os.path.basename(os.path.normpath(ns.model)),
                    rewards=ns.rewards, steps=len(res.history), lr=ns.lr, guidance_scale=ns.guidance,

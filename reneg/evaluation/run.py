@@ -512,13 +512,15 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                                                    tensors.get(neg.source))
                 made += len(need)
                 continue
+            pooled = None  # SDXL: the empty prompt's pooled vector, except a text negative's own
             if neg.kind == "null":
                 t, _ = backend.null_embedding()
             elif neg.kind == "text":
-                t = backend.encode_prompts([neg.source]).crossattn[:1]
+                c = backend.encode_prompts([neg.source])
+                t, pooled = c.crossattn[:1], None if c.pooled is None else c.pooled[:1]
             else:
                 t = tensors[neg.source]
-            uncond = backend.negative_cond(t.to(device))
+            uncond = backend.negative_cond(t.to(device), pooled)
             made += _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames)
     finally:
         if bar is not None:
@@ -589,7 +591,9 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
         name = it.image_name(neg.name)
         save_frames(os.path.join(img_dir, name), image.view(frames, *image.shape[1:]))
         if cfg.save_tuned:
-            emb = NegEmbedding(res.best.detach().cpu().float(), backend.family)
+            pooled = backend.null_embedding()[1]
+            emb = NegEmbedding(res.best.detach().cpu().float(), backend.family,
+                               None if pooled is None else pooled.cpu().float())
             save_embedding(os.path.join(cfg.out, "tuned", neg.name, os.path.splitext(name)[0] + ".safetensors"),
                            emb, overwrite=True, kind="per-sample", prompt=it.text, seed=it.seed,
                            start_embedding=os.path.basename(neg.source), steps=len(res.history),
