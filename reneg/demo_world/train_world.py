@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
