@@ -67,6 +67,12 @@ def test_sdxl_encoding_and_sampler_match_diffusers_xl_pipeline(tiny_sdxl_dir, xl
     assert ((ref2 - ref).norm() / ref.norm()).item() > 1e-3  # the size numbers do reach the UNet
 
 
+def test_native_resolution_note(xl, tiny_backend):
+    assert xl.native_resolution == 16 and xl.resolution_note(16) is None
+    assert "makes 16 px images natively" in xl.resolution_note(32)
+    assert tiny_backend.native_resolution == 16 and tiny_backend.resolution_note(16) is None
+
+
 def test_sdxl_denoiser_refuses_a_cond_without_pooled_vector(xl):
     x = torch.zeros(1, 4, 8, 8)
     with pytest.raises(ValueError, match="pooled text vector"):
@@ -99,10 +105,14 @@ def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, t
         load_embedding(out / "embedding.safetensors", expected_family="sd1")
 
     tuned = tmp_path / "tuned.safetensors"
+    capsys.readouterr()
     rc = main(["tune", *common, "--prompt", "a red circle", "--seed", "1", "--max-steps", "2",
                "--patience", "2", "--lr", "0.05", "--embedding", str(out / "embedding.safetensors"),
-               "--out", str(tuned)])
-    assert rc == 0, capsys.readouterr().err
+               "--out", str(tuned), "--resolution", "32"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    # away from the model's own size (here 16 px; SDXL's is 1024) the user is told once
+    assert "reneg tune: note: sdxl makes 16 px images natively; --resolution 32 works at 32 px" in printed.out
     t = load_embedding(tuned, expected_family="sdxl")
     assert t.metadata["kind"] == "per-sample" and torch.allclose(t.pooled, null_pooled)
 

@@ -110,6 +110,9 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
 
     backend = load_diffusers(cfg.model, device=device, dtype=weights_dtype(cfg.mixed_precision, device), config=cfg.config)
     reward = load_rewards(cfg.rewards, device=device, dtype=weights_dtype(cfg.mixed_precision, device))
+    note = backend.resolution_note(cfg.resolution)
+    if note and main:
+        print(f"reneg train: {note}", flush=True)
     if cfg.gradient_checkpointing:
         enable_checkpointing(backend, reward)
     if getattr(cfg, "channels_last", False) or getattr(cfg, "compile", False):

@@ -76,6 +76,9 @@ def run_tune(ns) -> dict:
     dtype = weights_dtype(mixed, device)
     backend = load_diffusers(ns.model, device=device, dtype=dtype, config=ns.config)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)
+    note = backend.resolution_note(ns.resolution)
+    if note:
+        print(f"reneg tune: {note}", flush=True)
     if getattr(ns, "gradient_checkpointing", False):
         enable_checkpointing(backend, reward)
     if ns.embedding:

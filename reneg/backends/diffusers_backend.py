@@ -147,6 +147,22 @@ class DiffusersBackend:
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def native_resolution(self) -> int | None:
+        """The image size the UNet was made for (``sample_size`` x the VAE factor): SD1.5 512, SDXL 1024."""
+        s = getattr(self.unet.config, "sample_size", None)
+        s = s[0] if isinstance(s, (list, tuple)) else s
+        return int(s) * self.vae_scale if isinstance(s, int) and s > 0 else None
+
+    def resolution_note(self, resolution: int) -> str | None:
+        """A one-line note when ``resolution`` is not the model's own size (e.g. SDXL at 512 px)."""
+        n = self.native_resolution
+        if n is None or int(resolution) == n:
+            return None
+        name = os.path.basename(os.path.normpath(self.source)) or self.source
+        return (f"note: {name} makes {n} px images natively; --resolution {resolution} works at "
+                f"{resolution} px (--resolution {n} uses the model's own size)")
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale
         if height % f or width % f:

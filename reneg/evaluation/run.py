@@ -477,6 +477,9 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     t0 = time.time()
     device = _device(cfg)
     backend = load_backend(cfg, device)
+    note = backend.resolution_note(cfg.resolution)
+    if note:
+        log(f"reneg eval: {note}")
     frames = cfg.frames if cfg.video else 1
     specs = [parse_spec(s) for s in cfg.rewards]
     names = _reward_names(specs)
