@@ -311,6 +311,77 @@ class CLIP:
         return [[out.last_hidden_state.float(), {"pooled_output": out.pooler_output.float()}]]
 
 
+class SDXLModel(BaseModel):
+    """``model.model`` of an SDXL-style ComfyUI MODEL: reads ``y``, the ADM vector that
+    ``encode_adm`` builds from the pooled text vector and the six size numbers, in ComfyUI's
+    order (height, width, crop_h, crop_w, target_height, target_width). ComfyUI embeds the
+    numbers itself; this stand-in passes them raw to the diffusers UNet, which embeds them."""
+
+    def __init__(self, unet, prediction: str, scale_factor: float, pooled: int):
+        super().__init__(unet, prediction, scale_factor)
+        self.pooled = pooled
+        self.adm_channels = pooled + 6
+        self.adm_calls = []
+
+    def encode_adm(self, **kwargs):
+        self.adm_calls.append({k: v for k, v in kwargs.items() if k != "pooled_output"})
+        pooled = kwargs["pooled_output"]  # ComfyUI's SDXL raises KeyError without it, too
+        w, h = kwargs.get("width", 768), kwargs.get("height", 768)
+        nums = [h, w, kwargs.get("crop_h", 0), kwargs.get("crop_w", 0), kwargs.get("target_height", h),
+                kwargs.get("target_width", w)]
+        flat = torch.tensor([nums], dtype=torch.float32).repeat(pooled.shape[0], 1)
+        return torch.cat([pooled.float().to(flat.device), flat], dim=1)
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        self.calls += 1
+        y = kwargs["y"]
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x)
+        ts = self.model_sampling.timestep(t).float()
+        added = {"text_embeds": y[:, :self.pooled].to(xc.dtype), "time_ids": y[:, self.pooled:].to(xc.dtype)}
+        out = self.diffusion_model(xc, ts, encoder_hidden_states=c_crossattn.to(xc.dtype),
+                                   added_cond_kwargs=added, return_dict=False)[0].float()
+        return self.model_sampling.calculate_denoised(sigma, out, x)
+
+
+class SDXLCLIP:
+    """CLIP of an SDXL checkpoint: both encoders' penultimate layers side by side, bigG's pooled projection."""
+
+    def __init__(self, te, tok, te2, tok2):
+        self.parts = ((te, tok), (te2, tok2))
+
+    def tokenize(self, text):
+        return [tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+                for _, tok in self.parts]
+
+    def encode_from_tokens_scheduled(self, tokens):
+        hidden = []
+        for (te, _), ids in zip(self.parts, tokens):
+            out = te(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].float())
+        return [[torch.cat(hidden, -1), {"pooled_output": out.text_embeds.float()}]]
+
+
+def tiny_comfy_sdxl_models(sdxl_dir: str):
+    """(MODEL, VAE, CLIP) as ComfyUI would hand them to a node, from a small SDXL diffusers folder."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(sdxl_dir, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(sdxl_dir, subfolder="vae").eval()
+    te = CLIPTextModel.from_pretrained(sdxl_dir, subfolder="text_encoder").eval()
+    te2 = CLIPTextModelWithProjection.from_pretrained(sdxl_dir, subfolder="text_encoder_2").eval()
+    tok = CLIPTokenizer.from_pretrained(sdxl_dir, subfolder="tokenizer")
+    tok2 = CLIPTokenizer.from_pretrained(sdxl_dir, subfolder="tokenizer_2")
+    with open(os.path.join(sdxl_dir, "vae", "config.json")) as f:
+        scale = float(json.load(f).get("scaling_factor", 0.13025))
+    base = to_inference_tensors(SDXLModel(unet, "eps", scale, int(te2.config.projection_dim)))
+    return (ModelPatcher(base), VAE(to_inference_tensors(vae)),
+            SDXLCLIP(to_inference_tensors(te), tok, to_inference_tensors(te2), tok2))
+
+
 def tiny_comfy_models(pipeline_dir: str, prediction: str = "eps"):
     """(MODEL, VAE, CLIP) as ComfyUI would hand them to a node, from a tiny diffusers folder."""
     import json

@@ -339,3 +339,53 @@ def test_comfy_denoiser_matches_the_diffusers_backend(request, tmp_path, predict
             torch.testing.assert_close(backend.denoiser(x, sig, cond), ref.denoiser(x, sig, cond),
                                        rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(backend.decode(x), ref.decode(x), rtol=1e-4, atol=1e-4)
+
+
+def test_sdxl_load_and_tune_nodes(host, tiny_sdxl_dir, reward):
+    """SDXL in the graph: the Load node keeps the pooled vector, the tune node builds the ADM vector
+    (pooled + size) for every pass from the latent's size, and the ComfyUI denoiser equals the
+    diffusers SDXL backend's on the same UNet."""
+    from reneg.backends.comfy_backend import ComfyBackend
+    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.cond import Cond
+    from reneg.embedding import NegEmbedding, save_embedding
+
+    models = comfy_stubs.tiny_comfy_sdxl_models(tiny_sdxl_dir)
+    model, vae, clip = models
+    ref = load_diffusers(tiny_sdxl_dir)
+    backend = ComfyBackend(model, vae, 2048, "ddim_uniform", width=16, height=16)
+    assert backend.family == "sdxl"
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    c = ref.encode_prompts(["a red circle", "a blue square"])
+    with torch.no_grad():
+        for s in backend.schedule(10)[:-1:3]:
+            sig = torch.full((2,), float(s))
+            torch.testing.assert_close(backend.denoiser(x, sig, backend._with_adm(c)), ref.denoiser(x, sig, c),
+                                       rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="needs a pooled_output"):
+        backend._with_adm(Cond(c.crossattn))
+
+    # an SDXL file as `reneg train` writes it, through the Load node
+    folder = Path(host.models_dir) / "reneg"
+    folder.mkdir(parents=True, exist_ok=True)
+    t = torch.randn(1, 77, 2048, generator=torch.Generator().manual_seed(0)) * 0.1
+    file_pooled = torch.randn(1, 1280, generator=torch.Generator().manual_seed(1))
+    save_embedding(str(folder / "xl.safetensors"), NegEmbedding(t, "sdxl", pooled=file_pooled))
+    load = node(host, "ReNegLoadEmbedding")
+    (neg,) = run(load.load, "xl.safetensors", clip, 1.0)
+    (base,) = run(load.load, "xl.safetensors", clip, 0.0)
+    with torch.inference_mode():
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
+        empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    # the file's pooled vector (the one its negative was trained with) is blended like the rows
+    assert torch.equal(neg[0][0], t) and torch.equal(neg[0][1]["pooled_output"], file_pooled)
+    assert torch.equal(base[0][0], empty[0][0])
+    assert torch.equal(base[0][1]["pooled_output"], empty[0][1]["pooled_output"])
+
+    model.model.adm_calls.clear()
+    with torch.inference_mode():
+        out = node(host, "ReNegPerSampleTune").tune(**_tune_args(models, pos, neg, reward, width=24, height=16))
+    tuned, r0, r1 = out["result"]
+    assert r1 >= r0 and tuned[0][0].shape == (1, 77, 2048) and "pooled_output" in tuned[0][1]
+    sizes = {(a["width"], a["height"], a["target_width"], a["target_height"]) for a in model.model.adm_calls}
+    assert sizes == {(24, 16, 24, 16)}
