@@ -388,8 +388,20 @@ def _load_single_file(path: str, device, dtype, config: str | None) -> Diffusers
             f"text_encoder/config.json, tokenizer/ and scheduler/scheduler_config.json, or "
             f"stable-diffusion-xl-base-1.0 with text_encoder_2/ and tokenizer_2/ as well; the weights "
             f"in it are not needed)")
+    sdxl = _is_sdxl_folder(config)
+    index = _read_json(os.path.join(config, "model_index.json"))
+    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] + (["text_encoder_2", "tokenizer_2"] if sdxl else [])
+    unlisted = [n for n in parts if not isinstance(index.get(n), list) or None in index.get(n)]
+    if unlisted:
+        # diffusers builds the pipeline from this list; a short one fails deep inside it with a TypeError
+        raise ModelLoadError(f"{path}: the config folder {config} has a model_index.json that does not list "
+                             f"{', '.join(unlisted)} (expected entries such as \"unet\": [\"diffusers\", "
+                             f"\"UNet2DConditionModel\"], as in the model's own diffusers folder)")
+    missing = [n for n in parts if not os.path.exists(os.path.join(config, n))]
+    if missing:
+        raise ModelLoadError(f"{path}: the config folder {config} has no {', '.join(n + '/' for n in missing)}")
     try:
-        if _is_sdxl_folder(config):
+        if sdxl:
             from diffusers import StableDiffusionXLPipeline
 
             pipe = StableDiffusionXLPipeline.from_single_file(
@@ -400,7 +412,7 @@ def _load_single_file(path: str, device, dtype, config: str | None) -> Diffusers
             pipe = StableDiffusionPipeline.from_single_file(
                 path, config=config, local_files_only=True, torch_dtype=dtype,
                 safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise ModelLoadError(f"{path}: could not load this checkpoint with the configs in {config}: "
                              f"{str(e)[:400]}") from None
     return _assemble(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config),
