@@ -389,3 +389,39 @@ def test_sdxl_load_and_tune_nodes(host, tiny_sdxl_dir, reward):
     assert r1 >= r0 and tuned[0][0].shape == (1, 77, 2048) and "pooled_output" in tuned[0][1]
     sizes = {(a["width"], a["height"], a["target_width"], a["target_height"]) for a in model.model.adm_calls}
     assert sizes == {(24, 16, 24, 16)}
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in (ROOT / "workflows").glob("*.json")))
+def test_example_workflows_fit_the_nodes(host, workflow):
+    """Every shipped workflow (UI format) gives each ReNeg node one widget value per widget input,
+    in order, with choices the node offers; links join existing nodes. A renamed or reordered
+    input would otherwise load users' saved graphs with values in the wrong widgets."""
+    import json
+
+    wf = json.loads((ROOT / "workflows" / workflow).read_text())
+    ids = {n["id"] for n in wf["nodes"]}
+    assert all(link[1] in ids and link[3] in ids for link in wf["links"])
+    user_files = {"embedding", "model", "clip_model"}  # lists of the user's own files
+    seen = 0
+    for n in wf["nodes"]:
+        if not n["type"].startswith("ReNeg"):
+            continue
+        seen += 1
+        spec = node(host, n["type"]).INPUT_TYPES()
+        widgets = []
+        for section in ("required", "optional"):
+            for name, (kind, *opts) in spec.get(section, {}).items():
+                if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                    widgets.append((name, kind))
+                    if opts and opts[0].get("control_after_generate"):
+                        widgets.append(("control_after_generate", ["fixed", "increment", "decrement", "randomize"]))
+        values = n["widgets_values"]
+        assert len(values) == len(widgets), (n["type"], values, [w for w, _ in widgets])
+        for (name, kind), value in zip(widgets, values):
+            if isinstance(kind, list) and name not in user_files:
+                assert value in kind, (n["type"], name, value)
+            elif kind in ("INT", "FLOAT"):
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), (n["type"], name, value)
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool), (n["type"], name, value)
+    assert seen >= 1
