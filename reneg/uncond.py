@@ -11,9 +11,13 @@ Shapes (FIELD-NOTES 4 and 6):
 * A host's negative conditioning is ``[B, L, D]`` where a prompt longer than 75
   tokens gives ``L = 77 k``. Repeating the embedding k times along the token
   axis gives the same cross-attention output (duplicated keys and values).
-* SDXL hosts pass a dict ``{"crossattn": [B, L, 2048], "vector": [B, 2816]}``;
-  only ``crossattn`` is replaced, ``vector`` (pooled text + size embeddings) is
-  kept as it is.
+* SDXL hosts pass a dict ``{"crossattn": [B, L, 2048], "vector": [B, 2816]}``
+  where ``vector`` is the pooled text vector ``[B, 1280]`` followed by the size
+  embeddings. ``crossattn`` is replaced; when the embedding carries a pooled
+  vector (SDXL files from ``reneg train`` do: the one it was trained with), the
+  first 1280 numbers of ``vector`` are replaced too, the size part is kept.
+  (A1111 and Forge make an all-zero negative, pooled part included, from an
+  empty SDXL negative prompt.)
 * The A1111 ControlNet extension prepends one marker row filled with -1024
   (+1024 for the positive side) so it can tell cond from uncond:
   ``[B, 1 + 77 k, D]``. That row is kept.
@@ -131,7 +135,8 @@ def _describe(hidden: int) -> str:
 
 
 def replace_uncond(text_uncond: Uncond, emb: Any, strength: float = 1.0,
-                   length: Optional[int] = None) -> Tuple[Uncond, Optional[str]]:
+                   length: Optional[int] = None,
+                   pooled: Optional[torch.Tensor] = None) -> Tuple[Uncond, Optional[str]]:
     """Replace (or blend into) a host's negative conditioning.
 
     Args:
@@ -145,6 +150,9 @@ def replace_uncond(text_uncond: Uncond, emb: Any, strength: float = 1.0,
             length, so that the host need not pad. Used only at strength 1 (a blend
             needs the host negative at its own length) and only when it is a
             multiple of R.
+        pooled: the embedding's pooled vector ``[1, P]`` (default: ``emb.pooled`` of a
+            NegEmbedding). With an SDXL dict, ``vector[:, :P]`` is blended toward it
+            like the rows; without one, ``vector`` is kept as it is.
 
     Returns:
         ``(new, message)``. ``new`` is None when the host's conditioning should be
@@ -195,5 +203,21 @@ def replace_uncond(text_uncond: Uncond, emb: Any, strength: float = 1.0,
     if isinstance(text_uncond, dict):
         out = copy.copy(text_uncond)  # same class (DictWithShape), same other keys
         out["crossattn"] = new
+        vector = _with_pooled(text_uncond.get("vector"), getattr(emb, "pooled", None) if pooled is None else pooled, s)
+        if vector is not None:
+            out["vector"] = vector
         return out, None
     return new, None
+
+
+def _with_pooled(vector: Any, pooled: Optional[torch.Tensor], strength: float) -> Optional[torch.Tensor]:
+    """A new ``vector`` whose first P numbers are blended toward ``pooled`` ``[1, P]``, or None
+    (no pooled vector, or a ``vector`` that is not ``[B, more than P]``)."""
+    if pooled is None or not isinstance(vector, torch.Tensor) or vector.dim() != 2:
+        return None
+    pooled = pooled.reshape(1, -1)
+    n = pooled.shape[1]
+    if vector.shape[1] <= n:
+        return None
+    head = blend(vector[:, None, :n], pooled[:, None, :], strength)[:, 0, :]
+    return torch.cat([head, vector[:, n:]], dim=1)

@@ -31,6 +31,10 @@ def tensor(d, seed):
     return torch.randn(1, 77, d, generator=torch.Generator().manual_seed(seed))
 
 
+def xl_pooled():
+    return torch.randn(1, 1280, generator=torch.Generator().manual_seed(5))
+
+
 def sd_model(family):
     d = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "refiner": 1280}[family]
     return types.SimpleNamespace(is_sd1=family == "sd1", is_sd2=family == "sd2",
@@ -47,7 +51,7 @@ def models(tmp_path):
     torch.save(tensor(768, 2), folder / "sd1_bare.bin")
     save_embedding(str(folder / "sub" / "sd2.safetensors"), NegEmbedding(tensor(1024, 3), "sd2"))
     save_embedding(str(folder / "xl, v1.safetensors"),
-                   NegEmbedding(tensor(2048, 4), "sdxl", pooled=torch.randn(1, 1280)))
+                   NegEmbedding(tensor(2048, 4), "sdxl", pooled=xl_pooled()))
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
     return tmp_path / "models"
 
@@ -223,10 +227,19 @@ def test_controlnet_marker_sdxl_none_fp16(host):
     vector = torch.randn(2, 2816)
     d = stubs.DictWithShape({"crossattn": torch.randn(2, 77, 2048), "vector": vector})
     cross_before = d["crossattn"].clone()
+    vector_before = vector.clone()
     out = host.run(px, d)
     assert type(out) is stubs.DictWithShape and out is not d and out.shape == (2, 77, 2048)
-    assert out["vector"] is vector and torch.equal(d["crossattn"], cross_before)
+    assert torch.equal(d["crossattn"], cross_before) and torch.equal(vector, vector_before)
     assert torch.equal(out["crossattn"], tensor(2048, 4).expand(2, -1, -1))
+    # the file's pooled vector (what it was trained with) replaces the vector's pooled part; sizes stay
+    pooled = xl_pooled()
+    assert torch.equal(out["vector"][:, :1280], pooled.expand(2, -1)) and torch.equal(out["vector"][:, 1280:],
+                                                                                       vector[:, 1280:])
+    host.script.process(px, True, "xl, v1", 0.5, True)
+    half = host.run(px, d)
+    torch.testing.assert_close(half["vector"][:, :1280], 0.5 * (vector[:, :1280] + pooled))
+    assert torch.equal(half["vector"][:, 1280:], vector[:, 1280:])
 
 
 def test_wrong_dimension_is_skipped_with_one_warning(host, capsys):

@@ -151,6 +151,26 @@ def test_sdxl_dict_keeps_vector_and_class(cls):
     assert out["crossattn"].shape == (2, 155, 2048) and torch.equal(out["crossattn"][:, 0], marked(cross)[:, 0])
 
 
+def test_sdxl_pooled_vector_replaces_the_vectors_pooled_part():
+    """A1111/Forge's SDXL ``vector`` is [pooled 1280 | size embeddings]; an embedding's pooled vector
+    (what it was trained with) goes in front, blended like the rows; the sizes stay; nothing is mutated."""
+    cross, vector = host(2, 77, 2048), torch.randn(2, 2816, dtype=torch.float16)
+    d = DictWithShape({"crossattn": cross, "vector": vector})
+    before = vector.clone()
+    pooled = torch.randn(1, 1280)
+    ne = NegEmbedding(emb(2048), "sdxl", pooled=pooled)
+    out, _ = replace_uncond(d, ne, 1.0)  # a NegEmbedding brings its own pooled vector
+    assert out["vector"].dtype == torch.float16 and out["vector"].shape == (2, 2816)
+    assert torch.equal(out["vector"][:, :1280], pooled.half().expand(2, -1))
+    assert torch.equal(out["vector"][:, 1280:], vector[:, 1280:]) and torch.equal(vector, before)
+    half, _ = replace_uncond(d, emb(2048), 0.5, pooled=pooled)  # or it is given with a bare tensor
+    torch.testing.assert_close(half["vector"][:, :1280], (0.5 * (vector[:, :1280].float() + pooled)).half())
+    assert replace_uncond(d, emb(2048), 1.0)[0]["vector"] is vector  # no pooled vector: kept
+    short = {"crossattn": cross, "vector": torch.randn(2, 1280)}  # nothing after it: not this layout
+    assert replace_uncond(short, ne, 1.0)[0]["vector"] is short["vector"]
+    assert replace_uncond(d, ne, 0.0)[0] is None  # strength 0 leaves the host's negative alone
+
+
 @pytest.mark.parametrize("d", [1280, 1024])
 def test_hidden_size_mismatch_is_a_warning(d):
     h = host(1, 77, d)

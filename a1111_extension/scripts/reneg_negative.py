@@ -299,6 +299,7 @@ class Active:
 
     def __init__(self, emb, strength: float, hires: bool, p):
         self.tensor = emb.tensor
+        self.pooled = getattr(emb, "pooled", None)  # SDXL: the pooled vector the embedding was trained with
         self.rows = int(emb.tensor.shape[1])
         self.strength = strength
         self.hires = hires
@@ -396,7 +397,7 @@ def on_cfg_denoiser(params) -> None:
         host = crossattn_of(params.text_uncond)
         emb = active.tensor_like(host) if isinstance(host, torch.Tensor) else active.tensor
         length = content_length(getattr(params, "text_cond", None), active.rows)
-        new, msg = replace_uncond(params.text_uncond, emb, active.strength, length=length)
+        new, msg = replace_uncond(params.text_uncond, emb, active.strength, length=length, pooled=active.pooled)
         if msg:
             active.warn(msg)
         if new is not None:
