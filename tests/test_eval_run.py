@@ -141,6 +141,7 @@ def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_
 
 def test_negative_syntax(tmp_path, emb_file):
     assert parse_negative("null") == ev.Negative("null", "null", "")
+    assert parse_negative("Zero") == ev.Negative("zero", "zero", "")
     hc = parse_negative("handcrafted", handcrafted="bad, ugly")
     assert (hc.name, hc.kind, hc.source) == ("handcrafted", "text", "bad, ugly")
     assert parse_negative("handcrafted").source.startswith("distorted, ugly, blurry")

@@ -120,11 +120,11 @@ def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, t
     ev = tmp_path / "eval"
     rc = main(["eval", *common, "--prompts", prompts, "--limit", "2", "--negative", "null",
                "--negative", "handcrafted:blurry", "--negative", f"learned={out / 'embedding.safetensors'}",
-               "--batch", "2", "--out", str(ev), "--no-progress"])
+               "--negative", "zero", "--batch", "2", "--out", str(ev), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     s = json.loads((ev / "summary.json").read_text())
-    assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned"]
-    assert s["images"] == {"null": 2, "handcrafted": 2, "learned": 2}
+    assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned", "zero"]
+    assert s["images"] == {"null": 2, "handcrafted": 2, "learned": 2, "zero": 2}
     # a text negative is what a UI makes of that negative prompt: its own pooled vector, not the empty prompt's
     from reneg.evaluation.run import load_frames
     from reneg.generate import generate, seeded_noise
@@ -142,6 +142,10 @@ def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, t
     own, empty = image(hc.pooled), image(None)
     assert (own - saved).abs().max() <= 2 / 255 + 1e-6
     assert (empty - saved).abs().max() > (own - saved).abs().max()
+    # `zero` is the all-zero negative A1111 and Forge make from an empty SDXL negative prompt
+    zname = name.replace("_handcrafted.png", "_zero.png")
+    zero = generate(xl, cond, Cond(torch.zeros(1, 77, 2048), torch.zeros(1, 1280)), noise, 4, 7.5).cpu()
+    assert (zero - load_frames(str(ev / "images" / zname))).abs().max() <= 2 / 255 + 1e-6
 
 
 def _linked(tmp_path, name, base, swap: dict):

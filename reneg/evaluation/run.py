@@ -39,12 +39,14 @@ class EvalError(ValueError):
 @dataclass(frozen=True)
 class Negative:
     name: str      # used in file names and the report
-    kind: str      # null | text | file | tuned
+    kind: str      # null | zero | text | file | tuned
     source: str    # the text (text), the embedding file (file, tuned; "null" for tuned from null)
 
     def describe(self) -> str:
         if self.kind == "null":
             return 'null text E("")'
+        if self.kind == "zero":
+            return "all-zero negative (A1111/Forge for an empty SDXL negative prompt)"
         if self.kind == "text":
             return f'text "{self.source}"'
         if self.kind == "file":
@@ -65,12 +67,12 @@ def _clean_name(s: str) -> str:
 
 
 def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
-    """``[NAME=]SPEC`` with SPEC one of ``null``, ``handcrafted``, ``handcrafted:TEXT``,
+    """``[NAME=]SPEC`` with SPEC one of ``null``, ``zero``, ``handcrafted``, ``handcrafted:TEXT``,
     ``text:TEXT``, an embedding file, ``tuned:FILE`` or ``tuned:null``."""
     raw = spec
     spec = spec.strip()
     if not spec:
-        raise EvalError("--negative: empty value (expected null, handcrafted[:TEXT], text:TEXT, an embedding "
+        raise EvalError("--negative: empty value (expected null, zero, handcrafted[:TEXT], text:TEXT, an embedding "
                         "file or tuned:FILE)")
     name = None
     head, sep, rest = spec.partition("=")
@@ -79,6 +81,8 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
     low = spec.lower()
     if low == "null":
         neg = Negative("null", "null", "")
+    elif low == "zero":
+        neg = Negative("zero", "zero", "")
     elif low == "handcrafted" or low.startswith("handcrafted:") or low.startswith("text:"):
         text = spec.split(":", 1)[1].strip() if ":" in spec else handcrafted
         if not text:
@@ -101,7 +105,7 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
 
 def _check_embedding_file(path: str, raw: str) -> None:
     if not os.path.isfile(path):
-        raise EvalError(f"--negative {raw!r}: expected null, handcrafted[:TEXT], text:TEXT, tuned:FILE or an "
+        raise EvalError(f"--negative {raw!r}: expected null, zero, handcrafted[:TEXT], text:TEXT, tuned:FILE or an "
                         f"embedding file; {path} is not a file")
     if not path.lower().endswith(EMBEDDING_SUFFIXES):
         raise EvalError(f"--negative {raw!r}: {path} does not look like an embedding file (expected one of "
@@ -516,8 +520,10 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                 made += len(need)
                 continue
             pooled = None  # SDXL: the empty prompt's pooled vector, except a text negative's own
-            if neg.kind == "null":
-                t, _ = backend.null_embedding()
+            if neg.kind in ("null", "zero"):
+                t, pooled = backend.null_embedding()
+                if neg.kind == "zero":  # crossattn and pooled vector all zeros; the size numbers stay
+                    t, pooled = torch.zeros_like(t), None if pooled is None else torch.zeros_like(pooled)
             elif neg.kind == "text":
                 c = backend.encode_prompts([neg.source])
                 t, pooled = c.crossattn[:1], None if c.pooled is None else c.pooled[:1]
