@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import random
-import shutil
 import signal
 import struct
 import subprocess
