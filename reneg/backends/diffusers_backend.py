@@ -46,6 +46,7 @@ class DiffusersDenoiser:
         # SDXL-style UNets read a pooled text vector and size conditioning ("text_time")
         self.text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
         self.vae_scale = int(vae_scale)
+        self._time_ids: tuple | None = None  # (key, tensor): made once per size, not on every UNet call
 
     def added_cond(self, x: torch.Tensor, cond: Cond) -> dict | None:
         """``added_cond_kwargs`` for an SDXL UNet: the pooled vector and ``time_ids``.
@@ -60,7 +61,10 @@ class DiffusersDenoiser:
         tid = cond.extra.get("time_ids")
         if tid is None:
             h, w = x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
-            tid = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=x.device).expand(x.shape[0], 6)
+            key = (h, w, x.device, dt)
+            if self._time_ids is None or self._time_ids[0] != key:
+                self._time_ids = (key, torch.tensor([[h, w, 0, 0, h, w]], dtype=dt, device=x.device))
+            tid = self._time_ids[1].expand(x.shape[0], 6)
         extra = {k: v.to(dt) for k, v in cond.extra.items() if k != "time_ids"}
         return {"text_embeds": cond.pooled.to(dt), "time_ids": tid.to(dt), **extra}
 
