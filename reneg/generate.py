@@ -10,6 +10,23 @@ from .cond import Cond
 from .sampling import initial_latent, sample
 
 
+def text_negative(backend, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A negative prompt as ``(rows [1, L, D], pooled [1, P] or None)``: what a UI makes of it,
+    its own pooled vector included (SDXL), for ``backend.negative_cond(rows, pooled)``."""
+    c = backend.encode_prompts([text])
+    return c.crossattn[:1], None if c.pooled is None else c.pooled[:1]
+
+
+def as_embedding(backend, neg: torch.Tensor):
+    """A negative as the file it is saved as: the rows, and for SDXL the pooled vector it was
+    used with (the empty prompt's, ``negative_cond``'s default)."""
+    from .embedding import NegEmbedding
+
+    pooled = backend.null_embedding()[1]
+    return NegEmbedding(neg.detach().cpu().float(), backend.family,
+                        None if pooled is None else pooled.detach().cpu().float())
+
+
 def seeded_noise(backend, seeds: list[int], height: int, width: int) -> torch.Tensor:
     """One latent of noise per seed, drawn on the CPU so it is the same on every device."""
     shape = backend.latent_shape(1, height, width)[1:]

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from reneg.embedding import NegEmbedding, load_embedding, save_embedding
+from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
-from reneg.generate import generate_and_score
+from reneg.generate import as_embedding, generate_and_score, text_negative
 from reneg.objective import ObjectiveConfig, reneg_step
 from reneg.prompts import load_prompts
 from reneg.sampling import initial_latent
@@ -130,10 +130,8 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
 
     # SDXL: the learned negative is the 77 x 2048 cross-attention rows; the pooled vector stays the
     # empty prompt's (what hosts pass for an empty negative) and is saved beside it in the file
-    null, null_pooled = backend.null_embedding()
-    hc = backend.encode_prompts([cfg.handcrafted])
-    handcrafted = hc.crossattn[:1]
-    hc_pooled = None if hc.pooled is None else hc.pooled[:1]
+    null, _ = backend.null_embedding()
+    handcrafted, hc_pooled = text_negative(backend, cfg.handcrafted)
     if cfg.init == "null":
         init = null
     elif cfg.init == "handcrafted":
@@ -184,8 +182,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
         return rec
 
     def write_outputs(step: int) -> None:
-        emb = NegEmbedding(neg.detach().cpu().float(), backend.family,
-                           None if null_pooled is None else null_pooled.cpu().float(), {}, None, "reneg")
+        emb = as_embedding(backend, neg)
         save_embedding(os.path.join(cfg.out, "embedding.safetensors"), emb, overwrite=True,
                        **dict(meta, trained_steps=step))
         save_checkpoint(ckpt_path, step=step, neg=neg, optimizer=opt, scheduler=sched, skipped=skipped,

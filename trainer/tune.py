@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from reneg.embedding import NegEmbedding, load_embedding, save_embedding
+from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
-from reneg.generate import tune_for_seed
+from reneg.generate import as_embedding, tune_for_seed
 
 from .config import ConfigError, _positive, check_embedding_arg, check_out_dir, validate_common
 
@@ -93,8 +93,7 @@ def run_tune(ns) -> dict:
                            tuple(ns.grad_range), ns.resolution, ns.resolution, ns.max_steps, ns.patience, ns.lr,
                            noise=ns.noise, on_step=on_step,
                            autocast_dtype=dtype if dtype != torch.float32 else None)
-    pooled = backend.null_embedding()[1]  # SDXL: the pooled vector the search used, kept in the file
-    emb = NegEmbedding(res.best.cpu().float(), backend.family, None if pooled is None else pooled.cpu().float())
+    emb = as_embedding(backend, res.best)
     save_embedding(ns.out, emb, overwrite=ns.overwrite, kind="per-sample", prompt=ns.prompt, seed=ns.seed,
                    noise_mode=ns.noise, base_model=os.path.basename(os.path.normpath(ns.model)),
                    rewards=ns.rewards, steps=len(res.history), lr=ns.lr, guidance_scale=ns.guidance,

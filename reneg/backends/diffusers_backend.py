@@ -213,17 +213,21 @@ class DiffusersBackend:
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``E("")`` and, for SDXL, its pooled vector: what the UIs use as an empty negative
         (diffusers' SDXL pipeline uses zeros only when no negative prompt is given at all)."""
+        null, pooled = self._empty()
+        return null.clone(), None if pooled is None else pooled.clone()
+
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``E("")`` and its pooled vector, encoded once (read-only: callers copy what they change)."""
         if self._null is None:
             self._null = self._encode([""])
-        null, pooled = self._null
-        return null.clone(), None if pooled is None else pooled.clone()
+        return self._null
 
     def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None) -> Cond:
         """A negative's Cond; SDXL's pooled vector is the empty prompt's unless one is given."""
         if self.text_encoder_2 is None:
             return Cond(neg.to(self.device))
-        if pooled is None:
-            pooled = self.null_embedding()[1]
+        if pooled is None:  # no copy: called on every training step, and the cond is only read
+            pooled = self._empty()[1]
         return Cond(neg.to(self.device), pooled.reshape(1, -1).to(self.device))
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -330,11 +334,12 @@ def _read_json(path: str) -> dict:
         raise ModelLoadError(f"{path}: not a readable JSON config ({e})") from None
 
 
-def _is_sdxl_folder(path: str) -> bool:
-    index = os.path.join(path, "model_index.json")
-    if os.path.isfile(index) and "text_encoder_2" in _read_json(index):
-        return True
-    return os.path.isdir(os.path.join(path, "text_encoder_2"))
+def _is_sdxl_folder(path: str, index: dict | None = None) -> bool:
+    """A two-encoder (SDXL) folder: its model_index.json (read here unless given) or its folders say so."""
+    if index is None:
+        p = os.path.join(path, "model_index.json")
+        index = _read_json(p) if os.path.isfile(p) else {}
+    return "text_encoder_2" in index or os.path.isdir(os.path.join(path, "text_encoder_2"))
 
 
 def _load_folder(path: str, device, dtype) -> DiffusersBackend:
@@ -392,8 +397,8 @@ def _load_single_file(path: str, device, dtype, config: str | None) -> Diffusers
             f"text_encoder/config.json, tokenizer/ and scheduler/scheduler_config.json, or "
             f"stable-diffusion-xl-base-1.0 with text_encoder_2/ and tokenizer_2/ as well; the weights "
             f"in it are not needed)")
-    sdxl = _is_sdxl_folder(config)
     index = _read_json(os.path.join(config, "model_index.json"))
+    sdxl = _is_sdxl_folder(config, index)
     parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] + (["text_encoder_2", "tokenizer_2"] if sdxl else [])
     unlisted = [n for n in parts if not isinstance(index.get(n), list) or None in index.get(n)]
     if unlisted:

@@ -476,6 +476,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     items, negatives = validate_eval(cfg)
     check_manifest(cfg, items, negatives)
     from reneg.embedding import load_embedding
+    from reneg.generate import text_negative
     from reneg.rewards import load_reward, parse_spec
 
     t0 = time.time()
@@ -525,8 +526,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                 if neg.kind == "zero":  # crossattn and pooled vector all zeros; the size numbers stay
                     t, pooled = torch.zeros_like(t), None if pooled is None else torch.zeros_like(pooled)
             elif neg.kind == "text":
-                c = backend.encode_prompts([neg.source])
-                t, pooled = c.crossattn[:1], None if c.pooled is None else c.pooled[:1]
+                t, pooled = text_negative(backend, neg.source)
             else:
                 t = tensors[neg.source]
             uncond = backend.negative_cond(t.to(device), pooled)
@@ -572,8 +572,8 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
     """Per-sample search per item (Algorithm 1) from ``neg.source``; saves the best image."""
     import json
 
-    from reneg.embedding import NegEmbedding, save_embedding
-    from reneg.generate import generate, seeded_noise, tune_for_seed
+    from reneg.embedding import save_embedding
+    from reneg.generate import as_embedding, generate, seeded_noise, tune_for_seed
 
     log_path = os.path.join(cfg.out, f"tuning_{neg.name}.json")
     logs = {}
@@ -600,12 +600,9 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
         name = it.image_name(neg.name)
         save_frames(os.path.join(img_dir, name), image.view(frames, *image.shape[1:]))
         if cfg.save_tuned:
-            pooled = backend.null_embedding()[1]
-            emb = NegEmbedding(res.best.detach().cpu().float(), backend.family,
-                               None if pooled is None else pooled.cpu().float())
             save_embedding(os.path.join(cfg.out, "tuned", neg.name, os.path.splitext(name)[0] + ".safetensors"),
-                           emb, overwrite=True, kind="per-sample", prompt=it.text, seed=it.seed,
-                           start_embedding=os.path.basename(neg.source), steps=len(res.history),
+                           as_embedding(backend, res.best), overwrite=True, kind="per-sample", prompt=it.text,
+                           seed=it.seed, start_embedding=os.path.basename(neg.source), steps=len(res.history),
                            lr=cfg.tune_lr, guidance_scale=cfg.guidance, start_reward=res.start_reward,
                            best_reward=res.best_reward)
         logs[name] = {"prompt_index": it.index, "seed": it.seed, "start_reward": _f(res.start_reward),
