@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import platform
@@ -438,7 +437,8 @@ def run(ns) -> dict:
                                                                   torch.float32),
                            null, samples, ns, ns.micro_batches[0], device)
     result["train"].append(dict(row, path="ours", dtype="fp32"))
-    del backend, reward, plain
+    # drop the fp32 models before loading ours (not `del`: the closures above name these variables)
+    backend = reward = plain = None
     release_memory(device)
 
     # ---- our path -------------------------------------------------------------------------
@@ -486,7 +486,7 @@ def run(ns) -> dict:
             result["notes"].append(f"ablations skipped: past the time budget of {ns.time_budget:.0f} s")
         else:
             result["ablations"] = ablations(backend, reward, ns, samples, null, device, dt, log)
-    del backend, reward
+    backend = reward = None  # not `del`: the closures above name these variables
     release_memory(device)
     result["seconds_total"] = round(time.time() - t_start, 1)
     summarize(result, ns)
