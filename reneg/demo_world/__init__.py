@@ -3,7 +3,7 @@
 - :mod:`reneg.demo_world.world`: the world (numpy + PIL only).
 - ``assets/pipeline``: a diffusers ``StableDiffusionPipeline`` folder (32 px images, text width 64).
 - ``assets/reward``: a small open_clip reward in HPSv2 checkpoint format plus its model config.
-- :mod:`reneg.demo_world.train_world`: the script that trains both (see ``assets/CARD.md``).
+- ``tools/train_demo_world.py`` (in the repository, not installed): the script that trains both (see ``assets/CARD.md``).
 
 Importing this package needs only numpy and PIL.
 """

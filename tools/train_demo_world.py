@@ -1,6 +1,6 @@
 """Train the ReNeg demo world: a tiny text-to-image latent diffusion model and a tiny reward.
 
-    python -m reneg.demo_world.train_world --out reneg/demo_world/assets [--threads 2] [--smoke]
+    python tools/train_demo_world.py --out reneg/demo_world/assets [--threads 2] [--smoke]
 
 Stages (each seeded, CPU only):
   1. data      procedural images and captions from :mod:`reneg.demo_world.world`
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
+from reneg.demo_world import world
 
 REWARD_MODEL_NAME = "reneg-demo-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -697,7 +697,7 @@ def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
         "## Command and seeds",
         "",
         "```",
-        "python -m reneg.demo_world.train_world " + " ".join(a for a in argv if a != "--resume"),
+        "python tools/train_demo_world.py " + " ".join(a for a in argv if a != "--resume"),
         "```",
         "",
         ("These files came from runs that reused earlier stages with `--resume` (same code and seeds)."
