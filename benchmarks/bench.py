@@ -64,8 +64,8 @@ SCALES = {
                  time_budget=420, threads=None, repeats=1),
 }
 
-# FIELD-NOTES 9, for comparison with the FLOPs counted here
-FIELD_NOTES_TFLOP_PER_SAMPLE = 54.0
+# an earlier rough estimate of one SD1.5 training sample, for comparison with the FLOPs counted here
+ESTIMATED_TFLOP_PER_SAMPLE = 54.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -318,7 +318,7 @@ def agreement(g: torch.Tensor, ref: torch.Tensor) -> dict:
 def cost_model(backend, reward, ns, device) -> dict:
     """FLOPs of one UNet forward, one VAE decode and one reward image-tower forward at
     batch 1 (counted by PyTorch), and the per-sample totals of the cost model
-    (FIELD-NOTES 9: frozen weights, so a backward is about one more forward)."""
+    (frozen weights, so a backward is about one more forward)."""
     from reneg.cond import Cond
 
     h = ns.resolution
@@ -341,7 +341,7 @@ def cost_model(backend, reward, ns, device) -> dict:
 
 
 def cost_totals(U: float, V: float, R: float, steps: int, grad_range: tuple[int, int], tune_steps: int) -> dict:
-    """The cost model's per-sample totals from the per-call FLOPs (FIELD-NOTES 9): every
+    """The cost model's per-sample totals from the per-call FLOPs: every
     no-grad CFG step is 2 UNet forwards; at the grad step the conditional branch is one
     forward without grad, the negative's branch a forward and a backward (about one more
     forward: weights are frozen, only input gradients are needed), and decode and reward
@@ -604,7 +604,7 @@ def summarize(result: dict, ns) -> None:
 
 
 def targets(result: dict, ns) -> list[dict]:
-    """The issue's sd15 targets, each checked on our fastest row that qualifies (named)."""
+    """The sd15 targets, each checked on our fastest row that qualifies (named)."""
     out = []
     ours = [r for r in result["train"] if r["path"].startswith("ours") and r["dtype"] == result["our_dtype"]]
     if ours:
@@ -663,16 +663,16 @@ def format_table(result: dict) -> str:
                      f"(|g_ref| {a['ref_norm']:.3e})")
     L.append("")
     U, V, R = cm["unet_forward"] / 1e12, cm["vae_decode"] / 1e12, cm["reward_image_forward"] / 1e12
-    L.append(f"Cost model (FIELD-NOTES 9; FLOPs counted by torch.utils.flop_counter at batch 1): UNet forward "
+    L.append(f"Cost model (FLOPs counted by torch.utils.flop_counter at batch 1): UNet forward "
              f"U = {U:.4g} TFLOP, VAE decode V = {V:.4g}, reward image tower R = {R:.4g}")
     L.append(f"  training sample = {cm['rollout_steps_mean']:.1f} x 2U + 3U + 2V + 2R = "
-             f"{cm['train_sample'] / 1e12:.4g} TFLOP (FIELD-NOTES: about {FIELD_NOTES_TFLOP_PER_SAMPLE:g} TFLOP "
+             f"{cm['train_sample'] / 1e12:.4g} TFLOP (rough estimate: about {ESTIMATED_TFLOP_PER_SAMPLE:g} TFLOP "
              f"at SD1.5 512 x 512); tune = {cm['tune'] / 1e12:.4g} TFLOP")
     if peak:
         L.append(f"  floor at {peak:g} TFLOP/s: {cm['train_sample'] / (peak * 1e12):.4f} s per training sample, "
                  f"{cm['tune'] / (peak * 1e12):.3f} s per tune")
     else:
-        L.append("  floor: no peak rate known for this device (pass --peak-tflops; FIELD-NOTES uses 790 for an "
+        L.append("  floor: no peak rate known for this device (pass --peak-tflops; the cost model uses 790 for an "
                  "H100 at bf16)")
     if result["ablations"]:
         L.append("")
@@ -683,7 +683,7 @@ def format_table(result: dict) -> str:
                      f"{r['relative_time']:>8.2f}x time   {r['what']}")
     if result.get("targets"):
         L.append("")
-        L.append("Targets (issue 6)")
+        L.append("Targets")
         for t in result["targets"]:
             L.append(f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {t['value']}")
     for n in result["notes"]:

@@ -1,4 +1,4 @@
-"""The cost model of FIELD-NOTES 9, counted instead of estimated, on any machine.
+"""The cost model of a ReNeg training sample, counted instead of estimated, on any machine.
 
     python benchmarks/cost_model.py                      # SD1.5 + ViT-H-14, 512 x 512
     python benchmarks/cost_model.py --resolution 768 --peak-tflops 990
@@ -6,7 +6,7 @@
 Builds SD1.5's UNet and VAE and OpenCLIP ViT-H-14 on PyTorch's ``meta`` device
 (shapes only: no memory, no arithmetic, a few seconds), counts one forward of each
 with ``torch.utils.flop_counter`` and prints the per-sample totals and the floor at
-a given matmul rate (790 TFLOP/s: an H100 at bf16, FIELD-NOTES 9).
+a given matmul rate (790 TFLOP/s: an H100 at bf16).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def count_sd15(resolution: int = 512) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.bench import FIELD_NOTES_TFLOP_PER_SAMPLE, cost_totals
+    from benchmarks.bench import ESTIMATED_TFLOP_PER_SAMPLE, cost_totals
 
     p = argparse.ArgumentParser(prog="benchmarks/cost_model.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--resolution", type=int, default=512)
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     print(f"SD1.5 at {ns.resolution} x {ns.resolution}, reward ViT-H-14 at 224 x 224 (FLOPs counted on the meta device)")
     print(f"  UNet forward U = {U:.3f} TFLOP, VAE decode V = {V:.3f} TFLOP, reward image tower R = {R:.3f} TFLOP")
     print(f"  training sample: {t['rollout_steps_mean']:.1f} x 2U + 3U + 2V + 2R = {t['train_sample'] / 1e12:.2f} TFLOP "
-          f"(FIELD-NOTES 9 estimated about {FIELD_NOTES_TFLOP_PER_SAMPLE:g})")
+          f"(an earlier rough estimate: about {ESTIMATED_TFLOP_PER_SAMPLE:g})")
     print(f"  per-sample tune ({ns.tune_steps} x {ns.sampling_steps} steps): {t['tune'] / 1e12:.1f} TFLOP")
     f = ns.peak_tflops * 1e12
     print(f"  floor at {ns.peak_tflops:g} TFLOP/s: {t['train_sample'] / f:.4f} s per training sample "

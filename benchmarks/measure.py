@@ -106,7 +106,7 @@ def count_flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
-# bf16 dense matmul rate the cost model uses (FIELD-NOTES 9: an H100 reaches about 790 TFLOP/s)
+# bf16 dense matmul rate the cost model uses (an H100 reaches about 790 TFLOP/s)
 KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
 

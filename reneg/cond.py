@@ -49,7 +49,7 @@ class Cond:
     @staticmethod
     def cat(conds: list["Cond"]) -> "Cond":
         """Concatenate along the batch; token counts are matched by repetition
-        (FIELD-NOTES 4: repeating 77-row blocks leaves cross-attention unchanged)."""
+        (repeating 77-row blocks leaves the cross-attention output unchanged)."""
         length = max(c.crossattn.shape[1] for c in conds)
         parts = []
         for c in conds:

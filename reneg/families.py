@@ -1,4 +1,4 @@
-"""Model families a negative embedding can belong to (FIELD-NOTES 3).
+"""Model families a negative embedding can belong to (the table in docs/embeddings.md).
 
 A family fixes the space the embedding lives in: the hidden size of the text
 encoder output the UNet reads, the number of token rows, and whether a pooled

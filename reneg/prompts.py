@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 
-# The paper's handcrafted negative prompt (FIELD-NOTES 1).
+# The handcrafted negative prompt the ReNeg paper compares against.
 PAPER_HANDCRAFTED = ("distorted, ugly, blurry, low resolution, low quality, bad, deformed, disgusting, "
                      "Overexposed, Simple background, Plain background, Grainy, Underexposed, too dark, "
                      "too bright, too low contrast, too high contrast, Broken, Macabre, artifacts, "

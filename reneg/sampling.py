@@ -1,4 +1,4 @@
-"""One sampler for every backend: deterministic DDIM in sigma space (FIELD-NOTES 2).
+"""One sampler for every backend: deterministic DDIM in sigma space.
 
 A *denoiser* is any callable ``D(x, sigma, cond) -> x0`` where ``x = x0 + sigma*eps``
 is the variance-exploding latent, ``sigma`` a ``[B]`` tensor and ``cond`` a

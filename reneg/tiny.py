@@ -25,7 +25,7 @@ SD_SCHEDULER = {
 
 def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
     """A transformers CLIPTokenizer folder built offline from open_clip's BPE file
-    (FIELD-NOTES 8): real CLIP ids, padded with ``<|endoftext|>`` as SD1.x does
+    (same ids as open_clip's tokenizer): real CLIP ids, padded with ``<|endoftext|>`` as SD1.x does
     (SDXL's second tokenizer pads with ``!``)."""
     import open_clip
 
@@ -53,7 +53,7 @@ def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
 
 def save_text_encoder_prefixed(text_encoder, folder: str) -> None:
     """Save a CLIPTextModel with the ``text_model.`` key prefix real SD folders use
-    (transformers 5 drops it; ComfyUI then loads garbage, FIELD-NOTES 8)."""
+    (transformers 5 drops it; ComfyUI then loads garbage: NaN images)."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)

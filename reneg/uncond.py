@@ -5,7 +5,7 @@ calls :func:`replace_uncond` from its ``on_cfg_denoiser`` callback, and the
 ComfyUI nodes use :func:`match_tokens` and :func:`blend` for their strength
 blend. Nothing here imports anything heavier than torch.
 
-Shapes (FIELD-NOTES 4 and 6):
+Shapes (as ComfyUI, A1111, Forge and reForge pass them):
 
 * An embedding is ``[1, R, D]`` (R = 77 for the CLIP families) or ``[B, R, D]``.
 * A host's negative conditioning is ``[B, L, D]`` where a prompt longer than 75

@@ -1,7 +1,7 @@
 """Stand-ins for ComfyUI's ``folder_paths`` and ``comfy.*``, exactly as far as the ReNeg nodes use them,
 and ComfyUI-shaped wrappers (MODEL, VAE, CLIP) around the tiny diffusers models.
 
-No package ships ComfyUI's ``comfy`` code (FIELD-NOTES 5), so the tests install these
+No package on the registry ships ComfyUI's ``comfy`` code, so the tests install these
 modules into ``sys.modules``, load the pack by path the way ComfyUI's ``nodes.py`` does,
 and remove everything again afterwards.
 

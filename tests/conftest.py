@@ -14,7 +14,7 @@ SHARED = ROOT.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():
-        pytest.skip("../shared/data is not present")
+        pytest.skip("shared/data (beside the checkout) is not present")
     return SHARED
 
 

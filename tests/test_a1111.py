@@ -413,7 +413,7 @@ def test_xyz_axes(host):
 # --------------------------------------------------------------------------- the paper's files
 
 
-@pytest.mark.skipif(not OFFICIAL.is_dir(), reason="the paper's embeddings are not in ../shared")
+@pytest.mark.skipif(not OFFICIAL.is_dir(), reason="shared/data/reneg-official (beside the checkout) is absent")
 def test_official_files(host):
     host.ns.shared.opts.reneg_dir = str(OFFICIAL)
     host.set_model("sd1")
@@ -426,7 +426,7 @@ def test_official_files(host):
     assert "pixart-alpha_reneg_emb.bin" not in host.script.ui(False)[1].choices
     p = host.p("sd1")
     host.script.process(p, True, "sd1.5_reneg_emb", 1.0, True)
-    assert p.extra_generation_params["ReNeg hash"] == "3124786328"  # ../shared/README.md
+    assert p.extra_generation_params["ReNeg hash"] == "3124786328"  # sd1.5_reneg_emb.bin's sha256, first ten hex digits
     official = torch.load(OFFICIAL / "sd1.5_reneg_emb.bin", weights_only=True)
     out = host.run(p, torch.randn(2, 154, 768, dtype=torch.float16))
     assert torch.equal(out, match_tokens(official, 154).half().expand(2, -1, -1))

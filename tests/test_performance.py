@@ -1,4 +1,4 @@
-"""Correctness of the performance options (issue 6): they change speed and memory, not the maths.
+"""Correctness of the performance options: they change speed and memory, not the maths.
 
 Timings are never asserted here; they live in benchmarks/ only.
 """

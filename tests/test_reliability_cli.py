@@ -1,4 +1,4 @@
-"""Issue 7, bad arguments: every flag of ``reneg train``, ``reneg tune`` and ``reneg eval``
+"""Bad arguments: every flag of ``reneg train``, ``reneg tune`` and ``reneg eval``
 is validated up front, with one clear line naming the flag, before any model loads.
 
 Each case runs ``reneg.cli.main([...])`` with the model and reward loaders replaced by

@@ -1,4 +1,4 @@
-"""Issue 7, disk: a full disk or a read-only output folder fails with a clear message and
+"""Disk: a full disk or a read-only output folder fails with a clear message and
 loses no earlier checkpoint.
 
 Tests run as root, where ``chmod`` does not stop writes, and mounting a small or

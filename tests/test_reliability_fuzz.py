@@ -1,4 +1,4 @@
-"""Issue 7, untrusted files: every loader (embeddings, reward checkpoints, trainer
+"""Untrusted files: every loader (embeddings, reward checkpoints, trainer
 checkpoints) refuses pickles that would run code, and survives a seeded fuzz run over
 truncated, bit-flipped and header-mangled files (safetensors and pickle) with a clear
 error each time: no other exception type, no hang, no huge allocation from a lying

@@ -1,4 +1,4 @@
-"""Issue 7, hosts: no exception escapes a ComfyUI node or the A1111 callback in a way
+"""Hosts: no exception escapes a ComfyUI node or the A1111 callback in a way
 that stops the host, and a missing optional dependency is a message in the UI, not a
 failed import of the whole pack.
 

@@ -1,4 +1,4 @@
-"""Issue 7, numerical faults: a NaN or inf loss or gradient skips that update and is
+"""Numerical faults: a NaN or inf loss or gradient skips that update and is
 counted; after ``--max-bad-steps`` in a row the run stops with a clear message and the
 last good checkpoint intact.
 

@@ -1,4 +1,4 @@
-"""Issue 7, offline: with the network unreachable, no code path tries to reach it when
+"""Offline: with the network unreachable, no code path tries to reach it when
 local files are given.
 
 The ``no_network`` fixture replaces every way Python opens a connection or resolves a

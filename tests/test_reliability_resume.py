@@ -1,4 +1,4 @@
-"""Issue 7, kill and resume: a training run killed with SIGKILL at any point resumes
+"""Kill and resume: a training run killed with SIGKILL at any point resumes
 with ``--resume`` and ends with the same embedding as a run that was never killed;
 a kill never leaves a half-written file where a good one was.
 

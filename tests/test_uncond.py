@@ -1,4 +1,4 @@
-"""reneg.uncond: the host-independent negative replacement (FIELD-NOTES 4 and 6)."""
+"""reneg.uncond: the host-independent negative replacement."""
 
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def test_per_image_embeddings():
     assert torch.equal(out, e)
 
 
-@pytest.mark.skipif(not os.path.isdir(OFFICIAL), reason="the paper's embeddings are not in ../shared")
+@pytest.mark.skipif(not os.path.isdir(OFFICIAL), reason="shared/data/reneg-official (beside the checkout) is absent")
 def test_official_sd15_embedding_into_fp16_long_prompt():
     e = load_embedding(os.path.join(OFFICIAL, "sd1.5_reneg_emb.bin"))
     assert e.family == "sd1"

@@ -109,7 +109,7 @@ def log(*a: Any) -> None:
 
 
 def write_tokenizer_folder(folder: Path) -> None:
-    """An SD1-style CLIPTokenizer folder built offline from open_clip's BPE file (FIELD-NOTES 8)."""
+    """An SD1-style CLIPTokenizer folder built offline from open_clip's BPE file (same ids as open_clip's tokenizer)."""
     from reneg.tiny import write_clip_tokenizer
 
     write_clip_tokenizer(str(folder))
@@ -320,7 +320,7 @@ def train_diffusion(lat_mean, lat_std, scale: float, cond_table: torch.Tensor, c
 
 
 def rewrite_text_encoder_keys(folder: Path) -> None:
-    """Make sure text_encoder/model.safetensors uses the ``text_model.`` prefix (FIELD-NOTES 8)."""
+    """Make sure text_encoder/model.safetensors uses the ``text_model.`` prefix (ComfyUI loads garbage without it)."""
     from safetensors.torch import load_file, save_file
 
     path = folder / "model.safetensors"

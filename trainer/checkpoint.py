@@ -49,7 +49,7 @@ def load_checkpoint(path: str) -> dict:
     if (not isinstance(neg, torch.Tensor) or not neg.is_floating_point() or neg.dim() != 3
             or not torch.isfinite(neg).all()):
         raise ValueError(f"{path}: training checkpoint holds no finite [1, tokens, hidden] embedding")
-    # a corrupt file must fail here, with its name, not later inside the optimizer (issue 7)
+    # a corrupt file must fail here, with its name, not later inside the optimizer
     for key in ("step", "skipped"):
         v = state.get(key, 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:

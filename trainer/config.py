@@ -104,7 +104,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--gradient-checkpointing", action="store_true",
       help="recompute UNet, VAE-decoder and reward-tower activations in backward (less memory)")
     a("--channels-last", action="store_true", help="NHWC convolution weights (pays with bf16/fp16 on GPUs)")
-    a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see the README's Performance section)")
+    a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see docs/performance.md)")
     a("--device", help="cpu, cuda, cuda:1... (default: what accelerate picks)")
     a("--no-progress", dest="progress", action="store_false")
 

@@ -60,7 +60,7 @@ class CsvLog:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
                         and int(r["step"]) <= resume_step]
         # the kept rows are rewritten atomically, then appended to: a kill while
-        # resuming never truncates the log (issue 7)
+        # resuming never truncates the log
         import io
 
         from reneg.fileio import atomic_write_text
@@ -78,7 +78,7 @@ class CsvLog:
         try:
             self.w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
             self.f.flush()
-        except OSError as e:  # a full disk shows up here first: name the file (issue 7)
+        except OSError as e:  # a full disk shows up here first: name the file
             from reneg.fileio import OutputError
 
             raise OutputError(f"{self.path}: writing failed: {e.strerror or e}") from e

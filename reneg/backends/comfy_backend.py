@@ -1,7 +1,7 @@
 """ComfyUI backend: a :class:`reneg.backends.base.Backend` over a MODEL and a VAE.
 
 ComfyUI's ``model.model.apply_model(x, sigma, c_crossattn=...)`` already is the
-denoiser ``D(x, sigma, cond) -> x0`` of :mod:`reneg.sampling` (FIELD-NOTES 2, 5):
+denoiser ``D(x, sigma, cond) -> x0`` of :mod:`reneg.sampling`:
 it takes sigma, scales the input and returns x0 whatever the parameterisation
 (eps or v). The sigma table comes from the model's ``model_sampling``; decoding
 goes through ``model.process_latent_out`` and ``vae.first_stage_model.decode``

@@ -7,7 +7,7 @@ checkpoint as UI users keep them (then ``config=`` must name a local diffusers
 folder of the same architecture, since diffusers would otherwise download the
 configs). Nothing is ever downloaded.
 
-SDXL (FIELD-NOTES 3): the cross-attention conditioning is both encoders'
+SDXL: the cross-attention conditioning is both encoders'
 penultimate hidden states side by side, ``[B, 77, 768 + 1280]``; the UNet also
 reads the second encoder's projected pooled vector ``[B, 1280]`` and six size
 numbers ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``. The
@@ -33,7 +33,7 @@ class ModelLoadError(ValueError):
 
 
 class DiffusersDenoiser:
-    """``D(x, sigma, cond) -> x0`` around a diffusers UNet (FIELD-NOTES 2)."""
+    """``D(x, sigma, cond) -> x0`` around a diffusers UNet (see :mod:`reneg.sampling`)."""
 
     def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
                  vae_scale: int = 8):
@@ -249,7 +249,7 @@ class DiffusersBackend:
 
     def set_performance(self, *, sdpa: bool | None = None, checkpointing: bool | None = None,
                         channels_last: bool | None = None, compile: bool = False) -> "DiffusersBackend":
-        """Speed and memory switches (the README's Performance section); none changes the maths.
+        """Speed and memory switches (docs/performance.md); none changes the maths.
 
         ``sdpa``: PyTorch's fused scaled_dot_product_attention in the UNet and VAE
         (False: the plain softmax(QK^T)V processor, the benchmarks' reference).

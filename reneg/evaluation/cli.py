@@ -213,8 +213,8 @@ def _demo_train(d: dict, folder: str, progress: bool) -> str:
 
     steps = d["settings"].get("eval_train_steps", d["settings"]["steps"])
     print(f"reneg eval --demo: no learned embedding yet; training a short one ({steps} steps) into {folder}. "
-          f"It only shows the path: run `reneg train --demo` first for the full embedding (the README's "
-          f"figures come from that)", flush=True)
+          f"It only shows the path: run `reneg train --demo` first for the full embedding (the demo "
+          f"world's published figures come from that)", flush=True)
     s = dict(d["settings"])
     fields = TrainConfig.__dataclass_fields__
     kw = {k: v for k, v in s.items() if k in fields}

@@ -1,4 +1,4 @@
-"""Differentiable CLIP preprocessing (FIELD-NOTES 7); never goes through PIL."""
+"""Differentiable CLIP preprocessing (resize, centre crop, normalise in torch); never goes through PIL."""
 
 from __future__ import annotations
 
