@@ -236,7 +236,8 @@ def _check_resume(cfg: TrainConfig) -> None:
                 if k in _CONTENT_FLAG:
                     out.append(f"{_CONTENT_FLAG[k]} {'(none)' if v is None else str(v)[:12]}")
                 else:
-                    out.append(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}")
+                    v = " ".join(map(str, v)) if isinstance(v, list) else str(v)
+                    out.append(f"--{k.replace('_', '-')} {v if len(v) <= 40 else repr(v[:30] + '...')}")
             return " ".join(out)
         raise ConfigError(f"--resume: {path} was made with {show(old)}, this command has {show(new)} "
                           f"(file contents shown by their sha256); resume with the same settings and files "
