@@ -128,8 +128,9 @@ def check_int(flag: str, v: Any, lo: int = 1, hi: int = COUNT_MAX, what: str = "
     if isinstance(v, bool) or not isinstance(v, int):
         raise OptionError(f"{flag} must be an integer, got {v!r}")
     if not lo <= v <= hi:
-        rng = f">= {lo}" if hi >= COUNT_MAX and v >= lo else f"between {lo} and {hi}"
-        raise OptionError(f"{flag} must be {rng}{what}, got {_short(v)}")
+        base = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        top = "" if v < lo and hi >= COUNT_MAX else f" up to {hi}"
+        raise OptionError(f"{flag} must be {base}{top}{what}, got {_short(v)}")
     return v
 
 
@@ -286,3 +287,13 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
             else:
                 obj.default = d
     return set(vars(ns))
+
+
+def markdown_table() -> str:
+    """The shared settings as a Markdown table (docs/options.md is made from it)."""
+    rows = ["| flag | default | what |", "|---|---|---|"]
+    for f in fields(ReNegOptions):
+        d = default(f.name)
+        shown = " ".join(map(str, d)) if isinstance(d, tuple) else ("(none)" if d in (None, "", []) else d)
+        rows.append(f"| `{flag_of(f.name)}` | {shown} | {f.metadata['help']} |")
+    return "\n".join(rows)

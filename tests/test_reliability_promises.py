@@ -385,3 +385,11 @@ def test_options_module_is_import_light():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_docs_options_table_is_current():
+    from reneg.options import markdown_table
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "options.md")
+    with open(path, encoding="utf-8") as f:
+        assert markdown_table() in f.read(), "docs/options.md: regenerate the table from reneg.options"

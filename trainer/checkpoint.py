@@ -44,7 +44,7 @@ def load_checkpoint(path: str) -> dict:
         raise
     except Exception as e:  # untrusted content (sparse or float8 tensors, odd objects...)
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise ValueError(f"{path}: not a usable training checkpoint ({type(e).__name__}"
+        raise ValueError(f"{path}: not a readable training checkpoint ({type(e).__name__}"
                          f"{': ' + detail if detail else ''})") from None
 
 
