@@ -264,7 +264,7 @@ def check_out_dir(out: str) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     d = {k: v for k, v in vars(ns).items() if k in TrainConfig.__dataclass_fields__}
-    d["grad_range"] = tuple(d.get("grad_range", (0, 10)))
+    d["grad_range"] = tuple(d.get("grad_range", PAPER.grad_range))
     if not d.get("out"):
         d["out"] = TrainConfig.out
     return TrainConfig(**d)

@@ -244,7 +244,7 @@ def _demo_train(d: dict, folder: str, progress: bool) -> str:
     s = dict(d["settings"])
     fields = TrainConfig.__dataclass_fields__
     kw = {k: v for k, v in s.items() if k in fields}
-    kw["grad_range"] = tuple(kw.get("grad_range", (0, 10)))
+    kw["grad_range"] = tuple(kw.get("grad_range", O.PAPER.grad_range))
     if "eval_train_steps" in s:
         kw["steps"] = int(s["eval_train_steps"])
         kw["checkpoint_every"] = min(int(kw.get("checkpoint_every", kw["steps"])), kw["steps"])
