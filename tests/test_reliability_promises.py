@@ -393,3 +393,32 @@ def test_docs_options_table_is_current():
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "options.md")
     with open(path, encoding="utf-8") as f:
         assert markdown_table() in f.read(), "docs/options.md: regenerate the table from reneg.options"
+
+
+def test_prompt_features_do_not_depend_on_their_batch():
+    """The cause of an inexact resume: a prompt's cached text features must be the same whether it
+    was first encoded alone or beside other prompts (a resumed process fills its caches anew)."""
+    from reneg import demo
+
+    world = demo._world()
+    if world is None:
+        pytest.skip("the demo world's assets are not installed")
+    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.rewards import load_rewards
+
+    prompts = list(world.train_prompts(12, seed=0))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reward = load_rewards([f"hpsv2={world.reward_checkpoint()},config={world.reward_config()}"])
+        together = reward.text_features(prompts)
+        reward._text_cache.clear()
+        alone = torch.stack([reward.text_features([p])[0] for p in reversed(prompts)]).flip(0)
+        assert torch.equal(together, alone)
+        backend = load_diffusers(world.pipeline_dir())
+        together = backend.encode_prompts(prompts).crossattn
+        backend._cache.clear()
+        alone = torch.cat([backend.encode_prompts([p]).crossattn for p in reversed(prompts)]).flip(0)
+        assert torch.equal(together, alone)
+    finally:
+        torch.set_num_threads(n)
