@@ -6,6 +6,7 @@ import torch
 
 from .common import (CATEGORY, REWARD_TYPE, check_interrupt, model_family_of, one_block, progress_bar,
                      reports_errors)
+from ..reneg.options import PAPER, clamp_grad_range
 from .save_embedding import INFO_KEY
 
 TITLE = "Per-Sample ReNeg Tune"
@@ -47,17 +48,18 @@ class ReNegPerSampleTune:
                 "prompt": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "The prompt text, for the reward model."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
-                "max_steps": ("INT", {"default": 10, "min": 1, "max": 200}),
-                "patience": ("INT", {"default": 3, "min": 1, "max": 200}),
-                "learning_rate": ("FLOAT", {"default": 0.005, "min": 0.0, "max": 1.0, "step": 0.0005,
+                "max_steps": ("INT", {"default": PAPER.max_steps, "min": 1, "max": 200}),
+                "patience": ("INT", {"default": PAPER.patience, "min": 1, "max": 200}),
+                "learning_rate": ("FLOAT", {"default": PAPER.lr, "min": 0.0, "max": 1.0, "step": 0.0005,
                                             "round": 0.00001}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01}),
-                "steps": ("INT", {"default": 30, "min": 2, "max": 200, "tooltip": "Sampling steps."}),
-                "grad_step_min": ("INT", {"default": 0, "min": 0, "max": 199, "tooltip":
-                                  "The gradient is taken at a step drawn from [min, max], counted from the end."}),
-                "grad_step_max": ("INT", {"default": 10, "min": 0, "max": 199}),
-                "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8}),
-                "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8}),
+                "cfg": ("FLOAT", {"default": PAPER.guidance, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01}),
+                "steps": ("INT", {"default": PAPER.sampling_steps, "min": 2, "max": 200, "tooltip": "Sampling steps."}),
+                "grad_step_min": ("INT", {"default": PAPER.grad_range[0], "min": 0, "max": 199, "tooltip":
+                                  "The gradient is taken at a step drawn from [min, max], counted from the end; "
+                                  "a range past the sampling steps is clamped to them (and the node says so)."}),
+                "grad_step_max": ("INT", {"default": PAPER.grad_range[1], "min": 0, "max": 199}),
+                "width": ("INT", {"default": PAPER.resolution, "min": 64, "max": 8192, "step": 8}),
+                "height": ("INT", {"default": PAPER.resolution, "min": 64, "max": 8192, "step": 8}),
                 "noise_mode": (list(NOISE_MODES), {"default": NOISE_MODES[0], "tooltip":
                                "this seed: tune for the image of this seed; fresh noise: a new seed every "
                                "step, as in the paper (a negative that helps this prompt in general)."}),
@@ -97,9 +99,10 @@ class ReNegPerSampleTune:
         backend.latent_shape(1, backend.height, backend.width)  # checks the size
         sigmas = backend.schedule(int(steps))
         n = len(sigmas) - 1
-        if not 0 <= grad_step_min <= grad_step_max < n:
-            raise ValueError(f"grad step range [{grad_step_min}, {grad_step_max}] must satisfy "
-                             f"0 <= min <= max < {n} (the sampling steps of scheduler {scheduler})")
+        # the paper's 0-10 needs 11 sampling steps: with fewer, use the range that fits and say so
+        (grad_step_min, grad_step_max), clamp_note = clamp_grad_range((int(grad_step_min), int(grad_step_max)), n)
+        if clamp_note:
+            print(f"[ReNeg] {TITLE}: {clamp_note}", flush=True)
         pbar = progress_bar(int(max_steps) * n)
 
         def on_sample_step(i, x, x0):
@@ -132,7 +135,8 @@ class ReNegPerSampleTune:
             "scheduler": scheduler, "grad_range": f"{grad_step_min},{grad_step_max}",
             "start_reward": res.start_reward, "best_reward": res.best_reward, "stopped": res.stopped,
         }
-        lines = [f"step {r['step']}: reward {r['reward']:.5f}{'  new best' if r['improved'] else ''}"
+        lines = [f"note: {clamp_note}"] if clamp_note else []
+        lines += [f"step {r['step']}: reward {r['reward']:.5f}{'  new best' if r['improved'] else ''}"
                  for r in res.history]
         lines.append(f"before {res.start_reward:.5f} -> after {res.best_reward:.5f} "
                      f"(best at step {res.best_step}, stopped: {res.stopped})")

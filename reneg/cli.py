@@ -8,28 +8,43 @@ import os
 import sys
 
 
+def _safe_text(value, limit: int = 400) -> str:
+    """A file's text for the terminal: control characters (ANSI escapes, newlines, ...) shown
+    escaped, never sent raw; very long values cut."""
+    s = str(value)
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in s)
+    return out if len(out) <= limit else out[:limit] + f"... ({len(s)} characters)"
+
+
 def _cmd_inspect(ns) -> int:
     from .embedding import load_embedding
 
     emb = load_embedding(ns.file)
     info = emb.info()
     if ns.json:
-        print(json.dumps(info, indent=2))
+        # strict JSON (no NaN/Infinity); json escapes control characters itself
+        print(json.dumps(info, indent=2, allow_nan=False))
     else:
-        print(f"{info['path']}\n  format  {info['format']}\n  family  {info['family']}\n"
+        print(f"{_safe_text(info['path'])}\n  format  {info['format']}\n  family  {info['family']}\n"
               f"  shape   {info['shape']}  {info['dtype']}")
         if info["pooled_shape"]:
             print(f"  pooled  {info['pooled_shape']}")
         s = info["stats"]
-        print(f"  stats   mean {s['mean']:.4g}  std {s['std']:.4g}  norm {s['norm']:.4g}")
+
+        def g(v):
+            return "n/a" if v is None else f"{v:.4g}"
+        print(f"  stats   mean {g(s['mean'])}  std {g(s['std'])}  norm {g(s['norm'])}")
         for k, v in sorted(info["metadata"].items()):
-            print(f"  {k}: {v}")
+            print(f"  {_safe_text(k, 80)}: {_safe_text(v)}")
     return 0
 
 
 def _cmd_convert(ns) -> int:
     from .embedding import convert
+    from .families import FAMILIES
 
+    if ns.family is not None and ns.family not in FAMILIES:
+        raise ValueError(f"--family {_safe_text(ns.family, 60)}: expected one of {', '.join(FAMILIES)}")
     if os.path.exists(ns.dst) and not ns.overwrite:
         raise ValueError(f"{ns.dst}: already exists (pass --overwrite to replace it)")
     emb = convert(ns.src, ns.dst, family=ns.family, overwrite=ns.overwrite)
@@ -45,11 +60,31 @@ def _cmd_rewards(ns) -> int:
     return 0
 
 
+# what --demo brings itself: these flags can not be combined with it
+DEMO_OWNS = {"train": ("model", "config", "rewards", "prompts", "heldout"),
+             "tune": ("model", "config", "rewards"),
+             "eval": ("model", "config", "rewards", "prompts")}
+
+
+def refuse_demo_conflicts(ns, kind: str) -> set:
+    """The flags the user gave beside ``--demo`` (they replace the demo's settings); a flag the
+    demo supplies itself (its model, reward, prompts) is refused by name, never dropped."""
+    from .options import OptionError, flag_of
+
+    given = set(getattr(ns, "given_flags", None) or ())
+    clash = [flag_of(k) for k in DEMO_OWNS[kind] if k in given]
+    if clash:
+        raise OptionError(f"{', '.join(clash)} can not be used with --demo: the demo brings its own model, "
+                          f"reward and prompts (drop --demo to use your own)")
+    return given
+
+
 def _apply_demo(ns, kind: str) -> None:
     import torch
 
     from . import demo
 
+    given = refuse_demo_conflicts(ns, kind)
     out = ns.out or os.path.join("runs", f"demo-{kind}")
     d = demo.setup(out if kind == "train" else os.path.dirname(os.path.abspath(out)) or ".")
     print(f"reneg {kind} --demo: {d['kind']} ({d['model']})", flush=True)
@@ -57,15 +92,27 @@ def _apply_demo(ns, kind: str) -> None:
     ns.model, ns.rewards = d["model"], [d["reward"]]
     s = d["settings"]
     if kind == "train":
-        ns.out, ns.prompts, ns.heldout, ns.handcrafted = out, d["prompts"], d["heldout"], d["handcrafted"]
+        ns.out, ns.prompts, ns.heldout = out, d["prompts"], d["heldout"]
+        if "handcrafted" not in given:
+            ns.handcrafted = d["handcrafted"]
         for k, v in s.items():
-            setattr(ns, k, v)
+            if k not in given:
+                setattr(ns, k, v)
         ns.base_model_name = "reneg-demo"
     else:
-        ns.prompt = ns.prompt or d["heldout_texts"][0]
+        if "prompt" not in given:
+            ns.prompt = d["heldout_texts"][0]
         for k in ("resolution", "sampling_steps", "guidance", "grad_range"):
-            setattr(ns, k, s[k])
-        ns.lr = s.get("tune_lr", s["lr"])
+            if k not in given:
+                setattr(ns, k, s[k])
+        if "lr" not in given:
+            ns.lr = s.get("tune_lr", s["lr"])
+    overridden = sorted(k for k in given if k not in ("demo", "out", "progress", "command"))
+    if overridden:
+        from .options import flag_of
+
+        print(f"reneg {kind} --demo: using your {', '.join(flag_of(k) for k in overridden)} instead of the "
+              f"demo's", flush=True)
 
 
 def _cmd_train(ns) -> int:
@@ -144,13 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     ns = p.parse_args(argv)
     try:
+        if getattr(ns, "demo", False):
+            from .options import given_flags
+
+            ns.given_flags = given_flags(p, sys.argv[1:] if argv is None else list(argv))
         return ns.fn(ns) or 0
     except KeyboardInterrupt:
         print("reneg: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as e:
         # every expected failure carries a message naming the file or flag
-        print(f"reneg {ns.command}: error: {e}", file=sys.stderr)
+        # one line, with a file's control characters shown escaped, never sent to the terminal raw
+        print(f"reneg {ns.command}: error: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from .options import PAPER
+
 
 def _world():
     try:
@@ -33,8 +35,9 @@ def _world():
 # paired gaps outside their 95 % intervals; 20 DDIM steps x 240 training steps instead: 0.7203.
 # eval --demo: 16 images per held-out prompt for the global negatives, so that gaps of ~0.015 are
 # resolved, and per-sample tuning (the slow part) for the first image of each prompt.
-WORLD_SETTINGS = dict(resolution=32, steps=160, batch_size=16, micro_batch=16, sampling_steps=30, guidance=7.5,
-                      grad_range=(0, 10), lr=5e-2, eval_every=80, checkpoint_every=40, eval_batch=32,
+WORLD_SETTINGS = dict(resolution=32, steps=160, batch_size=16, micro_batch=16,
+                      sampling_steps=PAPER.sampling_steps, guidance=PAPER.guidance, grad_range=PAPER.grad_range,
+                      lr=5e-2, eval_every=80, checkpoint_every=40, eval_batch=32,
                       eval_images_per_prompt=16, eval_tune_per_prompt=1, eval_tune_steps=5, tune_lr=5e-2,
                       eval_train_steps=20)
 

@@ -49,6 +49,10 @@ class EmbeddingError(ValueError):
     """A negative-embedding file is unreadable or not what it must be."""
 
 
+# the value types an embedding may hold (float8 and the like are refused by name)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 @dataclass
 class NegEmbedding:
     """A validated negative embedding.
@@ -73,7 +77,7 @@ class NegEmbedding:
         return Path(self.path).stem if self.path else "embedding"
 
     def info(self) -> dict[str, Any]:
-        t = self.tensor.float()
+        t = self.tensor.double()  # float32 sums of large values overflow; a JSON report has no Infinity
         out = {
             "path": self.path,
             "format": self.format,
@@ -82,12 +86,18 @@ class NegEmbedding:
             "dtype": str(self.tensor.dtype).replace("torch.", ""),
             "pooled_shape": list(self.pooled.shape) if self.pooled is not None else None,
             "metadata": dict(self.metadata),
-            "stats": {"mean": float(t.mean()), "std": float(t.std()), "norm": float(t.norm()),
-                      "min": float(t.min()), "max": float(t.max())},
+            "stats": {k: _finite(v) for k, v in (("mean", t.mean()), ("std", t.std()), ("norm", t.norm()),
+                                                 ("min", t.min()), ("max", t.max()))},
         }
         if self.path and os.path.isfile(self.path):
             out["sha256"] = _sha256(self.path)
         return out
+
+
+def _finite(v) -> float | None:
+    """A statistic as a float, or None where it is not finite (JSON has no NaN or Infinity)."""
+    v = float(v)
+    return v if v == v and abs(v) != float("inf") else None
 
 
 def _sha256(path) -> str:
@@ -107,8 +117,14 @@ def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = No
     """Check rank, shape, finiteness and hidden size; return ``([1,L,D], family, pooled)``."""
     if not isinstance(tensor, torch.Tensor):
         raise EmbeddingError(f"{path}: expected a tensor, found {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise EmbeddingError(f"{path}: expected a dense tensor, found a {str(tensor.layout).replace('torch.', '')} "
+                             f"tensor")
     if not tensor.is_floating_point():
         raise EmbeddingError(f"{path}: expected a floating-point tensor, found dtype {tensor.dtype}")
+    if tensor.dtype not in _DTYPES:
+        raise EmbeddingError(f"{path}: expected float32, float16, bfloat16 or float64 values, found "
+                             f"{str(tensor.dtype).replace('torch.', '')}")
     if tensor.dim() == 2:
         tensor = tensor.unsqueeze(0)
     if tensor.dim() != 3 or tensor.shape[0] != 1:
@@ -136,8 +152,9 @@ def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = No
         bad = int((~torch.isfinite(tensor)).sum())
         raise EmbeddingError(f"{path}: expected finite values, found {bad} NaN/inf entries")
     if pooled is not None:
-        if not isinstance(pooled, torch.Tensor) or not pooled.is_floating_point():
-            raise EmbeddingError(f"{path}: pooled vector must be a float tensor")
+        if (not isinstance(pooled, torch.Tensor) or pooled.layout != torch.strided or not pooled.is_floating_point()
+                or pooled.dtype not in _DTYPES):
+            raise EmbeddingError(f"{path}: pooled vector must be a dense float32/float16/bfloat16/float64 tensor")
         if pooled.dim() == 1:
             pooled = pooled.unsqueeze(0)
         if spec.pooled is None or tuple(pooled.shape) != (1, spec.pooled):
@@ -155,8 +172,21 @@ def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = No
 
 
 def load_embedding(path: str | os.PathLike, expected_family: str | None = None) -> NegEmbedding:
-    """Load and validate a negative embedding from any supported file."""
+    """Load and validate a negative embedding from any supported file.
+
+    Whatever the file holds, a failure is one :class:`EmbeddingError` line naming the file."""
     path = str(path)
+    try:
+        return _load_any(path, expected_family)
+    except EmbeddingError:
+        raise
+    except Exception as e:  # untrusted content (RecursionError included): any other failure is still a bad file
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise EmbeddingError(f"{path}: not a readable embedding file ({type(e).__name__}"
+                             f"{': ' + detail if detail else ''})") from None
+
+
+def _load_any(path: str, expected_family: str | None) -> NegEmbedding:
     p = Path(path)
     if not p.is_file():
         raise EmbeddingError(f"{path}: no such file")

@@ -189,8 +189,9 @@ def read_safetensors_header(path) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    except (ValueError, RecursionError) as e:  # also: integers of thousands of digits, deep nesting
+        raise ValueError(f"{path}: corrupt safetensors header (not JSON: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
     itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .cond import Cond
+from .options import PAPER
 from .sampling import initial_latent, sample
 
 
@@ -62,8 +63,9 @@ def generate_and_score(backend, reward, prompts: list[str], seeds: list[int], un
 
 
 def tune_for_seed(backend, reward, prompt: str, seed: int, start: torch.Tensor, steps: int, guidance: float,
-                  grad_range: tuple[int, int], height: int, width: int, max_steps: int = 10,
-                  patience: int = 3, lr: float = 5e-3, noise: str = "seed", should_stop=None, on_step=None,
+                  grad_range: tuple[int, int], height: int, width: int, max_steps: int = PAPER.max_steps,
+                  patience: int = PAPER.patience, lr: float = PAPER.lr, noise: str = "seed", should_stop=None,
+                  on_step=None,
                   cond: Cond | None = None, callback=None, autocast_dtype: torch.dtype | None = None):
     """Per-sample search (Algorithm 1) for one prompt, shared by ``reneg tune`` and ``reneg eval``.
 

@@ -15,14 +15,15 @@ from typing import Callable
 import torch
 
 from .cond import Cond
+from .options import PAPER
 from .sampling import Denoiser, cfg_denoise, sample
 
 
 @dataclass
 class ObjectiveConfig:
-    steps: int = 30            # DDIM steps of the full trajectory
-    guidance: float = 7.5      # CFG scale g
-    grad_range: tuple[int, int] = (0, 10)  # grad step counted in DDIM steps from the end, inclusive
+    steps: int = PAPER.sampling_steps  # DDIM steps of the full trajectory
+    guidance: float = PAPER.guidance   # CFG scale g
+    grad_range: tuple[int, int] = PAPER.grad_range  # grad step counted in DDIM steps from the end, inclusive
 
     def __post_init__(self):
         lo, hi = self.grad_range
@@ -95,7 +96,8 @@ class SearchResult:
 
 
 def per_sample_search(evaluate: Callable[[torch.Tensor, int], tuple[float, torch.Tensor | None]],
-                      start: torch.Tensor, max_steps: int = 10, patience: int = 3, lr: float = 5e-3,
+                      start: torch.Tensor, max_steps: int = PAPER.max_steps, patience: int = PAPER.patience,
+                      lr: float = PAPER.lr,
                       should_stop: Callable[[], bool] | None = None,
                       on_step: Callable[[dict], None] | None = None,
                       optimizer: str = "adamw") -> SearchResult:

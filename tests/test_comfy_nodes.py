@@ -270,12 +270,29 @@ def test_tune_cancel_stops_within_a_step(host, models, reward):
     assert host.mm.empty_cache_calls >= 1  # memory released on the way out
 
 
+def test_tune_clamps_its_grad_range_to_the_sampling_steps(host, models, reward, capsys):
+    """The paper's 0-10 needs 11 sampling steps: with 4 the node uses 0-3 and says so, on the node
+    and in the log, instead of refusing its own default."""
+    from reneg.options import PAPER
+
+    model, vae, clip = models
+    pos, neg = _conds(clip)
+    tune = node(host, "ReNegPerSampleTune")
+    req = tune.INPUT_TYPES()["required"]
+    assert (req["grad_step_min"][1]["default"], req["grad_step_max"][1]["default"]) == PAPER.grad_range
+    assert req["steps"][1]["default"] == PAPER.sampling_steps and req["cfg"][1]["default"] == PAPER.guidance
+    with torch.inference_mode():
+        out = tune.tune(**_tune_args(models, pos, neg, reward, max_steps=1, patience=1, grad_step_max=10))
+    text = out["ui"]["text"][0]
+    assert text.startswith("note: grad step range 0-10 does not fit 4 sampling steps; using 0-3"), text
+    assert "using 0-3" in capsys.readouterr().out
+    assert out["result"][0][0][1]["reneg"]["grad_range"] == "0,3"
+
+
 def test_tune_reports_bad_inputs(host, models, reward):
     model, vae, clip = models
     pos, neg = _conds(clip)
     tune = node(host, "ReNegPerSampleTune")
-    with pytest.raises(RuntimeError, match=r"Per-Sample ReNeg Tune: grad step range \[0, 9\]"):
-        run(tune.tune, **_tune_args(models, pos, neg, reward, grad_step_max=9))
     wrong = [[torch.zeros(1, 77, 768), {}]]
     with pytest.raises(RuntimeError, match=r"negative is sd1 .* positive is tiny"):
         run(tune.tune, **_tune_args(models, pos, wrong, reward))

@@ -37,6 +37,18 @@ def save_checkpoint(path: str, *, step: int, neg: torch.Tensor, optimizer, sched
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint, checked; any failure is one ValueError naming the file, whatever it holds."""
+    try:
+        return _load_checkpoint(path)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # untrusted content (sparse or float8 tensors, odd objects...)
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable training checkpoint ({type(e).__name__}"
+                         f"{': ' + detail if detail else ''})") from None
+
+
+def _load_checkpoint(path: str) -> dict:
     state = safe_torch_load(path, what="training checkpoint")
     if not isinstance(state, dict) or state.get("format") != "reneg-train-checkpoint":
         raise ValueError(f"{path}: not a ReNeg training checkpoint (expected format "
@@ -46,9 +58,9 @@ def load_checkpoint(path: str) -> dict:
         if key not in state:
             raise ValueError(f"{path}: training checkpoint lacks {key!r}")
     neg = state["neg"]
-    if (not isinstance(neg, torch.Tensor) or not neg.is_floating_point() or neg.dim() != 3
-            or not torch.isfinite(neg).all()):
-        raise ValueError(f"{path}: training checkpoint holds no finite [1, tokens, hidden] embedding")
+    if (not isinstance(neg, torch.Tensor) or neg.layout != torch.strided or neg.dtype != torch.float32
+            or neg.dim() != 3 or not torch.isfinite(neg).all()):
+        raise ValueError(f"{path}: training checkpoint holds no finite float32 [1, tokens, hidden] embedding")
     # a corrupt file must fail here, with its name, not later inside the optimizer
     for key in ("step", "skipped"):
         v = state.get(key, 0)

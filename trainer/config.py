@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from reneg import options as O
+from reneg.options import PAPER, OptionError
 from reneg.prompts import PAPER_HANDCRAFTED
 
-
-class ConfigError(ValueError):
-    """A bad argument; the message is one line naming the flag."""
+# one error class for every front-end's bad arguments (the message names the flag)
+ConfigError = OptionError
 
 
 @dataclass
@@ -24,20 +24,20 @@ class TrainConfig:
     heldout_count: int = 16
     heldout_seed: int = 1234
     out: str = "runs/reneg"
-    steps: int = 4000
-    lr: float = 5e-3
-    weight_decay: float = 0.0
-    warmup: int = 0
-    lr_schedule: str = "cosine"
-    batch_size: int = 64
+    steps: int = PAPER.steps
+    lr: float = PAPER.lr
+    weight_decay: float = PAPER.weight_decay
+    warmup: int = PAPER.warmup
+    lr_schedule: str = PAPER.lr_schedule
+    batch_size: int = PAPER.batch_size
     micro_batch: int = 1
-    sampling_steps: int = 30
-    guidance: float = 7.5
-    grad_range: tuple[int, int] = (0, 10)
-    resolution: int = 512
+    sampling_steps: int = PAPER.sampling_steps
+    guidance: float = PAPER.guidance
+    grad_range: tuple[int, int] = PAPER.grad_range
+    resolution: int = PAPER.resolution
     init: str = "null"                 # null | handcrafted | path to an embedding file
     handcrafted: str = PAPER_HANDCRAFTED
-    seed: int = 0
+    seed: int = PAPER.seed
     checkpoint_every: int = 100
     eval_every: int = 500
     eval_batch: int = 4
@@ -61,13 +61,9 @@ class TrainConfig:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     a = p.add_argument
-    a("--demo", action="store_true", help="train on the built-in demo world (no files needed)")
-    a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
-    a("--config", help="for a single-file checkpoint: a local diffusers folder with the same "
-                       "architecture's configs")
-    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",
-      help="NAME=PATH[,option=value][,weight=W]; repeat to combine (e.g. "
-           "hpsv2.1=HPS_v2.1_compressed.pt); see 'reneg rewards'")
+    a("--demo", action="store_true", help="train on the built-in demo world (no files needed); flags given "
+                                          "beside it replace the demo's settings")
+    O.add_options(p, ["model", "config", "rewards"])
     a("--prompts", help="training prompts: .txt (one a line), .json (ImageReward list, "
                         "{'prompt':...} or strings), .tsv with a Prompt column, or an HPSv2 folder")
     a("--heldout", help="held-out prompts (same formats); default: the last --heldout-count "
@@ -76,22 +72,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--heldout-seed", type=int, default=d.heldout_seed, help="first seed of the held-out images")
     a("--out", default=None, help="output folder (embedding.safetensors, summary.json, log.csv, "
                                    "checkpoint.pt)")
-    a("--steps", type=int, default=d.steps, help="optimizer steps (paper: 4000)")
-    a("--lr", type=float, default=d.lr)
-    a("--weight-decay", type=float, default=d.weight_decay)
-    a("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    a("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule)
-    a("--batch-size", type=int, default=d.batch_size, help="samples per optimizer step (paper: 64)")
+    O.add_options(p, ["steps", "lr", "weight_decay", "warmup", "lr_schedule", "batch_size"])
     a("--micro-batch", type=int, default=d.micro_batch,
       help="samples per forward pass; batch-size / (micro-batch x processes) accumulation steps")
-    a("--sampling-steps", type=int, default=d.sampling_steps, help="DDIM steps (paper: 30)")
-    a("--guidance", type=float, default=d.guidance, help="CFG scale (paper: 7.5)")
-    a("--grad-range", type=int, nargs=2, default=list(d.grad_range), metavar=("LO", "HI"),
-      help="grad step, counted in DDIM steps from the end (paper: 0 10)")
-    a("--resolution", type=int, default=d.resolution)
+    O.add_options(p, ["sampling_steps", "guidance", "grad_range", "resolution"])
     a("--init", default=d.init, help="null, handcrafted, or an embedding file to start from")
     a("--handcrafted", default=d.handcrafted, help="the handcrafted negative prompt compared against")
-    a("--seed", type=int, default=d.seed)
+    O.add_options(p, ["seed"])
     a("--checkpoint-every", type=int, default=d.checkpoint_every)
     a("--eval-every", type=int, default=d.eval_every, help="score held-out prompts every N steps (0: "
                                                            "only at the end)")
@@ -105,77 +92,48 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
       help="recompute UNet, VAE-decoder and reward-tower activations in backward (less memory)")
     a("--channels-last", action="store_true", help="NHWC convolution weights (pays with bf16/fp16 on GPUs)")
     a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see docs/performance.md)")
-    a("--device", help="cpu, cuda, cuda:1... (default: what accelerate picks)")
+    O.add_options(p, ["device"], helps={"device": "cpu, cuda, cuda:1... (default: what accelerate picks)"})
     a("--no-progress", dest="progress", action="store_false")
 
 
+# the numeric flags of train, checked by reneg.options (kind, bounds)
+TRAIN_NUMBERS = {
+    "steps": ("int",), "batch_size": ("int",), "micro_batch": ("int",), "checkpoint_every": ("int",),
+    "max_bad_steps": ("int",), "eval_batch": ("int",), "heldout_count": ("int",),
+    "warmup": ("int", 0), "eval_every": ("int", 0), "lr": ("pos",), "weight_decay": ("nonneg",),
+    "seed": ("seed",),
+}
+
+
 def _positive(name: str, v, allow_zero: bool = False):
-    if v is None or not math.isfinite(v) or (v < 0 if allow_zero else v <= 0):  # nan/inf too
-        raise ConfigError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    """Kept for callers of the old helper: a finite number > 0 (or >= 0)."""
+    O.check_float(f"--{name}", v, positive=not allow_zero)
 
 
-def check_model_and_rewards(cfg) -> None:
-    """``--model``, ``--config`` and ``--reward``: shared by train, tune and eval."""
-    if not cfg.model:
-        raise ConfigError("--model is required (a diffusers folder or a .safetensors checkpoint)")
-    if not os.path.exists(cfg.model):
-        raise ConfigError(f"--model {cfg.model}: no such folder or file")
-    if os.path.isdir(cfg.model) and not os.path.isfile(os.path.join(cfg.model, "model_index.json")):
-        raise ConfigError(f"--model {cfg.model}: not a diffusers folder (no model_index.json)")
-    if cfg.config and not os.path.isdir(cfg.config):
-        raise ConfigError(f"--config {cfg.config}: no such folder")
-    if not cfg.rewards:
-        raise ConfigError("--reward is required (e.g. --reward hpsv2.1=/models/HPS_v2.1_compressed.pt)")
-    from reneg.rewards import RewardSpecError, parse_spec
-
-    for spec in cfg.rewards:
-        try:
-            parse_spec(spec)
-        except RewardSpecError as e:
-            raise ConfigError(f"--reward: {e}") from None
+check_model_and_rewards = O.check_model_and_rewards
+_check_device = O.check_device
 
 
 def validate_common(cfg) -> None:
-    """Checks shared by train and tune."""
+    """Checks shared by train and tune: model, rewards, sampling, --lr and --device."""
+    check_numbers(cfg)
     check_model_and_rewards(cfg)
-    _positive("sampling-steps", cfg.sampling_steps)
-    if cfg.resolution <= 0 or cfg.resolution % 8:
-        raise ConfigError(f"--resolution must be a positive multiple of 8, got {cfg.resolution}")
-    lo, hi = cfg.grad_range
-    if not (0 <= lo <= hi < cfg.sampling_steps):
-        raise ConfigError(f"--grad-range {lo} {hi}: need 0 <= LO <= HI < --sampling-steps "
-                          f"({cfg.sampling_steps})")
-    _positive("lr", cfg.lr)
-    if not cfg.guidance > 0 or not math.isfinite(cfg.guidance):
-        raise ConfigError(f"--guidance must be > 0, got {cfg.guidance}")
-    _check_device(getattr(cfg, "device", None))
+    O.check_device(getattr(cfg, "device", None))
 
 
-def _check_device(device: str | None) -> None:
-    if not device:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"--device {device}: not a device ({str(e).splitlines()[0][:120]})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here (use --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+def check_numbers(cfg, table: dict | None = None) -> None:
+    """The numeric flags shared by train and tune (sampling settings, --lr), then ``table``'s."""
+    O.check_sampling(cfg)
+    O.check_float("--lr", cfg.lr)
+    if table:
+        O.check_numbers(cfg, table)
 
 
 def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
     from reneg.prompts import PromptFileError, load_prompts
 
+    check_train_numbers(cfg)
     validate_common(cfg)
-    for name in ("steps", "batch_size", "micro_batch", "checkpoint_every", "max_bad_steps", "eval_batch",
-                 "heldout_count"):
-        _positive(name.replace("_", "-"), getattr(cfg, name))
-    _positive("warmup", cfg.warmup, allow_zero=True)
-    _positive("eval-every", cfg.eval_every, allow_zero=True)
-    _positive("weight-decay", cfg.weight_decay, allow_zero=True)
     per = cfg.micro_batch * num_processes
     if cfg.batch_size % per:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
@@ -204,6 +162,12 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
     check_out_dir(cfg.out)
 
 
+def check_train_numbers(cfg) -> None:
+    """Every numeric flag of train, before anything is read (also run first under --demo)."""
+    check_numbers(cfg, TRAIN_NUMBERS)
+    O.check_seed("--heldout-seed", cfg.heldout_seed, span=cfg.heldout_count)
+
+
 def check_embedding_arg(flag: str, path: str) -> None:
     """An embedding file given on the command line must load, before any model does
     (its family is checked against the model later)."""
@@ -215,9 +179,35 @@ def check_embedding_arg(flag: str, path: str) -> None:
         raise ConfigError(f"--{flag}: {e}") from None
 
 
-# settings that decide which samples a step sees and how it updates (--steps may grow)
+# What a resume compares with the checkpoint, so that the resumed run is the interrupted one:
+# the flags that decide which samples a step sees and how it updates (a larger --steps is allowed:
+# "train longer"), those of the held-out scores kept in the checkpoint, and the content (not the
+# path: a run may move between machines) of the prompt files and of an --init file.
 RESUME_MUST_MATCH = ("seed", "batch_size", "micro_batch", "sampling_steps", "grad_range", "guidance",
-                     "resolution", "lr", "lr_schedule", "warmup", "weight_decay")
+                     "resolution", "lr", "lr_schedule", "warmup", "weight_decay", "heldout_count",
+                     "heldout_seed", "handcrafted", "prompts_sha256", "heldout_sha256", "init_sha256")
+_CONTENT_FLAG = {"prompts_sha256": "--prompts", "heldout_sha256": "--heldout", "init_sha256": "--init"}
+
+
+def resume_fingerprint(cfg: TrainConfig) -> dict:
+    """Digests of what the files given to a run hold: the prompts' texts, the held-out prompts'
+    texts, the --init embedding's values (``null``/``handcrafted`` stand for themselves)."""
+    import hashlib
+
+    from reneg.prompts import load_prompts
+
+    def texts(path):
+        if not path:
+            return None
+        return hashlib.sha256("\n".join(p.text for p in load_prompts(path)).encode("utf-8")).hexdigest()
+
+    init = cfg.init
+    if init not in ("null", "handcrafted"):
+        from reneg.embedding import load_embedding
+
+        t = load_embedding(init).tensor.detach().float().contiguous()
+        init = hashlib.sha256(t.numpy().tobytes()).hexdigest()
+    return {"prompts_sha256": texts(cfg.prompts), "heldout_sha256": texts(cfg.heldout), "init_sha256": init}
 
 
 def _check_resume(cfg: TrainConfig) -> None:
@@ -232,16 +222,26 @@ def _check_resume(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume {cfg.resume}: {e}{hint}") from None
     if state is None:
         return
-    # a resumed run repeats the interrupted one only with the same sampling settings
-    old, new = state["config"], cfg.to_json()
+    if state["step"] > cfg.steps:
+        raise ConfigError(f"--steps {cfg.steps}: {path} is already at step {state['step']}; resume with "
+                          f"--steps {state['step']} or more (a run is continued, never cut back)")
+    # a resumed run repeats the interrupted one only with the same settings and the same files
+    old, new = state["config"], dict(cfg.to_json(), **resume_fingerprint(cfg))
     changed = [k for k in RESUME_MUST_MATCH if k in old and old[k] != new.get(k)]
     if changed:
         def show(d):
-            return " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, d[k])) if isinstance(d[k], list) else d[k]}"
-                            for k in changed)
-        raise ConfigError(f"--resume: {path} was made with {show(old)}, this command has {show(new)}; "
-                          f"resume with the same settings (the optimizer state would ignore a new --lr) "
-                          f"or start a new --out")
+            out = []
+            for k in changed:
+                v = d.get(k)
+                if k in _CONTENT_FLAG:
+                    out.append(f"{_CONTENT_FLAG[k]} {'(none)' if v is None else str(v)[:12]}")
+                else:
+                    v = " ".join(map(str, v)) if isinstance(v, list) else str(v)
+                    out.append(f"--{k.replace('_', '-')} {v if len(v) <= 40 else repr(v[:30] + '...')}")
+            return " ".join(out)
+        raise ConfigError(f"--resume: {path} was made with {show(old)}, this command has {show(new)} "
+                          f"(file contents shown by their sha256); resume with the same settings and files "
+                          f"(the optimizer state would ignore a new --lr) or start a new --out")
 
 
 def check_out_dir(out: str) -> None:
@@ -264,7 +264,7 @@ def check_out_dir(out: str) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     d = {k: v for k, v in vars(ns).items() if k in TrainConfig.__dataclass_fields__}
-    d["grad_range"] = tuple(d.get("grad_range", (0, 10)))
+    d["grad_range"] = tuple(d.get("grad_range", PAPER.grad_range))
     if not d.get("out"):
         d["out"] = TrainConfig.out
     return TrainConfig(**d)

@@ -26,7 +26,7 @@ from reneg.prompts import load_prompts
 from reneg.sampling import initial_latent
 
 from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint
-from .config import TrainConfig, validate_train
+from .config import TrainConfig, resume_fingerprint, validate_train
 
 
 class TrainingError(RuntimeError):
@@ -45,7 +45,8 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + index)
+    # taken modulo 2**64, the range manual_seed accepts: every --seed up to 2**64 - 1 works
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 10_007 + index) % 2**64)
 
 
 class CsvLog:
@@ -181,12 +182,14 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
         history.append(rec)
         return rec
 
+    saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))  # what a --resume compares
+
     def write_outputs(step: int) -> None:
         emb = as_embedding(backend, neg)
         save_embedding(os.path.join(cfg.out, "embedding.safetensors"), emb, overwrite=True,
                        **dict(meta, trained_steps=step))
         save_checkpoint(ckpt_path, step=step, neg=neg, optimizer=opt, scheduler=sched, skipped=skipped,
-                        config=cfg.to_json(), heldout=history)
+                        config=saved_config, heldout=history)
 
     bar = None
     if main and cfg.progress:

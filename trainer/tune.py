@@ -7,47 +7,50 @@ import os
 
 import torch
 
+from reneg import options as O
 from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding, tune_for_seed
 
-from .config import ConfigError, _positive, check_embedding_arg, check_out_dir, validate_common
+from .config import ConfigError, check_embedding_arg, check_numbers, check_out_dir, validate_common
 
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--demo", action="store_true", help="tune on the built-in demo world (no files needed)")
-    a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
-    a("--config", help="configs folder for a single-file checkpoint")
-    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC")
+    a("--demo", action="store_true", help="tune on the built-in demo world (no files needed); flags given "
+                                          "beside it replace the demo's settings")
+    O.add_options(p, ["model", "config", "rewards"])
     a("--embedding", help="starting embedding file (default: the null embedding)")
     a("--prompt", help="the prompt to tune for")
-    a("--seed", type=int, default=0, help="the image's seed")
+    O.add_options(p, ["seed"], helps={"seed": "the image's seed (0 to 2**64 - 1)"})
     a("--noise", choices=("seed", "fresh"), default="seed",
       help="seed: tune for this seed's image; fresh: new noise each step, as in the paper")
-    a("--max-steps", type=int, default=10)
-    a("--patience", type=int, default=3)
-    a("--lr", type=float, default=5e-3)
-    a("--sampling-steps", type=int, default=30)
-    a("--guidance", type=float, default=7.5)
-    a("--grad-range", type=int, nargs=2, default=[0, 10], metavar=("LO", "HI"))
-    a("--resolution", type=int, default=512)
+    O.add_options(p, ["max_steps", "patience", "lr", "sampling_steps", "guidance", "grad_range", "resolution"])
     a("--out", help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
                     "each step is written beside it")
     a("--overwrite", action="store_true")
-    a("--device", default=None)
+    O.add_options(p, ["device"])
     a("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
       help="on a GPU: load the models in this precision and run under autocast")
     a("--gradient-checkpointing", action="store_true",
       help="recompute UNet, VAE-decoder and reward activations in backward (less memory)")
 
 
-def validate_tune(ns) -> None:
-    validate_common(ns)
-    _positive("max-steps", ns.max_steps)
-    _positive("patience", ns.patience)
+TUNE_NUMBERS = {"max_steps": ("int",), "patience": ("int",)}
+
+
+def check_tune_numbers(ns) -> None:
+    """Every numeric flag of tune, before anything is read (also run first under --demo)."""
+    check_numbers(ns, TUNE_NUMBERS)
+    # --noise fresh uses seeds SEED+1 ... SEED+max-steps
+    O.check_seed("--seed", ns.seed, span=1 + ns.max_steps)
     if ns.patience > ns.max_steps:
         raise ConfigError(f"--patience {ns.patience} is above --max-steps {ns.max_steps}")
+
+
+def validate_tune(ns) -> None:
+    check_tune_numbers(ns)
+    validate_common(ns)
     if not ns.prompt or not ns.prompt.strip():
         raise ConfigError("--prompt is required and must not be empty")
     if ns.embedding and not os.path.isfile(ns.embedding):

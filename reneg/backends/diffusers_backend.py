@@ -193,12 +193,11 @@ class DiffusersBackend:
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Cached per prompt: a training run sees each prompt many times."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            crossattn, pooled = self._encode(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = (crossattn[i], None if pooled is None else pooled[i])
-            if len(self._cache) > 20000:
-                self._cache = {p: self._cache[p] for p in missing}
+        for p in missing:  # one at a time: an encoding never depends on the prompts beside it (exact resume)
+            crossattn, pooled = self._encode([p])
+            self._cache[p] = (crossattn[0], None if pooled is None else pooled[0])
+        if len(self._cache) > 20000:
+            self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
         rows = [self._cache[p] for p in prompts]
         pooled = torch.stack([r[1] for r in rows]) if rows and rows[0][1] is not None else None
         return Cond(torch.stack([r[0] for r in rows]), pooled)

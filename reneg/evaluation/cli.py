@@ -8,6 +8,8 @@ import os
 import re
 import time
 
+from reneg import options as O
+
 from .run import EvalConfig
 
 DEMO_OUT = os.path.join("runs", "demo-eval")
@@ -23,12 +25,11 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                     "report.html and report.md into --out. Rerunning with the same --out makes only the "
                     "missing images.")
     a = s.add_argument
-    a("--demo", action="store_true", help="run everything on the built-in demo world (no files needed)")
-    a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
-    a("--config", help="for a single-file checkpoint: a local diffusers folder with its configs")
-    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",
-      help="NAME=PATH[,option=value]; repeat to score with several rewards (each reported on its own); "
-           "the first one also drives per-sample tuning. See 'reneg rewards'")
+    a("--demo", action="store_true", help="run everything on the built-in demo world (no files needed); flags "
+                                          "given beside it replace the demo's settings")
+    O.add_options(s, ["model", "config", "rewards"], helps={
+        "rewards": "NAME=PATH[,option=value]; repeat to score with several rewards (each reported on its own); "
+                   "the first one also drives per-sample tuning. See 'reneg rewards'"})
     a("--prompts", help="prompt set: .txt (one a line), ImageReward .json, PartiPrompts .tsv (Category column) "
                         "or an HPSv2 benchmark folder (anime.json, concept-art.json, paintings.json, photo.json)")
     a("--negative", dest="negatives", action="append", default=[], metavar="[NAME=]SPEC",
@@ -42,21 +43,19 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--sample-seed", type=int, default=d.sample_seed, help="seed of the --limit sub-sample")
     a("--seed", type=int, default=d.seed, help="seed of prompt i's image k is SEED + i * images-per-prompt + k")
     a("--images-per-prompt", type=int, default=d.images_per_prompt)
-    a("--sampling-steps", type=int, default=d.sampling_steps, help="DDIM steps (paper: 30)")
-    a("--guidance", type=float, default=d.guidance, help="CFG scale (paper: 7.5)")
-    a("--resolution", type=int, default=d.resolution)
+    O.add_options(s, ["sampling_steps", "guidance", "resolution"])
     a("--batch", type=int, default=d.batch, help="images per generation / scoring batch")
-    a("--tune-steps", type=int, default=d.tune_steps, help="per-sample search: at most N steps (paper: 10)")
-    a("--tune-patience", type=int, default=d.tune_patience, help="per-sample search: patience (paper: 3)")
-    a("--tune-lr", type=float, default=d.tune_lr)
+    O.add_options(s, ["max_steps", "patience", "lr"],
+                  flags={"max_steps": "--tune-steps", "patience": "--tune-patience", "lr": "--tune-lr"},
+                  helps={"lr": "per-sample search: learning rate (paper: 5e-3)"})
     a("--tune-per-prompt", type=int, default=None, metavar="K",
       help="tuned negatives: tune only the first K images of each prompt (per-sample search is the slow part); "
            "they are compared with the others on those images (default: all images)")
     a("--tune-noise", choices=("seed", "fresh"), default=d.tune_noise,
       help="seed: tune for each image's own seed (default); fresh: new noise each step as in the paper, then "
            "the image is made from its seed with the best negative")
-    a("--grad-range", type=int, nargs=2, default=list(d.grad_range), metavar=("LO", "HI"),
-      help="tuning grad step, counted in DDIM steps from the end (paper: 0 10)")
+    O.add_options(s, ["grad_range"], helps={"grad_range": "tuning grad step, counted in DDIM steps from the end "
+                                                          "(paper: 0 10)"})
     a("--save-tuned", action="store_true", help="also save each tuned embedding under OUT/tuned/NAME/")
     a("--video", metavar="MOTION_ADAPTER", help="AnimateDiff: a local diffusers MotionAdapter folder; --model "
                                                 "must be SD1.x. Frames are scored with the image rewards and "
@@ -66,7 +65,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--tie-tol", type=float, default=d.tie_tol, help="score differences up to this count as ties (default 0)")
     a("--grid-limit", type=int, default=d.grid_limit, help="rows of images shown in report.html")
     a("--title", default=d.title)
-    a("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    O.add_options(s, ["device"])
     a("--threads", type=int, default=None,
       help="CPU threads for torch (default: torch's choice; --demo uses 2 for the demo world, 1 for the tiny "
            "random fallback)")
@@ -77,23 +76,23 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
 
 def config_from_args(ns) -> EvalConfig:
     d = {k: v for k, v in vars(ns).items() if k in EvalConfig.__dataclass_fields__ and v is not None}
-    d["grad_range"] = tuple(d.get("grad_range", (0, 10)))
+    d["grad_range"] = tuple(d.get("grad_range", O.PAPER.grad_range))
     d.setdefault("out", EvalConfig.out)
     return EvalConfig(**d)
 
 
 def cmd_eval(ns) -> int:
-    from .run import run_eval
+    from .run import check_eval_numbers, run_eval
 
     t0 = time.time()
+    if ns.threads is not None:
+        O.check_int("--threads", ns.threads, 1, 4096)
     if ns.threads is None and ns.demo:
         from reneg.demo import default_threads
 
         ns.threads = default_threads()
     threads = ns.threads
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
@@ -101,6 +100,7 @@ def cmd_eval(ns) -> int:
         cfg = demo_config(ns)
     else:
         cfg = config_from_args(ns)
+        check_eval_numbers(cfg)
     summary = run_eval(cfg)
     print(_console_table(summary))
     print(f"wrote {os.path.join(cfg.out, 'report.html')} (open it in a browser), report.md, summary.json, "
@@ -177,21 +177,28 @@ def _usable_training(folder: str, world_model: str | None):
 
 
 def demo_config(ns) -> EvalConfig:
+    """The demo's evaluation; flags given beside --demo replace its settings (checked before it
+    trains or loads anything), and flags naming the demo's own model, reward or prompts are refused."""
     from reneg import demo
+    from reneg.cli import refuse_demo_conflicts
 
+    from .run import check_eval_numbers
+
+    given = refuse_demo_conflicts(ns, "eval")
+    user = {k: getattr(ns, k) for k in given if k in EvalConfig.__dataclass_fields__ and k not in ("out",)}
+    if "grad_range" in user:
+        user["grad_range"] = tuple(user["grad_range"])
+    check_eval_numbers(EvalConfig(**{k: v for k, v in user.items() if k in _NUMERIC_FIELDS}))
     out = ns.out or DEMO_OUT
     d = demo.setup(out)
     s = d["settings"]
     world_model = d["model"] if d["kind"] == "demo world" else None
     print(f"reneg eval --demo: {d['kind']} ({d['model']})", flush=True)
     found = _usable_training(DEMO_TRAIN, world_model) or _usable_training(os.path.join(out, "train"), world_model)
-    if found:
-        model, emb = found
-        print(f"reneg eval --demo: using the learned embedding {emb}", flush=True)
-    else:
-        model, emb = d["model"], _demo_train(d, os.path.join(out, "train"), ns.progress)
+    emb = found[1] if found else os.path.join(out, "train", "embedding.safetensors")
     cfg = EvalConfig(
-        model=model, rewards=[d["reward"]], prompts=_demo_prompts(d, os.path.join(out, "demo")),
+        model=found[0] if found else d["model"], rewards=[d["reward"]],
+        prompts=_demo_prompts(d, os.path.join(out, "demo")),
         negatives=["null", f"handcrafted:{d['handcrafted']}", f"learned={emb}", f"tuned=tuned:{emb}"],
         out=out, handcrafted=d["handcrafted"], seed=s.get("eval_seed", 1234), sampling_steps=s["sampling_steps"],
         guidance=s["guidance"], resolution=s["resolution"], batch=s.get("eval_batch", 8),
@@ -203,7 +210,26 @@ def demo_config(ns) -> EvalConfig:
         note=("Demo world: a small model and reward trained on a procedural world of shapes." if world_model else
               "Tiny random models: this run proves the machinery (files, statistics, report), not the method; "
               "the numbers mean nothing."))
+    for k, v in user.items():
+        setattr(cfg, k, v)
+    if user:
+        shown = [_FLAG_OF.get(k, O.flag_of(k)) for k in sorted(user)]
+        print(f"reneg eval --demo: using your {', '.join(shown)} instead of the demo's", flush=True)
+    check_eval_numbers(cfg)
+    if found:
+        print(f"reneg eval --demo: using the learned embedding {emb}", flush=True)
+    elif any(emb in n for n in cfg.negatives):
+        _demo_train(d, os.path.join(out, "train"), ns.progress)
     return cfg
+
+
+_FLAG_OF = {"negatives": "--negative", "tune_steps": "--tune-steps", "tune_patience": "--tune-patience",
+            "tune_lr": "--tune-lr"}
+
+# eval's flags that hold numbers (checked before the demo trains anything)
+_NUMERIC_FIELDS = ("sampling_steps", "guidance", "resolution", "batch", "images_per_prompt", "tune_steps",
+                   "tune_patience", "frames", "grid_limit", "limit", "tune_per_prompt", "tune_lr", "tie_tol",
+                   "seed", "sample_seed")
 
 
 def _demo_train(d: dict, folder: str, progress: bool) -> str:
@@ -218,7 +244,7 @@ def _demo_train(d: dict, folder: str, progress: bool) -> str:
     s = dict(d["settings"])
     fields = TrainConfig.__dataclass_fields__
     kw = {k: v for k, v in s.items() if k in fields}
-    kw["grad_range"] = tuple(kw.get("grad_range", (0, 10)))
+    kw["grad_range"] = tuple(kw.get("grad_range", O.PAPER.grad_range))
     if "eval_train_steps" in s:
         kw["steps"] = int(s["eval_train_steps"])
         kw["checkpoint_every"] = min(int(kw.get("checkpoint_every", kw["steps"])), kw["steps"])

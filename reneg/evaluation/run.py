@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from reneg.fileio import atomic_path, atomic_write_json
+from reneg.options import PAPER
 from reneg.prompts import PAPER_HANDCRAFTED, load_prompts, subsample
 
 IMAGE_DIR = "images"
@@ -169,18 +170,18 @@ class EvalConfig:
     handcrafted: str = PAPER_HANDCRAFTED
     limit: int | None = None
     sample_seed: int = 0
-    seed: int = 0
+    seed: int = PAPER.seed
     images_per_prompt: int = 1
-    sampling_steps: int = 30
-    guidance: float = 7.5
-    resolution: int = 512
+    sampling_steps: int = PAPER.sampling_steps
+    guidance: float = PAPER.guidance
+    resolution: int = PAPER.resolution
     batch: int = 4
-    tune_steps: int = 10
-    tune_patience: int = 3
-    tune_lr: float = 5e-3
+    tune_steps: int = PAPER.max_steps
+    tune_patience: int = PAPER.patience
+    tune_lr: float = PAPER.lr
     tune_noise: str = "seed"
     tune_per_prompt: int | None = None  # tuned negatives: only images k < this of each prompt (None: all)
-    grad_range: tuple[int, int] = (0, 10)
+    grad_range: tuple[int, int] = PAPER.grad_range
     save_tuned: bool = False
     video: str | None = None           # motion-adapter folder (AnimateDiff)
     frames: int = 16
@@ -199,43 +200,43 @@ class EvalConfig:
         return d
 
 
-def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
-    """Check every flag before a model loads; returns the items and the negatives."""
-    from reneg.prompts import PromptFileError
+# the numeric flags of eval, checked by reneg.options (kind, bounds)
+EVAL_NUMBERS = {
+    "batch": ("int",), "images_per_prompt": ("int",), "tune_steps": ("int",), "tune_patience": ("int",),
+    "frames": ("int",), "grid_limit": ("int",), "limit": ("opt_int", 1), "tune_per_prompt": ("opt_int", 1),
+    "tune_lr": ("pos",), "tie_tol": ("nonneg",), "seed": ("seed",), "sample_seed": ("seed",),
+}
 
-    from reneg.trainer.config import ConfigError, check_model_and_rewards
+
+def check_eval_numbers(cfg) -> None:
+    """Every numeric flag of eval, before anything is read (also run first under --demo)."""
+    from reneg import options as O
 
     try:
-        check_model_and_rewards(cfg)
-    except ConfigError as e:
+        O.check_sampling(cfg, grad=False)
+        O.check_numbers(cfg, EVAL_NUMBERS)
+        threads = getattr(cfg, "threads", None)
+        if threads is not None:
+            O.check_int("--threads", threads, 1, 4096)
+    except O.OptionError as e:
+        raise EvalError(str(e)) from None
+
+
+def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
+    """Check every flag before a model loads; returns the items and the negatives."""
+    from reneg import options as O
+    from reneg.prompts import PromptFileError
+
+    check_eval_numbers(cfg)
+    try:
+        O.check_model_and_rewards(cfg)
+        O.check_device(cfg.device)
+    except O.OptionError as e:
         raise EvalError(str(e)) from None
     if not cfg.prompts:
         raise EvalError("--prompts is required (.txt, ImageReward .json, PartiPrompts .tsv or an HPSv2 folder)")
-    for name in ("sampling_steps", "batch", "images_per_prompt", "tune_steps", "tune_patience", "frames",
-                 "grid_limit"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise EvalError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise EvalError(f"--limit must be >= 1, got {cfg.limit}")
-    if cfg.resolution <= 0 or cfg.resolution % 8:
-        raise EvalError(f"--resolution must be a positive multiple of 8, got {cfg.resolution}")
-    if not (math.isfinite(cfg.guidance) and cfg.guidance > 0):
-        raise EvalError(f"--guidance must be a finite number > 0, got {cfg.guidance}")
-    if not (math.isfinite(cfg.tune_lr) and cfg.tune_lr > 0):
-        raise EvalError(f"--tune-lr must be a finite number > 0, got {cfg.tune_lr}")
-    from reneg.trainer.config import _check_device
-
-    try:
-        _check_device(cfg.device)
-    except ConfigError as e:
-        raise EvalError(str(e)) from None
-    if cfg.tune_per_prompt is not None and (not isinstance(cfg.tune_per_prompt, int) or cfg.tune_per_prompt < 1):
-        raise EvalError(f"--tune-per-prompt must be a positive integer, got {cfg.tune_per_prompt}")
     if cfg.tune_noise not in ("seed", "fresh"):
         raise EvalError(f"--tune-noise must be seed or fresh, got {cfg.tune_noise}")
-    if cfg.tie_tol < 0:
-        raise EvalError(f"--tie-tol must be >= 0, got {cfg.tie_tol}")
     if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")):
         raise EvalError(f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
                         f"diffusion_pytorch_model.safetensors)")
@@ -249,9 +250,10 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
             except ValueError as e:
                 raise EvalError(f"--negative: {e}") from None
     if any(n.kind == "tuned" for n in negatives):
-        lo, hi = cfg.grad_range
-        if not (0 <= lo <= hi < cfg.sampling_steps):
-            raise EvalError(f"--grad-range {lo} {hi}: need 0 <= LO <= HI < --sampling-steps ({cfg.sampling_steps})")
+        try:
+            O.check_grad_range(tuple(cfg.grad_range), cfg.sampling_steps)
+        except O.OptionError as e:
+            raise EvalError(str(e)) from None
         if cfg.tune_patience > cfg.tune_steps:
             raise EvalError(f"--tune-patience {cfg.tune_patience} is above --tune-steps {cfg.tune_steps}")
     if cfg.reference and cfg.reference not in [n.name for n in negatives]:
@@ -261,6 +263,13 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         items = build_items(cfg.prompts, cfg.limit, cfg.sample_seed, cfg.seed, cfg.images_per_prompt)
     except PromptFileError as e:
         raise EvalError(f"--prompts: {e}") from None
+    # image seeds are SEED + i * images-per-prompt + k; fresh-noise tuning also uses the next --tune-steps
+    top = max((it.seed for it in items), default=cfg.seed)
+    span = top - cfg.seed + 1 + (cfg.tune_steps if any(n.kind == "tuned" for n in negatives) else 0)
+    try:
+        O.check_seed("--seed", cfg.seed, span=span)
+    except O.OptionError as e:
+        raise EvalError(str(e)) from None
     try:
         os.makedirs(os.path.join(cfg.out, IMAGE_DIR), exist_ok=True)
     except OSError as e:

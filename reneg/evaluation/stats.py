@@ -114,8 +114,8 @@ def win_rate(a: Sequence[float], b: Sequence[float], tie_tol: float = 0.0, level
     b = _finite(b, "win_rate")
     if len(a) != len(b):
         raise ValueError(f"win_rate: paired scores differ in length ({len(a)} vs {len(b)})")
-    if tie_tol < 0:
-        raise ValueError(f"win_rate: tie_tol must be >= 0, got {tie_tol}")
+    if not (math.isfinite(tie_tol) and tie_tol >= 0):  # NaN would turn every loss into a tie
+        raise ValueError(f"win_rate: tie_tol must be a finite number >= 0, got {tie_tol}")
     n = len(a)
     if n == 0:
         return {"n": 0, "wins": 0, "ties": 0, "losses": 0, "rate": None, "lo": None, "hi": None}

@@ -97,12 +97,13 @@ class OpenClipScore(Reward):
         dev = next(self.model.parameters()).device
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
+            # one prompt at a time: a prompt's features must not depend on the prompts that happened to
+            # be encoded with it (matmul results vary with the batch in the last bit), or a resumed
+            # training run, whose cache starts empty, would drift from the uninterrupted one
             with torch.no_grad():
-                tok = self.tokenizer(missing).to(dev)
-                feats = self.model.encode_text(tok).float()
-                feats = feats / feats.norm(dim=-1, keepdim=True)
-            for p, f in zip(missing, feats):
-                self._text_cache[p] = f
+                for p in missing:
+                    f = self.model.encode_text(self.tokenizer([p]).to(dev)).float()[0]
+                    self._text_cache[p] = f / f.norm()
             if len(self._text_cache) > 4096:
                 self._text_cache.clear()
         return torch.stack([self._text_cache[p] for p in prompts]).to(dev)

@@ -1,0 +1,299 @@
+"""One options layer: the settings train, tune, eval, the ComfyUI tune node and a web app share.
+
+:class:`ReNegOptions` holds each shared setting once, with its documentation and the paper's
+default (SD1.5 recipe: 30 DDIM steps, CFG 7.5, grad step among the last 11, AdamW at lr 5e-3,
+4,000 steps of batch 64, per-sample search of at most 10 steps with patience 3).
+:func:`add_options` builds command-line flags from its fields, and the ``check_*`` functions
+are the one set of checks every front-end runs before a model loads: a bad value is an
+:class:`OptionError` whose one-line message names the flag (or the node input).
+
+Core-level: imports only the standard library (``--device`` checks import torch lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Iterable
+
+# limits of what a flag may hold (beyond them a value is refused by name, never half-used)
+SEED_MAX = 2**64 - 1        # torch.Generator.manual_seed takes seeds in [0, 2**64)
+COUNT_MAX = 2**31 - 1       # steps, batch sizes, image counts
+SAMPLING_STEPS_MAX = 1000   # a DDIM schedule can not have more steps than the model's 1000 timesteps
+RESOLUTION_MAX = 8192
+
+
+class OptionError(ValueError):
+    """A bad option; the message is one line naming the flag."""
+
+
+def _opt(default: Any, help: str, flag: str | None = None, **argparse_kw: Any):
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "flag": flag,
+                                                                                "argparse": argparse_kw})
+    return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_kw})
+
+
+@dataclass
+class ReNegOptions:
+    """Settings shared by ``reneg train``, ``reneg tune``, ``reneg eval``, the ComfyUI tune node and
+    the web app. The defaults are the paper's; each front-end takes them from here."""
+
+    # --- model and reward
+    model: str = _opt("", "Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
+    config: str | None = _opt(None, "for a single-file checkpoint: a local diffusers folder with the same "
+                                    "architecture's configs (nothing is downloaded)")
+    rewards: list = _opt([], "NAME=PATH[,option=value][,weight=W]; repeat to combine (e.g. "
+                             "hpsv2.1=HPS_v2.1_compressed.pt); see 'reneg rewards'",
+                         flag="--reward", action="append", metavar="SPEC")
+    device: str | None = _opt(None, "cpu, cuda, cuda:1... (default: cuda if available)")
+    # --- sampling (the objective samples exactly like this)
+    sampling_steps: int = _opt(30, "DDIM steps (paper: 30)")
+    guidance: float = _opt(7.5, "CFG scale (paper: 7.5)")
+    grad_range: tuple = _opt((0, 10), "grad step, counted in DDIM steps from the end (paper: 0 10, one of the "
+                                      "last 11 of 30)", nargs=2, metavar=("LO", "HI"))
+    resolution: int = _opt(512, "image width and height in pixels (paper: 512)")
+    seed: int = _opt(0, "seed (0 to 2**64 - 1)")
+    # --- optimisation
+    lr: float = _opt(5e-3, "learning rate (paper: 5e-3)")
+    steps: int = _opt(4000, "optimizer steps (paper: 4000)")
+    batch_size: int = _opt(64, "samples per optimizer step (paper: 64)")
+    lr_schedule: str = _opt("cosine", "learning-rate schedule (paper: cosine)", choices=("cosine", "constant"))
+    weight_decay: float = _opt(0.0, "AdamW weight decay (the paper does not say; 0)")
+    warmup: int = _opt(0, "linear warm-up steps (the paper does not say; 0)")
+    # --- per-sample search (the paper's Algorithm 1)
+    max_steps: int = _opt(10, "per-sample search: at most N gradient steps (paper: 10)")
+    patience: int = _opt(3, "per-sample search: stop after this many steps without a new best (paper: 3)")
+
+
+PAPER = ReNegOptions()
+"""The paper's defaults, as values: ``PAPER.sampling_steps``, ``PAPER.grad_range``..."""
+
+_FIELDS = {f.name: f for f in fields(ReNegOptions)}
+
+
+def default(name: str) -> Any:
+    """The default of one shared setting (a fresh copy for lists)."""
+    f = _FIELDS[name]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def flag_of(name: str) -> str:
+    f = _FIELDS.get(name)
+    return (f.metadata.get("flag") if f else None) or "--" + name.replace("_", "-")
+
+
+def add_options(p, names: Iterable[str], *, flags: dict[str, str] | None = None,
+                defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None) -> None:
+    """Add the flags of the shared settings ``names`` to an argparse parser or group.
+
+    ``flags`` renames a flag (``{"lr": "--tune-lr"}``: dest ``tune_lr``), ``defaults`` and ``helps``
+    replace a default or a help text for one front-end. Types, choices, nargs and the paper's
+    defaults come from :class:`ReNegOptions`.
+    """
+    flags, defaults, helps = flags or {}, defaults or {}, helps or {}
+    for name in names:
+        f = _FIELDS[name]
+        flag = flags.get(name) or flag_of(name)
+        kw: dict[str, Any] = dict(f.metadata.get("argparse") or {})
+        value = defaults.get(name, default(name))
+        kw["help"] = helps.get(name, f.metadata["help"])
+        kw["dest"] = name if name not in flags else flag.lstrip("-").replace("-", "_")
+        if kw.get("action") == "append":
+            kw["default"] = list(value)
+        elif kw.get("nargs") == 2:
+            kw.update(type=int, default=list(value))
+        else:
+            kind = type(default(name)) if default(name) is not None else str
+            if kind in (int, float):
+                kw["type"] = kind
+            kw["default"] = value
+        p.add_argument(flag, **kw)
+
+
+# --------------------------------------------------------------------------- checks
+
+def _num(flag: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise OptionError(f"{flag} must be a number, got {v!r}")
+    return v
+
+
+def check_int(flag: str, v: Any, lo: int = 1, hi: int = COUNT_MAX, what: str = "") -> int:
+    """An integer in ``[lo, hi]``; refuses floats, NaN, booleans and values beyond ``hi``."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise OptionError(f"{flag} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        base = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        top = "" if v < lo and hi >= COUNT_MAX else f" up to {hi}"
+        raise OptionError(f"{flag} must be {base}{top}{what}, got {_short(v)}")
+    return v
+
+
+def check_seed(flag: str, v: Any, span: int = 1) -> int:
+    """A seed: an integer in ``[0, 2**64 - span]`` (the run also uses ``seed + 1`` ... ``seed + span - 1``)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise OptionError(f"{flag} must be an integer seed, got {v!r}")
+    top = SEED_MAX - max(0, int(span) - 1)
+    if not 0 <= v <= top:
+        extra = f" (this run also uses the next {span - 1} seeds)" if span > 1 else ""
+        raise OptionError(f"{flag} must be between 0 and {top}{extra}, got {_short(v)}")
+    return v
+
+
+def check_float(flag: str, v: Any, *, positive: bool = True, hi: float | None = None) -> float:
+    """A finite number, > 0 (``positive``) or >= 0; NaN and inf are refused."""
+    v = _num(flag, v)
+    try:
+        ok = math.isfinite(v) and (v > 0 if positive else v >= 0) and (hi is None or v <= hi)
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        want = "> 0" if positive else ">= 0"
+        raise OptionError(f"{flag} must be a finite number {want}{f' and <= {hi}' if hi is not None else ''}, "
+                          f"got {_short(v)}")
+    return float(v)
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 40 else f"{s[:12]}...{s[-6:]} ({len(s)} digits)"
+
+
+def check_sampling(opts: Any, grad: bool = True, names: dict[str, str] | None = None) -> None:
+    """``sampling_steps``, ``guidance``, ``resolution`` and (``grad``) ``grad_range`` of any object
+    with those attributes; ``names`` maps an attribute to the flag or input a user sees."""
+    n = {k: flag_of(k) for k in ("sampling_steps", "guidance", "resolution", "grad_range")}
+    n.update(names or {})
+    steps = check_int(n["sampling_steps"], opts.sampling_steps, 1, SAMPLING_STEPS_MAX)
+    check_float(n["guidance"], opts.guidance)
+    res = check_int(n["resolution"], opts.resolution, 8, RESOLUTION_MAX)
+    if res % 8:
+        raise OptionError(f"{n['resolution']} must be a positive multiple of 8, got {res}")
+    if grad:
+        check_grad_range(opts.grad_range, steps, n["grad_range"], n["sampling_steps"])
+
+
+def check_grad_range(grad_range: Any, steps: int, flag: str = "--grad-range",
+                     steps_flag: str = "--sampling-steps") -> tuple[int, int]:
+    try:
+        lo, hi = grad_range
+    except (TypeError, ValueError):
+        raise OptionError(f"{flag}: expected two integers LO HI, got {grad_range!r}") from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, hi)) or not 0 <= lo <= hi < steps:
+        raise OptionError(f"{flag} {_short(lo)} {_short(hi)}: need 0 <= LO <= HI < {steps_flag} ({steps})")
+    return lo, hi
+
+
+def clamp_grad_range(grad_range: tuple[int, int], steps: int) -> tuple[tuple[int, int], str | None]:
+    """The grad-step range fitted to ``steps`` sampling steps, and a note when it had to change.
+
+    For a UI: the paper's 0-10 asks for 11 steps; with 8 sampling steps it becomes 0-7 (every step)."""
+    lo, hi = int(grad_range[0]), int(grad_range[1])
+    if lo > hi:
+        lo, hi = hi, lo
+    new = (max(0, min(lo, steps - 1)), max(0, min(hi, steps - 1)))
+    if new == (lo, hi) and tuple(grad_range) == (lo, hi):
+        return new, None
+    return new, (f"grad step range {grad_range[0]}-{grad_range[1]} does not fit {steps} sampling steps; "
+                 f"using {new[0]}-{new[1]}")
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    if not device:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise OptionError(f"{flag} {device}: not a device ({str(e).splitlines()[0][:120]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"{flag} {device}: CUDA is not available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OptionError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA devices")
+
+
+def check_model_and_rewards(opts: Any) -> None:
+    """``--model``, ``--config`` and ``--reward`` (files exist, specs parse); loads nothing."""
+    if not opts.model:
+        raise OptionError("--model is required (a diffusers folder or a .safetensors checkpoint)")
+    if not os.path.exists(opts.model):
+        raise OptionError(f"--model {opts.model}: no such folder or file")
+    if os.path.isdir(opts.model) and not os.path.isfile(os.path.join(opts.model, "model_index.json")):
+        raise OptionError(f"--model {opts.model}: not a diffusers folder (no model_index.json)")
+    if opts.config and not os.path.isdir(opts.config):
+        raise OptionError(f"--config {opts.config}: no such folder")
+    if not opts.rewards:
+        raise OptionError("--reward is required (e.g. --reward hpsv2.1=/models/HPS_v2.1_compressed.pt)")
+    from .rewards import RewardSpecError, parse_spec
+
+    for spec in opts.rewards:
+        try:
+            parse_spec(spec)
+        except RewardSpecError as e:
+            raise OptionError(f"--reward: {e}") from None
+
+
+def check_numbers(obj: Any, table: dict[str, tuple]) -> None:
+    """Check attributes of ``obj`` by a table ``{attr: (kind, *args)}``; kinds: ``"int"`` (lo, hi),
+    ``"seed"`` (span), ``"pos"`` / ``"nonneg"`` (floats), ``"opt_int"`` (None or int >= lo).
+    The flag is ``--attr-with-dashes`` unless the table's last item is a flag string."""
+    for attr, spec in table.items():
+        kind, *args = spec
+        flag = args.pop() if args and isinstance(args[-1], str) else "--" + attr.replace("_", "-")
+        v = getattr(obj, attr)
+        if kind == "int":
+            check_int(flag, v, *args)
+        elif kind == "opt_int":
+            if v is not None:
+                check_int(flag, v, *args)
+        elif kind == "seed":
+            check_seed(flag, v, *args)
+        elif kind == "pos":
+            check_float(flag, v, positive=True)
+        elif kind == "nonneg":
+            check_float(flag, v, positive=False)
+        else:  # pragma: no cover - a programming error
+            raise ValueError(f"unknown check kind {kind!r}")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests the user set on the command line (for ``--demo``, whose settings yield to them)."""
+    saved = []
+
+    def walk(p):
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    walk(sp)
+            elif a.dest != "help":
+                saved.append((a, a.default))
+                a.default = argparse.SUPPRESS
+        saved.append((p, dict(p._defaults)))
+        p._defaults.clear()
+
+    walk(parser)
+    try:
+        ns = parser.parse_args(argv)
+    finally:
+        for obj, d in saved:
+            if isinstance(obj, argparse.ArgumentParser):
+                obj._defaults.update(d)
+            else:
+                obj.default = d
+    return set(vars(ns))
+
+
+def markdown_table() -> str:
+    """The shared settings as a Markdown table (docs/options.md is made from it)."""
+    rows = ["| flag | default | what |", "|---|---|---|"]
+    for f in fields(ReNegOptions):
+        d = default(f.name)
+        shown = " ".join(map(str, d)) if isinstance(d, tuple) else ("(none)" if d in (None, "", []) else d)
+        rows.append(f"| `{flag_of(f.name)}` | {shown} | {f.metadata['help']} |")
+    return "\n".join(rows)
