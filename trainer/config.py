@@ -65,9 +65,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
     a("--config", help="for a single-file checkpoint: a local diffusers folder with the same "
                        "architecture's configs")
-    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",
-      help="NAME=PATH[,option=value][,weight=W]; repeat to combine (e.g. "
-           "hpsv2.1=HPS_v2.1_compressed.pt); see 'reneg rewards'")
+    from reneg.rewards import spec_help
+
+    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC", help=spec_help())
     a("--prompts", help="training prompts: .txt (one a line), .json (ImageReward list, "
                         "{'prompt':...} or strings), .tsv with a Prompt column, or an HPSv2 folder")
     a("--heldout", help="held-out prompts (same formats); default: the last --heldout-count "

@@ -19,7 +19,10 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     a("--demo", action="store_true", help="tune on the built-in demo world (no files needed)")
     a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
     a("--config", help="configs folder for a single-file checkpoint")
-    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC")
+    from reneg.rewards import spec_help
+
+    a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",
+      help=spec_help("the reward to tune for: "))
     a("--embedding", help="starting embedding file (default: the null embedding)")
     a("--prompt", help="the prompt to tune for")
     a("--seed", type=int, default=0, help="the image's seed")

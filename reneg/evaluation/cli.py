@@ -26,9 +26,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--demo", action="store_true", help="run everything on the built-in demo world (no files needed)")
     a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
     a("--config", help="for a single-file checkpoint: a local diffusers folder with its configs")
+    from reneg.rewards import spec_help
+
     a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",
-      help="NAME=PATH[,option=value]; repeat to score with several rewards (each reported on its own); "
-           "the first one also drives per-sample tuning. See 'reneg rewards'")
+      help=spec_help() + "; each is reported on its own, the first one also drives per-sample tuning")
     a("--prompts", help="prompt set: .txt (one a line), ImageReward .json, PartiPrompts .tsv (Category column) "
                         "or an HPSv2 benchmark folder (anime.json, concept-art.json, paintings.json, photo.json)")
     a("--negative", dest="negatives", action="append", default=[], metavar="[NAME=]SPEC",

@@ -199,6 +199,12 @@ def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
         if (kind == "folder") != os.path.isdir(path):
             raise RewardSpecError(f"reward spec {text!r}: {name} expects a {kind}, but {path} is "
                                   f"{'a folder' if os.path.isdir(path) else 'a file'}")
+    info = regs[name]
+    known = set(info.options) | set(info.path_options) | set(info.required)
+    unknown = [k for k in opts if k not in known]
+    if known and unknown:
+        raise RewardSpecError(f"reward spec {text!r}: {name} takes no option {', '.join(unknown)} "
+                              f"(it takes {', '.join(sorted(known))}); syntax: {info.syntax}")
     missing = [k for k in regs[name].required if not opts.get(k)]
     if missing:
         raise RewardSpecError(f"reward spec {text!r}: {name} needs {', '.join(k + '=...' for k in missing)}")

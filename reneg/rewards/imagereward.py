@@ -282,7 +282,8 @@ class ImageRewardModel(nn.Module):
     def forward(self, input_ids, attention_mask, pixels):
         image = self.blip.visual_encoder(pixels)
         h = self.blip.text_encoder(input_ids, attention_mask, image)
-        r = self.mlp(h[:, 0].to(self.mlp.layers[0].weight.dtype)).squeeze(-1).float()
+        r = self.mlp(h[:, 0].to(self.mlp.layers[0].weight.dtype)).squeeze(-1)
+        r = r.to(torch.promote_types(r.dtype, torch.float32))  # fp32 at least, as the package's .float()
         return (r - self.cfg["score_mean"]) / self.cfg["score_std"]
 
 
@@ -413,6 +414,8 @@ def key_table(cfg: dict | None = None) -> dict[str, tuple[int, ...]]:
 
 
 def build_from_state_dict(sd: dict, cfg: dict, path: str) -> ImageRewardModel:
+    """The model built on the meta device, its keys and shapes checked against ``sd``, then given
+    ``sd``'s tensors (``assign``: no second copy of the weights is ever allocated)."""
     with torch.device("meta"):
         model = ImageRewardModel(cfg)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -424,16 +427,18 @@ def build_from_state_dict(sd: dict, cfg: dict, path: str) -> ImageRewardModel:
             f"{path}: this ImageReward checkpoint does not fit the architecture: {len(missing)} missing keys "
             f"({', '.join(missing[:4])}), {len(unexpected)} unexpected ({', '.join(unexpected[:4])}), "
             f"{len(wrong)} with another shape ({', '.join(wrong[:3])})")
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in sd.items()
+           if v.is_floating_point() and v.device.type != "meta" and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path}: this ImageReward checkpoint has NaN/inf values in {len(bad)} tensors "
                          f"({', '.join(bad[:3])}); the file is corrupt")
-    model.load_state_dict({k: v for k, v in sd.items()}, assign=True)
+    model.load_state_dict(sd, assign=True)
     return model
 
 
-@register("imagereward", "ImageReward checkpoint (ImageReward.pt); needs the bert-base-uncased tokenizer files: "
-          "tokenizer=FOLDER or a tokenizer/ folder beside it; options: tokenizer=, config=",
+@register("imagereward", "ImageReward checkpoint (ImageReward.pt); tokenizer= the bert-base-uncased tokenizer "
+          "folder (vocab.txt), by default a tokenizer/ folder beside the checkpoint; config= an architecture "
+          "JSON (default: the published model)",
           path_options={"tokenizer": "folder", "config": "file"})
 def load_imagereward(path, device="cpu", dtype=torch.float32, tokenizer=None, config=None, **unused):
     if unused:
