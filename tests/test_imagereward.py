@@ -50,16 +50,19 @@ def tiny_state_dict(cfg: dict) -> dict:
     return sd
 
 
-@pytest.fixture(scope="module")
-def tiny_ir(tmp_path_factory):
+def make_tiny_imagereward(d):
     """``ImageReward.pt`` as the package saves it, its config beside it, and a ``tokenizer/`` folder."""
-    d = tmp_path_factory.mktemp("imagereward")
-    cfg = ir.merge_config(TINY)
-    torch.save(tiny_state_dict(cfg), d / "ImageReward.pt")
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(tiny_state_dict(ir.merge_config(TINY)), d / "ImageReward.pt")
     (d / "imagereward_config.json").write_text(json.dumps(TINY))
     (d / "tokenizer").mkdir()
     (d / "tokenizer" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_ir(tmp_path_factory):
+    return make_tiny_imagereward(tmp_path_factory.mktemp("imagereward"))
 
 
 def noise_pixels():
