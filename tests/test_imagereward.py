@@ -248,3 +248,46 @@ def test_config_errors_name_the_file(tiny_ir, tmp_path):
     bad.write_text(json.dumps({"vision": {"depth": 3}}))
     with pytest.raises(ValueError, match=r"c\.json: unknown vision key\(s\) depth"):
         load_reward(f"imagereward={tiny_ir / 'ImageReward.pt'},config={bad}")
+
+
+def test_looking_for_the_tokenizer_never_reaches_the_network(tiny_ir, tmp_path, monkeypatch):
+    """Without tokenizer files beside the checkpoint, the local Hugging Face cache is read with
+    local_files_only; nothing is downloaded and no connection is tried, whatever the environment says."""
+    import socket
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    attempts = []
+
+    def blocked(*args, **kwargs):
+        attempts.append(args)
+        raise OSError(101, "network disabled by the test")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, blocked)
+    monkeypatch.setattr(socket, "create_connection", blocked)
+    monkeypatch.setattr(socket, "getaddrinfo", blocked)
+    ckpt = tmp_path / "ImageReward.pt"
+    ckpt.write_bytes((tiny_ir / "ImageReward.pt").read_bytes())
+    (tmp_path / "imagereward_config.json").write_text(json.dumps(TINY))
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_reward(f"imagereward={ckpt}")
+    assert attempts == []
+
+
+def test_the_tokenizer_is_found_in_the_hugging_face_cache_folders(tiny_ir, tmp_path, monkeypatch):
+    snap = tmp_path / "hf" / "hub" / "models--bert-base-uncased" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0123abc")
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    ckpt = tmp_path / "m" / "ImageReward.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((tiny_ir / "ImageReward.pt").read_bytes())
+    (ckpt.parent / "imagereward_config.json").write_text(json.dumps(TINY))
+    r = load_reward(f"imagereward={ckpt}")
+    assert len(r.tokenizer) == len(VOCAB) + 2

@@ -320,23 +320,44 @@ def find_tokenizer(path: str, tokenizer: str | None = None):
         if tok is None:
             raise ValueError(
                 f"{path}: ImageReward needs the bert-base-uncased tokenizer files (vocab.txt, or a Hugging "
-                f"Face tokenizer folder); none found in {', '.join(tried)} or the local Hugging Face cache. "
+                f"Face tokenizer folder); none found in {', '.join(tried)} or the Hugging Face cache "
+                f"({hf_cache_root()}). "
                 f"Put them in {tried[0]} or give tokenizer=FOLDER")
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tok
 
 
+def hf_cache_root() -> str:
+    env = os.environ
+    hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if hub:
+        return hub
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                                              "huggingface")
+    return os.path.join(home, "hub")
+
+
 def _from_hf_cache():
-    try:
-        from transformers import BertTokenizerFast
-    except ImportError:
-        return None
+    """bert-base-uncased from the Hugging Face cache folders, read as plain folders: transformers'
+    own cache lookup goes through huggingface_hub, which reaches the network even with
+    ``local_files_only`` (its user-agent detection), so it is not used."""
+    root = hf_cache_root()
     for name in HF_CACHE_NAMES:
+        repo = os.path.join(root, "models--" + name.replace("/", "--"))
+        snaps = os.path.join(repo, "snapshots")
+        revs = []
         try:
-            return BertTokenizerFast.from_pretrained(name, local_files_only=True)
-        except Exception:  # noqa: BLE001 - not in the cache (or the cache is unreadable): try the next
-            continue
+            with open(os.path.join(repo, "refs", "main"), encoding="utf-8") as f:
+                revs.append(f.read().strip())
+        except OSError:
+            pass
+        if os.path.isdir(snaps):
+            revs += sorted(os.listdir(snaps))
+        for rev in revs:
+            folder = os.path.join(snaps, rev)
+            if any(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.txt", "tokenizer.json")):
+                return _tokenizer_from(folder)
     return None
 
 
