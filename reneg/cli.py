@@ -40,7 +40,7 @@ def _cmd_convert(ns) -> int:
 def _cmd_rewards(ns) -> int:
     from .rewards import available
 
-    for name, info in available().items():
+    for info in available().values():
         print(f"{info.syntax}\n    {info.help}")
     return 0
 

@@ -109,7 +109,8 @@ def reference_score(sd, cfg, ids, mask, pixels):
     def attention(hs, ctx, m, k):
         def tr(z):
             return z.view(z.shape[0], -1, heads, z.shape[-1] // heads).permute(0, 2, 1, 3)
-        q, kk, vv = tr(_lin(hs, sd, k + ".self.query")), tr(_lin(ctx, sd, k + ".self.key")), tr(_lin(ctx, sd, k + ".self.value"))
+        q = tr(_lin(hs, sd, k + ".self.query"))
+        kk, vv = tr(_lin(ctx, sd, k + ".self.key")), tr(_lin(ctx, sd, k + ".self.value"))
         s = (q @ kk.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + m
         c = (torch.nn.Softmax(dim=-1)(s) @ vv).permute(0, 2, 1, 3).reshape(hs.shape)
         return _ln(_lin(c, sd, k + ".output.dense") + hs, sd, k + ".output.LayerNorm", eps)
@@ -118,7 +119,8 @@ def reference_score(sd, cfg, ids, mask, pixels):
         b = f"{pre}encoder.layer.{i}."
         x = attention(x, x, ext, b + "attention")
         x = attention(x, image, enc, b + "crossattention")
-        x = _ln(_lin(F.gelu(_lin(x, sd, b + "intermediate.dense")), sd, b + "output.dense") + x, sd, b + "output.LayerNorm", eps)
+        ff = _lin(F.gelu(_lin(x, sd, b + "intermediate.dense")), sd, b + "output.dense")
+        x = _ln(ff + x, sd, b + "output.LayerNorm", eps)
     r = x[:, 0]
     for j in (0, 2, 4, 6, 7):  # MLP: Linear/Dropout pairs, no activation
         r = _lin(r, sd, f"mlp.layers.{j}")
