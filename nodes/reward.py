@@ -28,10 +28,6 @@ def rewards() -> dict:
     return available()
 
 
-def kinds() -> list[str]:
-    return list(rewards())
-
-
 def extra_options() -> list[str]:
     """Every folder option any registered reward takes, ``clip`` first."""
     opts = [k for info in rewards().values() for k, kind in info.path_options.items() if kind == "folder"]

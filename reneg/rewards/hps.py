@@ -71,7 +71,7 @@ def load_state_dict_into(model: torch.nn.Module, path: str, what: str) -> None:
             f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])}), "
             f"{len(wrong)} with another shape ({', '.join(wrong[:3])})")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:  # a corrupt download: NaN rewards would only show up as skipped steps (issue 7)
+    if bad:  # a corrupt download: NaN rewards would only show up as skipped training steps
         raise ValueError(f"{path}: this {what} has NaN/inf values in {len(bad)} tensors "
                          f"({', '.join(bad[:3])}); the file is corrupt")
     model.load_state_dict(sd)
