@@ -10,20 +10,48 @@ import torch
 from .common import (CATEGORY, REWARD_EXTENSIONS, REWARD_FOLDER, REWARD_TYPE, folder_list, folder_paths_of,
                      reports_errors, torch_device)
 
-KINDS = ("hpsv2.1", "hpsv2", "pickscore", "aesthetic")
 NONE = "none"
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_KIND = "hpsv2.1"
+# A reward's folder options become inputs named OPTION_model. "clip_model" came first and stays a
+# required input in its place (saved workflows list widget values by position); every other one
+# is appended as an optional input.
+FIRST_EXTRA = "clip"
+MODEL_MARKERS = ("config.json",)
+EXTRA_MARKERS = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json")
 
 
-def model_folders() -> list[str]:
-    """Sub-folders of the reward_models folders that hold a Hugging Face model (config.json), as ``name/``."""
+def rewards() -> dict:
+    """The reward registry (names, help, options): the single list the nodes offer."""
+    from ..reneg.rewards import available
+
+    return available()
+
+
+def extra_options() -> list[str]:
+    """Every folder option any registered reward takes, ``clip`` first."""
+    opts = [k for info in rewards().values() for k, kind in info.path_options.items() if kind == "folder"]
+    return list(dict.fromkeys([FIRST_EXTRA] + opts))
+
+
+def describe() -> str:
+    try:
+        lines = [f"{name}: {info.help}" for name, info in rewards().items()]
+    except Exception as e:  # noqa: BLE001 - a description must never keep the pack from loading
+        return f"Loads a preference reward from ComfyUI/models/reward_models ({e})"
+    return "Loads a preference reward from ComfyUI/models/reward_models. " + "; ".join(lines) + "."
+
+
+def model_folders(markers: tuple[str, ...] = MODEL_MARKERS) -> list[str]:
+    """Sub-folders of the reward_models folders that hold a Hugging Face model (config.json), or
+    with ``markers`` any of those files, as ``name/``."""
     out = set()
     for root in folder_paths_of(REWARD_FOLDER):
         if not os.path.isdir(root):
             continue
         for here, dirs, files in os.walk(root, followlinks=True):
             rel = os.path.relpath(here, root)
-            if rel != "." and "config.json" in files:
+            if rel != "." and any(m in files for m in markers):
                 out.add(rel.replace(os.sep, "/") + "/")
                 dirs[:] = []
             elif rel.count(os.sep) >= 2:
@@ -87,10 +115,7 @@ def _dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 class ReNegLoadRewardModel:
-    DESCRIPTION = ("Loads a preference reward from ComfyUI/models/reward_models: an HPSv2 / HPSv2.1 checkpoint "
-                   "(HPS_v2.1_compressed.pt; an open_clip_config.json beside it selects another architecture), "
-                   "a PickScore folder (Hugging Face CLIPModel), or a LAION aesthetic MLP with its CLIP ViT-L/14 "
-                   "folder.")
+    DESCRIPTION = describe()
     CATEGORY = CATEGORY
     RETURN_TYPES = (REWARD_TYPE,)
     RETURN_NAMES = ("reward",)
@@ -98,35 +123,53 @@ class ReNegLoadRewardModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        entries = model_entries()
+        regs = rewards()
+        names = list(regs)
+        folders = [NONE] + model_folders(EXTRA_MARKERS)
+
+        def extra(opt):
+            users = [n for n, info in regs.items() if opt in info.path_options]
+            need = [n for n in users if opt in regs[n].required]
+            tip = (f"{', '.join(users)}: the {opt} folder in reward_models"
+                   + (f" (needed by {', '.join(need)})" if need else " (optional when it lies beside the checkpoint)"))
+            return (folders, {"default": NONE, "tooltip": tip})
+
         return {
             "required": {
-                "reward_type": (list(KINDS), {"default": "hpsv2.1"}),
-                "model": (entries, {"tooltip": "Checkpoint file (HPS, aesthetic MLP) or model folder (PickScore)."}),
-                "clip_model": ([NONE] + model_folders(), {"default": NONE,
-                               "tooltip": "aesthetic only: the CLIP ViT-L/14 folder (Hugging Face format)."}),
+                "reward_type": (names, {"default": DEFAULT_KIND if DEFAULT_KIND in regs else names[0],
+                                        "tooltip": "; ".join(f"{n}: {i.help}" for n, i in regs.items())}),
+                "model": (model_entries(), {"tooltip": "Checkpoint file or model folder (shown with a trailing "
+                                                       "'/'), as the reward type needs."}),
+                f"{FIRST_EXTRA}_model": extra(FIRST_EXTRA),
                 "precision": (list(PRECISIONS), {"default": "auto",
                               "tooltip": "auto: float16 on a GPU, float32 on the CPU."}),
-            }
+            },
+            "optional": {f"{opt}_model": extra(opt) for opt in extra_options() if opt != FIRST_EXTRA},
         }
 
     @reports_errors("Load Reward Model")
-    def load(self, reward_type, model, clip_model=NONE, precision="auto"):
-        from ..reneg.rewards import RewardSpec, available, load_reward
+    def load(self, reward_type, model, clip_model=NONE, precision="auto", **extras):
+        from ..reneg.rewards import RewardSpec, load_reward
 
-        if reward_type not in KINDS:
-            raise ValueError(f"reward_type must be one of {', '.join(KINDS)}, got {reward_type!r}")
-        info = available()[reward_type]
+        regs = rewards()
+        if reward_type not in regs:
+            raise ValueError(f"reward_type must be one of {', '.join(regs)}, got {reward_type!r}")
+        info = regs[reward_type]
         path = resolve(model, "model")
         if info.path_kind == "folder" and not os.path.isdir(path):
             raise ValueError(f"{reward_type} needs a model folder (shown with a trailing '/'), got the file {model!r}")
         if info.path_kind == "file" and not os.path.isfile(path):
             raise ValueError(f"{reward_type} needs a checkpoint file, got the folder {model!r}")
+        extras[f"{FIRST_EXTRA}_model"] = clip_model
         options = {}
-        if reward_type == "aesthetic":
-            if not clip_model or clip_model == NONE:
-                raise ValueError("aesthetic needs clip_model: a CLIP ViT-L/14 folder in reward_models")
-            options["clip"] = resolve(clip_model, "clip_model")
+        for opt, kind in info.path_options.items():
+            if kind != "folder":
+                continue  # file options (e.g. a config JSON) are found beside the checkpoint
+            value = extras.get(f"{opt}_model")
+            if value and value != NONE:
+                options[opt] = resolve(value, f"{opt}_model")
+            elif opt in info.required:
+                raise ValueError(f"{reward_type} needs {opt}_model: {info.help}")
         device = torch_device()
         # loaded outside inference mode: its weights must be normal tensors for the tune node's backward
         with torch.inference_mode(False):

@@ -55,8 +55,8 @@ def _cmd_convert(ns) -> int:
 def _cmd_rewards(ns) -> int:
     from .rewards import available
 
-    for name, info in sorted(available().items()):
-        print(f"{name:10s} {info.help}")
+    for info in available().values():
+        print(f"{info.syntax}\n    {info.help}")
     return 0
 
 

@@ -100,6 +100,10 @@ def add_options(p, names: Iterable[str], *, flags: dict[str, str] | None = None,
         kw: dict[str, Any] = dict(f.metadata.get("argparse") or {})
         value = defaults.get(name, default(name))
         kw["help"] = helps.get(name, f.metadata["help"])
+        if name == "rewards":  # the reward registry names the rewards there are (a light import)
+            from .rewards import spec_help
+
+            kw["help"] = spec_help() + ("; " + helps[name] if name in helps else "")
         kw["dest"] = name if name not in flags else flag.lstrip("-").replace("-", "_")
         if kw.get("action") == "append":
             kw["default"] = list(value)

@@ -2,10 +2,14 @@
 
 Every reward is a ``torch.nn.Module`` called as ``reward(images, prompts) -> [B]``
 with images in [-1, 1], BCHW, differentiable w.r.t. the images. A new reward is
-one small module that decorates a loader with :func:`register`::
+one new module in this package that decorates a loader with :func:`register`::
 
-    @register("myreward", help="what it scores; options: path=FILE")
+    @register("myreward", "what it scores and which file it reads", options=("opt",))
     def load_myreward(path, device="cpu", dtype=torch.float32, **options) -> Reward: ...
+
+Nothing else changes: the modules of this package are found with :mod:`pkgutil` the first
+time the registry is read, and the CLI help, ``reneg rewards`` and the ComfyUI nodes' lists
+all come from the registry (names, help, spec syntax, which options are paths).
 
 Reward specs on the command line: ``NAME=PATH[,option=value...][,weight=W]``,
 e.g. ``hpsv2.1=/models/HPS_v2.1_compressed.pt`` or
@@ -16,9 +20,14 @@ Heavy libraries (open_clip, transformers) are imported inside the loaders.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
 import os
+import pkgutil
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,6 +41,18 @@ class RewardInfo:
     help: str = ""
     path_kind: str = "file"  # file | folder
     required: tuple[str, ...] = ()  # options the spec must give (checked before any model loads)
+    options: tuple[str, ...] = ()   # every option the loader takes (besides weight)
+    path_options: dict[str, str] = field(default_factory=dict)  # option -> "file" | "folder"
+
+    @property
+    def syntax(self) -> str:
+        """The spec, e.g. ``aesthetic=FILE,clip=FOLDER[,weight=W]``."""
+        def value(k):
+            return self.path_options.get(k, "value").upper()
+
+        opts = [k for k in dict.fromkeys(self.required + self.options + tuple(self.path_options))]
+        parts = [f",{k}={value(k)}" if k in self.required else f"[,{k}={value(k)}]" for k in opts]
+        return f"{self.name}={self.path_kind.upper()}{''.join(parts)}[,weight=W]"
 
 
 class Reward(torch.nn.Module):
@@ -48,21 +69,80 @@ class Reward(torch.nn.Module):
         return False
 
 
-def register(name: str, help: str = "", path_kind: str = "file", required: tuple[str, ...] = ()):
+def register(name: str, help: str = "", path_kind: str = "file", required: tuple[str, ...] = (),
+             options: tuple[str, ...] = (), path_options: dict[str, str] | None = None):
+    """Decorator: make ``fn(path, device=, dtype=, **options)`` the loader of reward ``name``.
+
+    ``path_kind``: whether PATH is a "file" or a "folder"; ``options``: the option names it takes;
+    ``path_options``: those options whose value is a path ("file" or "folder"; checked to exist
+    before anything loads, and offered as model lists by the ComfyUI Load Reward Model node);
+    ``required``: options the spec must give.
+    """
     def deco(fn):
-        _REGISTRY[name] = RewardInfo(name, fn, help, path_kind, tuple(required))
+        _REGISTRY[name] = RewardInfo(name, fn, help, path_kind, tuple(required), tuple(options),
+                                     dict(path_options or {}))
         return fn
     return deco
 
 
-def _ensure_builtin() -> None:
-    # importing the modules registers them; they import heavy libraries lazily
-    from . import aesthetic, hps, pickscore  # noqa: F401
+_FAILED: dict[str, str] = {}
+
+
+def _discover() -> None:
+    """Import every module of this package (each registers its rewards). A module imports only
+    torch at the top; open_clip and transformers load inside the loaders. A module that fails to
+    import is reported once and left out, so one broken reward never hides the others."""
+    for m in pkgutil.iter_modules(__path__):
+        qual = f"{__name__}.{m.name}"
+        if m.name.startswith("_") or qual in _FAILED:
+            continue
+        try:
+            importlib.import_module(qual)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other rewards
+            _FAILED[qual] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"reward module {qual} could not be imported and is left out: {_FAILED[qual]}",
+                          stacklevel=2)
 
 
 def available() -> dict[str, RewardInfo]:
-    _ensure_builtin()
-    return dict(_REGISTRY)
+    """Every registered reward, by name, sorted."""
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def names() -> list[str]:
+    return list(available())
+
+
+def spec_help(prefix: str = "") -> str:
+    """One line for a ``--reward`` flag's help: the spec syntax and the known names."""
+    return (f"{prefix}NAME=PATH[,option=value...][,weight=W] with NAME one of "
+            f"{', '.join(names())}; repeat to combine. 'reneg rewards' shows each one's options")
+
+
+@contextlib.contextmanager
+def quiet_library_messages(*starts: str, loggers: tuple[str, ...] = ("",)) -> Iterator[None]:
+    """Drop log records that begin with one of ``starts`` while a loader runs: messages a library
+    prints about a step our loader makes moot (open_clip's "No pretrained weights loaded ...
+    Model initialized randomly." right before the checkpoint's weights go in). Every other
+    record passes."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            try:
+                msg = record.getMessage()
+            except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
+                return True
+            return not msg.startswith(starts)
+
+    flt = _Drop()
+    targets = [logging.getLogger(n) if n else logging.getLogger() for n in loggers]
+    for lg in targets:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in targets:
+            lg.removeFilter(flt)
 
 
 class RewardSpecError(ValueError):
@@ -111,13 +191,20 @@ def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
         else:
             opts[k] = v
     if check_files:
-        for label, p in [("path", path)] + [(k, v) for k, v in opts.items() if k in ("clip", "config")]:
+        paths = regs[name].path_options
+        for label, p in [("path", path)] + [(k, v) for k, v in opts.items() if k in paths]:
             if not os.path.exists(p):
                 raise RewardSpecError(f"reward spec {text!r}: {label} {p} does not exist")
         kind = regs[name].path_kind
         if (kind == "folder") != os.path.isdir(path):
             raise RewardSpecError(f"reward spec {text!r}: {name} expects a {kind}, but {path} is "
                                   f"{'a folder' if os.path.isdir(path) else 'a file'}")
+    info = regs[name]
+    known = set(info.options) | set(info.path_options) | set(info.required)
+    unknown = [k for k in opts if k not in known]
+    if known and unknown:
+        raise RewardSpecError(f"reward spec {text!r}: {name} takes no option {', '.join(unknown)} "
+                              f"(it takes {', '.join(sorted(known))}); syntax: {info.syntax}")
     missing = [k for k in regs[name].required if not opts.get(k)]
     if missing:
         raise RewardSpecError(f"reward spec {text!r}: {name} needs {', '.join(k + '=...' for k in missing)}")

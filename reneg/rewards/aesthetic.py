@@ -44,8 +44,8 @@ class Aesthetic(Reward):
         return self.mlp(emb.to(next(self.mlp.parameters()).dtype)).squeeze(-1).float()
 
 
-@register("aesthetic", "LAION aesthetic MLP file; option clip=FOLDER (CLIP ViT-L/14, HF format)",
-          required=("clip",))
+@register("aesthetic", "LAION aesthetic MLP file (e.g. sac+logos+ava1-l14-linearMSE.pth); clip= the CLIP "
+          "ViT-L/14 folder (Hugging Face format)", required=("clip",), path_options={"clip": "folder"})
 def load_aesthetic(path, device="cpu", dtype=torch.float32, clip=None, **unused):
     if unused:
         raise ValueError(f"aesthetic reward: unknown options {', '.join(unused)} (known: clip)")

@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..fileio import safe_torch_load
-from . import Reward, register
+from . import Reward, quiet_library_messages, register
 from .preprocess import clip_preprocess
 
 
@@ -47,7 +47,10 @@ def build_open_clip(arch: str | None, config: str | None, source: str):
     arch = arch or "ViT-H-14"
     if arch not in open_clip.list_models():
         raise ValueError(f"{source}: unknown open_clip architecture {arch!r}")
-    model = open_clip.create_model(arch, pretrained=None)  # no download: weights come from the file
+    # no download: the weights come from the checkpoint, which must fill every key (checked after);
+    # open_clip's "initialized randomly" warning would describe a state the user never sees
+    with quiet_library_messages("No pretrained weights loaded for model"):
+        model = open_clip.create_model(arch, pretrained=None)
     return model, open_clip.get_tokenizer(arch)
 
 
@@ -68,7 +71,7 @@ def load_state_dict_into(model: torch.nn.Module, path: str, what: str) -> None:
             f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])}), "
             f"{len(wrong)} with another shape ({', '.join(wrong[:3])})")
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:  # a corrupt download: NaN rewards would only show up as skipped steps
+    if bad:  # a corrupt download: NaN rewards would only show up as skipped training steps
         raise ValueError(f"{path}: this {what} has NaN/inf values in {len(bad)} tensors "
                          f"({', '.join(bad[:3])}); the file is corrupt")
     model.load_state_dict(sd)
@@ -130,5 +133,8 @@ def _load_hps(path, device="cpu", dtype=torch.float32, arch=None, config=None, *
     return OpenClipScore(model.to(device=device, dtype=dtype), tokenizer)
 
 
-register("hpsv2", "HPSv2 checkpoint (HPS_v2_compressed.pt); options: arch=, config=")(_load_hps)
-register("hpsv2.1", "HPSv2.1 checkpoint (HPS_v2.1_compressed.pt); options: arch=, config=")(_load_hps)
+_HPS_OPTIONS = dict(options=("arch",), path_options={"config": "file"})
+register("hpsv2", "HPSv2 checkpoint (HPS_v2_compressed.pt); arch= an open_clip name (default ViT-H-14), "
+         "config= an open_clip model config JSON", **_HPS_OPTIONS)(_load_hps)
+register("hpsv2.1", "HPSv2.1 checkpoint (HPS_v2.1_compressed.pt); arch= an open_clip name (default ViT-H-14), "
+         "config= an open_clip model config JSON", **_HPS_OPTIONS)(_load_hps)

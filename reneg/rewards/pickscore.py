@@ -37,7 +37,8 @@ class PickScore(Reward):
         return self.model.logit_scale.exp().float() * (img * txt).sum(-1)
 
 
-@register("pickscore", "PickScore: a local Hugging Face CLIPModel folder", path_kind="folder")
+@register("pickscore", "PickScore: a local Hugging Face CLIPModel folder (model and tokenizer files)",
+          path_kind="folder")
 def load_pickscore(path, device="cpu", dtype=torch.float32, **unused):
     if unused:
         raise ValueError(f"pickscore reward: unknown options {', '.join(unused)}")

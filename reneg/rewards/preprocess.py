@@ -1,4 +1,5 @@
-"""Differentiable CLIP preprocessing (resize, centre crop, normalise in torch); never goes through PIL."""
+"""Differentiable CLIP preprocessing, as CLIP's PIL pipeline does it (shorter side to the size, bicubic
+with antialiasing, centre crop, normalise), on tensors: it never goes through PIL, so gradients flow."""
 
 from __future__ import annotations
 
