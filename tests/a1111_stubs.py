@@ -129,13 +129,17 @@ class HTML(Block):
     allowed = {"value"}
 
 
+class Textbox(Block):
+    allowed = {"value", "lines", "max_lines", "placeholder", "type"}
+
+
 def update(**kwargs):
     return {"__type__": "update", **kwargs}
 
 
 def make_gradio() -> types.ModuleType:
     gr = types.ModuleType("gradio")
-    for cls in (Block, Blocks, Accordion, Row, Checkbox, Dropdown, Slider, Button, HTML):
+    for cls in (Block, Blocks, Accordion, Row, Checkbox, Dropdown, Slider, Button, HTML, Textbox):
         setattr(gr, cls.__name__, cls)
     gr.update = update
     gr.__version__ = "3.41.2-stub"

@@ -35,7 +35,6 @@ import re
 import shutil
 import sys
 import time
-import urllib.parse
 import urllib.request
 
 try:
@@ -129,7 +128,7 @@ class Page:
 
     def set_checkbox(self, elem_id: str, checked: bool):
         root = self.need(elem_id)
-        box = root.find_element(By.CSS_SELECTOR, "input[type=checkbox]")
+        box = root if root.tag_name == "input" else root.find_element(By.CSS_SELECTOR, "input[type=checkbox]")
         if box.is_selected() != checked:
             self.click(box)
             time.sleep(0.3)
@@ -137,35 +136,33 @@ class Page:
     def dropdown_options(self, elem_id: str) -> list[str]:
         root = self.need(elem_id)
         box = root.find_element(By.CSS_SELECTOR, "input")
+        current = box.get_attribute("value")
         self.click(box)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)  # an empty filter lists every option
         time.sleep(0.5)
         items = [li.text.strip() for li in self.d.find_elements(By.CSS_SELECTOR, "ul.options li")]
+        box.send_keys(current)
         box.send_keys(Keys.ESCAPE)
         self.d.execute_script("document.activeElement && document.activeElement.blur();")
         time.sleep(0.3)
         return [i.lstrip("✓").strip() for i in items if i]
 
     def choose(self, elem_id: str, label: str):
-        """Pick ``label`` in a gradio Dropdown (3.41 and 4.x both render ``ul.options li``)."""
+        """Pick ``label`` in a gradio Dropdown as a user typing it does: the text filters the options
+        and Enter takes the first match (or, where custom values are allowed, the typed text)."""
         root = self.need(elem_id)
         box = root.find_element(By.CSS_SELECTOR, "input")
         self.click(box)
         box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
         box.send_keys(label)
         time.sleep(0.5)
-        for li in self.d.find_elements(By.CSS_SELECTOR, "ul.options li"):
-            if li.text.lstrip("✓").strip() == label:
-                self.d.execute_script("arguments[0].dispatchEvent(new MouseEvent('mousedown', {bubbles: true}));", li)
-                try:
-                    li.click()
-                except WebDriverException:
-                    pass
-                break
-        else:
-            box.send_keys(Keys.ENTER)
+        box.send_keys(Keys.ENTER)
         time.sleep(0.5)
         self.d.execute_script("document.activeElement && document.activeElement.blur();")
         time.sleep(0.5)
+        return box.get_attribute("value")
 
     def shot(self, path: str, el=None):
         if el is not None:
@@ -251,9 +248,22 @@ def reneg_keys(text: str) -> dict:
 # --------------------------------------------------------------------------- the checks
 
 
+def wait_for_server(url: str, timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=10):
+                return True
+        except OSError:
+            time.sleep(3)
+    return False
+
+
 def run(args) -> Check:
     os.makedirs(args.out, exist_ok=True)
     check = Check(args.out)
+    if not check.ok("web UI answers", wait_for_server(args.url, args.start_timeout), args.url):
+        return check
     driver = make_driver(args.chromium, args.chromedriver, 1400, 1800)
     page = Page(driver, args.timeout)
     try:
@@ -277,8 +287,10 @@ def run(args) -> Check:
         check.ok("dropdown lists the embedding", args.embedding in options, f"options: {options}")
         check.ok("dropdown offers None", "None" in options)
         page.choose(DROPDOWN, args.embedding)
+        page.click(page.need(f"script_{TAB}_reneg_refresh"))  # the server answers with the value it received
+        time.sleep(3)
         chosen = page.by_id(DROPDOWN).find_element(By.CSS_SELECTOR, "input").get_attribute("value")
-        check.ok("embedding selected", chosen == args.embedding, chosen)
+        check.ok("embedding selected (as the server sees it)", chosen == args.embedding, chosen)
         page.shot(os.path.join(args.out, "a1111-panel.png"), acc)
 
         # 2. one generation with ReNeg, one without, same seed
@@ -372,6 +384,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--timeout", type=float, default=60, help="seconds to wait for the page")
+    ap.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the web UI to answer")
     ap.add_argument("--gen-timeout", type=float, default=600, help="seconds to wait for one generation")
     ap.add_argument("--chromium", help="the browser binary (default: chromium on PATH)")
     ap.add_argument("--chromedriver", help="the driver binary (default: chromedriver on PATH)")
@@ -380,7 +393,6 @@ def main(argv=None) -> int:
         print("a1111_browser_check: needs Selenium: pip install selenium (and apt-get install chromium "
               "chromium-driver)", file=sys.stderr)
         return 2
-    urllib.parse.urlparse(args.url)
     check = run(args)
     with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
         json.dump({"url": args.url, "embedding": args.embedding, "passed": check.passed,

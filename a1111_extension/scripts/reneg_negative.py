@@ -126,6 +126,8 @@ def panel_update(current, refresh: bool = False):
         if host is None:
             return gr.update(), choices_and_status()[1]
         choices, value, status = host.panel_state(current, refresh=refresh)
+        if value == current:  # leave the value alone: the user may be picking one right now
+            return gr.update(choices=choices), status
         return gr.update(choices=choices, value=value), status
     except Exception as e:  # a UI event must never take the page down
         log(f"could not update the panel: {type(e).__name__}: {e}")
@@ -200,7 +202,7 @@ def _ui_components():
 class ReNegScript(scripts.Script):
     sorting_priority = 15
     _panel = None  # (dropdown, status) once ui() built them
-    _html_info = None  # the tab's generation-info HTML, which changes after every generation
+    _gen_info = None  # the tab's hidden generation-info Textbox, which changes after every generation
     _wired = False
 
     def title(self):
@@ -250,19 +252,22 @@ class ReNegScript(scripts.Script):
         return embedding, strength, hires, status
 
     def after_component(self, component, **kwargs):
-        """Follow the model in pages already open: the tab's generation info changes after every
-        generation, which is when Forge loads (or switches) the model."""
+        """Follow the model in pages already open: the tab's generation info (a hidden Textbox
+        holding the last generation's JSON) changes once after every generation, which is when
+        Forge loads (or switches) the model. Not the visible info HTML: gradio 4's HTML fires
+        "change" again whenever an event it triggered updates, a loop without end."""
         tab = "img2img" if self.is_img2img else "txt2img"
-        if (kwargs.get("elem_id") or getattr(component, "elem_id", None)) == f"html_info_{tab}":
-            self._html_info = component
+        elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
+        if elem_id == f"generation_info_{tab}" and isinstance(component, gr.Textbox):
+            self._gen_info = component
             self._wire()
 
     def _wire(self):
-        if self._wired or self._panel is None or self._html_info is None:
+        if self._wired or self._panel is None or self._gen_info is None:
             return
         embedding, status = self._panel
-        self._html_info.change(fn=panel_update, inputs=[embedding], outputs=[embedding, status],
-                               show_progress=False)
+        self._gen_info.change(fn=panel_update, inputs=[embedding], outputs=[embedding, status],
+                              show_progress=False)
         self._wired = True
 
     def process(self, p, *args):
