@@ -18,17 +18,21 @@ class Family:
     pooled: int | None  # size of the pooled vector the family needs, or None
     text_encoder: str
     description: str
+    # front-ends that handle this family: "a1111" = the AUTOMATIC1111 / Forge / reForge extension
+    # (its on_cfg_denoiser hook replaces a CLIP-style [B, 77 k, D] negative; the host's own flag
+    # for a model of this family is ``is_<name>``)
+    hosts: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("sd1", 768, 77, None, "CLIP ViT-L/14 (OpenAI), last layer, final layer norm",
-               "Stable Diffusion 1.x"),
+               "Stable Diffusion 1.x", ("a1111",)),
         Family("sd2", 1024, 77, None, "OpenCLIP ViT-H/14, penultimate layer, final layer norm",
-               "Stable Diffusion 2.x"),
+               "Stable Diffusion 2.x", ("a1111",)),
         Family("sdxl", 2048, 77, 1280, "CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, penultimate layers",
-               "Stable Diffusion XL"),
+               "Stable Diffusion XL", ("a1111",)),
         Family("pixart", 4096, 120, None, "T5-XXL encoder", "PixArt-alpha"),
         Family("tiny", 64, 77, None, "small CLIP text model (demo world and tests)",
                "ReNeg's built-in demo world"),
@@ -53,3 +57,22 @@ def get_family(name: str) -> Family:
 
 def known_hidden_sizes() -> str:
     return ", ".join(f"{f.hidden} ({f.name})" for f in FAMILIES.values())
+
+
+# widths of text-encoder outputs no family here uses, and what they usually mean
+OTHER_HIDDEN: dict[int, str] = {1280: "an SDXL refiner?"}
+
+
+def describe_hidden(hidden: int) -> str:
+    """``"768 (Stable Diffusion 1.x)"``: a hidden size and the family it belongs to, for messages."""
+    fam = family_for_hidden(hidden)
+    if fam is not None:
+        return f"{hidden} ({fam.description})"
+    if int(hidden) in OTHER_HIDDEN:
+        return f"{hidden} ({OTHER_HIDDEN[int(hidden)]})"
+    return str(hidden)
+
+
+def families_for_host(host: str) -> tuple[str, ...]:
+    """Names of the families a front-end handles, in table order."""
+    return tuple(f.name for f in FAMILIES.values() if host in f.hosts)

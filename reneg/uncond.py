@@ -33,7 +33,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from .families import family_for_hidden
+from .families import describe_hidden as _describe
 
 MARK_VALUE = 1024.0
 """Absolute value of the A1111 ControlNet extension's cond/uncond marker row."""
@@ -124,14 +124,6 @@ def content_length(cond: Uncond, rows: int = 77) -> Optional[int]:
         return None
     return split_marker(t, rows)[1].shape[1]
 
-
-def _describe(hidden: int) -> str:
-    fam = family_for_hidden(hidden)
-    if fam is not None:
-        return f"{hidden} ({fam.description})"
-    if hidden == 1280:
-        return "1280 (an SDXL refiner?)"
-    return str(hidden)
 
 
 def replace_uncond(text_uncond: Uncond, emb: Any, strength: float = 1.0,

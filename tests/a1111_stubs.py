@@ -1,21 +1,24 @@
-"""Just enough of AUTOMATIC1111's ``modules.*`` and of gradio to load the ReNeg script.
+"""Just enough of AUTOMATIC1111's ``modules.*`` and of gradio to load the ReNeg script's glue.
+
+The extension's decisions live in ``reneg.hosts.a1111`` and are tested without any of this
+(tests/test_a1111_host.py); this stub serves only the script file: loading, callback
+registration, the gradio panel and its events, the X/Y/Z registration, the install ways.
 
 Modelled on A1111 1.10 / Forge (modules/scripts.py, script_callbacks.py,
-script_loading.py, ui_components.py, options.py, scripts/xyz_grid.py); written
-for these tests, no host code copied. The fake gradio accepts only the
-components and keyword arguments that exist in both gradio 3.41 and 4.40, so a
-script that uses anything else fails here.
+script_loading.py, ui_components.py, options.py, scripts/xyz_grid.py); written for these
+tests, no host code copied. The fake gradio accepts only the components and keyword
+arguments that exist in both gradio 3.41 and 4.40, so a script that uses anything else
+fails here.
 
-``install(models_path, ...)`` returns a namespace of the fake modules and puts
-them in ``sys.modules``; ``uninstall(saved)`` puts the previous entries back.
-``load_script(path)`` loads a script file the way A1111 does (by path, module
-name = file name, the extension folder on sys.path while it loads).
+``install(models_path, ...)`` returns a namespace of the fake modules and puts them in
+``sys.modules``; ``uninstall(saved)`` puts the previous entries back. ``load_script(path)``
+loads a script file the way A1111 does (by path, module name = file name, the extension
+folder on sys.path while it loads).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -30,10 +33,14 @@ STUBBED = ("gradio", "modules", "modules.scripts", "modules.script_callbacks", "
 
 _COMMON = {"label", "elem_id", "elem_classes", "visible", "interactive", "show_label", "min_width",
            "scale", "info", "container"}
+_EVENT = {"fn", "inputs", "outputs", "queue", "show_progress"}  # keyword arguments both versions take
 
 
 class Block:
     allowed: set = set()
+    first_is_value = True
+    stack: list = []  # the open `with` blocks
+    created: list = []  # every block made, oldest first
 
     def __init__(self, *args, **kwargs):
         bad = set(kwargs) - self.allowed - _COMMON
@@ -49,10 +56,6 @@ class Block:
         if Block.stack:
             Block.stack[-1].children.append(self)
 
-    first_is_value = True
-    stack: list = []  # the open `with` blocks
-    created: list = []  # every block made, oldest first
-
     def __enter__(self):
         Block.stack.append(self)
         return self
@@ -61,11 +64,32 @@ class Block:
         Block.stack.pop()
         return False
 
+    def _event(self, kind, fn=None, inputs=None, outputs=None, **kw):
+        bad = set(kw) - _EVENT
+        if bad:
+            raise TypeError(f"{type(self).__name__}.{kind} has no argument(s) {sorted(bad)} in gradio 3.41/4.40")
+        self.events.append((kind, fn, inputs, outputs))
+
     def click(self, fn=None, inputs=None, outputs=None, **kw):
-        self.events.append(("click", fn, inputs, outputs))
+        self._event("click", fn, inputs, outputs, **kw)
 
     def change(self, fn=None, inputs=None, outputs=None, **kw):
-        self.events.append(("change", fn, inputs, outputs))
+        self._event("change", fn, inputs, outputs, **kw)
+
+
+class Blocks(Block):
+    first_is_value = False
+
+    def load(self, fn=None, inputs=None, outputs=None, **kw):
+        self._event("load", fn, inputs, outputs, **kw)
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if Block.stack:  # a nested Blocks hands its children to the enclosing block, as gradio does
+            parent = Block.stack[-1]
+            parent.children.remove(self)
+            parent.children.extend(self.children)
+        return False
 
 
 class Accordion(Block):
@@ -79,14 +103,6 @@ class Accordion(Block):
 class Row(Block):
     allowed = {"variant", "equal_height"}
     first_is_value = False
-
-
-class Column(Row):
-    pass
-
-
-class Group(Row):
-    pass
 
 
 class Checkbox(Block):
@@ -113,8 +129,8 @@ class HTML(Block):
     allowed = {"value"}
 
 
-class Markdown(HTML):
-    pass
+class Textbox(Block):
+    allowed = {"value", "lines", "max_lines", "placeholder", "type"}
 
 
 def update(**kwargs):
@@ -123,7 +139,7 @@ def update(**kwargs):
 
 def make_gradio() -> types.ModuleType:
     gr = types.ModuleType("gradio")
-    for cls in (Block, Accordion, Row, Column, Group, Checkbox, Dropdown, Slider, Button, HTML, Markdown):
+    for cls in (Block, Blocks, Accordion, Row, Checkbox, Dropdown, Slider, Button, HTML, Textbox):
         setattr(gr, cls.__name__, cls)
     gr.update = update
     gr.__version__ = "3.41.2-stub"
@@ -144,10 +160,12 @@ class CFGDenoiserParams:
         self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
 
 
+_CALLBACKS = ("cfg_denoiser", "ui_settings", "before_ui", "model_loaded")
+
+
 def make_script_callbacks(with_name_arg: bool = True) -> types.ModuleType:
     m = types.ModuleType("modules.script_callbacks")
-    m.callback_map = {k: [] for k in ("callbacks_cfg_denoiser", "callbacks_ui_settings",
-                                      "callbacks_before_ui", "callbacks_model_loaded")}
+    m.callback_map = {f"callbacks_{k}": [] for k in _CALLBACKS}
     m.errors = []
     m.CFGDenoiserParams = CFGDenoiserParams
 
@@ -160,21 +178,18 @@ def make_script_callbacks(with_name_arg: bool = True) -> types.ModuleType:
                 m.callback_map[key].append(ScriptCallback("reneg_negative.py", callback, None))
         return add
 
-    m.on_cfg_denoiser = adder("callbacks_cfg_denoiser")
-    m.on_ui_settings = adder("callbacks_ui_settings")
-    m.on_before_ui = adder("callbacks_before_ui")
-    m.on_model_loaded = adder("callbacks_model_loaded")
+    def runner(key):
+        def run(*args):  # like the host: every exception is caught and reported
+            for c in m.callback_map[key]:
+                try:
+                    c.callback(*args)
+                except Exception as e:  # noqa: BLE001
+                    m.errors.append(e)
+        return run
 
-    def run(key, *args):  # like the host: every exception is caught and reported
-        for c in m.callback_map[key]:
-            try:
-                c.callback(*args)
-            except Exception as e:  # noqa: BLE001
-                m.errors.append(e)
-
-    m.cfg_denoiser_callback = lambda params: run("callbacks_cfg_denoiser", params)
-    m.ui_settings_callback = lambda: run("callbacks_ui_settings")
-    m.before_ui_callback = lambda: run("callbacks_before_ui")
+    for k in _CALLBACKS:
+        setattr(m, f"on_{k}", adder(f"callbacks_{k}"))
+        setattr(m, f"{k}_callback", runner(f"callbacks_{k}"))
     return m
 
 
@@ -193,6 +208,9 @@ class Script:
         return True
 
     def ui(self, is_img2img):
+        pass
+
+    def after_component(self, component, **kwargs):
         pass
 
     def elem_id(self, item_id):
@@ -355,53 +373,3 @@ class DictWithShape(dict):
     @property
     def shape(self):
         return self["crossattn"].shape
-
-
-# --------------------------------------------------------------------------- infotext (the format only)
-
-
-def infotext_line(params: dict) -> str:
-    """``k: v, k: v`` with values holding , : or a newline JSON-quoted, as A1111 writes them."""
-    def q(v):
-        v = str(v)
-        return json.dumps(v, ensure_ascii=False) if any(c in v for c in ",:\n") else v
-    return ", ".join(f"{k}: {q(v)}" for k, v in params.items() if v is not None)
-
-
-def parse_infotext_line(line: str) -> dict:
-    """The inverse of :func:`infotext_line`."""
-    out, i, n = {}, 0, len(line)
-    while i < n:
-        colon = line.find(":", i)
-        if colon < 0:
-            break
-        key, k = line[i:colon].strip(), colon + 1
-        while k < n and line[k] == " ":
-            k += 1
-        if k < n and line[k] == '"':
-            value, k = json.JSONDecoder().raw_decode(line, k)
-            comma = line.find(",", k)
-        else:
-            comma = line.find(",", k)
-            value = line[k:comma if comma >= 0 else n].strip()
-        out[key] = value
-        i = n if comma < 0 else comma + 1
-    return out
-
-
-def paste(infotext_fields, params: dict) -> dict:
-    """What pasting ``params`` sets on each component: {component: value} (None = unchanged),
-    converting strings to the component's value type as the host does."""
-    out = {}
-    for comp, key in infotext_fields:
-        v = key(params) if callable(key) else params.get(key)
-        if v is not None and not isinstance(v, dict):
-            t = type(comp.value)
-            if t is bool and v == "False":
-                v = False
-            elif t in (int, float):
-                v = float(v)
-            elif t is not type(None):
-                v = t(v)
-        out[comp] = v
-    return out
