@@ -17,7 +17,6 @@ size, so full-size architectures are recognised without writing gigabytes.
 from __future__ import annotations
 
 import json
-import os
 import struct
 
 import torch
@@ -126,6 +125,8 @@ def open_clip_to_ldm(sd: dict, prefix: str, layers: int, extra_layer: bool = Fal
     for i in range(layers + int(extra_layer)):
         s = f"encoder.layers.{min(i, layers - 1)}."
         t = f"{prefix}transformer.resblocks.{i}."
+        if i == layers:  # SD2's 24th layer, which the model never reads: a copy of the last one
+            sd = {k: (v.clone() if k.startswith(s) else v) for k, v in sd.items()}
         for w in ("weight", "bias"):
             out[t + f"attn.in_proj_{w}"] = torch.cat([sd[s + f"self_attn.{q}_proj.{w}"] for q in "qkv"])
             out[t + f"attn.out_proj.{w}"] = sd[s + f"self_attn.out_proj.{w}"]

@@ -17,7 +17,9 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     model: str = ""
-    config: str | None = None          # configs folder for a single-file checkpoint
+    config: str | None = None          # configs folder for a single-file checkpoint (optional)
+    vae: str | None = None             # a VAE file or folder replacing the model's own
+    prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""
     heldout: str | None = None
@@ -62,9 +64,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     a = p.add_argument
     a("--demo", action="store_true", help="train on the built-in demo world (no files needed)")
-    a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
-    a("--config", help="for a single-file checkpoint: a local diffusers folder with the same "
-                       "architecture's configs")
+    a("--model", help="Stable Diffusion 1.x/2.x/XL: a single-file checkpoint (.safetensors, as the UIs "
+                      "keep them) or a diffusers folder")
+    add_model_file_args(p)
     a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",
       help="NAME=PATH[,option=value][,weight=W]; repeat to combine (e.g. "
            "hpsv2.1=HPS_v2.1_compressed.pt); see 'reneg rewards'")
@@ -109,6 +111,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--no-progress", dest="progress", action="store_false")
 
 
+def add_model_file_args(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--vae`` and ``--prediction-type``: shared by train, tune and eval."""
+    a = p.add_argument
+    a("--config", help="optional, for a single-file checkpoint: a local diffusers folder whose configs replace "
+                       "the built-in ones of its architecture")
+    a("--vae", help="a VAE file (.safetensors) or diffusers VAE folder used instead of the model's own "
+                    "(needed when the checkpoint has none inside)")
+    a("--prediction-type", choices=("eps", "v"), default=None,
+      help="what the UNet predicts, instead of what the checkpoint says (default: read from the file)")
+
+
 def _positive(name: str, v, allow_zero: bool = False):
     if v is None or not math.isfinite(v) or (v < 0 if allow_zero else v <= 0):  # nan/inf too
         raise ConfigError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
@@ -124,6 +137,11 @@ def check_model_and_rewards(cfg) -> None:
         raise ConfigError(f"--model {cfg.model}: not a diffusers folder (no model_index.json)")
     if cfg.config and not os.path.isdir(cfg.config):
         raise ConfigError(f"--config {cfg.config}: no such folder")
+    vae = getattr(cfg, "vae", None)
+    if vae and not os.path.exists(vae):
+        raise ConfigError(f"--vae {vae}: no such file or folder")
+    if getattr(cfg, "prediction_type", None) not in (None, "eps", "v"):
+        raise ConfigError(f"--prediction-type {cfg.prediction_type}: expected eps or v")
     if not cfg.rewards:
         raise ConfigError("--reward is required (e.g. --reward hpsv2.1=/models/HPS_v2.1_compressed.pt)")
     from reneg.rewards import RewardSpecError, parse_spec

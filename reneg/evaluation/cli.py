@@ -24,8 +24,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
                     "missing images.")
     a = s.add_argument
     a("--demo", action="store_true", help="run everything on the built-in demo world (no files needed)")
-    a("--model", help="Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
-    a("--config", help="for a single-file checkpoint: a local diffusers folder with its configs")
+    a("--model", help="Stable Diffusion 1.x/2.x/XL: a single-file checkpoint (.safetensors) or a diffusers folder")
+    from reneg.trainer.config import add_model_file_args
+
+    add_model_file_args(s)
     a("--reward", dest="rewards", action="append", default=[], metavar="SPEC",
       help="NAME=PATH[,option=value]; repeat to score with several rewards (each reported on its own); "
            "the first one also drives per-sample tuning. See 'reneg rewards'")
