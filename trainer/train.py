@@ -88,9 +88,10 @@ class CsvLog:
 
 
 def weights_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """The models' weights dtype for ``--mixed-precision`` (fp32 off the GPU)."""
+    """The models' weights dtype for ``--mixed-precision``. Off the GPU only bf16 is kept (CPUs run
+    bf16 matmuls and convolutions natively; it halves the memory of an SDXL checkpoint); fp16 is fp32."""
     if device.type != "cuda":
-        return torch.float32
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
