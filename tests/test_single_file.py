@@ -389,3 +389,22 @@ def test_train_records_the_checkpoint_file_and_its_hash(tmp_path, small_sd1, tin
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert emb.family == "sd1" and emb.metadata["base_model"] == "sd1.safetensors"
     assert emb.metadata["base_model_hash"] == digest[:10]
+
+
+def test_model_file_flags_reach_train_tune_and_eval():
+    from reneg.cli import build_parser
+    from reneg.evaluation.cli import config_from_args as eval_config
+    from reneg.trainer.config import config_from_args
+    from reneg.trainer.train import weights_dtype
+
+    p = build_parser()
+    flags = ["--model", "m.safetensors", "--vae", "v.safetensors", "--prediction-type", "v"]
+    assert (config_from_args(p.parse_args(["train", *flags])).vae, config_from_args(p.parse_args(
+        ["train", *flags])).prediction_type) == ("v.safetensors", "v")
+    ns = p.parse_args(["tune", *flags])
+    assert (ns.vae, ns.prediction_type, ns.config) == ("v.safetensors", "v", None)
+    cfg = eval_config(p.parse_args(["eval", *flags]))
+    assert (cfg.vae, cfg.prediction_type) == ("v.safetensors", "v")
+    # bf16 weights on the CPU when asked (an SDXL checkpoint in half the memory); fp16 stays fp32 there
+    cpu = torch.device("cpu")
+    assert weights_dtype("bf16", cpu) == torch.bfloat16 and weights_dtype("fp16", cpu) == torch.float32
