@@ -18,8 +18,8 @@ class Family:
     pooled: int | None  # size of the pooled vector the family needs, or None
     text_encoder: str
     description: str
-    # hidden sizes of the text encoders whose outputs the UNet reads, in order (empty: no
-    # diffusers UNet loader recognises the family from its encoders)
+    # hidden sizes of the text encoders whose outputs the UNet reads, in order: how a loaded
+    # model's family is recognised (empty: the family is not recognised that way)
     encoders: tuple[int, ...] = ()
 
 

@@ -237,7 +237,7 @@ def _refuse_non_checkpoint(ck: Checkpoint) -> None:
         raise ModelLoadError(f"{path}: holds no tensors; expected a Stable Diffusion checkpoint")
     lora = [k for k in keys if any(s in k for s in ("lora_down", "lora_up", ".lora_A.", ".lora_B.", "lora_unet_",
                                                      "lora_te", ".hada_", ".lokr_", ".oft_blocks"))]
-    if lora and len(lora) * 2 >= len(keys) // 2:
+    if lora and 4 * len(lora) >= len(keys):  # LoRA / LyCORIS tensors make up the file
         raise ModelLoadError(f"{path}: a LoRA ({len(keys)} tensors such as {_example(lora, 1)}), not a model "
                              f"checkpoint; ReNeg trains on the base model itself: pass the checkpoint the LoRA "
                              f"was made for")
@@ -249,7 +249,7 @@ def _refuse_non_checkpoint(ck: Checkpoint) -> None:
         raise ModelLoadError(f"{path}: a Flux checkpoint (found 'double_blocks' keys); ReNeg supports SD1.x, "
                              f"SD2.x and SDXL checkpoints")
     small = len(keys) <= 8 and all(len(s) <= 3 for s in ck.shapes.values())
-    if small and any(k in ("emb_params", "string_to_param.*", "neg_embedding", "clip_l", "clip_g") or
+    if small and any(k in ("emb_params", "neg_embedding", "negative_prompt_embeds", "clip_l", "clip_g") or
                      k.startswith("string_to_param") for k in keys):
         raise ModelLoadError(f"{path}: an embedding ({_example(keys)}), not a model checkpoint; pass it as "
                              f"an embedding (--init, --embedding, --negative) and --model the checkpoint")
