@@ -199,7 +199,7 @@ class Samples:
 # --- the paths ---------------------------------------------------------------------------------
 
 def load_path(info: dict, reward_master, device: torch.device, dt: torch.dtype):
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
 
     backend = load_diffusers(info["model"], device=device, dtype=dt)
     if device.type == "cpu" and dt == torch.float32:

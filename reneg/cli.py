@@ -17,6 +17,10 @@ def _safe_text(value, limit: int = 400) -> str:
 
 
 def _cmd_inspect(ns) -> int:
+    from .backends.single_file import looks_like_checkpoint
+
+    if os.path.isfile(ns.file) and looks_like_checkpoint(ns.file):
+        return _inspect_checkpoint(ns)
     from .embedding import load_embedding
 
     emb = load_embedding(ns.file)
@@ -36,6 +40,18 @@ def _cmd_inspect(ns) -> int:
         print(f"  stats   mean {g(s['mean'])}  std {g(s['std'])}  norm {g(s['norm'])}")
         for k, v in sorted(info["metadata"].items()):
             print(f"  {_safe_text(k, 80)}: {_safe_text(v)}")
+    return 0
+
+
+def _inspect_checkpoint(ns) -> int:
+    """A model checkpoint, described from its header: no weights are loaded."""
+    from .backends.single_file import describe, inspect_checkpoint
+
+    info = inspect_checkpoint(ns.file)
+    if ns.json:
+        print(json.dumps(info.to_json(), indent=2))
+    else:
+        print("\n".join(describe(info)))
     return 0
 
 
@@ -153,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"reneg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="show an embedding file's family, shape and metadata")
+    s = sub.add_parser("inspect", help="describe an embedding file (family, shape, metadata) or a model "
+                                       "checkpoint (architecture, prediction type, dtype, VAE inside?)")
     s.add_argument("file")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_inspect)

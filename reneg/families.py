@@ -18,24 +18,23 @@ class Family:
     pooled: int | None  # size of the pooled vector the family needs, or None
     text_encoder: str
     description: str
-    # front-ends that handle this family: "a1111" = the AUTOMATIC1111 / Forge / reForge extension
-    # (its on_cfg_denoiser hook replaces a CLIP-style [B, 77 k, D] negative; the host's own flag
-    # for a model of this family is ``is_<name>``)
-    hosts: tuple[str, ...] = ()
+    # hidden sizes of the text encoders whose outputs the UNet reads, in order: how a loaded
+    # model's family is recognised (empty: the family is not recognised that way)
+    encoders: tuple[int, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("sd1", 768, 77, None, "CLIP ViT-L/14 (OpenAI), last layer, final layer norm",
-               "Stable Diffusion 1.x", ("a1111",)),
+               "Stable Diffusion 1.x", (768,)),
         Family("sd2", 1024, 77, None, "OpenCLIP ViT-H/14, penultimate layer, final layer norm",
-               "Stable Diffusion 2.x", ("a1111",)),
+               "Stable Diffusion 2.x", (1024,)),
         Family("sdxl", 2048, 77, 1280, "CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, penultimate layers",
-               "Stable Diffusion XL", ("a1111",)),
+               "Stable Diffusion XL", (768, 1280)),
         Family("pixart", 4096, 120, None, "T5-XXL encoder", "PixArt-alpha"),
         Family("tiny", 64, 77, None, "small CLIP text model (demo world and tests)",
-               "ReNeg's built-in demo world"),
+               "ReNeg's built-in demo world", (64,)),
     )
 }
 
@@ -44,6 +43,12 @@ BY_HIDDEN: dict[int, Family] = {f.hidden: f for f in FAMILIES.values()}
 
 def family_for_hidden(hidden: int) -> Family | None:
     return BY_HIDDEN.get(int(hidden))
+
+
+def family_for_encoders(widths: tuple[int, ...]) -> Family | None:
+    """The family whose text encoders have these hidden sizes, in order."""
+    widths = tuple(int(w) for w in widths)
+    return next((f for f in FAMILIES.values() if f.encoders and f.encoders == widths), None)
 
 
 def get_family(name: str) -> Family:

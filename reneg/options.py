@@ -42,9 +42,14 @@ class ReNegOptions:
     the web app. The defaults are the paper's; each front-end takes them from here."""
 
     # --- model and reward
-    model: str = _opt("", "Stable Diffusion 1.x/2.x/XL: a diffusers folder or a single-file .safetensors")
-    config: str | None = _opt(None, "for a single-file checkpoint: a local diffusers folder with the same "
-                                    "architecture's configs (nothing is downloaded)")
+    model: str = _opt("", "Stable Diffusion 1.x/2.x/XL: a single-file checkpoint (.safetensors, as the UIs keep "
+                          "them) or a diffusers folder")
+    config: str | None = _opt(None, "optional, for a single-file checkpoint: a local diffusers folder whose configs "
+                                    "replace the built-in ones of its architecture (nothing is downloaded)")
+    vae: str | None = _opt(None, "a VAE file (.safetensors) or diffusers VAE folder used instead of the model's own "
+                                 "(needed when the checkpoint has none inside)")
+    prediction_type: str | None = _opt(None, "what the UNet predicts, instead of what the checkpoint says "
+                                             "(default: read from the file)", choices=("eps", "v"))
     rewards: list = _opt([], "NAME=PATH[,option=value][,weight=W]; repeat to combine (e.g. "
                              "hpsv2.1=HPS_v2.1_compressed.pt); see 'reneg rewards'",
                          flag="--reward", action="append", metavar="SPEC")
@@ -232,6 +237,11 @@ def check_model_and_rewards(opts: Any) -> None:
         raise OptionError(f"--model {opts.model}: not a diffusers folder (no model_index.json)")
     if opts.config and not os.path.isdir(opts.config):
         raise OptionError(f"--config {opts.config}: no such folder")
+    vae = getattr(opts, "vae", None)
+    if vae and not os.path.exists(vae):
+        raise OptionError(f"--vae {vae}: no such file or folder")
+    if getattr(opts, "prediction_type", None) not in (None, "eps", "v"):
+        raise OptionError(f"--prediction-type {opts.prediction_type}: expected eps or v")
     if not opts.rewards:
         raise OptionError("--reward is required (e.g. --reward hpsv2.1=/models/HPS_v2.1_compressed.pt)")
     from .rewards import RewardSpecError, parse_spec

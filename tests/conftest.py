@@ -41,7 +41,7 @@ def tiny_hps_ckpt(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_pipeline_dir):
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
 
     return load_diffusers(tiny_pipeline_dir)
 

@@ -335,7 +335,7 @@ def test_save_embedding_never_overwrites_silently(host, models):
 def test_comfy_denoiser_matches_the_diffusers_backend(request, tmp_path, prediction):
     """apply_model (sigma in, x0 out) through the adapter = the core's own diffusers denoiser."""
     from reneg.backends.comfy_backend import ComfyBackend
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.cond import Cond
     from reneg.tiny import build_tiny_pipeline
 
@@ -363,7 +363,7 @@ def test_sdxl_load_and_tune_nodes(host, tiny_sdxl_dir, reward):
     (pooled + size) for every pass from the latent's size, and the ComfyUI denoiser equals the
     diffusers SDXL backend's on the same UNet."""
     from reneg.backends.comfy_backend import ComfyBackend
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.cond import Cond
     from reneg.embedding import NegEmbedding, save_embedding
 

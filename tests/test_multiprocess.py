@@ -119,7 +119,7 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_pipeline_dir, ti
 
 
 def _init_null(model):
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
 
     null, _ = load_diffusers(model).null_embedding()
     return null

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def fresh(tiny_pipeline_dir, tiny_hps_ckpt):
     """A backend and reward of their own: these tests flip switches on them."""
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.rewards import load_rewards
 
     return load_diffusers(tiny_pipeline_dir), load_rewards([f"hpsv2={tiny_hps_ckpt}"])

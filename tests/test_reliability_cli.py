@@ -25,7 +25,7 @@ class ModelLoadAttempt(Exception):
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    import reneg.backends.diffusers_backend as db
+    import reneg.backends.loading as db
     import reneg.rewards as rw
 
     def refuse(*a, **k):

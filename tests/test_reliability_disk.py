@@ -209,7 +209,7 @@ def test_training_on_a_failing_disk_keeps_the_last_checkpoint(tiny_pipeline_dir,
 @pytest.mark.parametrize("mode", ["enospc", "erofs"])
 def test_unwritable_out_folder_is_refused_before_any_model_loads(tiny_hps_ckpt, prompts, tmp_path, monkeypatch,
                                                                    capsys, mode):
-    import reneg.backends.diffusers_backend as db
+    import reneg.backends.loading as db
     from reneg.cli import main
 
     def no_load(*a, **k):

@@ -268,7 +268,7 @@ def test_kill_before_first_checkpoint(world, reference, forkserver, capsys):
     assert not os.path.exists(os.path.join(out, "embedding.safetensors"))
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
-    import reneg.backends.diffusers_backend as db
+    import reneg.backends.loading as db
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before --resume was checked")

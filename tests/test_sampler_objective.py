@@ -14,7 +14,7 @@ from reneg.sampling import initial_latent, sample, to_vp
 def test_sampler_matches_diffusers_pipeline(tmp_path, prediction_type):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.tiny import build_tiny_pipeline
 
     folder = build_tiny_pipeline(str(tmp_path / "p"), seed=1, prediction_type=prediction_type)
@@ -63,7 +63,7 @@ def _loss_fn(backend, reward, scale, grad_index=7, steps=10):
 
 def test_gradient_matches_finite_differences(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt):
     """d(loss)/d(n) at the grad step (x_t fixed, as the objective defines it), in float64."""
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.rewards import load_rewards
 
     backend = load_diffusers(tiny_pipeline_dir, dtype=torch.float64)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from reneg.backends.diffusers_backend import ModelLoadError, load_diffusers
+from reneg.backends.diffusers_backend import ModelLoadError
+from reneg.backends.loading import load_diffusers
 from reneg.cli import main
 from reneg.cond import Cond
 from reneg.embedding import EmbeddingError, load_embedding
@@ -169,20 +169,3 @@ def test_sdxl_folder_problems_are_named(tmp_path, tiny_sdxl_dir, tiny_pipeline_d
     xl_unet = _linked(tmp_path, "xl_unet", tiny_pipeline_dir, {"unet": os.path.join(tiny_sdxl_dir, "unet")})
     with pytest.raises(ModelLoadError, match="no text_encoder_2/"):
         load_diffusers(xl_unet)
-
-
-def test_single_file_config_folder_problems_are_named(tmp_path, tiny_sdxl_dir, tiny_pipeline_dir):
-    """Checked before diffusers reads the checkpoint: a short model_index.json made diffusers fail
-    deep inside from_single_file with a TypeError."""
-    ckpt = tmp_path / "model.safetensors"
-    ckpt.write_bytes(b"not read")
-    short = _linked(tmp_path, "short", tiny_pipeline_dir, {"model_index.json": None})
-    (Path(short) / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(ModelLoadError, match=r"model_index.json that does not list unet, vae, text_encoder, "
-                                             r"tokenizer, scheduler"):
-        load_diffusers(str(ckpt), config=short)
-    no_tok2 = _linked(tmp_path, "no_tok2", tiny_sdxl_dir, {"tokenizer_2": None})
-    with pytest.raises(ModelLoadError, match=r"the config folder .*no_tok2 has no tokenizer_2/"):
-        load_diffusers(str(ckpt), config=no_tok2)
-    with pytest.raises(ModelLoadError, match="Pass --config FOLDER"):
-        load_diffusers(str(ckpt))

@@ -40,7 +40,7 @@ def test_train_writes_embedding_summary_log_and_checkpoint(tmp_path, tiny_pipeli
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(r["reward"] for r in rows) and rows[1]["heldout_learned"]
     # the embedding moved away from its null start
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
 
     n0, _ = load_diffusers(tiny_pipeline_dir).null_embedding()
     assert not torch.allclose(emb.tensor, n0)

@@ -17,7 +17,9 @@ ConfigError = OptionError
 @dataclass
 class TrainConfig:
     model: str = ""
-    config: str | None = None          # configs folder for a single-file checkpoint
+    config: str | None = None          # configs folder for a single-file checkpoint (optional)
+    vae: str | None = None             # a VAE file or folder replacing the model's own
+    prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""
     heldout: str | None = None
@@ -63,7 +65,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--demo", action="store_true", help="train on the built-in demo world (no files needed); flags given "
                                           "beside it replace the demo's settings")
-    O.add_options(p, ["model", "config", "rewards"])
+    O.add_options(p, ["model", "config", "vae", "prediction_type", "rewards"])
     a("--prompts", help="training prompts: .txt (one a line), .json (ImageReward list, "
                         "{'prompt':...} or strings), .tsv with a Prompt column, or an HPSv2 folder")
     a("--heldout", help="held-out prompts (same formats); default: the last --heldout-count "

@@ -89,10 +89,23 @@ class CsvLog:
 
 
 def weights_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """The models' weights dtype for ``--mixed-precision`` (fp32 off the GPU)."""
+    """The models' weights dtype for ``--mixed-precision``. Off the GPU only bf16 is kept (CPUs run
+    bf16 matmuls and convolutions natively; it halves the memory of an SDXL checkpoint); fp16 is fp32."""
     if device.type != "cuda":
-        return torch.float32
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def base_model_fields(model: str) -> dict:
+    """Metadata naming the model an embedding was made on: its file or folder name and, for a
+    single file, ``base_model_hash``: the first 10 hex digits of the sha256 of the whole file, the
+    "model hash" A1111 shows (its "autov2" hash; reading a multi-GB file takes some seconds)."""
+    fields = {"base_model": os.path.basename(os.path.normpath(model))}
+    if os.path.isfile(model):
+        from reneg.backends.single_file import file_sha256
+
+        fields["base_model_hash"] = file_sha256(model)[:10]
+    return fields
 
 
 def run_train(cfg: TrainConfig, accelerator=None) -> dict:
@@ -106,10 +119,13 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     main = acc.is_main_process
     torch.manual_seed(cfg.seed)
 
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.rewards import load_rewards
 
-    backend = load_diffusers(cfg.model, device=device, dtype=weights_dtype(cfg.mixed_precision, device), config=cfg.config)
+    backend = load_diffusers(cfg.model, device=device, dtype=weights_dtype(cfg.mixed_precision, device),
+                             config=cfg.config, vae=cfg.vae, prediction_type=cfg.prediction_type)
+    if main:
+        print(f"reneg train: model {backend.describe()}", flush=True)
     reward = load_rewards(cfg.rewards, device=device, dtype=weights_dtype(cfg.mixed_precision, device))
     note = backend.resolution_note(cfg.resolution)
     if note and main:
@@ -164,7 +180,8 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     accum = cfg.batch_size // (cfg.micro_batch * acc.num_processes)
     shape = backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution)
     log = CsvLog(os.path.join(cfg.out, "log.csv"), start) if main else None
-    meta = dict(kind="global", base_model=cfg.base_model_name or os.path.basename(os.path.normpath(cfg.model)),
+    base = dict(base_model=cfg.base_model_name) if cfg.base_model_name else base_model_fields(cfg.model)
+    meta = dict(kind="global", **base,
                 rewards=cfg.rewards, steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
                 guidance_scale=cfg.guidance, sampling_steps=cfg.sampling_steps, seed=cfg.seed,
                 resolution=cfg.resolution, init=os.path.basename(cfg.init))

@@ -13,13 +13,14 @@ from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding, tune_for_seed
 
 from .config import ConfigError, check_embedding_arg, check_numbers, check_out_dir, validate_common
+from .train import base_model_fields
 
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--demo", action="store_true", help="tune on the built-in demo world (no files needed); flags given "
                                           "beside it replace the demo's settings")
-    O.add_options(p, ["model", "config", "rewards"])
+    O.add_options(p, ["model", "config", "vae", "prediction_type", "rewards"])
     a("--embedding", help="starting embedding file (default: the null embedding)")
     a("--prompt", help="the prompt to tune for")
     O.add_options(p, ["seed"], helps={"seed": "the image's seed (0 to 2**64 - 1)"})
@@ -69,7 +70,7 @@ def validate_tune(ns) -> None:
 
 def run_tune(ns) -> dict:
     validate_tune(ns)
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.rewards import load_rewards
 
     from .train import enable_checkpointing, weights_dtype
@@ -77,7 +78,9 @@ def run_tune(ns) -> dict:
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mixed = getattr(ns, "mixed_precision", "no")
     dtype = weights_dtype(mixed, device)
-    backend = load_diffusers(ns.model, device=device, dtype=dtype, config=ns.config)
+    backend = load_diffusers(ns.model, device=device, dtype=dtype, config=ns.config, vae=getattr(ns, "vae", None),
+                             prediction_type=getattr(ns, "prediction_type", None))
+    print(f"reneg tune: model {backend.describe()}", flush=True)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)
     note = backend.resolution_note(ns.resolution)
     if note:
@@ -98,7 +101,7 @@ def run_tune(ns) -> dict:
                            autocast_dtype=dtype if dtype != torch.float32 else None)
     emb = as_embedding(backend, res.best)
     save_embedding(ns.out, emb, overwrite=ns.overwrite, kind="per-sample", prompt=ns.prompt, seed=ns.seed,
-                   noise_mode=ns.noise, base_model=os.path.basename(os.path.normpath(ns.model)),
+                   noise_mode=ns.noise, **base_model_fields(ns.model),
                    rewards=ns.rewards, steps=len(res.history), lr=ns.lr, guidance_scale=ns.guidance,
                    start_embedding=os.path.basename(ns.embedding) if ns.embedding else "null",
                    start_reward=res.start_reward, best_reward=res.best_reward)

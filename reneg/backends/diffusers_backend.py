@@ -1,11 +1,7 @@
-"""Diffusers backend: SD1.x / SD2.x (eps and v-prediction) and SDXL from local files.
+"""Diffusers backend: SD1.x / SD2.x (eps and v-prediction) and SDXL around diffusers modules.
 
-Loads a diffusers folder (``model_index.json`` with ``unet/``, ``vae/``,
-``text_encoder/``, ``tokenizer/``, ``scheduler/``, and for SDXL also
-``text_encoder_2/`` and ``tokenizer_2/``) or a single-file ``.safetensors``
-checkpoint as UI users keep them (then ``config=`` must name a local diffusers
-folder of the same architecture, since diffusers would otherwise download the
-configs). Nothing is ever downloaded.
+The modules come from :func:`reneg.backends.loading.load_diffusers` (a diffusers
+folder, or a single-file checkpoint through :mod:`reneg.backends.single_file`).
 
 SDXL: the cross-attention conditioning is both encoders'
 penultimate hidden states side by side, ``[B, 77, 768 + 1280]``; the UNet also
@@ -17,14 +13,12 @@ denoiser derives the size numbers from the latent it is given, as diffusers'
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..cond import Cond
-from ..families import family_for_hidden
 from ..sampling import ddim_schedule, sigmas_from_alphas_cumprod
 
 
@@ -96,6 +90,22 @@ class DiffusersDenoiser:
         return x * c_in * c_in - s * c_in * out
 
 
+# alphas_cumprod at the last timestep of a zero-terminal-SNR schedule, where the exact value 0
+# would put sigma at infinity; ComfyUI uses this number for "ztsnr" checkpoints (sigma about 4519)
+ZTSNR_LAST_ALPHA_CUMPROD = 4.8973451890853435e-08
+
+
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Rescale a schedule to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed"; diffusers' ``rescale_betas_zero_snr``), keeping the last step finite."""
+    a = alphas_cumprod.double().sqrt()
+    a0, aT = a[0].clone(), a[-1].clone()
+    a = (a - aT) * a0 / (a0 - aT)
+    ac = a * a
+    ac[-1] = ZTSNR_LAST_ALPHA_CUMPROD
+    return ac.float()
+
+
 @dataclass
 class DiffusersBackend:
     unet: object
@@ -109,6 +119,8 @@ class DiffusersBackend:
     dtype: torch.dtype = torch.float32
     text_encoder_2: object = None  # SDXL: CLIPTextModelWithProjection (OpenCLIP bigG)
     tokenizer_2: object = None
+    # where the model came from and how it was read (file kind, prediction type and why, VAE)
+    model_info: dict = field(default_factory=dict)
 
     def __post_init__(self):
         ac = self.alphas_cumprod()
@@ -116,6 +128,24 @@ class DiffusersBackend:
                                            self.vae_scale)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._null: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def set_prediction_type(self, prediction_type: str, reason: str = "") -> None:
+        """Use ``epsilon`` or ``v_prediction`` from now on (e.g. ``--prediction-type``)."""
+        self.scheduler_config["prediction_type"] = prediction_type
+        self._denoiser = DiffusersDenoiser(self.unet, self.alphas_cumprod(), prediction_type, self.vae_scale)
+        self.model_info.update(prediction_type=prediction_type, prediction_reason=reason)
+
+    def describe(self) -> str:
+        """One line: the model, its family, its prediction type and why, and its VAE."""
+        i = self.model_info
+        name = os.path.basename(os.path.normpath(self.source)) or self.source
+        pt = "v-prediction" if self.prediction_type == "v_prediction" else "eps-prediction"
+        why = f" ({i['prediction_reason']})" if i.get("prediction_reason") else ""
+        ztsnr = ", zero-terminal-SNR schedule" if self.scheduler_config.get("rescale_betas_zero_snr") else ""
+        vae = i.get("vae", "inside")
+        vae = "its own VAE" if vae == "inside" else f"VAE {vae}"
+        kind = i.get("architecture") or self.family
+        return f"{name}: {kind} ({i.get('kind', 'model')}), {pt}{why}{ztsnr}, {vae}"
 
     # --- schedule -------------------------------------------------------------------------
     def alphas_cumprod(self) -> torch.Tensor:
@@ -131,7 +161,10 @@ class DiffusersBackend:
             betas = torch.linspace(b0, b1, n, dtype=torch.float32)
         else:
             raise ModelLoadError(f"{self.source}: beta_schedule {kind!r} is not supported")
-        return torch.cumprod(1.0 - betas, dim=0)
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        if c.get("rescale_betas_zero_snr"):
+            ac = zero_terminal_snr(ac)
+        return ac
 
     def schedule(self, steps: int) -> torch.Tensor:
         c = self.scheduler_config
@@ -270,158 +303,3 @@ class DiffusersBackend:
         if compile:
             self.unet.compile()
         return self
-
-
-def _family_of(text_encoder, unet, source: str, text_encoder_2=None) -> str:
-    xattn = unet.config.cross_attention_dim
-    xattn = xattn[0] if isinstance(xattn, (list, tuple)) else xattn
-    text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
-    if text_encoder_2 is None:
-        hidden = int(getattr(text_encoder.config, "hidden_size", 0))
-        if text_time:
-            raise ModelLoadError(f"{source}: the UNet reads a pooled vector and size conditioning (SDXL), "
-                                 f"but there is no text_encoder_2/ (an SDXL folder has text_encoder/, "
-                                 f"text_encoder_2/, tokenizer/ and tokenizer_2/)")
-        if hidden != xattn:
-            raise ModelLoadError(f"{source}: text encoder hidden size {hidden} does not match the UNet's "
-                                 f"cross_attention_dim {xattn}")
-        fam = family_for_hidden(hidden)
-        if fam is None or fam.name in ("sdxl", "pixart"):
-            raise ModelLoadError(f"{source}: text encoder hidden size {hidden} is not an SD1.x (768), "
-                                 f"SD2.x (1024) or demo (64) model")
-        return fam.name
-    h1 = int(getattr(text_encoder.config, "hidden_size", 0))
-    h2 = int(getattr(text_encoder_2.config, "hidden_size", 0))
-    if not text_time:
-        raise ModelLoadError(f"{source}: has text_encoder_2/ but its UNet does not read SDXL's pooled vector "
-                             f"and size conditioning (addition_embed_type is "
-                             f"{getattr(unet.config, 'addition_embed_type', None)!r}, expected 'text_time')")
-    if h1 + h2 != xattn:
-        raise ModelLoadError(f"{source}: the two text encoders' hidden sizes {h1} + {h2} do not add up to the "
-                             f"UNet's cross_attention_dim {xattn}")
-    pooled = int(getattr(text_encoder_2.config, "projection_dim", 0))
-    add = getattr(getattr(unet, "add_embedding", None), "linear_1", None)
-    want = pooled + 6 * int(getattr(unet.config, "addition_time_embed_dim", 0) or 0)
-    if add is not None and add.in_features != want:
-        raise ModelLoadError(f"{source}: the UNet's added embedding reads {add.in_features} numbers, but the "
-                             f"pooled vector ({pooled}) and six size numbers give {want} (an SDXL refiner, "
-                             f"which reads an aesthetic score, is not supported)")
-    fam = family_for_hidden(xattn)
-    if fam is None or fam.name != "sdxl" or fam.pooled != pooled:
-        raise ModelLoadError(f"{source}: a two-encoder model with cross_attention_dim {xattn} and a pooled "
-                             f"vector of {pooled} is not SDXL (2048 and 1280)")
-    return fam.name
-
-
-def load_diffusers(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   config: str | None = None) -> DiffusersBackend:
-    """Load SD1.x / SD2.x / SDXL from a diffusers folder or a single-file checkpoint, locally."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _load_folder(path, device, dtype)
-    if os.path.isfile(path):
-        return _load_single_file(path, device, dtype, config)
-    raise ModelLoadError(f"{path}: no such model folder or file (give a local diffusers folder "
-                         f"with model_index.json, or a .safetensors checkpoint)")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not a readable JSON config ({e})") from None
-
-
-def _is_sdxl_folder(path: str, index: dict | None = None) -> bool:
-    """A two-encoder (SDXL) folder: its model_index.json (read here unless given) or its folders say so."""
-    if index is None:
-        p = os.path.join(path, "model_index.json")
-        index = _read_json(p) if os.path.isfile(p) else {}
-    return "text_encoder_2" in index or os.path.isdir(os.path.join(path, "text_encoder_2"))
-
-
-def _load_folder(path: str, device, dtype) -> DiffusersBackend:
-    sdxl = _is_sdxl_folder(path)
-    need = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-            "scheduler/scheduler_config.json"]
-    if sdxl:
-        need += ["text_encoder_2/config.json", "tokenizer_2"]
-    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
-    if missing:
-        kind = "Stable Diffusion XL" if sdxl else "Stable Diffusion"
-        raise ModelLoadError(f"{path}: not a complete diffusers {kind} folder; missing {', '.join(missing)}")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    kw = dict(local_files_only=True, torch_dtype=dtype)
-    te2 = tok2 = None
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        if sdxl:
-            te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
-            tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
-    sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    return _assemble(unet, vae, text_encoder, tokenizer, sched, path, device, dtype, te2, tok2)
-
-
-def _assemble(unet, vae, text_encoder, tokenizer, sched, source, device, dtype,
-              text_encoder_2=None, tokenizer_2=None) -> DiffusersBackend:
-    family = _family_of(text_encoder, unet, source, text_encoder_2)
-    for m in (unet, vae, text_encoder, text_encoder_2):
-        if m is not None:
-            m.requires_grad_(False).eval()
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)  # SDXL's VAE overflows in float16, as diffusers' pipeline knows
-    backend = DiffusersBackend(unet, vae, text_encoder, tokenizer, dict(sched), family, source,
-                               torch.device(device), dtype, text_encoder_2, tokenizer_2)
-    return backend.to(device)
-
-
-def _load_single_file(path: str, device, dtype, config: str | None) -> DiffusersBackend:
-    if not path.endswith((".safetensors", ".ckpt")):
-        raise ModelLoadError(f"{path}: expected a .safetensors checkpoint or a diffusers folder")
-    if path.endswith(".ckpt"):
-        raise ModelLoadError(f"{path}: .ckpt checkpoints are pickles; convert it to .safetensors first")
-    if not config or not os.path.isfile(os.path.join(config, "model_index.json")):
-        raise ModelLoadError(
-            f"{path}: a single-file checkpoint needs its architecture's configs, and ReNeg never "
-            f"downloads them. Pass --config FOLDER, a local diffusers folder of the same model type "
-            f"(e.g. stable-diffusion-v1-5 with model_index.json, unet/config.json, vae/config.json, "
-            f"text_encoder/config.json, tokenizer/ and scheduler/scheduler_config.json, or "
-            f"stable-diffusion-xl-base-1.0 with text_encoder_2/ and tokenizer_2/ as well; the weights "
-            f"in it are not needed)")
-    index = _read_json(os.path.join(config, "model_index.json"))
-    sdxl = _is_sdxl_folder(config, index)
-    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] + (["text_encoder_2", "tokenizer_2"] if sdxl else [])
-    unlisted = [n for n in parts if not isinstance(index.get(n), list) or None in index.get(n)]
-    if unlisted:
-        # diffusers builds the pipeline from this list; a short one fails deep inside it with a TypeError
-        raise ModelLoadError(f"{path}: the config folder {config} has a model_index.json that does not list "
-                             f"{', '.join(unlisted)} (expected entries such as \"unet\": [\"diffusers\", "
-                             f"\"UNet2DConditionModel\"], as in the model's own diffusers folder)")
-    missing = [n for n in parts if not os.path.exists(os.path.join(config, n))]
-    if missing:
-        raise ModelLoadError(f"{path}: the config folder {config} has no {', '.join(n + '/' for n in missing)}")
-    try:
-        if sdxl:
-            from diffusers import StableDiffusionXLPipeline
-
-            pipe = StableDiffusionXLPipeline.from_single_file(
-                path, config=config, local_files_only=True, torch_dtype=dtype)
-        else:
-            from diffusers import StableDiffusionPipeline
-
-            pipe = StableDiffusionPipeline.from_single_file(
-                path, config=config, local_files_only=True, torch_dtype=dtype,
-                safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise ModelLoadError(f"{path}: could not load this checkpoint with the configs in {config}: "
-                             f"{str(e)[:400]}") from None
-    return _assemble(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config),
-                     path, device, dtype, getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))

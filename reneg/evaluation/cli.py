@@ -27,7 +27,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a = s.add_argument
     a("--demo", action="store_true", help="run everything on the built-in demo world (no files needed); flags "
                                           "given beside it replace the demo's settings")
-    O.add_options(s, ["model", "config", "rewards"], helps={
+    O.add_options(s, ["model", "config", "vae", "prediction_type", "rewards"], helps={
         "rewards": "each reward is reported on its own; the first one also drives per-sample tuning"})
     a("--prompts", help="prompt set: .txt (one a line), ImageReward .json, PartiPrompts .tsv (Category column) "
                         "or an HPSv2 benchmark folder (anime.json, concept-art.json, paintings.json, photo.json)")

@@ -163,6 +163,8 @@ def items_for(cfg, neg: Negative, items: list[Item]) -> list[Item]:
 class EvalConfig:
     model: str = ""
     config: str | None = None
+    vae: str | None = None             # a VAE file or folder replacing the model's own
+    prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""
     negatives: list[str] = field(default_factory=list)
@@ -338,9 +340,13 @@ def _file_digest(path: str) -> str:
 
 
 def _generation_key(cfg: EvalConfig) -> dict:
-    return {"model": os.path.abspath(cfg.model), "config": cfg.config, "video": cfg.video and os.path.abspath(cfg.video),
+    key = {"model": os.path.abspath(cfg.model), "config": cfg.config, "video": cfg.video and os.path.abspath(cfg.video),
             "frames": cfg.frames if cfg.video else None, "sampling_steps": cfg.sampling_steps,
             "guidance": cfg.guidance, "resolution": cfg.resolution}
+    # a manifest written before these options existed stays valid when they are unset
+    key.update({k: v for k, v in (("vae", cfg.vae and os.path.abspath(cfg.vae)),
+                                  ("prediction_type", cfg.prediction_type)) if v})
+    return key
 
 
 def _negative_key(cfg: EvalConfig, n: Negative) -> dict:
@@ -469,9 +475,10 @@ def _device(cfg: EvalConfig) -> torch.device:
 
 
 def load_backend(cfg: EvalConfig, device: torch.device):
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
 
-    backend = load_diffusers(cfg.model, device=device, config=cfg.config)
+    backend = load_diffusers(cfg.model, device=device, config=cfg.config, vae=cfg.vae,
+                             prediction_type=cfg.prediction_type)
     if cfg.video:
         from .video import load_animatediff
 
@@ -491,6 +498,8 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     t0 = time.time()
     device = _device(cfg)
     backend = load_backend(cfg, device)
+    if hasattr(backend, "describe"):
+        log(f"reneg eval: model {backend.describe()}")
     note = backend.resolution_note(cfg.resolution)
     if note:
         log(f"reneg eval: {note}")
