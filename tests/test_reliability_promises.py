@@ -403,7 +403,7 @@ def test_prompt_features_do_not_depend_on_their_batch():
     world = demo._world()
     if world is None:
         pytest.skip("the demo world's assets are not installed")
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.rewards import load_rewards
 
     prompts = list(world.train_prompts(12, seed=0))

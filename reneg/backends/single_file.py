@@ -151,7 +151,8 @@ def _safetensors_header(path: str) -> dict:
                         raise ModelLoadError(
                             f"{path}: truncated: the safetensors header describes {need:,} bytes of tensors but "
                             f"the file has {size:,} ({100 * size / need:.0f} %); the download or copy did not finish")
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, RecursionError) as e:
+        # a header that is not JSON (deep nesting, huge integers...) is named by the checked reader below
         if isinstance(e, ModelLoadError):
             raise
     try:
