@@ -18,6 +18,14 @@ class Family:
     pooled: int | None  # size of the pooled vector the family needs, or None
     text_encoder: str
     description: str
+    # T5 families: rows past the text's own tokens are padding the model ignores through an
+    # attention mask, which travels with the rows (``Cond.mask``, the file's ``attention_mask``)
+    masked: bool = False
+    space: str = ""  # families sharing a text-encoder output space (and so their negatives)
+
+    @property
+    def text_space(self) -> str:
+        return self.space or self.name
 
 
 FAMILIES: dict[str, Family] = {
@@ -29,17 +37,32 @@ FAMILIES: dict[str, Family] = {
                "Stable Diffusion 2.x"),
         Family("sdxl", 2048, 77, 1280, "CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, penultimate layers",
                "Stable Diffusion XL"),
-        Family("pixart", 4096, 120, None, "T5-XXL encoder", "PixArt-alpha"),
+        Family("pixart", 4096, 120, None, "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask",
+               "PixArt-alpha", masked=True, space="t5xxl"),
+        Family("pixart-sigma", 4096, 300, None,
+               "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask", "PixArt-sigma",
+               masked=True, space="t5xxl"),
         Family("tiny", 64, 77, None, "small CLIP text model (demo world and tests)",
                "ReNeg's built-in demo world"),
     )
 }
 
-BY_HIDDEN: dict[int, Family] = {f.hidden: f for f in FAMILIES.values()}
+BY_HIDDEN: dict[int, Family] = {}
+for _f in FAMILIES.values():  # the first family of a width is the one a bare file of that width is
+    BY_HIDDEN.setdefault(_f.hidden, _f)
 
 
 def family_for_hidden(hidden: int) -> Family | None:
     return BY_HIDDEN.get(int(hidden))
+
+
+def family_for_shape(hidden: int, tokens: int) -> Family | None:
+    """The family of a ``[1, tokens, hidden]`` tensor: PixArt-alpha (120 rows) and PixArt-sigma
+    (300 rows) share T5-XXL's width 4096 and differ in their token count."""
+    fam = family_for_hidden(hidden)
+    if fam is not None and fam.tokens != int(tokens):
+        fam = next((f for f in FAMILIES.values() if f.hidden == int(hidden) and f.tokens == int(tokens)), fam)
+    return fam
 
 
 def get_family(name: str) -> Family:
@@ -52,4 +75,4 @@ def get_family(name: str) -> Family:
 
 
 def known_hidden_sizes() -> str:
-    return ", ".join(f"{f.hidden} ({f.name})" for f in FAMILIES.values())
+    return ", ".join(f"{h} ({'/'.join(f.name for f in FAMILIES.values() if f.hidden == h)})" for h in BY_HIDDEN)

@@ -495,8 +495,9 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                 f"on its own)")
     tune_reward = FrameReward(rewards[0], frames) if frames > 1 else rewards[0]
     # every embedding file must fit the model before any image is made
-    tensors = {n.source: load_embedding(n.source, expected_family=backend.family).tensor.float()
-               for n in negatives if n.kind in ("file", "tuned") and n.source != "null"}
+    embs = {n.source: load_embedding(n.source, expected_family=backend.family)
+            for n in negatives if n.kind in ("file", "tuned") and n.source != "null"}
+    tensors = {k: e.tensor.float() for k, e in embs.items()}
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
     tuning_logs: dict[str, dict] = {}
     made = 0
@@ -520,7 +521,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                                                    tensors.get(neg.source))
                 made += len(need)
                 continue
-            pooled = None  # SDXL: the empty prompt's pooled vector, except a text negative's own
+            pooled = mask = None  # SDXL: the empty prompt's pooled vector, except a text negative's own
             if neg.kind in ("null", "zero"):
                 t, pooled = backend.null_embedding()
                 if neg.kind == "zero":  # crossattn and pooled vector all zeros; the size numbers stay
@@ -528,8 +529,8 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
             elif neg.kind == "text":
                 t, pooled = text_negative(backend, neg.source)
             else:
-                t = tensors[neg.source]
-            uncond = backend.negative_cond(t.to(device), pooled)
+                t, mask = tensors[neg.source], embs[neg.source].mask()  # a T5 file's attention mask
+            uncond = backend.negative_cond(t.to(device), pooled, mask)
             made += _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames)
     finally:
         if bar is not None:
