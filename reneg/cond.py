@@ -11,6 +11,7 @@ expands and detaches conds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -60,11 +61,14 @@ class Cond:
         length = max(c.crossattn.shape[1] for c in conds)
         if any(c.mask is not None for c in conds):
             return Cond._cat_masked(conds, length)
+        if any(length % c.crossattn.shape[1] for c in conds):
+            # unpadded T5 rows in a host (ComfyUI): repeat every cond to the least common multiple,
+            # as ComfyUI batches its own conds; repeated rows leave cross-attention unchanged
+            for c in conds:
+                length = length * c.crossattn.shape[1] // math.gcd(length, c.crossattn.shape[1])
         parts = []
         for c in conds:
             n = c.crossattn.shape[1]
-            if length % n:
-                raise ValueError(f"cannot batch conds of {n} and {length} tokens")
             parts.append(c.crossattn.repeat(1, length // n, 1) if n != length else c.crossattn)
         pooled = None
         if any(c.pooled is not None for c in conds):

@@ -125,12 +125,17 @@ def implied_attention_mask(tensor: torch.Tensor) -> torch.Tensor:
     come out identical. Such a tensor is used with the empty prompt's mask, ``[1, 0, ..., 0]``:
     that is what diffusers' PixArt pipelines make of ``negative_prompt=""``, and training with it
     leaves the padding rows untouched (the authors' PixArt-alpha file has 119 identical rows
-    after the first). Any other tensor is used with every row (all ones).
+    after the first). Otherwise trailing rows that are exactly zero are padding (how ReNeg pads a
+    host's unpadded T5 rows, e.g. from ComfyUI, to the family's row count); every other row counts.
     """
     t = tensor.reshape(-1, tensor.shape[-1])
     mask = torch.ones(1, t.shape[0], dtype=torch.long)
     if t.shape[0] > 2 and bool((t[1:] == t[1]).all()):
         mask[:, 1:] = 0
+        return mask
+    nonzero = (t != 0).any(dim=1).nonzero()
+    last = int(nonzero[-1]) + 1 if len(nonzero) else 1
+    mask[:, last:] = 0
     return mask
 
 

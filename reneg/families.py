@@ -22,6 +22,7 @@ class Family:
     # attention mask, which travels with the rows (``Cond.mask``, the file's ``attention_mask``)
     masked: bool = False
     space: str = ""  # families sharing a text-encoder output space (and so their negatives)
+    comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
 
     @property
     def text_space(self) -> str:
@@ -38,10 +39,10 @@ FAMILIES: dict[str, Family] = {
         Family("sdxl", 2048, 77, 1280, "CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, penultimate layers",
                "Stable Diffusion XL"),
         Family("pixart", 4096, 120, None, "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask",
-               "PixArt-alpha", masked=True, space="t5xxl"),
+               "PixArt-alpha", masked=True, space="t5xxl", comfy_image_model="pixart_alpha"),
         Family("pixart-sigma", 4096, 300, None,
                "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask", "PixArt-sigma",
-               masked=True, space="t5xxl"),
+               masked=True, space="t5xxl", comfy_image_model="pixart_sigma"),
         Family("tiny", 64, 77, None, "small CLIP text model (demo world and tests)",
                "ReNeg's built-in demo world"),
     )
@@ -76,3 +77,15 @@ def get_family(name: str) -> Family:
 
 def known_hidden_sizes() -> str:
     return ", ".join(f"{h} ({'/'.join(f.name for f in FAMILIES.values() if f.hidden == h)})" for h in BY_HIDDEN)
+
+
+def family_for_model(hidden: int, image_model: str | None = None) -> Family | None:
+    """The family of a model in a host UI, from the width of the text conditioning it reads and,
+    for the models ComfyUI tells apart by ``unet_config["image_model"]`` (PixArt), that name.
+    A T5 width without a known model is None: T5 also feeds models no ReNeg family covers."""
+    if image_model:
+        for f in FAMILIES.values():
+            if f.comfy_image_model and f.comfy_image_model == image_model:
+                return f if f.hidden == int(hidden) else None
+    fam = family_for_hidden(hidden)
+    return None if fam is None or fam.masked else fam
