@@ -265,3 +265,40 @@ def build_tiny_pixart(folder: str, seed: int = 0, sigma: bool = False, size_cond
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
     return folder
+
+
+def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sample_size: int = 8) -> str:
+    """A small ZeroScope-architecture ``TextToVideoSDPipeline`` folder: a ``UNet3DConditionModel``
+    (two blocks, temporal convolutions and attention) reading a ``CLIPTextModel`` of SD2.1's width
+    1024 (two layers, the real CLIP tokenizer padding with ``!`` as SD2's does), ZeroScope's DDIM
+    scheduler config. About 210 MB on disk, almost all of it the token table."""
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=hidden,
+        attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=16, vocab_size=49408, max_position_embeddings=77,
+                                      projection_dim=hidden, hidden_act="gelu", pad_token_id=0))
+    os.makedirs(folder, exist_ok=True)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
+    write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token="!")
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD_SCHEDULER, f, indent=1)
+    index = {"_class_name": "TextToVideoSDPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet3DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder

@@ -236,7 +236,11 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         raise EvalError(f"--tune-noise must be seed or fresh, got {cfg.tune_noise}")
     if cfg.tie_tol < 0:
         raise EvalError(f"--tie-tol must be >= 0, got {cfg.tie_tol}")
-    if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")):
+    from reneg.backends.video import is_text_to_video_folder
+
+    if not cfg.video and os.path.isdir(cfg.model) and is_text_to_video_folder(cfg.model):
+        cfg.video = cfg.model  # ZeroScope / ModelScope: the model itself makes videos
+    if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")) and not is_text_to_video_folder(cfg.video):
         raise EvalError(f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
                         f"diffusion_pytorch_model.safetensors)")
     negatives = parse_negatives(cfg.negatives or ["null", "handcrafted"], cfg.handcrafted)
@@ -461,7 +465,10 @@ def _device(cfg: EvalConfig) -> torch.device:
 
 def load_backend(cfg: EvalConfig, device: torch.device):
     from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.video import is_text_to_video_folder, load_text_to_video
 
+    if cfg.video and is_text_to_video_folder(cfg.video):
+        return load_text_to_video(cfg.video, device, frames=cfg.frames)
     backend = load_diffusers(cfg.model, device=device, config=cfg.config)
     if cfg.video:
         from .video import load_animatediff
