@@ -78,6 +78,15 @@ class NegEmbedding:
             return implied_attention_mask(self.tensor)
         return None
 
+    def model_rows(self) -> torch.Tensor:
+        """The rows with the padding the mask marks set to zero. The model ignores those rows, so its
+        output is the same; and the rows alone then imply this mask, so code that passes a negative
+        as rows only (training from ``--init``, tuning from a file) keeps it."""
+        mask = self.mask()
+        if mask is None or bool(mask.all()):
+            return self.tensor
+        return self.tensor * mask[..., None].to(self.tensor.dtype)
+
     @property
     def family_spec(self) -> Family:
         return FAMILIES[self.family]

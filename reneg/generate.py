@@ -28,10 +28,16 @@ def as_embedding(backend, neg: torch.Tensor):
 
     pooled = backend.null_embedding()[1]
     family = backend.family
-    if get_family(family).masked:  # a PixArt-alpha file (120 rows) tuned on PixArt-sigma stays a 120-row file
-        family = family_for_shape(neg.shape[-1], neg.shape[1]).name
+    neg = neg.detach().cpu().float()
+    spec = get_family(family)
+    if spec.masked:  # a PixArt-alpha file (120 rows) tuned on PixArt-sigma stays a 120-row file
+        fits = family_for_shape(neg.shape[-1], neg.shape[1])
+        if fits.tokens == neg.shape[1]:
+            family = fits.name
+        elif neg.shape[1] < spec.tokens:  # a text's own rows (a handcrafted start): zero rows are padding
+            neg = torch.cat([neg, neg.new_zeros(1, spec.tokens - neg.shape[1], neg.shape[2])], dim=1)
     mask = backend.negative_mask(neg).cpu() if hasattr(backend, "negative_mask") else None
-    return NegEmbedding(neg.detach().cpu().float(), family,
+    return NegEmbedding(neg, family,
                         None if pooled is None else pooled.detach().cpu().float(), attention_mask=mask)
 
 

@@ -251,3 +251,28 @@ def test_pixart_train_tune_and_eval_through_the_cli(tmp_path, alpha_dir, alpha, 
     s = json.loads((ev / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == names
     assert s["images"] == {n: 2 for n in names}
+
+
+def test_rows_alone_keep_their_mask(alpha):
+    """Code that passes a negative as rows only (train --init, tune --embedding, a handcrafted start)
+    keeps the mask: padding travels as zero rows, which the rows' implied mask leaves out."""
+    from reneg.generate import as_embedding, text_negative
+
+    rows, _ = text_negative(alpha, "blurry, ugly, low quality")
+    n = rows.shape[1]
+    emb = as_embedding(alpha, rows)
+    assert emb.family == "pixart" and emb.tensor.shape == (1, 120, 4096)
+    assert emb.attention_mask.tolist() == [[1] * n + [0] * (120 - n)]
+    full, mask = alpha._encode_masked(["blurry, ugly, low quality"])
+    stored = NegEmbedding(full, "pixart", attention_mask=mask)  # diffusers' negative_prompt_embeds + mask
+    assert int(implied_attention_mask(full).sum()) == 120  # T5's padding rows are not one row here
+    assert torch.equal(implied_attention_mask(stored.model_rows()), mask)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = alpha.encode_prompts(["a cat"])
+    with torch.no_grad():
+        for s in (0.5, 5.0):
+            sig = torch.tensor([s])
+            a = alpha.denoiser(x, sig, alpha.negative_cond(stored.model_rows()))
+            torch.testing.assert_close(a, alpha.denoiser(x, sig, alpha.negative_cond(full, mask=mask)))
+            torch.testing.assert_close(a, alpha.denoiser(x, sig, alpha.negative_cond(rows)))
+    assert cond.mask.shape == (1, 120)

@@ -504,7 +504,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     # every embedding file must fit the model before any image is made
     embs = {n.source: load_embedding(n.source, expected_family=backend.family)
             for n in negatives if n.kind in ("file", "tuned") and n.source != "null"}
-    tensors = {k: e.tensor.float() for k, e in embs.items()}
+    tensors = {k: e.model_rows().float() for k, e in embs.items()}
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
     tuning_logs: dict[str, dict] = {}
     made = 0
