@@ -104,7 +104,8 @@ def _blend_t5(base: torch.Tensor, rows: torch.Tensor, strength: float, emb, i: i
 class ReNegLoadEmbedding:
     DESCRIPTION = ("Loads a ReNeg negative embedding (ComfyUI/models/reneg) as a negative CONDITIONING for a "
                    "sampler. Strength blends it with the base negative (0 = base only, 1 = embedding only); "
-                   "without a base negative the base is the empty prompt.")
+                   "without a base negative the base is the empty prompt. PixArt / LTX-Video (T5) files give the "
+                   "rows their attention mask keeps (the paper's PixArt file: its first row).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("negative",)

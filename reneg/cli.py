@@ -20,6 +20,8 @@ def _cmd_inspect(ns) -> int:
               f"  shape   {info['shape']}  {info['dtype']}")
         if info["pooled_shape"]:
             print(f"  pooled  {info['pooled_shape']}")
+        if info.get("mask_rows") is not None:
+            print(f"  mask    {info['mask_rows']} of {info['shape'][1]} rows read ({info['mask_source']})")
         s = info["stats"]
         print(f"  stats   mean {s['mean']:.4g}  std {s['std']:.4g}  norm {s['norm']:.4g}")
         for k, v in sorted(info["metadata"].items()):

@@ -104,6 +104,10 @@ class NegEmbedding:
             "shape": list(self.tensor.shape),
             "dtype": str(self.tensor.dtype).replace("torch.", ""),
             "pooled_shape": list(self.pooled.shape) if self.pooled is not None else None,
+            # T5 families: how many rows the model reads, and whether the file says so or its rows imply it
+            "mask_rows": int(self.mask().sum()) if self.mask() is not None else None,
+            "mask_source": None if self.mask() is None else ("file" if self.attention_mask is not None
+                                                               else "implied"),
             "metadata": dict(self.metadata),
             "stats": {"mean": float(t.mean()), "std": float(t.std()), "norm": float(t.norm()),
                       "min": float(t.min()), "max": float(t.max())},
