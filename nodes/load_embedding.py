@@ -28,6 +28,7 @@ def apply_embedding(base, emb, strength: float):
     """
     from ..reneg.uncond import blend, match_tokens
 
+    rows_used = host_rows(emb)
     out = []
     for i, entry in enumerate(base):
         t, extra = entry[0], dict(entry[1])
@@ -35,6 +36,9 @@ def apply_embedding(base, emb, strength: float):
             raise ValueError(f"{emb.path}: this is a {emb.family} embedding (hidden size "
                              f"{emb.tensor.shape[-1]}), but the base negative is "
                              f"{model_family_of(t.shape[-1])} (hidden size {t.shape[-1]})")
+        if rows_used is not None:  # T5: PixArt's conditioning is the counted rows, unpadded; LTX-Video's
+            out.append(list(_t5_entry(t, extra, rows_used, strength, emb, i)))  # is padded, with its mask
+            continue
         rows = emb.tensor.shape[1]
         if t.shape[1] % rows:
             raise ValueError(f"base negative entry {i} has {t.shape[1]} token rows, not a multiple "
@@ -48,10 +52,60 @@ def apply_embedding(base, emb, strength: float):
     return out
 
 
+def host_rows(emb) -> torch.Tensor | None:
+    """A T5 file's rows as ComfyUI's PixArt reads them: only the rows its attention mask keeps.
+
+    ComfyUI encodes a PixArt prompt with T5 unpadded (the prompt's tokens and ``</s>``, at least
+    one token) and passes no mask, so every row it has counts; diffusers pads to 120 (alpha) or 300
+    (sigma) rows and masks the padding. Dropping the masked rows gives the same transformer
+    output. None for CLIP families, whose files are used as they are."""
+    mask = emb.mask()
+    if mask is None:
+        return None
+    return emb.tensor[:, mask[0].bool()].float()
+
+
+def _t5_entry(base: torch.Tensor, extra: dict, rows: torch.Tensor, strength: float, emb, i: int):
+    """One conditioning entry from T5 rows. A base with an ``attention_mask`` (ComfyUI's LTX-Video
+    text encoder pads to at least 128 tokens and masks the padding) gets the rows padded with zero
+    rows to its length and a mask of the rows; a base without one (PixArt) gets the rows as they are."""
+    mask = extra.get("attention_mask")
+    if not isinstance(mask, torch.Tensor):
+        return _blend_t5(base, rows, strength, emb, i), extra
+    if strength <= 0.0:
+        return base, extra
+    keep = mask.reshape(-1).bool()
+    own = base[:, keep] if keep.numel() == base.shape[1] else base
+    new = _blend_t5(own, rows, strength, emb, i)
+    n, length = new.shape[1], max(base.shape[1], new.shape[1])
+    padded = torch.zeros(base.shape[0], length, base.shape[2], dtype=base.dtype, device=base.device)
+    padded[:, :n] = new.to(base.dtype)
+    m = torch.zeros(mask.shape[0] if mask.dim() > 1 else 1, length, dtype=mask.dtype, device=mask.device)
+    m[:, :n] = 1
+    out = dict(extra)
+    out["attention_mask"] = m
+    return padded, out
+
+
+def _blend_t5(base: torch.Tensor, rows: torch.Tensor, strength: float, emb, i: int) -> torch.Tensor:
+    from ..reneg.uncond import blend
+
+    if strength >= 1.0:
+        return rows.to(base.dtype)
+    if strength <= 0.0:
+        return base
+    if base.shape[1] != rows.shape[1]:
+        raise ValueError(f"{emb.path}: the embedding has {rows.shape[1]} T5 rows and base negative entry {i} has "
+                         f"{base.shape[1]}; T5 rows of different prompts can only be swapped (strength 1), "
+                         f"not blended")
+    return blend(base, rows, strength)
+
+
 class ReNegLoadEmbedding:
     DESCRIPTION = ("Loads a ReNeg negative embedding (ComfyUI/models/reneg) as a negative CONDITIONING for a "
                    "sampler. Strength blends it with the base negative (0 = base only, 1 = embedding only); "
-                   "without a base negative the base is the empty prompt.")
+                   "without a base negative the base is the empty prompt. PixArt / LTX-Video (T5) files give the "
+                   "rows their attention mask keeps (the paper's PixArt file: its first row).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("negative",)

@@ -24,6 +24,25 @@ def free_name(folder: str, stem: str) -> str:
     raise FileExistsError(f"{folder}: no free file name for {stem!r}")
 
 
+def t5_file_rows(t):
+    """ComfyUI's unpadded T5 rows ``[1, n, 4096]`` -> the file's rows, padded with zero rows to the
+    family's count (120 PixArt-alpha, or 300 when n > 120), and the mask that marks the n rows."""
+    import torch
+
+    from ..reneg.families import FAMILIES
+
+    n = t.shape[1]
+    fits = sorted((f.tokens for f in FAMILIES.values() if f.masked and f.hidden == t.shape[-1] and f.tokens >= n))
+    if not fits:
+        raise ValueError(f"negative: {n} T5 rows are more than a PixArt embedding holds "
+                         f"({max(f.tokens for f in FAMILIES.values() if f.masked)})")
+    rows = torch.zeros(1, fits[0], t.shape[-1])
+    rows[:, :n] = t.detach().float().cpu()
+    mask = torch.zeros(1, fits[0], dtype=torch.long)
+    mask[:, :n] = 1
+    return rows, mask
+
+
 class ReNegSaveEmbedding:
     DESCRIPTION = ("Writes a negative CONDITIONING (e.g. from Per-Sample ReNeg Tune) into ComfyUI/models/reneg "
                    "as a ReNeg .safetensors file with metadata. An existing file is never replaced unless "
@@ -52,7 +71,7 @@ class ReNegSaveEmbedding:
     @reports_errors(TITLE)
     def save(self, negative, filename, overwrite, note=""):
         from ..reneg.embedding import NegEmbedding, save_embedding
-        from ..reneg.families import get_family
+        from ..reneg.families import family_for_shape, get_family
 
         if not isinstance(negative, list) or not negative:
             raise ValueError(f"negative: expected a CONDITIONING, found {type(negative).__name__}")
@@ -60,10 +79,13 @@ class ReNegSaveEmbedding:
             raise ValueError(f"negative: expected one conditioning entry, found {len(negative)}")
         t, extra = negative[0][0], negative[0][1]
         rows = 77
-        if t.dim() != 3 or t.shape[0] != 1 or t.shape[1] % rows:
+        mask = None
+        if t.dim() == 3 and t.shape[0] == 1 and get_family(model_family_of(t.shape[-1])).masked:
+            t, mask = t5_file_rows(t)
+        elif t.dim() != 3 or t.shape[0] != 1 or t.shape[1] % rows:
             raise ValueError(f"negative: expected a tensor [1, 77k, hidden], found {list(t.shape)}")
-        block = one_block(t, rows)
-        if block.shape[1] != rows:
+        block = one_block(t, rows) if mask is None else t
+        if block.shape[1] != rows and mask is None:
             raise ValueError(f"negative: {t.shape[1]} token rows that are not one 77-row block repeated "
                              f"(a long base negative blended in); an embedding file holds 77 rows")
         t = block
@@ -81,7 +103,7 @@ class ReNegSaveEmbedding:
         path = os.path.join(folder, parts[-1] + ".safetensors")
         if not overwrite:
             path = free_name(folder, parts[-1])
-        family = model_family_of(t.shape[-1])
+        family = model_family_of(t.shape[-1]) if mask is None else family_for_shape(t.shape[-1], t.shape[1]).name
         info = dict(extra.get(INFO_KEY) or {})
         kind = info.pop("kind", "global")
         meta = {k: str(v) for k, v in info.items()}
@@ -90,7 +112,7 @@ class ReNegSaveEmbedding:
         pooled = extra.get("pooled_output") if get_family(family).pooled else None
         emb = NegEmbedding(t.detach().float().cpu().clone(), family,
                            None if pooled is None else pooled.detach().float().cpu().reshape(1, -1),
-                           {"kind": kind, **meta})
+                           {"kind": kind, **meta}, attention_mask=mask)
         save_embedding(path, emb, overwrite=bool(overwrite), source="ComfyUI")
         msg = f"saved {os.path.basename(path)} ({family}, {kind}) in {folder}"
         return {"ui": {"text": [msg]}, "result": (path,)}

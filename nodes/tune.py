@@ -113,7 +113,9 @@ class ReNegPerSampleTune:
         with backend.trainable(), reward.use() as rmodel:
             cond = backend.positive_cond(positive)
             backend.negative_pooled = clone_normal(neg.pooled)
-            start = one_block(clone_normal(neg.crossattn).float())
+            start = clone_normal(neg.crossattn).float()
+            if not backend.masked:  # T5 rows are never 77-row blocks
+                start = one_block(start)
 
             def on_step(rec):
                 if pbar is not None:

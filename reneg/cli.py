@@ -33,6 +33,8 @@ def _cmd_inspect(ns) -> int:
               f"  shape   {info['shape']}  {info['dtype']}")
         if info["pooled_shape"]:
             print(f"  pooled  {info['pooled_shape']}")
+        if info.get("mask_rows") is not None:
+            print(f"  mask    {info['mask_rows']} of {info['shape'][1]} rows read ({info['mask_source']})")
         s = info["stats"]
 
         def g(v):

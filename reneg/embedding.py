@@ -4,7 +4,9 @@ Imports only torch and safetensors, so every front-end (the A1111 extension, the
 ComfyUI Load node) can use it.
 
 Our format is a ``.safetensors`` file with ``neg_embedding`` ``[1, L, D]`` (and
-``pooled`` ``[1, P]`` where the family needs one) and string metadata. We also
+``pooled`` ``[1, P]`` where the family needs one, and for the T5 families
+``attention_mask`` ``[1, L]``: 1 for a row the model reads, 0 for padding) and
+string metadata. We also
 read the paper's published files (a bare tensor saved with ``torch.save``),
 diffusers-style ``negative_prompt_embeds`` tensors or dicts saved with
 ``torch.save``, and a safetensors file holding a single tensor under any key.
@@ -23,12 +25,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .families import FAMILIES, Family, family_for_hidden, get_family, known_hidden_sizes
+from .families import FAMILIES, Family, family_for_shape, get_family, known_hidden_sizes
 from .fileio import atomic_save_safetensors, read_safetensors_header, safe_torch_load
 
 FORMAT_VERSION = "1"
 MAIN_KEY = "neg_embedding"
 POOLED_KEY = "pooled"
+MASK_KEY = "attention_mask"
+_ALT_MASK = (MASK_KEY, "negative_prompt_attention_mask", "neg_attention_mask", "mask")
 KINDS = ("global", "per-sample", "null", "handcrafted")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -67,6 +71,25 @@ class NegEmbedding:
     metadata: dict[str, str] = field(default_factory=dict)
     path: str | None = None
     format: str = "reneg"
+    attention_mask: torch.Tensor | None = None  # [1, L] of 0/1 (T5 families); None: see mask()
+
+    def mask(self) -> torch.Tensor | None:
+        """The attention mask the rows are used with: the stored one, or for a T5 family's file
+        without one (the authors' PixArt file) the one :func:`implied_attention_mask` gives."""
+        if self.attention_mask is not None:
+            return self.attention_mask
+        if self.family in FAMILIES and FAMILIES[self.family].masked:
+            return implied_attention_mask(self.tensor)
+        return None
+
+    def model_rows(self) -> torch.Tensor:
+        """The rows with the padding the mask marks set to zero. The model ignores those rows, so its
+        output is the same; and the rows alone then imply this mask, so code that passes a negative
+        as rows only (training from ``--init``, tuning from a file) keeps it."""
+        mask = self.mask()
+        if mask is None or bool(mask.all()):
+            return self.tensor
+        return self.tensor * mask[..., None].to(self.tensor.dtype)
 
     @property
     def family_spec(self) -> Family:
@@ -85,6 +108,10 @@ class NegEmbedding:
             "shape": list(self.tensor.shape),
             "dtype": str(self.tensor.dtype).replace("torch.", ""),
             "pooled_shape": list(self.pooled.shape) if self.pooled is not None else None,
+            # T5 families: how many rows the model reads, and whether the file says so or its rows imply it
+            "mask_rows": int(self.mask().sum()) if self.mask() is not None else None,
+            "mask_source": None if self.mask() is None else ("file" if self.attention_mask is not None
+                                                               else "implied"),
             "metadata": dict(self.metadata),
             "stats": {k: _finite(v) for k, v in (("mean", t.mean()), ("std", t.std()), ("norm", t.norm()),
                                                  ("min", t.min()), ("max", t.max()))},
@@ -112,6 +139,50 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def implied_attention_mask(tensor: torch.Tensor) -> torch.Tensor:
+    """The attention mask of T5 rows stored without one, ``[1, L]`` (int64).
+
+    When every row after the first is one and the same row, the tensor is (or was trained
+    from) the empty prompt's encoding: T5 turns ``""`` into the end token ``</s>`` and
+    padding, and since every padding row attends to that one token only, all padding rows
+    come out identical. Such a tensor is used with the empty prompt's mask, ``[1, 0, ..., 0]``:
+    that is what diffusers' PixArt pipelines make of ``negative_prompt=""``, and training with it
+    leaves the padding rows untouched (the authors' PixArt-alpha file has 119 identical rows
+    after the first). Otherwise trailing rows that are exactly zero are padding (how ReNeg pads a
+    host's unpadded T5 rows, e.g. from ComfyUI, to the family's row count); every other row counts.
+    """
+    t = tensor.reshape(-1, tensor.shape[-1])
+    mask = torch.ones(1, t.shape[0], dtype=torch.long)
+    if t.shape[0] > 2 and bool((t[1:] == t[1]).all()):
+        mask[:, 1:] = 0
+        return mask
+    nonzero = (t != 0).any(dim=1).nonzero()
+    last = int(nonzero[-1]) + 1 if len(nonzero) else 1
+    mask[:, last:] = 0
+    return mask
+
+
+def validate_mask(mask: Any, tensor: torch.Tensor, path: str, family: str) -> torch.Tensor | None:
+    """Check an attention mask against its rows: ``[1, L]`` (or ``[L]``) of 0 and 1, at least one 1."""
+    if mask is None:
+        return None
+    spec = FAMILIES.get(family)
+    if spec is None or not spec.masked:
+        raise EmbeddingError(f"{path}: family {family} reads every row; an attention mask belongs to the "
+                             f"T5 families ({', '.join(f.name for f in FAMILIES.values() if f.masked)})")
+    if not isinstance(mask, torch.Tensor):
+        raise EmbeddingError(f"{path}: attention mask must be a tensor, found {type(mask).__name__}")
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if tuple(mask.shape) != (1, tensor.shape[1]):
+        raise EmbeddingError(f"{path}: attention mask must be [1, {tensor.shape[1]}] like the rows, "
+                             f"found {_shape(mask)}")
+    m = mask.float()
+    if not bool(((m == 0) | (m == 1)).all()) or not bool(m.any()):
+        raise EmbeddingError(f"{path}: attention mask must hold 0 and 1 with at least one 1")
+    return m.long()
+
+
 def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = None,
              expected_family: str | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
     """Check rank, shape, finiteness and hidden size; return ``([1,L,D], family, pooled)``."""
@@ -131,7 +202,7 @@ def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = No
         raise EmbeddingError(f"{path}: expected a tensor of shape [1, tokens, hidden] "
                              f"(or [tokens, hidden]), found {_shape(tensor)}")
     hidden = tensor.shape[-1]
-    by_dim = family_for_hidden(hidden)
+    by_dim = family_for_shape(hidden, tensor.shape[1])
     if family:
         spec = get_family(family) if family in FAMILIES else None
         if spec is None:
@@ -165,10 +236,17 @@ def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = No
     elif spec.pooled is not None and family is not None:
         # our own files must carry it; foreign files are allowed without (hosts keep theirs)
         pass
-    if expected_family and spec.name != expected_family:
+    if expected_family and spec.name != expected_family and not _same_space(spec.name, expected_family):
         raise EmbeddingError(f"{path}: this is a {spec.name} embedding (hidden size {hidden}), "
                              f"but the model in use is {expected_family}")
     return tensor, spec.name, pooled
+
+
+def _same_space(a: str, b: str) -> bool:
+    """Families whose negatives are interchangeable: PixArt-alpha's 120 T5 rows and PixArt-sigma's
+    300 are the same T5-XXL output space (the mask tells which rows count)."""
+    fa, fb = FAMILIES.get(a), FAMILIES.get(b)
+    return fa is not None and fb is not None and fa.masked and fa.text_space == fb.text_space
 
 
 def load_embedding(path: str | os.PathLike, expected_family: str | None = None) -> NegEmbedding:
@@ -229,8 +307,10 @@ def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
         fmt, main = "safetensors", tensors[main_key]
         pooled = next((tensors[k] for k in _ALT_POOLED if k in tensors), None)
     family = meta.get("family") or None
+    mask = next((tensors[k] for k in _ALT_MASK if k in tensors), None)
     tensor, family, pooled = validate(main, path, family, pooled, expected_family)
-    return NegEmbedding(tensor, family, pooled, meta, path, fmt)
+    mask = validate_mask(mask, tensor, path, family)
+    return NegEmbedding(tensor, family, pooled, meta, path, fmt, mask)
 
 
 def _load_pickle(path: str, expected_family: str | None) -> NegEmbedding:
@@ -238,7 +318,7 @@ def _load_pickle(path: str, expected_family: str | None) -> NegEmbedding:
         obj = safe_torch_load(path, what="embedding file")
     except (ValueError, FileNotFoundError) as e:
         raise EmbeddingError(str(e)) from None
-    pooled = None
+    pooled = mask = None
     meta: dict[str, str] = {}
     if isinstance(obj, torch.Tensor):
         fmt, main = "torch-tensor", obj
@@ -252,13 +332,15 @@ def _load_pickle(path: str, expected_family: str | None) -> NegEmbedding:
                                  f"{', '.join(_ALT_KEYS)}; found keys {', '.join(map(str, obj))[:200]}")
         fmt, main = "torch-dict", tensors[main_key]
         pooled = next((tensors[k] for k in _ALT_POOLED if k in tensors), None)
+        mask = next((tensors[k] for k in _ALT_MASK if k in tensors and k != main_key), None)
         if isinstance(obj.get("metadata"), dict):
             meta = {str(k): str(v) for k, v in obj["metadata"].items()}
     else:
         raise EmbeddingError(f"{path}: expected a tensor or a dict of tensors, found {type(obj).__name__}")
     family = meta.get("family") if meta.get("family") in FAMILIES else None
     tensor, family, pooled = validate(main, path, family, pooled, expected_family)
-    return NegEmbedding(tensor, family, pooled, meta, path, fmt)
+    mask = validate_mask(mask, tensor, path, family)
+    return NegEmbedding(tensor, family, pooled, meta, path, fmt, mask)
 
 
 def make_metadata(family: str, kind: str, **fields: Any) -> dict[str, str]:
@@ -289,6 +371,10 @@ def save_embedding(path: str | os.PathLike, emb: NegEmbedding, overwrite: bool =
     if not path.endswith(".safetensors"):
         raise EmbeddingError(f"{path}: ReNeg embeddings are written as .safetensors")
     tensor, family, pooled = validate(emb.tensor.detach().cpu(), path, emb.family, emb.pooled)
+    mask = validate_mask(emb.attention_mask.detach().cpu() if emb.attention_mask is not None else None,
+                         tensor, path, family)
+    if mask is None and get_family(family).masked:
+        mask = implied_attention_mask(tensor)  # our T5 files always say which rows count
     meta = dict(emb.metadata)
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()
                  if v is not None})
@@ -305,6 +391,8 @@ def save_embedding(path: str | os.PathLike, emb: NegEmbedding, overwrite: bool =
     tensors = {MAIN_KEY: tensor}
     if pooled is not None:
         tensors[POOLED_KEY] = pooled.detach().cpu()
+    if mask is not None:
+        tensors[MASK_KEY] = mask
     atomic_save_safetensors(path, tensors, metadata=meta, overwrite=overwrite)
     return path
 
@@ -315,12 +403,12 @@ def convert(src: str, dst: str, family: str | None = None, overwrite: bool = Fal
     if family and family != emb.family:
         # an explicit family must agree with the tensor's shape
         tensor, fam, pooled = validate(emb.tensor, src, family, emb.pooled)
-        emb = NegEmbedding(tensor, fam, pooled, emb.metadata, src, emb.format)
+        emb = NegEmbedding(tensor, fam, pooled, emb.metadata, src, emb.format, emb.attention_mask)
     meta = dict(emb.metadata)
     meta.setdefault("kind", "global")
     meta.setdefault("source_file", os.path.basename(src))
     meta.setdefault("source_format", emb.format)
-    out = NegEmbedding(emb.tensor, emb.family, emb.pooled, meta, dst, "reneg")
+    out = NegEmbedding(emb.tensor, emb.family, emb.pooled, meta, dst, "reneg", emb.mask())
     save_embedding(dst, out, overwrite=overwrite)
     return load_embedding(dst)
 

@@ -21,24 +21,43 @@ class Family:
     # hidden sizes of the text encoders whose outputs the UNet reads, in order: how a loaded
     # model's family is recognised (empty: the family is not recognised that way)
     encoders: tuple[int, ...] = ()
+    # front-ends that handle this family: "a1111" = the AUTOMATIC1111 / Forge / reForge extension
+    # (its on_cfg_denoiser hook replaces a CLIP-style [B, 77 k, D] negative; the host's own flag
+    # for a model of this family is ``is_<name>``)
+    hosts: tuple[str, ...] = ()
+    # T5 families: rows past the text's own tokens are padding the model ignores through an
+    # attention mask, which travels with the rows (``Cond.mask``, the file's ``attention_mask``)
+    masked: bool = False
+    space: str = ""  # families sharing a text-encoder output space (and so their negatives)
+    comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
+
+    @property
+    def text_space(self) -> str:
+        return self.space or self.name
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("sd1", 768, 77, None, "CLIP ViT-L/14 (OpenAI), last layer, final layer norm",
-               "Stable Diffusion 1.x", (768,)),
+               "Stable Diffusion 1.x", (768,), ("a1111",)),
         Family("sd2", 1024, 77, None, "OpenCLIP ViT-H/14, penultimate layer, final layer norm",
-               "Stable Diffusion 2.x", (1024,)),
+               "Stable Diffusion 2.x", (1024,), ("a1111",)),
         Family("sdxl", 2048, 77, 1280, "CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, penultimate layers",
-               "Stable Diffusion XL", (768, 1280)),
-        Family("pixart", 4096, 120, None, "T5-XXL encoder", "PixArt-alpha"),
+               "Stable Diffusion XL", (768, 1280), ("a1111",)),
+        Family("pixart", 4096, 120, None, "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask",
+               "PixArt-alpha", masked=True, space="t5xxl", comfy_image_model="pixart_alpha"),
+        Family("pixart-sigma", 4096, 300, None,
+               "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask", "PixArt-sigma",
+               masked=True, space="t5xxl", comfy_image_model="pixart_sigma"),
         Family("tiny", 64, 77, None, "small CLIP text model (demo world and tests)",
                "ReNeg's built-in demo world", (64,)),
     )
 }
 
-BY_HIDDEN: dict[int, Family] = {f.hidden: f for f in FAMILIES.values()}
+BY_HIDDEN: dict[int, Family] = {}
+for _f in FAMILIES.values():  # the first family of a width is the one a bare file of that width is
+    BY_HIDDEN.setdefault(_f.hidden, _f)
 
 
 def family_for_hidden(hidden: int) -> Family | None:
@@ -51,6 +70,15 @@ def family_for_encoders(widths: tuple[int, ...]) -> Family | None:
     return next((f for f in FAMILIES.values() if f.encoders and f.encoders == widths), None)
 
 
+def family_for_shape(hidden: int, tokens: int) -> Family | None:
+    """The family of a ``[1, tokens, hidden]`` tensor: PixArt-alpha (120 rows) and PixArt-sigma
+    (300 rows) share T5-XXL's width 4096 and differ in their token count."""
+    fam = family_for_hidden(hidden)
+    if fam is not None and fam.tokens != int(tokens):
+        fam = next((f for f in FAMILIES.values() if f.hidden == int(hidden) and f.tokens == int(tokens)), fam)
+    return fam
+
+
 def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
@@ -61,7 +89,7 @@ def get_family(name: str) -> Family:
 
 
 def known_hidden_sizes() -> str:
-    return ", ".join(f"{f.hidden} ({f.name})" for f in FAMILIES.values())
+    return ", ".join(f"{h} ({'/'.join(f.name for f in FAMILIES.values() if f.hidden == h)})" for h in BY_HIDDEN)
 
 
 # widths of text-encoder outputs no family here uses, and what they usually mean
@@ -81,3 +109,15 @@ def describe_hidden(hidden: int) -> str:
 def families_for_host(host: str) -> tuple[str, ...]:
     """Names of the families a front-end handles, in table order."""
     return tuple(f.name for f in FAMILIES.values() if host in f.hosts)
+
+
+def family_for_model(hidden: int, image_model: str | None = None) -> Family | None:
+    """The family of a model in a host UI, from the width of the text conditioning it reads and,
+    for the models ComfyUI tells apart by ``unet_config["image_model"]`` (PixArt), that name.
+    A T5 width without a known model is None: T5 also feeds models no ReNeg family covers."""
+    if image_model:
+        for f in FAMILIES.values():
+            if f.comfy_image_model and f.comfy_image_model == image_model:
+                return f if f.hidden == int(hidden) else None
+    fam = family_for_hidden(hidden)
+    return None if fam is None or fam.masked else fam

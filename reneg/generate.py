@@ -15,17 +15,31 @@ def text_negative(backend, text: str) -> tuple[torch.Tensor, torch.Tensor | None
     """A negative prompt as ``(rows [1, L, D], pooled [1, P] or None)``: what a UI makes of it,
     its own pooled vector included (SDXL), for ``backend.negative_cond(rows, pooled)``."""
     c = backend.encode_prompts([text])
-    return c.crossattn[:1], None if c.pooled is None else c.pooled[:1]
+    rows = c.crossattn[:1]
+    if c.mask is not None:  # T5: the text's own tokens; padding is what the mask leaves out anyway
+        rows = rows[:, : max(int(c.mask[0].sum()), 1)]
+    return rows, None if c.pooled is None else c.pooled[:1]
 
 
 def as_embedding(backend, neg: torch.Tensor):
     """A negative as the file it is saved as: the rows, and for SDXL the pooled vector it was
     used with (the empty prompt's, ``negative_cond``'s default)."""
     from .embedding import NegEmbedding
+    from .families import family_for_shape, get_family
 
     pooled = backend.null_embedding()[1]
-    return NegEmbedding(neg.detach().cpu().float(), backend.family,
-                        None if pooled is None else pooled.detach().cpu().float())
+    family = backend.family
+    neg = neg.detach().cpu().float()
+    spec = get_family(family)
+    if spec.masked:  # a PixArt-alpha file (120 rows) tuned on PixArt-sigma stays a 120-row file
+        fits = family_for_shape(neg.shape[-1], neg.shape[1])
+        if fits.tokens == neg.shape[1]:
+            family = fits.name
+        elif neg.shape[1] < spec.tokens:  # a text's own rows (a handcrafted start): zero rows are padding
+            neg = torch.cat([neg, neg.new_zeros(1, spec.tokens - neg.shape[1], neg.shape[2])], dim=1)
+    mask = backend.negative_mask(neg).cpu() if hasattr(backend, "negative_mask") else None
+    return NegEmbedding(neg, family,
+                        None if pooled is None else pooled.detach().cpu().float(), attention_mask=mask)
 
 
 def seeded_noise(backend, seeds: list[int], height: int, width: int) -> torch.Tensor:

@@ -173,3 +173,132 @@ def build_tiny_hps(folder: str, seed: int = 0, config: dict | None = None) -> st
     path = os.path.join(folder, "hps_tiny.pt")
     torch.save({"state_dict": model.state_dict()}, path)
     return path
+
+
+PIXART_SCHEDULER = {  # the scheduler config PixArt-alpha and PixArt-sigma folders ship
+    "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "beta_end": 0.02,
+    "beta_schedule": "linear", "beta_start": 0.0001, "dynamic_thresholding_ratio": 0.995,
+    "euler_at_final": False, "lower_order_final": True, "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "solver_order": 2, "solver_type": "midpoint",
+    "steps_offset": 0, "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None,
+    "use_karras_sigmas": False, "use_lu_lambdas": False, "variance_type": None,
+}
+
+_T5_WORDS = ("a the of and in on with at by for to is an red blue green yellow black white circle square "
+             "photo portrait painting cat dog house tree sky city street man woman girl boy car flower "
+             "blurry ugly low quality bad deformed distorted").split()
+
+
+def write_t5_tokenizer(folder: str, max_length: int) -> None:
+    """A transformers ``T5Tokenizer`` folder (``tokenizer.json``) with T5's special-token layout
+    (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2; ``</s>`` appended; SentencePiece-style ``▁`` word starts)
+    and a small unigram vocabulary: a few hundred pieces instead of T5's 32,128, built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!?'-")
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    seen = {p for p, _ in pieces}
+    for p, score in ([("\u2581" + w, -3.0) for w in _T5_WORDS] + [(c, -5.0) for c in chars]
+                     + [("\u2581" + c, -5.5) for c in chars]):
+        if p not in seen:
+            seen.add(p)
+            pieces.append((p, score))
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                         extra_ids=0)
+    t5.model_max_length = max_length
+    t5.save_pretrained(folder)
+
+
+def build_tiny_pixart(folder: str, seed: int = 0, sigma: bool = False, size_cond: bool = True,
+                      prediction_type: str = "epsilon", t5_width: int = 4096) -> str:
+    """A small PixArt-architecture diffusers folder with PixArt's real conditioning sizes.
+
+    Real: the pipeline class and folder layout, T5's width 4096 (``caption_channels`` 4096, so
+    the authors' ``[1, 120, 4096]`` file fits), the token count (alpha 120, sigma 300) with padding
+    and attention mask, T5 v1.1's architecture (gated GELU, relative position buckets, RMS norm),
+    the learned-sigma output (8 channels for 4 latent ones), the 1024-px alpha transformer's size
+    conditioning (``sample_size`` 128, ``use_additional_conditions``; off for sigma), the scheduler
+    config. Small: one T5 layer with two 8-wide heads, a vocabulary of a few hundred pieces, a
+    one-layer transformer 24 wide, a two-level VAE (16 px images, 8 px latents)."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokens = 300 if sigma else 120
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=24, attention_bias=True, sample_size=128, patch_size=2,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=t5_width,
+        interpolation_scale=2 if sigma else None, use_additional_conditions=size_cond and not sigma)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16,
+                        scaling_factor=0.13025 if sigma else 0.18215)
+    os.makedirs(folder, exist_ok=True)
+    write_t5_tokenizer(os.path.join(folder, "tokenizer"), tokens)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")))
+    te = T5EncoderModel(T5Config(vocab_size=vocab, d_model=t5_width, d_kv=8, d_ff=32, num_layers=1,
+                                 num_heads=2, relative_attention_num_buckets=32,
+                                 relative_attention_max_distance=128, dropout_rate=0.0,
+                                 feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+                                 tie_word_embeddings=False, pad_token_id=0, eos_token_id=1))
+    transformer.save_pretrained(os.path.join(folder, "transformer"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    te.save_pretrained(os.path.join(folder, "text_encoder"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(dict(PIXART_SCHEDULER, prediction_type=prediction_type), f, indent=1)
+    index = {"_class_name": "PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline",
+             "_diffusers_version": "0.30.0", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "T5Tokenizer"], "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder
+
+
+def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sample_size: int = 8) -> str:
+    """A small ZeroScope-architecture ``TextToVideoSDPipeline`` folder: a ``UNet3DConditionModel``
+    (two blocks, temporal convolutions and attention) reading a ``CLIPTextModel`` of SD2.1's width
+    1024 (two layers, the real CLIP tokenizer padding with ``!`` as SD2's does), ZeroScope's DDIM
+    scheduler config. About 210 MB on disk, almost all of it the token table."""
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=hidden,
+        attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=16, vocab_size=49408, max_position_embeddings=77,
+                                      projection_dim=hidden, hidden_act="gelu", pad_token_id=0))
+    os.makedirs(folder, exist_ok=True)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
+    write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token="!")
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SD_SCHEDULER, f, indent=1)
+    index = {"_class_name": "TextToVideoSDPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet3DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return folder

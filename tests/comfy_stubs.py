@@ -201,9 +201,11 @@ def to_inference_tensors(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class ModelSamplingDiscrete(torch.nn.Module):
-    def __init__(self, prediction: str = "eps", timesteps: int = 1000, start: float = 0.00085, end: float = 0.012):
+    def __init__(self, prediction: str = "eps", timesteps: int = 1000, start: float = 0.00085, end: float = 0.012,
+                 linear: bool = False):
         super().__init__()
-        betas = torch.linspace(start ** 0.5, end ** 0.5, timesteps, dtype=torch.float64) ** 2
+        betas = (torch.linspace(start, end, timesteps, dtype=torch.float64) if linear  # ComfyUI's "sqrt_linear"
+                 else torch.linspace(start ** 0.5, end ** 0.5, timesteps, dtype=torch.float64) ** 2)
         ac = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - ac) / ac) ** 0.5
         self.register_buffer("sigmas", sigmas.float())
@@ -398,3 +400,85 @@ def tiny_comfy_models(pipeline_dir: str, prediction: str = "eps"):
     base = to_inference_tensors(BaseModel(unet, prediction, scale))
     vae = VAE(to_inference_tensors(vae))
     return ModelPatcher(base), vae, CLIP(to_inference_tensors(te), tok)
+
+
+class PixArtModel(BaseModel):
+    """``model.model`` of a ComfyUI PixArt MODEL (``supported_models.PixArtAlpha``/``PixArtSigma``):
+    linear betas 0.0001..0.02, ``unet_config["image_model"]``, conditioning rows read without a mask
+    (every row counts), size conditioning through ``c_size``/``c_ar`` with ComfyUI's fallback (the
+    latent's size x 8), only the noise half of the learned-sigma output."""
+
+    def __init__(self, transformer, scale_factor: float, sigma: bool = False):
+        torch.nn.Module.__init__(self)
+        self.diffusion_model = transformer
+        self.latent_format = LatentFormat(scale_factor)
+        self.adm_channels = 0
+        self.calls = 0
+        self.model_sampling = ModelSamplingDiscrete("eps", start=0.0001, end=0.02, linear=True)
+        self.model_config = types.SimpleNamespace(unet_config={"image_model": "pixart_sigma" if sigma else "pixart_alpha"})
+        self.size_calls = []
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        self.calls += 1
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x)
+        ts = self.model_sampling.timestep(t).float()
+        b, _, h, w = x.shape
+        c_size, c_ar = kwargs.get("c_size"), kwargs.get("c_ar")
+        self.size_calls.append(None if c_size is None else c_size.tolist())
+        if c_size is None:
+            c_size = torch.tensor([[h * 8, w * 8]], dtype=x.dtype).repeat(b, 1)
+        if c_ar is None:
+            c_ar = torch.tensor([[h / w]], dtype=x.dtype).repeat(b, 1)
+        added = {"resolution": c_size.to(xc.dtype).expand(b, 2), "aspect_ratio": c_ar.to(xc.dtype).expand(b, 1)}
+        if not self.diffusion_model.use_additional_conditions:
+            added = {"resolution": None, "aspect_ratio": None}
+        out = self.diffusion_model(xc, encoder_hidden_states=c_crossattn.to(xc.dtype), timestep=ts,
+                                   added_cond_kwargs=added, return_dict=False)[0].float()
+        return self.model_sampling.calculate_denoised(sigma, out[:, : x.shape[1]], x)
+
+
+class T5CLIP:
+    """CLIP of a ComfyUI PixArt checkpoint (``comfy/text_encoders/pixart_t5.py``): T5 unpadded, the
+    prompt's tokens and ``</s>`` (at least one token), no mask, no pooled vector."""
+
+    def __init__(self, text_encoder, tokenizer):
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+
+    def tokenize(self, text):
+        return self.tokenizer([text], return_tensors="pt").input_ids
+
+    def encode_from_tokens_scheduled(self, tokens, add_dict=None):
+        out = self.text_encoder(tokens)[0].float()
+        return [[out, {"pooled_output": None, **(add_dict or {})}]]
+
+
+def tiny_comfy_pixart_models(folder: str, sigma: bool = False):
+    """(MODEL, VAE, CLIP) as ComfyUI would hand them to a node, from a small PixArt diffusers folder."""
+    import json
+
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tr = PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    te = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    tok = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    with open(os.path.join(folder, "vae", "config.json")) as f:
+        scale = float(json.load(f).get("scaling_factor", 0.18215))
+    base = to_inference_tensors(PixArtModel(tr, scale, sigma))
+    return ModelPatcher(base), VAE(to_inference_tensors(vae)), T5CLIP(to_inference_tensors(te), tok)
+
+
+class LTXVT5CLIP(T5CLIP):
+    """CLIP of ComfyUI's LTX-Video (``comfy/text_encoders/lt.py`` over ``genmo.py``): the same T5, padded to at
+    least 128 tokens, encoded with the attention mask, the mask handed on in the conditioning."""
+
+    def tokenize(self, text):
+        t = self.tokenizer([text], padding="max_length", max_length=128, return_tensors="pt")
+        return t.input_ids, t.attention_mask
+
+    def encode_from_tokens_scheduled(self, tokens, add_dict=None):
+        ids, mask = tokens
+        out = self.text_encoder(ids, attention_mask=mask)[0].float()
+        return [[out, {"pooled_output": None, "attention_mask": mask, **(add_dict or {})}]]

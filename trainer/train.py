@@ -154,7 +154,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     elif cfg.init == "handcrafted":
         init = handcrafted
     else:
-        init = load_embedding(cfg.init, expected_family=backend.family).tensor
+        init = load_embedding(cfg.init, expected_family=backend.family).model_rows()
     neg = torch.nn.Parameter(init.detach().float().clone().to(device))
     opt = torch.optim.AdamW([neg], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

@@ -89,7 +89,7 @@ def run_tune(ns) -> dict:
         enable_checkpointing(backend, reward)
     if ns.embedding:
         start_emb = load_embedding(ns.embedding, expected_family=backend.family)
-        start = start_emb.tensor.float()
+        start = start_emb.model_rows().float()  # a T5 file's padding as zero rows: rows alone keep its mask
     else:
         start, _ = backend.null_embedding()
     def on_step(rec):

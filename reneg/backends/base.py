@@ -3,7 +3,8 @@
 A backend wraps one text-to-image model (a diffusers pipeline, a ComfyUI
 MODEL+VAE) behind the few operations ReNeg uses. SDXL adds a pooled vector and
 size conditioning, which live in :class:`reneg.cond.Cond` and in
-``negative_cond``; nothing above this layer changes for it.
+``negative_cond``; nothing above this layer changes for it. PixArt (T5) adds an
+attention mask, ``Cond.mask``, which a negative carries too.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ class Backend(Protocol):
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``E("")`` as ``[1, L, D]`` (and pooled), the UI conventions' empty negative."""
 
-    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None) -> Cond:
-        """Turn a (possibly trainable) negative ``[1, L, D]`` into a batch-1 Cond."""
+    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> Cond:
+        """Turn a (possibly trainable) negative ``[1, L, D]`` into a batch-1 Cond; ``mask`` ``[1, L]``
+        is a T5 negative's attention mask (None: the one its rows imply)."""
 
     def schedule(self, steps: int) -> torch.Tensor:
         """DDIM sigmas ``[steps + 1]`` for this model."""

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 from ..cond import Cond
-from ..families import family_for_hidden, known_hidden_sizes
+from ..families import family_for_hidden, family_for_model, known_hidden_sizes
 from ..sampling import uniform_schedule
 
 
@@ -85,9 +85,7 @@ class ComfyDenoiser:
         options = getattr(self.patcher, "model_options", None) or {}
         transformer_options = dict(options.get("transformer_options", {}))
         transformer_options["sigmas"] = sigma
-        kwargs = {}
-        if "y" in cond.extra:
-            kwargs["y"] = cond.extra["y"]
+        kwargs = {k: cond.extra[k] for k in ("y", "c_size", "c_ar") if k in cond.extra}
         out = self.model.apply_model(x, sigma, c_crossattn=cond.crossattn,
                                      transformer_options=transformer_options, **kwargs)
         return out.to(x.dtype)
@@ -115,10 +113,13 @@ class ComfyBackend:
                                   f"found {type(vae).__name__}")
         self.patcher, self.vae = patcher, vae
         self.model = patcher.model
-        fam = family_for_hidden(hidden)
-        if fam is None or fam.name == "pixart":
-            raise ComfyModelError(f"the conditioning has hidden size {hidden}; ReNeg's ComfyUI nodes "
-                                  f"support {known_hidden_sizes()} (PixArt is not a ComfyUI UNet model)")
+        image_model = self.image_model()
+        fam = family_for_model(hidden, image_model)  # the family table decides, as for every front-end
+        if fam is None:
+            what = f"a {image_model} model" if image_model else "this model"
+            raise ComfyModelError(f"the conditioning has hidden size {hidden} for {what}; ReNeg's ComfyUI "
+                                  f"nodes support {known_hidden_sizes()} (T5's 4096 on PixArt-alpha and "
+                                  f"PixArt-sigma models)")
         ctx = self.context_dim()
         if ctx is not None and ctx != hidden:
             have = family_for_hidden(ctx)
@@ -137,6 +138,18 @@ class ComfyBackend:
     def device(self) -> torch.device:
         dev = getattr(self.patcher, "load_device", None)
         return torch.device(dev) if dev is not None else torch.device("cpu")
+
+    def image_model(self) -> str | None:
+        """ComfyUI's name for a DiT-style model (``pixart_alpha``, ``pixart_sigma``), or None."""
+        cfg = getattr(getattr(self.model, "model_config", None), "unet_config", None)
+        name = cfg.get("image_model") if isinstance(cfg, dict) else None
+        return str(name) if isinstance(name, str) else None
+
+    @property
+    def masked(self) -> bool:
+        from ..families import get_family
+
+        return get_family(self.family).masked
 
     def context_dim(self) -> int | None:
         cfg = getattr(getattr(self.model, "model_config", None), "unet_config", None)
@@ -185,9 +198,27 @@ class ComfyBackend:
         return sig
 
     # --- conditioning ---------------------------------------------------------------------
+    def _with_size(self, cond: Cond, given: dict | None = None) -> Cond:
+        """PixArt: image size and aspect ratio as ComfyUI's PixArt model reads them (``c_size``
+        ``[[h, w]]``, ``c_ar`` ``[[h / w]]``): the conditioning's own ``width``/``height`` (from
+        CLIPTextEncodePixArtAlpha) where it has them, else the size being made, which is what
+        ComfyUI's PixArt falls back to (latent size x 8). Only PixArt-alpha at 1024 px reads them."""
+        h = float(self.height or 8 * 128)
+        w = float(self.width or 8 * 128)
+        given = given or {}
+        if isinstance(given.get("width"), (int, float)) and isinstance(given.get("height"), (int, float)):
+            h, w = float(given["height"]), float(given["width"])
+        ar = float(given["aspect_ratio"]) if isinstance(given.get("aspect_ratio"), (int, float)) else h / w
+        dev = self.device
+        return Cond(cond.crossattn, None, {"c_size": torch.tensor([[h, w]], device=dev),
+                                           "c_ar": torch.tensor([[ar]], device=dev)})
+
     def _with_adm(self, cond: Cond) -> Cond:
         """SDXL-style models read a pooled vector plus size embeddings (``y``); others read
-        neither, so the pooled vector is dropped (positive and negative then always batch)."""
+        neither, so the pooled vector is dropped (positive and negative then always batch).
+        PixArt reads its size numbers through ``c_size`` and ``c_ar`` instead."""
+        if self.masked:
+            return self._with_size(cond)
         if not int(getattr(self.model, "adm_channels", 0) or 0):
             return Cond(cond.crossattn)
         if cond.pooled is None:
@@ -206,9 +237,17 @@ class ComfyBackend:
         c = conditioning_to_cond(conditioning, "positive")
         c = Cond(clone_normal(c.crossattn).float().to(self.device),
                  None if c.pooled is None else clone_normal(c.pooled).float().to(self.device))
+        if self.masked:
+            return self._with_size(c, conditioning[0][1] if isinstance(conditioning[0][1], dict) else None)
         return self._with_adm(c)
 
-    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None) -> Cond:
+    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> Cond:
+        """ComfyUI's conditioning has no attention mask: a T5 negative here is its counted rows only
+        (what Load ReNeg Embedding gives), so a mask with padding is refused, not silently dropped."""
+        if mask is not None and not bool(mask.bool().all()):
+            raise ComfyModelError("ComfyUI's PixArt reads every row of its conditioning: give the rows the "
+                                  "attention mask keeps (Load ReNeg Embedding does)")
         pooled = self.negative_pooled if pooled is None else pooled
         return self._with_adm(Cond(neg.to(self.device), None if pooled is None else pooled.to(self.device)))
 

@@ -254,8 +254,13 @@ class DiffusersBackend:
             self._null = self._encode([""])
         return self._null
 
-    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None) -> Cond:
-        """A negative's Cond; SDXL's pooled vector is the empty prompt's unless one is given."""
+    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> Cond:
+        """A negative's Cond; SDXL's pooled vector is the empty prompt's unless one is given.
+        ``mask`` is for the T5 families (:mod:`reneg.backends.pixart`); CLIP families read every row."""
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError(f"{self.family} reads every row of a negative; an attention mask with padding "
+                             f"belongs to a T5 (PixArt) negative")
         if self.text_encoder_2 is None:
             return Cond(neg.to(self.device))
         if pooled is None:  # no copy: called on every training step, and the cond is only read

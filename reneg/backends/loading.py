@@ -212,7 +212,22 @@ def _load_sd_folder(path: str, device, dtype, vae_path: str | None = None) -> Di
     return backend
 
 
+def _is_pixart(path: str, index: dict) -> bool:
+    from .pixart import pixart_family  # imported when a folder is looked at, not with this module
+
+    return pixart_family(index) is not None
+
+
+def _load_pixart(path: str, device, dtype, vae: str | None = None) -> DiffusersBackend:
+    from .pixart import load_folder  # PixArt-alpha / -sigma: T5 with its attention mask, a transformer
+
+    if vae:
+        raise ModelLoadError(f"{path}: --vae is for Stable Diffusion checkpoints; a PixArt folder uses its own vae/")
+    return load_folder(path, device, dtype)
+
+
 FOLDER_KINDS: list[FolderKind] = [
+    FolderKind("pixart", _is_pixart, _load_pixart),
     FolderKind("stable-diffusion", lambda path, index: os.path.isdir(os.path.join(path, "unet")), _load_sd_folder),
 ]
 

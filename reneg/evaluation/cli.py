@@ -58,8 +58,9 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--save-tuned", action="store_true", help="also save each tuned embedding under OUT/tuned/NAME/")
     a("--video", metavar="MOTION_ADAPTER", help="AnimateDiff: a local diffusers MotionAdapter folder; --model "
                                                 "must be SD1.x. Frames are scored with the image rewards and "
-                                                "averaged; videos are saved as animated PNGs")
-    a("--frames", type=int, default=d.frames, help="frames per video with --video")
+                                                "averaged; videos are saved as animated PNGs. A --model that is a "
+                                                "TextToVideoSDPipeline folder (ZeroScope) makes videos without it")
+    a("--frames", type=int, default=d.frames, help="frames per video with --video or a text-to-video --model")
     a("--reference", help="negative the others are compared to in the report (default: handcrafted, else null)")
     a("--tie-tol", type=float, default=d.tie_tol, help="score differences up to this count as ties (default 0)")
     a("--grid-limit", type=int, default=d.grid_limit, help="rows of images shown in report.html")

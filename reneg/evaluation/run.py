@@ -239,7 +239,11 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         raise EvalError("--prompts is required (.txt, ImageReward .json, PartiPrompts .tsv or an HPSv2 folder)")
     if cfg.tune_noise not in ("seed", "fresh"):
         raise EvalError(f"--tune-noise must be seed or fresh, got {cfg.tune_noise}")
-    if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")):
+    from reneg.backends.video import is_text_to_video_folder
+
+    if not cfg.video and os.path.isdir(cfg.model) and is_text_to_video_folder(cfg.model):
+        cfg.video = cfg.model  # ZeroScope / ModelScope: the model itself makes videos
+    if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")) and not is_text_to_video_folder(cfg.video):
         raise EvalError(f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
                         f"diffusion_pytorch_model.safetensors)")
     negatives = parse_negatives(cfg.negatives or ["null", "handcrafted"], cfg.handcrafted)
@@ -476,7 +480,10 @@ def _device(cfg: EvalConfig) -> torch.device:
 
 def load_backend(cfg: EvalConfig, device: torch.device):
     from reneg.backends.loading import load_diffusers
+    from reneg.backends.video import is_text_to_video_folder, load_text_to_video
 
+    if cfg.video and is_text_to_video_folder(cfg.video):
+        return load_text_to_video(cfg.video, device, frames=cfg.frames)
     backend = load_diffusers(cfg.model, device=device, config=cfg.config, vae=cfg.vae,
                              prediction_type=cfg.prediction_type)
     if cfg.video:
@@ -513,8 +520,9 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                 f"on its own)")
     tune_reward = FrameReward(rewards[0], frames) if frames > 1 else rewards[0]
     # every embedding file must fit the model before any image is made
-    tensors = {n.source: load_embedding(n.source, expected_family=backend.family).tensor.float()
-               for n in negatives if n.kind in ("file", "tuned") and n.source != "null"}
+    embs = {n.source: load_embedding(n.source, expected_family=backend.family)
+            for n in negatives if n.kind in ("file", "tuned") and n.source != "null"}
+    tensors = {k: e.model_rows().float() for k, e in embs.items()}
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
     tuning_logs: dict[str, dict] = {}
     made = 0
@@ -538,7 +546,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                                                    tensors.get(neg.source))
                 made += len(need)
                 continue
-            pooled = None  # SDXL: the empty prompt's pooled vector, except a text negative's own
+            pooled = mask = None  # SDXL: the empty prompt's pooled vector, except a text negative's own
             if neg.kind in ("null", "zero"):
                 t, pooled = backend.null_embedding()
                 if neg.kind == "zero":  # crossattn and pooled vector all zeros; the size numbers stay
@@ -546,8 +554,8 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
             elif neg.kind == "text":
                 t, pooled = text_negative(backend, neg.source)
             else:
-                t = tensors[neg.source]
-            uncond = backend.negative_cond(t.to(device), pooled)
+                t, mask = tensors[neg.source], embs[neg.source].mask()  # a T5 file's attention mask
+            uncond = backend.negative_cond(t.to(device), pooled, mask)
             made += _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames)
     finally:
         if bar is not None:
