@@ -51,6 +51,11 @@ class TrainConfig:
     base_model_name: str | None = None
     progress: bool = True
     demo: bool = False
+    # --- compute-saving options (docs/compute.md); the defaults are the paper's recipe ---
+    rollout_steps: int | None = None   # no-grad DDIM steps to the grad step (None: every step)
+    grads_per_rollout: int = 1         # grad steps taken along one trajectory
+    recipe: str = "paper"              # paper | fast: a named set of the options above
+    # --- end of compute-saving options ---
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -107,6 +112,51 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see the README's Performance section)")
     a("--device", help="cpu, cuda, cuda:1... (default: what accelerate picks)")
     a("--no-progress", dest="progress", action="store_false")
+    add_compute_args(p, d)
+
+
+# --- compute-saving options (docs/compute.md) -------------------------------------------------------
+# A named recipe sets several options at once; flags given explicitly win over the recipe.
+RECIPES = {
+    "paper": {},
+    "fast": {},
+}
+
+
+def add_compute_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    a = p.add_argument
+    a("--recipe", choices=sorted(RECIPES), default=None,
+      help="paper (default): the paper's recipe; fast: the cheaper recipe measured in docs/compute.md")
+    a("--rollout-steps", type=int, default=None, metavar="N",
+      help="reach the grad step's noise level in N no-grad DDIM steps instead of every step of "
+           "--sampling-steps (default: every step, the paper)")
+    a("--grads-per-rollout", type=int, default=None, metavar="K",
+      help="take K grad steps (distinct, from --grad-range) along each sampled trajectory "
+           "(default 1, the paper)")
+
+
+def apply_recipe(ns: argparse.Namespace) -> None:
+    """Fills the compute options a command line left unset from ``--recipe``, then the defaults."""
+    recipe = getattr(ns, "recipe", None) or "paper"
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe {recipe}: expected one of {', '.join(sorted(RECIPES))}")
+    ns.recipe = recipe
+    for k, v in RECIPES[recipe].items():
+        if getattr(ns, k, None) is None:
+            setattr(ns, k, v)
+    if getattr(ns, "grads_per_rollout", None) is None:
+        ns.grads_per_rollout = TrainConfig.grads_per_rollout
+
+
+def validate_compute(cfg) -> None:
+    if cfg.rollout_steps is not None:
+        _positive("rollout-steps", cfg.rollout_steps)
+    _positive("grads-per-rollout", cfg.grads_per_rollout)
+    lo, hi = cfg.grad_range
+    if cfg.grads_per_rollout > hi - lo + 1:
+        raise ConfigError(f"--grads-per-rollout {cfg.grads_per_rollout}: --grad-range {lo} {hi} holds only "
+                          f"{hi - lo + 1} distinct grad steps")
+# --- end of compute-saving options ------------------------------------------------------------------
 
 
 def _positive(name: str, v, allow_zero: bool = False):
@@ -176,6 +226,7 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
     _positive("warmup", cfg.warmup, allow_zero=True)
     _positive("eval-every", cfg.eval_every, allow_zero=True)
     _positive("weight-decay", cfg.weight_decay, allow_zero=True)
+    validate_compute(cfg)
     per = cfg.micro_batch * num_processes
     if cfg.batch_size % per:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
@@ -217,7 +268,8 @@ def check_embedding_arg(flag: str, path: str) -> None:
 
 # settings that decide which samples a step sees and how it updates (--steps may grow)
 RESUME_MUST_MATCH = ("seed", "batch_size", "micro_batch", "sampling_steps", "grad_range", "guidance",
-                     "resolution", "lr", "lr_schedule", "warmup", "weight_decay")
+                     "resolution", "lr", "lr_schedule", "warmup", "weight_decay",
+                     "rollout_steps", "grads_per_rollout")
 
 
 def _check_resume(cfg: TrainConfig) -> None:
@@ -263,6 +315,7 @@ def check_out_dir(out: str) -> None:
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    apply_recipe(ns)
     d = {k: v for k, v in vars(ns).items() if k in TrainConfig.__dataclass_fields__}
     d["grad_range"] = tuple(d.get("grad_range", (0, 10)))
     if not d.get("out"):
