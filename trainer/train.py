@@ -304,10 +304,12 @@ def _checkpoint_compute(state: dict) -> dict:
     """The compute counts a checkpoint carries (none in checkpoints written before the meter)."""
     import json
 
-    try:
-        extra = json.loads(state.get("extra") or "{}")
-    except (TypeError, ValueError):
-        return {}
+    extra = state.get("extra") or {}
+    if isinstance(extra, str):  # load_checkpoint parses it; a raw state still holds JSON text
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            return {}
     return extra.get("compute", {}) if isinstance(extra, dict) else {}
 
 
