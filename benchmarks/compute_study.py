@@ -50,6 +50,9 @@ TUNE_VARIANTS = {
     "search-7": (7, 10, "--search-steps 7 (10 x 7 + one 30-step image)"),
     "search-5": (5, 10, "--search-steps 5"),
     "search-5-max6": (5, 6, "--search-steps 5 --max-steps 6"),
+    "max-2": (None, 2, "--max-steps 2: one update at 30 sampling steps"),
+    "max-3": (None, 3, "--max-steps 3: two updates at 30 sampling steps"),
+    "search-10-max5": (10, 5, "--search-steps 10 --max-steps 5"),
 }
 
 
@@ -153,17 +156,17 @@ def main(argv=None) -> int:
 
     rows = []
     for n in names:
-        scores, base, compute, seconds = [], [], [], []
+        scores, ref, compute, seconds = [], [], [], []
         for seed in ns.seeds:
             sm = summaries[(n, seed)]
             emb = load_embedding(sm["embedding"]).tensor
             scores += score(f"{n}-s{seed}", emb)
-            base += score(f"paper-s{seed}", load_embedding(summaries[("paper", seed)]["embedding"]).tensor)
+            ref += score(f"paper-s{seed}", load_embedding(summaries[("paper", seed)]["embedding"]).tensor)
             compute.append(sm["compute"]["tflop_sd15_512"])
             seconds.append(sm["seconds"])
         m = mean_ci(scores)
-        d = mean_ci(paired_differences(scores, base))
-        w = win_rate(scores, base)
+        d = mean_ci(paired_differences(scores, ref))
+        w = win_rate(scores, ref)
         rows.append({"variant": n, "what": VARIANTS[n][1], "tflop_sd15": sum(compute) / len(compute),
                      "compute_units": summaries[(n, ns.seeds[0])]["compute"]["units"],
                      "seconds_cpu": sum(seconds) / len(seconds), "mean": m, "diff_vs_paper": d,
@@ -211,14 +214,20 @@ def tune_study(ns, world, backend, reward, summaries, texts) -> list[dict]:
         full[(text, seed)] = float(generate_and_score(backend, reward, [text], [seed], backend.negative_cond(start),
                                                       st["sampling_steps"], st["guidance"], st["resolution"],
                                                       st["resolution"], 1)[0])
+    cache_path = os.path.join(ns.out, "tune_rows.json")  # a finished tune variant is reused
+    cache = json.load(open(cache_path, encoding="utf-8")) if os.path.isfile(cache_path) else {}
     out = []
     for n in names:
         search, max_steps, what = TUNE_VARIANTS[n]
+        key = f"{n}|{ns.tune_prompts}|s{ns.seeds[0]}"
+        if key in cache:
+            out.append(cache[key])
+            continue
         gains, calls, tflop, t0 = [], [], [], time.time()
         for text, seed in items:
             meter = ComputeMeter()
             res, _ = tune_for_seed(backend, reward, text, seed, start, st["sampling_steps"], st["guidance"],
-                                   tuple(st["grad_range"]), st["resolution"], st["resolution"], max_steps, 3,
+                                   tuple(st["grad_range"]), st["resolution"], st["resolution"], max_steps, min(3, max_steps),
                                    st.get("tune_lr", st["lr"]), search_steps=search, meter=meter)
             kept = res.final_reward if res.final_reward is not None else res.best_reward
             gains.append(kept - full[(text, seed)])
@@ -227,6 +236,9 @@ def tune_study(ns, world, backend, reward, summaries, texts) -> list[dict]:
         out.append({"variant": n, "what": what, "gain": mean_ci(gains), "gains": gains,
                     "unet_calls": sum(calls) / len(calls), "tflop_sd15": sum(tflop) / len(tflop),
                     "worse_than_start": sum(g < 0 for g in gains), "prompts": len(items)})
+        cache[key] = out[-1]
+        from reneg.fileio import atomic_write_json
+        atomic_write_json(cache_path, cache)
         log(f"tune {n}: mean gain {out[-1]['gain']['mean']:+.4f}, {out[-1]['unet_calls']:.0f} UNet calls "
             f"({time.time() - t0:.0f} s)")
     g0, c0 = out[0]["gain"]["mean"], out[0]["unet_calls"]
