@@ -65,7 +65,6 @@ class ComputeMeter:
         if grad:
             def hook(g, _c=c, _b=int(batch)):
                 _c["items_backward"] += _b
-                return None
             out.register_hook(hook)
 
     def _wrap(self, kind: str, fn: Callable, batch_of: Callable) -> Callable:
@@ -105,7 +104,7 @@ class ComputeMeter:
         c = self.counts["unet"]
         return c["calls_nograd"] + c["calls_grad"]
 
-    def add(self, other: "ComputeMeter | dict") -> "ComputeMeter":
+    def add(self, other: ComputeMeter | dict) -> ComputeMeter:
         """Adds another meter's (or its ``to_json()['counts']``) counts into this one."""
         counts = other.counts if isinstance(other, ComputeMeter) else other.get("counts", other)
         for k in KINDS:
