@@ -7,6 +7,9 @@ Builds SD1.5's UNet and VAE and OpenCLIP ViT-H-14 on PyTorch's ``meta`` device
 (shapes only: no memory, no arithmetic, a few seconds), counts one forward of each
 with ``torch.utils.flop_counter`` and prints the per-sample totals and the floor at
 a given matmul rate (790 TFLOP/s: an H100 at bf16).
+
+The counted U, V and R at 512 x 512 are also the units of the trainer's compute meter
+(``reneg.compute.SD15_512``); ``--check-meter`` verifies that the two agree.
 """
 
 from __future__ import annotations
@@ -67,7 +70,16 @@ def main(argv=None) -> int:
     p.add_argument("--grad-range", type=int, nargs=2, default=[0, 10])
     p.add_argument("--tune-steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--check-meter", action="store_true",
+                   help="check that reneg.compute.SD15_512 holds the counts at 512 x 512, then exit")
     ns = p.parse_args(argv)
+    if ns.check_meter:
+        from reneg.compute import SD15_512
+
+        c = count_sd15(512)
+        got = {"U": c["unet_forward"], "V": c["vae_decode"], "R": c["reward_image_forward"]}
+        print(f"counted {got}; reneg.compute.SD15_512 {SD15_512}")
+        return 0 if got == SD15_512 else 1
     if ns.resolution <= 0 or ns.resolution % 64:
         p.error(f"--resolution must be a positive multiple of 64, got {ns.resolution}")
     c = count_sd15(ns.resolution)

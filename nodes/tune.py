@@ -67,13 +67,19 @@ class ReNegPerSampleTune:
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Takes the size from this latent instead of width/height."}),
+                # compute-saving option (docs/compute.md); 0 = the paper's search at `steps`
+                "search_steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip":
+                                 "Search with this many sampling steps (cheaper), then make the kept "
+                                 "negative's image once at `steps`. 0: search at `steps` (the paper)."}),
             },
         }
 
     @reports_errors(TITLE)
     def tune(self, model, vae, positive, negative, reward, prompt, seed, max_steps, patience, learning_rate,
-             cfg, steps, grad_step_min, grad_step_max, width, height, noise_mode, scheduler, latent=None):
+             cfg, steps, grad_step_min, grad_step_max, width, height, noise_mode, scheduler, latent=None,
+             search_steps=0):
         from ..reneg.backends.comfy_backend import ComfyBackend, clone_normal, conditioning_to_cond
+        from ..reneg.compute import ComputeMeter
         from ..reneg.generate import tune_for_seed
         from .reward import RewardModel
 
@@ -103,7 +109,14 @@ class ReNegPerSampleTune:
         (grad_step_min, grad_step_max), clamp_note = clamp_grad_range((int(grad_step_min), int(grad_step_max)), n)
         if clamp_note:
             print(f"[ReNeg] {TITLE}: {clamp_note}", flush=True)
-        pbar = progress_bar(int(max_steps) * n)
+        search = int(search_steps or 0)
+        if search < 0 or search > n:
+            raise ValueError(f"search_steps {search} must be between 0 and steps ({n})")
+        search = search if 0 < search < n else None
+        per = len(backend.schedule(search)) - 1 if search else n
+        total = int(max_steps) * per + (n if search else 0)
+        pbar = progress_bar(total)
+        meter = ComputeMeter()
 
         def on_sample_step(i, x, x0):
             if pbar is not None:
@@ -119,16 +132,16 @@ class ReNegPerSampleTune:
 
             def on_step(rec):
                 if pbar is not None:
-                    pbar.update_absolute(min((rec["step"] + 1) * n, int(max_steps) * n))
+                    pbar.update_absolute(min((rec["step"] + 1) * per, total))
 
             res, _ = tune_for_seed(backend, rmodel, prompt, int(seed), start, int(steps), float(cfg),
                                    (int(grad_step_min), int(grad_step_max)), backend.height, backend.width,
                                    int(max_steps), int(patience), float(learning_rate),
                                    noise="seed" if noise_mode == NOISE_MODES[0] else "fresh", on_step=on_step,
-                                   cond=cond, callback=on_sample_step)
+                                   cond=cond, callback=on_sample_step, search_steps=search, meter=meter)
             tuned = res.best.detach().float().cpu().clone()
         if pbar is not None:
-            pbar.update_absolute(int(max_steps) * n)
+            pbar.update_absolute(total)
         extra = dict(negative[0][1])
         extra[INFO_KEY] = {
             "kind": "per-sample", "prompt": prompt, "seed": int(seed), "noise_mode": noise_mode,
@@ -136,11 +149,19 @@ class ReNegPerSampleTune:
             "lr": float(learning_rate), "guidance_scale": float(cfg), "sampling_steps": n,
             "scheduler": scheduler, "grad_range": f"{grad_step_min},{grad_step_max}",
             "start_reward": res.start_reward, "best_reward": res.best_reward, "stopped": res.stopped,
+            "search_steps": search or n, "final_reward": res.final_reward,
+            # flat values: the Save node writes each as a metadata string
+            "compute_unet_calls": meter.unet_calls(),
+            "compute_units": " ".join(f"{k}={v}" for k, v in meter.units().items()),
+            "compute_tflop_sd15": round(meter.tflop_sd15(), 3),
         }
         lines = [f"note: {clamp_note}"] if clamp_note else []
         lines += [f"step {r['step']}: reward {r['reward']:.5f}{'  new best' if r['improved'] else ''}"
                  for r in res.history]
         lines.append(f"before {res.start_reward:.5f} -> after {res.best_reward:.5f} "
                      f"(best at step {res.best_step}, stopped: {res.stopped})")
+        if res.final_reward is not None:
+            lines.append(f"searched at {search} steps; the kept negative at {n} steps: {res.final_reward:.5f}")
+        lines.append(f"compute: {meter.short()}")
         return {"ui": {"text": ["\n".join(lines)]},
                 "result": ([[tuned, extra]], float(res.start_reward), float(res.best_reward))}

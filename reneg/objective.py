@@ -16,7 +16,7 @@ import torch
 
 from .cond import Cond
 from .options import PAPER
-from .sampling import Denoiser, cfg_denoise, sample
+from .sampling import Denoiser, cfg_denoise, ddim_step, sample
 
 
 @dataclass
@@ -38,6 +38,29 @@ class ObjectiveConfig:
         lo, hi = self.grad_range
         k = int(torch.randint(lo, hi + 1, (1,), generator=generator))
         return self.steps - 1 - k
+
+    def grad_indices(self, count: int, generator: torch.Generator | None = None) -> list[int]:
+        """``count`` distinct grad steps in the range, ascending (one trajectory visits them in
+        order). ``count == 1`` draws exactly what :meth:`grad_index` draws."""
+        if count <= 1:
+            return [self.grad_index(generator)]
+        lo, hi = self.grad_range
+        if count > hi - lo + 1:
+            raise ValueError(f"{count} grad steps per rollout do not fit in grad_range {self.grad_range}")
+        ks = torch.randperm(hi - lo + 1, generator=generator)[:count] + lo
+        return sorted(self.steps - 1 - int(k) for k in ks)
+
+
+def rollout_schedule(sigmas: torch.Tensor, stop: int, rollout_steps: int | None) -> torch.Tensor:
+    """The sigmas a no-grad rollout from ``sigmas[0]`` to ``sigmas[stop]`` visits.
+
+    ``None`` (the paper) walks every step of the schedule; ``n`` takes ``n`` DDIM steps picked
+    evenly from it, landing exactly on ``sigmas[stop]``, the grad step's noise level.
+    """
+    if rollout_steps is None or stop <= rollout_steps:
+        return sigmas[: stop + 1]
+    idx = torch.linspace(0, stop, rollout_steps + 1).round().long().unique()
+    return sigmas[idx]
 
 
 def grad_step_x0(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond,
@@ -68,21 +91,46 @@ class StepResult:
 def reneg_step(denoiser: Denoiser, decode: Callable[[torch.Tensor], torch.Tensor],
                reward: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: list[str],
                cond: Cond, uncond: Cond, x_start: torch.Tensor, sigmas: torch.Tensor,
-               scale: float, grad_index: int, reward_weight: float = 1.0) -> StepResult:
+               scale: float, grad_index: int | list[int], reward_weight: float = 1.0,
+               rollout_steps: int | None = None,
+               backward: Callable[[torch.Tensor], None] | None = None) -> StepResult:
     """One ReNeg sample batch: no-grad rollout to ``grad_index``, then the grad step.
 
     ``x_start`` is the VE latent at ``sigmas[0]``; ``uncond`` holds the trainable
     negative (its tensors may require grad); ``reward(images, prompts) -> [B]``.
+
+    Cheaper variants (the defaults are the paper's): ``grad_index`` may be a list of
+    ascending indices: one trajectory takes a grad step at each (the rollout continues from
+    each grad step's own guided prediction, so the extra grad steps cost no extra rollout)
+    and the loss is their mean. ``rollout_steps`` reaches the first grad step's sigma in that
+    many no-grad DDIM steps instead of every step of the schedule. ``backward(loss_k)``, if
+    given, is called on each grad step's share of the loss at once, so only one grad step's
+    graph is alive at a time; the returned loss is then detached.
     """
+    indices = [grad_index] if isinstance(grad_index, int) else sorted(int(i) for i in grad_index)
     b = x_start.shape[0]
-    with torch.no_grad():
-        x, _ = sample(denoiser, x_start, sigmas, cond, uncond.detach(), scale, stop=grad_index)
-    sigma = torch.full((b,), float(sigmas[grad_index]), dtype=x.dtype, device=x.device)
-    x0 = grad_step_x0(denoiser, x, sigma, cond, uncond, scale)
-    images = decode(x0)
-    r = reward(images, prompts)
-    loss = -(reward_weight * r).mean()
-    return StepResult(loss, r.detach(), grad_index, x.detach(), x0.detach())
+    x, pos, losses, rewards, x0 = x_start, 0, [], [], None
+    neg_ng = uncond.detach()
+    for n, gi in enumerate(indices):
+        with torch.no_grad():
+            if n == 0:
+                x, _ = sample(denoiser, x, rollout_schedule(sigmas, gi, rollout_steps), cond, neg_ng, scale)
+            else:
+                x = ddim_step(x, x0, float(sigmas[pos - 1]), float(sigmas[pos]))
+                x, _ = sample(denoiser, x, sigmas, cond, neg_ng, scale, start=pos, stop=gi)
+        sigma = torch.full((b,), float(sigmas[gi]), dtype=x.dtype, device=x.device)
+        x0g = grad_step_x0(denoiser, x, sigma, cond, uncond, scale)
+        r = reward(decode(x0g), prompts)
+        loss = -(reward_weight * r).mean() / len(indices)
+        if backward is not None and loss.requires_grad:
+            backward(loss)
+            loss = loss.detach()
+        losses.append(loss)
+        rewards.append(r.detach())
+        x0, pos = x0g.detach(), gi + 1
+    loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    return StepResult(loss, rewards[0] if len(rewards) == 1 else torch.cat(rewards), indices[-1],
+                      x.detach(), x0)
 
 
 @dataclass
@@ -93,6 +141,7 @@ class SearchResult:
     best_step: int
     history: list[dict] = field(default_factory=list)
     stopped: str = "max_steps"       # max_steps | patience | cancelled
+    final_reward: float | None = None  # the kept negative's full-step image (search with fewer steps)
 
 
 def per_sample_search(evaluate: Callable[[torch.Tensor, int], tuple[float, torch.Tensor | None]],

@@ -289,6 +289,30 @@ def test_tune_clamps_its_grad_range_to_the_sampling_steps(host, models, reward, 
     assert out["result"][0][0][1]["reneg"]["grad_range"] == "0,3"
 
 
+def test_tune_search_steps_meters_and_keeps_the_models_clean(host, models, reward):
+    """search_steps: the search runs at fewer sampling steps, the kept negative's image once at
+    `steps`; the record carries the meter's counts as flat values the Save node can write."""
+    model, vae, clip = models
+    pos, neg = _conds(clip)
+    modules = [model.model, vae.first_stage_model, reward.module]
+    before = _state(modules)
+    ticks = []
+    host.utils.PROGRESS_BAR_HOOK = lambda cur, total, preview: ticks.append((cur, total))
+    tune = node(host, "ReNegPerSampleTune")
+    with torch.inference_mode():
+        out = tune.tune(**_tune_args(models, pos, neg, reward, steps=8, grad_step_min=0, grad_step_max=3,
+                                     max_steps=2, patience=2, search_steps=4))
+    assert _state(modules) == before
+    info = out["result"][0][0][1]["reneg"]
+    assert info["search_steps"] == 4 and info["sampling_steps"] == 8 and info["final_reward"] is not None
+    # 2 searches of 4 steps (+1 call: the grad step runs its two branches apart) + 8 for the kept image
+    assert info["compute_unet_calls"] == 4 + 1 + 4 + 8
+    assert isinstance(info["compute_units"], str) and info["compute_tflop_sd15"] > 0
+    assert ticks and ticks[-1][0] == ticks[-1][1] == 2 * 4 + 8
+    with pytest.raises(RuntimeError, match="search_steps 9"):
+        run(tune.tune, **_tune_args(models, pos, neg, reward, steps=8, search_steps=9))
+
+
 def test_tune_reports_bad_inputs(host, models, reward):
     model, vae, clip = models
     pos, neg = _conds(clip)

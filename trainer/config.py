@@ -53,6 +53,11 @@ class TrainConfig:
     base_model_name: str | None = None
     progress: bool = True
     demo: bool = False
+    # --- compute-saving options (docs/compute.md); the defaults are the paper's recipe ---
+    rollout_steps: int | None = None   # no-grad DDIM steps to the grad step (None: every step)
+    grads_per_rollout: int = 1         # grad steps taken along one trajectory
+    recipe: str = "paper"              # paper | fast: a named set of the options above
+    # --- end of compute-saving options ---
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -96,6 +101,55 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see docs/performance.md)")
     O.add_options(p, ["device"], helps={"device": "cpu, cuda, cuda:1... (default: what accelerate picks)"})
     a("--no-progress", dest="progress", action="store_false")
+    add_compute_args(p, d)
+
+
+# --- compute-saving options (docs/compute.md) -------------------------------------------------------
+# A named recipe sets several options at once; flags given explicitly win over the recipe.
+# "fast" costs about a quarter of the paper recipe per gradient at SD1.5 scale; on the demo world it was
+# NOT shown to reach the paper recipe's held-out reward (docs/compute.md): it is for quick experiments.
+RECIPES = {
+    "paper": {},
+    "fast": {"rollout_steps": 3, "grads_per_rollout": 2},
+}
+
+
+def add_compute_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    a = p.add_argument
+    a("--recipe", choices=sorted(RECIPES), default=None,
+      help="paper (default): the paper's recipe; fast: --rollout-steps 3 --grads-per-rollout 2 (use half "
+           "the --batch-size for the same gradients per step), about 1/4 of the compute, not shown to "
+           "reach the paper recipe's reward (docs/compute.md)")
+    a("--rollout-steps", type=int, default=None, metavar="N",
+      help="reach the grad step's noise level in N no-grad DDIM steps instead of every step of "
+           "--sampling-steps (default: every step, the paper)")
+    a("--grads-per-rollout", type=int, default=None, metavar="K",
+      help="take K grad steps (distinct, from --grad-range) along each sampled trajectory "
+           "(default 1, the paper)")
+
+
+def apply_recipe(ns: argparse.Namespace) -> None:
+    """Fills the compute options a command line left unset from ``--recipe``, then the defaults."""
+    recipe = getattr(ns, "recipe", None) or "paper"
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe {recipe}: expected one of {', '.join(sorted(RECIPES))}")
+    ns.recipe = recipe
+    for k, v in RECIPES[recipe].items():
+        if getattr(ns, k, None) is None:
+            setattr(ns, k, v)
+    if getattr(ns, "grads_per_rollout", None) is None:
+        ns.grads_per_rollout = TrainConfig.grads_per_rollout
+
+
+def validate_compute(cfg) -> None:
+    if cfg.rollout_steps is not None:
+        _positive("rollout-steps", cfg.rollout_steps)
+    _positive("grads-per-rollout", cfg.grads_per_rollout)
+    lo, hi = cfg.grad_range
+    if cfg.grads_per_rollout > hi - lo + 1:
+        raise ConfigError(f"--grads-per-rollout {cfg.grads_per_rollout}: --grad-range {lo} {hi} holds only "
+                          f"{hi - lo + 1} distinct grad steps")
+# --- end of compute-saving options ------------------------------------------------------------------
 
 
 # the numeric flags of train, checked by reneg.options (kind, bounds)
@@ -136,6 +190,7 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
 
     check_train_numbers(cfg)
     validate_common(cfg)
+    validate_compute(cfg)
     per = cfg.micro_batch * num_processes
     if cfg.batch_size % per:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
@@ -187,7 +242,8 @@ def check_embedding_arg(flag: str, path: str) -> None:
 # path: a run may move between machines) of the prompt files and of an --init file.
 RESUME_MUST_MATCH = ("seed", "batch_size", "micro_batch", "sampling_steps", "grad_range", "guidance",
                      "resolution", "lr", "lr_schedule", "warmup", "weight_decay", "heldout_count",
-                     "heldout_seed", "handcrafted", "prompts_sha256", "heldout_sha256", "init_sha256")
+                     "heldout_seed", "handcrafted", "prompts_sha256", "heldout_sha256", "init_sha256",
+                     "rollout_steps", "grads_per_rollout")
 _CONTENT_FLAG = {"prompts_sha256": "--prompts", "heldout_sha256": "--heldout", "init_sha256": "--init"}
 
 
@@ -265,6 +321,7 @@ def check_out_dir(out: str) -> None:
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    apply_recipe(ns)
     d = {k: v for k, v in vars(ns).items() if k in TrainConfig.__dataclass_fields__}
     d["grad_range"] = tuple(d.get("grad_range", PAPER.grad_range))
     if not d.get("out"):

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from reneg.compute import ComputeMeter
 from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding, generate_and_score, text_negative
@@ -51,7 +52,8 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
 
 class CsvLog:
     FIELDS = ["step", "loss", "reward", "lr", "grad_norm", "skipped", "seconds",
-              "heldout_null", "heldout_handcrafted", "heldout_learned"]
+              "heldout_null", "heldout_handcrafted", "heldout_learned",
+              "compute_U", "compute_V", "compute_R", "compute_tflop_sd15"]  # cumulative training compute
 
     def __init__(self, path: str, resume_step: int):
         self.path = path
@@ -160,6 +162,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     start, skipped, history = 0, 0, []
+    spent = ComputeMeter()  # all processes' training compute so far (held-out scoring is not counted)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
     resume_from = find_resume(cfg.out, cfg.resume) if cfg.resume else None
     if resume_from:
@@ -174,6 +177,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
         start, skipped, history = state["step"], state.get("skipped", 0), state["heldout"]
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"])
+        spent = ComputeMeter(_checkpoint_compute(state))
 
     obj = ObjectiveConfig(cfg.sampling_steps, cfg.guidance, tuple(cfg.grad_range))
     sigmas = backend.schedule(cfg.sampling_steps)
@@ -206,13 +210,18 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
         save_embedding(os.path.join(cfg.out, "embedding.safetensors"), emb, overwrite=True,
                        **dict(meta, trained_steps=step))
         save_checkpoint(ckpt_path, step=step, neg=neg, optimizer=opt, scheduler=sched, skipped=skipped,
-                        config=saved_config, heldout=history)
+                        config=saved_config, heldout=history,
+                        extra={"compute": spent.counts})
 
     bar = None
     if main and cfg.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc="reneg train", dynamic_ncols=True)
     bad_streak, t0 = 0, time.time()
+    meter = ComputeMeter()  # this process's counts of the current step
+    m_denoiser, m_decode, m_reward = meter.denoiser(backend.denoiser), meter.decode(backend.decode), meter.reward(reward)
+    grads_per_rollout = getattr(cfg, "grads_per_rollout", 1)
+    rollout_steps = getattr(cfg, "rollout_steps", None) or None
     try:
         for step in range(start, cfg.steps):
             opt.zero_grad(set_to_none=True)
@@ -223,12 +232,15 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 idx = torch.randint(len(train_texts), (cfg.micro_batch,), generator=g)
                 ps = [train_texts[i] for i in idx]
                 noise = torch.randn(shape, generator=g).to(device)
-                gi = obj.grad_index(g)
+                gi = obj.grad_indices(grads_per_rollout, g)
                 with acc.autocast():
-                    res = reneg_step(backend.denoiser, backend.decode, reward, ps, backend.encode_prompts(ps),
+                    res = reneg_step(m_denoiser, m_decode, m_reward, ps, backend.encode_prompts(ps),
                                      backend.negative_cond(neg), initial_latent(noise, sigmas[0]), sigmas,
-                                     cfg.guidance, gi)
-                (res.loss / accum).backward()
+                                     cfg.guidance, gi if len(gi) > 1 else gi[0], rollout_steps=rollout_steps,
+                                     # several grad steps: each one's backward at once (one graph alive)
+                                     backward=(lambda loss: (loss / accum).backward()) if len(gi) > 1 else None)
+                if len(gi) == 1:
+                    (res.loss / accum).backward()
                 rewards.append(res.rewards.float())
                 loss_sum += float(res.loss.detach()) / accum
             grad = neg.grad if neg.grad is not None else torch.zeros_like(neg)
@@ -257,8 +269,18 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 opt.step()
             sched.step()
             done = step + 1
+            counts = meter.take()
+            if acc.num_processes > 1:
+                from accelerate.utils import gather_object
+                for c in gather_object([counts]):
+                    spent.add(c)
+            else:
+                spent.add(counts)
+            units = spent.units()
             row = {"step": done, "loss": loss_sum, "reward": float(r_all.mean()), "lr": sched.get_last_lr()[0],
-                   "grad_norm": gnorm, "skipped": skipped, "seconds": round(time.time() - t0, 2)}
+                   "grad_norm": gnorm, "skipped": skipped, "seconds": round(time.time() - t0, 2),
+                   "compute_U": units["U"], "compute_V": units["V"], "compute_R": units["R"],
+                   "compute_tflop_sd15": round(spent.tflop_sd15(), 3)}
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and main:
                 rec = heldout_eval(done)
                 row.update({f"heldout_{k}": v for k, v in rec.items() if k != "step"})
@@ -288,6 +310,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
             "heldout_seeds": [heldout_seeds[0], heldout_seeds[-1]] if heldout_seeds else [],
             "heldout_history": history,
             "skipped_updates": skipped,
+            "compute": spent.to_json(),
             "rewards": cfg.rewards,
             "embedding": os.path.join(cfg.out, "embedding.safetensors"),
             "seconds": round(time.time() - t0, 2),
@@ -296,6 +319,19 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
         atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
     acc.wait_for_everyone()
     return summary
+
+
+def _checkpoint_compute(state: dict) -> dict:
+    """The compute counts a checkpoint carries (none in checkpoints written before the meter)."""
+    import json
+
+    extra = state.get("extra") or {}
+    if isinstance(extra, str):  # load_checkpoint parses it; a raw state still holds JSON text
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            return {}
+    return extra.get("compute", {}) if isinstance(extra, dict) else {}
 
 
 def enable_checkpointing(backend, reward=None) -> None:

@@ -35,6 +35,11 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
       help="on a GPU: load the models in this precision and run under autocast")
     a("--gradient-checkpointing", action="store_true",
       help="recompute UNet, VAE-decoder and reward activations in backward (less memory)")
+    # --- compute-saving options (docs/compute.md); the default is the paper's Algorithm 1 ---
+    a("--search-steps", type=int, default=None, metavar="S",
+      help="search with S sampling steps (grad range scaled to match), then make the kept negative's "
+           "image once at --sampling-steps (default: search at --sampling-steps, the paper)")
+    # --- end of compute-saving options ---
 
 
 TUNE_NUMBERS = {"max_steps": ("int",), "patience": ("int",)}
@@ -65,6 +70,11 @@ def validate_tune(ns) -> None:
     folder = os.path.dirname(os.path.abspath(ns.out))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ConfigError(f"--out {ns.out}: folder {folder} does not exist or is not writable")
+    search = getattr(ns, "search_steps", None)
+    if search is not None:
+        O.check_int("--search-steps", search)
+        if search > ns.sampling_steps:
+            raise ConfigError(f"--search-steps {search} is above --sampling-steps {ns.sampling_steps}")
     check_out_dir(folder)  # a real write: a full disk or read-only mount fails here, not after tuning
 
 
@@ -95,10 +105,15 @@ def run_tune(ns) -> dict:
     def on_step(rec):
         print(f"step {rec['step']}: reward {rec['reward']:.5f} (best {rec['best_reward']:.5f})", flush=True)
 
+    from reneg.compute import ComputeMeter
+
+    meter = ComputeMeter()
     res, _ = tune_for_seed(backend, reward, ns.prompt, ns.seed, start.to(device), ns.sampling_steps, ns.guidance,
                            tuple(ns.grad_range), ns.resolution, ns.resolution, ns.max_steps, ns.patience, ns.lr,
                            noise=ns.noise, on_step=on_step,
-                           autocast_dtype=dtype if dtype != torch.float32 else None)
+                           autocast_dtype=dtype if dtype != torch.float32 else None,
+                           search_steps=getattr(ns, "search_steps", None), meter=meter)
+    print(f"compute: {meter.short()}", flush=True)
     emb = as_embedding(backend, res.best)
     save_embedding(ns.out, emb, overwrite=ns.overwrite, kind="per-sample", prompt=ns.prompt, seed=ns.seed,
                    noise_mode=ns.noise, **base_model_fields(ns.model),
@@ -107,6 +122,7 @@ def run_tune(ns) -> dict:
                    start_reward=res.start_reward, best_reward=res.best_reward)
     report = {"prompt": ns.prompt, "seed": ns.seed, "noise": ns.noise, "start_reward": res.start_reward,
               "best_reward": res.best_reward, "best_step": res.best_step, "stopped": res.stopped,
-              "history": res.history, "embedding": ns.out}
+              "history": res.history, "embedding": ns.out, "search_steps": getattr(ns, "search_steps", None),
+              "final_reward": res.final_reward, "compute": meter.to_json()}
     atomic_write_json(os.path.splitext(ns.out)[0] + ".json", report)
     return report

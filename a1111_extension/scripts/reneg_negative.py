@@ -74,7 +74,7 @@ def _import_core():
     if root not in sys.path:
         sys.path.append(root)  # appended: nothing in the repository shadows a host module
     try:
-        import reneg.hosts.a1111
+        import reneg.hosts.a1111  # noqa: F401  (the import is the check that the core loads)
         return sys.modules["reneg"], root, None
     except ImportError as e:
         return None, root, f"the ReNeg core in {root} could not be imported: {e}"
@@ -83,7 +83,7 @@ def _import_core():
 reneg, CORE_ROOT, CORE_ERROR = _import_core()
 if reneg is not None:
     from reneg.hosts import a1111 as core
-    from reneg.hosts.a1111 import ARG_NAMES, P_ATTR, parse_args
+    from reneg.hosts.a1111 import ARG_NAMES, P_ATTR, parse_args  # noqa: F401  (the script's public names)
 else:
     core = None
     log(CORE_ERROR)
