@@ -189,8 +189,8 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
     from reneg.prompts import PromptFileError, load_prompts
 
     check_train_numbers(cfg)
-    validate_common(cfg)
     validate_compute(cfg)
+    validate_common(cfg)
     per = cfg.micro_batch * num_processes
     if cfg.batch_size % per:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
