@@ -182,34 +182,39 @@ def info_text(page: Page) -> str:
 
 def generate(page: Page, timeout: float) -> str:
     """Press Generate and return the new generation info text."""
-    before = info_text(page)
+    before_info, before_images = info_text(page), image_urls(page)
     page.click(page.need(f"{TAB}_generate"))
     time.sleep(1.0)
 
     def done():
         busy = page.by_id(f"{TAB}_interrupt")
-        running = busy is not None and busy.is_displayed()
+        if busy is not None and busy.is_displayed():
+            return False
         now = info_text(page)
-        return (not running) and now and now != before and ("Steps:" in now or "Error" in now)
+        # an X/Y/Z grid's info can read exactly like the previous image's: new images count too
+        changed = now != before_info or image_urls(page) != before_images
+        return bool(now) and changed and ("Steps:" in now or "Error" in now)
 
     page.wait(done, timeout, "the generation to finish")
     time.sleep(1.0)
     return info_text(page)
 
 
-def gallery_items(page: Page):
-    root = page.need(f"{TAB}_gallery")
-    return root.find_elements(By.CSS_SELECTOR, "button.thumbnail-item, .thumbnail-item")
-
-
 def image_urls(page: Page) -> list[str]:
-    root = page.need(f"{TAB}_gallery")
+    root = page.by_id(f"{TAB}_gallery")
+    if root is None:
+        return []
     urls = []
     for img in root.find_elements(By.CSS_SELECTOR, ".thumbnail-item img, button.thumbnail-item img"):
         src = img.get_attribute("src")
         if src and src not in urls:
             urls.append(src)
     return urls
+
+
+def gallery_items(page: Page):
+    root = page.need(f"{TAB}_gallery")
+    return root.find_elements(By.CSS_SELECTOR, "button.thumbnail-item, .thumbnail-item")
 
 
 def png_parameters(url: str) -> str | None:

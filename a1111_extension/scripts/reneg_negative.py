@@ -56,7 +56,7 @@ def find_core_root(start: str) -> str | None:
 def _import_core():
     """Import the ``reneg`` package: installed, else found above this file (linked or copied)."""
     try:
-        import reneg.hosts.a1111
+        import reneg.hosts.a1111  # noqa: F401
         pkg = sys.modules["reneg"]
         parent = os.path.dirname(os.path.dirname(os.path.abspath(pkg.__file__)))
         in_repo = os.path.isdir(os.path.join(parent, "a1111_extension"))  # an editable install
@@ -74,7 +74,7 @@ def _import_core():
     if root not in sys.path:
         sys.path.append(root)  # appended: nothing in the repository shadows a host module
     try:
-        import reneg.hosts.a1111  # noqa: F401  (the import is the check that the core loads)
+        import reneg.hosts.a1111  # noqa: F401
         return sys.modules["reneg"], root, None
     except ImportError as e:
         return None, root, f"the ReNeg core in {root} could not be imported: {e}"
@@ -83,7 +83,6 @@ def _import_core():
 reneg, CORE_ROOT, CORE_ERROR = _import_core()
 if reneg is not None:
     from reneg.hosts import a1111 as core
-    from reneg.hosts.a1111 import ARG_NAMES, P_ATTR, parse_args  # noqa: F401  (the script's public names)
 else:
     core = None
     log(CORE_ERROR)
