@@ -51,6 +51,10 @@ class TrainConfig:
     base_model_name: str | None = None
     progress: bool = True
     demo: bool = False
+    # --- reported events (trainer/events.py): sample images, TensorBoard ---
+    sample_every: int = 0
+    report_to: str = "none"
+    # --- end reported events ---
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -107,6 +111,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see the README's Performance section)")
     a("--device", help="cpu, cuda, cuda:1... (default: what accelerate picks)")
     a("--no-progress", dest="progress", action="store_false")
+    # --- reported events (trainer/events.py) ---
+    from .events import add_event_args
+
+    add_event_args(p)
+    # --- end reported events ---
 
 
 def _positive(name: str, v, allow_zero: bool = False):
