@@ -15,8 +15,8 @@ import torch
 
 pytest.importorskip("gradio")
 
-from reneg.studio.app import EVAL_FIELDS, TRAIN_FIELDS, TUNE_FIELDS, Studio  # noqa: E402
-from reneg.studio.runs import EvalForm, RunManager, TrainForm  # noqa: E402
+from reneg.studio.app import EVAL_FIELDS, TRAIN_FIELDS, TUNE_FIELDS, Studio
+from reneg.studio.runs import EvalForm, RunManager, TrainForm
 
 
 def _values(form: TrainForm):
@@ -48,7 +48,7 @@ def test_demo_run_starts_reports_stops_with_checkpoint_and_resumes(tmp_path, mon
     msg = studio.start(*_values(f))
     assert msg.startswith("Started"), msg
     out = f.out
-    r, seen = _poll_until(studio, out, lambda r: r["state"] == "running" and r["step"] >= 1)
+    r, _ = _poll_until(studio, out, lambda r: r["state"] == "running" and r["step"] >= 1)
     assert "Running: step" in r["status"] and r["steps"] == 5
     assert r["latest"] is not None and r["gallery"]  # sample images: null beside the current negative
     assert list(r["loss"].columns) == ["step", "value", "series"] and len(r["loss"]) >= 1
@@ -70,7 +70,8 @@ def test_demo_run_starts_reports_stops_with_checkpoint_and_resumes(tmp_path, mon
     assert studio.manager.wait(out, 300) == 0
     r = studio.poll(out, "")
     assert r["state"] == "finished", r["status"] + r["log"]
-    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
     assert summary["steps"] == 5
     last = r["heldout"][-1]
     assert last[0] == 5 and last[1:] == pytest.approx([summary["heldout"][k] for k in
@@ -98,13 +99,13 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
         return studio.start(*_values(form))
 
     cases = {
-        "model": (dict(model=str(tmp_path / "nope")), "no such folder or file"),
-        "reward": (dict(rewards="hpsv9=x.pt"), "--reward"),
-        "steps": (dict(steps=0), "--steps must be > 0"),
-        "prompts": (dict(prompts=str(tmp_path / "missing.txt")), "--prompts"),
-        "resolution": (dict(resolution=30), "--resolution must be a positive multiple of 8"),
-        "number": (dict(seed=None), "a number field is empty"),
-        "init": (dict(init=str(tmp_path / "x.bin")), "--init"),
+        "model": ({"model": str(tmp_path / "nope")}, "no such folder or file"),
+        "reward": ({"rewards": "hpsv9=x.pt"}, "--reward"),
+        "steps": ({"steps": 0}, "--steps must be > 0"),
+        "prompts": ({"prompts": str(tmp_path / "missing.txt")}, "--prompts"),
+        "resolution": ({"resolution": 30}, "--resolution must be a positive multiple of 8"),
+        "number": ({"seed": None}, "a number field is empty"),
+        "init": ({"init": str(tmp_path / "x.bin")}, "--init"),
     }
     for name, (kw, expect) in cases.items():
         msg = start(**kw)
@@ -171,7 +172,7 @@ def test_embeddings_tab_lists_inspects_and_converts(tmp_path):
     torch.save(torch.randn(1, 77, 1024), folder / "official_sd21.bin")  # the paper's release format
     (folder / "broken.safetensors").write_bytes(b"not a file")
     studio = Studio(demo=False, root=str(tmp_path))
-    status, rows, thumbs, choices = studio.embeddings(str(folder))
+    status, rows, thumbs, _ = studio.embeddings(str(folder))
     assert status.startswith("3 embedding files")
     by = {r[0]: r for r in rows}
     assert by[os.path.join("run", "embedding.safetensors")][1:4] == ["sd1", "global", "1x77x768"]
@@ -215,7 +216,7 @@ def test_launched_app_binds_localhost_and_answers_a_client(tmp_path, capsys):
     from reneg.studio.app import launch
 
     port = _free_port()
-    app, studio = launch(demo=False, port=port, root=str(tmp_path), block=False)
+    app, _studio = launch(demo=False, port=port, root=str(tmp_path), block=False)
     try:
         out = capsys.readouterr().out
         assert f"ReNeg Studio: http://127.0.0.1:{port}" in out and "this machine only" in out

@@ -108,7 +108,7 @@ class Studio:
     def start(self, *values, resume: bool = False) -> str:
         try:
             return self.manager.start(self._form(values), resume=resume)
-        except Exception as e:  # never a traceback in the page
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return _err(e)
 
     def resume(self, *values) -> str:
@@ -117,7 +117,7 @@ class Studio:
     def stop(self, out: str) -> str:
         try:
             return self.manager.stop(out or "")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return _err(e)
 
     def poll(self, out: str, shown: str = "") -> dict:
@@ -125,7 +125,7 @@ class Studio:
         ``shown`` is the signature of the samples the page has; images are sent only when it changed."""
         try:
             st = run_status(out, self.manager)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return {"status": _err(e), "loss": _curve([], []), "reward": _curve([], []), "heldout": [],
                     "latest": None, "gallery": None, "signature": shown, "log": "", "state": "error"}
         rows = st["rows"]
@@ -146,7 +146,8 @@ class Studio:
         head = f"**{st['message']}**"
         if st["state"] == "running" and steps:
             head += "\n\n" + _bar(st["step"], steps)
-        return {"status": head, "loss": loss, "reward": reward, "heldout": st["heldout"], "latest": latest,
+        table = [[r[0]] + [None if x is None else round(float(x), 4) for x in r[1:]] for r in st["heldout"]]
+        return {"status": head, "loss": loss, "reward": reward, "heldout": table, "latest": latest,
                 "gallery": gallery, "signature": sig, "log": st["log"], "state": st["state"],
                 "step": st["step"], "steps": steps}
 
@@ -169,7 +170,12 @@ class Studio:
     def check_tune(self, v: dict):
         import argparse
 
-        from reneg.trainer.config import ConfigError, _positive, check_embedding_arg, validate_common
+        from reneg.trainer.config import (
+            ConfigError,
+            _positive,
+            check_embedding_arg,
+            validate_common,
+        )
 
         ns = argparse.Namespace(**v)
         ns.rewards = [s.strip() for s in (v["rewards"] or "").splitlines() if s.strip()]
@@ -202,7 +208,7 @@ class Studio:
         v = dict(zip(TUNE_FIELDS, values))
         try:
             ns = self.check_tune(v)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             yield _err(e), [], [], None
             return
         yield "Loading the models...", [], [], None
@@ -214,7 +220,7 @@ class Studio:
                 start = load_embedding(ns.embedding, expected_family=backend.family).tensor.float()
             else:
                 start, _ = backend.null_embedding()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             yield _err(e), [], [], None
             return
         q: queue.Queue = queue.Queue()
@@ -232,7 +238,7 @@ class Studio:
                                            ns.resolution, ns.max_steps, ns.patience, float(ns.lr),
                                            noise=ns.noise or "seed", on_step=on_step)
                 q.put(("done", res, image))
-            except Exception as e:  # shown in the page
+            except Exception as e:  # noqa: BLE001 - the page shows every error as one line
                 q.put(("error", e, None))
 
         threading.Thread(target=work, daemon=True).start()
@@ -248,8 +254,9 @@ class Studio:
                     im = to_pil(b)[0]
                     im = im.resize((max(256, im.width), max(256, im.height)), 0)
                     gallery.append((im, f"step {a['step']}: reward {a['reward']:.4f}"))
-                yield f"Step {a['step'] + 1} of at most {ns.max_steps}: reward {a['reward']:.5f} (best " \
-                      f"{a['best_reward']:.5f})", list(gallery), list(table), None
+                status = (f"Step {a['step'] + 1} of at most {ns.max_steps}: reward {a['reward']:.5f} "
+                          f"(best {a['best_reward']:.5f})")
+                yield status, list(gallery), list(table), None
             elif kind == "error":
                 yield _err(a), list(gallery), list(table), None
                 return
@@ -286,7 +293,7 @@ class Studio:
                            steps=r["steps"], lr=r["lr"], guidance_scale=r["guidance"], start_embedding=r["start"],
                            start_reward=r["start_reward"], best_reward=r["best_reward"])
             return f"Saved {path} (best reward {r['best_reward']:.5f})"
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return _err(e)
 
     # ------------------------------------------------------------------ Compare
@@ -295,7 +302,7 @@ class Studio:
         try:
             form = EvalForm(**dict(zip(EVAL_FIELDS, values)))
             proc = start_eval(form, threads=self.demo["threads"] if self.demo else None)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             yield _err(e), "", [], None, []
             return
         out = form.out.strip()
@@ -324,7 +331,7 @@ class Studio:
     def show_report(self, out: str):
         try:
             return self._report_tuple((out or "").strip(), _tail(os.path.join(out or "", "studio_eval.log"), 40))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return _err(e), "", [], None, []
 
     # ------------------------------------------------------------------ Embeddings
@@ -335,7 +342,7 @@ class Studio:
             return f"**Error:** Folder {folder or '(empty)'}: no such folder", [], [], []
         try:
             entries = list_embeddings(folder)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return _err(e), [], [], []
         rows, thumbs = [], []
         for e in entries:
@@ -347,7 +354,7 @@ class Studio:
                          e["source"] or e["created"]])
             try:
                 thumbs.append((thumbnail(e), f"{rel} ({e['family']}, {e['kind']})"))
-            except Exception:
+            except (OSError, ValueError):  # an unreadable picture: the row above says what is wrong
                 pass
         return f"{len(entries)} embedding files under {folder}", rows, thumbs, [e["path"] for e in entries]
 
@@ -356,7 +363,7 @@ class Studio:
             from reneg.embedding import load_embedding
 
             return load_embedding((path or "").strip()).info()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return {"error": readable(e)}
 
     def convert(self, src: str, dst: str, family: str = "", overwrite: bool = False) -> str:
@@ -372,7 +379,7 @@ class Studio:
                 raise FormError(f"Convert to {dst}: already exists (tick Overwrite to replace it)")
             emb = convert(src, dst, family=family or None, overwrite=overwrite)
             return f"Wrote {dst}: {emb.family} {list(emb.tensor.shape)}"
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return _err(e)
 
 
@@ -421,41 +428,41 @@ def build_app(studio: Studio):
             with gr.Row():
                 with gr.Column(scale=1):
                     c = {}
-                    c["model"] = gr.Textbox(t.model, label="Model (diffusers folder or single .safetensors file)")
-                    c["config"] = gr.Textbox(t.config, label="Configs folder (single-file checkpoints only)")
-                    c["rewards"] = gr.Textbox(t.rewards, lines=2, label="Rewards (NAME=PATH[,weight=W], one a line)")
-                    c["prompts"] = gr.Textbox(t.prompts, label="Training prompts file")
-                    c["heldout"] = gr.Textbox(t.heldout, label="Held-out prompts file (empty: the last N "
+                    c["model"] = gr.Textbox(elem_id="train_model", value=t.model, label="Model (diffusers folder or single .safetensors file)")
+                    c["config"] = gr.Textbox(elem_id="train_config", value=t.config, label="Configs folder (single-file checkpoints only)")
+                    c["rewards"] = gr.Textbox(elem_id="train_rewards", value=t.rewards, lines=2, label="Rewards (NAME=PATH[,weight=W], one a line)")
+                    c["prompts"] = gr.Textbox(elem_id="train_prompts", value=t.prompts, label="Training prompts file")
+                    c["heldout"] = gr.Textbox(elem_id="train_heldout", value=t.heldout, label="Held-out prompts file (empty: the last N "
                                                                "training prompts)")
-                    c["handcrafted"] = gr.Textbox(t.handcrafted, label="Handcrafted negative (compared against)")
-                    c["out"] = gr.Textbox(t.out, label="Output folder", elem_id="train_out")
+                    c["handcrafted"] = gr.Textbox(elem_id="train_handcrafted", value=t.handcrafted, label="Handcrafted negative (compared against)")
+                    c["out"] = gr.Textbox(elem_id="train_out", value=t.out, label="Output folder")
                     with gr.Accordion("Recipe (defaults as reneg train)", open=False):
                         with gr.Row():
-                            c["steps"] = gr.Number(t.steps, label="steps", precision=0)
-                            c["lr"] = gr.Number(t.lr, label="learning rate")
-                            c["batch_size"] = gr.Number(t.batch_size, label="batch size", precision=0)
-                            c["micro_batch"] = gr.Number(t.micro_batch, label="micro-batch", precision=0)
+                            c["steps"] = gr.Number(elem_id="train_steps", value=t.steps, label="steps", precision=0)
+                            c["lr"] = gr.Number(elem_id="train_lr", value=t.lr, label="learning rate")
+                            c["batch_size"] = gr.Number(elem_id="train_batch_size", value=t.batch_size, label="batch size", precision=0)
+                            c["micro_batch"] = gr.Number(elem_id="train_micro_batch", value=t.micro_batch, label="micro-batch", precision=0)
                         with gr.Row():
-                            c["sampling_steps"] = gr.Number(t.sampling_steps, label="DDIM steps", precision=0)
-                            c["guidance"] = gr.Number(t.guidance, label="CFG scale")
-                            c["grad_lo"] = gr.Number(t.grad_lo, label="grad step from (end)", precision=0)
-                            c["grad_hi"] = gr.Number(t.grad_hi, label="grad step to", precision=0)
+                            c["sampling_steps"] = gr.Number(elem_id="train_sampling_steps", value=t.sampling_steps, label="DDIM steps", precision=0)
+                            c["guidance"] = gr.Number(elem_id="train_guidance", value=t.guidance, label="CFG scale")
+                            c["grad_lo"] = gr.Number(elem_id="train_grad_lo", value=t.grad_lo, label="grad step from (end)", precision=0)
+                            c["grad_hi"] = gr.Number(elem_id="train_grad_hi", value=t.grad_hi, label="grad step to", precision=0)
                         with gr.Row():
-                            c["resolution"] = gr.Number(t.resolution, label="resolution", precision=0)
-                            c["init"] = gr.Textbox(t.init, label="init (null, handcrafted or a file)")
-                            c["seed"] = gr.Number(t.seed, label="seed", precision=0)
-                            c["heldout_count"] = gr.Number(t.heldout_count, label="held-out prompts", precision=0)
+                            c["resolution"] = gr.Number(elem_id="train_resolution", value=t.resolution, label="resolution", precision=0)
+                            c["init"] = gr.Textbox(elem_id="train_init", value=t.init, label="init (null, handcrafted or a file)")
+                            c["seed"] = gr.Number(elem_id="train_seed", value=t.seed, label="seed", precision=0)
+                            c["heldout_count"] = gr.Number(elem_id="train_heldout_count", value=t.heldout_count, label="held-out prompts", precision=0)
                         with gr.Row():
-                            c["checkpoint_every"] = gr.Number(t.checkpoint_every, label="checkpoint every",
+                            c["checkpoint_every"] = gr.Number(elem_id="train_checkpoint_every", value=t.checkpoint_every, label="checkpoint every",
                                                               precision=0)
-                            c["eval_every"] = gr.Number(t.eval_every, label="held-out eval every", precision=0)
-                            c["eval_batch"] = gr.Number(t.eval_batch, label="eval batch", precision=0)
-                            c["sample_every"] = gr.Number(t.sample_every, label="samples every", precision=0)
+                            c["eval_every"] = gr.Number(elem_id="train_eval_every", value=t.eval_every, label="held-out eval every", precision=0)
+                            c["eval_batch"] = gr.Number(elem_id="train_eval_batch", value=t.eval_batch, label="eval batch", precision=0)
+                            c["sample_every"] = gr.Number(elem_id="train_sample_every", value=t.sample_every, label="samples every", precision=0)
                         with gr.Row():
-                            c["mixed_precision"] = gr.Dropdown(["no", "fp16", "bf16"], value=t.mixed_precision,
+                            c["mixed_precision"] = gr.Dropdown(["no", "fp16", "bf16"], value=t.mixed_precision, elem_id="train_mixed_precision",
                                                                label="mixed precision")
-                            c["device"] = gr.Textbox(t.device, label="device (empty: automatic)")
-                            c["report_to"] = gr.Dropdown(["none", "tensorboard"], value=t.report_to,
+                            c["device"] = gr.Textbox(elem_id="train_device", value=t.device, label="device (empty: automatic)")
+                            c["report_to"] = gr.Dropdown(["none", "tensorboard"], value=t.report_to, elem_id="train_report_to",
                                                          label="also report to")
                     with gr.Row():
                         start_b = gr.Button("Start", variant="primary", elem_id="train_start")
@@ -501,27 +508,27 @@ def build_app(studio: Studio):
             with gr.Row():
                 with gr.Column(scale=1):
                     u = {}
-                    u["model"] = gr.Textbox(td["model"], label="Model")
-                    u["config"] = gr.Textbox(td["config"], label="Configs folder (single-file checkpoints only)")
-                    u["rewards"] = gr.Textbox(td["rewards"], lines=2, label="Reward(s), one a line")
-                    u["embedding"] = gr.Textbox(td["embedding"], label="Starting embedding (empty: null)")
-                    u["prompt"] = gr.Textbox(td["prompt"], label="Prompt", elem_id="tune_prompt")
+                    u["model"] = gr.Textbox(elem_id="tune_model", value=td["model"], label="Model")
+                    u["config"] = gr.Textbox(elem_id="tune_config", value=td["config"], label="Configs folder (single-file checkpoints only)")
+                    u["rewards"] = gr.Textbox(elem_id="tune_rewards", value=td["rewards"], lines=2, label="Reward(s), one a line")
+                    u["embedding"] = gr.Textbox(elem_id="tune_embedding", value=td["embedding"], label="Starting embedding (empty: null)")
+                    u["prompt"] = gr.Textbox(elem_id="tune_prompt", value=td["prompt"], label="Prompt")
                     with gr.Row():
-                        u["seed"] = gr.Number(td["seed"], label="seed", precision=0)
+                        u["seed"] = gr.Number(elem_id="tune_seed", value=td["seed"], label="seed", precision=0)
                         u["noise"] = gr.Dropdown(["seed", "fresh"], value=td["noise"], label="noise each step")
                     with gr.Accordion("Algorithm 1 settings", open=True):
                         with gr.Row():
-                            u["max_steps"] = gr.Number(td["max_steps"], label="max steps N", precision=0)
-                            u["patience"] = gr.Number(td["patience"], label="patience P", precision=0)
-                            u["lr"] = gr.Number(td["lr"], label="learning rate")
+                            u["max_steps"] = gr.Number(elem_id="tune_max_steps", value=td["max_steps"], label="max steps N", precision=0)
+                            u["patience"] = gr.Number(elem_id="tune_patience", value=td["patience"], label="patience P", precision=0)
+                            u["lr"] = gr.Number(elem_id="tune_lr", value=td["lr"], label="learning rate")
                         with gr.Row():
-                            u["sampling_steps"] = gr.Number(td["sampling_steps"], label="DDIM steps", precision=0)
-                            u["guidance"] = gr.Number(td["guidance"], label="CFG scale")
-                            u["grad_lo"] = gr.Number(td["grad_lo"], label="grad step from", precision=0)
-                            u["grad_hi"] = gr.Number(td["grad_hi"], label="grad step to", precision=0)
+                            u["sampling_steps"] = gr.Number(elem_id="tune_sampling_steps", value=td["sampling_steps"], label="DDIM steps", precision=0)
+                            u["guidance"] = gr.Number(elem_id="tune_guidance", value=td["guidance"], label="CFG scale")
+                            u["grad_lo"] = gr.Number(elem_id="tune_grad_lo", value=td["grad_lo"], label="grad step from", precision=0)
+                            u["grad_hi"] = gr.Number(elem_id="tune_grad_hi", value=td["grad_hi"], label="grad step to", precision=0)
                         with gr.Row():
-                            u["resolution"] = gr.Number(td["resolution"], label="resolution", precision=0)
-                            u["device"] = gr.Textbox(td["device"], label="device")
+                            u["resolution"] = gr.Number(elem_id="tune_resolution", value=td["resolution"], label="resolution", precision=0)
+                            u["device"] = gr.Textbox(elem_id="tune_device", value=td["device"], label="device")
                     tune_b = gr.Button("Tune", variant="primary", elem_id="tune_start")
                     with gr.Row():
                         save_path = gr.Textbox(os.path.join(studio.root, "tuned.safetensors"), label="Save as")
@@ -544,27 +551,27 @@ def build_app(studio: Studio):
             with gr.Row():
                 with gr.Column(scale=1):
                     e = {}
-                    e["model"] = gr.Textbox(ed.model, label="Model")
-                    e["config"] = gr.Textbox(ed.config, label="Configs folder (single-file checkpoints only)")
-                    e["rewards"] = gr.Textbox(ed.rewards, lines=2, label="Reward(s), one a line")
-                    e["prompts"] = gr.Textbox(ed.prompts, label="Prompt set")
-                    e["negatives"] = gr.Textbox(ed.negatives, lines=4,
+                    e["model"] = gr.Textbox(elem_id="compare_model", value=ed.model, label="Model")
+                    e["config"] = gr.Textbox(elem_id="compare_config", value=ed.config, label="Configs folder (single-file checkpoints only)")
+                    e["rewards"] = gr.Textbox(elem_id="compare_rewards", value=ed.rewards, lines=2, label="Reward(s), one a line")
+                    e["prompts"] = gr.Textbox(elem_id="compare_prompts", value=ed.prompts, label="Prompt set")
+                    e["negatives"] = gr.Textbox(elem_id="compare_negatives", value=ed.negatives, lines=4,
                                                 label="Negatives, one a line (null, handcrafted, text:..., "
                                                       "NAME=FILE, tuned:FILE)")
-                    e["handcrafted"] = gr.Textbox(ed.handcrafted, label="Handcrafted negative text")
-                    e["out"] = gr.Textbox(ed.out, label="Report folder")
+                    e["handcrafted"] = gr.Textbox(elem_id="compare_handcrafted", value=ed.handcrafted, label="Handcrafted negative text")
+                    e["out"] = gr.Textbox(elem_id="compare_out", value=ed.out, label="Report folder")
                     with gr.Accordion("Settings", open=False):
                         with gr.Row():
-                            e["limit"] = gr.Number(ed.limit, label="prompts (0: all)", precision=0)
-                            e["images_per_prompt"] = gr.Number(ed.images_per_prompt, label="images per prompt",
+                            e["limit"] = gr.Number(elem_id="compare_limit", value=ed.limit, label="prompts (0: all)", precision=0)
+                            e["images_per_prompt"] = gr.Number(elem_id="compare_images_per_prompt", value=ed.images_per_prompt, label="images per prompt",
                                                                precision=0)
-                            e["sampling_steps"] = gr.Number(ed.sampling_steps, label="DDIM steps", precision=0)
-                            e["guidance"] = gr.Number(ed.guidance, label="CFG scale")
+                            e["sampling_steps"] = gr.Number(elem_id="compare_sampling_steps", value=ed.sampling_steps, label="DDIM steps", precision=0)
+                            e["guidance"] = gr.Number(elem_id="compare_guidance", value=ed.guidance, label="CFG scale")
                         with gr.Row():
-                            e["resolution"] = gr.Number(ed.resolution, label="resolution", precision=0)
-                            e["batch"] = gr.Number(ed.batch, label="batch", precision=0)
-                            e["seed"] = gr.Number(ed.seed, label="seed", precision=0)
-                            e["device"] = gr.Textbox(ed.device, label="device")
+                            e["resolution"] = gr.Number(elem_id="compare_resolution", value=ed.resolution, label="resolution", precision=0)
+                            e["batch"] = gr.Number(elem_id="compare_batch", value=ed.batch, label="batch", precision=0)
+                            e["seed"] = gr.Number(elem_id="compare_seed", value=ed.seed, label="seed", precision=0)
+                            e["device"] = gr.Textbox(elem_id="compare_device", value=ed.device, label="device")
                     with gr.Row():
                         cmp_b = gr.Button("Run reneg eval", variant="primary", elem_id="compare_start")
                         show_b = gr.Button("Show the report in the folder")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 
 RUN_FILE = "studio_run.json"
 TRAIN_LOG = "studio_train.log"
@@ -64,7 +65,7 @@ class TrainForm:
     extra: list[str] = field(default_factory=list)   # more reneg train flags, as given
 
     @classmethod
-    def defaults(cls) -> "TrainForm":
+    def defaults(cls) -> TrainForm:
         from reneg.trainer.config import TrainConfig
 
         d = TrainConfig()
@@ -138,9 +139,10 @@ def _int(v) -> str:
 def check_train(form: TrainForm, resume: bool = False) -> list[str]:
     """The arguments, checked exactly as ``reneg train`` checks them (no model loads): a bad form
     raises :class:`FormError` with the trainer's one-line message."""
-    from reneg.cli import build_parser
     from reneg.trainer.config import ConfigError, config_from_args, validate_train
     from reneg.trainer.events import check_event_args
+
+    from reneg.cli import build_parser
 
     if not form.out.strip():
         raise FormError("Output folder: required")
@@ -183,7 +185,8 @@ def _alive(pid: int | None) -> bool:
                 text = f.read().replace(b"\0", b" ")
             if b"reneg" not in text:
                 return False
-            stat = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[-1].split()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read().rsplit(b")", 1)[-1].split()
             if stat and stat[0] == b"Z":
                 return False
         except OSError:
@@ -238,7 +241,7 @@ class RunManager:
         except OSError:
             pass
         log_path = os.path.join(out, TRAIN_LOG)
-        log = open(log_path, "a" if resume else "w", encoding="utf-8")
+        log = open(log_path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 - the child's output
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
@@ -348,7 +351,7 @@ def error_line(log_text: str) -> str | None:
 def seconds_per_step(rows: list[dict]) -> float | None:
     """Median time of the recent steps (``seconds`` restarts at 0 when a run is resumed)."""
     d = []
-    for a, b in zip(rows, rows[1:]):
+    for a, b in pairwise(rows):
         if "seconds" in a and "seconds" in b and b["step"] == a["step"] + 1 and b["seconds"] > a["seconds"]:
             d.append(b["seconds"] - a["seconds"])
     d = d[-10:]
@@ -358,7 +361,7 @@ def seconds_per_step(rows: list[dict]) -> float | None:
 
 
 def fmt_duration(s: float) -> str:
-    s = int(round(s))
+    s = round(s)
     if s < 60:
         return f"{s} s"
     if s < 3600:
@@ -432,8 +435,9 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
             st["heldout"].append(last)
     sps = seconds_per_step(rows)
     if running:
-        if not rows or (run.get("resume") and rows[-1].get("seconds") is None):
-            st["state"], st["message"] = "loading", "Loading the models..."
+        if not rows:
+            st["state"] = "loading"
+            st["message"] = "Training the first step..." if st["samples"] else "Loading the models..."
         else:
             st["state"] = "running"
             msg = f"Running: step {st['step']} of {steps}"
@@ -517,10 +521,11 @@ def eval_args(form: EvalForm) -> list[str]:
 
 def check_eval(form: EvalForm) -> list[str]:
     """``reneg eval``'s own checks, before any model loads."""
+    from reneg.trainer.config import ConfigError
+
     from reneg.cli import build_parser
     from reneg.evaluation.cli import config_from_args
     from reneg.evaluation.run import validate_eval
-    from reneg.trainer.config import ConfigError
 
     if not form.out.strip():
         raise FormError("Output folder: required")
@@ -544,7 +549,7 @@ def start_eval(form: EvalForm, threads: int | None = None) -> subprocess.Popen:
     out = form.out.strip()
     os.makedirs(out, exist_ok=True)
     cmd = _python_cmd("eval", args + ["--no-progress"] + (["--threads", str(threads)] if threads else []))
-    log = open(os.path.join(out, EVAL_LOG), "w", encoding="utf-8")
+    log = open(os.path.join(out, EVAL_LOG), "w", encoding="utf-8")  # noqa: SIM115 - the child's output
     log.write(f"$ {shlex.join(cmd)}\n")
     log.flush()
     try:
