@@ -134,6 +134,24 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
     assert "error" in studio.inspect(str(tmp_path / "nope.safetensors"))
 
 
+@pytest.mark.slow
+def test_a_run_that_crashes_shows_its_error_and_the_app_goes_on(tmp_path, tiny_pipeline_dir):
+    bad = tmp_path / "hps.pt"
+    bad.write_bytes(b"this is no checkpoint")  # passes the form's checks, fails when the run loads it
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green circle\n")
+    studio = Studio(demo=False, root=str(tmp_path))
+    form = TrainForm.defaults()
+    form.model, form.rewards, form.prompts, form.heldout_count = tiny_pipeline_dir, f"hpsv2={bad}", str(prompts), 1
+    form.out, form.steps, form.batch_size, form.resolution, form.sampling_steps = str(tmp_path / "o"), 2, 1, 16, 4
+    form.grad_hi = 2
+    assert studio.start(*_values(form)).startswith("Started")
+    assert studio.manager.wait(form.out, 240) not in (0, None)
+    r = studio.poll(form.out, "")
+    assert r["state"] == "failed" and "hps.pt" in r["status"] and "Traceback" not in r["status"], r["status"]
+    assert studio.stop(form.out).startswith("No run is going")  # the app itself carries on
+
+
 def test_tune_streams_each_step_and_saves_the_kept_embedding(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt):
     from reneg.embedding import load_embedding
 
@@ -230,3 +248,19 @@ def test_launched_app_binds_localhost_and_answers_a_client(tmp_path, capsys):
         assert msg == "**Error:** --model is required (a diffusers folder or a .safetensors checkpoint)"
     finally:
         app.close()
+
+
+def test_front_end_imports_stay_light_and_listen_is_announced():
+    import subprocess
+    import sys
+
+    heavy = "('gradio', 'torch', 'diffusers', 'pandas', 'tensorboard')"
+    code = (f"import sys, reneg.studio.app; print(sorted(m for m in {heavy} if m in sys.modules)); "
+            f"import reneg.cli; reneg.cli.build_parser(); print('gradio' in sys.modules, 'tensorboard' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # gradio and the models load only when the app starts or a run needs them
+    assert out.split("\n")[:2] == ["[]", "False False"]
+    from reneg.studio.app import address_line
+
+    assert "this machine only" in address_line("http://127.0.0.1:7860", False)
+    assert "ALL NETWORK INTERFACES" in address_line("http://127.0.0.1:7860", True)

@@ -617,6 +617,14 @@ def build_app(studio: Studio):
     return app
 
 
+def address_line(url: str, listen: bool) -> str:
+    """What ``reneg studio`` prints about where it listens."""
+    if listen:
+        return (f"ReNeg Studio: {url}  LISTENING ON ALL NETWORK INTERFACES (--listen): anyone who can reach "
+                f"this machine's port can start runs and read and write files as you")
+    return f"ReNeg Studio: {url}  (this machine only; --listen opens it to the network)"
+
+
 def launch(demo: bool = False, listen: bool = False, port: int = 7860, root: str = "runs",
            block: bool = True):
     """Start the app on 127.0.0.1 (all interfaces with ``listen``) and print its address."""
@@ -631,11 +639,7 @@ def launch(demo: bool = False, listen: bool = False, port: int = 7860, root: str
     except OSError as e:
         raise OSError(f"--port {port}: cannot serve there ({str(e).splitlines()[0][:160]})") from None
     url = (getattr(app, "local_url", None) or f"http://127.0.0.1:{port}/").rstrip("/")
-    if listen:
-        print(f"ReNeg Studio: listening on ALL network interfaces, port {port}: anyone who can reach this "
-              f"machine can start runs and read and write files as you. Local address: {url}", flush=True)
-    else:
-        print(f"ReNeg Studio: {url}  (this machine only; --listen opens it to the network)", flush=True)
+    print(address_line(url, listen), flush=True)
     if studio.demo:
         print(f"ReNeg Studio: demo world ({studio.demo['kind']}); runs go under {root}/", flush=True)
     if not block:

@@ -459,6 +459,10 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
     elif "stopped on request" in st["log"] and ck is not None and (rc in (None, 0)):
         st["state"] = "stopped"
         st["message"] = f"Stopped at step {ck} with a checkpoint; press Resume to continue"
+    elif os.path.exists(os.path.join(out, "STOP")):  # stopped while loading: there was nothing to keep
+        st["state"] = "stopped"
+        st["message"] = (f"Stopped at step {ck}; press Resume to continue" if ck is not None else
+                         "Stopped before its first step; press Start to begin again")
     elif run:
         err = error_line(st["log"])
         st["state"] = "failed"
