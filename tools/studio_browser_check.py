@@ -104,6 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=40, help="training steps of the demo run (the demo's own: 160)")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--sample-every", type=int, default=None, help="default: steps / 8")
     ap.add_argument("--heldout", type=int, default=32, help="held-out prompts scored (the demo's own: 32)")
     ap.add_argument("--compare-prompts", type=int, default=16)
     ap.add_argument("--compare-images", type=int, default=4, help="images per prompt in Compare")
@@ -112,7 +113,10 @@ def main() -> int:
     ap.add_argument("--shots", default=IMAGES)
     ap.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="only load the page and try a bad input (any gradio "
+                                                         "version, no training); screenshot studio_quick.png")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the app and the browser on kill
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -154,7 +158,15 @@ def main() -> int:
 
         driver.find_element(By.XPATH, "//*[normalize-space(text())='Recipe (defaults as reneg train)']").click()
         time.sleep(1)
-        every = max(1, a.steps // 8)
+        every = a.sample_every or max(1, a.steps // 8)
+        # a bad value: one readable line in the page, nothing started
+        c.set_number("train_steps", 0)
+        c.click("train_start")
+        c.wait("a bad input gets a readable message", lambda: "--steps must be > 0" in c.text("train_action"), 60)
+        if a.quick:
+            c.shot("quick", top=False)
+            print("studio browser check (quick): passed", flush=True)
+            return 0
         c.set_number("train_steps", a.steps)
         c.set_number("train_batch_size", a.batch)
         c.set_number("train_micro_batch", a.batch)
