@@ -96,14 +96,16 @@ def pair_grid(null_images, learned_images, step: int):
 class _StopWatch:
     """SIGTERM (main thread only) or ``OUT/STOP`` asks the run to stop after the current step."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, main: bool = True):
         self.path = os.path.join(out, STOP_FILE)
         self.requested = False
+        self.main = main
         self._old = None
-        try:
-            os.unlink(self.path)  # a request left from an earlier stop must not end this run at once
-        except OSError:
-            pass
+        if main:
+            try:
+                os.unlink(self.path)  # a request left from an earlier stop must not end this run at once
+            except OSError:
+                pass
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
             try:
                 self._old = signal.signal(signal.SIGTERM, self._on_signal)
@@ -127,10 +129,11 @@ class _StopWatch:
             except (ValueError, OSError):
                 pass
             self._old = None
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if self.main:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
 
 class TrainEvents:
@@ -147,7 +150,8 @@ class TrainEvents:
         self.dir = os.path.join(cfg.out, SAMPLES_DIR)
         self._null_images = None
         self.writer = None
-        self.stop = _StopWatch(cfg.out) if main else None
+        # every process listens (a launcher passes SIGTERM to all of them); they agree in should_stop
+        self.stop = _StopWatch(cfg.out, main=main)
         if main and (getattr(cfg, "report_to", "none") or "none") == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -223,7 +227,7 @@ class TrainEvents:
             self.writer.flush()
 
     def should_stop(self, acc=None) -> bool:
-        """True on every process once the main one was asked to stop."""
+        """True on every process once any of them was asked to stop."""
         flag = bool(self.stop and self.stop.check())
         if acc is not None and self.num_processes > 1:
             t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
