@@ -105,6 +105,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40, help="training steps of the demo run (the demo's own: 160)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sample-every", type=int, default=None, help="default: steps / 8")
+    ap.add_argument("--sampling-steps", type=int, default=None,
+                    help="DDIM steps in every tab (default: the demo's 30); fewer for a quick check on a busy machine")
+    ap.add_argument("--tune-steps", type=int, default=None, help="Tune's max steps N (default: the paper's 10)")
     ap.add_argument("--heldout", type=int, default=32, help="held-out prompts scored (the demo's own: 32)")
     ap.add_argument("--compare-prompts", type=int, default=16)
     ap.add_argument("--compare-images", type=int, default=4, help="images per prompt in Compare")
@@ -173,6 +176,9 @@ def main() -> int:
         c.set_number("train_sample_every", every)
         c.set_number("train_eval_every", max(1, a.steps // 2))
         c.set_number("train_heldout_count", a.heldout)
+        if a.sampling_steps:
+            c.set_number("train_sampling_steps", a.sampling_steps)
+            c.set_number("train_grad_hi", min(10, a.sampling_steps // 3))
         c.set_number("train_eval_batch", a.heldout)
         c.click("train_start")
         c.wait("the run starts", lambda: "Started" in c.text("train_action"), max(30, a.timeout))
@@ -193,6 +199,12 @@ def main() -> int:
 
         # -- Tune
         c.tab("Tune")
+        if a.sampling_steps:
+            c.set_number("tune_sampling_steps", a.sampling_steps)
+            c.set_number("tune_grad_hi", min(10, a.sampling_steps // 3))
+        if a.tune_steps:
+            c.set_number("tune_max_steps", a.tune_steps)
+            c.set_number("tune_patience", min(3, a.tune_steps))
         c.click("tune_start")
         c.wait("each step's image and reward", lambda: c.images_in("tune_gallery") >= 1, max(300, a.timeout))
         c.wait("tuning ends", lambda: "Done" in c.text("tune_status"), max(600, a.timeout))
@@ -205,6 +217,8 @@ def main() -> int:
             time.sleep(1)
             c.set_number("compare_limit", a.compare_prompts)
             c.set_number("compare_images_per_prompt", a.compare_images)
+            if a.sampling_steps:
+                c.set_number("compare_sampling_steps", a.sampling_steps)
             c.click("compare_start")
             c.wait("reneg eval's report", lambda: c.text("compare_status").startswith("Done"), max(60 * 20, a.timeout))
             time.sleep(2)
