@@ -404,8 +404,11 @@ class _ImageCapture:
 def _curve(rows, series):
     import pandas as pd
 
-    data = [{"step": r["step"], "value": r[k], "series": label} for k, label in series for r in rows if k in r]
-    return pd.DataFrame(data, columns=["step", "value", "series"])
+    pts = [(r["step"], r[k], label) for k, label in series for r in rows if k in r]
+    # typed columns even when empty: a plot first drawn from object columns keeps a categorical axis
+    return pd.DataFrame({"step": pd.Series([p[0] for p in pts], dtype="int64"),
+                         "value": pd.Series([p[1] for p in pts], dtype="float64"),
+                         "series": pd.Series([p[2] for p in pts], dtype="object")})
 
 
 def _bar(step: int, steps: int) -> str:
@@ -479,7 +482,8 @@ def build_app(studio: Studio):
                     latest = gr.Image(label="Latest samples: null (left) and the current negative (right), "
                                             "fixed prompts and seeds", type="pil", interactive=False,
                                       elem_id="train_latest", height=360)
-                    gallery = gr.Gallery(label="Earlier samples", columns=4, height=260, elem_id="train_gallery")
+                    gallery = gr.Gallery(label="Earlier samples", columns=6, height=260, object_fit="contain",
+                                         elem_id="train_gallery")
                     log = gr.Textbox(label="Trainer output", lines=6, max_lines=12, interactive=False)
             shown = gr.State("")
             inputs = [c[k] for k in TRAIN_FIELDS]

@@ -435,7 +435,8 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
             st["heldout"].append(last)
     sps = seconds_per_step(rows)
     if running:
-        if not rows:
+        log_csv = os.path.join(out, "log.csv")
+        if not rows or os.path.getmtime(log_csv) < float(run.get("started", 0)):  # not yet (re)opened
             st["state"] = "loading"
             st["message"] = "Training the first step..." if st["samples"] else "Loading the models..."
         else:
