@@ -51,7 +51,7 @@ def test_demo_run_starts_reports_stops_with_checkpoint_and_resumes(tmp_path, mon
     r, _ = _poll_until(studio, out, lambda r: r["state"] == "running" and r["step"] >= 1)
     assert "Running: step" in r["status"] and r["steps"] == 5
     assert r["latest"] is not None and r["gallery"]  # sample images: null beside the current negative
-    assert list(r["loss"].columns) == ["step", "value", "series"] and len(r["loss"]) >= 1
+    assert r["curves"] is not None and r["curves"].size[0] > 0 and r["rows"]  # loss and reward curves
     # the page is only a view: a new page (or a restarted app) finds the run from its folder
     other = Studio(demo=True, root="runs", manager=RunManager())
     again = other.poll(out, "")
@@ -78,8 +78,7 @@ def test_demo_run_starts_reports_stops_with_checkpoint_and_resumes(tmp_path, mon
                                                        ("null", "handcrafted", "learned")], abs=1e-4)
     steps = [int(x) for x in r["signature"].split(":")[-1].strip("[]").split(",")]
     assert steps[0] == 0 and steps[-1] == 5
-    rows = [int(x["step"]) for x in r["loss"].to_dict("records")]
-    assert rows == list(range(1, 6))  # the resumed log continues the stopped one
+    assert r["rows"] == list(range(1, 6))  # the resumed log continues the stopped one
 
 
 def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt):

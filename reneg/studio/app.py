@@ -4,7 +4,7 @@
 numbers, lists, PIL images); :func:`build_app` wires them to gradio components. Tests call the
 methods directly. Only components and calls that gradio 5 and 6 both have are used (Blocks, Tab,
 Row, Column, Accordion, Textbox, Number, Dropdown, Button, Markdown, Dataframe, Image, Gallery,
-LinePlot, JSON, Timer, ``.click``/``.tick``/``.load``, generator handlers).
+JSON, Timer, ``.click``/``.tick``/``.load``, generator handlers).
 """
 
 from __future__ import annotations
@@ -122,34 +122,34 @@ class Studio:
 
     def poll(self, out: str, shown: str = "") -> dict:
         """The Train tab's view of ``out``: status line, curves, held-out table, samples, log.
-        ``shown`` is the signature of the samples the page has; images are sent only when it changed."""
+        ``shown`` is the signature of what the page has; pictures are sent only when it changed
+        (``None`` in ``curves``/``gallery`` means: keep what is shown)."""
         try:
             st = run_status(out, self.manager)
         except Exception as e:  # noqa: BLE001 - the page shows every error as one line
-            return {"status": _err(e), "loss": _curve([], []), "reward": _curve([], []), "heldout": [],
-                    "latest": None, "gallery": None, "signature": shown, "log": "", "state": "error"}
+            return {"status": _err(e), "curves": None, "heldout": [], "latest": None, "gallery": None,
+                    "signature": shown, "log": "", "state": "error", "step": 0, "steps": None, "rows": []}
         rows = st["rows"]
-        loss = _curve(rows, [("loss", "loss")])
-        reward = _curve(rows, [("reward", "training batch"), ("heldout_learned", "held-out: learned"),
-                               ("heldout_null", "held-out: null"), ("heldout_handcrafted", "held-out: handcrafted")])
         samples = st["samples"]
-        sig = f"{os.path.abspath(out or '')}:{[s for s, _ in samples]}"
-        latest = gallery = None
+        last = rows[-1] if rows else {}
+        sig = f"{os.path.abspath(out or '')}:{len(rows)}:{last.get('step')}:{[s for s, _ in samples]}"
+        latest = gallery = curves = None
         if sig != shown:
             try:
+                curves = curves_image(rows)
                 if samples:
                     latest = _pil(samples[-1][1])
                 gallery = [(_pil(p), f"step {s}") for s, p in reversed(samples[-MAX_SAMPLE_CARDS:])]
             except OSError:  # a file being replaced: next poll
-                sig = shown
+                sig, curves, gallery = shown, None, None
         steps = st["steps"]
         head = f"**{st['message']}**"
         if st["state"] == "running" and steps:
             head += "\n\n" + _bar(st["step"], steps)
         table = [[r[0]] + [None if x is None else round(float(x), 4) for x in r[1:]] for r in st["heldout"]]
-        return {"status": head, "loss": loss, "reward": reward, "heldout": table, "latest": latest,
+        return {"status": head, "curves": curves, "heldout": table, "latest": latest,
                 "gallery": gallery, "signature": sig, "log": st["log"], "state": st["state"],
-                "step": st["step"], "steps": steps}
+                "step": st["step"], "steps": steps, "rows": [r["step"] for r in rows]}
 
     # ------------------------------------------------------------------ Tune
     def _models_for(self, model, config, rewards, device):
@@ -401,14 +401,37 @@ class _ImageCapture:
         return getattr(self.reward, name)
 
 
-def _curve(rows, series):
-    import pandas as pd
+def curves_image(rows: list[dict], width: float = 9.0, height: float = 2.8):
+    """Loss and reward curves (training batches, and the held-out means as they are scored) as one
+    picture; matplotlib without pyplot, so it is safe in the app's worker threads."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
 
-    pts = [(r["step"], r[k], label) for k, label in series for r in rows if k in r]
-    # typed columns even when empty: a plot first drawn from object columns keeps a categorical axis
-    return pd.DataFrame({"step": pd.Series([p[0] for p in pts], dtype="int64"),
-                         "value": pd.Series([p[1] for p in pts], dtype="float64"),
-                         "series": pd.Series([p[2] for p in pts], dtype="object")})
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    steps = [r["step"] for r in rows]
+    ax1.plot(steps, [r.get("loss") for r in rows], color="#444", lw=1.2)
+    ax1.set_title("loss", fontsize=10)
+    ax2.plot(steps, [r.get("reward") for r in rows], color="#999", lw=1.0, label="training batch")
+    for key, label, colour in (("heldout_null", "held-out: null", "#d62728"),
+                               ("heldout_handcrafted", "held-out: handcrafted", "#ff7f0e"),
+                               ("heldout_learned", "held-out: learned", "#1f77b4")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", ms=4, lw=1.5, color=colour, label=label)
+    ax2.set_title("reward", fontsize=10)
+    if rows:
+        ax2.legend(fontsize=7, loc="best")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    buf = fig.canvas.buffer_rgba()
+    return Image.frombuffer("RGBA", fig.canvas.get_width_height(), bytes(buf), "raw", "RGBA", 0, 1).convert("RGB")
 
 
 def _bar(step: int, steps: int) -> str:
@@ -474,9 +497,8 @@ def build_app(studio: Studio):
                     action = gr.Markdown("", elem_id="train_action")
                 with gr.Column(scale=2):
                     status = gr.Markdown("", elem_id="train_status")
-                    with gr.Row():
-                        loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", height=220)
-                        reward_plot = gr.LinePlot(x="step", y="value", color="series", title="reward", height=220)
+                    curves = gr.Image(label="Loss and reward", type="pil", interactive=False, elem_id="train_curves",
+                                      height=300)
                     heldout = gr.Dataframe(headers=["step", "null", "handcrafted", "learned"], value=[],
                                            label="Held-out mean reward (as scored)", interactive=False)
                     latest = gr.Image(label="Latest samples: null (left) and the current negative (right), "
@@ -491,11 +513,11 @@ def build_app(studio: Studio):
             def _poll(out, sig):
                 r = studio.poll(out, sig)
                 keep = gr.update()
-                return (r["status"], r["loss"], r["reward"], r["heldout"],
+                return (r["status"], keep if r["curves"] is None else r["curves"], r["heldout"],
                         keep if r["gallery"] is None else r["latest"],
                         keep if r["gallery"] is None else r["gallery"], r["log"], r["signature"])
 
-            poll_outputs = [status, loss_plot, reward_plot, heldout, latest, gallery, log, shown]
+            poll_outputs = [status, curves, heldout, latest, gallery, log, shown]
             start_b.click(studio.start, inputs, action)
             resume_b.click(studio.resume, inputs, action)
             stop_b.click(studio.stop, c["out"], action)
