@@ -621,7 +621,8 @@ def build_app(studio: Studio):
             emb_table = gr.Dataframe(headers=["file", "family", "kind", "shape", "base model", "steps",
                                               "source / created"], value=[], interactive=False)
             emb_thumbs = gr.Gallery(label="Thumbnails (a run's latest samples, else the values: red above "
-                                          "the channel mean, blue below)", columns=6, height=260)
+                                          "the channel mean, blue below)", columns=6, height=260,
+                                    object_fit="contain")
             with gr.Row():
                 pick = gr.Dropdown([], label="File", allow_custom_value=True, scale=3)
                 inspect_b = gr.Button("Inspect", scale=1)

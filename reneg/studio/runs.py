@@ -607,6 +607,8 @@ def list_embeddings(folder: str) -> list[dict]:
 
     rows = []
     for path in list_embedding_files(folder):
+        if os.path.basename(path) == "checkpoint.pt":  # a training checkpoint, not an embedding
+            continue
         try:
             emb = load_embedding(path)
         except (OSError, ValueError, RuntimeError) as e:
