@@ -140,7 +140,10 @@ def _cmd_train(ns) -> int:
     if ns.demo:
         _apply_demo(ns, "train")
     summary = run_train(config_from_args(ns))
-    if summary:
+    if summary.get("stopped"):
+        print(f"stopped at step {summary['step']}: {summary['checkpoint']} holds the run; the same command "
+              f"with --resume continues it")
+    elif summary:
         h = summary["heldout"]
         print(f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "
               f"handcrafted {h['handcrafted']:.5f}  learned {h['learned']:.5f}")
@@ -160,6 +163,17 @@ def _cmd_tune(ns) -> int:
     rep = run_tune(ns)
     print(f"start reward {rep['start_reward']:.5f} -> best {rep['best_reward']:.5f} at step {rep['best_step']} "
           f"({rep['stopped']}); wrote {rep['embedding']}")
+    return 0
+
+
+def _cmd_studio(ns) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise RuntimeError("the studio needs gradio: pip install 'reneg[studio]'") from None
+    from .studio.app import launch
+
+    launch(demo=ns.demo, listen=ns.listen, port=ns.port, root=ns.root)
     return 0
 
 
@@ -196,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tune", help="per-sample search for one prompt (Algorithm 1)")
     add_tune_args(s)
     s.set_defaults(fn=_cmd_tune)
+
+    s = sub.add_parser("studio", help="a local web app to train, watch, tune and compare (needs reneg[studio])")
+    s.add_argument("--demo", action="store_true", help="open on the built-in demo world, everything filled in")
+    s.add_argument("--listen", action="store_true",
+                   help="serve on all network interfaces instead of 127.0.0.1 only (anyone who can reach the "
+                        "port can start runs and read files)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--root", default="runs", help="folder for new runs and the Embeddings tab (default: runs)")
+    s.set_defaults(fn=_cmd_studio)
 
     try:
         from .evaluation.cli import add_eval_parser

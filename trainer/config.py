@@ -58,6 +58,10 @@ class TrainConfig:
     grads_per_rollout: int = 1         # grad steps taken along one trajectory
     recipe: str = "paper"              # paper | fast: a named set of the options above
     # --- end of compute-saving options ---
+    # --- reported events (trainer/events.py): sample images, TensorBoard ---
+    sample_every: int = 0
+    report_to: str = "none"
+    # --- end reported events ---
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -102,6 +106,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     O.add_options(p, ["device"], helps={"device": "cpu, cuda, cuda:1... (default: what accelerate picks)"})
     a("--no-progress", dest="progress", action="store_false")
     add_compute_args(p, d)
+    # --- reported events (trainer/events.py) ---
+    from .events import add_event_args
+
+    add_event_args(p)
+    # --- end reported events ---
 
 
 # --- compute-saving options (docs/compute.md) -------------------------------------------------------

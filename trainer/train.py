@@ -28,6 +28,7 @@ from reneg.sampling import initial_latent
 
 from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig, resume_fingerprint, validate_train
+from .events import TrainEvents, check_event_args
 
 
 class TrainingError(RuntimeError):
@@ -117,6 +118,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision,
                                      cpu=(cfg.device == "cpu"))
     validate_train(cfg, acc.num_processes)
+    check_event_args(cfg)  # reported events: --sample-every, --report-to
     device = torch.device(cfg.device) if cfg.device and acc.num_processes == 1 else acc.device
     main = acc.is_main_process
     torch.manual_seed(cfg.seed)
@@ -213,6 +215,11 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                         config=saved_config, heldout=history,
                         extra={"compute": spent.counts})
 
+    # --- reported events (trainer/events.py): samples, TensorBoard, stop on SIGTERM or OUT/STOP ---
+    events = TrainEvents(cfg, backend, main, null, heldout_texts, heldout_seeds, acc.num_processes)
+    events.on_start(start, neg)
+    stopped_at = None
+    # --- end reported events ---
     bar = None
     if main and cfg.progress:
         from tqdm.auto import tqdm
@@ -291,16 +298,36 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                     bar.set_postfix(reward=f"{row['reward']:.4f}", lr=f"{row['lr']:.2e}")
                 if done % cfg.checkpoint_every == 0 and bad_streak == 0:
                     write_outputs(done)
+                events.on_step(done, row, neg, last=done == cfg.steps)
             acc.wait_for_everyone()
+            # --- reported events: a stop request ends the run here, with a checkpoint ---
+            if done < cfg.steps and events.should_stop(acc):
+                if main:
+                    write_outputs(done)
+                    print(f"reneg train: stopped on request after step {done}; checkpoint {ckpt_path} "
+                          f"(continue with --resume)", flush=True)
+                stopped_at = done
+                break
+            # --- end reported events ---
+    except BaseException:
+        events.close()
+        raise
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
+        events.close_stop_watch()
+
+    if stopped_at is not None:
+        events.close()
+        acc.wait_for_everyone()
+        return {"stopped": True, "step": stopped_at, "checkpoint": ckpt_path}
 
     summary = {}
     if main:
         rec = history[-1] if history and history[-1]["step"] == cfg.steps else heldout_eval(cfg.steps)
+        events.on_heldout(rec)
         write_outputs(cfg.steps)
         summary = {
             "steps": cfg.steps,
@@ -317,6 +344,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
             "config": cfg.to_json(),
         }
         atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
+    events.close()
     acc.wait_for_everyone()
     return summary
 

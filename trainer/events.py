@@ -1,0 +1,249 @@
+"""What a training run reports besides ``log.csv``, and how it stops cleanly.
+
+The trainer calls one :class:`TrainEvents` object at fixed points of its loop:
+
+- ``--sample-every N``: every N steps (and at the start and the end) the current negative and the
+  null negative each make an image for a few fixed held-out prompts and seeds; the pair is written
+  as ``OUT/samples/step_NNNNNN.png`` (one row per prompt: null left, learned right) and listed in
+  ``OUT/samples/index.json``. The null images are made once and reused.
+- ``--report-to tensorboard``: the logged scalars (loss, reward, lr, gradient norm, held-out rewards)
+  and the sample grids go to ``OUT/tensorboard`` through TensorBoard's own ``SummaryWriter``.
+- Stop on request: SIGTERM, or a file ``OUT/STOP``, ends the run after the step in progress with a
+  checkpoint, so ``--resume`` continues it. A second SIGTERM stops at once.
+
+``reneg studio`` reads these files to show a run; any other tool can too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import torch
+
+SAMPLES_DIR = "samples"
+SAMPLES_INDEX = "index.json"
+STOP_FILE = "STOP"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_TO = ("none", "tensorboard")
+SAMPLE_PROMPTS = 4          # fixed prompts (the first held-out ones) shown in the sample grids
+SAMPLE_TILE = 128           # small models' images are enlarged to at least this many pixels
+
+
+def add_event_args(p) -> None:
+    """``--sample-every`` and ``--report-to`` for ``reneg train``."""
+    p.add_argument("--sample-every", type=int, default=0, metavar="N",
+                   help="every N steps write OUT/samples/step_N.png: the current negative beside null for "
+                        f"the first {SAMPLE_PROMPTS} held-out prompts, fixed seeds (0: never)")
+    p.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="tensorboard: also write scalars and sample images to OUT/tensorboard "
+                        "(needs the tensorboard package)")
+
+
+def check_event_args(cfg) -> None:
+    """Raise the trainer's ConfigError for bad ``--sample-every`` / ``--report-to`` before models load."""
+    from .config import ConfigError
+
+    every = getattr(cfg, "sample_every", 0) or 0
+    if not isinstance(every, int) or every < 0:
+        raise ConfigError(f"--sample-every must be an integer >= 0, got {every}")
+    report = getattr(cfg, "report_to", "none") or "none"
+    if report not in REPORT_TO:
+        raise ConfigError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report!r}")
+    if report == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise ConfigError("--report-to tensorboard needs the tensorboard package "
+                              "(pip install tensorboard, or the reneg[tensorboard] extra)") from None
+
+
+def to_pil(images: torch.Tensor):
+    """[B, C, H, W] in [-1, 1] -> list of RGB PIL images."""
+    from PIL import Image
+
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    out = []
+    for im in x:
+        a = im.permute(1, 2, 0).numpy()
+        if a.shape[2] == 1:
+            a = a.repeat(3, axis=2)
+        out.append(Image.fromarray(a[:, :, :3], "RGB"))
+    return out
+
+
+def pair_grid(null_images, learned_images, step: int):
+    """One row per prompt: null on the left, the current negative on the right, with a header."""
+    from PIL import Image, ImageDraw
+
+    w, h = null_images[0].size
+    scale = max(1, -(-SAMPLE_TILE // max(w, h)))
+    tw, th = w * scale, h * scale
+    pad, head = 4, 18
+    grid = Image.new("RGB", (2 * tw + 3 * pad, head + len(null_images) * (th + pad) + pad), (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    d.text((pad, 3), "null", fill=(0, 0, 0))
+    d.text((2 * pad + tw, 3), f"learned, step {step}", fill=(0, 0, 0))
+    for i, (a, b) in enumerate(zip(null_images, learned_images)):
+        y = head + i * (th + pad)
+        grid.paste(a.resize((tw, th), Image.NEAREST), (pad, y))
+        grid.paste(b.resize((tw, th), Image.NEAREST), (2 * pad + tw, y))
+    return grid
+
+
+class _StopWatch:
+    """SIGTERM (main thread only) or ``OUT/STOP`` asks the run to stop after the current step."""
+
+    def __init__(self, out: str, main: bool = True):
+        self.path = os.path.join(out, STOP_FILE)
+        self.requested = False
+        self.main = main
+        self._old = None
+        if main:
+            try:
+                os.unlink(self.path)  # a request left from an earlier stop must not end this run at once
+            except OSError:
+                pass
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._on_signal)
+            except (ValueError, OSError):
+                self._old = None
+
+    def _on_signal(self, signum, frame):
+        if self.requested:  # a second request: stop now, without the checkpoint
+            raise SystemExit(143)
+        self.requested = True
+
+    def check(self) -> bool:
+        if not self.requested and os.path.exists(self.path):
+            self.requested = True
+        return self.requested
+
+    def close(self) -> None:
+        if self._old is not None:
+            try:
+                signal.signal(signal.SIGTERM, self._old)
+            except (ValueError, OSError):
+                pass
+            self._old = None
+        if self.main:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+class TrainEvents:
+    """Sample images, TensorBoard and stop requests for one run of the trainer."""
+
+    def __init__(self, cfg, backend, main: bool, null: torch.Tensor, sample_texts: list[str],
+                 sample_seeds: list[int], num_processes: int = 1):
+        self.cfg, self.backend, self.main = cfg, backend, main
+        self.every = int(getattr(cfg, "sample_every", 0) or 0)
+        self.null = null
+        self.texts = list(sample_texts[:SAMPLE_PROMPTS])
+        self.seeds = list(sample_seeds[:SAMPLE_PROMPTS])
+        self.num_processes = num_processes
+        self.dir = os.path.join(cfg.out, SAMPLES_DIR)
+        self._null_images = None
+        self.writer = None
+        # every process listens (a launcher passes SIGTERM to all of them); they agree in should_stop
+        self.stop = _StopWatch(cfg.out, main=main)
+        if main and (getattr(cfg, "report_to", "none") or "none") == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(cfg.out, TENSORBOARD_DIR))
+
+    # ------------------------------------------------------------------ samples
+    def _images(self, neg: torch.Tensor):
+        from reneg.generate import generate, seeded_noise
+
+        c = self.cfg
+        imgs = generate(self.backend, self.backend.encode_prompts(self.texts),
+                        self.backend.negative_cond(neg.detach()),
+                        seeded_noise(self.backend, self.seeds, c.resolution, c.resolution),
+                        c.sampling_steps, c.guidance)
+        return to_pil(imgs)
+
+    def sample(self, step: int, neg: torch.Tensor) -> str | None:
+        """Write ``samples/step_NNNNNN.png`` for ``neg`` at ``step`` (main process only)."""
+        if not (self.main and self.every and self.texts):
+            return None
+        from reneg.fileio import atomic_path, atomic_write_json
+
+        if self._null_images is None:
+            self._null_images = self._images(self.null)
+        grid = pair_grid(self._null_images, self._images(neg), step)
+        os.makedirs(self.dir, exist_ok=True)
+        name = f"step_{step:06d}.png"
+        with atomic_path(os.path.join(self.dir, name)) as tmp:
+            grid.save(tmp, format="PNG")
+        index_path = os.path.join(self.dir, SAMPLES_INDEX)
+        index = {"prompts": self.texts, "seeds": self.seeds, "columns": ["null", "learned"], "steps": []}
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                old = json.load(f)
+            if old.get("prompts") == self.texts and old.get("seeds") == self.seeds:
+                index["steps"] = [s for s in old.get("steps", []) if isinstance(s, int) and s != step]
+        except (OSError, ValueError, AttributeError):
+            pass
+        index["steps"] = sorted(index["steps"] + [step])
+        atomic_write_json(index_path, index)
+        if self.writer is not None:
+            import numpy as np
+
+            self.writer.add_image("samples/null_vs_learned", np.asarray(grid), step, dataformats="HWC")
+            self.writer.flush()
+        return os.path.join(self.dir, name)
+
+    # ------------------------------------------------------------------ the loop's hooks
+    def on_start(self, step: int, neg: torch.Tensor) -> None:
+        """Before the first step of this process: the starting point's samples, once."""
+        if self.every and self.main and not os.path.isfile(os.path.join(self.dir, f"step_{step:06d}.png")):
+            self.sample(step, neg)
+
+    def on_step(self, step: int, row: dict, neg: torch.Tensor, last: bool) -> None:
+        """After step ``step`` is logged (main process)."""
+        if not self.main:
+            return
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"train/{k}" if not k.startswith("heldout_") else
+                                           f"heldout/{k[len('heldout_'):]}", v, step)
+            self.writer.flush()
+        if self.every and (step % self.every == 0 or last):
+            self.sample(step, neg)
+
+    def on_heldout(self, rec: dict) -> None:
+        """A held-out score made outside the per-step rows (the final one)."""
+        if self.writer is not None:
+            for k in ("null", "handcrafted", "learned"):
+                if k in rec:
+                    self.writer.add_scalar(f"heldout/{k}", rec[k], rec["step"])
+            self.writer.flush()
+
+    def should_stop(self, acc=None) -> bool:
+        """True on every process once any of them was asked to stop."""
+        flag = bool(self.stop and self.stop.check())
+        if acc is not None and self.num_processes > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+            flag = bool(acc.reduce(t, reduction="sum").item() > 0)
+        return flag
+
+    def close_stop_watch(self) -> None:
+        """Stop listening for stop requests (the loop is over)."""
+        if self.stop is not None:
+            self.stop.close()
+            self.stop = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.stop is not None:
+            self.stop.close()
+            self.stop = None
