@@ -167,7 +167,8 @@ def test_options_are_validated_before_loading(tmp_path, tiny_pipeline_dir, tiny_
     rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "x", "--grad-range", "0", "1",
                      "--grads-per-rollout", "3"))
     assert rc == 2 and "--grads-per-rollout 3" in capsys.readouterr().err
-    rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "x", "--rollout-steps", "0"))
+    rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "x", "--grad-range", "0", "1",
+                     "--rollout-steps", "0"))
     assert rc == 2 and "--rollout-steps" in capsys.readouterr().err
 
 
@@ -191,7 +192,8 @@ def test_tune_search_steps_counts_and_record(tmp_path, tiny_backend, tiny_reward
     from reneg.generate import scaled_grad_range, tune_for_seed
 
     assert scaled_grad_range((0, 10), 30, 7) == (0, 2)
-    assert scaled_grad_range((5, 10), 30, 3) == (1, 2)
+    assert scaled_grad_range((5, 10), 30, 3) == (0, 1)
+    assert scaled_grad_range((0, 10), 30, 10) == (0, 3)
     null, _ = tiny_backend.null_embedding()
     meter = ComputeMeter()
     res, image = tune_for_seed(tiny_backend, tiny_reward, "a red circle", 3, null, 6, 7.5, (1, 1), 16, 16,
@@ -207,7 +209,8 @@ def test_tune_search_steps_counts_and_record(tmp_path, tiny_backend, tiny_reward
     # the CLI: the record carries the meter's totals
     out = tmp_path / "t.safetensors"
     rc = main(["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "a red circle",
-               "--seed", "3", "--max-steps", "2", "--patience", "2", "--sampling-steps", "6", "--grad-range", "1", "1",
+               "--seed", "3", "--max-steps", "2", "--patience", "2", "--lr", "0.05", "--sampling-steps", "6",
+               "--grad-range", "1", "1",
                "--resolution", "16", "--search-steps", "3", "--out", str(out), "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "t.json").read_text())
