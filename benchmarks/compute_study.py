@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         for n in names:
             summaries[(n, seed)] = train_variant(world, base, n, seed, ns.out)
 
-    from reneg.backends.diffusers_backend import load_diffusers
+    from reneg.backends.loading import load_diffusers
     from reneg.embedding import load_embedding
     from reneg.evaluation.stats import mean_ci, paired_differences, win_rate
     from reneg.generate import generate_and_score

@@ -100,7 +100,7 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
     cases = {
         "model": ({"model": str(tmp_path / "nope")}, "no such folder or file"),
         "reward": ({"rewards": "hpsv9=x.pt"}, "--reward"),
-        "steps": ({"steps": 0}, "--steps must be > 0"),
+        "steps": ({"steps": 0}, "--steps must be a positive integer"),
         "prompts": ({"prompts": str(tmp_path / "missing.txt")}, "--prompts"),
         "resolution": ({"resolution": 30}, "--resolution must be a positive multiple of 8"),
         "number": ({"seed": None}, "a number field is empty"),

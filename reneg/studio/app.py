@@ -155,7 +155,7 @@ class Studio:
     def _models_for(self, model, config, rewards, device):
         import torch
 
-        from reneg.backends.diffusers_backend import load_diffusers
+        from reneg.backends.loading import load_diffusers
         from reneg.rewards import load_rewards
 
         key = (model, config or None, tuple(rewards), device or "")
