@@ -26,6 +26,13 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory) -> str:
+    from reneg.tiny import build_tiny_pixart
+
+    return build_tiny_pixart(str(tmp_path_factory.mktemp("tiny") / "pixart"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> str:
     from reneg.tiny import build_tiny_sdxl
 

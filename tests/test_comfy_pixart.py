@@ -12,12 +12,11 @@ import torch
 import comfy_stubs
 from test_comfy_nodes import _tune_args, host, node, reward, run  # noqa: F401 - fixtures
 
-from reneg.tiny import build_tiny_pixart
 
 
 @pytest.fixture(scope="module")
-def pixart_dir(tmp_path_factory):
-    return build_tiny_pixart(str(tmp_path_factory.mktemp("comfy-pixart") / "alpha"), seed=2)
+def pixart_dir(tiny_pixart_dir):
+    return tiny_pixart_dir
 
 
 @pytest.fixture(scope="module")

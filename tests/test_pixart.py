@@ -19,8 +19,8 @@ from reneg.tiny import build_tiny_pixart
 
 
 @pytest.fixture(scope="module")
-def alpha_dir(tmp_path_factory):
-    return build_tiny_pixart(str(tmp_path_factory.mktemp("pixart") / "alpha"))
+def alpha_dir(tiny_pixart_dir):
+    return tiny_pixart_dir
 
 
 @pytest.fixture(scope="module")
