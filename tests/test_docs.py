@@ -14,15 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Pages other branches are adding at the same time as the README that links to them. A link to one of
-# these is accepted while the page does not exist yet; once it exists it is checked like any other.
-# Empty this set once those branches are merged.
-PENDING = {"docs/a1111.md", "docs/reliability.md", "docs/options.md", "docs/rewards.md", "docs/models.md",
-           "docs/pixart.md", "docs/compute.md", "docs/studio.md"}
 
 # top-level folders of the repository: a backticked path starting with one of these must exist
 REPO_DIRS = ("reneg/", "trainer/", "nodes/", "tests/", "benchmarks/", "a1111_extension/", "scripts/",
-             "workflows/", "docs/", "embeddings/", "web/", ".ci/")
+             "workflows/", "docs/", "embeddings/", "web/", ".ci/", "tools/")
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
@@ -88,8 +83,7 @@ def broken_links(page: Path, root: Path = ROOT) -> list[str]:
             broken.append(f"{where}:{n}: {target} leaves the repository")
             continue
         if not dest.exists():
-            if name not in PENDING:
-                broken.append(f"{where}:{n}: {target} -> {name} does not exist")
+            broken.append(f"{where}:{n}: {target} -> {name} does not exist")
             continue
         if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{where}:{n}: {target}: no heading '#{anchor}' in {name}")
@@ -115,8 +109,6 @@ def test_backticked_repository_paths_exist(page):
                 continue
             if glob.glob(str(ROOT / path)):
                 continue
-            if path in PENDING:
-                continue
             missing.append(f"{rel(page)}:{n}: `{span}` does not exist")
     assert not missing, "paths named in the docs that are not in the repository:\n" + "\n".join(missing)
 
@@ -133,7 +125,7 @@ def test_a_broken_link_is_caught(tmp_path):
     (tmp_path / "docs" / "there.md").write_text("# A heading\n", encoding="utf-8")
     page = tmp_path / "README.md"
     page.write_text("[ok](docs/there.md#a-heading) [gone](docs/missing.md) [web](https://example.org)\n"
-                    "[bad anchor](docs/there.md#nope) [pending](docs/a1111.md) [up](../x.md)\n"
+                    "[bad anchor](docs/there.md#nope) [up](../x.md)\n"
                     "```\n[in code](docs/ignored.md)\n```\n", encoding="utf-8")
     assert broken_links(page, root=tmp_path) == [
         "README.md:1: docs/missing.md -> docs/missing.md does not exist",
