@@ -189,7 +189,7 @@ def test_recipe_fills_unset_options_and_flags_win():
 
 def test_tune_search_steps_counts_and_record(tmp_path, tiny_backend, tiny_reward, tiny_pipeline_dir, tiny_hps_ckpt,
                                             capsys):
-    from reneg.generate import scaled_grad_range, tune_for_seed
+    from reneg.tuning import scaled_grad_range, tune_for_seed
 
     assert scaled_grad_range((0, 10), 30, 7) == (0, 2)
     assert scaled_grad_range((5, 10), 30, 3) == (0, 1)

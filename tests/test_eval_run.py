@@ -235,7 +235,7 @@ def test_grid_limit_keeps_every_category():
 
 
 def test_tune_for_seed_returns_the_best_image(tiny_backend, tiny_reward):
-    from reneg.generate import tune_for_seed
+    from reneg.tuning import tune_for_seed
 
     null, _ = tiny_backend.null_embedding()
     res, image = tune_for_seed(tiny_backend, tiny_reward, "a red circle", 11, null, steps=3, guidance=5.0,

@@ -212,7 +212,8 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
     import json
 
     from reneg.embedding import save_embedding
-    from reneg.generate import as_embedding, generate, seeded_noise, tune_for_seed
+    from reneg.generate import as_embedding, generate, seeded_noise
+    from reneg.tuning import tune_for_seed
 
     log_path = os.path.join(cfg.out, f"tuning_{neg.name}.json")
     logs = {}
