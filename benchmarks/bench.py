@@ -9,7 +9,7 @@ own loaders, with the same prompts, noise and grad steps:
 * reference (benchmarks/reference.py): fp32, plain attention, no checkpointing,
   prompts re-encoded per sample, batched CFG with gradient through both branches
   at the grad step;
-* ours: the trainer's code (``reneg.objective.reneg_step``, ``per_sample_search`` +
+* ours: the trainer's code (``reneg.objective.grad_step_loss``, ``per_sample_search`` +
   ``sample_score_and_loss``) with bf16 weights and autocast on a GPU (fp32 on the CPU),
   PyTorch SDPA, gradient checkpointing of UNet, VAE decoder and reward tower, the
   conditional branch of the grad step under no-grad, batched CFG in the rollout,
@@ -211,13 +211,13 @@ def load_path(info: dict, reward_master, device: torch.device, dt: torch.dtype):
 
 
 def ours_micro_loss(backend, reward, ns, prompts, neg, noise, gi, device, dt):
-    from reneg.objective import reneg_step
+    from reneg.objective import grad_step_loss
     from reneg.sampling import initial_latent
 
     sigmas = backend.schedule(ns.sampling_steps)
     with autocast(device, dt):
-        res = reneg_step(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
-                         backend.negative_cond(neg), initial_latent(noise, sigmas[0]), sigmas, ns.guidance, gi)
+        res = grad_step_loss(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
+                             backend.negative_cond(neg), initial_latent(noise, sigmas[0]), sigmas, ns.guidance, gi)
     return res.loss
 
 
@@ -496,13 +496,13 @@ def run(ns) -> dict:
 
 
 def _ours_grad_step(backend, reward, ns, prompts, neg, x_t, gi, device, dt):
-    """Our grad step alone from the reference's latent ``x_t`` (``reneg_step`` with no rollout)."""
-    from reneg.objective import reneg_step
+    """Our grad step alone from the reference's latent ``x_t`` (``grad_step_loss`` with no rollout)."""
+    from reneg.objective import grad_step_loss
 
     sigmas = backend.schedule(ns.sampling_steps)[gi:]
     with autocast(device, dt):
-        return reneg_step(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
-                          backend.negative_cond(neg), x_t, sigmas, ns.guidance, 0).loss
+        return grad_step_loss(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
+                              backend.negative_cond(neg), x_t, sigmas, ns.guidance, 0).loss
 
 
 def try_compile(backend, reward, ns, samples, null, tune_noise, tune_prompt, device, dt, result, log) -> None:

@@ -201,7 +201,8 @@ def tune_study(ns, world, backend, reward, summaries, texts) -> list[dict]:
     from reneg.compute import ComputeMeter
     from reneg.embedding import load_embedding
     from reneg.evaluation.stats import mean_ci
-    from reneg.generate import generate_and_score, tune_for_seed
+    from reneg.generate import generate_and_score
+    from reneg.tuning import tune_for_seed
 
     st = world["settings"]
     start = load_embedding(summaries[("paper", ns.seeds[0])]["embedding"]).tensor

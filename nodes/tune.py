@@ -80,7 +80,7 @@ class ReNegPerSampleTune:
              search_steps=0):
         from ..reneg.backends.comfy_backend import ComfyBackend, clone_normal, conditioning_to_cond
         from ..reneg.compute import ComputeMeter
-        from ..reneg.generate import tune_for_seed
+        from ..reneg.tuning import tune_for_seed
         from .reward import RewardModel
 
         if not isinstance(reward, RewardModel):

@@ -5,6 +5,10 @@ model and a preference reward trained on a procedural world of shapes, where a
 learned negative visibly helps). When those assets are absent, it builds a tiny
 random pipeline and reward from fixed configs and seeds, which proves the
 machinery but not the method.
+
+Of the three look-alikes: this module sets up a ``--demo`` run (settings, paths, which models);
+:mod:`reneg.demo_world` holds the shipped trained models; :mod:`reneg.tiny` builds random-weight
+models for tests.
 """
 
 from __future__ import annotations

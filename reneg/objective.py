@@ -88,13 +88,14 @@ class StepResult:
     x0: torch.Tensor | None = None  # grad-step x0 prediction (detached)
 
 
-def reneg_step(denoiser: Denoiser, decode: Callable[[torch.Tensor], torch.Tensor],
-               reward: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: list[str],
-               cond: Cond, uncond: Cond, x_start: torch.Tensor, sigmas: torch.Tensor,
-               scale: float, grad_index: int | list[int], reward_weight: float = 1.0,
-               rollout_steps: int | None = None,
-               backward: Callable[[torch.Tensor], None] | None = None) -> StepResult:
-    """One ReNeg sample batch: no-grad rollout to ``grad_index``, then the grad step.
+def grad_step_loss(denoiser: Denoiser, decode: Callable[[torch.Tensor], torch.Tensor],
+                   reward: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: list[str],
+                   cond: Cond, uncond: Cond, x_start: torch.Tensor, sigmas: torch.Tensor,
+                   scale: float, grad_index: int | list[int], reward_weight: float = 1.0,
+                   rollout_steps: int | None = None,
+                   backward: Callable[[torch.Tensor], None] | None = None) -> StepResult:
+    """Training's loss: no-grad rollout to ``grad_index``, then the reward of the grad step's x0 prediction
+    (the image is never finished; :func:`sample_score_and_loss` also finishes and scores it).
 
     ``x_start`` is the VE latent at ``sigmas[0]``; ``uncond`` holds the trainable
     negative (its tensors may require grad); ``reward(images, prompts) -> [B]``.
@@ -207,7 +208,8 @@ def sample_score_and_loss(denoiser: Denoiser, decode: Callable[[torch.Tensor], t
                           scale: float, grad_index: int, want_loss: bool = True,
                           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The full image's reward *and* the ReNeg loss from one trajectory.
+    """Per-sample search's step: the grad step's loss (as :func:`grad_step_loss`) *and* the finished image's
+    reward, from one trajectory.
 
     Samples without gradients to the grad step, takes the differentiable x0
     prediction there (the loss), then finishes the same trajectory without

@@ -5,6 +5,10 @@ Used by the test-suite and by benchmarks: a diffusers Stable Diffusion folder
 DDIM scheduler) and an HPS-format open_clip checkpoint, so that they load through
 exactly the code paths users' files take. Random weights: they prove the
 machinery, not the method (the demo world in :mod:`reneg.demo_world` does that).
+
+Of the three look-alikes: this module builds random-weight models for tests and benchmarks;
+:mod:`reneg.demo_world` holds the shipped *trained* demo models; :mod:`reneg.demo` sets up a
+``--demo`` run on one of the two.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from reneg.cli import main
 from reneg.compute import SD15_512, ComputeMeter
 from reneg.embedding import load_embedding
-from reneg.objective import ObjectiveConfig, grad_step_x0, reneg_step, rollout_schedule
+from reneg.objective import ObjectiveConfig, grad_step_x0, grad_step_loss, rollout_schedule
 from reneg.sampling import initial_latent, sample
 
 PROMPTS = ["a red circle", "a blue square", "a green star", "a yellow triangle", "a purple circle",
@@ -39,9 +39,9 @@ def _step(backend, reward, meter, grad_index, rollout_steps=None, seed=0, neg=No
     noise = torch.randn(backend.latent_shape(2, 16, 16), generator=g)
     null, _ = backend.null_embedding()
     neg = (null.clone() if neg is None else neg).requires_grad_(True)
-    res = reneg_step(meter.denoiser(backend.denoiser), meter.decode(backend.decode), meter.reward(reward), ps,
-                     backend.encode_prompts(ps), backend.negative_cond(neg), initial_latent(noise, sigmas[0]),
-                     sigmas, 7.5, grad_index, rollout_steps=rollout_steps)
+    res = grad_step_loss(meter.denoiser(backend.denoiser), meter.decode(backend.decode), meter.reward(reward), ps,
+                         backend.encode_prompts(ps), backend.negative_cond(neg), initial_latent(noise, sigmas[0]),
+                         sigmas, 7.5, grad_index, rollout_steps=rollout_steps)
     res.loss.backward()
     return res, neg
 
@@ -189,7 +189,7 @@ def test_recipe_fills_unset_options_and_flags_win():
 
 def test_tune_search_steps_counts_and_record(tmp_path, tiny_backend, tiny_reward, tiny_pipeline_dir, tiny_hps_ckpt,
                                             capsys):
-    from reneg.generate import scaled_grad_range, tune_for_seed
+    from reneg.tuning import scaled_grad_range, tune_for_seed
 
     assert scaled_grad_range((0, 10), 30, 7) == (0, 2)
     assert scaled_grad_range((5, 10), 30, 3) == (0, 1)

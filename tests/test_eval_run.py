@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from reneg.embedding import NegEmbedding, save_embedding
+from reneg.evaluation import images as image_files
+from reneg.evaluation import scoring
 from reneg.evaluation import run as ev
-from reneg.evaluation.run import EvalConfig, EvalError, build_items, parse_negative, parse_negatives
+from reneg.evaluation.config import EvalConfig, EvalError, Item, build_items
+from reneg.evaluation.negatives import Negative, parse_negative, parse_negatives
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_
     images = sorted(os.listdir(out / "images"))
     assert images == sorted(f"{i:05d}_s{7 + i}_{n}.png" for i in range(3) for n in negs)
     # scores.csv: one row per image and reward
-    rows = ev.read_scores_csv(str(out / "scores.csv"))
+    rows = scoring.read_scores_csv(str(out / "scores.csv"))
     assert len(rows) == 3 * 4 * 2
     assert {r["reward"] for r in rows} == set(rewards)
     assert {r["category"] for r in rows} == {"shapes", "animals"}
@@ -123,12 +126,12 @@ def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_
     for f in deleted:
         os.unlink(out / "images" / f)
     saved = []
-    real_save = ev.save_frames
-    monkeypatch.setattr(ev, "save_frames", lambda path, fr, **k: (saved.append(os.path.basename(path)),
+    real_save = image_files.save_frames
+    monkeypatch.setattr(image_files, "save_frames", lambda path, fr, **k: (saved.append(os.path.basename(path)),
                                                                    real_save(path, fr, **k)))
     ev.run_eval(cfg, log=lambda m: None)
     assert sorted(saved) == sorted(deleted)
-    rows2 = ev.read_scores_csv(str(out / "scores.csv"))
+    rows2 = scoring.read_scores_csv(str(out / "scores.csv"))
     old = {(r["image"], r["reward"]): r["score"] for r in rows}
     for r in rows2:
         assert r["score"] == pytest.approx(old[(r["image"], r["reward"])], abs=1e-6)
@@ -140,14 +143,14 @@ def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_
 
 
 def test_negative_syntax(tmp_path, emb_file):
-    assert parse_negative("null") == ev.Negative("null", "null", "")
-    assert parse_negative("Zero") == ev.Negative("zero", "zero", "")
+    assert parse_negative("null") == Negative("null", "null", "")
+    assert parse_negative("Zero") == Negative("zero", "zero", "")
     hc = parse_negative("handcrafted", handcrafted="bad, ugly")
     assert (hc.name, hc.kind, hc.source) == ("handcrafted", "text", "bad, ugly")
     assert parse_negative("handcrafted").source.startswith("distorted, ugly, blurry")
     assert parse_negative("handcrafted: low quality").source == "low quality"
     assert parse_negative("text:grainy").name == "text"
-    assert parse_negative(emb_file) == ev.Negative("my_neg", "file", emb_file)
+    assert parse_negative(emb_file) == Negative("my_neg", "file", emb_file)
     assert parse_negative(f"tuned:{emb_file}").name == "tuned-my_neg"
     assert parse_negative("tuned:null").kind == "tuned"
     named = parse_negative(f"mine={emb_file}")
@@ -220,19 +223,19 @@ def test_cli_reports_errors(capsys, tmp_path):
 def test_grid_limit_keeps_every_category():
     from reneg.evaluation.report import grid_items
 
-    items = [ev.Item(i, f"p{i}", "a" if i < 8 else "b", i) for i in range(10)]
+    items = [Item(i, f"p{i}", "a" if i < 8 else "b", i) for i in range(10)]
     shown = grid_items(items, 4)
     assert len(shown) == 4 and {it.category for it in shown} == {"a", "b"}
     assert [it.index for it in shown] == [0, 1, 8, 9]
     assert re.match(r"^\d{5}_s\d+_x\.png$", items[0].image_name("x"))
     # several seeds per prompt: every prompt's first seed is shown before any prompt's second
-    items = [ev.Item(i, f"p{i}", "a", 100 + 3 * i + k, k) for i in range(4) for k in range(3)]
+    items = [Item(i, f"p{i}", "a", 100 + 3 * i + k, k) for i in range(4) for k in range(3)]
     shown = grid_items(items, 6)
     assert [(it.index, it.k) for it in shown] == [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (1, 1)]
 
 
 def test_tune_for_seed_returns_the_best_image(tiny_backend, tiny_reward):
-    from reneg.generate import tune_for_seed
+    from reneg.tuning import tune_for_seed
 
     null, _ = tiny_backend.null_embedding()
     res, image = tune_for_seed(tiny_backend, tiny_reward, "a red circle", 11, null, steps=3, guidance=5.0,
@@ -301,8 +304,8 @@ def test_tuned_fresh_noise_and_saved_embeddings(tmp_path, tiny_pipeline_dir, tin
         img = generate(tiny_backend, tiny_backend.encode_prompts(["a green triangle"]),
                        tiny_backend.negative_cond(saved.tensor.float()), seeded_noise(tiny_backend, [7], 16, 16),
                        cfg.sampling_steps, cfg.guidance)
-    made = ev.load_frames(str(out / "images" / "00000_s7_t.png"))
-    assert (ev.to_uint8(img).astype(int) - ev.to_uint8(made).astype(int)).__abs__().max() <= 1
+    made = image_files.load_frames(str(out / "images" / "00000_s7_t.png"))
+    assert (image_files.to_uint8(img).astype(int) - image_files.to_uint8(made).astype(int)).__abs__().max() <= 1
 
 
 def test_tune_per_prompt_tunes_a_subset_and_compares_on_it(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file,
@@ -321,7 +324,7 @@ def test_tune_per_prompt_tunes_a_subset_and_compares_on_it(tmp_path, tiny_pipeli
     assert len(images) == 3 * 6 + 3
     assert s["images_per_negative"] == 6 and s["images"] == {"null": 6, "handcrafted": 6, "my_neg": 6,
                                                              "tuned-my_neg": 3}
-    rows = [r for r in ev.read_scores_csv(str(out / "scores.csv"))]
+    rows = [r for r in scoring.read_scores_csv(str(out / "scores.csv"))]
     assert len(rows) == 21
     sc = {(r["prompt_index"], r["seed"], r["negative"]): r["score"] for r in rows}
     first = [(i, 7 + 2 * i) for i in range(3)]

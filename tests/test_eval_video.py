@@ -40,15 +40,18 @@ def test_video_backend_shapes(tiny_backend, motion_adapter_dir):
 def test_eval_video_end_to_end(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_reward, motion_adapter_dir):
     from PIL import Image
 
+    from reneg.evaluation import images as image_files
+    from reneg.evaluation import scoring
     from reneg.evaluation import run as ev
+    from reneg.evaluation.config import EvalConfig
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "vid"
-    cfg = ev.EvalConfig(model=tiny_pipeline_dir, rewards=[f"hpsv2={tiny_hps_ckpt}"], prompts=str(prompts),
-                        negatives=["null", "handcrafted:blurry", "tuned:null"], out=str(out), video=motion_adapter_dir,
-                        frames=2, sampling_steps=3, resolution=16, batch=2, tune_steps=2, tune_patience=2,
-                        grad_range=(0, 1), tune_lr=0.05, progress=False, device="cpu")
+    cfg = EvalConfig(model=tiny_pipeline_dir, rewards=[f"hpsv2={tiny_hps_ckpt}"], prompts=str(prompts),
+                     negatives=["null", "handcrafted:blurry", "tuned:null"], out=str(out), video=motion_adapter_dir,
+                     frames=2, sampling_steps=3, resolution=16, batch=2, tune_steps=2, tune_patience=2,
+                     grad_range=(0, 1), tune_lr=0.05, progress=False, device="cpu")
     summary = ev.run_eval(cfg, log=lambda m: None)
     names = sorted(os.listdir(out / "images"))
     assert len(names) == 6
@@ -56,9 +59,9 @@ def test_eval_video_end_to_end(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_
         with Image.open(out / "images" / n) as im:
             assert im.format == "PNG" and getattr(im, "n_frames", 1) == 2  # an animated PNG
     # a video's score is the mean of its frames' image scores
-    rows = ev.read_scores_csv(str(out / "scores.csv"))
+    rows = scoring.read_scores_csv(str(out / "scores.csv"))
     r = next(r for r in rows if r["negative"] == "null")
-    frames = ev.load_frames(str(out / r["image"]))
+    frames = image_files.load_frames(str(out / r["image"]))
     assert frames.shape == (2, 3, 16, 16)
     with torch.no_grad():
         per_frame = tiny_reward(frames, [r["prompt"]] * 2)

@@ -37,10 +37,10 @@ def _cos(a, b):
 
 
 def test_our_path_gradient_equals_the_plain_reference_at_fp32(fresh):
-    """reneg_step with SDPA, checkpointing everywhere and the no-grad conditional branch
+    """grad_step_loss with SDPA, checkpointing everywhere and the no-grad conditional branch
     gives the reference's gradient (plain attention, no checkpointing, batched CFG with
     autograd through both branches, prompts re-encoded)."""
-    from reneg.objective import reneg_step
+    from reneg.objective import grad_step_loss
     from reneg.sampling import initial_latent
 
     _, reference = _bench()
@@ -60,8 +60,8 @@ def test_our_path_gradient_equals_the_plain_reference_at_fp32(fresh):
     assert backend.unet.is_gradient_checkpointing and backend.vae.is_gradient_checkpointing
     sigmas = backend.schedule(steps)
     neg_o = null.clone().requires_grad_(True)
-    res = reneg_step(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
-                     backend.negative_cond(neg_o), initial_latent(noise, sigmas[0]), sigmas, g, gi)
+    res = grad_step_loss(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
+                         backend.negative_cond(neg_o), initial_latent(noise, sigmas[0]), sigmas, g, gi)
     res.loss.backward()
 
     gr, go = neg_r.grad, neg_o.grad

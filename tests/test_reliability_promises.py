@@ -362,7 +362,7 @@ def test_shared_flags_have_one_default_everywhere():
         (PAPER.lr, PAPER.steps, PAPER.batch_size, PAPER.lr_schedule)
     assert (tune["lr"], tune["max_steps"], tune["patience"]) == (PAPER.lr, PAPER.max_steps, PAPER.patience)
     assert (ev["tune_lr"], ev["tune_steps"], ev["tune_patience"]) == (PAPER.lr, PAPER.max_steps, PAPER.patience)
-    from reneg.evaluation.run import EvalConfig
+    from reneg.evaluation.config import EvalConfig
     from reneg.trainer.config import TrainConfig
 
     assert TrainConfig().grad_range == EvalConfig().grad_range == PAPER.grad_range

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reneg.cond import Cond
-from reneg.objective import ObjectiveConfig, grad_step_x0, per_sample_search, reneg_step, sample_score_and_loss
+from reneg.objective import ObjectiveConfig, grad_step_x0, per_sample_search, grad_step_loss, sample_score_and_loss
 from reneg.sampling import initial_latent, sample, to_vp
 
 
@@ -56,8 +56,8 @@ def _loss_fn(backend, reward, scale, grad_index=7, steps=10):
     cond = backend.encode_prompts(prompts)
 
     def f(neg):
-        return reneg_step(backend.denoiser, backend.decode, reward, prompts, cond, backend.negative_cond(neg),
-                          initial_latent(noise, sig[0]), sig, scale, grad_index)
+        return grad_step_loss(backend.denoiser, backend.decode, reward, prompts, cond, backend.negative_cond(neg),
+                              initial_latent(noise, sig[0]), sig, scale, grad_index)
     return f
 
 
@@ -73,8 +73,8 @@ def test_gradient_matches_finite_differences(tmp_path, tiny_pipeline_dir, tiny_h
     sig = backend.schedule(10)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     base = backend.null_embedding()[0].double()
-    res = reneg_step(backend.denoiser, backend.decode, reward, prompts, cond, backend.negative_cond(base),
-                     initial_latent(noise, sig[0]), sig, 7.5, 7)
+    res = grad_step_loss(backend.denoiser, backend.decode, reward, prompts, cond, backend.negative_cond(base),
+                         initial_latent(noise, sig[0]), sig, 7.5, 7)
     x_t = res.x
     sigma = torch.full((2,), float(sig[7]), dtype=torch.float64)
 

@@ -126,7 +126,7 @@ def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, t
     assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned", "zero"]
     assert s["images"] == {"null": 2, "handcrafted": 2, "learned": 2, "zero": 2}
     # a text negative is what a UI makes of that negative prompt: its own pooled vector, not the empty prompt's
-    from reneg.evaluation.run import load_frames
+    from reneg.evaluation.images import load_frames
     from reneg.generate import generate, seeded_noise
 
     name = next(n for n in os.listdir(ev / "images") if n.endswith("_handcrafted.png"))

@@ -78,6 +78,6 @@ def test_reneg_eval_on_zeroscope(tmp_path, t2v_dir, tiny_hps_ckpt, shared_data):
     s = json.loads((out / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == names and s["images"] == {n: 2 for n in names}
     assert s["settings"]["frames"] == 2
-    from reneg.evaluation.run import load_frames
+    from reneg.evaluation.images import load_frames
 
     assert load_frames(str(next((out / "images").iterdir()))).shape == (2, 3, 16, 16)

@@ -22,7 +22,7 @@ from reneg.compute import ComputeMeter
 from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding, generate_and_score, text_negative
-from reneg.objective import ObjectiveConfig, reneg_step
+from reneg.objective import ObjectiveConfig, grad_step_loss
 from reneg.prompts import load_prompts
 from reneg.sampling import initial_latent
 
@@ -241,11 +241,11 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 noise = torch.randn(shape, generator=g).to(device)
                 gi = obj.grad_indices(grads_per_rollout, g)
                 with acc.autocast():
-                    res = reneg_step(m_denoiser, m_decode, m_reward, ps, backend.encode_prompts(ps),
-                                     backend.negative_cond(neg), initial_latent(noise, sigmas[0]), sigmas,
-                                     cfg.guidance, gi if len(gi) > 1 else gi[0], rollout_steps=rollout_steps,
-                                     # several grad steps: each one's backward at once (one graph alive)
-                                     backward=(lambda loss: (loss / accum).backward()) if len(gi) > 1 else None)
+                    res = grad_step_loss(m_denoiser, m_decode, m_reward, ps, backend.encode_prompts(ps),
+                                         backend.negative_cond(neg), initial_latent(noise, sigmas[0]), sigmas,
+                                         cfg.guidance, gi if len(gi) > 1 else gi[0], rollout_steps=rollout_steps,
+                                         # several grad steps: each one's backward at once (one graph alive)
+                                         backward=(lambda loss: (loss / accum).backward()) if len(gi) > 1 else None)
                 if len(gi) == 1:
                     (res.loss / accum).backward()
                 rewards.append(res.rewards.float())

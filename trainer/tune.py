@@ -10,7 +10,8 @@ import torch
 from reneg import options as O
 from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
-from reneg.generate import as_embedding, tune_for_seed
+from reneg.generate import as_embedding
+from reneg.tuning import tune_for_seed
 
 from .config import ConfigError, check_embedding_arg, check_numbers, check_out_dir, validate_common
 from .train import base_model_fields

@@ -6,6 +6,10 @@
 - ``tools/train_demo_world.py`` (in the repository, not installed): the script that trains both (see ``assets/CARD.md``).
 
 Importing this package needs only numpy and PIL.
+
+Of the three look-alikes: this package holds the shipped *trained* demo models and their world;
+:mod:`reneg.demo` sets up a ``--demo`` run on them; :mod:`reneg.tiny` builds random-weight models
+for tests.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import time
 
 from reneg import options as O
 
-from .run import EvalConfig
+from .config import EvalConfig
 
 DEMO_OUT = os.path.join("runs", "demo-eval")
 DEMO_TRAIN = os.path.join("runs", "demo-train")
@@ -82,7 +82,8 @@ def config_from_args(ns) -> EvalConfig:
 
 
 def cmd_eval(ns) -> int:
-    from .run import check_eval_numbers, run_eval
+    from .config import check_eval_numbers
+    from .run import run_eval
 
     t0 = time.time()
     if ns.threads is not None:
@@ -182,7 +183,7 @@ def demo_config(ns) -> EvalConfig:
     from reneg import demo
     from reneg.cli import refuse_demo_conflicts
 
-    from .run import check_eval_numbers
+    from .config import check_eval_numbers
 
     given = refuse_demo_conflicts(ns, "eval")
     user = {k: getattr(ns, k) for k in given if k in EvalConfig.__dataclass_fields__ and k not in ("out",)}

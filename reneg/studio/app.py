@@ -230,7 +230,7 @@ class Studio:
             q.put(("step", dict(rec), capture.last))
 
         def work():
-            from reneg.generate import tune_for_seed
+            from reneg.tuning import tune_for_seed
 
             try:
                 res, image = tune_for_seed(backend, capture, ns.prompt, ns.seed, start.to(backend.device),

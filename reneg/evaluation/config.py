@@ -1,0 +1,125 @@
+"""``reneg eval``'s settings: :class:`EvalConfig`, its numeric checks, and the items (prompt, seed) it makes.
+
+An *item* is one prompt and one seed; every negative makes one image per item from the same noise,
+so images (and their scores) pair up across negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from reneg.options import PAPER
+from reneg.prompts import PAPER_HANDCRAFTED, load_prompts, subsample
+
+if TYPE_CHECKING:
+    from .negatives import Negative
+
+
+class EvalError(ValueError):
+    """A bad argument or an output folder that does not fit this run; the message names the flag or file."""
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int       # position in the prompt file
+    text: str
+    category: str
+    seed: int
+    k: int = 0       # which image of its prompt (0 .. images_per_prompt - 1)
+
+    def image_name(self, negative: str) -> str:
+        return f"{self.index:05d}_s{self.seed}_{negative}.png"
+
+
+def build_items(prompts_path: str, limit: int | None = None, sample_seed: int = 0, seed: int = 0,
+                images_per_prompt: int = 1) -> list[Item]:
+    """Items of a prompt file; ``seed + index * images_per_prompt + k`` is image k's seed."""
+    prompts = load_prompts(prompts_path)
+    indexed = list(enumerate(prompts))
+    chosen = subsample(indexed, limit, sample_seed)
+    return [Item(i, p.text, p.category, seed + i * images_per_prompt + k, k)
+            for i, p in chosen for k in range(images_per_prompt)]
+
+
+def items_for(cfg, neg: Negative, items: list[Item]) -> list[Item]:
+    """The items ``neg`` is made for: all of them, except tuned negatives under ``--tune-per-prompt K``
+    (the first K images of each prompt; per-sample search is the expensive part of an evaluation)."""
+    k = getattr(cfg, "tune_per_prompt", None)
+    if neg.kind != "tuned" or k is None:
+        return items
+    return [it for it in items if it.k < k]
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""
+    config: str | None = None
+    vae: str | None = None             # a VAE file or folder replacing the model's own
+    prediction_type: str | None = None  # eps | v: instead of what the model's files say
+    rewards: list[str] = field(default_factory=list)
+    prompts: str = ""
+    negatives: list[str] = field(default_factory=list)
+    out: str = "runs/eval"
+    handcrafted: str = PAPER_HANDCRAFTED
+    limit: int | None = None
+    sample_seed: int = 0
+    seed: int = PAPER.seed
+    images_per_prompt: int = 1
+    sampling_steps: int = PAPER.sampling_steps
+    guidance: float = PAPER.guidance
+    resolution: int = PAPER.resolution
+    batch: int = 4
+    tune_steps: int = PAPER.max_steps
+    tune_patience: int = PAPER.patience
+    tune_lr: float = PAPER.lr
+    tune_noise: str = "seed"
+    tune_per_prompt: int | None = None  # tuned negatives: only images k < this of each prompt (None: all)
+    grad_range: tuple[int, int] = PAPER.grad_range
+    save_tuned: bool = False
+    video: str | None = None           # motion-adapter folder (AnimateDiff)
+    frames: int = 16
+    reference: str | None = None
+    tie_tol: float = 0.0
+    grid_limit: int = 200
+    device: str | None = None
+    progress: bool = True
+    title: str = "ReNeg evaluation"
+    note: str = ""
+    remake_mismatched: bool = False    # --demo: delete images made under other settings instead of refusing
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["grad_range"] = list(self.grad_range)
+        return d
+
+
+# the numeric flags of eval, checked by reneg.options (kind, bounds)
+EVAL_NUMBERS = {
+    "batch": ("int",), "images_per_prompt": ("int",), "tune_steps": ("int",), "tune_patience": ("int",),
+    "frames": ("int",), "grid_limit": ("int",), "limit": ("opt_int", 1), "tune_per_prompt": ("opt_int", 1),
+    "tune_lr": ("pos",), "tie_tol": ("nonneg",), "seed": ("seed",), "sample_seed": ("seed",),
+}
+
+
+def check_eval_numbers(cfg) -> None:
+    """Every numeric flag of eval, before anything is read (also run first under --demo)."""
+    from reneg import options as O
+
+    try:
+        O.check_sampling(cfg, grad=False)
+        O.check_numbers(cfg, EVAL_NUMBERS)
+        threads = getattr(cfg, "threads", None)
+        if threads is not None:
+            O.check_int("--threads", threads, 1, 4096)
+    except O.OptionError as e:
+        raise EvalError(str(e)) from None
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar for ``cfg.progress`` (None when off)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, unit="img")

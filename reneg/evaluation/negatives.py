@@ -1,0 +1,101 @@
+"""The negatives ``reneg eval`` compares: ``--negative [NAME=]SPEC`` parsed into :class:`Negative`."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from reneg.prompts import PAPER_HANDCRAFTED
+
+from .config import EvalError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class Negative:
+    name: str      # used in file names and the report
+    kind: str      # null | zero | text | file | tuned
+    source: str    # the text (text), the embedding file (file, tuned; "null" for tuned from null)
+
+    def describe(self) -> str:
+        if self.kind == "null":
+            return 'null text E("")'
+        if self.kind == "zero":
+            return "all-zero negative (A1111/Forge for an empty SDXL negative prompt)"
+        if self.kind == "text":
+            return f'text "{self.source}"'
+        if self.kind == "file":
+            return f"embedding {_short(self.source)}"
+        start = "null" if self.source == "null" else _short(self.source)
+        return f"per-sample tuning from {start}"
+
+
+def _short(path: str) -> str:
+    """The file name, with its folder when the name alone says little (``train/embedding.safetensors``)."""
+    parts = os.path.normpath(path).replace(os.sep, "/").split("/")
+    return "/".join(parts[-2:])
+
+
+def clean_name(s: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.+-]+", "-", s).strip("-.") or "negative"
+    return s[:64]
+
+
+def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
+    """``[NAME=]SPEC`` with SPEC one of ``null``, ``zero``, ``handcrafted``, ``handcrafted:TEXT``,
+    ``text:TEXT``, an embedding file, ``tuned:FILE`` or ``tuned:null``."""
+    raw = spec
+    spec = spec.strip()
+    if not spec:
+        raise EvalError("--negative: empty value (expected null, zero, handcrafted[:TEXT], text:TEXT, an embedding "
+                        "file or tuned:FILE)")
+    name = None
+    head, sep, rest = spec.partition("=")
+    if sep and _NAME_RE.match(head) and not os.path.exists(spec) and ":" not in head:
+        name, spec = head, rest.strip()
+    low = spec.lower()
+    if low == "null":
+        neg = Negative("null", "null", "")
+    elif low == "zero":
+        neg = Negative("zero", "zero", "")
+    elif low == "handcrafted" or low.startswith("handcrafted:") or low.startswith("text:"):
+        text = spec.split(":", 1)[1].strip() if ":" in spec else handcrafted
+        if not text:
+            raise EvalError(f"--negative {raw!r}: the negative prompt text is empty")
+        neg = Negative("handcrafted" if low.startswith("handcrafted") else "text", "text", text)
+    elif low.startswith("tuned:"):
+        start = spec.split(":", 1)[1].strip()
+        if start.lower() == "null":
+            neg = Negative("tuned-null", "tuned", "null")
+        else:
+            _check_embedding_file(start, raw)
+            neg = Negative("tuned-" + clean_name(os.path.splitext(os.path.basename(start))[0]), "tuned", start)
+    else:
+        _check_embedding_file(spec, raw)
+        neg = Negative(clean_name(os.path.splitext(os.path.basename(spec))[0]), "file", spec)
+    if name is not None:
+        neg = Negative(name, neg.kind, neg.source)
+    return neg
+
+
+def _check_embedding_file(path: str, raw: str) -> None:
+    if not os.path.isfile(path):
+        raise EvalError(f"--negative {raw!r}: expected null, zero, handcrafted[:TEXT], text:TEXT, tuned:FILE or an "
+                        f"embedding file; {path} is not a file")
+    if not path.lower().endswith(EMBEDDING_SUFFIXES):
+        raise EvalError(f"--negative {raw!r}: {path} does not look like an embedding file (expected one of "
+                        f"{', '.join(EMBEDDING_SUFFIXES)})")
+
+
+def parse_negatives(specs: list[str], handcrafted: str = PAPER_HANDCRAFTED) -> list[Negative]:
+    negs = [parse_negative(s, handcrafted) for s in specs]
+    seen: dict[str, str] = {}
+    for spec, n in zip(specs, negs):
+        if n.name in seen:
+            raise EvalError(f"--negative {spec!r}: its name {n.name!r} is already taken by --negative "
+                            f"{seen[n.name]!r}; name it explicitly as NAME={spec}")
+        seen[n.name] = spec
+    return negs

@@ -1,0 +1,95 @@
+"""Scoring the eval's image files with every reward, and ``scores.csv`` (one row per image and reward)."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import torch
+
+from reneg.fileio import atomic_path
+
+from .config import EvalError, progress_bar
+from .images import IMAGE_DIR, load_frames
+from .negatives import clean_name
+
+
+def reward_names(specs) -> list[str]:
+    names = []
+    for s in specs:
+        base = s.name
+        if base in names:
+            base = f"{s.name}-{clean_name(os.path.splitext(os.path.basename(s.path))[0])}"
+        k = 2
+        name = base
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+class FrameReward(torch.nn.Module):
+    """Scores ``[B*F, 3, H, W]`` frames with an image reward; returns the mean over each video's F frames."""
+
+    def __init__(self, reward, frames: int):
+        super().__init__()
+        self.reward, self.frames = reward, frames
+        self.name = getattr(reward, "name", "reward")
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        f = self.frames
+        if images.shape[0] != len(prompts) * f:
+            raise ValueError(f"FrameReward: {images.shape[0]} frames for {len(prompts)} prompts x {f} frames")
+        s = self.reward(images, [p for p in prompts for _ in range(f)])
+        return s.view(len(prompts), f).mean(1)
+
+
+@torch.no_grad()
+def score_image_files(cfg, items, negatives, rewards, names, img_dir, frames=1, coverage=None) -> list[dict]:
+    """One row per image and reward, scored from the PNG files (``coverage``: {negative: its items})."""
+    device = next((p.device for r in rewards for p in r.parameters()), torch.device("cpu"))
+    rows = []
+    pairs = [(n, it) for n in negatives for it in (coverage or {}).get(n.name, items)]
+    bar = progress_bar(len(pairs), 0, "reneg eval: score", cfg.progress)
+    try:
+        for i in range(0, len(pairs), cfg.batch):
+            chunk = pairs[i:i + cfg.batch]
+            vids = [load_frames(os.path.join(img_dir, it.image_name(n.name))) for n, it in chunk]
+            counts = {v.shape[0] for v in vids}
+            if len(counts) != 1:
+                raise EvalError(f"{img_dir}: images of one batch have different frame counts {sorted(counts)}")
+            f = counts.pop()
+            x = torch.cat(vids).to(device)
+            prompts = [it.text for _, it in chunk for _ in range(f)]
+            for r, rname in zip(rewards, names):
+                s = r(x, prompts).float().view(len(chunk), f).mean(1).cpu().tolist()
+                for (n, it), v in zip(chunk, s):
+                    rows.append({"prompt_index": it.index, "category": it.category, "prompt": it.text,
+                                 "seed": it.seed, "negative": n.name, "reward": rname, "score": v,
+                                 "image": f"{IMAGE_DIR}/{it.image_name(n.name)}"})
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+SCORE_FIELDS = ["prompt_index", "category", "prompt", "seed", "negative", "reward", "score", "image"]
+
+
+def write_scores_csv(path: str, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, SCORE_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow(dict(r, score=f"{r['score']:.8g}"))
+
+
+def read_scores_csv(path: str) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["prompt_index"], r["seed"], r["score"] = int(r["prompt_index"]), int(r["seed"]), float(r["score"])
+    return rows
