@@ -51,16 +51,20 @@ def constraints() -> str:
 
 def main() -> int:
     if in_webui():
-        print("[ReNeg] webui extension (scripts/ runs a1111_extension/scripts/reneg_negative.py): it needs "
-              "only torch and safetensors, which the webui ships. Nothing installed.")
+        print(
+            "[ReNeg] webui extension (scripts/ runs a1111_extension/scripts/reneg_negative.py): it needs "
+            "only torch and safetensors, which the webui ships. Nothing installed."
+        )
         return 0
     todo = missing()
     if not todo:
         print("[ReNeg] requirements present; nothing to install")
         return 0
     if importlib.util.find_spec("torch") is None:
-        print("[ReNeg] torch is not installed in this Python; install ComfyUI's requirements first. "
-              "Nothing installed.", file=sys.stderr)
+        print(
+            "[ReNeg] torch is not installed in this Python; install ComfyUI's requirements first. Nothing installed.",
+            file=sys.stderr,
+        )
         return 1
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(constraints())
@@ -72,8 +76,11 @@ def main() -> int:
     finally:
         os.unlink(pins)
     if rc:
-        print(f"[ReNeg] pip failed (exit {rc}); install {' '.join(todo)} by hand with ComfyUI's Python. "
-              f"torch was not changed.", file=sys.stderr)
+        print(
+            f"[ReNeg] pip failed (exit {rc}); install {' '.join(todo)} by hand with ComfyUI's Python. "
+            f"torch was not changed.",
+            file=sys.stderr,
+        )
     return rc
 
 

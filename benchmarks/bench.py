@@ -36,8 +36,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and ``rene
 
 import torch
 
-from benchmarks.measure import (GIB, PeakMemory, count_flops, default_peak_tflops, device_name,
-                                release_memory, sync)
+from benchmarks.measure import GIB, PeakMemory, count_flops, default_peak_tflops, device_name, release_memory, sync
 from benchmarks.models import build
 from benchmarks.reference import PlainPath
 from reneg.fileio import atomic_write_json
@@ -57,11 +56,27 @@ PROMPTS = [
 SCALES = {
     # tiny: reneg.tiny's models at their native 16 px; one CPU thread (tiny ops gain nothing from
     # more, and lose badly when the cores are shared); the best of 3 timed optimizer steps
-    "tiny": dict(resolution=16, sampling_steps=30, global_batch=4, micro_batches="1,4", tune_steps=10,
-                 time_budget=300, threads=1, repeats=3),
+    "tiny": dict(
+        resolution=16,
+        sampling_steps=30,
+        global_batch=4,
+        micro_batches="1,4",
+        tune_steps=10,
+        time_budget=300,
+        threads=1,
+        repeats=3,
+    ),
     # sd15: SD1.5 + ViT-H-14 with random weights at the paper's 512 x 512
-    "sd15": dict(resolution=512, sampling_steps=30, global_batch=8, micro_batches="1,8", tune_steps=10,
-                 time_budget=420, threads=None, repeats=1),
+    "sd15": dict(
+        resolution=512,
+        sampling_steps=30,
+        global_batch=8,
+        micro_batches="1,8",
+        tune_steps=10,
+        time_budget=420,
+        threads=None,
+        repeats=1,
+    ),
 }
 
 # an earlier rough estimate of one SD1.5 training sample, for comparison with the FLOPs counted here
@@ -81,28 +96,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--micro-batches", default=None, help="comma list of our path's micro-batch sizes (tiny 1,4; sd15 1,8)")
     a("--reference-micro-batch", type=int, default=1)
     a("--tune-steps", type=int, default=None, help="per-sample tune steps (default 10)")
-    a("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-      help="our path's precision (auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU)")
+    a(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="our path's precision (auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU)",
+    )
     a("--channels-last", action="store_true", help="our path: channels-last convolution weights")
     a("--compile", action="store_true", help="our path: torch.compile the UNet (compile time not timed)")
-    a("--ablations", dest="ablations", action="store_true", default=None,
-      help="also time our path with one optimization switched off at a time (default on)")
+    a(
+        "--ablations",
+        dest="ablations",
+        action="store_true",
+        default=None,
+        help="also time our path with one optimization switched off at a time (default on)",
+    )
     a("--no-ablations", dest="ablations", action="store_false")
-    a("--try-compile", dest="try_compile", action="store_true", default=None,
-      help="finally time the tune and a training step with the UNet under torch.compile, if the time "
-           "budget allows (default: on with a GPU at sd15 scale)")
+    a(
+        "--try-compile",
+        dest="try_compile",
+        action="store_true",
+        default=None,
+        help="finally time the tune and a training step with the UNet under torch.compile, if the time "
+        "budget allows (default: on with a GPU at sd15 scale)",
+    )
     a("--no-try-compile", dest="try_compile", action="store_false")
     a("--no-reference", action="store_true", help="skip the reference path (its rows read n/a)")
-    a("--peak-tflops", type=float, default=None,
-      help="the card's bf16 matmul rate for the cost-model floor (default: 790 on H100/H200)")
-    a("--time-budget", type=float, default=None,
-      help="seconds after which optional parts (ablations) are skipped (tiny 300, sd15 540)")
+    a(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the card's bf16 matmul rate for the cost-model floor (default: 790 on H100/H200)",
+    )
+    a(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds after which optional parts (ablations) are skipped (tiny 300, sd15 540)",
+    )
     a("--cache", default=None, help="folder for the built models (default runs/bench-cache)")
     a("--json", default=None, help="output JSON (default runs/bench/<scale>.json)")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=None, help="CPU threads for torch (tiny: 1)")
-    a("--repeats", type=int, default=None,
-      help="timed optimizer steps per training row; the fastest counts (tiny 3, sd15 1)")
+    a(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed optimizer steps per training row; the fastest counts (tiny 3, sd15 1)",
+    )
     ns = p.parse_args(argv)
     for k, v in SCALES[ns.scale].items():
         if getattr(ns, k, None) is None:
@@ -110,8 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if ns.ablations is None:
         ns.ablations = True
     if ns.try_compile is None:
-        ns.try_compile = ns.scale == "sd15" and (ns.device or "cuda").startswith("cuda") \
-            and torch.cuda.is_available()
+        ns.try_compile = ns.scale == "sd15" and (ns.device or "cuda").startswith("cuda") and torch.cuda.is_available()
     try:
         ns.micro_batches = [int(x) for x in str(ns.micro_batches).split(",") if x.strip()]
     except ValueError:
@@ -123,8 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append(f"--sampling-steps must be >= 2, got {ns.sampling_steps}")
     lo, hi = ns.grad_range
     if not (0 <= lo <= hi < ns.sampling_steps - 1):
-        problems.append(f"--grad-range {lo} {hi}: need 0 <= LO <= HI < --sampling-steps - 1 "
-                        f"({ns.sampling_steps - 1})")
+        problems.append(f"--grad-range {lo} {hi}: need 0 <= LO <= HI < --sampling-steps - 1 ({ns.sampling_steps - 1})")
     if ns.repeats < 1:
         problems.append(f"--repeats must be >= 1, got {ns.repeats}")
     if ns.tune_steps < 1:
@@ -140,6 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp32" or (name == "auto" and device.type != "cuda"):
@@ -190,13 +230,18 @@ class Samples:
 
     def micro(self, start: int, size: int, device) -> tuple[list[str], torch.Tensor, int]:
         g = torch.Generator().manual_seed(self.seed * 7919 + start)
-        noise = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed + start + k))
-                             for k in range(size)]).to(device)
+        noise = torch.stack(
+            [
+                torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed + start + k))
+                for k in range(size)
+            ]
+        ).to(device)
         prompts = [self.prompts[(start + k) % len(self.prompts)] for k in range(size)]
         return prompts, noise, self.obj.grad_index(g)
 
 
 # --- the paths ---------------------------------------------------------------------------------
+
 
 def load_path(info: dict, reward_master, device: torch.device, dt: torch.dtype):
     from reneg.backends.loading import load_diffusers
@@ -216,13 +261,24 @@ def ours_micro_loss(backend, reward, ns, prompts, neg, noise, gi, device, dt):
 
     sigmas = backend.schedule(ns.sampling_steps)
     with autocast(device, dt):
-        res = grad_step_loss(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
-                             backend.negative_cond(neg), initial_latent(noise, sigmas[0]), sigmas, ns.guidance, gi)
+        res = grad_step_loss(
+            backend.denoiser,
+            backend.decode,
+            reward,
+            prompts,
+            backend.encode_prompts(prompts),
+            backend.negative_cond(neg),
+            initial_latent(noise, sigmas[0]),
+            sigmas,
+            ns.guidance,
+            gi,
+        )
     return res.loss
 
 
-def time_global_step(loss_fn, neg0: torch.Tensor, samples: Samples, ns, micro: int, device,
-                     repeats: int | None = None) -> dict:
+def time_global_step(
+    loss_fn, neg0: torch.Tensor, samples: Samples, ns, micro: int, device, repeats: int | None = None
+) -> dict:
     """One optimizer step over ``ns.global_batch`` samples in micro-batches (gradient
     accumulation, AdamW), after one warm-up micro-batch; the fastest of ``repeats`` such
     steps counts. ``loss_fn(prompts, neg, noise, gi)`` returns the micro-batch's loss."""
@@ -247,9 +303,17 @@ def time_global_step(loss_fn, neg0: torch.Tensor, samples: Samples, ns, micro: i
         peak = max(peak, pm.peak)
         ok = ok and neg.grad is not None and bool(torch.isfinite(neg.grad).all())
     secs, n = min(times), ns.global_batch
-    return {"micro_batch": micro, "samples": n, "seconds": secs, "all_seconds": times,
-            "s_per_sample": secs / n, "samples_per_s": n / secs, "peak_bytes": peak,
-            "memory_kind": pm.kind, "finite_grad": ok}
+    return {
+        "micro_batch": micro,
+        "samples": n,
+        "seconds": secs,
+        "all_seconds": times,
+        "s_per_sample": secs / n,
+        "samples_per_s": n / secs,
+        "peak_bytes": peak,
+        "memory_kind": pm.kind,
+        "finite_grad": ok,
+    }
 
 
 def time_tune(evaluate_fn, neg0: torch.Tensor, ns, device) -> dict:
@@ -263,9 +327,15 @@ def time_tune(evaluate_fn, neg0: torch.Tensor, ns, device) -> dict:
         res = per_sample_search(evaluate_fn, neg0, max_steps=ns.tune_steps, patience=ns.tune_steps, lr=5e-3)
         sync(device)
         secs = time.perf_counter() - t
-    return {"steps": len(res.history), "seconds": secs, "s_per_step": secs / max(1, len(res.history)),
-            "peak_bytes": pm.peak, "memory_kind": pm.kind, "start_reward": res.start_reward,
-            "best_reward": res.best_reward}
+    return {
+        "steps": len(res.history),
+        "seconds": secs,
+        "s_per_step": secs / max(1, len(res.history)),
+        "peak_bytes": pm.peak,
+        "memory_kind": pm.kind,
+        "start_reward": res.start_reward,
+        "best_reward": res.best_reward,
+    }
 
 
 def ours_tune_evaluate(backend, reward, ns, prompt: str, noise: torch.Tensor, device, dt):
@@ -282,10 +352,20 @@ def ours_tune_evaluate(backend, reward, ns, prompt: str, noise: torch.Tensor, de
             g.manual_seed(ns.seed)  # the same grad steps in every search
         with autocast(device, dt):
             scores, loss, _ = sample_score_and_loss(
-                backend.denoiser, backend.decode, reward, [prompt], cond, backend.negative_cond(neg),
-                initial_latent(noise, sigmas[0]), sigmas, ns.guidance, obj.grad_index(g),
-                want_loss=step < ns.tune_steps - 1)
+                backend.denoiser,
+                backend.decode,
+                reward,
+                [prompt],
+                cond,
+                backend.negative_cond(neg),
+                initial_latent(noise, sigmas[0]),
+                sigmas,
+                ns.guidance,
+                obj.grad_index(g),
+                want_loss=step < ns.tune_steps - 1,
+            )
         return float(scores.mean()), loss
+
     return evaluate
 
 
@@ -299,6 +379,7 @@ def ref_tune_evaluate(plain: PlainPath, ns, prompt: str, noise: torch.Tensor):
         if step == 0:
             g.manual_seed(ns.seed)
         return plain.tune_evaluate(prompt, neg, noise, obj.grad_index(g), want_loss=step < ns.tune_steps - 1)
+
     return evaluate
 
 
@@ -311,8 +392,13 @@ def grad_of(loss_fn, neg0: torch.Tensor) -> torch.Tensor:
 def agreement(g: torch.Tensor, ref: torch.Tensor) -> dict:
     rn, gn = float(ref.norm()), float(g.norm())
     cos = float(torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0)) if rn and gn else math.nan
-    return {"cosine": cos, "rel_error": float((g - ref).norm()) / rn if rn else math.nan,
-            "max_abs_diff": float((g - ref).abs().max()), "ref_norm": rn, "norm": gn}
+    return {
+        "cosine": cos,
+        "rel_error": float((g - ref).norm()) / rn if rn else math.nan,
+        "max_abs_diff": float((g - ref).abs().max()),
+        "ref_norm": rn,
+        "norm": gn,
+    }
 
 
 def cost_model(backend, reward, ns, device) -> dict:
@@ -351,13 +437,20 @@ def cost_totals(U: float, V: float, R: float, steps: int, grad_range: tuple[int,
     n_roll = sum(n - 1 - k for k in range(lo, hi + 1)) / (hi - lo + 1)  # CFG steps before the grad step
     train = n_roll * 2 * U + 3 * U + 2 * V + 2 * R
     tune = (tune_steps - 1) * ((n - 1) * 2 * U + 3 * U + 3 * V + 3 * R) + n * 2 * U + V + R
-    return {"unet_forward": U, "vae_decode": V, "reward_image_forward": R,
-            "rollout_steps_mean": n_roll, "train_sample": train, "tune": tune,
-            "formula_train": "mean_rollout_steps*2U + 3U (cond no-grad, uncond fwd+bwd) + 2V + 2R",
-            "formula_tune": "(tune_steps-1)*((n-1)*2U + 3U + 3V + 3R) + n*2U + V + R"}
+    return {
+        "unet_forward": U,
+        "vae_decode": V,
+        "reward_image_forward": R,
+        "rollout_steps_mean": n_roll,
+        "train_sample": train,
+        "tune": tune,
+        "formula_train": "mean_rollout_steps*2U + 3U (cond no-grad, uncond fwd+bwd) + 2V + 2R",
+        "formula_tune": "(tune_steps-1)*((n-1)*2U + 3U + 3V + 3R) + n*2U + V + R",
+    }
 
 
 # --- the run -----------------------------------------------------------------------------------
+
 
 def run(ns) -> dict:
     t_start = time.time()
@@ -377,10 +470,20 @@ def run(ns) -> dict:
 
     reward_master = load_rewards([info["reward"]], device="cpu", dtype=torch.float32)  # the real HPS loader
     peak_tflops = ns.peak_tflops or default_peak_tflops(device)
-    result = {"scale": ns.scale, "device": device_name(device), "command": " ".join([sys.executable] + sys.argv),
-              "settings": {k: v for k, v in vars(ns).items()}, "our_dtype": dtype_name(dt),
-              "versions": {"torch": torch.__version__, "python": platform.python_version()},
-              "peak_tflops": peak_tflops, "train": [], "tune": [], "agreement": {}, "ablations": [], "notes": []}
+    result = {
+        "scale": ns.scale,
+        "device": device_name(device),
+        "command": " ".join([sys.executable] + sys.argv),
+        "settings": {k: v for k, v in vars(ns).items()},
+        "our_dtype": dtype_name(dt),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "peak_tflops": peak_tflops,
+        "train": [],
+        "tune": [],
+        "agreement": {},
+        "ablations": [],
+        "notes": [],
+    }
     try:
         import diffusers
         import open_clip
@@ -426,16 +529,25 @@ def run(ns) -> dict:
         ref_grads["grad_step"] = grad_of(lambda n: plain.grad_step_loss(p, n, x_t, gi), null)
         backend.set_performance(sdpa=True, checkpointing=True)
         set_reward_checkpointing(reward, True)
-        ours32 = {"end_to_end": grad_of(lambda n: ours_micro_loss(backend, reward, ns, p, n, x, gi, device,
-                                                                 torch.float32), null),
-                  "grad_step": grad_of(lambda n: _ours_grad_step(backend, reward, ns, p, n, x_t, gi, device,
-                                                                 torch.float32), null)}
+        ours32 = {
+            "end_to_end": grad_of(
+                lambda n: ours_micro_loss(backend, reward, ns, p, n, x, gi, device, torch.float32), null
+            ),
+            "grad_step": grad_of(
+                lambda n: _ours_grad_step(backend, reward, ns, p, n, x_t, gi, device, torch.float32), null
+            ),
+        }
     result["agreement"]["ours_fp32_vs_reference"] = {k: agreement(ours32[k], ref_grads[k]) for k in ours32}
     log("ours at fp32 (same optimizations, no reduced precision): training step")
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    row = time_global_step(lambda p_, n_, x_, g_: ours_micro_loss(backend, reward, ns, p_, n_, x_, g_, device,
-                                                                  torch.float32),
-                           null, samples, ns, ns.micro_batches[0], device)
+    row = time_global_step(
+        lambda p_, n_, x_, g_: ours_micro_loss(backend, reward, ns, p_, n_, x_, g_, device, torch.float32),
+        null,
+        samples,
+        ns,
+        ns.micro_batches[0],
+        device,
+    )
     result["train"].append(dict(row, path="ours", dtype="fp32"))
     # drop the fp32 models before loading ours (not `del`: the closures above name these variables)
     backend = reward = plain = None
@@ -444,8 +556,7 @@ def run(ns) -> dict:
     # ---- our path -------------------------------------------------------------------------
     log(f"loading our models ({dtype_name(dt)})")
     backend, reward = load_path(info, reward_master, device, dt)
-    backend.set_performance(sdpa=True, checkpointing=True, channels_last=ns.channels_last or None,
-                            compile=ns.compile)
+    backend.set_performance(sdpa=True, checkpointing=True, channels_last=ns.channels_last or None, compile=ns.compile)
     set_reward_checkpointing(reward, True)
 
     def ours_loss(p_, n_, x_, g_):
@@ -467,11 +578,13 @@ def run(ns) -> dict:
     result["tune"].append(dict(trow, path="ours", dtype=dtype_name(dt)))
     log(f"ours: tune {trow['seconds']:.2f} s")
     if dt != torch.float32:
-        g_low = {"end_to_end": grad_of(lambda n: ours_loss(p, n, x, gi), null),
-                 "grad_step": grad_of(lambda n: _ours_grad_step(backend, reward, ns, p, n, x_t, gi, device, dt),
-                                      null)}
+        g_low = {
+            "end_to_end": grad_of(lambda n: ours_loss(p, n, x, gi), null),
+            "grad_step": grad_of(lambda n: _ours_grad_step(backend, reward, ns, p, n, x_t, gi, device, dt), null),
+        }
         result["agreement"][f"ours_{dtype_name(dt)}_vs_reference_fp32"] = {
-            k: agreement(g_low[k], ref_grads[k]) for k in g_low}
+            k: agreement(g_low[k], ref_grads[k]) for k in g_low
+        }
 
     # ---- torch.compile of the UNet, where the time budget leaves room (undone afterwards) -------
     if ns.try_compile and not ns.compile:
@@ -501,8 +614,18 @@ def _ours_grad_step(backend, reward, ns, prompts, neg, x_t, gi, device, dt):
 
     sigmas = backend.schedule(ns.sampling_steps)[gi:]
     with autocast(device, dt):
-        return grad_step_loss(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
-                              backend.negative_cond(neg), x_t, sigmas, ns.guidance, 0).loss
+        return grad_step_loss(
+            backend.denoiser,
+            backend.decode,
+            reward,
+            prompts,
+            backend.encode_prompts(prompts),
+            backend.negative_cond(neg),
+            x_t,
+            sigmas,
+            ns.guidance,
+            0,
+        ).loss
 
 
 def try_compile(backend, reward, ns, samples, null, tune_noise, tune_prompt, device, dt, result, log) -> None:
@@ -514,21 +637,30 @@ def try_compile(backend, reward, ns, samples, null, tune_noise, tune_prompt, dev
     t = time.time()
     try:
         backend.set_performance(compile=True)
-        trow = time_tune(ours_tune_evaluate(backend, reward, ns, tune_prompt, tune_noise, device, dt),
-                         null, ns, device)
-        result["tune"].append(dict(trow, path="ours+compile", dtype=dtype_name(dt),
-                                   warmup_seconds=round(time.time() - t - trow["seconds"], 1)))
+        trow = time_tune(ours_tune_evaluate(backend, reward, ns, tune_prompt, tune_noise, device, dt), null, ns, device)
+        result["tune"].append(
+            dict(
+                trow,
+                path="ours+compile",
+                dtype=dtype_name(dt),
+                warmup_seconds=round(time.time() - t - trow["seconds"], 1),
+            )
+        )
         log(f"ours + compile: tune {trow['seconds']:.2f} s")
-        result["notes"].append(f"torch.compile: compiling and warming up took "
-                               f"{result['tune'][-1]['warmup_seconds']:.0f} s before the ours+compile rows")
+        result["notes"].append(
+            f"torch.compile: compiling and warming up took "
+            f"{result['tune'][-1]['warmup_seconds']:.0f} s before the ours+compile rows"
+        )
 
         def loss(p_, n_, x_, g_):
             return ours_micro_loss(backend, reward, ns, p_, n_, x_, g_, device, dt)
+
         row = time_global_step(loss, null, samples, ns, ns.micro_batches[0], device)
         result["train"].append(dict(row, path="ours+compile", dtype=dtype_name(dt)))
     except Exception as e:  # noqa: BLE001 - an optional experiment; the note says what broke
-        result["notes"].append(f"torch.compile rows failed after {time.time() - t:.0f} s: "
-                               f"{type(e).__name__}: {str(e)[:300]}")
+        result["notes"].append(
+            f"torch.compile rows failed after {time.time() - t:.0f} s: {type(e).__name__}: {str(e)[:300]}"
+        )
         log(result["notes"][-1])
     finally:
         # back to eager for the ablations: nn.Module.compile() keeps the compiled callable here
@@ -550,6 +682,7 @@ def ablations(backend, reward, ns, samples, null, device, dt, log) -> list[dict]
         def f(p_, n_, x_, g_):
             with autocast(device, dt):
                 return pp.train_loss(p_, n_, x_, g_)
+
         return f
 
     def timed(name, fn, what):
@@ -566,10 +699,16 @@ def ablations(backend, reward, ns, samples, null, device, dt, log) -> list[dict]
     backend.set_performance(sdpa=False)
     timed("- SDPA", ours, "plain softmax(QK^T)V attention in UNet and VAE")
     backend.set_performance(sdpa=True)
-    timed("- no-grad cond branch", plain_variant(split_grad_step=False),
-          "grad step as one batched CFG call with autograd through both branches")
-    timed("- batched rollout", plain_variant(split_grad_step=True, batched_rollout=False),
-          "two UNet calls per no-grad CFG step instead of one call on a doubled batch")
+    timed(
+        "- no-grad cond branch",
+        plain_variant(split_grad_step=False),
+        "grad step as one batched CFG call with autograd through both branches",
+    )
+    timed(
+        "- batched rollout",
+        plain_variant(split_grad_step=True, batched_rollout=False),
+        "two UNet calls per no-grad CFG step instead of one call on a doubled batch",
+    )
     if not ns.channels_last and not ns.compile:
         backend.set_performance(channels_last=True)
         timed("+ channels-last", ours, "NHWC weights in UNet and VAE")
@@ -578,6 +717,7 @@ def ablations(backend, reward, ns, samples, null, device, dt, log) -> list[dict]
 
 
 # --- report ------------------------------------------------------------------------------------
+
 
 def _gib(b) -> str:
     return f"{b / GIB:.2f} GiB" if b is not None else "n/a"
@@ -611,23 +751,48 @@ def targets(result: dict, ns) -> list[dict]:
         best = max(ours, key=lambda r: r["samples_per_s"])
         where = f"({best['path']}, micro-batch {best['micro_batch']})"
         if best.get("speedup_vs_reference") is not None:
-            out.append({"target": "training >= 3x the reference's samples/s",
-                        "value": f"{best['speedup_vs_reference']:.2f}x {where}", "met": best["speedup_vs_reference"] >= 3})
+            out.append(
+                {
+                    "target": "training >= 3x the reference's samples/s",
+                    "value": f"{best['speedup_vs_reference']:.2f}x {where}",
+                    "met": best["speedup_vs_reference"] >= 3,
+                }
+            )
         if best.get("floor_fraction") is not None:
-            out.append({"target": ">= 40 % of the cost-model floor",
-                        "value": f"{100 * best['floor_fraction']:.0f} % {where}", "met": best["floor_fraction"] >= 0.4})
+            out.append(
+                {
+                    "target": ">= 40 % of the cost-model floor",
+                    "value": f"{100 * best['floor_fraction']:.0f} % {where}",
+                    "met": best["floor_fraction"] >= 0.4,
+                }
+            )
     tunes = [r for r in result["tune"] if r["path"].startswith("ours")]
     if tunes and ns.tune_steps == 10:
         t = min(tunes, key=lambda r: r["seconds"])
-        out.append({"target": "per-sample tune (10 x 30 steps) < 5 s", "value": f"{t['seconds']:.2f} s ({t['path']})",
-                    "met": t["seconds"] < 5})
+        out.append(
+            {
+                "target": "per-sample tune (10 x 30 steps) < 5 s",
+                "value": f"{t['seconds']:.2f} s ({t['path']})",
+                "met": t["seconds"] < 5,
+            }
+        )
         if t["memory_kind"].startswith("cuda"):
-            out.append({"target": "per-sample tune peak GPU memory < 8 GiB",
-                        "value": f"{_gib(t['peak_bytes'])} ({t['path']})", "met": t["peak_bytes"] < 8 * GIB})
+            out.append(
+                {
+                    "target": "per-sample tune peak GPU memory < 8 GiB",
+                    "value": f"{_gib(t['peak_bytes'])} ({t['path']})",
+                    "met": t["peak_bytes"] < 8 * GIB,
+                }
+            )
     b1 = next((r for r in ours if r["path"] == "ours" and r["micro_batch"] == 1), None)
     if b1 and b1["memory_kind"].startswith("cuda"):
-        out.append({"target": "training peak memory at batch 1 < 10 GiB (checkpointing on)",
-                    "value": _gib(b1["peak_bytes"]), "met": b1["peak_bytes"] < 10 * GIB})
+        out.append(
+            {
+                "target": "training peak memory at batch 1 < 10 GiB (checkpointing on)",
+                "value": _gib(b1["peak_bytes"]),
+                "met": b1["peak_bytes"] < 10 * GIB,
+            }
+        )
     return out
 
 
@@ -635,52 +800,76 @@ def format_table(result: dict) -> str:
     s = result["settings"]
     cm, peak = result["cost_model"], result["peak_tflops"]
     L = []
-    L.append(f"ReNeg benchmark, scale {result['scale']} on {result['device']}: {s['resolution']}x{s['resolution']}, "
-             f"{s['sampling_steps']} DDIM steps, CFG {s['guidance']}, grad step {s['grad_range'][0]}-"
-             f"{s['grad_range'][1]} from the end; our precision {result['our_dtype']}")
+    L.append(
+        f"ReNeg benchmark, scale {result['scale']} on {result['device']}: {s['resolution']}x{s['resolution']}, "
+        f"{s['sampling_steps']} DDIM steps, CFG {s['guidance']}, grad step {s['grad_range'][0]}-"
+        f"{s['grad_range'][1]} from the end; our precision {result['our_dtype']}"
+    )
     L.append("")
     L.append(f"Training: one optimizer step of {s['global_batch']} samples (gradient accumulation over micro-batches)")
-    L.append(f"  {'path':<20}{'micro':>6}{'s/sample':>10}{'samples/s':>11}{'peak mem':>12}{'vs ref':>8}"
-             f"{'% floor':>9}{'TFLOP/s':>9}")
+    L.append(
+        f"  {'path':<20}{'micro':>6}{'s/sample':>10}{'samples/s':>11}{'peak mem':>12}{'vs ref':>8}"
+        f"{'% floor':>9}{'TFLOP/s':>9}"
+    )
     for r in result["train"]:
         name = f"{r['path']} {r['dtype']}"
-        L.append(f"  {name:<20}{r['micro_batch']:>6}{r['s_per_sample']:>10.4f}{r['samples_per_s']:>11.2f}"
-                 f"{_gib(r['peak_bytes']):>12}{_x(r.get('speedup_vs_reference')):>8}"
-                 f"{_pct(r.get('floor_fraction')):>9}{r['achieved_tflops']:>9.3f}")
+        L.append(
+            f"  {name:<20}{r['micro_batch']:>6}{r['s_per_sample']:>10.4f}{r['samples_per_s']:>11.2f}"
+            f"{_gib(r['peak_bytes']):>12}{_x(r.get('speedup_vs_reference')):>8}"
+            f"{_pct(r.get('floor_fraction')):>9}{r['achieved_tflops']:>9.3f}"
+        )
     L.append("")
-    L.append(f"Per-sample tune: {s['tune_steps']} steps of {s['sampling_steps']} sampling steps (Algorithm 1, one image)")
+    L.append(
+        f"Per-sample tune: {s['tune_steps']} steps of {s['sampling_steps']} sampling steps (Algorithm 1, one image)"
+    )
     L.append(f"  {'path':<20}{'seconds':>10}{'s/step':>10}{'peak mem':>12}{'vs ref':>8}{'% floor':>9}")
     for r in result["tune"]:
         name = f"{r['path']} {r['dtype']}"
-        L.append(f"  {name:<20}{r['seconds']:>10.3f}{r['s_per_step']:>10.4f}{_gib(r['peak_bytes']):>12}"
-                 f"{_x(r.get('speedup_vs_reference')):>8}{_pct(r.get('floor_fraction')):>9}")
+        L.append(
+            f"  {name:<20}{r['seconds']:>10.3f}{r['s_per_step']:>10.4f}{_gib(r['peak_bytes']):>12}"
+            f"{_x(r.get('speedup_vs_reference')):>8}{_pct(r.get('floor_fraction')):>9}"
+        )
     L.append(f"  peak memory is {result['train'][0]['memory_kind'] if result['train'] else ''}")
     L.append("")
     L.append("Gradient of the negative embedding, our path vs the reference, same sample")
     for k, v in result["agreement"].items():
         for part, a in v.items():
-            L.append(f"  {k:<32} {part:<11} cosine {a['cosine']:.8f}  rel. error {a['rel_error']:.2e}  "
-                     f"(|g_ref| {a['ref_norm']:.3e})")
+            L.append(
+                f"  {k:<32} {part:<11} cosine {a['cosine']:.8f}  rel. error {a['rel_error']:.2e}  "
+                f"(|g_ref| {a['ref_norm']:.3e})"
+            )
     L.append("")
     U, V, R = cm["unet_forward"] / 1e12, cm["vae_decode"] / 1e12, cm["reward_image_forward"] / 1e12
-    L.append(f"Cost model (FLOPs counted by torch.utils.flop_counter at batch 1): UNet forward "
-             f"U = {U:.4g} TFLOP, VAE decode V = {V:.4g}, reward image tower R = {R:.4g}")
-    L.append(f"  training sample = {cm['rollout_steps_mean']:.1f} x 2U + 3U + 2V + 2R = "
-             f"{cm['train_sample'] / 1e12:.4g} TFLOP (rough estimate: about {ESTIMATED_TFLOP_PER_SAMPLE:g} TFLOP "
-             f"at SD1.5 512 x 512); tune = {cm['tune'] / 1e12:.4g} TFLOP")
+    L.append(
+        f"Cost model (FLOPs counted by torch.utils.flop_counter at batch 1): UNet forward "
+        f"U = {U:.4g} TFLOP, VAE decode V = {V:.4g}, reward image tower R = {R:.4g}"
+    )
+    L.append(
+        f"  training sample = {cm['rollout_steps_mean']:.1f} x 2U + 3U + 2V + 2R = "
+        f"{cm['train_sample'] / 1e12:.4g} TFLOP (rough estimate: about {ESTIMATED_TFLOP_PER_SAMPLE:g} TFLOP "
+        f"at SD1.5 512 x 512); tune = {cm['tune'] / 1e12:.4g} TFLOP"
+    )
     if peak:
-        L.append(f"  floor at {peak:g} TFLOP/s: {cm['train_sample'] / (peak * 1e12):.4f} s per training sample, "
-                 f"{cm['tune'] / (peak * 1e12):.3f} s per tune")
+        L.append(
+            f"  floor at {peak:g} TFLOP/s: {cm['train_sample'] / (peak * 1e12):.4f} s per training sample, "
+            f"{cm['tune'] / (peak * 1e12):.3f} s per tune"
+        )
     else:
-        L.append("  floor: no peak rate known for this device (pass --peak-tflops; the cost model uses 790 for an "
-                 "H100 at bf16)")
+        L.append(
+            "  floor: no peak rate known for this device (pass --peak-tflops; the cost model uses 790 for an "
+            "H100 at bf16)"
+        )
     if result["ablations"]:
         L.append("")
-        L.append("Ablations: our path with one switch flipped (training, micro-batch "
-                 f"{result['ablations'][0]['micro_batch']})")
+        L.append(
+            "Ablations: our path with one switch flipped (training, micro-batch "
+            f"{result['ablations'][0]['micro_batch']})"
+        )
         for r in result["ablations"]:
-            L.append(f"  {r['name']:<24}{r['s_per_sample']:>10.4f} s/sample{_gib(r['peak_bytes']):>12}"
-                     f"{r['relative_time']:>8.2f}x time   {r['what']}")
+            L.append(
+                f"  {r['name']:<24}{r['s_per_sample']:>10.4f} s/sample{_gib(r['peak_bytes']):>12}"
+                f"{r['relative_time']:>8.2f}x time   {r['what']}"
+            )
     if result.get("targets"):
         L.append("")
         L.append("Targets")

@@ -34,16 +34,25 @@ import torch
 VARIANTS = {
     "paper": (lambda b: {}, "the paper's recipe (30-step no-grad rollout, one grad step per trajectory)"),
     "steps-third": (lambda b: {"steps": b["steps"] // 3}, "a third of the optimizer steps, same lr"),
-    "steps-third-lr2x": (lambda b: {"steps": b["steps"] // 3, "lr": 2 * b["lr"]},
-                         "a third of the optimizer steps at twice the lr"),
+    "steps-third-lr2x": (
+        lambda b: {"steps": b["steps"] // 3, "lr": 2 * b["lr"]},
+        "a third of the optimizer steps at twice the lr",
+    ),
     "rollout-6": (lambda b: {"rollout_steps": 6}, "--rollout-steps 6"),
     "rollout-3": (lambda b: {"rollout_steps": 3}, "--rollout-steps 3"),
-    "grads-2": (lambda b: {"grads_per_rollout": 2, "batch_size": b["batch_size"] // 2,
-                           "micro_batch": b["micro_batch"] // 2},
-                "--grads-per-rollout 2 on half the trajectories (same gradients per step)"),
-    "fast": (lambda b: {"rollout_steps": 3, "grads_per_rollout": 2, "batch_size": b["batch_size"] // 2,
-                        "micro_batch": b["micro_batch"] // 2},
-             "--rollout-steps 3 --grads-per-rollout 2 on half the trajectories"),
+    "grads-2": (
+        lambda b: {"grads_per_rollout": 2, "batch_size": b["batch_size"] // 2, "micro_batch": b["micro_batch"] // 2},
+        "--grads-per-rollout 2 on half the trajectories (same gradients per step)",
+    ),
+    "fast": (
+        lambda b: {
+            "rollout_steps": 3,
+            "grads_per_rollout": 2,
+            "batch_size": b["batch_size"] // 2,
+            "micro_batch": b["micro_batch"] // 2,
+        },
+        "--rollout-steps 3 --grads-per-rollout 2 on half the trajectories",
+    ),
 }
 TUNE_VARIANTS = {
     "paper": (None, 10, "today: search at 30 sampling steps, at most 10 steps, patience 3"),
@@ -83,14 +92,24 @@ def train_variant(world: dict, base: dict, name: str, seed: int, root: str) -> d
     s = dict(base)
     s.update(VARIANTS[name][0](base))
     s.update(eval_every=0, checkpoint_every=max(1, s["steps"]), seed=seed)
-    cfg = TrainConfig(model=world["model"], rewards=[world["reward"]], prompts=world["prompts"],
-                      heldout=world["heldout"], handcrafted=world["handcrafted"], out=out, progress=False,
-                      device="cpu", base_model_name="reneg-demo",
-                      **{k: (tuple(v) if k == "grad_range" else v) for k, v in s.items()})
+    cfg = TrainConfig(
+        model=world["model"],
+        rewards=[world["reward"]],
+        prompts=world["prompts"],
+        heldout=world["heldout"],
+        handcrafted=world["handcrafted"],
+        out=out,
+        progress=False,
+        device="cpu",
+        base_model_name="reneg-demo",
+        **{k: (tuple(v) if k == "grad_range" else v) for k, v in s.items()},
+    )
     t0 = time.time()
     summary = run_train(cfg)
-    log(f"trained {name} seed {seed} in {time.time() - t0:.0f} s: {summary['compute']['tflop_sd15_512']:.0f} "
-        f"TFLOP at SD1.5 scale")
+    log(
+        f"trained {name} seed {seed} in {time.time() - t0:.0f} s: {summary['compute']['tflop_sd15_512']:.0f} "
+        f"TFLOP at SD1.5 scale"
+    )
     return summary
 
 
@@ -146,11 +165,21 @@ def main(argv=None) -> int:
         ck = f"{key}|{ns.eval_seeds}"
         if ck not in cache:
             t0 = time.time()
-            cache[ck] = generate_and_score(backend, reward, prompts, seeds, backend.negative_cond(tensor),
-                                           st["sampling_steps"], st["guidance"], st["resolution"],
-                                           st["resolution"], st["eval_batch"]).tolist()
+            cache[ck] = generate_and_score(
+                backend,
+                reward,
+                prompts,
+                seeds,
+                backend.negative_cond(tensor),
+                st["sampling_steps"],
+                st["guidance"],
+                st["resolution"],
+                st["resolution"],
+                st["eval_batch"],
+            ).tolist()
             log(f"scored {key} ({len(prompts)} images, {time.time() - t0:.0f} s)")
             from reneg.fileio import atomic_write_json
+
             atomic_write_json(cache_path, cache)
         return cache[ck]
 
@@ -167,14 +196,24 @@ def main(argv=None) -> int:
         m = mean_ci(scores)
         d = mean_ci(paired_differences(scores, ref))
         w = win_rate(scores, ref)
-        rows.append({"variant": n, "what": VARIANTS[n][1], "tflop_sd15": sum(compute) / len(compute),
-                     "compute_units": summaries[(n, ns.seeds[0])]["compute"]["units"],
-                     "seconds_cpu": sum(seconds) / len(seconds), "mean": m, "diff_vs_paper": d,
-                     "win_rate_vs_paper": w, "images": len(scores)})
+        rows.append(
+            {
+                "variant": n,
+                "what": VARIANTS[n][1],
+                "tflop_sd15": sum(compute) / len(compute),
+                "compute_units": summaries[(n, ns.seeds[0])]["compute"]["units"],
+                "seconds_cpu": sum(seconds) / len(seconds),
+                "mean": m,
+                "diff_vs_paper": d,
+                "win_rate_vs_paper": w,
+                "images": len(scores),
+            }
+        )
     null, _ = backend.null_embedding()
     null_scores = score("null", null) * len(ns.seeds)
-    paper_scores = sum((score(f"paper-s{s}", load_embedding(summaries[("paper", s)]["embedding"]).tensor)
-                        for s in ns.seeds), [])
+    paper_scores = sum(
+        (score(f"paper-s{s}", load_embedding(summaries[("paper", s)]["embedding"]).tensor) for s in ns.seeds), []
+    )
     null_row = {"mean": mean_ci(null_scores), "diff_vs_paper": mean_ci(paired_differences(null_scores, paper_scores))}
     paper_c = next(r["tflop_sd15"] for r in rows if r["variant"] == "paper")
     for r in rows:
@@ -185,10 +224,19 @@ def main(argv=None) -> int:
         r["share_of_paper_gain_over_null"] = (r["mean"]["mean"] - null_row["mean"]["mean"]) / gap if gap else None
 
     tune_rows = tune_study(ns, world, backend, reward, summaries, texts) if ns.tune_prompts else []
-    result = {"seeds": ns.seeds, "eval_seeds": ns.eval_seeds, "heldout_prompts": len(texts), "train": rows,
-              "null": null_row, "tune": tune_rows, "settings": {k: v for k, v in st.items()}, "base_recipe": base,
-              "command": " ".join([sys.executable] + sys.argv)}
+    result = {
+        "seeds": ns.seeds,
+        "eval_seeds": ns.eval_seeds,
+        "heldout_prompts": len(texts),
+        "train": rows,
+        "null": null_row,
+        "tune": tune_rows,
+        "settings": {k: v for k, v in st.items()},
+        "base_recipe": base,
+        "command": " ".join([sys.executable] + sys.argv),
+    }
     from reneg.fileio import atomic_write_json, atomic_write_text
+
     atomic_write_json(os.path.join(ns.out, "study.json"), result)
     md = table(result)
     atomic_write_text(os.path.join(ns.out, "table.md"), md)
@@ -212,9 +260,20 @@ def tune_study(ns, world, backend, reward, summaries, texts) -> list[dict]:
     items = [(texts[i * len(texts) // ns.tune_prompts], 20_000 + i) for i in range(ns.tune_prompts)]
     full = {}
     for text, seed in items:  # the start's image at the full step count (what the user would get untuned)
-        full[(text, seed)] = float(generate_and_score(backend, reward, [text], [seed], backend.negative_cond(start),
-                                                      st["sampling_steps"], st["guidance"], st["resolution"],
-                                                      st["resolution"], 1)[0])
+        full[(text, seed)] = float(
+            generate_and_score(
+                backend,
+                reward,
+                [text],
+                [seed],
+                backend.negative_cond(start),
+                st["sampling_steps"],
+                st["guidance"],
+                st["resolution"],
+                st["resolution"],
+                1,
+            )[0]
+        )
     cache_path = os.path.join(ns.out, "tune_rows.json")  # a finished tune variant is reused
     cache = json.load(open(cache_path, encoding="utf-8")) if os.path.isfile(cache_path) else {}
     out = []
@@ -227,21 +286,47 @@ def tune_study(ns, world, backend, reward, summaries, texts) -> list[dict]:
         gains, calls, tflop, t0 = [], [], [], time.time()
         for text, seed in items:
             meter = ComputeMeter()
-            res, _ = tune_for_seed(backend, reward, text, seed, start, st["sampling_steps"], st["guidance"],
-                                   tuple(st["grad_range"]), st["resolution"], st["resolution"], max_steps, min(3, max_steps),
-                                   st.get("tune_lr", st["lr"]), search_steps=search, meter=meter)
+            res, _ = tune_for_seed(
+                backend,
+                reward,
+                text,
+                seed,
+                start,
+                st["sampling_steps"],
+                st["guidance"],
+                tuple(st["grad_range"]),
+                st["resolution"],
+                st["resolution"],
+                max_steps,
+                min(3, max_steps),
+                st.get("tune_lr", st["lr"]),
+                search_steps=search,
+                meter=meter,
+            )
             kept = res.final_reward if res.final_reward is not None else res.best_reward
             gains.append(kept - full[(text, seed)])
             calls.append(meter.unet_calls())
             tflop.append(meter.tflop_sd15())
-        out.append({"variant": n, "what": what, "gain": mean_ci(gains), "gains": gains,
-                    "unet_calls": sum(calls) / len(calls), "tflop_sd15": sum(tflop) / len(tflop),
-                    "worse_than_start": sum(g < 0 for g in gains), "prompts": len(items)})
+        out.append(
+            {
+                "variant": n,
+                "what": what,
+                "gain": mean_ci(gains),
+                "gains": gains,
+                "unet_calls": sum(calls) / len(calls),
+                "tflop_sd15": sum(tflop) / len(tflop),
+                "worse_than_start": sum(g < 0 for g in gains),
+                "prompts": len(items),
+            }
+        )
         cache[key] = out[-1]
         from reneg.fileio import atomic_write_json
+
         atomic_write_json(cache_path, cache)
-        log(f"tune {n}: mean gain {out[-1]['gain']['mean']:+.4f}, {out[-1]['unet_calls']:.0f} UNet calls "
-            f"({time.time() - t0:.0f} s)")
+        log(
+            f"tune {n}: mean gain {out[-1]['gain']['mean']:+.4f}, {out[-1]['unet_calls']:.0f} UNet calls "
+            f"({time.time() - t0:.0f} s)"
+        )
     g0, c0 = out[0]["gain"]["mean"], out[0]["unet_calls"]
     for r in out:
         r["gain_share"] = r["gain"]["mean"] / g0 if g0 else None
@@ -258,32 +343,44 @@ def _ci(d: dict, signed: bool = False) -> str:
 
 def table(res: dict) -> str:
     b = res["base_recipe"]
-    lines = [f"Base recipe (\"paper\"): {b['steps']} steps x {b['batch_size']} samples at lr {b['lr']}, "
-             f"{b['sampling_steps']} DDIM steps, CFG {b['guidance']}, grad step among the last "
-             f"{b['grad_range'][1] - b['grad_range'][0] + 1}, {b['resolution']} px.",
-             f"Training: {len(res['seeds'])} training seed(s) x {res['heldout_prompts']} held-out prompts x "
-             f"{res['eval_seeds']} image seeds; differences paired with the paper recipe of the same training "
-             f"seed, 95 % Student-t intervals. Compute: the meter's totals priced at SD1.5 512 px.",
-             "",
-             "| variant | compute (SD1.5 TFLOP) | share of paper | held-out reward | minus paper | win rate vs paper |"
-             " reaches paper? |",
-             "|---|---:|---:|---:|---:|---:|:---:|"]
+    lines = [
+        f'Base recipe ("paper"): {b["steps"]} steps x {b["batch_size"]} samples at lr {b["lr"]}, '
+        f"{b['sampling_steps']} DDIM steps, CFG {b['guidance']}, grad step among the last "
+        f"{b['grad_range'][1] - b['grad_range'][0] + 1}, {b['resolution']} px.",
+        f"Training: {len(res['seeds'])} training seed(s) x {res['heldout_prompts']} held-out prompts x "
+        f"{res['eval_seeds']} image seeds; differences paired with the paper recipe of the same training "
+        f"seed, 95 % Student-t intervals. Compute: the meter's totals priced at SD1.5 512 px.",
+        "",
+        "| variant | compute (SD1.5 TFLOP) | share of paper | held-out reward | minus paper | win rate vs paper |"
+        " reaches paper? |",
+        "|---|---:|---:|---:|---:|---:|:---:|",
+    ]
     for r in res["train"]:
         w = r["win_rate_vs_paper"]
-        lines.append(f"| {r['variant']} | {r['tflop_sd15']:,.0f} | {r['compute_fraction']:.2f} | {_ci(r['mean'])} | "
-                     f"{'—' if r['variant'] == 'paper' else _ci(r['diff_vs_paper'], True)} | "
-                     f"{'—' if r['variant'] == 'paper' else format(w['rate'], '.2f')} | "
-                     f"{'yes' if r['reaches_paper'] else 'no'} |")
-    lines.append(f"| null (untrained) | 0 | 0 | {_ci(res['null']['mean'])} | {_ci(res['null']['diff_vs_paper'], True)} | | |")
+        lines.append(
+            f"| {r['variant']} | {r['tflop_sd15']:,.0f} | {r['compute_fraction']:.2f} | {_ci(r['mean'])} | "
+            f"{'—' if r['variant'] == 'paper' else _ci(r['diff_vs_paper'], True)} | "
+            f"{'—' if r['variant'] == 'paper' else format(w['rate'], '.2f')} | "
+            f"{'yes' if r['reaches_paper'] else 'no'} |"
+        )
+    lines.append(
+        f"| null (untrained) | 0 | 0 | {_ci(res['null']['mean'])} | {_ci(res['null']['diff_vs_paper'], True)} | | |"
+    )
     if res["tune"]:
         t = res["tune"]
-        lines += ["", f"Per-sample tuning from the paper recipe's embedding, {t[0]['prompts']} held-out prompts, one "
-                      "seed each; gain = the kept negative's reward at 30 sampling steps minus the start's, same seed.",
-                  "", "| tune | UNet calls | share of today | mean gain [95 % CI] | share of today's gain | worse than start |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Per-sample tuning from the paper recipe's embedding, {t[0]['prompts']} held-out prompts, one "
+            "seed each; gain = the kept negative's reward at 30 sampling steps minus the start's, same seed.",
+            "",
+            "| tune | UNet calls | share of today | mean gain [95 % CI] | share of today's gain | worse than start |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for r in t:
-            lines.append(f"| {r['variant']} | {r['unet_calls']:.0f} | {r['calls_fraction']:.2f} | "
-                         f"{_ci(r['gain'], True)} | {r['gain_share']:.2f} | {r['worse_than_start']}/{r['prompts']} |")
+            lines.append(
+                f"| {r['variant']} | {r['unet_calls']:.0f} | {r['calls_fraction']:.2f} | "
+                f"{_ci(r['gain'], True)} | {r['gain_share']:.2f} | {r['worse_than_start']}/{r['prompts']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -298,10 +395,17 @@ def plot(res: dict, path: str) -> None:
     for r in res["train"]:
         m = r["mean"]
         err = [[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]] if m.get("lo") is not None else None
-        ax.errorbar([r["tflop_sd15"] / 1e3], [m["mean"]], yerr=err, fmt="o", capsize=3,
-                    color="black" if r["variant"] == "paper" else None)
-        ax.annotate(r["variant"], (r["tflop_sd15"] / 1e3, m["mean"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.errorbar(
+            [r["tflop_sd15"] / 1e3],
+            [m["mean"]],
+            yerr=err,
+            fmt="o",
+            capsize=3,
+            color="black" if r["variant"] == "paper" else None,
+        )
+        ax.annotate(
+            r["variant"], (r["tflop_sd15"] / 1e3, m["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+        )
     ax.axhline(res["null"]["mean"]["mean"], color="grey", ls=":", lw=1, label="null negative")
     paper = next(r for r in res["train"] if r["variant"] == "paper")
     ax.axvline(paper["tflop_sd15"] / 3e3, color="tab:red", ls="--", lw=1, label="1/3 of the paper's compute")
@@ -315,8 +419,9 @@ def plot(res: dict, path: str) -> None:
             g = r["gain"]
             err = [[g["mean"] - g["lo"]], [g["hi"] - g["mean"]]] if g.get("lo") is not None else None
             ax.errorbar([r["unet_calls"]], [g["mean"]], yerr=err, fmt="s", capsize=3)
-            ax.annotate(r["variant"], (r["unet_calls"], g["mean"]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
+            ax.annotate(
+                r["variant"], (r["unet_calls"], g["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
         t0 = res["tune"][0]
         ax.axvline(t0["unet_calls"] / 3, color="tab:red", ls="--", lw=1, label="1/3 of today's UNet calls")
         ax.axhline(0.9 * t0["gain"]["mean"], color="tab:green", ls=":", lw=1, label="90 % of today's gain")

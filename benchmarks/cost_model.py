@@ -45,8 +45,11 @@ def count_sd15(resolution: int = 512) -> dict:
     lat = resolution // 8
     x = torch.empty(1, 4, lat, lat, device=meta)
     with torch.no_grad():
-        U = flops(lambda: unet(x, torch.tensor([500.0], device=meta),
-                               encoder_hidden_states=torch.empty(1, 77, 768, device=meta)))
+        U = flops(
+            lambda: unet(
+                x, torch.tensor([500.0], device=meta), encoder_hidden_states=torch.empty(1, 77, 768, device=meta)
+            )
+        )
         V = flops(lambda: vae.decode(x))
     import logging
 
@@ -70,8 +73,11 @@ def main(argv=None) -> int:
     p.add_argument("--grad-range", type=int, nargs=2, default=[0, 10])
     p.add_argument("--tune-steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=790.0)
-    p.add_argument("--check-meter", action="store_true",
-                   help="check that reneg.compute.SD15_512 holds the counts at 512 x 512, then exit")
+    p.add_argument(
+        "--check-meter",
+        action="store_true",
+        help="check that reneg.compute.SD15_512 holds the counts at 512 x 512, then exit",
+    )
     ns = p.parse_args(argv)
     if ns.check_meter:
         from reneg.compute import SD15_512
@@ -83,18 +89,30 @@ def main(argv=None) -> int:
     if ns.resolution <= 0 or ns.resolution % 64:
         p.error(f"--resolution must be a positive multiple of 64, got {ns.resolution}")
     c = count_sd15(ns.resolution)
-    t = cost_totals(c["unet_forward"], c["vae_decode"], c["reward_image_forward"], ns.sampling_steps,
-                    tuple(ns.grad_range), ns.tune_steps)
+    t = cost_totals(
+        c["unet_forward"],
+        c["vae_decode"],
+        c["reward_image_forward"],
+        ns.sampling_steps,
+        tuple(ns.grad_range),
+        ns.tune_steps,
+    )
     U, V, R = (t[k] / 1e12 for k in ("unet_forward", "vae_decode", "reward_image_forward"))
-    print(f"SD1.5 at {ns.resolution} x {ns.resolution}, reward ViT-H-14 at 224 x 224 (FLOPs counted on the meta device)")
+    print(
+        f"SD1.5 at {ns.resolution} x {ns.resolution}, reward ViT-H-14 at 224 x 224 (FLOPs counted on the meta device)"
+    )
     print(f"  UNet forward U = {U:.3f} TFLOP, VAE decode V = {V:.3f} TFLOP, reward image tower R = {R:.3f} TFLOP")
-    print(f"  training sample: {t['rollout_steps_mean']:.1f} x 2U + 3U + 2V + 2R = {t['train_sample'] / 1e12:.2f} TFLOP "
-          f"(an earlier rough estimate: about {ESTIMATED_TFLOP_PER_SAMPLE:g})")
+    print(
+        f"  training sample: {t['rollout_steps_mean']:.1f} x 2U + 3U + 2V + 2R = {t['train_sample'] / 1e12:.2f} TFLOP "
+        f"(an earlier rough estimate: about {ESTIMATED_TFLOP_PER_SAMPLE:g})"
+    )
     print(f"  per-sample tune ({ns.tune_steps} x {ns.sampling_steps} steps): {t['tune'] / 1e12:.1f} TFLOP")
     f = ns.peak_tflops * 1e12
-    print(f"  floor at {ns.peak_tflops:g} TFLOP/s: {t['train_sample'] / f:.4f} s per training sample "
-          f"({f / t['train_sample']:.1f} samples/s), {t['tune'] / f:.3f} s per tune; "
-          f"40 % of the floor = {t['train_sample'] / f / 0.4:.3f} s per sample")
+    print(
+        f"  floor at {ns.peak_tflops:g} TFLOP/s: {t['train_sample'] / f:.4f} s per training sample "
+        f"({f / t['train_sample']:.1f} samples/s), {t['tune'] / f:.3f} s per tune; "
+        f"40 % of the floor = {t['train_sample'] / f / 0.4:.3f} s per sample"
+    )
     print(f"  a paper run (4,000 x 64 samples) at the floor: {4000 * 64 * t['train_sample'] / f / 3600:.1f} GPU-hours")
     return 0
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def sync(device: torch.device) -> None:

@@ -22,17 +22,41 @@ import torch
 from reneg.fileio import atomic_torch_save, atomic_write_json
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768)  # rest: defaults
-SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215)
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    scaling_factor=0.18215,
+)
+SD15_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
 
-MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-               "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-               "feature_extractor": [None, None], "requires_safety_checker": False}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.30.0",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
 
 
 def _done(folder: str, scale: str) -> dict | None:
@@ -40,8 +64,11 @@ def _done(folder: str, scale: str) -> dict | None:
     if os.path.isfile(p):
         with open(p, encoding="utf-8") as f:
             info = json.load(f)
-        if info.get("scale") == scale and os.path.exists(info.get("model", "")) and \
-                os.path.exists(info.get("reward_path", "")):
+        if (
+            info.get("scale") == scale
+            and os.path.exists(info.get("model", ""))
+            and os.path.exists(info.get("reward_path", ""))
+        ):
             return info
     return None
 
@@ -65,8 +92,13 @@ def build(scale: str, cache: str, device: torch.device, log=print) -> dict:
         hps = build_vit_h_hps(os.path.join(folder, "hps"), device, log)
     else:
         raise ValueError(f"--scale {scale!r}: expected tiny or sd15")
-    info = {"scale": scale, "model": model, "reward_path": hps, "reward": f"hpsv2.1={hps}",
-            "build_seconds": round(time.time() - t, 1)}
+    info = {
+        "scale": scale,
+        "model": model,
+        "reward_path": hps,
+        "reward": f"hpsv2.1={hps}",
+        "build_seconds": round(time.time() - t, 1),
+    }
     atomic_write_json(os.path.join(folder, "complete.json"), info)
     log(f"models: built {scale} in {info['build_seconds']} s under {folder}")
     return info

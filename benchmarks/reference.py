@@ -26,8 +26,16 @@ from reneg.sampling import ddim_step, initial_latent
 
 
 class PlainPath:
-    def __init__(self, backend, reward, guidance: float, steps: int, cache_text: bool = False,
-                 split_grad_step: bool = False, batched_rollout: bool = True):
+    def __init__(
+        self,
+        backend,
+        reward,
+        guidance: float,
+        steps: int,
+        cache_text: bool = False,
+        split_grad_step: bool = False,
+        batched_rollout: bool = True,
+    ):
         self.b = backend
         self.reward = reward
         self.g = guidance
@@ -40,8 +48,13 @@ class PlainPath:
     def encode(self, prompts: list[str]) -> torch.Tensor:
         if self.cache_text:
             return self.b.encode_prompts(prompts).crossattn
-        tok = self.b.tokenizer(prompts, padding="max_length", max_length=self.b.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt")
+        tok = self.b.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.b.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             return self.b.text_encoder(tok.input_ids.to(self.b.device)).last_hidden_state.float()
 
@@ -61,7 +74,7 @@ class PlainPath:
 
     def grad_x0(self, x: torch.Tensor, i: int, cond: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         if not self.split:
-            return self.cfg(x, i, cond, neg, batched=True)   # graph through both branches
+            return self.cfg(x, i, cond, neg, batched=True)  # graph through both branches
         D, b = self.b.denoiser, x.shape[0]
         s = self._sig(i, b, x)
         with torch.no_grad():
@@ -91,8 +104,7 @@ class PlainPath:
         x0 = self.grad_x0(x.detach(), grad_index, self.encode(prompts), neg)
         return -self.reward(self.b.decode(x0), prompts).mean()
 
-    def tune_evaluate(self, prompt: str, neg: torch.Tensor, noise: torch.Tensor, grad_index: int,
-                      want_loss: bool):
+    def tune_evaluate(self, prompt: str, neg: torch.Tensor, noise: torch.Tensor, grad_index: int, want_loss: bool):
         """One step of per-sample tuning: the whole trajectory, the loss at the grad step
         and the final image's score. Returns ``(score, loss or None)``."""
         prompts = [prompt]

@@ -12,8 +12,8 @@ import os
 import torch
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMBEDDING_FOLDER = "reneg"            # ComfyUI/models/reneg (+ the pack's own embeddings/)
-REWARD_FOLDER = "reward_models"       # ComfyUI/models/reward_models
+EMBEDDING_FOLDER = "reneg"  # ComfyUI/models/reneg (+ the pack's own embeddings/)
+REWARD_FOLDER = "reward_models"  # ComfyUI/models/reward_models
 EMBEDDING_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
 REWARD_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
 CATEGORY = "conditioning/ReNeg"
@@ -53,8 +53,12 @@ def register_folders() -> None:
     if fp is None:
         return
     models = getattr(fp, "models_dir", None) or os.path.join(os.getcwd(), "models")
-    _register(fp, EMBEDDING_FOLDER, [os.path.join(models, EMBEDDING_FOLDER),
-                                     os.path.join(PACK_ROOT, "embeddings")], EMBEDDING_EXTENSIONS)
+    _register(
+        fp,
+        EMBEDDING_FOLDER,
+        [os.path.join(models, EMBEDDING_FOLDER), os.path.join(PACK_ROOT, "embeddings")],
+        EMBEDDING_EXTENSIONS,
+    )
     _register(fp, REWARD_FOLDER, [os.path.join(models, REWARD_FOLDER)], REWARD_EXTENSIONS)
 
 
@@ -78,8 +82,10 @@ def full_path(name: str, filename: str) -> str:
     path = fp.get_full_path(name, filename) if fp is not None else None
     if not path:
         where = ", ".join(folder_paths_of(name)) or f"models/{name}"
-        raise ReNegNodeError(f"{filename!r} was not found in the {name!r} model folder ({where}); "
-                             f"put the file there and press R (refresh) in ComfyUI")
+        raise ReNegNodeError(
+            f"{filename!r} was not found in the {name!r} model folder ({where}); "
+            f"put the file there and press R (refresh) in ComfyUI"
+        )
     return path
 
 
@@ -117,6 +123,7 @@ def _passes_through(e: BaseException) -> bool:
 
 def reports_errors(title: str):
     """Decorate a node's FUNCTION: any failure reaches the user as ``"<title>: <message>"``."""
+
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -133,7 +140,9 @@ def reports_errors(title: str):
                 if not isinstance(e, (ValueError, OSError, KeyError)):
                     detail = f"{type(e).__name__}: {detail}"
                 raise ReNegNodeError(f"{title}: {detail}") from e
+
         return wrapper
+
     return deco
 
 
@@ -142,8 +151,10 @@ def model_family_of(hidden: int) -> str:
 
     fam = family_for_hidden(hidden)
     if fam is None:
-        raise ReNegNodeError(f"the model's text encoder gives hidden size {hidden}, which no ReNeg "
-                             f"embedding family uses ({known_hidden_sizes()})")
+        raise ReNegNodeError(
+            f"the model's text encoder gives hidden size {hidden}, which no ReNeg "
+            f"embedding family uses ({known_hidden_sizes()})"
+        )
     return fam.name
 
 

@@ -33,21 +33,23 @@ def apply_embedding(base, emb, strength: float):
     for i, entry in enumerate(base):
         t, extra = entry[0], dict(entry[1])
         if t.shape[-1] != emb.tensor.shape[-1]:
-            raise ValueError(f"{emb.path}: this is a {emb.family} embedding (hidden size "
-                             f"{emb.tensor.shape[-1]}), but the base negative is "
-                             f"{model_family_of(t.shape[-1])} (hidden size {t.shape[-1]})")
+            raise ValueError(
+                f"{emb.path}: this is a {emb.family} embedding (hidden size "
+                f"{emb.tensor.shape[-1]}), but the base negative is "
+                f"{model_family_of(t.shape[-1])} (hidden size {t.shape[-1]})"
+            )
         if rows_used is not None:  # T5: PixArt's conditioning is the counted rows, unpadded; LTX-Video's
             out.append(list(_t5_entry(t, extra, rows_used, strength, emb, i)))  # is padded, with its mask
             continue
         rows = emb.tensor.shape[1]
         if t.shape[1] % rows:
-            raise ValueError(f"base negative entry {i} has {t.shape[1]} token rows, not a multiple "
-                             f"of the embedding's {rows}")
+            raise ValueError(
+                f"base negative entry {i} has {t.shape[1]} token rows, not a multiple of the embedding's {rows}"
+            )
         new = blend(t, match_tokens(emb.tensor.float(), t.shape[1]), strength)
         pooled = extra.get("pooled_output")
         if emb.pooled is not None and isinstance(pooled, torch.Tensor) and pooled.shape[-1] == emb.pooled.shape[-1]:
-            extra["pooled_output"] = blend(pooled.unsqueeze(1), emb.pooled.float().unsqueeze(1),
-                                           strength).squeeze(1)
+            extra["pooled_output"] = blend(pooled.unsqueeze(1), emb.pooled.float().unsqueeze(1), strength).squeeze(1)
         out.append([new, extra])
     return out
 
@@ -95,17 +97,21 @@ def _blend_t5(base: torch.Tensor, rows: torch.Tensor, strength: float, emb, i: i
     if strength <= 0.0:
         return base
     if base.shape[1] != rows.shape[1]:
-        raise ValueError(f"{emb.path}: the embedding has {rows.shape[1]} T5 rows and base negative entry {i} has "
-                         f"{base.shape[1]}; T5 rows of different prompts can only be swapped (strength 1), "
-                         f"not blended")
+        raise ValueError(
+            f"{emb.path}: the embedding has {rows.shape[1]} T5 rows and base negative entry {i} has "
+            f"{base.shape[1]}; T5 rows of different prompts can only be swapped (strength 1), "
+            f"not blended"
+        )
     return blend(base, rows, strength)
 
 
 class ReNegLoadEmbedding:
-    DESCRIPTION = ("Loads a ReNeg negative embedding (ComfyUI/models/reneg) as a negative CONDITIONING for a "
-                   "sampler. Strength blends it with the base negative (0 = base only, 1 = embedding only); "
-                   "without a base negative the base is the empty prompt. PixArt / LTX-Video (T5) files give the "
-                   "rows their attention mask keeps (the paper's PixArt file: its first row).")
+    DESCRIPTION = (
+        "Loads a ReNeg negative embedding (ComfyUI/models/reneg) as a negative CONDITIONING for a "
+        "sampler. Strength blends it with the base negative (0 = base only, 1 = embedding only); "
+        "without a base negative the base is the empty prompt. PixArt / LTX-Video (T5) files give the "
+        "rows their attention mask keeps (the paper's PixArt file: its first row)."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     RETURN_NAMES = ("negative",)
@@ -116,12 +122,27 @@ class ReNegLoadEmbedding:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "embedding": (folder_list(EMBEDDING_FOLDER), {
-                    "tooltip": "A file from ComfyUI/models/reneg (our .safetensors, or the paper's .bin)."}),
-                "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder: it tells which model family is "
-                                             "in use and gives the empty prompt's conditioning."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                                       "tooltip": "0 = base negative only, 1 = embedding only."}),
+                "embedding": (
+                    folder_list(EMBEDDING_FOLDER),
+                    {"tooltip": "A file from ComfyUI/models/reneg (our .safetensors, or the paper's .bin)."},
+                ),
+                "clip": (
+                    "CLIP",
+                    {
+                        "tooltip": "The checkpoint's text encoder: it tells which model family is "
+                        "in use and gives the empty prompt's conditioning."
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.05,
+                        "tooltip": "0 = base negative only, 1 = embedding only.",
+                    },
+                ),
             },
             "optional": {
                 "base_negative": ("CONDITIONING", {"tooltip": "Negative to blend with (default: empty prompt)."}),

@@ -7,8 +7,16 @@ import os
 
 import torch
 
-from .common import (CATEGORY, REWARD_EXTENSIONS, REWARD_FOLDER, REWARD_TYPE, folder_list, folder_paths_of,
-                     reports_errors, torch_device)
+from .common import (
+    CATEGORY,
+    REWARD_EXTENSIONS,
+    REWARD_FOLDER,
+    REWARD_TYPE,
+    folder_list,
+    folder_paths_of,
+    reports_errors,
+    torch_device,
+)
 
 NONE = "none"
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
@@ -62,9 +70,12 @@ def model_folders(markers: tuple[str, ...] = MODEL_MARKERS) -> list[str]:
 def model_entries() -> list[str]:
     """Checkpoint files and model folders, for the Load Reward Model list."""
     folders = model_folders()
-    files = [f for f in folder_list(REWARD_FOLDER)
-             if os.path.splitext(f)[1].lower() in REWARD_EXTENSIONS
-             and not any(f.replace(os.sep, "/").startswith(d) for d in folders)]
+    files = [
+        f
+        for f in folder_list(REWARD_FOLDER)
+        if os.path.splitext(f)[1].lower() in REWARD_EXTENSIONS
+        and not any(f.replace(os.sep, "/").startswith(d) for d in folders)
+    ]
     return sorted(files) + folders
 
 
@@ -130,19 +141,32 @@ class ReNegLoadRewardModel:
         def extra(opt):
             users = [n for n, info in regs.items() if opt in info.path_options]
             need = [n for n in users if opt in regs[n].required]
-            tip = (f"{', '.join(users)}: the {opt} folder in reward_models"
-                   + (f" (needed by {', '.join(need)})" if need else " (optional when it lies beside the checkpoint)"))
+            tip = f"{', '.join(users)}: the {opt} folder in reward_models" + (
+                f" (needed by {', '.join(need)})" if need else " (optional when it lies beside the checkpoint)"
+            )
             return (folders, {"default": NONE, "tooltip": tip})
 
         return {
             "required": {
-                "reward_type": (names, {"default": DEFAULT_KIND if DEFAULT_KIND in regs else names[0],
-                                        "tooltip": "; ".join(f"{n}: {i.help}" for n, i in regs.items())}),
-                "model": (model_entries(), {"tooltip": "Checkpoint file or model folder (shown with a trailing "
-                                                       "'/'), as the reward type needs."}),
+                "reward_type": (
+                    names,
+                    {
+                        "default": DEFAULT_KIND if DEFAULT_KIND in regs else names[0],
+                        "tooltip": "; ".join(f"{n}: {i.help}" for n, i in regs.items()),
+                    },
+                ),
+                "model": (
+                    model_entries(),
+                    {
+                        "tooltip": "Checkpoint file or model folder (shown with a trailing "
+                        "'/'), as the reward type needs."
+                    },
+                ),
                 f"{FIRST_EXTRA}_model": extra(FIRST_EXTRA),
-                "precision": (list(PRECISIONS), {"default": "auto",
-                              "tooltip": "auto: float16 on a GPU, float32 on the CPU."}),
+                "precision": (
+                    list(PRECISIONS),
+                    {"default": "auto", "tooltip": "auto: float16 on a GPU, float32 on the CPU."},
+                ),
             },
             "optional": {f"{opt}_model": extra(opt) for opt in extra_options() if opt != FIRST_EXTRA},
         }
@@ -191,21 +215,27 @@ def score_images(reward: RewardModel, images: torch.Tensor, prompt: str, batch: 
     with torch.no_grad(), reward.use() as module:
         dev = next(module.parameters()).device
         for i in range(0, x.shape[0], batch):
-            chunk = x[i:i + batch].to(dev)
+            chunk = x[i : i + batch].to(dev)
             out.append(module(chunk, [prompt] * chunk.shape[0]).float().cpu())
     return torch.cat(out)
 
 
 class ReNegRewardScore:
-    DESCRIPTION = ("Scores each image of a batch for the prompt with a reward model. Outputs the scores, a "
-                   "readable report, the batch ranked best first (when rank is on) and the best image.")
+    DESCRIPTION = (
+        "Scores each image of a batch for the prompt with a reward model. Outputs the scores, a "
+        "readable report, the batch ranked best first (when rank is on) and the best image."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("FLOAT", "STRING", "IMAGE", "IMAGE", "INT")
     RETURN_NAMES = ("scores", "report", "images", "best_image", "best_index")
     OUTPUT_IS_LIST = (True, False, False, False, False)
-    OUTPUT_TOOLTIPS = ("One score per image, in input order.", "The scores as text.",
-                       "The batch, best first when rank is on.", "The highest-scoring image.",
-                       "Index (0-based) of the best image in the input batch.")
+    OUTPUT_TOOLTIPS = (
+        "One score per image, in input order.",
+        "The scores as text.",
+        "The batch, best first when rank is on.",
+        "The highest-scoring image.",
+        "Index (0-based) of the best image in the input batch.",
+    )
     FUNCTION = "score"
     OUTPUT_NODE = True
 
@@ -214,8 +244,10 @@ class ReNegRewardScore:
         return {
             "required": {
                 "images": ("IMAGE",),
-                "prompt": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "The prompt the images were made for."}),
+                "prompt": (
+                    "STRING",
+                    {"multiline": True, "default": "", "tooltip": "The prompt the images were made for."},
+                ),
                 "reward": (REWARD_TYPE,),
                 "rank": ("BOOLEAN", {"default": True, "tooltip": "Sort the images output best first."}),
             }
@@ -236,5 +268,7 @@ class ReNegRewardScore:
             lines.append(f"  image {i}: {s:.5f}  (rank {place}){'  best' if i == best else ''}")
         report = "\n".join(lines)
         ranked = images[order.to(images.device)] if rank else images
-        return {"ui": {"text": [report]},
-                "result": ([float(s) for s in scores], report, ranked, images[best:best + 1], best)}
+        return {
+            "ui": {"text": [report]},
+            "result": ([float(s) for s in scores], report, ranked, images[best : best + 1], best),
+        }

@@ -34,8 +34,10 @@ def t5_file_rows(t):
     n = t.shape[1]
     fits = sorted((f.tokens for f in FAMILIES.values() if f.masked and f.hidden == t.shape[-1] and f.tokens >= n))
     if not fits:
-        raise ValueError(f"negative: {n} T5 rows are more than a PixArt embedding holds "
-                         f"({max(f.tokens for f in FAMILIES.values() if f.masked)})")
+        raise ValueError(
+            f"negative: {n} T5 rows are more than a PixArt embedding holds "
+            f"({max(f.tokens for f in FAMILIES.values() if f.masked)})"
+        )
     rows = torch.zeros(1, fits[0], t.shape[-1])
     rows[:, :n] = t.detach().float().cpu()
     mask = torch.zeros(1, fits[0], dtype=torch.long)
@@ -44,9 +46,11 @@ def t5_file_rows(t):
 
 
 class ReNegSaveEmbedding:
-    DESCRIPTION = ("Writes a negative CONDITIONING (e.g. from Per-Sample ReNeg Tune) into ComfyUI/models/reneg "
-                   "as a ReNeg .safetensors file with metadata. An existing file is never replaced unless "
-                   "overwrite is on; otherwise a numbered name is used.")
+    DESCRIPTION = (
+        "Writes a negative CONDITIONING (e.g. from Per-Sample ReNeg Tune) into ComfyUI/models/reneg "
+        "as a ReNeg .safetensors file with metadata. An existing file is never replaced unless "
+        "overwrite is on; otherwise a numbered name is used."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
@@ -58,10 +62,17 @@ class ReNegSaveEmbedding:
         return {
             "required": {
                 "negative": ("CONDITIONING",),
-                "filename": ("STRING", {"default": "tuned", "tooltip": "File name without extension; "
-                                        "subfolders with '/' are allowed."}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of this "
-                                          "name. Off: a free numbered name is used instead."}),
+                "filename": (
+                    "STRING",
+                    {"default": "tuned", "tooltip": "File name without extension; subfolders with '/' are allowed."},
+                ),
+                "overwrite": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Replace an existing file of this name. Off: a free numbered name is used instead.",
+                    },
+                ),
             },
             "optional": {
                 "note": ("STRING", {"default": "", "multiline": True, "tooltip": "Stored in the metadata."}),
@@ -86,16 +97,19 @@ class ReNegSaveEmbedding:
             raise ValueError(f"negative: expected a tensor [1, 77k, hidden], found {list(t.shape)}")
         block = one_block(t, rows) if mask is None else t
         if block.shape[1] != rows and mask is None:
-            raise ValueError(f"negative: {t.shape[1]} token rows that are not one 77-row block repeated "
-                             f"(a long base negative blended in); an embedding file holds 77 rows")
+            raise ValueError(
+                f"negative: {t.shape[1]} token rows that are not one 77-row block repeated "
+                f"(a long base negative blended in); an embedding file holds 77 rows"
+            )
         t = block
         stem = str(filename).strip().replace("\\", "/")
         if stem.endswith(".safetensors"):
             stem = stem[: -len(".safetensors")]
         parts = [p for p in stem.split("/") if p]
         if not parts or any(p in (".", "..") or not _NAME.match(p) for p in parts):
-            raise ValueError(f"filename {filename!r}: use letters, digits, '-', '_', '.', spaces and '/' "
-                             f"for subfolders (no '..')")
+            raise ValueError(
+                f"filename {filename!r}: use letters, digits, '-', '_', '.', spaces and '/' for subfolders (no '..')"
+            )
         folders = folder_paths_of(EMBEDDING_FOLDER)
         if not folders:
             raise ValueError("the 'reneg' model folder is not registered (is the pack loaded in ComfyUI?)")
@@ -110,9 +124,13 @@ class ReNegSaveEmbedding:
         if note:
             meta["note"] = str(note)
         pooled = extra.get("pooled_output") if get_family(family).pooled else None
-        emb = NegEmbedding(t.detach().float().cpu().clone(), family,
-                           None if pooled is None else pooled.detach().float().cpu().reshape(1, -1),
-                           {"kind": kind, **meta}, attention_mask=mask)
+        emb = NegEmbedding(
+            t.detach().float().cpu().clone(),
+            family,
+            None if pooled is None else pooled.detach().float().cpu().reshape(1, -1),
+            {"kind": kind, **meta},
+            attention_mask=mask,
+        )
         save_embedding(path, emb, overwrite=bool(overwrite), source="ComfyUI")
         msg = f"saved {os.path.basename(path)} ({family}, {kind}) in {folder}"
         return {"ui": {"text": [msg]}, "result": (path,)}

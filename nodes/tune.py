@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (CATEGORY, REWARD_TYPE, check_interrupt, model_family_of, one_block, progress_bar,
-                     reports_errors)
+from .common import CATEGORY, REWARD_TYPE, check_interrupt, model_family_of, one_block, progress_bar, reports_errors
 from ..reneg.options import PAPER, clamp_grad_range
 from .save_embedding import INFO_KEY
 
@@ -24,16 +23,20 @@ def schedulers() -> list[str]:
 
 
 class ReNegPerSampleTune:
-    DESCRIPTION = ("Tunes the negative embedding for one prompt (ReNeg, Algorithm 1): at most max_steps gradient "
-                   "steps on the reward, stopping after `patience` steps without a new best, keeping the best "
-                   "negative seen, so the result never scores below the start. 'this seed' tunes for the image "
-                   "a KSampler makes with sampler ddim (or euler), the same scheduler, steps, cfg and seed.")
+    DESCRIPTION = (
+        "Tunes the negative embedding for one prompt (ReNeg, Algorithm 1): at most max_steps gradient "
+        "steps on the reward, stopping after `patience` steps without a new best, keeping the best "
+        "negative seen, so the result never scores below the start. 'this seed' tunes for the image "
+        "a KSampler makes with sampler ddim (or euler), the same scheduler, steps, cfg and seed."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING", "FLOAT", "FLOAT")
     RETURN_NAMES = ("negative", "reward_before", "reward_after")
-    OUTPUT_TOOLTIPS = ("The tuned negative: connect to a sampler's negative input or to Save ReNeg Embedding.",
-                       "Reward of the image made with the starting negative.",
-                       "Reward of the image made with the tuned negative (never below reward_before).")
+    OUTPUT_TOOLTIPS = (
+        "The tuned negative: connect to a sampler's negative input or to Save ReNeg Embedding.",
+        "Reward of the image made with the starting negative.",
+        "Reward of the image made with the tuned negative (never below reward_before).",
+    )
     FUNCTION = "tune"
 
     @classmethod
@@ -45,39 +48,82 @@ class ReNegPerSampleTune:
                 "positive": ("CONDITIONING", {"tooltip": "The prompt's conditioning (CLIP Text Encode)."}),
                 "negative": ("CONDITIONING", {"tooltip": "The starting negative, e.g. Load ReNeg Embedding."}),
                 "reward": (REWARD_TYPE,),
-                "prompt": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "The prompt text, for the reward model."}),
+                "prompt": (
+                    "STRING",
+                    {"multiline": True, "default": "", "tooltip": "The prompt text, for the reward model."},
+                ),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
                 "max_steps": ("INT", {"default": PAPER.max_steps, "min": 1, "max": 200}),
                 "patience": ("INT", {"default": PAPER.patience, "min": 1, "max": 200}),
-                "learning_rate": ("FLOAT", {"default": PAPER.lr, "min": 0.0, "max": 1.0, "step": 0.0005,
-                                            "round": 0.00001}),
+                "learning_rate": (
+                    "FLOAT",
+                    {"default": PAPER.lr, "min": 0.0, "max": 1.0, "step": 0.0005, "round": 0.00001},
+                ),
                 "cfg": ("FLOAT", {"default": PAPER.guidance, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01}),
                 "steps": ("INT", {"default": PAPER.sampling_steps, "min": 2, "max": 200, "tooltip": "Sampling steps."}),
-                "grad_step_min": ("INT", {"default": PAPER.grad_range[0], "min": 0, "max": 199, "tooltip":
-                                  "The gradient is taken at a step drawn from [min, max], counted from the end; "
-                                  "a range past the sampling steps is clamped to them (and the node says so)."}),
+                "grad_step_min": (
+                    "INT",
+                    {
+                        "default": PAPER.grad_range[0],
+                        "min": 0,
+                        "max": 199,
+                        "tooltip": "The gradient is taken at a step drawn from [min, max], counted from the end; "
+                        "a range past the sampling steps is clamped to them (and the node says so).",
+                    },
+                ),
                 "grad_step_max": ("INT", {"default": PAPER.grad_range[1], "min": 0, "max": 199}),
                 "width": ("INT", {"default": PAPER.resolution, "min": 64, "max": 8192, "step": 8}),
                 "height": ("INT", {"default": PAPER.resolution, "min": 64, "max": 8192, "step": 8}),
-                "noise_mode": (list(NOISE_MODES), {"default": NOISE_MODES[0], "tooltip":
-                               "this seed: tune for the image of this seed; fresh noise: a new seed every "
-                               "step, as in the paper (a negative that helps this prompt in general)."}),
+                "noise_mode": (
+                    list(NOISE_MODES),
+                    {
+                        "default": NOISE_MODES[0],
+                        "tooltip": "this seed: tune for the image of this seed; fresh noise: a new seed every "
+                        "step, as in the paper (a negative that helps this prompt in general).",
+                    },
+                ),
                 "scheduler": (schedulers(), {"default": "ddim_uniform"}),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": "Takes the size from this latent instead of width/height."}),
                 # compute-saving option (docs/compute.md); 0 = the paper's search at `steps`
-                "search_steps": ("INT", {"default": 0, "min": 0, "max": 200, "tooltip":
-                                 "Search with this many sampling steps (cheaper), then make the kept "
-                                 "negative's image once at `steps`. 0: search at `steps` (the paper)."}),
+                "search_steps": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 200,
+                        "tooltip": "Search with this many sampling steps (cheaper), then make the kept "
+                        "negative's image once at `steps`. 0: search at `steps` (the paper).",
+                    },
+                ),
             },
         }
 
     @reports_errors(TITLE)
-    def tune(self, model, vae, positive, negative, reward, prompt, seed, max_steps, patience, learning_rate,
-             cfg, steps, grad_step_min, grad_step_max, width, height, noise_mode, scheduler, latent=None,
-             search_steps=0):
+    def tune(
+        self,
+        model,
+        vae,
+        positive,
+        negative,
+        reward,
+        prompt,
+        seed,
+        max_steps,
+        patience,
+        learning_rate,
+        cfg,
+        steps,
+        grad_step_min,
+        grad_step_max,
+        width,
+        height,
+        noise_mode,
+        scheduler,
+        latent=None,
+        search_steps=0,
+    ):
         from ..reneg.backends.comfy_backend import ComfyBackend, clone_normal, conditioning_to_cond
         from ..reneg.compute import ComputeMeter
         from ..reneg.tuning import tune_for_seed
@@ -92,9 +138,11 @@ class ReNegPerSampleTune:
             raise ValueError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {noise_mode!r}")
         pos, neg = conditioning_to_cond(positive, "positive"), conditioning_to_cond(negative, "negative")
         if pos.crossattn.shape[-1] != neg.crossattn.shape[-1]:
-            raise ValueError(f"the negative is {model_family_of(neg.crossattn.shape[-1])} (hidden size "
-                             f"{neg.crossattn.shape[-1]}) but the positive is "
-                             f"{model_family_of(pos.crossattn.shape[-1])} ({pos.crossattn.shape[-1]})")
+            raise ValueError(
+                f"the negative is {model_family_of(neg.crossattn.shape[-1])} (hidden size "
+                f"{neg.crossattn.shape[-1]}) but the positive is "
+                f"{model_family_of(pos.crossattn.shape[-1])} ({pos.crossattn.shape[-1]})"
+            )
         backend = ComfyBackend(model, vae, pos.crossattn.shape[-1], scheduler)
         if latent is not None:
             samples = latent.get("samples") if isinstance(latent, dict) else None
@@ -134,34 +182,66 @@ class ReNegPerSampleTune:
                 if pbar is not None:
                     pbar.update_absolute(min((rec["step"] + 1) * per, total))
 
-            res, _ = tune_for_seed(backend, rmodel, prompt, int(seed), start, int(steps), float(cfg),
-                                   (int(grad_step_min), int(grad_step_max)), backend.height, backend.width,
-                                   int(max_steps), int(patience), float(learning_rate),
-                                   noise="seed" if noise_mode == NOISE_MODES[0] else "fresh", on_step=on_step,
-                                   cond=cond, callback=on_sample_step, search_steps=search, meter=meter)
+            res, _ = tune_for_seed(
+                backend,
+                rmodel,
+                prompt,
+                int(seed),
+                start,
+                int(steps),
+                float(cfg),
+                (int(grad_step_min), int(grad_step_max)),
+                backend.height,
+                backend.width,
+                int(max_steps),
+                int(patience),
+                float(learning_rate),
+                noise="seed" if noise_mode == NOISE_MODES[0] else "fresh",
+                on_step=on_step,
+                cond=cond,
+                callback=on_sample_step,
+                search_steps=search,
+                meter=meter,
+            )
             tuned = res.best.detach().float().cpu().clone()
         if pbar is not None:
             pbar.update_absolute(total)
         extra = dict(negative[0][1])
         extra[INFO_KEY] = {
-            "kind": "per-sample", "prompt": prompt, "seed": int(seed), "noise_mode": noise_mode,
-            "reward": reward.name, "steps": len(res.history), "best_step": res.best_step,
-            "lr": float(learning_rate), "guidance_scale": float(cfg), "sampling_steps": n,
-            "scheduler": scheduler, "grad_range": f"{grad_step_min},{grad_step_max}",
-            "start_reward": res.start_reward, "best_reward": res.best_reward, "stopped": res.stopped,
-            "search_steps": search or n, "final_reward": res.final_reward,
+            "kind": "per-sample",
+            "prompt": prompt,
+            "seed": int(seed),
+            "noise_mode": noise_mode,
+            "reward": reward.name,
+            "steps": len(res.history),
+            "best_step": res.best_step,
+            "lr": float(learning_rate),
+            "guidance_scale": float(cfg),
+            "sampling_steps": n,
+            "scheduler": scheduler,
+            "grad_range": f"{grad_step_min},{grad_step_max}",
+            "start_reward": res.start_reward,
+            "best_reward": res.best_reward,
+            "stopped": res.stopped,
+            "search_steps": search or n,
+            "final_reward": res.final_reward,
             # flat values: the Save node writes each as a metadata string
             "compute_unet_calls": meter.unet_calls(),
             "compute_units": " ".join(f"{k}={v}" for k, v in meter.units().items()),
             "compute_tflop_sd15": round(meter.tflop_sd15(), 3),
         }
         lines = [f"note: {clamp_note}"] if clamp_note else []
-        lines += [f"step {r['step']}: reward {r['reward']:.5f}{'  new best' if r['improved'] else ''}"
-                 for r in res.history]
-        lines.append(f"before {res.start_reward:.5f} -> after {res.best_reward:.5f} "
-                     f"(best at step {res.best_step}, stopped: {res.stopped})")
+        lines += [
+            f"step {r['step']}: reward {r['reward']:.5f}{'  new best' if r['improved'] else ''}" for r in res.history
+        ]
+        lines.append(
+            f"before {res.start_reward:.5f} -> after {res.best_reward:.5f} "
+            f"(best at step {res.best_step}, stopped: {res.stopped})"
+        )
         if res.final_reward is not None:
             lines.append(f"searched at {search} steps; the kept negative at {n} steps: {res.final_reward:.5f}")
         lines.append(f"compute: {meter.short()}")
-        return {"ui": {"text": ["\n".join(lines)]},
-                "result": ([[tuned, extra]], float(res.start_reward), float(res.best_reward))}
+        return {
+            "ui": {"text": ["\n".join(lines)]},
+            "result": ([[tuned, extra]], float(res.start_reward), float(res.best_reward)),
+        }

@@ -29,8 +29,10 @@ def _cmd_inspect(ns) -> int:
         # strict JSON (no NaN/Infinity); json escapes control characters itself
         print(json.dumps(info, indent=2, allow_nan=False))
     else:
-        print(f"{_safe_text(info['path'])}\n  format  {info['format']}\n  family  {info['family']}\n"
-              f"  shape   {info['shape']}  {info['dtype']}")
+        print(
+            f"{_safe_text(info['path'])}\n  format  {info['format']}\n  family  {info['family']}\n"
+            f"  shape   {info['shape']}  {info['dtype']}"
+        )
         if info["pooled_shape"]:
             print(f"  pooled  {info['pooled_shape']}")
         if info.get("mask_rows") is not None:
@@ -39,6 +41,7 @@ def _cmd_inspect(ns) -> int:
 
         def g(v):
             return "n/a" if v is None else f"{v:.4g}"
+
         print(f"  stats   mean {g(s['mean'])}  std {g(s['std'])}  norm {g(s['norm'])}")
         for k, v in sorted(info["metadata"].items()):
             print(f"  {_safe_text(k, 80)}: {_safe_text(v)}")
@@ -79,9 +82,11 @@ def _cmd_rewards(ns) -> int:
 
 
 # what --demo brings itself: these flags can not be combined with it
-DEMO_OWNS = {"train": ("model", "config", "rewards", "prompts", "heldout"),
-             "tune": ("model", "config", "rewards"),
-             "eval": ("model", "config", "rewards", "prompts")}
+DEMO_OWNS = {
+    "train": ("model", "config", "rewards", "prompts", "heldout"),
+    "tune": ("model", "config", "rewards"),
+    "eval": ("model", "config", "rewards", "prompts"),
+}
 
 
 def refuse_demo_conflicts(ns, kind: str) -> set:
@@ -92,8 +97,10 @@ def refuse_demo_conflicts(ns, kind: str) -> set:
     given = set(getattr(ns, "given_flags", None) or ())
     clash = [flag_of(k) for k in DEMO_OWNS[kind] if k in given]
     if clash:
-        raise OptionError(f"{', '.join(clash)} can not be used with --demo: the demo brings its own model, "
-                          f"reward and prompts (drop --demo to use your own)")
+        raise OptionError(
+            f"{', '.join(clash)} can not be used with --demo: the demo brings its own model, "
+            f"reward and prompts (drop --demo to use your own)"
+        )
     return given
 
 
@@ -129,8 +136,10 @@ def _apply_demo(ns, kind: str) -> None:
     if overridden:
         from .options import flag_of
 
-        print(f"reneg {kind} --demo: using your {', '.join(flag_of(k) for k in overridden)} instead of the "
-              f"demo's", flush=True)
+        print(
+            f"reneg {kind} --demo: using your {', '.join(flag_of(k) for k in overridden)} instead of the demo's",
+            flush=True,
+        )
 
 
 def _cmd_train(ns) -> int:
@@ -141,12 +150,16 @@ def _cmd_train(ns) -> int:
         _apply_demo(ns, "train")
     summary = run_train(config_from_args(ns))
     if summary.get("stopped"):
-        print(f"stopped at step {summary['step']}: {summary['checkpoint']} holds the run; the same command "
-              f"with --resume continues it")
+        print(
+            f"stopped at step {summary['step']}: {summary['checkpoint']} holds the run; the same command "
+            f"with --resume continues it"
+        )
     elif summary:
         h = summary["heldout"]
-        print(f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "
-              f"handcrafted {h['handcrafted']:.5f}  learned {h['learned']:.5f}")
+        print(
+            f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "
+            f"handcrafted {h['handcrafted']:.5f}  learned {h['learned']:.5f}"
+        )
         print(f"wrote {summary['embedding']} and {os.path.join(os.path.dirname(summary['embedding']), 'summary.json')}")
     return 0
 
@@ -161,8 +174,10 @@ def _cmd_tune(ns) -> int:
         _apply_demo(ns, "tune")
     ns.out = ns.out or "tuned.safetensors"
     rep = run_tune(ns)
-    print(f"start reward {rep['start_reward']:.5f} -> best {rep['best_reward']:.5f} at step {rep['best_step']} "
-          f"({rep['stopped']}); wrote {rep['embedding']}")
+    print(
+        f"start reward {rep['start_reward']:.5f} -> best {rep['best_reward']:.5f} at step {rep['best_step']} "
+        f"({rep['stopped']}); wrote {rep['embedding']}"
+    )
     return 0
 
 
@@ -180,13 +195,17 @@ def _cmd_studio(ns) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="reneg", description="Learned negative embeddings for "
-                                "classifier-free guidance (ReNeg).")
+    p = argparse.ArgumentParser(
+        prog="reneg", description="Learned negative embeddings for classifier-free guidance (ReNeg)."
+    )
     p.add_argument("--version", action="version", version=f"reneg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("inspect", help="describe an embedding file (family, shape, metadata) or a model "
-                                       "checkpoint (architecture, prediction type, dtype, VAE inside?)")
+    s = sub.add_parser(
+        "inspect",
+        help="describe an embedding file (family, shape, metadata) or a model "
+        "checkpoint (architecture, prediction type, dtype, VAE inside?)",
+    )
     s.add_argument("file")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_inspect)
@@ -213,9 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("studio", help="a local web app to train, watch, tune and compare (needs reneg[studio])")
     s.add_argument("--demo", action="store_true", help="open on the built-in demo world, everything filled in")
-    s.add_argument("--listen", action="store_true",
-                   help="serve on all network interfaces instead of 127.0.0.1 only (anyone who can reach the "
-                        "port can start runs and read files)")
+    s.add_argument(
+        "--listen",
+        action="store_true",
+        help="serve on all network interfaces instead of 127.0.0.1 only (anyone who can reach the "
+        "port can start runs and read files)",
+    )
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--root", default="runs", help="folder for new runs and the Embeddings tab (default: runs)")
     s.set_defaults(fn=_cmd_studio)

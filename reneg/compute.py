@@ -36,8 +36,10 @@ UNIT_OF = {"unet": "U", "decode": "V", "reward": "R"}
 
 
 def _blank() -> dict:
-    return {k: {"calls_nograd": 0, "calls_grad": 0, "items_nograd": 0, "items_grad": 0, "items_backward": 0,
-                "by_batch": {}} for k in KINDS}
+    return {
+        k: {"calls_nograd": 0, "calls_grad": 0, "items_nograd": 0, "items_grad": 0, "items_backward": 0, "by_batch": {}}
+        for k in KINDS
+    }
 
 
 class ComputeMeter:
@@ -63,8 +65,10 @@ class ComputeMeter:
         key = f"{mode}:{int(batch)}"
         c["by_batch"][key] = c["by_batch"].get(key, 0) + 1
         if grad:
+
             def hook(g, _c=c, _b=int(batch)):
                 _c["items_backward"] += _b
+
             out.register_hook(hook)
 
     def _wrap(self, kind: str, fn: Callable, batch_of: Callable) -> Callable:
@@ -73,6 +77,7 @@ class ComputeMeter:
             out = fn(*args, **kwargs)
             self._count(kind, batch_of(args), out)
             return out
+
         wrapped.__reneg_meter__ = self
         return wrapped
 
@@ -92,8 +97,7 @@ class ComputeMeter:
     # --- totals -----------------------------------------------------------------------------
     def units(self) -> dict:
         """Forward-equivalents of U, V and R (a backward counts as one more forward)."""
-        return {UNIT_OF[k]: c["items_nograd"] + c["items_grad"] + c["items_backward"]
-                for k, c in self.counts.items()}
+        return {UNIT_OF[k]: c["items_nograd"] + c["items_grad"] + c["items_backward"] for k, c in self.counts.items()}
 
     def tflop_sd15(self) -> float:
         """The same work priced at SD1.5 512 x 512 with the HPS ViT-H-14 reward, in TFLOP."""
@@ -121,16 +125,22 @@ class ComputeMeter:
         return out
 
     def to_json(self) -> dict:
-        return {"units": self.units(), "tflop_sd15_512": round(self.tflop_sd15(), 6),
-                "unet_calls": self.unet_calls(), "counts": self.counts,
-                "unit_flops_sd15_512": dict(SD15_512),
-                "convention": "U/V/R = one forward of one latent/decode/reward image; a backward counts "
-                              "as one more forward"}
+        return {
+            "units": self.units(),
+            "tflop_sd15_512": round(self.tflop_sd15(), 6),
+            "unet_calls": self.unet_calls(),
+            "counts": self.counts,
+            "unit_flops_sd15_512": dict(SD15_512),
+            "convention": "U/V/R = one forward of one latent/decode/reward image; a backward counts "
+            "as one more forward",
+        }
 
     def short(self) -> str:
         u = self.units()
-        return (f"{u['U']} U + {u['V']} V + {u['R']} R = {self.tflop_sd15():.1f} TFLOP at SD1.5 512 px "
-                f"({self.unet_calls()} UNet calls)")
+        return (
+            f"{u['U']} U + {u['V']} V + {u['R']} R = {self.tflop_sd15():.1f} TFLOP at SD1.5 512 px "
+            f"({self.unet_calls()} UNet calls)"
+        )
 
 
 def metered_backend(backend, meter: ComputeMeter):

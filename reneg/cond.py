@@ -29,10 +29,12 @@ class Cond:
         return self.crossattn.shape[0]
 
     def _map(self, fn) -> "Cond":
-        return Cond(fn(self.crossattn),
-                    fn(self.pooled) if self.pooled is not None else None,
-                    {k: fn(v) for k, v in self.extra.items()},
-                    fn(self.mask) if self.mask is not None else None)
+        return Cond(
+            fn(self.crossattn),
+            fn(self.pooled) if self.pooled is not None else None,
+            {k: fn(v) for k, v in self.extra.items()},
+            fn(self.mask) if self.mask is not None else None,
+        )
 
     def expand(self, batch: int) -> "Cond":
         """Repeat a batch-1 cond to ``batch`` rows (views, no copies)."""

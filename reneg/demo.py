@@ -24,8 +24,9 @@ def _world():
     except ImportError:
         return None
     try:
-        if os.path.isfile(os.path.join(demo_world.pipeline_dir(), "model_index.json")) and \
-                os.path.isfile(demo_world.reward_checkpoint()):
+        if os.path.isfile(os.path.join(demo_world.pipeline_dir(), "model_index.json")) and os.path.isfile(
+            demo_world.reward_checkpoint()
+        ):
             return demo_world
     except (AttributeError, OSError):
         return None
@@ -39,11 +40,24 @@ def _world():
 # paired gaps outside their 95 % intervals; 20 DDIM steps x 240 training steps instead: 0.7203.
 # eval --demo: 16 images per held-out prompt for the global negatives, so that gaps of ~0.015 are
 # resolved, and per-sample tuning (the slow part) for the first image of each prompt.
-WORLD_SETTINGS = dict(resolution=32, steps=160, batch_size=16, micro_batch=16,
-                      sampling_steps=PAPER.sampling_steps, guidance=PAPER.guidance, grad_range=PAPER.grad_range,
-                      lr=5e-2, eval_every=80, checkpoint_every=40, eval_batch=32,
-                      eval_images_per_prompt=16, eval_tune_per_prompt=1, eval_tune_steps=5, tune_lr=5e-2,
-                      eval_train_steps=20)
+WORLD_SETTINGS = dict(
+    resolution=32,
+    steps=160,
+    batch_size=16,
+    micro_batch=16,
+    sampling_steps=PAPER.sampling_steps,
+    guidance=PAPER.guidance,
+    grad_range=PAPER.grad_range,
+    lr=5e-2,
+    eval_every=80,
+    checkpoint_every=40,
+    eval_batch=32,
+    eval_images_per_prompt=16,
+    eval_tune_per_prompt=1,
+    eval_tune_steps=5,
+    tune_lr=5e-2,
+    eval_train_steps=20,
+)
 
 
 def default_threads() -> int:
@@ -86,10 +100,28 @@ def setup(out: str) -> dict:
         kind = "tiny random models"
     atomic_write_text(os.path.join(folder, "train_prompts.txt"), "\n".join(train) + "\n")
     atomic_write_text(os.path.join(folder, "heldout_prompts.txt"), "\n".join(heldout) + "\n")
-    base = dict(resolution=16, steps=30, batch_size=4, micro_batch=4, sampling_steps=10, guidance=7.5,
-                grad_range=(0, 4), lr=5e-2, eval_every=0, checkpoint_every=10, heldout_count=len(heldout),
-                eval_batch=8)
+    base = dict(
+        resolution=16,
+        steps=30,
+        batch_size=4,
+        micro_batch=4,
+        sampling_steps=10,
+        guidance=7.5,
+        grad_range=(0, 4),
+        lr=5e-2,
+        eval_every=0,
+        checkpoint_every=10,
+        heldout_count=len(heldout),
+        eval_batch=8,
+    )
     base.update(settings)
-    return dict(kind=kind, model=model, reward=reward, prompts=os.path.join(folder, "train_prompts.txt"),
-                heldout=os.path.join(folder, "heldout_prompts.txt"), handcrafted=handcrafted,
-                settings=base, heldout_texts=heldout)
+    return dict(
+        kind=kind,
+        model=model,
+        reward=reward,
+        prompts=os.path.join(folder, "train_prompts.txt"),
+        heldout=os.path.join(folder, "heldout_prompts.txt"),
+        handcrafted=handcrafted,
+        settings=base,
+        heldout_texts=heldout,
+    )

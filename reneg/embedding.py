@@ -37,8 +37,7 @@ KINDS = ("global", "per-sample", "null", "handcrafted")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 # keys under which other tools store a negative embedding in a dict
-_ALT_KEYS = ("neg_embedding", "negative_prompt_embeds", "neg_emb", "embedding", "emb",
-             "uncond", "prompt_embeds")
+_ALT_KEYS = ("neg_embedding", "negative_prompt_embeds", "neg_emb", "embedding", "emb", "uncond", "prompt_embeds")
 _ALT_POOLED = ("pooled", "negative_pooled_prompt_embeds", "pooled_prompt_embeds", "pooled_output")
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
@@ -110,11 +109,18 @@ class NegEmbedding:
             "pooled_shape": list(self.pooled.shape) if self.pooled is not None else None,
             # T5 families: how many rows the model reads, and whether the file says so or its rows imply it
             "mask_rows": int(self.mask().sum()) if self.mask() is not None else None,
-            "mask_source": None if self.mask() is None else ("file" if self.attention_mask is not None
-                                                               else "implied"),
+            "mask_source": None if self.mask() is None else ("file" if self.attention_mask is not None else "implied"),
             "metadata": dict(self.metadata),
-            "stats": {k: _finite(v) for k, v in (("mean", t.mean()), ("std", t.std()), ("norm", t.norm()),
-                                                 ("min", t.min()), ("max", t.max()))},
+            "stats": {
+                k: _finite(v)
+                for k, v in (
+                    ("mean", t.mean()),
+                    ("std", t.std()),
+                    ("norm", t.norm()),
+                    ("min", t.min()),
+                    ("max", t.max()),
+                )
+            },
         }
         if self.path and os.path.isfile(self.path):
             out["sha256"] = _sha256(self.path)
@@ -168,63 +174,80 @@ def validate_mask(mask: Any, tensor: torch.Tensor, path: str, family: str) -> to
         return None
     spec = FAMILIES.get(family)
     if spec is None or not spec.masked:
-        raise EmbeddingError(f"{path}: family {family} reads every row; an attention mask belongs to the "
-                             f"T5 families ({', '.join(f.name for f in FAMILIES.values() if f.masked)})")
+        raise EmbeddingError(
+            f"{path}: family {family} reads every row; an attention mask belongs to the "
+            f"T5 families ({', '.join(f.name for f in FAMILIES.values() if f.masked)})"
+        )
     if not isinstance(mask, torch.Tensor):
         raise EmbeddingError(f"{path}: attention mask must be a tensor, found {type(mask).__name__}")
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
     if tuple(mask.shape) != (1, tensor.shape[1]):
-        raise EmbeddingError(f"{path}: attention mask must be [1, {tensor.shape[1]}] like the rows, "
-                             f"found {_shape(mask)}")
+        raise EmbeddingError(
+            f"{path}: attention mask must be [1, {tensor.shape[1]}] like the rows, found {_shape(mask)}"
+        )
     m = mask.float()
     if not bool(((m == 0) | (m == 1)).all()) or not bool(m.any()):
         raise EmbeddingError(f"{path}: attention mask must hold 0 and 1 with at least one 1")
     return m.long()
 
 
-def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = None,
-             expected_family: str | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+def validate(
+    tensor: Any, path: str, family: str | None = None, pooled: Any = None, expected_family: str | None = None
+) -> tuple[torch.Tensor, str, torch.Tensor | None]:
     """Check rank, shape, finiteness and hidden size; return ``([1,L,D], family, pooled)``."""
     if not isinstance(tensor, torch.Tensor):
         raise EmbeddingError(f"{path}: expected a tensor, found {type(tensor).__name__}")
     if tensor.layout != torch.strided:
-        raise EmbeddingError(f"{path}: expected a dense tensor, found a {str(tensor.layout).replace('torch.', '')} "
-                             f"tensor")
+        raise EmbeddingError(
+            f"{path}: expected a dense tensor, found a {str(tensor.layout).replace('torch.', '')} tensor"
+        )
     if not tensor.is_floating_point():
         raise EmbeddingError(f"{path}: expected a floating-point tensor, found dtype {tensor.dtype}")
     if tensor.dtype not in _DTYPES:
-        raise EmbeddingError(f"{path}: expected float32, float16, bfloat16 or float64 values, found "
-                             f"{str(tensor.dtype).replace('torch.', '')}")
+        raise EmbeddingError(
+            f"{path}: expected float32, float16, bfloat16 or float64 values, found "
+            f"{str(tensor.dtype).replace('torch.', '')}"
+        )
     if tensor.dim() == 2:
         tensor = tensor.unsqueeze(0)
     if tensor.dim() != 3 or tensor.shape[0] != 1:
-        raise EmbeddingError(f"{path}: expected a tensor of shape [1, tokens, hidden] "
-                             f"(or [tokens, hidden]), found {_shape(tensor)}")
+        raise EmbeddingError(
+            f"{path}: expected a tensor of shape [1, tokens, hidden] (or [tokens, hidden]), found {_shape(tensor)}"
+        )
     hidden = tensor.shape[-1]
     by_dim = family_for_shape(hidden, tensor.shape[1])
     if family:
         spec = get_family(family) if family in FAMILIES else None
         if spec is None:
-            raise EmbeddingError(f"{path}: metadata names an unknown family {family!r}; "
-                                 f"expected one of {', '.join(FAMILIES)}")
+            raise EmbeddingError(
+                f"{path}: metadata names an unknown family {family!r}; expected one of {', '.join(FAMILIES)}"
+            )
         if spec.hidden != hidden:
-            raise EmbeddingError(f"{path}: family {family} needs hidden size {spec.hidden}, "
-                                 f"found {hidden} (shape {_shape(tensor)})")
+            raise EmbeddingError(
+                f"{path}: family {family} needs hidden size {spec.hidden}, found {hidden} (shape {_shape(tensor)})"
+            )
     else:
         if by_dim is None:
-            raise EmbeddingError(f"{path}: unknown hidden size {hidden} (shape {_shape(tensor)}); "
-                                 f"expected one of {known_hidden_sizes()}")
+            raise EmbeddingError(
+                f"{path}: unknown hidden size {hidden} (shape {_shape(tensor)}); expected one of {known_hidden_sizes()}"
+            )
         spec = by_dim
     if tensor.shape[1] != spec.tokens:
-        raise EmbeddingError(f"{path}: family {spec.name} needs {spec.tokens} token rows, "
-                             f"found {tensor.shape[1]} (shape {_shape(tensor)})")
+        raise EmbeddingError(
+            f"{path}: family {spec.name} needs {spec.tokens} token rows, "
+            f"found {tensor.shape[1]} (shape {_shape(tensor)})"
+        )
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise EmbeddingError(f"{path}: expected finite values, found {bad} NaN/inf entries")
     if pooled is not None:
-        if (not isinstance(pooled, torch.Tensor) or pooled.layout != torch.strided or not pooled.is_floating_point()
-                or pooled.dtype not in _DTYPES):
+        if (
+            not isinstance(pooled, torch.Tensor)
+            or pooled.layout != torch.strided
+            or not pooled.is_floating_point()
+            or pooled.dtype not in _DTYPES
+        ):
             raise EmbeddingError(f"{path}: pooled vector must be a dense float32/float16/bfloat16/float64 tensor")
         if pooled.dim() == 1:
             pooled = pooled.unsqueeze(0)
@@ -237,8 +260,9 @@ def validate(tensor: Any, path: str, family: str | None = None, pooled: Any = No
         # our own files must carry it; foreign files are allowed without (hosts keep theirs)
         pass
     if expected_family and spec.name != expected_family and not _same_space(spec.name, expected_family):
-        raise EmbeddingError(f"{path}: this is a {spec.name} embedding (hidden size {hidden}), "
-                             f"but the model in use is {expected_family}")
+        raise EmbeddingError(
+            f"{path}: this is a {spec.name} embedding (hidden size {hidden}), but the model in use is {expected_family}"
+        )
     return tensor, spec.name, pooled
 
 
@@ -260,8 +284,9 @@ def load_embedding(path: str | os.PathLike, expected_family: str | None = None) 
         raise
     except Exception as e:  # untrusted content (RecursionError included): any other failure is still a bad file
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise EmbeddingError(f"{path}: not a readable embedding file ({type(e).__name__}"
-                             f"{': ' + detail if detail else ''})") from None
+        raise EmbeddingError(
+            f"{path}: not a readable embedding file ({type(e).__name__}{': ' + detail if detail else ''})"
+        ) from None
 
 
 def _load_any(path: str, expected_family: str | None) -> NegEmbedding:
@@ -270,8 +295,10 @@ def _load_any(path: str, expected_family: str | None) -> NegEmbedding:
         raise EmbeddingError(f"{path}: no such file")
     size = p.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise EmbeddingError(f"{path}: {size} bytes is far too large for a negative embedding "
-                             f"(expected under {MAX_FILE_BYTES // 2**20} MiB)")
+        raise EmbeddingError(
+            f"{path}: {size} bytes is far too large for a negative embedding "
+            f"(expected under {MAX_FILE_BYTES // 2**20} MiB)"
+        )
     with open(p, "rb") as f:
         magic = f.read(8)
     is_zip = magic[:4] == b"PK\x03\x04"
@@ -302,8 +329,10 @@ def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
     else:
         main_key = next((k for k in _ALT_KEYS if k in tensors), None)
         if main_key is None:
-            raise EmbeddingError(f"{path}: expected a tensor named {MAIN_KEY!r} or a single tensor, "
-                                 f"found {len(keys)} tensors: {', '.join(sorted(keys))[:200]}")
+            raise EmbeddingError(
+                f"{path}: expected a tensor named {MAIN_KEY!r} or a single tensor, "
+                f"found {len(keys)} tensors: {', '.join(sorted(keys))[:200]}"
+            )
         fmt, main = "safetensors", tensors[main_key]
         pooled = next((tensors[k] for k in _ALT_POOLED if k in tensors), None)
     family = meta.get("family") or None
@@ -328,8 +357,10 @@ def _load_pickle(path: str, expected_family: str | None) -> NegEmbedding:
         if main_key is None and len(tensors) == 1:
             main_key = next(iter(tensors))
         if main_key is None:
-            raise EmbeddingError(f"{path}: expected a tensor or a dict with one of "
-                                 f"{', '.join(_ALT_KEYS)}; found keys {', '.join(map(str, obj))[:200]}")
+            raise EmbeddingError(
+                f"{path}: expected a tensor or a dict with one of "
+                f"{', '.join(_ALT_KEYS)}; found keys {', '.join(map(str, obj))[:200]}"
+            )
         fmt, main = "torch-dict", tensors[main_key]
         pooled = next((tensors[k] for k in _ALT_POOLED if k in tensors), None)
         mask = next((tensors[k] for k in _ALT_MASK if k in tensors and k != main_key), None)
@@ -364,20 +395,19 @@ def make_metadata(family: str, kind: str, **fields: Any) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def save_embedding(path: str | os.PathLike, emb: NegEmbedding, overwrite: bool = False,
-                   **metadata: Any) -> str:
+def save_embedding(path: str | os.PathLike, emb: NegEmbedding, overwrite: bool = False, **metadata: Any) -> str:
     """Write ``emb`` in our format, atomically. Extra keyword fields go into metadata."""
     path = str(path)
     if not path.endswith(".safetensors"):
         raise EmbeddingError(f"{path}: ReNeg embeddings are written as .safetensors")
     tensor, family, pooled = validate(emb.tensor.detach().cpu(), path, emb.family, emb.pooled)
-    mask = validate_mask(emb.attention_mask.detach().cpu() if emb.attention_mask is not None else None,
-                         tensor, path, family)
+    mask = validate_mask(
+        emb.attention_mask.detach().cpu() if emb.attention_mask is not None else None, tensor, path, family
+    )
     if mask is None and get_family(family).masked:
         mask = implied_attention_mask(tensor)  # our T5 files always say which rows count
     meta = dict(emb.metadata)
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()
-                 if v is not None})
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if v is not None})
     for k, v in (("format", "reneg"), ("format_version", FORMAT_VERSION), ("family", family)):
         meta[k] = v
     spec = get_family(family)

@@ -39,19 +39,61 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("sd1", 768, 77, None, "CLIP ViT-L/14 (OpenAI), last layer, final layer norm",
-               "Stable Diffusion 1.x", (768,), ("a1111",)),
-        Family("sd2", 1024, 77, None, "OpenCLIP ViT-H/14, penultimate layer, final layer norm",
-               "Stable Diffusion 2.x", (1024,), ("a1111",)),
-        Family("sdxl", 2048, 77, 1280, "CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, penultimate layers",
-               "Stable Diffusion XL", (768, 1280), ("a1111",)),
-        Family("pixart", 4096, 120, None, "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask",
-               "PixArt-alpha", masked=True, space="t5xxl", comfy_image_model="pixart_alpha"),
-        Family("pixart-sigma", 4096, 300, None,
-               "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask", "PixArt-sigma",
-               masked=True, space="t5xxl", comfy_image_model="pixart_sigma"),
-        Family("tiny", 64, 77, None, "small CLIP text model (demo world and tests)",
-               "ReNeg's built-in demo world", (64,)),
+        Family(
+            "sd1",
+            768,
+            77,
+            None,
+            "CLIP ViT-L/14 (OpenAI), last layer, final layer norm",
+            "Stable Diffusion 1.x",
+            (768,),
+            ("a1111",),
+        ),
+        Family(
+            "sd2",
+            1024,
+            77,
+            None,
+            "OpenCLIP ViT-H/14, penultimate layer, final layer norm",
+            "Stable Diffusion 2.x",
+            (1024,),
+            ("a1111",),
+        ),
+        Family(
+            "sdxl",
+            2048,
+            77,
+            1280,
+            "CLIP ViT-L/14 + OpenCLIP ViT-bigG/14, penultimate layers",
+            "Stable Diffusion XL",
+            (768, 1280),
+            ("a1111",),
+        ),
+        Family(
+            "pixart",
+            4096,
+            120,
+            None,
+            "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask",
+            "PixArt-alpha",
+            masked=True,
+            space="t5xxl",
+            comfy_image_model="pixart_alpha",
+        ),
+        Family(
+            "pixart-sigma",
+            4096,
+            300,
+            None,
+            "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask",
+            "PixArt-sigma",
+            masked=True,
+            space="t5xxl",
+            comfy_image_model="pixart_sigma",
+        ),
+        Family(
+            "tiny", 64, 77, None, "small CLIP text model (demo world and tests)", "ReNeg's built-in demo world", (64,)
+        ),
     )
 }
 
@@ -83,9 +125,7 @@ def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown family {name!r}; expected one of {', '.join(sorted(FAMILIES))}"
-        ) from None
+        raise ValueError(f"unknown family {name!r}; expected one of {', '.join(sorted(FAMILIES))}") from None
 
 
 def known_hidden_sizes() -> str:

@@ -96,12 +96,10 @@ def atomic_torch_save(path, obj: Any, overwrite: bool = True) -> None:
     atomic_write_bytes(path, buf.getvalue(), overwrite)
 
 
-def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None,
-                            overwrite: bool = True) -> None:
+def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None, overwrite: bool = True) -> None:
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                metadata=metadata)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data, overwrite)
 
 
@@ -136,12 +134,15 @@ def safe_torch_load(path, what: str = "file") -> Any:
             ) from None
         detail = next((ln for ln in lines if "Unsupported" in ln), None) or next(
             (ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln and ln.split("error:", 1)[1].strip()),
-            lines[-1] if lines else "")
-        raise ValueError(f"{path}: not a readable torch {what} (truncated, corrupt, or not written by "
-                         f"torch.save): {detail[:200]}") from None
+            lines[-1] if lines else "",
+        )
+        raise ValueError(
+            f"{path}: not a readable torch {what} (truncated, corrupt, or not written by torch.save): {detail[:200]}"
+        ) from None
     except Exception as e:  # untrusted input: any failure inside torch.load is a bad file
-        raise ValueError(f"{path}: not a readable torch {what} (truncated or corrupt?): "
-                         f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise ValueError(
+            f"{path}: not a readable torch {what} (truncated or corrupt?): {type(e).__name__}: {str(e)[:200]}"
+        ) from None
 
 
 def _check_zip_sizes(path: Path, what: str) -> None:
@@ -160,8 +161,10 @@ def _check_zip_sizes(path: Path, what: str) -> None:
     except Exception:  # noqa: BLE001 - unreadable archives are reported by torch.load below
         return
     if declared > 4 * size + (1 << 20):
-        raise ValueError(f"{path}: refused to load this {what}: its zip entries declare {declared} bytes "
-                         f"of content in a {size}-byte file (a decompression bomb or a corrupt archive)")
+        raise ValueError(
+            f"{path}: refused to load this {what}: its zip entries declare {declared} bytes "
+            f"of content in a {size}-byte file (a decompression bomb or a corrupt archive)"
+        )
 
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -184,18 +187,37 @@ def read_safetensors_header(path) -> dict:
             raise ValueError(f"{path}: not a safetensors file: {size} bytes, expected an 8-byte header length")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
-            raise ValueError(f"{path}: corrupt safetensors header: it claims {n} bytes of header "
-                             f"but the file has {size - 8} after the length field")
+            raise ValueError(
+                f"{path}: corrupt safetensors header: it claims {n} bytes of header "
+                f"but the file has {size - 8} after the length field"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # also: integers of thousands of digits, deep nesting
-        raise ValueError(f"{path}: corrupt safetensors header (not JSON: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise ValueError(
+            f"{path}: corrupt safetensors header (not JSON: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else ''})"
+        ) from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
-    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+    itemsize = {
+        "F64": 8,
+        "F32": 4,
+        "F16": 2,
+        "BF16": 2,
+        "I64": 8,
+        "I32": 4,
+        "I16": 2,
+        "I8": 1,
+        "U8": 1,
+        "BOOL": 1,
+        "U16": 2,
+        "U32": 4,
+        "U64": 8,
+        "F8_E4M3": 1,
+        "F8_E5M2": 1,
+    }
     data_len = size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
@@ -209,11 +231,18 @@ def read_safetensors_header(path) -> dict:
                 if not isinstance(s, int) or s < 0:
                     raise ValueError
                 count *= s
-            ok = (dtype in itemsize and isinstance(a, int) and isinstance(b, int)
-                  and 0 <= a <= b <= data_len and (b - a) == count * itemsize[dtype])
+            ok = (
+                dtype in itemsize
+                and isinstance(a, int)
+                and isinstance(b, int)
+                and 0 <= a <= b <= data_len
+                and (b - a) == count * itemsize[dtype]
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{path}: corrupt safetensors header: tensor {key!r} has an invalid "
-                             f"dtype, shape or byte range ({str(info)[:120]})")
+            raise ValueError(
+                f"{path}: corrupt safetensors header: tensor {key!r} has an invalid "
+                f"dtype, shape or byte range ({str(info)[:120]})"
+            )
     return header

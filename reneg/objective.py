@@ -22,7 +22,7 @@ from .sampling import Denoiser, cfg_denoise, ddim_step, sample
 @dataclass
 class ObjectiveConfig:
     steps: int = PAPER.sampling_steps  # DDIM steps of the full trajectory
-    guidance: float = PAPER.guidance   # CFG scale g
+    guidance: float = PAPER.guidance  # CFG scale g
     grad_range: tuple[int, int] = PAPER.grad_range  # grad step counted in DDIM steps from the end, inclusive
 
     def __post_init__(self):
@@ -30,8 +30,7 @@ class ObjectiveConfig:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not (0 <= lo <= hi < self.steps):
-            raise ValueError(f"grad_range must satisfy 0 <= lo <= hi < steps ({self.steps}); "
-                             f"got {self.grad_range}")
+            raise ValueError(f"grad_range must satisfy 0 <= lo <= hi < steps ({self.steps}); got {self.grad_range}")
 
     def grad_index(self, generator: torch.Generator | None = None) -> int:
         """Index into the sigma schedule of the grad step (uniform in the range)."""
@@ -63,8 +62,9 @@ def rollout_schedule(sigmas: torch.Tensor, stop: int, rollout_steps: int | None)
     return sigmas[idx]
 
 
-def grad_step_x0(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond,
-                 uncond: Cond, scale: float) -> torch.Tensor:
+def grad_step_x0(
+    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, uncond: Cond, scale: float
+) -> torch.Tensor:
     """``x0~ = x0(x, n) + g (x0(x, c) - x0(x, n))`` where only the ``n`` branch has grad.
 
     With ``g == 1`` the result does not depend on ``n`` at all (and carries no graph).
@@ -81,19 +81,28 @@ def grad_step_x0(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor            # scalar, differentiable w.r.t. the negative
-    rewards: torch.Tensor         # [B] detached rewards of the grad-step prediction
+    loss: torch.Tensor  # scalar, differentiable w.r.t. the negative
+    rewards: torch.Tensor  # [B] detached rewards of the grad-step prediction
     grad_index: int
     x: torch.Tensor | None = None  # latent at the grad step (detached)
     x0: torch.Tensor | None = None  # grad-step x0 prediction (detached)
 
 
-def grad_step_loss(denoiser: Denoiser, decode: Callable[[torch.Tensor], torch.Tensor],
-                   reward: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: list[str],
-                   cond: Cond, uncond: Cond, x_start: torch.Tensor, sigmas: torch.Tensor,
-                   scale: float, grad_index: int | list[int], reward_weight: float = 1.0,
-                   rollout_steps: int | None = None,
-                   backward: Callable[[torch.Tensor], None] | None = None) -> StepResult:
+def grad_step_loss(
+    denoiser: Denoiser,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    reward: Callable[[torch.Tensor, list[str]], torch.Tensor],
+    prompts: list[str],
+    cond: Cond,
+    uncond: Cond,
+    x_start: torch.Tensor,
+    sigmas: torch.Tensor,
+    scale: float,
+    grad_index: int | list[int],
+    reward_weight: float = 1.0,
+    rollout_steps: int | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+) -> StepResult:
     """Training's loss: no-grad rollout to ``grad_index``, then the reward of the grad step's x0 prediction
     (the image is never finished; :func:`sample_score_and_loss` also finishes and scores it).
 
@@ -130,27 +139,30 @@ def grad_step_loss(denoiser: Denoiser, decode: Callable[[torch.Tensor], torch.Te
         rewards.append(r.detach())
         x0, pos = x0g.detach(), gi + 1
     loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-    return StepResult(loss, rewards[0] if len(rewards) == 1 else torch.cat(rewards), indices[-1],
-                      x.detach(), x0)
+    return StepResult(loss, rewards[0] if len(rewards) == 1 else torch.cat(rewards), indices[-1], x.detach(), x0)
 
 
 @dataclass
 class SearchResult:
-    best: torch.Tensor               # the best negative seen ([1, L, D], detached)
+    best: torch.Tensor  # the best negative seen ([1, L, D], detached)
     best_reward: float
     start_reward: float
     best_step: int
     history: list[dict] = field(default_factory=list)
-    stopped: str = "max_steps"       # max_steps | patience | cancelled
+    stopped: str = "max_steps"  # max_steps | patience | cancelled
     final_reward: float | None = None  # the kept negative's full-step image (search with fewer steps)
 
 
-def per_sample_search(evaluate: Callable[[torch.Tensor, int], tuple[float, torch.Tensor | None]],
-                      start: torch.Tensor, max_steps: int = PAPER.max_steps, patience: int = PAPER.patience,
-                      lr: float = PAPER.lr,
-                      should_stop: Callable[[], bool] | None = None,
-                      on_step: Callable[[dict], None] | None = None,
-                      optimizer: str = "adamw") -> SearchResult:
+def per_sample_search(
+    evaluate: Callable[[torch.Tensor, int], tuple[float, torch.Tensor | None]],
+    start: torch.Tensor,
+    max_steps: int = PAPER.max_steps,
+    patience: int = PAPER.patience,
+    lr: float = PAPER.lr,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    optimizer: str = "adamw",
+) -> SearchResult:
     """The paper's Algorithm 1 around any ``evaluate``.
 
     ``evaluate(neg, step) -> (score, loss)`` samples with ``neg`` (fresh noise or the
@@ -164,8 +176,7 @@ def per_sample_search(evaluate: Callable[[torch.Tensor, int], tuple[float, torch
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
     neg = start.detach().clone().float().requires_grad_(True)
-    opt = (torch.optim.AdamW([neg], lr=lr, weight_decay=0.0) if optimizer == "adamw"
-           else torch.optim.SGD([neg], lr=lr))
+    opt = torch.optim.AdamW([neg], lr=lr, weight_decay=0.0) if optimizer == "adamw" else torch.optim.SGD([neg], lr=lr)
     best, best_r, best_step, start_r = neg.detach().clone(), -math.inf, 0, math.nan
     counter, stopped, history = 0, "max_steps", []
     for step in range(max_steps):
@@ -182,8 +193,13 @@ def per_sample_search(evaluate: Callable[[torch.Tensor, int], tuple[float, torch
             best, best_r, best_step, counter = neg.detach().clone(), score, step, 0
         else:
             counter += 1
-        rec = {"step": step, "reward": score, "best_reward": best_r, "improved": improved,
-               "loss": float(loss.detach()) if loss is not None else None}
+        rec = {
+            "step": step,
+            "reward": score,
+            "best_reward": best_r,
+            "improved": improved,
+            "loss": float(loss.detach()) if loss is not None else None,
+        }
         history.append(rec)
         if on_step is not None:
             on_step(rec)
@@ -202,12 +218,20 @@ def per_sample_search(evaluate: Callable[[torch.Tensor, int], tuple[float, torch
     return SearchResult(best.to(start.dtype), best_r, start_r, best_step, history, stopped)
 
 
-def sample_score_and_loss(denoiser: Denoiser, decode: Callable[[torch.Tensor], torch.Tensor],
-                          reward: Callable[[torch.Tensor, list[str]], torch.Tensor], prompts: list[str],
-                          cond: Cond, uncond: Cond, x_start: torch.Tensor, sigmas: torch.Tensor,
-                          scale: float, grad_index: int, want_loss: bool = True,
-                          callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def sample_score_and_loss(
+    denoiser: Denoiser,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    reward: Callable[[torch.Tensor, list[str]], torch.Tensor],
+    prompts: list[str],
+    cond: Cond,
+    uncond: Cond,
+    x_start: torch.Tensor,
+    sigmas: torch.Tensor,
+    scale: float,
+    grad_index: int,
+    want_loss: bool = True,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-sample search's step: the grad step's loss (as :func:`grad_step_loss`) *and* the finished image's
     reward, from one trajectory.
 
@@ -220,8 +244,7 @@ def sample_score_and_loss(denoiser: Denoiser, decode: Callable[[torch.Tensor], t
     from .sampling import ddim_step
 
     with torch.no_grad():
-        x, _ = sample(denoiser, x_start, sigmas, cond, uncond.detach(), scale, stop=grad_index,
-                      callback=callback)
+        x, _ = sample(denoiser, x_start, sigmas, cond, uncond.detach(), scale, stop=grad_index, callback=callback)
     loss = None
     b = x.shape[0]
     sig = torch.full((b,), float(sigmas[grad_index]), dtype=x.dtype, device=x.device)
@@ -236,8 +259,7 @@ def sample_score_and_loss(denoiser: Denoiser, decode: Callable[[torch.Tensor], t
         x = ddim_step(x, x0, float(sigmas[grad_index]), float(sigmas[grad_index + 1]))
         if callback is not None:
             callback(grad_index, x, x0)
-        x, last = sample(denoiser, x, sigmas, cond, uncond.detach(), scale, start=grad_index + 1,
-                         callback=callback)
+        x, last = sample(denoiser, x, sigmas, cond, uncond.detach(), scale, start=grad_index + 1, callback=callback)
         final = last if last is not None else x0
         image = decode(final)
         scores = reward(image, prompts).float()

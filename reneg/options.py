@@ -19,9 +19,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Iterable
 
 # limits of what a flag may hold (beyond them a value is refused by name, never half-used)
-SEED_MAX = 2**64 - 1        # torch.Generator.manual_seed takes seeds in [0, 2**64)
-COUNT_MAX = 2**31 - 1       # steps, batch sizes, image counts
-SAMPLING_STEPS_MAX = 1000   # a DDIM schedule can not have more steps than the model's 1000 timesteps
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+COUNT_MAX = 2**31 - 1  # steps, batch sizes, image counts
+SAMPLING_STEPS_MAX = 1000  # a DDIM schedule can not have more steps than the model's 1000 timesteps
 RESOLUTION_MAX = 8192
 
 
@@ -31,8 +31,10 @@ class OptionError(ValueError):
 
 def _opt(default: Any, help: str, flag: str | None = None, **argparse_kw: Any):
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "flag": flag,
-                                                                                "argparse": argparse_kw})
+        return field(
+            default_factory=lambda: type(default)(default),
+            metadata={"help": help, "flag": flag, "argparse": argparse_kw},
+        )
     return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_kw})
 
 
@@ -42,23 +44,44 @@ class ReNegOptions:
     the web app. The defaults are the paper's; each front-end takes them from here."""
 
     # --- model and reward
-    model: str = _opt("", "Stable Diffusion 1.x/2.x/XL: a single-file checkpoint (.safetensors, as the UIs keep "
-                          "them) or a diffusers folder")
-    config: str | None = _opt(None, "optional, for a single-file checkpoint: a local diffusers folder whose configs "
-                                    "replace the built-in ones of its architecture (nothing is downloaded)")
-    vae: str | None = _opt(None, "a VAE file (.safetensors) or diffusers VAE folder used instead of the model's own "
-                                 "(needed when the checkpoint has none inside)")
-    prediction_type: str | None = _opt(None, "what the UNet predicts, instead of what the checkpoint says "
-                                             "(default: read from the file)", choices=("eps", "v"))
-    rewards: list = _opt([], "NAME=PATH[,option=value][,weight=W]; repeat to combine (e.g. "
-                             "hpsv2.1=HPS_v2.1_compressed.pt); see 'reneg rewards'",
-                         flag="--reward", action="append", metavar="SPEC")
+    model: str = _opt(
+        "",
+        "Stable Diffusion 1.x/2.x/XL: a single-file checkpoint (.safetensors, as the UIs keep "
+        "them) or a diffusers folder",
+    )
+    config: str | None = _opt(
+        None,
+        "optional, for a single-file checkpoint: a local diffusers folder whose configs "
+        "replace the built-in ones of its architecture (nothing is downloaded)",
+    )
+    vae: str | None = _opt(
+        None,
+        "a VAE file (.safetensors) or diffusers VAE folder used instead of the model's own "
+        "(needed when the checkpoint has none inside)",
+    )
+    prediction_type: str | None = _opt(
+        None,
+        "what the UNet predicts, instead of what the checkpoint says (default: read from the file)",
+        choices=("eps", "v"),
+    )
+    rewards: list = _opt(
+        [],
+        "NAME=PATH[,option=value][,weight=W]; repeat to combine (e.g. "
+        "hpsv2.1=HPS_v2.1_compressed.pt); see 'reneg rewards'",
+        flag="--reward",
+        action="append",
+        metavar="SPEC",
+    )
     device: str | None = _opt(None, "cpu, cuda, cuda:1... (default: cuda if available)")
     # --- sampling (the objective samples exactly like this)
     sampling_steps: int = _opt(30, "DDIM steps (paper: 30)")
     guidance: float = _opt(7.5, "CFG scale (paper: 7.5)")
-    grad_range: tuple = _opt((0, 10), "grad step, counted in DDIM steps from the end (paper: 0 10, one of the "
-                                      "last 11 of 30)", nargs=2, metavar=("LO", "HI"))
+    grad_range: tuple = _opt(
+        (0, 10),
+        "grad step, counted in DDIM steps from the end (paper: 0 10, one of the last 11 of 30)",
+        nargs=2,
+        metavar=("LO", "HI"),
+    )
     resolution: int = _opt(512, "image width and height in pixels (paper: 512)")
     seed: int = _opt(0, "seed (0 to 2**64 - 1)")
     # --- optimisation
@@ -90,8 +113,14 @@ def flag_of(name: str) -> str:
     return (f.metadata.get("flag") if f else None) or "--" + name.replace("_", "-")
 
 
-def add_options(p, names: Iterable[str], *, flags: dict[str, str] | None = None,
-                defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None) -> None:
+def add_options(
+    p,
+    names: Iterable[str],
+    *,
+    flags: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
+    helps: dict[str, str] | None = None,
+) -> None:
     """Add the flags of the shared settings ``names`` to an argparse parser or group.
 
     ``flags`` renames a flag (``{"lr": "--tune-lr"}``: dest ``tune_lr``), ``defaults`` and ``helps``
@@ -123,6 +152,7 @@ def add_options(p, names: Iterable[str], *, flags: dict[str, str] | None = None,
 
 
 # --------------------------------------------------------------------------- checks
+
 
 def _num(flag: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -163,8 +193,9 @@ def check_float(flag: str, v: Any, *, positive: bool = True, hi: float | None = 
         ok = False
     if not ok:
         want = "> 0" if positive else ">= 0"
-        raise OptionError(f"{flag} must be a finite number {want}{f' and <= {hi}' if hi is not None else ''}, "
-                          f"got {_short(v)}")
+        raise OptionError(
+            f"{flag} must be a finite number {want}{f' and <= {hi}' if hi is not None else ''}, got {_short(v)}"
+        )
     return float(v)
 
 
@@ -187,8 +218,9 @@ def check_sampling(opts: Any, grad: bool = True, names: dict[str, str] | None = 
         check_grad_range(opts.grad_range, steps, n["grad_range"], n["sampling_steps"])
 
 
-def check_grad_range(grad_range: Any, steps: int, flag: str = "--grad-range",
-                     steps_flag: str = "--sampling-steps") -> tuple[int, int]:
+def check_grad_range(
+    grad_range: Any, steps: int, flag: str = "--grad-range", steps_flag: str = "--sampling-steps"
+) -> tuple[int, int]:
     try:
         lo, hi = grad_range
     except (TypeError, ValueError):
@@ -208,8 +240,9 @@ def clamp_grad_range(grad_range: tuple[int, int], steps: int) -> tuple[tuple[int
     new = (max(0, min(lo, steps - 1)), max(0, min(hi, steps - 1)))
     if new == (lo, hi) and tuple(grad_range) == (lo, hi):
         return new, None
-    return new, (f"grad step range {grad_range[0]}-{grad_range[1]} does not fit {steps} sampling steps; "
-                 f"using {new[0]}-{new[1]}")
+    return new, (
+        f"grad step range {grad_range[0]}-{grad_range[1]} does not fit {steps} sampling steps; using {new[0]}-{new[1]}"
+    )
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 
 # The handcrafted negative prompt the ReNeg paper compares against.
-PAPER_HANDCRAFTED = ("distorted, ugly, blurry, low resolution, low quality, bad, deformed, disgusting, "
-                     "Overexposed, Simple background, Plain background, Grainy, Underexposed, too dark, "
-                     "too bright, too low contrast, too high contrast, Broken, Macabre, artifacts, "
-                     "oversaturated")
+PAPER_HANDCRAFTED = (
+    "distorted, ugly, blurry, low resolution, low quality, bad, deformed, disgusting, "
+    "Overexposed, Simple background, Plain background, Grainy, Underexposed, too dark, "
+    "too bright, too low contrast, too high contrast, Broken, Macabre, artifacts, "
+    "oversaturated"
+)
 
 
 class PromptFileError(ValueError):
@@ -41,8 +43,9 @@ def _read_text(path: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise PromptFileError(f"{path}: prompt file is not UTF-8 text (byte {e.start}: "
-                              f"{raw[e.start:e.start + 1]!r})") from None
+        raise PromptFileError(
+            f"{path}: prompt file is not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})"
+        ) from None
 
 
 def _from_json_obj(obj, path: str, category: str) -> list[Prompt]:
@@ -52,8 +55,9 @@ def _from_json_obj(obj, path: str, category: str) -> list[Prompt]:
                 obj = obj[key]
                 break
         else:
-            raise PromptFileError(f"{path}: expected a JSON list of prompts, found an object with "
-                                  f"keys {', '.join(list(obj)[:8])}")
+            raise PromptFileError(
+                f"{path}: expected a JSON list of prompts, found an object with keys {', '.join(list(obj)[:8])}"
+            )
     if not isinstance(obj, list):
         raise PromptFileError(f"{path}: expected a JSON list of prompts, found {type(obj).__name__}")
     out = []
@@ -64,11 +68,11 @@ def _from_json_obj(obj, path: str, category: str) -> list[Prompt]:
             text = item.get("text", item.get("prompt", item.get("caption")))
             cat = str(item.get("category", item.get("Category", category)))
             if not isinstance(text, str):
-                raise PromptFileError(f"{path}: item {i} has no 'text' or 'prompt' string "
-                                      f"(keys: {', '.join(item)})")
+                raise PromptFileError(f"{path}: item {i} has no 'text' or 'prompt' string (keys: {', '.join(item)})")
         else:
-            raise PromptFileError(f"{path}: item {i} is a {type(item).__name__}, expected a string "
-                                  f"or an object with 'text'/'prompt'")
+            raise PromptFileError(
+                f"{path}: item {i} is a {type(item).__name__}, expected a string or an object with 'text'/'prompt'"
+            )
         out.append(Prompt(text.strip(), cat))
     return out
 
@@ -79,8 +83,10 @@ def load_prompts(path: str) -> list[Prompt]:
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".json"))
         if not files:
-            raise PromptFileError(f"{path}: expected a folder of JSON prompt lists (HPSv2 benchmark "
-                                  f"layout: {', '.join(s + '.json' for s in HPS_STYLES)}), found none")
+            raise PromptFileError(
+                f"{path}: expected a folder of JSON prompt lists (HPSv2 benchmark "
+                f"layout: {', '.join(s + '.json' for s in HPS_STYLES)}), found none"
+            )
         out = []
         for fn in files:
             fp = os.path.join(path, fn)
@@ -115,8 +121,7 @@ def _from_table(path: str, delim: str) -> list[Prompt]:
     cols = {c.lower(): c for c in rows[0] if c}
     pc = cols.get("prompt") or cols.get("text")
     if pc is None:
-        raise PromptFileError(f"{path}: expected a 'Prompt' column, found columns "
-                              f"{', '.join(c for c in rows[0] if c)}")
+        raise PromptFileError(f"{path}: expected a 'Prompt' column, found columns {', '.join(c for c in rows[0] if c)}")
     cc = cols.get("category")
     return [Prompt((r.get(pc) or "").strip(), (r.get(cc) or "all").strip() if cc else "all") for r in rows]
 

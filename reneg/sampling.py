@@ -28,8 +28,9 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - ac) / ac).sqrt()
 
 
-def ddim_timesteps(num_train_timesteps: int, steps: int, steps_offset: int = 0,
-                   spacing: str = "leading") -> torch.Tensor:
+def ddim_timesteps(
+    num_train_timesteps: int, steps: int, steps_offset: int = 0, spacing: str = "leading"
+) -> torch.Tensor:
     """The discrete timesteps diffusers' DDIMScheduler visits, high to low."""
     if steps < 1 or steps > num_train_timesteps:
         raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
@@ -38,7 +39,7 @@ def ddim_timesteps(num_train_timesteps: int, steps: int, steps_offset: int = 0,
         ts = (torch.arange(steps) * ratio).round().flip(0) + steps_offset
     elif spacing == "trailing":
         ratio = num_train_timesteps / steps
-        ts = (torch.arange(num_train_timesteps, 0, -ratio).round() - 1)
+        ts = torch.arange(num_train_timesteps, 0, -ratio).round() - 1
     elif spacing == "linspace":
         ts = torch.linspace(0, num_train_timesteps - 1, steps).round().flip(0)
     else:
@@ -46,8 +47,13 @@ def ddim_timesteps(num_train_timesteps: int, steps: int, steps_offset: int = 0,
     return ts.long()
 
 
-def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, steps_offset: int = 1,
-                  spacing: str = "leading", set_alpha_to_one: bool = False) -> torch.Tensor:
+def ddim_schedule(
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    steps_offset: int = 1,
+    spacing: str = "leading",
+    set_alpha_to_one: bool = False,
+) -> torch.Tensor:
     """Sigmas ``[steps + 1]`` (float64) for DDIM, matching diffusers' DDIMScheduler.
 
     The last entry is the level diffusers stops at (``final_alpha_cumprod``), not
@@ -84,8 +90,15 @@ def to_vp(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     return x / float((1 + s * s).sqrt())
 
 
-def cfg_denoise(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond,
-                uncond: Cond, scale: float, batched: bool = True) -> torch.Tensor:
+def cfg_denoise(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
+    scale: float,
+    batched: bool = True,
+) -> torch.Tensor:
     """x0 with classifier-free guidance; ``uncond`` is the negative.
 
     ``batched`` runs both branches in one denoiser call (faster, no gradient
@@ -114,10 +127,18 @@ def _sig(s: float, b: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((b,), float(s), dtype=like.dtype, device=like.device)
 
 
-def sample(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: Cond, uncond: Cond,
-           scale: float, start: int = 0, stop: int | None = None,
-           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-           batched: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
+    scale: float,
+    start: int = 0,
+    stop: int | None = None,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    batched: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run DDIM steps ``start .. stop-1`` from ``x`` at ``sigmas[start]``.
 
     Returns ``(x at sigmas[stop], last x0 prediction)``. ``callback(i, x, x0)``

@@ -20,9 +20,15 @@ import os
 import torch
 
 SD_SCHEDULER = {
-    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "clip_sample": False,
-    "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
 
@@ -34,7 +40,7 @@ def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
     import open_clip
 
     bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     from open_clip.tokenizer import bytes_to_unicode
 
@@ -46,9 +52,16 @@ def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
         json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-           "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
-           "do_lower_case": True, "errors": "replace"}
+    cfg = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+        "do_lower_case": True,
+        "errors": "replace",
+    }
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=1)
     with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
@@ -69,24 +82,48 @@ def save_text_encoder_prefixed(text_encoder, folder: str) -> None:
     save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
-def build_tiny_pipeline(folder: str, seed: int = 0, hidden: int = 64, prediction_type: str = "epsilon",
-                        sample_size: int = 8) -> str:
+def build_tiny_pipeline(
+    folder: str, seed: int = 0, hidden: int = 64, prediction_type: str = "epsilon", sample_size: int = 8
+) -> str:
     """A tiny SD-architecture diffusers folder (family ``tiny``, hidden 64): 16 px images, 8 px latents."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=hidden,
-        attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                                      num_attention_heads=4, vocab_size=49408, max_position_embeddings=77,
-                                      projection_dim=hidden))
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+        )
+    )
     os.makedirs(folder, exist_ok=True)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
@@ -95,11 +132,18 @@ def build_tiny_pipeline(folder: str, seed: int = 0, hidden: int = 64, prediction
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(dict(SD_SCHEDULER, prediction_type=prediction_type), f, indent=1)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "requires_safety_checker": False}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
     return folder
@@ -119,19 +163,46 @@ def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
     torch.manual_seed(seed)
     time_dim = 8
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=2048,
-        attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=1280 + 6 * time_dim)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2,
-                        scaling_factor=0.13025, force_upcast=True)
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=2048,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=1280 + 6 * time_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
 
     def clip(hidden, heads, cls, **kw):
-        return cls(CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=heads, vocab_size=49408, max_position_embeddings=77, **kw))
+        return cls(
+            CLIPTextConfig(
+                hidden_size=hidden,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=heads,
+                vocab_size=49408,
+                max_position_embeddings=77,
+                **kw,
+            )
+        )
 
     te = clip(768, 12, CLIPTextModel, projection_dim=768)
     te2 = clip(1280, 20, CLIPTextModelWithProjection, projection_dim=1280, hidden_act="gelu", pad_token_id=0)
@@ -145,12 +216,18 @@ def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(dict(SD_SCHEDULER, _class_name="EulerDiscreteScheduler"), f, indent=1)
-    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-             "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "force_zeros_for_empty_prompt": True}
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "force_zeros_for_empty_prompt": True,
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
     return folder
@@ -180,17 +257,33 @@ def build_tiny_hps(folder: str, seed: int = 0, config: dict | None = None) -> st
 
 
 PIXART_SCHEDULER = {  # the scheduler config PixArt-alpha and PixArt-sigma folders ship
-    "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++", "beta_end": 0.02,
-    "beta_schedule": "linear", "beta_start": 0.0001, "dynamic_thresholding_ratio": 0.995,
-    "euler_at_final": False, "lower_order_final": True, "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "sample_max_value": 1.0, "solver_order": 2, "solver_type": "midpoint",
-    "steps_offset": 0, "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None,
-    "use_karras_sigmas": False, "use_lu_lambdas": False, "variance_type": None,
+    "_class_name": "DPMSolverMultistepScheduler",
+    "algorithm_type": "dpmsolver++",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "dynamic_thresholding_ratio": 0.995,
+    "euler_at_final": False,
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "steps_offset": 0,
+    "thresholding": False,
+    "timestep_spacing": "linspace",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+    "use_lu_lambdas": False,
+    "variance_type": None,
 }
 
-_T5_WORDS = ("a the of and in on with at by for to is an red blue green yellow black white circle square "
-             "photo portrait painting cat dog house tree sky city street man woman girl boy car flower "
-             "blurry ugly low quality bad deformed distorted").split()
+_T5_WORDS = (
+    "a the of and in on with at by for to is an red blue green yellow black white circle square "
+    "photo portrait painting cat dog house tree sky city street man woman girl boy car flower "
+    "blurry ugly low quality bad deformed distorted"
+).split()
 
 
 def write_t5_tokenizer(folder: str, max_length: int) -> None:
@@ -203,8 +296,9 @@ def write_t5_tokenizer(folder: str, max_length: int) -> None:
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!?'-")
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     seen = {p for p, _ in pieces}
-    for p, score in ([("\u2581" + w, -3.0) for w in _T5_WORDS] + [(c, -5.0) for c in chars]
-                     + [("\u2581" + c, -5.5) for c in chars]):
+    for p, score in (
+        [("\u2581" + w, -3.0) for w in _T5_WORDS] + [(c, -5.0) for c in chars] + [("\u2581" + c, -5.5) for c in chars]
+    ):
         if p not in seen:
             seen.add(p)
             pieces.append((p, score))
@@ -212,16 +306,22 @@ def write_t5_tokenizer(folder: str, max_length: int) -> None:
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(" {2,}"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                         extra_ids=0)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
     t5.model_max_length = max_length
     t5.save_pretrained(folder)
 
 
-def build_tiny_pixart(folder: str, seed: int = 0, sigma: bool = False, size_cond: bool = True,
-                      prediction_type: str = "epsilon", t5_width: int = 4096) -> str:
+def build_tiny_pixart(
+    folder: str,
+    seed: int = 0,
+    sigma: bool = False,
+    size_cond: bool = True,
+    prediction_type: str = "epsilon",
+    t5_width: int = 4096,
+) -> str:
     """A small PixArt-architecture diffusers folder with PixArt's real conditioning sizes.
 
     Real: the pipeline class and folder layout, T5's width 4096 (``caption_channels`` 4096, so
@@ -237,35 +337,74 @@ def build_tiny_pixart(folder: str, seed: int = 0, sigma: bool = False, size_cond
     torch.manual_seed(seed)
     tokens = 300 if sigma else 120
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8, num_layers=1,
-        cross_attention_dim=24, attention_bias=True, sample_size=128, patch_size=2,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=t5_width,
-        interpolation_scale=2 if sigma else None, use_additional_conditions=size_cond and not sigma)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=16,
-                        scaling_factor=0.13025 if sigma else 0.18215)
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=24,
+        attention_bias=True,
+        sample_size=128,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=t5_width,
+        interpolation_scale=2 if sigma else None,
+        use_additional_conditions=size_cond and not sigma,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.13025 if sigma else 0.18215,
+    )
     os.makedirs(folder, exist_ok=True)
     write_t5_tokenizer(os.path.join(folder, "tokenizer"), tokens)
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")))
-    te = T5EncoderModel(T5Config(vocab_size=vocab, d_model=t5_width, d_kv=8, d_ff=32, num_layers=1,
-                                 num_heads=2, relative_attention_num_buckets=32,
-                                 relative_attention_max_distance=128, dropout_rate=0.0,
-                                 feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
-                                 tie_word_embeddings=False, pad_token_id=0, eos_token_id=1))
+    te = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            layer_norm_epsilon=1e-6,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
     transformer.save_pretrained(os.path.join(folder, "transformer"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     te.save_pretrained(os.path.join(folder, "text_encoder"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(dict(PIXART_SCHEDULER, prediction_type=prediction_type), f, indent=1)
-    index = {"_class_name": "PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline",
-             "_diffusers_version": "0.30.0", "transformer": ["diffusers", "PixArtTransformer2DModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "T5EncoderModel"],
-             "tokenizer": ["transformers", "T5Tokenizer"], "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
+    index = {
+        "_class_name": "PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline",
+        "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
     return folder
@@ -281,16 +420,41 @@ def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sam
 
     torch.manual_seed(seed)
     unet = UNet3DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=hidden,
-        attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=16, vocab_size=49408, max_position_embeddings=77,
-                                      projection_dim=hidden, hidden_act="gelu", pad_token_id=0))
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 2,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            hidden_act="gelu",
+            pad_token_id=0,
+        )
+    )
     os.makedirs(folder, exist_ok=True)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
@@ -299,10 +463,15 @@ def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sam
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(SD_SCHEDULER, f, indent=1)
-    index = {"_class_name": "TextToVideoSDPipeline", "_diffusers_version": "0.30.0",
-             "unet": ["diffusers", "UNet3DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", "DDIMScheduler"]}
+    index = {
+        "_class_name": "TextToVideoSDPipeline",
+        "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet3DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump(index, f, indent=1)
     return folder

@@ -13,12 +13,29 @@ from .options import PAPER
 from .sampling import initial_latent, sample
 
 
-def tune_for_seed(backend, reward, prompt: str, seed: int, start: torch.Tensor, steps: int, guidance: float,
-                  grad_range: tuple[int, int], height: int, width: int, max_steps: int = PAPER.max_steps,
-                  patience: int = PAPER.patience, lr: float = PAPER.lr, noise: str = "seed", should_stop=None,
-                  on_step=None,
-                  cond: Cond | None = None, callback=None, autocast_dtype: torch.dtype | None = None,
-                  search_steps: int | None = None, meter=None):
+def tune_for_seed(
+    backend,
+    reward,
+    prompt: str,
+    seed: int,
+    start: torch.Tensor,
+    steps: int,
+    guidance: float,
+    grad_range: tuple[int, int],
+    height: int,
+    width: int,
+    max_steps: int = PAPER.max_steps,
+    patience: int = PAPER.patience,
+    lr: float = PAPER.lr,
+    noise: str = "seed",
+    should_stop=None,
+    on_step=None,
+    cond: Cond | None = None,
+    callback=None,
+    autocast_dtype: torch.dtype | None = None,
+    search_steps: int | None = None,
+    meter=None,
+):
     """Per-sample search (Algorithm 1) for one prompt, shared by ``reneg tune`` and ``reneg eval``.
 
     ``noise="seed"`` samples every step from ``seed``'s noise (tuning for that image);
@@ -52,28 +69,51 @@ def tune_for_seed(backend, reward, prompt: str, seed: int, start: torch.Tensor, 
     best = {"score": -math.inf, "image": None}
 
     def evaluate(neg, step):
-        s = seed if noise == "seed" else (seed + 1 + step) % 2 ** 64
+        s = seed if noise == "seed" else (seed + 1 + step) % 2**64
         x = seeded_noise(backend, [s], height, width)
-        with torch.autocast(backend.device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with torch.autocast(
+            backend.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
             scores, loss, image = sample_score_and_loss(
-                denoiser, decode, reward, [prompt], cond, backend.negative_cond(neg),
-                initial_latent(x, sigmas[0]), sigmas, guidance, obj.grad_index(g),
-                want_loss=step < max_steps - 1, callback=callback)
+                denoiser,
+                decode,
+                reward,
+                [prompt],
+                cond,
+                backend.negative_cond(neg),
+                initial_latent(x, sigmas[0]),
+                sigmas,
+                guidance,
+                obj.grad_index(g),
+                want_loss=step < max_steps - 1,
+                callback=callback,
+            )
         score = float(scores.mean())
         if score > best["score"]:  # the same keep-best rule as per_sample_search
             best["score"], best["image"] = score, image.detach().cpu()
         return score, loss
 
-    res = per_sample_search(evaluate, start.to(backend.device), max_steps, patience, lr,
-                            should_stop=should_stop, on_step=on_step)
+    res = per_sample_search(
+        evaluate, start.to(backend.device), max_steps, patience, lr, should_stop=should_stop, on_step=on_step
+    )
     if search and math.isfinite(res.best_reward):
         # the kept negative's image at the full step count (the seed's noise; fresh mode: the seed's too)
         x = seeded_noise(backend, [seed], height, width)
-        with torch.no_grad(), torch.autocast(backend.device.type, dtype=autocast_dtype or torch.float32,
-                                             enabled=autocast_dtype is not None):
-            _, x0 = sample(denoiser, initial_latent(x.float(), full[0]), full, cond,
-                           backend.negative_cond(res.best), guidance, callback=callback)
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                backend.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ),
+        ):
+            _, x0 = sample(
+                denoiser,
+                initial_latent(x.float(), full[0]),
+                full,
+                cond,
+                backend.negative_cond(res.best),
+                guidance,
+                callback=callback,
+            )
             image = decode(x0)
             res.final_reward = float(reward(image, [prompt]).float().mean())
         best["image"] = image.detach().cpu()

@@ -51,8 +51,9 @@ def _as_tensor(emb: Any) -> torch.Tensor:
     if t.dim() == 2:
         t = t.unsqueeze(0)
     if t.dim() != 3:
-        raise ValueError(f"expected an embedding of shape [1, tokens, hidden] or [B, tokens, hidden], "
-                         f"found {list(t.shape)}")
+        raise ValueError(
+            f"expected an embedding of shape [1, tokens, hidden] or [B, tokens, hidden], found {list(t.shape)}"
+        )
     return t
 
 
@@ -67,8 +68,10 @@ def match_tokens(emb: Any, length: int) -> torch.Tensor:
     rows = t.shape[1]
     length = int(length)
     if length <= 0 or rows == 0 or length % rows:
-        raise ValueError(f"cannot match an embedding of {rows} token rows to {length} rows: "
-                         f"the length must be a positive multiple of {rows}")
+        raise ValueError(
+            f"cannot match an embedding of {rows} token rows to {length} rows: "
+            f"the length must be a positive multiple of {rows}"
+        )
     return t.repeat(1, length // rows, 1)
 
 
@@ -82,8 +85,9 @@ def blend(base: torch.Tensor, emb: torch.Tensor, strength: float) -> torch.Tenso
     s = float(strength)
     emb = emb.to(device=base.device)
     if emb.shape[1:] != base.shape[1:] or emb.shape[0] not in (1, base.shape[0]):
-        raise ValueError(f"cannot blend an embedding of shape {list(emb.shape)} "
-                         f"into conditioning of shape {list(base.shape)}")
+        raise ValueError(
+            f"cannot blend an embedding of shape {list(emb.shape)} into conditioning of shape {list(base.shape)}"
+        )
     if s == 0.0:
         return base.clone()
     if s == 1.0:
@@ -125,10 +129,13 @@ def content_length(cond: Uncond, rows: int = 77) -> Optional[int]:
     return split_marker(t, rows)[1].shape[1]
 
 
-
-def replace_uncond(text_uncond: Uncond, emb: Any, strength: float = 1.0,
-                   length: Optional[int] = None,
-                   pooled: Optional[torch.Tensor] = None) -> Tuple[Uncond, Optional[str]]:
+def replace_uncond(
+    text_uncond: Uncond,
+    emb: Any,
+    strength: float = 1.0,
+    length: Optional[int] = None,
+    pooled: Optional[torch.Tensor] = None,
+) -> Tuple[Uncond, Optional[str]]:
     """Replace (or blend into) a host's negative conditioning.
 
     Args:
@@ -169,17 +176,21 @@ def replace_uncond(text_uncond: Uncond, emb: Any, strength: float = 1.0,
     e = _as_tensor(emb)
     rows, hidden = e.shape[1], e.shape[2]
     if host.shape[-1] != hidden:
-        return None, (f"ReNeg: skipped: the embedding has hidden size {_describe(hidden)} but this "
-                      f"model's negative conditioning has {_describe(host.shape[-1])}; "
-                      f"pick an embedding made for this model")
+        return None, (
+            f"ReNeg: skipped: the embedding has hidden size {_describe(hidden)} but this "
+            f"model's negative conditioning has {_describe(host.shape[-1])}; "
+            f"pick an embedding made for this model"
+        )
     marker, content = split_marker(host, rows)
     batch, n = content.shape[0], content.shape[1]
     if e.shape[0] not in (1, batch):
-        return None, (f"ReNeg: skipped: the embedding has batch {e.shape[0]}, "
-                      f"the negative conditioning has batch {batch}")
+        return None, (
+            f"ReNeg: skipped: the embedding has batch {e.shape[0]}, the negative conditioning has batch {batch}"
+        )
     if n == 0 or n % rows:
-        return None, (f"ReNeg: skipped: the negative conditioning has {n} token rows, "
-                      f"not a multiple of the embedding's {rows}")
+        return None, (
+            f"ReNeg: skipped: the negative conditioning has {n} token rows, not a multiple of the embedding's {rows}"
+        )
     e = e.to(device=host.device)
     if s == 1.0:
         target = n

@@ -25,14 +25,33 @@ import sys
 import types
 from collections import namedtuple
 
-STUBBED = ("gradio", "modules", "modules.scripts", "modules.script_callbacks", "modules.shared",
-           "modules.paths", "modules.ui_components", "modules.sd_models", "launch")
+STUBBED = (
+    "gradio",
+    "modules",
+    "modules.scripts",
+    "modules.script_callbacks",
+    "modules.shared",
+    "modules.paths",
+    "modules.ui_components",
+    "modules.sd_models",
+    "launch",
+)
 
 
 # --------------------------------------------------------------------------- gradio
 
-_COMMON = {"label", "elem_id", "elem_classes", "visible", "interactive", "show_label", "min_width",
-           "scale", "info", "container"}
+_COMMON = {
+    "label",
+    "elem_id",
+    "elem_classes",
+    "visible",
+    "interactive",
+    "show_label",
+    "min_width",
+    "scale",
+    "info",
+    "container",
+}
 _EVENT = {"fn", "inputs", "outputs", "queue", "show_progress"}  # keyword arguments both versions take
 
 
@@ -153,8 +172,9 @@ ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedi
 
 
 class CFGDenoiserParams:
-    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond,
-                 denoiser=None):
+    def __init__(
+        self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser=None
+    ):
         self.x, self.image_cond, self.sigma = x, image_cond, sigma
         self.sampling_step, self.total_sampling_steps = sampling_step, total_sampling_steps
         self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
@@ -171,11 +191,14 @@ def make_script_callbacks(with_name_arg: bool = True) -> types.ModuleType:
 
     def adder(key):
         if with_name_arg:
+
             def add(callback, *, name=None):
                 m.callback_map[key].append(ScriptCallback("reneg_negative.py", callback, name))
         else:
+
             def add(callback):
                 m.callback_map[key].append(ScriptCallback("reneg_negative.py", callback, None))
+
         return add
 
     def runner(key):
@@ -185,6 +208,7 @@ def make_script_callbacks(with_name_arg: bool = True) -> types.ModuleType:
                     c.callback(*args)
                 except Exception as e:  # noqa: BLE001
                     m.errors.append(e)
+
         return run
 
     for k in _CALLBACKS:
@@ -220,8 +244,17 @@ class Script:
 
 
 class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None,
-                 section=None, refresh=None, **kwargs):
+    def __init__(
+        self,
+        default=None,
+        label="",
+        component=None,
+        component_args=None,
+        onchange=None,
+        section=None,
+        refresh=None,
+        **kwargs,
+    ):
         self.default, self.label, self.section = default, label, section
 
 
@@ -253,6 +286,7 @@ def make_ui_components(gr, with_input_accordion: bool = True) -> types.ModuleTyp
 
     m.ToolButton = ToolButton
     if with_input_accordion:
+
         class InputAccordionImpl(gr.Checkbox):
             """A checkbox that is also the accordion (hidden checkbox + gr.Accordion in the host)."""
 
@@ -271,8 +305,9 @@ def make_ui_components(gr, with_input_accordion: bool = True) -> types.ModuleTyp
     return m
 
 
-def install(models_path: str, *, with_input_accordion: bool = True, with_name_arg: bool = True,
-            sd_model=None) -> tuple[types.SimpleNamespace, dict]:
+def install(
+    models_path: str, *, with_input_accordion: bool = True, with_name_arg: bool = True, sd_model=None
+) -> tuple[types.SimpleNamespace, dict]:
     saved = {name: sys.modules.get(name) for name in STUBBED}
     gr = make_gradio()
     modules = types.ModuleType("modules")
@@ -292,8 +327,16 @@ def install(models_path: str, *, with_input_accordion: bool = True, with_name_ar
     sd_models = types.ModuleType("modules.sd_models")
     sd_models.model_data = types.SimpleNamespace(sd_model=sd_model)
     ui_components = make_ui_components(gr, with_input_accordion)
-    ns = types.SimpleNamespace(gradio=gr, modules=modules, scripts=scripts, script_callbacks=callbacks,
-                               shared=shared, paths=paths, sd_models=sd_models, ui_components=ui_components)
+    ns = types.SimpleNamespace(
+        gradio=gr,
+        modules=modules,
+        scripts=scripts,
+        script_callbacks=callbacks,
+        shared=shared,
+        paths=paths,
+        sd_models=sd_models,
+        ui_components=ui_components,
+    )
     sys.modules["gradio"] = gr
     sys.modules["modules"] = modules
     for short in ("scripts", "script_callbacks", "shared", "paths", "sd_models", "ui_components"):
@@ -330,8 +373,7 @@ def make_xyz_module() -> types.ModuleType:
     m = types.ModuleType("xyz_grid.py")
 
     class AxisOption:
-        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None,
-                     prepare=None):
+        def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
             self.label, self.type, self.apply = label, type, apply
             self.format_value, self.confirm, self.cost, self.choices = format_value, confirm, cost, choices
 

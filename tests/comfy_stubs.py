@@ -94,8 +94,9 @@ def _comfy() -> dict[str, types.ModuleType]:
             mm.interrupt_processing = False
             raise InterruptProcessingException()
 
-    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
-                        force_full_load=False):
+    def load_models_gpu(
+        models, memory_required=0, force_patch_weights=False, minimum_memory_required=None, force_full_load=False
+    ):
         mm.load_calls.append((list(models), memory_required, force_full_load))
 
     def soft_empty_cache(force=False):
@@ -144,8 +145,17 @@ def _comfy() -> dict[str, types.ModuleType]:
             raise ValueError(f"error invalid scheduler {scheduler_name}")
         return ddim_scheduler(model_sampling, steps)
 
-    samplers.SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
-                                "normal", "linear_quadratic", "kl_optimal"]
+    samplers.SCHEDULER_NAMES = [
+        "simple",
+        "sgm_uniform",
+        "karras",
+        "exponential",
+        "ddim_uniform",
+        "beta",
+        "normal",
+        "linear_quadratic",
+        "kl_optimal",
+    ]
     samplers.calculate_sigmas = calculate_sigmas
     comfy.model_management, comfy.utils, comfy.samplers = mm, utils, samplers
     return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "comfy.samplers": samplers}
@@ -201,11 +211,20 @@ def to_inference_tensors(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class ModelSamplingDiscrete(torch.nn.Module):
-    def __init__(self, prediction: str = "eps", timesteps: int = 1000, start: float = 0.00085, end: float = 0.012,
-                 linear: bool = False):
+    def __init__(
+        self,
+        prediction: str = "eps",
+        timesteps: int = 1000,
+        start: float = 0.00085,
+        end: float = 0.012,
+        linear: bool = False,
+    ):
         super().__init__()
-        betas = (torch.linspace(start, end, timesteps, dtype=torch.float64) if linear  # ComfyUI's "sqrt_linear"
-                 else torch.linspace(start ** 0.5, end ** 0.5, timesteps, dtype=torch.float64) ** 2)
+        betas = (
+            torch.linspace(start, end, timesteps, dtype=torch.float64)
+            if linear  # ComfyUI's "sqrt_linear"
+            else torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2
+        )
         ac = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - ac) / ac) ** 0.5
         self.register_buffer("sigmas", sigmas.float())
@@ -227,14 +246,14 @@ class ModelSamplingDiscrete(torch.nn.Module):
 
     def calculate_input(self, sigma, x):
         sigma = sigma.view(sigma.shape[:1] + (1,) * (x.ndim - 1))
-        return x / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
+        return x / (sigma**2 + self.sigma_data**2) ** 0.5
 
     def calculate_denoised(self, sigma, model_output, x):
         sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
         if self.prediction == "eps":
             return x - model_output * sigma
         d = self.sigma_data
-        return x * d ** 2 / (sigma ** 2 + d ** 2) - model_output * sigma * d / (sigma ** 2 + d ** 2) ** 0.5
+        return x * d**2 / (sigma**2 + d**2) - model_output * sigma * d / (sigma**2 + d**2) ** 0.5
 
 
 class LatentFormat:
@@ -261,8 +280,7 @@ class BaseModel(torch.nn.Module):
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x)
         ts = self.model_sampling.timestep(t).float()
-        out = self.diffusion_model(xc, ts, encoder_hidden_states=c_crossattn.to(xc.dtype),
-                                   return_dict=False)[0].float()
+        out = self.diffusion_model(xc, ts, encoder_hidden_states=c_crossattn.to(xc.dtype), return_dict=False)[0].float()
         return self.model_sampling.calculate_denoised(sigma, out, x)
 
     def process_latent_out(self, latent):
@@ -305,8 +323,9 @@ class CLIP:
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
 
     def tokenize(self, text):
-        return self.tokenizer([text], padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt").input_ids
+        return self.tokenizer(
+            [text], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
 
     def encode_from_tokens_scheduled(self, tokens):
         out = self.text_encoder(tokens)
@@ -329,8 +348,14 @@ class SDXLModel(BaseModel):
         self.adm_calls.append({k: v for k, v in kwargs.items() if k != "pooled_output"})
         pooled = kwargs["pooled_output"]  # ComfyUI's SDXL raises KeyError without it, too
         w, h = kwargs.get("width", 768), kwargs.get("height", 768)
-        nums = [h, w, kwargs.get("crop_h", 0), kwargs.get("crop_w", 0), kwargs.get("target_height", h),
-                kwargs.get("target_width", w)]
+        nums = [
+            h,
+            w,
+            kwargs.get("crop_h", 0),
+            kwargs.get("crop_w", 0),
+            kwargs.get("target_height", h),
+            kwargs.get("target_width", w),
+        ]
         flat = torch.tensor([nums], dtype=torch.float32).repeat(pooled.shape[0], 1)
         return torch.cat([pooled.float().to(flat.device), flat], dim=1)
 
@@ -340,9 +365,10 @@ class SDXLModel(BaseModel):
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x)
         ts = self.model_sampling.timestep(t).float()
-        added = {"text_embeds": y[:, :self.pooled].to(xc.dtype), "time_ids": y[:, self.pooled:].to(xc.dtype)}
-        out = self.diffusion_model(xc, ts, encoder_hidden_states=c_crossattn.to(xc.dtype),
-                                   added_cond_kwargs=added, return_dict=False)[0].float()
+        added = {"text_embeds": y[:, : self.pooled].to(xc.dtype), "time_ids": y[:, self.pooled :].to(xc.dtype)}
+        out = self.diffusion_model(
+            xc, ts, encoder_hidden_states=c_crossattn.to(xc.dtype), added_cond_kwargs=added, return_dict=False
+        )[0].float()
         return self.model_sampling.calculate_denoised(sigma, out, x)
 
 
@@ -353,8 +379,10 @@ class SDXLCLIP:
         self.parts = ((te, tok), (te2, tok2))
 
     def tokenize(self, text):
-        return [tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-                for _, tok in self.parts]
+        return [
+            tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            for _, tok in self.parts
+        ]
 
     def encode_from_tokens_scheduled(self, tokens):
         hidden = []
@@ -380,8 +408,11 @@ def tiny_comfy_sdxl_models(sdxl_dir: str):
     with open(os.path.join(sdxl_dir, "vae", "config.json")) as f:
         scale = float(json.load(f).get("scaling_factor", 0.13025))
     base = to_inference_tensors(SDXLModel(unet, "eps", scale, int(te2.config.projection_dim)))
-    return (ModelPatcher(base), VAE(to_inference_tensors(vae)),
-            SDXLCLIP(to_inference_tensors(te), tok, to_inference_tensors(te2), tok2))
+    return (
+        ModelPatcher(base),
+        VAE(to_inference_tensors(vae)),
+        SDXLCLIP(to_inference_tensors(te), tok, to_inference_tensors(te2), tok2),
+    )
 
 
 def tiny_comfy_models(pipeline_dir: str, prediction: str = "eps"):
@@ -415,7 +446,9 @@ class PixArtModel(BaseModel):
         self.adm_channels = 0
         self.calls = 0
         self.model_sampling = ModelSamplingDiscrete("eps", start=0.0001, end=0.02, linear=True)
-        self.model_config = types.SimpleNamespace(unet_config={"image_model": "pixart_sigma" if sigma else "pixart_alpha"})
+        self.model_config = types.SimpleNamespace(
+            unet_config={"image_model": "pixart_sigma" if sigma else "pixart_alpha"}
+        )
         self.size_calls = []
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
@@ -433,8 +466,9 @@ class PixArtModel(BaseModel):
         added = {"resolution": c_size.to(xc.dtype).expand(b, 2), "aspect_ratio": c_ar.to(xc.dtype).expand(b, 1)}
         if not self.diffusion_model.use_additional_conditions:
             added = {"resolution": None, "aspect_ratio": None}
-        out = self.diffusion_model(xc, encoder_hidden_states=c_crossattn.to(xc.dtype), timestep=ts,
-                                   added_cond_kwargs=added, return_dict=False)[0].float()
+        out = self.diffusion_model(
+            xc, encoder_hidden_states=c_crossattn.to(xc.dtype), timestep=ts, added_cond_kwargs=added, return_dict=False
+        )[0].float()
         return self.model_sampling.calculate_denoised(sigma, out[:, : x.shape[1]], x)
 
 

@@ -25,8 +25,14 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 SD1_TE, SD2_TE = "cond_stage_model.transformer.", "cond_stage_model.model."
 XL_TE1, XL_TE2 = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+_RESNET = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+)
 
 
 def _rename(sd: dict, prefixes: dict, inner: dict) -> dict:
@@ -37,10 +43,10 @@ def _rename(sd: dict, prefixes: dict, inner: dict) -> dict:
         p = next((p for p in order if k == p or k.startswith(p + ".")), None)
         if p is None:
             raise KeyError(f"no original-layout name for {k}")
-        rest = k[len(p):]
+        rest = k[len(p) :]
         for a, b in inner.get(prefixes[p], ()):
             if rest.startswith("." + a + "."):
-                rest = "." + b + rest[len(a) + 1:]
+                rest = "." + b + rest[len(a) + 1 :]
                 break
         out[prefixes[p] + rest] = v
     return out
@@ -48,11 +54,18 @@ def _rename(sd: dict, prefixes: dict, inner: dict) -> dict:
 
 def unet_to_ldm(sd: dict, cfg: dict) -> dict:
     n, levels = cfg["layers_per_block"], len(cfg["block_out_channels"])
-    m = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-         "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-         "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-         "mid_block.resnets.1": "middle_block.2"}
+    m = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+        "mid_block.resnets.0": "middle_block.0",
+        "mid_block.attentions.0": "middle_block.1",
+        "mid_block.resnets.1": "middle_block.2",
+    }
     resnets = {"middle_block.0", "middle_block.2"}
     for i in range(levels):
         for j in range(n):
@@ -75,8 +88,14 @@ def unet_to_ldm(sd: dict, cfg: dict) -> dict:
 def vae_to_ldm(sd: dict, cfg: dict, prefix: str = VAE) -> dict:
     levels = len(cfg["block_out_channels"])
     m = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
-    for a in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out", "quant_conv",
-              "post_quant_conv"):
+    for a in (
+        "encoder.conv_in",
+        "encoder.conv_out",
+        "decoder.conv_in",
+        "decoder.conv_out",
+        "quant_conv",
+        "post_quant_conv",
+    ):
         m[a] = a
     attn_inner = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
     res_inner = (("conv_shortcut", "nin_shortcut"),)
@@ -101,8 +120,11 @@ def vae_to_ldm(sd: dict, cfg: dict, prefix: str = VAE) -> dict:
 
 
 def clip_to_ldm(sd: dict, prefix: str, position_ids: bool = False) -> dict:
-    out = {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in sd.items()
-           if not k.startswith("text_projection")}
+    out = {
+        prefix + "text_model." + k.removeprefix("text_model."): v
+        for k, v in sd.items()
+        if not k.startswith("text_projection")
+    }
     if position_ids:  # many SD1.x files carry this buffer
         out[prefix + "text_model.embeddings.position_ids"] = torch.arange(77).reshape(1, 77)
     return out
@@ -110,18 +132,22 @@ def clip_to_ldm(sd: dict, prefix: str, position_ids: bool = False) -> dict:
 
 def open_clip_to_ldm(sd: dict, prefix: str, layers: int, extra_layer: bool = False) -> dict:
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    out = {prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           prefix + "ln_final.weight": sd["final_layer_norm.weight"],
-           prefix + "ln_final.bias": sd["final_layer_norm.bias"]}
+    out = {
+        prefix + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": sd["final_layer_norm.weight"],
+        prefix + "ln_final.bias": sd["final_layer_norm.bias"],
+    }
     width = sd["final_layer_norm.weight"].shape[0]
     if "text_projection.weight" in sd:
         out[prefix + "text_projection"] = sd["text_projection.weight"].T.contiguous()
     else:  # SD2's OpenCLIP-H keeps its (unused) projection
-        out[prefix + "text_projection"] = torch.zeros(width, width, dtype=sd["final_layer_norm.weight"].dtype,
-                                                      device=sd["final_layer_norm.weight"].device)
-    out[prefix + "logit_scale"] = torch.ones((), dtype=out[prefix + "text_projection"].dtype,
-                                             device=out[prefix + "text_projection"].device)
+        out[prefix + "text_projection"] = torch.zeros(
+            width, width, dtype=sd["final_layer_norm.weight"].dtype, device=sd["final_layer_norm.weight"].device
+        )
+    out[prefix + "logit_scale"] = torch.ones(
+        (), dtype=out[prefix + "text_projection"].dtype, device=out[prefix + "text_projection"].device
+    )
     for i in range(layers + int(extra_layer)):
         s = f"encoder.layers.{min(i, layers - 1)}."
         t = f"{prefix}transformer.resblocks.{i}."
@@ -156,8 +182,15 @@ def pipeline_to_ldm(parts: dict, family: str, vae: bool = True) -> dict:
     return sd
 
 
-def folder_to_single_file(folder: str, out: str, family: str, dtype=None, vae: bool = True,
-                          extra: dict | None = None, metadata: dict | None = None) -> str:
+def folder_to_single_file(
+    folder: str,
+    out: str,
+    family: str,
+    dtype=None,
+    vae: bool = True,
+    extra: dict | None = None,
+    metadata: dict | None = None,
+) -> str:
     """A diffusers folder written as one ``.safetensors`` checkpoint in the UI layout."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -165,8 +198,11 @@ def folder_to_single_file(folder: str, out: str, family: str, dtype=None, vae: b
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     v = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    parts = {"unet": (unet, dict(unet.config)), "vae": (v, dict(v.config)),
-             "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")}
+    parts = {
+        "unet": (unet, dict(unet.config)),
+        "vae": (v, dict(v.config)),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+    }
     if family == "sdxl":
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
     sd = pipeline_to_ldm(parts, family, vae=vae)
@@ -186,8 +222,10 @@ def meta_parts(family: str) -> dict:
 
     arch = architecture(family)
     with init_empty_weights():
-        parts = {"unet": (UNet2DConditionModel.from_config(arch["unet"]), arch["unet"]),
-                 "vae": (AutoencoderKL.from_config(arch["vae"]), arch["vae"])}
+        parts = {
+            "unet": (UNet2DConditionModel.from_config(arch["unet"]), arch["unet"]),
+            "vae": (AutoencoderKL.from_config(arch["vae"]), arch["vae"]),
+        }
         for name in ("text_encoder", "text_encoder_2"):
             if name in arch:
                 cls, cfg = arch[name]
@@ -199,13 +237,19 @@ _ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch
 _SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int64: 8}
 
 
-def write_header_only(path: str, shapes: dict, dtype=torch.float16, metadata: dict | None = None,
-                      data: dict | None = None, truncate_to: int | None = None) -> str:
+def write_header_only(
+    path: str,
+    shapes: dict,
+    dtype=torch.float16,
+    metadata: dict | None = None,
+    data: dict | None = None,
+    truncate_to: int | None = None,
+) -> str:
     """A safetensors file whose header lists ``shapes`` (name -> shape, or name -> (shape, dtype));
     the data region is a sparse hole of the full size, except the tensors given in ``data``."""
     header, off = {}, 0
     for k, s in shapes.items():
-        shape, dt = (s if isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], torch.dtype) else (s, dtype))
+        shape, dt = s if isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], torch.dtype) else (s, dtype)
         n = 1
         for d in shape:
             n *= d
@@ -228,5 +272,7 @@ def write_header_only(path: str, shapes: dict, dtype=torch.float16, metadata: di
 
 def full_size_table(family: str, vae: bool = True) -> dict:
     """name -> shape of a full-size checkpoint of ``family`` in the UI layout."""
-    return {k: tuple(v.shape) if v.is_floating_point() else (tuple(v.shape), v.dtype)
-            for k, v in pipeline_to_ldm(meta_parts(family), family, vae=vae).items()}
+    return {
+        k: tuple(v.shape) if v.is_floating_point() else (tuple(v.shape), v.dtype)
+        for k, v in pipeline_to_ldm(meta_parts(family), family, vae=vae).items()
+    }

@@ -38,9 +38,12 @@ def xl_pooled():
 
 def sd_model(family):
     d = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "refiner": 1280}[family]
-    return types.SimpleNamespace(is_sd1=family == "sd1", is_sd2=family == "sd2",
-                                 is_sdxl=family in ("sdxl", "refiner"),
-                                 cond_stage_model_empty_prompt=torch.zeros(1, 77, d))
+    return types.SimpleNamespace(
+        is_sd1=family == "sd1",
+        is_sd2=family == "sd2",
+        is_sdxl=family in ("sdxl", "refiner"),
+        cond_stage_model_empty_prompt=torch.zeros(1, 77, d),
+    )
 
 
 @pytest.fixture
@@ -51,8 +54,7 @@ def models(tmp_path):
     save_embedding(str(folder / "sd1_ours.safetensors"), NegEmbedding(tensor(768, 1), "sd1"))
     torch.save(tensor(768, 2), folder / "sd1_bare.bin")
     save_embedding(str(folder / "sub" / "sd2.safetensors"), NegEmbedding(tensor(1024, 3), "sd2"))
-    save_embedding(str(folder / "xl, v1.safetensors"),
-                   NegEmbedding(tensor(2048, 4), "sdxl", pooled=xl_pooled()))
+    save_embedding(str(folder / "xl, v1.safetensors"), NegEmbedding(tensor(2048, 4), "sdxl", pooled=xl_pooled()))
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
     return tmp_path / "models"
 
@@ -70,9 +72,16 @@ class Host:
 
     def run(self, p, uncond, cond=None, denoiser=True):
         """One sampling step through the host's callback runner (which swallows exceptions)."""
-        params = stubs.CFGDenoiserParams(torch.zeros(1), None, torch.ones(1), 0, 20,
-                                         cond if cond is not None else uncond, uncond,
-                                         types.SimpleNamespace(p=p) if denoiser else None)
+        params = stubs.CFGDenoiserParams(
+            torch.zeros(1),
+            None,
+            torch.ones(1),
+            0,
+            20,
+            cond if cond is not None else uncond,
+            uncond,
+            types.SimpleNamespace(p=p) if denoiser else None,
+        )
         self.ns.script_callbacks.cfg_denoiser_callback(params)
         assert self.ns.script_callbacks.errors == []
         return params.text_uncond
@@ -152,8 +161,7 @@ def test_ui_components_order_and_defaults(host):
     assert host.script.ui(True)[1].choices == ["None", "xl, v1.safetensors"]
     host.set_model(None)  # Forge before its first generation: every host family
     emb = host.script.ui(False)[1]
-    assert emb.choices == ["None", "sd1_bare.bin", "sd1_ours.safetensors", "sub/sd2.safetensors",
-                           "xl, v1.safetensors"]
+    assert emb.choices == ["None", "sd1_bare.bin", "sd1_ours.safetensors", "sub/sd2.safetensors", "xl, v1.safetensors"]
     # a user's default saved in ui-config.json is applied by the web UI only when it is among the
     # choices at build time (ui_loadsave's check_dropdown): with no model yet, every file is
     assert "sd1_ours.safetensors" in emb.choices
@@ -169,7 +177,7 @@ def test_panel_follows_a_model_load_in_open_and_new_pages(host):
     status = _status(enabled)
     assert "no model is loaded yet" in status.value
     interface = next(b for b in stubs.Block.created if isinstance(b, stubs.Blocks) and embedding in b_all(b))
-    (kind, on_load, inputs, outputs), = interface.events
+    ((kind, on_load, inputs, outputs),) = interface.events
     assert kind == "load" and inputs == [embedding] and outputs == [embedding, status]
 
     other = stubs.Textbox(visible=False, elem_id="generation_info_img2img")  # the other tab's: not ours
@@ -179,7 +187,7 @@ def test_panel_follows_a_model_load_in_open_and_new_pages(host):
     assert other.events == [] and html_info.events == []
     gen_info = stubs.Textbox(visible=False, elem_id="generation_info_txt2img")
     script.after_component(gen_info, elem_id="generation_info_txt2img")
-    (kind, after_generation, inputs, outputs), = gen_info.events
+    ((kind, after_generation, inputs, outputs),) = gen_info.events
     assert kind == "change" and inputs == [embedding] and outputs == [embedding, status]
 
     model = sd_model("sdxl")
@@ -229,6 +237,7 @@ def test_ui_without_input_accordion_and_refresh(models):
 def test_panel_events_never_raise(host, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk gone")
+
     monkeypatch.setattr(host.module.host, "panel_state", boom)
     assert host.module.panel_update("x") == (stubs.update(), stubs.update())
 
@@ -346,9 +355,21 @@ _DRIVER = textwrap.dedent(r"""
 def _drive(tmp_path, webui_ext, models, expect_core="found"):
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
-    out = subprocess.run([sys.executable, "-I", str(driver), str(Path(__file__).parent),
-                          str(webui_ext / "scripts" / "reneg_negative.py"), str(models), expect_core],
-                         cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            str(driver),
+            str(Path(__file__).parent),
+            str(webui_ext / "scripts" / "reneg_negative.py"),
+            str(models),
+            expect_core,
+        ],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stdout
 
@@ -382,8 +403,12 @@ def test_copied_install_with_core_inside(tmp_path, small_models):
 
 
 def test_copied_install_uses_an_installed_core(tmp_path, small_models):
-    probe = subprocess.run([sys.executable, "-I", "-c", "import reneg, sys; sys.stdout.write(reneg.__file__)"],
-                           cwd=str(tmp_path), capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-I", "-c", "import reneg, sys; sys.stdout.write(reneg.__file__)"],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         pytest.skip("the reneg package is not installed in this environment")
     ext = tmp_path / "webui" / "extensions" / "reneg"

@@ -36,9 +36,12 @@ def xl_pooled():
 def sd_model(family, title=None):
     """What A1111 and Forge models carry that the extension reads."""
     d = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "refiner": 1280}[family]
-    m = types.SimpleNamespace(is_sd1=family == "sd1", is_sd2=family == "sd2",
-                              is_sdxl=family in ("sdxl", "refiner"),
-                              cond_stage_model_empty_prompt=torch.zeros(1, 77, d))
+    m = types.SimpleNamespace(
+        is_sd1=family == "sd1",
+        is_sd2=family == "sd2",
+        is_sdxl=family in ("sdxl", "refiner"),
+        cond_stage_model_empty_prompt=torch.zeros(1, 77, d),
+    )
     if title:
         m.sd_checkpoint_info = types.SimpleNamespace(name_for_extra=title)
     return m
@@ -74,8 +77,7 @@ def models(tmp_path):
     save_embedding(str(folder / "sd1_ours.safetensors"), NegEmbedding(tensor(768, 1), "sd1"))
     torch.save(tensor(768, 2), folder / "sd1_bare.bin")
     save_embedding(str(folder / "sub" / "sd2.safetensors"), NegEmbedding(tensor(1024, 3), "sd2"))
-    save_embedding(str(folder / "xl, v1.safetensors"),
-                   NegEmbedding(tensor(2048, 4), "sdxl", pooled=xl_pooled()))
+    save_embedding(str(folder / "xl, v1.safetensors"), NegEmbedding(tensor(2048, 4), "sdxl", pooled=xl_pooled()))
     (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
     return tmp_path / "models"
 
@@ -97,8 +99,11 @@ class Rig:
 
     def run(self, p, uncond, cond=None, denoiser=True):
         """One sampling step through the hook."""
-        params = types.SimpleNamespace(text_cond=cond if cond is not None else uncond, text_uncond=uncond,
-                                       denoiser=types.SimpleNamespace(p=p) if denoiser else None)
+        params = types.SimpleNamespace(
+            text_cond=cond if cond is not None else uncond,
+            text_uncond=uncond,
+            denoiser=types.SimpleNamespace(p=p) if denoiser else None,
+        )
         self.host.on_cfg_denoiser(params)
         return params.text_uncond
 
@@ -153,8 +158,7 @@ def test_list_and_status_follow_a_model_load(rig):
     callback (and the host's own model slot) make the list and status follow it."""
     rig.folders.append(str(rig.folders[0]))  # a duplicate folder changes nothing
     first = rig.host.panel_state("sd1_ours.safetensors")
-    assert first[0] == ["None", "sd1_bare.bin", "sd1_ours.safetensors", "sub/sd2.safetensors",
-                        "xl, v1.safetensors"]
+    assert first[0] == ["None", "sd1_bare.bin", "sd1_ours.safetensors", "sub/sd2.safetensors", "xl, v1.safetensors"]
     assert "no model is loaded yet" in first[2]
 
     # Forge: the model object arrives through the model-loaded callback
@@ -196,8 +200,11 @@ def test_no_files_says_where_they_go(tmp_path):
 
 def test_embedding_folders_order_and_duplicates(tmp_path):
     out = core.embedding_folders(str(tmp_path / "models"), " ~/mine ", str(tmp_path / "ext"), str(tmp_path / "ext"))
-    assert out == [str(tmp_path / "models" / "reneg"), os.path.expanduser("~/mine"),
-                   str(tmp_path / "ext" / "embeddings")]
+    assert out == [
+        str(tmp_path / "models" / "reneg"),
+        os.path.expanduser("~/mine"),
+        str(tmp_path / "ext" / "embeddings"),
+    ]
     assert core.embedding_folders(None, "", None, None) == []
 
 
@@ -343,13 +350,13 @@ def test_hosts_without_denoiser_in_params(rig):
 def test_errors_inside_the_hook_never_escape(rig):
     p = rig.p()
     rig.host.process(p, True, "sd1_ours.safetensors", 1.0, True)
-    params = types.SimpleNamespace(text_cond=object(), text_uncond="not a tensor",
-                                   denoiser=types.SimpleNamespace(p=p))
+    params = types.SimpleNamespace(text_cond=object(), text_uncond="not a tensor", denoiser=types.SimpleNamespace(p=p))
     rig.host.on_cfg_denoiser(params)
     assert params.text_uncond == "not a tensor"
     getattr(p, core.P_ATTR).tensor = None  # break the state itself
-    params = types.SimpleNamespace(text_cond=None, text_uncond=torch.randn(1, 77, 768),
-                                   denoiser=types.SimpleNamespace(p=p))
+    params = types.SimpleNamespace(
+        text_cond=None, text_uncond=torch.randn(1, 77, 768), denoiser=types.SimpleNamespace(p=p)
+    )
     rig.host.on_cfg_denoiser(params)
     assert any("error" in c for c in p.comments)
 
@@ -394,9 +401,11 @@ def test_core_error_means_nothing_applied(rig, capsys):
 
 def infotext_line(params: dict) -> str:
     """``k: v, k: v`` with values holding , : or a newline JSON-quoted, as A1111 writes them."""
+
     def q(v):
         v = str(v)
         return json.dumps(v, ensure_ascii=False) if any(c in v for c in ",:\n") else v
+
     return ", ".join(f"{k}: {q(v)}" for k, v in params.items() if v is not None)
 
 
@@ -415,7 +424,7 @@ def parse_infotext_line(line: str) -> dict:
             comma = line.find(",", k)
         else:
             comma = line.find(",", k)
-            value = line[k:comma if comma >= 0 else n].strip()
+            value = line[k : comma if comma >= 0 else n].strip()
         out[key] = value
         i = n if comma < 0 else comma + 1
     return out
@@ -439,8 +448,7 @@ def paste(params: dict) -> list:
     return out
 
 
-@pytest.mark.parametrize("name,s,hires", [("sd1_ours.safetensors", 0.5, True),
-                                          ("xl, v1.safetensors", 1.0, False)])
+@pytest.mark.parametrize("name,s,hires", [("sd1_ours.safetensors", 0.5, True), ("xl, v1.safetensors", 1.0, False)])
 def test_infotext_round_trip(rig, name, s, hires):
     family = "sdxl" if name.startswith("xl") else "sd1"
     p = rig.p(family, enable_hr=True)
@@ -493,8 +501,15 @@ def test_grid_cells_share_one_params_dict_but_never_each_others_keys(rig):
     # the same, when an earlier generation did write into a dict a later one shares (an old copy
     # of this extension, or another script copying ours): the later one drops those keys
     stale = P(sd_model=sd_model("sd1"), enable_hr=True)
-    stale.extra_generation_params.update({"ReNeg": "x.bin", "ReNeg strength": 0.0, "ReNeg hash": "0123456789",
-                                          "ReNeg hires": False, "Seed resize from": "-1x-1"})
+    stale.extra_generation_params.update(
+        {
+            "ReNeg": "x.bin",
+            "ReNeg strength": 0.0,
+            "ReNeg hash": "0123456789",
+            "ReNeg hires": False,
+            "Seed resize from": "-1x-1",
+        }
+    )
     rig.host.process(stale, False, "None", 1.0, True)
     assert stale.extra_generation_params == {"Seed resize from": "-1x-1"}
 
@@ -512,8 +527,10 @@ class AxisOption:
 def test_xyz_axes(rig):
     xyz = types.SimpleNamespace(AxisOption=AxisOption, axis_options=[AxisOption("Nothing", str, None)])
     cls = type("Script", (), {"__module__": "xyz_grid.py"})
-    data = [types.SimpleNamespace(script_class=type("Other", (), {}), module=object()),
-            types.SimpleNamespace(script_class=cls, module=xyz)]
+    data = [
+        types.SimpleNamespace(script_class=type("Other", (), {}), module=object()),
+        types.SimpleNamespace(script_class=cls, module=xyz),
+    ]
     assert core.find_xyz_module(data) is xyz and core.find_xyz_module(data[:1]) is None
     core.add_xyz_axes(xyz, rig.host)
     old = list(xyz.axis_options)

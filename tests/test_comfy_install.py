@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(tmp_path, pythonpath=""):
     env = dict(os.environ, PYTHONPATH=pythonpath)
-    return subprocess.run([sys.executable, str(ROOT / "install.py")], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "install.py")], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+    )
 
 
 def test_install_py_does_nothing_when_requirements_are_present(tmp_path):
@@ -48,10 +49,12 @@ def test_install_py_holds_torch_at_the_installed_version():
 def test_entry_point_loaded_as_a_lone_file_registers_nothing_and_does_not_fail(tmp_path):
     """pytest imports the checkout's __init__.py as a lone module named ``__init__`` when the folder name is not
     a Python identifier (``git clone ... comfyui-reneg``); that must not break the test run."""
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('__init__', {str(ROOT / '__init__.py')!r})\n"
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            "print(m.NODE_CLASS_MAPPINGS, m.NODE_DISPLAY_NAME_MAPPINGS, m.WEB_DIRECTORY)\n")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('__init__', {str(ROOT / '__init__.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(m.NODE_CLASS_MAPPINGS, m.NODE_DISPLAY_NAME_MAPPINGS, m.WEB_DIRECTORY)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "{} {} ./web/js", out.stdout + out.stderr
 
@@ -73,8 +76,11 @@ def test_installing_into_a_comfyui_environment_changes_nothing_it_has(tmp_path):
     out = _run(tmp_path)
     assert out.returncode == 0 and "nothing to install" in out.stdout, out.stdout + out.stderr
     assert _distributions() == before
-    reqs = [r.strip().lower() for r in (ROOT / "requirements.txt").read_text().splitlines()
-            if r.strip() and not r.startswith("#")]
+    reqs = [
+        r.strip().lower()
+        for r in (ROOT / "requirements.txt").read_text().splitlines()
+        if r.strip() and not r.startswith("#")
+    ]
     import re
 
     names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in reqs}
@@ -103,12 +109,19 @@ def test_rewards_and_nodes_need_only_what_the_host_has():
     for f in files:
         extra = _third_party_imports(f) - allowed
         assert not extra, f"{f.relative_to(ROOT)} imports {sorted(extra)}"
-    code = ("import sys, reneg.rewards as r\n"
-            "names = r.names()\n"
-            "heavy = [m for m in ('transformers', 'open_clip', 'timm', 'fairscale', 'ImageReward', 'diffusers') "
-            "if m in sys.modules]\n"
-            "print(','.join(names), heavy)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    code = (
+        "import sys, reneg.rewards as r\n"
+        "names = r.names()\n"
+        "heavy = [m for m in ('transformers', 'open_clip', 'timm', 'fairscale', 'ImageReward', 'diffusers') "
+        "if m in sys.modules]\n"
+        "print(','.join(names), heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["aesthetic,hpsv2,hpsv2.1,imagereward,pickscore", "[]"], out.stdout + out.stderr

@@ -16,8 +16,13 @@ import torch
 import comfy_stubs
 
 ROOT = Path(__file__).resolve().parents[1]
-NODE_IDS = ["ReNegLoadEmbedding", "ReNegPerSampleTune", "ReNegRewardScore", "ReNegLoadRewardModel",
-            "ReNegSaveEmbedding"]
+NODE_IDS = [
+    "ReNegLoadEmbedding",
+    "ReNegPerSampleTune",
+    "ReNegRewardScore",
+    "ReNegLoadRewardModel",
+    "ReNegSaveEmbedding",
+]
 
 
 @pytest.fixture
@@ -74,9 +79,9 @@ def save_tiny_embedding(host, name="tiny_neg.safetensors", seed=0):
 def test_pack_loads_by_path_importing_only_torch_and_safetensors():
     code = f"""
 import sys
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 import comfy_stubs
-h = comfy_stubs.Host({str(ROOT / 'no-such-models')!r})
+h = comfy_stubs.Host({str(ROOT / "no-such-models")!r})
 pack = h.load_pack({str(ROOT)!r})
 heavy = [m for m in ("diffusers", "transformers", "open_clip") if m in sys.modules]
 print(sorted(pack.NODE_CLASS_MAPPINGS), heavy)
@@ -87,8 +92,7 @@ print(heavy)
 """
     env = dict(os.environ)
     env["PYTHONPATH"] = ""  # not via the installed 'reneg': relative imports only
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0] == f"{sorted(NODE_IDS)} []"
@@ -99,9 +103,12 @@ def test_node_ids_names_and_model_folders(host, tmp_path):
     pack = host.pack
     assert sorted(pack.NODE_CLASS_MAPPINGS) == sorted(NODE_IDS)
     assert pack.NODE_DISPLAY_NAME_MAPPINGS == {
-        "ReNegLoadEmbedding": "Load ReNeg Embedding", "ReNegPerSampleTune": "Per-Sample ReNeg Tune",
-        "ReNegRewardScore": "Reward Score", "ReNegLoadRewardModel": "Load Reward Model",
-        "ReNegSaveEmbedding": "Save ReNeg Embedding"}
+        "ReNegLoadEmbedding": "Load ReNeg Embedding",
+        "ReNegPerSampleTune": "Per-Sample ReNeg Tune",
+        "ReNegRewardScore": "Reward Score",
+        "ReNegLoadRewardModel": "Load Reward Model",
+        "ReNegSaveEmbedding": "Save ReNeg Embedding",
+    }
     paths, exts = host.fp.folder_names_and_paths["reneg"]
     assert paths[0] == os.path.join(host.models_dir, "reneg")
     assert str(tmp_path / "elsewhere") in paths  # the user's extra path is kept
@@ -185,10 +192,26 @@ def test_load_reward_model_errors(host, reward):
 
 def _tune_args(models, positive, negative, reward, **kw):
     model, vae, _ = models
-    args = dict(model=model, vae=vae, positive=positive, negative=negative, reward=reward,
-                prompt="a red circle", seed=3, max_steps=3, patience=3, learning_rate=0.05, cfg=7.5,
-                steps=4, grad_step_min=0, grad_step_max=2, width=16, height=16, noise_mode="this seed",
-                scheduler="ddim_uniform")
+    args = dict(
+        model=model,
+        vae=vae,
+        positive=positive,
+        negative=negative,
+        reward=reward,
+        prompt="a red circle",
+        seed=3,
+        max_steps=3,
+        patience=3,
+        learning_rate=0.05,
+        cfg=7.5,
+        steps=4,
+        grad_step_min=0,
+        grad_step_max=2,
+        width=16,
+        height=16,
+        noise_mode="this seed",
+        scheduler="ddim_uniform",
+    )
     args.update(kw)
     return args
 
@@ -240,8 +263,9 @@ def test_tune_never_scores_below_start_and_leaves_nothing_behind(host, models, r
     def final_score(negative):
         with torch.no_grad():
             x = initial_latent(seeded_noise(backend, [3], 16, 16), sigmas[0])
-            _, x0 = sample(backend.denoiser, x, sigmas, backend.positive_cond(pos), backend.negative_cond(negative),
-                           7.5)
+            _, x0 = sample(
+                backend.denoiser, x, sigmas, backend.positive_cond(pos), backend.negative_cond(negative), 7.5
+            )
             return float(reward.module(backend.decode(x0), ["a red circle"]))
 
     assert final_score(t) == pytest.approx(r1, abs=1e-4)
@@ -300,8 +324,20 @@ def test_tune_search_steps_meters_and_keeps_the_models_clean(host, models, rewar
     host.utils.PROGRESS_BAR_HOOK = lambda cur, total, preview: ticks.append((cur, total))
     tune = node(host, "ReNegPerSampleTune")
     with torch.inference_mode():
-        out = tune.tune(**_tune_args(models, pos, neg, reward, steps=8, grad_step_min=0, grad_step_max=3,
-                                     max_steps=2, patience=2, search_steps=4))
+        out = tune.tune(
+            **_tune_args(
+                models,
+                pos,
+                neg,
+                reward,
+                steps=8,
+                grad_step_min=0,
+                grad_step_max=3,
+                max_steps=2,
+                patience=2,
+                search_steps=4,
+            )
+        )
     assert _state(modules) == before
     info = out["result"][0][0][1]["reneg"]
     assert info["search_steps"] == 4 and info["sampling_steps"] == 8 and info["final_reward"] is not None
@@ -333,8 +369,12 @@ def test_save_embedding_never_overwrites_silently(host, models):
     from reneg.embedding import load_embedding
 
     t = torch.randn(1, 77, 64)
-    cond = [[torch.cat([t, t], 1), {"pooled_output": torch.zeros(1, 64),
-                                    "reneg": {"kind": "per-sample", "prompt": "a red circle", "seed": 3}}]]
+    cond = [
+        [
+            torch.cat([t, t], 1),
+            {"pooled_output": torch.zeros(1, 64), "reneg": {"kind": "per-sample", "prompt": "a red circle", "seed": 3}},
+        ]
+    ]
     save = node(host, "ReNegSaveEmbedding")
     with torch.inference_mode():
         out = save.save(cond, "sub/tuned", False, note="from a test")
@@ -377,8 +417,7 @@ def test_comfy_denoiser_matches_the_diffusers_backend(request, tmp_path, predict
     with torch.no_grad():
         for s in sigmas[:-1:3]:
             sig = torch.full((2,), float(s))
-            torch.testing.assert_close(backend.denoiser(x, sig, cond), ref.denoiser(x, sig, cond),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(backend.denoiser(x, sig, cond), ref.denoiser(x, sig, cond), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(backend.decode(x), ref.decode(x), rtol=1e-4, atol=1e-4)
 
 
@@ -401,8 +440,9 @@ def test_sdxl_load_and_tune_nodes(host, tiny_sdxl_dir, reward):
     with torch.no_grad():
         for s in backend.schedule(10)[:-1:3]:
             sig = torch.full((2,), float(s))
-            torch.testing.assert_close(backend.denoiser(x, sig, backend._with_adm(c)), ref.denoiser(x, sig, c),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                backend.denoiser(x, sig, backend._with_adm(c)), ref.denoiser(x, sig, c), rtol=1e-4, atol=1e-4
+            )
     with pytest.raises(Exception, match="needs a pooled_output"):
         backend._with_adm(Cond(c.crossattn))
 

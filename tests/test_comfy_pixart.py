@@ -13,7 +13,6 @@ import comfy_stubs
 from test_comfy_nodes import _tune_args, host, node, reward, run  # noqa: F401 - fixtures
 
 
-
 @pytest.fixture(scope="module")
 def pixart_dir(tiny_pixart_dir):
     return tiny_pixart_dir
@@ -85,8 +84,7 @@ def test_official_pixart_file_load_tune_save(host, pixart_models, reward, shared
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"), add_dict={"width": 16, "height": 16})
     model.model.size_calls.clear()
     with torch.inference_mode():
-        out = node(host, "ReNegPerSampleTune").tune(**_tune_args(pixart_models, pos, neg, reward, width=24,
-                                                                 height=16))
+        out = node(host, "ReNegPerSampleTune").tune(**_tune_args(pixart_models, pos, neg, reward, width=24, height=16))
     tuned, r0, r1 = out["result"]
     assert r1 >= r0 and tuned[0][0].shape == (1, 1, 4096)
     # the positive's own size (from CLIPTextEncodePixArtAlpha, 16 x 16); the negative's is the image's

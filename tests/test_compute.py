@@ -22,8 +22,16 @@ from reneg.embedding import load_embedding
 from reneg.objective import ObjectiveConfig, grad_step_x0, grad_step_loss, rollout_schedule
 from reneg.sampling import initial_latent, sample
 
-PROMPTS = ["a red circle", "a blue square", "a green star", "a yellow triangle", "a purple circle",
-           "a red star", "an orange square", "a blue star"]
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green star",
+    "a yellow triangle",
+    "a purple circle",
+    "a red star",
+    "an orange square",
+    "a blue star",
+]
 
 
 def _prompts(tmp_path) -> str:
@@ -39,9 +47,19 @@ def _step(backend, reward, meter, grad_index, rollout_steps=None, seed=0, neg=No
     noise = torch.randn(backend.latent_shape(2, 16, 16), generator=g)
     null, _ = backend.null_embedding()
     neg = (null.clone() if neg is None else neg).requires_grad_(True)
-    res = grad_step_loss(meter.denoiser(backend.denoiser), meter.decode(backend.decode), meter.reward(reward), ps,
-                         backend.encode_prompts(ps), backend.negative_cond(neg), initial_latent(noise, sigmas[0]),
-                         sigmas, 7.5, grad_index, rollout_steps=rollout_steps)
+    res = grad_step_loss(
+        meter.denoiser(backend.denoiser),
+        meter.decode(backend.decode),
+        meter.reward(reward),
+        ps,
+        backend.encode_prompts(ps),
+        backend.negative_cond(neg),
+        initial_latent(noise, sigmas[0]),
+        sigmas,
+        7.5,
+        grad_index,
+        rollout_steps=rollout_steps,
+    )
     res.loss.backward()
     return res, neg
 
@@ -103,16 +121,42 @@ def test_grad_indices_default_draws_what_the_paper_draws():
 
 
 def _train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, out, *extra):
-    return ["train", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompts", prompts,
-            "--heldout-count", "2", "--out", str(out), "--batch-size", "4", "--micro-batch", "2",
-            "--sampling-steps", "4", "--resolution", "16", "--lr", "0.05", "--eval-every", "0",
-            "--no-progress", "--device", "cpu", *extra]
+    return [
+        "train",
+        "--model",
+        tiny_pipeline_dir,
+        "--reward",
+        f"hpsv2={tiny_hps_ckpt}",
+        "--prompts",
+        prompts,
+        "--heldout-count",
+        "2",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--sampling-steps",
+        "4",
+        "--resolution",
+        "16",
+        "--lr",
+        "0.05",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_train_reports_exact_compute(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
     out = tmp_path / "run"
-    rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, _prompts(tmp_path), out, "--steps", "2",
-                     "--grad-range", "1", "1"))
+    rc = main(
+        _train(tiny_pipeline_dir, tiny_hps_ckpt, _prompts(tmp_path), out, "--steps", "2", "--grad-range", "1", "1")
+    )
     assert rc == 0, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())["compute"]
     # grad step fixed at index 2 of 4: per micro-batch of 2, 2 CFG calls at batch 4, the cond
@@ -132,8 +176,21 @@ def test_options_resume_exactly_and_keep_the_count(tmp_path, tiny_pipeline_dir, 
     from reneg.trainer import train as T
 
     prompts = _prompts(tmp_path)
-    opts = ["--steps", "4", "--checkpoint-every", "2", "--grad-range", "0", "2", "--rollout-steps", "2",
-            "--grads-per-rollout", "2", "--seed", "5"]
+    opts = [
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--grad-range",
+        "0",
+        "2",
+        "--rollout-steps",
+        "2",
+        "--grads-per-rollout",
+        "2",
+        "--seed",
+        "5",
+    ]
     assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *opts)) == 0
     real = T.save_checkpoint
 
@@ -156,19 +213,42 @@ def test_options_resume_exactly_and_keep_the_count(tmp_path, tiny_pipeline_dir, 
     sa, sb = (json.loads((tmp_path / k / "summary.json").read_text())["compute"] for k in ("a", "b"))
     assert sa["counts"] == sb["counts"] and sa["units"]["U"] > 0
     # a different option is refused on resume, naming it
-    rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b",
-                     *[o if o != "2" or i != opts.index("--rollout-steps") + 1 else "3" for i, o in enumerate(opts)],
-                     "--steps", "6", "--resume"))
+    rc = main(
+        _train(
+            tiny_pipeline_dir,
+            tiny_hps_ckpt,
+            prompts,
+            tmp_path / "b",
+            *[o if o != "2" or i != opts.index("--rollout-steps") + 1 else "3" for i, o in enumerate(opts)],
+            "--steps",
+            "6",
+            "--resume",
+        )
+    )
     assert rc == 2 and "--rollout-steps" in capsys.readouterr().err
 
 
 def test_options_are_validated_before_loading(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
     prompts = _prompts(tmp_path)
-    rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "x", "--grad-range", "0", "1",
-                     "--grads-per-rollout", "3"))
+    rc = main(
+        _train(
+            tiny_pipeline_dir,
+            tiny_hps_ckpt,
+            prompts,
+            tmp_path / "x",
+            "--grad-range",
+            "0",
+            "1",
+            "--grads-per-rollout",
+            "3",
+        )
+    )
     assert rc == 2 and "--grads-per-rollout 3" in capsys.readouterr().err
-    rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "x", "--grad-range", "0", "1",
-                     "--rollout-steps", "0"))
+    rc = main(
+        _train(
+            tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "x", "--grad-range", "0", "1", "--rollout-steps", "0"
+        )
+    )
     assert rc == 2 and "--rollout-steps" in capsys.readouterr().err
 
 
@@ -187,8 +267,9 @@ def test_recipe_fills_unset_options_and_flags_win():
     assert mine.rollout_steps == 9
 
 
-def test_tune_search_steps_counts_and_record(tmp_path, tiny_backend, tiny_reward, tiny_pipeline_dir, tiny_hps_ckpt,
-                                            capsys):
+def test_tune_search_steps_counts_and_record(
+    tmp_path, tiny_backend, tiny_reward, tiny_pipeline_dir, tiny_hps_ckpt, capsys
+):
     from reneg.tuning import scaled_grad_range, tune_for_seed
 
     assert scaled_grad_range((0, 10), 30, 7) == (0, 2)
@@ -196,8 +277,23 @@ def test_tune_search_steps_counts_and_record(tmp_path, tiny_backend, tiny_reward
     assert scaled_grad_range((0, 10), 30, 10) == (0, 3)
     null, _ = tiny_backend.null_embedding()
     meter = ComputeMeter()
-    res, image = tune_for_seed(tiny_backend, tiny_reward, "a red circle", 3, null, 6, 7.5, (1, 1), 16, 16,
-                               max_steps=2, patience=2, lr=0.05, search_steps=3, meter=meter)
+    res, image = tune_for_seed(
+        tiny_backend,
+        tiny_reward,
+        "a red circle",
+        3,
+        null,
+        6,
+        7.5,
+        (1, 1),
+        16,
+        16,
+        max_steps=2,
+        patience=2,
+        lr=0.05,
+        search_steps=3,
+        meter=meter,
+    )
     # search at 3 steps; grad range 1 1 of 6 steps scales to 0 0 of 3 (the last step)
     c = meter.counts["unet"]
     # step 0: a rollout to the grad step, the grad step (cond no-grad + negative with grad), the rest
@@ -208,25 +304,70 @@ def test_tune_search_steps_counts_and_record(tmp_path, tiny_backend, tiny_reward
     assert res.final_reward is not None and image.shape[-1] == 16
     # the CLI: the record carries the meter's totals
     out = tmp_path / "t.safetensors"
-    rc = main(["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "a red circle",
-               "--seed", "3", "--max-steps", "2", "--patience", "2", "--lr", "0.05", "--sampling-steps", "6",
-               "--grad-range", "1", "1",
-               "--resolution", "16", "--search-steps", "3", "--out", str(out), "--device", "cpu"])
+    rc = main(
+        [
+            "tune",
+            "--model",
+            tiny_pipeline_dir,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "3",
+            "--max-steps",
+            "2",
+            "--patience",
+            "2",
+            "--lr",
+            "0.05",
+            "--sampling-steps",
+            "6",
+            "--grad-range",
+            "1",
+            "1",
+            "--resolution",
+            "16",
+            "--search-steps",
+            "3",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "t.json").read_text())
     assert rep["compute"]["counts"]["unet"] == c and rep["search_steps"] == 3
     assert rep["final_reward"] == pytest.approx(res.final_reward)
-    rc = main(["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "x",
-               "--sampling-steps", "6", "--grad-range", "0", "1", "--search-steps", "9", "--out",
-               str(tmp_path / "u.safetensors")])
+    rc = main(
+        [
+            "tune",
+            "--model",
+            tiny_pipeline_dir,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompt",
+            "x",
+            "--sampling-steps",
+            "6",
+            "--grad-range",
+            "0",
+            "1",
+            "--search-steps",
+            "9",
+            "--out",
+            str(tmp_path / "u.safetensors"),
+        ]
+    )
     assert rc == 2 and "--search-steps 9" in capsys.readouterr().err
 
 
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import sys
     from reneg.cli import main
     sys.exit(main(sys.argv[1:]))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -241,14 +382,53 @@ def test_options_take_the_same_step_in_two_processes(tmp_path, tiny_pipeline_dir
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
     def args(out, micro):
-        return ["train", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompts", prompts,
-                "--heldout-count", "2", "--out", str(out), "--steps", "2", "--batch-size", "4", "--micro-batch",
-                micro, "--sampling-steps", "4", "--grad-range", "0", "2", "--rollout-steps", "2",
-                "--grads-per-rollout", "2", "--resolution", "16", "--lr", "0.05", "--eval-every", "0",
-                "--eval-batch", "2", "--device", "cpu", "--seed", "3", "--no-progress"]
+        return [
+            "train",
+            "--model",
+            tiny_pipeline_dir,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompts",
+            prompts,
+            "--heldout-count",
+            "2",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--micro-batch",
+            micro,
+            "--sampling-steps",
+            "4",
+            "--grad-range",
+            "0",
+            "2",
+            "--rollout-steps",
+            "2",
+            "--grads-per-rollout",
+            "2",
+            "--resolution",
+            "16",
+            "--lr",
+            "0.05",
+            "--eval-every",
+            "0",
+            "--eval-batch",
+            "2",
+            "--device",
+            "cpu",
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
 
-    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
-                + args(tmp_path / "two", "1"), [sys.executable, str(driver)] + args(tmp_path / "one", "1")):
+    for cmd in (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+        + args(tmp_path / "two", "1"),
+        [sys.executable, str(driver)] + args(tmp_path / "one", "1"),
+    ):
         p = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=400)
         assert p.returncode == 0, p.stderr[-3000:]
     two, one = (load_embedding(tmp_path / k / "embedding.safetensors").tensor for k in ("two", "one"))

@@ -33,8 +33,17 @@ def short_run(tmp_path_factory):
     # 100 x 16 (+0.020 +- 0.009) over null on 512 held-out images; batches of 8 or lr 0.1 fell below null.
     s.update(steps=100, eval_every=0, checkpoint_every=100)
     kw = {k: v for k, v in s.items() if k in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(model=d["model"], rewards=[d["reward"]], prompts=d["prompts"], heldout=d["heldout"],
-                      out=str(out / "train"), handcrafted=d["handcrafted"], progress=False, device="cpu", **kw)
+    cfg = TrainConfig(
+        model=d["model"],
+        rewards=[d["reward"]],
+        prompts=d["prompts"],
+        heldout=d["heldout"],
+        out=str(out / "train"),
+        handcrafted=d["handcrafted"],
+        progress=False,
+        device="cpu",
+        **kw,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))  # as `reneg train --demo` runs it
     try:

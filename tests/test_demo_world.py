@@ -57,7 +57,7 @@ def test_degraded_fraction_is_as_designed():
     assert abs((degraded & ~named).mean() - world.UNLABELLED_DEGRADED_FRACTION) < 0.03
     assert abs(named.mean() - (world.DEGRADED_FRACTION - world.UNLABELLED_DEGRADED_FRACTION)) < 0.02
     assert not (named & clean).any()
-    for cap, c, n in zip(caps, clean, named):
+    for cap, _c, n in zip(caps, clean, named):
         assert _has_degradation_word(cap) == bool(n)
     kinds = {m["degradation"] for m in metas if m["degradation"]}
     assert kinds == set(world.DEGRADATIONS)
@@ -74,8 +74,9 @@ def test_package_paths():
 def pipe():
     from diffusers import StableDiffusionPipeline
 
-    p = StableDiffusionPipeline.from_pretrained(demo_world.pipeline_dir(), torch_dtype=torch.float32,
-                                                local_files_only=True)
+    p = StableDiffusionPipeline.from_pretrained(
+        demo_world.pipeline_dir(), torch_dtype=torch.float32, local_files_only=True
+    )
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -92,7 +93,12 @@ def test_pipeline_loads_and_generates(pipe):
     assert pipe.vae.config.scaling_factor != 1.0
     sc = pipe.scheduler.config
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
-    assert (sc.beta_schedule, sc.beta_start, sc.beta_end, sc.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    assert (sc.beta_schedule, sc.beta_start, sc.beta_end, sc.num_train_timesteps) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+        1000,
+    )
     assert (sc.steps_offset, sc.clip_sample, sc.set_alpha_to_one, sc.prediction_type) == (1, False, False, "epsilon")
     index = json.load(open(os.path.join(demo_world.pipeline_dir(), "model_index.json")))
     assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
@@ -104,8 +110,13 @@ def test_pipeline_loads_and_generates(pipe):
     assert ids.shape == (1, 77) and ids[0, :5].tolist() == [49406, 320, 736, 7117, 49407]
     assert (ids[0, 5:] == 49407).all()  # SD1 pads with <|endoftext|>
 
-    out = pipe("two blue squares", num_inference_steps=3, guidance_scale=5.0,
-               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    out = pipe(
+        "two blue squares",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
 

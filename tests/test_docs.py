@@ -16,8 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # top-level folders of the repository: a backticked path starting with one of these must exist
-REPO_DIRS = ("reneg/", "trainer/", "nodes/", "tests/", "benchmarks/", "a1111_extension/", "scripts/",
-             "workflows/", "docs/", "embeddings/", "web/", ".ci/", "tools/")
+REPO_DIRS = (
+    "reneg/",
+    "trainer/",
+    "nodes/",
+    "tests/",
+    "benchmarks/",
+    "a1111_extension/",
+    "scripts/",
+    "workflows/",
+    "docs/",
+    "embeddings/",
+    "web/",
+    ".ci/",
+    "tools/",
+)
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
@@ -124,9 +137,12 @@ def test_a_broken_link_is_caught(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "there.md").write_text("# A heading\n", encoding="utf-8")
     page = tmp_path / "README.md"
-    page.write_text("[ok](docs/there.md#a-heading) [gone](docs/missing.md) [web](https://example.org)\n"
-                    "[bad anchor](docs/there.md#nope) [up](../x.md)\n"
-                    "```\n[in code](docs/ignored.md)\n```\n", encoding="utf-8")
+    page.write_text(
+        "[ok](docs/there.md#a-heading) [gone](docs/missing.md) [web](https://example.org)\n"
+        "[bad anchor](docs/there.md#nope) [up](../x.md)\n"
+        "```\n[in code](docs/ignored.md)\n```\n",
+        encoding="utf-8",
+    )
     assert broken_links(page, root=tmp_path) == [
         "README.md:1: docs/missing.md -> docs/missing.md does not exist",
         "README.md:2: docs/there.md#nope: no heading '#nope' in docs/there.md",

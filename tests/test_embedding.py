@@ -62,8 +62,9 @@ def test_convert_cli_keeps_bits_and_refuses_overwrite(tmp_path, capsys):
 def test_our_format_metadata_round_trip(tmp_path):
     t = torch.randn(1, 77, 1024)
     path = tmp_path / "e.safetensors"
-    save_embedding(path, NegEmbedding(t, "sd2"), kind="per-sample", prompt="a cat", seed=7,
-                   rewards=["hpsv2.1=x"], lr=5e-3)
+    save_embedding(
+        path, NegEmbedding(t, "sd2"), kind="per-sample", prompt="a cat", seed=7, rewards=["hpsv2.1=x"], lr=5e-3
+    )
     e = load_embedding(path)
     m = e.metadata
     assert e.format == "reneg" and e.family == "sd2" and torch.equal(e.tensor, t)
@@ -98,15 +99,18 @@ def _write(tmp_path, name, obj):
     return p
 
 
-@pytest.mark.parametrize("obj, needle", [
-    (torch.randn(77), "expected a tensor of shape [1, tokens, hidden]"),
-    (torch.randn(2, 77, 768), "expected a tensor of shape"),
-    (torch.full((1, 77, 768), float("nan")), "expected finite values"),
-    (torch.randn(1, 77, 500), "unknown hidden size 500"),
-    (torch.randn(1, 70, 768), "needs 77 token rows, found 70"),
-    (torch.zeros(1, 77, 768, dtype=torch.long), "floating-point"),
-    ({"a": torch.randn(1, 77, 768), "b": torch.randn(3)}, "expected a tensor or a dict"),
-])
+@pytest.mark.parametrize(
+    "obj, needle",
+    [
+        (torch.randn(77), "expected a tensor of shape [1, tokens, hidden]"),
+        (torch.randn(2, 77, 768), "expected a tensor of shape"),
+        (torch.full((1, 77, 768), float("nan")), "expected finite values"),
+        (torch.randn(1, 77, 500), "unknown hidden size 500"),
+        (torch.randn(1, 70, 768), "needs 77 token rows, found 70"),
+        (torch.zeros(1, 77, 768, dtype=torch.long), "floating-point"),
+        ({"a": torch.randn(1, 77, 768), "b": torch.randn(3)}, "expected a tensor or a dict"),
+    ],
+)
 def test_bad_tensors_are_refused_with_the_file_named(tmp_path, obj, needle):
     p = _write(tmp_path, "bad.pt", obj)
     with pytest.raises(EmbeddingError) as e:
@@ -157,8 +161,9 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 def test_lying_safetensors_header(tmp_path):
     import struct
 
-    header = json.dumps({"neg_embedding": {"dtype": "F32", "shape": [1, 77, 10**12],
-                                           "data_offsets": [0, 4 * 77 * 10**12]}}).encode()
+    header = json.dumps(
+        {"neg_embedding": {"dtype": "F32", "shape": [1, 77, 10**12], "data_offsets": [0, 4 * 77 * 10**12]}}
+    ).encode()
     p = tmp_path / "liar.safetensors"
     p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
     with pytest.raises(EmbeddingError, match="liar.safetensors.*invalid"):
@@ -176,7 +181,9 @@ def test_expected_family_names_both(tmp_path):
 
 
 def test_core_embedding_module_imports_only_torch_and_safetensors():
-    code = ("import sys, reneg.embedding\n"
-            "heavy = [m for m in ('diffusers', 'transformers', 'open_clip', 'accelerate') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys, reneg.embedding\n"
+        "heavy = [m for m in ('diffusers', 'transformers', 'open_clip', 'accelerate') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

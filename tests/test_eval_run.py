@@ -29,16 +29,31 @@ def emb_file(tmp_path_factory, tiny_backend):
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "p.tsv"
-    path.write_text("Prompt\tCategory\na red circle\tshapes\na blue square\tshapes\na green cat\tanimals\n",
-                    encoding="utf-8")
+    path.write_text(
+        "Prompt\tCategory\na red circle\tshapes\na blue square\tshapes\na green cat\tanimals\n", encoding="utf-8"
+    )
     return str(path)
 
 
 def _cfg(tmp, pipe, hps, prompt_path, emb, **kw):
-    base = dict(model=pipe, rewards=[f"hpsv2={hps}", f"hpsv2={hps}"], prompts=prompt_path,
-                negatives=["null", "handcrafted:blurry, ugly", emb, f"tuned:{emb}"], out=str(tmp),
-                sampling_steps=3, guidance=5.0, resolution=16, batch=4, tune_steps=2, tune_patience=2,
-                tune_lr=0.05, grad_range=(0, 1), seed=7, progress=False, device="cpu")
+    base = dict(
+        model=pipe,
+        rewards=[f"hpsv2={hps}", f"hpsv2={hps}"],
+        prompts=prompt_path,
+        negatives=["null", "handcrafted:blurry, ugly", emb, f"tuned:{emb}"],
+        out=str(tmp),
+        sampling_steps=3,
+        guidance=5.0,
+        resolution=16,
+        batch=4,
+        tune_steps=2,
+        tune_patience=2,
+        tune_lr=0.05,
+        grad_range=(0, 1),
+        seed=7,
+        progress=False,
+        device="cpu",
+    )
     base.update(kw)
     return EvalConfig(**base)
 
@@ -53,8 +68,9 @@ class _Imgs(HTMLParser):
             self.srcs.append(dict(attrs)["src"])
 
 
-def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file,
-                                          monkeypatch):
+def test_end_to_end_files_html_and_resume(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, monkeypatch
+):
     out = tmp_path / "ev"
     cfg = _cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file)
     summary = ev.run_eval(cfg, log=lambda m: None)
@@ -127,8 +143,11 @@ def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_
         os.unlink(out / "images" / f)
     saved = []
     real_save = image_files.save_frames
-    monkeypatch.setattr(image_files, "save_frames", lambda path, fr, **k: (saved.append(os.path.basename(path)),
-                                                                   real_save(path, fr, **k)))
+    monkeypatch.setattr(
+        image_files,
+        "save_frames",
+        lambda path, fr, **k: (saved.append(os.path.basename(path)), real_save(path, fr, **k)),
+    )
     ev.run_eval(cfg, log=lambda m: None)
     assert sorted(saved) == sorted(deleted)
     rows2 = scoring.read_scores_csv(str(out / "scores.csv"))
@@ -138,8 +157,9 @@ def test_end_to_end_files_html_and_resume(tmp_path, tiny_pipeline_dir, tiny_hps_
 
     # a rerun with other generation settings must not mix images
     with pytest.raises(EvalError, match="sampling_steps 3 -> 5"):
-        ev.run_eval(_cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, sampling_steps=5),
-                    log=lambda m: None)
+        ev.run_eval(
+            _cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, sampling_steps=5), log=lambda m: None
+        )
 
 
 def test_negative_syntax(tmp_path, emb_file):
@@ -238,8 +258,21 @@ def test_tune_for_seed_returns_the_best_image(tiny_backend, tiny_reward):
     from reneg.tuning import tune_for_seed
 
     null, _ = tiny_backend.null_embedding()
-    res, image = tune_for_seed(tiny_backend, tiny_reward, "a red circle", 11, null, steps=3, guidance=5.0,
-                               grad_range=(0, 1), height=16, width=16, max_steps=2, patience=2, lr=0.5)
+    res, image = tune_for_seed(
+        tiny_backend,
+        tiny_reward,
+        "a red circle",
+        11,
+        null,
+        steps=3,
+        guidance=5.0,
+        grad_range=(0, 1),
+        height=16,
+        width=16,
+        max_steps=2,
+        patience=2,
+        lr=0.5,
+    )
     assert len(res.history) == 2 and res.best_reward == max(h["reward"] for h in res.history)
     with torch.no_grad():
         assert float(tiny_reward(image, ["a red circle"])) == pytest.approx(res.best_reward, abs=1e-5)
@@ -247,8 +280,9 @@ def test_tune_for_seed_returns_the_best_image(tiny_backend, tiny_reward):
         tune_for_seed(tiny_backend, tiny_reward, "x", 0, null, 4, 5.0, (0, 1), 16, 16, noise="other")
 
 
-def test_wrong_family_embedding_fails_before_any_image(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file,
-                                                       emb_file):
+def test_wrong_family_embedding_fails_before_any_image(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file
+):
     from reneg.embedding import EmbeddingError
 
     sd1 = str(tmp_path / "sd1_neg.safetensors")
@@ -273,8 +307,12 @@ def test_demo_as_a_new_user(tmp_path, monkeypatch, capsys):
     assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned", "tuned"]
     assert (out / "train" / "embedding.safetensors").is_file() and len(s["categories"]) > 1
     # per-sample tuning for the first image of each prompt (--tune-per-prompt 1), the rest for all
-    assert s["images"] == {"null": 2 * s["prompts"], "handcrafted": 2 * s["prompts"], "learned": 2 * s["prompts"],
-                           "tuned": s["prompts"]}
+    assert s["images"] == {
+        "null": 2 * s["prompts"],
+        "handcrafted": 2 * s["prompts"],
+        "learned": 2 * s["prompts"],
+        "tuned": s["prompts"],
+    }
     sub = s["subsets"]["hpsv2"]["tuned"]
     assert sub["tuned"]["mean"] >= sub["learned"]["mean"] - 2e-3  # the search keeps its start
     parser = _Imgs()
@@ -295,26 +333,50 @@ def test_tuned_fresh_noise_and_saved_embeddings(tmp_path, tiny_pipeline_dir, tin
     prompts = tmp_path / "p.txt"
     prompts.write_text("a green triangle\n")
     out = tmp_path / "fresh"
-    cfg = _cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, str(prompts), emb_file, negatives=[f"t=tuned:{emb_file}"],
-               rewards=[f"hpsv2={tiny_hps_ckpt}"], tune_noise="fresh", save_tuned=True, tune_steps=3)
+    cfg = _cfg(
+        out,
+        tiny_pipeline_dir,
+        tiny_hps_ckpt,
+        str(prompts),
+        emb_file,
+        negatives=[f"t=tuned:{emb_file}"],
+        rewards=[f"hpsv2={tiny_hps_ckpt}"],
+        tune_noise="fresh",
+        save_tuned=True,
+        tune_steps=3,
+    )
     ev.run_eval(cfg, log=lambda m: None)
     saved = load_embedding(str(out / "tuned" / "t" / "00000_s7_t.safetensors"), expected_family="tiny")
     assert saved.metadata["kind"] == "per-sample" and saved.metadata["prompt"] == "a green triangle"
     with torch.no_grad():
-        img = generate(tiny_backend, tiny_backend.encode_prompts(["a green triangle"]),
-                       tiny_backend.negative_cond(saved.tensor.float()), seeded_noise(tiny_backend, [7], 16, 16),
-                       cfg.sampling_steps, cfg.guidance)
+        img = generate(
+            tiny_backend,
+            tiny_backend.encode_prompts(["a green triangle"]),
+            tiny_backend.negative_cond(saved.tensor.float()),
+            seeded_noise(tiny_backend, [7], 16, 16),
+            cfg.sampling_steps,
+            cfg.guidance,
+        )
     made = image_files.load_frames(str(out / "images" / "00000_s7_t.png"))
     assert (image_files.to_uint8(img).astype(int) - image_files.to_uint8(made).astype(int)).__abs__().max() <= 1
 
 
-def test_tune_per_prompt_tunes_a_subset_and_compares_on_it(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file,
-                                                           emb_file, monkeypatch):
+def test_tune_per_prompt_tunes_a_subset_and_compares_on_it(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, monkeypatch
+):
     """--tune-per-prompt 1 with 2 images per prompt: tuned is made for image 0 of each prompt only, compared
     with the others on those images, and a rerun does not try to make the rest."""
     out = tmp_path / "ev"
-    cfg = _cfg(out, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, rewards=[f"hpsv2={tiny_hps_ckpt}"],
-               images_per_prompt=2, tune_per_prompt=1)
+    cfg = _cfg(
+        out,
+        tiny_pipeline_dir,
+        tiny_hps_ckpt,
+        prompt_file,
+        emb_file,
+        rewards=[f"hpsv2={tiny_hps_ckpt}"],
+        images_per_prompt=2,
+        tune_per_prompt=1,
+    )
     s = ev.run_eval(cfg, log=lambda m: None)
     negs = ["null", "handcrafted", "my_neg", "tuned-my_neg"]
     images = set(os.listdir(out / "images"))
@@ -322,8 +384,12 @@ def test_tune_per_prompt_tunes_a_subset_and_compares_on_it(tmp_path, tiny_pipeli
     # seeds: 7 + i * 2 + k; tuned only for k = 0
     assert tuned == {f"{i:05d}_s{7 + 2 * i}_tuned-my_neg.png" for i in range(3)}
     assert len(images) == 3 * 6 + 3
-    assert s["images_per_negative"] == 6 and s["images"] == {"null": 6, "handcrafted": 6, "my_neg": 6,
-                                                             "tuned-my_neg": 3}
+    assert s["images_per_negative"] == 6 and s["images"] == {
+        "null": 6,
+        "handcrafted": 6,
+        "my_neg": 6,
+        "tuned-my_neg": 3,
+    }
     rows = [r for r in scoring.read_scores_csv(str(out / "scores.csv"))]
     assert len(rows) == 21
     sc = {(r["prompt_index"], r["seed"], r["negative"]): r["score"] for r in rows}
@@ -362,5 +428,6 @@ def test_tune_per_prompt_tunes_a_subset_and_compares_on_it(tmp_path, tiny_pipeli
 
 def test_tune_per_prompt_must_be_positive(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file):
     with pytest.raises(EvalError, match="--tune-per-prompt must be a positive integer, got 0"):
-        ev.validate_eval(_cfg(tmp_path / "ev", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file,
-                              tune_per_prompt=0))
+        ev.validate_eval(
+            _cfg(tmp_path / "ev", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, tune_per_prompt=0)
+        )

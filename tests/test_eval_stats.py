@@ -65,7 +65,11 @@ def test_win_rate_all_wins():
     assert w["hi"] == 1.0
     assert w["lo"] == pytest.approx(10 / (10 + Z * Z)) and w["lo"] == pytest.approx(0.722467, abs=1e-6)
     lost = stats.win_rate([0.0] * 10, [1.0] * 10)
-    assert lost["rate"] == 0.0 and lost["lo"] == pytest.approx(0.0, abs=1e-12) and lost["hi"] == pytest.approx(1 - 0.722467, abs=1e-6)
+    assert (
+        lost["rate"] == 0.0
+        and lost["lo"] == pytest.approx(0.0, abs=1e-12)
+        and lost["hi"] == pytest.approx(1 - 0.722467, abs=1e-6)
+    )
 
 
 def test_win_rate_single_prompt():

@@ -12,8 +12,14 @@ def motion_adapter_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     # fits reneg.tiny's UNet: two blocks of 32 and 64 channels, one layer per block
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=False)
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=8,
+        motion_max_seq_length=8,
+        use_motion_mid_block=False,
+    )
     folder = str(tmp_path_factory.mktemp("motion") / "adapter")
     adapter.save_pretrained(folder)
     return folder
@@ -48,10 +54,24 @@ def test_eval_video_end_to_end(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "vid"
-    cfg = EvalConfig(model=tiny_pipeline_dir, rewards=[f"hpsv2={tiny_hps_ckpt}"], prompts=str(prompts),
-                     negatives=["null", "handcrafted:blurry", "tuned:null"], out=str(out), video=motion_adapter_dir,
-                     frames=2, sampling_steps=3, resolution=16, batch=2, tune_steps=2, tune_patience=2,
-                     grad_range=(0, 1), tune_lr=0.05, progress=False, device="cpu")
+    cfg = EvalConfig(
+        model=tiny_pipeline_dir,
+        rewards=[f"hpsv2={tiny_hps_ckpt}"],
+        prompts=str(prompts),
+        negatives=["null", "handcrafted:blurry", "tuned:null"],
+        out=str(out),
+        video=motion_adapter_dir,
+        frames=2,
+        sampling_steps=3,
+        resolution=16,
+        batch=2,
+        tune_steps=2,
+        tune_patience=2,
+        grad_range=(0, 1),
+        tune_lr=0.05,
+        progress=False,
+        device="cpu",
+    )
     summary = ev.run_eval(cfg, log=lambda m: None)
     names = sorted(os.listdir(out / "images"))
     assert len(names) == 6

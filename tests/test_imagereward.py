@@ -25,20 +25,74 @@ import torch.nn.functional as F
 from reneg.rewards import RewardSpecError, load_reward, parse_spec
 from reneg.rewards import imagereward as ir
 
-WORDS = ["a", "an", "the", "of", "in", "on", "with", "cat", "dog", "red", "blue", "photo", "painting", "portrait",
-         "castle", "sky", "at", "sunset", "highly", "detailed", "art", "by", "and", "woman", "man", "city", "night"]
-VOCAB = list(dict.fromkeys(
-    ["[PAD]"] + [f"[unused{i}]" for i in range(4)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    + list(string.punctuation) + list(string.ascii_lowercase) + list("0123456789")
-    + ["##" + c for c in string.ascii_lowercase + "0123456789"] + WORDS + ["##s", "##ing", "##ed"]))
-PROMPTS = ["a red cat on the sky", "A Photo of a Dog, highly detailed!", "portrait of a woman by Greg Rutkowski, 8k",
-           "castles at sunset and " + "night city " * 20, "Café crème brûlée"]
-TINY = {"vision": {"width": 64, "layers": 2, "heads": 4, "patch_size": 16},
-        "text": {"vocab_size": len(VOCAB) + 2, "hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12,
-                 "intermediate_size": 256, "max_position_embeddings": 64}}
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "with",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "photo",
+    "painting",
+    "portrait",
+    "castle",
+    "sky",
+    "at",
+    "sunset",
+    "highly",
+    "detailed",
+    "art",
+    "by",
+    "and",
+    "woman",
+    "man",
+    "city",
+    "night",
+]
+VOCAB = list(
+    dict.fromkeys(
+        ["[PAD]"]
+        + [f"[unused{i}]" for i in range(4)]
+        + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        + list(string.punctuation)
+        + list(string.ascii_lowercase)
+        + list("0123456789")
+        + ["##" + c for c in string.ascii_lowercase + "0123456789"]
+        + WORDS
+        + ["##s", "##ing", "##ed"]
+    )
+)
+PROMPTS = [
+    "a red cat on the sky",
+    "A Photo of a Dog, highly detailed!",
+    "portrait of a woman by Greg Rutkowski, 8k",
+    "castles at sunset and " + "night city " * 20,
+    "Café crème brûlée",
+]
+TINY = {
+    "vision": {"width": 64, "layers": 2, "heads": 4, "patch_size": 16},
+    "text": {
+        "vocab_size": len(VOCAB) + 2,
+        "hidden_size": 768,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 12,
+        "intermediate_size": 256,
+        "max_position_embeddings": 64,
+    },
+}
 # image-reward 1.5's score_gard(ids, mask, noise) for the tiny model below, run by hand
-PACKAGE_SCORES = [-0.13106703758239746, -0.08699612319469452, -0.09407781064510345, -0.2028180956840515,
-                  -0.08954087644815445]
+PACKAGE_SCORES = [
+    -0.13106703758239746,
+    -0.08699612319469452,
+    -0.09407781064510345,
+    -0.2028180956840515,
+    -0.08954087644815445,
+]
 
 
 def tiny_state_dict(cfg: dict) -> dict:
@@ -71,6 +125,7 @@ def noise_pixels():
 
 # --------------------------------------------------------------------------- a reading of the package's forward
 
+
 def _ln(x, sd, k, eps):
     return F.layer_norm(x, x.shape[-1:], sd[k + ".weight"], sd[k + ".bias"], eps)
 
@@ -87,7 +142,7 @@ def reference_score(sd, cfg, ids, mask, pixels):
     # vit.py VisionTransformer.forward (timm PatchEmbed, cls token, pos_embed, pre-norm blocks, norm)
     x = F.conv2d(pixels, sd[pre + "patch_embed.proj.weight"], sd[pre + "patch_embed.proj.bias"], stride=v["patch_size"])
     x = x.flatten(2).transpose(1, 2)
-    x = torch.cat([sd[pre + "cls_token"].expand(x.shape[0], -1, -1), x], 1) + sd[pre + "pos_embed"][:, :x.shape[1] + 1]
+    x = torch.cat([sd[pre + "cls_token"].expand(x.shape[0], -1, -1), x], 1) + sd[pre + "pos_embed"][:, : x.shape[1] + 1]
     for i in range(v["layers"]):
         b = f"{pre}blocks.{i}."
         h = _ln(x, sd, b + "norm1", 1e-6)
@@ -100,8 +155,10 @@ def reference_score(sd, cfg, ids, mask, pixels):
     # med.py BertModel.forward, encoder mode, multimodal: extended mask (1 - m) * -10000
     pre = "blip.text_encoder."
     eps, heads = t["layer_norm_eps"], t["num_attention_heads"]
-    x = sd[pre + "embeddings.word_embeddings.weight"][ids] + sd[pre + "embeddings.position_embeddings.weight"][
-        torch.arange(ids.shape[1])][None]
+    x = (
+        sd[pre + "embeddings.word_embeddings.weight"][ids]
+        + sd[pre + "embeddings.position_embeddings.weight"][torch.arange(ids.shape[1])][None]
+    )
     x = _ln(x, sd, pre + "embeddings.LayerNorm", eps)
     ext = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
     enc = torch.zeros(image.shape[:2], dtype=x.dtype)[:, None, None, :]  # invert_attention_mask(ones)
@@ -109,6 +166,7 @@ def reference_score(sd, cfg, ids, mask, pixels):
     def attention(hs, ctx, m, k):
         def tr(z):
             return z.view(z.shape[0], -1, heads, z.shape[-1] // heads).permute(0, 2, 1, 3)
+
         q = tr(_lin(hs, sd, k + ".self.query"))
         kk, vv = tr(_lin(ctx, sd, k + ".self.key")), tr(_lin(ctx, sd, k + ".self.value"))
         s = (q @ kk.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + m
@@ -128,6 +186,7 @@ def reference_score(sd, cfg, ids, mask, pixels):
 
 
 # --------------------------------------------------------------------------- tests
+
 
 def test_score_equals_the_package_output(tiny_ir):
     r = load_reward(f"imagereward={tiny_ir / 'ImageReward.pt'}")  # config and tokenizer/ found beside it
@@ -172,20 +231,34 @@ def published_layout() -> dict[str, tuple[int, ...]]:
     """The keys and shapes of the published ImageReward.pt, written out from the package's modules:
     ViT-L/16 (24 blocks, width 1024, 224 px), BERT-base (12 layers, 768) with cross-attention to
     1024-wide image tokens, vocabulary 30,524, projections to 256, the 768-1024-128-64-16-1 MLP."""
-    out = {"blip.visual_encoder.cls_token": (1, 1, 1024), "blip.visual_encoder.pos_embed": (1, 197, 1024),
-           "blip.visual_encoder.patch_embed.proj.weight": (1024, 3, 16, 16),
-           "blip.visual_encoder.patch_embed.proj.bias": (1024,),
-           "blip.visual_encoder.norm.weight": (1024,), "blip.visual_encoder.norm.bias": (1024,)}
+    out = {
+        "blip.visual_encoder.cls_token": (1, 1, 1024),
+        "blip.visual_encoder.pos_embed": (1, 197, 1024),
+        "blip.visual_encoder.patch_embed.proj.weight": (1024, 3, 16, 16),
+        "blip.visual_encoder.patch_embed.proj.bias": (1024,),
+        "blip.visual_encoder.norm.weight": (1024,),
+        "blip.visual_encoder.norm.bias": (1024,),
+    }
     for i in range(24):
         b = f"blip.visual_encoder.blocks.{i}."
         for k, s in [("norm1", (1024,)), ("norm2", (1024,))]:
             out[b + k + ".weight"], out[b + k + ".bias"] = s, s
-        for k, o, n in [("attn.qkv", 3072, 1024), ("attn.proj", 1024, 1024), ("mlp.fc1", 4096, 1024),
-                        ("mlp.fc2", 1024, 4096)]:
+        for k, o, n in [
+            ("attn.qkv", 3072, 1024),
+            ("attn.proj", 1024, 1024),
+            ("mlp.fc1", 4096, 1024),
+            ("mlp.fc2", 1024, 4096),
+        ]:
             out[b + k + ".weight"], out[b + k + ".bias"] = (o, n), (o,)
     e = "blip.text_encoder.embeddings."
-    out.update({e + "word_embeddings.weight": (30524, 768), e + "position_embeddings.weight": (512, 768),
-                e + "LayerNorm.weight": (768,), e + "LayerNorm.bias": (768,)})
+    out.update(
+        {
+            e + "word_embeddings.weight": (30524, 768),
+            e + "position_embeddings.weight": (512, 768),
+            e + "LayerNorm.weight": (768,),
+            e + "LayerNorm.bias": (768,),
+        }
+    )
     for i in range(12):
         b = f"blip.text_encoder.encoder.layer.{i}."
         for att, kv in [("attention", 768), ("crossattention", 1024)]:
@@ -196,8 +269,14 @@ def published_layout() -> dict[str, tuple[int, ...]]:
         out[b + "intermediate.dense.weight"], out[b + "intermediate.dense.bias"] = (3072, 768), (3072,)
         out[b + "output.dense.weight"], out[b + "output.dense.bias"] = (768, 3072), (768,)
         out[b + "output.LayerNorm.weight"], out[b + "output.LayerNorm.bias"] = (768,), (768,)
-    out.update({"blip.vision_proj.weight": (256, 1024), "blip.vision_proj.bias": (256,),
-                "blip.text_proj.weight": (256, 768), "blip.text_proj.bias": (256,)})
+    out.update(
+        {
+            "blip.vision_proj.weight": (256, 1024),
+            "blip.vision_proj.bias": (256,),
+            "blip.text_proj.weight": (256, 768),
+            "blip.text_proj.bias": (256,),
+        }
+    )
     for j, (o, n) in zip((0, 2, 4, 6, 7), [(1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]):
         out[f"mlp.layers.{j}.weight"], out[f"mlp.layers.{j}.bias"] = (o, n), (o,)
     return out
@@ -222,8 +301,11 @@ def test_keys_that_do_not_fit_are_named(tiny_ir, tmp_path):
     (tmp_path / "tokenizer" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     (tmp_path / "imagereward_config.json").write_text(json.dumps(TINY))
     torch.save({"state_dict": sd}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"1 missing keys \(blip\.text_encoder\.encoder\.layer\.1\.crossattention"
-                                         r"\.self\.key\.weight\), 1 unexpected \(blip\.itm_head\.weight\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 missing keys \(blip\.text_encoder\.encoder\.layer\.1\.crossattention"
+        r"\.self\.key\.weight\), 1 unexpected \(blip\.itm_head\.weight\)",
+    ):
         load_reward(f"imagereward={tmp_path / 'bad.pt'}")
 
 

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import json, os, sys
     from accelerate import PartialState
     from reneg.cli import build_parser
@@ -45,15 +45,49 @@ DRIVER = textwrap.dedent('''
         st = PartialState()
         with open(os.path.join(record, f"rank{st.process_index}.json"), "w") as f:
             json.dump({"rank": st.process_index, "world": st.num_processes, "seen": seen}, f)
-''')
+""")
 
 
 def _args(model, hps, prompts, out, batch):
-    return ["train", "--model", model, "--reward", f"hpsv2={hps}", "--prompts", prompts, "--out", out,
-            "--steps", "2", "--batch-size", str(batch), "--micro-batch", "1", "--sampling-steps", "4",
-            "--grad-range", "0", "1", "--resolution", "16", "--lr", "0.01", "--eval-every", "0",
-            "--heldout-count", "2", "--eval-batch", "2", "--checkpoint-every", "100", "--device", "cpu",
-            "--seed", "3", "--no-progress"]
+    return [
+        "train",
+        "--model",
+        model,
+        "--reward",
+        f"hpsv2={hps}",
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--batch-size",
+        str(batch),
+        "--micro-batch",
+        "1",
+        "--sampling-steps",
+        "4",
+        "--grad-range",
+        "0",
+        "1",
+        "--resolution",
+        "16",
+        "--lr",
+        "0.01",
+        "--eval-every",
+        "0",
+        "--heldout-count",
+        "2",
+        "--eval-batch",
+        "2",
+        "--checkpoint-every",
+        "100",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
 
 
 def _run(cmd, cwd, timeout=300):
@@ -79,9 +113,21 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_pipeline_dir, ti
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join([
-        "a red fox in snow", "an old lighthouse", "a bowl of soup", "a city at night",
-        "a cat in a hat", "a mountain lake", "a blue car", "a tree in autumn"]) + "\n")
+    prompts.write_text(
+        "\n".join(
+            [
+                "a red fox in snow",
+                "an old lighthouse",
+                "a bowl of soup",
+                "a city at night",
+                "a cat in a hat",
+                "a mountain lake",
+                "a blue car",
+                "a tree in autumn",
+            ]
+        )
+        + "\n"
+    )
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     dirs = {k: tmp_path / k for k in ("two", "one4", "one2")}
@@ -89,12 +135,14 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_pipeline_dir, ti
         d.mkdir()
 
     def run_args(name, batch):
-        return [str(dirs[name])] + _args(tiny_pipeline_dir, tiny_hps_ckpt, str(prompts),
-                                         str(dirs[name] / "out"), batch)
+        return [str(dirs[name])] + _args(tiny_pipeline_dir, tiny_hps_ckpt, str(prompts), str(dirs[name] / "out"), batch)
 
     cwd = str(tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(driver)] + run_args("two", 4), cwd)
+    _run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+        + run_args("two", 4),
+        cwd,
+    )
     _run([sys.executable, str(driver)] + run_args("one4", 4) + [":::"] + run_args("one2", 2), cwd)
 
     ranks = [json.loads((dirs["two"] / f"rank{r}.json").read_text()) for r in (0, 1)]

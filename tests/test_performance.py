@@ -60,8 +60,18 @@ def test_our_path_gradient_equals_the_plain_reference_at_fp32(fresh):
     assert backend.unet.is_gradient_checkpointing and backend.vae.is_gradient_checkpointing
     sigmas = backend.schedule(steps)
     neg_o = null.clone().requires_grad_(True)
-    res = grad_step_loss(backend.denoiser, backend.decode, reward, prompts, backend.encode_prompts(prompts),
-                         backend.negative_cond(neg_o), initial_latent(noise, sigmas[0]), sigmas, g, gi)
+    res = grad_step_loss(
+        backend.denoiser,
+        backend.decode,
+        reward,
+        prompts,
+        backend.encode_prompts(prompts),
+        backend.negative_cond(neg_o),
+        initial_latent(noise, sigmas[0]),
+        sigmas,
+        g,
+        gi,
+    )
     res.loss.backward()
 
     gr, go = neg_r.grad, neg_o.grad
@@ -134,8 +144,9 @@ def test_train_flags_parse():
     from reneg.cli import build_parser
     from reneg.trainer.config import config_from_args
 
-    cfg = config_from_args(build_parser().parse_args(["train", "--channels-last", "--compile",
-                                                      "--gradient-checkpointing"]))
+    cfg = config_from_args(
+        build_parser().parse_args(["train", "--channels-last", "--compile", "--gradient-checkpointing"])
+    )
     assert cfg.channels_last and cfg.compile and cfg.gradient_checkpointing
     assert cfg.to_json()["channels_last"] is True
 
@@ -145,9 +156,31 @@ def test_benchmark_runs_end_to_end_at_a_small_tiny_size(tmp_path, capsys):
     JSON) on a 3-step schedule; the figures themselves are not checked."""
     bench, _ = _bench()
     out = tmp_path / "tiny.json"
-    rc = bench.main(["--scale", "tiny", "--sampling-steps", "3", "--grad-range", "0", "1",
-                     "--global-batch", "2", "--micro-batches", "1,2", "--tune-steps", "2", "--repeats", "1",
-                     "--dtype", "bf16", "--cache", str(tmp_path / "cache"), "--json", str(out)])
+    rc = bench.main(
+        [
+            "--scale",
+            "tiny",
+            "--sampling-steps",
+            "3",
+            "--grad-range",
+            "0",
+            "1",
+            "--global-batch",
+            "2",
+            "--micro-batches",
+            "1,2",
+            "--tune-steps",
+            "2",
+            "--repeats",
+            "1",
+            "--dtype",
+            "bf16",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     text = capsys.readouterr().out
@@ -164,9 +197,12 @@ def test_benchmark_runs_end_to_end_at_a_small_tiny_size(tmp_path, capsys):
     assert res["agreement"]["ours_bf16_vs_reference_fp32"]["grad_step"]["cosine"] > 0.9
     cm = res["cost_model"]
     assert cm["unet_forward"] > 0 and cm["vae_decode"] > 0 and cm["reward_image_forward"] > 0
-    assert cm["train_sample"] == pytest.approx(cm["rollout_steps_mean"] * 2 * cm["unet_forward"]
-                                               + 3 * cm["unet_forward"] + 2 * cm["vae_decode"]
-                                               + 2 * cm["reward_image_forward"])
+    assert cm["train_sample"] == pytest.approx(
+        cm["rollout_steps_mean"] * 2 * cm["unet_forward"]
+        + 3 * cm["unet_forward"]
+        + 2 * cm["vae_decode"]
+        + 2 * cm["reward_image_forward"]
+    )
     names = [r["name"] for r in res["ablations"]]
     assert names[0] == "ours" and "- checkpointing" in names and "- no-grad cond branch" in names
 

@@ -12,8 +12,7 @@ import torch
 from reneg.backends.loading import load_diffusers
 from reneg.cli import main
 from reneg.cond import Cond
-from reneg.embedding import (EmbeddingError, NegEmbedding, implied_attention_mask, load_embedding,
-                             save_embedding)
+from reneg.embedding import EmbeddingError, NegEmbedding, implied_attention_mask, load_embedding, save_embedding
 from reneg.sampling import initial_latent, sample, to_vp
 from reneg.tiny import build_tiny_pixart
 
@@ -49,9 +48,19 @@ def _run(pipe, prompts, noise, steps, **kw):
         prompts = None
     if "negative_prompt_embeds" in kw:
         kw["negative_prompt"] = None
-    return pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=steps, guidance_scale=4.5, eta=0.0,
-                output_type="latent", height=16, width=16, use_resolution_binning=False, clean_caption=False,
-                **kw).images
+    return pipe(
+        prompt=prompts,
+        latents=noise.clone(),
+        num_inference_steps=steps,
+        guidance_scale=4.5,
+        eta=0.0,
+        output_type="latent",
+        height=16,
+        width=16,
+        use_resolution_binning=False,
+        clean_caption=False,
+        **kw,
+    ).images
 
 
 def _ours(backend, cond, uncond, noise, steps):
@@ -85,8 +94,16 @@ def test_alpha_encoding_and_sampler_match_diffusers_pixart_pipeline(alpha_dir, a
 
     # a negative given as rows + attention mask (negative_prompt_embeds / negative_prompt_attention_mask)
     neg_rows, neg_mask = alpha._encode_masked(["blurry, ugly, low quality"])
-    ref_n = _run(pipe, prompts, noise, 12, prompt_embeds=pe, prompt_attention_mask=pm,
-                 negative_prompt_embeds=neg_rows.expand(2, -1, -1), negative_prompt_attention_mask=neg_mask.expand(2, -1))
+    ref_n = _run(
+        pipe,
+        prompts,
+        noise,
+        12,
+        prompt_embeds=pe,
+        prompt_attention_mask=pm,
+        negative_prompt_embeds=neg_rows.expand(2, -1, -1),
+        negative_prompt_attention_mask=neg_mask.expand(2, -1),
+    )
     ours_n = _ours(alpha, cond, alpha.negative_cond(neg_rows, mask=neg_mask), noise, 12)
     assert _rel(ours_n, ref_n) < 1e-4
     assert _rel(ref_n, ref) > 1e-3  # the negative does reach the transformer
@@ -98,10 +115,19 @@ def test_alpha_encoding_and_sampler_match_diffusers_pixart_pipeline(alpha_dir, a
     assert _rel(_ours(alpha, cond, alpha.negative_cond(t), noise, 12), ref_n) < 1e-4
 
     # the size conditioning reaches the transformer, and the latent's size is what the pipeline passes
-    c2 = Cond(cond.crossattn, mask=cond.mask, extra={"resolution": torch.tensor([[40.0, 24.0]]).expand(2, 2),
-                                                       "aspect_ratio": torch.tensor([[40 / 24]]).expand(2, 1)})
-    u2 = Cond(null, mask=npm[:1], extra={"resolution": torch.tensor([[40.0, 24.0]]),
-                                          "aspect_ratio": torch.tensor([[40 / 24]])})
+    c2 = Cond(
+        cond.crossattn,
+        mask=cond.mask,
+        extra={
+            "resolution": torch.tensor([[40.0, 24.0]]).expand(2, 2),
+            "aspect_ratio": torch.tensor([[40 / 24]]).expand(2, 1),
+        },
+    )
+    u2 = Cond(
+        null,
+        mask=npm[:1],
+        extra={"resolution": torch.tensor([[40.0, 24.0]]), "aspect_ratio": torch.tensor([[40 / 24]])},
+    )
     assert _rel(_ours(alpha, c2, u2, noise, 12), ref) > 1e-3
 
 
@@ -122,13 +148,20 @@ def test_official_pixart_file_in_the_negative_path(shared_data, alpha_dir, alpha
     prompts = ["a red circle"]
     cond = alpha.encode_prompts(prompts)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    ref = _run(pipe, prompts, noise, 10, prompt_embeds=cond.crossattn, prompt_attention_mask=cond.mask,
-               negative_prompt_embeds=emb.tensor, negative_prompt_attention_mask=mask)
+    ref = _run(
+        pipe,
+        prompts,
+        noise,
+        10,
+        prompt_embeds=cond.crossattn,
+        prompt_attention_mask=cond.mask,
+        negative_prompt_embeds=emb.tensor,
+        negative_prompt_attention_mask=mask,
+    )
     ours = _ours(alpha, cond, alpha.negative_cond(emb.tensor.float(), mask=mask), noise, 10)
     assert _rel(ours, ref) < 1e-4
     null_img = _ours(alpha, cond, alpha.negative_cond(alpha.null_embedding()[0]), noise, 10)
     assert _rel(ours, null_img) > 1e-3  # the file changes the image
-
 
 
 def test_official_file_converts_with_its_mask(shared_data, tmp_path):
@@ -162,8 +195,10 @@ def test_mask_round_trip_and_t5_spaces(tmp_path):
     with pytest.raises(EmbeddingError, match="0 and 1 with at least one 1"):
         save_embedding(str(tmp_path / "bad.safetensors"), NegEmbedding(rows, "pixart", attention_mask=m * 0))
     with pytest.raises(EmbeddingError, match="reads every row"):
-        save_embedding(str(tmp_path / "bad.safetensors"),
-                       NegEmbedding(torch.zeros(1, 77, 768), "sd1", attention_mask=torch.ones(1, 77)))
+        save_embedding(
+            str(tmp_path / "bad.safetensors"),
+            NegEmbedding(torch.zeros(1, 77, 768), "sd1", attention_mask=torch.ones(1, 77)),
+        )
     # a diffusers-style dict with negative_prompt_embeds and its mask
     torch.save({"negative_prompt_embeds": rows, "negative_prompt_attention_mask": m}, tmp_path / "d.pt")
     d = load_embedding(tmp_path / "d.pt")
@@ -199,9 +234,16 @@ def test_sigma_v_prediction_matches_pixart_sigma_pipeline(tmp_path):
     rows = torch.randn(1, 120, 4096) * 0.05
     m = torch.zeros(1, 120, dtype=torch.long)
     m[0, :3] = 1
-    ref2 = _run(pipe, prompts, noise, 10, prompt_embeds=cond.crossattn, prompt_attention_mask=cond.mask,
-                negative_prompt_embeds=torch.cat([rows, torch.zeros(1, 180, 4096)], 1).expand(2, -1, -1),
-                negative_prompt_attention_mask=torch.cat([m, torch.zeros(1, 180, dtype=torch.long)], 1).expand(2, -1))
+    ref2 = _run(
+        pipe,
+        prompts,
+        noise,
+        10,
+        prompt_embeds=cond.crossattn,
+        prompt_attention_mask=cond.mask,
+        negative_prompt_embeds=torch.cat([rows, torch.zeros(1, 180, 4096)], 1).expand(2, -1, -1),
+        negative_prompt_attention_mask=torch.cat([m, torch.zeros(1, 180, dtype=torch.long)], 1).expand(2, -1),
+    )
     assert _rel(_ours(sg, cond, sg.negative_cond(rows, mask=m), noise, 10), ref2) < 1e-4
 
 
@@ -215,11 +257,44 @@ def _prompts(tmp_path):
 def test_pixart_train_tune_and_eval_through_the_cli(tmp_path, alpha_dir, alpha, tiny_hps_ckpt, shared_data, capsys):
     prompts = _prompts(tmp_path)
     out = tmp_path / "run"
-    common = ["--model", alpha_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--sampling-steps", "4",
-              "--grad-range", "0", "1", "--resolution", "16"]
-    rc = main(["train", *common, "--prompts", prompts, "--heldout-count", "2", "--out", str(out),
-               "--steps", "3", "--batch-size", "2", "--micro-batch", "2", "--lr", "0.05",
-               "--eval-every", "3", "--no-progress", "--handcrafted", "blurry"])
+    common = [
+        "--model",
+        alpha_dir,
+        "--reward",
+        f"hpsv2={tiny_hps_ckpt}",
+        "--sampling-steps",
+        "4",
+        "--grad-range",
+        "0",
+        "1",
+        "--resolution",
+        "16",
+    ]
+    rc = main(
+        [
+            "train",
+            *common,
+            "--prompts",
+            prompts,
+            "--heldout-count",
+            "2",
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--micro-batch",
+            "2",
+            "--lr",
+            "0.05",
+            "--eval-every",
+            "3",
+            "--no-progress",
+            "--handcrafted",
+            "blurry",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["family"] == "pixart" and set(summary["heldout"]) == {"null", "handcrafted", "learned"}
@@ -230,23 +305,60 @@ def test_pixart_train_tune_and_eval_through_the_cli(tmp_path, alpha_dir, alpha, 
     assert torch.equal(emb.tensor[:, 1:], null[:, 1:]) and emb.attention_mask.tolist() == [[1] + [0] * 119]
 
     tuned = tmp_path / "tuned.safetensors"
-    rc = main(["tune", *common, "--prompt", "a red circle", "--seed", "1", "--max-steps", "2",
-               "--patience", "2", "--lr", "0.05", "--embedding", str(out / "embedding.safetensors"),
-               "--out", str(tuned)])
+    rc = main(
+        [
+            "tune",
+            *common,
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "1",
+            "--max-steps",
+            "2",
+            "--patience",
+            "2",
+            "--lr",
+            "0.05",
+            "--embedding",
+            str(out / "embedding.safetensors"),
+            "--out",
+            str(tuned),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     t = load_embedding(tuned, expected_family="pixart")
     assert t.metadata["kind"] == "per-sample" and t.attention_mask.shape == (1, 120)
 
-    negs = ["--negative", "null", "--negative", "handcrafted:blurry, ugly",
-            "--negative", f"learned={out / 'embedding.safetensors'}"]
+    negs = [
+        "--negative",
+        "null",
+        "--negative",
+        "handcrafted:blurry, ugly",
+        "--negative",
+        f"learned={out / 'embedding.safetensors'}",
+    ]
     names = ["null", "handcrafted", "learned"]
     official = shared_data / "reneg-official" / "pixart-alpha_reneg_emb.bin"
     if official.is_file():
         negs += ["--negative", f"official={official}"]
         names.append("official")
     ev = tmp_path / "eval"
-    rc = main(["eval", *common, "--prompts", prompts, "--limit", "2", *negs, "--batch", "2", "--out", str(ev),
-               "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            *common,
+            "--prompts",
+            prompts,
+            "--limit",
+            "2",
+            *negs,
+            "--batch",
+            "2",
+            "--out",
+            str(ev),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     s = json.loads((ev / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == names

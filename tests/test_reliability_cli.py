@@ -68,18 +68,38 @@ def env(tmp_path, monkeypatch):
     a_file.write_text("x")
     existing = tmp_path / "exists.safetensors"
     existing.write_bytes(b"")
-    e = dict(tmp=str(tmp_path), model=str(model), no_index=str(no_index), reward=f"hpsv2={reward}",
-             reward_path=str(reward), folder_reward=str(folder_reward), prompts=str(prompts),
-             bad_json=str(bad_json), not_emb=str(not_emb), bad_ckpt=str(bad_ckpt), a_file=str(a_file),
-             existing=str(existing), **paths)
+    e = dict(
+        tmp=str(tmp_path),
+        model=str(model),
+        no_index=str(no_index),
+        reward=f"hpsv2={reward}",
+        reward_path=str(reward),
+        folder_reward=str(folder_reward),
+        prompts=str(prompts),
+        bad_json=str(bad_json),
+        not_emb=str(not_emb),
+        bad_ckpt=str(bad_ckpt),
+        a_file=str(a_file),
+        existing=str(existing),
+        **paths,
+    )
     return e
 
 
 def train_base(e, drop=()):
-    args = {"--model": e["model"], "--reward": e["reward"], "--prompts": e["prompts"],
-            "--out": os.path.join(e["tmp"], "run"), "--heldout-count": "2", "--steps": "10",
-            "--sampling-steps": "4", "--grad-range": ["0", "2"], "--resolution": "16",
-            "--batch-size": "2", "--device": "cpu"}
+    args = {
+        "--model": e["model"],
+        "--reward": e["reward"],
+        "--prompts": e["prompts"],
+        "--out": os.path.join(e["tmp"], "run"),
+        "--heldout-count": "2",
+        "--steps": "10",
+        "--sampling-steps": "4",
+        "--grad-range": ["0", "2"],
+        "--resolution": "16",
+        "--batch-size": "2",
+        "--device": "cpu",
+    }
     out = ["train"]
     for k, v in args.items():
         if k not in drop:
@@ -88,9 +108,16 @@ def train_base(e, drop=()):
 
 
 def tune_base(e, drop=()):
-    args = {"--model": e["model"], "--reward": e["reward"], "--prompt": "a red circle",
-            "--out": os.path.join(e["tmp"], "tuned.safetensors"), "--sampling-steps": "4",
-            "--grad-range": ["0", "2"], "--resolution": "16", "--device": "cpu"}
+    args = {
+        "--model": e["model"],
+        "--reward": e["reward"],
+        "--prompt": "a red circle",
+        "--out": os.path.join(e["tmp"], "tuned.safetensors"),
+        "--sampling-steps": "4",
+        "--grad-range": ["0", "2"],
+        "--resolution": "16",
+        "--device": "cpu",
+    }
     out = ["tune"]
     for k, v in args.items():
         if k not in drop:
@@ -99,8 +126,14 @@ def tune_base(e, drop=()):
 
 
 def eval_base(e, drop=()):
-    args = {"--model": e["model"], "--reward": e["reward"], "--prompts": e["prompts"],
-            "--out": os.path.join(e["tmp"], "eval"), "--sampling-steps": "4", "--resolution": "16"}
+    args = {
+        "--model": e["model"],
+        "--reward": e["reward"],
+        "--prompts": e["prompts"],
+        "--out": os.path.join(e["tmp"], "eval"),
+        "--sampling-steps": "4",
+        "--resolution": "16",
+    }
     out = ["eval"]
     for k, v in args.items():
         if k not in drop:
@@ -120,8 +153,8 @@ GUIDANCE_INF = ("--guidance", lambda e: ["--guidance", "inf"], ())
 # (flag named in the message, extra args or a builder, dropped base flags)
 COMMON = [
     ("--reward", lambda e: [], ("--reward",)),
-    ("--reward", lambda e: ["--reward", "hpsv2="], ("--reward",)),                  # names nothing
-    ("--reward", lambda e: ["--reward", "=" + e["reward_path"]], ("--reward",)),    # no name
+    ("--reward", lambda e: ["--reward", "hpsv2="], ("--reward",)),  # names nothing
+    ("--reward", lambda e: ["--reward", "=" + e["reward_path"]], ("--reward",)),  # no name
     ("--reward", lambda e: ["--reward", ""], ("--reward",)),
     ("--reward", lambda e: ["--reward", "hpsv2"], ("--reward",)),
     ("--reward", lambda e: ["--reward", "nosuch=" + e["reward_path"]], ("--reward",)),
@@ -143,7 +176,7 @@ COMMON = [
     ("--resolution", lambda e: ["--resolution", "20"], ("--resolution",)),
     ("--resolution", lambda e: ["--resolution", "0"], ("--resolution",)),
     ("--grad-range", lambda e: ["--grad-range", "3", "1"], ("--grad-range",)),
-    ("--grad-range", lambda e: ["--grad-range", "0", "4"], ("--grad-range",)),     # = --sampling-steps
+    ("--grad-range", lambda e: ["--grad-range", "0", "4"], ("--grad-range",)),  # = --sampling-steps
     ("--grad-range", lambda e: ["--grad-range", "-1", "2"], ("--grad-range",)),
     ("--lr", lambda e: ["--lr", "0"], ()),
     ("--lr", lambda e: ["--lr=-1e-3"], ()),
@@ -167,7 +200,7 @@ TRAIN = COMMON + [
     ("--eval-batch", lambda e: ["--eval-batch", "0"], ()),
     ("--heldout-count", lambda e: ["--heldout-count", "0"], ("--heldout-count",)),
     ("--warmup", lambda e: ["--warmup", "-1"], ()),
-    ("--warmup", lambda e: ["--warmup", "10"], ()),                                # = --steps
+    ("--warmup", lambda e: ["--warmup", "10"], ()),  # = --steps
     ("--eval-every", lambda e: ["--eval-every", "-1"], ()),
     ("--weight-decay", lambda e: ["--weight-decay", "-0.1"], ()),
     ("--weight-decay", lambda e: ["--weight-decay", "nan"], ()),
@@ -175,19 +208,19 @@ TRAIN = COMMON + [
     ("--prompts", lambda e: ["--prompts", "/no/such/prompts.txt"], ("--prompts",)),
     ("empty.txt", lambda e: ["--prompts", e["empty"]], ("--prompts",)),
     ("blank.txt", lambda e: ["--prompts", e["blank"]], ("--prompts",)),
-    ("latin1.txt", lambda e: ["--prompts", e["latin1"]], ("--prompts",)),          # not UTF-8
-    ("utf16.txt", lambda e: ["--prompts", e["utf16"]], ("--prompts",)),            # not UTF-8
+    ("latin1.txt", lambda e: ["--prompts", e["latin1"]], ("--prompts",)),  # not UTF-8
+    ("utf16.txt", lambda e: ["--prompts", e["utf16"]], ("--prompts",)),  # not UTF-8
     ("bad.json", lambda e: ["--prompts", e["bad_json"]], ("--prompts",)),
-    ("--heldout-count", lambda e: ["--prompts", e["two"]], ("--prompts",)),         # none left to train on
+    ("--heldout-count", lambda e: ["--prompts", e["two"]], ("--prompts",)),  # none left to train on
     ("--heldout", lambda e: ["--heldout", e["empty"]], ()),
     ("--init", lambda e: ["--init", "/no/such/init.safetensors"], ()),
-    ("--init", lambda e: ["--init", e["not_emb"]], ()),                               # unreadable embedding
-    ("--init", lambda e: ["--init", e["prompts"]], ()),                               # a text file
+    ("--init", lambda e: ["--init", e["not_emb"]], ()),  # unreadable embedding
+    ("--init", lambda e: ["--init", e["prompts"]], ()),  # a text file
     ("--resume", lambda e: ["--resume", "/no/such/checkpoint.pt"], ()),
-    ("--resume", lambda e: ["--resume"], ()),                                         # none in --out yet
+    ("--resume", lambda e: ["--resume"], ()),  # none in --out yet
     ("--resume", lambda e: ["--resume", e["bad_ckpt"]], ()),
     ("--resume", lambda e: ["--resume", e["prompts"]], ()),
-    ("--out", lambda e: ["--out", os.path.join(e["a_file"], "sub")], ("--out",)),   # under a file
+    ("--out", lambda e: ["--out", os.path.join(e["a_file"], "sub")], ("--out",)),  # under a file
 ]
 
 TUNE = COMMON + [
@@ -204,8 +237,13 @@ TUNE = COMMON + [
     ("--out", lambda e: ["--out", "/no/such/folder/tuned.safetensors"], ("--out",)),
 ]
 
-EVAL = [c for c in COMMON if c[0] not in ("--lr", "--device") and c[2] != ("--sampling-steps", "--grad-range")
-        and not (c[0] == "--grad-range")] + [
+EVAL = [
+    c
+    for c in COMMON
+    if c[0] not in ("--lr", "--device")
+    and c[2] != ("--sampling-steps", "--grad-range")
+    and not (c[0] == "--grad-range")
+] + [
     ("--prompts", lambda e: [], ("--prompts",)),
     ("empty.txt", lambda e: ["--prompts", e["empty"]], ("--prompts",)),
     ("latin1.txt", lambda e: ["--prompts", e["latin1"]], ("--prompts",)),
@@ -220,8 +258,11 @@ EVAL = [c for c in COMMON if c[0] not in ("--lr", "--device") and c[2] != ("--sa
     ("--negative", lambda e: ["--negative", "/no/such.safetensors"], ()),
     ("--negative", lambda e: ["--negative", "text:"], ()),
     ("--negative", lambda e: ["--negative", e["prompts"]], ()),
-    ("--tune-patience", lambda e: ["--negative", "tuned:null", "--tune-patience", "5", "--tune-steps", "3",
-                                   "--grad-range", "0", "2"], ()),
+    (
+        "--tune-patience",
+        lambda e: ["--negative", "tuned:null", "--tune-patience", "5", "--tune-steps", "3", "--grad-range", "0", "2"],
+        (),
+    ),
     ("--grad-range", lambda e: ["--negative", "tuned:null", "--grad-range", "3", "1"], ()),
     ("--reference", lambda e: ["--reference", "nobody"], ()),
     ("--video", lambda e: ["--video", "/no/such/adapter"], ()),
@@ -230,10 +271,9 @@ EVAL = [c for c in COMMON if c[0] not in ("--lr", "--device") and c[2] != ("--sa
 
 EVAL += [
     ("--tune-lr", lambda e: ["--tune-lr", "inf"], ()),
-    ("--negative", lambda e: ["--negative", e["not_emb"]], ()),   # unreadable embedding file
+    ("--negative", lambda e: ["--negative", e["not_emb"]], ()),  # unreadable embedding file
     ("--device", lambda e: ["--device", "banana"], ()),
 ]
-
 
 
 def check_case(cmd, base, flag, extra, drop, e, capsys):
@@ -279,15 +319,18 @@ def test_eval_flags(env, capsys, case):
     check_case("eval", eval_base, flag, extra, drop, env, capsys)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["train", "--steps", "abc"], "--steps"),
-    (["train", "--lr", "fast"], "--lr"),
-    (["train", "--mixed-precision", "fp8"], "--mixed-precision"),
-    (["train", "--lr-schedule", "linear"], "--lr-schedule"),
-    (["train", "--grad-range", "1"], "--grad-range"),
-    (["tune", "--noise", "loud"], "--noise"),
-    (["tune", "--max-steps", "1.5"], "--max-steps"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["train", "--steps", "abc"], "--steps"),
+        (["train", "--lr", "fast"], "--lr"),
+        (["train", "--mixed-precision", "fp8"], "--mixed-precision"),
+        (["train", "--lr-schedule", "linear"], "--lr-schedule"),
+        (["train", "--grad-range", "1"], "--grad-range"),
+        (["tune", "--noise", "loud"], "--noise"),
+        (["tune", "--max-steps", "1.5"], "--max-steps"),
+    ],
+)
 def test_type_errors_are_argparse_errors(env, capsys, argv, flag):
     """Values of the wrong type stop in argparse (exit status 2), naming the flag."""
     with pytest.raises(SystemExit) as ei:
@@ -312,15 +355,28 @@ def test_resume_with_other_sampling_settings_is_refused(env, capsys):
     neg = torch.nn.Parameter(torch.zeros(1, 77, 64))
     opt = torch.optim.AdamW([neg], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), step=1, neg=neg, optimizer=opt, scheduler=sched,
-                    skipped=0, config=cfg.to_json(), heldout=[])
+    save_checkpoint(
+        os.path.join(cfg.out, "checkpoint.pt"),
+        step=1,
+        neg=neg,
+        optimizer=opt,
+        scheduler=sched,
+        skipped=0,
+        config=cfg.to_json(),
+        heldout=[],
+    )
     with pytest.raises(ModelLoadAttempt):
         main(base + ["--resume"])
     with pytest.raises(ModelLoadAttempt):
         main(base + ["--resume", "--steps", "20"])
-    for flag, extra in [("--seed", ["--seed", "5"]), ("--batch-size", ["--batch-size", "4"]),
-                        ("--lr", ["--lr", "1e-3"]), ("--grad-range", ["--grad-range", "1", "2"]),
-                        ("--guidance", ["--guidance", "5"]), ("--micro-batch", ["--micro-batch", "2"])]:
+    for flag, extra in [
+        ("--seed", ["--seed", "5"]),
+        ("--batch-size", ["--batch-size", "4"]),
+        ("--lr", ["--lr", "1e-3"]),
+        ("--grad-range", ["--grad-range", "1", "2"]),
+        ("--guidance", ["--guidance", "5"]),
+        ("--micro-batch", ["--micro-batch", "2"]),
+    ]:
         capsys.readouterr()
         assert main(base + ["--resume", *extra]) == 2
         err = capsys.readouterr().err.strip()
@@ -331,6 +387,8 @@ def test_resume_with_other_sampling_settings_is_refused(env, capsys):
 def test_zz_report_cli_figures():
     """Prints the figures for the closing note (run with -s)."""
     n = {k: len([f for f in v if f.startswith("--")]) for k, v in FIGURES.items()}
-    print(f"\nflags checked: train {n['train']}, tune {n['tune']}, eval {n['eval']}; cases: "
-          f"train {len(TRAIN)}, tune {len(TUNE)}, eval {len(EVAL) if has_eval() else 0}")
+    print(
+        f"\nflags checked: train {n['train']}, tune {n['tune']}, eval {n['eval']}; cases: "
+        f"train {len(TRAIN)}, tune {len(TUNE)}, eval {len(EVAL) if has_eval() else 0}"
+    )
     assert len(TRAIN) > 40 and len(TUNE) > 40

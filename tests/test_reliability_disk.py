@@ -116,6 +116,7 @@ def no_temp_files(folder) -> list[str]:
 
 # --- the atomic writers themselves ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["enospc", "erofs", "eio"])
 def test_atomic_writers_keep_the_old_file(tmp_path, monkeypatch, mode):
     folder = tmp_path / "out"
@@ -152,6 +153,7 @@ def test_atomic_writers_keep_the_old_file(tmp_path, monkeypatch, mode):
 
 # --- training runs ----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def prompts(tmp_path):
     p = tmp_path / "prompts.txt"
@@ -162,11 +164,46 @@ def prompts(tmp_path):
 def train(model, reward, prompts, out, *extra):
     from reneg.cli import main
 
-    return main(["train", "--model", model, "--reward", f"hpsv2={reward}", "--prompts", prompts,
-                 "--heldout-count", "2", "--out", out, "--steps", "4", "--batch-size", "2", "--micro-batch", "2",
-                 "--sampling-steps", "3", "--grad-range", "0", "1", "--resolution", "16",
-                 "--checkpoint-every", "2", "--eval-every", "0", "--eval-batch", "2", "--lr", "5e-2",
-                 "--device", "cpu", "--no-progress", *extra])
+    return main(
+        [
+            "train",
+            "--model",
+            model,
+            "--reward",
+            f"hpsv2={reward}",
+            "--prompts",
+            prompts,
+            "--heldout-count",
+            "2",
+            "--out",
+            out,
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--micro-batch",
+            "2",
+            "--sampling-steps",
+            "3",
+            "--grad-range",
+            "0",
+            "1",
+            "--resolution",
+            "16",
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "0",
+            "--eval-batch",
+            "2",
+            "--lr",
+            "5e-2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def arm_after_first_checkpoint(monkeypatch, bad: BadFolder):
@@ -182,9 +219,9 @@ def arm_after_first_checkpoint(monkeypatch, bad: BadFolder):
 
 
 @pytest.mark.parametrize("mode", ["enospc", "erofs", "eio"])
-def test_training_on_a_failing_disk_keeps_the_last_checkpoint(tiny_pipeline_dir, tiny_hps_ckpt, prompts,
-                                                                tmp_path, monkeypatch, capsys,
-                                                                mode):
+def test_training_on_a_failing_disk_keeps_the_last_checkpoint(
+    tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path, monkeypatch, capsys, mode
+):
     out = str(tmp_path / "run")
     bad = BadFolder(monkeypatch, out, mode)
     arm_after_first_checkpoint(monkeypatch, bad)
@@ -207,8 +244,9 @@ def test_training_on_a_failing_disk_keeps_the_last_checkpoint(tiny_pipeline_dir,
 
 
 @pytest.mark.parametrize("mode", ["enospc", "erofs"])
-def test_unwritable_out_folder_is_refused_before_any_model_loads(tiny_hps_ckpt, prompts, tmp_path, monkeypatch,
-                                                                   capsys, mode):
+def test_unwritable_out_folder_is_refused_before_any_model_loads(
+    tiny_hps_ckpt, prompts, tmp_path, monkeypatch, capsys, mode
+):
     import reneg.backends.loading as db
     from reneg.cli import main
 
@@ -228,9 +266,29 @@ def test_unwritable_out_folder_is_refused_before_any_model_loads(tiny_hps_ckpt, 
     assert err.startswith(f"reneg train: error: --out {out}: the folder is not writable") and STRERROR[mode] in err, err
     # tune, with a file in that folder as its --out
     capsys.readouterr()
-    assert main(["tune", "--model", str(model), "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "a cat",
-                 "--out", str(out / "tuned.safetensors"), "--sampling-steps", "4", "--grad-range", "0", "2",
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "tune",
+                "--model",
+                str(model),
+                "--reward",
+                f"hpsv2={tiny_hps_ckpt}",
+                "--prompt",
+                "a cat",
+                "--out",
+                str(out / "tuned.safetensors"),
+                "--sampling-steps",
+                "4",
+                "--grad-range",
+                "0",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"reneg tune: error: --out {out}: the folder is not writable") and STRERROR[mode] in err, err
     assert bad.hits >= 2
@@ -256,9 +314,33 @@ def test_tune_on_a_full_disk_keeps_the_old_file(tiny_pipeline_dir, tiny_hps_ckpt
         return real_save(*a, **k)
 
     monkeypatch.setattr(tn, "save_embedding", save)
-    rc = main(["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "a red circle",
-               "--out", str(target), "--overwrite", "--sampling-steps", "3", "--grad-range", "0", "1",
-               "--resolution", "16", "--max-steps", "2", "--patience", "1", "--device", "cpu"])
+    rc = main(
+        [
+            "tune",
+            "--model",
+            tiny_pipeline_dir,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompt",
+            "a red circle",
+            "--out",
+            str(target),
+            "--overwrite",
+            "--sampling-steps",
+            "3",
+            "--grad-range",
+            "0",
+            "1",
+            "--resolution",
+            "16",
+            "--max-steps",
+            "2",
+            "--patience",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("reneg")]
     assert len(lines) == 1 and str(target) in lines[0] and STRERROR["enospc"] in lines[0], lines

@@ -35,8 +35,10 @@ def _world():
         from reneg import demo_world
     except ImportError:
         return None
-    if not (os.path.isfile(os.path.join(demo_world.pipeline_dir(), "model_index.json"))
-            and os.path.isfile(demo_world.reward_checkpoint())):
+    if not (
+        os.path.isfile(os.path.join(demo_world.pipeline_dir(), "model_index.json"))
+        and os.path.isfile(demo_world.reward_checkpoint())
+    ):
         return None
     return demo_world
 
@@ -63,12 +65,43 @@ def _child(argv: list[str], kill_on_nth_checkpoint: int) -> None:
 
 
 def _args(w, prompts: str, out: str) -> list[str]:
-    return ["train", "--model", w.pipeline_dir(),
-            "--reward", f"hpsv2={w.reward_checkpoint()},config={w.reward_config()}",
-            "--prompts", prompts, "--heldout-count", "2", "--out", out, "--steps", "4", "--batch-size", "4",
-            "--micro-batch", "2", "--resolution", "32", "--sampling-steps", "4", "--grad-range", "0", "2",
-            "--lr", "5e-2", "--checkpoint-every", "1", "--eval-every", "0", "--eval-batch", "2",
-            "--device", "cpu", "--no-progress"]
+    return [
+        "train",
+        "--model",
+        w.pipeline_dir(),
+        "--reward",
+        f"hpsv2={w.reward_checkpoint()},config={w.reward_config()}",
+        "--prompts",
+        prompts,
+        "--heldout-count",
+        "2",
+        "--out",
+        out,
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--resolution",
+        "32",
+        "--sampling-steps",
+        "4",
+        "--grad-range",
+        "0",
+        "2",
+        "--lr",
+        "5e-2",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-batch",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
 
 
 def _rows(out: str) -> list[dict]:
@@ -107,8 +140,9 @@ def test_killed_and_resumed_run_equals_the_unbroken_one_bit_for_bit(tmp_path, fo
     got = load_embedding(os.path.join(run, "embedding.safetensors")).tensor
     want = load_embedding(os.path.join(ref, "embedding.safetensors")).tensor
     assert all(float(r["grad_norm"]) > 0 for r in _rows(ref))  # sanity: every step updated the embedding
-    assert torch.equal(got, want), (f"max |diff| {float((got - want).abs().max()):.3g}, "
-                                    f"{int((got != want).sum())} of {got.numel()} values differ")
+    assert torch.equal(got, want), (
+        f"max |diff| {float((got - want).abs().max()):.3g}, {int((got != want).sum())} of {got.numel()} values differ"
+    )
     assert _rows(run) == _rows(ref)
     a, b = load_checkpoint(os.path.join(run, "checkpoint.pt")), load_checkpoint(os.path.join(ref, "checkpoint.pt"))
     assert torch.equal(a["neg"], b["neg"]) and a["step"] == b["step"] == 4

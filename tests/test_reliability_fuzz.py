@@ -36,9 +36,11 @@ SEED = 20250607
 FIGURES: dict[str, int] = {}
 
 # A small open_clip architecture, so each fuzzed HPS-format file is about 1 MB.
-SMALL_CLIP = {"embed_dim": 16,
-              "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+SMALL_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 class Hang(Exception):
@@ -61,6 +63,7 @@ def run_limited(fn, seconds: float = 10.0):
 
 
 # --- mutations ------------------------------------------------------------------------------
+
 
 def structural_regions(raw: bytes) -> list[tuple[int, int]]:
     """Byte ranges holding a format's structure, where mutations hit headers, not values."""
@@ -113,26 +116,30 @@ def mutate(raw: bytes, rng: random.Random) -> tuple[str, bytes]:
         return kind, bytes(b[:i]) + bytes(rng.randrange(256) for _ in range(rng.randint(1, 32))) + bytes(b[i:])
     if kind == "delete":
         i = pos(rng.random() < 0.7)
-        return kind, bytes(b[:i]) + bytes(b[i + rng.randint(1, 32):])
+        return kind, bytes(b[:i]) + bytes(b[i + rng.randint(1, 32) :])
     # swap-length: rewrite a length field (safetensors prefix, zip sizes) with a lie
     lie = rng.choice([0, 1, n, n * 1000, 2**31 - 1, 2**32 - 1, 2**40, 2**63 - 1])
     if raw[:4] == b"PK\x03\x04":
-        sigs = [k for k in range(n - 4) if b[k:k + 4] in (b"PK\x01\x02", b"PK\x03\x04", b"PK\x05\x06")]
+        sigs = [k for k in range(n - 4) if b[k : k + 4] in (b"PK\x01\x02", b"PK\x03\x04", b"PK\x05\x06")]
         k = rng.choice(sigs)
-        off = {b"PK\x01\x02": rng.choice([20, 24, 42]), b"PK\x03\x04": rng.choice([18, 22]),
-               b"PK\x05\x06": rng.choice([8, 10, 12, 16])}[bytes(b[k:k + 4])]
+        off = {
+            b"PK\x01\x02": rng.choice([20, 24, 42]),
+            b"PK\x03\x04": rng.choice([18, 22]),
+            b"PK\x05\x06": rng.choice([8, 10, 12, 16]),
+        }[bytes(b[k : k + 4])]
         width = 2 if off in (8, 10) else 4
-        b[k + off:k + off + width] = (lie % (1 << (8 * width))).to_bytes(width, "little")
+        b[k + off : k + off + width] = (lie % (1 << (8 * width))).to_bytes(width, "little")
         return "zip-size-lie", bytes(b)
     if raw[:1] == b"\x80":
         i = pos(True)
-        b[i:i + 4] = (lie % 2**32).to_bytes(4, "little")
+        b[i : i + 4] = (lie % 2**32).to_bytes(4, "little")
         return "pickle-int-lie", bytes(b)
     b[:8] = struct.pack("<Q", lie)
     return "safetensors-length-lie", bytes(b)
 
 
 # --- sources --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
@@ -149,8 +156,7 @@ def sources(tmp_path_factory):
     torch.save(t, p)
     src["embedding-pickle-zip"] = p
     p = d / "emb_legacy.pt"  # pre-1.6 torch.save format, a dict as diffusers users keep
-    torch.save({"negative_prompt_embeds": t, "metadata": {"family": "tiny"}}, p,
-               _use_new_zipfile_serialization=False)
+    torch.save({"negative_prompt_embeds": t, "metadata": {"family": "tiny"}}, p, _use_new_zipfile_serialization=False)
     src["embedding-pickle-legacy"] = p
     hps = build_tiny_hps(str(d / "hps"), seed=0, config=SMALL_CLIP)
     src["hps-checkpoint"] = hps
@@ -161,16 +167,29 @@ def sources(tmp_path_factory):
     opt.step()
     sched.step()
     p = d / "checkpoint.pt"
-    save_checkpoint(str(p), step=3, neg=neg, optimizer=opt, scheduler=sched, skipped=1,
-                    config={"steps": 6}, heldout=[{"step": 2, "null": 0.1}])
+    save_checkpoint(
+        str(p),
+        step=3,
+        neg=neg,
+        optimizer=opt,
+        scheduler=sched,
+        skipped=1,
+        config={"steps": 6},
+        heldout=[{"step": 2, "null": 0.1}],
+    )
     src["trainer-checkpoint"] = p
     return d, src
 
 
 def is_valid_embedding(e) -> bool:
-    return (isinstance(e, NegEmbedding) and e.tensor.dim() == 3 and e.tensor.shape[0] == 1
-            and e.family in FAMILIES and e.tensor.shape[-1] == FAMILIES[e.family].hidden
-            and bool(torch.isfinite(e.tensor).all()))
+    return (
+        isinstance(e, NegEmbedding)
+        and e.tensor.dim() == 3
+        and e.tensor.shape[0] == 1
+        and e.family in FAMILIES
+        and e.tensor.shape[-1] == FAMILIES[e.family].hidden
+        and bool(torch.isfinite(e.tensor).all())
+    )
 
 
 def is_valid_reward(r) -> bool:
@@ -189,14 +208,19 @@ def is_valid_reward(r) -> bool:
 
 
 def is_valid_checkpoint(s) -> bool:
-    return (isinstance(s, dict) and isinstance(s["step"], int) and s["step"] >= 0
-            and isinstance(s["neg"], torch.Tensor) and bool(torch.isfinite(s["neg"]).all())
-            and isinstance(s["optimizer"], dict) and isinstance(s["config"], dict)
-            and isinstance(s["heldout"], list))
+    return (
+        isinstance(s, dict)
+        and isinstance(s["step"], int)
+        and s["step"] >= 0
+        and isinstance(s["neg"], torch.Tensor)
+        and bool(torch.isfinite(s["neg"]).all())
+        and isinstance(s["optimizer"], dict)
+        and isinstance(s["config"], dict)
+        and isinstance(s["heldout"], list)
+    )
 
 
-def fuzz(name: str, raw: bytes, suffix: str, folder, load, valid, cases: int, rng: random.Random,
-         place=None):
+def fuzz(name: str, raw: bytes, suffix: str, folder, load, valid, cases: int, rng: random.Random, place=None):
     """Run ``cases`` mutated copies of ``raw`` through ``load``; return the failures."""
     failures, outcomes = [], {"loaded": 0, "refused": 0}
     for i in range(cases):
@@ -207,7 +231,7 @@ def fuzz(name: str, raw: bytes, suffix: str, folder, load, valid, cases: int, rn
         target = place(path) if place else path
         t0 = time.time()
         try:
-            result = run_limited(lambda: load(target))
+            result = run_limited(lambda target=target: load(target))
         except Hang:
             failures.append(f"{name} #{i} ({kind}): no answer within the time limit")
             continue
@@ -235,9 +259,11 @@ def test_fuzz_embedding_files(sources, tmp_path):
     _, src = sources
     rng = random.Random(SEED)
     failures, summary = [], {}
-    for name, cases, suffix in (("embedding-safetensors", 160, ".safetensors"),
-                                ("embedding-pickle-zip", 140, ".bin"),
-                                ("embedding-pickle-legacy", 100, ".pt")):
+    for name, cases, suffix in (
+        ("embedding-safetensors", 160, ".safetensors"),
+        ("embedding-pickle-zip", 140, ".bin"),
+        ("embedding-pickle-legacy", 100, ".pt"),
+    ):
         raw = open(src[name], "rb").read()
         f, o = fuzz(name, raw, suffix, tmp_path, load_embedding, is_valid_embedding, cases, rng)
         failures += f
@@ -251,8 +277,7 @@ def test_fuzz_trainer_checkpoints(sources, tmp_path):
     _, src = sources
     rng = random.Random(SEED + 1)
     raw = open(src["trainer-checkpoint"], "rb").read()
-    failures, o = fuzz("trainer-checkpoint", raw, ".pt", tmp_path, load_checkpoint, is_valid_checkpoint,
-                       140, rng)
+    failures, o = fuzz("trainer-checkpoint", raw, ".pt", tmp_path, load_checkpoint, is_valid_checkpoint, 140, rng)
     assert not failures, f"{len(failures)} bad outcomes:\n" + "\n".join(failures[:15])
     assert o["refused"] > 20 and o["loaded"] > 0, o
 
@@ -293,11 +318,25 @@ def test_fuzz_aesthetic_mlp(tmp_path):
     from reneg.rewards.aesthetic import AestheticMLP
 
     clip = tmp_path / "clip"
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, vocab_size=1000, max_position_embeddings=77),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=16, patch_size=8),
-                     projection_dim=16)
+    cfg = CLIPConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(str(clip))
     buf = io.BytesIO()
@@ -332,14 +371,32 @@ def test_structurally_wrong_but_well_formed_files(tmp_path):
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
             load_checkpoint(str(p))
     # a checkpoint-shaped dict with wrong field types
-    base = {"format": "reneg-train-checkpoint", "version": 1, "step": 2, "neg": torch.zeros(1, 77, 64),
-            "optimizer": {"state": {}, "param_groups": [{"params": [0]}]}, "scheduler": {}, "skipped": 0,
-            "config": "{}", "heldout": "[]", "extra": "{}"}
-    bad = {"step-str": {"step": "2"}, "step-neg": {"step": -1}, "neg-nan": {"neg": torch.full((1, 77, 64), float("nan"))},
-           "neg-1d": {"neg": torch.zeros(5)}, "opt-list": {"optimizer": [1]}, "config-int": {"config": 5},
-           "config-bad-json": {"config": "{"}, "heldout-obj": {"heldout": "{}"}, "heldout-ints": {"heldout": "[1]"},
-           "opt-nan": {"optimizer": {"state": {0: {"exp_avg": torch.tensor([float("inf")])}},
-                                     "param_groups": [{"params": [0]}]}}}
+    base = {
+        "format": "reneg-train-checkpoint",
+        "version": 1,
+        "step": 2,
+        "neg": torch.zeros(1, 77, 64),
+        "optimizer": {"state": {}, "param_groups": [{"params": [0]}]},
+        "scheduler": {},
+        "skipped": 0,
+        "config": "{}",
+        "heldout": "[]",
+        "extra": "{}",
+    }
+    bad = {
+        "step-str": {"step": "2"},
+        "step-neg": {"step": -1},
+        "neg-nan": {"neg": torch.full((1, 77, 64), float("nan"))},
+        "neg-1d": {"neg": torch.zeros(5)},
+        "opt-list": {"optimizer": [1]},
+        "config-int": {"config": 5},
+        "config-bad-json": {"config": "{"},
+        "heldout-obj": {"heldout": "{}"},
+        "heldout-ints": {"heldout": "[1]"},
+        "opt-nan": {
+            "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("inf")])}}, "param_groups": [{"params": [0]}]}
+        },
+    }
     for name, patch in bad.items():
         p = tmp_path / f"ck-{name}.pt"
         torch.save(dict(base, **patch), p)
@@ -352,11 +409,14 @@ def test_structurally_wrong_but_well_formed_files(tmp_path):
     clipdir = tmp_path / "clip"
     clipdir.mkdir()
     (clipdir / "config.json").write_text("{}")
-    for name, sd in {"mlp-1d.pth": {"layers.0.weight": torch.zeros(5)},
-                     "mlp-str.pth": {"layers.0.weight": "x"},
-                     "mlp-nan.pth": {k: torch.full_like(v, float("nan")) for k, v in
-                                     __import__("reneg.rewards.aesthetic", fromlist=["x"]).AestheticMLP(8)
-                                     .state_dict().items()}}.items():
+    for name, sd in {
+        "mlp-1d.pth": {"layers.0.weight": torch.zeros(5)},
+        "mlp-str.pth": {"layers.0.weight": "x"},
+        "mlp-nan.pth": {
+            k: torch.full_like(v, float("nan"))
+            for k, v in __import__("reneg.rewards.aesthetic", fromlist=["x"]).AestheticMLP(8).state_dict().items()
+        },
+    }.items():
         p = tmp_path / name
         torch.save(sd, p)
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
@@ -364,6 +424,7 @@ def test_structurally_wrong_but_well_formed_files(tmp_path):
 
 
 # --- malicious pickles ------------------------------------------------------------------------
+
 
 class _System:
     def __init__(self, marker):
@@ -406,9 +467,16 @@ def malicious_files(folder, marker) -> dict[str, str]:
     out[os.path.basename(p)] = p
     # a checkpoint-shaped file with a payload inside the optimizer state
     p = os.path.join(folder, "evil_checkpoint.pt")
-    torch.save({"format": "reneg-train-checkpoint", "step": 1, "neg": t,
-                "optimizer": {"state": {0: {"exp_avg": _System(marker)}}, "param_groups": []},
-                "scheduler": {}}, p)
+    torch.save(
+        {
+            "format": "reneg-train-checkpoint",
+            "step": 1,
+            "neg": t,
+            "optimizer": {"state": {0: {"exp_avg": _System(marker)}}, "param_groups": []},
+            "scheduler": {},
+        },
+        p,
+    )
     out["evil_checkpoint.pt"] = p
     return out
 
@@ -431,10 +499,10 @@ def test_malicious_pickles_are_refused_everywhere(tmp_path, capsys):
     checked = 0
     for name, path in files.items():
         loaders = {
-            "load_embedding": lambda: load_embedding(path),
-            "load_checkpoint": lambda: load_checkpoint(path),
-            "hps reward": lambda: load_reward(f"hpsv2={path},config={hps_cfg}"),
-            "aesthetic reward": lambda: load_reward(f"aesthetic={path},clip={clip}"),
+            "load_embedding": lambda path=path: load_embedding(path),
+            "load_checkpoint": lambda path=path: load_checkpoint(path),
+            "hps reward": lambda path=path: load_reward(f"hpsv2={path},config={hps_cfg}"),
+            "aesthetic reward": lambda path=path: load_reward(f"aesthetic={path},clip={clip}"),
         }
         for what, fn in loaders.items():
             with pytest.raises(ValueError) as ei:
@@ -462,11 +530,20 @@ def test_malicious_pickles_are_refused_everywhere(tmp_path, capsys):
 
     hf = tmp_path / "pickscore"
     hf.mkdir()
-    CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                vocab_size=1000), vision_config=dict(hidden_size=32, intermediate_size=64,
-                                                                     num_hidden_layers=1, num_attention_heads=2,
-                                                                     image_size=16, patch_size=8),
-               projection_dim=16).save_pretrained(str(hf))
+    CLIPConfig(
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=1000
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    ).save_pretrained(str(hf))
     torch.save({"text_model.embeddings.x": _System(marker)}, hf / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pickscore") as ei:
         load_reward(f"pickscore={hf}")
@@ -513,8 +590,9 @@ def lying_files(folder) -> dict[str, str]:
         files[name] = p
 
     # safetensors whose header claims a 4 TiB tensor, or a header of 2**63 bytes
-    hdr = json.dumps({"neg_embedding": {"dtype": "F32", "shape": [1024, 1024, 1024, 1024],
-                                        "data_offsets": [0, 4 * 2**40]}}).encode()
+    hdr = json.dumps(
+        {"neg_embedding": {"dtype": "F32", "shape": [1024, 1024, 1024, 1024], "data_offsets": [0, 4 * 2**40]}}
+    ).encode()
     put("tb_tensor.safetensors", struct.pack("<Q", len(hdr)) + hdr + bytes(64))
     put("huge_header.safetensors", struct.pack("<Q", 2**63 - 1) + b"{}")
     hdr = json.dumps({"neg_embedding": {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [0, 16]}}).encode()
@@ -559,14 +637,36 @@ def lying_files(folder) -> dict[str, str]:
     zi = zipfile.ZipFile(io.BytesIO(raw_zip))
     body_end = raw_zip.find(b"PK\x01\x02")  # the local entries end where the central directory starts
     local = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(stream), 256 << 20, len(name), 0)
-    central_entries = raw_zip[body_end:raw_zip.find(b"PK\x05\x06")]
+    central_entries = raw_zip[body_end : raw_zip.find(b"PK\x05\x06")]
     new_offset = body_end
-    central = struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc, len(stream), 256 << 20,
-                          len(name), 0, 0, 0, 0, 0, new_offset) + name
+    central = (
+        struct.pack(
+            "<4s6H3I5H2I",
+            b"PK\x01\x02",
+            20,
+            20,
+            0,
+            8,
+            0,
+            0,
+            crc,
+            len(stream),
+            256 << 20,
+            len(name),
+            0,
+            0,
+            0,
+            0,
+            0,
+            new_offset,
+        )
+        + name
+    )
     body = raw_zip[:body_end] + local + name + stream
     cd = central_entries + central
-    eocd = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(zi.infolist()) + 1, len(zi.infolist()) + 1,
-                       len(cd), len(body), 0)
+    eocd = struct.pack(
+        "<4s4H2IH", b"PK\x05\x06", 0, 0, len(zi.infolist()) + 1, len(zi.infolist()) + 1, len(cd), len(body), 0
+    )
     put("zip_bomb.pt", body + cd + eocd)
     return files
 
@@ -581,8 +681,9 @@ def test_lying_headers_cause_no_huge_allocation(tmp_path):
         with z.open(entry) as f:
             assert f.read(1 << 20) == bytes(1 << 20)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", HUGE_DRIVER, *files.values()], capture_output=True, text=True,
-                       timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", HUGE_DRIVER, *files.values()], capture_output=True, text=True, timeout=120, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     for case in res["cases"]:

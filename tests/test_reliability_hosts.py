@@ -34,8 +34,11 @@ from reneg.embedding import NegEmbedding, make_metadata, save_embedding  # noqa:
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 SCRIPT = ROOT / "a1111_extension" / "scripts" / "reneg_negative.py"
-HAS_COMFY = (ROOT / "__init__.py").is_file() and (ROOT / "nodes" / "__init__.py").is_file() and \
-    (TESTS / "comfy_stubs.py").is_file()
+HAS_COMFY = (
+    (ROOT / "__init__.py").is_file()
+    and (ROOT / "nodes" / "__init__.py").is_file()
+    and (TESTS / "comfy_stubs.py").is_file()
+)
 HAS_A1111 = SCRIPT.is_file() and (TESTS / "a1111_stubs.py").is_file()
 FIGURES: dict[str, int] = {}
 
@@ -57,7 +60,7 @@ def embedding_corpus(folder: Path, family: str, hidden: int, marker: str, n_muta
             name = f"mutant-{kind}-{i}{suffix}"
             (folder / name).write_bytes(data)
             kinds[name] = "mutant"
-    for name, path in fz.malicious_files(str(folder), marker).items():
+    for name, _path in fz.malicious_files(str(folder), marker).items():
         kinds[name] = "malicious"
     other = {"sd1": 768, "sd2": 1024, "tiny": 64}
     wrong = next(f for f in other if f != family)
@@ -75,6 +78,7 @@ def embedding_corpus(folder: Path, family: str, hidden: int, marker: str, n_muta
 
 
 # ============================================================================ ComfyUI
+
 
 @pytest.fixture
 def comfy_host(tmp_path):
@@ -155,7 +159,7 @@ def test_comfy_reward_node_survives_untrusted_checkpoints(comfy_host, tiny_hps_c
     evil = root / "evil"
     evil.mkdir()
     shutil.copy(cfg, evil / "open_clip_config.json")
-    for name, path in fz.malicious_files(str(evil), marker).items():
+    for name, _path in fz.malicious_files(str(evil), marker).items():
         if name.endswith(".safetensors"):
             continue  # not a reward checkpoint suffix ComfyUI lists for this folder
         entries[f"evil/{name}"] = "malicious"
@@ -178,14 +182,23 @@ def test_comfy_score_node_survives_bad_images(comfy_host, tiny_hps_ckpt):
     folder.mkdir(parents=True)
     for f in os.listdir(os.path.dirname(tiny_hps_ckpt)):
         shutil.copy(os.path.join(os.path.dirname(tiny_hps_ckpt), f), folder / f)
-    status, out = executor(comfy_host.pack.NODE_CLASS_MAPPINGS["ReNegLoadRewardModel"]().load, "hpsv2",
-                           "tiny-hps/hps_tiny.pt", "none", "float32")
+    status, out = executor(
+        comfy_host.pack.NODE_CLASS_MAPPINGS["ReNegLoadRewardModel"]().load,
+        "hpsv2",
+        "tiny-hps/hps_tiny.pt",
+        "none",
+        "float32",
+    )
     assert status == "ok", out
     reward = out[0]
     score = comfy_host.pack.NODE_CLASS_MAPPINGS["ReNegRewardScore"]().score
-    for images, prompt in [(torch.rand(2, 16, 16), "a cat"), (torch.rand(1, 16, 16, 7), "a cat"),
-                           ("not an image", "a cat"), (torch.rand(1, 16, 16, 3), ""),
-                           (torch.rand(0, 16, 16, 3), "a cat")]:
+    for images, prompt in [
+        (torch.rand(2, 16, 16), "a cat"),
+        (torch.rand(1, 16, 16, 7), "a cat"),
+        ("not an image", "a cat"),
+        (torch.rand(1, 16, 16, 3), ""),
+        (torch.rand(0, 16, 16, 3), "a cat"),
+    ]:
         status, out = executor(score, images, prompt, reward)
         assert status == "error" and str(out).startswith("Reward Score: "), (status, out)
     status, out = executor(score, torch.rand(2, 16, 16, 3), "a cat", "not a reward")
@@ -241,8 +254,13 @@ def test_comfy_pack_loads_without_optional_dependencies(tmp_path, tiny_hps_ckpt)
     models = tmp_path / "models"
     save_embedding(str(models / "reneg" / "e.safetensors"), NegEmbedding(torch.randn(1, 77, 64), "tiny"))
     shutil.copytree(os.path.dirname(tiny_hps_ckpt), models / "reward_models" / "tiny")
-    r = subprocess.run([sys.executable, "-c", MISSING_DEPS_DRIVER, str(ROOT), str(TESTS), str(models), tiny_hps_ckpt],
-                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-c", MISSING_DEPS_DRIVER, str(ROOT), str(TESTS), str(models), tiny_hps_ckpt],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(res["nodes"]) >= 5 and "ReNegLoadEmbedding" in res["nodes"], res
@@ -252,6 +270,7 @@ def test_comfy_pack_loads_without_optional_dependencies(tmp_path, tiny_hps_ckpt)
 
 
 # ============================================================================ A1111
+
 
 @pytest.fixture
 def a1111(tmp_path, monkeypatch):
@@ -265,15 +284,15 @@ def a1111(tmp_path, monkeypatch):
     try:
         module = stubs.load_script(str(SCRIPT))
         monkeypatch.setattr(module, "CORE_ROOT", None)  # list only this test's files
-        yield types.SimpleNamespace(ns=ns, module=module, stubs=stubs, models=models,
-                                    script=module.ReNegScript())
+        yield types.SimpleNamespace(ns=ns, module=module, stubs=stubs, models=models, script=module.ReNegScript())
     finally:
         stubs.uninstall(saved)
 
 
 def sd1_model():
-    return types.SimpleNamespace(is_sd1=True, is_sd2=False, is_sdxl=False,
-                                 cond_stage_model_empty_prompt=torch.zeros(1, 77, 768))
+    return types.SimpleNamespace(
+        is_sd1=True, is_sd2=False, is_sdxl=False, cond_stage_model_empty_prompt=torch.zeros(1, 77, 768)
+    )
 
 
 def test_a1111_hook_survives_untrusted_files(a1111, tmp_path):
@@ -285,18 +304,31 @@ def test_a1111_hook_survives_untrusted_files(a1111, tmp_path):
         p = stubs.FakeP(sd_model=sd1_model())
         a1111.script.process(p, True, name, 1.0, False)  # A1111 would only log an error here
         uncond = torch.randn(2, 154, 768)
-        for text_uncond in (uncond, None, "not a tensor",
-                            stubs.DictWithShape({"crossattn": torch.randn(2, 77, 768), "vector": torch.randn(2, 16)})):
-            params = stubs.CFGDenoiserParams(torch.zeros(2, 4, 8, 8), None, torch.ones(2), 0, 20,
-                                             torch.randn(2, 154, 768), text_uncond, types.SimpleNamespace(p=p))
+        for text_uncond in (
+            uncond,
+            None,
+            "not a tensor",
+            stubs.DictWithShape({"crossattn": torch.randn(2, 77, 768), "vector": torch.randn(2, 16)}),
+        ):
+            params = stubs.CFGDenoiserParams(
+                torch.zeros(2, 4, 8, 8),
+                None,
+                torch.ones(2),
+                0,
+                20,
+                torch.randn(2, 154, 768),
+                text_uncond,
+                types.SimpleNamespace(p=p),
+            )
             module.on_cfg_denoiser(params)  # called directly: nothing would catch an escape
             if text_uncond is uncond and params.text_uncond is not uncond:
                 applied += 1
                 assert kind in ("good", "mutant"), name
                 assert params.text_uncond.shape == uncond.shape and torch.isfinite(params.text_uncond).all()
         # and through the host's own runner, which records what it swallowed
-        params = stubs.CFGDenoiserParams(torch.zeros(1), None, torch.ones(1), 0, 20, uncond, uncond,
-                                         types.SimpleNamespace(p=p))
+        params = stubs.CFGDenoiserParams(
+            torch.zeros(1), None, torch.ones(1), 0, 20, uncond, uncond, types.SimpleNamespace(p=p)
+        )
         a1111.ns.script_callbacks.cfg_denoiser_callback(params)
         assert a1111.ns.script_callbacks.errors == [], (name, a1111.ns.script_callbacks.errors)
         a1111.script.postprocess(p, None)

@@ -69,8 +69,7 @@ def faulty(monkeypatch):
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("numerics") / "prompts.txt"
-    p.write_text("a red circle\na blue square\na green star\na yellow triangle\na purple circle\n",
-                 encoding="utf-8")
+    p.write_text("a red circle\na blue square\na green star\na yellow triangle\na purple circle\n", encoding="utf-8")
     return str(p)
 
 
@@ -78,14 +77,50 @@ def run(tiny_pipeline_dir, tiny_hps_ckpt, prompts, out, steps=5, max_bad=3, ever
     from reneg.cli import main
 
     FAULT["calls"] = 0
-    FAULT["per_step"] = 1            # batch 2 in one micro-batch: one reward call per step
-    FAULT["train_calls"] = steps     # held-out scoring at the end is never faulty
-    return main(["train", "--model", tiny_pipeline_dir, "--reward", f"faulty={tiny_hps_ckpt}",
-                 "--prompts", prompts, "--heldout-count", "2", "--out", out, "--steps", str(steps),
-                 "--batch-size", "2", "--micro-batch", "2", "--sampling-steps", "3", "--grad-range", "0", "1",
-                 "--resolution", "16", "--checkpoint-every", str(every), "--eval-every", "0",
-                 "--eval-batch", "2", "--lr", "5e-2", "--max-bad-steps", str(max_bad), "--device", "cpu",
-                 "--no-progress", *extra])
+    FAULT["per_step"] = 1  # batch 2 in one micro-batch: one reward call per step
+    FAULT["train_calls"] = steps  # held-out scoring at the end is never faulty
+    return main(
+        [
+            "train",
+            "--model",
+            tiny_pipeline_dir,
+            "--reward",
+            f"faulty={tiny_hps_ckpt}",
+            "--prompts",
+            prompts,
+            "--heldout-count",
+            "2",
+            "--out",
+            out,
+            "--steps",
+            str(steps),
+            "--batch-size",
+            "2",
+            "--micro-batch",
+            "2",
+            "--sampling-steps",
+            "3",
+            "--grad-range",
+            "0",
+            "1",
+            "--resolution",
+            "16",
+            "--checkpoint-every",
+            str(every),
+            "--eval-every",
+            "0",
+            "--eval-batch",
+            "2",
+            "--lr",
+            "5e-2",
+            "--max-bad-steps",
+            str(max_bad),
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def log_rows(out):
@@ -94,8 +129,9 @@ def log_rows(out):
 
 
 @pytest.mark.parametrize("mode", ["nan", "inf", "nangrad"])
-def test_bad_update_is_skipped_and_counted(faulty, tiny_pipeline_dir, tiny_hps_ckpt, prompts_file,
-                                           tmp_path, capsys, mode):
+def test_bad_update_is_skipped_and_counted(
+    faulty, tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, tmp_path, capsys, mode
+):
     faulty["mode"], faulty["steps"] = mode, {2, 4}  # not in a row: the run goes on
     out = str(tmp_path / mode)
     assert run(tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, out, max_bad=2) == 0
@@ -123,8 +159,7 @@ def test_unskipped_fault_would_poison_the_embedding():
     assert torch.isnan(p).all()
 
 
-def test_bad_steps_in_a_row_stop_the_run(faulty, tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, tmp_path,
-                                         capsys):
+def test_bad_steps_in_a_row_stop_the_run(faulty, tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, tmp_path, capsys):
     faulty["mode"], faulty["steps"] = "nan", {3, 4, 5, 6}
     out = str(tmp_path / "stop")
     assert run(tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, out, steps=6, max_bad=2) == 2
@@ -147,14 +182,12 @@ def test_bad_steps_in_a_row_stop_the_run(faulty, tiny_pipeline_dir, tiny_hps_ckp
 
     # once the fault is gone, --resume carries on from the good checkpoint
     faulty["steps"] = set()
-    assert run(tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, out, steps=6, max_bad=2,
-               extra=("--resume",)) == 0
+    assert run(tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, out, steps=6, max_bad=2, extra=("--resume",)) == 0
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 6
     assert [r["step"] for r in log_rows(out)] == ["1", "2", "3", "4", "5", "6"]
 
 
-def test_stop_before_any_checkpoint_says_so(faulty, tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, tmp_path,
-                                            capsys):
+def test_stop_before_any_checkpoint_says_so(faulty, tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, tmp_path, capsys):
     faulty["mode"], faulty["steps"] = "inf", {1, 2, 3}
     out = str(tmp_path / "early")
     assert run(tiny_pipeline_dir, tiny_hps_ckpt, prompts_file, out, steps=4, max_bad=2) == 2

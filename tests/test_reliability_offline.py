@@ -33,6 +33,7 @@ def no_network(monkeypatch):
             where = "".join(traceback.format_stack(limit=8)[:-1])
             attempts.append(f"{name}{args[1:] if name.startswith('socket.') else args}\n{where}")
             raise OSError(101, f"network disabled by the test ({name})")
+
         return f
 
     monkeypatch.setattr(socket.socket, "connect", blocked("socket.connect"))
@@ -71,11 +72,25 @@ def hf_clip(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("hf")
     clip = d / "clip"
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, vocab_size=49408, max_position_embeddings=77),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=16)
+    cfg = CLIPConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(str(clip))
     write_clip_tokenizer(str(clip))
@@ -96,8 +111,12 @@ def test_reward_loaders_stay_local(no_network, tiny_hps_ckpt, hf_clip):
 
     clip, mlp = hf_clip
     images = torch.rand(2, 3, 16, 16) * 2 - 1
-    for spec in (f"hpsv2={tiny_hps_ckpt}", f"hpsv2.1={tiny_hps_ckpt}", f"pickscore={clip}",
-                 f"aesthetic={mlp},clip={clip}"):
+    for spec in (
+        f"hpsv2={tiny_hps_ckpt}",
+        f"hpsv2.1={tiny_hps_ckpt}",
+        f"pickscore={clip}",
+        f"aesthetic={mlp},clip={clip}",
+    ):
         r = load_rewards([spec])
         s = r(images, ["a red circle", "a blue square"])
         assert s.shape == (2,) and torch.isfinite(s).all(), spec
@@ -112,8 +131,9 @@ def test_embedding_files_stay_local(no_network, tmp_path, capsys):
     p = tmp_path / "e.safetensors"
     save_embedding(str(p), NegEmbedding(torch.randn(1, 77, 768), "sd1"))
     assert load_embedding(p).family == "sd1"
-    official = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "reneg-official",
-                            "sd1.5_reneg_emb.bin")
+    official = os.path.join(
+        os.path.dirname(__file__), "..", "..", "shared", "data", "reneg-official", "sd1.5_reneg_emb.bin"
+    )
     src = official if os.path.isfile(official) else str(p)
     assert main(["inspect", src]) == 0
     assert main(["convert", src, str(tmp_path / "c.safetensors")]) == 0
@@ -126,21 +146,104 @@ def test_train_and_tune_stay_local(no_network, tiny_pipeline_dir, tiny_hps_ckpt,
 
     clip, mlp = hf_clip
     out = str(tmp_path / "run")
-    common = ["--model", tiny_pipeline_dir, "--sampling-steps", "3", "--grad-range", "0", "1", "--resolution", "16",
-              "--device", "cpu"]
-    assert main(["train", *common, "--reward", f"hpsv2={tiny_hps_ckpt}", "--reward", f"pickscore={clip},weight=0.1",
-                 "--prompts", prompts, "--heldout-count", "1", "--out", out, "--steps", "2", "--batch-size", "1",
-                 "--checkpoint-every", "1", "--eval-every", "0", "--eval-batch", "1", "--no-progress"]) == 0
-    assert main(["train", *common, "--reward", f"hpsv2={tiny_hps_ckpt}", "--reward", f"pickscore={clip},weight=0.1",
-                 "--prompts", prompts, "--heldout-count", "1", "--out", out, "--steps", "3", "--batch-size", "1",
-                 "--checkpoint-every", "1", "--eval-every", "0", "--eval-batch", "1", "--no-progress",
-                 "--resume"]) == 0
+    common = [
+        "--model",
+        tiny_pipeline_dir,
+        "--sampling-steps",
+        "3",
+        "--grad-range",
+        "0",
+        "1",
+        "--resolution",
+        "16",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--reward",
+                f"hpsv2={tiny_hps_ckpt}",
+                "--reward",
+                f"pickscore={clip},weight=0.1",
+                "--prompts",
+                prompts,
+                "--heldout-count",
+                "1",
+                "--out",
+                out,
+                "--steps",
+                "2",
+                "--batch-size",
+                "1",
+                "--checkpoint-every",
+                "1",
+                "--eval-every",
+                "0",
+                "--eval-batch",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--reward",
+                f"hpsv2={tiny_hps_ckpt}",
+                "--reward",
+                f"pickscore={clip},weight=0.1",
+                "--prompts",
+                prompts,
+                "--heldout-count",
+                "1",
+                "--out",
+                out,
+                "--steps",
+                "3",
+                "--batch-size",
+                "1",
+                "--checkpoint-every",
+                "1",
+                "--eval-every",
+                "0",
+                "--eval-batch",
+                "1",
+                "--no-progress",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
         assert json.load(f)["steps"] == 3
     tuned = str(tmp_path / "tuned.safetensors")
-    assert main(["tune", *common, "--reward", f"aesthetic={mlp},clip={clip}", "--prompt", "a red circle",
-                 "--embedding", os.path.join(out, "embedding.safetensors"), "--max-steps", "2", "--patience", "1",
-                 "--out", tuned]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                *common,
+                "--reward",
+                f"aesthetic={mlp},clip={clip}",
+                "--prompt",
+                "a red circle",
+                "--embedding",
+                os.path.join(out, "embedding.safetensors"),
+                "--max-steps",
+                "2",
+                "--patience",
+                "1",
+                "--out",
+                tuned,
+            ]
+        )
+        == 0
+    )
     assert os.path.isfile(tuned)
 
 
@@ -152,7 +255,35 @@ def test_eval_stays_local(no_network, tiny_pipeline_dir, tiny_hps_ckpt, prompts,
     from reneg.cli import main
 
     out = str(tmp_path / "eval")
-    assert main(["eval", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompts", prompts,
-                 "--limit", "2", "--negative", "null", "--negative", "handcrafted", "--sampling-steps", "3",
-                 "--resolution", "16", "--batch", "2", "--out", out, "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                tiny_pipeline_dir,
+                "--reward",
+                f"hpsv2={tiny_hps_ckpt}",
+                "--prompts",
+                prompts,
+                "--limit",
+                "2",
+                "--negative",
+                "null",
+                "--negative",
+                "handcrafted",
+                "--sampling-steps",
+                "3",
+                "--resolution",
+                "16",
+                "--batch",
+                "2",
+                "--out",
+                out,
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert os.path.isfile(os.path.join(out, "summary.json"))

@@ -78,7 +78,7 @@ def _replace(argv: list[str], flag: str, values: list[str]) -> list[str]:
     if flag in argv:
         i = argv.index(flag)
         n = len(values)
-        return argv[:i + 1] + values + argv[i + 1 + n:]
+        return argv[: i + 1] + values + argv[i + 1 + n :]
     return argv + [flag, *values]
 
 
@@ -131,6 +131,7 @@ def test_large_seeds_are_honoured():
 
 # --------------------------------------------------------------------------- --demo
 
+
 @pytest.fixture
 def demo_env(env, tmp_path, monkeypatch):  # noqa: F811
     """--demo runs in a scratch folder; run_train is replaced to capture the config it gets."""
@@ -179,6 +180,7 @@ def test_demo_eval_checks_a_given_negative(demo_env, capsys, tmp_path):
 
 # --------------------------------------------------------------------------- files
 
+
 def _sparse(path):
     torch.save(torch.zeros(1, 77, 64).to_sparse(), path)
 
@@ -201,6 +203,7 @@ def _header(raw: bytes):
     def write(path):
         with open(path, "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
+
     return write
 
 
@@ -208,8 +211,9 @@ HOSTILE = {
     "sparse.pt": _sparse,
     "float8.pt": _float8,
     "float8.safetensors": _float8_safetensors,
-    "digits.safetensors": _header(b'{"neg_embedding": {"dtype": "F32", "shape": [' + b"9" * 5000
-                                  + b'], "data_offsets": [0, 4]}}'),
+    "digits.safetensors": _header(
+        b'{"neg_embedding": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}'
+    ),
     "nested.safetensors": _header(b"[" * 100_000 + b"]" * 100_000),
 }
 
@@ -273,6 +277,7 @@ def test_inspect_json_is_json_for_large_finite_values(tmp_path, capsys):
 
     def no_constants(c):
         raise AssertionError(f"not JSON: {c}")
+
     info = json.loads(capsys.readouterr().out, parse_constant=no_constants)
     assert info["stats"]["max"] == pytest.approx(3.0e38) and info["stats"]["mean"] == pytest.approx(3.0e38)
 
@@ -299,6 +304,7 @@ def test_convert_family_bogus_blames_the_flag(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- resume
 
+
 def _checkpoint_for(argv, step: int, **changes):
     """A checkpoint as ``argv``'s run would have written it at ``step`` (then ``changes`` applied to
     its saved config)."""
@@ -312,8 +318,16 @@ def _checkpoint_for(argv, step: int, **changes):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     config = dict(cfg.to_json(), **resume_fingerprint(cfg))
     config.update(changes)
-    save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), step=step, neg=neg, optimizer=opt, scheduler=sched,
-                    skipped=0, config=config, heldout=[])
+    save_checkpoint(
+        os.path.join(cfg.out, "checkpoint.pt"),
+        step=step,
+        neg=neg,
+        optimizer=opt,
+        scheduler=sched,
+        skipped=0,
+        config=config,
+        heldout=[],
+    )
 
 
 def test_resume_with_a_smaller_steps_is_refused(env, capsys):  # noqa: F811
@@ -346,6 +360,7 @@ def test_resume_compares_prompts_and_init_by_content(env, capsys, tmp_path):  # 
 
 # --------------------------------------------------------------------------- options layer
 
+
 def test_shared_flags_have_one_default_everywhere():
     """train, tune, eval and the ComfyUI tune node take the paper's defaults from reneg.options."""
     from reneg.cli import build_parser
@@ -356,10 +371,18 @@ def test_shared_flags_have_one_default_everywhere():
     tune = vars(p.parse_args(["tune"]))
     ev = vars(p.parse_args(["eval"]))
     for ns in (train, tune, ev):
-        assert (ns["sampling_steps"], ns["guidance"], ns["resolution"], tuple(ns["grad_range"])) == \
-            (PAPER.sampling_steps, PAPER.guidance, PAPER.resolution, PAPER.grad_range)
-    assert (train["lr"], train["steps"], train["batch_size"], train["lr_schedule"]) == \
-        (PAPER.lr, PAPER.steps, PAPER.batch_size, PAPER.lr_schedule)
+        assert (ns["sampling_steps"], ns["guidance"], ns["resolution"], tuple(ns["grad_range"])) == (
+            PAPER.sampling_steps,
+            PAPER.guidance,
+            PAPER.resolution,
+            PAPER.grad_range,
+        )
+    assert (train["lr"], train["steps"], train["batch_size"], train["lr_schedule"]) == (
+        PAPER.lr,
+        PAPER.steps,
+        PAPER.batch_size,
+        PAPER.lr_schedule,
+    )
     assert (tune["lr"], tune["max_steps"], tune["patience"]) == (PAPER.lr, PAPER.max_steps, PAPER.patience)
     assert (ev["tune_lr"], ev["tune_steps"], ev["tune_patience"]) == (PAPER.lr, PAPER.max_steps, PAPER.patience)
     from reneg.evaluation.config import EvalConfig
@@ -381,8 +404,10 @@ def test_options_module_is_import_light():
     import subprocess
     import sys
 
-    code = ("import sys, reneg.options; bad = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, reneg.options; bad = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 

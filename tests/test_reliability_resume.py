@@ -30,8 +30,16 @@ from reneg.embedding import load_embedding
 from reneg.trainer.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ["a red circle", "a blue square", "a green star", "a yellow triangle", "a purple circle",
-           "a red star", "an orange square", "a blue star"]
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green star",
+    "a yellow triangle",
+    "a purple circle",
+    "a red star",
+    "an orange square",
+    "a blue star",
+]
 STEPS = 6
 EVERY = 2
 # figures for the closing note (printed with -s)
@@ -39,11 +47,44 @@ KILL_POINTS: list[str] = []
 
 
 def train_args(model: str, reward: str, prompts: str, out: str, *extra: str) -> list[str]:
-    return ["train", "--model", model, "--reward", f"hpsv2={reward}", "--prompts", prompts,
-            "--heldout-count", "2", "--out", out, "--steps", str(STEPS), "--batch-size", "2",
-            "--micro-batch", "1", "--sampling-steps", "4", "--grad-range", "0", "2", "--resolution", "16",
-            "--checkpoint-every", str(EVERY), "--eval-every", "4", "--eval-batch", "2", "--lr", "5e-2",
-            "--device", "cpu", "--no-progress", *extra]
+    return [
+        "train",
+        "--model",
+        model,
+        "--reward",
+        f"hpsv2={reward}",
+        "--prompts",
+        prompts,
+        "--heldout-count",
+        "2",
+        "--out",
+        out,
+        "--steps",
+        str(STEPS),
+        "--batch-size",
+        "2",
+        "--micro-batch",
+        "1",
+        "--sampling-steps",
+        "4",
+        "--grad-range",
+        "0",
+        "2",
+        "--resolution",
+        "16",
+        "--checkpoint-every",
+        str(EVERY),
+        "--eval-every",
+        "4",
+        "--eval-batch",
+        "2",
+        "--lr",
+        "5e-2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _child(argv: list[str], kill_on_replace: str | None, kill_on_nth: int) -> None:
@@ -72,9 +113,19 @@ def _child(argv: list[str], kill_on_replace: str | None, kill_on_nth: int) -> No
 @pytest.fixture(scope="module")
 def forkserver():
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "diffusers", "transformers", "open_clip", "accelerate",
-                                "reneg.cli", "reneg.trainer.train", "reneg.backends.diffusers_backend",
-                                "reneg.rewards.hps"])
+    ctx.set_forkserver_preload(
+        [
+            "torch",
+            "diffusers",
+            "transformers",
+            "open_clip",
+            "accelerate",
+            "reneg.cli",
+            "reneg.trainer.train",
+            "reneg.backends.diffusers_backend",
+            "reneg.rewards.hps",
+        ]
+    )
     return ctx
 
 
@@ -181,11 +232,13 @@ def test_kill_chain_resumes_to_the_same_embedding(world, reference, forkserver):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["TQDM_DISABLE"] = "1"
     log = open(d / "cli-stderr.txt", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "reneg.cli", *base], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reneg.cli", *base], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
+    )
     try:
-        reached = _wait_for(lambda: _ckpt_step(out) >= EVERY, lambda: proc.poll() is None,
-                            what="checkpoint 2 of the CLI subprocess")
+        reached = _wait_for(
+            lambda: _ckpt_step(out) >= EVERY, lambda: proc.poll() is None, what="checkpoint 2 of the CLI subprocess"
+        )
         assert reached, f"the CLI subprocess ended early: {(d / 'cli-stderr.txt').read_text()[-2000:]}"
         proc.send_signal(signal.SIGKILL)
     finally:

@@ -21,7 +21,7 @@ import reneg.rewards as rewards
 from reneg.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-NEW_MODULE = '''
+NEW_MODULE = """
 import torch
 from . import Reward, register
 
@@ -34,7 +34,7 @@ class Brightness(Reward):
 @register("brightness", "mean pixel value (a test reward)", options=("gain",))
 def load(path, device="cpu", dtype=torch.float32, gain="1", **unused):
     return Brightness()
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,9 @@ def test_loading_hps_does_not_print_open_clips_random_init_warning(monkeypatch, 
         logging.warning("another library warning")
         return "model"
 
-    fake = types.SimpleNamespace(create_model=create_model, list_models=lambda: ["ViT-H-14"],
-                                 get_tokenizer=lambda arch: "tokenizer")
+    fake = types.SimpleNamespace(
+        create_model=create_model, list_models=lambda: ["ViT-H-14"], get_tokenizer=lambda arch: "tokenizer"
+    )
     monkeypatch.setitem(sys.modules, "open_clip", fake)
     with caplog.at_level(logging.WARNING):
         model, tok = hps.build_open_clip("ViT-H-14", None, "HPS_v2.1_compressed.pt")
@@ -110,8 +111,14 @@ def test_load_reward_model_node_offers_the_registry_and_scores_with_imagereward(
         _add_module(pack_rewards, tmp_path, monkeypatch)  # a new reward shows without touching the node
         load = pack.NODE_CLASS_MAPPINGS["ReNegLoadRewardModel"]()
         spec = load.INPUT_TYPES()
-        assert spec["required"]["reward_type"][0] == ["aesthetic", "brightness", "hpsv2", "hpsv2.1", "imagereward",
-                                                      "pickscore"]
+        assert spec["required"]["reward_type"][0] == [
+            "aesthetic",
+            "brightness",
+            "hpsv2",
+            "hpsv2.1",
+            "imagereward",
+            "pickscore",
+        ]
         assert spec["required"]["reward_type"][1]["default"] == "hpsv2.1"
         assert list(spec["required"]) == ["reward_type", "model", "clip_model", "precision"]  # saved graphs' order
         assert list(spec["optional"]) == ["tokenizer_model"]
@@ -120,8 +127,9 @@ def test_load_reward_model_node_offers_the_registry_and_scores_with_imagereward(
         assert "imagereward" in load.DESCRIPTION
         with torch.inference_mode():
             beside = load.load("imagereward", "ImageReward/ImageReward.pt", "none", "float32")[0]
-            given = load.load("imagereward", "ImageReward/ImageReward.pt", "none", "float32",
-                              tokenizer_model="ImageReward/tokenizer/")[0]
+            given = load.load(
+                "imagereward", "ImageReward/ImageReward.pt", "none", "float32", tokenizer_model="ImageReward/tokenizer/"
+            )[0]
         assert beside.kind == "imagereward" and given.name == "imagereward:ImageReward.pt"
         images = torch.rand(2, 40, 48, 3, generator=torch.Generator().manual_seed(5))
         score = pack.NODE_CLASS_MAPPINGS["ReNegRewardScore"]()
@@ -141,11 +149,40 @@ def test_load_reward_model_node_offers_the_registry_and_scores_with_imagereward(
 @pytest.mark.slow
 def test_tune_and_eval_run_with_imagereward(tmp_path, tiny_pipeline_dir, tiny_ir, capsys):
     spec = f"imagereward={tiny_ir / 'ImageReward.pt'}"
-    common = ["--model", tiny_pipeline_dir, "--reward", spec, "--sampling-steps", "3", "--resolution", "16",
-              "--device", "cpu"]
+    common = [
+        "--model",
+        tiny_pipeline_dir,
+        "--reward",
+        spec,
+        "--sampling-steps",
+        "3",
+        "--resolution",
+        "16",
+        "--device",
+        "cpu",
+    ]
     out = tmp_path / "tuned.safetensors"
-    rc = main(["tune", *common, "--prompt", "a red cat", "--seed", "3", "--max-steps", "2", "--patience", "2",
-               "--lr", "0.05", "--grad-range", "0", "1", "--out", str(out)])
+    rc = main(
+        [
+            "tune",
+            *common,
+            "--prompt",
+            "a red cat",
+            "--seed",
+            "3",
+            "--max-steps",
+            "2",
+            "--patience",
+            "2",
+            "--lr",
+            "0.05",
+            "--grad-range",
+            "0",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "tuned.json").read_text())
     assert rep["best_reward"] >= rep["start_reward"] and out.is_file()
@@ -156,8 +193,26 @@ def test_tune_and_eval_run_with_imagereward(tmp_path, tiny_pipeline_dir, tiny_ir
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\nthe blue sky\n")
     ev = tmp_path / "eval"
-    assert main(["eval", *common, "--prompts", str(prompts), "--limit", "2", "--negative", "null", "--batch", "2",
-                 "--out", str(ev), "--no-progress"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                *common,
+                "--prompts",
+                str(prompts),
+                "--limit",
+                "2",
+                "--negative",
+                "null",
+                "--batch",
+                "2",
+                "--out",
+                str(ev),
+                "--no-progress",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["rewards"] == ["imagereward"]
     assert os.path.isfile(ev / "scores.csv")

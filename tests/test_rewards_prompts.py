@@ -18,11 +18,25 @@ def _tiny_hf_clip(folder):
     from reneg.tiny import write_clip_tokenizer
 
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, vocab_size=49408, max_position_embeddings=77),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=16)
+    cfg = CLIPConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(cfg).save_pretrained(folder)
     write_clip_tokenizer(folder)
     return folder
@@ -72,10 +86,13 @@ def test_reward_specs(tmp_path, tiny_hps_ckpt):
     assert {"hpsv2", "hpsv2.1", "pickscore", "aesthetic"} <= set(available())
     spec = parse_spec(f"hpsv2.1={tiny_hps_ckpt},weight=0.25")
     assert spec.name == "hpsv2.1" and spec.weight == 0.25 and spec.path == tiny_hps_ckpt
-    for bad, needle in [("hps", "expected NAME=PATH"), ("nope=/x", "unknown reward 'nope'"),
-                        (f"hpsv2={tmp_path}/missing.pt", "does not exist"),
-                        (f"hpsv2={tiny_hps_ckpt},weight=abc", "not a number"),
-                        ("hpsv2=", "no path")]:
+    for bad, needle in [
+        ("hps", "expected NAME=PATH"),
+        ("nope=/x", "unknown reward 'nope'"),
+        (f"hpsv2={tmp_path}/missing.pt", "does not exist"),
+        (f"hpsv2={tiny_hps_ckpt},weight=abc", "not a number"),
+        ("hpsv2=", "no path"),
+    ]:
         with pytest.raises(RewardSpecError, match=needle):
             parse_spec(bad)
     with pytest.raises(RewardSpecError, match="no reward"):
@@ -102,9 +119,14 @@ def test_prompt_formats(tmp_path, shared_data):
     assert sub == subsample(parti, 10, seed=3) and len(sub) == 10
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b"", "no prompts found"), (b"\n \n", "no prompts found"), (b"\xff\xfe\x00bad", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "no prompts found"),
+        (b"\n \n", "no prompts found"),
+        (b"\xff\xfe\x00bad", "not UTF-8"),
+    ],
+)
 def test_bad_prompt_files(tmp_path, content, needle):
     p = tmp_path / "prompts.txt"
     p.write_bytes(content)

@@ -26,17 +26,24 @@ def test_sampler_matches_diffusers_pipeline(tmp_path, prediction_type):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = backend.encode_prompts(["a red circle", "a blue square"])
     neg = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1)) * 0.5
-    ref = pipe(prompt_embeds=cond.crossattn, negative_prompt_embeds=neg.expand(2, -1, -1),
-               latents=noise.clone(), num_inference_steps=12, guidance_scale=7.5, eta=0.0,
-               output_type="latent").images
+    ref = pipe(
+        prompt_embeds=cond.crossattn,
+        negative_prompt_embeds=neg.expand(2, -1, -1),
+        latents=noise.clone(),
+        num_inference_steps=12,
+        guidance_scale=7.5,
+        eta=0.0,
+        output_type="latent",
+    ).images
     sig = backend.schedule(12)
     x, _ = sample(backend.denoiser, initial_latent(noise, sig[0]), sig, cond, backend.negative_cond(neg), 7.5)
     ours = to_vp(x, sig[-1])
     rel = ((ours - ref).norm() / ref.norm()).item()
     assert rel < 1e-4, rel
     # the unbatched CFG path is the same computation
-    x2, _ = sample(backend.denoiser, initial_latent(noise, sig[0]), sig, cond, backend.negative_cond(neg), 7.5,
-                   batched=False)
+    x2, _ = sample(
+        backend.denoiser, initial_latent(noise, sig[0]), sig, cond, backend.negative_cond(neg), 7.5, batched=False
+    )
     assert torch.allclose(x, x2, rtol=1e-4, atol=1e-5)
 
 
@@ -56,8 +63,19 @@ def _loss_fn(backend, reward, scale, grad_index=7, steps=10):
     cond = backend.encode_prompts(prompts)
 
     def f(neg):
-        return grad_step_loss(backend.denoiser, backend.decode, reward, prompts, cond, backend.negative_cond(neg),
-                              initial_latent(noise, sig[0]), sig, scale, grad_index)
+        return grad_step_loss(
+            backend.denoiser,
+            backend.decode,
+            reward,
+            prompts,
+            cond,
+            backend.negative_cond(neg),
+            initial_latent(noise, sig[0]),
+            sig,
+            scale,
+            grad_index,
+        )
+
     return f
 
 
@@ -73,8 +91,18 @@ def test_gradient_matches_finite_differences(tmp_path, tiny_pipeline_dir, tiny_h
     sig = backend.schedule(10)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     base = backend.null_embedding()[0].double()
-    res = grad_step_loss(backend.denoiser, backend.decode, reward, prompts, cond, backend.negative_cond(base),
-                         initial_latent(noise, sig[0]), sig, 7.5, 7)
+    res = grad_step_loss(
+        backend.denoiser,
+        backend.decode,
+        reward,
+        prompts,
+        cond,
+        backend.negative_cond(base),
+        initial_latent(noise, sig[0]),
+        sig,
+        7.5,
+        7,
+    )
     x_t = res.x
     sigma = torch.full((2,), float(sig[7]), dtype=torch.float64)
 
@@ -143,8 +171,7 @@ def test_per_sample_search_keeps_the_best_and_respects_patience():
     assert res.best_reward == 1.0 and res.start_reward == 1.0 and res.best_step == 0
     assert torch.equal(res.best, start)  # nothing beat the start: the start comes back
     stop = iter([False, True])
-    res = per_sample_search(lambda n, s: (float(s), (n ** 2).sum()), start, 5, 3, 0.1,
-                            should_stop=lambda: next(stop))
+    res = per_sample_search(lambda n, s: (float(s), (n**2).sum()), start, 5, 3, 0.1, should_stop=lambda: next(stop))
     assert res.stopped == "cancelled" and len(res.history) == 1
 
 
@@ -156,9 +183,18 @@ def test_search_on_tiny_model_never_returns_worse_than_start(tiny_backend, tiny_
     obj = ObjectiveConfig(8, 7.5, (0, 3))
 
     def evaluate(neg, step):
-        s, loss, img = sample_score_and_loss(tiny_backend.denoiser, tiny_backend.decode, tiny_reward,
-                                             ["a blue square"], cond, tiny_backend.negative_cond(neg),
-                                             initial_latent(noise, sig[0]), sig, 7.5, obj.grad_index(g))
+        s, loss, img = sample_score_and_loss(
+            tiny_backend.denoiser,
+            tiny_backend.decode,
+            tiny_reward,
+            ["a blue square"],
+            cond,
+            tiny_backend.negative_cond(neg),
+            initial_latent(noise, sig[0]),
+            sig,
+            7.5,
+            obj.grad_index(g),
+        )
         assert img.shape == (1, 3, 16, 16)
         return float(s), loss
 
@@ -166,9 +202,19 @@ def test_search_on_tiny_model_never_returns_worse_than_start(tiny_backend, tiny_
     res = per_sample_search(evaluate, start, max_steps=4, patience=2, lr=0.05)
     assert res.best_reward >= res.start_reward
     # the returned best really scores what it claims on this seed
-    s, _, _ = sample_score_and_loss(tiny_backend.denoiser, tiny_backend.decode, tiny_reward, ["a blue square"],
-                                    cond, tiny_backend.negative_cond(res.best), initial_latent(noise, sig[0]),
-                                    sig, 7.5, 6, want_loss=False)
+    s, _, _ = sample_score_and_loss(
+        tiny_backend.denoiser,
+        tiny_backend.decode,
+        tiny_reward,
+        ["a blue square"],
+        cond,
+        tiny_backend.negative_cond(res.best),
+        initial_latent(noise, sig[0]),
+        sig,
+        7.5,
+        6,
+        want_loss=False,
+    )
     assert abs(float(s) - res.best_reward) < 1e-4
     assert not start.requires_grad
 

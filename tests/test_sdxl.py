@@ -36,8 +36,9 @@ def test_sdxl_encoding_and_sampler_match_diffusers_xl_pipeline(tiny_sdxl_dir, xl
     assert xl.family == "sdxl" and xl.pooled_dim == 1280
     pipe = _pipe(tiny_sdxl_dir)
     prompts = ["a red circle", "a blue square"]
-    pe, npe, ppe, nppe = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
-                                            do_classifier_free_guidance=True, negative_prompt=["", ""])
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=["", ""]
+    )
     cond = xl.encode_prompts(prompts)
     assert cond.crossattn.shape == (2, 77, 2048) and cond.pooled.shape == (2, 1280)
     assert torch.allclose(cond.crossattn, pe, atol=1e-6) and torch.allclose(cond.pooled, ppe, atol=1e-6)
@@ -49,16 +50,34 @@ def test_sdxl_encoding_and_sampler_match_diffusers_xl_pipeline(tiny_sdxl_dir, xl
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sig = xl.schedule(12)
     # the tiny VAE halves the size: 8 x 8 latents are 16 x 16 pixels, which is what the size conditioning says
-    ref = pipe(prompt=prompts, negative_prompt=["", ""], latents=noise.clone(), num_inference_steps=12,
-               guidance_scale=7.5, eta=0.0, output_type="latent", height=16, width=16).images
+    ref = pipe(
+        prompt=prompts,
+        negative_prompt=["", ""],
+        latents=noise.clone(),
+        num_inference_steps=12,
+        guidance_scale=7.5,
+        eta=0.0,
+        output_type="latent",
+        height=16,
+        width=16,
+    ).images
     x, _ = sample(xl.denoiser, initial_latent(noise, sig[0]), sig, cond, xl.negative_cond(null), 7.5)
     rel = ((to_vp(x, sig[-1]) - ref).norm() / ref.norm()).item()
     assert rel < 1e-4, rel
 
     # size conditioning given explicitly (original size 40 x 24) travels in Cond.extra["time_ids"]
-    ref2 = pipe(prompt=prompts, negative_prompt=["", ""], latents=noise.clone(), num_inference_steps=12,
-                guidance_scale=7.5, eta=0.0, output_type="latent", height=16, width=16,
-                original_size=(40, 24)).images
+    ref2 = pipe(
+        prompt=prompts,
+        negative_prompt=["", ""],
+        latents=noise.clone(),
+        num_inference_steps=12,
+        guidance_scale=7.5,
+        eta=0.0,
+        output_type="latent",
+        height=16,
+        width=16,
+        original_size=(40, 24),
+    ).images
     tid = torch.tensor([[40.0, 24.0, 0.0, 0.0, 16.0, 16.0]])
     c2 = Cond(cond.crossattn, cond.pooled, {"time_ids": tid.expand(2, 6)})
     u2 = Cond(null, null_pooled, {"time_ids": tid})
@@ -89,11 +108,44 @@ def _prompts(tmp_path):
 def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, tiny_hps_ckpt, capsys):
     prompts = _prompts(tmp_path)
     out = tmp_path / "run"
-    common = ["--model", tiny_sdxl_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--sampling-steps", "4",
-              "--grad-range", "0", "1", "--resolution", "16"]
-    rc = main(["train", *common, "--prompts", prompts, "--heldout-count", "2", "--out", str(out),
-               "--steps", "3", "--batch-size", "2", "--micro-batch", "2", "--lr", "0.05",
-               "--eval-every", "3", "--no-progress", "--handcrafted", "blurry"])
+    common = [
+        "--model",
+        tiny_sdxl_dir,
+        "--reward",
+        f"hpsv2={tiny_hps_ckpt}",
+        "--sampling-steps",
+        "4",
+        "--grad-range",
+        "0",
+        "1",
+        "--resolution",
+        "16",
+    ]
+    rc = main(
+        [
+            "train",
+            *common,
+            "--prompts",
+            prompts,
+            "--heldout-count",
+            "2",
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--micro-batch",
+            "2",
+            "--lr",
+            "0.05",
+            "--eval-every",
+            "3",
+            "--no-progress",
+            "--handcrafted",
+            "blurry",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["family"] == "sdxl" and set(summary["heldout"]) == {"null", "handcrafted", "learned"}
@@ -107,9 +159,28 @@ def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, t
 
     tuned = tmp_path / "tuned.safetensors"
     capsys.readouterr()
-    rc = main(["tune", *common, "--prompt", "a red circle", "--seed", "1", "--max-steps", "2",
-               "--patience", "2", "--lr", "0.05", "--embedding", str(out / "embedding.safetensors"),
-               "--out", str(tuned), "--resolution", "32"])
+    rc = main(
+        [
+            "tune",
+            *common,
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "1",
+            "--max-steps",
+            "2",
+            "--patience",
+            "2",
+            "--lr",
+            "0.05",
+            "--embedding",
+            str(out / "embedding.safetensors"),
+            "--out",
+            str(tuned),
+            "--resolution",
+            "32",
+        ]
+    )
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     # away from the model's own size (here 16 px; SDXL's is 1024) the user is told once
@@ -118,9 +189,29 @@ def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, t
     assert t.metadata["kind"] == "per-sample" and torch.allclose(t.pooled, null_pooled)
 
     ev = tmp_path / "eval"
-    rc = main(["eval", *common, "--prompts", prompts, "--limit", "2", "--negative", "null",
-               "--negative", "handcrafted:blurry", "--negative", f"learned={out / 'embedding.safetensors'}",
-               "--negative", "zero", "--batch", "2", "--out", str(ev), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            *common,
+            "--prompts",
+            prompts,
+            "--limit",
+            "2",
+            "--negative",
+            "null",
+            "--negative",
+            "handcrafted:blurry",
+            "--negative",
+            f"learned={out / 'embedding.safetensors'}",
+            "--negative",
+            "zero",
+            "--batch",
+            "2",
+            "--out",
+            str(ev),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     s = json.loads((ev / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned", "zero"]
@@ -139,6 +230,7 @@ def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, t
 
     def image(pooled):
         return generate(xl, cond, xl.negative_cond(hc.crossattn, pooled), noise, 4, 7.5).cpu()
+
     own, empty = image(hc.pooled), image(None)
     assert (own - saved).abs().max() <= 2 / 255 + 1e-6
     assert (empty - saved).abs().max() > (own - saved).abs().max()
@@ -161,7 +253,9 @@ def _linked(tmp_path, name, base, swap: dict):
 
 def test_sdxl_folder_problems_are_named(tmp_path, tiny_sdxl_dir, tiny_pipeline_dir):
     no_tok2 = _linked(tmp_path, "no_tok2", tiny_sdxl_dir, {"tokenizer_2": None})
-    with pytest.raises(ModelLoadError, match=r"not a complete diffusers Stable Diffusion XL folder; missing tokenizer_2"):
+    with pytest.raises(
+        ModelLoadError, match=r"not a complete diffusers Stable Diffusion XL folder; missing tokenizer_2"
+    ):
         load_diffusers(no_tok2)
     sd1_unet = _linked(tmp_path, "sd1_unet", tiny_sdxl_dir, {"unet": os.path.join(tiny_pipeline_dir, "unet")})
     with pytest.raises(ModelLoadError, match="does not read SDXL's pooled vector"):

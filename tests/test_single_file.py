@@ -13,8 +13,16 @@ import os
 
 import pytest
 import torch
-from ldm_layout import (SD1_TE, UNET, VAE, folder_to_single_file, full_size_table, unet_to_ldm, vae_to_ldm,
-                        write_header_only)
+from ldm_layout import (
+    SD1_TE,
+    UNET,
+    VAE,
+    folder_to_single_file,
+    full_size_table,
+    unet_to_ldm,
+    vae_to_ldm,
+    write_header_only,
+)
 
 from reneg.backends import single_file as sf
 from reneg.backends.diffusers_backend import ModelLoadError
@@ -35,6 +43,7 @@ def _full(tmp_path, full_tables, fam, name=None, extra=None, drop=(), **kw):
 
 
 # --- recognition of full-size checkpoints from the header ------------------------------------------------
+
 
 @pytest.mark.slow
 def test_full_size_checkpoints_are_recognised_and_build_from_builtin_configs(tmp_path, full_tables):
@@ -119,6 +128,7 @@ def test_inspect_cli_describes_a_checkpoint_from_its_header(tmp_path, full_table
 
 # --- refusals: one line naming the file and what was found, before any work -----------------------------
 
+
 def _refused(path, match, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("a module was built before the file was refused")
@@ -135,22 +145,33 @@ def _refused(path, match, monkeypatch):
 def test_refusals(tmp_path, full_tables, monkeypatch):
     t = tmp_path
     unet_in = UNET + "input_blocks.0.0.weight"
-    sd3 = write_header_only(str(t / "sd3.safetensors"), {
-        UNET + "joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), unet_in: (1536, 16, 2, 2)})
+    sd3 = write_header_only(
+        str(t / "sd3.safetensors"),
+        {UNET + "joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), unet_in: (1536, 16, 2, 2)},
+    )
     _refused(sd3, "Stable Diffusion 3", monkeypatch)
     flux = write_header_only(str(t / "flux.safetensors"), {"double_blocks.0.img_attn.norm.key_norm.scale": (128,)})
     _refused(flux, "a Flux checkpoint", monkeypatch)
-    refiner = write_header_only(str(t / "refiner.safetensors"), {
-        unet_in: (384, 4, 3, 3), UNET + "label_emb.0.0.weight": (1536, 2560),
-        UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280),
-        "conditioner.embedders.0.model.ln_final.weight": (1280,)})
+    refiner = write_header_only(
+        str(t / "refiner.safetensors"),
+        {
+            unet_in: (384, 4, 3, 3),
+            UNET + "label_emb.0.0.weight": (1536, 2560),
+            UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280),
+            "conditioner.embedders.0.model.ln_final.weight": (1280,),
+        },
+    )
     _refused(refiner, "an SDXL refiner", monkeypatch)
     inpaint = _full(t, full_tables, "sd1", "inpaint.safetensors", extra={unet_in: (320, 9, 3, 3)})
     _refused(inpaint, "an inpainting UNet (9 input channels", monkeypatch)
-    lora = write_header_only(str(t / "lora.safetensors"), {
-        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (8, 320),
-        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (320, 8),
-        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": ()})
+    lora = write_header_only(
+        str(t / "lora.safetensors"),
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (8, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (320, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": (),
+        },
+    )
     _refused(lora, "a LoRA", monkeypatch)
     whole = _full(t, full_tables, "sd1", "cut.safetensors")
     cut = t / "truncated.safetensors"
@@ -160,8 +181,9 @@ def test_refusals(tmp_path, full_tables, monkeypatch):
     _refused(cut, "truncated: the safetensors header describes", monkeypatch)
     emb = write_header_only(str(t / "neg.safetensors"), {"neg_embedding": (1, 77, 768)})
     _refused(emb, "an embedding", monkeypatch)
-    vae = write_header_only(str(t / "vae.safetensors"), {k[len(VAE):]: s for k, s in full_tables["sd1"].items()
-                                                          if k.startswith(VAE)})
+    vae = write_header_only(
+        str(t / "vae.safetensors"), {k[len(VAE) :]: s for k, s in full_tables["sd1"].items() if k.startswith(VAE)}
+    )
     _refused(vae, "a VAE on its own", monkeypatch)
     no_te = _full(t, full_tables, "sdxl", "no_te.safetensors", drop=("conditioner.",))
     _refused(no_te, "without its text encoder", monkeypatch)
@@ -174,14 +196,37 @@ def test_refusals(tmp_path, full_tables, monkeypatch):
 def test_refusal_through_the_cli_is_one_line(tmp_path, capsys, tiny_hps_ckpt):
     from reneg.cli import main
 
-    lora = write_header_only(str(tmp_path / "style.safetensors"), {
-        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 1280),
-        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": (1280, 4)})
+    lora = write_header_only(
+        str(tmp_path / "style.safetensors"),
+        {
+            "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 1280),
+            "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": (1280, 4),
+        },
+    )
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\nb\nc\n")
-    rc = main(["train", "--model", lora, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompts", str(prompts),
-               "--heldout-count", "1", "--out", str(tmp_path / "run"), "--no-progress", "--steps", "1",
-               "--batch-size", "1", "--device", "cpu"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            lora,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompts",
+            str(prompts),
+            "--heldout-count",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert f"{lora}: a LoRA" in err
@@ -200,6 +245,7 @@ def test_pickle_checkpoints_load_only_as_plain_tensors(tmp_path, monkeypatch):
 
 # --- small checkpoints: the same model as the folder they were written from ------------------------------
 
+
 def _small_folder(folder: str, family: str, prediction_type: str = "epsilon") -> str:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -209,15 +255,35 @@ def _small_folder(folder: str, family: str, prediction_type: str = "epsilon") ->
     torch.manual_seed(1)
     hidden = {"sd1": 768, "sd2": 1024}[family]
     unet = UNet2DConditionModel(
-        sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=hidden, attention_head_dim=8, norm_num_groups=8, use_linear_projection=family == "sd2")
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
-                        sample_size=16)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=16, vocab_size=49408, max_position_embeddings=77,
-                                      hidden_act="quick_gelu" if family == "sd1" else "gelu"))
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        use_linear_projection=family == "sd2",
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu" if family == "sd1" else "gelu",
+        )
+    )
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
@@ -226,9 +292,17 @@ def _small_folder(folder: str, family: str, prediction_type: str = "epsilon") ->
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(dict(SD_SCHEDULER, prediction_type=prediction_type), f)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-                   "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}, f)
+        json.dump(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            },
+            f,
+        )
     return folder
 
 
@@ -271,10 +345,18 @@ def test_builtin_tokenizers_pad_as_the_models_do():
     """SD1.x and SDXL's CLIP-L pad with <|endoftext|> (49407); SD2's OpenCLIP-H and SDXL's bigG with "!" (0)."""
     from reneg.backends.configs import ARCHITECTURES
 
-    pads = {(fam, part): ARCHITECTURES[fam][part] for fam in ARCHITECTURES
-            for part in ("tokenizer_pad", "tokenizer_2_pad") if part in ARCHITECTURES[fam]}
-    assert pads == {("sd1", "tokenizer_pad"): "<|endoftext|>", ("sd2", "tokenizer_pad"): "!",
-                    ("sdxl", "tokenizer_pad"): "<|endoftext|>", ("sdxl", "tokenizer_2_pad"): "!"}
+    pads = {
+        (fam, part): ARCHITECTURES[fam][part]
+        for fam in ARCHITECTURES
+        for part in ("tokenizer_pad", "tokenizer_2_pad")
+        if part in ARCHITECTURES[fam]
+    }
+    assert pads == {
+        ("sd1", "tokenizer_pad"): "<|endoftext|>",
+        ("sd2", "tokenizer_pad"): "!",
+        ("sdxl", "tokenizer_pad"): "<|endoftext|>",
+        ("sdxl", "tokenizer_2_pad"): "!",
+    }
     for pad, pad_id in (("<|endoftext|>", 49407), ("!", 0)):
         tok = sf._tokenizer(pad)
         ids = tok(["a photo of a cat"], padding="max_length", max_length=77).input_ids[0]
@@ -294,8 +376,12 @@ def test_small_sd2_file_and_prediction_override(tmp_path):
 
 @pytest.mark.slow
 def test_small_sdxl_file_in_bf16_with_v_pred_and_ztsnr_markers(tmp_path, tiny_sdxl_dir):
-    path = folder_to_single_file(tiny_sdxl_dir, str(tmp_path / "xl.safetensors"), "sdxl",
-                                 extra={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
+    path = folder_to_single_file(
+        tiny_sdxl_dir,
+        str(tmp_path / "xl.safetensors"),
+        "sdxl",
+        extra={"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])},
+    )
     single = load_diffusers(path, config=tiny_sdxl_dir)
     folder = load_diffusers(tiny_sdxl_dir, prediction_type="v")
     assert single.family == "sdxl" and single.prediction_type == "v_prediction"
@@ -330,8 +416,12 @@ def test_vae_override_and_a_checkpoint_without_vae(tmp_path, small_sd1):
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
     ldm_vae = str(tmp_path / "vae-ldm.safetensors")  # a VAE file as the UIs keep them: no prefix
     save_file(vae_to_ldm(vae.state_dict(), dict(vae.config), prefix=""), ldm_vae)
-    for given in (os.path.join(folder, "vae"), folder, ldm_vae,
-                  os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")):
+    for given in (
+        os.path.join(folder, "vae"),
+        folder,
+        ldm_vae,
+        os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"),
+    ):
         m = load_diffusers(novae, config=folder, vae=given)
         assert given in m.describe()
         _same_model(m, ref)
@@ -353,8 +443,11 @@ def test_ckpt_pickle_of_the_same_model(tmp_path, small_sd1):
 
 def test_config_folder_of_another_architecture_is_named(tmp_path, small_sd1, tiny_sdxl_dir):
     _, path = small_sd1
-    with pytest.raises(ModelLoadError, match=r"sd1.safetensors: is Stable Diffusion 1.x, but the config folder "
-                                             r".* is an SDXL folder"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"sd1.safetensors: is Stable Diffusion 1.x, but the config folder "
+        r".* is an SDXL folder",
+    ):
         load_diffusers(path, config=tiny_sdxl_dir)
 
 
@@ -378,10 +471,39 @@ def test_train_records_the_checkpoint_file_and_its_hash(tmp_path, small_sd1, tin
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na green cube\n")
     out = tmp_path / "run"
-    rc = main(["train", "--model", path, "--config", folder, "--reward", f"hpsv2={tiny_hps_ckpt}",
-               "--prompts", str(prompts), "--heldout-count", "1", "--out", str(out), "--steps", "1",
-               "--batch-size", "1", "--sampling-steps", "2", "--grad-range", "0", "1", "--resolution", "16",
-               "--eval-batch", "1", "--no-progress", "--device", "cpu"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            path,
+            "--config",
+            folder,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompts",
+            str(prompts),
+            "--heldout-count",
+            "1",
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--sampling-steps",
+            "2",
+            "--grad-range",
+            "0",
+            "1",
+            "--resolution",
+            "16",
+            "--eval-batch",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "reneg train: model sd1.safetensors: Stable Diffusion 1.x (single file), eps-prediction" in cap.out
@@ -399,8 +521,10 @@ def test_model_file_flags_reach_train_tune_and_eval():
 
     p = build_parser()
     flags = ["--model", "m.safetensors", "--vae", "v.safetensors", "--prediction-type", "v"]
-    assert (config_from_args(p.parse_args(["train", *flags])).vae, config_from_args(p.parse_args(
-        ["train", *flags])).prediction_type) == ("v.safetensors", "v")
+    assert (
+        config_from_args(p.parse_args(["train", *flags])).vae,
+        config_from_args(p.parse_args(["train", *flags])).prediction_type,
+    ) == ("v.safetensors", "v")
     ns = p.parse_args(["tune", *flags])
     assert (ns.vae, ns.prediction_type, ns.config) == ("v.safetensors", "v", None)
     cfg = eval_config(p.parse_args(["eval", *flags]))

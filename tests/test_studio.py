@@ -74,8 +74,9 @@ def test_demo_run_starts_reports_stops_with_checkpoint_and_resumes(tmp_path, mon
         summary = json.load(fh)
     assert summary["steps"] == 5
     last = r["heldout"][-1]
-    assert last[0] == 5 and last[1:] == pytest.approx([summary["heldout"][k] for k in
-                                                       ("null", "handcrafted", "learned")], abs=1e-4)
+    assert last[0] == 5 and last[1:] == pytest.approx(
+        [summary["heldout"][k] for k in ("null", "handcrafted", "learned")], abs=1e-4
+    )
     steps = [int(x) for x in r["signature"].split(":")[-1].strip("[]").split(",")]
     assert steps[0] == 0 and steps[-1] == 5
     assert r["rows"] == list(range(1, 6))  # the resumed log continues the stopped one
@@ -91,8 +92,12 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
     def start(**kw):
         form = TrainForm.defaults()
         form.out = str(tmp_path / "out")
-        form.model, form.rewards, form.prompts, form.heldout_count = (tiny_pipeline_dir, f"hpsv2={tiny_hps_ckpt}",
-                                                                      str(prompts), 2)
+        form.model, form.rewards, form.prompts, form.heldout_count = (
+            tiny_pipeline_dir,
+            f"hpsv2={tiny_hps_ckpt}",
+            str(prompts),
+            2,
+        )
         for k, v in kw.items():
             setattr(form, k, v)
         return studio.start(*_values(form))
@@ -116,16 +121,26 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
     # a folder that is not a run shows a sentence, not an error
     assert "No run in" in studio.poll(str(tmp_path / "none"), "")["status"]
 
-    tune = dict(zip(TUNE_FIELDS, [tiny_pipeline_dir, "", f"hpsv2={tiny_hps_ckpt}", "", "", 0, "seed", 3, 2, 0.05,
-                                  4, 7.5, 0, 2, 16, ""]))
+    tune = dict(
+        zip(
+            TUNE_FIELDS,
+            [tiny_pipeline_dir, "", f"hpsv2={tiny_hps_ckpt}", "", "", 0, "seed", 3, 2, 0.05, 4, 7.5, 0, 2, 16, ""],
+        )
+    )
     status, *_ = next(studio.tune(*tune.values()))
     assert status == "**Error:** Prompt: required"
     status, *_ = next(studio.tune(*dict(tune, prompt="a", patience=5).values()))
     assert "patience 5 is above max steps 3" in status
     assert studio.tune_save(None, str(tmp_path / "t.safetensors")).startswith("**Error:** Nothing to save")
 
-    ev = EvalForm(model=tiny_pipeline_dir, rewards=f"hpsv2={tiny_hps_ckpt}", prompts=str(prompts),
-                  negatives=f"null\n{tmp_path / 'missing.safetensors'}", out=str(tmp_path / "ev"), resolution=16)
+    ev = EvalForm(
+        model=tiny_pipeline_dir,
+        rewards=f"hpsv2={tiny_hps_ckpt}",
+        prompts=str(prompts),
+        negatives=f"null\n{tmp_path / 'missing.safetensors'}",
+        out=str(tmp_path / "ev"),
+        resolution=16,
+    )
     status, *_ = next(studio.compare(*[getattr(ev, k) for k in EVAL_FIELDS]))
     assert status.startswith("**Error:**") and "missing.safetensors" in status and "\n" not in status
     assert studio.embeddings(str(tmp_path / "nowhere"))[0].startswith("**Error:** Folder")
@@ -155,8 +170,24 @@ def test_tune_streams_each_step_and_saves_the_kept_embedding(tmp_path, tiny_pipe
     from reneg.embedding import load_embedding
 
     studio = Studio(demo=False, root=str(tmp_path))
-    values = [tiny_pipeline_dir, "", f"hpsv2={tiny_hps_ckpt}", "", "a red circle", 3, "seed", 3, 3, 0.05, 4, 7.5,
-              0, 2, 16, ""]
+    values = [
+        tiny_pipeline_dir,
+        "",
+        f"hpsv2={tiny_hps_ckpt}",
+        "",
+        "a red circle",
+        3,
+        "seed",
+        3,
+        3,
+        0.05,
+        4,
+        7.5,
+        0,
+        2,
+        16,
+        "",
+    ]
     updates = list(studio.tune(*values))
     assert updates[0][0].startswith("Loading")
     steps = [u for u in updates if u[0].startswith("Step ")]
@@ -181,8 +212,13 @@ def test_embeddings_tab_lists_inspects_and_converts(tmp_path):
     folder = tmp_path / "embs"
     (folder / "run" / "samples").mkdir(parents=True)
     t = torch.randn(1, 77, 768)
-    save_embedding(str(folder / "run" / "embedding.safetensors"), NegEmbedding(t, "sd1"), kind="global",
-                   base_model="sd15", steps=40)
+    save_embedding(
+        str(folder / "run" / "embedding.safetensors"),
+        NegEmbedding(t, "sd1"),
+        kind="global",
+        base_model="sd15",
+        steps=40,
+    )
     from PIL import Image
 
     Image.new("RGB", (64, 32), (9, 9, 9)).save(folder / "run" / "samples" / "step_000040.png")
@@ -208,9 +244,17 @@ def test_compare_runs_reneg_eval_and_shows_its_report(tmp_path, tiny_pipeline_di
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
     studio = Studio(demo=False, root=str(tmp_path))
-    ev = EvalForm(model=tiny_pipeline_dir, rewards=f"hpsv2={tiny_hps_ckpt}", prompts=str(prompts),
-                  negatives="null\nhandcrafted:blurry", out=str(tmp_path / "ev"), sampling_steps=4, resolution=16,
-                  images_per_prompt=2, batch=4)
+    ev = EvalForm(
+        model=tiny_pipeline_dir,
+        rewards=f"hpsv2={tiny_hps_ckpt}",
+        prompts=str(prompts),
+        negatives="null\nhandcrafted:blurry",
+        out=str(tmp_path / "ev"),
+        sampling_steps=4,
+        resolution=16,
+        images_per_prompt=2,
+        batch=4,
+    )
     updates = list(studio.compare(*[getattr(ev, k) for k in EVAL_FIELDS], poll=0.5))
     assert updates[0][0].startswith("Running `reneg eval`")
     status, log, table, grid, plots = updates[-1]
@@ -254,8 +298,10 @@ def test_front_end_imports_stay_light_and_listen_is_announced():
     import sys
 
     heavy = "('gradio', 'torch', 'diffusers', 'pandas', 'tensorboard')"
-    code = (f"import sys, reneg.studio.app; print(sorted(m for m in {heavy} if m in sys.modules)); "
-            f"import reneg.cli; reneg.cli.build_parser(); print('gradio' in sys.modules, 'tensorboard' in sys.modules)")
+    code = (
+        f"import sys, reneg.studio.app; print(sorted(m for m in {heavy} if m in sys.modules)); "
+        f"import reneg.cli; reneg.cli.build_parser(); print('gradio' in sys.modules, 'tensorboard' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     # gradio and the models load only when the app starts or a run needs them
     assert out.split("\n")[:2] == ["[]", "False False"]

@@ -18,14 +18,47 @@ def _prompts(tmp_path):
 
 
 def _args(tmp_path, out, pipe, hps, *extra):
-    return ["train", "--model", pipe, "--reward", f"hpsv2={hps}", "--prompts", _prompts(tmp_path),
-            "--heldout-count", "2", "--out", str(out), "--steps", "4", "--batch-size", "2", "--micro-batch", "2",
-            "--sampling-steps", "4", "--grad-range", "0", "2", "--resolution", "16", "--lr", "0.05",
-            "--checkpoint-every", "2", "--eval-every", "2", "--no-progress", "--handcrafted", "blurry", *extra]
+    return [
+        "train",
+        "--model",
+        pipe,
+        "--reward",
+        f"hpsv2={hps}",
+        "--prompts",
+        _prompts(tmp_path),
+        "--heldout-count",
+        "2",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--micro-batch",
+        "2",
+        "--sampling-steps",
+        "4",
+        "--grad-range",
+        "0",
+        "2",
+        "--resolution",
+        "16",
+        "--lr",
+        "0.05",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--no-progress",
+        "--handcrafted",
+        "blurry",
+        *extra,
+    ]
 
 
-def test_stop_request_checkpoints_then_resume_with_samples_and_tensorboard(tmp_path, tiny_pipeline_dir,
-                                                                           tiny_hps_ckpt, monkeypatch, capsys):
+def test_stop_request_checkpoints_then_resume_with_samples_and_tensorboard(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, monkeypatch, capsys
+):
     pytest.importorskip("tensorboard")
     from reneg.trainer import events
 
@@ -38,8 +71,9 @@ def test_stop_request_checkpoints_then_resume_with_samples_and_tensorboard(tmp_p
             (out / events.STOP_FILE).write_text("stop")
 
     monkeypatch.setattr(events.TrainEvents, "on_step", on_step)
-    rc = main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, "--sample-every", "2",
-                    "--report-to", "tensorboard"))
+    rc = main(
+        _args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, "--sample-every", "2", "--report-to", "tensorboard")
+    )
     assert rc == 0, capsys.readouterr().err
     assert "stopped at step 3" in capsys.readouterr().out
     state = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -53,8 +87,19 @@ def test_stop_request_checkpoints_then_resume_with_samples_and_tensorboard(tmp_p
     assert im.width >= 2 * events.SAMPLE_TILE and im.height >= 2 * events.SAMPLE_TILE
 
     monkeypatch.setattr(events.TrainEvents, "on_step", real)
-    rc = main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, "--sample-every", "2",
-                    "--report-to", "tensorboard", "--resume"))
+    rc = main(
+        _args(
+            tmp_path,
+            out,
+            tiny_pipeline_dir,
+            tiny_hps_ckpt,
+            "--sample-every",
+            "2",
+            "--report-to",
+            "tensorboard",
+            "--resume",
+        )
+    )
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4

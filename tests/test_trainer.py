@@ -19,11 +19,43 @@ def _prompts(tmp_path):
 
 def test_train_writes_embedding_summary_log_and_checkpoint(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}",
-               "--prompts", _prompts(tmp_path), "--heldout-count", "2", "--out", str(out),
-               "--steps", "4", "--batch-size", "4", "--micro-batch", "2", "--sampling-steps", "6",
-               "--grad-range", "0", "2", "--resolution", "16", "--lr", "0.05", "--checkpoint-every", "2",
-               "--eval-every", "2", "--no-progress", "--handcrafted", "blurry"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            tiny_pipeline_dir,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompts",
+            _prompts(tmp_path),
+            "--heldout-count",
+            "2",
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--micro-batch",
+            "2",
+            "--sampling-steps",
+            "6",
+            "--grad-range",
+            "0",
+            "2",
+            "--resolution",
+            "16",
+            "--lr",
+            "0.05",
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "2",
+            "--no-progress",
+            "--handcrafted",
+            "blurry",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["family"] == "tiny"
@@ -48,10 +80,34 @@ def test_train_writes_embedding_summary_log_and_checkpoint(tmp_path, tiny_pipeli
 
 def test_tune_cli_writes_per_sample_embedding(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
     out = tmp_path / "tuned.safetensors"
-    rc = main(["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}",
-               "--prompt", "a red circle", "--seed", "3", "--max-steps", "3", "--patience", "2",
-               "--lr", "0.05", "--sampling-steps", "6", "--grad-range", "0", "2", "--resolution", "16",
-               "--out", str(out)])
+    rc = main(
+        [
+            "tune",
+            "--model",
+            tiny_pipeline_dir,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "3",
+            "--max-steps",
+            "3",
+            "--patience",
+            "2",
+            "--lr",
+            "0.05",
+            "--sampling-steps",
+            "6",
+            "--grad-range",
+            "0",
+            "2",
+            "--resolution",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     emb = load_embedding(out)
     assert emb.metadata["kind"] == "per-sample" and emb.metadata["prompt"] == "a red circle"
@@ -60,6 +116,7 @@ def test_tune_cli_writes_per_sample_embedding(tmp_path, tiny_pipeline_dir, tiny_
     assert rep["best_reward"] >= rep["start_reward"]
     assert [h["step"] for h in rep["history"]] == list(range(len(rep["history"])))
     # refusing to overwrite without --overwrite, before loading anything
-    rc = main(["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}",
-               "--prompt", "x", "--out", str(out)])
+    rc = main(
+        ["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "x", "--out", str(out)]
+    )
     assert rc == 2 and "already exists" in capsys.readouterr().err

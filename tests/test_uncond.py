@@ -9,8 +9,7 @@ import torch
 
 from a1111_stubs import DictWithShape  # A1111's SDXL conditioning dict
 from reneg.embedding import NegEmbedding, load_embedding
-from reneg.uncond import (MARK_VALUE, blend, content_length, has_marker, match_tokens, replace_uncond,
-                          split_marker)
+from reneg.uncond import MARK_VALUE, blend, content_length, has_marker, match_tokens, replace_uncond, split_marker
 
 OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "reneg-official")
 

@@ -42,17 +42,36 @@ def test_text_to_video_matches_diffusers_pipeline_with_the_sd21_file(t2v_dir, sh
         x, _ = sample(b.denoiser, initial_latent(noise, sig[0]), sig, cond, b.negative_cond(neg), 9.0)
         return to_vp(x, sig[-1])
 
-    ref = pipe(prompt=prompts, negative_prompt=["", ""], latents=noise.clone(), num_inference_steps=10,
-               guidance_scale=9.0, eta=0.0, output_type="latent", height=16, width=16, num_frames=3).frames
+    ref = pipe(
+        prompt=prompts,
+        negative_prompt=["", ""],
+        latents=noise.clone(),
+        num_inference_steps=10,
+        guidance_scale=9.0,
+        eta=0.0,
+        output_type="latent",
+        height=16,
+        width=16,
+        num_frames=3,
+    ).frames
     assert ((ours(null) - ref).norm() / ref.norm()).item() < 1e-4
     official = shared_data / "reneg-official" / "sd2.1_reneg_emb.bin"
     if official.is_file():
         from reneg.embedding import load_embedding
 
         emb = load_embedding(official, expected_family=b.family).tensor.float()
-        ref_e = pipe(prompt_embeds=pe, negative_prompt_embeds=emb.expand(2, -1, -1), latents=noise.clone(),
-                     num_inference_steps=10, guidance_scale=9.0, eta=0.0, output_type="latent", height=16,
-                     width=16, num_frames=3).frames
+        ref_e = pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=emb.expand(2, -1, -1),
+            latents=noise.clone(),
+            num_inference_steps=10,
+            guidance_scale=9.0,
+            eta=0.0,
+            output_type="latent",
+            height=16,
+            width=16,
+            num_frames=3,
+        ).frames
         got = ours(emb)
         assert ((got - ref_e).norm() / ref_e.norm()).item() < 1e-4
         assert ((got - ref).norm() / ref.norm()).item() > 1e-3  # the file changes the video
@@ -71,9 +90,29 @@ def test_reneg_eval_on_zeroscope(tmp_path, t2v_dir, tiny_hps_ckpt, shared_data):
         negs += ["--negative", f"sd21={official}"]
         names.append("sd21")
     out = tmp_path / "ev"
-    rc = main(["eval", "--model", t2v_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompts", str(prompts),
-               *negs, "--frames", "2", "--sampling-steps", "3", "--resolution", "16", "--batch", "2",
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            t2v_dir,
+            "--reward",
+            f"hpsv2={tiny_hps_ckpt}",
+            "--prompts",
+            str(prompts),
+            *negs,
+            "--frames",
+            "2",
+            "--sampling-steps",
+            "3",
+            "--resolution",
+            "16",
+            "--batch",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == names and s["images"] == {n: 2 for n in names}

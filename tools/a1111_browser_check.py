@@ -70,8 +70,14 @@ class Check:
 
 def make_driver(chromium: str | None, chromedriver: str | None, width: int, height: int):
     opts = webdriver.ChromeOptions()
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              f"--window-size={width},{height}", "--hide-scrollbars"):
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+    ):
         opts.add_argument(a)
     binary = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if binary:
@@ -221,6 +227,7 @@ def png_parameters(url: str) -> str | None:
     """The ``parameters`` text chunk of the PNG the server hands out, or None."""
     try:
         from PIL import Image
+
         with urllib.request.urlopen(url, timeout=30) as r:
             data = r.read()
         return Image.open(io.BytesIO(data)).info.get("parameters")
@@ -284,8 +291,11 @@ def run(args) -> Check:
             page.click(acc.find_element(By.CSS_SELECTOR, ".label-wrap"))
             time.sleep(1)
         enabled = driver.find_elements(By.ID, f"{ACC}-visible-checkbox")
-        check.ok("opening the accordion turns ReNeg on", bool(enabled) and enabled[0].is_selected(),
-                 "(no visible checkbox: a host without input accordions)" if not enabled else "")
+        check.ok(
+            "opening the accordion turns ReNeg on",
+            bool(enabled) and enabled[0].is_selected(),
+            "(no visible checkbox: a host without input accordions)" if not enabled else "",
+        )
         status_before = page.text(STATUS)
         check.ok("status line shown", bool(status_before), status_before)
         options = page.dropdown_options(DROPDOWN)
@@ -307,15 +317,19 @@ def run(args) -> Check:
         info = generate(page, args.gen_timeout)
         keys = reneg_keys(info)
         check.ok("generation parameters name the embedding", keys.get("ReNeg") == args.embedding, info)
-        check.ok("generation parameters carry strength and hash",
-                 "ReNeg strength" in keys and re.fullmatch(r"[0-9a-f]{10}", keys.get("ReNeg hash", "")) is not None)
+        check.ok(
+            "generation parameters carry strength and hash",
+            "ReNeg strength" in keys and re.fullmatch(r"[0-9a-f]{10}", keys.get("ReNeg hash", "")) is not None,
+        )
         png = png_parameters(image_urls(page)[0]) if image_urls(page) else None
         if png is not None:
             check.ok("the PNG's own parameters name the embedding", reneg_keys(png).get("ReNeg") == args.embedding)
         status_after = page.text(STATUS)
-        check.ok("status follows the loaded model without a click",
-                 "no model is loaded yet" not in status_after and "for Stable Diffusion" in status_after,
-                 status_after)
+        check.ok(
+            "status follows the loaded model without a click",
+            "no model is loaded yet" not in status_after and "for Stable Diffusion" in status_after,
+            status_after,
+        )
         page.shot(os.path.join(args.out, "a1111-generation.png"))
         with_shot = os.path.join(args.out, "with-reneg.png")
         page.shot(with_shot, page.need(f"{TAB}_gallery"))
@@ -350,9 +364,13 @@ def run(args) -> Check:
                 if name == "None":
                     check.ok(f"cell None x {strength} ({source}): no ReNeg key", not k, str(k))
                 else:
-                    check.ok(f"cell {name} x {strength} ({source}): its own ReNeg keys",
-                             k.get("ReNeg") == name and float(k.get("ReNeg strength", "nan")) == float(strength)
-                             and "ReNeg hires" not in k, str(k))
+                    check.ok(
+                        f"cell {name} x {strength} ({source}): its own ReNeg keys",
+                        k.get("ReNeg") == name
+                        and float(k.get("ReNeg strength", "nan")) == float(strength)
+                        and "ReNeg hires" not in k,
+                        str(k),
+                    )
         page.choose("script_list", "None")
     except Exception as e:  # report what happened; the screenshot shows where
         check.ok("browser session", False, f"{type(e).__name__}: {e}")
@@ -395,13 +413,18 @@ def main(argv=None) -> int:
     ap.add_argument("--chromedriver", help="the driver binary (default: chromedriver on PATH)")
     args = ap.parse_args(argv)
     if webdriver is None:
-        print("a1111_browser_check: needs Selenium: pip install selenium (and apt-get install chromium "
-              "chromium-driver)", file=sys.stderr)
+        print(
+            "a1111_browser_check: needs Selenium: pip install selenium (and apt-get install chromium chromium-driver)",
+            file=sys.stderr,
+        )
         return 2
     check = run(args)
     with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump({"url": args.url, "embedding": args.embedding, "passed": check.passed,
-                   "results": check.results}, f, indent=2)
+        json.dump(
+            {"url": args.url, "embedding": args.embedding, "passed": check.passed, "results": check.results},
+            f,
+            indent=2,
+        )
     print(f"{sum(r['passed'] for r in check.results)}/{len(check.results)} checks passed", flush=True)
     return 0 if check.passed else 1
 

@@ -105,8 +105,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40, help="training steps of the demo run (the demo's own: 160)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sample-every", type=int, default=None, help="default: steps / 8")
-    ap.add_argument("--sampling-steps", type=int, default=None,
-                    help="DDIM steps in every tab (default: the demo's 30); fewer for a quick check on a busy machine")
+    ap.add_argument(
+        "--sampling-steps",
+        type=int,
+        default=None,
+        help="DDIM steps in every tab (default: the demo's 30); fewer for a quick check on a busy machine",
+    )
     ap.add_argument("--tune-steps", type=int, default=None, help="Tune's max steps N (default: the paper's 10)")
     ap.add_argument("--heldout", type=int, default=32, help="held-out prompts scored (the demo's own: 32)")
     ap.add_argument("--compare-prompts", type=int, default=16)
@@ -116,8 +120,11 @@ def main() -> int:
     ap.add_argument("--shots", default=IMAGES)
     ap.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     ap.add_argument("--skip-compare", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="only load the page and try a bad input (any gradio "
-                                                         "version, no training); screenshot studio_quick.png")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="only load the page and try a bad input (any gradio version, no training); screenshot studio_quick.png",
+    )
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the app and the browser on kill
     from selenium import webdriver
@@ -128,12 +135,32 @@ def main() -> int:
     os.makedirs(a.shots, exist_ok=True)
     port = free_port()
     log = open(os.path.join(work, "app.log"), "w")  # noqa: SIM115 - the app's output, closed at the end
-    app = subprocess.Popen([sys.executable, "-m", "reneg.cli", "studio", "--demo", "--port", str(port), "--root",
-                            os.path.join(work, "runs")], cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    app = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reneg.cli",
+            "studio",
+            "--demo",
+            "--port",
+            str(port),
+            "--root",
+            os.path.join(work, "runs"),
+        ],
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1700", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1700",
+        "--hide-scrollbars",
+    ):
         opts.add_argument(arg)
     driver = None
     try:
@@ -153,8 +180,11 @@ def main() -> int:
         driver = webdriver.Chrome(service=Service(a.chromedriver), options=opts)
         driver.get(url)
         c = Check(driver, a.shots)
-        c.wait("the page loads with the Train tab filled in",
-               lambda: "ReNeg Studio" in driver.page_source and c.text("train_status"), max(60, a.timeout))
+        c.wait(
+            "the page loads with the Train tab filled in",
+            lambda: "ReNeg Studio" in driver.page_source and c.text("train_status"),
+            max(60, a.timeout),
+        )
 
         # -- Train: a shorter demo run, started from the page
         from selenium.webdriver.common.by import By
@@ -182,8 +212,11 @@ def main() -> int:
         c.set_number("train_eval_batch", a.heldout)
         c.click("train_start")
         c.wait("the run starts", lambda: "Started" in c.text("train_action"), max(30, a.timeout))
-        c.wait("progress: step and time left",
-               lambda: "Running: step" in c.text("train_status") and "left" in c.text("train_status"), max(300, a.timeout))
+        c.wait(
+            "progress: step and time left",
+            lambda: "Running: step" in c.text("train_status") and "left" in c.text("train_status"),
+            max(300, a.timeout),
+        )
         c.wait("sample images", lambda: c.images_in("train_latest") >= 1, max(300, a.timeout))
         c.wait(f"step {2 * every}", lambda: _step(c.text("train_status")) >= 2 * every, max(600, a.timeout))
         c.shot("train_running")

@@ -92,12 +92,28 @@ REWARD_CONFIG: Dict[str, Any] = {
 }
 
 FULL = dict(
-    n_data=40000, vae_steps=1500, vae_batch=24, diff_steps=3500, diff_batch=64,
-    n_reward=8000, reward_steps=500, reward_batch=64, n_eval_pairs=1500, eval_seeds=8,
+    n_data=40000,
+    vae_steps=1500,
+    vae_batch=24,
+    diff_steps=3500,
+    diff_batch=64,
+    n_reward=8000,
+    reward_steps=500,
+    reward_batch=64,
+    n_eval_pairs=1500,
+    eval_seeds=8,
 )
 SMOKE = dict(
-    n_data=600, vae_steps=20, vae_batch=16, diff_steps=20, diff_batch=16,
-    n_reward=300, reward_steps=10, reward_batch=16, n_eval_pairs=60, eval_seeds=1,
+    n_data=600,
+    vae_steps=20,
+    vae_batch=16,
+    diff_steps=20,
+    diff_batch=16,
+    n_reward=300,
+    reward_steps=10,
+    reward_batch=16,
+    n_eval_pairs=60,
+    eval_seeds=1,
 )
 
 
@@ -231,7 +247,10 @@ def train_vae(imgs: np.ndarray, cfg: Dict[str, Any], seed: int):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log("vae %d/%d l1 %.4f mse %.4f kl %.1f (%.0fs)" % (step, steps, l1.item(), mse.item(), kl.item(), time.time() - t0))
+            log(
+                "vae %d/%d l1 %.4f mse %.4f kl %.1f (%.0fs)"
+                % (step, steps, l1.item(), mse.item(), kl.item(), time.time() - t0)
+            )
     vae.eval()
     return vae, {"vae_steps": steps, "vae_final_l1": float(l1.item()), "vae_seconds": time.time() - t0}
 
@@ -273,8 +292,16 @@ def encode_captions(te, tok, captions: Sequence[str], bs: int = 256) -> torch.Te
     return torch.cat(out)
 
 
-def train_diffusion(lat_mean, lat_std, scale: float, cond_table: torch.Tensor, cap_idx: torch.Tensor,
-                    empty_cond: torch.Tensor, cfg: Dict[str, Any], seed: int):
+def train_diffusion(
+    lat_mean,
+    lat_std,
+    scale: float,
+    cond_table: torch.Tensor,
+    cap_idx: torch.Tensor,
+    empty_cond: torch.Tensor,
+    cfg: Dict[str, Any],
+    seed: int,
+):
     """Train the UNet on precomputed text-encoder outputs (the text encoder stays frozen)."""
     torch.manual_seed(seed)
     unet = make_unet()
@@ -487,7 +514,9 @@ def train_reward(data: Dict[str, Any], recon: Dict[str, np.ndarray], cfg: Dict[s
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
+    )
     g = np.random.default_rng(seed)
     n = len(data["caps"])
     steps, bs = cfg["reward_steps"], cfg["reward_batch"]
@@ -516,7 +545,9 @@ def train_reward(data: Dict[str, Any], recon: Dict[str, np.ndarray], cfg: Dict[s
         cid = cap_id[idx]
         same = (cid[:, None] == cid[None, :]).float()
         target = same / same.sum(1, keepdim=True)
-        l_clip = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean())
+        l_clip = 0.5 * (
+            -(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean()
+        )
         loss = l_clip + l_pref
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -525,7 +556,10 @@ def train_reward(data: Dict[str, Any], recon: Dict[str, np.ndarray], cfg: Dict[s
         acc = float(((s_pos > s_deg).float().mean() + (s_pos > s_mis).float().mean()) / 2)
         run = (loss.item(), acc) if run is None else (0.95 * run[0] + 0.05 * loss.item(), 0.95 * run[1] + 0.05 * acc)
         if step % 100 == 0 or step == steps - 1:
-            log("reward %d/%d loss %.3f train-acc %.3f scale %.1f (%.0fs)" % (step, steps, run[0], run[1], ls.item(), time.time() - t0))
+            log(
+                "reward %d/%d loss %.3f train-acc %.3f scale %.1f (%.0fs)"
+                % (step, steps, run[0], run[1], ls.item(), time.time() - t0)
+            )
     model.eval()
     return model, {"reward_steps": steps, "reward_seconds": time.time() - t0}
 
@@ -589,7 +623,10 @@ def zero_unused_reward_tokens(model) -> int:
 def save_reward(out: Path, model) -> None:
     rdir = out / "reward"
     rdir.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd = {
+        k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
     torch.save({"state_dict": sd}, str(rdir / "hps_demo.pt"))
     (rdir / "open_clip_config.json").write_text(json.dumps(REWARD_CONFIG, indent=2) + "\n")
 
@@ -625,8 +662,9 @@ def colour_hits(imgs_uint8: np.ndarray, prompts: Sequence[str]) -> float:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], negative: Optional[str], steps: int = 25,
-           guidance: float = 7.5) -> torch.Tensor:
+def sample(
+    pipe, prompts: Sequence[str], seeds: Sequence[int], negative: Optional[str], steps: int = 25, guidance: float = 7.5
+) -> torch.Tensor:
     """Images in [-1, 1], one per (prompt, seed) with prompts varying fastest."""
     ps = [p for _ in seeds for p in prompts]
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds for _ in prompts]
@@ -643,8 +681,9 @@ def sample(pipe, prompts: Sequence[str], seeds: Sequence[int], negative: Optiona
     return out * 2 - 1
 
 
-def eval_samples(pipe, reward, prompts: Sequence[str], seeds: Sequence[int], threshold: float,
-                 grid_path: Optional[Path] = None) -> Dict[str, Any]:
+def eval_samples(
+    pipe, reward, prompts: Sequence[str], seeds: Sequence[int], threshold: float, grid_path: Optional[Path] = None
+) -> Dict[str, Any]:
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(REWARD_MODEL_NAME)
@@ -653,8 +692,11 @@ def eval_samples(pipe, reward, prompts: Sequence[str], seeds: Sequence[int], thr
     ps = [p for _ in seeds for p in prompts]
     toks = tokenizer(ps)
     for guidance in (5.0, 7.5):
-        for name, neg in (("null", None), ("handcrafted", world.HANDCRAFTED_NEGATIVE),
-                          ("handcrafted-long", world.HANDCRAFTED_NEGATIVE_LONG)):
+        for name, neg in (
+            ("null", None),
+            ("handcrafted", world.HANDCRAFTED_NEGATIVE),
+            ("handcrafted-long", world.HANDCRAFTED_NEGATIVE_LONG),
+        ):
             imgs = sample(pipe, prompts, seeds, neg, guidance=guidance)
             with torch.no_grad():
                 s = reward_score(reward, imgs, toks).numpy()
@@ -700,13 +742,30 @@ def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
         "python tools/train_demo_world.py " + " ".join(a for a in argv if a != "--resume"),
         "```",
         "",
-        ("These files came from runs that reused earlier stages with `--resume` (same code and seeds)."
-         if "--resume" in argv else "All stages ran in this invocation."),
+        (
+            "These files came from runs that reused earlier stages with `--resume` (same code and seeds)."
+            if "--resume" in argv
+            else "All stages ran in this invocation."
+        ),
         "",
         "Seed %d (data seed %d, VAE %d, diffusion %d, reward data %d, reward %d, held-out reward pairs %d)."
-        % (info["seed"], info["seed"], info["seed"] + 1, info["seed"] + 2, info["seed"] + 3, info["seed"] + 4, info["seed"] + 5),
+        % (
+            info["seed"],
+            info["seed"],
+            info["seed"] + 1,
+            info["seed"] + 2,
+            info["seed"] + 3,
+            info["seed"] + 4,
+            info["seed"] + 5,
+        ),
         "Training time with %d CPU thread(s): data %.0f s, VAE %.0f s, diffusion %.0f s, reward data %.0f s,"
-        % (info["threads"], info["data_seconds"], info["vae_seconds"], info["diff_seconds"], info["reward_data_seconds"]),
+        % (
+            info["threads"],
+            info["data_seconds"],
+            info["vae_seconds"],
+            info["diff_seconds"],
+            info["reward_data_seconds"],
+        ),
         "reward %.0f s (%.1f min in all, evaluation included; stages resumed from --work count with the time"
         % (info["reward_seconds"], info["total_seconds"] / 60),
         "they took when trained). The machine's 2 cores were shared with other jobs.",
@@ -717,13 +776,17 @@ def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
         "%d samples from `world.make_dataset`: %.0f %% are degraded (blur, noise, smear, washed out, channel-swapped"
         % (info["n_data"], 100 * world.DEGRADED_FRACTION),
         "colours); %.0f %% of all samples are degraded without the caption saying so and %.0f %% name the degradation"
-        % (100 * world.UNLABELLED_DEGRADED_FRACTION, 100 * (world.DEGRADED_FRACTION - world.UNLABELLED_DEGRADED_FRACTION)),
-        "(\"a blurry red circle\", \"two red squares, noisy\", \"noisy\").",
+        % (
+            100 * world.UNLABELLED_DEGRADED_FRACTION,
+            100 * (world.DEGRADED_FRACTION - world.UNLABELLED_DEGRADED_FRACTION),
+        ),
+        '("a blurry red circle", "two red squares, noisy", "noisy").',
         "",
         "Handcrafted negative `%s` (`HANDCRAFTED_NEGATIVE`): of a dozen candidates built from the degradation"
         % world.HANDCRAFTED_NEGATIVE,
         "words, the one that raised the mean reward at every CFG tried (3, 5, 7.5) on two prompt/seed sets, by",
-        "0.005-0.014. Lists such as `%s` (`HANDCRAFTED_NEGATIVE_LONG`) push colours and contrast" % world.HANDCRAFTED_NEGATIVE_LONG,
+        "0.005-0.014. Lists such as `%s` (`HANDCRAFTED_NEGATIVE_LONG`) push colours and contrast"
+        % world.HANDCRAFTED_NEGATIVE_LONG,
         "off the world's distribution and lower the reward (table below).",
         "",
         "## Text-to-image pipeline (`pipeline/`, %.2f MB)" % (sizes["pipeline"] / 1e6),
@@ -752,11 +815,12 @@ def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
         "",
         "open_clip CLIP from the custom config `reward/open_clip_config.json` (ViT 32 px, patch 4, width 96,",
         "3 layers; text width 32, 2 layers, context 77, vocab 49408, so open_clip's default tokenizer works).",
-        "HPSv2 checkpoint format: `torch.load(..., weights_only=True)[\"state_dict\"]` (fp16 tensors; `load_state_dict`",
+        'HPSv2 checkpoint format: `torch.load(..., weights_only=True)["state_dict"]` (fp16 tensors; `load_state_dict`',
         "into the fp32 model casts them). Score = cosine of L2-normalised image and text features. Preprocessing:",
         "[-1, 1] -> [0, 1] -> bicubic antialiased resize of the shorter side to 32 -> centre crop -> OpenAI CLIP",
         "mean/std. Register the config under any name, e.g.",
-        "`open_clip.factory._MODEL_CONFIGS[\"%s\"] = json.load(...)` (or `open_clip.add_model_config(path)`, which" % REWARD_MODEL_NAME,
+        '`open_clip.factory._MODEL_CONFIGS["%s"] = json.load(...)` (or `open_clip.add_model_config(path)`, which'
+        % REWARD_MODEL_NAME,
         "registers it under the file's stem, `open_clip_config`).",
         "",
         "Trained %d steps (batch %d caption triplets) on %d clean captions, each with its clean image, a degraded"
@@ -773,13 +837,23 @@ def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
     ]
     for k in ("raw", "vae"):
         x = r[k]
-        lines.append("| %s | %.3f | %.3f | %.3f | %.3f | %.3f |" % (
-            "rendered" if k == "raw" else "VAE reconstructions", x["clean_vs_degraded"], x["clean_vs_mismatched"],
-            x["mean_clean"], x["mean_degraded"], x["mean_mismatched"]))
+        lines.append(
+            "| %s | %.3f | %.3f | %.3f | %.3f | %.3f |"
+            % (
+                "rendered" if k == "raw" else "VAE reconstructions",
+                x["clean_vs_degraded"],
+                x["clean_vs_mismatched"],
+                x["mean_clean"],
+                x["mean_degraded"],
+                x["mean_mismatched"],
+            )
+        )
     lines += [
         "",
         "Per degradation (rendered / VAE): "
-        + ", ".join("%s %.2f / %.2f" % (k, r["raw"]["degraded_" + k], r["vae"]["degraded_" + k]) for k in world.DEGRADATIONS)
+        + ", ".join(
+            "%s %.2f / %.2f" % (k, r["raw"]["degraded_" + k], r["vae"]["degraded_" + k]) for k in world.DEGRADATIONS
+        )
         + ".",
         "Per mismatch (rendered): "
         + ", ".join("%s %.2f" % (k, r["raw"]["mismatch_" + k]) for k in MISMATCH_KINDS if "mismatch_" + k in r["raw"])
@@ -789,15 +863,19 @@ def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
         "",
         "`heldout_prompts(32)` x seeds %s, scored with the reward. `below threshold` = fraction scoring under the"
         % (list(info["eval_seeds"]),),
-        "midpoint %.3f between the mean clean and mean degraded held-out VAE-reconstruction scores (a proxy for" % info["threshold"],
-        "\"looks degraded or wrong\"); `colour match` = the most frequent palette colour is the prompt's.",
+        "midpoint %.3f between the mean clean and mean degraded held-out VAE-reconstruction scores (a proxy for"
+        % info["threshold"],
+        '"looks degraded or wrong"); `colour match` = the most frequent palette colour is the prompt\'s.',
         "",
         "| negative | CFG | mean reward | below threshold | colour match |",
         "|---|---|---|---|---|",
     ]
     for key, v in s.items():
         name, g = key.split("_cfg")
-        lines.append("| %s | %s | %.4f | %.3f | %.3f |" % (name, g, v["mean_reward"], v["frac_below_threshold"], v["colour_match"]))
+        lines.append(
+            "| %s | %s | %.4f | %.3f | %.3f |"
+            % (name, g, v["mean_reward"], v["frac_below_threshold"], v["colour_match"])
+        )
     lines += [
         "",
         "`samples.png`: the first 16 samples at CFG 7.5 with the null negative (rows 1-2), `%s` (rows 3-4)"
@@ -834,8 +912,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny iteration counts, to check the pipeline end to end")
-    ap.add_argument("--work", type=Path, default=None,
-                    help="folder for intermediate checkpoints (default: $TMPDIR/reneg_demo_world_work)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for intermediate checkpoints (default: $TMPDIR/reneg_demo_world_work)",
+    )
     ap.add_argument("--resume", action="store_true", help="reuse intermediate checkpoints found in --work")
     args = ap.parse_args(argv)
     raw_argv = list(argv) if argv is not None else sys.argv[1:]
@@ -855,8 +937,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work: Path = args.work or Path(tempfile.gettempdir()) / ("reneg_demo_world_work" + ("_smoke" if args.smoke else ""))
     work.mkdir(parents=True, exist_ok=True)
     seed = args.seed
-    info: Dict[str, Any] = {"seed": seed, "threads": args.threads, "cfg": cfg, "n_data": cfg["n_data"],
-                            "versions": [torch.__version__, diffusers.__version__, transformers.__version__, open_clip.__version__]}
+    info: Dict[str, Any] = {
+        "seed": seed,
+        "threads": args.threads,
+        "cfg": cfg,
+        "n_data": cfg["n_data"],
+        "versions": [torch.__version__, diffusers.__version__, transformers.__version__, open_clip.__version__],
+    }
     t_start = time.time()
 
     # tokenizer
@@ -949,12 +1036,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info["threshold"] = 0.5 * (info["reward_eval"]["vae"]["mean_clean"] + info["reward_eval"]["vae"]["mean_degraded"])
     pipe = load_pipeline(out / "pipeline")
     info["eval_seeds"] = list(range(cfg["eval_seeds"]))
-    info["samples"] = eval_samples(pipe, reward, world.heldout_prompts(32), info["eval_seeds"], info["threshold"],
-                                   grid_path=out / "samples.png")
+    info["samples"] = eval_samples(
+        pipe, reward, world.heldout_prompts(32), info["eval_seeds"], info["threshold"], grid_path=out / "samples.png"
+    )
     info["total_seconds"] = time.time() - t_start
     if args.resume:  # count stages that were loaded instead of trained with their original time
-        info["total_seconds"] += sum(info[k] for k in ("vae_seconds", "diff_seconds", "reward_seconds")
-                                     if k + "_resumed" in info)
+        info["total_seconds"] += sum(
+            info[k] for k in ("vae_seconds", "diff_seconds", "reward_seconds") if k + "_resumed" in info
+        )
         if "reward_seconds_resumed" in info:
             info["total_seconds"] += info["reward_data_seconds"]
 

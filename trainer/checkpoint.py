@@ -16,8 +16,18 @@ from reneg.fileio import atomic_torch_save, safe_torch_load
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def save_checkpoint(path: str, *, step: int, neg: torch.Tensor, optimizer, scheduler, skipped: int,
-                    config: dict, heldout: list[dict], extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: str,
+    *,
+    step: int,
+    neg: torch.Tensor,
+    optimizer,
+    scheduler,
+    skipped: int,
+    config: dict,
+    heldout: list[dict],
+    extra: dict | None = None,
+) -> None:
     state = {
         "format": "reneg-train-checkpoint",
         "version": 1,
@@ -44,34 +54,47 @@ def load_checkpoint(path: str) -> dict:
         raise
     except Exception as e:  # untrusted content (sparse or float8 tensors, odd objects...)
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise ValueError(f"{path}: not a readable training checkpoint ({type(e).__name__}"
-                         f"{': ' + detail if detail else ''})") from None
+        raise ValueError(
+            f"{path}: not a readable training checkpoint ({type(e).__name__}{': ' + detail if detail else ''})"
+        ) from None
 
 
 def _load_checkpoint(path: str) -> dict:
     state = safe_torch_load(path, what="training checkpoint")
     if not isinstance(state, dict) or state.get("format") != "reneg-train-checkpoint":
-        raise ValueError(f"{path}: not a ReNeg training checkpoint (expected format "
-                         f"'reneg-train-checkpoint', found {type(state).__name__}"
-                         f"{' ' + str(state.get('format'))[:60] if isinstance(state, dict) else ''})")
+        raise ValueError(
+            f"{path}: not a ReNeg training checkpoint (expected format "
+            f"'reneg-train-checkpoint', found {type(state).__name__}"
+            f"{' ' + str(state.get('format'))[:60] if isinstance(state, dict) else ''})"
+        )
     for key in ("step", "neg", "optimizer", "scheduler"):
         if key not in state:
             raise ValueError(f"{path}: training checkpoint lacks {key!r}")
     neg = state["neg"]
-    if (not isinstance(neg, torch.Tensor) or neg.layout != torch.strided or neg.dtype != torch.float32
-            or neg.dim() != 3 or not torch.isfinite(neg).all()):
+    if (
+        not isinstance(neg, torch.Tensor)
+        or neg.layout != torch.strided
+        or neg.dtype != torch.float32
+        or neg.dim() != 3
+        or not torch.isfinite(neg).all()
+    ):
         raise ValueError(f"{path}: training checkpoint holds no finite float32 [1, tokens, hidden] embedding")
     # a corrupt file must fail here, with its name, not later inside the optimizer
     for key in ("step", "skipped"):
         v = state.get(key, 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{path}: training checkpoint has an invalid {key!r}: expected an integer "
-                             f">= 0, found {str(v)[:40]}")
+            raise ValueError(
+                f"{path}: training checkpoint has an invalid {key!r}: expected an integer >= 0, found {str(v)[:40]}"
+            )
     opt, sched = state["optimizer"], state["scheduler"]
-    if (not isinstance(opt, dict) or not isinstance(opt.get("state"), dict)
-            or not isinstance(opt.get("param_groups"), list)
-            or not all(isinstance(g, dict) and "params" in g for g in opt["param_groups"])
-            or not all(isinstance(s, dict) for s in opt["state"].values()) or not isinstance(sched, dict)):
+    if (
+        not isinstance(opt, dict)
+        or not isinstance(opt.get("state"), dict)
+        or not isinstance(opt.get("param_groups"), list)
+        or not all(isinstance(g, dict) and "params" in g for g in opt["param_groups"])
+        or not all(isinstance(s, dict) for s in opt["state"].values())
+        or not isinstance(sched, dict)
+    ):
         raise ValueError(f"{path}: training checkpoint has a malformed optimizer or scheduler state")
     for s in opt["state"].values():
         for k, v in s.items():
@@ -82,11 +105,14 @@ def _load_checkpoint(path: str) -> dict:
         try:
             value = json.loads(raw)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: training checkpoint has an unreadable {key!r} "
-                             f"({type(e).__name__}: {str(e)[:80]})") from None
+            raise ValueError(
+                f"{path}: training checkpoint has an unreadable {key!r} ({type(e).__name__}: {str(e)[:80]})"
+            ) from None
         if not isinstance(value, kind) or (kind is list and not all(isinstance(v, dict) for v in value)):
-            raise ValueError(f"{path}: training checkpoint's {key!r} is not a JSON {kind.__name__}"
-                             f"{' of objects' if kind is list else ''}")
+            raise ValueError(
+                f"{path}: training checkpoint's {key!r} is not a JSON {kind.__name__}"
+                f"{' of objects' if kind is list else ''}"
+            )
         state[key] = value
     return state
 

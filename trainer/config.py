@@ -17,8 +17,8 @@ ConfigError = OptionError
 @dataclass
 class TrainConfig:
     model: str = ""
-    config: str | None = None          # configs folder for a single-file checkpoint (optional)
-    vae: str | None = None             # a VAE file or folder replacing the model's own
+    config: str | None = None  # configs folder for a single-file checkpoint (optional)
+    vae: str | None = None  # a VAE file or folder replacing the model's own
     prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""
@@ -37,7 +37,7 @@ class TrainConfig:
     guidance: float = PAPER.guidance
     grad_range: tuple[int, int] = PAPER.grad_range
     resolution: int = PAPER.resolution
-    init: str = "null"                 # null | handcrafted | path to an embedding file
+    init: str = "null"  # null | handcrafted | path to an embedding file
     handcrafted: str = PAPER_HANDCRAFTED
     seed: int = PAPER.seed
     checkpoint_every: int = 100
@@ -45,7 +45,7 @@ class TrainConfig:
     eval_batch: int = 4
     max_bad_steps: int = 10
     resume: str | None = None
-    mixed_precision: str = "no"        # no | fp16 | bf16
+    mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile: bool = False
@@ -54,9 +54,9 @@ class TrainConfig:
     progress: bool = True
     demo: bool = False
     # --- compute-saving options (docs/compute.md); the defaults are the paper's recipe ---
-    rollout_steps: int | None = None   # no-grad DDIM steps to the grad step (None: every step)
-    grads_per_rollout: int = 1         # grad steps taken along one trajectory
-    recipe: str = "paper"              # paper | fast: a named set of the options above
+    rollout_steps: int | None = None  # no-grad DDIM steps to the grad step (None: every step)
+    grads_per_rollout: int = 1  # grad steps taken along one trajectory
+    recipe: str = "paper"  # paper | fast: a named set of the options above
     # --- end of compute-saving options ---
     # --- reported events (trainer/events.py): sample images, TensorBoard ---
     sample_every: int = 0
@@ -72,35 +72,52 @@ class TrainConfig:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     a = p.add_argument
-    a("--demo", action="store_true", help="train on the built-in demo world (no files needed); flags given "
-                                          "beside it replace the demo's settings")
+    a(
+        "--demo",
+        action="store_true",
+        help="train on the built-in demo world (no files needed); flags given beside it replace the demo's settings",
+    )
     O.add_options(p, ["model", "config", "vae", "prediction_type", "rewards"])
-    a("--prompts", help="training prompts: .txt (one a line), .json (ImageReward list, "
-                        "{'prompt':...} or strings), .tsv with a Prompt column, or an HPSv2 folder")
-    a("--heldout", help="held-out prompts (same formats); default: the last --heldout-count "
-                        "prompts of --prompts are held out")
+    a(
+        "--prompts",
+        help="training prompts: .txt (one a line), .json (ImageReward list, "
+        "{'prompt':...} or strings), .tsv with a Prompt column, or an HPSv2 folder",
+    )
+    a(
+        "--heldout",
+        help="held-out prompts (same formats); default: the last --heldout-count prompts of --prompts are held out",
+    )
     a("--heldout-count", type=int, default=d.heldout_count)
     a("--heldout-seed", type=int, default=d.heldout_seed, help="first seed of the held-out images")
-    a("--out", default=None, help="output folder (embedding.safetensors, summary.json, log.csv, "
-                                   "checkpoint.pt)")
+    a("--out", default=None, help="output folder (embedding.safetensors, summary.json, log.csv, checkpoint.pt)")
     O.add_options(p, ["steps", "lr", "weight_decay", "warmup", "lr_schedule", "batch_size"])
-    a("--micro-batch", type=int, default=d.micro_batch,
-      help="samples per forward pass; batch-size / (micro-batch x processes) accumulation steps")
+    a(
+        "--micro-batch",
+        type=int,
+        default=d.micro_batch,
+        help="samples per forward pass; batch-size / (micro-batch x processes) accumulation steps",
+    )
     O.add_options(p, ["sampling_steps", "guidance", "grad_range", "resolution"])
     a("--init", default=d.init, help="null, handcrafted, or an embedding file to start from")
     a("--handcrafted", default=d.handcrafted, help="the handcrafted negative prompt compared against")
     O.add_options(p, ["seed"])
     a("--checkpoint-every", type=int, default=d.checkpoint_every)
-    a("--eval-every", type=int, default=d.eval_every, help="score held-out prompts every N steps (0: "
-                                                           "only at the end)")
+    a("--eval-every", type=int, default=d.eval_every, help="score held-out prompts every N steps (0: only at the end)")
     a("--eval-batch", type=int, default=d.eval_batch)
-    a("--max-bad-steps", type=int, default=d.max_bad_steps,
-      help="stop after this many NaN/inf updates in a row")
-    a("--resume", nargs="?", const="latest", default=None,
-      help="resume from OUT/checkpoint.pt (or the given checkpoint file)")
+    a("--max-bad-steps", type=int, default=d.max_bad_steps, help="stop after this many NaN/inf updates in a row")
+    a(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="resume from OUT/checkpoint.pt (or the given checkpoint file)",
+    )
     a("--mixed-precision", choices=("no", "fp16", "bf16"), default=d.mixed_precision)
-    a("--gradient-checkpointing", action="store_true",
-      help="recompute UNet, VAE-decoder and reward-tower activations in backward (less memory)")
+    a(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet, VAE-decoder and reward-tower activations in backward (less memory)",
+    )
     a("--channels-last", action="store_true", help="NHWC convolution weights (pays with bf16/fp16 on GPUs)")
     a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see docs/performance.md)")
     O.add_options(p, ["device"], helps={"device": "cpu, cuda, cuda:1... (default: what accelerate picks)"})
@@ -125,16 +142,29 @@ RECIPES = {
 
 def add_compute_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     a = p.add_argument
-    a("--recipe", choices=sorted(RECIPES), default=None,
-      help="paper (default): the paper's recipe; fast: --rollout-steps 3 --grads-per-rollout 2 (use half "
-           "the --batch-size for the same gradients per step), about 1/4 of the compute, not shown to "
-           "reach the paper recipe's reward (docs/compute.md)")
-    a("--rollout-steps", type=int, default=None, metavar="N",
-      help="reach the grad step's noise level in N no-grad DDIM steps instead of every step of "
-           "--sampling-steps (default: every step, the paper)")
-    a("--grads-per-rollout", type=int, default=None, metavar="K",
-      help="take K grad steps (distinct, from --grad-range) along each sampled trajectory "
-           "(default 1, the paper)")
+    a(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="paper (default): the paper's recipe; fast: --rollout-steps 3 --grads-per-rollout 2 (use half "
+        "the --batch-size for the same gradients per step), about 1/4 of the compute, not shown to "
+        "reach the paper recipe's reward (docs/compute.md)",
+    )
+    a(
+        "--rollout-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="reach the grad step's noise level in N no-grad DDIM steps instead of every step of "
+        "--sampling-steps (default: every step, the paper)",
+    )
+    a(
+        "--grads-per-rollout",
+        type=int,
+        default=None,
+        metavar="K",
+        help="take K grad steps (distinct, from --grad-range) along each sampled trajectory (default 1, the paper)",
+    )
 
 
 def apply_recipe(ns: argparse.Namespace) -> None:
@@ -156,16 +186,28 @@ def validate_compute(cfg) -> None:
     _positive("grads-per-rollout", cfg.grads_per_rollout)
     lo, hi = cfg.grad_range
     if cfg.grads_per_rollout > hi - lo + 1:
-        raise ConfigError(f"--grads-per-rollout {cfg.grads_per_rollout}: --grad-range {lo} {hi} holds only "
-                          f"{hi - lo + 1} distinct grad steps")
+        raise ConfigError(
+            f"--grads-per-rollout {cfg.grads_per_rollout}: --grad-range {lo} {hi} holds only "
+            f"{hi - lo + 1} distinct grad steps"
+        )
+
+
 # --- end of compute-saving options ------------------------------------------------------------------
 
 
 # the numeric flags of train, checked by reneg.options (kind, bounds)
 TRAIN_NUMBERS = {
-    "steps": ("int",), "batch_size": ("int",), "micro_batch": ("int",), "checkpoint_every": ("int",),
-    "max_bad_steps": ("int",), "eval_batch": ("int",), "heldout_count": ("int",),
-    "warmup": ("int", 0), "eval_every": ("int", 0), "lr": ("pos",), "weight_decay": ("nonneg",),
+    "steps": ("int",),
+    "batch_size": ("int",),
+    "micro_batch": ("int",),
+    "checkpoint_every": ("int",),
+    "max_bad_steps": ("int",),
+    "eval_batch": ("int",),
+    "heldout_count": ("int",),
+    "warmup": ("int", 0),
+    "eval_every": ("int", 0),
+    "lr": ("pos",),
+    "weight_decay": ("nonneg",),
     "seed": ("seed",),
 }
 
@@ -202,8 +244,10 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
     validate_common(cfg)
     per = cfg.micro_batch * num_processes
     if cfg.batch_size % per:
-        raise ConfigError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
-                          f"({cfg.micro_batch} x {num_processes} = {per})")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch x processes "
+            f"({cfg.micro_batch} x {num_processes} = {per})"
+        )
     if cfg.warmup >= cfg.steps:
         raise ConfigError(f"--warmup {cfg.warmup} must be below --steps {cfg.steps}")
     if not cfg.prompts:
@@ -215,8 +259,10 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
             flag = "--heldout"
             load_prompts(cfg.heldout)
         elif n <= cfg.heldout_count:
-            raise ConfigError(f"--prompts {cfg.prompts}: {n} prompts leave none for training after "
-                              f"holding out {cfg.heldout_count}; pass --heldout or lower --heldout-count")
+            raise ConfigError(
+                f"--prompts {cfg.prompts}: {n} prompts leave none for training after "
+                f"holding out {cfg.heldout_count}; pass --heldout or lower --heldout-count"
+            )
     except PromptFileError as e:
         raise ConfigError(f"{flag}: {e}") from None
     if cfg.init not in ("null", "handcrafted") and not os.path.isfile(cfg.init):
@@ -249,10 +295,27 @@ def check_embedding_arg(flag: str, path: str) -> None:
 # the flags that decide which samples a step sees and how it updates (a larger --steps is allowed:
 # "train longer"), those of the held-out scores kept in the checkpoint, and the content (not the
 # path: a run may move between machines) of the prompt files and of an --init file.
-RESUME_MUST_MATCH = ("seed", "batch_size", "micro_batch", "sampling_steps", "grad_range", "guidance",
-                     "resolution", "lr", "lr_schedule", "warmup", "weight_decay", "heldout_count",
-                     "heldout_seed", "handcrafted", "prompts_sha256", "heldout_sha256", "init_sha256",
-                     "rollout_steps", "grads_per_rollout")
+RESUME_MUST_MATCH = (
+    "seed",
+    "batch_size",
+    "micro_batch",
+    "sampling_steps",
+    "grad_range",
+    "guidance",
+    "resolution",
+    "lr",
+    "lr_schedule",
+    "warmup",
+    "weight_decay",
+    "heldout_count",
+    "heldout_seed",
+    "handcrafted",
+    "prompts_sha256",
+    "heldout_sha256",
+    "init_sha256",
+    "rollout_steps",
+    "grads_per_rollout",
+)
 _CONTENT_FLAG = {"prompts_sha256": "--prompts", "heldout_sha256": "--heldout", "init_sha256": "--init"}
 
 
@@ -290,12 +353,15 @@ def _check_resume(cfg: TrainConfig) -> None:
     if state is None:
         return
     if state["step"] > cfg.steps:
-        raise ConfigError(f"--steps {cfg.steps}: {path} is already at step {state['step']}; resume with "
-                          f"--steps {state['step']} or more (a run is continued, never cut back)")
+        raise ConfigError(
+            f"--steps {cfg.steps}: {path} is already at step {state['step']}; resume with "
+            f"--steps {state['step']} or more (a run is continued, never cut back)"
+        )
     # a resumed run repeats the interrupted one only with the same settings and the same files
     old, new = state["config"], dict(cfg.to_json(), **resume_fingerprint(cfg))
     changed = [k for k in RESUME_MUST_MATCH if k in old and old[k] != new.get(k)]
     if changed:
+
         def show(d):
             out = []
             for k in changed:
@@ -306,9 +372,12 @@ def _check_resume(cfg: TrainConfig) -> None:
                     v = " ".join(map(str, v)) if isinstance(v, list) else str(v)
                     out.append(f"--{k.replace('_', '-')} {v if len(v) <= 40 else repr(v[:30] + '...')}")
             return " ".join(out)
-        raise ConfigError(f"--resume: {path} was made with {show(old)}, this command has {show(new)} "
-                          f"(file contents shown by their sha256); resume with the same settings and files "
-                          f"(the optimizer state would ignore a new --lr) or start a new --out")
+
+        raise ConfigError(
+            f"--resume: {path} was made with {show(old)}, this command has {show(new)} "
+            f"(file contents shown by their sha256); resume with the same settings and files "
+            f"(the optimizer state would ignore a new --lr) or start a new --out"
+        )
 
 
 def check_out_dir(out: str) -> None:

@@ -28,18 +28,26 @@ SAMPLES_INDEX = "index.json"
 STOP_FILE = "STOP"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_TO = ("none", "tensorboard")
-SAMPLE_PROMPTS = 4          # fixed prompts (the first held-out ones) shown in the sample grids
-SAMPLE_TILE = 128           # small models' images are enlarged to at least this many pixels
+SAMPLE_PROMPTS = 4  # fixed prompts (the first held-out ones) shown in the sample grids
+SAMPLE_TILE = 128  # small models' images are enlarged to at least this many pixels
 
 
 def add_event_args(p) -> None:
     """``--sample-every`` and ``--report-to`` for ``reneg train``."""
-    p.add_argument("--sample-every", type=int, default=0, metavar="N",
-                   help="every N steps write OUT/samples/step_N.png: the current negative beside null for "
-                        f"the first {SAMPLE_PROMPTS} held-out prompts, fixed seeds (0: never)")
-    p.add_argument("--report-to", choices=REPORT_TO, default="none",
-                   help="tensorboard: also write scalars and sample images to OUT/tensorboard "
-                        "(needs the tensorboard package)")
+    p.add_argument(
+        "--sample-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N steps write OUT/samples/step_N.png: the current negative beside null for "
+        f"the first {SAMPLE_PROMPTS} held-out prompts, fixed seeds (0: never)",
+    )
+    p.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        default="none",
+        help="tensorboard: also write scalars and sample images to OUT/tensorboard (needs the tensorboard package)",
+    )
 
 
 def check_event_args(cfg) -> None:
@@ -56,8 +64,10 @@ def check_event_args(cfg) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
-            raise ConfigError("--report-to tensorboard needs the tensorboard package "
-                              "(pip install tensorboard, or the reneg[tensorboard] extra)") from None
+            raise ConfigError(
+                "--report-to tensorboard needs the tensorboard package "
+                "(pip install tensorboard, or the reneg[tensorboard] extra)"
+            ) from None
 
 
 def to_pil(images: torch.Tensor):
@@ -139,8 +149,16 @@ class _StopWatch:
 class TrainEvents:
     """Sample images, TensorBoard and stop requests for one run of the trainer."""
 
-    def __init__(self, cfg, backend, main: bool, null: torch.Tensor, sample_texts: list[str],
-                 sample_seeds: list[int], num_processes: int = 1):
+    def __init__(
+        self,
+        cfg,
+        backend,
+        main: bool,
+        null: torch.Tensor,
+        sample_texts: list[str],
+        sample_seeds: list[int],
+        num_processes: int = 1,
+    ):
         self.cfg, self.backend, self.main = cfg, backend, main
         self.every = int(getattr(cfg, "sample_every", 0) or 0)
         self.null = null
@@ -162,10 +180,14 @@ class TrainEvents:
         from reneg.generate import generate, seeded_noise
 
         c = self.cfg
-        imgs = generate(self.backend, self.backend.encode_prompts(self.texts),
-                        self.backend.negative_cond(neg.detach()),
-                        seeded_noise(self.backend, self.seeds, c.resolution, c.resolution),
-                        c.sampling_steps, c.guidance)
+        imgs = generate(
+            self.backend,
+            self.backend.encode_prompts(self.texts),
+            self.backend.negative_cond(neg.detach()),
+            seeded_noise(self.backend, self.seeds, c.resolution, c.resolution),
+            c.sampling_steps,
+            c.guidance,
+        )
         return to_pil(imgs)
 
     def sample(self, step: int, neg: torch.Tensor) -> str | None:
@@ -212,8 +234,9 @@ class TrainEvents:
         if self.writer is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"train/{k}" if not k.startswith("heldout_") else
-                                           f"heldout/{k[len('heldout_'):]}", v, step)
+                    self.writer.add_scalar(
+                        f"train/{k}" if not k.startswith("heldout_") else f"heldout/{k[len('heldout_') :]}", v, step
+                    )
             self.writer.flush()
         if self.every and (step % self.every == 0 or last):
             self.sample(step, neg)

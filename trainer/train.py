@@ -43,6 +43,7 @@ def lr_lambda(cfg: TrainConfig):
             return 1.0
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
     return f
 
 
@@ -52,17 +53,29 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
 
 
 class CsvLog:
-    FIELDS = ["step", "loss", "reward", "lr", "grad_norm", "skipped", "seconds",
-              "heldout_null", "heldout_handcrafted", "heldout_learned",
-              "compute_U", "compute_V", "compute_R", "compute_tflop_sd15"]  # cumulative training compute
+    FIELDS = [
+        "step",
+        "loss",
+        "reward",
+        "lr",
+        "grad_norm",
+        "skipped",
+        "seconds",
+        "heldout_null",
+        "heldout_handcrafted",
+        "heldout_learned",
+        "compute_U",
+        "compute_V",
+        "compute_R",
+        "compute_tflop_sd15",
+    ]  # cumulative training compute
 
     def __init__(self, path: str, resume_step: int):
         self.path = path
         rows = []
         if resume_step and os.path.isfile(path):
             with open(path, newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
-                        and int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
         # the kept rows are rewritten atomically, then appended to: a kill while
         # resuming never truncates the log
         import io
@@ -115,8 +128,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     """Train; returns the summary dict (also written to ``OUT/summary.json``)."""
     from accelerate import Accelerator
 
-    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision,
-                                     cpu=(cfg.device == "cpu"))
+    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
     validate_train(cfg, acc.num_processes)
     check_event_args(cfg)  # reported events: --sample-every, --report-to
     device = torch.device(cfg.device) if cfg.device and acc.num_processes == 1 else acc.device
@@ -126,8 +138,14 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     from reneg.backends.loading import load_diffusers
     from reneg.rewards import load_rewards
 
-    backend = load_diffusers(cfg.model, device=device, dtype=weights_dtype(cfg.mixed_precision, device),
-                             config=cfg.config, vae=cfg.vae, prediction_type=cfg.prediction_type)
+    backend = load_diffusers(
+        cfg.model,
+        device=device,
+        dtype=weights_dtype(cfg.mixed_precision, device),
+        config=cfg.config,
+        vae=cfg.vae,
+        prediction_type=cfg.prediction_type,
+    )
     if main:
         print(f"reneg train: model {backend.describe()}", flush=True)
     reward = load_rewards(cfg.rewards, device=device, dtype=weights_dtype(cfg.mixed_precision, device))
@@ -137,14 +155,15 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     if cfg.gradient_checkpointing:
         enable_checkpointing(backend, reward)
     if getattr(cfg, "channels_last", False) or getattr(cfg, "compile", False):
-        backend.set_performance(channels_last=getattr(cfg, "channels_last", False) or None,
-                                compile=getattr(cfg, "compile", False))
+        backend.set_performance(
+            channels_last=getattr(cfg, "channels_last", False) or None, compile=getattr(cfg, "compile", False)
+        )
 
     prompts = load_prompts(cfg.prompts)
     if cfg.heldout:
         train, heldout = prompts, load_prompts(cfg.heldout)[: cfg.heldout_count]
     else:
-        train, heldout = prompts[: -cfg.heldout_count], prompts[-cfg.heldout_count:]
+        train, heldout = prompts[: -cfg.heldout_count], prompts[-cfg.heldout_count :]
     train_texts = [p.text for p in train]
     heldout_texts = [p.text for p in heldout]
     heldout_seeds = [cfg.heldout_seed + i for i in range(len(heldout_texts))]
@@ -170,8 +189,10 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     if resume_from:
         state = load_checkpoint(resume_from)
         if tuple(state["neg"].shape) != tuple(neg.shape):
-            raise TrainingError(f"{resume_from}: checkpoint embedding {list(state['neg'].shape)} does not "
-                                f"fit this model ({list(neg.shape)})")
+            raise TrainingError(
+                f"{resume_from}: checkpoint embedding {list(state['neg'].shape)} does not "
+                f"fit this model ({list(neg.shape)})"
+            )
         with torch.no_grad():
             neg.copy_(state["neg"].to(device))
         opt.load_state_dict(state["optimizer"])
@@ -187,21 +208,44 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     shape = backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution)
     log = CsvLog(os.path.join(cfg.out, "log.csv"), start) if main else None
     base = dict(base_model=cfg.base_model_name) if cfg.base_model_name else base_model_fields(cfg.model)
-    meta = dict(kind="global", **base,
-                rewards=cfg.rewards, steps=cfg.steps, lr=cfg.lr, batch=cfg.batch_size,
-                guidance_scale=cfg.guidance, sampling_steps=cfg.sampling_steps, seed=cfg.seed,
-                resolution=cfg.resolution, init=os.path.basename(cfg.init))
+    meta = dict(
+        kind="global",
+        **base,
+        rewards=cfg.rewards,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        batch=cfg.batch_size,
+        guidance_scale=cfg.guidance,
+        sampling_steps=cfg.sampling_steps,
+        seed=cfg.seed,
+        resolution=cfg.resolution,
+        init=os.path.basename(cfg.init),
+    )
 
     def heldout_eval(step: int) -> dict:
         def score(t, pooled=None):
-            return float(generate_and_score(
-                backend, reward, heldout_texts, heldout_seeds, backend.negative_cond(t.detach(), pooled),
-                cfg.sampling_steps, cfg.guidance, cfg.resolution, cfg.resolution, cfg.eval_batch).mean())
+            return float(
+                generate_and_score(
+                    backend,
+                    reward,
+                    heldout_texts,
+                    heldout_seeds,
+                    backend.negative_cond(t.detach(), pooled),
+                    cfg.sampling_steps,
+                    cfg.guidance,
+                    cfg.resolution,
+                    cfg.resolution,
+                    cfg.eval_batch,
+                ).mean()
+            )
+
         base = next((h for h in history if "null" in h), None)
-        rec = {"step": step,
-               "null": base["null"] if base else score(null),
-               "handcrafted": base["handcrafted"] if base else score(handcrafted, hc_pooled),
-               "learned": score(neg)}
+        rec = {
+            "step": step,
+            "null": base["null"] if base else score(null),
+            "handcrafted": base["handcrafted"] if base else score(handcrafted, hc_pooled),
+            "learned": score(neg),
+        }
         history.append(rec)
         return rec
 
@@ -209,11 +253,20 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
 
     def write_outputs(step: int) -> None:
         emb = as_embedding(backend, neg)
-        save_embedding(os.path.join(cfg.out, "embedding.safetensors"), emb, overwrite=True,
-                       **dict(meta, trained_steps=step))
-        save_checkpoint(ckpt_path, step=step, neg=neg, optimizer=opt, scheduler=sched, skipped=skipped,
-                        config=saved_config, heldout=history,
-                        extra={"compute": spent.counts})
+        save_embedding(
+            os.path.join(cfg.out, "embedding.safetensors"), emb, overwrite=True, **dict(meta, trained_steps=step)
+        )
+        save_checkpoint(
+            ckpt_path,
+            step=step,
+            neg=neg,
+            optimizer=opt,
+            scheduler=sched,
+            skipped=skipped,
+            config=saved_config,
+            heldout=history,
+            extra={"compute": spent.counts},
+        )
 
     # --- reported events (trainer/events.py): samples, TensorBoard, stop on SIGTERM or OUT/STOP ---
     events = TrainEvents(cfg, backend, main, null, heldout_texts, heldout_seeds, acc.num_processes)
@@ -223,10 +276,15 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     bar = None
     if main and cfg.progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=cfg.steps, initial=start, desc="reneg train", dynamic_ncols=True)
     bad_streak, t0 = 0, time.time()
     meter = ComputeMeter()  # this process's counts of the current step
-    m_denoiser, m_decode, m_reward = meter.denoiser(backend.denoiser), meter.decode(backend.decode), meter.reward(reward)
+    m_denoiser, m_decode, m_reward = (
+        meter.denoiser(backend.denoiser),
+        meter.decode(backend.decode),
+        meter.reward(reward),
+    )
     grads_per_rollout = getattr(cfg, "grads_per_rollout", 1)
     rollout_steps = getattr(cfg, "rollout_steps", None) or None
     try:
@@ -241,11 +299,21 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 noise = torch.randn(shape, generator=g).to(device)
                 gi = obj.grad_indices(grads_per_rollout, g)
                 with acc.autocast():
-                    res = grad_step_loss(m_denoiser, m_decode, m_reward, ps, backend.encode_prompts(ps),
-                                         backend.negative_cond(neg), initial_latent(noise, sigmas[0]), sigmas,
-                                         cfg.guidance, gi if len(gi) > 1 else gi[0], rollout_steps=rollout_steps,
-                                         # several grad steps: each one's backward at once (one graph alive)
-                                         backward=(lambda loss: (loss / accum).backward()) if len(gi) > 1 else None)
+                    res = grad_step_loss(
+                        m_denoiser,
+                        m_decode,
+                        m_reward,
+                        ps,
+                        backend.encode_prompts(ps),
+                        backend.negative_cond(neg),
+                        initial_latent(noise, sigmas[0]),
+                        sigmas,
+                        cfg.guidance,
+                        gi if len(gi) > 1 else gi[0],
+                        rollout_steps=rollout_steps,
+                        # several grad steps: each one's backward at once (one graph alive)
+                        backward=(lambda loss: (loss / accum).backward()) if len(gi) > 1 else None,
+                    )
                 if len(gi) == 1:
                     (res.loss / accum).backward()
                 rewards.append(res.rewards.float())
@@ -262,15 +330,22 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 skipped += 1
                 bad_streak += 1
                 if main:
-                    print(f"reneg train: step {step + 1}: non-finite loss or gradient, update skipped "
-                          f"({bad_streak} in a row, {skipped} in all)", flush=True)
+                    print(
+                        f"reneg train: step {step + 1}: non-finite loss or gradient, update skipped "
+                        f"({bad_streak} in a row, {skipped} in all)",
+                        flush=True,
+                    )
                 if bad_streak >= cfg.max_bad_steps:
-                    last = (f"The last good checkpoint is {ckpt_path}" if os.path.isfile(ckpt_path)
-                            else "No checkpoint was written before this")
+                    last = (
+                        f"The last good checkpoint is {ckpt_path}"
+                        if os.path.isfile(ckpt_path)
+                        else "No checkpoint was written before this"
+                    )
                     raise TrainingError(
                         f"stopped: {bad_streak} non-finite updates in a row (limit --max-bad-steps "
                         f"{cfg.max_bad_steps}). {last}; try a lower --lr "
-                        f"or --mixed-precision no.")
+                        f"or --mixed-precision no."
+                    )
             else:
                 bad_streak = 0
                 opt.step()
@@ -279,15 +354,25 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
             counts = meter.take()
             if acc.num_processes > 1:
                 from accelerate.utils import gather_object
+
                 for c in gather_object([counts]):
                     spent.add(c)
             else:
                 spent.add(counts)
             units = spent.units()
-            row = {"step": done, "loss": loss_sum, "reward": float(r_all.mean()), "lr": sched.get_last_lr()[0],
-                   "grad_norm": gnorm, "skipped": skipped, "seconds": round(time.time() - t0, 2),
-                   "compute_U": units["U"], "compute_V": units["V"], "compute_R": units["R"],
-                   "compute_tflop_sd15": round(spent.tflop_sd15(), 3)}
+            row = {
+                "step": done,
+                "loss": loss_sum,
+                "reward": float(r_all.mean()),
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": gnorm,
+                "skipped": skipped,
+                "seconds": round(time.time() - t0, 2),
+                "compute_U": units["U"],
+                "compute_V": units["V"],
+                "compute_R": units["R"],
+                "compute_tflop_sd15": round(spent.tflop_sd15(), 3),
+            }
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and main:
                 rec = heldout_eval(done)
                 row.update({f"heldout_{k}": v for k, v in rec.items() if k != "step"})
@@ -304,8 +389,11 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
             if done < cfg.steps and events.should_stop(acc):
                 if main:
                     write_outputs(done)
-                    print(f"reneg train: stopped on request after step {done}; checkpoint {ckpt_path} "
-                          f"(continue with --resume)", flush=True)
+                    print(
+                        f"reneg train: stopped on request after step {done}; checkpoint {ckpt_path} "
+                        f"(continue with --resume)",
+                        flush=True,
+                    )
                 stopped_at = done
                 break
             # --- end reported events ---

@@ -19,27 +19,49 @@ from .train import base_model_fields
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--demo", action="store_true", help="tune on the built-in demo world (no files needed); flags given "
-                                          "beside it replace the demo's settings")
+    a(
+        "--demo",
+        action="store_true",
+        help="tune on the built-in demo world (no files needed); flags given beside it replace the demo's settings",
+    )
     O.add_options(p, ["model", "config", "vae", "prediction_type", "rewards"])
     a("--embedding", help="starting embedding file (default: the null embedding)")
     a("--prompt", help="the prompt to tune for")
     O.add_options(p, ["seed"], helps={"seed": "the image's seed (0 to 2**64 - 1)"})
-    a("--noise", choices=("seed", "fresh"), default="seed",
-      help="seed: tune for this seed's image; fresh: new noise each step, as in the paper")
+    a(
+        "--noise",
+        choices=("seed", "fresh"),
+        default="seed",
+        help="seed: tune for this seed's image; fresh: new noise each step, as in the paper",
+    )
     O.add_options(p, ["max_steps", "patience", "lr", "sampling_steps", "guidance", "grad_range", "resolution"])
-    a("--out", help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
-                    "each step is written beside it")
+    a(
+        "--out",
+        help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
+        "each step is written beside it",
+    )
     a("--overwrite", action="store_true")
     O.add_options(p, ["device"])
-    a("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
-      help="on a GPU: load the models in this precision and run under autocast")
-    a("--gradient-checkpointing", action="store_true",
-      help="recompute UNet, VAE-decoder and reward activations in backward (less memory)")
+    a(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default="no",
+        help="on a GPU: load the models in this precision and run under autocast",
+    )
+    a(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute UNet, VAE-decoder and reward activations in backward (less memory)",
+    )
     # --- compute-saving options (docs/compute.md); the default is the paper's Algorithm 1 ---
-    a("--search-steps", type=int, default=None, metavar="S",
-      help="search with S sampling steps (grad range scaled to match), then make the kept negative's "
-           "image once at --sampling-steps (default: search at --sampling-steps, the paper)")
+    a(
+        "--search-steps",
+        type=int,
+        default=None,
+        metavar="S",
+        help="search with S sampling steps (grad range scaled to match), then make the kept negative's "
+        "image once at --sampling-steps (default: search at --sampling-steps, the paper)",
+    )
     # --- end of compute-saving options ---
 
 
@@ -89,8 +111,14 @@ def run_tune(ns) -> dict:
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mixed = getattr(ns, "mixed_precision", "no")
     dtype = weights_dtype(mixed, device)
-    backend = load_diffusers(ns.model, device=device, dtype=dtype, config=ns.config, vae=getattr(ns, "vae", None),
-                             prediction_type=getattr(ns, "prediction_type", None))
+    backend = load_diffusers(
+        ns.model,
+        device=device,
+        dtype=dtype,
+        config=ns.config,
+        vae=getattr(ns, "vae", None),
+        prediction_type=getattr(ns, "prediction_type", None),
+    )
     print(f"reneg tune: model {backend.describe()}", flush=True)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)
     note = backend.resolution_note(ns.resolution)
@@ -103,27 +131,65 @@ def run_tune(ns) -> dict:
         start = start_emb.model_rows().float()  # a T5 file's padding as zero rows: rows alone keep its mask
     else:
         start, _ = backend.null_embedding()
+
     def on_step(rec):
         print(f"step {rec['step']}: reward {rec['reward']:.5f} (best {rec['best_reward']:.5f})", flush=True)
 
     from reneg.compute import ComputeMeter
 
     meter = ComputeMeter()
-    res, _ = tune_for_seed(backend, reward, ns.prompt, ns.seed, start.to(device), ns.sampling_steps, ns.guidance,
-                           tuple(ns.grad_range), ns.resolution, ns.resolution, ns.max_steps, ns.patience, ns.lr,
-                           noise=ns.noise, on_step=on_step,
-                           autocast_dtype=dtype if dtype != torch.float32 else None,
-                           search_steps=getattr(ns, "search_steps", None), meter=meter)
+    res, _ = tune_for_seed(
+        backend,
+        reward,
+        ns.prompt,
+        ns.seed,
+        start.to(device),
+        ns.sampling_steps,
+        ns.guidance,
+        tuple(ns.grad_range),
+        ns.resolution,
+        ns.resolution,
+        ns.max_steps,
+        ns.patience,
+        ns.lr,
+        noise=ns.noise,
+        on_step=on_step,
+        autocast_dtype=dtype if dtype != torch.float32 else None,
+        search_steps=getattr(ns, "search_steps", None),
+        meter=meter,
+    )
     print(f"compute: {meter.short()}", flush=True)
     emb = as_embedding(backend, res.best)
-    save_embedding(ns.out, emb, overwrite=ns.overwrite, kind="per-sample", prompt=ns.prompt, seed=ns.seed,
-                   noise_mode=ns.noise, **base_model_fields(ns.model),
-                   rewards=ns.rewards, steps=len(res.history), lr=ns.lr, guidance_scale=ns.guidance,
-                   start_embedding=os.path.basename(ns.embedding) if ns.embedding else "null",
-                   start_reward=res.start_reward, best_reward=res.best_reward)
-    report = {"prompt": ns.prompt, "seed": ns.seed, "noise": ns.noise, "start_reward": res.start_reward,
-              "best_reward": res.best_reward, "best_step": res.best_step, "stopped": res.stopped,
-              "history": res.history, "embedding": ns.out, "search_steps": getattr(ns, "search_steps", None),
-              "final_reward": res.final_reward, "compute": meter.to_json()}
+    save_embedding(
+        ns.out,
+        emb,
+        overwrite=ns.overwrite,
+        kind="per-sample",
+        prompt=ns.prompt,
+        seed=ns.seed,
+        noise_mode=ns.noise,
+        **base_model_fields(ns.model),
+        rewards=ns.rewards,
+        steps=len(res.history),
+        lr=ns.lr,
+        guidance_scale=ns.guidance,
+        start_embedding=os.path.basename(ns.embedding) if ns.embedding else "null",
+        start_reward=res.start_reward,
+        best_reward=res.best_reward,
+    )
+    report = {
+        "prompt": ns.prompt,
+        "seed": ns.seed,
+        "noise": ns.noise,
+        "start_reward": res.start_reward,
+        "best_reward": res.best_reward,
+        "best_step": res.best_step,
+        "stopped": res.stopped,
+        "history": res.history,
+        "embedding": ns.out,
+        "search_steps": getattr(ns, "search_steps", None),
+        "final_reward": res.final_reward,
+        "compute": meter.to_json(),
+    }
     atomic_write_json(os.path.splitext(ns.out)[0] + ".json", report)
     return report

@@ -57,6 +57,7 @@ def _import_core():
     """Import the ``reneg`` package: installed, else found above this file (linked or copied)."""
     try:
         import reneg.hosts.a1111  # noqa: F401
+
         pkg = sys.modules["reneg"]
         parent = os.path.dirname(os.path.dirname(os.path.abspath(pkg.__file__)))
         in_repo = os.path.isdir(os.path.join(parent, "a1111_extension"))  # an editable install
@@ -67,14 +68,20 @@ def _import_core():
     here = os.path.abspath(__file__)
     root = find_core_root(os.path.realpath(here)) or find_core_root(here)
     if root is None:
-        return None, None, (
-            "the ReNeg core (the 'reneg' Python package) was not found. Install the extension by "
-            "linking the repository's a1111_extension folder (ln -s / mklink /J), or copy the "
-            "repository's reneg folder into this extension's folder, or pip install the repository.")
+        return (
+            None,
+            None,
+            (
+                "the ReNeg core (the 'reneg' Python package) was not found. Install the extension by "
+                "linking the repository's a1111_extension folder (ln -s / mklink /J), or copy the "
+                "repository's reneg folder into this extension's folder, or pip install the repository."
+            ),
+        )
     if root not in sys.path:
         sys.path.append(root)  # appended: nothing in the repository shadows a host module
     try:
         import reneg.hosts.a1111  # noqa: F401
+
         return sys.modules["reneg"], root, None
     except ImportError as e:
         return None, root, f"the ReNeg core in {root} could not be imported: {e}"
@@ -174,8 +181,12 @@ def _register(kind: str, fn) -> None:
 
 def on_ui_settings() -> None:
     section = ("reneg", "ReNeg")
-    shared.opts.add_option(OPT_DIR, shared.OptionInfo(
-        "", "Extra folder with ReNeg negative embeddings (searched after models/reneg)", section=section))
+    shared.opts.add_option(
+        OPT_DIR,
+        shared.OptionInfo(
+            "", "Extra folder with ReNeg negative embeddings (searched after models/reneg)", section=section
+        ),
+    )
 
 
 def register_xyz_axes() -> bool:
@@ -223,8 +234,9 @@ class ReNegScript(scripts.Script):
                     enabled = gr.Checkbox(value=False, label="Enable ReNeg", elem_id=self.elem_id("enabled"))
                     embedding, strength, hires, status = self._controls(names, status_html, tool_button)
         # every page opened shows the list and status for the model loaded by then
-        interface.load(fn=panel_update, inputs=[embedding], outputs=[embedding, status], queue=False,
-                       show_progress=False)
+        interface.load(
+            fn=panel_update, inputs=[embedding], outputs=[embedding, status], queue=False, show_progress=False
+        )
         self._panel = (embedding, status)
         self._wire()
         comps = [enabled, embedding, strength, hires]
@@ -237,14 +249,24 @@ class ReNegScript(scripts.Script):
         with gr.Row():
             # "None" on first start; a user's own default is kept by the web UI's ui-config.json
             # (Settings > Defaults > Apply), and restored when that file is still listed
-            embedding = gr.Dropdown(label="Negative embedding", choices=[NONE] + names, value=NONE,
-                                    allow_custom_value=True, elem_id=self.elem_id("embedding"))
+            embedding = gr.Dropdown(
+                label="Negative embedding",
+                choices=[NONE] + names,
+                value=NONE,
+                allow_custom_value=True,
+                elem_id=self.elem_id("embedding"),
+            )
             button = tool_button or gr.Button
             refresh = button(value="\U0001f504", elem_id=self.elem_id("refresh"))
         with gr.Row():
-            strength = gr.Slider(minimum=0.0, maximum=1.0, step=0.05, value=1.0,
-                                 label="Strength (0 = negative prompt, 1 = embedding only)",
-                                 elem_id=self.elem_id("strength"))
+            strength = gr.Slider(
+                minimum=0.0,
+                maximum=1.0,
+                step=0.05,
+                value=1.0,
+                label="Strength (0 = negative prompt, 1 = embedding only)",
+                elem_id=self.elem_id("strength"),
+            )
             hires = gr.Checkbox(value=True, label="Apply to hires pass", elem_id=self.elem_id("hires"))
         status = gr.HTML(value=status_html, elem_id=self.elem_id("status"))
         refresh.click(fn=refresh_panel, inputs=[embedding], outputs=[embedding, status])
@@ -265,8 +287,7 @@ class ReNegScript(scripts.Script):
         if self._wired or self._panel is None or self._gen_info is None:
             return
         embedding, status = self._panel
-        self._gen_info.change(fn=panel_update, inputs=[embedding], outputs=[embedding, status],
-                              show_progress=False)
+        self._gen_info.change(fn=panel_update, inputs=[embedding], outputs=[embedding, status], show_progress=False)
         self._wired = True
 
     def process(self, p, *args):

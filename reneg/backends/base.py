@@ -31,8 +31,9 @@ class Backend(Protocol):
     def null_embedding(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``E("")`` as ``[1, L, D]`` (and pooled), the UI conventions' empty negative."""
 
-    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> Cond:
+    def negative_cond(
+        self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> Cond:
         """Turn a (possibly trainable) negative ``[1, L, D]`` into a batch-1 Cond; ``mask`` ``[1, L]``
         is a T5 negative's attention mask (None: the one its rows imply)."""
 

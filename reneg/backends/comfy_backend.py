@@ -44,24 +44,29 @@ def conditioning_to_cond(conditioning, what: str = "conditioning") -> Cond:
     are not part of the ReNeg objective.
     """
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
-        raise ComfyModelError(f"{what}: expected a CONDITIONING (a list of [tensor, dict]), "
-                              f"found {type(conditioning).__name__}"
-                              f"{' (empty)' if isinstance(conditioning, (list, tuple)) else ''}")
+        raise ComfyModelError(
+            f"{what}: expected a CONDITIONING (a list of [tensor, dict]), "
+            f"found {type(conditioning).__name__}"
+            f"{' (empty)' if isinstance(conditioning, (list, tuple)) else ''}"
+        )
     if len(conditioning) != 1:
-        raise ComfyModelError(f"{what}: expected plain conditioning with one entry (a text encoder's "
-                              f"output), found {len(conditioning)} entries (combined or area "
-                              f"conditioning can not be tuned)")
+        raise ComfyModelError(
+            f"{what}: expected plain conditioning with one entry (a text encoder's "
+            f"output), found {len(conditioning)} entries (combined or area "
+            f"conditioning can not be tuned)"
+        )
     entry = conditioning[0]
     if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[0], torch.Tensor):
         raise ComfyModelError(f"{what}: expected entries of [tensor, dict], found {type(entry).__name__}")
     t, extra = entry[0], entry[1] if isinstance(entry[1], dict) else {}
     if t.dim() != 3 or t.shape[0] != 1:
-        raise ComfyModelError(f"{what}: expected a tensor of shape [1, tokens, hidden], "
-                              f"found {list(t.shape)}")
+        raise ComfyModelError(f"{what}: expected a tensor of shape [1, tokens, hidden], found {list(t.shape)}")
     ignored = sorted(k for k in ("area", "mask", "control", "gligen") if extra.get(k) is not None)
     if ignored:
-        raise ComfyModelError(f"{what}: carries {', '.join(ignored)}; per-sample tuning takes plain "
-                              f"text conditioning (connect the text encoder's output)")
+        raise ComfyModelError(
+            f"{what}: carries {', '.join(ignored)}; per-sample tuning takes plain "
+            f"text conditioning (connect the text encoder's output)"
+        )
     pooled = extra.get("pooled_output")
     return Cond(t, pooled if isinstance(pooled, torch.Tensor) else None)
 
@@ -86,8 +91,9 @@ class ComfyDenoiser:
         transformer_options = dict(options.get("transformer_options", {}))
         transformer_options["sigmas"] = sigma
         kwargs = {k: cond.extra[k] for k in ("y", "c_size", "c_ar") if k in cond.extra}
-        out = self.model.apply_model(x, sigma, c_crossattn=cond.crossattn,
-                                     transformer_options=transformer_options, **kwargs)
+        out = self.model.apply_model(
+            x, sigma, c_crossattn=cond.crossattn, transformer_options=transformer_options, **kwargs
+        )
         return out.to(x.dtype)
 
 
@@ -103,29 +109,40 @@ class ComfyBackend:
     sigma_max: 0.26 % apart at 30 ``ddim_uniform`` steps).
     """
 
-    def __init__(self, patcher, vae, hidden: int, scheduler: str = "ddim_uniform",
-                 width: int | None = None, height: int | None = None):
+    def __init__(
+        self,
+        patcher,
+        vae,
+        hidden: int,
+        scheduler: str = "ddim_uniform",
+        width: int | None = None,
+        height: int | None = None,
+    ):
         if not hasattr(patcher, "model") or not hasattr(patcher.model, "apply_model"):
-            raise ComfyModelError(f"model: expected a ComfyUI MODEL (with model.apply_model), "
-                                  f"found {type(patcher).__name__}")
+            raise ComfyModelError(
+                f"model: expected a ComfyUI MODEL (with model.apply_model), found {type(patcher).__name__}"
+            )
         if vae is None or not hasattr(vae, "first_stage_model"):
-            raise ComfyModelError(f"vae: expected a ComfyUI VAE (with first_stage_model), "
-                                  f"found {type(vae).__name__}")
+            raise ComfyModelError(f"vae: expected a ComfyUI VAE (with first_stage_model), found {type(vae).__name__}")
         self.patcher, self.vae = patcher, vae
         self.model = patcher.model
         image_model = self.image_model()
         fam = family_for_model(hidden, image_model)  # the family table decides, as for every front-end
         if fam is None:
             what = f"a {image_model} model" if image_model else "this model"
-            raise ComfyModelError(f"the conditioning has hidden size {hidden} for {what}; ReNeg's ComfyUI "
-                                  f"nodes support {known_hidden_sizes()} (T5's 4096 on PixArt-alpha and "
-                                  f"PixArt-sigma models)")
+            raise ComfyModelError(
+                f"the conditioning has hidden size {hidden} for {what}; ReNeg's ComfyUI "
+                f"nodes support {known_hidden_sizes()} (T5's 4096 on PixArt-alpha and "
+                f"PixArt-sigma models)"
+            )
         ctx = self.context_dim()
         if ctx is not None and ctx != hidden:
             have = family_for_hidden(ctx)
-            raise ComfyModelError(f"the conditioning is {fam.name} (hidden size {hidden}) but the model "
-                                  f"in use reads {have.name if have else 'hidden size'} ({ctx}): "
-                                  f"connect the text encoder of the same checkpoint")
+            raise ComfyModelError(
+                f"the conditioning is {fam.name} (hidden size {hidden}) but the model "
+                f"in use reads {have.name if have else 'hidden size'} ({ctx}): "
+                f"connect the text encoder of the same checkpoint"
+            )
         self.family = fam.name
         self.scheduler = scheduler
         self.width, self.height = width, height
@@ -210,8 +227,11 @@ class ComfyBackend:
             h, w = float(given["height"]), float(given["width"])
         ar = float(given["aspect_ratio"]) if isinstance(given.get("aspect_ratio"), (int, float)) else h / w
         dev = self.device
-        return Cond(cond.crossattn, None, {"c_size": torch.tensor([[h, w]], device=dev),
-                                           "c_ar": torch.tensor([[ar]], device=dev)})
+        return Cond(
+            cond.crossattn,
+            None,
+            {"c_size": torch.tensor([[h, w]], device=dev), "c_ar": torch.tensor([[ar]], device=dev)},
+        )
 
     def _with_adm(self, cond: Cond) -> Cond:
         """SDXL-style models read a pooled vector plus size embeddings (``y``); others read
@@ -222,12 +242,21 @@ class ComfyBackend:
         if not int(getattr(self.model, "adm_channels", 0) or 0):
             return Cond(cond.crossattn)
         if cond.pooled is None:
-            raise ComfyModelError(f"this {self.family} model needs a pooled_output in its conditioning "
-                                  f"and none was given")
+            raise ComfyModelError(
+                f"this {self.family} model needs a pooled_output in its conditioning and none was given"
+            )
         w = self.width or 8 * 128
         h = self.height or 8 * 128
-        y = self.model.encode_adm(pooled_output=cond.pooled, width=w, height=h, crop_w=0, crop_h=0,
-                                  target_width=w, target_height=h, device=self.device)
+        y = self.model.encode_adm(
+            pooled_output=cond.pooled,
+            width=w,
+            height=h,
+            crop_w=0,
+            crop_h=0,
+            target_width=w,
+            target_height=h,
+            device=self.device,
+        )
         extra = dict(cond.extra)
         extra["y"] = y.to(self.device)
         return Cond(cond.crossattn, cond.pooled, extra)
@@ -235,25 +264,31 @@ class ComfyBackend:
     def positive_cond(self, conditioning) -> Cond:
         """The positive CONDITIONING as a no-grad Cond on the model's device (normal tensors)."""
         c = conditioning_to_cond(conditioning, "positive")
-        c = Cond(clone_normal(c.crossattn).float().to(self.device),
-                 None if c.pooled is None else clone_normal(c.pooled).float().to(self.device))
+        c = Cond(
+            clone_normal(c.crossattn).float().to(self.device),
+            None if c.pooled is None else clone_normal(c.pooled).float().to(self.device),
+        )
         if self.masked:
             return self._with_size(c, conditioning[0][1] if isinstance(conditioning[0][1], dict) else None)
         return self._with_adm(c)
 
-    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> Cond:
+    def negative_cond(
+        self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> Cond:
         """ComfyUI's conditioning has no attention mask: a T5 negative here is its counted rows only
         (what Load ReNeg Embedding gives), so a mask with padding is refused, not silently dropped."""
         if mask is not None and not bool(mask.bool().all()):
-            raise ComfyModelError("ComfyUI's PixArt reads every row of its conditioning: give the rows the "
-                                  "attention mask keeps (Load ReNeg Embedding does)")
+            raise ComfyModelError(
+                "ComfyUI's PixArt reads every row of its conditioning: give the rows the "
+                "attention mask keeps (Load ReNeg Embedding does)"
+            )
         pooled = self.negative_pooled if pooled is None else pooled
         return self._with_adm(Cond(neg.to(self.device), None if pooled is None else pooled.to(self.device)))
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        raise ComfyModelError("the ComfyUI backend takes conditioning from a text encoder node; "
-                              "it does not encode prompts itself")
+        raise ComfyModelError(
+            "the ComfyUI backend takes conditioning from a text encoder node; it does not encode prompts itself"
+        )
 
     def null_embedding(self):
         raise ComfyModelError("the ComfyUI backend starts from the negative CONDITIONING it is given")

@@ -29,11 +29,9 @@ class ModelLoadError(ValueError):
 class DiffusersDenoiser:
     """``D(x, sigma, cond) -> x0`` around a diffusers UNet (see :mod:`reneg.sampling`)."""
 
-    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 vae_scale: int = 8):
+    def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", vae_scale: int = 8):
         if prediction_type not in ("epsilon", "v_prediction"):
-            raise ModelLoadError(f"prediction type {prediction_type!r} is not supported "
-                                 f"(epsilon and v_prediction are)")
+            raise ModelLoadError(f"prediction type {prediction_type!r} is not supported (epsilon and v_prediction are)")
         self.unet = unet
         self.prediction_type = prediction_type
         self.log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).log().float()
@@ -83,8 +81,13 @@ class DiffusersDenoiser:
         added = self.added_cond(x, cond)
         if added is not None:
             kwargs["added_cond_kwargs"] = added
-        out = self.unet((x * c_in).to(dt), self.timestep(sigma), encoder_hidden_states=cond.crossattn.to(dt),
-                        return_dict=False, **kwargs)[0].to(x.dtype)
+        out = self.unet(
+            (x * c_in).to(dt),
+            self.timestep(sigma),
+            encoder_hidden_states=cond.crossattn.to(dt),
+            return_dict=False,
+            **kwargs,
+        )[0].to(x.dtype)
         if self.prediction_type == "epsilon":
             return x - s * out
         return x * c_in * c_in - s * c_in * out
@@ -124,8 +127,9 @@ class DiffusersBackend:
 
     def __post_init__(self):
         ac = self.alphas_cumprod()
-        self._denoiser = DiffusersDenoiser(self.unet, ac, self.scheduler_config.get("prediction_type", "epsilon"),
-                                           self.vae_scale)
+        self._denoiser = DiffusersDenoiser(
+            self.unet, ac, self.scheduler_config.get("prediction_type", "epsilon"), self.vae_scale
+        )
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._null: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -156,7 +160,7 @@ class DiffusersBackend:
         if c.get("trained_betas") is not None:
             betas = torch.tensor(c["trained_betas"], dtype=torch.float32)
         elif kind == "scaled_linear":
-            betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float32) ** 2
+            betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float32) ** 2
         elif kind == "linear":
             betas = torch.linspace(b0, b1, n, dtype=torch.float32)
         else:
@@ -168,8 +172,13 @@ class DiffusersBackend:
 
     def schedule(self, steps: int) -> torch.Tensor:
         c = self.scheduler_config
-        return ddim_schedule(self.alphas_cumprod(), steps, int(c.get("steps_offset", 1)),
-                             c.get("timestep_spacing", "leading"), bool(c.get("set_alpha_to_one", False)))
+        return ddim_schedule(
+            self.alphas_cumprod(),
+            steps,
+            int(c.get("steps_offset", 1)),
+            c.get("timestep_spacing", "leading"),
+            bool(c.get("set_alpha_to_one", False)),
+        )
 
     # --- model ----------------------------------------------------------------------------
     @property
@@ -197,8 +206,10 @@ class DiffusersBackend:
         if n is None or int(resolution) == n:
             return None
         name = os.path.basename(os.path.normpath(self.source)) or self.source
-        return (f"note: {name} makes {n} px images natively; --resolution {resolution} works at "
-                f"{resolution} px (--resolution {n} uses the model's own size)")
+        return (
+            f"note: {name} makes {n} px images natively; --resolution {resolution} works at "
+            f"{resolution} px (--resolution {n} uses the model's own size)"
+        )
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale
@@ -208,8 +219,9 @@ class DiffusersBackend:
 
     @staticmethod
     def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+        return tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -254,13 +266,16 @@ class DiffusersBackend:
             self._null = self._encode([""])
         return self._null
 
-    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> Cond:
+    def negative_cond(
+        self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> Cond:
         """A negative's Cond; SDXL's pooled vector is the empty prompt's unless one is given.
         ``mask`` is for the T5 families (:mod:`reneg.backends.pixart`); CLIP families read every row."""
         if mask is not None and not bool(mask.bool().all()):
-            raise ValueError(f"{self.family} reads every row of a negative; an attention mask with padding "
-                             f"belongs to a T5 (PixArt) negative")
+            raise ValueError(
+                f"{self.family} reads every row of a negative; an attention mask with padding "
+                f"belongs to a T5 (PixArt) negative"
+            )
         if self.text_encoder_2 is None:
             return Cond(neg.to(self.device))
         if pooled is None:  # no copy: called on every training step, and the cond is only read
@@ -284,8 +299,14 @@ class DiffusersBackend:
         self._null = None
         return self
 
-    def set_performance(self, *, sdpa: bool | None = None, checkpointing: bool | None = None,
-                        channels_last: bool | None = None, compile: bool = False) -> "DiffusersBackend":
+    def set_performance(
+        self,
+        *,
+        sdpa: bool | None = None,
+        checkpointing: bool | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
+    ) -> "DiffusersBackend":
         """Speed and memory switches (docs/performance.md); none changes the maths.
 
         ``sdpa``: PyTorch's fused scaled_dot_product_attention in the UNet and VAE

@@ -27,9 +27,14 @@ from ..families import FAMILIES, family_for_encoders
 from .diffusers_backend import DiffusersBackend, ModelLoadError
 
 
-def load_diffusers(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   config: str | None = None, vae: str | None = None,
-                   prediction_type: str | None = None) -> DiffusersBackend:
+def load_diffusers(
+    path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    vae: str | None = None,
+    prediction_type: str | None = None,
+) -> DiffusersBackend:
     """Load SD1.x / SD2.x / SDXL from a diffusers folder or a single-file checkpoint, locally.
 
     ``config``: optional diffusers folder whose configs replace the built-in ones for a single
@@ -44,8 +49,10 @@ def load_diffusers(path: str, device: str | torch.device = "cpu", dtype: torch.d
         backend = load_single_file(path, device, dtype, config=config, vae=vae, prediction_type=prediction_type)
         return backend
     else:
-        raise ModelLoadError(f"{path}: no such model folder or file (give a local diffusers folder "
-                             f"with model_index.json, or a .safetensors checkpoint)")
+        raise ModelLoadError(
+            f"{path}: no such model folder or file (give a local diffusers folder "
+            f"with model_index.json, or a .safetensors checkpoint)"
+        )
     if prediction_type:
         backend.set_prediction_type(normalize_prediction_type(prediction_type), "--prediction-type")
     return backend
@@ -71,6 +78,7 @@ def read_json(path: str) -> dict:
 
 # --- families ------------------------------------------------------------------------------
 
+
 def _first(v):
     return v[0] if isinstance(v, (list, tuple)) else v
 
@@ -85,42 +93,53 @@ def family_of(text_encoders: list, unet, source: str) -> str:
     if len(widths) == 1:
         if text_time:
             two = next((f for f in multi if f.pooled), None)
-            raise ModelLoadError(f"{source}: the UNet reads a pooled vector and size conditioning"
-                                 f"{f' ({two.name.upper()})' if two else ''}, but there is no text_encoder_2/ "
-                                 f"(an SDXL folder has text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/)")
+            raise ModelLoadError(
+                f"{source}: the UNet reads a pooled vector and size conditioning"
+                f"{f' ({two.name.upper()})' if two else ''}, but there is no text_encoder_2/ "
+                f"(an SDXL folder has text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/)"
+            )
         if widths[0] != xattn:
-            raise ModelLoadError(f"{source}: text encoder hidden size {widths[0]} does not match the UNet's "
-                                 f"cross_attention_dim {xattn}")
+            raise ModelLoadError(
+                f"{source}: text encoder hidden size {widths[0]} does not match the UNet's cross_attention_dim {xattn}"
+            )
         fam = family_for_encoders(widths)
         if fam is None:
-            known = ", ".join(f"{f.description} ({f.encoders[0]})" for f in FAMILIES.values()
-                              if len(f.encoders) == 1)
+            known = ", ".join(f"{f.description} ({f.encoders[0]})" for f in FAMILIES.values() if len(f.encoders) == 1)
             raise ModelLoadError(f"{source}: text encoder hidden size {widths[0]} is not one of {known}")
         return fam.name
     if not text_time:
-        raise ModelLoadError(f"{source}: has text_encoder_2/ but its UNet does not read SDXL's pooled vector "
-                             f"and size conditioning (addition_embed_type is "
-                             f"{getattr(unet.config, 'addition_embed_type', None)!r}, expected 'text_time')")
+        raise ModelLoadError(
+            f"{source}: has text_encoder_2/ but its UNet does not read SDXL's pooled vector "
+            f"and size conditioning (addition_embed_type is "
+            f"{getattr(unet.config, 'addition_embed_type', None)!r}, expected 'text_time')"
+        )
     if sum(widths) != xattn:
-        raise ModelLoadError(f"{source}: the two text encoders' hidden sizes {' + '.join(map(str, widths))} do not "
-                             f"add up to the UNet's cross_attention_dim {xattn}")
+        raise ModelLoadError(
+            f"{source}: the two text encoders' hidden sizes {' + '.join(map(str, widths))} do not "
+            f"add up to the UNet's cross_attention_dim {xattn}"
+        )
     pooled = int(getattr(text_encoders[-1].config, "projection_dim", 0))
     add = getattr(getattr(unet, "add_embedding", None), "linear_1", None)
     want = pooled + 6 * int(getattr(unet.config, "addition_time_embed_dim", 0) or 0)
     if add is not None and add.in_features != want:
-        raise ModelLoadError(f"{source}: the UNet's added embedding reads {add.in_features} numbers, but the "
-                             f"pooled vector ({pooled}) and six size numbers give {want} (an SDXL refiner, "
-                             f"which reads an aesthetic score, is not supported)")
+        raise ModelLoadError(
+            f"{source}: the UNet's added embedding reads {add.in_features} numbers, but the "
+            f"pooled vector ({pooled}) and six size numbers give {want} (an SDXL refiner, "
+            f"which reads an aesthetic score, is not supported)"
+        )
     fam = family_for_encoders(widths)
     if fam is None or fam.hidden != xattn or fam.pooled != pooled:
         known = ", ".join(f"{f.description} ({' + '.join(map(str, f.encoders))}, pooled {f.pooled})" for f in multi)
-        raise ModelLoadError(f"{source}: a two-encoder model with cross_attention_dim {xattn} and a pooled "
-                             f"vector of {pooled} is not {known or 'a known family'}")
+        raise ModelLoadError(
+            f"{source}: a two-encoder model with cross_attention_dim {xattn} and a pooled "
+            f"vector of {pooled} is not {known or 'a known family'}"
+        )
     return fam.name
 
 
-def assemble(unet, vae, text_encoder, tokenizer, sched: dict, source: str, device, dtype,
-             text_encoder_2=None, tokenizer_2=None) -> DiffusersBackend:
+def assemble(
+    unet, vae, text_encoder, tokenizer, sched: dict, source: str, device, dtype, text_encoder_2=None, tokenizer_2=None
+) -> DiffusersBackend:
     """Check the parts fit one family, freeze them and wrap them in a backend on ``device``."""
     family = family_of([t for t in (text_encoder, text_encoder_2) if t is not None], unet, source)
     for m in (unet, vae, text_encoder, text_encoder_2):
@@ -128,12 +147,24 @@ def assemble(unet, vae, text_encoder, tokenizer, sched: dict, source: str, devic
             m.requires_grad_(False).eval()
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)  # SDXL's VAE overflows in float16, as diffusers' pipeline knows
-    backend = DiffusersBackend(unet, vae, text_encoder, tokenizer, dict(sched), family, source,
-                               torch.device(device), dtype, text_encoder_2, tokenizer_2)
+    backend = DiffusersBackend(
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        dict(sched),
+        family,
+        source,
+        torch.device(device),
+        dtype,
+        text_encoder_2,
+        tokenizer_2,
+    )
     return backend.to(device)
 
 
 # --- VAE override ------------------------------------------------------------------------------
+
 
 def load_vae(path: str, dtype: torch.dtype, vae_config: dict | None = None):
     """``--vae``: a diffusers AutoencoderKL folder (or a pipeline folder with ``vae/``), or a VAE file
@@ -160,6 +191,7 @@ def load_vae(path: str, dtype: torch.dtype, vae_config: dict | None = None):
 
 # --- folders -----------------------------------------------------------------------------------
 
+
 class FolderKind(NamedTuple):
     name: str
     matches: Callable[[str, dict], bool]  # (folder, model_index) -> is this kind
@@ -176,8 +208,13 @@ def is_sdxl_folder(path: str, index: dict | None = None) -> bool:
 
 def _load_sd_folder(path: str, device, dtype, vae_path: str | None = None) -> DiffusersBackend:
     sdxl = is_sdxl_folder(path)
-    need = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-            "scheduler/scheduler_config.json"]
+    need = [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer",
+        "scheduler/scheduler_config.json",
+    ]
     if sdxl:
         need += ["text_encoder_2/config.json", "tokenizer_2"]
     if vae_path:
@@ -206,9 +243,14 @@ def _load_sd_folder(path: str, device, dtype, vae_path: str | None = None) -> Di
         vae = load_vae(vae_path, dtype, read_json(own) if os.path.isfile(own) else None)
     sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     backend = assemble(unet, vae, text_encoder, tokenizer, sched, path, device, dtype, te2, tok2)
-    backend.model_info = {"source": path, "kind": "diffusers folder", "family": backend.family,
-                          "prediction_type": backend.prediction_type,
-                          "prediction_reason": "scheduler/scheduler_config.json", "vae": vae_path or "inside"}
+    backend.model_info = {
+        "source": path,
+        "kind": "diffusers folder",
+        "family": backend.family,
+        "prediction_type": backend.prediction_type,
+        "prediction_reason": "scheduler/scheduler_config.json",
+        "vae": vae_path or "inside",
+    }
     return backend
 
 

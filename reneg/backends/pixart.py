@@ -47,8 +47,7 @@ def pixart_family(index: dict) -> str | None:
 class PixArtDenoiser(DiffusersDenoiser):
     """``D(x, sigma, cond) -> x0`` around a ``PixArtTransformer2DModel``."""
 
-    def __init__(self, transformer, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 vae_scale: int = 8):
+    def __init__(self, transformer, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", vae_scale: int = 8):
         super().__init__(transformer, alphas_cumprod, prediction_type, vae_scale)
         self.text_time = False
         self.size_cond = bool(getattr(transformer, "use_additional_conditions", False))
@@ -68,8 +67,11 @@ class PixArtDenoiser(DiffusersDenoiser):
         h, w = x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
         key = (h, w, x.device, dt)
         if self._size is None or self._size[0] != key:
-            self._size = (key, torch.tensor([[h, w]], dtype=dt, device=x.device),
-                          torch.tensor([[h / w]], dtype=dt, device=x.device))
+            self._size = (
+                key,
+                torch.tensor([[h, w]], dtype=dt, device=x.device),
+                torch.tensor([[h / w]], dtype=dt, device=x.device),
+            )
         res = cond.extra.get("resolution")
         ar = cond.extra.get("aspect_ratio")
         res = self._size[1].expand(b, 2) if res is None else res.to(dt)
@@ -81,9 +83,14 @@ class PixArtDenoiser(DiffusersDenoiser):
         c_in = 1 / (1 + s * s).sqrt()
         dt = self.unet.dtype
         mask = cond.mask.to(dt) if cond.mask is not None else None
-        out = self.unet((x * c_in).to(dt), encoder_hidden_states=cond.crossattn.to(dt),
-                        encoder_attention_mask=mask, timestep=self.timestep(sigma).to(dt),
-                        added_cond_kwargs=self.added_cond(x, cond), return_dict=False)[0]
+        out = self.unet(
+            (x * c_in).to(dt),
+            encoder_hidden_states=cond.crossattn.to(dt),
+            encoder_attention_mask=mask,
+            timestep=self.timestep(sigma).to(dt),
+            added_cond_kwargs=self.added_cond(x, cond),
+            return_dict=False,
+        )[0]
         c = x.shape[1]
         if out.shape[1] == 2 * c:  # learned sigma: noise first, variance second
             out = out[:, :c]
@@ -99,8 +106,9 @@ class PixArtBackend(DiffusersBackend):
 
     def __post_init__(self):
         ac = self.alphas_cumprod()
-        self._denoiser = PixArtDenoiser(self.unet, ac, self.scheduler_config.get("prediction_type", "epsilon"),
-                                        self.vae_scale)
+        self._denoiser = PixArtDenoiser(
+            self.unet, ac, self.scheduler_config.get("prediction_type", "epsilon"), self.vae_scale
+        )
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._null = None
         self.max_tokens = get_family(self.family).tokens
@@ -111,8 +119,13 @@ class PixArtBackend(DiffusersBackend):
 
     def schedule(self, steps: int) -> torch.Tensor:
         c = self.scheduler_config
-        return ddim_schedule(self.alphas_cumprod(), steps, int(c.get("steps_offset", 0)),
-                             c.get("timestep_spacing", "leading"), bool(c.get("set_alpha_to_one", True)))
+        return ddim_schedule(
+            self.alphas_cumprod(),
+            steps,
+            int(c.get("steps_offset", 0)),
+            c.get("timestep_spacing", "leading"),
+            bool(c.get("set_alpha_to_one", True)),
+        )
 
     @property
     def pooled_dim(self) -> None:
@@ -122,8 +135,15 @@ class PixArtBackend(DiffusersBackend):
     def _encode_masked(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, L, 4096], mask [B, L])`` as diffusers' PixArt pipelines encode prompts
         (no caption cleaning: ``clean_caption=False``)."""
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
-                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_tokens,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         mask = tok.attention_mask.to(self.device)
         out = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
         return out.float(), mask.long()
@@ -158,15 +178,17 @@ class PixArtBackend(DiffusersBackend):
         :func:`reneg.embedding.implied_attention_mask`)."""
         return implied_attention_mask(neg.detach()).to(self.device)
 
-    def negative_cond(self, neg: torch.Tensor, pooled: torch.Tensor | None = None,
-                      mask: torch.Tensor | None = None) -> Cond:
+    def negative_cond(
+        self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> Cond:
         if pooled is not None:
             raise ValueError(f"{self.family} reads no pooled vector; a pooled vector was given with the negative")
         if neg.dim() != 3 or neg.shape[0] != 1:
             raise ValueError(f"a negative must be [1, tokens, hidden], got {list(neg.shape)}")
         if neg.shape[1] > self.max_tokens:
-            raise ValueError(f"this {self.family} model reads at most {self.max_tokens} text rows; "
-                             f"the negative has {neg.shape[1]}")
+            raise ValueError(
+                f"this {self.family} model reads at most {self.max_tokens} text rows; the negative has {neg.shape[1]}"
+            )
         m = self.negative_mask(neg) if mask is None else mask.reshape(1, -1).long().to(self.device)
         if m.shape[1] != neg.shape[1]:
             raise ValueError(f"the attention mask covers {m.shape[1]} rows, the negative has {neg.shape[1]}")
@@ -187,14 +209,21 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
     index = read_json(os.path.join(path, "model_index.json"))
     family = pixart_family(index)
     if family is None:
-        raise ModelLoadError(f"{path}: model_index.json names {index.get('_class_name')!r}, not "
-                             f"{' or '.join(PIPELINES)}")
-    need = ["transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-            "scheduler/scheduler_config.json"]
+        raise ModelLoadError(
+            f"{path}: model_index.json names {index.get('_class_name')!r}, not {' or '.join(PIPELINES)}"
+        )
+    need = [
+        "transformer/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer",
+        "scheduler/scheduler_config.json",
+    ]
     missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
     if missing:
-        raise ModelLoadError(f"{path}: not a complete diffusers {index['_class_name']} folder; "
-                             f"missing {', '.join(missing)}")
+        raise ModelLoadError(
+            f"{path}: not a complete diffusers {index['_class_name']} folder; missing {', '.join(missing)}"
+        )
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -210,20 +239,25 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
     d_model = int(getattr(text_encoder.config, "d_model", 0))
     caption = transformer.config.caption_channels
     if caption is not None and int(caption) != d_model:
-        raise ModelLoadError(f"{path}: the T5 encoder's width {d_model} does not match the transformer's "
-                             f"caption_channels {caption}")
+        raise ModelLoadError(
+            f"{path}: the T5 encoder's width {d_model} does not match the transformer's caption_channels {caption}"
+        )
     if d_model != spec.hidden:
-        raise ModelLoadError(f"{path}: {spec.description} reads T5-XXL rows of width {spec.hidden}; this text "
-                             f"encoder is {d_model} wide")
+        raise ModelLoadError(
+            f"{path}: {spec.description} reads T5-XXL rows of width {spec.hidden}; this text encoder is {d_model} wide"
+        )
     latent = transformer.config.in_channels
     if transformer.config.out_channels not in (latent, 2 * latent):
-        raise ModelLoadError(f"{path}: the transformer outputs {transformer.config.out_channels} channels for "
-                             f"{latent} latent channels (expected {latent}, or {2 * latent} with a learned variance)")
+        raise ModelLoadError(
+            f"{path}: the transformer outputs {transformer.config.out_channels} channels for "
+            f"{latent} latent channels (expected {latent}, or {2 * latent} with a learned variance)"
+        )
     sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     for m in (transformer, vae, text_encoder):
         m.requires_grad_(False).eval()
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)
-    backend = PixArtBackend(transformer, vae, text_encoder, tokenizer, dict(sched), family, path,
-                            torch.device(device), dtype)
+    backend = PixArtBackend(
+        transformer, vae, text_encoder, tokenizer, dict(sched), family, path, torch.device(device), dtype
+    )
     return backend.to(device)

@@ -67,12 +67,22 @@ SD2_V_STD = 0.09
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 # --- reading a file's keys and shapes ------------------------------------------------------------
+
 
 class Checkpoint:
     """The keys, shapes and dtypes of a checkpoint, and a reader for one tensor at a time.
@@ -81,8 +91,15 @@ class Checkpoint:
     are read only when a loader asks for them. ``meta=True`` gives shape-only tensors on the
     meta device, so the whole loading path runs on a header without reading any data."""
 
-    def __init__(self, path: str, shapes: dict, dtypes: dict, metadata: dict | None = None, reader=None,
-                 kind: str = "safetensors"):
+    def __init__(
+        self,
+        path: str,
+        shapes: dict,
+        dtypes: dict,
+        metadata: dict | None = None,
+        reader=None,
+        kind: str = "safetensors",
+    ):
         self.path, self.shapes, self.dtypes = path, shapes, dtypes
         self.metadata = dict(metadata or {})
         self.kind = kind
@@ -144,13 +161,17 @@ def _safetensors_header(path: str) -> dict:
                 (n,) = struct.unpack("<Q", head)
                 if 0 < n <= size - 8:
                     raw = json.loads(f.read(n).decode("utf-8"))
-                    ends = [v["data_offsets"][1] for k, v in raw.items()
-                            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+                    ends = [
+                        v["data_offsets"][1]
+                        for k, v in raw.items()
+                        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+                    ]
                     need = 8 + n + max(ends, default=0)
                     if need > size:
                         raise ModelLoadError(
                             f"{path}: truncated: the safetensors header describes {need:,} bytes of tensors but "
-                            f"the file has {size:,} ({100 * size / need:.0f} %); the download or copy did not finish")
+                            f"the file has {size:,} ({100 * size / need:.0f} %); the download or copy did not finish"
+                        )
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, RecursionError) as e:
         # a header that is not JSON (deep nesting, huge integers...) is named by the checked reader below
         if isinstance(e, ModelLoadError):
@@ -174,18 +195,26 @@ def open_checkpoint(path: str, meta: bool = False) -> Checkpoint:
         if not path.lower().endswith(".safetensors") and len(magic) == 8:
             (n,) = struct.unpack("<Q", magic)
             if n > os.path.getsize(path):
-                raise ModelLoadError(f"{path}: not a checkpoint: expected a .safetensors file or a .ckpt/.pt "
-                                     f"pickle (zip) file")
+                raise ModelLoadError(
+                    f"{path}: not a checkpoint: expected a .safetensors file or a .ckpt/.pt pickle (zip) file"
+                )
         return Checkpoint.from_header(path, _safetensors_header(path), meta=meta)
     obj = _load_pickle(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ModelLoadError(f"{path}: expected a checkpoint (a dict of tensors, or one under 'state_dict'), "
-                             f"found {type(obj).__name__}")
+        raise ModelLoadError(
+            f"{path}: expected a checkpoint (a dict of tensors, or one under 'state_dict'), found {type(obj).__name__}"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    ck = Checkpoint(path, {k: tuple(v.shape) for k, v in tensors.items()},
-                    {k: v.dtype for k, v in tensors.items()}, {}, None if meta else tensors.__getitem__, "pickle")
+    ck = Checkpoint(
+        path,
+        {k: tuple(v.shape) for k, v in tensors.items()},
+        {k: v.dtype for k, v in tensors.items()},
+        {},
+        None if meta else tensors.__getitem__,
+        "pickle",
+    )
     return ck
 
 
@@ -208,16 +237,17 @@ def _load_pickle(path: str):
 
 # --- recognising what a file is ------------------------------------------------------------------
 
+
 @dataclass
 class CheckpointInfo:
     path: str
-    family: str                 # sd1 | sd2 | sdxl
-    architecture: str           # e.g. "Stable Diffusion XL"
-    prediction_type: str        # epsilon | v_prediction
+    family: str  # sd1 | sd2 | sdxl
+    architecture: str  # e.g. "Stable Diffusion XL"
+    prediction_type: str  # epsilon | v_prediction
     prediction_reason: str
     ztsnr: bool
     has_vae: bool
-    dtype: str                  # the UNet's storage dtype, e.g. float16
+    dtype: str  # the UNet's storage dtype, e.g. float16
     tensors: int
     parameters: int
     size: int
@@ -236,36 +266,69 @@ def _refuse_non_checkpoint(ck: Checkpoint) -> None:
     path, keys = ck.path, list(ck.keys())
     if not keys:
         raise ModelLoadError(f"{path}: holds no tensors; expected a Stable Diffusion checkpoint")
-    lora = [k for k in keys if any(s in k for s in ("lora_down", "lora_up", ".lora_A.", ".lora_B.", "lora_unet_",
-                                                     "lora_te", ".hada_", ".lokr_", ".oft_blocks"))]
+    lora = [
+        k
+        for k in keys
+        if any(
+            s in k
+            for s in (
+                "lora_down",
+                "lora_up",
+                ".lora_A.",
+                ".lora_B.",
+                "lora_unet_",
+                "lora_te",
+                ".hada_",
+                ".lokr_",
+                ".oft_blocks",
+            )
+        )
+    ]
     if lora and 4 * len(lora) >= len(keys):  # LoRA / LyCORIS tensors make up the file
-        raise ModelLoadError(f"{path}: a LoRA ({len(keys)} tensors such as {_example(lora, 1)}), not a model "
-                             f"checkpoint; ReNeg trains on the base model itself: pass the checkpoint the LoRA "
-                             f"was made for")
-    if any(k.startswith(("joint_blocks.", UNET + "joint_blocks.")) for k in keys) or \
-            any(k.startswith("text_encoders.") for k in keys):
-        raise ModelLoadError(f"{path}: a Stable Diffusion 3 / 3.5 (MMDiT) checkpoint (found 'joint_blocks' keys); "
-                             f"ReNeg supports SD1.x, SD2.x and SDXL checkpoints")
+        raise ModelLoadError(
+            f"{path}: a LoRA ({len(keys)} tensors such as {_example(lora, 1)}), not a model "
+            f"checkpoint; ReNeg trains on the base model itself: pass the checkpoint the LoRA "
+            f"was made for"
+        )
+    if any(k.startswith(("joint_blocks.", UNET + "joint_blocks.")) for k in keys) or any(
+        k.startswith("text_encoders.") for k in keys
+    ):
+        raise ModelLoadError(
+            f"{path}: a Stable Diffusion 3 / 3.5 (MMDiT) checkpoint (found 'joint_blocks' keys); "
+            f"ReNeg supports SD1.x, SD2.x and SDXL checkpoints"
+        )
     if any(k.startswith(("double_blocks.", UNET + "double_blocks.")) for k in keys):
-        raise ModelLoadError(f"{path}: a Flux checkpoint (found 'double_blocks' keys); ReNeg supports SD1.x, "
-                             f"SD2.x and SDXL checkpoints")
+        raise ModelLoadError(
+            f"{path}: a Flux checkpoint (found 'double_blocks' keys); ReNeg supports SD1.x, SD2.x and SDXL checkpoints"
+        )
     small = len(keys) <= 8 and all(len(s) <= 3 for s in ck.shapes.values())
-    if small and any(k in ("emb_params", "neg_embedding", "negative_prompt_embeds", "clip_l", "clip_g") or
-                     k.startswith("string_to_param") for k in keys):
-        raise ModelLoadError(f"{path}: an embedding ({_example(keys)}), not a model checkpoint; pass it as "
-                             f"an embedding (--init, --embedding, --negative) and --model the checkpoint")
+    if small and any(
+        k in ("emb_params", "neg_embedding", "negative_prompt_embeds", "clip_l", "clip_g")
+        or k.startswith("string_to_param")
+        for k in keys
+    ):
+        raise ModelLoadError(
+            f"{path}: an embedding ({_example(keys)}), not a model checkpoint; pass it as "
+            f"an embedding (--init, --embedding, --negative) and --model the checkpoint"
+        )
     if IN_CONV in ck:
         return
     if any(k.startswith(("x_embedder.", "t_embedder.", UNET + "x_embedder.")) for k in keys):
-        raise ModelLoadError(f"{path}: a diffusion-transformer checkpoint (found 'x_embedder' keys, e.g. PixArt); "
-                             f"as a single file ReNeg reads SD1.x, SD2.x and SDXL checkpoints")
+        raise ModelLoadError(
+            f"{path}: a diffusion-transformer checkpoint (found 'x_embedder' keys, e.g. PixArt); "
+            f"as a single file ReNeg reads SD1.x, SD2.x and SDXL checkpoints"
+        )
     if any(k.startswith("down_blocks.") and ".resnets." in k for k in keys):
-        raise ModelLoadError(f"{path}: a UNet in the diffusers layout on its own ({_example(keys)}); pass the whole "
-                             f"diffusers folder (with model_index.json) or a full single-file checkpoint")
+        raise ModelLoadError(
+            f"{path}: a UNet in the diffusers layout on its own ({_example(keys)}); pass the whole "
+            f"diffusers folder (with model_index.json) or a full single-file checkpoint"
+        )
     if any(k.startswith(("encoder.down.", "decoder.up.", VAE + "decoder.")) for k in keys):
         raise ModelLoadError(f"{path}: a VAE on its own, not a model checkpoint; pass it as --vae beside --model")
-    raise ModelLoadError(f"{path}: not a Stable Diffusion checkpoint: no UNet under {UNET!r} "
-                         f"({len(keys)} tensors such as {_example(keys)})")
+    raise ModelLoadError(
+        f"{path}: not a Stable Diffusion checkpoint: no UNet under {UNET!r} "
+        f"({len(keys)} tensors such as {_example(keys)})"
+    )
 
 
 def _context_dim(ck: Checkpoint) -> int | None:
@@ -305,52 +368,74 @@ def classify(ck: Checkpoint, prediction_type: str | None = None) -> CheckpointIn
     _refuse_non_checkpoint(ck)
     in_ch = int(ck.shapes[IN_CONV][1])
     if in_ch == 9:
-        raise ModelLoadError(f"{path}: an inpainting UNet (9 input channels: latent, mask and masked image); "
-                             f"ReNeg trains text-to-image models (4 input channels)")
+        raise ModelLoadError(
+            f"{path}: an inpainting UNet (9 input channels: latent, mask and masked image); "
+            f"ReNeg trains text-to-image models (4 input channels)"
+        )
     if in_ch == 8:
-        raise ModelLoadError(f"{path}: an instruct-pix2pix UNet (8 input channels); ReNeg trains text-to-image "
-                             f"models (4 input channels)")
+        raise ModelLoadError(
+            f"{path}: an instruct-pix2pix UNet (8 input channels); ReNeg trains text-to-image models (4 input channels)"
+        )
     if in_ch != 4:
-        raise ModelLoadError(f"{path}: a UNet with {in_ch} input channels; ReNeg trains text-to-image models "
-                             f"(4 input channels)")
-    for k, what in (("edm_mean", "Playground v2.5 (an EDM model)"), ("edm_vpred.sigma_max", "an EDM v-prediction "
-                    "model (e.g. CosXL)")):
+        raise ModelLoadError(
+            f"{path}: a UNet with {in_ch} input channels; ReNeg trains text-to-image models (4 input channels)"
+        )
+    for k, what in (
+        ("edm_mean", "Playground v2.5 (an EDM model)"),
+        ("edm_vpred.sigma_max", "an EDM v-prediction model (e.g. CosXL)"),
+    ):
         if k in ck:
-            raise ModelLoadError(f"{path}: {what}, marked by its {k!r} key; ReNeg's sampler reads the DDPM "
-                                 f"schedules of SD1.x, SD2.x and SDXL")
+            raise ModelLoadError(
+                f"{path}: {what}, marked by its {k!r} key; ReNeg's sampler reads the DDPM "
+                f"schedules of SD1.x, SD2.x and SDXL"
+            )
     ctx = _context_dim(ck)
     adm = ck.shapes.get(ADM)
     if ctx is None:
-        raise ModelLoadError(f"{path}: a UNet without cross-attention (no attn2.to_k.weight under {UNET!r}); "
-                             f"not a text-to-image Stable Diffusion model")
-    if XL_REFINER_TE in {k[:len(XL_REFINER_TE)] for k in ck.keys()} or (adm is not None and ctx == 1280):
-        raise ModelLoadError(f"{path}: an SDXL refiner (one OpenCLIP bigG encoder, cross-attention {ctx}, "
-                             f"ADM input {adm[1] if adm else '?'} with an aesthetic score); ReNeg trains base models")
+        raise ModelLoadError(
+            f"{path}: a UNet without cross-attention (no attn2.to_k.weight under {UNET!r}); "
+            f"not a text-to-image Stable Diffusion model"
+        )
+    if XL_REFINER_TE in {k[: len(XL_REFINER_TE)] for k in ck.keys()} or (adm is not None and ctx == 1280):
+        raise ModelLoadError(
+            f"{path}: an SDXL refiner (one OpenCLIP bigG encoder, cross-attention {ctx}, "
+            f"ADM input {adm[1] if adm else '?'} with an aesthetic score); ReNeg trains base models"
+        )
     fam = family_for_hidden(ctx)
     fam = fam.name if fam is not None else None
     if adm is not None:
         sdxl = FAMILIES["sdxl"]
         if fam != "sdxl":
-            raise ModelLoadError(f"{path}: a UNet with class/ADM conditioning ({adm[1]} numbers) and cross-attention "
-                                 f"{ctx} (e.g. an SD2 unCLIP or upscaler model); not supported")
+            raise ModelLoadError(
+                f"{path}: a UNet with class/ADM conditioning ({adm[1]} numbers) and cross-attention "
+                f"{ctx} (e.g. an SD2 unCLIP or upscaler model); not supported"
+            )
         if (adm[1] - sdxl.pooled) <= 0 or (adm[1] - sdxl.pooled) % 6:
-            raise ModelLoadError(f"{path}: an SDXL-like UNet whose ADM input ({adm[1]}) is not the pooled vector "
-                                 f"({sdxl.pooled}) and six size numbers; not an SDXL base model")
-        need = {XL_TE1: "CLIP-L (conditioner.embedders.0.transformer.)",
-                XL_TE2: "OpenCLIP bigG (conditioner.embedders.1.model.)"}
+            raise ModelLoadError(
+                f"{path}: an SDXL-like UNet whose ADM input ({adm[1]}) is not the pooled vector "
+                f"({sdxl.pooled}) and six size numbers; not an SDXL base model"
+            )
+        need = {
+            XL_TE1: "CLIP-L (conditioner.embedders.0.transformer.)",
+            XL_TE2: "OpenCLIP bigG (conditioner.embedders.1.model.)",
+        }
     elif fam == "sd1":
         need = {SD1_TE: "CLIP-L (cond_stage_model.transformer.)"}
     elif fam == "sd2":
         need = {SD2_TE: "OpenCLIP-H (cond_stage_model.model.)"}
     else:
-        raise ModelLoadError(f"{path}: a UNet with cross-attention width {ctx}; single files of SD1.x (768), "
-                             f"SD2.x (1024) and SDXL (2048) are supported")
-    prefixes = {k[:len(p)] for k in ck.keys() for p in need if k.startswith(p)}
+        raise ModelLoadError(
+            f"{path}: a UNet with cross-attention width {ctx}; single files of SD1.x (768), "
+            f"SD2.x (1024) and SDXL (2048) are supported"
+        )
+    prefixes = {k[: len(p)] for k in ck.keys() for p in need if k.startswith(p)}
     missing = [v for p, v in need.items() if p not in prefixes]
     if missing:
-        raise ModelLoadError(f"{path}: a {FAMILIES[fam].description} UNet without its text encoder "
-                             f"{' and '.join(missing)}; ReNeg needs a full checkpoint (UNet, text encoders; the VAE "
-                             f"may come from --vae)")
+        raise ModelLoadError(
+            f"{path}: a {FAMILIES[fam].description} UNet without its text encoder "
+            f"{' and '.join(missing)}; ReNeg needs a full checkpoint (UNet, text encoders; the VAE "
+            f"may come from --vae)"
+        )
     pt, reason, ztsnr = _prediction(ck, fam, prediction_type)
     unet_dtypes: dict = {}
     for k, d in ck.dtypes.items():
@@ -365,10 +450,19 @@ def classify(ck: Checkpoint, prediction_type: str | None = None) -> CheckpointIn
         params += n
     sample = {"sdxl": 128}.get(fam, 96 if (fam == "sd2" and pt == "v_prediction") else 64)
     return CheckpointInfo(
-        path=path, family=fam, architecture=FAMILIES[fam].description, prediction_type=pt,
-        prediction_reason=reason, ztsnr=ztsnr, has_vae=(VAE + "decoder.conv_out.weight") in ck,
-        dtype=str(dtype).replace("torch.", ""), tensors=len(ck.shapes), parameters=params,
-        size=os.path.getsize(path) if os.path.isfile(path) else 0, native_resolution=sample * 8)
+        path=path,
+        family=fam,
+        architecture=FAMILIES[fam].description,
+        prediction_type=pt,
+        prediction_reason=reason,
+        ztsnr=ztsnr,
+        has_vae=(VAE + "decoder.conv_out.weight") in ck,
+        dtype=str(dtype).replace("torch.", ""),
+        tensors=len(ck.shapes),
+        parameters=params,
+        size=os.path.getsize(path) if os.path.isfile(path) else 0,
+        native_resolution=sample * 8,
+    )
 
 
 def inspect_checkpoint(path: str, prediction_type: str | None = None) -> CheckpointInfo:
@@ -398,6 +492,7 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
 
 # --- building diffusers modules from the tensors ---------------------------------------------------
 
+
 def _empty_weights():
     try:
         from accelerate import init_empty_weights
@@ -421,19 +516,26 @@ def _fill(model, sd: dict, source: str, part: str, optional=("position_ids", "lo
         elif not k.endswith(optional):
             extra.append(k)
     missing = [k for k in want if k not in out]
-    bad = [f"{k} {tuple(out[k].shape)} (expected {tuple(want[k].shape)})" for k in out
-           if tuple(out[k].shape) != tuple(want[k].shape)]
+    bad = [
+        f"{k} {tuple(out[k].shape)} (expected {tuple(want[k].shape)})"
+        for k in out
+        if tuple(out[k].shape) != tuple(want[k].shape)
+    ]
     if missing or bad or extra:
-        detail = "; ".join(x for x in (
-            f"{len(missing)} missing (e.g. {_example(missing, 1)})" if missing else "",
-            f"{len(bad)} of another shape (e.g. {bad[0]})" if bad else "",
-            f"{len(extra)} unexpected (e.g. {_example(extra, 1)})" if extra else "") if x)
+        detail = "; ".join(
+            x
+            for x in (
+                f"{len(missing)} missing (e.g. {_example(missing, 1)})" if missing else "",
+                f"{len(bad)} of another shape (e.g. {bad[0]})" if bad else "",
+                f"{len(extra)} unexpected (e.g. {_example(extra, 1)})" if extra else "",
+            )
+            if x
+        )
         raise ModelLoadError(f"{source}: the {part} weights do not fit the expected layout: {detail}")
     model.load_state_dict(out, strict=True, assign=True)
     on_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if on_meta and next(iter(out.values())).device.type != "meta":
-        raise ModelLoadError(f"{source}: the {part} weights left {len(on_meta)} parameters unset "
-                             f"(e.g. {on_meta[0]})")
+        raise ModelLoadError(f"{source}: the {part} weights left {len(on_meta)} parameters unset (e.g. {on_meta[0]})")
     return model
 
 
@@ -459,9 +561,10 @@ def build_vae(ck: Checkpoint, cfg: dict | None, dtype: torch.dtype, source: str)
     keys = list(ck.keys())
     prefix = next((p for p in (VAE, "vae.", "") if any(k.startswith(p + "decoder.") for k in keys)), None)
     if prefix is None:
-        raise ModelLoadError(f"{source}: no VAE in it (no 'decoder.' tensors; found {len(keys)} tensors such as "
-                             f"{_example(keys)})")
-    sub = {k[len(prefix):]: v for k, v in ck.subset(prefix, dtype).items()}
+        raise ModelLoadError(
+            f"{source}: no VAE in it (no 'decoder.' tensors; found {len(keys)} tensors such as {_example(keys)})"
+        )
+    sub = {k[len(prefix) :]: v for k, v in ck.subset(prefix, dtype).items()}
     if any(k.startswith("decoder.up_blocks.") for k in sub):
         sd = sub  # already in the diffusers layout
     else:
@@ -522,10 +625,16 @@ def _configs(family: str, config: str | None, path: str) -> tuple[dict, str | No
     if not os.path.isdir(config):
         raise ModelLoadError(f"--config {config}: no such folder")
     if is_sdxl_folder(config) != (family == "sdxl"):
-        raise ModelLoadError(f"{path}: is {FAMILIES[family].description}, but the config folder {config} "
-                             f"{'is' if is_sdxl_folder(config) else 'is not'} an SDXL folder")
-    need = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
-            "scheduler": "scheduler/scheduler_config.json"}
+        raise ModelLoadError(
+            f"{path}: is {FAMILIES[family].description}, but the config folder {config} "
+            f"{'is' if is_sdxl_folder(config) else 'is not'} an SDXL folder"
+        )
+    need = {
+        "unet": "unet/config.json",
+        "vae": "vae/config.json",
+        "text_encoder": "text_encoder/config.json",
+        "scheduler": "scheduler/scheduler_config.json",
+    }
     if family == "sdxl":
         need["text_encoder_2"] = "text_encoder_2/config.json"
     missing = [v for v in need.values() if not os.path.isfile(os.path.join(config, v))]
@@ -540,8 +649,13 @@ def _configs(family: str, config: str | None, path: str) -> tuple[dict, str | No
     return arch, config
 
 
-def build_parts(ck: Checkpoint, info: CheckpointInfo, dtype: torch.dtype = torch.float32, config: str | None = None,
-                vae: str | None = None) -> tuple[dict, dict, str | None]:
+def build_parts(
+    ck: Checkpoint,
+    info: CheckpointInfo,
+    dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    vae: str | None = None,
+) -> tuple[dict, dict, str | None]:
     """The diffusers modules of a recognised checkpoint (UNet, VAE, text encoders), the configurations
     they were built with, and the config folder used (None: the built-in configurations). On a
     ``meta`` checkpoint the modules are shape-only: the full path runs without reading data."""
@@ -551,7 +665,8 @@ def build_parts(ck: Checkpoint, info: CheckpointInfo, dtype: torch.dtype = torch
     arch, cfg_folder = _configs(info.family, config, path)
     ucfg = dict(arch["unet"])
     proj = ck.shapes.get(UNET + "input_blocks.1.1.proj_in.weight") or ck.shapes.get(
-        UNET + "input_blocks.4.1.proj_in.weight")
+        UNET + "input_blocks.4.1.proj_in.weight"
+    )
     if proj is not None and not cfg_folder:
         ucfg["use_linear_projection"] = len(proj) == 2  # as ComfyUI reads it from the shape
     if info.family == "sd2" and not cfg_folder:
@@ -571,17 +686,24 @@ def build_parts(ck: Checkpoint, info: CheckpointInfo, dtype: torch.dtype = torch
         else:
             vae_model = build_vae(ck, arch["vae"], dtype, path)
     except (KeyError, IndexError) as e:
-        raise ModelLoadError(f"{path}: a {info.architecture} checkpoint with a tensor missing or misnamed "
-                             f"({str(e)[:200]})") from None
+        raise ModelLoadError(
+            f"{path}: a {info.architecture} checkpoint with a tensor missing or misnamed ({str(e)[:200]})"
+        ) from None
     parts = {"unet": unet, "vae": vae_model, "text_encoder": text_encoder}
     if te2 is not None:
         parts["text_encoder_2"] = te2
     return parts, arch, cfg_folder
 
 
-def load_single_file(path: str, device="cpu", dtype: torch.dtype = torch.float32, config: str | None = None,
-                     vae: str | None = None, prediction_type: str | None = None,
-                     checkpoint: Checkpoint | None = None) -> DiffusersBackend:
+def load_single_file(
+    path: str,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    vae: str | None = None,
+    prediction_type: str | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> DiffusersBackend:
     """Recognise and load a single-file checkpoint (see the module's docstring)."""
     from .loading import assemble
 
@@ -592,8 +714,10 @@ def load_single_file(path: str, device="cpu", dtype: torch.dtype = torch.float32
     ck = checkpoint or open_checkpoint(path)
     info = classify(ck, prediction_type)
     if not info.has_vae and not vae:
-        raise ModelLoadError(f"{path}: has no VAE inside (no {VAE}* tensors); pass --vae FILE|FOLDER "
-                             f"(e.g. the VAE the model was made with)")
+        raise ModelLoadError(
+            f"{path}: has no VAE inside (no {VAE}* tensors); pass --vae FILE|FOLDER "
+            f"(e.g. the VAE the model was made with)"
+        )
     parts, arch, cfg_folder = build_parts(ck, info, dtype, config, vae)
     unet, vae_model, text_encoder, te2 = (parts.get(k) for k in ("unet", "vae", "text_encoder", "text_encoder_2"))
     tok2 = None
@@ -605,10 +729,17 @@ def load_single_file(path: str, device="cpu", dtype: torch.dtype = torch.float32
         # zero terminal SNR: rescaled betas, and "trailing" steps so sampling starts at the last timestep
         sched.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     backend = assemble(unet, vae_model, text_encoder, tokenizer, sched, path, device, dtype, te2, tok2)
-    backend.model_info = {"source": path, "kind": "single file", "architecture": info.architecture,
-                          "family": info.family, "prediction_type": info.prediction_type,
-                          "prediction_reason": info.prediction_reason, "ztsnr": info.ztsnr,
-                          "vae": vae or "inside", "dtype": info.dtype}
+    backend.model_info = {
+        "source": path,
+        "kind": "single file",
+        "architecture": info.architecture,
+        "family": info.family,
+        "prediction_type": info.prediction_type,
+        "prediction_reason": info.prediction_reason,
+        "ztsnr": info.ztsnr,
+        "vae": vae or "inside",
+        "dtype": info.dtype,
+    }
     return backend
 
 
@@ -616,9 +747,11 @@ def describe(info: CheckpointInfo) -> list[str]:
     """Lines for ``reneg inspect``."""
     pt = "v-prediction" if info.prediction_type == "v_prediction" else "eps (noise) prediction"
     size = info.size / 2**30
-    return [info.path,
-            f"  architecture  {info.architecture} ({info.family}), {info.native_resolution} px native",
-            f"  prediction    {pt} ({info.prediction_reason})" + (", zero-terminal-SNR (ztsnr)" if info.ztsnr else ""),
-            f"  weights       {info.dtype}, {info.parameters / 1e9:.2f} B numbers in {info.tensors} tensors, "
-            f"{size:.2f} GiB",
-            f"  VAE inside    {'yes' if info.has_vae else 'no (pass --vae FILE|FOLDER)'}"]
+    return [
+        info.path,
+        f"  architecture  {info.architecture} ({info.family}), {info.native_resolution} px native",
+        f"  prediction    {pt} ({info.prediction_reason})" + (", zero-terminal-SNR (ztsnr)" if info.ztsnr else ""),
+        f"  weights       {info.dtype}, {info.parameters / 1e9:.2f} B numbers in {info.tensors} tensors, "
+        f"{size:.2f} GiB",
+        f"  VAE inside    {'yes' if info.has_vae else 'no (pass --vae FILE|FOLDER)'}",
+    ]

@@ -36,9 +36,15 @@ from .loading import family_of, read_json
 
 # diffusers' AnimateDiff examples: DDIMScheduler(beta_schedule="linear", timestep_spacing="linspace",
 # steps_offset=1, clip_sample=False)
-ANIMATEDIFF_SCHEDULER = {"beta_schedule": "linear", "beta_start": 0.00085, "beta_end": 0.012,
-                         "timestep_spacing": "linspace", "steps_offset": 1, "set_alpha_to_one": False,
-                         "clip_sample": False}
+ANIMATEDIFF_SCHEDULER = {
+    "beta_schedule": "linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "timestep_spacing": "linspace",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
 
 
 class MotionDenoiser(DiffusersDenoiser):
@@ -48,9 +54,11 @@ class MotionDenoiser(DiffusersDenoiser):
         if x.dim() != 5:
             raise ValueError(f"video latents must be [B, C, F, h, w], got {list(x.shape)}")
         f = x.shape[2]
-        rep = Cond(cond.crossattn.repeat_interleave(f, 0),
-                   cond.pooled.repeat_interleave(f, 0) if cond.pooled is not None else None,
-                   {k: v.repeat_interleave(f, 0) for k, v in cond.extra.items()})
+        rep = Cond(
+            cond.crossattn.repeat_interleave(f, 0),
+            cond.pooled.repeat_interleave(f, 0) if cond.pooled is not None else None,
+            {k: v.repeat_interleave(f, 0) for k, v in cond.extra.items()},
+        )
         return super().__call__(x, sigma, rep)
 
 
@@ -60,8 +68,9 @@ class VideoBackend(DiffusersBackend):
 
     def __post_init__(self):
         super().__post_init__()
-        self._motion = MotionDenoiser(self.unet, self.alphas_cumprod(),
-                                      self.scheduler_config.get("prediction_type", "epsilon"))
+        self._motion = MotionDenoiser(
+            self.unet, self.alphas_cumprod(), self.scheduler_config.get("prediction_type", "epsilon")
+        )
 
     @property
     def denoiser(self) -> MotionDenoiser:
@@ -79,8 +88,10 @@ class VideoBackend(DiffusersBackend):
 def load_animatediff(backend: DiffusersBackend, adapter_dir: str, frames: int = 16) -> VideoBackend:
     """Wrap an SD1.x backend with a local diffusers MotionAdapter folder."""
     if backend.family not in ("sd1", "tiny"):
-        raise ModelLoadError(f"--video {adapter_dir}: AnimateDiff motion adapters extend SD1.x UNets; "
-                             f"--model is a {backend.family} model")
+        raise ModelLoadError(
+            f"--video {adapter_dir}: AnimateDiff motion adapters extend SD1.x UNets; "
+            f"--model is a {backend.family} model"
+        )
     from diffusers import MotionAdapter, UNetMotionModel
 
     try:
@@ -93,14 +104,24 @@ def load_animatediff(backend: DiffusersBackend, adapter_dir: str, frames: int = 
     try:
         unet = UNetMotionModel.from_unet2d(backend.unet, adapter)
     except (ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"--video {adapter_dir}: this motion adapter does not fit the UNet of "
-                             f"{backend.source}: {str(e)[:300]}") from None
+        raise ModelLoadError(
+            f"--video {adapter_dir}: this motion adapter does not fit the UNet of {backend.source}: {str(e)[:300]}"
+        ) from None
     unet = unet.to(device=backend.device, dtype=backend.dtype).eval().requires_grad_(False)
     sched = dict(backend.scheduler_config, **ANIMATEDIFF_SCHEDULER)
     sched.pop("trained_betas", None)
-    return VideoBackend(unet, backend.vae, backend.text_encoder, backend.tokenizer, sched, backend.family,
-                        f"{backend.source} + {os.path.basename(os.path.normpath(adapter_dir))}",
-                        backend.device, backend.dtype, frames=frames)
+    return VideoBackend(
+        unet,
+        backend.vae,
+        backend.text_encoder,
+        backend.tokenizer,
+        sched,
+        backend.family,
+        f"{backend.source} + {os.path.basename(os.path.normpath(adapter_dir))}",
+        backend.device,
+        backend.dtype,
+        frames=frames,
+    )
 
 
 TEXT_TO_VIDEO_PIPELINES = ("TextToVideoSDPipeline",)
@@ -120,15 +141,22 @@ def is_text_to_video_folder(path: str) -> bool:
     return os.path.isfile(p) and read_json(p).get("_class_name") in TEXT_TO_VIDEO_PIPELINES
 
 
-def load_text_to_video(path: str, device="cpu", dtype: torch.dtype = torch.float32,
-                       frames: int = 16) -> TextToVideoBackend:
+def load_text_to_video(
+    path: str, device="cpu", dtype: torch.dtype = torch.float32, frames: int = 16
+) -> TextToVideoBackend:
     """Load a local ``TextToVideoSDPipeline`` folder (ZeroScope, ModelScope text-to-video)."""
-    need = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-            "scheduler/scheduler_config.json"]
+    need = [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer",
+        "scheduler/scheduler_config.json",
+    ]
     missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
     if missing:
-        raise ModelLoadError(f"{path}: not a complete diffusers TextToVideoSDPipeline folder; "
-                             f"missing {', '.join(missing)}")
+        raise ModelLoadError(
+            f"{path}: not a complete diffusers TextToVideoSDPipeline folder; missing {', '.join(missing)}"
+        )
     from diffusers import AutoencoderKL, UNet3DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -144,6 +172,7 @@ def load_text_to_video(path: str, device="cpu", dtype: torch.dtype = torch.float
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval()
     sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-    backend = TextToVideoBackend(unet, vae, text_encoder, tokenizer, dict(sched), family, path,
-                                 torch.device(device), dtype, frames=frames)
+    backend = TextToVideoBackend(
+        unet, vae, text_encoder, tokenizer, dict(sched), family, path, torch.device(device), dtype, frames=frames
+    )
     return backend.to(device)

@@ -19,23 +19,41 @@ DEMO_TRAIN = os.path.join("runs", "demo-train")
 def add_eval_parser(sub) -> argparse.ArgumentParser:
     d = EvalConfig()
     s = sub.add_parser(
-        "eval", help="compare negatives (null, handcrafted, embeddings, per-sample tuning) on a prompt set",
+        "eval",
+        help="compare negatives (null, handcrafted, embeddings, per-sample tuning) on a prompt set",
         description="Generate one image per prompt and seed with every negative (same noise across negatives), "
-                    "score them with one or more rewards and write images/, scores.csv, summary.json, plots/, "
-                    "report.html and report.md into --out. Rerunning with the same --out makes only the "
-                    "missing images.")
+        "score them with one or more rewards and write images/, scores.csv, summary.json, plots/, "
+        "report.html and report.md into --out. Rerunning with the same --out makes only the "
+        "missing images.",
+    )
     a = s.add_argument
-    a("--demo", action="store_true", help="run everything on the built-in demo world (no files needed); flags "
-                                          "given beside it replace the demo's settings")
-    O.add_options(s, ["model", "config", "vae", "prediction_type", "rewards"], helps={
-        "rewards": "each reward is reported on its own; the first one also drives per-sample tuning"})
-    a("--prompts", help="prompt set: .txt (one a line), ImageReward .json, PartiPrompts .tsv (Category column) "
-                        "or an HPSv2 benchmark folder (anime.json, concept-art.json, paintings.json, photo.json)")
-    a("--negative", dest="negatives", action="append", default=[], metavar="[NAME=]SPEC",
-      help="repeatable: null | handcrafted (the paper's prompt, or --handcrafted) | handcrafted:TEXT | text:TEXT "
-           "| FILE (an embedding: .safetensors or the official .bin) | tuned:FILE or tuned:null (per-sample "
-           "tuning from it, per image). Names come from the file names unless given as NAME=SPEC. "
-           "Default: null and handcrafted")
+    a(
+        "--demo",
+        action="store_true",
+        help="run everything on the built-in demo world (no files needed); flags "
+        "given beside it replace the demo's settings",
+    )
+    O.add_options(
+        s,
+        ["model", "config", "vae", "prediction_type", "rewards"],
+        helps={"rewards": "each reward is reported on its own; the first one also drives per-sample tuning"},
+    )
+    a(
+        "--prompts",
+        help="prompt set: .txt (one a line), ImageReward .json, PartiPrompts .tsv (Category column) "
+        "or an HPSv2 benchmark folder (anime.json, concept-art.json, paintings.json, photo.json)",
+    )
+    a(
+        "--negative",
+        dest="negatives",
+        action="append",
+        default=[],
+        metavar="[NAME=]SPEC",
+        help="repeatable: null | handcrafted (the paper's prompt, or --handcrafted) | handcrafted:TEXT | text:TEXT "
+        "| FILE (an embedding: .safetensors or the official .bin) | tuned:FILE or tuned:null (per-sample "
+        "tuning from it, per image). Names come from the file names unless given as NAME=SPEC. "
+        "Default: null and handcrafted",
+    )
     a("--handcrafted", default=d.handcrafted, help="text of 'handcrafted' (default: the paper's negative prompt)")
     a("--out", default=None, help="output folder (default runs/eval, or runs/demo-eval with --demo)")
     a("--limit", type=int, default=None, help="evaluate a fixed random sub-sample of this many prompts")
@@ -44,31 +62,52 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--images-per-prompt", type=int, default=d.images_per_prompt)
     O.add_options(s, ["sampling_steps", "guidance", "resolution"])
     a("--batch", type=int, default=d.batch, help="images per generation / scoring batch")
-    O.add_options(s, ["max_steps", "patience", "lr"],
-                  flags={"max_steps": "--tune-steps", "patience": "--tune-patience", "lr": "--tune-lr"},
-                  helps={"lr": "per-sample search: learning rate (paper: 5e-3)"})
-    a("--tune-per-prompt", type=int, default=None, metavar="K",
-      help="tuned negatives: tune only the first K images of each prompt (per-sample search is the slow part); "
-           "they are compared with the others on those images (default: all images)")
-    a("--tune-noise", choices=("seed", "fresh"), default=d.tune_noise,
-      help="seed: tune for each image's own seed (default); fresh: new noise each step as in the paper, then "
-           "the image is made from its seed with the best negative")
-    O.add_options(s, ["grad_range"], helps={"grad_range": "tuning grad step, counted in DDIM steps from the end "
-                                                          "(paper: 0 10)"})
+    O.add_options(
+        s,
+        ["max_steps", "patience", "lr"],
+        flags={"max_steps": "--tune-steps", "patience": "--tune-patience", "lr": "--tune-lr"},
+        helps={"lr": "per-sample search: learning rate (paper: 5e-3)"},
+    )
+    a(
+        "--tune-per-prompt",
+        type=int,
+        default=None,
+        metavar="K",
+        help="tuned negatives: tune only the first K images of each prompt (per-sample search is the slow part); "
+        "they are compared with the others on those images (default: all images)",
+    )
+    a(
+        "--tune-noise",
+        choices=("seed", "fresh"),
+        default=d.tune_noise,
+        help="seed: tune for each image's own seed (default); fresh: new noise each step as in the paper, then "
+        "the image is made from its seed with the best negative",
+    )
+    O.add_options(
+        s, ["grad_range"], helps={"grad_range": "tuning grad step, counted in DDIM steps from the end (paper: 0 10)"}
+    )
     a("--save-tuned", action="store_true", help="also save each tuned embedding under OUT/tuned/NAME/")
-    a("--video", metavar="MOTION_ADAPTER", help="AnimateDiff: a local diffusers MotionAdapter folder; --model "
-                                                "must be SD1.x. Frames are scored with the image rewards and "
-                                                "averaged; videos are saved as animated PNGs. A --model that is a "
-                                                "TextToVideoSDPipeline folder (ZeroScope) makes videos without it")
+    a(
+        "--video",
+        metavar="MOTION_ADAPTER",
+        help="AnimateDiff: a local diffusers MotionAdapter folder; --model "
+        "must be SD1.x. Frames are scored with the image rewards and "
+        "averaged; videos are saved as animated PNGs. A --model that is a "
+        "TextToVideoSDPipeline folder (ZeroScope) makes videos without it",
+    )
     a("--frames", type=int, default=d.frames, help="frames per video with --video or a text-to-video --model")
     a("--reference", help="negative the others are compared to in the report (default: handcrafted, else null)")
     a("--tie-tol", type=float, default=d.tie_tol, help="score differences up to this count as ties (default 0)")
     a("--grid-limit", type=int, default=d.grid_limit, help="rows of images shown in report.html")
     a("--title", default=d.title)
     O.add_options(s, ["device"])
-    a("--threads", type=int, default=None,
-      help="CPU threads for torch (default: torch's choice; --demo uses 2 for the demo world, 1 for the tiny "
-           "random fallback)")
+    a(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; --demo uses 2 for the demo world, 1 for the tiny "
+        "random fallback)",
+    )
     a("--no-progress", dest="progress", action="store_false")
     s.set_defaults(fn=cmd_eval)
     return s
@@ -104,8 +143,10 @@ def cmd_eval(ns) -> int:
         check_eval_numbers(cfg)
     summary = run_eval(cfg)
     print(_console_table(summary))
-    print(f"wrote {os.path.join(cfg.out, 'report.html')} (open it in a browser), report.md, summary.json, "
-          f"scores.csv, plots/ and images/ in {cfg.out}  [{time.time() - t0:.1f} s]")
+    print(
+        f"wrote {os.path.join(cfg.out, 'report.html')} (open it in a browser), report.md, summary.json, "
+        f"scores.csv, plots/ and images/ in {cfg.out}  [{time.time() - t0:.1f} s]"
+    )
     return 0
 
 
@@ -115,8 +156,7 @@ def _console_table(summary: dict) -> str:
     ref = summary["reference"]
     lines = []
     for rw in summary["rewards"]:
-        lines.append(f"{rw}: mean [95% CI]; paired difference vs {ref} [95% CI]; win rate over {ref} [95% CI] "
-                     f"(W/T/L)")
+        lines.append(f"{rw}: mean [95% CI]; paired difference vs {ref} [95% CI]; win rate over {ref} [95% CI] (W/T/L)")
         for n in summary["negatives"]:
             name = n["name"]
             ci = summary["means"][rw][name]["all"]
@@ -128,12 +168,15 @@ def _console_table(summary: dict) -> str:
                 dr = _diff_text(summary["differences"][rw][name][ref])
             lines.append(f"  {_label(summary, name):20s} {ci['mean']:.4f} {rng:20s} {dr:28s} {wr}")
         for part, m in summary.get("subsets", {}).get(rw, {}).items():
-            lines.append(f"  on the {summary['images'][part]} images {part} was made for: " +
-                         ", ".join(f"{k} {v['mean']:.4f}" for k, v in m.items()))
+            lines.append(
+                f"  on the {summary['images'][part]} images {part} was made for: "
+                + ", ".join(f"{k} {v['mean']:.4f}" for k, v in m.items())
+            )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- --demo
+
 
 def _category(text: str, shapes) -> str:
     for w in re.findall(r"[a-z]+", text.lower()):
@@ -198,19 +241,34 @@ def demo_config(ns) -> EvalConfig:
     found = _usable_training(DEMO_TRAIN, world_model) or _usable_training(os.path.join(out, "train"), world_model)
     emb = found[1] if found else os.path.join(out, "train", "embedding.safetensors")
     cfg = EvalConfig(
-        model=found[0] if found else d["model"], rewards=[d["reward"]],
+        model=found[0] if found else d["model"],
+        rewards=[d["reward"]],
         prompts=_demo_prompts(d, os.path.join(out, "demo")),
         negatives=["null", f"handcrafted:{d['handcrafted']}", f"learned={emb}", f"tuned=tuned:{emb}"],
-        out=out, handcrafted=d["handcrafted"], seed=s.get("eval_seed", 1234), sampling_steps=s["sampling_steps"],
-        guidance=s["guidance"], resolution=s["resolution"], batch=s.get("eval_batch", 8),
-        images_per_prompt=s.get("eval_images_per_prompt", 1), tune_per_prompt=s.get("eval_tune_per_prompt"),
-        tune_steps=s.get("eval_tune_steps", 5), tune_patience=s.get("eval_tune_patience", 3),
-        tune_lr=s.get("tune_lr", s["lr"]), grad_range=tuple(s["grad_range"]), device=ns.device,
-        progress=ns.progress, remake_mismatched=True,
+        out=out,
+        handcrafted=d["handcrafted"],
+        seed=s.get("eval_seed", 1234),
+        sampling_steps=s["sampling_steps"],
+        guidance=s["guidance"],
+        resolution=s["resolution"],
+        batch=s.get("eval_batch", 8),
+        images_per_prompt=s.get("eval_images_per_prompt", 1),
+        tune_per_prompt=s.get("eval_tune_per_prompt"),
+        tune_steps=s.get("eval_tune_steps", 5),
+        tune_patience=s.get("eval_tune_patience", 3),
+        tune_lr=s.get("tune_lr", s["lr"]),
+        grad_range=tuple(s["grad_range"]),
+        device=ns.device,
+        progress=ns.progress,
+        remake_mismatched=True,
         title=f"ReNeg evaluation: built-in demo ({d['kind']})",
-        note=("Demo world: a small model and reward trained on a procedural world of shapes." if world_model else
-              "Tiny random models: this run proves the machinery (files, statistics, report), not the method; "
-              "the numbers mean nothing."))
+        note=(
+            "Demo world: a small model and reward trained on a procedural world of shapes."
+            if world_model
+            else "Tiny random models: this run proves the machinery (files, statistics, report), not the method; "
+            "the numbers mean nothing."
+        ),
+    )
     for k, v in user.items():
         setattr(cfg, k, v)
     if user:
@@ -224,13 +282,31 @@ def demo_config(ns) -> EvalConfig:
     return cfg
 
 
-_FLAG_OF = {"negatives": "--negative", "tune_steps": "--tune-steps", "tune_patience": "--tune-patience",
-            "tune_lr": "--tune-lr"}
+_FLAG_OF = {
+    "negatives": "--negative",
+    "tune_steps": "--tune-steps",
+    "tune_patience": "--tune-patience",
+    "tune_lr": "--tune-lr",
+}
 
 # eval's flags that hold numbers (checked before the demo trains anything)
-_NUMERIC_FIELDS = ("sampling_steps", "guidance", "resolution", "batch", "images_per_prompt", "tune_steps",
-                   "tune_patience", "frames", "grid_limit", "limit", "tune_per_prompt", "tune_lr", "tie_tol",
-                   "seed", "sample_seed")
+_NUMERIC_FIELDS = (
+    "sampling_steps",
+    "guidance",
+    "resolution",
+    "batch",
+    "images_per_prompt",
+    "tune_steps",
+    "tune_patience",
+    "frames",
+    "grid_limit",
+    "limit",
+    "tune_per_prompt",
+    "tune_lr",
+    "tie_tol",
+    "seed",
+    "sample_seed",
+)
 
 
 def _demo_train(d: dict, folder: str, progress: bool) -> str:
@@ -239,9 +315,12 @@ def _demo_train(d: dict, folder: str, progress: bool) -> str:
     from reneg.trainer.train import run_train
 
     steps = d["settings"].get("eval_train_steps", d["settings"]["steps"])
-    print(f"reneg eval --demo: no learned embedding yet; training a short one ({steps} steps) into {folder}. "
-          f"It only shows the path: run `reneg train --demo` first for the full embedding (the demo "
-          f"world's published figures come from that)", flush=True)
+    print(
+        f"reneg eval --demo: no learned embedding yet; training a short one ({steps} steps) into {folder}. "
+        f"It only shows the path: run `reneg train --demo` first for the full embedding (the demo "
+        f"world's published figures come from that)",
+        flush=True,
+    )
     s = dict(d["settings"])
     fields = TrainConfig.__dataclass_fields__
     kw = {k: v for k, v in s.items() if k in fields}
@@ -249,8 +328,16 @@ def _demo_train(d: dict, folder: str, progress: bool) -> str:
     if "eval_train_steps" in s:
         kw["steps"] = int(s["eval_train_steps"])
         kw["checkpoint_every"] = min(int(kw.get("checkpoint_every", kw["steps"])), kw["steps"])
-    cfg = TrainConfig(model=d["model"], rewards=[d["reward"]], prompts=d["prompts"], heldout=d["heldout"],
-                      out=folder, handcrafted=d["handcrafted"], base_model_name="reneg-demo", progress=progress,
-                      **kw)
+    cfg = TrainConfig(
+        model=d["model"],
+        rewards=[d["reward"]],
+        prompts=d["prompts"],
+        heldout=d["heldout"],
+        out=folder,
+        handcrafted=d["handcrafted"],
+        base_model_name="reneg-demo",
+        progress=progress,
+        **kw,
+    )
     summary = run_train(cfg)
     return summary["embedding"]

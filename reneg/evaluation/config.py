@@ -22,24 +22,28 @@ class EvalError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    index: int       # position in the prompt file
+    index: int  # position in the prompt file
     text: str
     category: str
     seed: int
-    k: int = 0       # which image of its prompt (0 .. images_per_prompt - 1)
+    k: int = 0  # which image of its prompt (0 .. images_per_prompt - 1)
 
     def image_name(self, negative: str) -> str:
         return f"{self.index:05d}_s{self.seed}_{negative}.png"
 
 
-def build_items(prompts_path: str, limit: int | None = None, sample_seed: int = 0, seed: int = 0,
-                images_per_prompt: int = 1) -> list[Item]:
+def build_items(
+    prompts_path: str, limit: int | None = None, sample_seed: int = 0, seed: int = 0, images_per_prompt: int = 1
+) -> list[Item]:
     """Items of a prompt file; ``seed + index * images_per_prompt + k`` is image k's seed."""
     prompts = load_prompts(prompts_path)
     indexed = list(enumerate(prompts))
     chosen = subsample(indexed, limit, sample_seed)
-    return [Item(i, p.text, p.category, seed + i * images_per_prompt + k, k)
-            for i, p in chosen for k in range(images_per_prompt)]
+    return [
+        Item(i, p.text, p.category, seed + i * images_per_prompt + k, k)
+        for i, p in chosen
+        for k in range(images_per_prompt)
+    ]
 
 
 def items_for(cfg, neg: Negative, items: list[Item]) -> list[Item]:
@@ -55,7 +59,7 @@ def items_for(cfg, neg: Negative, items: list[Item]) -> list[Item]:
 class EvalConfig:
     model: str = ""
     config: str | None = None
-    vae: str | None = None             # a VAE file or folder replacing the model's own
+    vae: str | None = None  # a VAE file or folder replacing the model's own
     prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""
@@ -77,7 +81,7 @@ class EvalConfig:
     tune_per_prompt: int | None = None  # tuned negatives: only images k < this of each prompt (None: all)
     grad_range: tuple[int, int] = PAPER.grad_range
     save_tuned: bool = False
-    video: str | None = None           # motion-adapter folder (AnimateDiff)
+    video: str | None = None  # motion-adapter folder (AnimateDiff)
     frames: int = 16
     reference: str | None = None
     tie_tol: float = 0.0
@@ -86,7 +90,7 @@ class EvalConfig:
     progress: bool = True
     title: str = "ReNeg evaluation"
     note: str = ""
-    remake_mismatched: bool = False    # --demo: delete images made under other settings instead of refusing
+    remake_mismatched: bool = False  # --demo: delete images made under other settings instead of refusing
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -96,9 +100,18 @@ class EvalConfig:
 
 # the numeric flags of eval, checked by reneg.options (kind, bounds)
 EVAL_NUMBERS = {
-    "batch": ("int",), "images_per_prompt": ("int",), "tune_steps": ("int",), "tune_patience": ("int",),
-    "frames": ("int",), "grid_limit": ("int",), "limit": ("opt_int", 1), "tune_per_prompt": ("opt_int", 1),
-    "tune_lr": ("pos",), "tie_tol": ("nonneg",), "seed": ("seed",), "sample_seed": ("seed",),
+    "batch": ("int",),
+    "images_per_prompt": ("int",),
+    "tune_steps": ("int",),
+    "tune_patience": ("int",),
+    "frames": ("int",),
+    "grid_limit": ("int",),
+    "limit": ("opt_int", 1),
+    "tune_per_prompt": ("opt_int", 1),
+    "tune_lr": ("pos",),
+    "tie_tol": ("nonneg",),
+    "seed": ("seed",),
+    "sample_seed": ("seed",),
 }
 
 

@@ -30,8 +30,7 @@ def save_frames(path: str, frames: torch.Tensor, fps: int = 8) -> None:
         if len(ims) == 1:
             ims[0].save(tmp, format="PNG")
         else:
-            ims[0].save(tmp, format="PNG", save_all=True, append_images=ims[1:], duration=int(1000 / fps),
-                        loop=0)
+            ims[0].save(tmp, format="PNG", save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
 
 
 def load_frames(path: str) -> torch.Tensor:

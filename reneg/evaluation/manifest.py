@@ -25,12 +25,23 @@ def _file_digest(path: str) -> str:
 
 
 def _generation_key(cfg: EvalConfig) -> dict:
-    key = {"model": os.path.abspath(cfg.model), "config": cfg.config, "video": cfg.video and os.path.abspath(cfg.video),
-            "frames": cfg.frames if cfg.video else None, "sampling_steps": cfg.sampling_steps,
-            "guidance": cfg.guidance, "resolution": cfg.resolution}
+    key = {
+        "model": os.path.abspath(cfg.model),
+        "config": cfg.config,
+        "video": cfg.video and os.path.abspath(cfg.video),
+        "frames": cfg.frames if cfg.video else None,
+        "sampling_steps": cfg.sampling_steps,
+        "guidance": cfg.guidance,
+        "resolution": cfg.resolution,
+    }
     # a manifest written before these options existed stays valid when they are unset
-    key.update({k: v for k, v in (("vae", cfg.vae and os.path.abspath(cfg.vae)),
-                                  ("prediction_type", cfg.prediction_type)) if v})
+    key.update(
+        {
+            k: v
+            for k, v in (("vae", cfg.vae and os.path.abspath(cfg.vae)), ("prediction_type", cfg.prediction_type))
+            if v
+        }
+    )
     return key
 
 
@@ -41,8 +52,14 @@ def _negative_key(cfg: EvalConfig, n: Negative) -> dict:
     elif n.kind in ("file", "tuned") and n.source != "null":
         d["sha256"] = _file_digest(n.source)
     if n.kind == "tuned":
-        d.update(tune_steps=cfg.tune_steps, tune_patience=cfg.tune_patience, tune_lr=cfg.tune_lr,
-                 tune_noise=cfg.tune_noise, grad_range=list(cfg.grad_range), tune_reward=cfg.rewards[0])
+        d.update(
+            tune_steps=cfg.tune_steps,
+            tune_patience=cfg.tune_patience,
+            tune_lr=cfg.tune_lr,
+            tune_noise=cfg.tune_noise,
+            grad_range=list(cfg.grad_range),
+            tune_reward=cfg.rewards[0],
+        )
     return d
 
 
@@ -57,8 +74,10 @@ def check_manifest(cfg: EvalConfig, items: list[Item], negatives: list[Negative]
             with open(path, encoding="utf-8") as f:
                 old = json.load(f)
         except (OSError, ValueError) as e:
-            raise EvalError(f"{path}: unreadable ({e}); delete it only if the images in {cfg.out} were made "
-                            f"with the settings of this run") from None
+            raise EvalError(
+                f"{path}: unreadable ({e}); delete it only if the images in {cfg.out} were made "
+                f"with the settings of this run"
+            ) from None
     gen = _generation_key(cfg)
     hint = f"use another --out, or delete {os.path.join(cfg.out, IMAGE_DIR)} to start over"
     remake = cfg.remake_mismatched
@@ -70,25 +89,30 @@ def check_manifest(cfg: EvalConfig, items: list[Item], negatives: list[Negative]
         print(f"reneg eval: {msg}: removed {n} old image(s)", flush=True)
 
     if old.get("generation") and old["generation"] != gen:
-        diff = [f"{k} {old['generation'].get(k)!r} -> {v!r}" for k, v in gen.items()
-                if old["generation"].get(k) != v]
-        refuse_or_remake(f"--out {cfg.out}: its images were made with other settings ({'; '.join(diff)})",
-                         r".*", "*")
+        diff = [f"{k} {old['generation'].get(k)!r} -> {v!r}" for k, v in gen.items() if old["generation"].get(k) != v]
+        refuse_or_remake(f"--out {cfg.out}: its images were made with other settings ({'; '.join(diff)})", r".*", "*")
         old = {}
     negs = dict(old.get("negatives", {}))
     for n in negatives:
         key = _negative_key(cfg, n)
         if n.name in negs and negs[n.name] != key:
-            refuse_or_remake(f"--out {cfg.out}: negative {n.name!r} was made from something else before "
-                             f"({negs[n.name]}, now {key}; or give this one another NAME=)",
-                             r"\d+_s-?\d+_" + re.escape(n.name), n.name)
+            refuse_or_remake(
+                f"--out {cfg.out}: negative {n.name!r} was made from something else before "
+                f"({negs[n.name]}, now {key}; or give this one another NAME=)",
+                r"\d+_s-?\d+_" + re.escape(n.name),
+                n.name,
+            )
         negs[n.name] = key
     prompts = dict(old.get("prompts", {}))
     for it in items:
         k = str(it.index)
         if k in prompts and prompts[k] != it.text:
-            refuse_or_remake(f"--prompts {cfg.prompts}: prompt {it.index} is now {it.text!r} but the images in "
-                             f"{cfg.out} were made for {prompts[k]!r}", f"{it.index:05d}_.*", None)
+            refuse_or_remake(
+                f"--prompts {cfg.prompts}: prompt {it.index} is now {it.text!r} but the images in "
+                f"{cfg.out} were made for {prompts[k]!r}",
+                f"{it.index:05d}_.*",
+                None,
+            )
         prompts[k] = it.text
     man = {"generation": gen, "negatives": negs, "prompts": prompts}
     atomic_write_json(path, man)

@@ -16,9 +16,9 @@ EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 @dataclass(frozen=True)
 class Negative:
-    name: str      # used in file names and the report
-    kind: str      # null | zero | text | file | tuned
-    source: str    # the text (text), the embedding file (file, tuned; "null" for tuned from null)
+    name: str  # used in file names and the report
+    kind: str  # null | zero | text | file | tuned
+    source: str  # the text (text), the embedding file (file, tuned; "null" for tuned from null)
 
     def describe(self) -> str:
         if self.kind == "null":
@@ -50,8 +50,10 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
     raw = spec
     spec = spec.strip()
     if not spec:
-        raise EvalError("--negative: empty value (expected null, zero, handcrafted[:TEXT], text:TEXT, an embedding "
-                        "file or tuned:FILE)")
+        raise EvalError(
+            "--negative: empty value (expected null, zero, handcrafted[:TEXT], text:TEXT, an embedding "
+            "file or tuned:FILE)"
+        )
     name = None
     head, sep, rest = spec.partition("=")
     if sep and _NAME_RE.match(head) and not os.path.exists(spec) and ":" not in head:
@@ -83,11 +85,15 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
 
 def _check_embedding_file(path: str, raw: str) -> None:
     if not os.path.isfile(path):
-        raise EvalError(f"--negative {raw!r}: expected null, zero, handcrafted[:TEXT], text:TEXT, tuned:FILE or an "
-                        f"embedding file; {path} is not a file")
+        raise EvalError(
+            f"--negative {raw!r}: expected null, zero, handcrafted[:TEXT], text:TEXT, tuned:FILE or an "
+            f"embedding file; {path} is not a file"
+        )
     if not path.lower().endswith(EMBEDDING_SUFFIXES):
-        raise EvalError(f"--negative {raw!r}: {path} does not look like an embedding file (expected one of "
-                        f"{', '.join(EMBEDDING_SUFFIXES)})")
+        raise EvalError(
+            f"--negative {raw!r}: {path} does not look like an embedding file (expected one of "
+            f"{', '.join(EMBEDDING_SUFFIXES)})"
+        )
 
 
 def parse_negatives(specs: list[str], handcrafted: str = PAPER_HANDCRAFTED) -> list[Negative]:
@@ -95,7 +101,9 @@ def parse_negatives(specs: list[str], handcrafted: str = PAPER_HANDCRAFTED) -> l
     seen: dict[str, str] = {}
     for spec, n in zip(specs, negs):
         if n.name in seen:
-            raise EvalError(f"--negative {spec!r}: its name {n.name!r} is already taken by --negative "
-                            f"{seen[n.name]!r}; name it explicitly as NAME={spec}")
+            raise EvalError(
+                f"--negative {spec!r}: its name {n.name!r} is already taken by --negative "
+                f"{seen[n.name]!r}; name it explicitly as NAME={spec}"
+            )
         seen[n.name] = spec
     return negs

@@ -22,6 +22,7 @@ PLOTS = ("means.png", "categories.png", "differences.png", "winrates.png")
 
 # --------------------------------------------------------------------------- summary
 
+
 def _table(rows, reward):
     """{negative: {(index, seed): score}} for one reward."""
     out: dict[str, dict] = {}
@@ -46,8 +47,9 @@ def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing
     have, and ``subsets`` gives every negative's mean on each such subset."""
     neg_names = [n.name for n in negatives]
     keys = [(it.index, it.seed) for it in items]
-    cover = {n: ([(it.index, it.seed) for it in coverage[n]] if coverage and n in coverage else keys)
-             for n in neg_names}
+    cover = {
+        n: ([(it.index, it.seed) for it in coverage[n]] if coverage and n in coverage else keys) for n in neg_names
+    }
     cats = list(OrderedDict.fromkeys(it.category for it in items))
     cat_of = {(it.index, it.seed): it.category for it in items}
     by_cat = {c: [(it.index, it.seed) for it in items if it.category == c] for c in cats}
@@ -65,18 +67,35 @@ def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing
         for n in neg_names:
             miss = [k for k in cover[n] if k not in tab.get(n, {})]
             if miss:
-                raise ValueError(f"scores for reward {rw}, negative {n}: {len(miss)} image(s) have no score "
-                                 f"(e.g. prompt {miss[0][0]} seed {miss[0][1]})")
-        means[rw] = {n: {"all": stats.mean_ci([tab[n][k] for k in cover[n]]),
-                         "categories": {c: stats.mean_ci([tab[n][k] for k in cover[n] if cat_of[k] == c])
-                                        for c in cats}}
-                     for n in neg_names}
-        wins[rw] = {a: {b: stats.win_rate([tab[a][k] for k in common(a, b)], [tab[b][k] for k in common(a, b)],
-                                          tie_tol)
-                        for b in neg_names if b != a} for a in neg_names}
-        diffs[rw] = {a: {b: stats.mean_ci(stats.paired_differences([tab[a][k] for k in common(a, b)],
-                                                                    [tab[b][k] for k in common(a, b)]))
-                         for b in neg_names if b != a} for a in neg_names}
+                raise ValueError(
+                    f"scores for reward {rw}, negative {n}: {len(miss)} image(s) have no score "
+                    f"(e.g. prompt {miss[0][0]} seed {miss[0][1]})"
+                )
+        means[rw] = {
+            n: {
+                "all": stats.mean_ci([tab[n][k] for k in cover[n]]),
+                "categories": {c: stats.mean_ci([tab[n][k] for k in cover[n] if cat_of[k] == c]) for c in cats},
+            }
+            for n in neg_names
+        }
+        wins[rw] = {
+            a: {
+                b: stats.win_rate([tab[a][k] for k in common(a, b)], [tab[b][k] for k in common(a, b)], tie_tol)
+                for b in neg_names
+                if b != a
+            }
+            for a in neg_names
+        }
+        diffs[rw] = {
+            a: {
+                b: stats.mean_ci(
+                    stats.paired_differences([tab[a][k] for k in common(a, b)], [tab[b][k] for k in common(a, b)])
+                )
+                for b in neg_names
+                if b != a
+            }
+            for a in neg_names
+        }
         subsets[rw] = {p: {n: stats.mean_ci([tab[n][k] for k in cover[p]]) for n in neg_names} for p in partial}
     tune_summary = {}
     for name, logs in (tuning or {}).items():
@@ -97,8 +116,9 @@ def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing
         "images_per_negative": len(keys),
         "prompts": len({it.index for it in items}),
         "rewards": list(reward_names),
-        "negatives": [{"name": n.name, "kind": n.kind, "source": n.source, "description": n.describe()}
-                      for n in negatives],
+        "negatives": [
+            {"name": n.name, "kind": n.kind, "source": n.source, "description": n.describe()} for n in negatives
+        ],
         "reference": ref,
         "categories": {c: len(v) for c, v in by_cat.items()},
         "images": {n: len(cover[n]) for n in neg_names},
@@ -115,6 +135,7 @@ def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing
 
 
 # --------------------------------------------------------------------------- plots
+
 
 def _fmt(x, nd=4):
     return "n/a" if x is None else f"{x:.{nd}g}"
@@ -163,16 +184,24 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
     save(fig, "means.png")
 
     # 2. per category
-    fig, axes = plt.subplots(nr, 1, figsize=(max(6.0, 1.3 * len(cats) * max(1, len(negs)) / 2 + 2), 3.4 * nr),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nr, 1, figsize=(max(6.0, 1.3 * len(cats) * max(1, len(negs)) / 2 + 2), 3.4 * nr), squeeze=False
+    )
     width = 0.8 / max(1, len(negs))
     for ax, rw in zip(axes[:, 0], rewards):
         for j, (n, c) in enumerate(zip(negs, colours * 10)):
             xs = [i - 0.4 + width * (j + 0.5) for i in range(len(cats))]
             pts = [(x, summary["means"][rw][n]["categories"][k]) for x, k in zip(xs, cats)]
             pts = [(x, ci) for x, ci in pts if ci["mean"] is not None]
-            ax.errorbar([x for x, _ in pts], [ci["mean"] for _, ci in pts], yerr=[_errs(ci) for _, ci in pts],
-                        fmt="o", color=c, capsize=3, label=n)
+            ax.errorbar(
+                [x for x, _ in pts],
+                [ci["mean"] for _, ci in pts],
+                yerr=[_errs(ci) for _, ci in pts],
+                fmt="o",
+                color=c,
+                capsize=3,
+                label=n,
+            )
         ax.set_xticks(range(len(cats)))
         ax.set_xticklabels([f"{k}\n(n={summary['categories'][k]})" for k in cats])
         ax.set_ylabel(rw)
@@ -214,8 +243,15 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
             for j, b in enumerate(negs):
                 if a != b:
                     w = summary["win_rates"][rw][a][b]
-                    ax.text(j, i, f"{w['rate']:.2f}", ha="center", va="center", fontsize=9,
-                            color="white" if abs(w["rate"] - 0.5) > 0.3 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{w['rate']:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=9,
+                        color="white" if abs(w["rate"] - 0.5) > 0.3 else "black",
+                    )
         ax.set_xticks(range(len(negs)))
         ax.set_xticklabels(negs, rotation=30, ha="right")
         ax.set_yticks(range(len(negs)))
@@ -237,13 +273,19 @@ def _subset_lines(summary: dict) -> list[str]:
     lines = []
     for rw, subs in summary.get("subsets", {}).items():
         for part, m in subs.items():
-            lines += ["", f"On the {summary['images'][part]} images `{part}` was made for ({rw}, mean ± 95% "
-                          f"half-interval):", "", "| negative | mean |", "|---|---:|"]
+            lines += [
+                "",
+                f"On the {summary['images'][part]} images `{part}` was made for ({rw}, mean ± 95% half-interval):",
+                "",
+                "| negative | mean |",
+                "|---|---:|",
+            ]
             lines += [f"| `{n}` | {_ci_text(ci)} |" for n, ci in m.items()]
     return lines
 
 
 # --------------------------------------------------------------------------- markdown
+
 
 def _ci_text(ci, nd=4) -> str:
     if ci["mean"] is None:
@@ -270,11 +312,14 @@ def _wr_text(w) -> str:
 def markdown(summary: dict) -> str:
     negs = [n["name"] for n in summary["negatives"]]
     ref = summary["reference"]
-    lines = [f"### {summary['title']}", "",
-             f"{summary['prompts']} prompts, {summary['images_per_negative']} images per negative; "
-             f"mean ± 95% half-interval; paired difference from `{ref}` (same prompt and seed) with its 95% "
-             f"interval; win rate over `{ref}` (ties count half) with its 95% Wilson interval.",
-             ""]
+    lines = [
+        f"### {summary['title']}",
+        "",
+        f"{summary['prompts']} prompts, {summary['images_per_negative']} images per negative; "
+        f"mean ± 95% half-interval; paired difference from `{ref}` (same prompt and seed) with its 95% "
+        f"interval; win rate over `{ref}` (ties count half) with its 95% Wilson interval.",
+        "",
+    ]
     partial = any(_label(summary, n) != n for n in negs)
     head = ["negative"] + (["images"] if partial else [])
     for rw in summary["rewards"]:
@@ -295,8 +340,9 @@ def markdown(summary: dict) -> str:
             lines.append("| negative | " + " | ".join(f"{c} (n={summary['categories'][c]})" for c in cats) + " |")
             lines.append("|---|" + "|".join(["---:"] * len(cats)) + "|")
             for n in negs:
-                lines.append(f"| `{n}` | " + " | ".join(_ci_text(summary["means"][rw][n]["categories"][c])
-                                                         for c in cats) + " |")
+                lines.append(
+                    f"| `{n}` | " + " | ".join(_ci_text(summary["means"][rw][n]["categories"][c]) for c in cats) + " |"
+                )
     lines += _subset_lines(summary)
     lines += ["", "Negatives: " + "; ".join(f"`{n['name']}` = {n['description']}" for n in summary["negatives"]), ""]
     return "\n".join(lines)
@@ -346,32 +392,43 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
     rewards = summary["rewards"]
     ref = summary["reference"]
     p = []
-    p.append(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(summary['title'])}</title>"
-             f"<style>{_CSS}</style></head><body>")
+    p.append(
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(summary['title'])}</title>"
+        f"<style>{_CSS}</style></head><body>"
+    )
     p.append(f"<h1>{_e(summary['title'])}</h1>")
     s = summary["settings"]
-    meta = (f"{summary['prompts']} prompts, {summary['images_per_negative']} images per negative, "
-            f"{len(negs)} negatives; model {_e(os.path.basename(os.path.normpath(str(s.get('model', '')))))}"
-            f"{' + motion adapter ' + _e(os.path.basename(os.path.normpath(s['video']))) if s.get('video') else ''}, "
-            f"{s.get('sampling_steps')} DDIM steps, CFG {s.get('guidance')}, {s.get('resolution')} px, "
-            f"seeds from {s.get('seed')}. Created {_e(summary['created'])}.")
+    meta = (
+        f"{summary['prompts']} prompts, {summary['images_per_negative']} images per negative, "
+        f"{len(negs)} negatives; model {_e(os.path.basename(os.path.normpath(str(s.get('model', '')))))}"
+        f"{' + motion adapter ' + _e(os.path.basename(os.path.normpath(s['video']))) if s.get('video') else ''}, "
+        f"{s.get('sampling_steps')} DDIM steps, CFG {s.get('guidance')}, {s.get('resolution')} px, "
+        f"seeds from {s.get('seed')}. Created {_e(summary['created'])}."
+    )
     p.append(f"<p class='meta'>{meta}</p>")
     if s.get("note"):
         p.append(f"<p class='meta'>{_e(s['note'])}</p>")
-    p.append("<p class='meta'>Negatives: " + "; ".join(f"<b>{_e(n['name'])}</b> = {_e(n['description'])}"
-                                                      for n in summary["negatives"]) + "</p>")
+    p.append(
+        "<p class='meta'>Negatives: "
+        + "; ".join(f"<b>{_e(n['name'])}</b> = {_e(n['description'])}" for n in summary["negatives"])
+        + "</p>"
+    )
 
     # summary table
     p.append("<h2>Summary</h2>")
-    p.append(f"<p class='meta'>Mean reward with its 95% interval; paired difference from <b>{_e(ref)}</b> "
-             f"(same prompt and seed) with its 95% Student-t interval; win rate over <b>{_e(ref)}</b> "
-             f"(ties count half) with its 95% Wilson interval. A negative marked n= was made for fewer images "
-             f"(--tune-per-prompt) and is compared on those. "
-             f"{_e(summary['interval_method'])}.</p>")
+    p.append(
+        f"<p class='meta'>Mean reward with its 95% interval; paired difference from <b>{_e(ref)}</b> "
+        f"(same prompt and seed) with its 95% Student-t interval; win rate over <b>{_e(ref)}</b> "
+        f"(ties count half) with its 95% Wilson interval. A negative marked n= was made for fewer images "
+        f"(--tune-per-prompt) and is compared on those. "
+        f"{_e(summary['interval_method'])}.</p>"
+    )
     p.append("<table><tr><th class='l'>negative</th>")
     for rw in rewards:
-        p.append(f"<th>{_e(rw)} mean</th><th>difference vs {_e(ref)}</th><th>{_e(rw)} win rate vs {_e(ref)}</th>"
-                 f"<th>W / T / L</th>")
+        p.append(
+            f"<th>{_e(rw)} mean</th><th>difference vs {_e(ref)}</th><th>{_e(rw)} win rate vs {_e(ref)}</th>"
+            f"<th>W / T / L</th>"
+        )
     p.append("</tr>")
     # the best mean among negatives made for every image (means over other image sets do not compare)
     full = [n for n in negs if _label(summary, n) == n] or negs
@@ -381,18 +438,21 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
         for rw in rewards:
             ci = summary["means"][rw][n]["all"]
             cls = " class='best'" if best[rw] == n else ""
-            rng = (f"<br><span class='ci'>[{ci['lo']:.4f}, {ci['hi']:.4f}]</span>" if ci["lo"] is not None else "")
+            rng = f"<br><span class='ci'>[{ci['lo']:.4f}, {ci['hi']:.4f}]</span>" if ci["lo"] is not None else ""
             p.append(f"<td{cls}>{ci['mean']:.4f}{rng}</td>")
             if n == ref:
                 p.append("<td>—</td><td>—</td><td>—</td>")
             else:
                 w = summary["win_rates"][rw][n][ref]
                 dci = summary["differences"][rw][n][ref]
-                drng = (f"<br><span class='ci'>[{dci['lo']:+.4f}, {dci['hi']:+.4f}]</span>"
-                        if dci["lo"] is not None else "")
+                drng = (
+                    f"<br><span class='ci'>[{dci['lo']:+.4f}, {dci['hi']:+.4f}]</span>" if dci["lo"] is not None else ""
+                )
                 p.append(f"<td>{dci['mean']:+.4f}{drng}</td>")
-                p.append(f"<td>{w['rate']:.2f}<br><span class='ci'>[{w['lo']:.2f}, {w['hi']:.2f}]</span></td>"
-                         f"<td>{w['wins']} / {w['ties']} / {w['losses']}</td>")
+                p.append(
+                    f"<td>{w['rate']:.2f}<br><span class='ci'>[{w['lo']:.2f}, {w['hi']:.2f}]</span></td>"
+                    f"<td>{w['wins']} / {w['ties']} / {w['losses']}</td>"
+                )
         p.append("</tr>")
     p.append("</table>")
 
@@ -405,10 +465,12 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
     rw0 = rewards[0]
     score = {(r["prompt_index"], r["seed"], r["negative"]): float(r["score"]) for r in rows if r["reward"] == rw0}
     shown = grid_items(items, grid_limit)
-    p.append(f"<h2>Images</h2><p class='meta'>One row per prompt and seed, one column per negative, same noise "
-             f"in a row. Under each image: its {_e(rw0)} score (bold: best in the row). Showing {len(shown)} of "
-             f"{len(items)} rows; every image is in <code>images/</code> and every score in "
-             f"<code>scores.csv</code>.</p>")
+    p.append(
+        f"<h2>Images</h2><p class='meta'>One row per prompt and seed, one column per negative, same noise "
+        f"in a row. Under each image: its {_e(rw0)} score (bold: best in the row). Showing {len(shown)} of "
+        f"{len(items)} rows; every image is in <code>images/</code> and every score in "
+        f"<code>scores.csv</code>.</p>"
+    )
     current = None
     for it in shown:
         if it.category != current:
@@ -428,8 +490,10 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
                 p.append("<td><span class='s'>not made</span></td>")
                 continue
             cls = "s win" if v is not None and v == top else "s"
-            p.append(f"<td><img src='{_e(src)}' alt='{_e(n)}' loading='lazy' title='{_e(n)}: {_e(_fmt(v))}'>"
-                     f"<span class='{cls}'>{_e(_fmt(v))}</span></td>")
+            p.append(
+                f"<td><img src='{_e(src)}' alt='{_e(n)}' loading='lazy' title='{_e(n)}: {_e(_fmt(v))}'>"
+                f"<span class='{cls}'>{_e(_fmt(v))}</span></td>"
+            )
         p.append("</tr>")
     if current is not None:
         p.append("</table>")
@@ -461,15 +525,19 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
                     d.append("<td>—</td>")
                 else:
                     w = summary["win_rates"][rw][a][b]
-                    d.append(f"<td>{w['rate']:.2f} <span class='ci'>[{w['lo']:.2f}, {w['hi']:.2f}] "
-                             f"{w['wins']}/{w['ties']}/{w['losses']}</span></td>")
+                    d.append(
+                        f"<td>{w['rate']:.2f} <span class='ci'>[{w['lo']:.2f}, {w['hi']:.2f}] "
+                        f"{w['wins']}/{w['ties']}/{w['losses']}</span></td>"
+                    )
             d.append("</tr>")
         d.append("</table>")
 
     for rw, subs in summary.get("subsets", {}).items():
         for part, m in subs.items():
-            d.append(f"<h3>{_e(rw)} on the {summary['images'][part]} images {_e(part)} was made for</h3>"
-                     f"<table><tr><th class='l'>negative</th><th>mean</th></tr>")
+            d.append(
+                f"<h3>{_e(rw)} on the {summary['images'][part]} images {_e(part)} was made for</h3>"
+                f"<table><tr><th class='l'>negative</th><th>mean</th></tr>"
+            )
             top = max(m, key=lambda k: _none_low(m[k]["mean"]))
             for n, ci in m.items():
                 cls = " class='best'" if n == top else ""
@@ -477,17 +545,23 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
             d.append("</table>")
 
     if summary.get("tuning"):
-        d.append("<h3>Per-sample tuning</h3><table><tr><th class='l'>negative</th><th>images</th>"
-                 "<th>mean start reward</th><th>mean best reward</th><th>improved</th><th>mean steps</th></tr>")
+        d.append(
+            "<h3>Per-sample tuning</h3><table><tr><th class='l'>negative</th><th>images</th>"
+            "<th>mean start reward</th><th>mean best reward</th><th>improved</th><th>mean steps</th></tr>"
+        )
         for name, t in summary["tuning"].items():
-            d.append(f"<tr><td class='l'>{_e(name)}</td><td>{t['tuned_images']}</td>"
-                     f"<td>{t['mean_start_reward']:.4f}</td><td>{t['mean_best_reward']:.4f}</td>"
-                     f"<td>{t['improved']}</td><td>{t['mean_steps']:.1f}</td></tr>")
+            d.append(
+                f"<tr><td class='l'>{_e(name)}</td><td>{t['tuned_images']}</td>"
+                f"<td>{t['mean_start_reward']:.4f}</td><td>{t['mean_best_reward']:.4f}</td>"
+                f"<td>{t['improved']}</td><td>{t['mean_steps']:.1f}</td></tr>"
+            )
         d.append("</table>")
 
     p += d
-    p.append("<p class='meta'>Made by <code>reneg eval</code>. Files: <a href='summary.json'>summary.json</a>, "
-             "<a href='scores.csv'>scores.csv</a>, <a href='report.md'>report.md</a>.</p></body></html>")
+    p.append(
+        "<p class='meta'>Made by <code>reneg eval</code>. Files: <a href='summary.json'>summary.json</a>, "
+        "<a href='scores.csv'>scores.csv</a>, <a href='report.md'>report.md</a>.</p></body></html>"
+    )
     return "\n".join(p)
 
 
@@ -527,8 +601,7 @@ def write_grid_png(out: str, summary: dict, rows, items, rows_limit: int = 12, c
                 line = f"{line} {w}".strip()
         lines.append(line)
         for k, t in enumerate(lines[:6] + [f"seed {it.seed}"]):
-            draw.text((pad, y + 2 + 13 * k), t, fill=(60, 60, 60) if k < len(lines[:6]) else (130, 130, 130),
-                      font=font)
+            draw.text((pad, y + 2 + 13 * k), t, fill=(60, 60, 60) if k < len(lines[:6]) else (130, 130, 130), font=font)
         vals = [score[(it.index, it.seed, n)] for n in negs]
         for j, (n, v) in enumerate(zip(negs, vals)):
             x = label_w + j * (cell + pad) + pad
@@ -541,8 +614,12 @@ def write_grid_png(out: str, summary: dict, rows, items, rows_limit: int = 12, c
             except OSError:
                 draw.rectangle((x, y, x + cell, y + cell), outline=(200, 0, 0))
             best = v == max(vals)
-            draw.text((x + 2, y + cell + 2), f"{v:.4f}" + (" *" if best else ""),
-                      fill=(27, 94, 32) if best else (70, 70, 70), font=font)
+            draw.text(
+                (x + 2, y + cell + 2),
+                f"{v:.4f}" + (" *" if best else ""),
+                fill=(27, 94, 32) if best else (70, 70, 70),
+                font=font,
+            )
     path = os.path.join(out, GRID_PNG)
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
@@ -550,6 +627,7 @@ def write_grid_png(out: str, summary: dict, rows, items, rows_limit: int = 12, c
 
 
 # --------------------------------------------------------------------------- all outputs
+
 
 def write_report(out, summary, rows, items, negatives, reward_names, cfg) -> dict:
     atomic_write_json(os.path.join(out, "summary.json"), summary)
@@ -559,8 +637,14 @@ def write_report(out, summary, rows, items, negatives, reward_names, cfg) -> dic
     if grid:
         md += f"\n![{GRID_PNG}: images per prompt and negative]({GRID_PNG})\n"
     atomic_write_text(os.path.join(out, "report.md"), md)
-    atomic_write_text(os.path.join(out, "report.html"),
-                      render_html(summary, rows, items, plots + ([GRID_PNG] if grid else []),
-                                  getattr(cfg, "grid_limit", 200)))
-    return {"summary": os.path.join(out, "summary.json"), "html": os.path.join(out, "report.html"),
-            "markdown": os.path.join(out, "report.md"), "plots": plots, "grid": grid}
+    atomic_write_text(
+        os.path.join(out, "report.html"),
+        render_html(summary, rows, items, plots + ([GRID_PNG] if grid else []), getattr(cfg, "grid_limit", 200)),
+    )
+    return {
+        "summary": os.path.join(out, "summary.json"),
+        "html": os.path.join(out, "report.html"),
+        "markdown": os.path.join(out, "report.md"),
+        "plots": plots,
+        "grid": grid,
+    }

@@ -45,9 +45,15 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
 
     if not cfg.video and os.path.isdir(cfg.model) and is_text_to_video_folder(cfg.model):
         cfg.video = cfg.model  # ZeroScope / ModelScope: the model itself makes videos
-    if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")) and not is_text_to_video_folder(cfg.video):
-        raise EvalError(f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
-                        f"diffusion_pytorch_model.safetensors)")
+    if (
+        cfg.video
+        and not os.path.isfile(os.path.join(cfg.video, "config.json"))
+        and not is_text_to_video_folder(cfg.video)
+    ):
+        raise EvalError(
+            f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
+            f"diffusion_pytorch_model.safetensors)"
+        )
     negatives = parse_negatives(cfg.negatives or ["null", "handcrafted"], cfg.handcrafted)
     from reneg.embedding import load_embedding
 
@@ -65,8 +71,9 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         if cfg.tune_patience > cfg.tune_steps:
             raise EvalError(f"--tune-patience {cfg.tune_patience} is above --tune-steps {cfg.tune_steps}")
     if cfg.reference and cfg.reference not in [n.name for n in negatives]:
-        raise EvalError(f"--reference {cfg.reference}: not one of the negatives "
-                        f"({', '.join(n.name for n in negatives)})")
+        raise EvalError(
+            f"--reference {cfg.reference}: not one of the negatives ({', '.join(n.name for n in negatives)})"
+        )
     try:
         items = build_items(cfg.prompts, cfg.limit, cfg.sample_seed, cfg.seed, cfg.images_per_prompt)
     except PromptFileError as e:
@@ -97,8 +104,9 @@ def load_backend(cfg: EvalConfig, device: torch.device):
 
     if cfg.video and is_text_to_video_folder(cfg.video):
         return load_text_to_video(cfg.video, device, frames=cfg.frames)
-    backend = load_diffusers(cfg.model, device=device, config=cfg.config, vae=cfg.vae,
-                             prediction_type=cfg.prediction_type)
+    backend = load_diffusers(
+        cfg.model, device=device, config=cfg.config, vae=cfg.vae, prediction_type=cfg.prediction_type
+    )
     if cfg.video:
         from .video import load_animatediff
 
@@ -129,25 +137,35 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     rewards = [load_reward(s, device=device) for s in specs]
     for s in specs:
         if s.weight != 1.0:
-            log(f"reneg eval: note: weight={s.weight:g} of reward {s.name} is ignored (each reward is reported "
-                f"on its own)")
+            log(
+                f"reneg eval: note: weight={s.weight:g} of reward {s.name} is ignored (each reward is reported "
+                f"on its own)"
+            )
     tune_reward = FrameReward(rewards[0], frames) if frames > 1 else rewards[0]
     # every embedding file must fit the model before any image is made
-    embs = {n.source: load_embedding(n.source, expected_family=backend.family)
-            for n in negatives if n.kind in ("file", "tuned") and n.source != "null"}
+    embs = {
+        n.source: load_embedding(n.source, expected_family=backend.family)
+        for n in negatives
+        if n.kind in ("file", "tuned") and n.source != "null"
+    }
     tensors = {k: e.model_rows().float() for k, e in embs.items()}
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
     tuning_logs: dict[str, dict] = {}
     made = 0
     cover = {n.name: items_for(cfg, n, items) for n in negatives}
     total = sum(len(v) for v in cover.values())
-    todo = {n.name: [it for it in cover[n.name] if not images.image_ok(os.path.join(img_dir, it.image_name(n.name)))]
-            for n in negatives}
+    todo = {
+        n.name: [it for it in cover[n.name] if not images.image_ok(os.path.join(img_dir, it.image_name(n.name)))]
+        for n in negatives
+    }
     missing = sum(len(v) for v in todo.values())
-    sizes = ", ".join(n.name + ("" if len(cover[n.name]) == len(items) else f" ({len(cover[n.name])})")
-                      for n in negatives)
-    log(f"reneg eval: {len(items)} images x {len(negatives)} negatives ({sizes}); "
-        f"{total - missing} already made, {missing} to make")
+    sizes = ", ".join(
+        n.name + ("" if len(cover[n.name]) == len(items) else f" ({len(cover[n.name])})") for n in negatives
+    )
+    log(
+        f"reneg eval: {len(items)} images x {len(negatives)} negatives ({sizes}); "
+        f"{total - missing} already made, {missing} to make"
+    )
     bar = progress_bar(total, total - missing, "reneg eval: generate", cfg.progress)
     try:
         for neg in negatives:
@@ -155,8 +173,9 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
             if not need and neg.kind != "tuned":
                 continue
             if neg.kind == "tuned":
-                tuning_logs[neg.name] = _run_tuned(cfg, backend, tune_reward, neg, items, need, img_dir, bar,
-                                                   tensors.get(neg.source))
+                tuning_logs[neg.name] = _run_tuned(
+                    cfg, backend, tune_reward, neg, items, need, img_dir, bar, tensors.get(neg.source)
+                )
                 made += len(need)
                 continue
             pooled = mask = None  # SDXL: the empty prompt's pooled vector, except a text negative's own
@@ -182,9 +201,16 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
 
     from .report import build_summary, write_report
 
-    summary = build_summary(rows, items, negatives, names, cfg, tuning=tuning_logs, coverage=cover,
-                            timing={"generated_images": made, "generate_seconds": round(gen_s, 2),
-                                    "score_seconds": round(score_s, 2)})
+    summary = build_summary(
+        rows,
+        items,
+        negatives,
+        names,
+        cfg,
+        tuning=tuning_logs,
+        coverage=cover,
+        timing={"generated_images": made, "generate_seconds": round(gen_s, 2), "score_seconds": round(score_s, 2)},
+    )
     write_report(cfg.out, summary, rows, items, negatives, names, cfg)
     return summary
 
@@ -194,7 +220,7 @@ def _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames) -> 
 
     n = 0
     for i in range(0, len(need), cfg.batch):
-        chunk = need[i:i + cfg.batch]
+        chunk = need[i : i + cfg.batch]
         prompts = [it.text for it in chunk]
         noise = seeded_noise(backend, [it.seed for it in chunk], cfg.resolution, cfg.resolution)
         img = generate(backend, backend.encode_prompts(prompts), uncond, noise, cfg.sampling_steps, cfg.guidance)
@@ -229,25 +255,59 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
         start, _ = backend.null_embedding()
     frames = cfg.frames if cfg.video else 1
     for it in need:
-        res, image = tune_for_seed(backend, reward, it.text, it.seed, start.to(backend.device), cfg.sampling_steps,
-                                   cfg.guidance, tuple(cfg.grad_range), cfg.resolution, cfg.resolution,
-                                   cfg.tune_steps, cfg.tune_patience, cfg.tune_lr, noise=cfg.tune_noise)
+        res, image = tune_for_seed(
+            backend,
+            reward,
+            it.text,
+            it.seed,
+            start.to(backend.device),
+            cfg.sampling_steps,
+            cfg.guidance,
+            tuple(cfg.grad_range),
+            cfg.resolution,
+            cfg.resolution,
+            cfg.tune_steps,
+            cfg.tune_patience,
+            cfg.tune_lr,
+            noise=cfg.tune_noise,
+        )
         if image is None or cfg.tune_noise == "fresh":
             # the search's best image was made from other noise (or none scored): make this item's image
             noise = seeded_noise(backend, [it.seed], cfg.resolution, cfg.resolution)
-            image = generate(backend, backend.encode_prompts([it.text]), backend.negative_cond(res.best),
-                             noise, cfg.sampling_steps, cfg.guidance).cpu()
+            image = generate(
+                backend,
+                backend.encode_prompts([it.text]),
+                backend.negative_cond(res.best),
+                noise,
+                cfg.sampling_steps,
+                cfg.guidance,
+            ).cpu()
         name = it.image_name(neg.name)
         images.save_frames(os.path.join(img_dir, name), image.view(frames, *image.shape[1:]))
         if cfg.save_tuned:
-            save_embedding(os.path.join(cfg.out, "tuned", neg.name, os.path.splitext(name)[0] + ".safetensors"),
-                           as_embedding(backend, res.best), overwrite=True, kind="per-sample", prompt=it.text,
-                           seed=it.seed, start_embedding=os.path.basename(neg.source), steps=len(res.history),
-                           lr=cfg.tune_lr, guidance_scale=cfg.guidance, start_reward=res.start_reward,
-                           best_reward=res.best_reward)
-        logs[name] = {"prompt_index": it.index, "seed": it.seed, "start_reward": _f(res.start_reward),
-                      "best_reward": _f(res.best_reward), "best_step": res.best_step, "steps": len(res.history),
-                      "stopped": res.stopped}
+            save_embedding(
+                os.path.join(cfg.out, "tuned", neg.name, os.path.splitext(name)[0] + ".safetensors"),
+                as_embedding(backend, res.best),
+                overwrite=True,
+                kind="per-sample",
+                prompt=it.text,
+                seed=it.seed,
+                start_embedding=os.path.basename(neg.source),
+                steps=len(res.history),
+                lr=cfg.tune_lr,
+                guidance_scale=cfg.guidance,
+                start_reward=res.start_reward,
+                best_reward=res.best_reward,
+            )
+        logs[name] = {
+            "prompt_index": it.index,
+            "seed": it.seed,
+            "start_reward": _f(res.start_reward),
+            "best_reward": _f(res.best_reward),
+            "best_step": res.best_step,
+            "steps": len(res.history),
+            "stopped": res.stopped,
+        }
         atomic_write_json(log_path, logs)
         if bar is not None:
             bar.update(1)

@@ -53,7 +53,7 @@ def score_image_files(cfg, items, negatives, rewards, names, img_dir, frames=1, 
     bar = progress_bar(len(pairs), 0, "reneg eval: score", cfg.progress)
     try:
         for i in range(0, len(pairs), cfg.batch):
-            chunk = pairs[i:i + cfg.batch]
+            chunk = pairs[i : i + cfg.batch]
             vids = [load_frames(os.path.join(img_dir, it.image_name(n.name))) for n, it in chunk]
             counts = {v.shape[0] for v in vids}
             if len(counts) != 1:
@@ -64,9 +64,18 @@ def score_image_files(cfg, items, negatives, rewards, names, img_dir, frames=1, 
             for r, rname in zip(rewards, names):
                 s = r(x, prompts).float().view(len(chunk), f).mean(1).cpu().tolist()
                 for (n, it), v in zip(chunk, s):
-                    rows.append({"prompt_index": it.index, "category": it.category, "prompt": it.text,
-                                 "seed": it.seed, "negative": n.name, "reward": rname, "score": v,
-                                 "image": f"{IMAGE_DIR}/{it.image_name(n.name)}"})
+                    rows.append(
+                        {
+                            "prompt_index": it.index,
+                            "category": it.category,
+                            "prompt": it.text,
+                            "seed": it.seed,
+                            "negative": n.name,
+                            "reward": rname,
+                            "score": v,
+                            "image": f"{IMAGE_DIR}/{it.image_name(n.name)}",
+                        }
+                    )
             if bar is not None:
                 bar.update(len(chunk))
     finally:

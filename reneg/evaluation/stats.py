@@ -17,8 +17,9 @@ import math
 from statistics import NormalDist
 from typing import Sequence
 
-INTERVAL_METHOD = ("mean: Student-t 95% interval over images; win rate: (wins + ties/2) / n with the "
-                   "Wilson score interval")
+INTERVAL_METHOD = (
+    "mean: Student-t 95% interval over images; win rate: (wins + ties/2) / n with the Wilson score interval"
+)
 
 
 def t_cdf(t: float, df: int) -> float:

@@ -83,8 +83,9 @@ def host_families_text() -> str:
 # --------------------------------------------------------------------------- embedding files
 
 
-def embedding_folders(models_path: str | None, extra: str | None, ext_dir: str | None,
-                      core_root: str | None) -> list[str]:
+def embedding_folders(
+    models_path: str | None, extra: str | None, ext_dir: str | None, core_root: str | None
+) -> list[str]:
     """Where embeddings are looked for, in order; the first folder holding a name wins.
 
     ``models/reneg``, the folder set in the web UI's settings, the extension's own
@@ -316,7 +317,7 @@ def as_strength(v) -> float:
 def parse_args(args) -> tuple[bool, str, float, bool]:
     """The four script args (see the module docstring), coerced, with defaults for missing ones."""
     args = list(args)
-    enabled, name, strength, hires = args[: len(ARG_DEFAULTS)] + list(ARG_DEFAULTS[len(args):])
+    enabled, name, strength, hires = args[: len(ARG_DEFAULTS)] + list(ARG_DEFAULTS[len(args) :])
 
     def as_bool(v, default):
         if isinstance(v, str):
@@ -376,8 +377,12 @@ class Host:
     changed setting applies); ``probe_model`` returns the loaded model without loading one;
     ``clip_skip`` returns the web UI's CLIP skip setting."""
 
-    def __init__(self, folders: Callable[[], list[str]], probe_model: Callable[[], Any] = lambda: None,
-                 clip_skip: Callable[[], Any] = lambda: 1):
+    def __init__(
+        self,
+        folders: Callable[[], list[str]],
+        probe_model: Callable[[], Any] = lambda: None,
+        clip_skip: Callable[[], Any] = lambda: 1,
+    ):
         self.folders = folders
         self.store = EmbeddingStore(folders)
         self.watch = ModelWatch(probe_model)
@@ -412,15 +417,18 @@ class Host:
             msg = f"The loaded model{loaded} is not {host_families_text()}: ReNeg has no embeddings for it."
             shown = []
         elif fam is None:
-            msg = (f"{len(shown)} embedding(s); no model is loaded yet, so every family is listed "
-                   f"(the list follows the model once it loads).")
+            msg = (
+                f"{len(shown)} embedding(s); no model is loaded yet, so every family is listed "
+                f"(the list follows the model once it loads)."
+            )
         else:
             msg = f"{len(shown)} embedding(s) for {family_label(fam)}{loaded}"
             if other:
                 msg += f"; {other} for other model families hidden"
             if not shown:
                 msg = f"No ReNeg embedding for {family_label(fam)}{loaded} in {folders}" + (
-                    f" ({other} for other families hidden)" if other else "")
+                    f" ({other} for other families hidden)" if other else ""
+                )
         if bad:
             msg += f"; unreadable: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} (see the console)"
         return sorted(shown, key=str.casefold), f"<p>{html.escape(msg)}</p>"
@@ -508,8 +516,10 @@ class Host:
             clip_skip = 1
         learned = str(emb.metadata.get("clip_skip", "1"))
         if emb.family == "sd1" and str(clip_skip) != learned:
-            log(f"ReNeg: {name} was learned at CLIP skip {learned}, this generation uses {clip_skip}: "
-                f"results may be off")
+            log(
+                f"ReNeg: {name} was learned at CLIP skip {learned}, this generation uses {clip_skip}: "
+                f"results may be off"
+            )
         active = Active(emb, strength, hires, p)
         setattr(p, P_ATTR, active)
         self.fallback = active
@@ -543,8 +553,7 @@ class Host:
             host = crossattn_of(params.text_uncond)
             emb = active.tensor_like(host) if isinstance(host, torch.Tensor) else active.tensor
             length = content_length(getattr(params, "text_cond", None), active.rows)
-            new, msg = replace_uncond(params.text_uncond, emb, active.strength, length=length,
-                                      pooled=active.pooled)
+            new, msg = replace_uncond(params.text_uncond, emb, active.strength, length=length, pooled=active.pooled)
             if msg:
                 active.warn(msg)
             if new is not None:
@@ -590,8 +599,9 @@ def add_xyz_axes(xyz, host: Host) -> None:
     """Add the ReNeg axes to an X/Y/Z plot module; a second call (a reloaded extension) puts
     its own in place of the earlier ones, at the same positions (the plot saves axes by index)."""
     axes = {
-        AXIS_EMBEDDING: xyz.AxisOption(AXIS_EMBEDDING, str, xyz_apply_embedding,
-                                       confirm=host.xyz_confirm_embedding, choices=host.xyz_choices),
+        AXIS_EMBEDDING: xyz.AxisOption(
+            AXIS_EMBEDDING, str, xyz_apply_embedding, confirm=host.xyz_confirm_embedding, choices=host.xyz_choices
+        ),
         AXIS_STRENGTH: xyz.AxisOption(AXIS_STRENGTH, float, xyz_apply_strength),
     }
     for i, option in enumerate(xyz.axis_options):

@@ -41,12 +41,13 @@ class RewardInfo:
     help: str = ""
     path_kind: str = "file"  # file | folder
     required: tuple[str, ...] = ()  # options the spec must give (checked before any model loads)
-    options: tuple[str, ...] = ()   # every option the loader takes (besides weight)
+    options: tuple[str, ...] = ()  # every option the loader takes (besides weight)
     path_options: dict[str, str] = field(default_factory=dict)  # option -> "file" | "folder"
 
     @property
     def syntax(self) -> str:
         """The spec, e.g. ``aesthetic=FILE,clip=FOLDER[,weight=W]``."""
+
         def value(k):
             return self.path_options.get(k, "value").upper()
 
@@ -69,8 +70,14 @@ class Reward(torch.nn.Module):
         return False
 
 
-def register(name: str, help: str = "", path_kind: str = "file", required: tuple[str, ...] = (),
-             options: tuple[str, ...] = (), path_options: dict[str, str] | None = None):
+def register(
+    name: str,
+    help: str = "",
+    path_kind: str = "file",
+    required: tuple[str, ...] = (),
+    options: tuple[str, ...] = (),
+    path_options: dict[str, str] | None = None,
+):
     """Decorator: make ``fn(path, device=, dtype=, **options)`` the loader of reward ``name``.
 
     ``path_kind``: whether PATH is a "file" or a "folder"; ``options``: the option names it takes;
@@ -78,10 +85,13 @@ def register(name: str, help: str = "", path_kind: str = "file", required: tuple
     before anything loads, and offered as model lists by the ComfyUI Load Reward Model node);
     ``required``: options the spec must give.
     """
+
     def deco(fn):
-        _REGISTRY[name] = RewardInfo(name, fn, help, path_kind, tuple(required), tuple(options),
-                                     dict(path_options or {}))
+        _REGISTRY[name] = RewardInfo(
+            name, fn, help, path_kind, tuple(required), tuple(options), dict(path_options or {})
+        )
         return fn
+
     return deco
 
 
@@ -100,8 +110,7 @@ def _discover() -> None:
             importlib.import_module(qual)
         except Exception as e:  # noqa: BLE001 - report and go on with the other rewards
             _FAILED[qual] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"reward module {qual} could not be imported and is left out: {_FAILED[qual]}",
-                          stacklevel=2)
+            warnings.warn(f"reward module {qual} could not be imported and is left out: {_FAILED[qual]}", stacklevel=2)
 
 
 def available() -> dict[str, RewardInfo]:
@@ -116,8 +125,10 @@ def names() -> list[str]:
 
 def spec_help(prefix: str = "") -> str:
     """One line for a ``--reward`` flag's help: the spec syntax and the known names."""
-    return (f"{prefix}NAME=PATH[,option=value...][,weight=W] with NAME one of "
-            f"{', '.join(names())}; repeat to combine. 'reneg rewards' shows each one's options")
+    return (
+        f"{prefix}NAME=PATH[,option=value...][,weight=W] with NAME one of "
+        f"{', '.join(names())}; repeat to combine. 'reneg rewards' shows each one's options"
+    )
 
 
 @contextlib.contextmanager
@@ -126,6 +137,7 @@ def quiet_library_messages(*starts: str, loggers: tuple[str, ...] = ("",)) -> It
     prints about a step our loader makes moot (open_clip's "No pretrained weights loaded ...
     Model initialized randomly." right before the checkpoint's weights go in). Every other
     record passes."""
+
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             try:
@@ -166,13 +178,13 @@ def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
     """Parse ``NAME=PATH[,key=value...]``; checks the name and that the path exists."""
     regs = available()
     if "=" not in text:
-        raise RewardSpecError(f"reward spec {text!r}: expected NAME=PATH[,weight=W], "
-                              f"NAME one of {', '.join(sorted(regs))}")
+        raise RewardSpecError(
+            f"reward spec {text!r}: expected NAME=PATH[,weight=W], NAME one of {', '.join(sorted(regs))}"
+        )
     name, rest = text.split("=", 1)
     name = name.strip().lower()
     if name not in regs:
-        raise RewardSpecError(f"reward spec {text!r}: unknown reward {name!r}; "
-                              f"known: {', '.join(sorted(regs))}")
+        raise RewardSpecError(f"reward spec {text!r}: unknown reward {name!r}; known: {', '.join(sorted(regs))}")
     parts = rest.split(",")
     path, opts, weight = parts[0].strip(), {}, 1.0
     if not path:
@@ -197,22 +209,27 @@ def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
                 raise RewardSpecError(f"reward spec {text!r}: {label} {p} does not exist")
         kind = regs[name].path_kind
         if (kind == "folder") != os.path.isdir(path):
-            raise RewardSpecError(f"reward spec {text!r}: {name} expects a {kind}, but {path} is "
-                                  f"{'a folder' if os.path.isdir(path) else 'a file'}")
+            raise RewardSpecError(
+                f"reward spec {text!r}: {name} expects a {kind}, but {path} is "
+                f"{'a folder' if os.path.isdir(path) else 'a file'}"
+            )
     info = regs[name]
     known = set(info.options) | set(info.path_options) | set(info.required)
     unknown = [k for k in opts if k not in known]
     if known and unknown:
-        raise RewardSpecError(f"reward spec {text!r}: {name} takes no option {', '.join(unknown)} "
-                              f"(it takes {', '.join(sorted(known))}); syntax: {info.syntax}")
+        raise RewardSpecError(
+            f"reward spec {text!r}: {name} takes no option {', '.join(unknown)} "
+            f"(it takes {', '.join(sorted(known))}); syntax: {info.syntax}"
+        )
     missing = [k for k in regs[name].required if not opts.get(k)]
     if missing:
         raise RewardSpecError(f"reward spec {text!r}: {name} needs {', '.join(k + '=...' for k in missing)}")
     return RewardSpec(name, path, weight, opts)
 
 
-def load_reward(spec: RewardSpec | str, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> Reward:
+def load_reward(
+    spec: RewardSpec | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Reward:
     if isinstance(spec, str):
         spec = parse_spec(spec)
     info = available()[spec.name]
@@ -225,8 +242,11 @@ def load_reward(spec: RewardSpec | str, device: str | torch.device = "cpu",
             raise
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         code = next((ln for ln in lines if "GLOBAL" in ln), None)
-        what = (f"refused: a pickle in it asks to run code ({code[:200]})" if code else
-                f"{type(e).__name__}: {(lines[0] if lines else '')[:300]}")
+        what = (
+            f"refused: a pickle in it asks to run code ({code[:200]})"
+            if code
+            else f"{type(e).__name__}: {(lines[0] if lines else '')[:300]}"
+        )
         raise ValueError(f"reward {spec.name}={spec.path}: cannot load it: {what}") from None
     model.eval().requires_grad_(False)
     model.name = spec.name

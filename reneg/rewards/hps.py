@@ -37,8 +37,10 @@ def build_open_clip(arch: str | None, config: str | None, source: str):
             raise ValueError(f"{config}: not a readable open_clip config JSON ({e})") from None
         cfg = cfg.get("model_cfg", cfg)
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-            raise ValueError(f"{config}: expected an open_clip model config with embed_dim, "
-                             f"vision_cfg and text_cfg; found keys {', '.join(cfg)}")
+            raise ValueError(
+                f"{config}: expected an open_clip model config with embed_dim, "
+                f"vision_cfg and text_cfg; found keys {', '.join(cfg)}"
+            )
         cls = open_clip.CustomTextCLIP if cfg.get("custom_text") else open_clip.CLIP
         kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
         model = cls(**kwargs)
@@ -58,8 +60,7 @@ def load_state_dict_into(model: torch.nn.Module, path: str, what: str) -> None:
     ckpt = safe_torch_load(path, what=what)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a {what} holding a state_dict of tensors, "
-                         f"found {type(ckpt).__name__}")
+        raise ValueError(f"{path}: expected a {what} holding a state_dict of tensors, found {type(ckpt).__name__}")
     sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -69,11 +70,13 @@ def load_state_dict_into(model: torch.nn.Module, path: str, what: str) -> None:
         raise ValueError(
             f"{path}: this {what} does not match the architecture: {len(missing)} missing keys "
             f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])}), "
-            f"{len(wrong)} with another shape ({', '.join(wrong[:3])})")
+            f"{len(wrong)} with another shape ({', '.join(wrong[:3])})"
+        )
     bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # a corrupt download: NaN rewards would only show up as skipped training steps
-        raise ValueError(f"{path}: this {what} has NaN/inf values in {len(bad)} tensors "
-                         f"({', '.join(bad[:3])}); the file is corrupt")
+        raise ValueError(
+            f"{path}: this {what} has NaN/inf values in {len(bad)} tensors ({', '.join(bad[:3])}); the file is corrupt"
+        )
     model.load_state_dict(sd)
 
 
@@ -134,7 +137,15 @@ def _load_hps(path, device="cpu", dtype=torch.float32, arch=None, config=None, *
 
 
 _HPS_OPTIONS = dict(options=("arch",), path_options={"config": "file"})
-register("hpsv2", "HPSv2 checkpoint (HPS_v2_compressed.pt); arch= an open_clip name (default ViT-H-14), "
-         "config= an open_clip model config JSON", **_HPS_OPTIONS)(_load_hps)
-register("hpsv2.1", "HPSv2.1 checkpoint (HPS_v2.1_compressed.pt); arch= an open_clip name (default ViT-H-14), "
-         "config= an open_clip model config JSON", **_HPS_OPTIONS)(_load_hps)
+register(
+    "hpsv2",
+    "HPSv2 checkpoint (HPS_v2_compressed.pt); arch= an open_clip name (default ViT-H-14), "
+    "config= an open_clip model config JSON",
+    **_HPS_OPTIONS,
+)(_load_hps)
+register(
+    "hpsv2.1",
+    "HPSv2.1 checkpoint (HPS_v2.1_compressed.pt); arch= an open_clip name (default ViT-H-14), "
+    "config= an open_clip model config JSON",
+    **_HPS_OPTIONS,
+)(_load_hps)

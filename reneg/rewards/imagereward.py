@@ -43,15 +43,21 @@ from .preprocess import clip_preprocess
 # and med_config.json with encoder_width set to the ViT's width).
 PUBLISHED: dict = {
     "image_size": 224,
-    "max_length": 35,           # tokens, [CLS] and [SEP] included
+    "max_length": 35,  # tokens, [CLS] and [SEP] included
     "score_mean": 0.16717362830052426,
     "score_std": 1.0333394966054072,
-    "embed_dim": 256,           # blip.vision_proj / blip.text_proj (in the checkpoint, unused by the score)
-    "vision": {"width": 1024, "layers": 24, "heads": 16, "patch_size": 16, "mlp_ratio": 4.0,
-               "layer_norm_eps": 1e-6},
-    "text": {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "intermediate_size": 3072, "max_position_embeddings": 512, "layer_norm_eps": 1e-12,
-             "pad_token_id": 0},
+    "embed_dim": 256,  # blip.vision_proj / blip.text_proj (in the checkpoint, unused by the score)
+    "vision": {"width": 1024, "layers": 24, "heads": 16, "patch_size": 16, "mlp_ratio": 4.0, "layer_norm_eps": 1e-6},
+    "text": {
+        "vocab_size": 30524,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 512,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+    },
 }
 # keys a checkpoint may hold that are not weights: the text encoder's position-id buffer (0..511)
 IGNORED_KEYS = ("blip.text_encoder.embeddings.position_ids",)
@@ -78,6 +84,7 @@ def merge_config(override: dict | None, source: str = "config") -> dict:
 
 
 # --------------------------------------------------------------------------- the image encoder (BLIP ViT)
+
 
 class _PatchEmbed(nn.Module):
     def __init__(self, patch: int, width: int):
@@ -127,8 +134,16 @@ class _ViTBlock(nn.Module):
 class VisionTransformer(nn.Module):
     """BLIP's ViT (timm layout): patch embedding, [CLS] + learned positions, pre-norm blocks, final norm."""
 
-    def __init__(self, image_size: int, width: int, layers: int, heads: int, patch_size: int,
-                 mlp_ratio: float, layer_norm_eps: float):
+    def __init__(
+        self,
+        image_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        patch_size: int,
+        mlp_ratio: float,
+        layer_norm_eps: float,
+    ):
         super().__init__()
         n = (image_size // patch_size) ** 2
         self.patch_embed = _PatchEmbed(patch_size, width)
@@ -141,7 +156,7 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = x + self.pos_embed[:, :x.shape[1]]
+        x = x + self.pos_embed[:, : x.shape[1]]
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
@@ -153,6 +168,7 @@ class VisionTransformer(nn.Module):
 
 
 # --------------------------------------------------------------------------- the text encoder (BLIP "med" BERT)
+
 
 class _Linear3(nn.Module):
     """BERT's ``self`` block: query, key, value (key/value read the image for cross-attention)."""
@@ -238,14 +254,28 @@ class TextEncoder(nn.Module):
     """BLIP's "med" BERT in its multimodal mode: self-attention over the prompt, then
     cross-attention to the image tokens, in every layer (no pooler)."""
 
-    def __init__(self, encoder_width: int, vocab_size: int, hidden_size: int, num_hidden_layers: int,
-                 num_attention_heads: int, intermediate_size: int, max_position_embeddings: int,
-                 layer_norm_eps: float, pad_token_id: int):
+    def __init__(
+        self,
+        encoder_width: int,
+        vocab_size: int,
+        hidden_size: int,
+        num_hidden_layers: int,
+        num_attention_heads: int,
+        intermediate_size: int,
+        max_position_embeddings: int,
+        layer_norm_eps: float,
+        pad_token_id: int,
+    ):
         super().__init__()
-        self.embeddings = _BertEmbeddings(vocab_size, hidden_size, max_position_embeddings, layer_norm_eps,
-                                          pad_token_id)
-        self.encoder = _BertEncoder([_BertLayer(hidden_size, num_attention_heads, intermediate_size,
-                                                encoder_width, layer_norm_eps) for _ in range(num_hidden_layers)])
+        self.embeddings = _BertEmbeddings(
+            vocab_size, hidden_size, max_position_embeddings, layer_norm_eps, pad_token_id
+        )
+        self.encoder = _BertEncoder(
+            [
+                _BertLayer(hidden_size, num_attention_heads, intermediate_size, encoder_width, layer_norm_eps)
+                for _ in range(num_hidden_layers)
+            ]
+        )
 
     def forward(self, ids, attention_mask, image_embeds):
         x = self.embeddings(ids)
@@ -289,6 +319,7 @@ class ImageRewardModel(nn.Module):
 
 # --------------------------------------------------------------------------- tokenizer
 
+
 def _tokenizer_from(where: str):
     """A BERT tokenizer from a folder (vocab.txt or tokenizer.json) or a vocab.txt file."""
     from transformers import BertTokenizerFast
@@ -322,7 +353,8 @@ def find_tokenizer(path: str, tokenizer: str | None = None):
                 f"{path}: ImageReward needs the bert-base-uncased tokenizer files (vocab.txt, or a Hugging "
                 f"Face tokenizer folder); none found in {', '.join(tried)} or the Hugging Face cache "
                 f"({hf_cache_root()}). "
-                f"Put them in {tried[0]} or give tokenizer=FOLDER")
+                f"Put them in {tried[0]} or give tokenizer=FOLDER"
+            )
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tok
@@ -363,6 +395,7 @@ def _from_hf_cache():
 
 # --------------------------------------------------------------------------- the reward
 
+
 class ImageRewardScore(Reward):
     def __init__(self, model: ImageRewardModel, tokenizer):
         super().__init__()
@@ -376,8 +409,9 @@ class ImageRewardScore(Reward):
         return True
 
     def tokens(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                           return_tensors="pt")
+        t = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return t["input_ids"].to(device), t["attention_mask"].to(device)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -421,8 +455,9 @@ def read_state_dict(path: str) -> dict:
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected an ImageReward state dict of tensors (ImageReward.pt), "
-                         f"found {type(sd).__name__}")
+        raise ValueError(
+            f"{path}: expected an ImageReward state dict of tensors (ImageReward.pt), found {type(sd).__name__}"
+        )
     return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items() if k not in IGNORED_KEYS}
 
 
@@ -447,27 +482,36 @@ def build_from_state_dict(sd: dict, cfg: dict, path: str) -> ImageRewardModel:
         raise ValueError(
             f"{path}: this ImageReward checkpoint does not fit the architecture: {len(missing)} missing keys "
             f"({', '.join(missing[:4])}), {len(unexpected)} unexpected ({', '.join(unexpected[:4])}), "
-            f"{len(wrong)} with another shape ({', '.join(wrong[:3])})")
-    bad = [k for k, v in sd.items()
-           if v.is_floating_point() and v.device.type != "meta" and not torch.isfinite(v).all()]
+            f"{len(wrong)} with another shape ({', '.join(wrong[:3])})"
+        )
+    bad = [
+        k for k, v in sd.items() if v.is_floating_point() and v.device.type != "meta" and not torch.isfinite(v).all()
+    ]
     if bad:
-        raise ValueError(f"{path}: this ImageReward checkpoint has NaN/inf values in {len(bad)} tensors "
-                         f"({', '.join(bad[:3])}); the file is corrupt")
+        raise ValueError(
+            f"{path}: this ImageReward checkpoint has NaN/inf values in {len(bad)} tensors "
+            f"({', '.join(bad[:3])}); the file is corrupt"
+        )
     model.load_state_dict(sd, assign=True)
     return model
 
 
-@register("imagereward", "ImageReward checkpoint (ImageReward.pt); tokenizer= the bert-base-uncased tokenizer "
-          "folder (vocab.txt), by default a tokenizer/ folder beside the checkpoint; config= an architecture "
-          "JSON (default: the published model)",
-          path_options={"tokenizer": "folder", "config": "file"})
+@register(
+    "imagereward",
+    "ImageReward checkpoint (ImageReward.pt); tokenizer= the bert-base-uncased tokenizer "
+    "folder (vocab.txt), by default a tokenizer/ folder beside the checkpoint; config= an architecture "
+    "JSON (default: the published model)",
+    path_options={"tokenizer": "folder", "config": "file"},
+)
 def load_imagereward(path, device="cpu", dtype=torch.float32, tokenizer=None, config=None, **unused):
     if unused:
         raise ValueError(f"imagereward reward: unknown options {', '.join(unused)} (known: tokenizer, config)")
     cfg = read_config(path, config)
     tok = find_tokenizer(path, tokenizer)
     if len(tok) != cfg["text"]["vocab_size"]:
-        raise ValueError(f"{path}: the tokenizer has {len(tok)} ids with [DEC] and [ENC] added, the text "
-                         f"encoder {cfg['text']['vocab_size']}: ImageReward needs bert-base-uncased's vocab.txt")
+        raise ValueError(
+            f"{path}: the tokenizer has {len(tok)} ids with [DEC] and [ENC] added, the text "
+            f"encoder {cfg['text']['vocab_size']}: ImageReward needs bert-base-uncased's vocab.txt"
+        )
     model = build_from_state_dict(read_state_dict(path), cfg, path)
     return ImageRewardScore(model.to(device=device, dtype=dtype), tok)

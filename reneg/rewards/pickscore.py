@@ -28,8 +28,13 @@ class PickScore(Reward):
         img = self.model.get_image_features(pixel_values=x.to(p.dtype))
         img = getattr(img, "pooler_output", img).float()
         with torch.no_grad():
-            tok = self.tokenizer(prompts, padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").to(p.device)
+            tok = self.tokenizer(
+                prompts,
+                padding="max_length",
+                truncation=True,
+                max_length=self.tokenizer.model_max_length,
+                return_tensors="pt",
+            ).to(p.device)
             txt = self.model.get_text_features(**tok)
             txt = getattr(txt, "pooler_output", txt).float()
         img = img / img.norm(dim=-1, keepdim=True)
@@ -37,14 +42,16 @@ class PickScore(Reward):
         return self.model.logit_scale.exp().float() * (img * txt).sum(-1)
 
 
-@register("pickscore", "PickScore: a local Hugging Face CLIPModel folder (model and tokenizer files)",
-          path_kind="folder")
+@register(
+    "pickscore", "PickScore: a local Hugging Face CLIPModel folder (model and tokenizer files)", path_kind="folder"
+)
 def load_pickscore(path, device="cpu", dtype=torch.float32, **unused):
     if unused:
         raise ValueError(f"pickscore reward: unknown options {', '.join(unused)}")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path}: expected a Hugging Face CLIPModel folder with config.json "
-                         f"(and model weights and tokenizer files)")
+        raise ValueError(
+            f"{path}: expected a Hugging Face CLIPModel folder with config.json (and model weights and tokenizer files)"
+        )
     from transformers import AutoTokenizer, CLIPModel
 
     model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device)

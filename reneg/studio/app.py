@@ -31,8 +31,24 @@ from .runs import (
 
 TRAIN_FIELDS = [f.name for f in fields(TrainForm) if f.name != "extra"]
 EVAL_FIELDS = [f.name for f in fields(EvalForm)]
-TUNE_FIELDS = ["model", "config", "rewards", "embedding", "prompt", "seed", "noise", "max_steps", "patience",
-               "lr", "sampling_steps", "guidance", "grad_lo", "grad_hi", "resolution", "device"]
+TUNE_FIELDS = [
+    "model",
+    "config",
+    "rewards",
+    "embedding",
+    "prompt",
+    "seed",
+    "noise",
+    "max_steps",
+    "patience",
+    "lr",
+    "sampling_steps",
+    "guidance",
+    "grad_lo",
+    "grad_hi",
+    "resolution",
+    "device",
+]
 FAMILIES = ["", "sd1", "sd2", "sdxl", "pixart", "tiny"]
 MAX_SAMPLE_CARDS = 8
 
@@ -77,14 +93,36 @@ class Studio:
     # ------------------------------------------------------------------ defaults for the form
     def tune_defaults(self) -> dict:
         t = self.train_defaults
-        d = {"model": t.model, "config": t.config, "rewards": t.rewards, "embedding": "", "prompt": "",
-             "seed": 0, "noise": "seed", "max_steps": 10, "patience": 3, "lr": 5e-3, "sampling_steps": 30,
-             "guidance": 7.5, "grad_lo": 0, "grad_hi": 10, "resolution": 512, "device": ""}
+        d = {
+            "model": t.model,
+            "config": t.config,
+            "rewards": t.rewards,
+            "embedding": "",
+            "prompt": "",
+            "seed": 0,
+            "noise": "seed",
+            "max_steps": 10,
+            "patience": 3,
+            "lr": 5e-3,
+            "sampling_steps": 30,
+            "guidance": 7.5,
+            "grad_lo": 0,
+            "grad_hi": 10,
+            "resolution": 512,
+            "device": "",
+        }
         if self.demo:
             emb = os.path.join(t.out, "embedding.safetensors")
-            d.update(prompt=self.demo["prompt"], lr=self.demo["tune_lr"], sampling_steps=t.sampling_steps,
-                     guidance=t.guidance, grad_lo=t.grad_lo, grad_hi=t.grad_hi, resolution=t.resolution,
-                     embedding=emb if os.path.isfile(emb) else "")
+            d.update(
+                prompt=self.demo["prompt"],
+                lr=self.demo["tune_lr"],
+                sampling_steps=t.sampling_steps,
+                guidance=t.guidance,
+                grad_lo=t.grad_lo,
+                grad_hi=t.grad_hi,
+                resolution=t.resolution,
+                embedding=emb if os.path.isfile(emb) else "",
+            )
         return d
 
     def eval_defaults(self) -> EvalForm:
@@ -92,11 +130,21 @@ class Studio:
         if not self.demo:
             return EvalForm(model=t.model, rewards=t.rewards, out=os.path.join(self.root, "studio-eval"))
         emb = os.path.join(t.out, "embedding.safetensors")
-        return EvalForm(model=t.model, rewards=t.rewards, prompts=t.heldout,
-                        negatives=f"null\nhandcrafted\nlearned={emb}", handcrafted=t.handcrafted,
-                        out=os.path.join(self.root, "studio-demo-eval"), limit=16, images_per_prompt=4,
-                        sampling_steps=t.sampling_steps, guidance=t.guidance, resolution=t.resolution,
-                        batch=32, seed=1234)
+        return EvalForm(
+            model=t.model,
+            rewards=t.rewards,
+            prompts=t.heldout,
+            negatives=f"null\nhandcrafted\nlearned={emb}",
+            handcrafted=t.handcrafted,
+            out=os.path.join(self.root, "studio-demo-eval"),
+            limit=16,
+            images_per_prompt=4,
+            sampling_steps=t.sampling_steps,
+            guidance=t.guidance,
+            resolution=t.resolution,
+            batch=32,
+            seed=1234,
+        )
 
     # ------------------------------------------------------------------ Train
     def _form(self, values) -> TrainForm:
@@ -127,8 +175,19 @@ class Studio:
         try:
             st = run_status(out, self.manager)
         except Exception as e:  # noqa: BLE001 - the page shows every error as one line
-            return {"status": _err(e), "curves": None, "heldout": [], "latest": None, "gallery": None,
-                    "signature": shown, "log": "", "state": "error", "step": 0, "steps": None, "rows": []}
+            return {
+                "status": _err(e),
+                "curves": None,
+                "heldout": [],
+                "latest": None,
+                "gallery": None,
+                "signature": shown,
+                "log": "",
+                "state": "error",
+                "step": 0,
+                "steps": None,
+                "rows": [],
+            }
         rows = st["rows"]
         samples = st["samples"]
         last = rows[-1] if rows else {}
@@ -147,9 +206,19 @@ class Studio:
         if st["state"] == "running" and steps:
             head += "\n\n" + _bar(st["step"], steps)
         table = [[r[0]] + [None if x is None else round(float(x), 4) for x in r[1:]] for r in st["heldout"]]
-        return {"status": head, "curves": curves, "heldout": table, "latest": latest,
-                "gallery": gallery, "signature": sig, "log": st["log"], "state": st["state"],
-                "step": st["step"], "steps": steps, "rows": [r["step"] for r in rows]}
+        return {
+            "status": head,
+            "curves": curves,
+            "heldout": table,
+            "latest": latest,
+            "gallery": gallery,
+            "signature": sig,
+            "log": st["log"],
+            "state": st["state"],
+            "step": st["step"],
+            "steps": steps,
+            "rows": [r["step"] for r in rows],
+        }
 
     # ------------------------------------------------------------------ Tune
     def _models_for(self, model, config, rewards, device):
@@ -233,10 +302,23 @@ class Studio:
             from reneg.tuning import tune_for_seed
 
             try:
-                res, image = tune_for_seed(backend, capture, ns.prompt, ns.seed, start.to(backend.device),
-                                           ns.sampling_steps, float(ns.guidance), ns.grad_range, ns.resolution,
-                                           ns.resolution, ns.max_steps, ns.patience, float(ns.lr),
-                                           noise=ns.noise or "seed", on_step=on_step)
+                res, image = tune_for_seed(
+                    backend,
+                    capture,
+                    ns.prompt,
+                    ns.seed,
+                    start.to(backend.device),
+                    ns.sampling_steps,
+                    float(ns.guidance),
+                    ns.grad_range,
+                    ns.resolution,
+                    ns.resolution,
+                    ns.max_steps,
+                    ns.patience,
+                    float(ns.lr),
+                    noise=ns.noise or "seed",
+                    on_step=on_step,
+                )
                 q.put(("done", res, image))
             except Exception as e:  # noqa: BLE001 - the page shows every error as one line
                 q.put(("error", e, None))
@@ -246,16 +328,19 @@ class Studio:
         while True:
             kind, a, b = q.get()
             if kind == "step":
-                table.append([a["step"], round(a["reward"], 5), round(a["best_reward"], 5),
-                              "yes" if a["improved"] else ""])
+                table.append(
+                    [a["step"], round(a["reward"], 5), round(a["best_reward"], 5), "yes" if a["improved"] else ""]
+                )
                 if b is not None:
                     from reneg.trainer.events import to_pil
 
                     im = to_pil(b)[0]
                     im = im.resize((max(256, im.width), max(256, im.height)), 0)
                     gallery.append((im, f"step {a['step']}: reward {a['reward']:.4f}"))
-                status = (f"Step {a['step'] + 1} of at most {ns.max_steps}: reward {a['reward']:.5f} "
-                          f"(best {a['best_reward']:.5f})")
+                status = (
+                    f"Step {a['step'] + 1} of at most {ns.max_steps}: reward {a['reward']:.5f} "
+                    f"(best {a['best_reward']:.5f})"
+                )
                 yield status, list(gallery), list(table), None
             elif kind == "error":
                 yield _err(a), list(gallery), list(table), None
@@ -265,13 +350,29 @@ class Studio:
 
                 res = a
                 emb = as_embedding(backend, res.best)
-                result = {"embedding": emb, "prompt": ns.prompt, "seed": ns.seed, "noise": ns.noise,
-                          "model": ns.model, "rewards": ns.rewards, "lr": float(ns.lr), "guidance": float(ns.guidance),
-                          "steps": len(res.history), "start": os.path.basename(ns.embedding) or "null",
-                          "start_reward": res.start_reward, "best_reward": res.best_reward}
-                yield (f"**Done ({res.stopped}).** Start reward {res.start_reward:.5f}, best "
-                       f"{res.best_reward:.5f} at step {res.best_step}. Save keeps the best embedding."), \
-                    list(gallery), list(table), result
+                result = {
+                    "embedding": emb,
+                    "prompt": ns.prompt,
+                    "seed": ns.seed,
+                    "noise": ns.noise,
+                    "model": ns.model,
+                    "rewards": ns.rewards,
+                    "lr": float(ns.lr),
+                    "guidance": float(ns.guidance),
+                    "steps": len(res.history),
+                    "start": os.path.basename(ns.embedding) or "null",
+                    "start_reward": res.start_reward,
+                    "best_reward": res.best_reward,
+                }
+                yield (
+                    (
+                        f"**Done ({res.stopped}).** Start reward {res.start_reward:.5f}, best "
+                        f"{res.best_reward:.5f} at step {res.best_step}. Save keeps the best embedding."
+                    ),
+                    list(gallery),
+                    list(table),
+                    result,
+                )
                 return
 
     def tune_save(self, result, path: str, overwrite: bool = False) -> str:
@@ -287,11 +388,23 @@ class Studio:
             from reneg.embedding import save_embedding
 
             r = result
-            save_embedding(path, r["embedding"], overwrite=overwrite, kind="per-sample", prompt=r["prompt"],
-                           seed=r["seed"], noise_mode=r["noise"],
-                           base_model=os.path.basename(os.path.normpath(r["model"])), rewards=r["rewards"],
-                           steps=r["steps"], lr=r["lr"], guidance_scale=r["guidance"], start_embedding=r["start"],
-                           start_reward=r["start_reward"], best_reward=r["best_reward"])
+            save_embedding(
+                path,
+                r["embedding"],
+                overwrite=overwrite,
+                kind="per-sample",
+                prompt=r["prompt"],
+                seed=r["seed"],
+                noise_mode=r["noise"],
+                base_model=os.path.basename(os.path.normpath(r["model"])),
+                rewards=r["rewards"],
+                steps=r["steps"],
+                lr=r["lr"],
+                guidance_scale=r["guidance"],
+                start_embedding=r["start"],
+                start_reward=r["start_reward"],
+                best_reward=r["best_reward"],
+            )
             return f"Saved {path} (best reward {r['best_reward']:.5f})"
         except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return _err(e)
@@ -309,8 +422,7 @@ class Studio:
         log = os.path.join(out, "studio_eval.log")
         t0 = time.time()
         while proc.poll() is None:
-            yield (f"Running `reneg eval` (process {proc.pid}), {time.time() - t0:.0f} s", _tail(log, 12),
-                   [], None, [])
+            yield (f"Running `reneg eval` (process {proc.pid}), {time.time() - t0:.0f} s", _tail(log, 12), [], None, [])
             time.sleep(poll)
         text = _tail(log, 40)
         if proc.returncode != 0:
@@ -350,8 +462,9 @@ class Studio:
             if "error" in e:
                 rows.append([rel, "unreadable", "", "", "", "", e["error"]])
                 continue
-            rows.append([rel, e["family"], e["kind"], e["shape"], e["base_model"], str(e["steps"]),
-                         e["source"] or e["created"]])
+            rows.append(
+                [rel, e["family"], e["kind"], e["shape"], e["base_model"], str(e["steps"]), e["source"] or e["created"]]
+            )
             try:
                 thumbs.append((thumbnail(e), f"{rel} ({e['family']}, {e['kind']})"))
             except (OSError, ValueError):  # an unreadable picture: the row above says what is wrong
@@ -415,9 +528,11 @@ def curves_image(rows: list[dict], width: float = 9.0, height: float = 2.8):
     ax1.plot(steps, [r.get("loss") for r in rows], color="#444", lw=1.2)
     ax1.set_title("loss", fontsize=10)
     ax2.plot(steps, [r.get("reward") for r in rows], color="#999", lw=1.0, label="training batch")
-    for key, label, colour in (("heldout_null", "held-out: null", "#d62728"),
-                               ("heldout_handcrafted", "held-out: handcrafted", "#ff7f0e"),
-                               ("heldout_learned", "held-out: learned", "#1f77b4")):
+    for key, label, colour in (
+        ("heldout_null", "held-out: null", "#d62728"),
+        ("heldout_handcrafted", "held-out: handcrafted", "#ff7f0e"),
+        ("heldout_learned", "held-out: learned", "#1f77b4"),
+    ):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax2.plot(*zip(*pts), marker="o", ms=4, lw=1.5, color=colour, label=label)
@@ -442,54 +557,117 @@ def _bar(step: int, steps: int) -> str:
 
 # --------------------------------------------------------------------------- the page
 
+
 def build_app(studio: Studio):
     import gradio as gr
 
     t = studio.train_defaults
     with gr.Blocks(title="ReNeg Studio", analytics_enabled=False) as app:
-        gr.Markdown("# ReNeg Studio\nLearned negative embeddings: train, watch, tune, compare." +
-                    (f"  Demo world: *{studio.demo['kind']}*, everything is filled in: press **Start**."
-                     if studio.demo else ""))
+        gr.Markdown(
+            "# ReNeg Studio\nLearned negative embeddings: train, watch, tune, compare."
+            + (
+                f"  Demo world: *{studio.demo['kind']}*, everything is filled in: press **Start**."
+                if studio.demo
+                else ""
+            )
+        )
         with gr.Tab("Train"):
             with gr.Row():
                 with gr.Column(scale=1):
                     c = {}
-                    c["model"] = gr.Textbox(elem_id="train_model", value=t.model, label="Model (diffusers folder or single .safetensors file)")
-                    c["config"] = gr.Textbox(elem_id="train_config", value=t.config, label="Configs folder (single-file checkpoints only)")
-                    c["rewards"] = gr.Textbox(elem_id="train_rewards", value=t.rewards, lines=2, label="Rewards (NAME=PATH[,weight=W], one a line)")
+                    c["model"] = gr.Textbox(
+                        elem_id="train_model",
+                        value=t.model,
+                        label="Model (diffusers folder or single .safetensors file)",
+                    )
+                    c["config"] = gr.Textbox(
+                        elem_id="train_config", value=t.config, label="Configs folder (single-file checkpoints only)"
+                    )
+                    c["rewards"] = gr.Textbox(
+                        elem_id="train_rewards",
+                        value=t.rewards,
+                        lines=2,
+                        label="Rewards (NAME=PATH[,weight=W], one a line)",
+                    )
                     c["prompts"] = gr.Textbox(elem_id="train_prompts", value=t.prompts, label="Training prompts file")
-                    c["heldout"] = gr.Textbox(elem_id="train_heldout", value=t.heldout, label="Held-out prompts file (empty: the last N "
-                                                               "training prompts)")
-                    c["handcrafted"] = gr.Textbox(elem_id="train_handcrafted", value=t.handcrafted, label="Handcrafted negative (compared against)")
+                    c["heldout"] = gr.Textbox(
+                        elem_id="train_heldout",
+                        value=t.heldout,
+                        label="Held-out prompts file (empty: the last N training prompts)",
+                    )
+                    c["handcrafted"] = gr.Textbox(
+                        elem_id="train_handcrafted",
+                        value=t.handcrafted,
+                        label="Handcrafted negative (compared against)",
+                    )
                     c["out"] = gr.Textbox(elem_id="train_out", value=t.out, label="Output folder")
                     with gr.Accordion("Recipe (defaults as reneg train)", open=False):
                         with gr.Row():
                             c["steps"] = gr.Number(elem_id="train_steps", value=t.steps, label="steps", precision=0)
                             c["lr"] = gr.Number(elem_id="train_lr", value=t.lr, label="learning rate")
-                            c["batch_size"] = gr.Number(elem_id="train_batch_size", value=t.batch_size, label="batch size", precision=0)
-                            c["micro_batch"] = gr.Number(elem_id="train_micro_batch", value=t.micro_batch, label="micro-batch", precision=0)
+                            c["batch_size"] = gr.Number(
+                                elem_id="train_batch_size", value=t.batch_size, label="batch size", precision=0
+                            )
+                            c["micro_batch"] = gr.Number(
+                                elem_id="train_micro_batch", value=t.micro_batch, label="micro-batch", precision=0
+                            )
                         with gr.Row():
-                            c["sampling_steps"] = gr.Number(elem_id="train_sampling_steps", value=t.sampling_steps, label="DDIM steps", precision=0)
+                            c["sampling_steps"] = gr.Number(
+                                elem_id="train_sampling_steps", value=t.sampling_steps, label="DDIM steps", precision=0
+                            )
                             c["guidance"] = gr.Number(elem_id="train_guidance", value=t.guidance, label="CFG scale")
-                            c["grad_lo"] = gr.Number(elem_id="train_grad_lo", value=t.grad_lo, label="grad step from (end)", precision=0)
-                            c["grad_hi"] = gr.Number(elem_id="train_grad_hi", value=t.grad_hi, label="grad step to", precision=0)
+                            c["grad_lo"] = gr.Number(
+                                elem_id="train_grad_lo", value=t.grad_lo, label="grad step from (end)", precision=0
+                            )
+                            c["grad_hi"] = gr.Number(
+                                elem_id="train_grad_hi", value=t.grad_hi, label="grad step to", precision=0
+                            )
                         with gr.Row():
-                            c["resolution"] = gr.Number(elem_id="train_resolution", value=t.resolution, label="resolution", precision=0)
-                            c["init"] = gr.Textbox(elem_id="train_init", value=t.init, label="init (null, handcrafted or a file)")
+                            c["resolution"] = gr.Number(
+                                elem_id="train_resolution", value=t.resolution, label="resolution", precision=0
+                            )
+                            c["init"] = gr.Textbox(
+                                elem_id="train_init", value=t.init, label="init (null, handcrafted or a file)"
+                            )
                             c["seed"] = gr.Number(elem_id="train_seed", value=t.seed, label="seed", precision=0)
-                            c["heldout_count"] = gr.Number(elem_id="train_heldout_count", value=t.heldout_count, label="held-out prompts", precision=0)
+                            c["heldout_count"] = gr.Number(
+                                elem_id="train_heldout_count",
+                                value=t.heldout_count,
+                                label="held-out prompts",
+                                precision=0,
+                            )
                         with gr.Row():
-                            c["checkpoint_every"] = gr.Number(elem_id="train_checkpoint_every", value=t.checkpoint_every, label="checkpoint every",
-                                                              precision=0)
-                            c["eval_every"] = gr.Number(elem_id="train_eval_every", value=t.eval_every, label="held-out eval every", precision=0)
-                            c["eval_batch"] = gr.Number(elem_id="train_eval_batch", value=t.eval_batch, label="eval batch", precision=0)
-                            c["sample_every"] = gr.Number(elem_id="train_sample_every", value=t.sample_every, label="samples every", precision=0)
+                            c["checkpoint_every"] = gr.Number(
+                                elem_id="train_checkpoint_every",
+                                value=t.checkpoint_every,
+                                label="checkpoint every",
+                                precision=0,
+                            )
+                            c["eval_every"] = gr.Number(
+                                elem_id="train_eval_every", value=t.eval_every, label="held-out eval every", precision=0
+                            )
+                            c["eval_batch"] = gr.Number(
+                                elem_id="train_eval_batch", value=t.eval_batch, label="eval batch", precision=0
+                            )
+                            c["sample_every"] = gr.Number(
+                                elem_id="train_sample_every", value=t.sample_every, label="samples every", precision=0
+                            )
                         with gr.Row():
-                            c["mixed_precision"] = gr.Dropdown(["no", "fp16", "bf16"], value=t.mixed_precision, elem_id="train_mixed_precision",
-                                                               label="mixed precision")
-                            c["device"] = gr.Textbox(elem_id="train_device", value=t.device, label="device (empty: automatic)")
-                            c["report_to"] = gr.Dropdown(["none", "tensorboard"], value=t.report_to, elem_id="train_report_to",
-                                                         label="also report to")
+                            c["mixed_precision"] = gr.Dropdown(
+                                ["no", "fp16", "bf16"],
+                                value=t.mixed_precision,
+                                elem_id="train_mixed_precision",
+                                label="mixed precision",
+                            )
+                            c["device"] = gr.Textbox(
+                                elem_id="train_device", value=t.device, label="device (empty: automatic)"
+                            )
+                            c["report_to"] = gr.Dropdown(
+                                ["none", "tensorboard"],
+                                value=t.report_to,
+                                elem_id="train_report_to",
+                                label="also report to",
+                            )
                     with gr.Row():
                         start_b = gr.Button("Start", variant="primary", elem_id="train_start")
                         stop_b = gr.Button("Stop (keeps a checkpoint)", elem_id="train_stop")
@@ -497,15 +675,25 @@ def build_app(studio: Studio):
                     action = gr.Markdown("", elem_id="train_action")
                 with gr.Column(scale=2):
                     status = gr.Markdown("", elem_id="train_status")
-                    curves = gr.Image(label="Loss and reward", type="pil", interactive=False, elem_id="train_curves",
-                                      height=300)
-                    heldout = gr.Dataframe(headers=["step", "null", "handcrafted", "learned"], value=[],
-                                           label="Held-out mean reward (as scored)", interactive=False)
-                    latest = gr.Image(label="Latest samples: null (left) and the current negative (right), "
-                                            "fixed prompts and seeds", type="pil", interactive=False,
-                                      elem_id="train_latest", height=360)
-                    gallery = gr.Gallery(label="Earlier samples", columns=6, height=260, object_fit="contain",
-                                         elem_id="train_gallery")
+                    curves = gr.Image(
+                        label="Loss and reward", type="pil", interactive=False, elem_id="train_curves", height=300
+                    )
+                    heldout = gr.Dataframe(
+                        headers=["step", "null", "handcrafted", "learned"],
+                        value=[],
+                        label="Held-out mean reward (as scored)",
+                        interactive=False,
+                    )
+                    latest = gr.Image(
+                        label="Latest samples: null (left) and the current negative (right), fixed prompts and seeds",
+                        type="pil",
+                        interactive=False,
+                        elem_id="train_latest",
+                        height=360,
+                    )
+                    gallery = gr.Gallery(
+                        label="Earlier samples", columns=6, height=260, object_fit="contain", elem_id="train_gallery"
+                    )
                     log = gr.Textbox(label="Trainer output", lines=6, max_lines=12, interactive=False)
             shown = gr.State("")
             inputs = [c[k] for k in TRAIN_FIELDS]
@@ -513,9 +701,15 @@ def build_app(studio: Studio):
             def _poll(out, sig):
                 r = studio.poll(out, sig)
                 keep = gr.update()
-                return (r["status"], keep if r["curves"] is None else r["curves"], r["heldout"],
-                        keep if r["gallery"] is None else r["latest"],
-                        keep if r["gallery"] is None else r["gallery"], r["log"], r["signature"])
+                return (
+                    r["status"],
+                    keep if r["curves"] is None else r["curves"],
+                    r["heldout"],
+                    keep if r["gallery"] is None else r["latest"],
+                    keep if r["gallery"] is None else r["gallery"],
+                    r["log"],
+                    r["signature"],
+                )
 
             poll_outputs = [status, curves, heldout, latest, gallery, log, shown]
             start_b.click(studio.start, inputs, action)
@@ -527,6 +721,7 @@ def build_app(studio: Studio):
                 # a reopened page shows the last run this app started
                 last = studio.manager.last_out or out
                 return (last,) + _poll(last, "")
+
             app.load(_on_load, [c["out"], shown], [c["out"]] + poll_outputs)
 
         with gr.Tab("Tune"):
@@ -535,25 +730,46 @@ def build_app(studio: Studio):
                 with gr.Column(scale=1):
                     u = {}
                     u["model"] = gr.Textbox(elem_id="tune_model", value=td["model"], label="Model")
-                    u["config"] = gr.Textbox(elem_id="tune_config", value=td["config"], label="Configs folder (single-file checkpoints only)")
-                    u["rewards"] = gr.Textbox(elem_id="tune_rewards", value=td["rewards"], lines=2, label="Reward(s), one a line")
-                    u["embedding"] = gr.Textbox(elem_id="tune_embedding", value=td["embedding"], label="Starting embedding (empty: null)")
+                    u["config"] = gr.Textbox(
+                        elem_id="tune_config", value=td["config"], label="Configs folder (single-file checkpoints only)"
+                    )
+                    u["rewards"] = gr.Textbox(
+                        elem_id="tune_rewards", value=td["rewards"], lines=2, label="Reward(s), one a line"
+                    )
+                    u["embedding"] = gr.Textbox(
+                        elem_id="tune_embedding", value=td["embedding"], label="Starting embedding (empty: null)"
+                    )
                     u["prompt"] = gr.Textbox(elem_id="tune_prompt", value=td["prompt"], label="Prompt")
                     with gr.Row():
                         u["seed"] = gr.Number(elem_id="tune_seed", value=td["seed"], label="seed", precision=0)
                         u["noise"] = gr.Dropdown(["seed", "fresh"], value=td["noise"], label="noise each step")
                     with gr.Accordion("Algorithm 1 settings", open=True):
                         with gr.Row():
-                            u["max_steps"] = gr.Number(elem_id="tune_max_steps", value=td["max_steps"], label="max steps N", precision=0)
-                            u["patience"] = gr.Number(elem_id="tune_patience", value=td["patience"], label="patience P", precision=0)
+                            u["max_steps"] = gr.Number(
+                                elem_id="tune_max_steps", value=td["max_steps"], label="max steps N", precision=0
+                            )
+                            u["patience"] = gr.Number(
+                                elem_id="tune_patience", value=td["patience"], label="patience P", precision=0
+                            )
                             u["lr"] = gr.Number(elem_id="tune_lr", value=td["lr"], label="learning rate")
                         with gr.Row():
-                            u["sampling_steps"] = gr.Number(elem_id="tune_sampling_steps", value=td["sampling_steps"], label="DDIM steps", precision=0)
+                            u["sampling_steps"] = gr.Number(
+                                elem_id="tune_sampling_steps",
+                                value=td["sampling_steps"],
+                                label="DDIM steps",
+                                precision=0,
+                            )
                             u["guidance"] = gr.Number(elem_id="tune_guidance", value=td["guidance"], label="CFG scale")
-                            u["grad_lo"] = gr.Number(elem_id="tune_grad_lo", value=td["grad_lo"], label="grad step from", precision=0)
-                            u["grad_hi"] = gr.Number(elem_id="tune_grad_hi", value=td["grad_hi"], label="grad step to", precision=0)
+                            u["grad_lo"] = gr.Number(
+                                elem_id="tune_grad_lo", value=td["grad_lo"], label="grad step from", precision=0
+                            )
+                            u["grad_hi"] = gr.Number(
+                                elem_id="tune_grad_hi", value=td["grad_hi"], label="grad step to", precision=0
+                            )
                         with gr.Row():
-                            u["resolution"] = gr.Number(elem_id="tune_resolution", value=td["resolution"], label="resolution", precision=0)
+                            u["resolution"] = gr.Number(
+                                elem_id="tune_resolution", value=td["resolution"], label="resolution", precision=0
+                            )
                             u["device"] = gr.Textbox(elem_id="tune_device", value=td["device"], label="device")
                     tune_b = gr.Button("Tune", variant="primary", elem_id="tune_start")
                     with gr.Row():
@@ -563,13 +779,12 @@ def build_app(studio: Studio):
                     save_msg = gr.Markdown("")
                 with gr.Column(scale=2):
                     tune_status = gr.Markdown("", elem_id="tune_status")
-                    tune_gallery = gr.Gallery(label="Each step's image", columns=5, height=320,
-                                              elem_id="tune_gallery")
-                    tune_table = gr.Dataframe(headers=["step", "reward", "best so far", "kept"], value=[],
-                                              interactive=False, label="Rewards")
+                    tune_gallery = gr.Gallery(label="Each step's image", columns=5, height=320, elem_id="tune_gallery")
+                    tune_table = gr.Dataframe(
+                        headers=["step", "reward", "best so far", "kept"], value=[], interactive=False, label="Rewards"
+                    )
             tune_result = gr.State(None)
-            tune_b.click(studio.tune, [u[k] for k in TUNE_FIELDS],
-                         [tune_status, tune_gallery, tune_table, tune_result])
+            tune_b.click(studio.tune, [u[k] for k in TUNE_FIELDS], [tune_status, tune_gallery, tune_table, tune_result])
             save_b.click(studio.tune_save, [tune_result, save_path, save_over], save_msg)
 
         with gr.Tab("Compare"):
@@ -578,23 +793,45 @@ def build_app(studio: Studio):
                 with gr.Column(scale=1):
                     e = {}
                     e["model"] = gr.Textbox(elem_id="compare_model", value=ed.model, label="Model")
-                    e["config"] = gr.Textbox(elem_id="compare_config", value=ed.config, label="Configs folder (single-file checkpoints only)")
-                    e["rewards"] = gr.Textbox(elem_id="compare_rewards", value=ed.rewards, lines=2, label="Reward(s), one a line")
+                    e["config"] = gr.Textbox(
+                        elem_id="compare_config", value=ed.config, label="Configs folder (single-file checkpoints only)"
+                    )
+                    e["rewards"] = gr.Textbox(
+                        elem_id="compare_rewards", value=ed.rewards, lines=2, label="Reward(s), one a line"
+                    )
                     e["prompts"] = gr.Textbox(elem_id="compare_prompts", value=ed.prompts, label="Prompt set")
-                    e["negatives"] = gr.Textbox(elem_id="compare_negatives", value=ed.negatives, lines=4,
-                                                label="Negatives, one a line (null, handcrafted, text:..., "
-                                                      "NAME=FILE, tuned:FILE)")
-                    e["handcrafted"] = gr.Textbox(elem_id="compare_handcrafted", value=ed.handcrafted, label="Handcrafted negative text")
+                    e["negatives"] = gr.Textbox(
+                        elem_id="compare_negatives",
+                        value=ed.negatives,
+                        lines=4,
+                        label="Negatives, one a line (null, handcrafted, text:..., NAME=FILE, tuned:FILE)",
+                    )
+                    e["handcrafted"] = gr.Textbox(
+                        elem_id="compare_handcrafted", value=ed.handcrafted, label="Handcrafted negative text"
+                    )
                     e["out"] = gr.Textbox(elem_id="compare_out", value=ed.out, label="Report folder")
                     with gr.Accordion("Settings", open=False):
                         with gr.Row():
-                            e["limit"] = gr.Number(elem_id="compare_limit", value=ed.limit, label="prompts (0: all)", precision=0)
-                            e["images_per_prompt"] = gr.Number(elem_id="compare_images_per_prompt", value=ed.images_per_prompt, label="images per prompt",
-                                                               precision=0)
-                            e["sampling_steps"] = gr.Number(elem_id="compare_sampling_steps", value=ed.sampling_steps, label="DDIM steps", precision=0)
+                            e["limit"] = gr.Number(
+                                elem_id="compare_limit", value=ed.limit, label="prompts (0: all)", precision=0
+                            )
+                            e["images_per_prompt"] = gr.Number(
+                                elem_id="compare_images_per_prompt",
+                                value=ed.images_per_prompt,
+                                label="images per prompt",
+                                precision=0,
+                            )
+                            e["sampling_steps"] = gr.Number(
+                                elem_id="compare_sampling_steps",
+                                value=ed.sampling_steps,
+                                label="DDIM steps",
+                                precision=0,
+                            )
                             e["guidance"] = gr.Number(elem_id="compare_guidance", value=ed.guidance, label="CFG scale")
                         with gr.Row():
-                            e["resolution"] = gr.Number(elem_id="compare_resolution", value=ed.resolution, label="resolution", precision=0)
+                            e["resolution"] = gr.Number(
+                                elem_id="compare_resolution", value=ed.resolution, label="resolution", precision=0
+                            )
                             e["batch"] = gr.Number(elem_id="compare_batch", value=ed.batch, label="batch", precision=0)
                             e["seed"] = gr.Number(elem_id="compare_seed", value=ed.seed, label="seed", precision=0)
                             e["device"] = gr.Textbox(elem_id="compare_device", value=ed.device, label="device")
@@ -603,10 +840,15 @@ def build_app(studio: Studio):
                         show_b = gr.Button("Show the report in the folder")
                 with gr.Column(scale=2):
                     cmp_status = gr.Markdown("", elem_id="compare_status")
-                    cmp_table = gr.Dataframe(headers=["reward", "negative", "mean", "95% CI", "win rate"],
-                                             value=[], interactive=False, label="Summary")
-                    cmp_grid = gr.Image(label="Grid (one row per image, one column per negative)", type="pil",
-                                        interactive=False)
+                    cmp_table = gr.Dataframe(
+                        headers=["reward", "negative", "mean", "95% CI", "win rate"],
+                        value=[],
+                        interactive=False,
+                        label="Summary",
+                    )
+                    cmp_grid = gr.Image(
+                        label="Grid (one row per image, one column per negative)", type="pil", interactive=False
+                    )
                     cmp_plots = gr.Gallery(label="Plots", columns=2, height=320)
                     cmp_log = gr.Textbox(label="reneg eval output", lines=6, max_lines=12, interactive=False)
             cmp_outputs = [cmp_status, cmp_log, cmp_table, cmp_grid, cmp_plots]
@@ -618,11 +860,17 @@ def build_app(studio: Studio):
                 folder = gr.Textbox(studio.root, label="Folder", scale=3)
                 list_b = gr.Button("List", elem_id="emb_list", scale=1)
             emb_status = gr.Markdown("")
-            emb_table = gr.Dataframe(headers=["file", "family", "kind", "shape", "base model", "steps",
-                                              "source / created"], value=[], interactive=False)
-            emb_thumbs = gr.Gallery(label="Thumbnails (a run's latest samples, else the values: red above "
-                                          "the channel mean, blue below)", columns=6, height=260,
-                                    object_fit="contain")
+            emb_table = gr.Dataframe(
+                headers=["file", "family", "kind", "shape", "base model", "steps", "source / created"],
+                value=[],
+                interactive=False,
+            )
+            emb_thumbs = gr.Gallery(
+                label="Thumbnails (a run's latest samples, else the values: red above the channel mean, blue below)",
+                columns=6,
+                height=260,
+                object_fit="contain",
+            )
             with gr.Row():
                 pick = gr.Dropdown([], label="File", allow_custom_value=True, scale=3)
                 inspect_b = gr.Button("Inspect", scale=1)
@@ -637,6 +885,7 @@ def build_app(studio: Studio):
             def _list(f):
                 s, rows, thumbs, choices = studio.embeddings(f)
                 return s, rows, thumbs, gr.update(choices=choices, value=choices[0] if choices else None)
+
             list_b.click(_list, folder, [emb_status, emb_table, emb_thumbs, pick])
             inspect_b.click(studio.inspect, pick, info)
             pick.change(studio.inspect, pick, info)
@@ -647,13 +896,14 @@ def build_app(studio: Studio):
 def address_line(url: str, listen: bool) -> str:
     """What ``reneg studio`` prints about where it listens."""
     if listen:
-        return (f"ReNeg Studio: {url}  LISTENING ON ALL NETWORK INTERFACES (--listen): anyone who can reach "
-                f"this machine's port can start runs and read and write files as you")
+        return (
+            f"ReNeg Studio: {url}  LISTENING ON ALL NETWORK INTERFACES (--listen): anyone who can reach "
+            f"this machine's port can start runs and read and write files as you"
+        )
     return f"ReNeg Studio: {url}  (this machine only; --listen opens it to the network)"
 
 
-def launch(demo: bool = False, listen: bool = False, port: int = 7860, root: str = "runs",
-           block: bool = True):
+def launch(demo: bool = False, listen: bool = False, port: int = 7860, root: str = "runs", block: bool = True):
     """Start the app on 127.0.0.1 (all interfaces with ``listen``) and print its address."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     studio = Studio(demo=demo, root=root)
@@ -661,8 +911,15 @@ def launch(demo: bool = False, listen: bool = False, port: int = 7860, root: str
     host = "0.0.0.0" if listen else "127.0.0.1"
     app.queue(default_concurrency_limit=4)
     try:
-        app.launch(server_name=host, server_port=port, inbrowser=False, share=False, show_error=False,
-                   prevent_thread_lock=True, quiet=True)
+        app.launch(
+            server_name=host,
+            server_port=port,
+            inbrowser=False,
+            share=False,
+            show_error=False,
+            prevent_thread_lock=True,
+            quiet=True,
+        )
     except OSError as e:
         raise OSError(f"--port {port}: cannot serve there ({str(e).splitlines()[0][:160]})") from None
     url = (getattr(app, "local_url", None) or f"http://127.0.0.1:{port}/").rstrip("/")
@@ -679,4 +936,3 @@ def launch(demo: bool = False, listen: bool = False, port: int = 7860, root: str
     finally:
         app.close()
     return app, studio
-

@@ -32,13 +32,14 @@ class FormError(ValueError):
 
 # --------------------------------------------------------------------------- the Train form
 
+
 @dataclass
 class TrainForm:
     """The Train tab's fields; the defaults are ``reneg train``'s own."""
 
     model: str = ""
     config: str = ""
-    rewards: str = ""                 # one NAME=PATH[,...] spec a line
+    rewards: str = ""  # one NAME=PATH[,...] spec a line
     prompts: str = ""
     heldout: str = ""
     handcrafted: str = ""
@@ -62,19 +63,32 @@ class TrainForm:
     mixed_precision: str = "no"
     device: str = ""
     report_to: str = "none"
-    extra: list[str] = field(default_factory=list)   # more reneg train flags, as given
+    extra: list[str] = field(default_factory=list)  # more reneg train flags, as given
 
     @classmethod
     def defaults(cls) -> TrainForm:
         from reneg.trainer.config import TrainConfig
 
         d = TrainConfig()
-        return cls(steps=d.steps, lr=d.lr, batch_size=d.batch_size, micro_batch=d.micro_batch,
-                   sampling_steps=d.sampling_steps, guidance=d.guidance, grad_lo=d.grad_range[0],
-                   grad_hi=d.grad_range[1], resolution=d.resolution, init=d.init, seed=d.seed,
-                   heldout_count=d.heldout_count, checkpoint_every=d.checkpoint_every,
-                   eval_every=d.eval_every, eval_batch=d.eval_batch, handcrafted=d.handcrafted,
-                   mixed_precision=d.mixed_precision)
+        return cls(
+            steps=d.steps,
+            lr=d.lr,
+            batch_size=d.batch_size,
+            micro_batch=d.micro_batch,
+            sampling_steps=d.sampling_steps,
+            guidance=d.guidance,
+            grad_lo=d.grad_range[0],
+            grad_hi=d.grad_range[1],
+            resolution=d.resolution,
+            init=d.init,
+            seed=d.seed,
+            heldout_count=d.heldout_count,
+            checkpoint_every=d.checkpoint_every,
+            eval_every=d.eval_every,
+            eval_batch=d.eval_batch,
+            handcrafted=d.handcrafted,
+            mixed_precision=d.mixed_precision,
+        )
 
 
 def demo_setup(root: str = "runs") -> dict:
@@ -84,17 +98,38 @@ def demo_setup(root: str = "runs") -> dict:
     out = os.path.join(root, "studio-demo")
     d = demo.setup(out)
     s = d["settings"]
-    train = TrainForm(model=d["model"], rewards=d["reward"], prompts=d["prompts"], heldout=d["heldout"],
-                      handcrafted=d["handcrafted"], out=out, steps=s["steps"], lr=s["lr"],
-                      batch_size=s["batch_size"], micro_batch=s["micro_batch"],
-                      sampling_steps=s["sampling_steps"], guidance=s["guidance"], grad_lo=s["grad_range"][0],
-                      grad_hi=s["grad_range"][1], resolution=s["resolution"], seed=0,
-                      heldout_count=s.get("heldout_count", 16), checkpoint_every=s["checkpoint_every"],
-                      eval_every=s["eval_every"], eval_batch=s["eval_batch"],
-                      sample_every=max(1, s["steps"] // 16))
+    train = TrainForm(
+        model=d["model"],
+        rewards=d["reward"],
+        prompts=d["prompts"],
+        heldout=d["heldout"],
+        handcrafted=d["handcrafted"],
+        out=out,
+        steps=s["steps"],
+        lr=s["lr"],
+        batch_size=s["batch_size"],
+        micro_batch=s["micro_batch"],
+        sampling_steps=s["sampling_steps"],
+        guidance=s["guidance"],
+        grad_lo=s["grad_range"][0],
+        grad_hi=s["grad_range"][1],
+        resolution=s["resolution"],
+        seed=0,
+        heldout_count=s.get("heldout_count", 16),
+        checkpoint_every=s["checkpoint_every"],
+        eval_every=s["eval_every"],
+        eval_batch=s["eval_batch"],
+        sample_every=max(1, s["steps"] // 16),
+    )
     heldout = d["heldout_texts"]
-    return {"kind": d["kind"], "train": train, "prompt": heldout[0] if heldout else "a red circle",
-            "tune_lr": s.get("tune_lr", s["lr"]), "threads": demo.default_threads(), "root": root}
+    return {
+        "kind": d["kind"],
+        "train": train,
+        "prompt": heldout[0] if heldout else "a red circle",
+        "tune_lr": s.get("tune_lr", s["lr"]),
+        "threads": demo.default_threads(),
+        "root": root,
+    }
 
 
 def train_args(form: TrainForm) -> list[str]:
@@ -109,15 +144,45 @@ def train_args(form: TrainForm) -> list[str]:
         a += ["--heldout", form.heldout.strip()]
     if form.handcrafted.strip():
         a += ["--handcrafted", form.handcrafted.strip()]
-    a += ["--out", form.out.strip(), "--steps", _int(form.steps), "--lr", repr(float(form.lr)),
-          "--batch-size", _int(form.batch_size), "--micro-batch", _int(form.micro_batch),
-          "--sampling-steps", _int(form.sampling_steps), "--guidance", repr(float(form.guidance)),
-          "--grad-range", _int(form.grad_lo), _int(form.grad_hi), "--resolution", _int(form.resolution),
-          "--init", form.init.strip() or "null", "--seed", _int(form.seed),
-          "--heldout-count", _int(form.heldout_count), "--checkpoint-every", _int(form.checkpoint_every),
-          "--eval-every", _int(form.eval_every), "--eval-batch", _int(form.eval_batch),
-          "--sample-every", _int(form.sample_every), "--mixed-precision", form.mixed_precision or "no",
-          "--report-to", form.report_to or "none"]
+    a += [
+        "--out",
+        form.out.strip(),
+        "--steps",
+        _int(form.steps),
+        "--lr",
+        repr(float(form.lr)),
+        "--batch-size",
+        _int(form.batch_size),
+        "--micro-batch",
+        _int(form.micro_batch),
+        "--sampling-steps",
+        _int(form.sampling_steps),
+        "--guidance",
+        repr(float(form.guidance)),
+        "--grad-range",
+        _int(form.grad_lo),
+        _int(form.grad_hi),
+        "--resolution",
+        _int(form.resolution),
+        "--init",
+        form.init.strip() or "null",
+        "--seed",
+        _int(form.seed),
+        "--heldout-count",
+        _int(form.heldout_count),
+        "--checkpoint-every",
+        _int(form.checkpoint_every),
+        "--eval-every",
+        _int(form.eval_every),
+        "--eval-batch",
+        _int(form.eval_batch),
+        "--sample-every",
+        _int(form.sample_every),
+        "--mixed-precision",
+        form.mixed_precision or "no",
+        "--report-to",
+        form.report_to or "none",
+    ]
     if form.device.strip():
         a += ["--device", form.device.strip()]
     return a + list(form.extra)
@@ -166,6 +231,7 @@ def check_train(form: TrainForm, resume: bool = False) -> list[str]:
 
 
 # --------------------------------------------------------------------------- processes
+
 
 def _python_cmd(sub: str, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "reneg.cli", sub, *args]
@@ -224,13 +290,16 @@ class RunManager:
         """Start (or resume) a run; returns a line for the page. Raises FormError on a bad form."""
         out = form.out.strip()
         if out and self.is_running(out):
-            raise FormError(f"Output folder {out}: a run is already going there (Stop it first, or pick "
-                            f"another folder)")
+            raise FormError(
+                f"Output folder {out}: a run is already going there (Stop it first, or pick another folder)"
+            )
         if resume and not os.path.isfile(os.path.join(out, "checkpoint.pt")):
             raise FormError(f"Resume: {os.path.join(out, 'checkpoint.pt')} does not exist yet; press Start")
         if not resume and os.path.isfile(os.path.join(out, "checkpoint.pt")):
-            raise FormError(f"Output folder {out} already holds a run (checkpoint.pt): press Resume to "
-                            f"continue it, or choose another output folder")
+            raise FormError(
+                f"Output folder {out} already holds a run (checkpoint.pt): press Resume to "
+                f"continue it, or choose another output folder"
+            )
         args = check_train(form, resume=resume)
         cmd = _python_cmd("train", args + ["--no-progress"] + (["--resume", "latest"] if resume else []))
         os.makedirs(out, exist_ok=True)
@@ -246,17 +315,30 @@ class RunManager:
         log.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         try:
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, **_detach())
+            p = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, **_detach()
+            )
         finally:
             log.close()
         self.procs[self._key(out)] = p
         self.last_out = out
-        atomic_write_json(os.path.join(out, RUN_FILE), {
-            "pid": p.pid, "command": cmd, "args": args, "form": asdict(form), "steps": int(float(form.steps)),
-            "started": time.time(), "resume": resume, "log": TRAIN_LOG})
-        return (f"{'Resumed' if resume else 'Started'} `reneg train` (process {p.pid}) into {out}; "
-                f"it goes on if this page is closed")
+        atomic_write_json(
+            os.path.join(out, RUN_FILE),
+            {
+                "pid": p.pid,
+                "command": cmd,
+                "args": args,
+                "form": asdict(form),
+                "steps": int(float(form.steps)),
+                "started": time.time(),
+                "resume": resume,
+                "log": TRAIN_LOG,
+            },
+        )
+        return (
+            f"{'Resumed' if resume else 'Started'} `reneg train` (process {p.pid}) into {out}; "
+            f"it goes on if this page is closed"
+        )
 
     def stop(self, out: str) -> str:
         """Ask the run to stop after its current step with a checkpoint (OUT/STOP and SIGTERM)."""
@@ -300,6 +382,7 @@ def _detach() -> dict:
 
 
 # --------------------------------------------------------------------------- a run's folder
+
 
 def read_log(out: str) -> list[dict]:
     path = os.path.join(out, "log.csv")
@@ -399,8 +482,20 @@ def _checkpoint_step(out: str) -> int | None:
 def run_status(out: str, manager: RunManager | None = None) -> dict:
     """Everything the page shows about the run in ``out``, read from its files."""
     out = (out or "").strip()
-    st = {"out": out, "state": "empty", "message": "", "step": 0, "steps": None, "eta": None,
-          "rows": [], "heldout": [], "samples": [], "log": "", "summary": None, "running": False}
+    st = {
+        "out": out,
+        "state": "empty",
+        "message": "",
+        "step": 0,
+        "steps": None,
+        "eta": None,
+        "rows": [],
+        "heldout": [],
+        "samples": [],
+        "log": "",
+        "summary": None,
+        "running": False,
+    }
     if not out or not os.path.isdir(out):
         st["message"] = f"No run in {out or '(no folder)'} yet: fill in the form and press Start"
         return st
@@ -421,12 +516,12 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
     # the held-out table: null / handcrafted / learned as each is scored
     for r in rows:
         if "heldout_learned" in r:
-            st["heldout"].append([r["step"], r.get("heldout_null"), r.get("heldout_handcrafted"),
-                                  r["heldout_learned"]])
+            st["heldout"].append([r["step"], r.get("heldout_null"), r.get("heldout_handcrafted"), r["heldout_learned"]])
     running = manager.is_running(out) if manager is not None else _alive(run.get("pid"))
     st["running"] = running
-    fresh = summary is not None and (not run or os.path.getmtime(os.path.join(out, "summary.json"))
-                                     >= float(run.get("started", 0)))
+    fresh = summary is not None and (
+        not run or os.path.getmtime(os.path.join(out, "summary.json")) >= float(run.get("started", 0))
+    )
     if fresh and not running:
         st["summary"] = summary
         h = summary.get("heldout", {})
@@ -454,27 +549,36 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
     if st["summary"] is not None:
         h = st["summary"].get("heldout", {})
         st["state"] = "finished"
-        st["message"] = (f"Finished {st['summary'].get('steps')} steps. Held-out mean reward: null "
-                         f"{_f(h.get('null'))}, handcrafted {_f(h.get('handcrafted'))}, learned "
-                         f"{_f(h.get('learned'))}. Embedding: {st['summary'].get('embedding')}")
+        st["message"] = (
+            f"Finished {st['summary'].get('steps')} steps. Held-out mean reward: null "
+            f"{_f(h.get('null'))}, handcrafted {_f(h.get('handcrafted'))}, learned "
+            f"{_f(h.get('learned'))}. Embedding: {st['summary'].get('embedding')}"
+        )
     elif "stopped on request" in st["log"] and ck is not None and (rc in (None, 0)):
         st["state"] = "stopped"
         st["message"] = f"Stopped at step {ck} with a checkpoint; press Resume to continue"
     elif os.path.exists(os.path.join(out, "STOP")):  # stopped while loading: there was nothing to keep
         st["state"] = "stopped"
-        st["message"] = (f"Stopped at step {ck}; press Resume to continue" if ck is not None else
-                         "Stopped before its first step; press Start to begin again")
+        st["message"] = (
+            f"Stopped at step {ck}; press Resume to continue"
+            if ck is not None
+            else "Stopped before its first step; press Start to begin again"
+        )
     elif run:
         err = error_line(st["log"])
         st["state"] = "failed"
-        st["message"] = (f"The run ended without finishing: {err}" if err else
-                         "The run ended without finishing (see the log below)")
+        st["message"] = (
+            f"The run ended without finishing: {err}" if err else "The run ended without finishing (see the log below)"
+        )
         if ck is not None:
             st["message"] += f". Its last checkpoint is step {ck}: Resume continues from there"
     else:
         st["state"] = "idle"
-        st["message"] = (f"A run folder without a studio record: step {st['step']}" if rows else
-                         f"No run in {out} yet: fill in the form and press Start")
+        st["message"] = (
+            f"A run folder without a studio record: step {st['step']}"
+            if rows
+            else f"No run in {out} yet: fill in the form and press Start"
+        )
     return st
 
 
@@ -483,6 +587,7 @@ def _f(x) -> str:
 
 
 # --------------------------------------------------------------------------- Compare (reneg eval)
+
 
 @dataclass
 class EvalForm:
@@ -514,9 +619,22 @@ def eval_args(form: EvalForm) -> list[str]:
         a += ["--negative", spec]
     if form.handcrafted.strip():
         a += ["--handcrafted", form.handcrafted.strip()]
-    a += ["--out", form.out.strip(), "--images-per-prompt", _int(form.images_per_prompt),
-          "--sampling-steps", _int(form.sampling_steps), "--guidance", repr(float(form.guidance)),
-          "--resolution", _int(form.resolution), "--batch", _int(form.batch), "--seed", _int(form.seed)]
+    a += [
+        "--out",
+        form.out.strip(),
+        "--images-per-prompt",
+        _int(form.images_per_prompt),
+        "--sampling-steps",
+        _int(form.sampling_steps),
+        "--guidance",
+        repr(float(form.guidance)),
+        "--resolution",
+        _int(form.resolution),
+        "--batch",
+        _int(form.batch),
+        "--seed",
+        _int(form.seed),
+    ]
     if form.limit and int(float(form.limit)) > 0:
         a += ["--limit", _int(form.limit)]
     if form.device.strip():
@@ -558,8 +676,14 @@ def start_eval(form: EvalForm, threads: int | None = None) -> subprocess.Popen:
     log.write(f"$ {shlex.join(cmd)}\n")
     log.flush()
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), **_detach())
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            **_detach(),
+        )
     finally:
         log.close()
 
@@ -584,13 +708,16 @@ def eval_report(out: str) -> dict:
                 if w:
                     wr = f"{w['rate']:.2f} ({w['wins']}/{w['ties']}/{w['losses']})"
             lo, hi = ci.get("lo"), ci.get("hi")
-            rep["table"].append([rw, name, _f(ci.get("mean")),
-                                 f"[{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "", wr])
+            rep["table"].append(
+                [rw, name, _f(ci.get("mean")), f"[{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "", wr]
+            )
     grid = os.path.join(out, "grid.png")
     rep["grid"] = grid if os.path.isfile(grid) else None
-    rep["plots"] = [os.path.join(out, "plots", p) for p in ("means.png", "differences.png", "winrates.png",
-                                                            "categories.png")
-                    if os.path.isfile(os.path.join(out, "plots", p))]
+    rep["plots"] = [
+        os.path.join(out, "plots", p)
+        for p in ("means.png", "differences.png", "winrates.png", "categories.png")
+        if os.path.isfile(os.path.join(out, "plots", p))
+    ]
     try:
         with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
             rep["markdown"] = f.read()
@@ -600,6 +727,7 @@ def eval_report(out: str) -> dict:
 
 
 # --------------------------------------------------------------------------- Embeddings
+
 
 def list_embeddings(folder: str) -> list[dict]:
     """The embedding files under ``folder`` with family, kind and provenance, or the load error."""
@@ -615,12 +743,21 @@ def list_embeddings(folder: str) -> list[dict]:
             rows.append({"path": path, "error": str(e)})
             continue
         m = emb.metadata
-        rows.append({"path": path, "family": emb.family, "kind": m.get("kind", "?" if emb.format == "reneg"
-                                                                       else "official (no metadata)"),
-                     "shape": "x".join(map(str, emb.tensor.shape)), "format": emb.format,
-                     "base_model": m.get("base_model", ""), "steps": m.get("trained_steps", m.get("steps", "")),
-                     "rewards": m.get("rewards", ""), "created": m.get("created", ""),
-                     "source": m.get("source_file", m.get("prompt", "")), "emb": emb})
+        rows.append(
+            {
+                "path": path,
+                "family": emb.family,
+                "kind": m.get("kind", "?" if emb.format == "reneg" else "official (no metadata)"),
+                "shape": "x".join(map(str, emb.tensor.shape)),
+                "format": emb.format,
+                "base_model": m.get("base_model", ""),
+                "steps": m.get("trained_steps", m.get("steps", "")),
+                "rewards": m.get("rewards", ""),
+                "created": m.get("created", ""),
+                "source": m.get("source_file", m.get("prompt", "")),
+                "emb": emb,
+            }
+        )
     return rows
 
 
