@@ -81,35 +81,12 @@ def _cmd_rewards(ns) -> int:
     return 0
 
 
-# what --demo brings itself: these flags can not be combined with it
-DEMO_OWNS = {
-    "train": ("model", "config", "rewards", "prompts", "heldout"),
-    "tune": ("model", "config", "rewards"),
-    "eval": ("model", "config", "rewards", "prompts"),
-}
-
-
-def refuse_demo_conflicts(ns, kind: str) -> set:
-    """The flags the user gave beside ``--demo`` (they replace the demo's settings); a flag the
-    demo supplies itself (its model, reward, prompts) is refused by name, never dropped."""
-    from .options import OptionError, flag_of
-
-    given = set(getattr(ns, "given_flags", None) or ())
-    clash = [flag_of(k) for k in DEMO_OWNS[kind] if k in given]
-    if clash:
-        raise OptionError(
-            f"{', '.join(clash)} can not be used with --demo: the demo brings its own model, "
-            f"reward and prompts (drop --demo to use your own)"
-        )
-    return given
-
-
 def _apply_demo(ns, kind: str) -> None:
     import torch
 
     from . import demo
 
-    given = refuse_demo_conflicts(ns, kind)
+    given = demo.refuse_demo_conflicts(ns, kind)
     out = ns.out or os.path.join("runs", f"demo-{kind}")
     d = demo.setup(out if kind == "train" else os.path.dirname(os.path.abspath(out)) or ".")
     print(f"reneg {kind} --demo: {d['kind']} ({d['model']})", flush=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from .options import PAPER
+from .options import PAPER, OptionError, flag_of
 
 
 def _world():
@@ -125,3 +125,24 @@ def setup(out: str) -> dict:
         settings=base,
         heldout_texts=heldout,
     )
+
+
+# what --demo brings itself: these flags can not be combined with it
+DEMO_OWNS = {
+    "train": ("model", "config", "rewards", "prompts", "heldout"),
+    "tune": ("model", "config", "rewards"),
+    "eval": ("model", "config", "rewards", "prompts"),
+}
+
+
+def refuse_demo_conflicts(ns, kind: str) -> set:
+    """The flags the user gave beside ``--demo`` (they replace the demo's settings); a flag the
+    demo supplies itself (its model, reward, prompts) is refused by name, never dropped."""
+    given = set(getattr(ns, "given_flags", None) or ())
+    clash = [flag_of(k) for k in DEMO_OWNS[kind] if k in given]
+    if clash:
+        raise OptionError(
+            f"{', '.join(clash)} can not be used with --demo: the demo brings its own model, "
+            f"reward and prompts (drop --demo to use your own)"
+        )
+    return given

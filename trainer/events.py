@@ -52,7 +52,7 @@ def add_event_args(p) -> None:
 
 def check_event_args(cfg) -> None:
     """Raise the trainer's ConfigError for bad ``--sample-every`` / ``--report-to`` before models load."""
-    from .config import ConfigError
+    from reneg.options import OptionError as ConfigError  # trainer.config.ConfigError is this class
 
     every = getattr(cfg, "sample_every", 0) or 0
     if not isinstance(every, int) or every < 0:

@@ -34,7 +34,7 @@ from ..embedding import implied_attention_mask
 from ..families import get_family
 from ..sampling import ddim_schedule
 from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadError
-from .loading import read_json
+from .parts import read_json
 
 PIPELINES = {"PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart-sigma"}
 

@@ -341,7 +341,7 @@ def _context_dim(ck: Checkpoint) -> int | None:
 def _prediction(ck: Checkpoint, family: str, override: str | None) -> tuple[str, str, bool]:
     ztsnr = "ztsnr" in ck
     if override:
-        from .loading import normalize_prediction_type
+        from .parts import normalize_prediction_type
 
         return normalize_prediction_type(override), "--prediction-type", ztsnr
     if "v_pred" in ck:
@@ -620,7 +620,7 @@ def _configs(family: str, config: str | None, path: str) -> tuple[dict, str | No
     arch = architecture(family)
     if not config:
         return arch, None
-    from .loading import is_sdxl_folder, read_json
+    from .parts import is_sdxl_folder, read_json
 
     if not os.path.isdir(config):
         raise ModelLoadError(f"--config {config}: no such folder")
@@ -659,7 +659,6 @@ def build_parts(
     """The diffusers modules of a recognised checkpoint (UNet, VAE, text encoders), the configurations
     they were built with, and the config folder used (None: the built-in configurations). On a
     ``meta`` checkpoint the modules are shape-only: the full path runs without reading data."""
-    from .loading import load_vae
 
     path = ck.path
     arch, cfg_folder = _configs(info.family, config, path)
@@ -705,7 +704,7 @@ def load_single_file(
     checkpoint: Checkpoint | None = None,
 ) -> DiffusersBackend:
     """Recognise and load a single-file checkpoint (see the module's docstring)."""
-    from .loading import assemble
+    from .parts import assemble
 
     path = os.fspath(path)
     low = path.lower()
@@ -755,3 +754,28 @@ def describe(info: CheckpointInfo) -> list[str]:
         f"{size:.2f} GiB",
         f"  VAE inside    {'yes' if info.has_vae else 'no (pass --vae FILE|FOLDER)'}",
     ]
+
+
+def load_vae(path: str, dtype: torch.dtype, vae_config: dict | None = None):
+    """``--vae``: a diffusers AutoencoderKL folder (or a pipeline folder with ``vae/``), or a VAE file
+    (``.safetensors``; ``.ckpt``/``.pt`` through ``weights_only=True``) in the original or the diffusers
+    layout; ``vae_config`` is the architecture's VAE config a file is built with."""
+    from diffusers import AutoencoderKL
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        sub = "vae" if os.path.isfile(os.path.join(path, "vae", "config.json")) else None
+        if not os.path.isfile(os.path.join(path, sub or "", "config.json")):
+            raise ModelLoadError(f"--vae {path}: not a diffusers VAE folder (no config.json, and no vae/config.json)")
+        try:
+            return AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True, torch_dtype=dtype)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelLoadError(f"--vae {path}: could not load the VAE: {str(e)[:300]}") from None
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"--vae {path}: no such file or folder")
+
+    ckpt = open_checkpoint(path)
+    return build_vae(ckpt, vae_config, dtype, source=f"--vae {path}")
+
+
+# --- folders -----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import torch
 
 from ..cond import Cond
 from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadError
-from .loading import family_of, read_json
+from .parts import family_of, read_json
 
 # diffusers' AnimateDiff examples: DDIMScheduler(beta_schedule="linear", timestep_spacing="linspace",
 # steps_offset=1, clip_sample=False)

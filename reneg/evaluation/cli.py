@@ -224,7 +224,7 @@ def demo_config(ns) -> EvalConfig:
     """The demo's evaluation; flags given beside --demo replace its settings (checked before it
     trains or loads anything), and flags naming the demo's own model, reward or prompts are refused."""
     from reneg import demo
-    from reneg.cli import refuse_demo_conflicts
+    from reneg.demo import refuse_demo_conflicts
 
     from .config import check_eval_numbers
 

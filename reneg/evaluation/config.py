@@ -7,13 +7,9 @@ so images (and their scores) pair up across negatives.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 from reneg.options import PAPER
 from reneg.prompts import PAPER_HANDCRAFTED, load_prompts, subsample
-
-if TYPE_CHECKING:
-    from .negatives import Negative
 
 
 class EvalError(ValueError):
@@ -46,7 +42,7 @@ def build_items(
     ]
 
 
-def items_for(cfg, neg: Negative, items: list[Item]) -> list[Item]:
+def items_for(cfg, neg, items: list[Item]) -> list[Item]:
     """The items ``neg`` is made for: all of them, except tuned negatives under ``--tune-per-prompt K``
     (the first K images of each prompt; per-sample search is the expensive part of an evaluation)."""
     k = getattr(cfg, "tune_per_prompt", None)

@@ -201,13 +201,29 @@ def _int(v) -> str:
     return str(int(f))
 
 
+def _command_parser(kind: str):
+    """``reneg train`` / ``reneg eval``'s own argument parser, exactly as the command line builds it
+    (the same functions add the flags), so a form is checked as the command would check it."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="reneg")
+    sub = p.add_subparsers(dest="command", required=True)
+    if kind == "train":
+        from reneg.trainer.config import add_train_args
+
+        add_train_args(sub.add_parser("train"))
+    else:
+        from reneg.evaluation.cli import add_eval_parser
+
+        add_eval_parser(sub)
+    return p
+
+
 def check_train(form: TrainForm, resume: bool = False) -> list[str]:
     """The arguments, checked exactly as ``reneg train`` checks them (no model loads): a bad form
     raises :class:`FormError` with the trainer's one-line message."""
     from reneg.trainer.config import ConfigError, config_from_args, validate_train
     from reneg.trainer.events import check_event_args
-
-    from reneg.cli import build_parser
 
     if not form.out.strip():
         raise FormError("Output folder: required")
@@ -215,7 +231,7 @@ def check_train(form: TrainForm, resume: bool = False) -> list[str]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            ns = build_parser().parse_args(["train", *args])
+            ns = _command_parser("train").parse_args(["train", *args])
     except SystemExit:
         msg = err.getvalue().strip().splitlines()
         raise FormError(msg[-1].replace("reneg train: error: ", "") if msg else "bad arguments") from None
@@ -646,7 +662,6 @@ def check_eval(form: EvalForm) -> list[str]:
     """``reneg eval``'s own checks, before any model loads."""
     from reneg.trainer.config import ConfigError
 
-    from reneg.cli import build_parser
     from reneg.evaluation.cli import config_from_args
     from reneg.evaluation.run import validate_eval
 
@@ -656,7 +671,7 @@ def check_eval(form: EvalForm) -> list[str]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            ns = build_parser().parse_args(["eval", *args])
+            ns = _command_parser("eval").parse_args(["eval", *args])
     except SystemExit:
         msg = err.getvalue().strip().splitlines()
         raise FormError(msg[-1].replace("reneg eval: error: ", "") if msg else "bad arguments") from None
