@@ -53,6 +53,7 @@ def short_run(tmp_path_factory):
     return out / "train", summary
 
 
+@pytest.mark.slow
 def test_learned_beats_null_on_heldout_prompts(short_run):
     folder, summary = short_run
     h = summary["heldout"]

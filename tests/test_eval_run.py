@@ -293,6 +293,7 @@ def test_wrong_family_embedding_fails_before_any_image(
     assert os.listdir(tmp_path / "o" / "images") == []
 
 
+@pytest.mark.slow
 def test_demo_as_a_new_user(tmp_path, monkeypatch, capsys):
     """`reneg eval --demo` from an empty folder: trains a short embedding, writes the report; a rerun makes nothing."""
     from reneg import demo

@@ -107,6 +107,7 @@ def _embedding(out):
     return load_embedding(os.path.join(out, "embedding.safetensors")).tensor
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt):
     import torch.distributed as dist
 

@@ -151,6 +151,7 @@ def test_train_flags_parse():
     assert cfg.to_json()["channels_last"] is True
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end_at_a_small_tiny_size(tmp_path, capsys):
     """The tiny benchmark's machinery (both paths, agreement, cost model, ablations, table,
     JSON) on a 3-step schedule; the figures themselves are not checked."""

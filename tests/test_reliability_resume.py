@@ -220,6 +220,7 @@ def test_reference_run_learns_something(reference, tiny_backend):
     assert float((emb.tensor - null.cpu()).abs().max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_kill_chain_resumes_to_the_same_embedding(world, reference, forkserver):
     """One run killed five times, at every kind of point, resumed each time with --resume."""
     from reneg.cli import main
