@@ -73,6 +73,12 @@ class ReNegOptions:
         metavar="SPEC",
     )
     device: str | None = _opt(None, "cpu, cuda, cuda:1... (default: cuda if available)")
+    mixed_precision: str = _opt(
+        "no",
+        "load the models in this precision and run under autocast; on a CPU only bf16 is kept (it halves "
+        "an SDXL checkpoint's memory) and fp16 runs in fp32",
+        choices=("no", "fp16", "bf16"),
+    )
     # --- sampling (the objective samples exactly like this)
     sampling_steps: int = _opt(30, "DDIM steps (paper: 30)")
     guidance: float = _opt(7.5, "CFG scale (paper: 7.5)")

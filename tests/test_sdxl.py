@@ -263,3 +263,31 @@ def test_sdxl_folder_problems_are_named(tmp_path, tiny_sdxl_dir, tiny_pipeline_d
     xl_unet = _linked(tmp_path, "xl_unet", tiny_pipeline_dir, {"unet": os.path.join(tiny_sdxl_dir, "unet")})
     with pytest.raises(ModelLoadError, match="no text_encoder_2/"):
         load_diffusers(xl_unet)
+
+
+def test_sdxl_eval_in_bf16_on_the_cpu(tmp_path, tiny_sdxl_dir, tiny_hps_ckpt, capsys):
+    """``reneg eval --mixed-precision bf16``: an SDXL checkpoint evaluated on a CPU in half the memory; the
+    images are the fp32 images up to bf16 rounding, and a tuned negative runs under autocast."""
+    from reneg.evaluation.images import load_frames
+
+    prompts = _prompts(tmp_path)
+    common = ["--model", tiny_sdxl_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--sampling-steps", "4"]
+    common += ["--grad-range", "0", "1", "--resolution", "16", "--prompts", prompts, "--limit", "2"]
+    common += ["--batch", "2", "--no-progress", "--tune-steps", "2", "--tune-patience", "2"]
+    runs = {}
+    for mp in ("no", "bf16"):
+        ev = tmp_path / f"eval-{mp}"
+        rc = main(
+            ["eval", *common, "--negative", "null", "--negative", "tuned:null", "--out", str(ev)]
+            + ["--mixed-precision", mp]
+        )
+        assert rc == 0, capsys.readouterr().err
+        s = json.loads((ev / "summary.json").read_text())
+        assert s["images"] == {"null": 2, "tuned-null": 2} and s["settings"]["mixed_precision"] == mp
+        runs[mp] = {n: load_frames(str(ev / "images" / n)) for n in sorted(os.listdir(ev / "images"))}
+    assert runs["no"].keys() == runs["bf16"].keys()
+    diffs = [(runs["no"][n] - runs["bf16"][n]).abs().max().item() for n in runs["no"] if n.endswith("_null.png")]
+    assert 0 < max(diffs) < 0.25, diffs  # bf16 really ran, and made the same images up to its rounding
+    # images made in fp32 are not mixed with bf16 ones: the folder's manifest knows the precision
+    rc = main(["eval", *common, "--negative", "null", "--out", str(tmp_path / "eval-no"), "--mixed-precision", "bf16"])
+    assert rc != 0 and "mixed_precision" in capsys.readouterr().err

@@ -112,7 +112,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resume from OUT/checkpoint.pt (or the given checkpoint file)",
     )
-    a("--mixed-precision", choices=("no", "fp16", "bf16"), default=d.mixed_precision)
+    O.add_options(p, ["mixed_precision"])
     a(
         "--gradient-checkpointing",
         action="store_true",

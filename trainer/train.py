@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from reneg.backends.loading import weights_dtype  # noqa: F401  (also imported from here by tune)
 from reneg.compute import ComputeMeter
 from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
@@ -102,14 +103,6 @@ class CsvLog:
 
     def close(self):
         self.f.close()
-
-
-def weights_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """The models' weights dtype for ``--mixed-precision``. Off the GPU only bf16 is kept (CPUs run
-    bf16 matmuls and convolutions natively; it halves the memory of an SDXL checkpoint); fp16 is fp32."""
-    if device.type != "cuda":
-        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def base_model_fields(model: str) -> dict:

@@ -41,13 +41,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         "each step is written beside it",
     )
     a("--overwrite", action="store_true")
-    O.add_options(p, ["device"])
-    a(
-        "--mixed-precision",
-        choices=("no", "fp16", "bf16"),
-        default="no",
-        help="on a GPU: load the models in this precision and run under autocast",
-    )
+    O.add_options(p, ["device", "mixed_precision"])
     a(
         "--gradient-checkpointing",
         action="store_true",

@@ -100,7 +100,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--tie-tol", type=float, default=d.tie_tol, help="score differences up to this count as ties (default 0)")
     a("--grid-limit", type=int, default=d.grid_limit, help="rows of images shown in report.html")
     a("--title", default=d.title)
-    O.add_options(s, ["device"])
+    O.add_options(s, ["device", "mixed_precision"])
     a(
         "--threads",
         type=int,

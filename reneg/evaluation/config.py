@@ -83,6 +83,7 @@ class EvalConfig:
     tie_tol: float = 0.0
     grid_limit: int = 200
     device: str | None = None
+    mixed_precision: str = "no"  # no | fp16 | bf16 (reneg.options)
     progress: bool = True
     title: str = "ReNeg evaluation"
     note: str = ""

@@ -38,7 +38,11 @@ def _generation_key(cfg: EvalConfig) -> dict:
     key.update(
         {
             k: v
-            for k, v in (("vae", cfg.vae and os.path.abspath(cfg.vae)), ("prediction_type", cfg.prediction_type))
+            for k, v in (
+                ("vae", cfg.vae and os.path.abspath(cfg.vae)),
+                ("prediction_type", cfg.prediction_type),
+                ("mixed_precision", cfg.mixed_precision if cfg.mixed_precision != "no" else None),
+            )
             if v
         }
     )

@@ -99,13 +99,18 @@ def _device(cfg: EvalConfig) -> torch.device:
 
 
 def load_backend(cfg: EvalConfig, device: torch.device):
-    from reneg.backends.loading import load_diffusers
+    from reneg.backends.loading import load_diffusers, weights_dtype
     from reneg.backends.video import is_text_to_video_folder, load_text_to_video
 
     if cfg.video and is_text_to_video_folder(cfg.video):
         return load_text_to_video(cfg.video, device, frames=cfg.frames)
     backend = load_diffusers(
-        cfg.model, device=device, config=cfg.config, vae=cfg.vae, prediction_type=cfg.prediction_type
+        cfg.model,
+        device=device,
+        dtype=weights_dtype(cfg.mixed_precision, device),
+        config=cfg.config,
+        vae=cfg.vae,
+        prediction_type=cfg.prediction_type,
     )
     if cfg.video:
         from .video import load_animatediff
@@ -134,7 +139,9 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     frames = cfg.frames if cfg.video else 1
     specs = [parse_spec(s) for s in cfg.rewards]
     names = reward_names(specs)
-    rewards = [load_reward(s, device=device) for s in specs]
+    from reneg.backends.loading import weights_dtype
+
+    rewards = [load_reward(s, device=device, dtype=weights_dtype(cfg.mixed_precision, device)) for s in specs]
     for s in specs:
         if s.weight != 1.0:
             log(
@@ -270,6 +277,7 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
             cfg.tune_patience,
             cfg.tune_lr,
             noise=cfg.tune_noise,
+            autocast_dtype=None if backend.dtype == torch.float32 else backend.dtype,
         )
         if image is None or cfg.tune_noise == "fresh":
             # the search's best image was made from other noise (or none scored): make this item's image
