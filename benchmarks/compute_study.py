@@ -38,6 +38,10 @@ VARIANTS = {
         lambda b: {"steps": b["steps"] // 3, "lr": 2 * b["lr"]},
         "a third of the optimizer steps at twice the lr",
     ),
+    "batch-third": (
+        lambda b: {"batch_size": max(1, b["batch_size"] // 3), "micro_batch": max(1, b["micro_batch"] // 3)},
+        "a third of the samples per step (every optimizer step kept, same lr)",
+    ),
     "rollout-6": (lambda b: {"rollout_steps": 6}, "--rollout-steps 6"),
     "rollout-3": (lambda b: {"rollout_steps": 3}, "--rollout-steps 3"),
     "grads-2": (
