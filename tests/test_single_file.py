@@ -111,6 +111,17 @@ def test_prediction_type_markers_and_the_sd2_768_v_rule(tmp_path, full_tables):
     assert (iv.prediction_type, iv.native_resolution) == ("v_prediction", 768)
     assert (ie.prediction_type, ie.native_resolution) == ("epsilon", 512)
     assert "> 0.09" in iv.prediction_reason and "<= 0.09" in ie.prediction_reason
+    # ComfyUI's Save Checkpoint writes modelspec.predict_key: it is read before the SD2 guess
+    saved = _full(
+        tmp_path,
+        full_tables,
+        "sd2",
+        "comfy_saved_sd2.safetensors",
+        data={key: (torch.randn(320) * 0.3).half()},
+        metadata={"modelspec.predict_key": "epsilon"},
+    )
+    info = sf.inspect_checkpoint(saved)
+    assert (info.prediction_type, info.prediction_reason) == ("epsilon", "modelspec.predict_key metadata")
 
 
 def test_inspect_cli_describes_a_checkpoint_from_its_header(tmp_path, full_tables, capsys):

@@ -21,7 +21,7 @@ opened memory-mapped with ``weights_only=True``), as ComfyUI
 * the text encoders' own prefixes;
 * prediction type: a ``v_pred`` marker key means v-prediction (``ztsnr`` beside it: a
   zero-terminal-SNR schedule), as ComfyUI reads them; else a safetensors
-  ``modelspec.prediction_type`` metadata entry; else, for SD2.x, which carries no marker,
+  ``modelspec.prediction_type`` (kohya) or ``modelspec.predict_key`` (ComfyUI's saver) metadata entry; else, for SD2.x, which carries no marker,
   ComfyUI's rule: v-prediction (the 768-v model) when the standard deviation of
   ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` is above 0.09 (one 320-number
   tensor is read; A1111 instead runs a test forward pass of the whole UNet). Everything
@@ -346,11 +346,14 @@ def _prediction(ck: Checkpoint, family: str, override: str | None) -> tuple[str,
         return normalize_prediction_type(override), "--prediction-type", ztsnr
     if "v_pred" in ck:
         return "v_prediction", "the checkpoint's v_pred marker key", ztsnr
-    spec = str(ck.metadata.get("modelspec.prediction_type", "")).strip().lower()
-    if spec in ("v", "v_prediction", "v-prediction"):
-        return "v_prediction", "modelspec.prediction_type metadata", ztsnr
-    if spec in ("epsilon", "eps"):
-        return "epsilon", "modelspec.prediction_type metadata", ztsnr
+    # kohya's scripts write modelspec.prediction_type; ComfyUI's Save Checkpoint writes
+    # modelspec.predict_key ("epsilon" or "v", beside a v_pred key for v models)
+    for entry in ("modelspec.prediction_type", "modelspec.predict_key"):
+        spec = str(ck.metadata.get(entry, "")).strip().lower()
+        if spec in ("v", "v_prediction", "v-prediction"):
+            return "v_prediction", f"{entry} metadata", ztsnr
+        if spec in ("epsilon", "eps"):
+            return "epsilon", f"{entry} metadata", ztsnr
     if family == "sd2" and SD2_V_KEY in ck:
         t = ck.tensor(SD2_V_KEY)
         if t.device.type == "meta":
