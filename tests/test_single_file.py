@@ -522,6 +522,12 @@ def test_train_records_the_checkpoint_file_and_its_hash(tmp_path, small_sd1, tin
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert emb.family == "sd1" and emb.metadata["base_model"] == "sd1.safetensors"
     assert emb.metadata["base_model_hash"] == digest[:10]
+    # summary.json says how the file was read, as the first line printed does
+    import json
+
+    model = json.loads((out / "summary.json").read_text())["model"]
+    assert (model["kind"], model["family"], model["prediction_type"]) == ("single file", "sd1", "epsilon")
+    assert model["prediction_reason"] == "no v-prediction marker" and model["vae"] == "inside"
 
 
 def test_model_file_flags_reach_train_tune_and_eval():

@@ -413,6 +413,8 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
         summary = {
             "steps": cfg.steps,
             "family": backend.family,
+            # how the model was read (single file or folder, prediction type and why, VAE), as printed at the start
+            "model": {k: v for k, v in getattr(backend, "model_info", {}).items() if v is not None},
             "heldout": {k: rec[k] for k in ("null", "handcrafted", "learned")},
             "heldout_prompts": len(heldout_texts),
             "heldout_seeds": [heldout_seeds[0], heldout_seeds[-1]] if heldout_seeds else [],
