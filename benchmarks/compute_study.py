@@ -38,6 +38,10 @@ VARIANTS = {
         lambda b: {"steps": b["steps"] // 3, "lr": 2 * b["lr"]},
         "a third of the optimizer steps at twice the lr",
     ),
+    "steps-third-lr3x": (
+        lambda b: {"steps": b["steps"] // 3, "lr": 3 * b["lr"]},
+        "a third of the optimizer steps at three times the lr",
+    ),
     "batch-third": (
         lambda b: {"batch_size": max(1, b["batch_size"] // 3), "micro_batch": max(1, b["micro_batch"] // 3)},
         "a third of the samples per step (every optimizer step kept, same lr)",
@@ -66,6 +70,12 @@ TUNE_VARIANTS = {
     "max-2": (None, 2, "--max-steps 2: one update at 30 sampling steps"),
     "max-3": (None, 3, "--max-steps 3: two updates at 30 sampling steps"),
     "search-10-max5": (10, 5, "--search-steps 10 --max-steps 5"),
+    # fewer, larger search steps: the tune's lr times a factor (4th element)
+    "search-10-max4-lr2x": (10, 4, "--search-steps 10 --max-steps 4, twice the lr", 2.0),
+    "search-10-max4-lr3x": (10, 4, "--search-steps 10 --max-steps 4, three times the lr", 3.0),
+    "search-7-max5-lr2x": (7, 5, "--search-steps 7 --max-steps 5, twice the lr", 2.0),
+    "search-5-max8-lr2x": (5, 8, "--search-steps 5 --max-steps 8, twice the lr", 2.0),
+    "max-2-lr3x": (None, 2, "--max-steps 2 (one update at 30 sampling steps), three times the lr", 3.0),
 }
 
 
@@ -282,7 +292,8 @@ def tune_study(ns, world, backend, reward, summaries, texts) -> list[dict]:
     cache = json.load(open(cache_path, encoding="utf-8")) if os.path.isfile(cache_path) else {}
     out = []
     for n in names:
-        search, max_steps, what = TUNE_VARIANTS[n]
+        search, max_steps, what = TUNE_VARIANTS[n][:3]
+        lr_factor = TUNE_VARIANTS[n][3] if len(TUNE_VARIANTS[n]) > 3 else 1.0
         key = f"{n}|{ns.tune_prompts}|s{ns.seeds[0]}"
         if key in cache:
             out.append(cache[key])
@@ -303,7 +314,7 @@ def tune_study(ns, world, backend, reward, summaries, texts) -> list[dict]:
                 st["resolution"],
                 max_steps,
                 min(3, max_steps),
-                st.get("tune_lr", st["lr"]),
+                st.get("tune_lr", st["lr"]) * lr_factor,
                 search_steps=search,
                 meter=meter,
             )

@@ -170,10 +170,29 @@ def test_train_reports_exact_compute(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt,
     assert float(rows[-1]["compute_tflop_sd15"]) == pytest.approx(s["tflop_sd15_512"], rel=1e-4)
 
 
+def _stopped_after_checkpoint(monkeypatch, argv: list, step: int) -> None:
+    """Run ``argv`` and kill it right after it has written the checkpoint of ``step``."""
+    from reneg.trainer import train as T
+
+    real = T.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(path, **kw):
+        real(path, **kw)
+        if kw["step"] == step:
+            raise Stop()
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        main(argv)
+    monkeypatch.setattr(T, "save_checkpoint", real)
+
+
 def test_options_resume_exactly_and_keep_the_count(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, monkeypatch, capsys):
     """A run with the options, interrupted after its first checkpoint and resumed, ends with the
     uninterrupted run's embedding and compute totals."""
-    from reneg.trainer import train as T
 
     prompts = _prompts(tmp_path)
     opts = [
@@ -192,20 +211,7 @@ def test_options_resume_exactly_and_keep_the_count(tmp_path, tiny_pipeline_dir, 
         "5",
     ]
     assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *opts)) == 0
-    real = T.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(path, **kw):
-        real(path, **kw)
-        if kw["step"] == 2:
-            raise Stop()
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts))
-    monkeypatch.setattr(T, "save_checkpoint", real)
+    _stopped_after_checkpoint(monkeypatch, _train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts), 2)
     assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts, "--resume")) == 0
     a, b = (load_embedding(tmp_path / k / "embedding.safetensors").tensor for k in ("a", "b"))
     # the tolerance of the trainer's own kill-and-resume tests (AdamW's state round-trips through a file)
@@ -226,6 +232,22 @@ def test_options_resume_exactly_and_keep_the_count(tmp_path, tiny_pipeline_dir, 
         )
     )
     assert rc == 2 and "--rollout-steps" in capsys.readouterr().err
+
+
+def test_fast_recipe_resumes_exactly(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, monkeypatch):
+    """--recipe fast (a third of the steps at a larger lr): the same command, stopped after a checkpoint and
+    resumed, ends with the uninterrupted run's embedding; the run records the steps and lr it used."""
+    from reneg.trainer.config import FAST_LR_FACTOR
+
+    prompts = _prompts(tmp_path)
+    opts = ["--steps", "12", "--checkpoint-every", "2", "--recipe", "fast", "--seed", "3", "--grad-range", "0", "2"]
+    assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *opts)) == 0
+    cfg = json.loads((tmp_path / "a" / "summary.json").read_text())["config"]
+    assert (cfg["recipe"], cfg["steps"], cfg["lr"]) == ("fast", 4, pytest.approx(0.05 * FAST_LR_FACTOR))
+    _stopped_after_checkpoint(monkeypatch, _train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts), 2)
+    assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts, "--resume")) == 0
+    a, b = (load_embedding(tmp_path / k / "embedding.safetensors").tensor for k in ("a", "b"))
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), float((a - b).abs().max())
 
 
 def test_options_are_validated_before_loading(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
@@ -260,11 +282,15 @@ def test_recipe_fills_unset_options_and_flags_win():
     paper = config_from_args(build_parser().parse_args(base))
     assert (paper.recipe, paper.rollout_steps, paper.grads_per_rollout) == ("paper", None, 1)
     fast = config_from_args(build_parser().parse_args(base + ["--recipe", "fast"]))
-    assert fast.recipe == "fast"
-    for k, v in RECIPES["fast"].items():
-        assert getattr(fast, k) == v
-    mine = config_from_args(build_parser().parse_args(base + ["--recipe", "fast", "--rollout-steps", "9"]))
-    assert mine.rollout_steps == 9
+    # fast: a third of the run's steps at FAST_LR_FACTOR times its lr; the per-sample options stay the paper's
+    assert (fast.recipe, fast.steps, fast.lr) == ("fast", 1333, pytest.approx(5e-3 * RECIPES["fast"]["lr_factor"]))
+    assert (fast.rollout_steps, fast.grads_per_rollout, fast.batch_size) == (None, 1, paper.batch_size)
+    ns = build_parser().parse_args(
+        base + ["--recipe", "fast", "--steps", "160", "--lr", "0.05", "--rollout-steps", "9"]
+    )
+    mine = config_from_args(ns)
+    assert (mine.steps, mine.lr, mine.rollout_steps) == (53, pytest.approx(0.05 * RECIPES["fast"]["lr_factor"]), 9)
+    assert config_from_args(ns).steps == 53  # scaled once, however often the namespace is read
 
 
 def test_tune_search_steps_counts_and_record(
