@@ -299,10 +299,13 @@ def test_demo_as_a_new_user(tmp_path, monkeypatch, capsys):
     from reneg import demo
     from reneg.cli import main
 
-    # the demo's own 16 images per prompt cost a minute more; 2 keep the path and its checks
+    # the demo's own 16 images per prompt, 20 training steps and 5 tuning steps cost minutes more; fewer keep
+    # the path and its checks
     monkeypatch.setitem(demo.WORLD_SETTINGS, "eval_images_per_prompt", 2)
+    monkeypatch.setitem(demo.WORLD_SETTINGS, "eval_train_steps", 8)
+    monkeypatch.setitem(demo.WORLD_SETTINGS, "eval_tune_steps", 3)
     monkeypatch.chdir(tmp_path)
-    assert main(["eval", "--demo", "--no-progress"]) == 0
+    assert main(["eval", "--demo", "--no-progress", "--limit", "8"]) == 0  # a flag beside --demo replaces its setting
     out = tmp_path / "runs" / "demo-eval"
     s = json.loads((out / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned", "tuned"]
@@ -321,7 +324,7 @@ def test_demo_as_a_new_user(tmp_path, monkeypatch, capsys):
     assert len([x for x in parser.srcs if x.startswith("images/")]) == 3 * s["images_per_negative"] + s["prompts"]
     assert (out / "grid.png").is_file()
     capsys.readouterr()
-    assert main(["eval", "--demo", "--no-progress"]) == 0
+    assert main(["eval", "--demo", "--no-progress", "--limit", "8"]) == 0
     printed = capsys.readouterr().out
     assert "using the learned embedding" in printed and ", 0 to make" in printed
 
