@@ -327,6 +327,8 @@ def test_demo_as_a_new_user(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--demo", "--no-progress", "--limit", "8"]) == 0
     printed = capsys.readouterr().out
     assert "using the learned embedding" in printed and ", 0 to make" in printed
+    # the flags that replace the demo's settings are named; --no-progress (a display choice) is not one
+    assert "using your --limit instead of the demo's" in printed
 
 
 def test_tuned_fresh_noise_and_saved_embeddings(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_backend, emb_file):

@@ -271,8 +271,8 @@ def demo_config(ns) -> EvalConfig:
     )
     for k, v in user.items():
         setattr(cfg, k, v)
-    if user:
-        shown = [_FLAG_OF.get(k, O.flag_of(k)) for k in sorted(user)]
+    shown = [_FLAG_OF.get(k, O.flag_of(k)) for k in sorted(user) if k != "progress"]  # a display choice
+    if shown:
         print(f"reneg eval --demo: using your {', '.join(shown)} instead of the demo's", flush=True)
     check_eval_numbers(cfg)
     if found:
