@@ -136,7 +136,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 # "fast": fewer, larger optimizer steps: a third of the steps at FAST_LR_FACTOR times the lr, the same
 # samples per step; a third of the compute. On the demo world (3 training seeds, 32 held-out prompts x 8
 # image seeds, benchmarks/compute_study.py) it reached the paper recipe's held-out reward within the
-# paired 95 % interval; the cheaper-per-sample options (--rollout-steps, --grads-per-rollout) did not.
+# paired 95 % interval, as did --rollout-steps 6 (one seed) at 0.38 of the compute; a third of the samples
+# per step did not.
 FAST_LR_FACTOR = 2.0
 RECIPES = {
     "paper": {},
