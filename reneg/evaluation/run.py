@@ -124,6 +124,7 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     log = log or (lambda msg: print(msg, flush=True))
     items, negatives = validate_eval(cfg)
     check_manifest(cfg, items, negatives)
+    from reneg.backends.loading import weights_dtype
     from reneg.embedding import load_embedding
     from reneg.generate import text_negative
     from reneg.rewards import load_reward, parse_spec
@@ -139,9 +140,8 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     frames = cfg.frames if cfg.video else 1
     specs = [parse_spec(s) for s in cfg.rewards]
     names = reward_names(specs)
-    from reneg.backends.loading import weights_dtype
-
-    rewards = [load_reward(s, device=device, dtype=weights_dtype(cfg.mixed_precision, device)) for s in specs]
+    dtype = weights_dtype(cfg.mixed_precision, device)
+    rewards = [load_reward(s, device=device, dtype=dtype) for s in specs]
     for s in specs:
         if s.weight != 1.0:
             log(
