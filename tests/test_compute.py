@@ -234,9 +234,10 @@ def test_options_resume_exactly_and_keep_the_count(tmp_path, tiny_pipeline_dir, 
     assert rc == 2 and "--rollout-steps" in capsys.readouterr().err
 
 
-def test_fast_recipe_resumes_exactly(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, monkeypatch):
+def test_fast_recipe_resumes_exactly(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, monkeypatch, capsys):
     """--recipe fast (a third of the steps at a larger lr): the same command, stopped after a checkpoint and
-    resumed, ends with the uninterrupted run's embedding; the run records the steps and lr it used."""
+    resumed, ends with the uninterrupted run's embedding; the run records the steps and lr it used; a refused
+    resume speaks in the --steps and --lr the user typed."""
     from reneg.trainer.config import FAST_LR_FACTOR
 
     prompts = _prompts(tmp_path)
@@ -248,6 +249,15 @@ def test_fast_recipe_resumes_exactly(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt,
     assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts, "--resume")) == 0
     a, b = (load_embedding(tmp_path / k / "embedding.safetensors").tensor for k in ("a", "b"))
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), float((a - b).abs().max())
+    capsys.readouterr()
+    # "a" is at (scaled) step 4; --steps 6 scales to 2: the error names the --steps that would do (11)
+    short = [o if o != "12" else "6" for o in opts]
+    assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *short, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "--recipe fast runs 2 optimizer steps" in err and "resume with --steps 11 or more" in err, err
+    rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *opts, "--lr", "0.1", "--resume"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--recipe fast multiplies the --lr given by 2" in err, err
 
 
 def test_options_are_validated_before_loading(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):

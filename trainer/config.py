@@ -187,11 +187,16 @@ def apply_recipe(ns: argparse.Namespace) -> None:
         if k not in _SCALED and getattr(ns, k, None) is None:
             setattr(ns, k, v)
     if "steps_fraction" in spec and getattr(ns, "steps", None) is not None:
-        ns.steps = max(1, round(ns.steps * spec["steps_fraction"]))
+        ns.steps = _scaled_steps(ns.steps, spec)
     if "lr_factor" in spec and getattr(ns, "lr", None) is not None:
         ns.lr = ns.lr * spec["lr_factor"]
     if getattr(ns, "grads_per_rollout", None) is None:
         ns.grads_per_rollout = TrainConfig.grads_per_rollout
+
+
+def _scaled_steps(steps: int, spec: dict) -> int:
+    """The optimizer steps a recipe runs for a typed ``--steps`` (as :func:`apply_recipe` scales them)."""
+    return max(1, round(steps * spec["steps_fraction"])) if "steps_fraction" in spec else steps
 
 
 def validate_compute(cfg) -> None:
@@ -366,10 +371,15 @@ def _check_resume(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume {cfg.resume}: {e}{hint}") from None
     if state is None:
         return
+    spec = RECIPES.get(cfg.recipe, {})
     if state["step"] > cfg.steps:
+        what, need = f"--steps {cfg.steps}", state["step"]
+        if "steps_fraction" in spec:  # speak in the --steps the user types, not the scaled count
+            what = f"--recipe {cfg.recipe} runs {cfg.steps} optimizer steps for this --steps"
+            need = next(n for n in range(1, 100 * state["step"] + 2) if _scaled_steps(n, spec) >= state["step"])
         raise ConfigError(
-            f"--steps {cfg.steps}: {path} is already at step {state['step']}; resume with "
-            f"--steps {state['step']} or more (a run is continued, never cut back)"
+            f"{what}: {path} is already at step {state['step']}; resume with "
+            f"--steps {need} or more (a run is continued, never cut back)"
         )
     # a resumed run repeats the interrupted one only with the same settings and the same files
     old, new = state["config"], dict(cfg.to_json(), **resume_fingerprint(cfg))
@@ -387,8 +397,11 @@ def _check_resume(cfg: TrainConfig) -> None:
                     out.append(f"--{k.replace('_', '-')} {v if len(v) <= 40 else repr(v[:30] + '...')}")
             return " ".join(out)
 
+        scaled = ""
+        if "lr" in changed and "lr_factor" in spec:
+            scaled = f" (--recipe {cfg.recipe} multiplies the --lr given by {spec['lr_factor']:g}; shown after that)"
         raise ConfigError(
-            f"--resume: {path} was made with {show(old)}, this command has {show(new)} "
+            f"--resume: {path} was made with {show(old)}, this command has {show(new)}{scaled} "
             f"(file contents shown by their sha256); resume with the same settings and files "
             f"(the optimizer state would ignore a new --lr) or start a new --out"
         )
