@@ -120,3 +120,18 @@ def test_reneg_eval_on_zeroscope(tmp_path, t2v_dir, tiny_hps_ckpt, shared_data):
     from reneg.evaluation.images import load_frames
 
     assert load_frames(str(next((out / "images").iterdir()))).shape == (2, 3, 16, 16)
+
+
+def test_zeroscope_eval_loads_in_bf16_with_mixed_precision(t2v_dir):
+    """--mixed-precision bf16 reaches the text-to-video loader (it loaded fp32 before) and a video samples."""
+    from reneg.evaluation.config import EvalConfig
+    from reneg.evaluation.run import load_backend
+    from reneg.generate import generate, seeded_noise
+
+    cfg = EvalConfig(model=t2v_dir, video=t2v_dir, frames=2, mixed_precision="bf16")
+    b = load_backend(cfg, torch.device("cpu"))
+    assert isinstance(b, TextToVideoBackend) and b.dtype == torch.bfloat16
+    assert next(b.unet.parameters()).dtype == torch.bfloat16
+    cond = b.encode_prompts(["a red circle"])
+    video = generate(b, cond, b.negative_cond(b.null_embedding()[0]), seeded_noise(b, [0], 16, 16), 2, 7.5)
+    assert video.shape[0] == 2 and torch.isfinite(video.float()).all()

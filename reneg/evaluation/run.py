@@ -102,12 +102,13 @@ def load_backend(cfg: EvalConfig, device: torch.device):
     from reneg.backends.loading import load_diffusers, weights_dtype
     from reneg.backends.video import is_text_to_video_folder, load_text_to_video
 
+    dtype = weights_dtype(cfg.mixed_precision, device)
     if cfg.video and is_text_to_video_folder(cfg.video):
-        return load_text_to_video(cfg.video, device, frames=cfg.frames)
+        return load_text_to_video(cfg.video, device, dtype=dtype, frames=cfg.frames)
     backend = load_diffusers(
         cfg.model,
         device=device,
-        dtype=weights_dtype(cfg.mixed_precision, device),
+        dtype=dtype,
         config=cfg.config,
         vae=cfg.vae,
         prediction_type=cfg.prediction_type,
