@@ -45,19 +45,6 @@ SD15_TEXT = dict(
     projection_dim=768,
 )
 
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.30.0",
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "safety_checker": [None, None],
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-}
-
 
 def _done(folder: str, scale: str) -> dict | None:
     p = os.path.join(folder, "complete.json")
@@ -113,7 +100,13 @@ def build_sd15_pipeline(folder: str, device: torch.device, log=print) -> str:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from reneg.tiny import SD_SCHEDULER, save_text_encoder_prefixed, write_clip_tokenizer
+    from reneg.tiny import (
+        SD_MODEL_INDEX,
+        SD_SCHEDULER,
+        save_text_encoder_prefixed,
+        write_clip_tokenizer,
+        write_pipeline_files,
+    )
 
     torch.manual_seed(0)
     os.makedirs(folder, exist_ok=True)
@@ -131,9 +124,7 @@ def build_sd15_pipeline(folder: str, device: torch.device, log=print) -> str:
     save_text_encoder_prefixed(te.to("cpu", torch.float16), os.path.join(folder, "text_encoder"))
     del te
     write_clip_tokenizer(os.path.join(folder, "tokenizer"))
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    atomic_write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), SD_SCHEDULER)
-    atomic_write_json(os.path.join(folder, "model_index.json"), MODEL_INDEX)
+    write_pipeline_files(folder, SD_SCHEDULER, SD_MODEL_INDEX)
     return folder
 
 

@@ -32,6 +32,73 @@ SD_SCHEDULER = {
     "timestep_spacing": "leading",
 }
 
+SD_MODEL_INDEX = {  # a StableDiffusionPipeline folder's model_index.json
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+}
+
+# the small UNets' shape (two levels, one with cross-attention): SD's 2-D blocks and ZeroScope's 3-D ones
+_TINY_UNET = dict(in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8)
+
+
+def _tiny_unet_blocks(dim: str = "2D") -> dict:
+    return dict(
+        _TINY_UNET,
+        down_block_types=(f"CrossAttnDownBlock{dim}", f"DownBlock{dim}"),
+        up_block_types=(f"UpBlock{dim}", f"CrossAttnUpBlock{dim}"),
+        attention_head_dim=8,
+    )
+
+
+def _tiny_vae(sample_size: int, **kw):
+    """A two-level AutoencoderKL: images of ``sample_size`` px, latents of half that."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        **kw,
+    )
+
+
+def _tiny_clip(hidden: int, heads: int, intermediate: int = 64, cls=None, **kw):
+    """A two-layer CLIP text encoder of width ``hidden`` over CLIP's real vocabulary and 77 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        **kw,
+    )
+    return (cls or CLIPTextModel)(cfg)
+
+
+def write_pipeline_files(folder: str, scheduler: dict, index: dict) -> None:
+    """A diffusers folder's ``scheduler/scheduler_config.json`` and ``model_index.json``."""
+    from .fileio import atomic_write_json
+
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    atomic_write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
+    atomic_write_json(os.path.join(folder, "model_index.json"), dict(index, _diffusers_version="0.30.0"))
+
 
 def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
     """A transformers CLIPTokenizer folder built offline from open_clip's BPE file
@@ -86,66 +153,18 @@ def build_tiny_pipeline(
     folder: str, seed: int = 0, hidden: int = 64, prediction_type: str = "epsilon", sample_size: int = 8
 ) -> str:
     """A tiny SD-architecture diffusers folder (family ``tiny``, hidden 64): 16 px images, 8 px latents."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=hidden,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            projection_dim=hidden,
-        )
-    )
+    torch.manual_seed(seed)  # the parts are made in this order: their random weights depend on it
+    unet = UNet2DConditionModel(sample_size=sample_size, cross_attention_dim=hidden, **_tiny_unet_blocks())
+    vae = _tiny_vae(sample_size * 2)
+    te = _tiny_clip(hidden, 4, intermediate=2 * hidden, projection_dim=hidden)
     os.makedirs(folder, exist_ok=True)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
     write_clip_tokenizer(os.path.join(folder, "tokenizer"))
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(dict(SD_SCHEDULER, prediction_type=prediction_type), f, indent=1)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+    write_pipeline_files(folder, dict(SD_SCHEDULER, prediction_type=prediction_type), SD_MODEL_INDEX)
     return folder
 
 
@@ -157,55 +176,22 @@ def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
     their 2048-wide concatenation plus the pooled vector and six size numbers
     (``addition_embed_type="text_time"``), so embeddings made with it are ``sdxl``
     files. About 420 MB on disk, almost all of it the two token tables."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=2048,
-        attention_head_dim=8,
-        norm_num_groups=8,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=1280 + 6 * time_dim,
+        **_tiny_unet_blocks(),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
-
-    def clip(hidden, heads, cls, **kw):
-        return cls(
-            CLIPTextConfig(
-                hidden_size=hidden,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=heads,
-                vocab_size=49408,
-                max_position_embeddings=77,
-                **kw,
-            )
-        )
-
-    te = clip(768, 12, CLIPTextModel, projection_dim=768)
-    te2 = clip(1280, 20, CLIPTextModelWithProjection, projection_dim=1280, hidden_act="gelu", pad_token_id=0)
+    vae = _tiny_vae(sample_size * 2, scaling_factor=0.13025, force_upcast=True)
+    te = _tiny_clip(768, 12, projection_dim=768)
+    te2 = _tiny_clip(1280, 20, cls=CLIPTextModelWithProjection, projection_dim=1280, hidden_act="gelu", pad_token_id=0)
     os.makedirs(folder, exist_ok=True)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
@@ -213,12 +199,8 @@ def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
     save_text_encoder_prefixed(te2, os.path.join(folder, "text_encoder_2"))
     write_clip_tokenizer(os.path.join(folder, "tokenizer"))
     write_clip_tokenizer(os.path.join(folder, "tokenizer_2"), pad_token="!")
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(dict(SD_SCHEDULER, _class_name="EulerDiscreteScheduler"), f, indent=1)
     index = {
         "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -228,8 +210,7 @@ def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         "force_zeros_for_empty_prompt": True,
     }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+    write_pipeline_files(folder, dict(SD_SCHEDULER, _class_name="EulerDiscreteScheduler"), index)
     return folder
 
 
@@ -331,7 +312,7 @@ def build_tiny_pixart(
     conditioning (``sample_size`` 128, ``use_additional_conditions``; off for sigma), the scheduler
     config. Small: one T5 layer with two 8-wide heads, a vocabulary of a few hundred pieces, a
     one-layer transformer 24 wide, a two-level VAE (16 px images, 8 px latents)."""
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from diffusers import PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -355,18 +336,7 @@ def build_tiny_pixart(
         interpolation_scale=2 if sigma else None,
         use_additional_conditions=size_cond and not sigma,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=16,
-        scaling_factor=0.13025 if sigma else 0.18215,
-    )
+    vae = _tiny_vae(16, scaling_factor=0.13025 if sigma else 0.18215)
     os.makedirs(folder, exist_ok=True)
     write_t5_tokenizer(os.path.join(folder, "tokenizer"), tokens)
     from transformers import AutoTokenizer
@@ -393,20 +363,15 @@ def build_tiny_pixart(
     transformer.save_pretrained(os.path.join(folder, "transformer"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     te.save_pretrained(os.path.join(folder, "text_encoder"))
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(dict(PIXART_SCHEDULER, prediction_type=prediction_type), f, indent=1)
     index = {
         "_class_name": "PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline",
-        "_diffusers_version": "0.30.0",
         "transformer": ["diffusers", "PixArtTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "T5Tokenizer"],
         "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
     }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+    write_pipeline_files(folder, dict(PIXART_SCHEDULER, prediction_type=prediction_type), index)
     return folder
 
 
@@ -415,63 +380,19 @@ def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sam
     (two blocks, temporal convolutions and attention) reading a ``CLIPTextModel`` of SD2.1's width
     1024 (two layers, the real CLIP tokenizer padding with ``!`` as SD2's does), ZeroScope's DDIM
     scheduler config. About 210 MB on disk, almost all of it the token table."""
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet3DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet3DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=hidden,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size * 2,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=hidden,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=16,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            projection_dim=hidden,
-            hidden_act="gelu",
-            pad_token_id=0,
-        )
-    )
+    unet = UNet3DConditionModel(sample_size=sample_size, cross_attention_dim=hidden, **_tiny_unet_blocks("3D"))
+    vae = _tiny_vae(sample_size * 2)
+    te = _tiny_clip(hidden, 16, projection_dim=hidden, hidden_act="gelu", pad_token_id=0)
     os.makedirs(folder, exist_ok=True)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
     write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token="!")
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SD_SCHEDULER, f, indent=1)
-    index = {
-        "_class_name": "TextToVideoSDPipeline",
-        "_diffusers_version": "0.30.0",
-        "unet": ["diffusers", "UNet3DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    }
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+    index = {k: v for k, v in SD_MODEL_INDEX.items() if k not in ("safety_checker", "feature_extractor")}
+    del index["requires_safety_checker"]
+    index.update(_class_name="TextToVideoSDPipeline", unet=["diffusers", "UNet3DConditionModel"])
+    write_pipeline_files(folder, SD_SCHEDULER, index)
     return folder
