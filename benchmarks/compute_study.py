@@ -70,6 +70,7 @@ TUNE_VARIANTS = {
     "max-2": (None, 2, "--max-steps 2: one update at 30 sampling steps"),
     "max-3": (None, 3, "--max-steps 3: two updates at 30 sampling steps"),
     "search-10-max5": (10, 5, "--search-steps 10 --max-steps 5"),
+    "search-10-max4": (10, 4, "--search-steps 10 --max-steps 4"),
     # fewer, larger search steps: the tune's lr times a factor (4th element)
     "search-10-max4-lr2x": (10, 4, "--search-steps 10 --max-steps 4, twice the lr", 2.0),
     "search-10-max4-lr3x": (10, 4, "--search-steps 10 --max-steps 4, three times the lr", 3.0),
