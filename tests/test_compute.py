@@ -471,3 +471,37 @@ def test_options_take_the_same_step_in_two_processes(tmp_path, tiny_pipeline_dir
     assert (two - one).abs().max() < 1e-5 * max(1.0, float(one.abs().max()))
     s2, s1 = (json.loads((tmp_path / k / "summary.json").read_text())["compute"] for k in ("two", "one"))
     assert s2["counts"] == s1["counts"], "the meter must sum every process's work"
+
+
+def test_tune_anatomy_replays_the_tune_and_counts_reuse(tiny_backend, tiny_reward):
+    """benchmarks/tune_anatomy.py: its replay of keep-best with patience is the tune's own rule (the table's
+    "today" row rests on it); a search at the full step count scores its candidates by their own images;
+    rollout reuse costs two rollouts plus one UNet call per update, and with no update it keeps the start."""
+    import random
+
+    from benchmarks.tune_anatomy import _patience_keep, reuse_run, search_run
+    from reneg.objective import per_sample_search
+
+    rng = random.Random(0)
+    for _ in range(200):
+        scores = [rng.choice([0.1, 0.2, 0.3, 0.4]) for _ in range(10)]
+        max_steps, patience = rng.randint(1, 10), rng.randint(1, 4)
+        patience = min(patience, max_steps)
+        res = per_sample_search(lambda n, k, s=scores: (s[k], None), torch.zeros(2, 3), max_steps, patience)
+        assert _patience_keep(scores, max_steps, patience) == (res.best_step, len(res.history)), scores
+
+    st = {"sampling_steps": 4, "guidance": 7.5, "grad_range": [0, 1], "resolution": 16, "tune_lr": 0.05}
+    start = tiny_backend.null_embedding()[0]
+    full = search_run(tiny_backend, tiny_reward, st, start, "a red circle", 3, 4)
+    assert full["full"] == full["own"] and len(full["own"]) == 10
+    # every evaluation but the last: 4 CFG calls and the grad step's extra (conditional) call
+    assert full["calls_after"][:3] == [5, 10, 15]
+    cheap = search_run(tiny_backend, tiny_reward, st, start, "a red circle", 3, 2)
+    assert cheap["full"][0] == pytest.approx(full["own"][0], abs=1e-5)  # the start's 4-step image, re-scored
+    assert cheap["own"][0] != pytest.approx(cheap["full"][0], abs=1e-6)  # ... not its 2-step one
+    r = reuse_run(tiny_backend, tiny_reward, st, start, "a red circle", 3, 3, 0.05)
+    assert r["calls"] == 2 * 4 + 3 and r["final"] != r["start"]
+    # the start's image as the tune makes it (the tune runs its grad step's two branches unbatched: rounding)
+    assert r["start"] == pytest.approx(full["own"][0], abs=1e-3)
+    r0 = reuse_run(tiny_backend, tiny_reward, st, start, "a red circle", 3, 0, 0.05)
+    assert r0["final"] == r0["start"]
