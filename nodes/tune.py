@@ -94,7 +94,9 @@ class ReNegPerSampleTune:
                         "min": 0,
                         "max": 200,
                         "tooltip": "Search with this many sampling steps (cheaper), then make the kept "
-                        "negative's image once at `steps`. 0: search at `steps` (the paper).",
+                        "negative's image once at `steps`. 0: search at `steps` (the paper). 10 with "
+                        "max_steps 4 kept about three quarters of the paper search's gain at a third of its "
+                        "UNet calls (docs/compute.md).",
                     },
                 ),
             },

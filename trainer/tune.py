@@ -54,7 +54,8 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="S",
         help="search with S sampling steps (grad range scaled to match), then make the kept negative's "
-        "image once at --sampling-steps (default: search at --sampling-steps, the paper)",
+        "image once at --sampling-steps (default: search at --sampling-steps, the paper). With --max-steps 4, "
+        "S = 10 kept 73 %% of the paper search's gain at 32 %% of its UNet calls on the demo world",
     )
     # --- end of compute-saving options ---
 
