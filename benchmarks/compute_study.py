@@ -128,6 +128,16 @@ def train_variant(world: dict, base: dict, name: str, seed: int, root: str) -> d
     return summary
 
 
+def demo_world(out: str) -> dict:
+    """The demo world's paths and settings, its prompt files written under ``out``."""
+    from reneg import demo
+
+    if demo._world() is None:
+        raise SystemExit("the demo world's assets are missing (reneg/demo_world/assets)")
+    os.makedirs(out, exist_ok=True)
+    return demo.setup(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/compute_study.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join("runs", "compute-study"))
@@ -142,12 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="base recipe's lr (demo world: 5e-2)")
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
-    from reneg import demo
-
-    if demo._world() is None:
-        raise SystemExit("the demo world's assets are missing (reneg/demo_world/assets)")
-    os.makedirs(ns.out, exist_ok=True)
-    world = demo.setup(ns.out)
+    world = demo_world(ns.out)
     names = ns.only.split(",") if ns.only else list(VARIANTS)
     for n in names:
         if n not in VARIANTS:

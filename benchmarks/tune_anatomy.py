@@ -153,18 +153,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
-    from benchmarks.compute_study import base_recipe, train_variant
-    from reneg import demo
+    from benchmarks.compute_study import base_recipe, demo_world, train_variant
     from reneg.backends.loading import load_diffusers
     from reneg.embedding import load_embedding
     from reneg.evaluation.stats import mean_ci
     from reneg.fileio import atomic_write_json, atomic_write_text
     from reneg.rewards import load_rewards
 
-    if demo._world() is None:
-        raise SystemExit("the demo world's assets are missing (reneg/demo_world/assets)")
     os.makedirs(ns.out, exist_ok=True)
-    world = demo.setup(ns.study)
+    world = demo_world(ns.study)
     st = world["settings"]
     defaults = argparse.Namespace(steps=None, batch_size=None, lr=None)
     start_summary = train_variant(world, base_recipe(world, defaults), "paper", 0, ns.study)

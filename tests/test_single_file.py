@@ -261,7 +261,13 @@ def _small_folder(folder: str, family: str, prediction_type: str = "epsilon") ->
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from reneg.tiny import SD_SCHEDULER, save_text_encoder_prefixed, write_clip_tokenizer
+    from reneg.tiny import (
+        SD_MODEL_INDEX,
+        SD_SCHEDULER,
+        save_text_encoder_prefixed,
+        write_clip_tokenizer,
+        write_pipeline_files,
+    )
 
     torch.manual_seed(1)
     hidden = {"sd1": 768, "sd2": 1024}[family]
@@ -299,21 +305,7 @@ def _small_folder(folder: str, family: str, prediction_type: str = "epsilon") ->
     vae.save_pretrained(os.path.join(folder, "vae"))
     save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
     write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token="<|endoftext|>" if family == "sd1" else "!")
-    os.makedirs(os.path.join(folder, "scheduler"))
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(dict(SD_SCHEDULER, prediction_type=prediction_type), f)
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-            },
-            f,
-        )
+    write_pipeline_files(folder, dict(SD_SCHEDULER, prediction_type=prediction_type), SD_MODEL_INDEX)
     return folder
 
 
