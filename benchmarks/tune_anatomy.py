@@ -211,6 +211,21 @@ def _patience_keep(own: list[float], max_steps: int, patience: int) -> tuple[int
     return kept, k + 1
 
 
+def _label(name: str) -> str:
+    """``search-7x2`` -> ``7 steps, lr x2``; ``search-10`` -> ``10 steps``."""
+    steps, _, f = name[len("search-") :].partition("x")
+    return f"{steps} steps" + (f", lr x{f}" if f else "")
+
+
+def _after(rows: list[dict], base: list[float], k: int) -> tuple[list[float], float, float]:
+    """After ``k`` updates: each item's gain as the search keeps it (its own score's best, at full steps),
+    the mean gain of a perfect keep-best over the full-step scores, and of the last negative."""
+    kept = [r["full"][max(range(k + 1), key=lambda j: r["own"][j])] - b for r, b in zip(rows, base)]
+    oracle = statistics.mean(max(r["full"][: k + 1]) - b for r, b in zip(rows, base))
+    last = statistics.mean(r["full"][k] - b for r, b in zip(rows, base))
+    return kept, oracle, last
+
+
 def table(res: dict, full_steps: int, mean_ci) -> str:
     base = res["start_full"]
     paper = res.get(f"search-{full_steps}")
@@ -228,22 +243,22 @@ def table(res: dict, full_steps: int, mean_ci) -> str:
         " oracle: best full-step score | last negative |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, rows in res.items():
-        if not name.startswith("search-"):
-            continue
-        s = int(name.split("-")[1].split("x")[0])
+    searches = [(n, rows) for n, rows in res.items() if n.startswith("search-")]
+
+    def calls(name, rows, k):  # the search's calls after k updates, and the kept image's unless it searched at full
+        extra = 0 if _label(name) == f"{full_steps} steps" else full_steps
+        return statistics.mean(r["calls_after"][k] for r in rows) + extra
+
+    for name, rows in searches:
         for k in (1, 2, 4, 6, 9):
             if any(len(r["own"]) <= k for r in rows):
                 continue
-            own_keep = [max(range(k + 1), key=lambda j: r["own"][j]) for r in rows]
-            kept = mean_ci([r["full"][j] - b for j, r, b in zip(own_keep, rows, base)])
-            oracle = statistics.mean(max(r["full"][: k + 1]) - b for r, b in zip(rows, base))
-            last = statistics.mean(r["full"][k] - b for r, b in zip(rows, base))
-            calls = statistics.mean(r["calls_after"][k] for r in rows) + (0 if s == full_steps else full_steps)
+            gains, oracle, last = _after(rows, base, k)
+            kept = mean_ci(gains)
             share = f"{kept['mean'] / today:.2f}" if today else ""
             lines.append(
-                f"| {name[7:].replace('x', ' steps, lr x')}{'' if 'x' in name else ' steps'} | {k} | {calls:.0f} | {kept['mean']:+.4f} [{kept['lo']:+.4f}, {kept['hi']:+.4f}] |"
-                f" {share} | {oracle:+.4f} | {last:+.4f} |"
+                f"| {_label(name)} | {k} | {calls(name, rows, k):.0f} |"
+                f" {kept['mean']:+.4f} [{kept['lo']:+.4f}, {kept['hi']:+.4f}] | {share} | {oracle:+.4f} | {last:+.4f} |"
             )
     if today:  # the ceiling: what each search gives, and could give with a perfect keep-best, in a third of the calls
         lines += [
@@ -253,26 +268,15 @@ def table(res: dict, full_steps: int, mean_ci) -> str:
             "| search | updates | UNet calls | kept by its own score | share | oracle keep-best | share |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for name, rows in res.items():
-            if not name.startswith("search-"):
-                continue
-            s = int(name.split("-")[1].split("x")[0])
-            extra = 0 if s == full_steps else full_steps
-            fits = [
-                k
-                for k in range(min(len(r["own"]) for r in rows))
-                if statistics.mean(r["calls_after"][k] for r in rows) + extra <= today_calls / 3
-            ]
+        for name, rows in searches:
+            fits = [k for k in range(min(len(r["own"]) for r in rows)) if calls(name, rows, k) <= today_calls / 3]
             if not fits:
                 continue
             k = fits[-1]
-            kept = statistics.mean(
-                r["full"][max(range(k + 1), key=lambda j: r["own"][j])] - b for r, b in zip(rows, base)
-            )
-            oracle = statistics.mean(max(r["full"][: k + 1]) - b for r, b in zip(rows, base))
-            calls = statistics.mean(r["calls_after"][k] for r in rows) + extra
+            gains, oracle, _ = _after(rows, base, k)
+            kept = statistics.mean(gains)
             lines.append(
-                f"| {name[7:].replace('x', ' steps, lr x')}{'' if 'x' in name else ' steps'} | {k} | {calls:.0f} |"
+                f"| {_label(name)} | {k} | {calls(name, rows, k):.0f} |"
                 f" {kept:+.4f} | {kept / today:.2f} | {oracle:+.4f} | {oracle / today:.2f} |"
             )
     reuse = [(n, rows) for n, rows in res.items() if n.startswith("reuse-")]

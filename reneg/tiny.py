@@ -44,13 +44,15 @@ SD_MODEL_INDEX = {  # a StableDiffusionPipeline folder's model_index.json
     "requires_safety_checker": False,
 }
 
-# the small UNets' shape (two levels, one with cross-attention): SD's 2-D blocks and ZeroScope's 3-D ones
-_TINY_UNET = dict(in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8)
-
 
 def _tiny_unet_blocks(dim: str = "2D") -> dict:
+    """The small UNets' shape (two levels, one with cross-attention): SD's 2-D blocks, ZeroScope's 3-D ones."""
     return dict(
-        _TINY_UNET,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
         down_block_types=(f"CrossAttnDownBlock{dim}", f"DownBlock{dim}"),
         up_block_types=(f"UpBlock{dim}", f"CrossAttnUpBlock{dim}"),
         attention_head_dim=8,
@@ -391,8 +393,7 @@ def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sam
     vae.save_pretrained(os.path.join(folder, "vae"))
     save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
     write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad_token="!")
-    index = {k: v for k, v in SD_MODEL_INDEX.items() if k not in ("safety_checker", "feature_extractor")}
-    del index["requires_safety_checker"]
+    index = {k: v for k, v in SD_MODEL_INDEX.items() if "safety" not in k and k != "feature_extractor"}
     index.update(_class_name="TextToVideoSDPipeline", unet=["diffusers", "UNet3DConditionModel"])
     write_pipeline_files(folder, SD_SCHEDULER, index)
     return folder
