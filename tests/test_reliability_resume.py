@@ -280,12 +280,12 @@ def test_kill_chain_resumes_to_the_same_embedding(world, reference, forkserver):
         delay = rng.uniform(0.5, 5.0)
         p.join(delay)
         if p.is_alive():
-            p.kill()  # SIGKILL
-            p.join(60)
-            assert p.exitcode == -signal.SIGKILL
+            p.kill()  # SIGKILL; the run may end on its own between is_alive() and kill()
+        p.join(60)
+        if p.exitcode == -signal.SIGKILL:
             KILL_POINTS.append(f"random time {delay:.2f} s after start (checkpoint at {_ckpt_step(out)})")
         else:
-            assert p.exitcode == 0
+            assert p.exitcode == 0, p.exitcode
             KILL_POINTS.append(f"random time {delay:.2f} s: the run had finished")
         assert_outputs_intact(out)
 
