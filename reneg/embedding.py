@@ -110,7 +110,8 @@ class NegEmbedding:
             # T5 families: how many rows the model reads, and whether the file says so or its rows imply it
             "mask_rows": int(self.mask().sum()) if self.mask() is not None else None,
             "mask_source": None if self.mask() is None else ("file" if self.attention_mask is not None else "implied"),
-            "metadata": dict(self.metadata),
+            # sorted: safetensors writes its metadata map in no fixed order, so each file lists it differently
+            "metadata": dict(sorted(self.metadata.items())),
             "stats": {
                 k: _finite(v)
                 for k, v in (

@@ -5,8 +5,8 @@
 - a flag given beside ``--demo`` replaces the demo's setting or is refused by name;
 - every loader failure is one line naming the file, whatever the file holds;
 - ``--tie-tol nan``, seeds beyond 64 bits, a resume with a smaller ``--steps`` or other prompts
-  or another ``--init``; ``inspect --json`` stays JSON and ``inspect`` never prints a file's
-  control characters raw; ``convert --family bogus`` blames the flag.
+  or another ``--init``; ``inspect --json`` stays JSON, ``inspect`` never prints a file's
+  control characters raw and lists metadata in one order; ``convert --family bogus`` blames the flag.
 
 The exact-resume test on the demo world's real model layout is in test_reliability_exact_resume.py.
 """
@@ -291,6 +291,33 @@ def test_inspect_never_prints_control_characters(tmp_path, capsys):
     assert "\x1b" not in out and "\r" not in out and "\x07" not in out
     assert not any(ln.startswith("fake:") for ln in out.splitlines())
     assert "\\x1b[31mred\\nfake: line" in out
+
+
+def test_inspect_lists_metadata_in_one_order_whatever_order_the_file_holds(tmp_path, capsys):
+    """safetensors writes its metadata map in no fixed order; two files with the same metadata
+    must inspect the same. The files here are written byte by byte, keys in opposite orders."""
+    import struct
+
+    import numpy as np
+
+    data = np.zeros((1, 77, 64), dtype="<f4").tobytes()
+    meta = {"family": "tiny", "format": "reneg", "kind": "global", "steps": "8", "lr": "0.05"}
+    outs = []
+    for name, keys in (("fwd", list(meta)), ("rev", list(reversed(meta)))):
+        header = {
+            "__metadata__": {k: meta[k] for k in keys},
+            "neg_embedding": {"dtype": "F32", "shape": [1, 77, 64], "data_offsets": [0, len(data)]},
+        }
+        raw = json.dumps(header).encode()
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        capsys.readouterr()
+        assert main(["inspect", "--json", str(path)]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert list(info["metadata"]) == sorted(meta), info["metadata"]
+        assert main(["inspect", str(path)]) == 0
+        outs.append(capsys.readouterr().out.replace(str(path), "FILE"))
+    assert outs[0] == outs[1]
 
 
 def test_convert_family_bogus_blames_the_flag(tmp_path, capsys):
