@@ -195,7 +195,11 @@ def main() -> int:
         # a bad value: one readable line in the page, nothing started
         c.set_number("train_steps", 0)
         c.click("train_start")
-        c.wait("a bad input gets a readable message", lambda: "--steps must be a positive integer" in c.text("train_action"), 60)
+        c.wait(
+            "a bad input gets a readable message",
+            lambda: "--steps must be a positive integer" in c.text("train_action"),
+            60,
+        )
         if a.quick:
             c.shot("quick", top=False)
             print("studio browser check (quick): passed", flush=True)
