@@ -143,7 +143,7 @@ def test_ui_components_order_and_defaults(host):
     enabled, embedding, strength, hires = comps
     assert isinstance(enabled, stubs.Checkbox) and enabled.value is False
     assert isinstance(embedding, stubs.Dropdown) and isinstance(strength, stubs.Slider)
-    assert isinstance(hires, stubs.Checkbox) and hires.value is True
+    assert isinstance(hires, stubs.Checkbox) and hires.value is True and hires.kwargs["visible"] is True
     assert embedding.choices == ["None", "sd1_bare.bin", "sd1_ours.safetensors"]
     assert embedding.value == "None"  # first start: off, whatever sorts first
     assert embedding.label == "Negative embedding"  # the web UI's ui-config key holds the label
@@ -158,7 +158,9 @@ def test_ui_components_order_and_defaults(host):
     assert host.script.paste_field_names == ["ReNeg", "ReNeg strength"]
 
     host.set_model("sdxl")
-    assert host.script.ui(True)[1].choices == ["None", "xl, v1.safetensors"]
+    i2i = host.script.ui(True)
+    assert i2i[1].choices == ["None", "xl, v1.safetensors"]
+    assert i2i[3].kwargs["visible"] is False and i2i[3].value is True  # img2img has no hires pass
     host.set_model(None)  # Forge before its first generation: every host family
     emb = host.script.ui(False)[1]
     assert emb.choices == ["None", "sd1_bare.bin", "sd1_ours.safetensors", "sub/sd2.safetensors", "xl, v1.safetensors"]

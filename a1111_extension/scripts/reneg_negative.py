@@ -228,11 +228,11 @@ class ReNegScript(scripts.Script):
         with gr.Blocks() as interface:
             if input_accordion is not None:
                 with input_accordion(False, label=TITLE, elem_id=self.elem_id("enabled")) as enabled:
-                    embedding, strength, hires, status = self._controls(names, status_html, tool_button)
+                    embedding, strength, hires, status = self._controls(names, status_html, tool_button, is_img2img)
             else:
                 with gr.Accordion(TITLE, open=False):
                     enabled = gr.Checkbox(value=False, label="Enable ReNeg", elem_id=self.elem_id("enabled"))
-                    embedding, strength, hires, status = self._controls(names, status_html, tool_button)
+                    embedding, strength, hires, status = self._controls(names, status_html, tool_button, is_img2img)
         # every page opened shows the list and status for the model loaded by then
         interface.load(
             fn=panel_update, inputs=[embedding], outputs=[embedding, status], queue=False, show_progress=False
@@ -245,7 +245,7 @@ class ReNegScript(scripts.Script):
             self.paste_field_names = list(core.PASTE_FIELD_NAMES)
         return comps
 
-    def _controls(self, names, status_html, tool_button):
+    def _controls(self, names, status_html, tool_button, is_img2img):
         with gr.Row():
             # "None" on first start; a user's own default is kept by the web UI's ui-config.json
             # (Settings > Defaults > Apply), and restored when that file is still listed
@@ -267,7 +267,10 @@ class ReNegScript(scripts.Script):
                 label="Strength (0 = negative prompt, 1 = embedding only)",
                 elem_id=self.elem_id("strength"),
             )
-            hires = gr.Checkbox(value=True, label="Apply to hires pass", elem_id=self.elem_id("hires"))
+            # img2img has no hires pass: the box is kept (the script's arguments keep their places) but hidden
+            hires = gr.Checkbox(
+                value=True, label="Apply to hires pass", visible=not is_img2img, elem_id=self.elem_id("hires")
+            )
         status = gr.HTML(value=status_html, elem_id=self.elem_id("status"))
         refresh.click(fn=refresh_panel, inputs=[embedding], outputs=[embedding, status])
         return embedding, strength, hires, status
