@@ -82,15 +82,12 @@ def _cmd_rewards(ns) -> int:
 
 
 def _apply_demo(ns, kind: str) -> None:
-    import torch
-
     from . import demo
 
     given = demo.refuse_demo_conflicts(ns, kind)
     out = ns.out or os.path.join("runs", f"demo-{kind}")
     d = demo.setup(out if kind == "train" else os.path.dirname(os.path.abspath(out)) or ".")
     print(f"reneg {kind} --demo: {d['kind']} ({d['model']})", flush=True)
-    torch.set_num_threads(demo.default_threads())
     ns.model, ns.rewards = d["model"], [d["reward"]]
     s = d["settings"]
     if kind == "train":
@@ -236,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             from .options import given_flags
 
             ns.given_flags = given_flags(p, sys.argv[1:] if argv is None else list(argv))
+        if hasattr(ns, "threads"):  # train, tune, eval: before any model work
+            from . import demo
+            from .threads import apply_threads
+
+            apply_threads(ns.threads, most=demo.default_threads() if getattr(ns, "demo", False) else None)
         return ns.fn(ns) or 0
     except KeyboardInterrupt:
         print("reneg: interrupted", file=sys.stderr)

@@ -79,6 +79,11 @@ class ReNegOptions:
         "an SDXL checkpoint's memory) and fp16 runs in fp32",
         choices=("no", "fp16", "bf16"),
     )
+    threads: str = _opt(
+        "auto",
+        "CPU threads for torch: a number, or auto: the cores other work leaves free, followed as the load "
+        "changes (on a busy machine more threads than free cores make every step wait; docs/performance.md)",
+    )
     # --- sampling (the objective samples exactly like this)
     sampling_steps: int = _opt(30, "DDIM steps (paper: 30)")
     guidance: float = _opt(7.5, "CFG scale (paper: 7.5)")

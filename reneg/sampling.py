@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from .cond import Cond
+from .threads import tick as _follow_cpu_load
 
 
 class Denoiser(Protocol):
@@ -148,6 +149,7 @@ def sample(
     x0 = None
     sig = [float(s) for s in sigmas]
     for i in range(start, stop):
+        _follow_cpu_load()  # --threads auto: between steps, as many threads as the busy machine leaves free
         x0 = cfg_denoise(denoiser, x, _sig(sig[i], x.shape[0], x), cond, uncond, scale, batched)
         x = ddim_step(x, x0, sig[i], sig[i + 1])
         if callback is not None:

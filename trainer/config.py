@@ -120,7 +120,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     a("--channels-last", action="store_true", help="NHWC convolution weights (pays with bf16/fp16 on GPUs)")
     a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see docs/performance.md)")
-    O.add_options(p, ["device"], helps={"device": "cpu, cuda, cuda:1... (default: what accelerate picks)"})
+    O.add_options(p, ["device", "threads"], helps={"device": "cpu, cuda, cuda:1... (default: what accelerate picks)"})
     a("--no-progress", dest="progress", action="store_false")
     add_compute_args(p, d)
     # --- reported events (trainer/events.py) ---

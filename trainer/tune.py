@@ -41,7 +41,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         "each step is written beside it",
     )
     a("--overwrite", action="store_true")
-    O.add_options(p, ["device", "mixed_precision"])
+    O.add_options(p, ["device", "mixed_precision", "threads"])
     a(
         "--gradient-checkpointing",
         action="store_true",

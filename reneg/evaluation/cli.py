@@ -100,14 +100,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--tie-tol", type=float, default=d.tie_tol, help="score differences up to this count as ties (default 0)")
     a("--grid-limit", type=int, default=d.grid_limit, help="rows of images shown in report.html")
     a("--title", default=d.title)
-    O.add_options(s, ["device", "mixed_precision"])
-    a(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: torch's choice; --demo uses 2 for the demo world, 1 for the tiny "
-        "random fallback)",
-    )
+    O.add_options(s, ["device", "mixed_precision", "threads"])
     a("--no-progress", dest="progress", action="store_false")
     s.set_defaults(fn=cmd_eval)
     return s
@@ -125,17 +118,6 @@ def cmd_eval(ns) -> int:
     from .run import run_eval
 
     t0 = time.time()
-    if ns.threads is not None:
-        O.check_int("--threads", ns.threads, 1, 4096)
-    if ns.threads is None and ns.demo:
-        from reneg.demo import default_threads
-
-        ns.threads = default_threads()
-    threads = ns.threads
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     if ns.demo:
         cfg = demo_config(ns)
     else:

@@ -121,7 +121,9 @@ def check_eval_numbers(cfg) -> None:
         O.check_numbers(cfg, EVAL_NUMBERS)
         threads = getattr(cfg, "threads", None)
         if threads is not None:
-            O.check_int("--threads", threads, 1, 4096)
+            from reneg.threads import parse_threads
+
+            parse_threads(threads)
     except O.OptionError as e:
         raise EvalError(str(e)) from None
 
