@@ -283,12 +283,10 @@ def test_tune_for_seed_returns_the_best_image(tiny_backend, tiny_reward):
 def test_wrong_family_embedding_fails_before_any_image(
     tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file
 ):
-    from reneg.embedding import EmbeddingError
-
     sd1 = str(tmp_path / "sd1_neg.safetensors")
     save_embedding(sd1, NegEmbedding(torch.zeros(1, 77, 768), "sd1"))
     cfg = _cfg(tmp_path / "o", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, negatives=["null", sd1])
-    with pytest.raises(EmbeddingError, match="sd1_neg.safetensors"):
+    with pytest.raises(EvalError, match="--negative sd1_neg: .*sd1_neg.safetensors: this is a sd1 embedding"):
         ev.run_eval(cfg, log=lambda m: None)
     assert os.listdir(tmp_path / "o" / "images") == []
 
@@ -437,3 +435,51 @@ def test_tune_per_prompt_must_be_positive(tmp_path, tiny_pipeline_dir, tiny_hps_
         ev.validate_eval(
             _cfg(tmp_path / "ev", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, tune_per_prompt=0)
         )
+
+
+@pytest.mark.parametrize("spec", ["big={f}", "tuned:{f}"])
+def test_a_negative_the_model_cannot_read_is_refused_before_any_image(
+    tmp_path, tiny_pixart_dir, tiny_hps_ckpt, prompt_file, spec
+):
+    """A PixArt-sigma file (300 T5 rows) is in PixArt-alpha's output space, so it loads for an alpha
+    model, which reads at most 120 rows: eval must say so before the null images are made."""
+    sigma = str(tmp_path / "sigma_neg.safetensors")
+    t = torch.zeros(1, 300, 4096)
+    t[:, :200] = 0.01
+    save_embedding(sigma, NegEmbedding(t, "pixart-sigma", attention_mask=(t[..., 0] != 0).long()))
+    cfg = _cfg(
+        tmp_path / "o",
+        tiny_pixart_dir,
+        tiny_hps_ckpt,
+        prompt_file,
+        sigma,
+        negatives=["null", spec.format(f=sigma)],
+        rewards=[f"hpsv2={tiny_hps_ckpt}"],
+    )
+    with pytest.raises(EvalError) as e:
+        ev.run_eval(cfg, log=lambda m: None)
+    msg = str(e.value)
+    name = "big" if spec.startswith("big") else "tuned-sigma_neg"
+    assert f"--negative {name}" in msg and sigma in msg and "120" in msg and "300" in msg
+    assert os.listdir(tmp_path / "o" / "images") == []
+
+
+def test_every_embedding_negative_is_checked_against_the_model_before_any_image(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, monkeypatch
+):
+    """Whatever the family, each file negative goes through the model's own negative check (the one
+    generation uses) before the first image; a refusal names the negative and its file."""
+    from reneg.backends.diffusers_backend import DiffusersBackend
+
+    real = DiffusersBackend.negative_cond
+
+    def picky(self, neg, pooled=None, mask=None):
+        if float(neg.abs().sum()) > 0:  # every negative here but "zero"
+            raise ValueError("this model cannot read that negative")
+        return real(self, neg, pooled, mask)
+
+    monkeypatch.setattr(DiffusersBackend, "negative_cond", picky)
+    cfg = _cfg(tmp_path / "o", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, negatives=["zero", emb_file])
+    with pytest.raises(EvalError, match=r"--negative my_neg \(.*my_neg\.safetensors\): this model cannot read"):
+        ev.run_eval(cfg, log=lambda m: None)
+    assert os.listdir(tmp_path / "o" / "images") == []

@@ -388,3 +388,108 @@ def test_rows_alone_keep_their_mask(alpha):
             torch.testing.assert_close(a, alpha.denoiser(x, sig, alpha.negative_cond(full, mask=mask)))
             torch.testing.assert_close(a, alpha.denoiser(x, sig, alpha.negative_cond(rows)))
     assert cond.mask.shape == (1, 120)
+
+
+# --------------------------------------------------------------------------- a tokenizer as published: spiece.model
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def _field(num: int, kind: int, payload: bytes) -> bytes:
+    return _varint(num << 3 | kind) + payload
+
+
+def _bytes_field(num: int, data: bytes) -> bytes:
+    return _field(num, 2, _varint(len(data)) + data)
+
+
+def write_spiece_tokenizer(folder, words=("a", "red", "circle", "cat", "blurry")):
+    """A T5 tokenizer folder in the layout PixArt's model card publishes: ``spiece.model`` (a
+    SentencePiece unigram model, written here byte by byte in its protobuf format, so no package is
+    needed to make it) and ``tokenizer_config.json``, without ``tokenizer.json``."""
+    import struct
+
+    pieces = [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2)]
+    pieces += [("\u2581" + w, -1.0 - i, 1) for i, w in enumerate(words)]
+    pieces += [(c, -20.0, 1) for c in "abcdefghijklmnopqrstuvwxyz\u2581"]
+    model = b"".join(
+        _bytes_field(1, _bytes_field(1, p.encode()) + _field(2, 5, struct.pack("<f", s)) + _field(3, 0, _varint(t)))
+        for p, s, t in pieces
+    )
+    trainer = _field(3, 0, _varint(1)) + _field(4, 0, _varint(len(pieces)))  # unigram, vocab size
+    trainer += _field(40, 0, _varint(2)) + _field(41, 0, _varint(2**64 - 1))  # unk 2, no bos
+    trainer += _field(42, 0, _varint(1)) + _field(43, 0, _varint(0))  # eos 1, pad 0
+    normalizer = _bytes_field(1, b"identity") + _field(3, 0, _varint(1)) + _field(4, 0, _varint(1))
+    normalizer += _field(5, 0, _varint(1))
+    model += _bytes_field(2, trainer) + _bytes_field(3, normalizer)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model)
+    cfg = {"tokenizer_class": "T5Tokenizer", "model_max_length": 120, "extra_ids": 0}
+    cfg.update(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture()
+def spiece_pixart(alpha_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "PixArt-spiece"
+    shutil.copytree(alpha_dir, folder)
+    shutil.rmtree(folder / "tokenizer")
+    write_spiece_tokenizer(folder / "tokenizer")
+    return folder
+
+
+@pytest.mark.parametrize("absent", ["sentencepiece", "google.protobuf"])
+def test_a_spiece_tokenizer_without_its_packages_names_the_files_and_the_packages(spiece_pixart, absent, monkeypatch):
+    import sys
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+
+    monkeypatch.setitem(sys.modules, absent, None)  # as if it were not installed (it may or may not be)
+    with pytest.raises(ModelLoadError) as e:
+        load_diffusers(str(spiece_pixart))
+    msg = str(e.value)
+    assert str(spiece_pixart / "tokenizer") in msg and "spiece.model" in msg and "tokenizer_config.json" in msg
+    assert "no tokenizer.json" in msg and "pip install sentencepiece protobuf" in msg
+    assert {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}[absent] in msg.split("not installed")[1]
+    assert "tiktoken" not in msg
+
+
+def test_a_spiece_tokenizer_loads_where_its_packages_are_installed(spiece_pixart):
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    backend = load_diffusers(str(spiece_pixart))
+    ids = backend.tokenizer("a red circle").input_ids
+    assert backend.tokenizer.convert_ids_to_tokens(ids) == ["\u2581a", "\u2581red", "\u2581circle", "</s>"]
+    assert backend.encode_prompts(["a red circle"]).mask[0, :5].tolist() == [1, 1, 1, 1, 0]
+
+
+def test_an_unreadable_tokenizer_says_what_was_found(spiece_pixart):
+    (spiece_pixart / "tokenizer" / "spiece.model").write_bytes(b"\xff not a sentencepiece model")
+    (spiece_pixart / "tokenizer" / "tokenizer.json").write_text("{ not json")
+    from reneg.backends.diffusers_backend import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"could not read the tokenizer.*found spiece\.model, tokenizer\.json"):
+        load_diffusers(str(spiece_pixart))
+
+
+def test_the_extras_that_bring_transformers_bring_what_a_spiece_tokenizer_needs():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    with_transformers = [k for k, v in extras.items() if any(d.startswith("transformers") for d in v)]
+    assert {"train", "eval", "studio"} <= set(with_transformers)
+    for k in with_transformers:
+        names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in extras[k]}
+        assert {"sentencepiece", "protobuf"} <= names, k

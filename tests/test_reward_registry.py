@@ -139,6 +139,17 @@ def test_load_reward_model_node_offers_the_registry_and_scores_with_imagereward(
         with torch.no_grad():
             direct = given.module(images.movedim(-1, 1) * 2 - 1, [PROMPTS[0]] * 2)
         torch.testing.assert_close(torch.tensor(scores), direct.float(), rtol=1e-5, atol=1e-6)
+        # a non-square image (SDXL-like 4:3-ish, resized and cropped) is seen as the package's
+        # Resize(224, BICUBIC) + CenterCrop(224) + Normalize sees it
+        from test_rewards_preprocess import torchvision_reference
+
+        for h, w in [(351, 280), (280, 354)]:
+            tall = torch.rand(1, h, w, 3, generator=torch.Generator().manual_seed(h))
+            with torch.inference_mode():
+                got = score.score(tall, PROMPTS[0], given, False)["result"][0]
+                ids, mask = given.module.tokens([PROMPTS[0]], "cpu")
+                want = given.module.model(ids, mask, torchvision_reference(tall.movedim(-1, 1), 224))
+            torch.testing.assert_close(torch.tensor(got), want.float(), rtol=0, atol=1e-5)
         with pytest.raises(RuntimeError, match="aesthetic needs clip_model"):
             with torch.inference_mode():
                 load.load("aesthetic", "ImageReward/ImageReward.pt", "none", "float32")

@@ -126,7 +126,6 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     items, negatives = validate_eval(cfg)
     check_manifest(cfg, items, negatives)
     from reneg.backends.loading import weights_dtype
-    from reneg.embedding import load_embedding
     from reneg.generate import text_negative
     from reneg.rewards import load_reward, parse_spec
 
@@ -139,6 +138,8 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     if note:
         log(f"reneg eval: {note}")
     frames = cfg.frames if cfg.video else 1
+    # every embedding file must fit the model before any image is made (or a reward loads)
+    embs, tensors = check_negatives_fit(backend, negatives)
     specs = [parse_spec(s) for s in cfg.rewards]
     names = reward_names(specs)
     dtype = weights_dtype(cfg.mixed_precision, device)
@@ -150,13 +151,6 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
                 f"on its own)"
             )
     tune_reward = FrameReward(rewards[0], frames) if frames > 1 else rewards[0]
-    # every embedding file must fit the model before any image is made
-    embs = {
-        n.source: load_embedding(n.source, expected_family=backend.family)
-        for n in negatives
-        if n.kind in ("file", "tuned") and n.source != "null"
-    }
-    tensors = {k: e.model_rows().float() for k, e in embs.items()}
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
     tuning_logs: dict[str, dict] = {}
     made = 0
@@ -221,6 +215,31 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     )
     write_report(cfg.out, summary, rows, items, negatives, names, cfg)
     return summary
+
+
+def check_negatives_fit(backend, negatives: list[Negative]) -> tuple[dict, dict]:
+    """Load every embedding negative for the loaded model and put it through the model's own
+    negative check (``negative_cond``, what generation and tuning call), so that a negative the model
+    cannot read (PixArt-sigma's 300 rows on PixArt-alpha, a file of another family) is refused before
+    the first image, naming the negative and its file. Returns ``({file: NegEmbedding}, {file: rows})``."""
+    from reneg.embedding import load_embedding
+
+    embs, tensors = {}, {}
+    for n in negatives:
+        if n.kind not in ("file", "tuned") or n.source == "null" or n.source in embs:
+            continue
+        try:
+            emb = load_embedding(n.source, expected_family=backend.family)  # its family, width and rows
+        except ValueError as e:
+            raise EvalError(f"--negative {n.name}: {e}") from None
+        rows = emb.model_rows().float()
+        try:
+            # a file negative is used with its mask; a tuned one starts from the rows alone
+            backend.negative_cond(rows.to(backend.device), None, emb.mask() if n.kind == "file" else None)
+        except ValueError as e:
+            raise EvalError(f"--negative {n.name} ({n.source}): {e}") from None
+        embs[n.source], tensors[n.source] = emb, rows
+    return embs, tensors
 
 
 def _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames) -> int:

@@ -21,7 +21,7 @@ the image, and an MLP head; the score is standardised with fixed constants.
   ``bert-base-uncased`` (read with ``local_files_only``: nothing is downloaded).
 - Score, as the package's ``ImageReward.score``: prompts tokenised to 35 tokens (padded and
   truncated), image resized (shorter side to 224, bicubic, antialiased like PIL), centre-cropped
-  to 224 and normalised with the CLIP mean/std; the [CLS] output of the text encoder goes through
+  to 224 (sizes and offset as torchvision's ``Resize`` and ``CenterCrop``) and normalised with the CLIP mean/std; the [CLS] output of the text encoder goes through
   the MLP and ``(r - 0.16717362830052426) / 1.0333394966054072``. The image path is differentiable.
 """
 

@@ -24,7 +24,8 @@ class PickScore(Reward):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         p = next(self.model.parameters())
-        x = clip_preprocess(images.to(p.device, torch.float32), self.size, self.mean, self.std)
+        # as its reference, Hugging Face's CLIPImageProcessor: torchvision's resize, crop offset truncated
+        x = clip_preprocess(images.to(p.device, torch.float32), self.size, self.mean, self.std, crop_offset="floor")
         img = self.model.get_image_features(pixel_values=x.to(p.dtype))
         img = getattr(img, "pooler_output", img).float()
         with torch.no_grad():
