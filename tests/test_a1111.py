@@ -262,6 +262,18 @@ def test_process_and_hook_through_the_script(host):
     assert p.extra_generation_params["ReNeg"] == "sd1_ours.safetensors"  # the earlier image keeps its own
 
 
+def test_process_with_what_the_api_can_send_never_raises(host):
+    """alwayson_scripts args straight from JSON: a strength too large for a float, null, text."""
+    for strength in (10**400, None, "abc", float("nan")):
+        p = host.p()
+        host.script.process(p, True, "sd1_ours.safetensors", strength, True)
+        assert not any(k.startswith("ReNeg") for k in p.extra_generation_params)
+        assert any("not applied: strength must be a number from 0 to 1" in c for c in p.comments), p.comments
+        u = torch.randn(1, 77, 768)
+        assert host.run(p, u) is u
+        host.script.postprocess(p, None, True, "sd1_ours.safetensors", strength, True)
+
+
 # --------------------------------------------------------------------------- settings and X/Y/Z
 
 

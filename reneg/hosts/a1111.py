@@ -22,7 +22,9 @@ Script arguments, in this order (the UI passes them, and so does the API under
     0  enabled      bool   default False
     1  embedding    str    a name as listed in the dropdown (e.g. "sd15_reneg.safetensors"),
                            its stem ("sd15_reneg"), or "None" (the default)
-    2  strength     float  0..1, default 1 (0 = the negative prompt, 1 = the embedding only)
+    2  strength     float  0..1, default 1 (0 = the negative prompt, 1 = the embedding only);
+                           outside 0..1 it is clamped, with a warning; a value that is not a finite
+                           number (null, text, NaN) turns ReNeg off for that generation, with a warning
     3  hires        bool   default True: also replace the negative in the hires-fix pass
 
 Infotext: ``ReNeg: <name>, ReNeg strength: <s>, ReNeg hash: <sha256[:10]>`` and
@@ -34,6 +36,7 @@ carries none of these keys, even when it shares its parameters dict with one mad
 from __future__ import annotations
 
 import html
+import math
 import os
 import threading
 import weakref
@@ -305,17 +308,36 @@ class Active:
             warn(self.p, msg)
 
 
-def as_strength(v) -> float:
-    """A strength from the UI, the API or an X/Y/Z axis: clamped to 0..1, 1 when unreadable."""
-    try:
-        s = float(v)
-    except (TypeError, ValueError):
-        return 1.0
-    return min(max(s, 0.0), 1.0) if s == s else 1.0
+def _shown(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else f"{s[:12]}...{s[-6:]} ({len(s)} digits)" if s.isdigit() else s[:40] + "..."
 
 
-def parse_args(args) -> tuple[bool, str, float, bool]:
-    """The four script args (see the module docstring), coerced, with defaults for missing ones."""
+def read_strength(v) -> tuple[float | None, str | None]:
+    """A strength from the UI, the API or an X/Y/Z axis: ``(value, note)``.
+
+    A number (or a number as text) in 0..1 is used as it is. A finite number outside 0..1 is
+    clamped to it, with a note. Anything else (None, text, NaN, inf, a bool, an integer too large
+    for a float) gives ``(None, note)``: the generation runs without ReNeg and says why. Never raises.
+    """
+    s = None
+    if not isinstance(v, bool):
+        try:
+            s = float(v.strip() if isinstance(v, str) else v)
+        except (TypeError, ValueError, OverflowError):
+            s = None
+    if s is None or not math.isfinite(s):
+        return None, f"strength must be a number from 0 to 1, got {_shown(v)}"
+    if 0.0 <= s <= 1.0:
+        return s, None
+    used = min(max(s, 0.0), 1.0)
+    return used, f"strength {_shown(v)} is outside 0..1; using {used}"
+
+
+def parse_args(args) -> tuple[bool, str, Any, bool]:
+    """The four script args (see the module docstring) with defaults for missing ones: enabled,
+    embedding and hires coerced, strength as given (:meth:`Host.process` reads it with
+    :func:`read_strength`, which can say what was wrong with it)."""
     args = list(args)
     enabled, name, strength, hires = args[: len(ARG_DEFAULTS)] + list(ARG_DEFAULTS[len(args) :])
 
@@ -324,7 +346,7 @@ def parse_args(args) -> tuple[bool, str, float, bool]:
             return v.strip().lower() in ("1", "true", "yes", "on")
         return default if v is None else bool(v)
 
-    return as_bool(enabled, False), str(name or NONE).strip() or NONE, as_strength(strength), as_bool(hires, True)
+    return as_bool(enabled, False), str(name or NONE).strip() or NONE, strength, as_bool(hires, True)
 
 
 # --------------------------------------------------------------------------- infotext
@@ -473,8 +495,22 @@ class Host:
         """Decide what this generation applies, write its infotext, and arm the hook.
 
         Every call starts from a clean slate: no ReNeg key is left in the generation's
-        parameters and no earlier state stays armed, whatever came before.
+        parameters and no earlier state stays armed, whatever came before. Never raises (the
+        arguments may come straight from an API request): after an unexpected error the
+        generation runs without ReNeg and says why.
         """
+        try:
+            return self._process(p, args, core_error)
+        except Exception as e:  # noqa: BLE001 - the host would only print it, mid-generation
+            try:
+                self.deactivate(p)
+                clear_infotext(p)
+            except Exception:  # noqa: BLE001
+                pass
+            warn(p, f"ReNeg: not applied after an error: {type(e).__name__}: {e}")
+            return None
+
+    def _process(self, p, args, core_error: str | None) -> Active | None:
         self.deactivate(p)
         clear_infotext(p)
         enabled, name, strength, hires = parse_args(args)
@@ -483,12 +519,18 @@ class Host:
             name = str(xyz_name).strip() or NONE
             enabled = name != NONE
         if getattr(p, XYZ_STRENGTH, None) is not None:
-            strength = as_strength(getattr(p, XYZ_STRENGTH))
+            strength = getattr(p, XYZ_STRENGTH)
         if not enabled or name == NONE:
             return None
         if core_error:
             log(f"not applied: {core_error}")
             return None
+        strength, note = read_strength(strength)
+        if strength is None:
+            warn(p, f"ReNeg: not applied: {note}")
+            return None
+        if note:
+            warn(p, f"ReNeg: {note}")
         found = self.store.resolve(name)
         if found is None:
             warn(p, f"ReNeg: not applied: no embedding named {name!r} in {', '.join(self.folders())}")
@@ -581,7 +623,7 @@ def xyz_apply_embedding(p, x, xs) -> None:
 
 
 def xyz_apply_strength(p, x, xs) -> None:
-    setattr(p, XYZ_STRENGTH, float(x))
+    setattr(p, XYZ_STRENGTH, x)  # read (and, if need be, refused with a warning) by Host.process
 
 
 def find_xyz_module(scripts_data: Iterable) -> Any:
