@@ -182,10 +182,10 @@ def test_panel_follows_a_model_load_in_open_and_new_pages(host):
     ((kind, on_load, inputs, outputs),) = interface.events
     assert kind == "load" and inputs == [embedding] and outputs == [embedding, status]
 
-    other = stubs.Textbox(visible=False, elem_id="generation_info_img2img")  # the other tab's: not ours
-    script.after_component(other, elem_id="generation_info_img2img")
     html_info = stubs.HTML(elem_id="html_info_txt2img")  # gradio 4 HTML "change" loops: not used
     script.after_component(html_info, elem_id="html_info_txt2img")
+    other = stubs.Textbox(visible=False, elem_id="generation_info")  # not a tab's generation info
+    script.after_component(other, elem_id="generation_info")
     assert other.events == [] and html_info.events == []
     gen_info = stubs.Textbox(visible=False, elem_id="generation_info_txt2img")
     script.after_component(gen_info, elem_id="generation_info_txt2img")
@@ -203,6 +203,37 @@ def test_panel_follows_a_model_load_in_open_and_new_pages(host):
     host.set_model("sd1")  # the web UI's own model slot, once it has one, is the truth
     update, html = after_generation("sd1_ours.safetensors")
     assert "value" not in update and "Stable Diffusion 1.x" in html  # a value still offered is left alone
+
+
+def test_both_tabs_panels_follow_a_generation_in_either_tab(host):
+    """Forge loads the model at the first generation. A generation in txt2img must bring the
+    img2img panel up to date too (and the other way round), not leave it saying that no model is
+    loaded and offering every family's files until an img2img generation or a reload.
+
+    As the web UI builds the page: one script object per tab; the txt2img tab (panel, then its
+    generation info) first, then the img2img tab; a script's after_component sees only the
+    components of its own tab."""
+    t2i, i2i = host.script, host.module.ReNegScript()
+    t2i.is_txt2img, t2i.is_img2img = True, False
+    i2i.is_txt2img, i2i.is_img2img = False, True
+    panels, infos = {}, {}
+    for tab, script in (("txt2img", t2i), ("img2img", i2i)):
+        enabled, embedding, _, _ = script.ui(tab == "img2img")
+        panels[tab] = (embedding, _status(enabled))
+        assert "no model is loaded yet" in panels[tab][1].value
+        infos[tab] = stubs.Textbox(visible=False, elem_id=f"generation_info_{tab}")
+        script.after_component(infos[tab], elem_id=f"generation_info_{tab}")
+    for tab, info in infos.items():
+        wired = {(id(ins[0]), id(outs[1])) for kind, fn, ins, outs in info.events if kind == "change"}
+        assert wired == {(id(e), id(st)) for e, st in panels.values()}, tab  # each panel once
+        assert len(info.events) == 2
+    host.ns.script_callbacks.model_loaded_callback(sd_model("sdxl"))  # Forge's load at a txt2img generation
+    for _, fn, _, _ in infos["txt2img"].events:
+        update, html = fn("sd1_ours.safetensors")
+        assert "no model is loaded yet" not in html and "Stable Diffusion XL" in html
+        assert update["choices"] == ["None", "xl, v1.safetensors"]
+    i2i.ui(True)  # a second build (a reloaded UI) wires its new panel, and the old ones only once
+    assert len(infos["txt2img"].events) == 3 and len(infos["img2img"].events) == 3
 
 
 def b_all(block):
