@@ -565,6 +565,34 @@ def test_grid_cells_share_one_params_dict_but_never_each_others_keys(rig):
     assert stale.extra_generation_params == {"Seed resize from": "-1x-1"}
 
 
+@pytest.mark.parametrize(
+    "axes,grid_keys",
+    [
+        ({"embedding": "sd1_bare.bin", "strength": 0.5}, set()),  # both vary: the grid carries neither
+        ({"embedding": "sd1_bare.bin"}, set()),
+        ({"strength": 0.5}, {"ReNeg", "ReNeg hash"}),  # the file is every cell's; the strength is not
+        ({}, {"ReNeg", "ReNeg strength", "ReNeg hash"}),  # another axis (CFG...): true of every cell
+    ],
+)
+def test_grid_image_infotext_carries_no_values_of_a_reneg_axis(rig, axes, grid_keys):
+    """The X/Y/Z script writes the grid image's infotext from the first cell's parameters after that
+    cell's process_images (and so after the script's postprocess). With a ReNeg axis the first
+    cell's value is not the grid's: the cell's image keeps it, the grid does not get it."""
+    base = rig.p()
+    cell = copy.copy(base)  # what xyz_grid does for each cell
+    if "embedding" in axes:
+        core.xyz_apply_embedding(cell, axes["embedding"], [])
+    if "strength" in axes:
+        core.xyz_apply_strength(cell, axes["strength"], [])
+    rig.host.process(cell, True, "sd1_ours.safetensors", 1.0, True)
+    cell_image = dict(cell.extra_generation_params)  # the cell's own infotext is written from this
+    processed = cell.extra_generation_params  # Processed(p, ...) keeps this dict (its generation info)
+    rig.host.postprocess(cell)
+    grid = dict(cell.extra_generation_params, Script="X/Y/Z plot")  # xyz_grid: copy(pc.extra_generation_params)
+    assert {k for k in grid if k.startswith("ReNeg")} == grid_keys
+    assert {"ReNeg", "ReNeg strength", "ReNeg hash"} <= set(cell_image) and processed == cell_image
+
+
 # --------------------------------------------------------------------------- X/Y/Z axes
 
 

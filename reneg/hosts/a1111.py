@@ -30,7 +30,8 @@ Script arguments, in this order (the UI passes them, and so does the API under
 Infotext: ``ReNeg: <name>, ReNeg strength: <s>, ReNeg hash: <sha256[:10]>`` and
 ``ReNeg hires: False`` when a hires pass runs without it; a generation made without ReNeg
 carries none of these keys, even when it shares its parameters dict with one made with it
-(the X/Y/Z plot makes every cell from a shallow copy of one processing object).
+(the X/Y/Z plot makes every cell from a shallow copy of one processing object). An X/Y/Z grid
+image does not carry the ReNeg keys its ReNeg axes vary (see :func:`drop_axis_keys`).
 """
 
 from __future__ import annotations
@@ -375,6 +376,27 @@ def write_infotext(p, name: str, strength: float, digest: str | None, hires_skip
         params[KEY_HIRES] = False
 
 
+def drop_axis_keys(p) -> None:
+    """After an X/Y/Z cell is made: drop the ReNeg keys a ReNeg axis varies from ``p``'s parameters.
+
+    The X/Y/Z plot writes the grid image's infotext from its first cell's parameters once that
+    cell's images are made (after the scripts' ``postprocess``): with a ReNeg axis, the first
+    cell's file or strength is not the grid's, whose own ``X Type``/``X Values`` say what varied.
+    An embedding axis drops every ReNeg key, a strength axis the strength. The cell's images
+    carry their keys already; ``p`` gets a new dict, so the generation info kept with them (the
+    old dict) keeps them too.
+    """
+    if getattr(p, XYZ_EMBEDDING, None) is not None:
+        keys = INFOTEXT_KEYS
+    elif getattr(p, XYZ_STRENGTH, None) is not None:
+        keys = (KEY_STRENGTH,)
+    else:
+        return
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict) and any(k in params for k in keys):
+        p.extra_generation_params = {k: v for k, v in params.items() if k not in keys}
+
+
 def paste_enabled(d: dict) -> bool:
     """Pasted parameters turn ReNeg on exactly when they name an embedding."""
     return KEY_NAME in d
@@ -574,6 +596,10 @@ class Host:
 
     def postprocess(self, p) -> None:
         self.deactivate(p)
+        try:
+            drop_axis_keys(p)
+        except Exception as e:  # noqa: BLE001 - the images are made; never fail the generation now
+            log(f"could not tidy the grid's parameters: {type(e).__name__}: {e}")
 
     def _active_for(self, params):
         p = getattr(getattr(params, "denoiser", None), "p", None)
