@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -244,6 +245,31 @@ def b_all(block):
         if hasattr(c, "accordion"):
             out.extend(b_all(c.accordion))
     return out
+
+
+@pytest.mark.parametrize("kind", ["a1111", "forge"])
+def test_what_ui_config_keeps_is_what_the_docs_say(models, kind):
+    """Settings -> Defaults keeps the dropdown, the strength and the hires box in both hosts; the
+    on/off (an InputAccordion) only in A1111: Forge's ui-config.json keeps no input accordion's
+    state, not even its own Hires. fix's. docs/a1111.md names the keys and says which host keeps which."""
+    ns, saved, module = _load(models, host=kind)
+    try:
+        module.CORE_ROOT = None
+        ns.sd_models.model_data.sd_model = sd_model("sd1")
+        with stubs.Blocks() as tab:
+            module.ReNegScript().ui(False)
+        prefix = "customscript/reneg_negative.py/txt2img"
+        keys = stubs.ui_config_keys(tab, ns.ui_components.InputAccordion, prefix)
+    finally:
+        stubs.uninstall(saved)
+    on = f"{prefix}/ReNeg/value"
+    assert {f"{prefix}/Negative embedding/value", f"{prefix}/Apply to hires pass/value"} <= keys
+    assert (on in keys) == (kind == "a1111")
+    text = " ".join((ROOT / "docs" / "a1111.md").read_text().split())
+    section = text[text.index("**The default is None.**") : text.index("An embedding of the wrong family")]
+    named = set(re.findall(r"`(customscript/[^`]+)`", section))
+    assert f"{prefix}/Negative embedding/value" in named and on in named
+    assert "Forge does not keep" in section and "ReNeg on by default" in section, section
 
 
 def test_ui_without_input_accordion_and_refresh(models):
