@@ -595,3 +595,32 @@ def test_reward_score_empty_batch_and_nan_images(host, reward):
     scores, report, ranked, best, best_index = run(score.score, nan_only, "a red circle", reward, True)
     assert best_index == 0 and all(math.isnan(s) for s in scores)
     assert "no image has a finite score" in report and "best" not in report.replace("best_", ""), report
+
+
+def test_tune_and_score_nodes_at_a_non_square_size(host, models, reward, tiny_reward, monkeypatch):
+    """SDXL users tune and score non-square images every day: a 64x48 latent (wider than tall)
+    runs through the tune node at that size, and Reward Score gives each non-square image what
+    the core reward gives it (the nodes hand the images to the rewards' own preprocessing as
+    they are)."""
+    model, vae, clip = models
+    pos, neg = _conds(clip)
+    seen = set()
+    apply_model = model.model.apply_model
+
+    def spy(x, *a, **k):
+        seen.add(tuple(x.shape[-2:]))
+        return apply_model(x, *a, **k)
+
+    monkeypatch.setattr(model.model, "apply_model", spy)
+    latent = {"samples": torch.zeros(1, 4, 48, 64)}
+    args = _tune_args(models, pos, neg, reward, max_steps=1, patience=1, steps=2, grad_step_max=1, latent=latent)
+    tuned, r0, r1 = run(node(host, "ReNegPerSampleTune").tune, **args)
+    assert seen == {(48, 64)}  # the latent's size, not width x height
+    assert math.isfinite(r0) and r1 >= r0 and torch.isfinite(tuned[0][0]).all()
+
+    images = torch.rand(2, 96, 128, 3, generator=torch.Generator().manual_seed(2))  # IMAGE: B, H, W, C
+    scores, report, ranked, best, best_index = run(node(host, "ReNegRewardScore").score, images, "a cat", reward, True)
+    with torch.no_grad():
+        expect = tiny_reward(images.movedim(-1, 1) * 2 - 1, ["a cat"] * 2).float()
+    torch.testing.assert_close(torch.tensor(scores), expect, rtol=1e-4, atol=1e-5)
+    assert best.shape == (1, 96, 128, 3) and ranked.shape == images.shape
