@@ -146,6 +146,30 @@ def reports_errors(title: str):
     return deco
 
 
+def _kinds(value) -> str:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return f"an empty {type(value).__name__}"
+        return "[" + ", ".join(type(v).__name__ for v in value) + "]"
+    return type(value).__name__
+
+
+def check_conditioning(conditioning, what: str) -> list:
+    """A CONDITIONING as ComfyUI passes it: a non-empty list of ``[tensor [batch, tokens, hidden],
+    dict]`` entries; anything else is a clear error naming the input (``what``) and the entry."""
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(f"{what}: expected a CONDITIONING (a list of [tensor, dict]), found {_kinds(conditioning)}")
+    for i, entry in enumerate(conditioning):
+        ok = isinstance(entry, (list, tuple)) and len(entry) >= 2
+        if not ok or not isinstance(entry[0], torch.Tensor) or not isinstance(entry[1], dict):
+            raise ValueError(f"{what} entry {i}: expected [tensor, dict], found {_kinds(entry)}")
+        if entry[0].dim() != 3:
+            raise ValueError(
+                f"{what} entry {i}: expected a tensor [batch, tokens, hidden], found shape {list(entry[0].shape)}"
+            )
+    return list(conditioning)
+
+
 def model_family_of(hidden: int) -> str:
     from ..reneg.families import family_for_hidden, known_hidden_sizes
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .common import CATEGORY, EMBEDDING_FOLDER, folder_list, full_path, model_family_of, reports_errors
+from .common import (
+    CATEGORY,
+    EMBEDDING_FOLDER,
+    check_conditioning,
+    folder_list,
+    full_path,
+    model_family_of,
+    reports_errors,
+)
 
 TITLE = "Load ReNeg Embedding"
 
@@ -161,7 +169,5 @@ class ReNegLoadEmbedding:
         null = null_conditioning(clip)
         family = model_family_of(null[0][0].shape[-1])
         emb = load_embedding(full_path(EMBEDDING_FOLDER, embedding), expected_family=family)
-        base = base_negative if base_negative is not None else null
-        if not isinstance(base, list) or not base:
-            raise ValueError(f"base_negative: expected a CONDITIONING, found {type(base).__name__}")
+        base = check_conditioning(base_negative, "base_negative") if base_negative is not None else null
         return (apply_embedding(base, emb, s),)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -206,6 +207,9 @@ def images_to_reward_input(images: torch.Tensor) -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (3, 4):
         shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images: expected an IMAGE batch [B, H, W, 3], found {shape}")
+    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        b, h, w = images.shape[:3]
+        raise ValueError(f"images: the batch is empty ({b} images of {w}x{h}): connect a node that makes images")
     return images[..., :3].movedim(-1, 1).float() * 2 - 1
 
 
@@ -218,6 +222,14 @@ def score_images(reward: RewardModel, images: torch.Tensor, prompt: str, batch: 
             chunk = x[i : i + batch].to(dev)
             out.append(module(chunk, [prompt] * chunk.shape[0]).float().cpu())
     return torch.cat(out)
+
+
+def rank_order(scores: list[float]) -> list[int]:
+    """Image indices best first; a NaN score (an image with NaN pixels) ranks after every number,
+    ties in input order."""
+    return sorted(
+        range(len(scores)), key=lambda i: (math.isnan(scores[i]), -scores[i] if scores[i] == scores[i] else 0)
+    )
 
 
 class ReNegRewardScore:
@@ -260,14 +272,18 @@ class ReNegRewardScore:
         if not str(prompt).strip():
             raise ValueError("prompt is empty: give the prompt the images were made for")
         scores = score_images(reward, images, str(prompt))
-        order = torch.argsort(scores, descending=True)
-        best = int(order[0])
-        lines = [f"{reward.name} for {len(scores)} image(s):"]
-        for i, s in enumerate(scores.tolist()):
-            place = int((order == i).nonzero()[0]) + 1
-            lines.append(f"  image {i}: {s:.5f}  (rank {place}){'  best' if i == best else ''}")
+        values = scores.tolist()
+        order = rank_order(values)
+        best = order[0]
+        finite = any(math.isfinite(v) for v in values)
+        lines = [f"{reward.name} for {len(values)} image(s):"]
+        for i, s in enumerate(values):
+            place = order.index(i) + 1
+            lines.append(f"  image {i}: {s:.5f}  (rank {place}){'  best' if i == best and finite else ''}")
+        if not finite:
+            lines.append("  no image has a finite score (NaN or inf pixels, or a reward that overflowed)")
         report = "\n".join(lines)
-        ranked = images[order.to(images.device)] if rank else images
+        ranked = images[torch.tensor(order, device=images.device)] if rank else images
         return {
             "ui": {"text": [report]},
             "result": ([float(s) for s in scores], report, ranked, images[best : best + 1], best),

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .common import CATEGORY, REWARD_TYPE, check_interrupt, model_family_of, one_block, progress_bar, reports_errors
+from ..reneg import options as O
 from ..reneg.options import PAPER, clamp_grad_range
 from .save_embedding import INFO_KEY
 
 TITLE = "Per-Sample ReNeg Tune"
 NOISE_MODES = ("this seed", "fresh noise (paper)")
+# the options layer's settings under the names of this node's inputs
+INPUT_NAMES = {
+    "sampling_steps": "steps",
+    "guidance": "cfg",
+    "lr": "learning_rate",
+    "max_steps": "max_steps",
+    "patience": "patience",
+    "seed": "seed",
+}
 FALLBACK_SCHEDULERS = ["ddim_uniform", "normal", "karras", "exponential", "sgm_uniform", "simple", "beta"]
 
 
@@ -20,6 +32,28 @@ def schedulers() -> list[str]:
         return list(FALLBACK_SCHEDULERS)
     names = list(SCHEDULER_NAMES)
     return (["ddim_uniform"] if "ddim_uniform" in names else []) + [n for n in names if n != "ddim_uniform"]
+
+
+def check_inputs(
+    *, steps, cfg, learning_rate, max_steps, patience, seed, noise_mode, grad_step_min, grad_step_max, **_
+) -> types.SimpleNamespace:
+    """The node's numbers through the options layer's checks (those ``reneg tune`` runs), each
+    error naming the node input; the numbers as ints and floats. Width and height are checked
+    once the VAE's scale is known (:func:`reneg.options.check_resolution`). ComfyUI holds a
+    widget to INPUT_TYPES' min and max, but not a value that arrives through a link."""
+    v = types.SimpleNamespace(
+        sampling_steps=steps, guidance=cfg, lr=learning_rate, max_steps=max_steps, patience=patience, seed=seed
+    )
+    O.check_sampling(v, grad=False, names=INPUT_NAMES, sides=())
+    # fresh noise draws seed + 1 ... seed + max_steps; this seed's noise, the seed alone
+    O.check_search(v, names=INPUT_NAMES, seed_span=None if noise_mode == NOISE_MODES[1] else 1)
+    v.grad_range = tuple(
+        O.check_int(name, value, 0, O.SAMPLING_STEPS_MAX)
+        for name, value in (("grad_step_min", grad_step_min), ("grad_step_max", grad_step_max))
+    )
+    v.sampling_steps, v.max_steps, v.patience = int(v.sampling_steps), int(v.max_steps), int(v.patience)
+    v.guidance, v.lr = float(v.guidance), float(v.lr)
+    return v
 
 
 class ReNegPerSampleTune:
@@ -57,7 +91,7 @@ class ReNegPerSampleTune:
                 "patience": ("INT", {"default": PAPER.patience, "min": 1, "max": 200}),
                 "learning_rate": (
                     "FLOAT",
-                    {"default": PAPER.lr, "min": 0.0, "max": 1.0, "step": 0.0005, "round": 0.00001},
+                    {"default": PAPER.lr, "min": 0.00001, "max": 1.0, "step": 0.0005, "round": 0.00001},
                 ),
                 "cfg": ("FLOAT", {"default": PAPER.guidance, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01}),
                 "steps": ("INT", {"default": PAPER.sampling_steps, "min": 2, "max": 200, "tooltip": "Sampling steps."}),
@@ -72,8 +106,8 @@ class ReNegPerSampleTune:
                     },
                 ),
                 "grad_step_max": ("INT", {"default": PAPER.grad_range[1], "min": 0, "max": 199}),
-                "width": ("INT", {"default": PAPER.resolution, "min": 64, "max": 8192, "step": 8}),
-                "height": ("INT", {"default": PAPER.resolution, "min": 64, "max": 8192, "step": 8}),
+                "width": ("INT", {"default": PAPER.resolution, "min": 64, "max": O.RESOLUTION_MAX, "step": 8}),
+                "height": ("INT", {"default": PAPER.resolution, "min": 64, "max": O.RESOLUTION_MAX, "step": 8}),
                 "noise_mode": (
                     list(NOISE_MODES),
                     {
@@ -138,6 +172,18 @@ class ReNegPerSampleTune:
             raise ValueError("prompt is empty: give the prompt text the reward should score against")
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {noise_mode!r}")
+        v = check_inputs(
+            steps=steps,
+            cfg=cfg,
+            learning_rate=learning_rate,
+            max_steps=max_steps,
+            patience=patience,
+            seed=seed,
+            noise_mode=noise_mode,
+            grad_step_min=grad_step_min,
+            grad_step_max=grad_step_max,
+        )
+        steps, cfg, learning_rate, max_steps, patience = v.sampling_steps, v.guidance, v.lr, v.max_steps, v.patience
         pos, neg = conditioning_to_cond(positive, "positive"), conditioning_to_cond(negative, "negative")
         if pos.crossattn.shape[-1] != neg.crossattn.shape[-1]:
             raise ValueError(
@@ -151,16 +197,17 @@ class ReNegPerSampleTune:
             if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
                 raise ValueError("latent: expected a LATENT with 4-d samples")
             height, width = samples.shape[-2] * backend.vae_scale, samples.shape[-1] * backend.vae_scale
-        backend.width, backend.height = int(width), int(height)
-        backend.latent_shape(1, backend.height, backend.width)  # checks the size
+        side = "latent {}" if latent is not None else "{}"
+        backend.width = O.check_resolution(side.format("width"), width, backend.vae_scale)
+        backend.height = O.check_resolution(side.format("height"), height, backend.vae_scale)
         sigmas = backend.schedule(int(steps))
         n = len(sigmas) - 1
         # the paper's 0-10 needs 11 sampling steps: with fewer, use the range that fits and say so
-        (grad_step_min, grad_step_max), clamp_note = clamp_grad_range((int(grad_step_min), int(grad_step_max)), n)
+        (grad_step_min, grad_step_max), clamp_note = clamp_grad_range(v.grad_range, n)
         if clamp_note:
             print(f"[ReNeg] {TITLE}: {clamp_note}", flush=True)
-        search = int(search_steps or 0)
-        if search < 0 or search > n:
+        search = O.check_int("search_steps", 0 if search_steps is None else search_steps, 0, O.SAMPLING_STEPS_MAX)
+        if search > n:
             raise ValueError(f"search_steps {search} must be between 0 and steps ({n})")
         search = search if 0 < search < n else None
         per = len(backend.schedule(search)) - 1 if search else n
@@ -208,7 +255,7 @@ class ReNegPerSampleTune:
             tuned = res.best.detach().float().cpu().clone()
         if pbar is not None:
             pbar.update_absolute(total)
-        extra = dict(negative[0][1])
+        extra = dict(negative[0][1]) if isinstance(negative[0][1], dict) else {}
         extra[INFO_KEY] = {
             "kind": "per-sample",
             "prompt": prompt,

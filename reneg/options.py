@@ -215,18 +215,45 @@ def _short(v: Any) -> str:
     return s if len(s) <= 40 else f"{s[:12]}...{s[-6:]} ({len(s)} digits)"
 
 
-def check_sampling(opts: Any, grad: bool = True, names: dict[str, str] | None = None) -> None:
-    """``sampling_steps``, ``guidance``, ``resolution`` and (``grad``) ``grad_range`` of any object
-    with those attributes; ``names`` maps an attribute to the flag or input a user sees."""
-    n = {k: flag_of(k) for k in ("sampling_steps", "guidance", "resolution", "grad_range")}
+def check_resolution(flag: str, v: Any, multiple: int = 8) -> int:
+    """An image side in pixels: an integer from ``multiple`` up to ``RESOLUTION_MAX`` and a multiple
+    of ``multiple`` (the VAE's downscale: 8 for every Stable Diffusion family)."""
+    res = check_int(flag, v, multiple, RESOLUTION_MAX)
+    if res % multiple:
+        raise OptionError(f"{flag} must be a positive multiple of {multiple}, got {res}")
+    return res
+
+
+def check_sampling(
+    opts: Any, grad: bool = True, names: dict[str, str] | None = None, sides: tuple[str, ...] = ("resolution",)
+) -> None:
+    """``sampling_steps``, ``guidance``, the image ``sides`` (``resolution``; a front-end with a
+    width and a height names both, or none to check them later with :func:`check_resolution`) and
+    (``grad``) ``grad_range`` of any object with those attributes; ``names`` maps an attribute to
+    the flag or input a user sees."""
+    n = {k: flag_of(k) for k in ("sampling_steps", "guidance", "grad_range", *sides)}
     n.update(names or {})
     steps = check_int(n["sampling_steps"], opts.sampling_steps, 1, SAMPLING_STEPS_MAX)
     check_float(n["guidance"], opts.guidance)
-    res = check_int(n["resolution"], opts.resolution, 8, RESOLUTION_MAX)
-    if res % 8:
-        raise OptionError(f"{n['resolution']} must be a positive multiple of 8, got {res}")
+    for side in sides:
+        check_resolution(n[side], getattr(opts, side))
     if grad:
         check_grad_range(opts.grad_range, steps, n["grad_range"], n["sampling_steps"])
+
+
+def check_search(opts: Any, names: dict[str, str] | None = None, seed_span: int | None = None) -> None:
+    """The per-sample search's settings (the paper's Algorithm 1: ``reneg tune``, the ComfyUI tune
+    node): ``max_steps``, ``patience`` (at most ``max_steps``), ``lr`` and ``seed``, of any object
+    with those attributes. ``seed_span`` seeds are used from ``seed`` on (default ``1 + max_steps``:
+    fresh noise takes ``seed + 1`` ... ``seed + max_steps``); ``names`` as for :func:`check_sampling`."""
+    n = {k: flag_of(k) for k in ("max_steps", "patience", "lr", "seed")}
+    n.update(names or {})
+    max_steps = check_int(n["max_steps"], opts.max_steps)
+    patience = check_int(n["patience"], opts.patience)
+    check_float(n["lr"], opts.lr)
+    check_seed(n["seed"], opts.seed, span=1 + max_steps if seed_span is None else seed_span)
+    if patience > max_steps:
+        raise OptionError(f"{n['patience']} {patience} is above {n['max_steps']} {max_steps}")
 
 
 def check_grad_range(

@@ -278,7 +278,7 @@ class Options:
         self.data[key] = value
 
 
-def make_ui_components(gr, with_input_accordion: bool = True) -> types.ModuleType:
+def make_ui_components(gr, with_input_accordion: bool = True, host: str = "forge") -> types.ModuleType:
     m = types.ModuleType("modules.ui_components")
 
     class ToolButton(gr.Button):
@@ -301,12 +301,43 @@ def make_ui_components(gr, with_input_accordion: bool = True) -> types.ModuleTyp
             def __exit__(self, *exc):
                 return self.accordion.__exit__(*exc)
 
-        m.InputAccordion = lambda value=None, **kw: InputAccordionImpl(value=value, **kw)
+        if host == "a1111":  # A1111 1.6-1.10 (gradio 3.41): InputAccordion is the class itself
+            InputAccordionImpl.__name__ = "InputAccordion"
+            m.InputAccordion = InputAccordionImpl
+        else:  # Forge (gradio 4): a function returning an InputAccordionImpl
+            m.InputAccordion = lambda value=None, **kw: InputAccordionImpl(value=value, **kw)
     return m
 
 
+_STORED = (Slider, Checkbox, Dropdown, Textbox)  # the types in this stub whose value ui-config.json keeps
+_CONTAINERS = (Blocks, Accordion, Row)
+
+
+def ui_config_keys(block, input_accordion, path: str) -> set:
+    """The ``.../value`` keys the web UI's ``ui-config.json`` keeps for the components in ``block``.
+
+    Modelled on ``modules/ui_loadsave.py`` (``UiLoadsave.add_block``/``add_component``), the same
+    in A1111 1.10.1 and Forge f2.0.1: containers are walked, a component with a label is stored
+    under ``<path>/<label>/value`` when its *exact* type is one of gradio's (a subclass is not), or
+    when its type is ``modules.ui_components.InputAccordion``. In A1111 that name is the class, so
+    an input accordion is stored; in Forge it is a function, which no type equals, so no input
+    accordion is (neither ReNeg's nor the web UI's own Hires. fix)."""
+    keys = set()
+    for c in block.children:
+        if isinstance(c, _CONTAINERS):
+            keys |= ui_config_keys(c, input_accordion, path)
+        elif c.label is not None and (type(c) in _STORED or type(c) is input_accordion):
+            keys.add(f"{path}/{c.label}/value")
+    return keys
+
+
 def install(
-    models_path: str, *, with_input_accordion: bool = True, with_name_arg: bool = True, sd_model=None
+    models_path: str,
+    *,
+    with_input_accordion: bool = True,
+    with_name_arg: bool = True,
+    sd_model=None,
+    host: str = "forge",
 ) -> tuple[types.SimpleNamespace, dict]:
     saved = {name: sys.modules.get(name) for name in STUBBED}
     gr = make_gradio()
@@ -326,7 +357,7 @@ def install(
     paths.models_path = models_path
     sd_models = types.ModuleType("modules.sd_models")
     sd_models.model_data = types.SimpleNamespace(sd_model=sd_model)
-    ui_components = make_ui_components(gr, with_input_accordion)
+    ui_components = make_ui_components(gr, with_input_accordion, host)
     ns = types.SimpleNamespace(
         gradio=gr,
         modules=modules,

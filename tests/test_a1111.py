@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -182,10 +183,10 @@ def test_panel_follows_a_model_load_in_open_and_new_pages(host):
     ((kind, on_load, inputs, outputs),) = interface.events
     assert kind == "load" and inputs == [embedding] and outputs == [embedding, status]
 
-    other = stubs.Textbox(visible=False, elem_id="generation_info_img2img")  # the other tab's: not ours
-    script.after_component(other, elem_id="generation_info_img2img")
     html_info = stubs.HTML(elem_id="html_info_txt2img")  # gradio 4 HTML "change" loops: not used
     script.after_component(html_info, elem_id="html_info_txt2img")
+    other = stubs.Textbox(visible=False, elem_id="generation_info")  # not a tab's generation info
+    script.after_component(other, elem_id="generation_info")
     assert other.events == [] and html_info.events == []
     gen_info = stubs.Textbox(visible=False, elem_id="generation_info_txt2img")
     script.after_component(gen_info, elem_id="generation_info_txt2img")
@@ -205,6 +206,37 @@ def test_panel_follows_a_model_load_in_open_and_new_pages(host):
     assert "value" not in update and "Stable Diffusion 1.x" in html  # a value still offered is left alone
 
 
+def test_both_tabs_panels_follow_a_generation_in_either_tab(host):
+    """Forge loads the model at the first generation. A generation in txt2img must bring the
+    img2img panel up to date too (and the other way round), not leave it saying that no model is
+    loaded and offering every family's files until an img2img generation or a reload.
+
+    As the web UI builds the page: one script object per tab; the txt2img tab (panel, then its
+    generation info) first, then the img2img tab; a script's after_component sees only the
+    components of its own tab."""
+    t2i, i2i = host.script, host.module.ReNegScript()
+    t2i.is_txt2img, t2i.is_img2img = True, False
+    i2i.is_txt2img, i2i.is_img2img = False, True
+    panels, infos = {}, {}
+    for tab, script in (("txt2img", t2i), ("img2img", i2i)):
+        enabled, embedding, _, _ = script.ui(tab == "img2img")
+        panels[tab] = (embedding, _status(enabled))
+        assert "no model is loaded yet" in panels[tab][1].value
+        infos[tab] = stubs.Textbox(visible=False, elem_id=f"generation_info_{tab}")
+        script.after_component(infos[tab], elem_id=f"generation_info_{tab}")
+    for tab, info in infos.items():
+        wired = {(id(ins[0]), id(outs[1])) for kind, fn, ins, outs in info.events if kind == "change"}
+        assert wired == {(id(e), id(st)) for e, st in panels.values()}, tab  # each panel once
+        assert len(info.events) == 2
+    host.ns.script_callbacks.model_loaded_callback(sd_model("sdxl"))  # Forge's load at a txt2img generation
+    for _, fn, _, _ in infos["txt2img"].events:
+        update, html = fn("sd1_ours.safetensors")
+        assert "no model is loaded yet" not in html and "Stable Diffusion XL" in html
+        assert update["choices"] == ["None", "xl, v1.safetensors"]
+    i2i.ui(True)  # a second build (a reloaded UI) wires its new panel, and the old ones only once
+    assert len(infos["txt2img"].events) == 3 and len(infos["img2img"].events) == 3
+
+
 def b_all(block):
     out = []
     for c in block.children:
@@ -213,6 +245,31 @@ def b_all(block):
         if hasattr(c, "accordion"):
             out.extend(b_all(c.accordion))
     return out
+
+
+@pytest.mark.parametrize("kind", ["a1111", "forge"])
+def test_what_ui_config_keeps_is_what_the_docs_say(models, kind):
+    """Settings -> Defaults keeps the dropdown, the strength and the hires box in both hosts; the
+    on/off (an InputAccordion) only in A1111: Forge's ui-config.json keeps no input accordion's
+    state, not even its own Hires. fix's. docs/a1111.md names the keys and says which host keeps which."""
+    ns, saved, module = _load(models, host=kind)
+    try:
+        module.CORE_ROOT = None
+        ns.sd_models.model_data.sd_model = sd_model("sd1")
+        with stubs.Blocks() as tab:
+            module.ReNegScript().ui(False)
+        prefix = "customscript/reneg_negative.py/txt2img"
+        keys = stubs.ui_config_keys(tab, ns.ui_components.InputAccordion, prefix)
+    finally:
+        stubs.uninstall(saved)
+    on = f"{prefix}/ReNeg/value"
+    assert {f"{prefix}/Negative embedding/value", f"{prefix}/Apply to hires pass/value"} <= keys
+    assert (on in keys) == (kind == "a1111")
+    text = " ".join((ROOT / "docs" / "a1111.md").read_text().split())
+    section = text[text.index("**The default is None.**") : text.index("An embedding of the wrong family")]
+    named = set(re.findall(r"`(customscript/[^`]+)`", section))
+    assert f"{prefix}/Negative embedding/value" in named and on in named
+    assert "Forge does not keep" in section and "ReNeg on by default" in section, section
 
 
 def test_ui_without_input_accordion_and_refresh(models):
@@ -260,6 +317,18 @@ def test_process_and_hook_through_the_script(host):
     host.script.process(cell, False, "None", 1.0, True)
     assert not any(k.startswith("ReNeg") for k in cell.extra_generation_params)
     assert p.extra_generation_params["ReNeg"] == "sd1_ours.safetensors"  # the earlier image keeps its own
+
+
+def test_process_with_what_the_api_can_send_never_raises(host):
+    """alwayson_scripts args straight from JSON: a strength too large for a float, null, text."""
+    for strength in (10**400, None, "abc", float("nan")):
+        p = host.p()
+        host.script.process(p, True, "sd1_ours.safetensors", strength, True)
+        assert not any(k.startswith("ReNeg") for k in p.extra_generation_params)
+        assert any("not applied: strength must be a number from 0 to 1" in c for c in p.comments), p.comments
+        u = torch.randn(1, 77, 768)
+        assert host.run(p, u) is u
+        host.script.postprocess(p, None, True, "sd1_ours.safetensors", strength, True)
 
 
 # --------------------------------------------------------------------------- settings and X/Y/Z

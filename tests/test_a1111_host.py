@@ -364,14 +364,65 @@ def test_errors_inside_the_hook_never_escape(rig):
 def test_api_args_order_and_coercion(rig):
     assert core.ARG_NAMES == ("enabled", "embedding", "strength", "hires")
     assert core.parse_args([]) == (False, "None", 1.0, True)
-    assert core.parse_args(["true", "x", "0.25", "false"]) == (True, "x", 0.25, False)
-    assert core.parse_args([1, None, 7, 0]) == (True, "None", 1.0, False)
-    assert core.parse_args([True, "x", "abc"]) == (True, "x", 1.0, True)
+    assert core.parse_args(["true", "x", "0.25", "false"]) == (True, "x", "0.25", False)  # strength as given:
+    assert core.parse_args([1, None, 7, 0]) == (True, "None", 7, False)  # process reads it (read_strength)
     assert core.parse_args((True, "x")) == (True, "x", 1.0, True)  # a tuple, as *args arrive
+    assert core.read_strength("0.25") == (0.25, None) and core.read_strength(0) == (0.0, None)
     p = rig.p()
     rig.host.process(p, True, "SD1_OURS", 0.5)  # a stem, any case; hires left out
     assert p.extra_generation_params["ReNeg"] == "sd1_ours.safetensors"
     assert p.extra_generation_params["ReNeg strength"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "bad,shown",
+    [
+        (None, "None"),
+        ("abc", "'abc'"),
+        ("", "''"),
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        pytest.param(10**400, "(401 digits)", id="10**400"),  # float() of it overflows
+        (True, "True"),
+        ([0.5], "[0.5]"),
+    ],
+)
+def test_unreadable_strength_skips_reneg_with_a_warning(rig, bad, shown):
+    """What the API's alwayson_scripts can send: never an exception into the host, never a silent
+    1.0; the generation runs without ReNeg and says why, naming the value."""
+    p = rig.p()
+    assert rig.host.process(p, True, "sd1_ours.safetensors", bad, True) is None
+    u = torch.randn(1, 77, 768)
+    assert rig.run(p, u) is u and not any(k.startswith("ReNeg") for k in p.extra_generation_params)
+    (msg,) = p.comments
+    assert msg.startswith("ReNeg: not applied: strength must be a number from 0 to 1, got ") and shown in msg, msg
+    if bad is None:
+        return  # an X/Y/Z axis never gives None: its values went through float()
+    cell = rig.p()  # an X/Y/Z strength axis value is read the same way
+    core.xyz_apply_strength(cell, bad, [])
+    assert rig.host.process(cell, True, "sd1_ours.safetensors", 1.0, True) is None and shown in next(
+        iter(cell.comments)
+    )
+
+
+@pytest.mark.parametrize("given,used", [(1.5, 1.0), (-0.25, 0.0), ("2", 1.0)])
+def test_strength_outside_0_1_is_clamped_with_a_warning(rig, given, used):
+    p = rig.p()
+    assert rig.host.process(p, True, "sd1_ours.safetensors", given, True) is not None
+    assert p.extra_generation_params["ReNeg strength"] == used
+    assert list(p.comments) == [f"ReNeg: strength {given!r} is outside 0..1; using {used}"]
+
+
+def test_process_never_raises_into_the_host(rig, monkeypatch):
+    def boom(name):
+        raise OSError("the folder went away")
+
+    monkeypatch.setattr(rig.host.store, "resolve", boom)
+    p = rig.p()
+    p.extra_generation_params["ReNeg"] = "stale"
+    assert rig.host.process(p, True, "sd1_ours.safetensors", 1.0, True) is None
+    assert p.extra_generation_params == {} and getattr(p, core.P_ATTR, None) is None
+    assert list(p.comments) == ["ReNeg: not applied after an error: OSError: the folder went away"]
 
 
 def test_clip_skip_mismatch_is_said(rig, capsys):
@@ -512,6 +563,34 @@ def test_grid_cells_share_one_params_dict_but_never_each_others_keys(rig):
     )
     rig.host.process(stale, False, "None", 1.0, True)
     assert stale.extra_generation_params == {"Seed resize from": "-1x-1"}
+
+
+@pytest.mark.parametrize(
+    "axes,grid_keys",
+    [
+        ({"embedding": "sd1_bare.bin", "strength": 0.5}, set()),  # both vary: the grid carries neither
+        ({"embedding": "sd1_bare.bin"}, set()),
+        ({"strength": 0.5}, {"ReNeg", "ReNeg hash"}),  # the file is every cell's; the strength is not
+        ({}, {"ReNeg", "ReNeg strength", "ReNeg hash"}),  # another axis (CFG...): true of every cell
+    ],
+)
+def test_grid_image_infotext_carries_no_values_of_a_reneg_axis(rig, axes, grid_keys):
+    """The X/Y/Z script writes the grid image's infotext from the first cell's parameters after that
+    cell's process_images (and so after the script's postprocess). With a ReNeg axis the first
+    cell's value is not the grid's: the cell's image keeps it, the grid does not get it."""
+    base = rig.p()
+    cell = copy.copy(base)  # what xyz_grid does for each cell
+    if "embedding" in axes:
+        core.xyz_apply_embedding(cell, axes["embedding"], [])
+    if "strength" in axes:
+        core.xyz_apply_strength(cell, axes["strength"], [])
+    rig.host.process(cell, True, "sd1_ours.safetensors", 1.0, True)
+    cell_image = dict(cell.extra_generation_params)  # the cell's own infotext is written from this
+    processed = cell.extra_generation_params  # Processed(p, ...) keeps this dict (its generation info)
+    rig.host.postprocess(cell)
+    grid = dict(cell.extra_generation_params, Script="X/Y/Z plot")  # xyz_grid: copy(pc.extra_generation_params)
+    assert {k for k in grid if k.startswith("ReNeg")} == grid_keys
+    assert {"ReNeg", "ReNeg strength", "ReNeg hash"} <= set(cell_image) and processed == cell_image
 
 
 # --------------------------------------------------------------------------- X/Y/Z axes

@@ -4,6 +4,7 @@ ComfyUI's executor runs every node."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -358,7 +359,7 @@ def test_tune_reports_bad_inputs(host, models, reward):
         run(tune.tune, **_tune_args(models, pos, wrong, reward))
     with pytest.raises(RuntimeError, match="prompt is empty"):
         run(tune.tune, **_tune_args(models, pos, neg, reward, prompt="  "))
-    with pytest.raises(RuntimeError, match="multiples of 2"):
+    with pytest.raises(RuntimeError, match="width must be a positive multiple of 2, got 17"):
         run(tune.tune, **_tune_args(models, pos, neg, reward, width=17))
     combined = neg + neg
     with pytest.raises(RuntimeError, match="found 2 entries"):
@@ -505,4 +506,121 @@ def test_example_workflows_fit_the_nodes(host, workflow):
                 assert isinstance(value, (int, float)) and not isinstance(value, bool), (n["type"], name, value)
             elif kind == "BOOLEAN":
                 assert isinstance(value, bool), (n["type"], name, value)
+        if n["type"] == "ReNegPerSampleTune":  # the shipped values pass the shared checks
+            named = {name: value for (name, _), value in zip(widgets, values)}
+            sys.modules[type(node(host, n["type"])).__module__].check_inputs(**named)
     assert seen >= 1
+
+
+# --------------------------------------------------------------------------- the options layer's checks
+
+
+@pytest.mark.parametrize(
+    "kw,expect",
+    [
+        (dict(cfg=float("nan")), "cfg must be a finite number > 0, got nan"),
+        (dict(cfg=0.0), "cfg must be a finite number > 0, got 0.0"),
+        (dict(learning_rate=0.0), "learning_rate must be a finite number > 0, got 0.0"),
+        (dict(learning_rate=float("inf")), "learning_rate must be a finite number > 0"),
+        (dict(max_steps=3, patience=5), "patience 5 is above max_steps 3"),
+        (dict(max_steps=0, patience=0), "max_steps must be a positive integer, got 0"),
+        (dict(steps=0), "steps must be a positive integer up to 1000, got 0"),
+        (dict(steps=2.5), "steps must be an integer, got 2.5"),
+        (dict(seed=-5), "seed must be between 0 and"),
+        (dict(width=0), "width must be an integer >= 2 up to 8192, got 0"),
+        (dict(height=-16), "height must be an integer >= 2 up to 8192, got -16"),
+        (dict(width=17), "width must be a positive multiple of 2, got 17"),
+        (dict(grad_step_min=float("nan")), "grad_step_min must be an integer, got nan"),
+    ],
+)
+def test_tune_refuses_what_reneg_tune_refuses(host, models, reward, kw, expect):
+    """The node's inputs pass through the options layer's checks (the ones `reneg tune` runs), with
+    the node input's name in the message, before any sampling: values that reach the node through a
+    link are not held to INPUT_TYPES' min and max by ComfyUI."""
+    _, _, clip = models
+    pos, neg = _conds(clip)
+    ticks = []
+    host.utils.PROGRESS_BAR_HOOK = lambda cur, total, preview: ticks.append(cur)
+    with pytest.raises(RuntimeError) as e:
+        run(node(host, "ReNegPerSampleTune").tune, **_tune_args(models, pos, neg, reward, **kw))
+    assert str(e.value).startswith("Per-Sample ReNeg Tune: " + expect), str(e.value)
+    assert ticks == []  # refused before the first sampling step
+
+
+def test_tune_input_ranges_lie_inside_the_options_checks(host):
+    """ComfyUI holds a widget's value to INPUT_TYPES' min and max: every value it lets through, at
+    either end of each numeric input, must pass the shared checks (others at their defaults)."""
+    tune_module = sys.modules[type(node(host, "ReNegPerSampleTune")).__module__]
+    spec = tune_module.ReNegPerSampleTune.INPUT_TYPES()
+    inputs = {**spec["required"], **spec["optional"]}
+    numeric = {k: v[1] for k, v in inputs.items() if v[0] in ("INT", "FLOAT")}
+    defaults = {k: o["default"] for k, o in numeric.items()}
+    tune_module.check_inputs(**defaults, noise_mode=tune_module.NOISE_MODES[0])
+    for name, o in numeric.items():
+        for value in (o["min"], o["max"]):
+            args = dict(defaults, **{name: value})
+            if name in ("max_steps", "patience"):  # patience <= max_steps: take both to the same end
+                args["max_steps"] = args["patience"] = value
+            tune_module.check_inputs(**args, noise_mode=tune_module.NOISE_MODES[0])
+    assert numeric["learning_rate"]["min"] > 0  # a learning rate of 0 is refused: not offered either
+
+
+def test_load_embedding_refuses_malformed_base_negative(host, models):
+    _, _, clip = models
+    save_tiny_embedding(host)
+    load = node(host, "ReNegLoadEmbedding")
+    for bad, expect in [
+        ([[]], r"base_negative entry 0: expected \[tensor, dict\], found an empty list"),
+        ([[torch.zeros(77, 64), {}]], r"base_negative entry 0: expected a tensor \[batch, tokens, hidden\]"),
+        ([["text", {}]], "base_negative entry 0: expected .tensor, dict., found .str"),
+        ([[torch.zeros(1, 77, 64), "x"]], "base_negative entry 0: expected .tensor, dict., found .Tensor, str"),
+        ([], "base_negative: expected a CONDITIONING"),
+    ]:
+        with pytest.raises(RuntimeError, match="Load ReNeg Embedding: " + expect):
+            run(load.load, "tiny_neg.safetensors", clip, 1.0, base_negative=bad)
+
+
+def test_reward_score_empty_batch_and_nan_images(host, reward):
+    score = node(host, "ReNegRewardScore")
+    with pytest.raises(RuntimeError, match=r"Reward Score: images: the batch is empty \(0 images of 16x16\)"):
+        run(score.score, torch.rand(0, 16, 16, 3), "a red circle", reward, True)
+    images = torch.rand(3, 16, 16, 3, generator=torch.Generator().manual_seed(1))
+    images[0] = float("nan")  # e.g. a VAE decode that overflowed
+    scores, report, ranked, best, best_index = run(score.score, images, "a red circle", reward, True)
+    assert math.isnan(scores[0]) and all(math.isfinite(s) for s in scores[1:])
+    assert best_index == (1 if scores[1] >= scores[2] else 2)  # NaN is never the best ...
+    assert torch.isnan(ranked[-1]).all() and not torch.isnan(best).any()  # ... it ranks last
+    assert "image 0: nan  (rank 3)" in report, report
+    nan_only = torch.full((2, 16, 16, 3), float("nan"))
+    scores, report, ranked, best, best_index = run(score.score, nan_only, "a red circle", reward, True)
+    assert best_index == 0 and all(math.isnan(s) for s in scores)
+    assert "no image has a finite score" in report and "best" not in report.replace("best_", ""), report
+
+
+def test_tune_and_score_nodes_at_a_non_square_size(host, models, reward, tiny_reward, monkeypatch):
+    """SDXL users tune and score non-square images every day: a 64x48 latent (wider than tall)
+    runs through the tune node at that size, and Reward Score gives each non-square image what
+    the core reward gives it (the nodes hand the images to the rewards' own preprocessing as
+    they are)."""
+    model, vae, clip = models
+    pos, neg = _conds(clip)
+    seen = set()
+    apply_model = model.model.apply_model
+
+    def spy(x, *a, **k):
+        seen.add(tuple(x.shape[-2:]))
+        return apply_model(x, *a, **k)
+
+    monkeypatch.setattr(model.model, "apply_model", spy)
+    latent = {"samples": torch.zeros(1, 4, 48, 64)}
+    args = _tune_args(models, pos, neg, reward, max_steps=1, patience=1, steps=2, grad_step_max=1, latent=latent)
+    tuned, r0, r1 = run(node(host, "ReNegPerSampleTune").tune, **args)
+    assert seen == {(48, 64)}  # the latent's size, not width x height
+    assert math.isfinite(r0) and r1 >= r0 and torch.isfinite(tuned[0][0]).all()
+
+    images = torch.rand(2, 96, 128, 3, generator=torch.Generator().manual_seed(2))  # IMAGE: B, H, W, C
+    scores, report, ranked, best, best_index = run(node(host, "ReNegRewardScore").score, images, "a cat", reward, True)
+    with torch.no_grad():
+        expect = tiny_reward(images.movedim(-1, 1) * 2 - 1, ["a cat"] * 2).float()
+    torch.testing.assert_close(torch.tensor(scores), expect, rtol=1e-4, atol=1e-5)
+    assert best.shape == (1, 96, 128, 3) and ranked.shape == images.shape

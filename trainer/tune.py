@@ -60,16 +60,12 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     # --- end of compute-saving options ---
 
 
-TUNE_NUMBERS = {"max_steps": ("int",), "patience": ("int",)}
-
-
 def check_tune_numbers(ns) -> None:
     """Every numeric flag of tune, before anything is read (also run first under --demo)."""
-    check_numbers(ns, TUNE_NUMBERS)
-    # --noise fresh uses seeds SEED+1 ... SEED+max-steps
-    O.check_seed("--seed", ns.seed, span=1 + ns.max_steps)
-    if ns.patience > ns.max_steps:
-        raise ConfigError(f"--patience {ns.patience} is above --max-steps {ns.max_steps}")
+    check_numbers(ns)  # sampling settings and --lr
+    # --max-steps, --patience (at most --max-steps) and --seed (--noise fresh uses SEED+1 ...
+    # SEED+max-steps): the options layer's rules, which the ComfyUI tune node runs too
+    O.check_search(ns)
 
 
 def validate_tune(ns) -> None:

@@ -209,11 +209,27 @@ def _ui_components():
     return getattr(ui_components, "InputAccordion", None), getattr(ui_components, "ToolButton", None)
 
 
+# Every tab's panel follows a generation in any tab: Forge loads the model at the first
+# generation, and a txt2img one must bring the img2img panel up to date too. A script object
+# sees only its own tab's components (after_component), so the panels and the tabs' generation
+# infos are gathered here, for this load of the script, and each pair is connected once.
+_PANELS: list = []  # (dropdown, status) of every panel built
+_GEN_INFOS: list = []  # every tab's hidden generation-info Textbox, which changes after each generation
+_WIRED: set = set()  # (id(generation info), id(dropdown)) pairs already connected
+GEN_INFO_IDS = ("generation_info_txt2img", "generation_info_img2img")
+
+
+def _wire_panels() -> None:
+    for gen_info in _GEN_INFOS:
+        for embedding, status in _PANELS:
+            key = (id(gen_info), id(embedding))
+            if key not in _WIRED:
+                gen_info.change(fn=panel_update, inputs=[embedding], outputs=[embedding, status], show_progress=False)
+                _WIRED.add(key)
+
+
 class ReNegScript(scripts.Script):
     sorting_priority = 15
-    _panel = None  # (dropdown, status) once ui() built them
-    _gen_info = None  # the tab's hidden generation-info Textbox, which changes after every generation
-    _wired = False
 
     def title(self):
         return TITLE
@@ -237,8 +253,8 @@ class ReNegScript(scripts.Script):
         interface.load(
             fn=panel_update, inputs=[embedding], outputs=[embedding, status], queue=False, show_progress=False
         )
-        self._panel = (embedding, status)
-        self._wire()
+        _PANELS.append((embedding, status))
+        _wire_panels()
         comps = [enabled, embedding, strength, hires]
         if core is not None:
             self.infotext_fields = [(comps[i], key) for i, key in core.INFOTEXT_FIELDS]
@@ -276,22 +292,16 @@ class ReNegScript(scripts.Script):
         return embedding, strength, hires, status
 
     def after_component(self, component, **kwargs):
-        """Follow the model in pages already open: the tab's generation info (a hidden Textbox
+        """Follow the model in pages already open: a tab's generation info (a hidden Textbox
         holding the last generation's JSON) changes once after every generation, which is when
-        Forge loads (or switches) the model. Not the visible info HTML: gradio 4's HTML fires
-        "change" again whenever an event it triggered updates, a loop without end."""
-        tab = "img2img" if self.is_img2img else "txt2img"
+        Forge loads (or switches) the model; it updates every tab's panel. Not the visible info
+        HTML: gradio 4's HTML fires "change" again whenever an event it triggered updates, a loop
+        without end."""
         elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
-        if elem_id == f"generation_info_{tab}" and isinstance(component, gr.Textbox):
-            self._gen_info = component
-            self._wire()
-
-    def _wire(self):
-        if self._wired or self._panel is None or self._gen_info is None:
-            return
-        embedding, status = self._panel
-        self._gen_info.change(fn=panel_update, inputs=[embedding], outputs=[embedding, status], show_progress=False)
-        self._wired = True
+        if elem_id in GEN_INFO_IDS and isinstance(component, gr.Textbox):
+            if not any(g is component for g in _GEN_INFOS):
+                _GEN_INFOS.append(component)
+            _wire_panels()
 
     def process(self, p, *args):
         if host is None:

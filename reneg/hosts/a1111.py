@@ -22,18 +22,22 @@ Script arguments, in this order (the UI passes them, and so does the API under
     0  enabled      bool   default False
     1  embedding    str    a name as listed in the dropdown (e.g. "sd15_reneg.safetensors"),
                            its stem ("sd15_reneg"), or "None" (the default)
-    2  strength     float  0..1, default 1 (0 = the negative prompt, 1 = the embedding only)
+    2  strength     float  0..1, default 1 (0 = the negative prompt, 1 = the embedding only);
+                           outside 0..1 it is clamped, with a warning; a value that is not a finite
+                           number (null, text, NaN) turns ReNeg off for that generation, with a warning
     3  hires        bool   default True: also replace the negative in the hires-fix pass
 
 Infotext: ``ReNeg: <name>, ReNeg strength: <s>, ReNeg hash: <sha256[:10]>`` and
 ``ReNeg hires: False`` when a hires pass runs without it; a generation made without ReNeg
 carries none of these keys, even when it shares its parameters dict with one made with it
-(the X/Y/Z plot makes every cell from a shallow copy of one processing object).
+(the X/Y/Z plot makes every cell from a shallow copy of one processing object). An X/Y/Z grid
+image does not carry the ReNeg keys its ReNeg axes vary (see :func:`drop_axis_keys`).
 """
 
 from __future__ import annotations
 
 import html
+import math
 import os
 import threading
 import weakref
@@ -305,17 +309,36 @@ class Active:
             warn(self.p, msg)
 
 
-def as_strength(v) -> float:
-    """A strength from the UI, the API or an X/Y/Z axis: clamped to 0..1, 1 when unreadable."""
-    try:
-        s = float(v)
-    except (TypeError, ValueError):
-        return 1.0
-    return min(max(s, 0.0), 1.0) if s == s else 1.0
+def _shown(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else f"{s[:12]}...{s[-6:]} ({len(s)} digits)" if s.isdigit() else s[:40] + "..."
 
 
-def parse_args(args) -> tuple[bool, str, float, bool]:
-    """The four script args (see the module docstring), coerced, with defaults for missing ones."""
+def read_strength(v) -> tuple[float | None, str | None]:
+    """A strength from the UI, the API or an X/Y/Z axis: ``(value, note)``.
+
+    A number (or a number as text) in 0..1 is used as it is. A finite number outside 0..1 is
+    clamped to it, with a note. Anything else (None, text, NaN, inf, a bool, an integer too large
+    for a float) gives ``(None, note)``: the generation runs without ReNeg and says why. Never raises.
+    """
+    s = None
+    if not isinstance(v, bool):
+        try:
+            s = float(v.strip() if isinstance(v, str) else v)
+        except (TypeError, ValueError, OverflowError):
+            s = None
+    if s is None or not math.isfinite(s):
+        return None, f"strength must be a number from 0 to 1, got {_shown(v)}"
+    if 0.0 <= s <= 1.0:
+        return s, None
+    used = min(max(s, 0.0), 1.0)
+    return used, f"strength {_shown(v)} is outside 0..1; using {used}"
+
+
+def parse_args(args) -> tuple[bool, str, Any, bool]:
+    """The four script args (see the module docstring) with defaults for missing ones: enabled,
+    embedding and hires coerced, strength as given (:meth:`Host.process` reads it with
+    :func:`read_strength`, which can say what was wrong with it)."""
     args = list(args)
     enabled, name, strength, hires = args[: len(ARG_DEFAULTS)] + list(ARG_DEFAULTS[len(args) :])
 
@@ -324,7 +347,7 @@ def parse_args(args) -> tuple[bool, str, float, bool]:
             return v.strip().lower() in ("1", "true", "yes", "on")
         return default if v is None else bool(v)
 
-    return as_bool(enabled, False), str(name or NONE).strip() or NONE, as_strength(strength), as_bool(hires, True)
+    return as_bool(enabled, False), str(name or NONE).strip() or NONE, strength, as_bool(hires, True)
 
 
 # --------------------------------------------------------------------------- infotext
@@ -351,6 +374,27 @@ def write_infotext(p, name: str, strength: float, digest: str | None, hires_skip
         params[KEY_HASH] = digest
     if hires_skipped:
         params[KEY_HIRES] = False
+
+
+def drop_axis_keys(p) -> None:
+    """After an X/Y/Z cell is made: drop the ReNeg keys a ReNeg axis varies from ``p``'s parameters.
+
+    The X/Y/Z plot writes the grid image's infotext from its first cell's parameters once that
+    cell's images are made (after the scripts' ``postprocess``): with a ReNeg axis, the first
+    cell's file or strength is not the grid's, whose own ``X Type``/``X Values`` say what varied.
+    An embedding axis drops every ReNeg key, a strength axis the strength. The cell's images
+    carry their keys already; ``p`` gets a new dict, so the generation info kept with them (the
+    old dict) keeps them too.
+    """
+    if getattr(p, XYZ_EMBEDDING, None) is not None:
+        keys = INFOTEXT_KEYS
+    elif getattr(p, XYZ_STRENGTH, None) is not None:
+        keys = (KEY_STRENGTH,)
+    else:
+        return
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict) and any(k in params for k in keys):
+        p.extra_generation_params = {k: v for k, v in params.items() if k not in keys}
 
 
 def paste_enabled(d: dict) -> bool:
@@ -473,8 +517,22 @@ class Host:
         """Decide what this generation applies, write its infotext, and arm the hook.
 
         Every call starts from a clean slate: no ReNeg key is left in the generation's
-        parameters and no earlier state stays armed, whatever came before.
+        parameters and no earlier state stays armed, whatever came before. Never raises (the
+        arguments may come straight from an API request): after an unexpected error the
+        generation runs without ReNeg and says why.
         """
+        try:
+            return self._process(p, args, core_error)
+        except Exception as e:  # noqa: BLE001 - the host would only print it, mid-generation
+            try:
+                self.deactivate(p)
+                clear_infotext(p)
+            except Exception:  # noqa: BLE001
+                pass
+            warn(p, f"ReNeg: not applied after an error: {type(e).__name__}: {e}")
+            return None
+
+    def _process(self, p, args, core_error: str | None) -> Active | None:
         self.deactivate(p)
         clear_infotext(p)
         enabled, name, strength, hires = parse_args(args)
@@ -483,12 +541,18 @@ class Host:
             name = str(xyz_name).strip() or NONE
             enabled = name != NONE
         if getattr(p, XYZ_STRENGTH, None) is not None:
-            strength = as_strength(getattr(p, XYZ_STRENGTH))
+            strength = getattr(p, XYZ_STRENGTH)
         if not enabled or name == NONE:
             return None
         if core_error:
             log(f"not applied: {core_error}")
             return None
+        strength, note = read_strength(strength)
+        if strength is None:
+            warn(p, f"ReNeg: not applied: {note}")
+            return None
+        if note:
+            warn(p, f"ReNeg: {note}")
         found = self.store.resolve(name)
         if found is None:
             warn(p, f"ReNeg: not applied: no embedding named {name!r} in {', '.join(self.folders())}")
@@ -532,6 +596,10 @@ class Host:
 
     def postprocess(self, p) -> None:
         self.deactivate(p)
+        try:
+            drop_axis_keys(p)
+        except Exception as e:  # noqa: BLE001 - the images are made; never fail the generation now
+            log(f"could not tidy the grid's parameters: {type(e).__name__}: {e}")
 
     def _active_for(self, params):
         p = getattr(getattr(params, "denoiser", None), "p", None)
@@ -581,7 +649,7 @@ def xyz_apply_embedding(p, x, xs) -> None:
 
 
 def xyz_apply_strength(p, x, xs) -> None:
-    setattr(p, XYZ_STRENGTH, float(x))
+    setattr(p, XYZ_STRENGTH, x)  # read (and, if need be, refused with a warning) by Host.process
 
 
 def find_xyz_module(scripts_data: Iterable) -> Any:
