@@ -266,6 +266,19 @@ def check_device(device: str | None, flag: str = "--device") -> None:
         raise OptionError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA devices")
 
 
+def compute_dtype(opts: Any) -> tuple[Any, str]:
+    """The dtype a model loaded with these options computes in (``mixed_precision`` on ``device``,
+    as :func:`reneg.backends.loading.weights_dtype` decides), and the flags that decide it, for a
+    message. A negative whose values overflow this dtype is refused before any model loads."""
+    import torch
+
+    from .backends.loading import weights_dtype
+
+    mixed = getattr(opts, "mixed_precision", None) or "no"
+    device = getattr(opts, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    return weights_dtype(mixed, device), f"--mixed-precision {mixed} on {torch.device(device).type}"
+
+
 def check_model_and_rewards(opts: Any) -> None:
     """``--model``, ``--config`` and ``--reward`` (files exist, specs parse); loads nothing."""
     if not opts.model:
