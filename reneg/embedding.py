@@ -353,10 +353,12 @@ def _load_any(path: str, expected_family: str | None) -> NegEmbedding:
             f"(expected under {MAX_FILE_BYTES // 2**20} MiB)"
         )
     with open(p, "rb") as f:
-        magic = f.read(8)
+        magic = f.read(9)
+    if _looks_like_safetensors(magic, size):
+        return _load_safetensors(path, expected_family)
     is_zip = magic[:4] == b"PK\x03\x04"
     is_legacy_pickle = magic[:1] == b"\x80"
-    protocol = _plain_pickle(magic, size)
+    protocol = _plain_pickle(magic)
     if protocol is not None:
         raise EmbeddingError(
             f"{path}: not a readable embedding file: it is a plain Python pickle ({protocol}), not one "
@@ -371,17 +373,19 @@ def _load_any(path: str, expected_family: str | None) -> NegEmbedding:
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # torch.save's old format opens with pickle.dump(its magic number)
 
 
-def _plain_pickle(magic: bytes, size: int) -> str | None:
-    """ "protocol N" when the file is a pickle that torch.save did not write, else None: a pickle
-    with a protocol mark other than torch's legacy opening, or a protocol-0/1 pickle (text
-    opcodes) where safetensors would have a little-endian header length that fits in the file."""
+def _looks_like_safetensors(magic: bytes, size: int) -> bool:
+    """A little-endian header length that fits in the file, followed by the header's ``{``."""
+    return len(magic) >= 9 and 0 < int.from_bytes(magic[:8], "little") <= size - 8 and magic[8:9] == b"{"
+
+
+def _plain_pickle(magic: bytes) -> str | None:
+    """``protocol N`` when the file (not a safetensors file) is a pickle that torch.save did not
+    write, else None: a pickle with a protocol mark other than torch's legacy opening, or a
+    protocol-0/1 pickle (text opcodes)."""
     if len(magic) < 8:
         return None
     if magic[:1] == b"\x80":
         return None if magic[:4] == _TORCH_LEGACY_MAGIC else f"protocol {magic[1]}"
-    n = int.from_bytes(magic, "little")
-    if 0 < n <= size - 8:
-        return None  # a plausible safetensors header length
     if magic[:1] in (b"(", b"]", b"}", b"c", b"I", b"L", b"F", b"S", b"V", b"N", b"X", b"J", b"K", b"G", b"T"):
         return "protocol 0 or 1"
     return None

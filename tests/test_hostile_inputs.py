@@ -310,6 +310,24 @@ def test_complex_and_plain_pickles_are_named_for_what_they_are(tmp_path):
     assert torch.equal(load_embedding(str(tmp_path / "old.pt")).tensor, t)
 
 
+def test_safetensors_whose_header_length_looks_like_a_pickle_still_load(tmp_path):
+    """A header length's first byte may be 0x80 or '(' (a pickle's opening): still safetensors, any suffix."""
+    from safetensors.torch import save
+
+    t = torch.randn(1, 77, 64)
+    seen = set()
+    for pad in range(300):
+        data = save({"neg_embedding": t}, metadata={"pad": "x" * pad})
+        if data[0] not in (0x80, ord("("), ord("]"), ord("}"), ord("c")) or data[0] in seen:
+            continue
+        seen.add(data[0])
+        for suffix in (".safetensors", ".bin"):
+            path = tmp_path / f"h{data[0]}{suffix}"
+            path.write_bytes(data)
+            assert torch.equal(load_embedding(str(path)).tensor, t), path
+    assert 0x80 in seen and ord("(") in seen
+
+
 def test_inspect_names_an_unreadable_file(tmp_path, capsys):
     if not os.path.exists("/proc/self/mem"):
         pytest.skip("no /proc")
