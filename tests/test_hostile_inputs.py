@@ -457,3 +457,32 @@ def test_long_prompts_are_noted_once_per_run(tiny_backend):
     note = tiny_backend.truncation_note(["a red circle", long, long + " blue", "a star"])
     assert note is not None and "2 of 4 prompts" in note and "77 tokens" in note, note
     assert tiny_backend.truncation_note(["a red circle", "a star"]) is None
+
+
+def test_eval_demo_names_only_the_learned_file_it_evaluates(tmp_path, capsys, monkeypatch):
+    from reneg import demo
+    from reneg.cli import build_parser
+    from reneg.evaluation import cli as eval_cli
+    from reneg.options import given_flags
+
+    monkeypatch.chdir(tmp_path)  # no runs/demo-train here
+    out = tmp_path / "ev"
+    d = demo.setup(str(out))
+    train = out / "train"
+    train.mkdir()
+    emb = str(train / "embedding.safetensors")
+    (train / "embedding.safetensors").write_bytes(b"a finished run's file")
+    (train / "summary.json").write_text(json.dumps({"config": {"model": d["model"]}}))
+
+    def config(argv):
+        ns = build_parser().parse_args(argv)
+        ns.given_flags = given_flags(build_parser(), argv)
+        return eval_cli.demo_config(ns)
+
+    capsys.readouterr()
+    cfg = config(["eval", "--demo", "--out", str(out), "--negative", "null", "--negative", "zero"])
+    assert cfg.negatives == ["null", "zero"]
+    assert emb not in capsys.readouterr().out  # your negatives replace the demo's: its file is not named
+    cfg = config(["eval", "--demo", "--out", str(out)])
+    assert f"using the learned embedding {emb}" in capsys.readouterr().out
+    assert any(emb in n for n in cfg.negatives)
