@@ -113,6 +113,17 @@ def _blend_t5(base: torch.Tensor, rows: torch.Tensor, strength: float, emb, i: i
     return blend(base, rows, strength)
 
 
+def _check_dtype(emb, dtype: torch.dtype) -> None:
+    """Refuse a file whose values are inf in the conditioning's dtype; warn when they would be in
+    float16, the dtype many models sample in (7e4 is a finite float32, and inf in float16)."""
+    problem = emb.dtype_problem(dtype)
+    if problem:
+        raise ValueError(f"{problem}, the dtype of this CLIP's conditioning")
+    problem = emb.dtype_problem(torch.float16)
+    if problem:
+        print(f"[ReNeg] warning: {problem}: a model that samples in float16 gets inf from it (black images)")
+
+
 class ReNegLoadEmbedding:
     DESCRIPTION = (
         "Loads a ReNeg negative embedding (ComfyUI/models/reneg) as a negative CONDITIONING for a "
@@ -170,4 +181,5 @@ class ReNegLoadEmbedding:
         family = model_family_of(null[0][0].shape[-1])
         emb = load_embedding(full_path(EMBEDDING_FOLDER, embedding), expected_family=family)
         base = check_conditioning(base_negative, "base_negative") if base_negative is not None else null
+        _check_dtype(emb, null[0][0].dtype)
         return (apply_embedding(base, emb, s),)

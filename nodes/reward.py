@@ -19,6 +19,8 @@ from .common import (
     torch_device,
 )
 
+from ..reneg.fileio import walk_folder
+
 NONE = "none"
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_KIND = "hpsv2.1"
@@ -58,7 +60,7 @@ def model_folders(markers: tuple[str, ...] = MODEL_MARKERS) -> list[str]:
     for root in folder_paths_of(REWARD_FOLDER):
         if not os.path.isdir(root):
             continue
-        for here, dirs, files in os.walk(root, followlinks=True):
+        for here, dirs, files in walk_folder(root):  # links followed, but never round a loop
             rel = os.path.relpath(here, root)
             if rel != "." and any(m in files for m in markers):
                 out.add(rel.replace(os.sep, "/") + "/")

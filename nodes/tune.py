@@ -35,7 +35,7 @@ def schedulers() -> list[str]:
 
 
 def check_inputs(
-    *, steps, cfg, learning_rate, max_steps, patience, seed, noise_mode, grad_step_min, grad_step_max, **_
+    *, steps, cfg, learning_rate, max_steps, patience, seed, grad_step_min, grad_step_max, **_
 ) -> types.SimpleNamespace:
     """The node's numbers through the options layer's checks (those ``reneg tune`` runs), each
     error naming the node input; the numbers as ints and floats. Width and height are checked
@@ -45,8 +45,7 @@ def check_inputs(
         sampling_steps=steps, guidance=cfg, lr=learning_rate, max_steps=max_steps, patience=patience, seed=seed
     )
     O.check_sampling(v, grad=False, names=INPUT_NAMES, sides=())
-    # fresh noise draws seed + 1 ... seed + max_steps; this seed's noise, the seed alone
-    O.check_search(v, names=INPUT_NAMES, seed_span=None if noise_mode == NOISE_MODES[1] else 1)
+    O.check_search(v, names=INPUT_NAMES)
     v.grad_range = tuple(
         O.check_int(name, value, 0, O.SAMPLING_STEPS_MAX)
         for name, value in (("grad_step_min", grad_step_min), ("grad_step_max", grad_step_max))

@@ -17,13 +17,38 @@ def _safe_text(value, limit: int = 400) -> str:
 
 
 def _cmd_inspect(ns) -> int:
+    from .fileio import not_a_file
+
+    path = ns.file
+    why = not_a_file(path)
+    if why:
+        raise ValueError(f"{path}: {why}")
+    try:
+        with open(path, "rb") as f:  # an unreadable file (an I/O error) is said with its name
+            f.read(8)
+        return _inspect_file(ns)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        if path in str(e):
+            raise
+        raise OSError(f"{path}: cannot read the file ({e.strerror or e})") from None
+
+
+def _inspect_file(ns) -> int:
     from .backends.single_file import looks_like_checkpoint
 
-    if os.path.isfile(ns.file) and looks_like_checkpoint(ns.file):
+    if looks_like_checkpoint(ns.file):
         return _inspect_checkpoint(ns)
-    from .embedding import load_embedding
+    from .embedding import EmbeddingError, load_embedding
 
-    emb = load_embedding(ns.file)
+    try:
+        emb = load_embedding(ns.file)
+    except EmbeddingError:
+        train = _training_checkpoint_info(ns.file)  # reneg train's checkpoint.pt
+        if train is None:
+            raise
+        return _print_training_checkpoint(ns, train)
     info = emb.info()
     if ns.json:
         # strict JSON (no NaN/Infinity); json escapes control characters itself
@@ -42,9 +67,73 @@ def _cmd_inspect(ns) -> int:
         def g(v):
             return "n/a" if v is None else f"{v:.4g}"
 
-        print(f"  stats   mean {g(s['mean'])}  std {g(s['std'])}  norm {g(s['norm'])}")
+        print(f"  stats   mean {g(s['mean'])}  std {g(s['std'])}  norm {g(s['norm'])}  max |x| {g(info['max_abs'])}")
+        if info["overflows"]:
+            names = " and ".join(info["overflows"])
+            print(
+                f"  warning its values overflow {names} (they would become inf): refused where the model "
+                f"computes in {names} (e.g. --mixed-precision fp16, an fp16 web UI)"
+            )
         for k, v in sorted(info["metadata"].items()):
             print(f"  {_safe_text(k, 80)}: {_safe_text(v)}")
+    return 0
+
+
+def _training_checkpoint_info(path: str) -> dict | None:
+    """``reneg train``'s checkpoint (checkpoint.pt) described, or None for any other file."""
+    from .fileio import safe_torch_load
+
+    try:
+        state = safe_torch_load(path, what="file")
+    except (ValueError, OSError):
+        return None
+    if not isinstance(state, dict) or state.get("format") != "reneg-train-checkpoint":
+        return None
+    from reneg.trainer.checkpoint import load_checkpoint
+
+    from .families import family_for_shape
+
+    state = load_checkpoint(path)  # checked: a damaged checkpoint is an error naming the file
+    neg, cfg = state["neg"], state["config"]
+    fam = cfg.get("family")
+    if fam is None:
+        spec = family_for_shape(neg.shape[-1], neg.shape[1])
+        fam = f"{spec.name} (from the shape)" if spec is not None else None
+    groups = state["optimizer"].get("param_groups") or [{}]
+    last = state["heldout"][-1] if state["heldout"] else None
+    return {
+        "path": path,
+        "format": "reneg-train-checkpoint",
+        "step": state["step"],
+        "steps": cfg.get("steps"),
+        "family": fam,
+        "shape": list(neg.shape),
+        "dtype": str(neg.dtype).replace("torch.", ""),
+        "lr": groups[0].get("lr"),
+        "skipped_updates": state.get("skipped", 0),
+        "model": cfg.get("model"),
+        "heldout_last": last,
+    }
+
+
+def _print_training_checkpoint(ns, info: dict) -> int:
+    if ns.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    steps = f" of {info['steps']}" if info["steps"] is not None else ""
+    print(
+        f"{_safe_text(info['path'])}\n  format  ReNeg training checkpoint (resume it with reneg train --resume)\n"
+        f"  step    {info['step']}{steps}  ({info['skipped_updates']} updates skipped)\n"
+        f"  family  {info['family']}\n  shape   {info['shape']}  {info['dtype']}"
+    )
+    if info["lr"] is not None:
+        print(f"  lr      {_safe_text(info['lr'], 40)}")
+    if info["model"]:
+        print(f"  model   {_safe_text(info['model'])}")
+    last = info["heldout_last"]
+    if last:
+        shown = "  ".join(f"{k} {v:.5f}" for k, v in last.items() if k != "step" and isinstance(v, float))
+        print(f"  held-out at step {_safe_text(last.get('step'), 20)}: {_safe_text(shown)}")
     return 0
 
 
@@ -143,7 +232,12 @@ def _cmd_tune(ns) -> int:
 
     if ns.demo:
         ns.out = ns.out or os.path.join("runs", "demo-tune", "tuned.safetensors")
-        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(ns.out))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror or e
+            raise ValueError(f"--out {ns.out}: cannot create the folder {folder} ({why})") from None
         ns.overwrite = True
         _apply_demo(ns, "tune")
     ns.out = ns.out or "tuned.safetensors"
@@ -166,8 +260,22 @@ def _cmd_studio(ns) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port for ``--port``: an integer from 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number from 1 to 65535, got {_safe_text(text, 40)}"
+        ) from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {_safe_text(text, 40)}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .families import FAMILIES
 
     p = argparse.ArgumentParser(
         prog="reneg", description="Learned negative embeddings for classifier-free guidance (ReNeg)."
@@ -187,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert an embedding file to ReNeg's .safetensors format")
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--family", help="sd1, sd2, sdxl, pixart, tiny (default: from the shape)")
+    s.add_argument("--family", help=f"{', '.join(FAMILIES)} (default: from the shape)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_cmd_convert)
 
@@ -212,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve on all network interfaces instead of 127.0.0.1 only (anyone who can reach the "
         "port can start runs and read files)",
     )
-    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--port", type=_port, default=7860, help="the port to serve on, 1 to 65535 (default: 7860)")
     s.add_argument("--root", default="runs", help="folder for new runs and the Embeddings tab (default: runs)")
     s.set_defaults(fn=_cmd_studio)
 
@@ -242,11 +350,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reneg: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (reneg inspect ... | head): stop quietly, as cat does
+        _silence_stdout()
+        return 141
     except (ValueError, OSError, RuntimeError) as e:
         # every expected failure carries a message naming the file or flag
         # one line, with a file's control characters shown escaped, never sent to the terminal raw
         print(f"reneg {ns.command}: error: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
         return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing at exit does not raise again into the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

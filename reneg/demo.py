@@ -67,8 +67,19 @@ def default_threads() -> int:
     return min(2, os.cpu_count() or 1) if _world() is not None else 1
 
 
-def setup(out: str) -> dict:
-    """Write the demo's prompt files into ``out/demo`` and return paths and settings."""
+def setup(out: str, flag: str = "--out") -> dict:
+    """Write the demo's prompt files into ``out/demo`` and return paths and settings; a folder that
+    can not be written is an :class:`OptionError` naming ``flag``."""
+    try:
+        return _setup(out)
+    except OSError as e:
+        raise OptionError(
+            f"{flag} {out}: cannot write the demo's files into {os.path.join(out, 'demo')} "
+            f"({e.strerror or e}); choose a writable folder"
+        ) from None
+
+
+def _setup(out: str) -> dict:
     from .fileio import atomic_write_text
 
     folder = os.path.join(out, "demo")

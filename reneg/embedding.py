@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .families import FAMILIES, Family, family_for_shape, get_family, known_hidden_sizes
-from .fileio import atomic_save_safetensors, read_safetensors_header, safe_torch_load
+from .fileio import atomic_save_safetensors, not_a_file, read_safetensors_header, safe_torch_load, walk_folder
 
 FORMAT_VERSION = "1"
 MAIN_KEY = "neg_embedding"
@@ -90,6 +90,27 @@ class NegEmbedding:
             return self.tensor
         return self.tensor * mask[..., None].to(self.tensor.dtype)
 
+    def dtype_problem(self, dtype: torch.dtype) -> str | None:
+        """Why this negative can not be used in ``dtype`` (its values overflow it and would become
+        inf there), or None. A float32 value of 7e4 is finite, but not once cast to float16."""
+        return _overflow(self.tensor, dtype, self.path or "embedding") or (
+            _overflow(self.pooled, dtype, self.path or "embedding", "pooled vector")
+            if self.pooled is not None
+            else None
+        )
+
+    def check_dtype(self, dtype: torch.dtype, where: str = "") -> NegEmbedding:
+        """Refuse (:class:`EmbeddingError` naming the file) a negative that is not finite in
+        ``dtype``, the dtype the model computes in; ``where`` says what decided it (e.g.
+        "--mixed-precision fp16"). Returns ``self``."""
+        problem = self.dtype_problem(dtype)
+        if problem:
+            raise EmbeddingError(
+                f"{problem}, the dtype the model computes in{f' ({where})' if where else ''}; "
+                f"a negative embedding's values are normally well under 100"
+            )
+        return self
+
     @property
     def family_spec(self) -> Family:
         return FAMILIES[self.family]
@@ -123,9 +144,32 @@ class NegEmbedding:
                 )
             },
         }
+        out["max_abs"] = _finite(t.abs().max())
+        # the compute dtypes in which the values would overflow to inf (such a negative is refused there)
+        out["overflows"] = [
+            dtype_name(d) for d in (torch.float16, torch.bfloat16, torch.float32) if self.dtype_problem(d)
+        ]
         if self.path and os.path.isfile(self.path):
             out["sha256"] = _sha256(self.path)
         return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _overflow(t: torch.Tensor, dtype: torch.dtype, path: str, what: str = "values") -> str | None:
+    """A message when ``t``'s finite values become inf in ``dtype`` (None when they fit)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.to(dtype)).all()):
+        return None
+    big = float(t.double().abs().max())
+    return (
+        f"{path}: its {what} reach {big:.3g}, beyond {dtype_name(dtype)}'s largest "
+        f"{torch.finfo(dtype).max:.6g}, so they would become inf in {dtype_name(dtype)}"
+    )
+
+
+_F32_NOTE = ", and every use converts an embedding to float32 or narrower"
 
 
 def _finite(v) -> float | None:
@@ -242,6 +286,10 @@ def validate(
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise EmbeddingError(f"{path}: expected finite values, found {bad} NaN/inf entries")
+    # every use converts to float32 (or narrower): float64 values beyond its range are refused here
+    problem = _overflow(tensor, torch.float32, path)
+    if problem:
+        raise EmbeddingError(problem + _F32_NOTE)
     if pooled is not None:
         if (
             not isinstance(pooled, torch.Tensor)
@@ -257,6 +305,9 @@ def validate(
             raise EmbeddingError(f"{path}: family {spec.name} expects {want}, found pooled {_shape(pooled)}")
         if not bool(torch.isfinite(pooled).all()):
             raise EmbeddingError(f"{path}: pooled vector has NaN/inf values")
+        problem = _overflow(pooled, torch.float32, path, "pooled vector")
+        if problem:
+            raise EmbeddingError(problem + _F32_NOTE)
     elif spec.pooled is not None and family is not None:
         # our own files must carry it; foreign files are allowed without (hosts keep theirs)
         pass
@@ -292,8 +343,9 @@ def load_embedding(path: str | os.PathLike, expected_family: str | None = None) 
 
 def _load_any(path: str, expected_family: str | None) -> NegEmbedding:
     p = Path(path)
-    if not p.is_file():
-        raise EmbeddingError(f"{path}: no such file")
+    why = not_a_file(p)
+    if why:
+        raise EmbeddingError(f"{path}: {why}")
     size = p.stat().st_size
     if size > MAX_FILE_BYTES:
         raise EmbeddingError(
@@ -301,12 +353,42 @@ def _load_any(path: str, expected_family: str | None) -> NegEmbedding:
             f"(expected under {MAX_FILE_BYTES // 2**20} MiB)"
         )
     with open(p, "rb") as f:
-        magic = f.read(8)
+        magic = f.read(9)
+    if _looks_like_safetensors(magic, size):
+        return _load_safetensors(path, expected_family)
     is_zip = magic[:4] == b"PK\x03\x04"
     is_legacy_pickle = magic[:1] == b"\x80"
+    protocol = _plain_pickle(magic)
+    if protocol is not None:
+        raise EmbeddingError(
+            f"{path}: not a readable embedding file: it is a plain Python pickle ({protocol}), not one "
+            f"torch.save wrote; expected a .safetensors file or tensors saved with torch.save (nothing else "
+            f"is unpickled)"
+        )
     if p.suffix.lower() == ".safetensors" or not (is_zip or is_legacy_pickle):
         return _load_safetensors(path, expected_family)
     return _load_pickle(path, expected_family)
+
+
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # torch.save's old format opens with pickle.dump(its magic number)
+
+
+def _looks_like_safetensors(magic: bytes, size: int) -> bool:
+    """A little-endian header length that fits in the file, followed by the header's ``{``."""
+    return len(magic) >= 9 and 0 < int.from_bytes(magic[:8], "little") <= size - 8 and magic[8:9] == b"{"
+
+
+def _plain_pickle(magic: bytes) -> str | None:
+    """``protocol N`` when the file (not a safetensors file) is a pickle that torch.save did not
+    write, else None: a pickle with a protocol mark other than torch's legacy opening, or a
+    protocol-0/1 pickle (text opcodes)."""
+    if len(magic) < 8:
+        return None
+    if magic[:1] == b"\x80":
+        return None if magic[:4] == _TORCH_LEGACY_MAGIC else f"protocol {magic[1]}"
+    if magic[:1] in (b"(", b"]", b"}", b"c", b"I", b"L", b"F", b"S", b"V", b"N", b"X", b"J", b"K", b"G", b"T"):
+        return "protocol 0 or 1"
+    return None
 
 
 def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
@@ -445,13 +527,17 @@ def convert(src: str, dst: str, family: str | None = None, overwrite: bool = Fal
 
 
 def list_embedding_files(*folders: str | os.PathLike) -> list[str]:
-    """Files with an embedding suffix in the given folders (recursive), sorted, no duplicates."""
-    seen: dict[str, None] = {}
+    """Files with an embedding suffix in the given folders (recursive), sorted, each file once.
+
+    Links are followed but never round a loop, and a file reached by two names (a link to a
+    folder or to a file) is listed once, under the first name found."""
+    found: dict[str, str] = {}  # real path -> the name listed
     for folder in folders:
         if not folder or not os.path.isdir(folder):
             continue
-        for root, _dirs, files in os.walk(folder, followlinks=True):
-            for fn in sorted(files):
+        for root, _dirs, files in walk_folder(folder):
+            for fn in files:
                 if fn.lower().endswith(SUFFIXES) and not fn.startswith("."):
-                    seen.setdefault(os.path.join(root, fn), None)
-    return sorted(seen)
+                    path = os.path.join(root, fn)
+                    found.setdefault(os.path.realpath(path), path)
+    return sorted(set(found.values()))

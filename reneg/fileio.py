@@ -20,6 +20,58 @@ class OutputError(OSError):
     """Writing an output failed (read-only folder, full disk...)."""
 
 
+def not_a_file(path: str | os.PathLike) -> str:
+    """Why ``path`` can not be read as a file, in a few words: "no such file", "a directory, not a
+    file", "a symlink loop", "a FIFO (named pipe), not a regular file"... ("" for a regular file)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.ELOOP:
+            return "a symlink loop, not a file"
+        if os.path.islink(path):
+            return "a broken symlink (its target does not exist)"
+        if e.errno == errno.ENOENT:
+            return "no such file"
+        return f"not readable ({e.strerror or e})"
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file"
+    for test, what in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return f"{what}, not a regular file"
+    return "not a regular file"
+
+
+def walk_folder(folder: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(folder, followlinks=True)``, sorted, that enters each real directory once.
+
+    Links to folders are followed (model folders are often links), but a link back to a folder
+    already walked (``ln -s . loop``, two links to one place) is not entered again, so a loop
+    can neither hang the walk nor list the same files over and over. The caller may prune
+    ``dirs`` in place, as with ``os.walk``."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        files.sort()
+        yield root, dirs, files
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it over ``path`` on success.
@@ -201,6 +253,7 @@ def read_safetensors_header(path) -> dict:
         ) from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    complex_types = {"C64": "complex64", "C128": "complex128", "C32": "complex32"}
     itemsize = {
         "F64": 8,
         "F32": 4,
@@ -224,6 +277,11 @@ def read_safetensors_header(path) -> dict:
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise ValueError(f"{path}: corrupt safetensors metadata (expected string values)")
             continue
+        if isinstance(info, dict) and info.get("dtype") in complex_types:
+            raise ValueError(
+                f"{path}: tensor {key!r} holds complex numbers ({complex_types[info['dtype']]}), which are "
+                f"not supported: embeddings and models hold real floating-point values"
+            )
         try:
             dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
             count = 1

@@ -241,17 +241,17 @@ def check_sampling(
         check_grad_range(opts.grad_range, steps, n["grad_range"], n["sampling_steps"])
 
 
-def check_search(opts: Any, names: dict[str, str] | None = None, seed_span: int | None = None) -> None:
+def check_search(opts: Any, names: dict[str, str] | None = None) -> None:
     """The per-sample search's settings (the paper's Algorithm 1: ``reneg tune``, the ComfyUI tune
     node): ``max_steps``, ``patience`` (at most ``max_steps``), ``lr`` and ``seed``, of any object
-    with those attributes. ``seed_span`` seeds are used from ``seed`` on (default ``1 + max_steps``:
-    fresh noise takes ``seed + 1`` ... ``seed + max_steps``); ``names`` as for :func:`check_sampling`."""
+    with those attributes; ``names`` as for :func:`check_sampling`. Every seed up to 2**64 - 1 is
+    taken: fresh noise uses ``seed + 1`` ... ``seed + max_steps`` modulo 2**64 (reneg/tuning.py)."""
     n = {k: flag_of(k) for k in ("max_steps", "patience", "lr", "seed")}
     n.update(names or {})
     max_steps = check_int(n["max_steps"], opts.max_steps)
     patience = check_int(n["patience"], opts.patience)
     check_float(n["lr"], opts.lr)
-    check_seed(n["seed"], opts.seed, span=1 + max_steps if seed_span is None else seed_span)
+    check_seed(n["seed"], opts.seed)
     if patience > max_steps:
         raise OptionError(f"{n['patience']} {patience} is above {n['max_steps']} {max_steps}")
 
@@ -296,6 +296,19 @@ def check_device(device: str | None, flag: str = "--device") -> None:
         raise OptionError(f"{flag} {device}: CUDA is not available here (use --device cpu)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise OptionError(f"{flag} {device}: there are {torch.cuda.device_count()} CUDA devices")
+
+
+def compute_dtype(opts: Any) -> tuple[Any, str]:
+    """The dtype a model loaded with these options computes in (``mixed_precision`` on ``device``,
+    as :func:`reneg.backends.loading.weights_dtype` decides), and the flags that decide it, for a
+    message. A negative whose values overflow this dtype is refused before any model loads."""
+    import torch
+
+    from .backends.loading import weights_dtype
+
+    mixed = getattr(opts, "mixed_precision", None) or "no"
+    device = getattr(opts, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    return weights_dtype(mixed, device), f"--mixed-precision {mixed} on {torch.device(device).type}"
 
 
 def check_model_and_rewards(opts: Any) -> None:

@@ -11,7 +11,10 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
+
+from .fileio import not_a_file
 
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 
@@ -91,8 +94,9 @@ def load_prompts(path: str) -> list[Prompt]:
         for fn in files:
             fp = os.path.join(path, fn)
             out += _from_json_obj(_parse_json(fp), fp, os.path.splitext(fn)[0])
-    elif not os.path.isfile(path):
-        raise PromptFileError(f"{path}: no such prompt file")
+    elif not_a_file(path):
+        why = not_a_file(path)
+        raise PromptFileError(f"{path}: {'no such prompt file' if why == 'no such file' else why}")
     else:
         low = path.lower()
         if low.endswith(".json"):
@@ -100,11 +104,16 @@ def load_prompts(path: str) -> list[Prompt]:
         elif low.endswith((".tsv", ".csv")):
             out = _from_table(path, "\t" if low.endswith(".tsv") else ",")
         else:
-            out = [Prompt(line.strip()) for line in _read_text(path).splitlines()]
+            # lines end at \n, \r\n or \r only: a form feed, a vertical tab or U+2028 inside a
+            # prompt is part of it (str.splitlines would split there too)
+            out = [Prompt(line.strip()) for line in _LINE_BREAK.split(_read_text(path))]
     out = [p for p in out if p.text]
     if not out:
         raise PromptFileError(f"{path}: no prompts found (the file is empty or every entry is blank)")
     return out
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def _parse_json(path: str):
@@ -112,10 +121,25 @@ def _parse_json(path: str):
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise PromptFileError(
+            f"{path}: not a prompt file: its JSON is nested too deeply to read (a prompt list is a list "
+            f"of strings or objects)"
+        ) from None
+    except ValueError as e:  # e.g. an integer of thousands of digits (Python's int-digits limit)
+        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        if "digits" in detail:
+            detail = "it holds a number of thousands of digits, more than Python reads"
+        raise PromptFileError(f"{path}: not a readable JSON prompt file ({detail})") from None
 
 
 def _from_table(path: str, delim: str) -> list[Prompt]:
-    rows = list(csv.DictReader(io.StringIO(_read_text(path)), delimiter=delim))
+    if delim == "\t":
+        # TSV has no quoting: a quote is part of the prompt (PartiPrompts has '"G I G G L E" painted...'),
+        # and a row with an unbalanced quote can not swallow the rows after it
+        rows = list(csv.DictReader(io.StringIO(_read_text(path)), delimiter=delim, quoting=csv.QUOTE_NONE))
+    else:
+        rows = _csv_rows(path, delim)
     if not rows:
         raise PromptFileError(f"{path}: no rows found")
     cols = {c.lower(): c for c in rows[0] if c}
@@ -124,6 +148,23 @@ def _from_table(path: str, delim: str) -> list[Prompt]:
         raise PromptFileError(f"{path}: expected a 'Prompt' column, found columns {', '.join(c for c in rows[0] if c)}")
     cc = cols.get("category")
     return [Prompt((r.get(pc) or "").strip(), (r.get(cc) or "all").strip() if cc else "all") for r in rows]
+
+
+def _csv_rows(path: str, delim: str) -> list[dict]:
+    """CSV rows; a quote that is never closed (which would take in every row after it) is an
+    error naming the line it opens on."""
+    reader = csv.DictReader(io.StringIO(_read_text(path)), delimiter=delim, strict=True)
+    rows, end = [], 0
+    try:
+        for row in reader:
+            rows.append(row)
+            end = reader.line_num
+    except csv.Error as e:
+        raise PromptFileError(
+            f"{path}: line {end + 1}: malformed CSV ({e}): is a quote there left open? Quote a "
+            f'field whole ("a, b") and double a quote inside one ("say ""hi""")'
+        ) from None
+    return rows
 
 
 def subsample(prompts: list[Prompt], limit: int | None, seed: int = 0) -> list[Prompt]:

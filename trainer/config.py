@@ -287,7 +287,7 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
     if cfg.init not in ("null", "handcrafted") and not os.path.isfile(cfg.init):
         raise ConfigError(f"--init {cfg.init}: expected null, handcrafted or an embedding file")
     if cfg.init not in ("null", "handcrafted"):
-        check_embedding_arg("init", cfg.init)
+        check_embedding_arg("init", cfg.init, cfg)
     if cfg.resume is not None:
         _check_resume(cfg)
     check_out_dir(cfg.out)
@@ -299,13 +299,16 @@ def check_train_numbers(cfg) -> None:
     O.check_seed("--heldout-seed", cfg.heldout_seed, span=cfg.heldout_count)
 
 
-def check_embedding_arg(flag: str, path: str) -> None:
-    """An embedding file given on the command line must load, before any model does
-    (its family is checked against the model later)."""
+def check_embedding_arg(flag: str, path: str, opts=None) -> None:
+    """An embedding file given on the command line must load, before any model does (its family
+    is checked against the model later); with ``opts``, its values must also be finite in the
+    dtype their ``--mixed-precision`` and ``--device`` make the model compute in."""
     from reneg.embedding import load_embedding
 
     try:
-        load_embedding(path)
+        emb = load_embedding(path)
+        if opts is not None:
+            emb.check_dtype(*O.compute_dtype(opts))
     except ValueError as e:
         raise ConfigError(f"--{flag}: {e}") from None
 

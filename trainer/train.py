@@ -158,6 +158,9 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     else:
         train, heldout = prompts[: -cfg.heldout_count], prompts[-cfg.heldout_count :]
     train_texts = [p.text for p in train]
+    note = backend.truncation_note(train_texts + [p.text for p in heldout]) if main else None
+    if note:
+        print(f"reneg train: {note}", flush=True)
     heldout_texts = [p.text for p in heldout]
     heldout_seeds = [cfg.heldout_seed + i for i in range(len(heldout_texts))]
 

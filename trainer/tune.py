@@ -9,6 +9,7 @@ import torch
 
 from reneg import options as O
 from reneg.embedding import load_embedding, save_embedding
+from reneg.fileio import not_a_file
 from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding
 from reneg.tuning import tune_for_seed
@@ -63,8 +64,8 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
 def check_tune_numbers(ns) -> None:
     """Every numeric flag of tune, before anything is read (also run first under --demo)."""
     check_numbers(ns)  # sampling settings and --lr
-    # --max-steps, --patience (at most --max-steps) and --seed (--noise fresh uses SEED+1 ...
-    # SEED+max-steps): the options layer's rules, which the ComfyUI tune node runs too
+    # --max-steps, --patience (at most --max-steps) and --seed: the options layer's rules, which the
+    # ComfyUI tune node runs too
     O.check_search(ns)
 
 
@@ -74,9 +75,9 @@ def validate_tune(ns) -> None:
     if not ns.prompt or not ns.prompt.strip():
         raise ConfigError("--prompt is required and must not be empty")
     if ns.embedding and not os.path.isfile(ns.embedding):
-        raise ConfigError(f"--embedding {ns.embedding}: no such file")
+        raise ConfigError(f"--embedding {ns.embedding}: {not_a_file(ns.embedding) or 'no such file'}")
     if ns.embedding:
-        check_embedding_arg("embedding", ns.embedding)
+        check_embedding_arg("embedding", ns.embedding, ns)
     if not ns.out.endswith(".safetensors"):
         raise ConfigError(f"--out {ns.out}: expected a .safetensors file name")
     if os.path.exists(ns.out) and not ns.overwrite:
@@ -112,9 +113,9 @@ def run_tune(ns) -> dict:
     )
     print(f"reneg tune: model {backend.describe()}", flush=True)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)
-    note = backend.resolution_note(ns.resolution)
-    if note:
-        print(f"reneg tune: {note}", flush=True)
+    for note in (backend.resolution_note(ns.resolution), backend.truncation_note([ns.prompt])):
+        if note:
+            print(f"reneg tune: {note}", flush=True)
     if getattr(ns, "gradient_checkpointing", False):
         enable_checkpointing(backend, reward)
     if ns.embedding:

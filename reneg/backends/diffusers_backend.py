@@ -217,6 +217,28 @@ class DiffusersBackend:
             raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
         return (batch, self.unet.config.in_channels, height // f, width // f)
 
+    def truncation_note(self, prompts) -> str | None:
+        """A one-line note when prompts are longer than the text encoder reads (CLIP: 77 tokens with
+        its start and end tokens), which cuts them as every UI does; None when none is. One
+        tokenizer pass over the distinct prompts, so a run says it once, up front."""
+        tok = getattr(self, "tokenizer", None)
+        limit = getattr(self, "max_tokens", None) or getattr(tok, "model_max_length", None)
+        texts = list(dict.fromkeys(str(p) for p in prompts))
+        if tok is None or not isinstance(limit, int) or limit > 100_000 or not texts:
+            return None
+        try:
+            ids = tok(texts, truncation=False, padding=False, verbose=False)["input_ids"]
+        except Exception:  # noqa: BLE001 - a note must never stop a run
+            return None
+        cut = [t for t, i in zip(texts, ids) if len(i) > limit]
+        if not cut:
+            return None
+        first = cut[0] if len(cut[0]) <= 60 else cut[0][:57] + "..."
+        return (
+            f"note: {len(cut)} of {len(texts)} prompts are longer than the text encoder's {limit} tokens "
+            f"and are cut to {limit} (the model reads no more), e.g. {first!r}"
+        )
+
     @staticmethod
     def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
         return tokenizer(

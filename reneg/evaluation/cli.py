@@ -257,9 +257,11 @@ def demo_config(ns) -> EvalConfig:
     if shown:
         print(f"reneg eval --demo: using your {', '.join(shown)} instead of the demo's", flush=True)
     check_eval_numbers(cfg)
-    if found:
+    if not any(emb in n for n in cfg.negatives):
+        pass  # your --negative replaced the demo's: its learned embedding is neither named nor trained
+    elif found:
         print(f"reneg eval --demo: using the learned embedding {emb}", flush=True)
-    elif any(emb in n for n in cfg.negatives):
+    else:
         _demo_train(d, os.path.join(out, "train"), ns.progress)
     return cfg
 

@@ -58,6 +58,16 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
     head, sep, rest = spec.partition("=")
     if sep and _NAME_RE.match(head) and not os.path.exists(spec) and ":" not in head:
         name, spec = head, rest.strip()
+    elif (
+        sep
+        and not os.path.exists(spec)
+        and not head.lower().startswith(("handcrafted:", "text:", "tuned:"))
+        and _looks_like_spec(rest.strip())
+    ):
+        raise EvalError(
+            f"--negative {raw!r}: {head!r} is not a valid name: a name is 1 to 64 letters, digits and "
+            f"_ . + - (starting with a letter or digit), as it becomes part of image file names"
+        )
     low = spec.lower()
     if low == "null":
         neg = Negative("null", "null", "")
@@ -81,6 +91,17 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
     if name is not None:
         neg = Negative(name, neg.kind, neg.source)
     return neg
+
+
+def _looks_like_spec(spec: str) -> bool:
+    """What follows ``NAME=`` is a negative (so the part before it was meant as a name)."""
+    low = spec.lower()
+    return (
+        low in ("null", "zero", "handcrafted")
+        or low.startswith(("handcrafted:", "text:", "tuned:"))
+        or low.endswith(EMBEDDING_SUFFIXES)
+        or os.path.isfile(spec)
+    )
 
 
 def _check_embedding_file(path: str, raw: str) -> None:

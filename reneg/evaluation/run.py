@@ -59,8 +59,8 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
 
     for n in negatives:
         if n.kind in ("file", "tuned") and n.source != "null":
-            try:  # readable before any model loads; the family is checked against the model later
-                load_embedding(n.source)
+            try:  # readable and finite in the compute dtype before any model loads; the family is checked later
+                load_embedding(n.source).check_dtype(*O.compute_dtype(cfg))
             except ValueError as e:
                 raise EvalError(f"--negative: {e}") from None
     if any(n.kind == "tuned" for n in negatives):
@@ -134,9 +134,12 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     backend = load_backend(cfg, device)
     if hasattr(backend, "describe"):
         log(f"reneg eval: model {backend.describe()}")
-    note = backend.resolution_note(cfg.resolution)
-    if note:
-        log(f"reneg eval: {note}")
+    notes = [backend.resolution_note(cfg.resolution)]
+    if hasattr(backend, "truncation_note"):
+        notes.append(backend.truncation_note([it.text for it in items]))
+    for note in notes:
+        if note:
+            log(f"reneg eval: {note}")
     frames = cfg.frames if cfg.video else 1
     # every embedding file must fit the model before any image is made (or a reward loads)
     embs, tensors = check_negatives_fit(backend, negatives)

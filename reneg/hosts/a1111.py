@@ -279,6 +279,8 @@ class Active:
     CFGDenoiserParams carry no denoiser)."""
 
     def __init__(self, emb, strength: float, hires: bool, p):
+        self.emb = emb
+        self.problems: dict = {}  # dtype -> why the embedding can not be used in it (None: it can)
         self.tensor = emb.tensor
         self.pooled = getattr(emb, "pooled", None)  # SDXL: the pooled vector the embedding was trained with
         self.rows = int(emb.tensor.shape[1])
@@ -301,6 +303,12 @@ class Active:
         if self._cast is None or self._cast[0] != key:
             self._cast = (key, self.tensor.to(device=host.device, dtype=host.dtype))
         return self._cast[1]
+
+    def dtype_problem(self, dtype: torch.dtype) -> str | None:
+        """Why the embedding overflows ``dtype`` (the host's conditioning dtype), once per dtype."""
+        if dtype not in self.problems:
+            self.problems[dtype] = self.emb.dtype_problem(dtype) if dtype.is_floating_point else None
+        return self.problems[dtype]
 
     def warn(self, msg: str) -> None:
         """Say it once per generation."""
@@ -585,6 +593,10 @@ class Host:
                 f"results may be off"
             )
         active = Active(emb, strength, hires, p)
+        dtype = getattr(getattr(p, "sd_model", None), "dtype", None)  # an fp16 model: 7e4 becomes inf
+        if isinstance(dtype, torch.dtype) and active.dtype_problem(dtype):
+            warn(p, f"ReNeg: not applied: {active.dtype_problem(dtype)}, the dtype the model runs in")
+            return None
         setattr(p, P_ATTR, active)
         self.fallback = active
         try:
@@ -619,6 +631,9 @@ class Host:
             if not active.hires and getattr(p, "is_hr_pass", False):
                 return
             host = crossattn_of(params.text_uncond)
+            if isinstance(host, torch.Tensor) and active.dtype_problem(host.dtype):
+                active.warn(f"ReNeg: not applied: {active.dtype_problem(host.dtype)}, the host's conditioning dtype")
+                return
             emb = active.tensor_like(host) if isinstance(host, torch.Tensor) else active.tensor
             length = content_length(getattr(params, "text_cond", None), active.rows)
             new, msg = replace_uncond(params.text_uncond, emb, active.strength, length=length, pooled=active.pooled)

@@ -198,8 +198,11 @@ def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
                 weight = float(v)
             except ValueError:
                 raise RewardSpecError(f"reward spec {text!r}: weight {v!r} is not a number") from None
-            if weight != weight or weight in (float("inf"), float("-inf")):
-                raise RewardSpecError(f"reward spec {text!r}: weight {v!r} is not a finite number")
+            if weight != weight or weight in (float("inf"), float("-inf")) or weight <= 0:
+                raise RewardSpecError(
+                    f"reward spec {text!r}: weight {v!r} must be a finite number > 0 (a reward of weight 0 "
+                    f"would only cost time: leave its --reward out instead)"
+                )
         else:
             opts[k] = v
     if check_files:
