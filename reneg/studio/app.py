@@ -624,7 +624,7 @@ def build_app(studio: Studio):
 
     t = studio.train_defaults
     with gr.Blocks(title="ReNeg Studio", analytics_enabled=False) as app:
-        gr.Markdown(header_markdown(studio))
+        gr.Markdown(header_markdown(studio), elem_id="header")
         with gr.Tab("Train"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -836,15 +836,21 @@ def build_app(studio: Studio):
                             )
                     tune_b = gr.Button("Tune", variant="primary", elem_id="tune_start")
                     with gr.Row():
-                        save_path = gr.Textbox(os.path.join(studio.root, "tuned.safetensors"), label="Save as")
+                        save_path = gr.Textbox(
+                            os.path.join(studio.root, "tuned.safetensors"), label="Save as", elem_id="tune_save_path"
+                        )
                         save_over = gr.Checkbox(False, label="Overwrite")
-                    save_b = gr.Button("Save the kept embedding")
-                    save_msg = gr.Markdown("")
+                    save_b = gr.Button("Save the kept embedding", elem_id="tune_save")
+                    save_msg = gr.Markdown("", elem_id="tune_save_msg")
                 with gr.Column(scale=2):
                     tune_status = gr.Markdown("", elem_id="tune_status")
                     tune_gallery = gr.Gallery(label="Each step's image", columns=5, height=320, elem_id="tune_gallery")
                     tune_table = gr.Dataframe(
-                        headers=["step", "reward", "best so far", "kept"], value=[], interactive=False, label="Rewards"
+                        headers=["step (0: the start)", "reward", "best so far", "kept"],
+                        value=[],
+                        interactive=False,
+                        label="Rewards",
+                        elem_id="tune_table",
                     )
             tune_result = gr.State(None)
             tune_b.click(studio.tune, [u[k] for k in TUNE_FIELDS], [tune_status, tune_gallery, tune_table, tune_result])
