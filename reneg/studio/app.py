@@ -772,7 +772,7 @@ def build_app(studio: Studio):
                 return (msg, *(keep_form if form is None else form_values(form)))
 
             start_b.click(studio.start, inputs, action)
-            resume_b.click(_resume, inputs, [action] + inputs)
+            resume_b.click(_resume, inputs, [action] + inputs, api_name="resume")
             stop_b.click(studio.stop, c["out"], action)
             gr.Timer(2.0).tick(_poll, [c["out"], shown], poll_outputs)
 

@@ -683,9 +683,11 @@ def error_line(log_text: str) -> str | None:
 
 
 def seconds_per_step(rows: list[dict], since: int | None = None) -> float | None:
-    """Median time of the recent steps of the process now training. ``seconds`` counts from that
-    process's start (just before its first step) and restarts when a run is resumed, so only rows
-    after ``since``, the step it began from, are used; without it, the rows after the last restart."""
+    """Median time of the recent steps of the process now training, from one row's ``seconds`` to the
+    next. ``seconds`` restarts when a run is resumed, so only rows after ``since``, the step that
+    process began from, are used (without it: the rows after the last restart). A process's first row
+    gives no time: it counts from after the sample images made at its start, the later ones include
+    them."""
     if since is None:
         since = 0
         for a, b in pairwise(rows):
@@ -695,10 +697,7 @@ def seconds_per_step(rows: list[dict], since: int | None = None) -> float | None
     for r in rows:
         if r["step"] <= since or "seconds" not in r:
             continue
-        if prev is None:
-            if r["step"] == since + 1:  # the process's first step: its time from the start
-                d.append(r["seconds"])
-        elif r["step"] == prev["step"] + 1 and r["seconds"] > prev["seconds"]:
+        if prev is not None and r["step"] == prev["step"] + 1 and r["seconds"] > prev["seconds"]:
             d.append(r["seconds"] - prev["seconds"])
         prev = r
     d = d[-10:]
@@ -817,8 +816,8 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
             if sps and steps:
                 st["eta"] = sps * max(0, steps - st["step"])
                 msg += f", {sps:.2f} s a step, about {fmt_duration(st['eta'])} left"
-            elif run.get("resume") and since is not None and st["step"] <= since:
-                msg += f" (resumed from step {since}; timing its first step)"
+            elif run.get("resume") and since is not None:
+                msg += f" (resumed from step {since}; measuring its time per step)"
             if os.path.exists(os.path.join(out, "STOP")):
                 msg += " (stopping after this step)"
             st["message"] = msg
