@@ -266,7 +266,7 @@ def main() -> int:
             return "Running: step" in st and " s a step" in st and st
 
         st = c.wait("Resume continues, with a time per step", resumed_and_timed, max(300, a.timeout))
-        if any("first step" in x for x in seen):
+        if any("Training the first step" in x for x in seen):
             raise SystemExit(f"studio browser check: a resumed run was said to train its first step: {seen}")
         with open(os.path.join(run_dir, "studio_train.log")) as f:
             cmd = [ln for ln in f if ln.startswith("$ ")][-1]
