@@ -295,10 +295,10 @@ def main() -> int:
         c.wait("each step's image and reward", lambda: c.images_in("tune_gallery") >= 1, max(300, a.timeout))
         c.wait("tuning ends", lambda: "Done" in c.text("tune_status"), max(600, a.timeout))
         c.shot("tune")
+        cells = driver.find_elements(By.CSS_SELECTOR, "#tune_table [data-row][data-col='0']")
         numbers = [
-            tr.find_elements(By.CSS_SELECTOR, "td")[0].text.strip()
-            for tr in driver.find_elements(By.CSS_SELECTOR, "#tune_table tbody tr")
-            if tr.find_elements(By.CSS_SELECTOR, "td")
+            driver.execute_script("return arguments[0].textContent", td).strip()
+            for td in sorted(cells, key=lambda td: int(td.get_attribute("data-row")))
         ]
         best = c.text("tune_status").split("at step ")[-1].split(".")[0]
         if numbers != [str(i) for i in range(len(numbers))] or best not in numbers:
