@@ -259,8 +259,9 @@ def test_the_page_keeps_seeds_exact_and_never_rounds_a_whole_number(page):
     for eid, comp in by_id.items():
         if isinstance(comp, gr.Number):
             assert comp.preprocess(2.5) == 2.5, eid  # 2.5 reaches the checks (and is refused), never 2
-    plots = [b for b in app.blocks.values() if isinstance(b, gr.Gallery) and b.label == "Plots"]
-    assert plots and plots[0].object_fit == "contain"  # Compare's plots shown whole, not cropped
+    # Compare's plots and the embeddings' thumbnails shown whole: not cropped, nor cut off by a height
+    for eid in ("compare_plots", "emb_thumbs"):
+        assert by_id[eid].object_fit == "contain" and by_id[eid].height == "auto", eid
 
 
 # --------------------------------------------------------------------------- numbers and flags

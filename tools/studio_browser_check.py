@@ -97,6 +97,30 @@ class Check:
         imgs = self.d.find_elements(By.CSS_SELECTOR, f"#{elem_id} img")
         return sum(1 for i in imgs if self.d.execute_script("return arguments[0].naturalWidth", i) > 0)
 
+    def cut_off(self, elem_id: str, css: str) -> list[str]:
+        """The ``css`` elements inside ``elem_id`` that a clipping (scrolling) box around them cuts."""
+        return self.d.execute_script(
+            """
+            const root = document.getElementById(arguments[0]);
+            const bad = [];
+            for (const el of root.querySelectorAll(arguments[1])) {
+                const r = el.getBoundingClientRect();
+                for (let box = el.parentElement; box && root.contains(box); box = box.parentElement) {
+                    const s = getComputedStyle(box);
+                    if (s.overflow === 'visible' && s.overflowY === 'visible' && s.overflowX === 'visible') continue;
+                    const b = box.getBoundingClientRect();
+                    if (r.top < b.top - 1 || r.bottom > b.bottom + 1 || r.left < b.left - 1 || r.right > b.right + 1) {
+                        bad.push((el.textContent || el.getAttribute('src') || el.tagName).slice(0, 60));
+                        break;
+                    }
+                }
+            }
+            return bad;
+            """,
+            elem_id,
+            css,
+        )
+
     def shot(self, name: str, top: bool = True) -> str:
         if top:
             self.d.execute_script("window.scrollTo(0, 0);")
@@ -330,6 +354,9 @@ def main() -> int:
             ]
             if not fits or any(f != "contain" for f in fits):
                 raise SystemExit(f"studio browser check: Compare's plots are not shown whole (object-fit {fits})")
+            cut = c.cut_off("compare_plots", "img")
+            if cut:
+                raise SystemExit(f"studio browser check: Compare's plots are cut off by the gallery: {cut}")
 
         # -- Embeddings
         c.tab("Embeddings")
@@ -342,6 +369,9 @@ def main() -> int:
         captions = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#emb_thumbs .caption-label")]
         if not captions or not all(re.search(r"\(\w[\w.-]*, \d+x\d+x\d+\)$", t) for t in captions):
             raise SystemExit(f"studio browser check: the thumbnails' captions lack file, family and shape: {captions}")
+        cut = c.cut_off("emb_thumbs", "img, .caption-label")
+        if cut:
+            raise SystemExit(f"studio browser check: thumbnails or captions are cut off by the gallery: {cut}")
         print("studio browser check: passed", flush=True)
         return 0
     finally:

@@ -919,7 +919,12 @@ def build_app(studio: Studio):
                         label="Grid (one row per image, one column per negative)", type="pil", interactive=False
                     )
                     cmp_plots = gr.Gallery(
-                        label="Plots", columns=2, height=320, object_fit="contain", elem_id="compare_plots"
+                        # whole: no fixed height that would cut the plots (or their captions) off
+                        label="Plots",
+                        columns=2,
+                        height="auto",
+                        object_fit="contain",
+                        elem_id="compare_plots",
                     )
                     cmp_log = gr.Textbox(label="reneg eval output", lines=6, max_lines=12, interactive=False)
             cmp_outputs = [cmp_status, cmp_log, cmp_table, cmp_grid, cmp_plots]
@@ -939,7 +944,7 @@ def build_app(studio: Studio):
             emb_thumbs = gr.Gallery(
                 label="Thumbnails (a run's latest samples, else the values: red above the channel mean, blue below)",
                 columns=6,
-                height=260,
+                height="auto",  # each thumbnail whole, its caption (file, family, shape) in view
                 object_fit="contain",
                 elem_id="emb_thumbs",
             )
