@@ -104,12 +104,12 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
 
     cases = {
         "model": ({"model": str(tmp_path / "nope")}, "no such folder or file"),
-        "reward": ({"rewards": "hpsv9=x.pt"}, "--reward"),
-        "steps": ({"steps": 0}, "--steps must be a positive integer"),
-        "prompts": ({"prompts": str(tmp_path / "missing.txt")}, "--prompts"),
-        "resolution": ({"resolution": 30}, "--resolution must be a positive multiple of 8"),
-        "number": ({"seed": None}, "a number field is empty"),
-        "init": ({"init": str(tmp_path / "x.bin")}, "--init"),
+        "reward": ({"rewards": "hpsv9=x.pt"}, '"Rewards": '),
+        "steps": ({"steps": 0}, '"steps" must be a positive integer'),
+        "prompts": ({"prompts": str(tmp_path / "missing.txt")}, '"Training prompts file"'),
+        "resolution": ({"resolution": 30}, '"resolution" must be a positive multiple of 8'),
+        "number": ({"seed": None}, '"seed": a number is required'),
+        "init": ({"init": str(tmp_path / "x.bin")}, '"init"'),
     }
     for name, (kw, expect) in cases.items():
         msg = start(**kw)
@@ -128,9 +128,9 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
         )
     )
     status, *_ = next(studio.tune(*tune.values()))
-    assert status == "**Error:** Prompt: required"
+    assert status == '**Error:** "Prompt" is required'
     status, *_ = next(studio.tune(*dict(tune, prompt="a", patience=5).values()))
-    assert "patience 5 is above max steps 3" in status
+    assert '"patience P" 5 is above "max steps N" 3' in status
     assert studio.tune_save(None, str(tmp_path / "t.safetensors")).startswith("**Error:** Nothing to save")
 
     ev = EvalForm(
@@ -192,11 +192,15 @@ def test_tune_streams_each_step_and_saves_the_kept_embedding(tmp_path, tiny_pipe
     assert updates[0][0].startswith("Loading")
     steps = [u for u in updates if u[0].startswith("Step ")]
     assert len(steps) == 3
-    for i, (_status, gallery, table, result) in enumerate(steps):
+    for i, (status, gallery, table, result) in enumerate(steps):
         assert len(gallery) == i + 1 and len(table) == i + 1 and result is None  # one image per step, as made
         assert gallery[-1][0].size[0] >= 256 and gallery[-1][1].startswith(f"step {i}: reward")
+        # one numbering (reneg tune's: step 0 scores the start) in the status, the table and the pictures
+        assert status.startswith(f"Step {i} of at most 2 ") and table[-1][0] == i, status
     final = updates[-1]
     assert final[0].startswith("**Done")
+    best = max(final[2], key=lambda r: r[1])[0]
+    assert f"at step {best}." in final[0], final[0]
     assert abs(final[3]["best_reward"] - max(r[1] for r in final[2])) < 1e-4  # the kept one is the best seen
     path = tmp_path / "kept.safetensors"
     assert studio.tune_save(final[3], str(path)).startswith("Saved")
@@ -288,7 +292,7 @@ def test_launched_app_binds_localhost_and_answers_a_client(tmp_path, capsys):
         # a bad form through the real page: a readable line comes back, not a traceback
         values = _values(TrainForm(out=str(tmp_path / "o")))
         msg = client.predict(*values, api_name="/start")
-        assert msg == "**Error:** --model is required (a diffusers folder or a .safetensors checkpoint)"
+        assert msg == '**Error:** "Model" is required (a diffusers folder or a .safetensors checkpoint)'
     finally:
         app.close()
 

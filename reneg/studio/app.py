@@ -15,18 +15,29 @@ import threading
 import time
 from dataclasses import fields
 
+from ..threads import apply_threads
 from .runs import (
+    EVAL_LABELS,
+    TRAIN_LABELS,
+    TUNE_LABELS,
+    TUNE_NAMES,
     EvalForm,
     FormError,
     RunManager,
     TrainForm,
     _tail,
+    check_root,
     demo_setup,
     eval_report,
     list_embeddings,
+    name_fields,
+    real,
+    recorded_form,
+    resume_form,
     run_status,
     start_eval,
     thumbnail,
+    whole,
 )
 
 TRAIN_FIELDS = [f.name for f in fields(TrainForm) if f.name != "extra"]
@@ -76,6 +87,7 @@ class Studio:
     """The page's state and handlers (one per app; runs are shared by every open page)."""
 
     def __init__(self, demo: bool = False, root: str = "runs", manager: RunManager | None = None):
+        check_root(root)  # a folder the app cannot write is refused now, not at the first Start
         self.root = root
         self.manager = manager or RunManager()
         self.demo = demo_setup(root) if demo else None
@@ -85,10 +97,8 @@ class Studio:
         self.manager.last_out = self.manager.last_out or self.train_defaults.out
         self._models = {}
         self._models_lock = threading.Lock()
-        if demo and self.demo["threads"]:
-            import torch
-
-            torch.set_num_threads(self.demo["threads"])
+        # the in-app tune: as many torch threads as other work (a browser, a training run) leaves free
+        apply_threads("auto", most=self.demo["threads"] if demo else None)
 
     # ------------------------------------------------------------------ defaults for the form
     def tune_defaults(self) -> dict:
@@ -153,14 +163,35 @@ class Studio:
             setattr(form, k, (getattr(form, k) or "").strip() if k != "rewards" else getattr(form, k) or "")
         return form
 
-    def start(self, *values, resume: bool = False) -> str:
+    def start(self, *values) -> str:
         try:
-            return self.manager.start(self._form(values), resume=resume)
+            return self.manager.start(self._form(values))
         except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             return _err(e)
 
+    def resume_run(self, *values) -> tuple[str, TrainForm | None]:
+        """Resume the run in the form's output folder with the settings it was made with (a resumed
+        run is the interrupted one: the page's other values are not used, and are named); returns the
+        line for the page and the form used, for the page to show."""
+        try:
+            form, differ = resume_form(self._form(values))
+            msg = self.manager.start(form, resume=True)
+        except Exception as e:  # noqa: BLE001 - the page shows every error as one line
+            return _err(e), None
+        if differ:
+            more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+            msg += f", with the run's own settings (this page's {', '.join(differ[:6])}{more} differed: not used)"
+        return msg, form
+
     def resume(self, *values) -> str:
-        return self.start(*values, resume=True)
+        return self.resume_run(*values)[0]
+
+    def reopen(self, out: str) -> tuple[str, list | None]:
+        """A page opened (or reloaded): the run it shows (the last one this app started, else the
+        form's folder) and that run's settings as the form's values (None when there is no run)."""
+        out = self.manager.last_out or out
+        form = recorded_form(out)
+        return out, None if form is None else form_values(form)
 
     def stop(self, out: str) -> str:
         try:
@@ -191,11 +222,14 @@ class Studio:
         rows = st["rows"]
         samples = st["samples"]
         last = rows[-1] if rows else {}
-        sig = f"{os.path.abspath(out or '')}:{len(rows)}:{last.get('step')}:{[s for s, _ in samples]}"
+        sig = (
+            f"{os.path.abspath(out or '')}:{len(rows)}:{last.get('step')}:{len(st['heldout'])}:"
+            f"{[s for s, _ in samples]}"
+        )
         latest = gallery = curves = None
         if sig != shown:
             try:
-                curves = curves_image(rows)
+                curves = curves_image(rows, st["heldout"])
                 if samples:
                     latest = _pil(samples[-1][1])
                 gallery = [(_pil(p), f"step {s}") for s, p in reversed(samples[-MAX_SAMPLE_CARDS:])]
@@ -237,39 +271,36 @@ class Studio:
             return self._models[key]
 
     def check_tune(self, v: dict):
+        """The Tune form, checked by ``reneg tune``'s own checks (the options layer's), before any
+        model loads; a bad value is a :class:`FormError` naming the field as the page labels it."""
         import argparse
 
-        from reneg.trainer.config import (
-            ConfigError,
-            _positive,
-            check_embedding_arg,
-            validate_common,
-        )
+        from reneg.options import OptionError
+        from reneg.trainer.config import ConfigError, check_embedding_arg, validate_common
+        from reneg.trainer.tune import check_tune_numbers
 
+        L = TUNE_LABELS
         ns = argparse.Namespace(**v)
         ns.rewards = [s.strip() for s in (v["rewards"] or "").splitlines() if s.strip()]
         for k in ("seed", "max_steps", "patience", "sampling_steps", "grad_lo", "grad_hi", "resolution"):
-            if getattr(ns, k) is None or getattr(ns, k) == "":
-                raise FormError(f"{k.replace('_', ' ')}: a number is required")
-            setattr(ns, k, int(float(getattr(ns, k))))
+            setattr(ns, k, whole(L[k], v[k]))
+        ns.lr, ns.guidance = real(L["lr"], v["lr"]), real(L["guidance"], v["guidance"])
         ns.grad_range = (ns.grad_lo, ns.grad_hi)
         ns.model, ns.config = (ns.model or "").strip(), (ns.config or "").strip() or None
         ns.embedding = (ns.embedding or "").strip()
         ns.device = (ns.device or "").strip() or None
+        ns.noise = ns.noise or "seed"
         try:
+            check_tune_numbers(ns)
             validate_common(ns)
-            _positive("max-steps", ns.max_steps)
-            _positive("patience", ns.patience)
-            if ns.patience > ns.max_steps:
-                raise ConfigError(f"patience {ns.patience} is above max steps {ns.max_steps}")
             if not (ns.prompt or "").strip():
-                raise ConfigError("Prompt: required")
+                raise ConfigError("--prompt is required")
             if ns.embedding:
                 if not os.path.isfile(ns.embedding):
-                    raise ConfigError(f"Starting embedding {ns.embedding}: no such file")
+                    raise ConfigError(f"--embedding {ns.embedding}: no such file")
                 check_embedding_arg("embedding", ns.embedding)
-        except ConfigError as e:
-            raise FormError(str(e)) from None
+        except (ConfigError, OptionError) as e:
+            raise FormError(name_fields(str(e), TUNE_NAMES)) from None
         return ns
 
     def tune(self, *values):
@@ -337,9 +368,10 @@ class Studio:
                     im = to_pil(b)[0]
                     im = im.resize((max(256, im.width), max(256, im.height)), 0)
                     gallery.append((im, f"step {a['step']}: reward {a['reward']:.4f}"))
+                # numbered as reneg tune numbers them: step 0 scores the start, step k follows k updates
                 status = (
-                    f"Step {a['step'] + 1} of at most {ns.max_steps}: reward {a['reward']:.5f} "
-                    f"(best {a['best_reward']:.5f})"
+                    f"Step {a['step']} of at most {ns.max_steps - 1} (step 0: the start): reward "
+                    f"{a['reward']:.5f} (best {a['best_reward']:.5f})"
                 )
                 yield status, list(gallery), list(table), None
             elif kind == "error":
@@ -366,7 +398,7 @@ class Studio:
                 }
                 yield (
                     (
-                        f"**Done ({res.stopped}).** Start reward {res.start_reward:.5f}, best "
+                        f"**Done ({res.stopped}).** Start reward {res.start_reward:.5f} (step 0), best "
                         f"{res.best_reward:.5f} at step {res.best_step}. Save keeps the best embedding."
                     ),
                     list(gallery),
@@ -414,7 +446,7 @@ class Studio:
         """Generator: (status, log, table rows, grid image, plots) while ``reneg eval`` runs."""
         try:
             form = EvalForm(**dict(zip(EVAL_FIELDS, values)))
-            proc = start_eval(form, threads=self.demo["threads"] if self.demo else None)
+            proc = start_eval(form)  # reneg eval's own --threads auto
         except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             yield _err(e), "", [], None, []
             return
@@ -466,7 +498,7 @@ class Studio:
                 [rel, e["family"], e["kind"], e["shape"], e["base_model"], str(e["steps"]), e["source"] or e["created"]]
             )
             try:
-                thumbs.append((thumbnail(e), f"{rel} ({e['family']}, {e['kind']})"))
+                thumbs.append((thumbnail(e), f"{rel} ({e['family']}, {e['shape']})"))
             except (OSError, ValueError):  # an unreadable picture: the row above says what is wrong
                 pass
         return f"{len(entries)} embedding files under {folder}", rows, thumbs, [e["path"] for e in entries]
@@ -514,39 +546,67 @@ class _ImageCapture:
         return getattr(self.reward, name)
 
 
-def curves_image(rows: list[dict], width: float = 9.0, height: float = 2.8):
-    """Loss and reward curves (training batches, and the held-out means as they are scored) as one
-    picture; matplotlib without pyplot, so it is safe in the app's worker threads."""
+def curves_figure(rows: list[dict], heldout: list | None = None, width: float = 9.0, height: float = 2.8):
+    """Loss and reward curves (training batches, and the held-out means as they are scored:
+    ``heldout`` rows ``[step, null, handcrafted, learned]``, the final one included) as a matplotlib
+    figure; without pyplot, so it is safe in the app's worker threads. A curve of one point is drawn
+    as a marker."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from PIL import Image
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     steps = [r["step"] for r in rows]
-    ax1.plot(steps, [r.get("loss") for r in rows], color="#444", lw=1.2)
+    dot = {"marker": "o", "ms": 4} if len(rows) == 1 else {}
+    ax1.plot(steps, [r.get("loss") for r in rows], color="#444", lw=1.2, **dot)
     ax1.set_title("loss", fontsize=10)
-    ax2.plot(steps, [r.get("reward") for r in rows], color="#999", lw=1.0, label="training batch")
-    for key, label, colour in (
-        ("heldout_null", "held-out: null", "#d62728"),
-        ("heldout_handcrafted", "held-out: handcrafted", "#ff7f0e"),
-        ("heldout_learned", "held-out: learned", "#1f77b4"),
+    ax2.plot(steps, [r.get("reward") for r in rows], color="#999", lw=1.0, label="training batch", **dot)
+    if heldout is None:
+        keys = ("heldout_null", "heldout_handcrafted", "heldout_learned")
+        heldout = [[r["step"]] + [r.get(k) for k in keys] for r in rows if "heldout_learned" in r]
+    for i, label, colour in (
+        (1, "held-out: null", "#d62728"),
+        (2, "held-out: handcrafted", "#ff7f0e"),
+        (3, "held-out: learned", "#1f77b4"),
     ):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
+        pts = [(h[0], h[i]) for h in heldout if h[i] is not None]
         if pts:
             ax2.plot(*zip(*pts), marker="o", ms=4, lw=1.5, color=colour, label=label)
     ax2.set_title("reward", fontsize=10)
-    if rows:
+    if rows or heldout:
         ax2.legend(fontsize=7, loc="best")
     for ax in (ax1, ax2):
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def curves_image(rows: list[dict], heldout: list | None = None, width: float = 9.0, height: float = 2.8):
+    """:func:`curves_figure` as a picture."""
+    from PIL import Image
+
+    fig = curves_figure(rows, heldout, width, height)
     fig.canvas.draw()
     buf = fig.canvas.buffer_rgba()
     return Image.frombuffer("RGBA", fig.canvas.get_width_height(), bytes(buf), "raw", "RGBA", 0, 1).convert("RGB")
+
+
+def header_markdown(studio: Studio) -> str:
+    """The page's first lines; on the demo world, which world is filled in."""
+    text = "# ReNeg Studio\nLearned negative embeddings: train, watch, tune, compare."
+    if studio.demo:
+        kind = studio.demo["kind"]
+        world = "The demo world" if kind == "demo world" else f"The demo world (*{kind}*)"
+        text += f"  {world} is filled in everywhere: press **Start**."
+    return text
+
+
+def form_values(form: TrainForm) -> list:
+    """A form as the page's Train fields hold it (the seed as text: exact at any size)."""
+    return [str(form.seed) if k == "seed" else getattr(form, k) for k in TRAIN_FIELDS]
 
 
 def _bar(step: int, steps: int) -> str:
@@ -563,14 +623,7 @@ def build_app(studio: Studio):
 
     t = studio.train_defaults
     with gr.Blocks(title="ReNeg Studio", analytics_enabled=False) as app:
-        gr.Markdown(
-            "# ReNeg Studio\nLearned negative embeddings: train, watch, tune, compare."
-            + (
-                f"  Demo world: *{studio.demo['kind']}*, everything is filled in: press **Start**."
-                if studio.demo
-                else ""
-            )
-        )
+        gr.Markdown(header_markdown(studio), elem_id="header")
         with gr.Tab("Train"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -578,95 +631,93 @@ def build_app(studio: Studio):
                     c["model"] = gr.Textbox(
                         elem_id="train_model",
                         value=t.model,
-                        label="Model (diffusers folder or single .safetensors file)",
+                        label=TRAIN_LABELS["model"],
                     )
-                    c["config"] = gr.Textbox(
-                        elem_id="train_config", value=t.config, label="Configs folder (single-file checkpoints only)"
-                    )
+                    c["config"] = gr.Textbox(elem_id="train_config", value=t.config, label=TRAIN_LABELS["config"])
                     c["rewards"] = gr.Textbox(
                         elem_id="train_rewards",
                         value=t.rewards,
                         lines=2,
-                        label="Rewards (NAME=PATH[,weight=W], one a line)",
+                        label=TRAIN_LABELS["rewards"],
                     )
-                    c["prompts"] = gr.Textbox(elem_id="train_prompts", value=t.prompts, label="Training prompts file")
+                    c["prompts"] = gr.Textbox(elem_id="train_prompts", value=t.prompts, label=TRAIN_LABELS["prompts"])
                     c["heldout"] = gr.Textbox(
                         elem_id="train_heldout",
                         value=t.heldout,
-                        label="Held-out prompts file (empty: the last N training prompts)",
+                        label=TRAIN_LABELS["heldout"],
                     )
                     c["handcrafted"] = gr.Textbox(
                         elem_id="train_handcrafted",
                         value=t.handcrafted,
-                        label="Handcrafted negative (compared against)",
+                        label=TRAIN_LABELS["handcrafted"],
                     )
-                    c["out"] = gr.Textbox(elem_id="train_out", value=t.out, label="Output folder")
+                    c["out"] = gr.Textbox(elem_id="train_out", value=t.out, label=TRAIN_LABELS["out"])
                     with gr.Accordion("Recipe (defaults as reneg train)", open=False):
                         with gr.Row():
-                            c["steps"] = gr.Number(elem_id="train_steps", value=t.steps, label="steps", precision=0)
-                            c["lr"] = gr.Number(elem_id="train_lr", value=t.lr, label="learning rate")
+                            c["steps"] = gr.Number(elem_id="train_steps", value=t.steps, label=TRAIN_LABELS["steps"])
+                            c["lr"] = gr.Number(elem_id="train_lr", value=t.lr, label=TRAIN_LABELS["lr"])
                             c["batch_size"] = gr.Number(
-                                elem_id="train_batch_size", value=t.batch_size, label="batch size", precision=0
+                                elem_id="train_batch_size", value=t.batch_size, label=TRAIN_LABELS["batch_size"]
                             )
                             c["micro_batch"] = gr.Number(
-                                elem_id="train_micro_batch", value=t.micro_batch, label="micro-batch", precision=0
+                                elem_id="train_micro_batch", value=t.micro_batch, label=TRAIN_LABELS["micro_batch"]
                             )
                         with gr.Row():
                             c["sampling_steps"] = gr.Number(
-                                elem_id="train_sampling_steps", value=t.sampling_steps, label="DDIM steps", precision=0
+                                elem_id="train_sampling_steps",
+                                value=t.sampling_steps,
+                                label=TRAIN_LABELS["sampling_steps"],
                             )
-                            c["guidance"] = gr.Number(elem_id="train_guidance", value=t.guidance, label="CFG scale")
+                            c["guidance"] = gr.Number(
+                                elem_id="train_guidance", value=t.guidance, label=TRAIN_LABELS["guidance"]
+                            )
                             c["grad_lo"] = gr.Number(
-                                elem_id="train_grad_lo", value=t.grad_lo, label="grad step from (end)", precision=0
+                                elem_id="train_grad_lo", value=t.grad_lo, label=TRAIN_LABELS["grad_lo"]
                             )
                             c["grad_hi"] = gr.Number(
-                                elem_id="train_grad_hi", value=t.grad_hi, label="grad step to", precision=0
+                                elem_id="train_grad_hi", value=t.grad_hi, label=TRAIN_LABELS["grad_hi"]
                             )
                         with gr.Row():
                             c["resolution"] = gr.Number(
-                                elem_id="train_resolution", value=t.resolution, label="resolution", precision=0
+                                elem_id="train_resolution", value=t.resolution, label=TRAIN_LABELS["resolution"]
                             )
-                            c["init"] = gr.Textbox(
-                                elem_id="train_init", value=t.init, label="init (null, handcrafted or a file)"
-                            )
-                            c["seed"] = gr.Number(elem_id="train_seed", value=t.seed, label="seed", precision=0)
+                            c["init"] = gr.Textbox(elem_id="train_init", value=t.init, label=TRAIN_LABELS["init"])
+                            c["seed"] = gr.Textbox(elem_id="train_seed", value=str(t.seed), label=TRAIN_LABELS["seed"])
                             c["heldout_count"] = gr.Number(
                                 elem_id="train_heldout_count",
                                 value=t.heldout_count,
-                                label="held-out prompts",
-                                precision=0,
+                                label=TRAIN_LABELS["heldout_count"],
                             )
                         with gr.Row():
                             c["checkpoint_every"] = gr.Number(
                                 elem_id="train_checkpoint_every",
                                 value=t.checkpoint_every,
-                                label="checkpoint every",
-                                precision=0,
+                                label=TRAIN_LABELS["checkpoint_every"],
                             )
                             c["eval_every"] = gr.Number(
-                                elem_id="train_eval_every", value=t.eval_every, label="held-out eval every", precision=0
+                                elem_id="train_eval_every", value=t.eval_every, label=TRAIN_LABELS["eval_every"]
                             )
                             c["eval_batch"] = gr.Number(
-                                elem_id="train_eval_batch", value=t.eval_batch, label="eval batch", precision=0
+                                elem_id="train_eval_batch", value=t.eval_batch, label=TRAIN_LABELS["eval_batch"]
                             )
                             c["sample_every"] = gr.Number(
-                                elem_id="train_sample_every", value=t.sample_every, label="samples every", precision=0
+                                elem_id="train_sample_every", value=t.sample_every, label=TRAIN_LABELS["sample_every"]
                             )
                         with gr.Row():
                             c["mixed_precision"] = gr.Dropdown(
                                 ["no", "fp16", "bf16"],
                                 value=t.mixed_precision,
                                 elem_id="train_mixed_precision",
-                                label="mixed precision",
+                                label=TRAIN_LABELS["mixed_precision"],
                             )
                             c["device"] = gr.Textbox(
-                                elem_id="train_device", value=t.device, label="device (empty: automatic)"
+                                elem_id="train_device", value=t.device, label=TRAIN_LABELS["device"]
                             )
                             c["report_to"] = gr.Dropdown(
                                 ["none", "tensorboard"],
                                 value=t.report_to,
                                 elem_id="train_report_to",
-                                label="also report to",
+                                label=TRAIN_LABELS["report_to"],
                             )
                     with gr.Row():
                         start_b = gr.Button("Start", variant="primary", elem_id="train_start")
@@ -712,76 +763,93 @@ def build_app(studio: Studio):
                 )
 
             poll_outputs = [status, curves, heldout, latest, gallery, log, shown]
+            keep_form = [gr.update() for _ in inputs]
+
+            def _resume(*values):
+                # the form then shows the settings the resumed run uses (the run's own)
+                msg, form = studio.resume_run(*values)
+                return (msg, *(keep_form if form is None else form_values(form)))
+
             start_b.click(studio.start, inputs, action)
-            resume_b.click(studio.resume, inputs, action)
+            resume_b.click(_resume, inputs, [action] + inputs, api_name="resume")
             stop_b.click(studio.stop, c["out"], action)
             gr.Timer(2.0).tick(_poll, [c["out"], shown], poll_outputs)
 
             def _on_load(out, sig):
-                # a reopened page shows the last run this app started
-                last = studio.manager.last_out or out
-                return (last,) + _poll(last, "")
+                # a reopened page shows the last run this app started, its form filled from that run's
+                # settings (so that Resume continues it as it was made)
+                last, values = studio.reopen(out)
+                values = list(keep_form if values is None else values)
+                values[TRAIN_FIELDS.index("out")] = last
+                return (*values, *_poll(last, ""))
 
-            app.load(_on_load, [c["out"], shown], [c["out"]] + poll_outputs)
+            app.load(_on_load, [c["out"], shown], inputs + poll_outputs)
 
         with gr.Tab("Tune"):
             td = studio.tune_defaults()
             with gr.Row():
                 with gr.Column(scale=1):
                     u = {}
-                    u["model"] = gr.Textbox(elem_id="tune_model", value=td["model"], label="Model")
-                    u["config"] = gr.Textbox(
-                        elem_id="tune_config", value=td["config"], label="Configs folder (single-file checkpoints only)"
-                    )
+                    u["model"] = gr.Textbox(elem_id="tune_model", value=td["model"], label=TUNE_LABELS["model"])
+                    u["config"] = gr.Textbox(elem_id="tune_config", value=td["config"], label=TUNE_LABELS["config"])
                     u["rewards"] = gr.Textbox(
-                        elem_id="tune_rewards", value=td["rewards"], lines=2, label="Reward(s), one a line"
+                        elem_id="tune_rewards", value=td["rewards"], lines=2, label=TUNE_LABELS["rewards"]
                     )
                     u["embedding"] = gr.Textbox(
-                        elem_id="tune_embedding", value=td["embedding"], label="Starting embedding (empty: null)"
+                        elem_id="tune_embedding", value=td["embedding"], label=TUNE_LABELS["embedding"]
                     )
-                    u["prompt"] = gr.Textbox(elem_id="tune_prompt", value=td["prompt"], label="Prompt")
+                    u["prompt"] = gr.Textbox(elem_id="tune_prompt", value=td["prompt"], label=TUNE_LABELS["prompt"])
                     with gr.Row():
-                        u["seed"] = gr.Number(elem_id="tune_seed", value=td["seed"], label="seed", precision=0)
-                        u["noise"] = gr.Dropdown(["seed", "fresh"], value=td["noise"], label="noise each step")
+                        u["seed"] = gr.Textbox(elem_id="tune_seed", value=str(td["seed"]), label=TUNE_LABELS["seed"])
+                        u["noise"] = gr.Dropdown(["seed", "fresh"], value=td["noise"], label=TUNE_LABELS["noise"])
                     with gr.Accordion("Algorithm 1 settings", open=True):
                         with gr.Row():
                             u["max_steps"] = gr.Number(
-                                elem_id="tune_max_steps", value=td["max_steps"], label="max steps N", precision=0
+                                elem_id="tune_max_steps", value=td["max_steps"], label=TUNE_LABELS["max_steps"]
                             )
                             u["patience"] = gr.Number(
-                                elem_id="tune_patience", value=td["patience"], label="patience P", precision=0
+                                elem_id="tune_patience", value=td["patience"], label=TUNE_LABELS["patience"]
                             )
-                            u["lr"] = gr.Number(elem_id="tune_lr", value=td["lr"], label="learning rate")
+                            u["lr"] = gr.Number(elem_id="tune_lr", value=td["lr"], label=TUNE_LABELS["lr"])
                         with gr.Row():
                             u["sampling_steps"] = gr.Number(
                                 elem_id="tune_sampling_steps",
                                 value=td["sampling_steps"],
-                                label="DDIM steps",
-                                precision=0,
+                                label=TUNE_LABELS["sampling_steps"],
                             )
-                            u["guidance"] = gr.Number(elem_id="tune_guidance", value=td["guidance"], label="CFG scale")
+                            u["guidance"] = gr.Number(
+                                elem_id="tune_guidance", value=td["guidance"], label=TUNE_LABELS["guidance"]
+                            )
                             u["grad_lo"] = gr.Number(
-                                elem_id="tune_grad_lo", value=td["grad_lo"], label="grad step from", precision=0
+                                elem_id="tune_grad_lo", value=td["grad_lo"], label=TUNE_LABELS["grad_lo"]
                             )
                             u["grad_hi"] = gr.Number(
-                                elem_id="tune_grad_hi", value=td["grad_hi"], label="grad step to", precision=0
+                                elem_id="tune_grad_hi", value=td["grad_hi"], label=TUNE_LABELS["grad_hi"]
                             )
                         with gr.Row():
                             u["resolution"] = gr.Number(
-                                elem_id="tune_resolution", value=td["resolution"], label="resolution", precision=0
+                                elem_id="tune_resolution", value=td["resolution"], label=TUNE_LABELS["resolution"]
                             )
-                            u["device"] = gr.Textbox(elem_id="tune_device", value=td["device"], label="device")
+                            u["device"] = gr.Textbox(
+                                elem_id="tune_device", value=td["device"], label=TUNE_LABELS["device"]
+                            )
                     tune_b = gr.Button("Tune", variant="primary", elem_id="tune_start")
                     with gr.Row():
-                        save_path = gr.Textbox(os.path.join(studio.root, "tuned.safetensors"), label="Save as")
+                        save_path = gr.Textbox(
+                            os.path.join(studio.root, "tuned.safetensors"), label="Save as", elem_id="tune_save_path"
+                        )
                         save_over = gr.Checkbox(False, label="Overwrite")
-                    save_b = gr.Button("Save the kept embedding")
-                    save_msg = gr.Markdown("")
+                    save_b = gr.Button("Save the kept embedding", elem_id="tune_save")
+                    save_msg = gr.Markdown("", elem_id="tune_save_msg")
                 with gr.Column(scale=2):
                     tune_status = gr.Markdown("", elem_id="tune_status")
                     tune_gallery = gr.Gallery(label="Each step's image", columns=5, height=320, elem_id="tune_gallery")
                     tune_table = gr.Dataframe(
-                        headers=["step", "reward", "best so far", "kept"], value=[], interactive=False, label="Rewards"
+                        headers=["step (0: the start)", "reward", "best so far", "kept"],
+                        value=[],
+                        interactive=False,
+                        label="Rewards",
+                        elem_id="tune_table",
                     )
             tune_result = gr.State(None)
             tune_b.click(studio.tune, [u[k] for k in TUNE_FIELDS], [tune_status, tune_gallery, tune_table, tune_result])
@@ -792,49 +860,49 @@ def build_app(studio: Studio):
             with gr.Row():
                 with gr.Column(scale=1):
                     e = {}
-                    e["model"] = gr.Textbox(elem_id="compare_model", value=ed.model, label="Model")
-                    e["config"] = gr.Textbox(
-                        elem_id="compare_config", value=ed.config, label="Configs folder (single-file checkpoints only)"
-                    )
+                    e["model"] = gr.Textbox(elem_id="compare_model", value=ed.model, label=EVAL_LABELS["model"])
+                    e["config"] = gr.Textbox(elem_id="compare_config", value=ed.config, label=EVAL_LABELS["config"])
                     e["rewards"] = gr.Textbox(
-                        elem_id="compare_rewards", value=ed.rewards, lines=2, label="Reward(s), one a line"
+                        elem_id="compare_rewards", value=ed.rewards, lines=2, label=EVAL_LABELS["rewards"]
                     )
-                    e["prompts"] = gr.Textbox(elem_id="compare_prompts", value=ed.prompts, label="Prompt set")
+                    e["prompts"] = gr.Textbox(elem_id="compare_prompts", value=ed.prompts, label=EVAL_LABELS["prompts"])
                     e["negatives"] = gr.Textbox(
                         elem_id="compare_negatives",
                         value=ed.negatives,
                         lines=4,
-                        label="Negatives, one a line (null, handcrafted, text:..., NAME=FILE, tuned:FILE)",
+                        label=EVAL_LABELS["negatives"],
                     )
                     e["handcrafted"] = gr.Textbox(
-                        elem_id="compare_handcrafted", value=ed.handcrafted, label="Handcrafted negative text"
+                        elem_id="compare_handcrafted", value=ed.handcrafted, label=EVAL_LABELS["handcrafted"]
                     )
-                    e["out"] = gr.Textbox(elem_id="compare_out", value=ed.out, label="Report folder")
+                    e["out"] = gr.Textbox(elem_id="compare_out", value=ed.out, label=EVAL_LABELS["out"])
                     with gr.Accordion("Settings", open=False):
                         with gr.Row():
-                            e["limit"] = gr.Number(
-                                elem_id="compare_limit", value=ed.limit, label="prompts (0: all)", precision=0
-                            )
+                            e["limit"] = gr.Number(elem_id="compare_limit", value=ed.limit, label=EVAL_LABELS["limit"])
                             e["images_per_prompt"] = gr.Number(
                                 elem_id="compare_images_per_prompt",
                                 value=ed.images_per_prompt,
-                                label="images per prompt",
-                                precision=0,
+                                label=EVAL_LABELS["images_per_prompt"],
                             )
                             e["sampling_steps"] = gr.Number(
                                 elem_id="compare_sampling_steps",
                                 value=ed.sampling_steps,
-                                label="DDIM steps",
-                                precision=0,
+                                label=EVAL_LABELS["sampling_steps"],
                             )
-                            e["guidance"] = gr.Number(elem_id="compare_guidance", value=ed.guidance, label="CFG scale")
+                            e["guidance"] = gr.Number(
+                                elem_id="compare_guidance", value=ed.guidance, label=EVAL_LABELS["guidance"]
+                            )
                         with gr.Row():
                             e["resolution"] = gr.Number(
-                                elem_id="compare_resolution", value=ed.resolution, label="resolution", precision=0
+                                elem_id="compare_resolution", value=ed.resolution, label=EVAL_LABELS["resolution"]
                             )
-                            e["batch"] = gr.Number(elem_id="compare_batch", value=ed.batch, label="batch", precision=0)
-                            e["seed"] = gr.Number(elem_id="compare_seed", value=ed.seed, label="seed", precision=0)
-                            e["device"] = gr.Textbox(elem_id="compare_device", value=ed.device, label="device")
+                            e["batch"] = gr.Number(elem_id="compare_batch", value=ed.batch, label=EVAL_LABELS["batch"])
+                            e["seed"] = gr.Textbox(
+                                elem_id="compare_seed", value=str(ed.seed), label=EVAL_LABELS["seed"]
+                            )
+                            e["device"] = gr.Textbox(
+                                elem_id="compare_device", value=ed.device, label=EVAL_LABELS["device"]
+                            )
                     with gr.Row():
                         cmp_b = gr.Button("Run reneg eval", variant="primary", elem_id="compare_start")
                         show_b = gr.Button("Show the report in the folder")
@@ -849,7 +917,14 @@ def build_app(studio: Studio):
                     cmp_grid = gr.Image(
                         label="Grid (one row per image, one column per negative)", type="pil", interactive=False
                     )
-                    cmp_plots = gr.Gallery(label="Plots", columns=2, height=320)
+                    cmp_plots = gr.Gallery(
+                        # whole: no fixed height that would cut the plots (or their captions) off
+                        label="Plots",
+                        columns=2,
+                        height="auto",
+                        object_fit="contain",
+                        elem_id="compare_plots",
+                    )
                     cmp_log = gr.Textbox(label="reneg eval output", lines=6, max_lines=12, interactive=False)
             cmp_outputs = [cmp_status, cmp_log, cmp_table, cmp_grid, cmp_plots]
             cmp_b.click(studio.compare, [e[k] for k in EVAL_FIELDS], cmp_outputs)
@@ -868,8 +943,9 @@ def build_app(studio: Studio):
             emb_thumbs = gr.Gallery(
                 label="Thumbnails (a run's latest samples, else the values: red above the channel mean, blue below)",
                 columns=6,
-                height=260,
+                height="auto",  # each thumbnail whole, its caption (file, family, shape) in view
                 object_fit="contain",
+                elem_id="emb_thumbs",
             )
             with gr.Row():
                 pick = gr.Dropdown([], label="File", allow_custom_value=True, scale=3)

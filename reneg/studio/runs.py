@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -28,6 +29,133 @@ EVAL_LOG = "studio_eval.log"
 
 class FormError(ValueError):
     """A bad value in the page's form: the message is shown in the page as it is."""
+
+
+# --------------------------------------------------------------------------- the fields as the page labels them
+
+# Each tab's fields with the label the page shows (the page takes its labels from here). A message from
+# the command's own checks names a flag (``--batch-size``); the page shows it with the field's label.
+TRAIN_LABELS = {
+    "model": "Model (diffusers folder or single .safetensors file)",
+    "config": "Configs folder (single-file checkpoints only)",
+    "rewards": "Rewards (NAME=PATH[,weight=W], one a line)",
+    "prompts": "Training prompts file",
+    "heldout": "Held-out prompts file (empty: the last N training prompts)",
+    "handcrafted": "Handcrafted negative (compared against)",
+    "out": "Output folder",
+    "steps": "steps",
+    "lr": "learning rate",
+    "batch_size": "batch size",
+    "micro_batch": "micro-batch",
+    "sampling_steps": "DDIM steps",
+    "guidance": "CFG scale",
+    "grad_lo": "grad step from (end)",
+    "grad_hi": "grad step to",
+    "resolution": "resolution",
+    "init": "init (null, handcrafted or a file)",
+    "seed": "seed",
+    "heldout_count": "held-out prompts",
+    "checkpoint_every": "checkpoint every",
+    "eval_every": "held-out eval every",
+    "eval_batch": "eval batch",
+    "sample_every": "samples every",
+    "mixed_precision": "mixed precision",
+    "device": "device (empty: automatic)",
+    "report_to": "also report to",
+}
+EVAL_LABELS = {
+    "model": "Model",
+    "config": "Configs folder (single-file checkpoints only)",
+    "rewards": "Reward(s), one a line",
+    "prompts": "Prompt set",
+    "negatives": "Negatives, one a line (null, handcrafted, text:..., NAME=FILE, tuned:FILE)",
+    "handcrafted": "Handcrafted negative text",
+    "out": "Report folder",
+    "limit": "prompts (0: all)",
+    "images_per_prompt": "images per prompt",
+    "sampling_steps": "DDIM steps",
+    "guidance": "CFG scale",
+    "resolution": "resolution",
+    "batch": "batch",
+    "seed": "seed",
+    "device": "device",
+}
+TUNE_LABELS = {
+    "model": "Model",
+    "config": "Configs folder (single-file checkpoints only)",
+    "rewards": "Reward(s), one a line",
+    "embedding": "Starting embedding (empty: null)",
+    "prompt": "Prompt",
+    "seed": "seed",
+    "noise": "noise each step",
+    "max_steps": "max steps N",
+    "patience": "patience P",
+    "lr": "learning rate",
+    "sampling_steps": "DDIM steps",
+    "guidance": "CFG scale",
+    "grad_lo": "grad step from",
+    "grad_hi": "grad step to",
+    "resolution": "resolution",
+    "device": "device",
+}
+_FLAG_OF = {"rewards": "--reward", "negatives": "--negative", "grad_lo": "--grad-range", "grad_hi": None}
+
+
+def short_label(label: str) -> str:
+    """A field's name in a message: its label without the explanation (``Reward(s)``, ``steps``)."""
+    return re.split(r" \(|, one a line", label)[0]
+
+
+def _field_names(labels: dict) -> dict:
+    names = {}
+    for field_name, label in labels.items():
+        flag = _FLAG_OF.get(field_name, "--" + field_name.replace("_", "-"))
+        if flag == "--grad-range":
+            names[flag] = f'"{short_label(labels["grad_lo"])}"/"{short_label(labels["grad_hi"])}"'
+        elif flag:
+            names[flag] = f'"{short_label(label)}"'
+    return names
+
+
+TRAIN_NAMES, EVAL_NAMES, TUNE_NAMES = (_field_names(x) for x in (TRAIN_LABELS, EVAL_LABELS, TUNE_LABELS))
+
+
+def name_fields(message: str, names: dict) -> str:
+    """A command's message with each flag the form has replaced by the field's label."""
+    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda m: names.get(m.group(0), m.group(0)), message)
+
+
+def _shown(v) -> str:
+    s = str(v).strip()
+    return s if len(s) <= 40 else f"{s[:30]}... ({len(s)} characters)"
+
+
+def whole(label: str, v) -> int:
+    """A whole-number field's value, exactly: an int, a float with no fraction, or its digits as text
+    (a seed field is text: a browser's number input would round 12345678901234567891 to a float)."""
+    name = f'"{short_label(label)}"'
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise FormError(f"{name}: a number is required (the field is empty)")
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and re.fullmatch(r"[+-]?[0-9]{1,400}", v.strip()):
+        return int(v.strip())
+    raise FormError(f"{name}: expected a whole number, got {_shown(v)}")
+
+
+def real(label: str, v) -> float:
+    """A number field's value as a float (its range is checked by the command's own checks)."""
+    name = f'"{short_label(label)}"'
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise FormError(f"{name}: a number is required (the field is empty)")
+    if isinstance(v, bool):
+        raise FormError(f"{name}: expected a number, got {v}")
+    try:
+        return float(v.strip() if isinstance(v, str) else v)
+    except (TypeError, ValueError, OverflowError):
+        raise FormError(f"{name}: expected a number, got {_shown(v)}") from None
 
 
 # --------------------------------------------------------------------------- the Train form
@@ -132,73 +260,60 @@ def demo_setup(root: str = "runs") -> dict:
     }
 
 
+def _text(v) -> str:
+    return (v or "").strip() if isinstance(v, str) or v is None else str(v).strip()
+
+
 def train_args(form: TrainForm) -> list[str]:
-    """``reneg train`` arguments for a filled form (no validation)."""
-    a = ["--model", form.model.strip()]
-    if form.config.strip():
-        a += ["--config", form.config.strip()]
-    for spec in _lines(form.rewards):
-        a += ["--reward", spec]
-    a += ["--prompts", form.prompts.strip()]
-    if form.heldout.strip():
-        a += ["--heldout", form.heldout.strip()]
-    if form.handcrafted.strip():
-        a += ["--handcrafted", form.handcrafted.strip()]
+    """``reneg train`` arguments for a filled form. Each value travels as ``--flag=value``, so a value
+    that starts with ``-`` is never taken for a flag; numbers are read exactly (:func:`whole`,
+    :func:`real`), a field that is empty or not a number raising :class:`FormError` with its label."""
+    L = TRAIN_LABELS
+
+    def n(k):
+        return str(whole(L[k], getattr(form, k)))
+
+    def r(k):
+        return repr(real(L[k], getattr(form, k)))
+
+    a = [f"--model={_text(form.model)}"]
+    if _text(form.config):
+        a.append(f"--config={_text(form.config)}")
+    a += [f"--reward={spec}" for spec in _lines(form.rewards)]
+    a.append(f"--prompts={_text(form.prompts)}")
+    if _text(form.heldout):
+        a.append(f"--heldout={_text(form.heldout)}")
+    if _text(form.handcrafted):
+        a.append(f"--handcrafted={_text(form.handcrafted)}")
     a += [
-        "--out",
-        form.out.strip(),
-        "--steps",
-        _int(form.steps),
-        "--lr",
-        repr(float(form.lr)),
-        "--batch-size",
-        _int(form.batch_size),
-        "--micro-batch",
-        _int(form.micro_batch),
-        "--sampling-steps",
-        _int(form.sampling_steps),
-        "--guidance",
-        repr(float(form.guidance)),
-        "--grad-range",
-        _int(form.grad_lo),
-        _int(form.grad_hi),
-        "--resolution",
-        _int(form.resolution),
-        "--init",
-        form.init.strip() or "null",
-        "--seed",
-        _int(form.seed),
-        "--heldout-count",
-        _int(form.heldout_count),
-        "--checkpoint-every",
-        _int(form.checkpoint_every),
-        "--eval-every",
-        _int(form.eval_every),
-        "--eval-batch",
-        _int(form.eval_batch),
-        "--sample-every",
-        _int(form.sample_every),
-        "--mixed-precision",
-        form.mixed_precision or "no",
-        "--report-to",
-        form.report_to or "none",
+        f"--out={_text(form.out)}",
+        f"--steps={n('steps')}",
+        f"--lr={r('lr')}",
+        f"--batch-size={n('batch_size')}",
+        f"--micro-batch={n('micro_batch')}",
+        f"--sampling-steps={n('sampling_steps')}",
+        f"--guidance={r('guidance')}",
+        "--grad-range",  # two values; whole numbers (a negative one is read as a number, and refused)
+        n("grad_lo"),
+        n("grad_hi"),
+        f"--resolution={n('resolution')}",
+        f"--init={_text(form.init) or 'null'}",
+        f"--seed={n('seed')}",
+        f"--heldout-count={n('heldout_count')}",
+        f"--checkpoint-every={n('checkpoint_every')}",
+        f"--eval-every={n('eval_every')}",
+        f"--eval-batch={n('eval_batch')}",
+        f"--sample-every={n('sample_every')}",
+        f"--mixed-precision={form.mixed_precision or 'no'}",
+        f"--report-to={form.report_to or 'none'}",
     ]
-    if form.device.strip():
-        a += ["--device", form.device.strip()]
+    if _text(form.device):
+        a.append(f"--device={_text(form.device)}")
     return a + list(form.extra)
 
 
 def _lines(text: str) -> list[str]:
     return [s.strip() for s in (text or "").splitlines() if s.strip()]
-
-
-def _int(v) -> str:
-    if v is None or v == "":
-        raise FormError("a number field is empty")
-    f = float(v)
-    if f != int(f):
-        raise FormError(f"expected a whole number, got {v}")
-    return str(int(f))
 
 
 def _command_parser(kind: str):
@@ -221,29 +336,147 @@ def _command_parser(kind: str):
 
 def check_train(form: TrainForm, resume: bool = False) -> list[str]:
     """The arguments, checked exactly as ``reneg train`` checks them (no model loads): a bad form
-    raises :class:`FormError` with the trainer's one-line message."""
+    raises :class:`FormError` with the trainer's one-line message, the fields named as the page
+    labels them."""
     from reneg.trainer.config import ConfigError, config_from_args, validate_train
     from reneg.trainer.events import check_event_args
 
-    if not form.out.strip():
-        raise FormError("Output folder: required")
-    args = train_args(form) + (["--resume", "latest"] if resume else [])
+    if not _text(form.out):
+        raise FormError('"Output folder": required')
+    args = train_args(form) + (["--resume=latest"] if resume else [])
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             ns = _command_parser("train").parse_args(["train", *args])
     except SystemExit:
         msg = err.getvalue().strip().splitlines()
-        raise FormError(msg[-1].replace("reneg train: error: ", "") if msg else "bad arguments") from None
+        text = msg[-1].replace("reneg train: error: ", "") if msg else "bad arguments"
+        raise FormError(name_fields(text, TRAIN_NAMES)) from None
     try:
         cfg = config_from_args(ns)
         validate_train(cfg)
         check_event_args(cfg)
-    except ConfigError as e:
-        raise FormError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise FormError(str(e)) from None
+    except (ConfigError, OSError, ValueError) as e:
+        raise FormError(name_fields(str(e), TRAIN_NAMES)) from None
     return args
+
+
+# --------------------------------------------------------------------------- a run's own settings
+
+# flags of ``reneg train`` the form has no field for, carried in ``TrainForm.extra`` when a run used them
+_EXTRA_FLAGS = (
+    ("heldout_seed", "--heldout-seed"),
+    ("lr_schedule", "--lr-schedule"),
+    ("weight_decay", "--weight-decay"),
+    ("warmup", "--warmup"),
+    ("rollout_steps", "--rollout-steps"),
+    ("grads_per_rollout", "--grads-per-rollout"),
+    ("max_bad_steps", "--max-bad-steps"),
+    ("vae", "--vae"),
+    ("prediction_type", "--prediction-type"),
+)
+
+
+def form_from_config(cfg: dict, out: str) -> TrainForm:
+    """The form for a trainer config (a checkpoint's or summary.json's ``config``)."""
+    from reneg.trainer.config import TrainConfig
+
+    d = TrainConfig()
+
+    def g(k):
+        v = cfg.get(k)
+        return getattr(d, k) if v is None else v
+
+    grad = cfg.get("grad_range") or list(d.grad_range)
+    extra = [f"{flag}={cfg[k]}" for k, flag in _EXTRA_FLAGS if cfg.get(k) is not None and cfg[k] != getattr(d, k)]
+    extra += [f"--{k.replace('_', '-')}" for k in ("gradient_checkpointing", "channels_last") if cfg.get(k) is True]
+    return TrainForm(
+        model=cfg.get("model") or "",
+        config=cfg.get("config") or "",
+        rewards="\n".join(cfg.get("rewards") or []),
+        prompts=cfg.get("prompts") or "",
+        heldout=cfg.get("heldout") or "",
+        handcrafted=g("handcrafted"),
+        out=out,
+        steps=g("steps"),  # as run: a recipe's scaled steps and lr, so no --recipe is passed again
+        lr=g("lr"),
+        batch_size=g("batch_size"),
+        micro_batch=g("micro_batch"),
+        sampling_steps=g("sampling_steps"),
+        guidance=g("guidance"),
+        grad_lo=grad[0],
+        grad_hi=grad[1],
+        resolution=g("resolution"),
+        init=g("init"),
+        seed=g("seed"),
+        heldout_count=g("heldout_count"),
+        checkpoint_every=g("checkpoint_every"),
+        eval_every=g("eval_every"),
+        eval_batch=g("eval_batch"),
+        sample_every=g("sample_every"),
+        mixed_precision=g("mixed_precision"),
+        device=cfg.get("device") or "",
+        report_to=g("report_to"),
+        extra=extra,
+    )
+
+
+def recorded_form(out: str) -> TrainForm | None:
+    """The settings of the run in ``out``: the form the studio started it with (``studio_run.json``),
+    else the trainer's config in its checkpoint or ``summary.json``; None when there is no run."""
+    out = _text(out)
+    if not out or not os.path.isdir(out):
+        return None
+    form = read_run_file(out).get("form")
+    if isinstance(form, dict):
+        try:
+            f = TrainForm(**{k: v for k, v in form.items() if k in TrainForm.__dataclass_fields__})
+            f.out = out
+            f.extra = [str(x) for x in (f.extra or [])]
+            return f
+        except TypeError:
+            pass
+    cfg = None
+    if os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        try:
+            from reneg.trainer.checkpoint import load_checkpoint
+
+            cfg = load_checkpoint(os.path.join(out, "checkpoint.pt"))["config"]
+        except (OSError, ValueError, RuntimeError):
+            cfg = None
+    if not cfg:
+        try:
+            with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
+                cfg = json.load(fh).get("config")
+        except (OSError, ValueError, AttributeError):
+            cfg = None
+    return form_from_config(cfg, out) if isinstance(cfg, dict) and cfg else None
+
+
+def _same(k: str, a, b) -> bool:
+    try:
+        if isinstance(getattr(TrainForm(), k), int) and k != "extra":
+            return whole(k, a) == whole(k, b)
+        if isinstance(getattr(TrainForm(), k), float):
+            return real(k, a) == real(k, b)
+    except FormError:
+        return False
+    return _text(a) == _text(b) if not isinstance(a, list) else list(a) == list(b)
+
+
+def resume_form(page: TrainForm) -> tuple[TrainForm, list[str]]:
+    """What Resume runs: the settings the run in the page's output folder was made with (a resumed
+    run is the interrupted one), and the names of the page's fields that differed from them."""
+    rec = recorded_form(page.out)
+    if rec is None:
+        return page, []
+    differ = [
+        short_label(TRAIN_LABELS[k])
+        for k in TRAIN_LABELS
+        if k != "out" and not _same(k, getattr(page, k), getattr(rec, k))
+    ]
+    rec.out = _text(page.out)
+    return rec, differ
 
 
 # --------------------------------------------------------------------------- processes
@@ -316,8 +549,9 @@ class RunManager:
                 f"Output folder {out} already holds a run (checkpoint.pt): press Resume to "
                 f"continue it, or choose another output folder"
             )
-        args = check_train(form, resume=resume)
-        cmd = _python_cmd("train", args + ["--no-progress"] + (["--resume", "latest"] if resume else []))
+        args = check_train(form, resume=resume)  # with --resume=latest when resuming
+        cmd = _python_cmd("train", args + ["--no-progress"])
+        resume_step = _checkpoint_step(out) if resume else 0
         os.makedirs(out, exist_ok=True)
         from reneg.fileio import atomic_write_json
 
@@ -345,9 +579,10 @@ class RunManager:
                 "command": cmd,
                 "args": args,
                 "form": asdict(form),
-                "steps": int(float(form.steps)),
+                "steps": whole(TRAIN_LABELS["steps"], form.steps),
                 "started": time.time(),
                 "resume": resume,
+                "resume_step": resume_step,  # where this process began: its time per step counts from here
                 "log": TRAIN_LOG,
             },
         )
@@ -447,12 +682,24 @@ def error_line(log_text: str) -> str | None:
     return None
 
 
-def seconds_per_step(rows: list[dict]) -> float | None:
-    """Median time of the recent steps (``seconds`` restarts at 0 when a run is resumed)."""
-    d = []
-    for a, b in pairwise(rows):
-        if "seconds" in a and "seconds" in b and b["step"] == a["step"] + 1 and b["seconds"] > a["seconds"]:
-            d.append(b["seconds"] - a["seconds"])
+def seconds_per_step(rows: list[dict], since: int | None = None) -> float | None:
+    """Median time of the recent steps of the process now training, from one row's ``seconds`` to the
+    next. ``seconds`` restarts when a run is resumed, so only rows after ``since``, the step that
+    process began from, are used (without it: the rows after the last restart). A process's first row
+    gives no time: it counts from after the sample images made at its start, the later ones include
+    them."""
+    if since is None:
+        since = 0
+        for a, b in pairwise(rows):
+            if "seconds" in a and "seconds" in b and b["seconds"] <= a["seconds"]:
+                since = a["step"]
+    d, prev = [], None
+    for r in rows:
+        if r["step"] <= since or "seconds" not in r:
+            continue
+        if prev is not None and r["step"] == prev["step"] + 1 and r["seconds"] > prev["seconds"]:
+            d.append(r["seconds"] - prev["seconds"])
+        prev = r
     d = d[-10:]
     if not d:
         return None
@@ -529,33 +776,48 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
     steps = run.get("steps") or (summary or {}).get("steps")
     st["steps"] = steps
     st["step"] = rows[-1]["step"] if rows else 0
-    # the held-out table: null / handcrafted / learned as each is scored
+    # the held-out table (and the plot's points): null / handcrafted / learned as each is scored, once a step
+    scored = {}
     for r in rows:
         if "heldout_learned" in r:
-            st["heldout"].append([r["step"], r.get("heldout_null"), r.get("heldout_handcrafted"), r["heldout_learned"]])
+            scored[r["step"]] = [r["step"], r.get("heldout_null"), r.get("heldout_handcrafted"), r["heldout_learned"]]
     running = manager.is_running(out) if manager is not None else _alive(run.get("pid"))
     st["running"] = running
-    fresh = summary is not None and (
-        not run or os.path.getmtime(os.path.join(out, "summary.json")) >= float(run.get("started", 0))
-    )
-    if fresh and not running:
+    started = float(run.get("started", 0) or 0)
+    fresh = summary is not None and (not run or os.path.getmtime(os.path.join(out, "summary.json")) >= started)
+    if fresh and not running and isinstance(summary, dict):
         st["summary"] = summary
-        h = summary.get("heldout", {})
-        last = [summary["steps"], h.get("null"), h.get("handcrafted"), h.get("learned")]
-        if not st["heldout"] or st["heldout"][-1][0] != last[0]:
-            st["heldout"].append(last)
-    sps = seconds_per_step(rows)
+        # the final score is in summary.json (a log written before it was may lack it)
+        history = summary.get("heldout_history")
+        for h in (history if isinstance(history, list) else []) + [
+            dict(summary.get("heldout") or {}, step=summary.get("steps"))
+        ]:
+            if isinstance(h, dict) and isinstance(h.get("step"), int) and h.get("learned") is not None:
+                scored.setdefault(h["step"], [h["step"], h.get("null"), h.get("handcrafted"), h["learned"]])
+    st["heldout"] = [scored[k] for k in sorted(scored)]
+    # this process's own steps: after a resume, the ones after the step it resumed from
+    since = (run.get("resume_step") or 0) if run and (not run.get("resume") or "resume_step" in run) else None
+    sps = seconds_per_step(rows, since)
     if running:
         log_csv = os.path.join(out, "log.csv")
-        if not rows or os.path.getmtime(log_csv) < float(run.get("started", 0)):  # not yet (re)opened
+        if not rows or os.path.getmtime(log_csv) < started:  # not yet (re)opened
             st["state"] = "loading"
-            st["message"] = "Training the first step..." if st["samples"] else "Loading the models..."
+            if run.get("resume"):
+                st["message"] = (
+                    f"Resuming from step {run.get('resume_step') or _checkpoint_step(out)}: loading the models..."
+                )
+            elif any(os.path.getmtime(p) >= started for _, p in st["samples"] if os.path.exists(p)):
+                st["message"] = "Training the first step..."
+            else:
+                st["message"] = "Loading the models..."
         else:
             st["state"] = "running"
             msg = f"Running: step {st['step']} of {steps}"
             if sps and steps:
                 st["eta"] = sps * max(0, steps - st["step"])
                 msg += f", {sps:.2f} s a step, about {fmt_duration(st['eta'])} left"
+            elif run.get("resume") and since is not None:
+                msg += f" (resumed from step {since}; measuring its time per step)"
             if os.path.exists(os.path.join(out, "STOP")):
                 msg += " (stopping after this step)"
             st["message"] = msg
@@ -625,36 +887,32 @@ class EvalForm:
 
 
 def eval_args(form: EvalForm) -> list[str]:
-    a = ["--model", form.model.strip()]
-    if form.config.strip():
-        a += ["--config", form.config.strip()]
-    for spec in _lines(form.rewards):
-        a += ["--reward", spec]
-    a += ["--prompts", form.prompts.strip()]
-    for spec in _lines(form.negatives):
-        a += ["--negative", spec]
-    if form.handcrafted.strip():
-        a += ["--handcrafted", form.handcrafted.strip()]
+    L = EVAL_LABELS
+
+    def n(k):
+        return str(whole(L[k], getattr(form, k)))
+
+    a = [f"--model={_text(form.model)}"]
+    if _text(form.config):
+        a.append(f"--config={_text(form.config)}")
+    a += [f"--reward={spec}" for spec in _lines(form.rewards)]
+    a.append(f"--prompts={_text(form.prompts)}")
+    a += [f"--negative={spec}" for spec in _lines(form.negatives)]
+    if _text(form.handcrafted):
+        a.append(f"--handcrafted={_text(form.handcrafted)}")
     a += [
-        "--out",
-        form.out.strip(),
-        "--images-per-prompt",
-        _int(form.images_per_prompt),
-        "--sampling-steps",
-        _int(form.sampling_steps),
-        "--guidance",
-        repr(float(form.guidance)),
-        "--resolution",
-        _int(form.resolution),
-        "--batch",
-        _int(form.batch),
-        "--seed",
-        _int(form.seed),
+        f"--out={_text(form.out)}",
+        f"--images-per-prompt={n('images_per_prompt')}",
+        f"--sampling-steps={n('sampling_steps')}",
+        f"--guidance={real(L['guidance'], form.guidance)!r}",
+        f"--resolution={n('resolution')}",
+        f"--batch={n('batch')}",
+        f"--seed={n('seed')}",
     ]
-    if form.limit and int(float(form.limit)) > 0:
-        a += ["--limit", _int(form.limit)]
-    if form.device.strip():
-        a += ["--device", form.device.strip()]
+    if form.limit not in (None, "") and whole(L["limit"], form.limit) != 0:
+        a.append(f"--limit={n('limit')}")
+    if _text(form.device):
+        a.append(f"--device={_text(form.device)}")
     return a
 
 
@@ -665,8 +923,8 @@ def check_eval(form: EvalForm) -> list[str]:
     from reneg.evaluation.cli import config_from_args
     from reneg.evaluation.run import validate_eval
 
-    if not form.out.strip():
-        raise FormError("Output folder: required")
+    if not _text(form.out):
+        raise FormError('"Report folder": required')
     args = eval_args(form)
     err = io.StringIO()
     try:
@@ -674,17 +932,18 @@ def check_eval(form: EvalForm) -> list[str]:
             ns = _command_parser("eval").parse_args(["eval", *args])
     except SystemExit:
         msg = err.getvalue().strip().splitlines()
-        raise FormError(msg[-1].replace("reneg eval: error: ", "") if msg else "bad arguments") from None
+        text = msg[-1].replace("reneg eval: error: ", "") if msg else "bad arguments"
+        raise FormError(name_fields(text, EVAL_NAMES)) from None
     try:
         validate_eval(config_from_args(ns))
     except (ConfigError, OSError, ValueError) as e:
-        raise FormError(str(e)) from None
+        raise FormError(name_fields(str(e), EVAL_NAMES)) from None
     return args
 
 
 def start_eval(form: EvalForm, threads: int | None = None) -> subprocess.Popen:
     args = check_eval(form)
-    out = form.out.strip()
+    out = _text(form.out)
     os.makedirs(out, exist_ok=True)
     cmd = _python_cmd("eval", args + ["--no-progress"] + (["--threads", str(threads)] if threads else []))
     log = open(os.path.join(out, EVAL_LOG), "w", encoding="utf-8")  # noqa: SIM115 - the child's output
@@ -778,7 +1037,8 @@ def list_embeddings(folder: str) -> list[dict]:
 
 def thumbnail(entry: dict, size: int = 160):
     """A picture of an embedding: its run's latest sample grid when it sits in a run folder, else a
-    heat map of its values (tokens down, channels across)."""
+    heat map of its values (tokens down, channels across; each value's distance from its channel's
+    mean, scaled by the file's 98th percentile of those distances)."""
     from PIL import Image
 
     folder = os.path.dirname(entry["path"])
@@ -792,9 +1052,37 @@ def thumbnail(entry: dict, size: int = 160):
     emb = entry.get("emb")
     if emb is None:
         return Image.new("RGB", (size, size), (200, 60, 60))
-    t = emb.tensor.float()[0].numpy()
-    t = (t - t.mean(0, keepdims=True)) / (np.abs(t - t.mean(0, keepdims=True)).max() + 1e-8)
+    t = emb.tensor.double()[0].numpy()
+    t = t - t.mean(0, keepdims=True)
+    # scaled per file by a high percentile, not the maximum: the released files have a few values far
+    # from the rest (the start token's row), which would leave every other value near white
+    mag = np.abs(t[np.isfinite(t)])
+    scale = float(np.percentile(mag, 98)) if mag.size else 0.0
+    if not scale > 0:
+        scale = float(mag.max()) if mag.size and mag.max() > 0 else 1.0
+    t = np.nan_to_num(t / scale, nan=0.0, posinf=1.0, neginf=-1.0)
     pos, neg = np.clip(t, 0, 1), np.clip(-t, 0, 1)
     rgb = (np.stack([1 - neg, 1 - pos - neg, 1 - pos], -1).clip(0, 1) * 255).astype("uint8")
     # red: above the channel's mean over tokens, blue: below
     return Image.fromarray(rgb, "RGB").resize((size, size), Image.NEAREST)
+
+
+# --------------------------------------------------------------------------- the app's folder
+
+
+def check_root(root: str) -> None:
+    """``--root`` must be a folder the app can write (runs and reports go there): refused at start-up,
+    with the reason, rather than at the first Start."""
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--root {root}: cannot create the folder ({e.strerror or e})") from None
+    probe = os.path.join(root, f".reneg-studio-write-test-{os.getpid()}")
+    try:
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+    except OSError as e:
+        raise OSError(f"--root {root}: the folder is not writable ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
