@@ -343,9 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             ns.given_flags = given_flags(p, sys.argv[1:] if argv is None else list(argv))
         if hasattr(ns, "threads"):  # train, tune, eval: before any model work
             from . import demo
-            from .threads import apply_threads
+            from .threads import apply_threads, default_spec
 
-            apply_threads(ns.threads, most=demo.default_threads() if getattr(ns, "demo", False) else None)
+            spec = default_spec() if ns.threads == "auto" else ns.threads
+            apply_threads(spec, most=demo.default_threads() if getattr(ns, "demo", False) else None)
         return ns.fn(ns) or 0
     except KeyboardInterrupt:
         print("reneg: interrupted", file=sys.stderr)

@@ -82,7 +82,8 @@ class ReNegOptions:
     threads: str = _opt(
         "auto",
         "CPU threads for torch: a number, or auto: the cores other work leaves free, followed as the load "
-        "changes (on a busy machine more threads than free cores make every step wait; docs/performance.md)",
+        "changes (on a busy machine more threads than free cores make every step wait; docs/performance.md); "
+        "the environment variable RENEG_THREADS replaces auto",
     )
     # --- sampling (the objective samples exactly like this)
     sampling_steps: int = _opt(30, "DDIM steps (paper: 30)")

@@ -8,7 +8,8 @@ table is in docs/performance.md). A single thread never waits for a peer. So ``a
 most every :data:`INTERVAL` seconds while sampling, how much CPU the rest of the machine used since the
 last look (Linux: ``/proc/stat`` less this process's own ``/proc/self/stat``) and runs on the cores
 left free: at least one, at most the cores there are (and at most :data:`MAX_AUTO`). Elsewhere, and
-when ``/proc`` can not be read, ``auto`` is torch's own default, fixed.
+when ``/proc`` can not be read, ``auto`` is torch's own default, fixed. ``RENEG_THREADS=N`` in the
+environment makes the command line's ``auto`` a fixed ``N`` (a cluster's or a test suite's setting).
 
 The count is changed only from the thread that runs the model (OpenMP's thread count is a per-thread
 setting), between sampling steps: :func:`tick` is called by the sampler once per step and costs a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 
+ENV = "RENEG_THREADS"  # replaces ``auto`` (the default) for a whole machine or CI: a number, or auto
 INTERVAL = 1.0  # seconds between two looks at the machine's load
 MAX_AUTO = 8  # more threads rarely pay for one image model's step on a CPU
 
@@ -37,6 +39,12 @@ def parse_threads(value, flag: str = "--threads"):
     if not 1 <= n <= 4096:
         raise ValueError(f"{flag} must be 'auto' or a whole number of threads from 1 to 4096, got {n}")
     return n
+
+
+def default_spec():
+    """What ``--threads auto`` means here: ``$RENEG_THREADS`` when set, else ``auto``."""
+    value = os.environ.get(ENV, "").strip()
+    return parse_threads(value, ENV) if value else "auto"
 
 
 def _cpu_ticks():

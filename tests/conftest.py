@@ -62,6 +62,9 @@ def tiny_reward(tiny_hps_ckpt):
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the command line's --threads auto follows the machine's load; tests that call it (in this process
+    # or in children, which inherit this) run on a fixed thread count so that their results repeat
+    os.environ.setdefault("RENEG_THREADS", "1")
 
 
 def pytest_sessionstart(session):

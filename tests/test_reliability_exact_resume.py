@@ -67,6 +67,8 @@ def _child(argv: list[str], kill_on_nth_checkpoint: int) -> None:
 def _args(w, prompts: str, out: str) -> list[str]:
     return [
         "train",
+        "--threads",
+        str(THREADS),
         "--model",
         w.pipeline_dir(),
         "--reward",

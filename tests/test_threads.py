@@ -100,3 +100,27 @@ def test_cli_refuses_bad_threads(capsys):
         rc = main(cmd + ["--threads", "many"])
         assert rc == 2
         assert "--threads" in capsys.readouterr().err
+
+
+def test_environment_replaces_auto(monkeypatch):
+    monkeypatch.delenv(T.ENV, raising=False)
+    assert T.default_spec() == "auto"
+    monkeypatch.setenv(T.ENV, "3")
+    assert T.default_spec() == 3
+    monkeypatch.setenv(T.ENV, "auto")
+    assert T.default_spec() == "auto"
+    monkeypatch.setenv(T.ENV, "lots")
+    with pytest.raises(ValueError, match=T.ENV):
+        T.default_spec()
+
+
+def test_cli_takes_the_environment_for_auto_and_a_number_over_it(monkeypatch, tmp_path):
+    from reneg.cli import main
+
+    seen = []
+    monkeypatch.setattr(T, "apply_threads", lambda spec, most=None: seen.append(spec) or 1)
+    monkeypatch.setenv(T.ENV, "3")
+    missing = str(tmp_path / "missing")
+    main(["eval", "--model", missing, "--out", str(tmp_path / "o")])  # fails on --model, after the threads
+    main(["eval", "--threads", "2", "--model", missing, "--out", str(tmp_path / "o")])
+    assert seen == [3, "2"]
