@@ -121,17 +121,21 @@ def _apply_demo(ns, kind: str) -> None:
 
 def _cmd_train(ns) -> int:
     from reneg.trainer.config import config_from_args
-    from reneg.trainer.train import run_train
+    from reneg.trainer.train import TrainingStopped, run_train
 
     if ns.demo:
         _apply_demo(ns, "train")
-    summary = run_train(config_from_args(ns))
-    if summary.get("stopped"):
+    try:
+        # the command, not the library, listens for SIGTERM and Ctrl-C: the run stops after its step
+        summary = run_train(config_from_args(ns), handle_signals=True)
+    except TrainingStopped as e:
         print(
-            f"stopped at step {summary['step']}: {summary['checkpoint']} holds the run; the same command "
-            f"with --resume continues it"
+            f"stopped at step {e.step} of {e.steps}: {e.checkpoint} holds the run; the same command "
+            f"with --resume continues it (exit status {e.exit_code}: not finished)",
+            flush=True,
         )
-    elif summary:
+        return e.exit_code
+    if summary:
         h = summary["heldout"]
         print(
             f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "
@@ -145,9 +149,10 @@ def _cmd_tune(ns) -> int:
     from reneg.trainer.tune import run_tune
 
     if ns.demo:
-        ns.out = ns.out or os.path.join("runs", "demo-tune", "tuned.safetensors")
-        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
-        ns.overwrite = True
+        if not ns.out:  # the demo's own file is replaced each time; an --out you name is yours
+            ns.out = os.path.join("runs", "demo-tune", "tuned.safetensors")
+            os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
+            ns.overwrite = True
         _apply_demo(ns, "tune")
     ns.out = ns.out or "tuned.safetensors"
     rep = run_tune(ns)
@@ -228,23 +233,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is (like Ctrl-C's KeyboardInterrupt): every write is atomic,
+    so what a command stopped this way leaves is whole."""
+
+    signum = 15
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+# commands that run models for a while: SIGTERM stops them within moments, with exit status 143
+_STOPPABLE = ("train", "tune", "eval")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     p = build_parser()
     ns = p.parse_args(argv)
+    old = None
+    if (
+        ns.command in _STOPPABLE
+        and hasattr(signal, "SIGTERM")
+        and threading.current_thread() is threading.main_thread()
+    ):
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if getattr(ns, "demo", False):
             from .options import given_flags
 
             ns.given_flags = given_flags(p, sys.argv[1:] if argv is None else list(argv))
         return ns.fn(ns) or 0
-    except KeyboardInterrupt:
-        print("reneg: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError) as e:
+    except KeyboardInterrupt as e:
+        sig = getattr(e, "signum", 2)
+        print("reneg: stopped (SIGTERM)" if sig == 15 else "reneg: interrupted", file=sys.stderr)
+        return 128 + sig
+    except RuntimeError as e:
+        code = getattr(e, "exit_code", None)  # reneg.trainer.train.TrainingStopped: a stop, not an error
+        if not isinstance(code, int):
+            print(f"reneg {ns.command}: error: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
+            return 2
+        print(f"reneg {ns.command}: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
+        return code
+    except (ValueError, OSError) as e:
         # every expected failure carries a message naming the file or flag
         # one line, with a file's control characters shown escaped, never sent to the terminal raw
         print(f"reneg {ns.command}: error: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
         return 2
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

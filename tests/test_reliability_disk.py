@@ -209,13 +209,13 @@ def train(model, reward, prompts, out, *extra):
 def arm_after_first_checkpoint(monkeypatch, bad: BadFolder):
     import reneg.trainer.train as tt
 
-    real = tt.save_checkpoint
+    real = tt.save_run_files
 
     def save(*a, **k):
-        real(*a, **k)
+        real(*a, **k)  # embedding.safetensors and checkpoint.pt, both in place
         bad.armed = True  # the disk fills up (or turns read-only) right after checkpoint 2
 
-    monkeypatch.setattr(tt, "save_checkpoint", save)
+    monkeypatch.setattr(tt, "save_run_files", save)
 
 
 @pytest.mark.parametrize("mode", ["enospc", "erofs", "eio"])
