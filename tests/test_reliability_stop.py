@@ -142,6 +142,7 @@ def test_train_sigterm_twice_stops_after_its_step_with_status_143(tiny_pipeline_
     text = (tmp_path / "log.txt").read_text()
     assert rc == 143, text[-3000:]
     assert took < STOP_WITHIN, took
+    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == _log_rows(out) >= 1  # the step in progress was finished and kept
     summary = json.loads((out / "summary.json").read_text())
@@ -167,6 +168,7 @@ def test_tune_sigterm_stops_at_once_and_writes_nothing(tiny_pipeline_dir, tiny_h
         f.close()
     assert rc == 143, (tmp_path / "log.txt").read_text()[-3000:]
     assert took < STOP_WITHIN, took
+    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
     assert not out.exists() and not (tmp_path / "tuned.json").exists() and _no_temp_files(tmp_path) == []
 
 
@@ -184,6 +186,7 @@ def test_eval_sigterm_stops_at_once_leaving_whole_images(tiny_pipeline_dir, tiny
         f.close()
     assert rc == 143, (tmp_path / "log.txt").read_text()[-3000:]
     assert took < STOP_WITHIN, took
+    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
     from PIL import Image
 
     for p in glob.glob(str(out / "images" / "*.png")):
@@ -194,7 +197,8 @@ def test_eval_sigterm_stops_at_once_leaving_whole_images(tiny_pipeline_dir, tiny
 @pytest.mark.slow
 def test_eval_demo_sigterm_stops_inside_its_own_training(tmp_path):
     out = tmp_path / "demo-eval"
-    proc, f = _spawn(["eval", "--demo", "--out", str(out), "--no-progress"], tmp_path, tmp_path / "log.txt")
+    argv = ["eval", "--demo", "--out", str(out), "--no-progress"]
+    proc, f = _spawn(argv, tmp_path, tmp_path / "log.txt")
     try:
         _wait_for(lambda: (out / "train" / "log.csv").exists(), proc, "its training's first step", timeout=600)
         rc, took = _terminate(proc)
@@ -202,6 +206,7 @@ def test_eval_demo_sigterm_stops_inside_its_own_training(tmp_path):
         f.close()
     assert rc == 143, (tmp_path / "log.txt").read_text()[-3000:]
     assert took < STOP_WITHIN, took
+    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
     assert _no_temp_files(out) == []
 
 

@@ -474,8 +474,14 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
                 stopped_at = done
                 break
             # --- end reported events ---
-    except BaseException:
+    except BaseException as e:
         events.close()
+        if main:  # best effort (the disk may be what failed): the summary must not keep saying "running"
+            try:
+                interrupted = isinstance(e, KeyboardInterrupt)
+                write_status("interrupted" if interrupted else "failed", step, error=str(e)[:300])
+            except Exception:
+                pass
         raise
     finally:
         if bar is not None:
