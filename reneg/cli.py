@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if old is not None:
-            signal.signal(signal.SIGTERM, old)
+            # the process's own command line (argv None): it is exiting with the status just returned, and a
+            # late SIGTERM (a second Stop) must not replace it; a caller in Python gets its handler back
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if argv is None else old)
 
 
 if __name__ == "__main__":

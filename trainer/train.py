@@ -286,7 +286,7 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
     saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))  # what a --resume compares
 
     def write_outputs(step: int) -> None:
-        # the pair is written all or nothing: both complete beside their targets, then both renamed
+        # all or nothing: the embedding staged, the checkpoint written (the commit), the embedding moved in
         emb = as_embedding(backend, neg)
         save_run_files(
             cfg.out,
