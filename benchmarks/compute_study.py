@@ -103,7 +103,9 @@ def train_variant(world: dict, base: dict, name: str, seed: int, root: str) -> d
     done = os.path.join(out, "summary.json")
     if os.path.isfile(done):
         with open(done, encoding="utf-8") as f:
-            return json.load(f)
+            summary = json.load(f)
+        if summary.get("status", "finished") == "finished":  # a stopped run is continued below
+            return summary
     s = dict(base)
     s.update(VARIANTS[name][0](base))
     s.update(eval_every=0, checkpoint_every=max(1, s["steps"]), seed=seed)
@@ -117,10 +119,13 @@ def train_variant(world: dict, base: dict, name: str, seed: int, root: str) -> d
         progress=False,
         device="cpu",
         base_model_name="reneg-demo",
+        resume="auto",  # a run stopped earlier continues where it stopped
         **{k: (tuple(v) if k == "grad_range" else v) for k, v in s.items()},
     )
     t0 = time.time()
-    summary = run_train(cfg)
+    # a stop (SIGTERM, Ctrl-C, OUT/STOP) ends the run after its step with a checkpoint and raises
+    # TrainingStopped, which main() turns into the exit status; never a half-made summary
+    summary = run_train(cfg, handle_signals=True)
     log(
         f"trained {name} seed {seed} in {time.time() - t0:.0f} s: {summary['compute']['tflop_sd15_512']:.0f} "
         f"TFLOP at SD1.5 scale"
@@ -161,10 +166,16 @@ def main(argv=None) -> int:
         names = ["paper"] + names
     base = base_recipe(world, ns)
     log(f"base recipe: {base['steps']} steps x {base['batch_size']} samples, lr {base['lr']}")
+    from reneg.trainer.train import TrainingStopped
+
     summaries = {}
-    for seed in ns.seeds:
-        for n in names:
-            summaries[(n, seed)] = train_variant(world, base, n, seed, ns.out)
+    try:
+        for seed in ns.seeds:
+            for n in names:
+                summaries[(n, seed)] = train_variant(world, base, n, seed, ns.out)
+    except TrainingStopped as e:
+        log(f"{e}; the study stops here (run it again to continue)")
+        return e.exit_code
 
     from reneg.backends.loading import load_diffusers
     from reneg.embedding import load_embedding

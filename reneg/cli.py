@@ -174,6 +174,10 @@ def _apply_demo(ns, kind: str) -> None:
     from . import demo
 
     given = demo.refuse_demo_conflicts(ns, kind)
+    if kind == "train" and not ns.out and getattr(ns, "resume", None) is None:
+        # the demo's own folder: each `reneg train --demo` starts it afresh (the README's first command can be
+        # run again); an --out you name is yours and is never replaced without --overwrite
+        ns.overwrite = True
     out = ns.out or os.path.join("runs", f"demo-{kind}")
     d = demo.setup(out if kind == "train" else os.path.dirname(os.path.abspath(out)) or ".")
     print(f"reneg {kind} --demo: {d['kind']} ({d['model']})", flush=True)
@@ -207,17 +211,21 @@ def _apply_demo(ns, kind: str) -> None:
 
 def _cmd_train(ns) -> int:
     from reneg.trainer.config import config_from_args
-    from reneg.trainer.train import run_train
+    from reneg.trainer.train import TrainingStopped, run_train
 
     if ns.demo:
         _apply_demo(ns, "train")
-    summary = run_train(config_from_args(ns))
-    if summary.get("stopped"):
+    try:
+        # the command, not the library, listens for SIGTERM and Ctrl-C: the run stops after its step
+        summary = run_train(config_from_args(ns), handle_signals=True)
+    except TrainingStopped as e:
         print(
-            f"stopped at step {summary['step']}: {summary['checkpoint']} holds the run; the same command "
-            f"with --resume continues it"
+            f"stopped at step {e.step} of {e.steps}: {e.checkpoint} holds the run; the same command "
+            f"with --resume continues it (exit status {e.exit_code}: not finished)",
+            flush=True,
         )
-    elif summary:
+        return e.exit_code
+    if summary:
         h = summary["heldout"]
         print(
             f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "
@@ -231,14 +239,15 @@ def _cmd_tune(ns) -> int:
     from reneg.trainer.tune import run_tune
 
     if ns.demo:
-        ns.out = ns.out or os.path.join("runs", "demo-tune", "tuned.safetensors")
-        folder = os.path.dirname(os.path.abspath(ns.out))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror or e
-            raise ValueError(f"--out {ns.out}: cannot create the folder {folder} ({why})") from None
-        ns.overwrite = True
+        if not ns.out:  # the demo's own file is replaced each time; an --out you name is yours
+            ns.out = os.path.join("runs", "demo-tune", "tuned.safetensors")
+            folder = os.path.dirname(os.path.abspath(ns.out))
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror or e
+                raise ValueError(f"--out {ns.out}: cannot create the folder {folder} ({why})") from None
+            ns.overwrite = True
         _apply_demo(ns, "tune")
     ns.out = ns.out or "tuned.safetensors"
     rep = run_tune(ns)
@@ -333,9 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is (like Ctrl-C's KeyboardInterrupt): every write is atomic,
+    so what a command stopped this way leaves is whole."""
+
+    signum = 15
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+# commands that run models for a while: SIGTERM stops them within moments, with exit status 143
+_STOPPABLE = ("train", "tune", "eval")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     p = build_parser()
     ns = p.parse_args(argv)
+    old = None
+    if (
+        ns.command in _STOPPABLE
+        and hasattr(signal, "SIGTERM")
+        and threading.current_thread() is threading.main_thread()
+    ):
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if getattr(ns, "demo", False):
             from .options import given_flags
@@ -348,18 +382,31 @@ def main(argv: list[str] | None = None) -> int:
             spec = default_spec() if ns.threads == "auto" else ns.threads
             apply_threads(spec, most=demo.default_threads() if getattr(ns, "demo", False) else None)
         return ns.fn(ns) or 0
-    except KeyboardInterrupt:
-        print("reneg: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        sig = getattr(e, "signum", 2)
+        print("reneg: stopped (SIGTERM)" if sig == 15 else "reneg: interrupted", file=sys.stderr)
+        return 128 + sig
     except BrokenPipeError:
         # the reader went away (reneg inspect ... | head): stop quietly, as cat does
         _silence_stdout()
         return 141
-    except (ValueError, OSError, RuntimeError) as e:
+    except RuntimeError as e:
+        code = getattr(e, "exit_code", None)  # reneg.trainer.train.TrainingStopped: a stop, not an error
+        if not isinstance(code, int):
+            print(f"reneg {ns.command}: error: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
+            return 2
+        print(f"reneg {ns.command}: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
+        return code
+    except (ValueError, OSError) as e:
         # every expected failure carries a message naming the file or flag
         # one line, with a file's control characters shown escaped, never sent to the terminal raw
         print(f"reneg {ns.command}: error: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
         return 2
+    finally:
+        if old is not None:
+            # the process's own command line (argv None): it is exiting with the status just returned, and a
+            # late SIGTERM (a second Stop) must not replace it; a caller in Python gets its handler back
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if argv is None else old)
 
 
 def _silence_stdout() -> None:

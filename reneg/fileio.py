@@ -304,3 +304,68 @@ def read_safetensors_header(path) -> dict:
                 f"dtype, shape or byte range ({str(info)[:120]})"
             )
     return header
+
+
+LOCK_NAME = ".reneg.lock"
+
+
+class FolderBusy(OutputError):
+    """Another process holds an output folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lock on ``FOLDER/.reneg.lock`` (``fcntl.flock``) while a command writes there.
+
+    The operating system drops the lock when its process ends, however it ends, so a killed run never
+    leaves a stale lock behind; the file itself stays (it names the last holder). Where ``fcntl`` is
+    missing (Windows) no lock is taken.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str, flag: str = "--out"):
+        self.folder, self.what, self.flag = os.fspath(folder), what, flag
+        self.path = os.path.join(self.folder, LOCK_NAME)
+        self.fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{self.flag} {self.folder}: cannot create its lock file: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            except OSError:
+                holder = "another process"
+            os.close(fd)
+            raise FolderBusy(
+                f"{self.flag} {self.folder}: {holder} is writing there now; wait for it to end, "
+                f"or choose another {self.flag}"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{self.what} (process {os.getpid()})\n".encode())
+        except OSError:
+            pass  # the lock holds whether or not its note could be written
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)  # closing the file releases the lock
+            except OSError:
+                pass
+            self.fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -106,6 +106,12 @@ class ReNegOptions:
     # --- per-sample search (the paper's Algorithm 1)
     max_steps: int = _opt(10, "per-sample search: at most N gradient steps (paper: 10)")
     patience: int = _opt(3, "per-sample search: stop after this many steps without a new best (paper: 3)")
+    # --- outputs
+    overwrite: bool = _opt(
+        False,
+        "replace what --out already holds (a file, or a run's files) instead of refusing to",
+        action="store_true",
+    )
 
 
 PAPER = ReNegOptions()
@@ -393,6 +399,9 @@ def markdown_table() -> str:
     rows = ["| flag | default | what |", "|---|---|---|"]
     for f in fields(ReNegOptions):
         d = default(f.name)
-        shown = " ".join(map(str, d)) if isinstance(d, tuple) else ("(none)" if d in (None, "", []) else d)
+        if isinstance(d, bool):
+            shown = "on" if d else "off"
+        else:
+            shown = " ".join(map(str, d)) if isinstance(d, tuple) else ("(none)" if d in (None, "", []) else d)
         rows.append(f"| `{flag_of(f.name)}` | {shown} | {f.metadata['help']} |")
     return "\n".join(rows)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import errno
 import glob
+import json
 import os
 
 import pytest
@@ -209,13 +210,13 @@ def train(model, reward, prompts, out, *extra):
 def arm_after_first_checkpoint(monkeypatch, bad: BadFolder):
     import reneg.trainer.train as tt
 
-    real = tt.save_checkpoint
+    real = tt.save_run_files
 
     def save(*a, **k):
-        real(*a, **k)
+        real(*a, **k)  # embedding.safetensors and checkpoint.pt, both in place
         bad.armed = True  # the disk fills up (or turns read-only) right after checkpoint 2
 
-    monkeypatch.setattr(tt, "save_checkpoint", save)
+    monkeypatch.setattr(tt, "save_run_files", save)
 
 
 @pytest.mark.parametrize("mode", ["enospc", "erofs", "eio"])
@@ -235,7 +236,8 @@ def test_training_on_a_failing_disk_keeps_the_last_checkpoint(
     assert state["step"] == 2 and torch.isfinite(state["neg"]).all()
     emb = load_embedding(os.path.join(out, "embedding.safetensors"))
     assert emb.metadata["trained_steps"] == "2" and torch.equal(emb.tensor, state["neg"])
-    assert not os.path.exists(os.path.join(out, "summary.json"))
+    with open(os.path.join(out, "summary.json")) as f:  # it never says the run finished
+        assert json.load(f)["status"] == "running"  # (the full disk kept it from saying "failed")
     assert no_temp_files(out) == []
     # space freed (or the folder writable again): --resume finishes the run
     monkeypatch.undo()

@@ -141,7 +141,7 @@ def demo_env(env, tmp_path, monkeypatch):  # noqa: F811
 
     real = tr.run_train
 
-    def capture(cfg, accelerator=None):
+    def capture(cfg, accelerator=None, **kw):
         seen["cfg"] = cfg
         from reneg.trainer.config import validate_train
 

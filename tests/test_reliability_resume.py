@@ -313,8 +313,9 @@ def test_kill_before_first_checkpoint(world, reference, forkserver, capsys):
     model, reward, prompts, d = world
     out = str(d / "early")
     base = train_args(model, reward, prompts, out)
-    # the first write of a run is embedding.safetensors at checkpoint 1: die inside it
-    p = forkserver.Process(target=_child, args=(base, "embedding.safetensors", 1))
+    # the first file a run puts in place is checkpoint.pt at checkpoint 1 (the embedding, staged
+    # beside it, follows): die inside that rename
+    p = forkserver.Process(target=_child, args=(base, "checkpoint.pt", 1))
     p.start()
     p.join(120)
     assert p.exitcode == -signal.SIGKILL, p.exitcode

@@ -59,12 +59,15 @@ def test_demo_run_starts_reports_stops_with_checkpoint_and_resumes(tmp_path, mon
     assert studio.start(*_values(f)).startswith("**Error:** Output folder")  # one run per folder
     # Stop from the other page: the run ends after its current step, with a checkpoint
     assert "Stopping" in other.stop(out)
-    assert studio.manager.wait(out, 240) == 0
+    again = studio.stop(out)  # pressed twice: asked once, the step is not lost
+    assert again.startswith(("Already stopping", "No run is going")), again
+    assert studio.manager.wait(out, 240) == 143  # a stopped run exits non-zero, as SIGTERM's 128 + 15
     r = studio.poll(out, "")
     assert r["state"] == "stopped", r["status"]
     ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert 1 <= ck["step"] < 5 and f"step {ck['step']}" in r["status"]
-    assert not os.path.exists(os.path.join(out, "summary.json"))
+    with open(os.path.join(out, "summary.json")) as fh:
+        assert json.load(fh)["status"] == "stopped"
     # Resume continues to the end
     assert studio.resume(*_values(f)).startswith("Resumed")
     assert studio.manager.wait(out, 300) == 0

@@ -7,13 +7,16 @@ A checkpoint holds only tensors and plain Python values, so it loads with
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
 
-from reneg.fileio import atomic_torch_save, safe_torch_load
+from reneg.fileio import OutputError, atomic_torch_save, safe_torch_load
 
 CHECKPOINT_NAME = "checkpoint.pt"
+EMBEDDING_NAME = "embedding.safetensors"
+STEP_MAX = 2**31 - 1  # the most --steps takes (reneg.options.COUNT_MAX)
 
 
 def save_checkpoint(
@@ -44,6 +47,46 @@ def save_checkpoint(
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     atomic_torch_save(path, state)
+
+
+def save_run_files(out: str, write_embedding, write_checkpoint) -> None:
+    """Write ``OUT/embedding.safetensors`` and ``OUT/checkpoint.pt`` all or nothing.
+
+    ``write_embedding(path)`` writes the embedding, complete, to a hidden staging file beside its
+    target; then ``write_checkpoint(path)`` writes the checkpoint (atomically, onto its own name: the
+    commit point); then the embedding is renamed over its target. A failure in either write (a full
+    disk, a read-only folder, an I/O error) leaves both files as they were.
+    """
+    staged = os.path.join(out, ".embedding.pending.tmp.safetensors")  # hidden; the writer wants .safetensors
+    try:
+        write_embedding(staged)
+        write_checkpoint(os.path.join(out, CHECKPOINT_NAME))
+    except BaseException:
+        try:
+            os.unlink(staged)
+        except OSError:
+            pass
+        raise
+    target = os.path.join(out, EMBEDDING_NAME)
+    try:
+        os.replace(staged, target)
+    except OSError as e:
+        raise OutputError(f"{target}: writing failed: {e.strerror or e}") from e
+
+
+def _finite_number(v) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, (int, float)):
+        try:
+            return math.isfinite(v)
+        except OverflowError:
+            return False
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return bool(torch.isfinite(v).all())
+    if isinstance(v, (list, tuple)):
+        return all(_finite_number(x) for x in v)
+    return True
 
 
 def load_checkpoint(path: str) -> dict:
@@ -82,9 +125,10 @@ def _load_checkpoint(path: str) -> dict:
     # a corrupt file must fail here, with its name, not later inside the optimizer
     for key in ("step", "skipped"):
         v = state.get(key, 0)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= STEP_MAX:
             raise ValueError(
-                f"{path}: training checkpoint has an invalid {key!r}: expected an integer >= 0, found {str(v)[:40]}"
+                f"{path}: training checkpoint has an invalid {key!r}: expected an integer from 0 to {STEP_MAX}, "
+                f"found {str(v)[:40]}"
             )
     opt, sched = state["optimizer"], state["scheduler"]
     if (
@@ -100,6 +144,14 @@ def _load_checkpoint(path: str) -> dict:
         for k, v in s.items():
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
                 raise ValueError(f"{path}: training checkpoint has NaN/inf in the optimizer state {k!r}")
+    # the optimizer's settings (lr, betas, eps, weight decay) and the schedule's learning rates
+    for where, d in [("optimizer", g) for g in opt["param_groups"]] + [("scheduler", sched)]:
+        for k, v in d.items():
+            if k != "params" and not _finite_number(v):
+                raise ValueError(
+                    f"{path}: training checkpoint has a non-finite {where} setting {k!r} ({str(v)[:40]}); "
+                    f"it can not be resumed"
+                )
     for key, default, kind in (("config", "{}", dict), ("heldout", "[]", list), ("extra", "{}", dict)):
         raw = state.get(key, default)
         try:

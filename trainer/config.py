@@ -45,6 +45,7 @@ class TrainConfig:
     eval_batch: int = 4
     max_bad_steps: int = 10
     resume: str | None = None
+    overwrite: bool = False  # start afresh over a run --out already holds (else refused)
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     channels_last: bool = False
@@ -111,6 +112,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         const="latest",
         default=None,
         help="resume from OUT/checkpoint.pt (or the given checkpoint file)",
+    )
+    O.add_options(
+        p,
+        ["overwrite"],
+        helps={
+            "overwrite": "start afresh in an --out that already holds a run, replacing it (without it "
+            "such an --out is refused; --resume continues the run instead)"
+        },
     )
     O.add_options(p, ["mixed_precision"])
     a(
@@ -290,7 +299,48 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
         check_embedding_arg("init", cfg.init, cfg)
     if cfg.resume is not None:
         _check_resume(cfg)
+    check_out_free(cfg)
     check_out_dir(cfg.out)
+
+
+# the files that make a folder a training run's: a new run there needs --resume or --overwrite
+RUN_FILES = ("checkpoint.pt", "embedding.safetensors", "summary.json")
+
+
+def existing_run(out: str) -> list[str]:
+    """The run files ``out`` holds (a summary of a run still starting, with no checkpoint, is not one)."""
+    import json
+
+    found = [f for f in RUN_FILES if os.path.isfile(os.path.join(out, f))]
+    if found == ["summary.json"]:
+        try:
+            with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+                if json.load(f).get("status") == "running":
+                    return []
+        except (OSError, ValueError, AttributeError):
+            pass
+    return found
+
+
+def check_out_free(cfg) -> None:
+    """A new run (no ``--resume``) never replaces a run in ``--out`` unless ``--overwrite`` says so."""
+    if cfg.resume is not None or getattr(cfg, "overwrite", False) or not os.path.isdir(cfg.out):
+        return
+    found = existing_run(cfg.out)
+    if found:
+        raise ConfigError(
+            f"--out {cfg.out}: already holds a training run ({', '.join(found)}); pass --resume to continue "
+            f"it, --overwrite to start afresh over it, or choose another --out"
+        )
+
+
+def remove_old_run(out: str) -> None:
+    """``--overwrite``: the old run's files, so that nothing of it is taken for the new one's."""
+    for name in RUN_FILES + (os.path.join("samples", "index.json"),):
+        try:
+            os.unlink(os.path.join(out, name))
+        except OSError:
+            pass
 
 
 def check_train_numbers(cfg) -> None:
@@ -375,15 +425,6 @@ def _check_resume(cfg: TrainConfig) -> None:
     if state is None:
         return
     spec = RECIPES.get(cfg.recipe, {})
-    if state["step"] > cfg.steps:
-        what, need = f"--steps {cfg.steps}", state["step"]
-        if "steps_fraction" in spec:  # speak in the --steps the user types, not the scaled count
-            what = f"--recipe {cfg.recipe} runs {cfg.steps} optimizer steps for this --steps"
-            need = next(n for n in range(1, 100 * state["step"] + 2) if _scaled_steps(n, spec) >= state["step"])
-        raise ConfigError(
-            f"{what}: {path} is already at step {state['step']}; resume with "
-            f"--steps {need} or more (a run is continued, never cut back)"
-        )
     # a resumed run repeats the interrupted one only with the same settings and the same files
     old, new = state["config"], dict(cfg.to_json(), **resume_fingerprint(cfg))
     changed = [k for k in RESUME_MUST_MATCH if k in old and old[k] != new.get(k)]
@@ -408,6 +449,33 @@ def _check_resume(cfg: TrainConfig) -> None:
             f"(file contents shown by their sha256); resume with the same settings and files "
             f"(the optimizer state would ignore a new --lr) or start a new --out"
         )
+    # with the settings equal, only a too small --steps is left: the advice is a --steps this check accepts
+    least = max(state["step"], cfg.warmup + 1)
+    if cfg.steps < least:  # cfg.steps: the optimizer steps, after --recipe
+        what = f"--steps {cfg.steps}"
+        if "steps_fraction" in spec:  # speak in the --steps the user types, not the scaled count
+            what = f"--recipe {cfg.recipe} runs {cfg.steps} optimizer steps for this --steps"
+        need = _steps_for(least, spec)
+        if need > O.COUNT_MAX:
+            raise ConfigError(
+                f"{what}: {path} is already at step {state['step']}; no --steps up to {O.COUNT_MAX} goes "
+                f"further{' with --recipe ' + cfg.recipe if 'steps_fraction' in spec else ''} (a run is "
+                f"continued, never cut back)"
+            )
+        raise ConfigError(
+            f"{what}: {path} is already at step {state['step']}; resume with "
+            f"--steps {need} or more (a run is continued, never cut back)"
+        )
+
+
+def _steps_for(least: int, spec: dict) -> int:
+    """The smallest typed ``--steps`` whose optimizer steps under ``spec`` are at least ``least``."""
+    if "steps_fraction" not in spec:
+        return least
+    n = max(1, int((least - 0.5) / spec["steps_fraction"]) - 2)
+    while _scaled_steps(n, spec) < least:
+        n += 1
+    return n
 
 
 def check_out_dir(out: str) -> None:

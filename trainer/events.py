@@ -8,8 +8,10 @@ The trainer calls one :class:`TrainEvents` object at fixed points of its loop:
   ``OUT/samples/index.json``. The null images are made once and reused.
 - ``--report-to tensorboard``: the logged scalars (loss, reward, lr, gradient norm, held-out rewards)
   and the sample grids go to ``OUT/tensorboard`` through TensorBoard's own ``SummaryWriter``.
-- Stop on request: SIGTERM, or a file ``OUT/STOP``, ends the run after the step in progress with a
-  checkpoint, so ``--resume`` continues it. A second SIGTERM stops at once.
+- Stop on request: a file ``OUT/STOP`` and, when the command installed them (``reneg train``, never a
+  library call), SIGTERM and Ctrl-C end the run after the step in progress with a checkpoint, so
+  ``--resume`` continues it. Repeated SIGTERMs change nothing (the stop is under way); a second Ctrl-C
+  stops at once, without the step in progress.
 
 ``reneg studio`` reads these files to show a run; any other tool can too.
 """
@@ -103,42 +105,61 @@ def pair_grid(null_images, learned_images, step: int):
     return grid
 
 
-class _StopWatch:
-    """SIGTERM (main thread only) or ``OUT/STOP`` asks the run to stop after the current step."""
+# exit status of a run stopped on request: 128 + the signal, as a shell reports a process the signal ended;
+# OUT/STOP (the studio's Stop) counts as SIGTERM
+STOP_EXIT = {"SIGTERM": 143, "SIGINT": 130, "STOP": 143}
 
-    def __init__(self, out: str, main: bool = True):
+
+class _StopWatch:
+    """``OUT/STOP`` (and, with ``signals``, SIGTERM or SIGINT in the main thread) asks the run to stop
+    after the current step."""
+
+    def __init__(self, out: str, main: bool = True, signals: bool = False):
         self.path = os.path.join(out, STOP_FILE)
         self.requested = False
+        self.reason: str | None = None  # SIGTERM | SIGINT | STOP
         self.main = main
-        self._old = None
+        self._old: dict = {}
         if main:
             try:
                 os.unlink(self.path)  # a request left from an earlier stop must not end this run at once
             except OSError:
                 pass
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
-            try:
-                self._old = signal.signal(signal.SIGTERM, self._on_signal)
-            except (ValueError, OSError):
-                self._old = None
+        if signals and threading.current_thread() is threading.main_thread():
+            for name in ("SIGTERM", "SIGINT"):
+                sig = getattr(signal, name, None)
+                if sig is None:
+                    continue
+                try:
+                    self._old[sig] = signal.signal(sig, self._on_signal)
+                except (ValueError, OSError):
+                    pass
 
     def _on_signal(self, signum, frame):
-        if self.requested:  # a second request: stop now, without the checkpoint
-            raise SystemExit(143)
+        if self.requested:
+            if signum == getattr(signal, "SIGINT", None):  # Ctrl-C twice: stop now, without this step
+                raise KeyboardInterrupt
+            return  # SIGTERM again (a second Stop, a scheduler repeating itself): the stop is under way
         self.requested = True
+        self.reason = "SIGINT" if signum == getattr(signal, "SIGINT", None) else "SIGTERM"
 
     def check(self) -> bool:
         if not self.requested and os.path.exists(self.path):
             self.requested = True
+            self.reason = "STOP"
         return self.requested
 
+    @property
+    def exit_code(self) -> int:
+        return STOP_EXIT.get(self.reason or "STOP", 143)
+
     def close(self) -> None:
-        if self._old is not None:
+        for sig, old in self._old.items():
             try:
-                signal.signal(signal.SIGTERM, self._old)
-            except (ValueError, OSError):
+                signal.signal(sig, old)
+            except (ValueError, OSError, TypeError):
                 pass
-            self._old = None
+        self._old = {}
         if self.main:
             try:
                 os.unlink(self.path)
@@ -158,6 +179,7 @@ class TrainEvents:
         sample_texts: list[str],
         sample_seeds: list[int],
         num_processes: int = 1,
+        signals: bool = False,
     ):
         self.cfg, self.backend, self.main = cfg, backend, main
         self.every = int(getattr(cfg, "sample_every", 0) or 0)
@@ -168,8 +190,10 @@ class TrainEvents:
         self.dir = os.path.join(cfg.out, SAMPLES_DIR)
         self._null_images = None
         self.writer = None
-        # every process listens (a launcher passes SIGTERM to all of them); they agree in should_stop
-        self.stop = _StopWatch(cfg.out, main=main)
+        # every process listens (a launcher passes SIGTERM to all of them); they agree in should_stop.
+        # Signal handlers only where the command asked for them: a library call keeps the caller's.
+        self.stop = _StopWatch(cfg.out, main=main, signals=signals)
+        self.stop_reason: str | None = None
         if main and (getattr(cfg, "report_to", "none") or "none") == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -255,6 +279,8 @@ class TrainEvents:
         if acc is not None and self.num_processes > 1:
             t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
             flag = bool(acc.reduce(t, reduction="sum").item() > 0)
+        if flag and self.stop_reason is None:
+            self.stop_reason = (self.stop.reason if self.stop is not None else None) or "STOP"
         return flag
 
     def close_stop_watch(self) -> None:

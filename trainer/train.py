@@ -11,10 +11,12 @@ samples the uninterrupted one would have.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
 import time
+import warnings
 
 import torch
 
@@ -27,13 +29,31 @@ from reneg.objective import ObjectiveConfig, grad_step_loss
 from reneg.prompts import load_prompts
 from reneg.sampling import initial_latent
 
-from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint
-from .config import TrainConfig, resume_fingerprint, validate_train
-from .events import TrainEvents, check_event_args
+from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint, save_run_files
+from .config import TrainConfig, check_out_free, remove_old_run, resume_fingerprint, validate_train
+from .events import STOP_EXIT, TrainEvents, check_event_args
+
+SUMMARY_NAME = "summary.json"
 
 
 class TrainingError(RuntimeError):
     pass
+
+
+class TrainingStopped(RuntimeError):
+    """The run was stopped on request (OUT/STOP, or SIGTERM/Ctrl-C where the command listens for them)
+    before its last step: ``checkpoint`` holds it at ``step``, and ``--resume`` continues it. Raised by
+    :func:`run_train` so that no caller can take a stopped run for a finished one; ``exit_code`` is
+    what ``reneg train`` exits with (143 for SIGTERM or OUT/STOP, 130 for Ctrl-C)."""
+
+    def __init__(self, step: int, steps: int, checkpoint: str, reason: str = "STOP"):
+        self.step, self.steps, self.checkpoint, self.reason = step, steps, checkpoint, reason
+        self.exit_code = STOP_EXIT.get(reason, 143)
+        why = {"STOP": "OUT/STOP", "SIGINT": "Ctrl-C"}.get(reason, reason)
+        super().__init__(
+            f"stopped on request ({why}) at step {step} of {steps}: {checkpoint} holds the run; "
+            f"the same command with --resume continues it"
+        )
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -117,15 +137,36 @@ def base_model_fields(model: str) -> dict:
     return fields
 
 
-def run_train(cfg: TrainConfig, accelerator=None) -> dict:
-    """Train; returns the summary dict (also written to ``OUT/summary.json``)."""
+def run_train(cfg: TrainConfig, accelerator=None, *, handle_signals: bool = False) -> dict:
+    """Train; returns the summary dict of the finished run (also written to ``OUT/summary.json``,
+    with ``"status": "finished"``).
+
+    A run stopped before its last step (``OUT/STOP``; with ``handle_signals``, also SIGTERM or
+    Ctrl-C) writes its checkpoint and a summary with ``"status": "stopped"``, then raises
+    :class:`TrainingStopped`. ``handle_signals`` is for a command's entry point: a library call leaves
+    the process's signal handlers alone. The out folder is locked (``OUT/.reneg.lock``) while it runs.
+    """
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
     validate_train(cfg, acc.num_processes)
     check_event_args(cfg)  # reported events: --sample-every, --report-to
-    device = torch.device(cfg.device) if cfg.device and acc.num_processes == 1 else acc.device
     main = acc.is_main_process
+    lock = None
+    if main:  # one writer per out folder; released when this returns or the process ends, however
+        from reneg.fileio import FolderLock
+
+        lock = FolderLock(cfg.out, "reneg train", flag="--out").acquire()
+    try:
+        check_out_free(cfg)  # again, now that no other run can start there
+        return _run_train(cfg, acc, main, handle_signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
+    device = torch.device(cfg.device) if cfg.device and acc.num_processes == 1 else acc.device
     torch.manual_seed(cfg.seed)
 
     from reneg.backends.loading import load_diffusers
@@ -248,24 +289,49 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
     saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))  # what a --resume compares
 
     def write_outputs(step: int) -> None:
+        # all or nothing: the embedding staged, the checkpoint written (the commit), the embedding moved in
         emb = as_embedding(backend, neg)
-        save_embedding(
-            os.path.join(cfg.out, "embedding.safetensors"), emb, overwrite=True, **dict(meta, trained_steps=step)
-        )
-        save_checkpoint(
-            ckpt_path,
-            step=step,
-            neg=neg,
-            optimizer=opt,
-            scheduler=sched,
-            skipped=skipped,
-            config=saved_config,
-            heldout=history,
-            extra={"compute": spent.counts},
+        save_run_files(
+            cfg.out,
+            lambda path: save_embedding(path, emb, overwrite=True, **dict(meta, trained_steps=step)),
+            lambda path: save_checkpoint(
+                path,
+                step=step,
+                neg=neg,
+                optimizer=opt,
+                scheduler=sched,
+                skipped=skipped,
+                config=saved_config,
+                heldout=history,
+                extra={"compute": spent.counts},
+            ),
         )
 
+    summary_path = os.path.join(cfg.out, SUMMARY_NAME)
+
+    def write_status(status: str, step: int, **more) -> None:
+        # what scripts (and the studio) read to tell a finished run from a stopped or running one
+        atomic_write_json(
+            summary_path,
+            dict(
+                status=status,
+                step=step,
+                steps=cfg.steps,
+                checkpoint=ckpt_path,
+                embedding=os.path.join(cfg.out, "embedding.safetensors"),
+                **more,
+                config=cfg.to_json(),
+            ),
+        )
+
+    if main and cfg.overwrite and not resume_from:
+        remove_old_run(cfg.out)  # --overwrite: the old run's files go once the models have loaded
+    if main and start < cfg.steps:
+        write_status("running", start)  # a summary that says "finished" only when the run has
     # --- reported events (trainer/events.py): samples, TensorBoard, stop on SIGTERM or OUT/STOP ---
-    events = TrainEvents(cfg, backend, main, null, heldout_texts, heldout_seeds, acc.num_processes)
+    events = TrainEvents(
+        cfg, backend, main, null, heldout_texts, heldout_seeds, acc.num_processes, signals=handle_signals
+    )
     events.on_start(start, neg)
     stopped_at = None
     # --- end reported events ---
@@ -322,12 +388,26 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
             if acc.num_processes > 1:
                 r_all = acc.gather(r_all)
             gnorm = float(grad.norm())
+            bad = None
             if not math.isfinite(gnorm) or not math.isfinite(loss_sum):
+                bad = "non-finite loss or gradient"
+            else:
+                # a finite gradient can still make a non-finite update (a huge --lr): the step is taken
+                # on a copy of the state and undone when the embedding is no longer finite
+                before = (neg.detach().clone(), copy.deepcopy(opt.state_dict()))
+                opt.step()
+                if not bool(torch.isfinite(neg).all()):
+                    with torch.no_grad():
+                        neg.copy_(before[0])
+                    opt.load_state_dict(before[1])
+                    bad = "non-finite update"
+                del before
+            if bad:
                 skipped += 1
                 bad_streak += 1
                 if main:
                     print(
-                        f"reneg train: step {step + 1}: non-finite loss or gradient, update skipped "
+                        f"reneg train: step {step + 1}: {bad}, update skipped "
                         f"({bad_streak} in a row, {skipped} in all)",
                         flush=True,
                     )
@@ -344,8 +424,10 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                     )
             else:
                 bad_streak = 0
-                opt.step()
-            sched.step()
+            with warnings.catch_warnings():
+                # a skipped first step never calls opt.step(); the schedule advances all the same, on purpose
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                sched.step()
             done = step + 1
             counts = meter.take()
             if acc.num_processes > 1:
@@ -369,7 +451,8 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 "compute_R": units["R"],
                 "compute_tflop_sd15": round(spent.tflop_sd15(), 3),
             }
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and main:
+            # the last step's row carries the final held-out scores, like every --eval-every row
+            if main and (done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
                 rec = heldout_eval(done)
                 row.update({f"heldout_{k}": v for k, v in rec.items() if k != "step"})
             if main:
@@ -385,6 +468,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
             if done < cfg.steps and events.should_stop(acc):
                 if main:
                     write_outputs(done)
+                    write_status("stopped", done, reason=events.stop_reason)
                     print(
                         f"reneg train: stopped on request after step {done}; checkpoint {ckpt_path} "
                         f"(continue with --resume)",
@@ -393,8 +477,14 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
                 stopped_at = done
                 break
             # --- end reported events ---
-    except BaseException:
+    except BaseException as e:
         events.close()
+        if main:  # best effort (the disk may be what failed): the summary must not keep saying "running"
+            try:
+                interrupted = isinstance(e, KeyboardInterrupt)
+                write_status("interrupted" if interrupted else "failed", step, error=str(e)[:300])
+            except Exception:
+                pass
         raise
     finally:
         if bar is not None:
@@ -404,16 +494,21 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
         events.close_stop_watch()
 
     if stopped_at is not None:
+        reason = events.stop_reason or "STOP"
         events.close()
         acc.wait_for_everyone()
-        return {"stopped": True, "step": stopped_at, "checkpoint": ckpt_path}
+        raise TrainingStopped(stopped_at, cfg.steps, ckpt_path, reason)
 
     summary = {}
     if main:
-        rec = history[-1] if history and history[-1]["step"] == cfg.steps else heldout_eval(cfg.steps)
-        events.on_heldout(rec)
+        if history and history[-1]["step"] == cfg.steps:
+            rec = history[-1]  # scored in the last step's row (or before a resume at the last step)
+        else:
+            rec = heldout_eval(cfg.steps)
+            events.on_heldout(rec)
         write_outputs(cfg.steps)
         summary = {
+            "status": "finished",
             "steps": cfg.steps,
             "family": backend.family,
             # how the model was read (single file or folder, prediction type and why, VAE), as printed at the start
@@ -429,7 +524,7 @@ def run_train(cfg: TrainConfig, accelerator=None) -> dict:
             "seconds": round(time.time() - t0, 2),
             "config": cfg.to_json(),
         }
-        atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
+        atomic_write_json(summary_path, summary)
     events.close()
     acc.wait_for_everyone()
     return summary

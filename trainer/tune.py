@@ -41,7 +41,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
         "each step is written beside it",
     )
-    a("--overwrite", action="store_true")
+    O.add_options(p, ["overwrite"], helps={"overwrite": "replace an existing --out file and the .json beside it"})
     O.add_options(p, ["device", "mixed_precision", "threads"])
     a(
         "--gradient-checkpointing",
@@ -78,19 +78,46 @@ def validate_tune(ns) -> None:
         raise ConfigError(f"--embedding {ns.embedding}: {not_a_file(ns.embedding) or 'no such file'}")
     if ns.embedding:
         check_embedding_arg("embedding", ns.embedding, ns)
-    if not ns.out.endswith(".safetensors"):
-        raise ConfigError(f"--out {ns.out}: expected a .safetensors file name")
-    if os.path.exists(ns.out) and not ns.overwrite:
-        raise ConfigError(f"--out {ns.out}: already exists (pass --overwrite to replace it)")
-    folder = os.path.dirname(os.path.abspath(ns.out))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"--out {ns.out}: folder {folder} does not exist or is not writable")
+    check_tune_out(ns.out, ns.overwrite)
     search = getattr(ns, "search_steps", None)
     if search is not None:
         O.check_int("--search-steps", search)
         if search > ns.sampling_steps:
             raise ConfigError(f"--search-steps {search} is above --sampling-steps {ns.sampling_steps}")
+
+
+def sidecar_path(out: str) -> str:
+    """The ``.json`` beside a tuned embedding: the reward at each step."""
+    return os.path.splitext(out)[0] + ".json"
+
+
+def check_tune_out(out: str, overwrite: bool) -> None:
+    """Everything ``--out`` needs, before any model loads: a ``.safetensors`` name in a folder that
+    exists and takes a real write, and neither the file nor its ``.json`` there already (without
+    ``--overwrite``) nor a folder in their place (ever)."""
+    if not out.endswith(".safetensors") or not os.path.basename(out[: -len(".safetensors")]):
+        raise ConfigError(f"--out {out}: expected a .safetensors file name")
+    for path in (out, sidecar_path(out)):
+        if os.path.isdir(path):
+            raise ConfigError(f"--out {out}: {path} is a folder; give a file name")
+        if os.path.lexists(path) and not overwrite:
+            raise ConfigError(f"--out {out}: {path} already exists (pass --overwrite to replace it)")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out {out}: folder {folder} does not exist")
     check_out_dir(folder)  # a real write: a full disk or read-only mount fails here, not after tuning
+    for path in (out, sidecar_path(out)):
+        if os.path.lexists(path):
+            continue
+        try:  # the names themselves (too long, not allowed by the file system...)
+            with open(path, "x"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"--out {out}: can not write {path} ({e.strerror or e})") from None
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def run_tune(ns) -> dict:
@@ -183,5 +210,5 @@ def run_tune(ns) -> dict:
         "final_reward": res.final_reward,
         "compute": meter.to_json(),
     }
-    atomic_write_json(os.path.splitext(ns.out)[0] + ".json", report)
+    atomic_write_json(sidecar_path(ns.out), report)
     return report

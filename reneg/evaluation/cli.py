@@ -56,6 +56,14 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     )
     a("--handcrafted", default=d.handcrafted, help="text of 'handcrafted' (default: the paper's negative prompt)")
     a("--out", default=None, help="output folder (default runs/eval, or runs/demo-eval with --demo)")
+    O.add_options(
+        s,
+        ["overwrite"],
+        helps={
+            "overwrite": "write into an --out that holds a training run (its summary.json is replaced); "
+            "without it such an --out is refused. An evaluation's own --out is always continued"
+        },
+    )
     a("--limit", type=int, default=None, help="evaluate a fixed random sub-sample of this many prompts")
     a("--sample-seed", type=int, default=d.sample_seed, help="seed of the --limit sub-sample")
     a("--seed", type=int, default=d.seed, help="seed of prompt i's image k is SEED + i * images-per-prompt + k")
@@ -192,8 +200,17 @@ def _usable_training(folder: str, world_model: str | None):
         return None
     try:
         with open(sj, encoding="utf-8") as f:
-            model = json.load(f)["config"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
+            summary = json.load(f)
+        model = summary["config"]["model"]
+        status = summary.get("status", "finished")  # summaries written before "status" were of finished runs
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if status != "finished":  # a stopped (or still running) run is not evaluated as if it had finished
+        print(
+            f"reneg eval --demo: not using {folder}: its run is {status} at step {summary.get('step')} of "
+            f"{summary.get('steps')} (`reneg train --demo --resume` finishes it)",
+            flush=True,
+        )
         return None
     if not model or not os.path.isfile(os.path.join(model, "model_index.json")):
         return None
@@ -321,6 +338,7 @@ def _demo_train(d: dict, folder: str, progress: bool) -> str:
         handcrafted=d["handcrafted"],
         base_model_name="reneg-demo",
         progress=progress,
+        overwrite=True,  # the demo's own scratch run, made again whenever no finished one is found
         **kw,
     )
     summary = run_train(cfg)

@@ -88,6 +88,7 @@ class EvalConfig:
     title: str = "ReNeg evaluation"
     note: str = ""
     remake_mismatched: bool = False  # --demo: delete images made under other settings instead of refusing
+    overwrite: bool = False  # write into an --out that holds a training run (its summary.json is replaced)
 
     def to_json(self) -> dict:
         d = asdict(self)

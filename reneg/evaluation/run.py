@@ -91,7 +91,24 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         raise EvalError(f"--out {cfg.out}: cannot create the folder ({e.strerror or e})") from None
     if not os.access(cfg.out, os.W_OK):
         raise EvalError(f"--out {cfg.out}: the folder is not writable")
+    check_not_a_training_run(cfg)
     return items, negatives
+
+
+def check_not_a_training_run(cfg: EvalConfig) -> None:
+    """An evaluation writes its own summary.json: it never replaces a training run's unless ``--overwrite``."""
+    from .manifest import MANIFEST
+
+    if getattr(cfg, "overwrite", False):
+        return
+    marks = [f for f in ("checkpoint.pt", "log.csv") if os.path.isfile(os.path.join(cfg.out, f))]
+    if os.path.isfile(os.path.join(cfg.out, "summary.json")) and not os.path.isfile(os.path.join(cfg.out, MANIFEST)):
+        marks.append("summary.json")
+    if marks:
+        raise EvalError(
+            f"--out {cfg.out}: holds a training run or other results ({', '.join(marks)}), not an evaluation; "
+            f"choose another --out, or pass --overwrite to write the evaluation there (replacing its summary.json)"
+        )
 
 
 def _device(cfg: EvalConfig) -> torch.device:
@@ -124,6 +141,14 @@ def run_eval(cfg: EvalConfig, log=None) -> dict:
     """Generate what is missing, score everything, write scores.csv and the report; returns the summary."""
     log = log or (lambda msg: print(msg, flush=True))
     items, negatives = validate_eval(cfg)
+    from reneg.fileio import FolderLock
+
+    with FolderLock(cfg.out, "reneg eval", flag="--out"):  # one writer per out folder
+        check_not_a_training_run(cfg)  # again, now that no other command can start writing there
+        return _run_eval(cfg, log, items, negatives)
+
+
+def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
     check_manifest(cfg, items, negatives)
     from reneg.backends.loading import weights_dtype
     from reneg.generate import text_negative

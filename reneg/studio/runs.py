@@ -596,6 +596,8 @@ class RunManager:
         out = out.strip()
         if not self.is_running(out):
             return f"No run is going in {out}"
+        if os.path.exists(os.path.join(out, "STOP")):  # pressed again: the stop is under way, ask only once
+            return f"Already stopping the run in {out} after its current step (a checkpoint is written)"
         with open(os.path.join(out, "STOP"), "w", encoding="utf-8") as f:
             f.write("stop requested by reneg studio\n")
         p = self.procs.get(self._key(out))
@@ -785,7 +787,8 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
     st["running"] = running
     started = float(run.get("started", 0) or 0)
     fresh = summary is not None and (not run or os.path.getmtime(os.path.join(out, "summary.json")) >= started)
-    if fresh and not running and isinstance(summary, dict):
+    status = (summary or {}).get("status", "finished") if fresh else None  # finished | stopped | running
+    if fresh and not running and isinstance(summary, dict) and status == "finished":
         st["summary"] = summary
         # the final score is in summary.json (a log written before it was may lack it)
         history = summary.get("heldout_history")
@@ -832,7 +835,7 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
             f"{_f(h.get('null'))}, handcrafted {_f(h.get('handcrafted'))}, learned "
             f"{_f(h.get('learned'))}. Embedding: {st['summary'].get('embedding')}"
         )
-    elif "stopped on request" in st["log"] and ck is not None and (rc in (None, 0)):
+    elif ck is not None and (status == "stopped" or ("stopped on request" in st["log"] and rc in (None, 0, 130, 143))):
         st["state"] = "stopped"
         st["message"] = f"Stopped at step {ck} with a checkpoint; press Resume to continue"
     elif os.path.exists(os.path.join(out, "STOP")):  # stopped while loading: there was nothing to keep
