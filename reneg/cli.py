@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reneg {ns.command}: error: {_safe_text(str(e).strip(), 1000)}", file=sys.stderr)
         return 2
     finally:
+        from .threads import release
+
+        release()  # --threads auto follows the load during the command only
         if old is not None:
             # the process's own command line (argv None): it is exiting with the status just returned, and a
             # late SIGTERM (a second Stop) must not replace it; a caller in Python gets its handler back

@@ -105,6 +105,12 @@ def apply_threads(spec="auto", most: int | None = None) -> int:
     return n
 
 
+def release() -> None:
+    """Stop following the load (the command is over); the thread count stays as it is."""
+    global _governor
+    _governor = None
+
+
 def tick() -> None:
     """Between steps: under ``auto``, follow the machine's load (at most one look per INTERVAL)."""
     gov = _governor

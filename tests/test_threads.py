@@ -67,6 +67,10 @@ def test_auto_follows_the_load(monkeypatch):
     T.tick()
     assert torch.get_num_threads() == 2
     assert "auto" in T.describe()
+    T.release()
+    fake.advance(1.0, others_cores=1.9, own_cores=0.1)
+    T.tick()  # after the command: no longer followed
+    assert torch.get_num_threads() == 2
 
 
 def test_auto_cap_and_fixed_counts(monkeypatch):
