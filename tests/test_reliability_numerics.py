@@ -171,13 +171,15 @@ def test_bad_steps_in_a_row_stop_the_run(faulty, tiny_pipeline_dir, tiny_hps_ckp
     assert "stopped: 2 non-finite updates in a row" in err and "--max-bad-steps 2" in err, err
     assert os.path.join(out, "checkpoint.pt") in err
     assert "step 3: non-finite" in captured.out and "step 5" not in captured.out
-    # the last good checkpoint (step 2) is intact, loadable and finite; no summary was written
+    # the last good checkpoint (step 2) is intact, loadable and finite; the summary says the run failed
     state = load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert state["step"] == 2 and state["skipped"] == 0
     emb = load_embedding(os.path.join(out, "embedding.safetensors"))
     assert emb.metadata["trained_steps"] == "2"
     assert torch.equal(emb.tensor, state["neg"])
-    assert not os.path.exists(os.path.join(out, "summary.json"))
+    with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    assert summary["status"] == "failed" and "non-finite updates in a row" in summary["error"], summary
     assert [r["step"] for r in log_rows(out)] == ["1", "2", "3"]  # step 4 raised before its row
 
     # once the fault is gone, --resume carries on from the good checkpoint

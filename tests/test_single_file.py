@@ -394,7 +394,10 @@ def test_small_sdxl_file_in_bf16_with_v_pred_and_ztsnr_markers(tmp_path, tiny_sd
     assert float(ac[-1]) == pytest.approx(4.8973451890853435e-08) and float(single.schedule(30)[0]) > 4000
     single.scheduler_config.update(rescale_betas_zero_snr=False, timestep_spacing="leading")
     single.set_prediction_type("v_prediction")
-    _same_model(single, folder)
+    # to float rounding: with transformers 5.25 the pooled projection of the encoder built from the file and
+    # of the one from_pretrained read differ by up to 1e-6 with gradients enabled (equal under no_grad, and
+    # their weights and hidden states equal bit for bit); the UNet's output follows the pooled vector
+    _same_model(single, folder, exact=False)
     # stored in bf16, loaded in fp32: the weights are the folder's rounded to bf16
     half = folder_to_single_file(tiny_sdxl_dir, str(tmp_path / "xl16.safetensors"), "sdxl", dtype=torch.bfloat16)
     assert sf.inspect_checkpoint(half).dtype == "bfloat16"
