@@ -6,8 +6,8 @@ then, and the others wait for it at every barrier; a step made of many small ope
 world's) then runs far slower than its fair share of the machine (``benchmarks/load_study.py``; the
 table is in docs/performance.md). A single thread never waits for a peer. So ``auto`` measures, at
 most every :data:`INTERVAL` seconds while sampling, how much CPU the rest of the machine used since the
-last look (Linux: ``/proc/stat`` less this process's own ``/proc/self/stat``) and runs on the cores
-left free: at least one, at most the cores there are (and at most :data:`MAX_AUTO`). Elsewhere, and
+last look (Linux: ``/proc/stat`` less this process's own ``/proc/self/stat``) and, once two looks in a
+row agree, runs on the cores left free: at least one, at most the cores there are (and at most :data:`MAX_AUTO`). Elsewhere, and
 when ``/proc`` can not be read, ``auto`` is torch's own default, fixed. ``RENEG_THREADS=N`` in the
 environment makes the command line's ``auto`` a fixed ``N`` (a cluster's or a test suite's setting).
 
@@ -67,6 +67,7 @@ class _Governor:
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.last = (time.monotonic(), _cpu_ticks())
         self.others = 0.0  # cores the rest of the machine used over the last interval
+        self.pending = None  # a new count seen at one look; taken when the next look agrees
 
     def threads_for(self, others: float) -> int:
         return max(1, min(self.most, int(self.cores - others + 0.5)))
@@ -80,6 +81,19 @@ class _Governor:
         busy, own = ticks[0] - ticks0[0], ticks[1] - ticks0[1]
         self.others = max(0.0, (busy - own) / self.hz / (now - t0))
         return self.threads_for(self.others)
+
+    def settle(self, current: int) -> int | None:
+        """One look; a new count only when two looks in a row ask for it, so that a blip of other work
+        (a process starting, a page repainting) does not change the count, and with it the rounding."""
+        n = self.look()
+        if n is None or n == current:
+            self.pending = None
+            return None
+        if self.pending != n:
+            self.pending = n
+            return None
+        self.pending = None
+        return n
 
 
 def apply_threads(spec="auto", most: int | None = None) -> int:
@@ -116,12 +130,11 @@ def tick() -> None:
     gov = _governor
     if gov is None or time.monotonic() - gov.last[0] < INTERVAL:
         return
-    n = gov.look()
-    if n is not None:
-        import torch
+    import torch
 
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
+    n = gov.settle(torch.get_num_threads())
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 def describe() -> str:

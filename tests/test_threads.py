@@ -54,23 +54,23 @@ def test_auto_follows_the_load(monkeypatch):
     fake = _fake(monkeypatch, cores=2)
     assert T.apply_threads("auto") == 2  # an idle machine: both cores
     assert torch.get_num_threads() == 2
-    fake.advance(0.5, others_cores=1.8, own_cores=0.2)  # not a second yet: no look
-    T.tick()
-    assert torch.get_num_threads() == 2
-    fake.advance(1.0, others_cores=1.8, own_cores=0.2)  # other work took the machine: one thread
-    T.tick()
-    assert torch.get_num_threads() == 1
-    fake.advance(1.0, others_cores=0.9, own_cores=1.0)  # one busy process beside us: still one
-    T.tick()
-    assert torch.get_num_threads() == 1
-    fake.advance(1.0, others_cores=0.1, own_cores=1.0)  # the load went away: both again
-    T.tick()
-    assert torch.get_num_threads() == 2
+
+    def look(others, own, seconds=1.0):
+        fake.advance(seconds, others_cores=others, own_cores=own)
+        T.tick()
+        return torch.get_num_threads()
+
+    assert look(1.8, 0.2, seconds=0.5) == 2  # not a second yet: no look
+    assert look(1.8, 0.2) == 2  # other work took the machine: one look is a blip...
+    assert look(1.8, 0.2) == 1  # ...two in a row are a load: one thread
+    assert look(0.9, 1.0) == 1  # one busy process beside us: still one
+    assert look(0.1, 1.0) == 1  # the load went away...
+    assert look(1.9, 0.1) == 1  # ...for one look only: nothing changes
+    assert look(0.1, 1.0) == 1
+    assert look(0.1, 1.0) == 2  # gone for two looks: both cores again
     assert "auto" in T.describe()
     T.release()
-    fake.advance(1.0, others_cores=1.9, own_cores=0.1)
-    T.tick()  # after the command: no longer followed
-    assert torch.get_num_threads() == 2
+    assert look(1.9, 0.1) == 2 and look(1.9, 0.1) == 2  # after the command: no longer followed
 
 
 def test_auto_cap_and_fixed_counts(monkeypatch):
