@@ -23,58 +23,16 @@ import torch
 from reneg.cli import main
 from test_reliability_cli import ModelLoadAttempt, env, eval_base, train_base, tune_base  # noqa: F401
 from test_reliability_promises import _checkpoint_for
+from test_train_events import _args as _event_args
+from test_train_events import _prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP_WITHIN = 20.0  # seconds from SIGTERM to exit: generous for a loaded CI machine; typically under 2
 
 
-def _prompts(tmp_path) -> str:
-    p = tmp_path / "prompts.txt"
-    p.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")))
-    return str(p)
-
-
-def _train_args(pipe, hps, prompts, out, *extra):
-    return [
-        "train",
-        "--model",
-        pipe,
-        "--reward",
-        f"hpsv2={hps}",
-        "--prompts",
-        prompts,
-        "--heldout-count",
-        "2",
-        "--out",
-        str(out),
-        "--steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--micro-batch",
-        "2",
-        "--sampling-steps",
-        "4",
-        "--grad-range",
-        "0",
-        "2",
-        "--resolution",
-        "16",
-        "--lr",
-        "0.05",
-        "--checkpoint-every",
-        "2",
-        "--eval-every",
-        "2",
-        "--eval-batch",
-        "2",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--handcrafted",
-        "blurry",
-        *extra,
-    ]
+def _train_args(tmp_path, pipe, hps, out, *extra):
+    """The tiny 4-step run of tests/test_train_events.py, on the CPU, held-out scoring in batches of 2."""
+    return _event_args(tmp_path, out, pipe, hps, "--eval-batch", "2", "--device", "cpu", *extra)
 
 
 def _spawn(argv, cwd, log):
@@ -130,7 +88,7 @@ def _log_rows(out) -> int:
 @pytest.mark.slow  # a real process: about 20 s on 2 busy cores, mostly imports
 def test_train_sigterm_twice_stops_after_its_step_with_status_143(tiny_pipeline_dir, tiny_hps_ckpt, tmp_path):
     out = tmp_path / "run"
-    argv = _train_args(tiny_pipeline_dir, tiny_hps_ckpt, _prompts(tmp_path), out, "--steps", "100000")
+    argv = _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, "--steps", "100000")
     argv[argv.index("--checkpoint-every") + 1] = "100000"  # only the stop writes a checkpoint
     argv[argv.index("--eval-every") + 1] = "0"
     proc, f = _spawn(argv, tmp_path, tmp_path / "log.txt")
@@ -222,7 +180,7 @@ def test_library_call_keeps_the_callers_handlers_and_raises_when_stopped(
     from reneg.trainer.train import TrainingStopped, run_train
 
     out = tmp_path / "run"
-    argv = _train_args(tiny_pipeline_dir, tiny_hps_ckpt, _prompts(tmp_path), out)
+    argv = _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out)
     seen = []
     real = events.TrainEvents.on_step
 
@@ -261,7 +219,7 @@ def test_stop_file_in_the_command_exits_143(tiny_pipeline_dir, tiny_hps_ckpt, tm
         (out / events.STOP_FILE).write_text("stop")
 
     monkeypatch.setattr(events.TrainEvents, "on_step", on_step)
-    assert main(_train_args(tiny_pipeline_dir, tiny_hps_ckpt, _prompts(tmp_path), out)) == 143
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out)) == 143
     assert "stopped at step 1 of 4" in capsys.readouterr().out
     # eval --demo would not take it for a finished run
     from reneg.evaluation.cli import _usable_training
@@ -346,7 +304,7 @@ def test_studio_stop_asks_once_and_shows_a_143_stop_as_stopped(tmp_path):
 
 def test_non_finite_update_is_skipped_not_written(tiny_pipeline_dir, tiny_hps_ckpt, tmp_path, capsys, recwarn):
     out = tmp_path / "r"
-    argv = _train_args(tiny_pipeline_dir, tiny_hps_ckpt, _prompts(tmp_path), out, "--lr", "1e308")
+    argv = _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, "--lr", "1e308")
     argv[argv.index("--checkpoint-every") + 1] = "1"
     rc = main(argv + ["--max-bad-steps", "2"])
     cap = capsys.readouterr()
@@ -495,7 +453,7 @@ def test_failed_checkpoint_write_keeps_the_embedding_too(
 
     monkeypatch.setattr(tt, "save_embedding", save_embedding)
     monkeypatch.setattr(tt, "save_checkpoint", save_checkpoint)
-    argv = _train_args(tiny_pipeline_dir, tiny_hps_ckpt, _prompts(tmp_path), out, "--steps", "6")
+    argv = _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, "--steps", "6")
     assert main(argv) == 2
     assert os.strerror(errno.ENOSPC) in capsys.readouterr().err
     assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 2
