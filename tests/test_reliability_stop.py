@@ -70,6 +70,22 @@ def _terminate(proc, twice=False) -> tuple[int, float]:
     return rc, time.time() - t0
 
 
+def _stopped_by_sigterm(argv, tmp_path, ready, what, twice=False, timeout=240) -> str:
+    """Run ``reneg ARGV``; once ``ready()`` holds, SIGTERM it (``twice``: two in a row); it must exit 143
+    within STOP_WITHIN seconds. Returns what it printed."""
+    proc, f = _spawn(argv, tmp_path, tmp_path / "log.txt")
+    try:
+        _wait_for(ready, proc, what, timeout=timeout)
+        rc, took = _terminate(proc, twice=twice)
+    finally:
+        f.close()
+    text = (tmp_path / "log.txt").read_text()
+    assert rc == 143, text[-3000:]
+    assert took < STOP_WITHIN, took
+    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
+    return text
+
+
 def _no_temp_files(folder) -> list[str]:
     return [p for p in glob.glob(os.path.join(folder, "**", ".*.tmp*"), recursive=True)]
 
@@ -91,16 +107,7 @@ def test_train_sigterm_twice_stops_after_its_step_with_status_143(tiny_pipeline_
     argv = _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, "--steps", "100000")
     argv[argv.index("--checkpoint-every") + 1] = "100000"  # only the stop writes a checkpoint
     argv[argv.index("--eval-every") + 1] = "0"
-    proc, f = _spawn(argv, tmp_path, tmp_path / "log.txt")
-    try:
-        _wait_for(lambda: _log_rows(out) >= 1, proc, "the first step")
-        rc, took = _terminate(proc, twice=True)
-    finally:
-        f.close()
-    text = (tmp_path / "log.txt").read_text()
-    assert rc == 143, text[-3000:]
-    assert took < STOP_WITHIN, took
-    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
+    text = _stopped_by_sigterm(argv, tmp_path, lambda: _log_rows(out) >= 1, "the first step", twice=True)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == _log_rows(out) >= 1  # the step in progress was finished and kept
     summary = json.loads((out / "summary.json").read_text())
@@ -118,15 +125,9 @@ def test_tune_sigterm_stops_at_once_and_writes_nothing(tiny_pipeline_dir, tiny_h
     argv = ["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "a red circle"]
     argv += ["--out", str(out), "--sampling-steps", "4", "--grad-range", "0", "2", "--resolution", "16"]
     argv += ["--max-steps", "100000", "--patience", "100000", "--device", "cpu"]
-    proc, f = _spawn(argv, tmp_path, tmp_path / "log.txt")
-    try:
-        _wait_for(lambda: "step 1:" in (tmp_path / "log.txt").read_text(), proc, "the first tuning step")
-        rc, took = _terminate(proc)
-    finally:
-        f.close()
-    assert rc == 143, (tmp_path / "log.txt").read_text()[-3000:]
-    assert took < STOP_WITHIN, took
-    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
+    _stopped_by_sigterm(
+        argv, tmp_path, lambda: "step 1:" in (tmp_path / "log.txt").read_text(), "the first tuning step"
+    )
     assert not out.exists() and not (tmp_path / "tuned.json").exists() and _no_temp_files(tmp_path) == []
 
 
@@ -136,15 +137,7 @@ def test_eval_sigterm_stops_at_once_leaving_whole_images(tiny_pipeline_dir, tiny
     argv = ["eval", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}"]
     argv += ["--prompts", _prompts(tmp_path), "--negative", "null", "--images-per-prompt", "2000", "--batch", "1"]
     argv += ["--out", str(out), "--sampling-steps", "4", "--resolution", "16", "--device", "cpu", "--no-progress"]
-    proc, f = _spawn(argv, tmp_path, tmp_path / "log.txt")
-    try:
-        _wait_for(lambda: len(glob.glob(str(out / "images" / "*.png"))) >= 2, proc, "the first images")
-        rc, took = _terminate(proc)
-    finally:
-        f.close()
-    assert rc == 143, (tmp_path / "log.txt").read_text()[-3000:]
-    assert took < STOP_WITHIN, took
-    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
+    _stopped_by_sigterm(argv, tmp_path, lambda: len(glob.glob(str(out / "images" / "*.png"))) >= 2, "the first images")
     from PIL import Image
 
     for p in glob.glob(str(out / "images" / "*.png")):
@@ -156,15 +149,9 @@ def test_eval_sigterm_stops_at_once_leaving_whole_images(tiny_pipeline_dir, tiny
 def test_eval_demo_sigterm_stops_inside_its_own_training(tmp_path):
     out = tmp_path / "demo-eval"
     argv = ["eval", "--demo", "--out", str(out), "--no-progress"]
-    proc, f = _spawn(argv, tmp_path, tmp_path / "log.txt")
-    try:
-        _wait_for(lambda: (out / "train" / "log.csv").exists(), proc, "its training's first step", timeout=600)
-        rc, took = _terminate(proc)
-    finally:
-        f.close()
-    assert rc == 143, (tmp_path / "log.txt").read_text()[-3000:]
-    assert took < STOP_WITHIN, took
-    print(f"\n{argv[0]}{' --demo' if '--demo' in argv else ''}: exit {rc} {took:.2f} s after SIGTERM")
+    _stopped_by_sigterm(
+        argv, tmp_path, lambda: (out / "train" / "log.csv").exists(), "its training's first step", timeout=600
+    )
     assert _no_temp_files(out) == []
 
 
