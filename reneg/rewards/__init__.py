@@ -69,6 +69,11 @@ class Reward(torch.nn.Module):
         one more forward). Returns whether this reward supports it."""
         return False
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """L2-normalised features ``[B, D]`` of images in [-1, 1] from the reward's own image tower
+        (what :mod:`reneg.diversity` measures distances in), or None when the reward has none."""
+        return None
+
 
 def register(
     name: str,
@@ -268,6 +273,13 @@ class WeightedReward(Reward):
 
     def enable_gradient_checkpointing(self) -> bool:
         return any([r.enable_gradient_checkpointing() for r in self.rewards])
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        for r in self.rewards:  # the first part that has an image tower
+            f = r.image_features(images)
+            if f is not None:
+                return f
+        return None
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         total = None

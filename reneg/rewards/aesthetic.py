@@ -40,12 +40,15 @@ class Aesthetic(Reward):
         super().__init__()
         self.vision, self.mlp, self.size = vision, mlp, size
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
         p = next(self.vision.parameters())
         x = clip_preprocess(images.to(p.device, torch.float32), self.size).to(p.dtype)
         emb = self.vision.get_image_features(pixel_values=x)
         emb = getattr(emb, "pooler_output", emb).float()
-        emb = emb / emb.norm(dim=-1, keepdim=True)
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        emb = self.image_features(images)
         return self.mlp(emb.to(next(self.mlp.parameters()).dtype)).squeeze(-1).float()
 
 

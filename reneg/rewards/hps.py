@@ -114,15 +114,18 @@ class OpenClipScore(Reward):
                 self._text_cache.clear()
         return torch.stack([self._text_cache[p] for p in prompts]).to(dev)
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
         p = next(self.model.parameters())
         work = torch.promote_types(p.dtype, torch.float32)  # fp32 at least, fp64 kept for checks
         x = clip_preprocess(images.to(p.device, work), self.size).to(p.dtype)
         img = self.model.encode_image(x).to(work)
-        img = img / img.norm(dim=-1, keepdim=True)
-        return self.scale * (img * self.text_features(prompts).to(work)).sum(-1)
+        return img / img.norm(dim=-1, keepdim=True)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+        img = self.image_features(images)
+        return self.scale * (img * self.text_features(prompts).to(img.dtype)).sum(-1)
 
 
 def _load_hps(path, device="cpu", dtype=torch.float32, arch=None, config=None, **unused):

@@ -414,6 +414,14 @@ class ImageRewardScore(Reward):
         )
         return t["input_ids"].to(device), t["attention_mask"].to(device)
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """BLIP's image embedding: the vision tower's CLS token through ``vision_proj``, normalised."""
+        p = next(self.model.parameters())
+        work = torch.promote_types(p.dtype, torch.float32)
+        x = clip_preprocess(images.to(p.device, work), self.size).to(p.dtype)
+        f = self.model.blip.vision_proj(self.model.blip.visual_encoder(x)[:, 0]).to(work)
+        return f / f.norm(dim=-1, keepdim=True)
+
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")

@@ -22,12 +22,17 @@ class PickScore(Reward):
         self.size = int(model.config.vision_config.image_size)
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
         p = next(self.model.parameters())
         # as its reference, Hugging Face's CLIPImageProcessor: torchvision's resize, crop offset truncated
         x = clip_preprocess(images.to(p.device, torch.float32), self.size, self.mean, self.std, crop_offset="floor")
         img = self.model.get_image_features(pixel_values=x.to(p.dtype))
         img = getattr(img, "pooler_output", img).float()
+        return img / img.norm(dim=-1, keepdim=True)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        p = next(self.model.parameters())
+        img = self.image_features(images)
         with torch.no_grad():
             tok = self.tokenizer(
                 prompts,
@@ -38,7 +43,6 @@ class PickScore(Reward):
             ).to(p.device)
             txt = self.model.get_text_features(**tok)
             txt = getattr(txt, "pooler_output", txt).float()
-        img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
         return self.model.logit_scale.exp().float() * (img * txt).sum(-1)
 
