@@ -235,29 +235,38 @@ def test_options_resume_exactly_and_keep_the_count(tmp_path, tiny_pipeline_dir, 
 
 
 def test_fast_recipe_resumes_exactly(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, monkeypatch, capsys):
-    """--recipe fast (a third of the steps at a larger lr): the same command, stopped after a checkpoint and
-    resumed, ends with the uninterrupted run's embedding; the run records the steps and lr it used; a refused
-    resume speaks in the --steps and --lr the user typed."""
-    from reneg.trainer.config import FAST_LR_FACTOR
-
+    """--recipe fast (the paper's steps and lr with a 6-step no-grad rollout): the run records the options
+    it used, costs less than the paper recipe, and a stopped run resumed ends with the uninterrupted
+    run's embedding; a resume with another --rollout-steps is refused by name."""
     prompts = _prompts(tmp_path)
-    opts = ["--steps", "12", "--checkpoint-every", "2", "--recipe", "fast", "--seed", "3", "--grad-range", "0", "2"]
-    assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *opts)) == 0
-    cfg = json.loads((tmp_path / "a" / "summary.json").read_text())["config"]
-    assert (cfg["recipe"], cfg["steps"], cfg["lr"]) == ("fast", 4, pytest.approx(0.05 * FAST_LR_FACTOR))
-    _stopped_after_checkpoint(monkeypatch, _train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts), 2)
-    assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts, "--resume")) == 0
+    opts = [
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "3",
+        "--sampling-steps",
+        "12",
+        "--grad-range",
+        "0",
+        "2",
+    ]
+    assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *opts, "--recipe", "fast")) == 0
+    assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "p", *opts)) == 0
+    fast, paper = (json.loads((tmp_path / k / "summary.json").read_text()) for k in ("a", "p"))
+    cfg = fast["config"]
+    assert (cfg["recipe"], cfg["steps"], cfg["lr"], cfg["rollout_steps"]) == ("fast", 4, pytest.approx(0.05), 6)
+    assert fast["compute"]["units"]["U"] < paper["compute"]["units"]["U"]
+    argv = _train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "b", *opts, "--recipe", "fast")
+    _stopped_after_checkpoint(monkeypatch, argv, 2)
+    assert main(argv + ["--resume"]) == 0
     a, b = (load_embedding(tmp_path / k / "embedding.safetensors").tensor for k in ("a", "b"))
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), float((a - b).abs().max())
     capsys.readouterr()
-    # "a" is at (scaled) step 4; --steps 6 scales to 2: the error names the --steps that would do (11)
-    short = [o if o != "12" else "6" for o in opts]
-    assert main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *short, "--resume")) == 2
+    rc = main(argv + ["--rollout-steps", "3", "--resume"])
     err = capsys.readouterr().err
-    assert "--recipe fast runs 2 optimizer steps" in err and "resume with --steps 11 or more" in err, err
-    rc = main(_train(tiny_pipeline_dir, tiny_hps_ckpt, prompts, tmp_path / "a", *opts, "--lr", "0.1", "--resume"))
-    err = capsys.readouterr().err
-    assert rc == 2 and "--recipe fast multiplies the --lr given by 2" in err, err
+    assert rc == 2 and "--rollout-steps 6" in err and "--rollout-steps 3" in err, err
 
 
 def test_options_are_validated_before_loading(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
@@ -292,15 +301,15 @@ def test_recipe_fills_unset_options_and_flags_win():
     paper = config_from_args(build_parser().parse_args(base))
     assert (paper.recipe, paper.rollout_steps, paper.grads_per_rollout) == ("paper", None, 1)
     fast = config_from_args(build_parser().parse_args(base + ["--recipe", "fast"]))
-    # fast: a third of the run's steps at FAST_LR_FACTOR times its lr; the per-sample options stay the paper's
-    assert (fast.recipe, fast.steps, fast.lr) == ("fast", 1333, pytest.approx(5e-3 * RECIPES["fast"]["lr_factor"]))
-    assert (fast.rollout_steps, fast.grads_per_rollout, fast.batch_size) == (None, 1, paper.batch_size)
+    # fast: the paper's optimizer path (steps, lr, samples per step) with a 6-step no-grad rollout
+    assert RECIPES["fast"] == {"rollout_steps": 6}
+    assert (fast.recipe, fast.steps, fast.lr, fast.batch_size) == ("fast", paper.steps, paper.lr, paper.batch_size)
+    assert (fast.rollout_steps, fast.grads_per_rollout) == (6, 1)
     ns = build_parser().parse_args(
         base + ["--recipe", "fast", "--steps", "160", "--lr", "0.05", "--rollout-steps", "9"]
     )
     mine = config_from_args(ns)
-    assert (mine.steps, mine.lr, mine.rollout_steps) == (53, pytest.approx(0.05 * RECIPES["fast"]["lr_factor"]), 9)
-    assert config_from_args(ns).steps == 53  # scaled once, however often the namespace is read
+    assert (mine.steps, mine.lr, mine.rollout_steps) == (160, pytest.approx(0.05), 9)  # flags given win
 
 
 def test_tune_search_steps_counts_and_record(

@@ -398,7 +398,7 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
         heldout=cfg.get("heldout") or "",
         handcrafted=g("handcrafted"),
         out=out,
-        steps=g("steps"),  # as run: a recipe's scaled steps and lr, so no --recipe is passed again
+        steps=g("steps"),  # as run: the options a --recipe filled come back as their own flags (extra)
         lr=g("lr"),
         batch_size=g("batch_size"),
         micro_batch=g("micro_batch"),
