@@ -448,14 +448,14 @@ def test_failed_checkpoint_write_keeps_the_embedding_too(
     assert _no_temp_files(out) == []
 
 
-# --------------------------------------------------------------------------- resume advice
+# --------------------------------------------------------------------------- resume advice (a --steps it names is one the command accepts)
 
 
 @pytest.mark.parametrize(
     "made, step, given",
     [
-        (["--steps", "30", "--recipe", "fast"], 10, ["--steps", "11", "--recipe", "fast"]),
-        (["--steps", "11"], 5, ["--steps", "11", "--recipe", "fast"]),  # another lr: no --steps advice
+        (["--steps", "30", "--recipe", "fast"], 10, ["--steps", "5", "--recipe", "fast"]),
+        (["--steps", "11"], 5, ["--steps", "11", "--recipe", "fast"]),  # another rollout: no --steps advice
         (["--steps", "2147483647", "--recipe", "fast"], 2147483000, ["--steps", "11", "--recipe", "fast"]),
         (["--steps", "2147483647"], 2147483647, ["--steps", "11"]),
     ],
