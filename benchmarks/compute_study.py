@@ -1,7 +1,7 @@
 """Held-out reward against compute on the demo world: the paper recipe beside cheaper ones.
 
     python benchmarks/compute_study.py                          # all variants, seeds 0 1
-    python benchmarks/compute_study.py --seeds 0 --only paper,fast --tune-prompts 4
+    python benchmarks/compute_study.py --seeds 0 --only paper,recipe-fast --tune-prompts 4
 
 Trains one embedding per (variant, training seed) on the demo world (CPU), metering every
 UNet call, decode and reward pass (``reneg.compute``), scores each embedding on the demo
@@ -30,7 +30,9 @@ if __package__ in (None, ""):
 
 import torch
 
-# name -> (overrides of the base recipe as a function of it, description)
+# name -> (overrides of the base recipe as a function of it, description). A name that reads like a flag
+# is that flag: "recipe-fast" is `reneg train --recipe fast` (its options taken from the trainer's own
+# RECIPES table), "rollout-6" is `--rollout-steps 6`; the others describe what they change.
 VARIANTS = {
     "paper": (lambda b: {}, "the paper's recipe (30-step no-grad rollout, one grad step per trajectory)"),
     "steps-third": (lambda b: {"steps": b["steps"] // 3}, "a third of the optimizer steps, same lr"),
@@ -52,7 +54,8 @@ VARIANTS = {
         lambda b: {"grads_per_rollout": 2, "batch_size": b["batch_size"] // 2, "micro_batch": b["micro_batch"] // 2},
         "--grads-per-rollout 2 on half the trajectories (same gradients per step)",
     ),
-    "fast": (
+    "recipe-fast": (lambda b: _recipe("fast"), "`--recipe fast`"),
+    "rollout-3-grads-2": (
         lambda b: {
             "rollout_steps": 3,
             "grads_per_rollout": 2,
@@ -78,6 +81,12 @@ TUNE_VARIANTS = {
     "search-5-max8-lr2x": (5, 8, "--search-steps 5 --max-steps 8, twice the lr", 2.0),
     "max-2-lr3x": (None, 2, "--max-steps 2 (one update at 30 sampling steps), three times the lr", 3.0),
 }
+
+
+def _recipe(name: str) -> dict:
+    from reneg.trainer.config import RECIPES
+
+    return dict(RECIPES[name])
 
 
 def log(msg: str) -> None:
