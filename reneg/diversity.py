@@ -25,9 +25,11 @@ def pairwise_diversity(features: torch.Tensor) -> float | None:
         return None
     f = features.double()
     f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sim = f @ f.T
     iu = torch.triu_indices(n, n, offset=1)
-    return float((1.0 - sim[iu[0], iu[1]]).clamp_min(0.0).mean())
+    # for unit vectors 1 - cos(a, b) = |a - b|^2 / 2: exactly 0 for identical rows (1 - a.a is not, by
+    # rounding), and no cancellation for the near-identical images a collapsed negative makes
+    d = f[iu[0]] - f[iu[1]]
+    return float((d * d).sum(-1).mean() / 2)
 
 
 def diversity_by_group(features: torch.Tensor, groups: Sequence[Hashable]) -> dict:

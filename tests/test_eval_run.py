@@ -88,7 +88,7 @@ def test_end_to_end_files_html_and_resume(
     assert all(os.path.isfile(out / r["image"]) for r in rows)
     # summary.json: means with intervals per negative, reward and category; pairwise win rates
     s = json.loads((out / "summary.json").read_text())
-    assert s["rewards"] == rewards and [n["name"] for n in s["negatives"]] == negs
+    assert [r["name"] for r in s["rewards"]] == rewards and [n["name"] for n in s["negatives"]] == negs
     assert s["reference"] == "handcrafted" and s["categories"] == {"shapes": 2, "animals": 1}
     for rw in rewards:
         for n in negs:

@@ -225,5 +225,5 @@ def test_tune_and_eval_run_with_imagereward(tmp_path, tiny_pipeline_dir, tiny_ir
         == 0
     ), capsys.readouterr().err
     summary = json.loads((ev / "summary.json").read_text())
-    assert summary["rewards"] == ["imagereward"]
+    assert [r["name"] for r in summary["rewards"]] == ["imagereward"]
     assert os.path.isfile(ev / "scores.csv")

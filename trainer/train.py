@@ -245,10 +245,13 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
     shape = backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution)
     log = CsvLog(os.path.join(cfg.out, "log.csv"), start) if main else None
     base = dict(base_model=cfg.base_model_name) if cfg.base_model_name else base_model_fields(cfg.model)
+    from reneg.rewards import reward_files
+
     meta = dict(
         kind="global",
         **base,
         rewards=cfg.rewards,
+        reward_files=reward_files(cfg.rewards),  # kind, path, name and size: how reneg eval recognises them
         steps=cfg.steps,
         lr=cfg.lr,
         batch=cfg.batch_size,

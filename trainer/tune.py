@@ -123,7 +123,7 @@ def check_tune_out(out: str, overwrite: bool) -> None:
 def run_tune(ns) -> dict:
     validate_tune(ns)
     from reneg.backends.loading import load_diffusers
-    from reneg.rewards import load_rewards
+    from reneg.rewards import load_rewards, reward_files
 
     from .train import enable_checkpointing, weights_dtype
 
@@ -189,6 +189,7 @@ def run_tune(ns) -> dict:
         noise_mode=ns.noise,
         **base_model_fields(ns.model),
         rewards=ns.rewards,
+        reward_files=reward_files(ns.rewards),  # how reneg eval recognises them
         steps=len(res.history),
         lr=ns.lr,
         guidance_scale=ns.guidance,

@@ -6,7 +6,9 @@
 - :mod:`.images`: the PNG (animated PNG for videos) files under ``OUT/images``.
 - :mod:`.manifest`: ``manifest.json``, so a resumed run never mixes images made under other settings.
 - :mod:`.run`: checking every flag, then resumable batched generation (per-sample tuning for tuned negatives).
-- :mod:`.scoring`: scoring the image files with every reward, ``scores.csv``.
+- :mod:`.scoring`: scoring the image files with every reward, ``scores.csv``; in the same pass the image
+  features each negative's diversity per prompt is measured in, ``diversity.csv``.
+- :mod:`.provenance`: each reward marked trained on / held out from the evaluated embeddings' metadata.
 - :mod:`.report`: ``summary.json``, plots (matplotlib), ``report.html``, ``report.md``.
 - :mod:`.video`: AnimateDiff (SD1.5 UNet + a local motion adapter) as a video backend.
 - :mod:`.cli`: the ``reneg eval`` sub-command.

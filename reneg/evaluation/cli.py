@@ -22,7 +22,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         "eval",
         help="compare negatives (null, handcrafted, embeddings, per-sample tuning) on a prompt set",
         description="Generate one image per prompt and seed with every negative (same noise across negatives), "
-        "score them with one or more rewards and write images/, scores.csv, summary.json, plots/, "
+        "score them with one or more rewards and write images/, scores.csv, diversity.csv, summary.json, plots/, "
         "report.html and report.md into --out. Rerunning with the same --out makes only the "
         "missing images.",
     )
@@ -36,7 +36,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     O.add_options(
         s,
         ["model", "config", "vae", "prediction_type", "rewards"],
-        helps={"rewards": "each reward is reported on its own; the first one also drives per-sample tuning"},
+        helps={
+            "rewards": "each reward is reported on its own, marked trained on or held out (from the evaluated "
+            "embeddings' metadata); the first one also drives per-sample tuning"
+        },
     )
     a(
         "--prompts",
@@ -67,7 +70,13 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     a("--limit", type=int, default=None, help="evaluate a fixed random sub-sample of this many prompts")
     a("--sample-seed", type=int, default=d.sample_seed, help="seed of the --limit sub-sample")
     a("--seed", type=int, default=d.seed, help="seed of prompt i's image k is SEED + i * images-per-prompt + k")
-    a("--images-per-prompt", type=int, default=d.images_per_prompt)
+    a(
+        "--images-per-prompt",
+        type=int,
+        default=d.images_per_prompt,
+        help="seeds per prompt; 2 or more also measure each negative's diversity (how much a prompt's images "
+        "differ in the first reward's image features; a drop is the sign of reward hacking), into diversity.csv",
+    )
     O.add_options(s, ["sampling_steps", "guidance", "resolution"])
     a("--batch", type=int, default=d.batch, help="images per generation / scoring batch")
     O.add_options(
@@ -135,18 +144,20 @@ def cmd_eval(ns) -> int:
     print(_console_table(summary))
     print(
         f"wrote {os.path.join(cfg.out, 'report.html')} (open it in a browser), report.md, summary.json, "
-        f"scores.csv, plots/ and images/ in {cfg.out}  [{time.time() - t0:.1f} s]"
+        f"scores.csv, diversity.csv, plots/ and images/ in {cfg.out}  [{time.time() - t0:.1f} s]"
     )
     return 0
 
 
 def _console_table(summary: dict) -> str:
-    from .report import _diff_text, _label
+    from .report import _diff_text, _label, diversity_note, diversity_shown, reward_marks
 
     ref = summary["reference"]
     lines = []
-    for rw in summary["rewards"]:
-        lines.append(f"{rw}: mean [95% CI]; paired difference vs {ref} [95% CI]; win rate over {ref} [95% CI] (W/T/L)")
+    for rw, mark in reward_marks(summary):
+        lines.append(
+            f"{rw} ({mark}): mean [95% CI]; paired difference vs {ref} [95% CI]; win rate over {ref} [95% CI] (W/T/L)"
+        )
         for n in summary["negatives"]:
             name = n["name"]
             ci = summary["means"][rw][name]["all"]
@@ -162,6 +173,24 @@ def _console_table(summary: dict) -> str:
                 f"  on the {summary['images'][part]} images {part} was made for: "
                 + ", ".join(f"{k} {v['mean']:.4f}" for k, v in m.items())
             )
+    d = summary.get("diversity") or {}
+    if diversity_shown(summary):
+        lines.append(
+            f"diversity ({d.get('reward')} image features, same prompt across seeds; 0 = identical images, a drop "
+            f"vs {ref} is the sign of reward hacking): mean [95% CI]; paired difference vs {ref} [95% CI]"
+        )
+        for n in summary["negatives"]:
+            nd = n.get("diversity") or {}
+            ci = nd.get("mean")
+            if not ci:
+                lines.append(f"  {_label(summary, n['name']):20s} n/a ({nd.get('note') or 'not measured'})")
+                continue
+            rng = f"[{ci['lo']:.4f}, {ci['hi']:.4f}]" if ci["lo"] is not None else ""
+            dd = nd.get("difference_vs_reference")
+            dr = _diff_text(dd) if dd and n["name"] != ref else ""
+            lines.append(f"  {_label(summary, n['name']):20s} {ci['mean']:.4f} {rng:20s} {dr}")
+    else:
+        lines.append(diversity_note(summary))  # "diversity needs ..."
     return "\n".join(lines)
 
 

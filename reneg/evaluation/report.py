@@ -15,6 +15,7 @@ from collections import OrderedDict
 from reneg.fileio import atomic_path, atomic_write_json, atomic_write_text
 
 from . import stats
+from .provenance import UNKNOWN, reward_names_of, role_text
 
 PLOT_DIR = "plots"
 PLOTS = ("means.png", "categories.png", "differences.png", "winrates.png")
@@ -41,10 +42,23 @@ def pick_reference(names: list[str], requested: str | None = None) -> str:
     return names[0]
 
 
-def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing=None, coverage=None) -> dict:
+def build_summary(
+    rows,
+    items,
+    negatives,
+    reward_names,
+    cfg,
+    tuning=None,
+    timing=None,
+    coverage=None,
+    diversity=None,
+    reward_roles=None,
+) -> dict:
     """Means, paired differences and win rates. ``coverage`` ({negative: its items}) names negatives made
     for a subset of the items (``--tune-per-prompt``); a pair of negatives is compared on the images both
-    have, and ``subsets`` gives every negative's mean on each such subset."""
+    have, and ``subsets`` gives every negative's mean on each such subset. ``diversity``: ``{"reward",
+    "rows" (those of diversity.csv), "note"}``, summarised per negative with its paired difference from
+    the reference (paired on prompt); ``reward_roles``: :func:`.provenance.reward_roles`."""
     neg_names = [n.name for n in negatives]
     keys = [(it.index, it.seed) for it in items]
     cover = {
@@ -110,16 +124,29 @@ def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing
                 "note": "rewards measured on the float image during the search (tuning reward: the first --reward)",
             }
     settings = cfg.to_json() if hasattr(cfg, "to_json") else dict(cfg)
+    div_top, div_per = _diversity_summary(diversity, neg_names, ref, cover)
+    roles = {r["name"]: r for r in (reward_roles or [])}
     return {
         "title": getattr(cfg, "title", "ReNeg evaluation"),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "images_per_negative": len(keys),
         "prompts": len({it.index for it in items}),
-        "rewards": list(reward_names),
+        "rewards": [
+            roles.get(rw) or {"name": rw, "spec": None, "role": UNKNOWN, "trained_by": [], "embeddings": {}}
+            for rw in reward_names
+        ],
         "negatives": [
-            {"name": n.name, "kind": n.kind, "source": n.source, "description": n.describe()} for n in negatives
+            {
+                "name": n.name,
+                "kind": n.kind,
+                "source": n.source,
+                "description": n.describe(),
+                "diversity": div_per[n.name],
+            }
+            for n in negatives
         ],
         "reference": ref,
+        "diversity": div_top,
         "categories": {c: len(v) for c, v in by_cat.items()},
         "images": {n: len(cover[n]) for n in neg_names},
         "subsets": subsets,
@@ -132,6 +159,43 @@ def build_summary(rows, items, negatives, reward_names, cfg, tuning=None, timing
         "timing": timing or {},
         "settings": settings,
     }
+
+
+DIVERSITY_NEEDS = "diversity needs --images-per-prompt 2 or more"
+DIVERSITY_MEASURE = (
+    "mean pairwise 1 - cosine of the reward's image features between the images of one prompt (across seeds), "
+    "averaged over prompts with a 95% Student-t interval; identical images score 0; a drop against the "
+    "reference is the sign of reward hacking: the images of a prompt converge"
+)
+
+
+def _diversity_summary(div, neg_names, ref, cover) -> tuple[dict, dict]:
+    """(``summary["diversity"]``, ``{negative: its "diversity" entry}``) from per-prompt diversity rows."""
+    div = div or {"reward": None, "rows": [], "note": "diversity was not measured"}
+    rw, note = div.get("reward"), div.get("note")
+    top = {"reward": rw, "measure": DIVERSITY_MEASURE, "csv": "diversity.csv", "note": note}
+    if div.get("frames", 1) > 1:
+        top["video"] = "a video's feature is the mean of its frames' features"
+    by: dict[str, dict[int, float]] = {n: {} for n in neg_names}
+    for r in div.get("rows") or []:
+        if r["negative"] in by:
+            by[r["negative"]][int(r["prompt_index"])] = float(r["diversity"])
+    per = {}
+    for n in neg_names:
+        entry = {"reward": rw, "mean": None, "difference_vs_reference": None, "reference": ref, "note": note}
+        if note is None and not by[n]:
+            per_prompt = len(cover[n]) / max(1, len({k[0] for k in cover[n]}))
+            entry["note"] = f"diversity needs 2 or more images per prompt; {n} has {per_prompt:g} (--tune-per-prompt)"
+        if by[n]:
+            entry["mean"] = stats.mean_ci(list(by[n].values()))
+            entry["prompts"] = len(by[n])
+            if n != ref and by.get(ref):
+                common = [p for p in by[n] if p in by[ref]]
+                entry["difference_vs_reference"] = stats.mean_ci(
+                    stats.paired_differences([by[n][p] for p in common], [by[ref][p] for p in common])
+                )
+        per[n] = entry
+    return top, per
 
 
 # --------------------------------------------------------------------------- plots
@@ -155,7 +219,7 @@ def write_plots(out: str, summary: dict, rows) -> list[str]:
 
     folder = os.path.join(out, PLOT_DIR)
     os.makedirs(folder, exist_ok=True)
-    rewards = summary["rewards"]
+    rewards = reward_names_of(summary)
     negs = [n["name"] for n in summary["negatives"]]
     cats = list(summary["categories"])
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -309,6 +373,27 @@ def _wr_text(w) -> str:
     return f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]"
 
 
+def _diversity_of(summary: dict, name: str) -> dict:
+    n = next((n for n in summary["negatives"] if n["name"] == name), {})
+    return n.get("diversity") or {}
+
+
+def diversity_shown(summary: dict) -> bool:
+    """Whether any negative has a diversity figure (else the report says why not)."""
+    return any(_diversity_of(summary, n["name"]).get("mean") for n in summary["negatives"])
+
+
+def diversity_note(summary: dict) -> str:
+    """Why there is no diversity figure (e.g. "diversity needs --images-per-prompt 2 or more"), or ''."""
+    d = summary.get("diversity") or {}
+    return d.get("note") or ("" if diversity_shown(summary) else "diversity was not measured")
+
+
+def reward_marks(summary: dict) -> list[tuple[str, str]]:
+    """(reward name, its mark: trained on / held out / unknown, per embedding where they disagree)."""
+    return [(r["name"], role_text(r)) if isinstance(r, dict) else (r, UNKNOWN) for r in summary.get("rewards", [])]
+
+
 def markdown(summary: dict) -> str:
     negs = [n["name"] for n in summary["negatives"]]
     ref = summary["reference"]
@@ -319,23 +404,38 @@ def markdown(summary: dict) -> str:
         f"mean ± 95% half-interval; paired difference from `{ref}` (same prompt and seed) with its 95% "
         f"interval; win rate over `{ref}` (ties count half) with its 95% Wilson interval.",
         "",
+        "Rewards: " + "; ".join(f"`{rw}` ({mark})" for rw, mark in reward_marks(summary)) + ".",
+        "",
     ]
     partial = any(_label(summary, n) != n for n in negs)
+    div = diversity_shown(summary)
     head = ["negative"] + (["images"] if partial else [])
-    for rw in summary["rewards"]:
+    for rw in reward_names_of(summary):
         head += [f"{rw} mean", f"{rw} difference vs {ref}", f"{rw} win rate vs {ref}"]
+    if div:
+        head += ["diversity (same prompt across seeds)", f"diversity difference vs {ref}"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     for n in negs:
         cells = [f"`{n}`"] + ([str(summary["images"][n])] if partial else [])
-        for rw in summary["rewards"]:
+        for rw in reward_names_of(summary):
             cells.append(_ci_text(summary["means"][rw][n]["all"]))
             cells.append("—" if n == ref else _diff_text(summary["differences"][rw][n][ref]))
             cells.append("—" if n == ref else _wr_text(summary["win_rates"][rw][n][ref]))
+        if div:
+            d = _diversity_of(summary, n)
+            cells.append(_ci_text(d["mean"]) if d.get("mean") else "n/a")
+            dd = d.get("difference_vs_reference")
+            cells.append("—" if n == ref else _diff_text(dd) if dd else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
+    dsum = summary.get("diversity") or {}
+    if div:
+        lines += ["", f"Diversity: {dsum.get('measure', '')}; features of `{dsum.get('reward')}`."]
+    else:
+        lines += ["", f"No diversity figure: {diversity_note(summary)}."]
     cats = list(summary["categories"])
     if len(cats) > 1:
-        for rw in summary["rewards"]:
+        for rw in reward_names_of(summary):
             lines += ["", f"{rw} per category (mean ± 95% half-interval):", ""]
             lines.append("| negative | " + " | ".join(f"{c} (n={summary['categories'][c]})" for c in cats) + " |")
             lines.append("|---|" + "|".join(["---:"] * len(cats)) + "|")
@@ -361,6 +461,7 @@ th{background:#f4f4f4} td.l,th.l{text-align:left} td.best{font-weight:bold;backg
 table.grid td{text-align:center;vertical-align:top} table.grid td.p{text-align:left;max-width:320px;font-size:.85em}
 table.grid img{width:128px;height:auto;image-rendering:pixelated;display:block;margin:auto}
 .s{font-size:.8em;color:#444} .s.win{color:#1b5e20;font-weight:bold}
+.role{color:#555;font-weight:normal;font-size:.85em}
 """
 
 
@@ -387,9 +488,28 @@ def grid_items(items, limit: int):
     return sorted(chosen, key=lambda it: (list(cats).index(it.category), getattr(it, "k", 0), order[id(it)]))
 
 
+def _diversity_cells(d: dict, is_ref: bool) -> list[str]:
+    """The main table's two diversity cells of one negative (n/a with the reason as a tooltip)."""
+    ci = d.get("mean")
+    if not ci:
+        why = _e(d.get("note") or "not measured")
+        return [f"<td>n/a<br><span class='ci'>{why}</span></td>", "<td>—</td>" if is_ref else "<td>n/a</td>"]
+    rng = f"<br><span class='ci'>[{ci['lo']:.4f}, {ci['hi']:.4f}]</span>" if ci["lo"] is not None else ""
+    out = [f"<td>{ci['mean']:.4f}{rng}<br><span class='ci'>{ci['n']} prompts</span></td>"]
+    dd = d.get("difference_vs_reference")
+    if is_ref:
+        out.append("<td>—</td>")
+    elif not dd or dd["mean"] is None:
+        out.append("<td>n/a</td>")
+    else:
+        drng = f"<br><span class='ci'>[{dd['lo']:+.4f}, {dd['hi']:+.4f}]</span>" if dd["lo"] is not None else ""
+        out.append(f"<td>{dd['mean']:+.4f}{drng}</td>")
+    return out
+
+
 def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 200) -> str:
     negs = [n["name"] for n in summary["negatives"]]
-    rewards = summary["rewards"]
+    rewards = reward_names_of(summary)
     ref = summary["reference"]
     p = []
     p.append(
@@ -423,12 +543,43 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
         f"(--tune-per-prompt) and is compared on those. "
         f"{_e(summary['interval_method'])}.</p>"
     )
+    marks = dict(reward_marks(summary))
+    p.append(
+        "<p class='meta'>Rewards: "
+        + "; ".join(f"<b>{_e(rw)}</b> <span class='role'>({_e(marks.get(rw, UNKNOWN))})</span>" for rw in rewards)
+        + ". <i>Trained on</i>: an evaluated embedding was trained with this reward (the same kind and "
+        "weights file, from the embedding's metadata; a tuned negative is tuned on the first reward), so its "
+        "score there shows how well it learned the reward; <i>held out</i>: none was, so it tells whether "
+        "the images got better rather than the reward fooled; <i>unknown</i>: the embedding's file does not "
+        "say what it was trained with.</p>"
+    )
+    dsum = summary.get("diversity") or {}
+    dnote = diversity_note(summary)
+    p.append(
+        f"<p class='meta'>Diversity (reward-feature, same prompt across seeds): mean pairwise 1 − cosine of "
+        f"the image features of <b>{_e(dsum.get('reward') or 'the first reward with an image tower')}</b> "
+        f"between the images of one prompt, averaged over prompts, with its 95% Student-t interval, and its "
+        f"paired difference from <b>{_e(ref)}</b> (same prompt). Identical images score 0. A drop against "
+        f"the reference is the sign of reward hacking: the images of a prompt converging. "
+        + (f"{_e(dsum['video'])}. " if dsum.get("video") else "")
+        + (
+            f"<b>No diversity figure: {_e(dnote)}</b>."
+            if dnote
+            else "Per prompt: <a href='diversity.csv'>diversity.csv</a>."
+        )
+        + "</p>"
+    )
     p.append("<table><tr><th class='l'>negative</th>")
     for rw in rewards:
         p.append(
-            f"<th>{_e(rw)} mean</th><th>difference vs {_e(ref)}</th><th>{_e(rw)} win rate vs {_e(ref)}</th>"
+            f"<th>{_e(rw)} mean<br><span class='role'>({_e(marks.get(rw, UNKNOWN))})</span></th>"
+            f"<th>difference vs {_e(ref)}</th><th>{_e(rw)} win rate vs {_e(ref)}</th>"
             f"<th>W / T / L</th>"
         )
+    p.append(
+        f"<th>diversity<br><span class='ci'>(reward-feature, same prompt across seeds)</span></th>"
+        f"<th>diversity difference vs {_e(ref)}</th>"
+    )
     p.append("</tr>")
     # the best mean among negatives made for every image (means over other image sets do not compare)
     full = [n for n in negs if _label(summary, n) == n] or negs
@@ -453,6 +604,7 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
                     f"<td>{w['rate']:.2f}<br><span class='ci'>[{w['lo']:.2f}, {w['hi']:.2f}]</span></td>"
                     f"<td>{w['wins']} / {w['ties']} / {w['losses']}</td>"
                 )
+        p += _diversity_cells(_diversity_of(summary, n), n == ref)
         p.append("</tr>")
     p.append("</table>")
 
@@ -560,7 +712,8 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
     p += d
     p.append(
         "<p class='meta'>Made by <code>reneg eval</code>. Files: <a href='summary.json'>summary.json</a>, "
-        "<a href='scores.csv'>scores.csv</a>, <a href='report.md'>report.md</a>.</p></body></html>"
+        "<a href='scores.csv'>scores.csv</a>, <a href='diversity.csv'>diversity.csv</a>, "
+        "<a href='report.md'>report.md</a>.</p></body></html>"
     )
     return "\n".join(p)
 
@@ -576,7 +729,7 @@ def write_grid_png(out: str, summary: dict, rows, items, rows_limit: int = 12, c
     from PIL import Image, ImageDraw, ImageFont
 
     negs = [n["name"] for n in summary["negatives"]]
-    rw0 = summary["rewards"][0]
+    rw0 = reward_names_of(summary)[0]
     score = {(r["prompt_index"], r["seed"], r["negative"]): float(r["score"]) for r in rows if r["reward"] == rw0}
     full = [it for it in items if all((it.index, it.seed, n) in score for n in negs)]
     shown = grid_items(full, rows_limit)

@@ -23,7 +23,15 @@ from .config import EvalConfig, EvalError, Item, build_items, check_eval_numbers
 from .images import IMAGE_DIR
 from .manifest import check_manifest
 from .negatives import Negative, parse_negatives
-from .scoring import FrameReward, reward_names, score_image_files, write_scores_csv
+from .scoring import (
+    DIVERSITY_CSV,
+    FrameReward,
+    prompt_diversity,
+    reward_names,
+    score_image_files,
+    write_diversity_csv,
+    write_scores_csv,
+)
 
 
 def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
@@ -178,6 +186,10 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
                 f"reneg eval: note: weight={s.weight:g} of reward {s.name} is ignored (each reward is reported "
                 f"on its own)"
             )
+    from .provenance import reward_roles, role_text
+
+    roles = reward_roles(specs, names, negatives, {src: e.metadata for src, e in embs.items()})
+    log("reneg eval: rewards: " + "; ".join(f"{r['name']} ({role_text(r)})" for r in roles))
     tune_reward = FrameReward(rewards[0], frames) if frames > 1 else rewards[0]
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
     tuning_logs: dict[str, dict] = {}
@@ -225,11 +237,21 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
     gen_s = time.time() - t0
 
     t1 = time.time()
-    rows = score_image_files(cfg, items, negatives, rewards, names, img_dir, frames, cover)
-    write_scores_csv(os.path.join(cfg.out, "scores.csv"), rows)
-    score_s = time.time() - t1
+    from .report import DIVERSITY_NEEDS, build_summary, write_report
 
-    from .report import build_summary, write_report
+    # diversity of each negative's images of one prompt across seeds, in its reward's feature space:
+    # the features come from the same pass over the files as the scores
+    feats, note = None, DIVERSITY_NEEDS
+    if cfg.images_per_prompt >= 2:
+        rows, feats = score_image_files(cfg, items, negatives, rewards, names, img_dir, frames, cover, features=True)
+        note = None if feats else "diversity needs a --reward with an image tower (none of these has one)"
+    else:
+        rows = score_image_files(cfg, items, negatives, rewards, names, img_dir, frames, cover)
+    write_scores_csv(os.path.join(cfg.out, "scores.csv"), rows)
+    div_rows = prompt_diversity(feats, negatives, items, cover)
+    write_diversity_csv(os.path.join(cfg.out, DIVERSITY_CSV), div_rows)
+    diversity = {"reward": feats["reward"] if feats else None, "rows": div_rows, "frames": frames, "note": note}
+    score_s = time.time() - t1
 
     summary = build_summary(
         rows,
@@ -240,6 +262,8 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
         tuning=tuning_logs,
         coverage=cover,
         timing={"generated_images": made, "generate_seconds": round(gen_s, 2), "score_seconds": round(score_s, 2)},
+        diversity=diversity,
+        reward_roles=roles,
     )
     write_report(cfg.out, summary, rows, items, negatives, names, cfg)
     return summary

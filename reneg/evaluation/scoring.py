@@ -45,10 +45,17 @@ class FrameReward(torch.nn.Module):
 
 
 @torch.no_grad()
-def score_image_files(cfg, items, negatives, rewards, names, img_dir, frames=1, coverage=None) -> list[dict]:
-    """One row per image and reward, scored from the PNG files (``coverage``: {negative: its items})."""
+def score_image_files(cfg, items, negatives, rewards, names, img_dir, frames=1, coverage=None, features=False):
+    """One row per image and reward, scored from the PNG files (``coverage``: {negative: its items}).
+
+    With ``features=True`` returns ``(rows, feats)``: in the same pass over the files, the image
+    features (:meth:`reneg.rewards.Reward.image_features`) of the first reward that has an image tower,
+    ``{"reward": its name, "features": {(negative, prompt index, seed): [D]}}`` (a video's feature is
+    the mean of its frames' features, normalised), or None when no reward has one."""
     device = next((p.device for r in rewards for p in r.parameters()), torch.device("cpu"))
     rows = []
+    feats: dict | None = {"reward": None, "features": {}} if features else None
+    tower = None  # index of the reward whose image features are taken; -1 when none has a tower
     pairs = [(n, it) for n in negatives for it in (coverage or {}).get(n.name, items)]
     bar = progress_bar(len(pairs), 0, "reneg eval: score", cfg.progress)
     try:
@@ -76,11 +83,77 @@ def score_image_files(cfg, items, negatives, rewards, names, img_dir, frames=1, 
                             "image": f"{IMAGE_DIR}/{it.image_name(n.name)}",
                         }
                     )
+            if feats is not None and tower != -1:
+                fx, tower = _tower_features(rewards, x, tower)
+                if fx is not None:
+                    feats["reward"] = names[tower]
+                    fx = fx.float().cpu().view(len(chunk), f, -1).mean(1)  # a video: the mean of its frames
+                    fx = fx / fx.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    for (n, it), v in zip(chunk, fx):
+                        feats["features"][(n.name, it.index, it.seed)] = v
             if bar is not None:
                 bar.update(len(chunk))
     finally:
         if bar is not None:
             bar.close()
+    if feats is None:
+        return rows
+    return rows, (feats if tower not in (None, -1) else None)
+
+
+def _tower_features(rewards, x, tower):
+    """(features of ``x``, the index of the reward they came from): the first reward whose
+    ``image_features`` is not None, found on the first batch and kept; (None, -1) when none has one."""
+    order = range(len(rewards)) if tower is None else [tower]
+    for k in order:
+        fx = rewards[k].image_features(x)
+        if fx is not None:
+            return fx, k
+    return None, -1
+
+
+DIVERSITY_CSV = "diversity.csv"
+DIVERSITY_FIELDS = ["negative", "prompt_index", "diversity", "n_images", "reward"]
+
+
+def prompt_diversity(feats: dict | None, negatives, items, coverage=None) -> list[dict]:
+    """Per negative and prompt with two or more images: the mean pairwise ``1 - cos`` of those images'
+    features (:func:`reneg.diversity.diversity_by_group`, grouped by prompt index), as rows of
+    ``diversity.csv``. Empty when ``feats`` is None."""
+    from reneg.diversity import diversity_by_group
+
+    if not feats:
+        return []
+    out = []
+    for n in negatives:
+        its = (coverage or {}).get(n.name, items)
+        keys = [(n.name, it.index, it.seed) for it in its if (n.name, it.index, it.seed) in feats["features"]]
+        if not keys:
+            continue
+        groups = [k[1] for k in keys]
+        sizes = {g: groups.count(g) for g in groups}
+        div = diversity_by_group(torch.stack([feats["features"][k] for k in keys]), groups)
+        for g, d in div.items():
+            out.append(
+                {"negative": n.name, "prompt_index": g, "diversity": d, "n_images": sizes[g], "reward": feats["reward"]}
+            )
+    return out
+
+
+def write_diversity_csv(path: str, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, DIVERSITY_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow(dict(r, diversity=f"{r['diversity']:.8g}"))
+
+
+def read_diversity_csv(path: str) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.update(prompt_index=int(r["prompt_index"]), diversity=float(r["diversity"]), n_images=int(r["n_images"]))
     return rows
 
 

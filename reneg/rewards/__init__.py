@@ -235,6 +235,40 @@ def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
     return RewardSpec(name, path, weight, opts)
 
 
+def _size_of(path: str) -> int | None:
+    """A file's size in bytes; a folder's: the total of the files in it; None when it cannot be read."""
+    try:
+        if not os.path.isdir(path):
+            return os.path.getsize(path)
+        total = 0
+        for root, _dirs, files in os.walk(path):
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total
+    except OSError:
+        return None
+
+
+def reward_file(spec: RewardSpec | str) -> dict:
+    """What recognises a reward's weights in another run: ``{kind, path, basename, size}``, its registry
+    name, the weights' resolved path, the file (or folder) name as given and its size in bytes (a folder:
+    the total of its files). Training writes one per reward into an embedding's metadata
+    (``reward_files``), so that ``reneg eval`` can tell the rewards an embedding was trained on from
+    held-out ones, also on another machine (same name and size)."""
+    if isinstance(spec, str):
+        spec = parse_spec(spec, check_files=False)
+    return {
+        "kind": spec.name,
+        "path": os.path.realpath(spec.path),
+        "basename": os.path.basename(os.path.normpath(spec.path)),
+        "size": _size_of(spec.path),
+    }
+
+
+def reward_files(specs: list[RewardSpec | str]) -> list[dict]:
+    """:func:`reward_file` of every spec, in order."""
+    return [reward_file(s) for s in specs]
+
+
 def load_reward(
     spec: RewardSpec | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Reward:

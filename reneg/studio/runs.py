@@ -976,6 +976,7 @@ def eval_report(out: str) -> dict:
     ref = summary.get("reference")
     rep["headers"] = ["reward", "negative", "mean", "95% CI", f"win rate vs {ref}"]
     for rw in summary.get("rewards", []):
+        rw = rw.get("name") if isinstance(rw, dict) else rw  # reward entries (name, role); names before that
         for n in summary.get("negatives", []):
             name = n["name"] if isinstance(n, dict) else n
             ci = summary.get("means", {}).get(rw, {}).get(name, {}).get("all", {})
