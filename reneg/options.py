@@ -106,6 +106,21 @@ class ReNegOptions:
     # --- per-sample search (the paper's Algorithm 1)
     max_steps: int = _opt(10, "per-sample search: at most N gradient steps (paper: 10)")
     patience: int = _opt(3, "per-sample search: stop after this many steps without a new best (paper: 3)")
+    # --- watching a training run for reward hacking (reneg train)
+    monitor_rewards: list = _opt(
+        [],
+        "a reward that only watches: NAME=PATH[,option=value] as for --reward, scored on the held-out images "
+        "at every held-out check (learned, null, handcrafted) and never trained on; repeat for several",
+        flag="--monitor-reward",
+        action="append",
+        metavar="SPEC",
+    )
+    keep_best_by: str | None = _opt(
+        None,
+        "also keep OUT/embedding-best.safetensors, the embedding of the held-out check with the best MEASURE: "
+        "heldout (the training reward on the held-out images), diversity, or a --monitor-reward's NAME",
+        metavar="MEASURE",
+    )
     # --- outputs
     overwrite: bool = _opt(
         False,
@@ -124,6 +139,11 @@ def default(name: str) -> Any:
     """The default of one shared setting (a fresh copy for lists)."""
     f = _FIELDS[name]
     return f.default_factory() if f.default is MISSING else f.default
+
+
+def help_of(name: str) -> str:
+    """The help text of one shared setting (a UI shows it beside the field)."""
+    return _FIELDS[name].metadata["help"]
 
 
 def flag_of(name: str) -> str:
@@ -342,6 +362,58 @@ def check_model_and_rewards(opts: Any) -> None:
             parse_spec(spec)
         except RewardSpecError as e:
             raise OptionError(f"--reward: {e}") from None
+
+
+# the held-out measures besides the monitor rewards' (``--keep-best-by``, the hacking warnings)
+HELDOUT_MEASURES = ("heldout", "diversity")
+
+
+def monitor_names(specs: Iterable[str]) -> list[str]:
+    """The name each ``--monitor-reward`` is logged and chosen by: its reward's NAME; a second monitor of
+    the same NAME (or one named like a held-out measure) is ``NAME-2``, a third ``NAME-3``... Checks
+    nothing on disk (:func:`check_monitor` does)."""
+    from .rewards import RewardSpecError, parse_spec
+
+    names: list[str] = []
+    for spec in specs:
+        try:
+            base = parse_spec(spec, check_files=False).name
+        except RewardSpecError:
+            base = str(spec).split("=", 1)[0].strip().lower() or "monitor"
+        name, k = base, 1
+        while name in names or name in HELDOUT_MEASURES:
+            k += 1
+            name = f"{base}-{k}"
+        names.append(name)
+    return names
+
+
+def check_monitor(opts: Any) -> list[str]:
+    """``--monitor-reward`` (files exist, specs parse, no weight) and ``--keep-best-by`` (a measure this
+    run has); loads nothing. Returns the monitors' names."""
+    from .rewards import RewardSpecError, parse_spec
+
+    specs = list(getattr(opts, "monitor_rewards", None) or [])
+    for spec in specs:
+        try:
+            parsed = parse_spec(spec)
+        except RewardSpecError as e:
+            raise OptionError(f"--monitor-reward: {e}") from None
+        if parsed.weight != 1.0:
+            raise OptionError(
+                f"--monitor-reward {spec}: a monitor reward has no weight (it never enters the loss); "
+                f"drop weight={parsed.weight:g}"
+            )
+    names = monitor_names(specs)
+    by = getattr(opts, "keep_best_by", None)
+    if by is not None:
+        known = list(HELDOUT_MEASURES[:1]) + names + list(HELDOUT_MEASURES[1:])
+        if by not in known:
+            raise OptionError(
+                f"--keep-best-by {_short(by)}: expected one of {', '.join(known)} (heldout: the training "
+                f"reward on the held-out images; diversity: their spread; else a --monitor-reward's name)"
+            )
+    return names
 
 
 def check_numbers(obj: Any, table: dict[str, tuple]) -> None:

@@ -63,6 +63,9 @@ class TrainConfig:
     sample_every: int = 0
     report_to: str = "none"
     # --- end reported events ---
+    # --- watching for reward hacking (trainer/monitor.py) ---
+    monitor_rewards: list[str] = field(default_factory=list)  # rewards scored on held-out images, never trained on
+    keep_best_by: str | None = None  # heldout | diversity | a monitor's name: OUT/embedding-best.safetensors
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -105,6 +108,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a("--checkpoint-every", type=int, default=d.checkpoint_every)
     a("--eval-every", type=int, default=d.eval_every, help="score held-out prompts every N steps (0: only at the end)")
     a("--eval-batch", type=int, default=d.eval_batch)
+    O.add_options(p, ["monitor_rewards", "keep_best_by"])
     a("--max-bad-steps", type=int, default=d.max_bad_steps, help="stop after this many NaN/inf updates in a row")
     a(
         "--resume",
@@ -267,12 +271,12 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"--warmup {cfg.warmup} must be below --steps {cfg.steps}")
     if not cfg.prompts:
         raise ConfigError("--prompts is required")
-    flag = "--prompts"
+    flag, n_heldout = "--prompts", cfg.heldout_count
     try:
         n = len(load_prompts(cfg.prompts))
         if cfg.heldout:
             flag = "--heldout"
-            load_prompts(cfg.heldout)
+            n_heldout = min(cfg.heldout_count, len(load_prompts(cfg.heldout)))
         elif n <= cfg.heldout_count:
             raise ConfigError(
                 f"--prompts {cfg.prompts}: {n} prompts leave none for training after "
@@ -284,14 +288,36 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"--init {cfg.init}: expected null, handcrafted or an embedding file")
     if cfg.init not in ("null", "handcrafted"):
         check_embedding_arg("init", cfg.init, cfg)
+    check_monitor_args(cfg, n_heldout)
     if cfg.resume is not None:
         _check_resume(cfg)
     check_out_free(cfg)
     check_out_dir(cfg.out)
 
 
+def check_monitor_args(cfg, heldout_prompts: int) -> None:
+    """``--monitor-reward`` and ``--keep-best-by`` (reneg.options.check_monitor), and what the latter needs
+    of this run: held-out checks before the end, and for ``diversity`` two held-out prompts at least."""
+    O.check_monitor(cfg)
+    by = getattr(cfg, "keep_best_by", None)
+    if by is None:
+        return
+    if not cfg.eval_every or cfg.eval_every >= cfg.steps:
+        raise ConfigError(
+            f"--keep-best-by {by}: needs held-out checks during the run (--eval-every N below --steps "
+            f"{cfg.steps}, got --eval-every {cfg.eval_every}); the only check would be the last step's, "
+            f"which embedding.safetensors holds already"
+        )
+    if by == "diversity" and heldout_prompts < 2:
+        raise ConfigError(
+            f"--keep-best-by diversity: the held-out diversity needs 2 held-out prompts at least, this run "
+            f"has {heldout_prompts}"
+        )
+
+
 # the files that make a folder a training run's: a new run there needs --resume or --overwrite
 RUN_FILES = ("checkpoint.pt", "embedding.safetensors", "summary.json")
+BEST_NAME = "embedding-best.safetensors"  # --keep-best-by
 
 
 def existing_run(out: str) -> list[str]:
@@ -323,7 +349,7 @@ def check_out_free(cfg) -> None:
 
 def remove_old_run(out: str) -> None:
     """``--overwrite``: the old run's files, so that nothing of it is taken for the new one's."""
-    for name in RUN_FILES + (os.path.join("samples", "index.json"),):
+    for name in RUN_FILES + (BEST_NAME, os.path.join("samples", "index.json")):
         try:
             os.unlink(os.path.join(out, name))
         except OSError:
@@ -374,6 +400,8 @@ RESUME_MUST_MATCH = (
     "init_sha256",
     "rollout_steps",
     "grads_per_rollout",
+    "monitor_names",
+    "keep_best_by",
 )
 _CONTENT_FLAG = {"prompts_sha256": "--prompts", "heldout_sha256": "--heldout", "init_sha256": "--init"}
 
@@ -396,7 +424,13 @@ def resume_fingerprint(cfg: TrainConfig) -> dict:
 
         t = load_embedding(init).tensor.detach().float().contiguous()
         init = hashlib.sha256(t.numpy().tobytes()).hexdigest()
-    return {"prompts_sha256": texts(cfg.prompts), "heldout_sha256": texts(cfg.heldout), "init_sha256": init}
+    return {
+        "prompts_sha256": texts(cfg.prompts),
+        "heldout_sha256": texts(cfg.heldout),
+        "init_sha256": init,
+        # the monitors by name (their files may move with the run): the best checks kept are theirs
+        "monitor_names": O.monitor_names(getattr(cfg, "monitor_rewards", None) or []),
+    }
 
 
 def _check_resume(cfg: TrainConfig) -> None:
@@ -422,6 +456,10 @@ def _check_resume(cfg: TrainConfig) -> None:
                 v = d.get(k)
                 if k in _CONTENT_FLAG:
                     out.append(f"{_CONTENT_FLAG[k]} {'(none)' if v is None else str(v)[:12]}")
+                elif k == "monitor_names":
+                    out.append(f"--monitor-reward {', '.join(map(str, v or [])) or '(none)'}")
+                elif v is None:
+                    out.append(f"--{k.replace('_', '-')} (none)")
                 else:
                     v = " ".join(map(str, v)) if isinstance(v, list) else str(v)
                     out.append(f"--{k.replace('_', '-')} {v if len(v) <= 40 else repr(v[:30] + '...')}")
