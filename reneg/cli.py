@@ -231,6 +231,18 @@ def _cmd_train(ns) -> int:
             f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "
             f"handcrafted {h['handcrafted']:.5f}  learned {h['learned']:.5f}"
         )
+        for name in [k[: -len("_learned")] for k in h if k.endswith("_learned")]:
+            print(
+                f"held-out {name} (monitor): null {h[name + '_null']:.5f}  "
+                f"handcrafted {h[name + '_handcrafted']:.5f}  learned {h[name + '_learned']:.5f}"
+            )
+        if h.get("diversity") is not None:
+            print(f"held-out diversity of the learned images (across prompts): {h['diversity']:.5f}")
+        if summary.get("warnings"):
+            print(f"{len(summary['warnings'])} reward-hacking warning(s): see above and summary.json")
+        if summary.get("best"):
+            b = summary["best"]
+            print(f"best held-out {b['by']}: {b['value']:.5f} at step {b['step']}, kept in {b['embedding']}")
         print(f"wrote {summary['embedding']} and {os.path.join(os.path.dirname(summary['embedding']), 'summary.json')}")
     return 0
 

@@ -297,7 +297,7 @@ def test_pixart_train_tune_and_eval_through_the_cli(tmp_path, alpha_dir, alpha, 
     )
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["family"] == "pixart" and set(summary["heldout"]) == {"null", "handcrafted", "learned"}
+    assert summary["family"] == "pixart" and set(summary["heldout"]) == {"null", "handcrafted", "learned", "diversity"}
     emb = load_embedding(out / "embedding.safetensors", expected_family="pixart")
     null, _ = alpha.null_embedding()
     # 120 rows; trained with the empty prompt's mask, only the first row moves and the mask is stored

@@ -148,7 +148,7 @@ def test_sdxl_train_tune_and_eval_through_the_cli(tmp_path, tiny_sdxl_dir, xl, t
     )
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["family"] == "sdxl" and set(summary["heldout"]) == {"null", "handcrafted", "learned"}
+    assert summary["family"] == "sdxl" and set(summary["heldout"]) == {"null", "handcrafted", "learned", "diversity"}
     emb = load_embedding(out / "embedding.safetensors", expected_family="sdxl")
     null, null_pooled = xl.null_embedding()
     assert emb.tensor.shape == (1, 77, 2048) and not torch.allclose(emb.tensor, null)

@@ -59,7 +59,7 @@ def test_train_writes_embedding_summary_log_and_checkpoint(tmp_path, tiny_pipeli
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["family"] == "tiny"
-    assert set(summary["heldout"]) == {"null", "handcrafted", "learned"}
+    assert set(summary["heldout"]) == {"null", "handcrafted", "learned", "diversity"}
     assert [h["step"] for h in summary["heldout_history"]] == [2, 4]
     # null and handcrafted are scored once, on the same seeds, and reused
     assert len({h["null"] for h in summary["heldout_history"]}) == 1

@@ -30,7 +30,10 @@ def save_checkpoint(
     config: dict,
     heldout: list[dict],
     extra: dict | None = None,
+    best_neg: torch.Tensor | None = None,
 ) -> None:
+    """``best_neg``: the embedding of the best held-out check (``--keep-best-by``), kept so that a resumed
+    run can put ``embedding-best.safetensors`` back as it was at this step."""
     state = {
         "format": "reneg-train-checkpoint",
         "version": 1,
@@ -44,6 +47,8 @@ def save_checkpoint(
         "heldout": json.dumps(heldout),
         "extra": json.dumps(extra or {}),
     }
+    if best_neg is not None:
+        state["best_neg"] = best_neg.detach().float().cpu().clone()
     if torch.cuda.is_available():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     atomic_torch_save(path, state)
@@ -122,6 +127,18 @@ def _load_checkpoint(path: str) -> dict:
         or not torch.isfinite(neg).all()
     ):
         raise ValueError(f"{path}: training checkpoint holds no finite float32 [1, tokens, hidden] embedding")
+    best = state.get("best_neg")
+    if best is not None and (
+        not isinstance(best, torch.Tensor)
+        or best.layout != torch.strided
+        or best.dtype != torch.float32
+        or tuple(best.shape) != tuple(neg.shape)
+        or not torch.isfinite(best).all()
+    ):
+        raise ValueError(
+            f"{path}: training checkpoint's best embedding ('best_neg') is not a finite float32 tensor of "
+            f"the embedding's shape {list(neg.shape)}"
+        )
     # a corrupt file must fail here, with its name, not later inside the optimizer
     for key in ("step", "skipped"):
         v = state.get(key, 0)

@@ -6,8 +6,9 @@ The trainer calls one :class:`TrainEvents` object at fixed points of its loop:
   null negative each make an image for a few fixed held-out prompts and seeds; the pair is written
   as ``OUT/samples/step_NNNNNN.png`` (one row per prompt: null left, learned right) and listed in
   ``OUT/samples/index.json``. The null images are made once and reused.
-- ``--report-to tensorboard``: the logged scalars (loss, reward, lr, gradient norm, held-out rewards)
-  and the sample grids go to ``OUT/tensorboard`` through TensorBoard's own ``SummaryWriter``.
+- ``--report-to tensorboard``: the logged scalars (loss, reward, lr, gradient norm, held-out rewards,
+  the monitor rewards' and the held-out diversity), the sample grids and the reward-hacking warnings go to
+  ``OUT/tensorboard`` through TensorBoard's own ``SummaryWriter``.
 - Stop on request: a file ``OUT/STOP`` and, when the command installed them (``reneg train``, never a
   library call), SIGTERM and Ctrl-C end the run after the step in progress with a checkpoint, so
   ``--resume`` continues it. Repeated SIGTERMs change nothing (the stop is under way); a second Ctrl-C
@@ -266,11 +267,19 @@ class TrainEvents:
             self.sample(step, neg)
 
     def on_heldout(self, rec: dict) -> None:
-        """A held-out score made outside the per-step rows (the final one)."""
+        """A held-out score made outside the per-step rows (the final one): the same ``heldout/...``
+        scalars a row's ``heldout_...`` columns give (null, handcrafted, learned, each monitor's, diversity)."""
         if self.writer is not None:
-            for k in ("null", "handcrafted", "learned"):
-                if k in rec:
-                    self.writer.add_scalar(f"heldout/{k}", rec[k], rec["step"])
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"heldout/{k}", v, rec["step"])
+            self.writer.flush()
+
+    def on_warning(self, warning: dict) -> None:
+        """A reward-hacking warning (trainer/monitor.py), ``{step, measure, message}``: TensorBoard's text
+        tab shows it at its step (the console and summary.json have it too)."""
+        if self.writer is not None:
+            self.writer.add_text(f"warnings/{warning['measure']}", warning["message"], warning["step"])
             self.writer.flush()
 
     def should_stop(self, acc=None) -> bool:

@@ -22,6 +22,7 @@ import torch
 
 from reneg.backends.loading import weights_dtype  # noqa: F401  (also imported from here by tune)
 from reneg.compute import ComputeMeter
+from reneg.diversity import image_features, pairwise_diversity
 from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding, generate_and_score, text_negative
@@ -30,8 +31,9 @@ from reneg.prompts import load_prompts
 from reneg.sampling import initial_latent
 
 from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint, save_run_files
-from .config import TrainConfig, check_out_free, remove_old_run, resume_fingerprint, validate_train
+from .config import BEST_NAME, TrainConfig, check_out_free, remove_old_run, resume_fingerprint, validate_train
 from .events import STOP_EXIT, TrainEvents, check_event_args
+from .monitor import HeldoutMonitor
 
 SUMMARY_NAME = "summary.json"
 
@@ -90,9 +92,11 @@ class CsvLog:
         "compute_R",
         "compute_tflop_sd15",
     ]  # cumulative training compute
+    # after them: heldout_diversity, then heldout_<monitor>_{null,handcrafted,learned} for each --monitor-reward
 
-    def __init__(self, path: str, resume_step: int):
+    def __init__(self, path: str, resume_step: int, extra_fields: list[str] | tuple = ()):
         self.path = path
+        self.fields = self.FIELDS + [f for f in extra_fields if f not in self.FIELDS]
         rows = []
         if resume_step and os.path.isfile(path):
             with open(path, newline="", encoding="utf-8") as f:
@@ -104,13 +108,13 @@ class CsvLog:
         from reneg.fileio import atomic_write_text
 
         buf = io.StringIO(newline="")
-        w = csv.DictWriter(buf, self.FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(buf, self.fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
         atomic_write_text(path, buf.getvalue())
         self.f = open(path, "a", newline="", encoding="utf-8")
-        self.w = csv.DictWriter(self.f, self.FIELDS, extrasaction="ignore")
+        self.w = csv.DictWriter(self.f, self.fields, extrasaction="ignore")
 
     def write(self, row: dict) -> None:
         try:
@@ -135,6 +139,30 @@ def base_model_fields(model: str) -> dict:
 
         fields["base_model_hash"] = file_sha256(model)[:10]
     return fields
+
+
+def load_monitor_rewards(cfg: TrainConfig, device) -> dict:
+    """The ``--monitor-reward`` models by their names (reneg.options.monitor_names): frozen, in eval
+    mode, scored without grad on the held-out images only; they never enter the loss or the compute meter."""
+    from reneg.options import monitor_names
+    from reneg.rewards import load_reward
+
+    specs = list(getattr(cfg, "monitor_rewards", None) or [])
+    dtype = weights_dtype(cfg.mixed_precision, device)
+    return {name: load_reward(spec, device, dtype) for name, spec in zip(monitor_names(specs), specs)}
+
+
+def check_image_tower(cfg: TrainConfig, reward, device) -> None:
+    """``--keep-best-by diversity`` needs the training reward's image tower (one tiny no-grad pass)."""
+    if getattr(cfg, "keep_best_by", None) != "diversity":
+        return
+    with torch.no_grad():
+        f = reward.image_features(torch.zeros(1, 3, 32, 32, device=device))
+    if f is None:
+        raise TrainingError(
+            f"--keep-best-by diversity: the training reward ({getattr(reward, 'name', 'reward')}) has no image "
+            f"tower to measure the held-out diversity in; keep the best by heldout or a --monitor-reward"
+        )
 
 
 def run_train(cfg: TrainConfig, accelerator=None, *, handle_signals: bool = False) -> dict:
@@ -183,6 +211,8 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
     if main:
         print(f"reneg train: model {backend.describe()}", flush=True)
     reward = load_rewards(cfg.rewards, device=device, dtype=weights_dtype(cfg.mixed_precision, device))
+    judges = load_monitor_rewards(cfg, device) if main else {}  # scored on held-out images only, by main
+    check_image_tower(cfg, reward, device)
     note = backend.resolution_note(cfg.resolution)
     if note and main:
         print(f"reneg train: {note}", flush=True)
@@ -220,6 +250,7 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     start, skipped, history = 0, 0, []
+    watch_state, best_neg = None, None  # a resumed run's held-out monitor and best embedding
     spent = ComputeMeter()  # all processes' training compute so far (held-out scoring is not counted)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
     resume_from = find_resume(cfg.out, cfg.resume) if cfg.resume else None
@@ -238,12 +269,18 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"])
         spent = ComputeMeter(_checkpoint_compute(state))
+        watch_state, best_neg = _checkpoint_extra(state).get("monitor"), state.get("best_neg")
 
     obj = ObjectiveConfig(cfg.sampling_steps, cfg.guidance, tuple(cfg.grad_range))
     sigmas = backend.schedule(cfg.sampling_steps)
     accum = cfg.batch_size // (cfg.micro_batch * acc.num_processes)
     shape = backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution)
-    log = CsvLog(os.path.join(cfg.out, "log.csv"), start) if main else None
+    measures = ["heldout", *judges, "diversity"]
+    watch = HeldoutMonitor(measures, cfg.keep_best_by, watch_state if isinstance(watch_state, dict) else None)
+    extra_fields = ["heldout_diversity"] + [
+        f"heldout_{n}_{k}" for n in judges for k in ("null", "handcrafted", "learned")
+    ]
+    log = CsvLog(os.path.join(cfg.out, "log.csv"), start, extra_fields) if main else None
     base = dict(base_model=cfg.base_model_name) if cfg.base_model_name else base_model_fields(cfg.model)
     from reneg.rewards import reward_files
 
@@ -262,34 +299,73 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
         init=os.path.basename(cfg.init),
     )
 
-    def heldout_eval(step: int) -> dict:
-        def score(t, pooled=None):
-            return float(
-                generate_and_score(
-                    backend,
-                    reward,
-                    heldout_texts,
-                    heldout_seeds,
-                    backend.negative_cond(t.detach(), pooled),
-                    cfg.sampling_steps,
-                    cfg.guidance,
-                    cfg.resolution,
-                    cfg.resolution,
-                    cfg.eval_batch,
-                ).mean()
-            )
+    def heldout_scores(t, pooled=None, features: bool = False) -> tuple[dict, torch.Tensor | None]:
+        """The per-image scores of one negative's held-out images: the training reward's ("heldout") and
+        each monitor reward's (by name); with ``features``, also the images' features in the training
+        reward's image tower (None when it has none). No grad, not metered: held-out scoring measures."""
+        keep = bool(judges) or features
+        got = generate_and_score(
+            backend,
+            reward,
+            heldout_texts,
+            heldout_seeds,
+            backend.negative_cond(t.detach(), pooled),
+            cfg.sampling_steps,
+            cfg.guidance,
+            cfg.resolution,
+            cfg.resolution,
+            cfg.eval_batch,
+            keep_images=keep,
+        )
+        scores, images = got if keep else (got, None)
+        out = {"heldout": scores}
+        feats = None
+        if images is not None:
+            with torch.no_grad():
+                for name, judge in judges.items():
+                    parts = []
+                    for i in range(0, len(heldout_texts), cfg.eval_batch):
+                        img = images[i : i + cfg.eval_batch].to(backend.device)
+                        parts.append(judge(img, heldout_texts[i : i + cfg.eval_batch]).float().cpu())
+                    out[name] = torch.cat(parts)
+            if features:
+                feats = image_features(reward, images.to(backend.device), batch=cfg.eval_batch)
+        return out, feats
 
-        base = next((h for h in history if "null" in h), None)
-        rec = {
-            "step": step,
-            "null": base["null"] if base else score(null),
-            "handcrafted": base["handcrafted"] if base else score(handcrafted, hc_pooled),
-            "learned": score(neg),
-        }
+    def heldout_eval(step: int) -> tuple[dict, dict]:
+        """One held-out check: the record (means; null and handcrafted scored once and reused) and the
+        learned negative's per-image scores by measure."""
+        base_keys = ["null", "handcrafted"] + [f"{n}_{k}" for n in judges for k in ("null", "handcrafted")]
+        base = next((h for h in history if all(k in h for k in base_keys)), None)
+        rec = {"step": step}
+        if not base:
+            base = {}
+            for which, (t, pooled) in (("null", (null, None)), ("handcrafted", (handcrafted, hc_pooled))):
+                scores, _ = heldout_scores(t, pooled)
+                base[which] = float(scores["heldout"].mean())
+                base.update({f"{n}_{which}": float(scores[n].mean()) for n in judges})
+        rec.update({k: base[k] for k in base_keys})
+        scores, feats = heldout_scores(neg, features=True)
+        rec["learned"] = float(scores["heldout"].mean())
+        rec.update({f"{n}_learned": float(scores[n].mean()) for n in judges})
+        # the spread of the learned negative's images across the held-out prompts (one image each)
+        rec["diversity"] = pairwise_diversity(feats) if feats is not None else None
         history.append(rec)
-        return rec
+        return rec, {k: [float(x) for x in v] for k, v in scores.items()}
 
     saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))  # what a --resume compares
+    best_path = os.path.join(cfg.out, BEST_NAME)
+    kept = {"neg": best_neg}  # --keep-best-by: the embedding of the best check so far (the checkpoint keeps it)
+
+    def write_best() -> None:
+        # as embedding.safetensors is written (atomically, the run's metadata), saying which check it is
+        k = watch.keep
+        save_embedding(
+            best_path,
+            as_embedding(backend, kept["neg"]),
+            overwrite=True,
+            **dict(meta, trained_steps=k["step"], best_by=k["by"], best_step=k["step"], best_value=k["value"]),
+        )
 
     def write_outputs(step: int) -> None:
         # all or nothing: the embedding staged, the checkpoint written (the commit), the embedding moved in
@@ -306,11 +382,19 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
                 skipped=skipped,
                 config=saved_config,
                 heldout=history,
-                extra={"compute": spent.counts},
+                extra={"compute": spent.counts, "monitor": watch.state()},
+                best_neg=kept["neg"],
             ),
         )
 
     summary_path = os.path.join(cfg.out, SUMMARY_NAME)
+
+    def watch_fields() -> dict:
+        # the hacking warnings given so far and (--keep-best-by) the best check: summary.json carries them
+        d = {"warnings": watch.warnings}
+        if cfg.keep_best_by:
+            d["best"] = dict(watch.keep, embedding=best_path) if watch.keep else None
+        return d
 
     def write_status(status: str, step: int, **more) -> None:
         # what scripts (and the studio) read to tell a finished run from a stopped or running one
@@ -322,6 +406,7 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
                 steps=cfg.steps,
                 checkpoint=ckpt_path,
                 embedding=os.path.join(cfg.out, "embedding.safetensors"),
+                **watch_fields(),
                 **more,
                 config=cfg.to_json(),
             ),
@@ -329,6 +414,12 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
 
     if main and cfg.overwrite and not resume_from:
         remove_old_run(cfg.out)  # --overwrite: the old run's files go once the models have loaded
+    if main and cfg.keep_best_by and resume_from:
+        # embedding-best.safetensors as it was at the checkpoint (a killed run may have written a later one)
+        if watch.keep and kept["neg"] is not None:
+            write_best()
+        elif os.path.isfile(best_path):
+            os.unlink(best_path)
     if main and start < cfg.steps:
         write_status("running", start)  # a summary that says "finished" only when the run has
     # --- reported events (trainer/events.py): samples, TensorBoard, stop on SIGTERM or OUT/STOP ---
@@ -338,6 +429,25 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
     events.on_start(start, neg)
     stopped_at = None
     # --- end reported events ---
+
+    def held_out_check(step: int) -> dict:
+        """Score the held-out images, then watch them: warnings (once a measure) and the best check."""
+        rec, per_image = heldout_eval(step)
+        values = {"heldout": rec["learned"], "diversity": rec["diversity"]}
+        values.update({n: rec[f"{n}_learned"] for n in judges})
+        new, best_now = watch.observe(
+            step, values, per_image, cfg.eval_every or step, kept=best_path if cfg.keep_best_by else None
+        )
+        if best_now:
+            kept["neg"] = neg.detach().float().cpu().clone()
+            write_best()
+        for w in new:
+            print(f"reneg train: warning: {w['message']}", flush=True)
+            events.on_warning(w)
+        if new:
+            write_status("running", step)  # a long run's reader (the studio) sees a warning as it comes
+        return rec
+
     bar = None
     if main and cfg.progress:
         from tqdm.auto import tqdm
@@ -454,9 +564,10 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
                 "compute_R": units["R"],
                 "compute_tflop_sd15": round(spent.tflop_sd15(), 3),
             }
+            watch.add_training_reward(done, row["reward"])
             # the last step's row carries the final held-out scores, like every --eval-every row
             if main and (done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                rec = heldout_eval(done)
+                rec = held_out_check(done)
                 row.update({f"heldout_{k}": v for k, v in rec.items() if k != "step"})
             if main:
                 log.write(row)
@@ -507,7 +618,7 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
         if history and history[-1]["step"] == cfg.steps:
             rec = history[-1]  # scored in the last step's row (or before a resume at the last step)
         else:
-            rec = heldout_eval(cfg.steps)
+            rec = held_out_check(cfg.steps)
             events.on_heldout(rec)
         write_outputs(cfg.steps)
         summary = {
@@ -516,10 +627,12 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
             "family": backend.family,
             # how the model was read (single file or folder, prediction type and why, VAE), as printed at the start
             "model": {k: v for k, v in getattr(backend, "model_info", {}).items() if v is not None},
-            "heldout": {k: rec[k] for k in ("null", "handcrafted", "learned")},
+            # null, handcrafted, learned; each monitor's (NAME_null, ...); the learned images' diversity
+            "heldout": {k: v for k, v in rec.items() if k != "step"},
             "heldout_prompts": len(heldout_texts),
             "heldout_seeds": [heldout_seeds[0], heldout_seeds[-1]] if heldout_seeds else [],
             "heldout_history": history,
+            **watch_fields(),
             "skipped_updates": skipped,
             "compute": spent.to_json(),
             "rewards": cfg.rewards,
@@ -533,8 +646,8 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
     return summary
 
 
-def _checkpoint_compute(state: dict) -> dict:
-    """The compute counts a checkpoint carries (none in checkpoints written before the meter)."""
+def _checkpoint_extra(state: dict) -> dict:
+    """A checkpoint's ``extra`` record (compute counts, the held-out monitor), parsed."""
     import json
 
     extra = state.get("extra") or {}
@@ -543,7 +656,12 @@ def _checkpoint_compute(state: dict) -> dict:
             extra = json.loads(extra)
         except ValueError:
             return {}
-    return extra.get("compute", {}) if isinstance(extra, dict) else {}
+    return extra if isinstance(extra, dict) else {}
+
+
+def _checkpoint_compute(state: dict) -> dict:
+    """The compute counts a checkpoint carries (none in checkpoints written before the meter)."""
+    return _checkpoint_extra(state).get("compute", {})
 
 
 def enable_checkpointing(backend, reward=None) -> None:

@@ -1,0 +1,173 @@
+"""Watching a training run for reward hacking, at its held-out checks.
+
+A negative learned from a reward can learn what the reward likes rather than what people like: the
+images turn smooth and glossy, and every image starts to look alike. The training reward keeps rising
+all the same. What shows it is what the training loss never sees, scored at every held-out check
+(``--eval-every``) on the same held-out prompts and seeds:
+
+- ``heldout``: the training reward of the learned negative's held-out images;
+- each ``--monitor-reward`` (by its name): another reward's score of the same images;
+- ``diversity``: the mean pairwise ``1 - cos`` between the held-out images' features in the training
+  reward's image tower (one image per held-out prompt: the spread across prompts, which falls when every
+  image starts to look alike; :mod:`reneg.diversity`).
+
+The rule (:func:`hacking_warning`), checked at each held-out check for each measure against the best
+earlier check of that measure (its highest value; the first of equal ones):
+
+1. the training reward keeps rising: its mean over the last ``--eval-every`` logged steps is above its
+   mean over the steps up to the best check;
+2. the measure fell by more than noise: for a reward, the 95 % Student-t interval of the paired
+   differences (this check's image minus the best check's image of the same prompt and seed) lies below
+   zero; for the diversity (one number a check), it is more than 10 % below the best check's.
+
+A measure warns once. :class:`HeldoutMonitor` keeps, for each measure, the best check's step, value and
+per-image scores, the training reward of every step, the warnings given and (``--keep-best-by``) the
+best check of the chosen measure: all of it plain JSON that the checkpoint carries, so a resumed run
+goes on exactly as the unbroken one would.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+DIVERSITY_DROP = 0.10  # a relative drop of the diversity larger than this, from its best check, counts
+LEVEL = 0.95  # the paired interval's level for the rewards
+
+
+def measure_label(measure: str) -> str:
+    """How a message names a measure."""
+    if measure == "heldout":
+        return "held-out training reward"
+    if measure == "diversity":
+        return "held-out diversity"
+    return f"held-out {measure}"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    v = [float(x) for x in values if _finite(x)]
+    return math.fsum(v) / len(v) if v else None
+
+
+def training_trend(
+    train: Sequence[Sequence[float]], step: int, best_step: int, window: int
+) -> tuple[float, float] | None:
+    """``(before, recent)``: the mean training reward of the logged steps up to ``best_step`` and over the
+    last ``window`` steps up to ``step``; None when either has no finite value."""
+    before = _mean([r for s, r in train if s <= best_step])
+    recent = _mean([r for s, r in train if step - window < s <= step])
+    return None if before is None or recent is None else (before, recent)
+
+
+def fell_significantly(
+    measure: str, value: float, scores: Sequence[float] | None, best: dict, level: float = LEVEL
+) -> bool:
+    """Whether ``measure`` fell below its best check by more than noise (the module's rule 2)."""
+    if not (_finite(value) and _finite(best.get("value"))):
+        return False
+    if measure == "diversity":
+        b = float(best["value"])
+        return b > 0 and (b - value) / b > DIVERSITY_DROP
+    old = best.get("scores")
+    if not scores or not old or len(scores) != len(old):
+        return False
+    diffs = [float(a) - float(b) for a, b in zip(scores, old)]
+    if not all(math.isfinite(d) for d in diffs):
+        return False
+    from reneg.evaluation.stats import mean_ci
+
+    ci = mean_ci(diffs, level)
+    return ci["hi"] is not None and ci["hi"] < 0
+
+
+def hacking_warning(
+    measure: str,
+    step: int,
+    value: float,
+    scores: Sequence[float] | None,
+    best: dict | None,
+    train: Sequence[Sequence[float]],
+    window: int,
+    kept: str | None = None,
+) -> str | None:
+    """The warning for ``measure`` at the held-out check of ``step``, or None.
+
+    ``value``/``scores``: this check's mean and per-image scores (no scores for the diversity);
+    ``best``: the best earlier check of the measure, ``{"step", "value", "scores"}``; ``train``: the
+    logged training reward as ``(step, reward)`` up to ``step``; ``window``: ``--eval-every``; ``kept``:
+    the file that holds the best check's embedding, when ``--keep-best-by`` keeps this measure."""
+    if not best or best.get("step") is None or best["step"] >= step or window < 1:
+        return None
+    trend = training_trend(train, step, best["step"], window)
+    if trend is None or not trend[1] > trend[0]:
+        return None
+    if not fell_significantly(measure, value, scores, best):
+        return None
+    before, recent = trend
+    keep = f"{kept} holds it" if kept else f"--keep-best-by {measure} keeps it"
+    return (
+        f"from step {max(0, step - window)} the training reward rose ({before:.4f} -> {recent:.4f}) while "
+        f"{measure_label(measure)} fell ({best['value']:.4f} at step {best['step']} -> {value:.4f} at step "
+        f"{step}): the embedding may be learning what the reward likes rather than what people like (reward "
+        f"hacking); the best held-out checkpoint is step {best['step']} ({keep})"
+    )
+
+
+class HeldoutMonitor:
+    """The best check of each measure, the training reward so far, the warnings given, and the best
+    check of ``keep_best_by``. ``state()`` / ``HeldoutMonitor(..., state=...)`` round-trip through JSON."""
+
+    def __init__(self, measures: Sequence[str], keep_best_by: str | None = None, state: dict | None = None):
+        self.measures = list(measures)
+        self.keep_best_by = keep_best_by
+        state = state or {}
+        self.best: dict = {m: dict(b) for m, b in (state.get("best") or {}).items() if isinstance(b, dict)}
+        self.train: list = [list(x) for x in state.get("train") or [] if isinstance(x, (list, tuple)) and len(x) == 2]
+        self.warnings: list = [dict(w) for w in state.get("warnings") or [] if isinstance(w, dict)]
+        keep = state.get("keep")
+        self.keep: dict | None = dict(keep) if isinstance(keep, dict) else None
+
+    def state(self) -> dict:
+        return {"best": self.best, "train": self.train, "warnings": self.warnings, "keep": self.keep}
+
+    def add_training_reward(self, step: int, reward: float) -> None:
+        self.train = [x for x in self.train if x[0] < step]  # a step logged again (never, but harmless)
+        self.train.append([int(step), float(reward)])
+
+    def warned(self, measure: str) -> bool:
+        return any(w.get("measure") == measure for w in self.warnings)
+
+    def observe(
+        self,
+        step: int,
+        values: dict,
+        scores: dict,
+        window: int,
+        kept: str | None = None,
+    ) -> tuple[list[dict], bool]:
+        """One held-out check: ``values[m]`` its mean (None: not measured), ``scores[m]`` its per-image
+        scores. Returns the new warnings (``{step, measure, message}``) and whether this check is a new
+        best of ``keep_best_by`` (``self.keep`` then names it)."""
+        new, best_now = [], False
+        for m in self.measures:
+            v = values.get(m)
+            if not _finite(v):
+                continue
+            s = scores.get(m)
+            best = self.best.get(m)
+            if not self.warned(m):
+                msg = hacking_warning(m, step, v, s, best, self.train, window, kept if m == self.keep_best_by else None)
+                if msg:
+                    w = {"step": int(step), "measure": m, "message": msg}
+                    self.warnings.append(w)
+                    new.append(w)
+            if best is None or v > best["value"]:
+                self.best[m] = {"step": int(step), "value": float(v), "scores": None if s is None else list(s)}
+                if m == self.keep_best_by:
+                    self.keep = {"by": m, "step": int(step), "value": float(v)}
+                    best_now = True
+        return new, best_now
