@@ -159,8 +159,21 @@ class Studio:
     # ------------------------------------------------------------------ Train
     def _form(self, values) -> TrainForm:
         form = TrainForm(**dict(zip(TRAIN_FIELDS, values)))
-        for k in ("model", "config", "rewards", "prompts", "heldout", "handcrafted", "out", "init", "device"):
-            setattr(form, k, (getattr(form, k) or "").strip() if k != "rewards" else getattr(form, k) or "")
+        for k in (
+            "model",
+            "config",
+            "rewards",
+            "monitor_rewards",
+            "prompts",
+            "heldout",
+            "handcrafted",
+            "out",
+            "init",
+            "device",
+            "keep_best_by",
+        ):
+            lines = k in ("rewards", "monitor_rewards")
+            setattr(form, k, (getattr(form, k) or "").strip() if not lines else getattr(form, k) or "")
         return form
 
     def start(self, *values) -> str:
@@ -229,7 +242,7 @@ class Studio:
         latest = gallery = curves = None
         if sig != shown:
             try:
-                curves = curves_image(rows, st["heldout"])
+                curves = curves_image(rows, st["heldout"], monitors=st["monitors"])
                 if samples:
                     latest = _pil(samples[-1][1])
                 gallery = [(_pil(p), f"step {s}") for s, p in reversed(samples[-MAX_SAMPLE_CARDS:])]
@@ -239,6 +252,8 @@ class Studio:
         head = f"**{st['message']}**"
         if st["state"] == "running" and steps:
             head += "\n\n" + _bar(st["step"], steps)
+        for w in st["warnings"]:  # reward hacking (trainer/monitor.py): shown for as long as the run is shown
+            head += f"\n\n**Warning:** {w}"
         table = [[r[0]] + [None if x is None else round(float(x), 4) for x in r[1:]] for r in st["heldout"]]
         return {
             "status": head,
@@ -546,17 +561,31 @@ class _ImageCapture:
         return getattr(self.reward, name)
 
 
-def curves_figure(rows: list[dict], heldout: list | None = None, width: float = 9.0, height: float = 2.8):
+def curves_figure(
+    rows: list[dict],
+    heldout: list | None = None,
+    width: float = 9.0,
+    height: float = 2.8,
+    monitors: dict | None = None,
+):
     """Loss and reward curves (training batches, and the held-out means as they are scored:
     ``heldout`` rows ``[step, null, handcrafted, learned]``, the final one included) as a matplotlib
     figure; without pyplot, so it is safe in the app's worker threads. A curve of one point is drawn
-    as a marker."""
+    as a marker. ``monitors`` (``{series: [(step, value)]}``, :func:`reneg.studio.runs.monitor_points`;
+    from ``rows`` when None) adds a third panel beside the held-out reward: the learned negative's
+    held-out monitor rewards, and its held-out diversity on an axis of its own (right)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    from .runs import monitor_points
+
+    if monitors is None:
+        monitors = monitor_points(rows)
+    watched = {k: v for k, v in monitors.items() if v}
+    fig = Figure(figsize=(width * (1.5 if watched else 1.0), height), dpi=100)
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    axes = list(fig.subplots(1, 3 if watched else 2))
+    ax1, ax2 = axes[:2]
     steps = [r["step"] for r in rows]
     dot = {"marker": "o", "ms": 4} if len(rows) == 1 else {}
     ax1.plot(steps, [r.get("loss") for r in rows], color="#444", lw=1.2, **dot)
@@ -576,7 +605,27 @@ def curves_figure(rows: list[dict], heldout: list | None = None, width: float = 
     ax2.set_title("reward", fontsize=10)
     if rows or heldout:
         ax2.legend(fontsize=7, loc="best")
-    for ax in (ax1, ax2):
+    if watched:
+        ax3 = axes[2]
+        colours = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+        handles = []
+        for i, name in enumerate(k for k in watched if k != "diversity"):
+            handles += ax3.plot(
+                *zip(*watched[name]), marker="o", ms=4, lw=1.5, color=colours[i % len(colours)], label=f"{name}"
+            )
+        if "diversity" in watched:
+            axd = ax3.twinx() if len(handles) else ax3
+            handles += axd.plot(
+                *zip(*watched["diversity"]), marker="s", ms=3, lw=1.2, ls="--", color="#333", label="diversity"
+            )
+            axd.set_ylabel("diversity", fontsize=8)
+            axd.tick_params(labelsize=7)
+        rewards = [k for k in watched if k != "diversity"]
+        title = " and ".join(x for x, on in (("monitors", rewards), ("diversity", "diversity" in watched)) if on)
+        ax3.set_title(f"held-out {title} (learned)", fontsize=10)
+        ax3.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
+        axes = [ax1, ax2, ax3]
+    for ax in axes:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -584,11 +633,17 @@ def curves_figure(rows: list[dict], heldout: list | None = None, width: float = 
     return fig
 
 
-def curves_image(rows: list[dict], heldout: list | None = None, width: float = 9.0, height: float = 2.8):
+def curves_image(
+    rows: list[dict],
+    heldout: list | None = None,
+    width: float = 9.0,
+    height: float = 2.8,
+    monitors: dict | None = None,
+):
     """:func:`curves_figure` as a picture."""
     from PIL import Image
 
-    fig = curves_figure(rows, heldout, width, height)
+    fig = curves_figure(rows, heldout, width, height, monitors=monitors)
     fig.canvas.draw()
     buf = fig.canvas.buffer_rgba()
     return Image.frombuffer("RGBA", fig.canvas.get_width_height(), bytes(buf), "raw", "RGBA", 0, 1).convert("RGB")
@@ -621,6 +676,8 @@ def _bar(step: int, steps: int) -> str:
 def build_app(studio: Studio):
     import gradio as gr
 
+    from reneg.options import help_of
+
     t = studio.train_defaults
     with gr.Blocks(title="ReNeg Studio", analytics_enabled=False) as app:
         gr.Markdown(header_markdown(studio), elem_id="header")
@@ -639,6 +696,13 @@ def build_app(studio: Studio):
                         value=t.rewards,
                         lines=2,
                         label=TRAIN_LABELS["rewards"],
+                    )
+                    c["monitor_rewards"] = gr.Textbox(
+                        elem_id="train_monitor_rewards",
+                        value=t.monitor_rewards,
+                        lines=1,
+                        label=TRAIN_LABELS["monitor_rewards"],
+                        info=help_of("monitor_rewards"),
                     )
                     c["prompts"] = gr.Textbox(elem_id="train_prompts", value=t.prompts, label=TRAIN_LABELS["prompts"])
                     c["heldout"] = gr.Textbox(
@@ -718,6 +782,12 @@ def build_app(studio: Studio):
                                 value=t.report_to,
                                 elem_id="train_report_to",
                                 label=TRAIN_LABELS["report_to"],
+                            )
+                            c["keep_best_by"] = gr.Textbox(
+                                elem_id="train_keep_best_by",
+                                value=t.keep_best_by,
+                                label=TRAIN_LABELS["keep_best_by"],
+                                info=help_of("keep_best_by"),
                             )
                     with gr.Row():
                         start_b = gr.Button("Start", variant="primary", elem_id="train_start")

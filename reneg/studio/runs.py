@@ -39,6 +39,7 @@ TRAIN_LABELS = {
     "model": "Model (diffusers folder or single .safetensors file)",
     "config": "Configs folder (single-file checkpoints only)",
     "rewards": "Rewards (NAME=PATH[,weight=W], one a line)",
+    "monitor_rewards": "Monitor rewards (NAME=PATH, one a line; scored on the held-out images, never trained on)",
     "prompts": "Training prompts file",
     "heldout": "Held-out prompts file (empty: the last N training prompts)",
     "handcrafted": "Handcrafted negative (compared against)",
@@ -62,6 +63,7 @@ TRAIN_LABELS = {
     "mixed_precision": "mixed precision",
     "device": "device (empty: automatic)",
     "report_to": "also report to",
+    "keep_best_by": "keep best by (empty: off)",
 }
 EVAL_LABELS = {
     "model": "Model",
@@ -98,7 +100,13 @@ TUNE_LABELS = {
     "resolution": "resolution",
     "device": "device",
 }
-_FLAG_OF = {"rewards": "--reward", "negatives": "--negative", "grad_lo": "--grad-range", "grad_hi": None}
+_FLAG_OF = {
+    "rewards": "--reward",
+    "monitor_rewards": "--monitor-reward",
+    "negatives": "--negative",
+    "grad_lo": "--grad-range",
+    "grad_hi": None,
+}
 
 
 def short_label(label: str) -> str:
@@ -168,6 +176,7 @@ class TrainForm:
     model: str = ""
     config: str = ""
     rewards: str = ""  # one NAME=PATH[,...] spec a line
+    monitor_rewards: str = ""  # --monitor-reward specs, one a line
     prompts: str = ""
     heldout: str = ""
     handcrafted: str = ""
@@ -191,6 +200,7 @@ class TrainForm:
     mixed_precision: str = "no"
     device: str = ""
     report_to: str = "none"
+    keep_best_by: str = ""  # --keep-best-by MEASURE; empty: off
     extra: list[str] = field(default_factory=list)  # more reneg train flags, as given
 
     @classmethod
@@ -280,6 +290,7 @@ def train_args(form: TrainForm) -> list[str]:
     if _text(form.config):
         a.append(f"--config={_text(form.config)}")
     a += [f"--reward={spec}" for spec in _lines(form.rewards)]
+    a += [f"--monitor-reward={spec}" for spec in _lines(form.monitor_rewards)]
     a.append(f"--prompts={_text(form.prompts)}")
     if _text(form.heldout):
         a.append(f"--heldout={_text(form.heldout)}")
@@ -309,6 +320,8 @@ def train_args(form: TrainForm) -> list[str]:
     ]
     if _text(form.device):
         a.append(f"--device={_text(form.device)}")
+    if _text(form.keep_best_by):
+        a.append(f"--keep-best-by={_text(form.keep_best_by)}")
     return a + list(form.extra)
 
 
@@ -394,6 +407,7 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
         model=cfg.get("model") or "",
         config=cfg.get("config") or "",
         rewards="\n".join(cfg.get("rewards") or []),
+        monitor_rewards="\n".join(cfg.get("monitor_rewards") or []),
         prompts=cfg.get("prompts") or "",
         heldout=cfg.get("heldout") or "",
         handcrafted=g("handcrafted"),
@@ -417,6 +431,7 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
         mixed_precision=g("mixed_precision"),
         device=cfg.get("device") or "",
         report_to=g("report_to"),
+        keep_best_by=cfg.get("keep_best_by") or "",
         extra=extra,
     )
 
@@ -760,6 +775,8 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
         "log": "",
         "summary": None,
         "running": False,
+        "monitors": {},  # {series: [(step, value)]}: the monitor rewards' and the diversity's held-out points
+        "warnings": [],  # the run's reward-hacking warnings (summary.json), as the trainer printed them
     }
     if not out or not os.path.isdir(out):
         st["message"] = f"No run in {out or '(no folder)'} yet: fill in the form and press Start"
@@ -798,6 +815,9 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
             if isinstance(h, dict) and isinstance(h.get("step"), int) and h.get("learned") is not None:
                 scored.setdefault(h["step"], [h["step"], h.get("null"), h.get("handcrafted"), h["learned"]])
     st["heldout"] = [scored[k] for k in sorted(scored)]
+    st["monitors"] = monitor_points(rows, (st["summary"] or {}).get("heldout_history"))
+    if fresh and isinstance(summary, dict) and isinstance(summary.get("warnings"), list):
+        st["warnings"] = [w["message"] for w in summary["warnings"] if isinstance(w, dict) and w.get("message")]
     # this process's own steps: after a resume, the ones after the step it resumed from
     since = (run.get("resume_step") or 0) if run and (not run.get("resume") or "resume_step" in run) else None
     sps = seconds_per_step(rows, since)
@@ -835,6 +855,12 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
             f"{_f(h.get('null'))}, handcrafted {_f(h.get('handcrafted'))}, learned "
             f"{_f(h.get('learned'))}. Embedding: {st['summary'].get('embedding')}"
         )
+        best = st["summary"].get("best")
+        if isinstance(best, dict) and best.get("step") is not None:
+            st["message"] += (
+                f". Best held-out {best.get('by')}: {_f(best.get('value'))} at step {best['step']} "
+                f"({best.get('embedding')})"
+            )
     elif ck is not None and (status == "stopped" or ("stopped on request" in st["log"] and rc in (None, 0, 130, 143))):
         st["state"] = "stopped"
         st["message"] = f"Stopped at step {ck} with a checkpoint; press Resume to continue"
@@ -865,6 +891,31 @@ def run_status(out: str, manager: RunManager | None = None) -> dict:
 
 def _f(x) -> str:
     return "-" if x is None else f"{float(x):.4f}"
+
+
+def monitor_points(rows: list[dict], history: list | None = None) -> dict:
+    """The learned negative's held-out points besides the training reward's, by series: each monitor
+    reward (``heldout_NAME_learned`` in log.csv, ``NAME_learned`` in summary.json's ``heldout_history``)
+    and ``diversity``; ``{series: [(step, value)]}`` sorted by step, each step once."""
+    found: dict = {}
+
+    def add(name, step, v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            found.setdefault(name, {}).setdefault(step, float(v))
+
+    for r in rows:
+        for k, v in r.items():
+            if k == "heldout_diversity":
+                add("diversity", r["step"], v)
+            elif k.startswith("heldout_") and k.endswith("_learned") and k != "heldout_learned":
+                add(k[len("heldout_") : -len("_learned")], r["step"], v)
+    for h in history if isinstance(history, list) else []:
+        if not isinstance(h, dict) or not isinstance(h.get("step"), int):
+            continue
+        for k, v in h.items():
+            if k == "diversity" or (k.endswith("_learned") and k != "learned"):
+                add(k if k == "diversity" else k[: -len("_learned")], h["step"], v)
+    return {name: sorted(pts.items()) for name, pts in found.items()}
 
 
 # --------------------------------------------------------------------------- Compare (reneg eval)

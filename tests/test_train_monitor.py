@@ -1,0 +1,318 @@
+"""reneg train watching for reward hacking: --monitor-reward, the held-out diversity, the hacking warning
+and --keep-best-by (trainer/monitor.py), on tiny models through the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from reneg.cli import main
+from reneg.embedding import load_embedding
+from reneg.trainer.checkpoint import load_checkpoint
+from reneg.trainer.monitor import DIVERSITY_DROP, HeldoutMonitor, hacking_warning
+from test_reliability_cli import ModelLoadAttempt, env, train_base  # noqa: F401
+from test_reliability_promises import _refused
+from test_train_events import _args
+
+
+@pytest.fixture(scope="session")
+def judge_ckpt(tmp_path_factory) -> str:
+    """A second tiny HPS reward, built with another seed: the monitor reward (it scores differently)."""
+    from reneg.tiny import build_tiny_hps
+
+    return build_tiny_hps(str(tmp_path_factory.mktemp("tiny") / "judge"), seed=1)
+
+
+def _rows(out) -> list[dict]:
+    with open(os.path.join(out, "log.csv"), newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _header(out) -> list[str]:
+    with open(os.path.join(out, "log.csv"), newline="", encoding="utf-8") as f:
+        return next(csv.reader(f))
+
+
+# --------------------------------------------------------------------------- the columns
+
+
+def test_monitor_rewards_and_diversity_are_logged_and_never_trained_on(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, judge_ckpt, capsys
+):
+    from reneg.trainer.train import CsvLog
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+        tb = ["--report-to", "tensorboard"]
+    except ImportError:
+        tb = []
+    out, plain = tmp_path / "run", tmp_path / "plain"
+    watched = ["--eval-every", "1", "--monitor-reward", f"hpsv2={judge_ckpt}", *tb]
+    assert main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, *watched)) == 0, capsys.readouterr().err
+    assert main(_args(tmp_path, plain, tiny_pipeline_dir, tiny_hps_ckpt, "--eval-every", "1")) == 0
+
+    # the existing columns first, in their order; then the diversity, then the monitor's three
+    new = ["heldout_diversity", "heldout_hpsv2_null", "heldout_hpsv2_handcrafted", "heldout_hpsv2_learned"]
+    assert _header(out) == CsvLog.FIELDS + new
+    assert _header(plain) == CsvLog.FIELDS + new[:1]
+    rows, ref = _rows(out), _rows(plain)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    for r, p in zip(rows, ref):
+        for k in new:
+            assert r[k] != "", (k, r)
+        # a monitor never enters the loss nor the compute meter: the run trains as the one without it
+        for k in CsvLog.FIELDS:
+            if k != "seconds":
+                assert r[k] == p[k], (k, r[k], p[k])
+        assert r["heldout_diversity"] == p["heldout_diversity"] and float(r["heldout_diversity"]) >= 0
+    # the monitor is another model: its scores are its own; null and handcrafted are scored once
+    assert rows[0]["heldout_hpsv2_learned"] != rows[0]["heldout_learned"]
+    assert len({r["heldout_hpsv2_null"] for r in rows}) == 1
+
+    summary = json.loads((out / "summary.json").read_text())
+    h = summary["heldout"]
+    assert set(h) == {"null", "handcrafted", "learned", "diversity", "hpsv2_null", "hpsv2_handcrafted", "hpsv2_learned"}
+    assert h["hpsv2_learned"] == pytest.approx(float(rows[-1]["heldout_hpsv2_learned"]), rel=1e-5)
+    assert [x["step"] for x in summary["heldout_history"]] == [1, 2, 3, 4]
+    assert all("hpsv2_learned" in x and "diversity" in x for x in summary["heldout_history"])
+    assert summary["warnings"] == [] and "best" not in summary
+    assert "held-out hpsv2 (monitor)" in capsys.readouterr().out
+
+    if tb:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tags = set()
+        for f in os.listdir(out / "tensorboard"):
+            acc = EventAccumulator(str(out / "tensorboard" / f))
+            acc.Reload()
+            tags |= set(acc.Tags()["scalars"])
+        assert {"heldout/learned", "heldout/diversity", "heldout/hpsv2_learned", "heldout/hpsv2_null"} <= tags
+
+
+def test_diversity_is_left_empty_for_a_reward_without_an_image_tower(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, judge_ckpt, monkeypatch, capsys
+):
+    from reneg.rewards import WeightedReward
+
+    # two rewards make a WeightedReward: made to have no image tower, as a reward without one
+    monkeypatch.setattr(WeightedReward, "image_features", lambda self, images: None)
+    out = tmp_path / "run"
+    two = ("--reward", f"hpsv2={judge_ckpt}", "--steps", "2", "--eval-every", "1")
+    assert main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, *two)) == 0, capsys.readouterr().err
+    assert [r["heldout_diversity"] for r in _rows(out)] == ["", ""] and _rows(out)[0]["heldout_learned"]
+    assert json.loads((out / "summary.json").read_text())["heldout"]["diversity"] is None
+    # and --keep-best-by diversity says why it can not keep one, naming the flag
+    capsys.readouterr()
+    rc = main(_args(tmp_path, tmp_path / "r2", tiny_pipeline_dir, tiny_hps_ckpt, *two, "--keep-best-by", "diversity"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--keep-best-by diversity: the training reward" in err and "no image tower" in err, err
+
+
+# --------------------------------------------------------------------------- --keep-best-by
+
+
+def test_keep_best_by_writes_the_embedding_of_the_best_check(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, judge_ckpt, monkeypatch, capsys
+):
+    from reneg.trainer import train
+
+    saved = {}
+    real = train.save_checkpoint
+
+    def save_checkpoint(path, **kw):  # every step's checkpoint, as written
+        saved[kw["step"]] = kw["neg"].detach().cpu().clone()
+        return real(path, **kw)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    out = tmp_path / "run"
+    extra = ["--eval-every", "1", "--checkpoint-every", "1", "--monitor-reward", f"hpsv2={judge_ckpt}"]
+    rc = main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, *extra, "--keep-best-by", "hpsv2"))
+    assert rc == 0, capsys.readouterr().err
+    rows = _rows(out)
+    scores = [float(r["heldout_hpsv2_learned"]) for r in rows]
+    step = int(rows[scores.index(max(scores))]["step"])  # the first check with the highest value
+    best = json.loads((out / "summary.json").read_text())["best"]
+    assert (best["by"], best["step"]) == ("hpsv2", step) and best["value"] == pytest.approx(max(scores), rel=1e-5)
+    emb = load_embedding(out / "embedding-best.safetensors")
+    assert torch.equal(emb.tensor, saved[step])
+    assert emb.metadata["best_by"] == "hpsv2" and emb.metadata["best_step"] == str(step)
+    assert emb.metadata["trained_steps"] == str(step) and emb.metadata["kind"] == "global"
+    assert float(emb.metadata["best_value"]) == best["value"]
+    # the checkpoint carries the best check: its embedding and the monitor's state
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert torch.equal(state["best_neg"], saved[step])
+    assert state["extra"]["monitor"]["keep"] == {k: best[k] for k in ("by", "step", "value")}
+
+
+def test_resume_continues_the_best_check_exactly(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, monkeypatch, capsys):
+    """A run stopped at step 3 and resumed ends where the unbroken one ends, its best check included, even
+    when embedding-best.safetensors was replaced after the checkpoint (a killed run writing a later best)."""
+    from reneg.trainer import events
+
+    extra = ("--eval-every", "1", "--keep-best-by", "heldout")
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert main(_args(tmp_path, ref, tiny_pipeline_dir, tiny_hps_ckpt, *extra)) == 0, capsys.readouterr().err
+
+    real_step, real_start = events.TrainEvents.on_step, events.TrainEvents.on_start
+
+    def on_step(self, step, row, neg, last):
+        real_step(self, step, row, neg, last)
+        if step == 3:
+            (out / events.STOP_FILE).write_text("stop")
+
+    monkeypatch.setattr(events.TrainEvents, "on_step", on_step)
+    assert main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, *extra)) == 143
+    monkeypatch.setattr(events.TrainEvents, "on_step", real_step)
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert state["step"] == 3 and state["extra"]["monitor"]["keep"]["by"] == "heldout"
+
+    # a resumed run keeps the best check of the measure it was started with
+    rc = main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, "--eval-every", "1", "--resume"))
+    assert rc == 2 and "--keep-best-by" in capsys.readouterr().err
+
+    # a later best written by a run killed after this checkpoint: the resumed run puts the checkpoint's back
+    (out / "embedding-best.safetensors").write_bytes((ref / "embedding.safetensors").read_bytes())
+    seen = {}
+
+    def on_start(self, step, neg):
+        seen["best"] = load_embedding(out / "embedding-best.safetensors")
+        real_start(self, step, neg)
+
+    monkeypatch.setattr(events.TrainEvents, "on_start", on_start)
+    assert main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, *extra, "--resume")) == 0
+    assert torch.equal(seen["best"].tensor, state["best_neg"])
+    assert seen["best"].metadata["best_step"] == str(state["extra"]["monitor"]["keep"]["step"])
+
+    got, want = json.loads((out / "summary.json").read_text()), json.loads((ref / "summary.json").read_text())
+    assert got["best"]["step"] == want["best"]["step"] and got["best"]["value"] == want["best"]["value"]
+    assert got["warnings"] == want["warnings"] and got["heldout_history"] == want["heldout_history"]
+    a, b = load_embedding(out / "embedding-best.safetensors"), load_embedding(ref / "embedding-best.safetensors")
+    assert torch.equal(a.tensor, b.tensor) and a.metadata["best_step"] == b.metadata["best_step"]
+    sa, sb = load_checkpoint(str(out / "checkpoint.pt")), load_checkpoint(str(ref / "checkpoint.pt"))
+    assert sa["extra"]["monitor"] == sb["extra"]["monitor"] and torch.equal(sa["best_neg"], sb["best_neg"])
+
+    def rows(d):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(d)]
+
+    assert rows(out) == rows(ref)
+
+
+# --------------------------------------------------------------------------- bad flags
+
+
+def test_bad_monitor_flags_are_refused_by_name_before_any_model_loads(env, capsys):  # noqa: F811
+    base = train_base(env) + ["--eval-every", "2"]
+    missing = os.path.join(env["tmp"], "missing.pt")
+    _refused("train", base + ["--monitor-reward", f"hpsv2={missing}"], "--monitor-reward", capsys)
+    _refused("train", base + ["--monitor-reward", f"nosuchreward={env['reward_path']}"], "--monitor-reward", capsys)
+    _refused("train", base + ["--monitor-reward", env["reward"] + ",weight=0.5"], "--monitor-reward", capsys)
+    _refused("train", base + ["--keep-best-by", "judge"], "--keep-best-by", capsys)
+    _refused("train", train_base(env) + ["--keep-best-by", "heldout"], "--keep-best-by", capsys)  # --eval-every 500
+    _refused("train", base + ["--eval-every", "0", "--keep-best-by", "heldout"], "--keep-best-by", capsys)
+    one = train_base(env, drop=("--heldout-count",)) + ["--heldout-count", "1", "--eval-every", "2"]
+    _refused("train", one + ["--keep-best-by", "diversity"], "--keep-best-by", capsys)
+    # a monitor's name, once there is one: two of the same reward are NAME and NAME-2
+    two = base + ["--monitor-reward", env["reward"], "--monitor-reward", env["reward"]]
+    for by in ("heldout", "diversity", "hpsv2", "hpsv2-2"):
+        with pytest.raises(ModelLoadAttempt):
+            main(two + ["--keep-best-by", by])
+    capsys.readouterr()
+    _refused("train", two + ["--keep-best-by", "hpsv2-3"], "--keep-best-by", capsys)
+
+
+def test_keep_best_by_names_the_measures_there_are(env, capsys):  # noqa: F811
+    rc = main(train_base(env) + ["--eval-every", "2", "--monitor-reward", env["reward"], "--keep-best-by", "judge"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "expected one of heldout, hpsv2, diversity" in err, err
+
+
+# --------------------------------------------------------------------------- the warning rule
+
+
+def _train(n: int, slope: float) -> list[list[float]]:
+    rng = random.Random(0)
+    return [[s, 0.5 + slope * s + rng.gauss(0, 0.002)] for s in range(1, n + 1)]
+
+
+def _scores(mean: float, n: int = 16, seed: int = 1, sd: float = 0.01) -> list[float]:
+    rng = random.Random(seed)
+    return [mean + rng.gauss(0, sd) for _ in range(n)]
+
+
+def test_warning_fires_when_training_rises_and_held_out_falls_significantly():
+    best_scores = _scores(0.70)
+    best = {"step": 10, "value": sum(best_scores) / 16, "scores": best_scores}
+    now = [x - 0.04 + random.Random(2).gauss(0, 0.003) for x in best_scores]  # the same images, each lower
+    msg = hacking_warning("judge", 40, sum(now) / 16, now, best, _train(40, 0.005), 10)
+    assert msg is not None
+    assert msg.startswith("from step 30 the training reward rose (")
+    assert f"held-out judge fell ({best['value']:.4f} at step 10 -> {sum(now) / 16:.4f} at step 40)" in msg
+    assert "(reward hacking); the best held-out checkpoint is step 10 (--keep-best-by judge keeps it)" in msg
+    # with the measure kept, the message names the file that holds it
+    kept = hacking_warning("judge", 40, sum(now) / 16, now, best, _train(40, 0.005), 10, kept="OUT/best.st")
+    assert kept.endswith("(OUT/best.st holds it)")
+
+
+def test_no_warning_on_noise_or_when_the_training_reward_falls_too():
+    best_scores = _scores(0.70)
+    best = {"step": 10, "value": sum(best_scores) / 16, "scores": best_scores}
+    # held-out noise around the same value: the paired interval straddles 0
+    noisy = [x + g for x, g in zip(best_scores, _scores(0.0, seed=5))]
+    assert hacking_warning("heldout", 40, sum(noisy) / 16, noisy, best, _train(40, 0.005), 10) is None
+    # a real fall, but the training reward falls as well: the run is not hacking its reward, just worse
+    low = [x - 0.04 for x in best_scores]
+    assert hacking_warning("heldout", 40, sum(low) / 16, low, best, _train(40, -0.005), 10) is None
+    # the best check is this one, or later: nothing to compare
+    assert hacking_warning("heldout", 10, sum(low) / 16, low, best, _train(40, 0.005), 10) is None
+    assert hacking_warning("heldout", 40, sum(low) / 16, low, None, _train(40, 0.005), 10) is None
+    # one image gives no interval: never a warning from it
+    one = {"step": 10, "value": 0.7, "scores": [0.7]}
+    assert hacking_warning("heldout", 40, 0.6, [0.6], one, _train(40, 0.005), 10) is None
+
+
+def test_diversity_warns_on_a_relative_drop_of_more_than_ten_percent():
+    best = {"step": 20, "value": 0.30, "scores": None}
+    train = _train(60, 0.005)
+    small = 0.30 * (1 - DIVERSITY_DROP) + 0.001  # a drop just under 10 %
+    assert hacking_warning("diversity", 60, small, None, best, train, 20) is None
+    msg = hacking_warning("diversity", 60, 0.26, None, best, train, 20)
+    assert msg and "held-out diversity fell (0.3000 at step 20 -> 0.2600 at step 60)" in msg
+    assert "from step 40 the training reward rose" in msg
+    assert hacking_warning("diversity", 60, 0.26, None, best, _train(60, -0.005), 20) is None
+
+
+def test_the_monitor_warns_once_a_measure_and_resumes_from_its_state():
+    """Checks every 10 steps: the judge peaks at step 20 and then falls while the training reward rises."""
+    base = _scores(0.70)
+    judge = {10: 0.0, 20: 0.02, 30: 0.0, 40: -0.03, 50: -0.05}
+    train = _train(50, 0.005)
+
+    def run(mon, steps, warnings):
+        for step in steps:
+            for s, r in train[step - 10 : step]:
+                mon.add_training_reward(s, r)
+            sc = [x + judge[step] for x in base]
+            heldout = [x + 0.001 * step for x in base]  # the held-out training reward keeps rising
+            values = {"heldout": sum(heldout) / 16, "judge": sum(sc) / 16, "diversity": 0.3}
+            new, _ = mon.observe(step, values, {"heldout": heldout, "judge": sc}, 10)
+            warnings += [(w["step"], w["measure"]) for w in new]
+
+    mon, got = HeldoutMonitor(["heldout", "judge", "diversity"], keep_best_by="judge"), []
+    run(mon, [10, 20, 30, 40, 50], got)
+    assert got == [(30, "judge")]  # the first check significantly below step 20's, once
+    assert mon.keep == {"by": "judge", "step": 20, "value": pytest.approx(sum(base) / 16 + 0.02)}
+    assert mon.best["heldout"]["step"] == 50 and mon.best["diversity"]["step"] == 10  # ties keep the first
+
+    # the same checks split by a resume through the checkpoint's JSON: the same warnings, the same best
+    half, got2 = HeldoutMonitor(["heldout", "judge", "diversity"], keep_best_by="judge"), []
+    run(half, [10, 20], got2)
+    state = json.loads(json.dumps(half.state()))
+    resumed = HeldoutMonitor(["heldout", "judge", "diversity"], keep_best_by="judge", state=state)
+    run(resumed, [30, 40, 50], got2)
+    assert got2 == got and resumed.state() == mon.state()
