@@ -6,7 +6,9 @@ HPS-format reward with its open_clip config), given through ``--model``/``--rewa
 files are. What broke exactness before: the text encoders' features of a prompt depended, in the
 last bit, on which prompts were encoded in the same batch, and the per-prompt caches of a resumed
 process were filled with other batches than the uninterrupted one's. Micro-batches of 2 prompts
-drawn from 6 make such repeats certain here; the runs use the demo's 2 threads.
+drawn from 6 make such repeats certain here; the runs use the demo's 2 threads. A held-out check every
+step with ``--keep-best-by heldout`` makes the best check part of what must resume exactly: the kill
+inside the 3rd checkpoint comes after that step's check may have written ``embedding-best.safetensors``.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def _args(w, prompts: str, out: str) -> list[str]:
         "--checkpoint-every",
         "1",
         "--eval-every",
-        "0",
+        "1",
+        "--keep-best-by",
+        "heldout",
         "--eval-batch",
         "2",
         "--device",
@@ -150,3 +154,9 @@ def test_killed_and_resumed_run_equals_the_unbroken_one_bit_for_bit(tmp_path, fo
     assert torch.equal(a["neg"], b["neg"]) and a["step"] == b["step"] == 4
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(a["optimizer"]["state"][0][k], b["optimizer"]["state"][0][k])
+    # the best held-out check: the same step, value, per-image scores and embedding
+    assert a["extra"]["monitor"] == b["extra"]["monitor"] and torch.equal(a["best_neg"], b["best_neg"])
+    best = [load_embedding(os.path.join(d, "embedding-best.safetensors")) for d in (run, ref)]
+    assert (
+        torch.equal(best[0].tensor, best[1].tensor) and best[0].metadata["best_step"] == best[1].metadata["best_step"]
+    )
