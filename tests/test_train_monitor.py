@@ -46,12 +46,7 @@ def test_monitor_rewards_and_diversity_are_logged_and_never_trained_on(
 ):
     from reneg.trainer.train import CsvLog
 
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-
-        tb = ["--report-to", "tensorboard"]
-    except ImportError:
-        tb = []
+    tb = ["--report-to", "tensorboard"] if _has_tensorboard() else []
     out, plain = tmp_path / "run", tmp_path / "plain"
     watched = ["--eval-every", "1", "--monitor-reward", f"hpsv2={judge_ckpt}", *tb]
     assert main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, *watched)) == 0, capsys.readouterr().err
@@ -112,6 +107,53 @@ def test_diversity_is_left_empty_for_a_reward_without_an_image_tower(
     rc = main(_args(tmp_path, tmp_path / "r2", tiny_pipeline_dir, tiny_hps_ckpt, *two, "--keep-best-by", "diversity"))
     err = capsys.readouterr().err
     assert rc == 2 and "--keep-best-by diversity: the training reward" in err and "no image tower" in err, err
+
+
+def test_a_warning_reaches_the_console_summary_tensorboard_and_studio(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, monkeypatch, capsys
+):
+    """The plumbing of a warning (the rule itself is tested on synthetic histories below)."""
+    from reneg.studio.runs import run_status
+    from reneg.trainer import events, monitor
+
+    def warn(measure, step, *a, **k):  # the held-out diversity "falls" at step 3
+        return f"held-out {measure} fell at step {step}" if (measure, step) == ("diversity", 3) else None
+
+    monkeypatch.setattr(monitor, "hacking_warning", warn)
+    seen = {}
+    real = events.TrainEvents.on_step
+
+    def on_step(self, step, row, neg, last):  # what a reader of the running run sees
+        real(self, step, row, neg, last)
+        seen[step] = json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    monkeypatch.setattr(events.TrainEvents, "on_step", on_step)
+    tb = ["--report-to", "tensorboard"] if _has_tensorboard() else []
+    out = tmp_path / "run"
+    assert main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, "--eval-every", "1", *tb)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reneg train: warning: held-out diversity fell at step 3") == 1
+    want = [{"step": 3, "measure": "diversity", "message": "held-out diversity fell at step 3"}]
+    assert seen[2]["warnings"] == [] and seen[3]["status"] == "running" and seen[3]["warnings"] == want
+    assert json.loads((out / "summary.json").read_text())["warnings"] == want
+    assert run_status(str(out))["warnings"] == ["held-out diversity fell at step 3"]
+    if tb:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        texts = []
+        for f in os.listdir(out / "tensorboard"):
+            acc = EventAccumulator(str(out / "tensorboard" / f), size_guidance={"tensors": 0})
+            acc.Reload()
+            texts += [t for t in acc.Tags().get("tensors", []) if t.startswith("warnings/")]
+        assert any(t.startswith("warnings/diversity") for t in texts), texts
+
+
+def _has_tensorboard() -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- --keep-best-by
