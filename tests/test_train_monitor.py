@@ -79,6 +79,18 @@ def test_monitor_rewards_and_diversity_are_logged_and_never_trained_on(
     assert summary["warnings"] == [] and "best" not in summary
     assert "held-out hpsv2 (monitor)" in capsys.readouterr().out
 
+    # the studio's plot: the monitor and the diversity in a panel beside the held-out reward
+    pytest.importorskip("matplotlib")
+    from reneg.studio.app import curves_figure
+    from reneg.studio.runs import run_status
+
+    st = run_status(str(out))
+    assert [s for s, _ in st["monitors"]["hpsv2"]] == [1, 2, 3, 4] and len(st["monitors"]["diversity"]) == 4
+    fig = curves_figure(st["rows"], st["heldout"], monitors=st["monitors"])
+    lines = {ln.get_label(): ln for ax in fig.axes[2:] for ln in ax.lines}
+    assert list(lines["hpsv2"].get_xdata()) == [1, 2, 3, 4] and list(lines["diversity"].get_xdata()) == [1, 2, 3, 4]
+    assert list(lines["hpsv2"].get_ydata()) == pytest.approx([float(r["heldout_hpsv2_learned"]) for r in rows])
+
     if tb:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
