@@ -270,3 +270,37 @@ def test_reward_loads_with_the_project_hps_loader():
         s = r(x, [cap, cap])
     model, tokenizer = _load_reward()
     assert torch.allclose(s, _score(model, tokenizer, imgs, [cap, cap]), atol=1e-5)
+
+
+def _demo_world_tool():
+    """tools/train_demo_world.py (not a package: loaded from its file, once)."""
+    import importlib.util
+    import sys
+
+    if "train_demo_world" not in sys.modules:
+        path = os.path.join(os.path.dirname(__file__), "..", "tools", "train_demo_world.py")
+        spec = importlib.util.spec_from_file_location("train_demo_world", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # its dataclass looks itself up there
+        spec.loader.exec_module(mod)
+    return sys.modules["train_demo_world"]
+
+
+def test_judges_card_section_replaces_its_earlier_self_and_agreement_measures(tmp_path):
+    tool = _demo_world_tool()
+    (tmp_path / "CARD.md").write_text("# card\n\n## Reward\n\nr\n\n## Limits\n\n- toy\n")
+    tool.write_card_section(tmp_path, [tool.JUDGES_HEADING + " (old)", "", "first", ""])
+    tool.write_card_section(tmp_path, [tool.JUDGES_HEADING + " (new)", "", "second", ""])
+    text = (tmp_path / "CARD.md").read_text()
+    assert text == "# card\n\n## Reward\n\nr\n\n## Held-out judges (new)\n\nsecond\n\n## Limits\n\n- toy\n"
+    a = np.array([0.1, 0.5, 0.3, 0.9])
+    assert tool.spearman(a, a * 2) == pytest.approx(1.0) and tool.spearman(a, -a) == pytest.approx(-1.0)
+    assert tool.same_order(np.array([1.0, -1.0, 2.0]), np.array([0.5, 1.0, 3.0])) == pytest.approx(2 / 3)
+    # 3 seeds x 2 prompts, seed-major: the 3 pairs of seeds of each prompt
+    d = tool.within_prompt_pairs(np.array([1.0, 10.0, 2.0, 20.0, 4.0, 40.0]), 2)
+    assert sorted(d.tolist()) == sorted([-1.0, -3.0, -2.0, -10.0, -30.0, -20.0])
+    # the judges differ from the reward and from each other in architecture, and in every seed
+    configs = [tool.REWARD_CONFIG] + [r.config for r in tool.JUDGES]
+    assert len({json.dumps(c["vision_cfg"], sort_keys=True) for c in configs}) == 3
+    seeds = [s for r in (tool.SHIPPED_REWARD, *tool.JUDGES) for s in (r.data_seed, r.train_seed)]
+    assert len(set(seeds + [tool.JUDGE_EVAL_SEED, 5])) == len(seeds) + 2
