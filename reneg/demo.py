@@ -69,7 +69,11 @@ def default_threads() -> int:
 
 def setup(out: str, flag: str = "--out") -> dict:
     """Write the demo's prompt files into ``out/demo`` and return paths and settings; a folder that
-    can not be written is an :class:`OptionError` naming ``flag``."""
+    can not be written is an :class:`OptionError` naming ``flag``.
+
+    ``reward`` is the spec training optimises; ``judges`` the specs of the held-out judges (rewards of
+    the same preference that no negative is trained on, for reports and monitoring only; empty with
+    the tiny random fallback)."""
     try:
         return _setup(out)
     except OSError as e:
@@ -88,6 +92,9 @@ def _setup(out: str) -> dict:
     if world is not None:
         model = world.pipeline_dir()
         reward = f"hpsv2={world.reward_checkpoint()},config={world.reward_config()}"
+        # held-out judges of the same preference: scored beside the reward, never trained on (eval reports
+        # them as hpsv2-judge and hpsv2-referee, after their file names)
+        judges = [f"hpsv2={ckpt},config={config}" for _name, ckpt, config in world.judges()]
         train = list(world.train_prompts(2000, seed=0))
         heldout = list(world.heldout_prompts(32))
         handcrafted = world.HANDCRAFTED_NEGATIVE
@@ -108,6 +115,7 @@ def _setup(out: str) -> dict:
         allp = [f"a {c} {s}" for c in colours for s in shapes]
         train, heldout = allp[:18], allp[18:]
         handcrafted = "blurry, noisy, ugly"
+        judges = []
         settings = {}
         kind = "tiny random models"
     atomic_write_text(os.path.join(folder, "train_prompts.txt"), "\n".join(train) + "\n")
@@ -131,6 +139,7 @@ def _setup(out: str) -> dict:
         kind=kind,
         model=model,
         reward=reward,
+        judges=judges,
         prompts=os.path.join(folder, "train_prompts.txt"),
         heldout=os.path.join(folder, "heldout_prompts.txt"),
         handcrafted=handcrafted,

@@ -169,6 +169,94 @@ def test_reward_prefers_clean_and_matching_images():
     assert s_clean.mean() > s_wrong.mean() and (s_clean > s_wrong).float().mean() >= 0.75
 
 
+def _clean_degraded_mismatched(n: int, seed: int):
+    """``n`` rendered scenes: clean images, degraded copies (every degradation in turn), the same scenes
+    in another colour, and their captions."""
+    rng = np.random.default_rng(seed)
+    clean, degraded, wrong, caps = [], [], [], []
+    for i in range(n):
+        scene = world.sample_scene(rng)
+        img = world.render_scene(scene)
+        clean.append(img)
+        degraded.append(world.degrade(img, world.DEGRADATIONS[i % len(world.DEGRADATIONS)], rng))
+        wrong.append(world.render_scene(dict(scene, colour=[c for c in world.COLOURS if c != scene["colour"]][i % 5])))
+        caps.append(world.caption_for(scene))
+
+    def tensor(imgs):
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [-1, 1]
+
+    return tensor(clean), tensor(degraded), tensor(wrong), caps
+
+
+def test_held_out_judges_are_shipped_in_the_reward_format():
+    assert [name for name, _c, _j in demo_world.judges()] == list(demo_world.JUDGES) == ["judge", "referee"]
+    assert (demo_world.judge_checkpoint(), demo_world.judge_config()) == demo_world.judge_files("judge")
+    assert (demo_world.referee_checkpoint(), demo_world.referee_config()) == demo_world.judge_files("referee")
+    shipped = json.load(open(demo_world.reward_config()))
+    for _name, ckpt, config in demo_world.judges():
+        sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert set(sd) == {"state_dict"}
+        assert all(v.dtype == torch.float16 for v in sd["state_dict"].values() if v.is_floating_point())
+        assert os.path.getsize(ckpt) < 4.2e6
+        cfg = json.load(open(config))
+        assert cfg["vision_cfg"] != shipped["vision_cfg"]  # another architecture than the reward's
+    with pytest.raises(ValueError, match="expected one of judge, referee"):
+        demo_world.judge_files("umpire")
+
+
+def test_held_out_judges_load_with_the_hps_loader_and_prefer_clean_images():
+    rewards = pytest.importorskip("reneg.rewards")
+    clean, degraded, wrong, caps = _clean_degraded_mismatched(20, seed=321)
+    for name, ckpt, config in demo_world.judges():
+        r = rewards.load_rewards([f"hpsv2={ckpt},config={config}"])
+        with torch.no_grad():
+            s_clean, s_deg, s_wrong = (r(x, caps) for x in (clean, degraded, wrong))
+        assert (s_clean > s_deg).float().mean() >= 0.75, (name, s_clean - s_deg)
+        assert (s_clean > s_wrong).float().mean() >= 0.75, (name, s_clean - s_wrong)
+
+
+def test_demo_setup_lists_the_judges_and_train_demo_leaves_them_out(tmp_path):
+    from reneg import demo
+    from reneg.cli import _apply_demo, build_parser
+    from reneg.rewards import parse_spec
+
+    d = demo.setup(str(tmp_path / "setup"))
+    assert d["kind"] == "demo world"
+    assert d["judges"] == [f"hpsv2={c},config={j}" for _n, c, j in demo_world.judges()] and len(d["judges"]) == 2
+    for spec in d["judges"]:
+        assert parse_spec(spec).name == "hpsv2"
+    # training optimises the reward alone: the judges only ever judge
+    ns = build_parser().parse_args(["train", "--demo", "--out", str(tmp_path / "run")])
+    _apply_demo(ns, "train")
+    assert ns.rewards == [d["reward"]]
+
+
+def test_demo_setup_has_no_judges_with_the_tiny_fallback(tmp_path, monkeypatch):
+    from reneg import demo
+
+    monkeypatch.setattr(demo, "_world", lambda: None)
+    d = demo.setup(str(tmp_path))
+    assert d["kind"] == "tiny random models" and d["judges"] == []
+
+
+def test_eval_demo_scores_with_the_reward_first_and_the_judges(tmp_path, monkeypatch):
+    from test_hostile_inputs import demo_eval_config, fake_finished_demo_train
+
+    from reneg import demo
+    from reneg.evaluation.scoring import reward_names
+    from reneg.rewards import parse_spec
+
+    monkeypatch.chdir(tmp_path)  # no runs/demo-train here
+    out = tmp_path / "ev"
+    fake_finished_demo_train(out)
+    d = demo.setup(str(out))
+    cfg = demo_eval_config(["eval", "--demo", "--out", str(out)])
+    assert cfg.rewards == [d["reward"], *d["judges"]] and len(cfg.rewards) == 3
+    # the trained-on reward stays first: the report's headline and per-sample tuning's reward
+    assert reward_names([parse_spec(s) for s in cfg.rewards]) == ["hpsv2", "hpsv2-judge", "hpsv2-referee"]
+    assert "held-out judges" in cfg.note
+
+
 def test_reward_loads_with_the_project_hps_loader():
     rewards = pytest.importorskip("reneg.rewards")
     r = rewards.load_rewards(["hpsv2=" + demo_world.reward_checkpoint()])
@@ -182,3 +270,37 @@ def test_reward_loads_with_the_project_hps_loader():
         s = r(x, [cap, cap])
     model, tokenizer = _load_reward()
     assert torch.allclose(s, _score(model, tokenizer, imgs, [cap, cap]), atol=1e-5)
+
+
+def _demo_world_tool():
+    """tools/train_demo_world.py (not a package: loaded from its file, once)."""
+    import importlib.util
+    import sys
+
+    if "train_demo_world" not in sys.modules:
+        path = os.path.join(os.path.dirname(__file__), "..", "tools", "train_demo_world.py")
+        spec = importlib.util.spec_from_file_location("train_demo_world", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # its dataclass looks itself up there
+        spec.loader.exec_module(mod)
+    return sys.modules["train_demo_world"]
+
+
+def test_judges_card_section_replaces_its_earlier_self_and_agreement_measures(tmp_path):
+    tool = _demo_world_tool()
+    (tmp_path / "CARD.md").write_text("# card\n\n## Reward\n\nr\n\n## Limits\n\n- toy\n")
+    tool.write_card_section(tmp_path, [tool.JUDGES_HEADING + " (old)", "", "first", ""])
+    tool.write_card_section(tmp_path, [tool.JUDGES_HEADING + " (new)", "", "second", ""])
+    text = (tmp_path / "CARD.md").read_text()
+    assert text == "# card\n\n## Reward\n\nr\n\n## Held-out judges (new)\n\nsecond\n\n## Limits\n\n- toy\n"
+    a = np.array([0.1, 0.5, 0.3, 0.9])
+    assert tool.spearman(a, a * 2) == pytest.approx(1.0) and tool.spearman(a, -a) == pytest.approx(-1.0)
+    assert tool.same_order(np.array([1.0, -1.0, 2.0]), np.array([0.5, 1.0, 3.0])) == pytest.approx(2 / 3)
+    # 3 seeds x 2 prompts, seed-major: the 3 pairs of seeds of each prompt
+    d = tool.within_prompt_pairs(np.array([1.0, 10.0, 2.0, 20.0, 4.0, 40.0]), 2)
+    assert sorted(d.tolist()) == sorted([-1.0, -3.0, -2.0, -10.0, -30.0, -20.0])
+    # the judges differ from the reward and from each other in architecture, and in every seed
+    configs = [tool.REWARD_CONFIG] + [r.config for r in tool.JUDGES]
+    assert len({json.dumps(c["vision_cfg"], sort_keys=True) for c in configs}) == 3
+    seeds = [s for r in (tool.SHIPPED_REWARD, *tool.JUDGES) for s in (r.data_seed, r.train_seed)]
+    assert len(set(seeds + [tool.JUDGE_EVAL_SEED, 5])) == len(seeds) + 2

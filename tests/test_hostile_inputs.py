@@ -459,30 +459,39 @@ def test_long_prompts_are_noted_once_per_run(tiny_backend):
     assert tiny_backend.truncation_note(["a red circle", "a star"]) is None
 
 
-def test_eval_demo_names_only_the_learned_file_it_evaluates(tmp_path, capsys, monkeypatch):
+def fake_finished_demo_train(out) -> str:
+    """``out/train`` as a finished demo training run on the demo's model leaves it (so that
+    ``demo_config`` evaluates its embedding instead of training one); returns the embedding's path."""
     from reneg import demo
+
+    d = demo.setup(str(out))
+    train = out / "train"
+    train.mkdir(parents=True)
+    (train / "embedding.safetensors").write_bytes(b"a finished run's file")
+    (train / "summary.json").write_text(json.dumps({"config": {"model": d["model"]}}))
+    return str(train / "embedding.safetensors")
+
+
+def demo_eval_config(argv):
+    """The EvalConfig ``reneg eval`` makes of ``argv`` (which holds ``--demo``), without running it."""
     from reneg.cli import build_parser
     from reneg.evaluation import cli as eval_cli
     from reneg.options import given_flags
 
+    ns = build_parser().parse_args(argv)
+    ns.given_flags = given_flags(build_parser(), argv)
+    return eval_cli.demo_config(ns)
+
+
+def test_eval_demo_names_only_the_learned_file_it_evaluates(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/demo-train here
     out = tmp_path / "ev"
-    d = demo.setup(str(out))
-    train = out / "train"
-    train.mkdir()
-    emb = str(train / "embedding.safetensors")
-    (train / "embedding.safetensors").write_bytes(b"a finished run's file")
-    (train / "summary.json").write_text(json.dumps({"config": {"model": d["model"]}}))
-
-    def config(argv):
-        ns = build_parser().parse_args(argv)
-        ns.given_flags = given_flags(build_parser(), argv)
-        return eval_cli.demo_config(ns)
+    emb = fake_finished_demo_train(out)
 
     capsys.readouterr()
-    cfg = config(["eval", "--demo", "--out", str(out), "--negative", "null", "--negative", "zero"])
+    cfg = demo_eval_config(["eval", "--demo", "--out", str(out), "--negative", "null", "--negative", "zero"])
     assert cfg.negatives == ["null", "zero"]
     assert emb not in capsys.readouterr().out  # your negatives replace the demo's: its file is not named
-    cfg = config(["eval", "--demo", "--out", str(out)])
+    cfg = demo_eval_config(["eval", "--demo", "--out", str(out)])
     assert f"using the learned embedding {emb}" in capsys.readouterr().out
     assert any(emb in n for n in cfg.negatives)

@@ -13,8 +13,15 @@ Stages (each seeded, CPU only):
                an HPSv2-style ``{"state_dict": ...}`` checkpoint plus its model config JSON
   6. evaluate  reward accuracy on held-out pairs; DDIM samples with a null vs handcrafted negative
   7. card      ``CARD.md`` with the figures
+  8. judges    two held-out judges of the same preference (``judge/``, ``referee/``), trained like the reward
+               on triplets of their own, with their own seeds and other open_clip architectures, in the
+               same HPS format; compared with the reward (held-out accuracy, how often they rank alike)
+               in their own section of ``CARD.md``
 
 ``--work DIR`` keeps intermediate checkpoints; ``--resume`` reuses the ones found there.
+``--judges-only`` runs stage 8 alone, from the pipeline and reward already in ``--out``:
+
+    python tools/train_demo_world.py --judges-only --out reneg/demo_world/assets --threads 1
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -90,6 +98,69 @@ REWARD_CONFIG: Dict[str, Any] = {
     "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "patch_size": 4, "head_width": 32, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+# The held-out judges: the same preference as the reward, other architectures (a ViT with 8 px patches
+# and a convolutional ModifiedResNet, both with a narrower text tower) and their own data and seeds.
+# Nothing trains a negative on them: they judge what a negative trained on the reward learned.
+JUDGE_CONFIG: Dict[str, Any] = {
+    "embed_dim": 48,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 3},
+}
+REFEREE_CONFIG: Dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 12},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 2},
+}
+
+
+@dataclass(frozen=True)
+class RewardRecipe:
+    """One preference reward this tool trains: where it goes under --out (``folder/filename`` plus
+    ``folder/open_clip_config.json``), the name its config is registered under with open_clip, the
+    config, its seeds (offsets from --seed: its triplet data, its initialisation and batches) and the
+    keys of its data size, step count and batch in FULL / SMOKE."""
+
+    folder: str
+    filename: str
+    model_name: str
+    config: Dict[str, Any]
+    data_seed: int
+    train_seed: int
+    size_keys: Tuple[str, str, str] = ("n_reward", "reward_steps", "reward_batch")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["vision_cfg"]["image_size"])
+
+    def describe(self) -> str:
+        v, t = self.config["vision_cfg"], self.config["text_cfg"]
+        if isinstance(v["layers"], (list, tuple)):
+            vision = "ModifiedResNet (convolutional) width %d, blocks %s, attention pooling" % (
+                v["width"],
+                "-".join(str(n) for n in v["layers"]),
+            )
+        else:
+            vision = "ViT patch %d, width %d, %d layers" % (v["patch_size"], v["width"], v["layers"])
+        return "%s; text width %d, %d layers; embedding %d" % (
+            vision,
+            t["width"],
+            t["layers"],
+            self.config["embed_dim"],
+        )
+
+
+SHIPPED_REWARD = RewardRecipe("reward", "hps_demo.pt", REWARD_MODEL_NAME, REWARD_CONFIG, data_seed=3, train_seed=4)
+JUDGE_SIZES = ("n_judge", "judge_steps", "judge_batch")
+JUDGES = (
+    RewardRecipe(
+        "judge", "judge.pt", "reneg-demo-judge", JUDGE_CONFIG, data_seed=7, train_seed=8, size_keys=JUDGE_SIZES
+    ),
+    RewardRecipe(
+        "referee", "referee.pt", "reneg-demo-referee", REFEREE_CONFIG, data_seed=9, train_seed=10, size_keys=JUDGE_SIZES
+    ),
+)
+JUDGE_EVAL_SEED = 11  # offset of the held-out triplets all three rewards are compared on
+JUDGE_SAMPLE_SEEDS = (0, 1, 2, 3)  # DDIM seeds of the generated images the three rewards rank
 
 FULL = dict(
     n_data=40000,
@@ -102,6 +173,9 @@ FULL = dict(
     reward_batch=64,
     n_eval_pairs=1500,
     eval_seeds=8,
+    n_judge=6000,
+    judge_steps=700,
+    judge_batch=64,
 )
 SMOKE = dict(
     n_data=600,
@@ -114,6 +188,9 @@ SMOKE = dict(
     reward_batch=16,
     n_eval_pairs=60,
     eval_seeds=1,
+    n_judge=200,
+    judge_steps=8,
+    judge_batch=16,
 )
 
 
@@ -431,17 +508,22 @@ def reward_preprocess(x: torch.Tensor, image_size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
-def make_reward_model():
-    import open_clip
+def register_reward_config(recipe: RewardRecipe = SHIPPED_REWARD) -> None:
     from open_clip import factory
 
-    factory._MODEL_CONFIGS[REWARD_MODEL_NAME] = copy.deepcopy(REWARD_CONFIG)
-    return open_clip.create_model(REWARD_MODEL_NAME, pretrained=None)
+    factory._MODEL_CONFIGS[recipe.model_name] = copy.deepcopy(recipe.config)
 
 
-def reward_score(model, imgs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def make_reward_model(recipe: RewardRecipe = SHIPPED_REWARD):
+    import open_clip
+
+    register_reward_config(recipe)
+    return open_clip.create_model(recipe.model_name, pretrained=None)
+
+
+def reward_score(model, imgs: torch.Tensor, tokens: torch.Tensor, image_size: int = 32) -> torch.Tensor:
     """HPS convention: cosine of L2-normalised image and text features. imgs in [-1, 1]."""
-    fi = F.normalize(model.encode_image(reward_preprocess(imgs, REWARD_CONFIG["vision_cfg"]["image_size"])), dim=-1)
+    fi = F.normalize(model.encode_image(reward_preprocess(imgs, image_size)), dim=-1)
     ft = F.normalize(model.encode_text(tokens), dim=-1)
     return (fi * ft).sum(-1)
 
@@ -502,12 +584,18 @@ def reward_triplets(n: int, seed: int) -> Dict[str, Any]:
     return {"clean": clean, "deg": deg, "mis": mis, "caps": caps, "deg_kinds": deg_kinds, "mis_kinds": mis_kinds}
 
 
-def train_reward(data: Dict[str, Any], recon: Dict[str, np.ndarray], cfg: Dict[str, Any], seed: int):
+def train_reward(
+    data: Dict[str, Any],
+    recon: Dict[str, np.ndarray],
+    cfg: Dict[str, Any],
+    seed: int,
+    recipe: RewardRecipe = SHIPPED_REWARD,
+):
     import open_clip
 
     torch.manual_seed(seed)
-    model = make_reward_model()
-    tokenizer = open_clip.get_tokenizer(REWARD_MODEL_NAME)
+    model = make_reward_model(recipe)
+    tokenizer = open_clip.get_tokenizer(recipe.model_name)
     tokens = tokenizer(data["caps"])
     cap_index = {c: i for i, c in enumerate(sorted(set(data["caps"])))}
     cap_id = torch.tensor([cap_index[c] for c in data["caps"]])
@@ -519,7 +607,7 @@ def train_reward(data: Dict[str, Any], recon: Dict[str, np.ndarray], cfg: Dict[s
     )
     g = np.random.default_rng(seed)
     n = len(data["caps"])
-    steps, bs = cfg["reward_steps"], cfg["reward_batch"]
+    steps, bs = cfg[recipe.size_keys[1]], cfg[recipe.size_keys[2]]
     t0 = time.time()
     run = None
 
@@ -533,7 +621,7 @@ def train_reward(data: Dict[str, Any], recon: Dict[str, np.ndarray], cfg: Dict[s
         set_lr(opt, cosine_lr(step, steps, 1e-3, 50))
         idx = g.integers(0, n, bs)
         imgs = torch.cat([pick("clean", idx), pick("deg", idx), pick("mis", idx)])
-        fi = F.normalize(model.encode_image(reward_preprocess(imgs, REWARD_CONFIG["vision_cfg"]["image_size"])), dim=-1)
+        fi = F.normalize(model.encode_image(reward_preprocess(imgs, recipe.image_size)), dim=-1)
         ft = F.normalize(model.encode_text(tokens[idx]), dim=-1)
         f_pos, f_deg, f_mis = fi[:bs], fi[bs : 2 * bs], fi[2 * bs :]
         ls = model.logit_scale.exp().clamp(max=100)
@@ -557,31 +645,45 @@ def train_reward(data: Dict[str, Any], recon: Dict[str, np.ndarray], cfg: Dict[s
         run = (loss.item(), acc) if run is None else (0.95 * run[0] + 0.05 * loss.item(), 0.95 * run[1] + 0.05 * acc)
         if step % 100 == 0 or step == steps - 1:
             log(
-                "reward %d/%d loss %.3f train-acc %.3f scale %.1f (%.0fs)"
-                % (step, steps, run[0], run[1], ls.item(), time.time() - t0)
+                "%s %d/%d loss %.3f train-acc %.3f scale %.1f (%.0fs)"
+                % (recipe.folder, step, steps, run[0], run[1], ls.item(), time.time() - t0)
             )
     model.eval()
     return model, {"reward_steps": steps, "reward_seconds": time.time() - t0}
 
 
 @torch.no_grad()
-def reward_scores_np(model, imgs_uint8: np.ndarray, caps: Sequence[str], bs: int = 500) -> np.ndarray:
+def reward_scores_np(
+    model, imgs_uint8: np.ndarray, caps: Sequence[str], bs: int = 500, recipe: RewardRecipe = SHIPPED_REWARD
+) -> np.ndarray:
     import open_clip
 
-    tokenizer = open_clip.get_tokenizer(REWARD_MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(recipe.model_name)
     out = []
     for i in range(0, len(caps), bs):
-        out.append(reward_score(model, to_model_range(imgs_uint8[i : i + bs]), tokenizer(list(caps[i : i + bs]))))
+        x = to_model_range(imgs_uint8[i : i + bs])
+        out.append(reward_score(model, x, tokenizer(list(caps[i : i + bs])), recipe.image_size))
     return torch.cat(out).numpy()
 
 
-def eval_reward(model, data: Dict[str, Any], recon: Dict[str, np.ndarray]) -> Dict[str, Any]:
-    caps = data["caps"]
+def triplet_scores(
+    model, data: Dict[str, Any], recon: Dict[str, np.ndarray], recipe: RewardRecipe = SHIPPED_REWARD
+) -> Dict[str, Dict[str, np.ndarray]]:
+    """The reward's scores of the held-out clean / degraded / mismatched images, rendered (``raw``) and
+    VAE-reconstructed (``vae``), each against its clean caption."""
+    return {
+        src_name: {k: reward_scores_np(model, src[k], data["caps"], recipe=recipe) for k in ("clean", "deg", "mis")}
+        for src_name, src in (("raw", data), ("vae", recon))
+    }
+
+
+def eval_reward(
+    model, data: Dict[str, Any], recon: Dict[str, np.ndarray], recipe: RewardRecipe = SHIPPED_REWARD
+) -> Dict[str, Any]:
+    scores = triplet_scores(model, data, recon, recipe)
     res: Dict[str, Any] = {}
-    for src_name, src in (("raw", data), ("vae", recon)):
-        s_pos = reward_scores_np(model, src["clean"], caps)
-        s_deg = reward_scores_np(model, src["deg"], caps)
-        s_mis = reward_scores_np(model, src["mis"], caps)
+    for src_name in ("raw", "vae"):
+        s_pos, s_deg, s_mis = (scores[src_name][k] for k in ("clean", "deg", "mis"))
         r = {
             "clean_vs_degraded": float((s_pos > s_deg).mean()),
             "clean_vs_mismatched": float((s_pos > s_mis).mean()),
@@ -598,17 +700,15 @@ def eval_reward(model, data: Dict[str, Any], recon: Dict[str, np.ndarray]) -> Di
                 r["mismatch_" + k] = float((s_pos[mk == k] > s_mis[mk == k]).mean())
         res[src_name] = r
     # a raw clean image against its VAE reconstruction: the reward should not care much
-    s_raw = reward_scores_np(model, data["clean"], caps)
-    s_rec = reward_scores_np(model, recon["clean"], caps)
-    res["clean_raw_minus_vae_mean"] = float((s_raw - s_rec).mean())
+    res["clean_raw_minus_vae_mean"] = float((scores["raw"]["clean"] - scores["vae"]["clean"]).mean())
     return res
 
 
-def zero_unused_reward_tokens(model) -> int:
+def zero_unused_reward_tokens(model, recipe: RewardRecipe = SHIPPED_REWARD) -> int:
     """Zero the token embedding rows of tokens the world never uses (they were never trained)."""
     import open_clip
 
-    tokenizer = open_clip.get_tokenizer(REWARD_MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(recipe.model_name)
     keep = set([0, 49406, 49407])
     for w in world.vocabulary():
         keep.update(int(i) for i in tokenizer([w])[0].tolist())
@@ -620,27 +720,58 @@ def zero_unused_reward_tokens(model) -> int:
     return len(keep)
 
 
-def save_reward(out: Path, model) -> None:
-    rdir = out / "reward"
+def save_reward(out: Path, model, recipe: RewardRecipe = SHIPPED_REWARD) -> None:
+    rdir = out / recipe.folder
     rdir.mkdir(parents=True, exist_ok=True)
     sd = {
         k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v
         for k, v in model.state_dict().items()
     }
-    torch.save({"state_dict": sd}, str(rdir / "hps_demo.pt"))
-    (rdir / "open_clip_config.json").write_text(json.dumps(REWARD_CONFIG, indent=2) + "\n")
+    torch.save({"state_dict": sd}, str(rdir / recipe.filename))
+    (rdir / "open_clip_config.json").write_text(json.dumps(recipe.config, indent=2) + "\n")
 
 
-def load_reward(out: Path):
+def load_reward(out: Path, recipe: RewardRecipe = SHIPPED_REWARD):
     import open_clip
     from open_clip import factory
 
-    cfg = json.loads((out / "reward" / "open_clip_config.json").read_text())
-    factory._MODEL_CONFIGS[REWARD_MODEL_NAME] = cfg
-    model = open_clip.create_model(REWARD_MODEL_NAME, pretrained=None)
-    ckpt = torch.load(str(out / "reward" / "hps_demo.pt"), map_location="cpu", weights_only=True)
+    rdir = out / recipe.folder
+    for f in (rdir / "open_clip_config.json", rdir / recipe.filename):
+        if not f.is_file():
+            raise SystemExit(f"--out {out}: {f} is missing; expected the {recipe.folder} reward's files there")
+    cfg = json.loads((rdir / "open_clip_config.json").read_text())
+    factory._MODEL_CONFIGS[recipe.model_name] = cfg
+    model = open_clip.create_model(recipe.model_name, pretrained=None)
+    ckpt = torch.load(str(rdir / recipe.filename), map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
+
+
+def reward_stage(
+    out: Path, work: Path, vae32, recipe: RewardRecipe, cfg: Dict[str, Any], seed: int, resume: bool
+) -> Tuple[Any, Dict[str, Any]]:
+    """Draw the recipe's triplets (half of them seen through ``vae32``), train it (or reuse its
+    checkpoint in ``work`` with ``resume``), save it under ``out`` in HPS format and return what ships
+    (reloaded from ``out``) and ``{data_seconds, steps, seconds[, resumed]}``."""
+    t0 = time.time()
+    path = work / (recipe.folder + ".pt")
+    if resume and path.exists():
+        model, old = _resume_stage(path, lambda: make_reward_model(recipe), "model", recipe.folder)
+        # checkpoints written before this function existed name the shipped reward's figures reward_*
+        rinfo = {k: old.get(k, old.get("reward_" + k)) for k in ("data_seconds", "steps", "seconds")}
+        rinfo["resumed"] = True
+    else:
+        n = cfg[recipe.size_keys[0]]
+        data = reward_triplets(n, seed + recipe.data_seed)
+        rec = {k: reconstruct(vae32, data[k]) for k in ("clean", "deg", "mis")}
+        rinfo = {"data_seconds": time.time() - t0}
+        log("%s data ready: %d triplets (%.0fs)" % (recipe.folder, n, rinfo["data_seconds"]))
+        model, tinfo = train_reward(data, rec, cfg, seed + recipe.train_seed, recipe)
+        rinfo.update(steps=tinfo["reward_steps"], seconds=tinfo["reward_seconds"])
+        torch.save({"model": model.state_dict(), "info": rinfo}, str(path))
+    zero_unused_reward_tokens(model, recipe)
+    save_reward(out, model, recipe)
+    return load_reward(out, recipe), rinfo  # what ships
 
 
 # --------------------------------------------------------------------------- evaluation of samples
@@ -716,6 +847,119 @@ def eval_samples(
         g = np.concatenate([world.to_grid(list(x), ncol=8, scale=2) for x in grids], 0)
         Image.fromarray(g).save(str(grid_path))
     return res
+
+
+# --------------------------------------------------------------------------- held-out judges
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (scores are continuous: ties are left to argsort's order)."""
+    ra = np.argsort(np.argsort(a)).astype(np.float64)
+    rb = np.argsort(np.argsort(b)).astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def same_order(da: np.ndarray, db: np.ndarray) -> float:
+    """Of pairs of images with score differences ``da`` under one reward and ``db`` under another, the
+    fraction the two rewards put in the same order."""
+    return float((np.sign(da) == np.sign(db)).mean())
+
+
+def triplet_pairs(sc: Dict[str, Dict[str, np.ndarray]]) -> np.ndarray:
+    """Score differences of the pairs within each held-out triplet (clean - degraded, clean - mismatched,
+    degraded - mismatched), rendered and VAE-reconstructed."""
+    return np.concatenate(
+        [sc[src]["clean"] - sc[src]["deg"] for src in ("raw", "vae")]
+        + [sc[src]["clean"] - sc[src]["mis"] for src in ("raw", "vae")]
+        + [sc[src]["deg"] - sc[src]["mis"] for src in ("raw", "vae")]
+    )
+
+
+def within_prompt_pairs(scores: np.ndarray, n_prompts: int) -> np.ndarray:
+    """Differences between every two images of the same prompt (images ordered seed-major, as
+    :func:`sample` makes them)."""
+    s = scores.reshape(-1, n_prompts)  # [seeds, prompts]
+    i, j = np.triu_indices(s.shape[0], 1)
+    return (s[i] - s[j]).reshape(-1)
+
+
+def judges_stage(
+    out: Path, work: Path, pipe, cfg: Dict[str, Any], seed: int, resume: bool, threads: int
+) -> Dict[str, Any]:
+    """Train the held-out judges (:data:`JUDGES`) one after the other on their own triplets, through the
+    shipped VAE, and compare them with the shipped reward: accuracy on common held-out triplets and how
+    often the three rank the same images the same way (held-out triplets and generated images)."""
+    import open_clip
+
+    t_start = time.time()
+    vae32 = pipe.vae
+    models: Dict[str, Any] = {SHIPPED_REWARD.folder: load_reward(out, SHIPPED_REWARD)}
+    recipes = {SHIPPED_REWARD.folder: SHIPPED_REWARD}
+    jinfo: Dict[str, Any] = {
+        "seed": seed,
+        "threads": threads,
+        "cfg": {k: cfg[k] for k in JUDGE_SIZES + SHIPPED_REWARD.size_keys},
+        "judges": {},
+    }
+    for recipe in JUDGES:
+        model, rinfo = reward_stage(out, work, vae32, recipe, cfg, seed, resume)
+        rdir = out / recipe.folder
+        rinfo.update(
+            architecture=recipe.describe(),
+            params=sum(p.numel() for p in model.parameters()),
+            bytes=(rdir / recipe.filename).stat().st_size,
+            data_seed=seed + recipe.data_seed,
+            train_seed=seed + recipe.train_seed,
+            n_triplets=cfg[recipe.size_keys[0]],
+        )
+        jinfo["judges"][recipe.folder] = rinfo
+        models[recipe.folder], recipes[recipe.folder] = model, recipe
+    jinfo["shipped_architecture"] = SHIPPED_REWARD.describe()
+
+    # held-out triplets none of the three was trained on
+    t0 = time.time()
+    n_eval = cfg["n_eval_pairs"]
+    edata = reward_triplets(n_eval, seed + JUDGE_EVAL_SEED)
+    erec = {k: reconstruct(vae32, edata[k]) for k in ("clean", "deg", "mis")}
+    scores = {k: triplet_scores(m, edata, erec, recipes[k]) for k, m in models.items()}
+    jinfo["eval"] = {k: eval_reward(m, edata, erec, recipes[k]) for k, m in models.items()}
+    jinfo["eval_seed"] = seed + JUDGE_EVAL_SEED
+    jinfo["n_eval"] = n_eval
+
+    # generated images: the held-out prompts with the null negative, the images a negative starts from
+    prompts = world.heldout_prompts(32)
+    imgs = sample(pipe, prompts, JUDGE_SAMPLE_SEEDS, None, guidance=7.5)
+    ps = [p for _ in JUDGE_SAMPLE_SEEDS for p in prompts]
+    gen = {}
+    for k, m in models.items():
+        r = recipes[k]
+        register_reward_config(r)
+        with torch.no_grad():
+            gen[k] = reward_score(m, imgs, open_clip.get_tokenizer(r.model_name)(ps), r.image_size).numpy()
+    jinfo["generated_mean"] = {k: float(v.mean()) for k, v in gen.items()}
+    jinfo["n_generated"] = len(ps)
+
+    names = list(models)
+    flat = {
+        k: np.concatenate([scores[k][src][x] for src in ("raw", "vae") for x in ("clean", "deg", "mis")]) for k in names
+    }
+    agree = {}
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            a, b = names[i], names[j]
+            agree["%s / %s" % (a, b)] = {
+                "heldout_spearman": spearman(flat[a], flat[b]),
+                "heldout_same_order": same_order(triplet_pairs(scores[a]), triplet_pairs(scores[b])),
+                "generated_spearman": spearman(gen[a], gen[b]),
+                "generated_same_order": same_order(
+                    within_prompt_pairs(gen[a], len(prompts)), within_prompt_pairs(gen[b], len(prompts))
+                ),
+            }
+    jinfo["agreement"] = agree
+    jinfo["eval_seconds"] = time.time() - t0
+    jinfo["total_seconds"] = time.time() - t_start
+    log("judges: %s" % json.dumps({k: jinfo[k] for k in ("agreement", "generated_mean")}))
+    return jinfo
 
 
 # --------------------------------------------------------------------------- card
@@ -893,6 +1137,148 @@ def write_card(out: Path, info: Dict[str, Any], argv: Sequence[str]) -> None:
     (out / "CARD.md").write_text("\n".join(lines))
 
 
+JUDGES_HEADING = "## Held-out judges"
+
+
+def judges_card_lines(out: Path, j: Dict[str, Any], argv: Sequence[str]) -> List[str]:
+    """The card's section on the held-out judges (:func:`judges_stage`'s figures)."""
+    cfg = j["cfg"]
+    shipped_bytes = (out / SHIPPED_REWARD.folder / SHIPPED_REWARD.filename).stat().st_size
+    lines = [
+        "%s (`%s`)" % (JUDGES_HEADING, "`, `".join(r.folder + "/" for r in JUDGES)),
+        "",
+        "Two more rewards of the same preference (clean, prompt-matching images) that no negative is trained on.",
+        "`reneg eval --demo` reports them beside the reward: a negative can learn what the reward happens to like",
+        "rather than the preference, and such a gain does not carry over to a judge that was trained on other",
+        "images, from other seeds, with another architecture. They follow the reward's recipe (the same triplets",
+        "and loss, half of the images seen through the shipped VAE) on triplets of their own:",
+        "",
+        "```",
+        "python tools/train_demo_world.py " + " ".join(a for a in argv if a != "--resume"),
+        "```",
+        "",
+        "(`--judges-only` trains only the judges, from the shipped VAE and reward, and rewrites only this section;",
+        "the full command trains them last.) HPS checkpoint format like the reward's; load with e.g.",
+        "`hpsv2=%s/%s,config=%s/open_clip_config.json`." % (JUDGES[0].folder, JUDGES[0].filename, JUDGES[0].folder),
+        "",
+        "| reward | architecture (open_clip config) | file (fp16) | triplets (data seed) | steps x batch (seed) | data + training |",
+        "|---|---|---|---|---|---|",
+        "| `%s/` (trained on) | %s | %.2f MB | %d (%d) | %d x %d (%d) | see above |"
+        % (
+            SHIPPED_REWARD.folder,
+            SHIPPED_REWARD.describe(),
+            shipped_bytes / 1e6,
+            cfg["n_reward"],
+            j["seed"] + SHIPPED_REWARD.data_seed,
+            cfg["reward_steps"],
+            cfg["reward_batch"],
+            j["seed"] + SHIPPED_REWARD.train_seed,
+        ),
+    ]
+    for r in JUDGES:
+        x = j["judges"][r.folder]
+        lines.append(
+            "| `%s/` (held out) | %s | %.2f MB | %d (%d) | %d x %d (%d) | %.0f s + %.0f s |"
+            % (
+                r.folder,
+                r.describe(),
+                x["bytes"] / 1e6,
+                x["n_triplets"],
+                x["data_seed"],
+                x["steps"],
+                cfg["judge_batch"],
+                x["train_seed"],
+                x["data_seconds"],
+                x["seconds"],
+            )
+        )
+    lines += [
+        "",
+        "Trained one after the other with %d CPU thread(s) on a machine whose 2 cores were shared with other jobs;"
+        % j["threads"],
+        "the stage took %.1f min in all, the comparison below included. torch %s, open_clip %s."
+        % (j["total_seconds"] / 60, j["versions"][0], j["versions"][1]),
+        "",
+        "Held-out triplets that none of the three saw (%d new captions, seed %d), as in the reward's table above:"
+        % (j["n_eval"], j["eval_seed"]),
+        "",
+        "| reward | clean > degraded (rendered / VAE) | clean > mismatched (rendered / VAE) "
+        "| mean clean / degraded / mismatched (VAE) |",
+        "|---|---|---|---|",
+    ]
+    for k, e in j["eval"].items():
+        lines.append(
+            "| `%s/` | %.3f / %.3f | %.3f / %.3f | %.3f / %.3f / %.3f |"
+            % (
+                k,
+                e["raw"]["clean_vs_degraded"],
+                e["vae"]["clean_vs_degraded"],
+                e["raw"]["clean_vs_mismatched"],
+                e["vae"]["clean_vs_mismatched"],
+                e["vae"]["mean_clean"],
+                e["vae"]["mean_degraded"],
+                e["vae"]["mean_mismatched"],
+            )
+        )
+    lines += [
+        "",
+        "Per mismatch (rendered): "
+        + "; ".join(
+            "`%s/` " % k
+            + ", ".join(
+                "%s %.2f" % (m, e["raw"]["mismatch_" + m]) for m in MISMATCH_KINDS if "mismatch_" + m in e["raw"]
+            )
+            for k, e in j["eval"].items()
+        )
+        + ".",
+        "",
+        "How often two rewards rank the same images the same way. Held-out: Spearman's rank correlation of the",
+        "%d scores above (clean, degraded and mismatched images, rendered and reconstructed, each with its"
+        % (6 * j["n_eval"]),
+        "clean caption) and the fraction of the %d pairs within a triplet (clean / degraded, clean / mismatched,"
+        % (6 * j["n_eval"]),
+        "degraded / mismatched) they order alike. Generated: `heldout_prompts(32)` x DDIM seeds %s (25 steps,"
+        % (list(JUDGE_SAMPLE_SEEDS),),
+        "CFG 7.5, null negative; %d images, the ones a negative starts from): Spearman over all of them and the"
+        % j["n_generated"],
+        "fraction of the pairs of images of one prompt they order alike (the choice a negative changes).",
+        "",
+        "| rewards | held-out Spearman | held-out pairs alike | generated Spearman | generated pairs alike |",
+        "|---|---|---|---|---|",
+    ]
+    for pair, a in j["agreement"].items():
+        lines.append(
+            "| %s | %.3f | %.3f | %.3f | %.3f |"
+            % (
+                " / ".join("`%s`" % x for x in pair.split(" / ")),
+                a["heldout_spearman"],
+                a["heldout_same_order"],
+                a["generated_spearman"],
+                a["generated_same_order"],
+            )
+        )
+    lines += [
+        "",
+        "Mean score of the generated images: "
+        + ", ".join("`%s/` %.3f" % (k, v) for k, v in j["generated_mean"].items())
+        + " (each reward has its own scale: compare a reward with itself, across negatives).",
+        "",
+    ]
+    return lines
+
+
+def write_card_section(out: Path, lines: List[str]) -> None:
+    """Put the judges' section into ``out/CARD.md``: in place of an earlier one, else before ``## Limits``."""
+    path = out / "CARD.md"
+    old = path.read_text().splitlines() if path.is_file() else ["# ReNeg demo world: model card", ""]
+    start = next((i for i, ln in enumerate(old) if ln.startswith(JUDGES_HEADING)), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
+    else:
+        start = end = next((i for i, ln in enumerate(old) if ln.startswith("## Limits")), len(old))
+    path.write_text("\n".join(old[:start] + lines + old[end:]) + "\n")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -919,8 +1305,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="folder for intermediate checkpoints (default: $TMPDIR/reneg_demo_world_work)",
     )
     ap.add_argument("--resume", action="store_true", help="reuse intermediate checkpoints found in --work")
+    ap.add_argument(
+        "--judges-only",
+        action="store_true",
+        help="train only the held-out judges (stage 8) from the VAE and reward already in --out, and rewrite "
+        "only their section of CARD.md",
+    )
     args = ap.parse_args(argv)
     raw_argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.judges_only:
+        need = [args.out / "pipeline" / "model_index.json"] + [
+            args.out / SHIPPED_REWARD.folder / f for f in (SHIPPED_REWARD.filename, "open_clip_config.json")
+        ]
+        missing = [str(f) for f in need if not f.is_file()]
+        if missing:
+            ap.error(
+                "--judges-only trains the judges from the pipeline and reward already in --out %s, but %s %s "
+                "missing (run without --judges-only to train everything)"
+                % (args.out, ", ".join(missing), "is" if len(missing) == 1 else "are")
+            )
 
     import diffusers
     import open_clip
@@ -945,6 +1348,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "versions": [torch.__version__, diffusers.__version__, transformers.__version__, open_clip.__version__],
     }
     t_start = time.time()
+
+    if args.judges_only:
+        pipe = load_pipeline(out / "pipeline")  # the shipped VAE (fp16 on disk, fp32 here) and sampler
+        jinfo = judges_stage(out, work, pipe, cfg, seed, args.resume, args.threads)
+        finish_judges(out, work, jinfo, info["versions"], raw_argv)
+        return 0
 
     # tokenizer
     tok = build_tokenizer(work / "tokenizer")
@@ -1009,24 +1418,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log("pipeline saved and checked")
 
     # 5. reward
-    t0 = time.time()
     vae32 = load_pipeline(out / "pipeline").vae  # the shipped (fp16-rounded) VAE
-    reward_path = work / "reward.pt"
-    if args.resume and reward_path.exists():
-        reward, rinfo = _resume_stage(reward_path, make_reward_model, "model", "reward")
+    reward, rinfo = reward_stage(out, work, vae32, SHIPPED_REWARD, cfg, seed, args.resume)
+    info.update(reward_data_seconds=rinfo["data_seconds"], reward_steps=rinfo["steps"], reward_seconds=rinfo["seconds"])
+    if rinfo.get("resumed"):
         info["reward_seconds_resumed"] = True
-    else:
-        rdata = reward_triplets(cfg["n_reward"], seed + 3)
-        rrec = {k: reconstruct(vae32, rdata[k]) for k in ("clean", "deg", "mis")}
-        rinfo = {"reward_data_seconds": time.time() - t0}
-        log("reward data ready (%.0fs)" % rinfo["reward_data_seconds"])
-        reward, tinfo = train_reward(rdata, rrec, cfg, seed + 4)
-        rinfo.update(tinfo)
-        torch.save({"model": reward.state_dict(), "info": rinfo}, str(reward_path))
-    info.update(rinfo)
-    zero_unused_reward_tokens(reward)
-    save_reward(out, reward)
-    reward = load_reward(out)  # evaluate what ships
 
     # 6. evaluate
     edata = reward_triplets(cfg["n_eval_pairs"], seed + 5)
@@ -1051,7 +1447,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_card(out, info, raw_argv)
     (work / "info.json").write_text(json.dumps(info, indent=2, default=str))
     log("done in %.1f min; assets %.2f MB" % (info["total_seconds"] / 60, dir_size(out) / 1e6))
+
+    # 8. held-out judges (their own section of the card)
+    jinfo = judges_stage(out, work, pipe, cfg, seed, args.resume, args.threads)
+    finish_judges(out, work, jinfo, info["versions"], raw_argv)
     return 0
+
+
+def finish_judges(out: Path, work: Path, jinfo: Dict[str, Any], versions: Sequence[str], argv: Sequence[str]) -> None:
+    jinfo["versions"] = [versions[0], versions[3]]  # torch, open_clip
+    write_card_section(out, judges_card_lines(out, jinfo, argv))
+    (work / "judges_info.json").write_text(json.dumps(jinfo, indent=2, default=str))
+    log(
+        "judges done in %.1f min; %s"
+        % (
+            jinfo["total_seconds"] / 60,
+            ", ".join("%s/ %.2f MB" % (r.folder, dir_size(out / r.folder) / 1e6) for r in JUDGES),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 - :mod:`reneg.demo_world.world`: the world (numpy + PIL only).
 - ``assets/pipeline``: a diffusers ``StableDiffusionPipeline`` folder (32 px images, text width 64).
 - ``assets/reward``: a small open_clip reward in HPSv2 checkpoint format plus its model config.
-- ``tools/train_demo_world.py`` (in the repository, not installed): the script that trains both (see ``assets/CARD.md``).
+- ``assets/judge``, ``assets/referee``: two held-out judges of the same preference in the same format, trained
+  on other data, from other seeds, with other architectures; nothing trains a negative on them, they check
+  what a negative trained on the reward learned.
+- ``tools/train_demo_world.py`` (in the repository, not installed): the script that trains them all (see
+  ``assets/CARD.md``).
 
 Importing this package needs only numpy and PIL.
 
@@ -41,6 +45,48 @@ def reward_config() -> str:
     return os.path.join(ASSETS, "reward", "open_clip_config.json")
 
 
+# The held-out judges, in the order reneg eval --demo reports them (after the reward).
+JUDGES = ("judge", "referee")
+
+
+def judge_files(name: str) -> tuple[str, str]:
+    """A held-out judge's checkpoint (HPS format, like :func:`reward_checkpoint`) and its open_clip config."""
+    if name not in JUDGES:
+        raise ValueError(f"demo world judge {name!r}: expected one of {', '.join(JUDGES)}")
+    folder = os.path.join(ASSETS, name)
+    return os.path.join(folder, f"{name}.pt"), os.path.join(folder, "open_clip_config.json")
+
+
+def judge_checkpoint() -> str:
+    """The held-out judge ``judge`` (a ViT with 8 px patches): its HPS-format checkpoint."""
+    return judge_files("judge")[0]
+
+
+def judge_config() -> str:
+    """The held-out judge ``judge``: its open_clip model config."""
+    return judge_files("judge")[1]
+
+
+def referee_checkpoint() -> str:
+    """The held-out judge ``referee`` (a convolutional ModifiedResNet): its HPS-format checkpoint."""
+    return judge_files("referee")[0]
+
+
+def referee_config() -> str:
+    """The held-out judge ``referee``: its open_clip model config."""
+    return judge_files("referee")[1]
+
+
+def judges() -> list[tuple[str, str, str]]:
+    """``(name, checkpoint, config)`` of each held-out judge whose files are installed."""
+    found = []
+    for name in JUDGES:
+        ckpt, config = judge_files(name)
+        if os.path.isfile(ckpt) and os.path.isfile(config):
+            found.append((name, ckpt, config))
+    return found
+
+
 def register_reward_config(name: str = REWARD_MODEL_NAME) -> str:
     """Register the reward config with open_clip under ``name`` and return the name (imports open_clip)."""
     import json
@@ -56,9 +102,16 @@ __all__ = [
     "ASSETS",
     "HANDCRAFTED_NEGATIVE",
     "HANDCRAFTED_NEGATIVE_LONG",
+    "JUDGES",
     "REWARD_MODEL_NAME",
     "heldout_prompts",
+    "judge_checkpoint",
+    "judge_config",
+    "judge_files",
+    "judges",
     "pipeline_dir",
+    "referee_checkpoint",
+    "referee_config",
     "register_reward_config",
     "reward_checkpoint",
     "reward_config",

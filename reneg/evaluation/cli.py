@@ -270,7 +270,9 @@ def demo_config(ns) -> EvalConfig:
     emb = found[1] if found else os.path.join(out, "train", "embedding.safetensors")
     cfg = EvalConfig(
         model=found[0] if found else d["model"],
-        rewards=[d["reward"]],
+        # the reward the negative was trained on first (the report's headline, and per-sample tuning's), then
+        # the held-out judges it never saw: a gain that is the reward's taste, not the preference, shows there
+        rewards=[d["reward"], *d["judges"]],
         prompts=_demo_prompts(d, os.path.join(out, "demo")),
         negatives=["null", f"handcrafted:{d['handcrafted']}", f"learned={emb}", f"tuned=tuned:{emb}"],
         out=out,
@@ -292,6 +294,12 @@ def demo_config(ns) -> EvalConfig:
         title=f"ReNeg evaluation: built-in demo ({d['kind']})",
         note=(
             "Demo world: a small model and reward trained on a procedural world of shapes."
+            + (
+                f" The first reward is the one the negative was trained on; the other {len(d['judges'])} are "
+                "held-out judges of the same preference (other data, seeds and architectures) that it never saw."
+                if d["judges"]
+                else ""
+            )
             if world_model
             else "Tiny random models: this run proves the machinery (files, statistics, report), not the method; "
             "the numbers mean nothing."
