@@ -191,6 +191,8 @@ def _apply_demo(ns, kind: str) -> None:
             if k not in given:
                 setattr(ns, k, v)
         ns.base_model_name = "reneg-demo"
+        if "monitor_rewards" not in given:  # the held-out judges watch for reward hacking (never trained on)
+            ns.monitor_rewards = list(d.get("judges") or [])
     else:
         if "prompt" not in given:
             ns.prompt = d["heldout_texts"][0]

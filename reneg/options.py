@@ -368,24 +368,27 @@ def check_model_and_rewards(opts: Any) -> None:
 HELDOUT_MEASURES = ("heldout", "diversity")
 
 
-def monitor_names(specs: Iterable[str]) -> list[str]:
-    """The name each ``--monitor-reward`` is logged and chosen by: its reward's NAME; a second monitor of
-    the same NAME (or one named like a held-out measure) is ``NAME-2``, a third ``NAME-3``... Checks
+def monitor_names(specs: Iterable[str], trained: Iterable[str] = ()) -> list[str]:
+    """The name each ``--monitor-reward`` is logged and chosen by, as ``reneg eval`` names reward columns
+    (:func:`reneg.rewards.display_names`) with the run's training rewards first: a monitor of another
+    NAME is NAME; one that shares a training reward's or another monitor's NAME is ``NAME-<file stem>``
+    (a demo-world judge beside the demo HPS: ``hpsv2-judge``); never a held-out measure's name. Checks
     nothing on disk (:func:`check_monitor` does)."""
+    from types import SimpleNamespace
+
     from .rewards import RewardSpecError, parse_spec
 
-    names: list[str] = []
-    for spec in specs:
+    def parsed(spec):
         try:
-            base = parse_spec(spec, check_files=False).name
+            return parse_spec(spec, check_files=False)
         except RewardSpecError:
-            base = str(spec).split("=", 1)[0].strip().lower() or "monitor"
-        name, k = base, 1
-        while name in names or name in HELDOUT_MEASURES:
-            k += 1
-            name = f"{base}-{k}"
-        names.append(name)
-    return names
+            name = str(spec).split("=", 1)[0].strip().lower() or "monitor"
+            return SimpleNamespace(name=name, path=str(spec).split("=", 1)[-1].split(",")[0])
+
+    from .rewards import display_names
+
+    trained, specs = [parsed(s) for s in trained], [parsed(s) for s in specs]
+    return display_names(trained + specs, taken=HELDOUT_MEASURES)[len(trained) :]
 
 
 def check_monitor(opts: Any) -> list[str]:
@@ -404,7 +407,7 @@ def check_monitor(opts: Any) -> list[str]:
                 f"--monitor-reward {spec}: a monitor reward has no weight (it never enters the loss); "
                 f"drop weight={parsed.weight:g}"
             )
-    names = monitor_names(specs)
+    names = monitor_names(specs, getattr(opts, "rewards", None) or [])
     by = getattr(opts, "keep_best_by", None)
     if by is not None:
         known = list(HELDOUT_MEASURES[:1]) + names + list(HELDOUT_MEASURES[1:])

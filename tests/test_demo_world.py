@@ -215,7 +215,7 @@ def test_held_out_judges_load_with_the_hps_loader_and_prefer_clean_images():
         assert (s_clean > s_wrong).float().mean() >= 0.75, (name, s_clean - s_wrong)
 
 
-def test_demo_setup_lists_the_judges_and_train_demo_leaves_them_out(tmp_path):
+def test_demo_setup_lists_the_judges_and_train_demo_only_monitors_them(tmp_path):
     from reneg import demo
     from reneg.cli import _apply_demo, build_parser
     from reneg.rewards import parse_spec
@@ -225,10 +225,22 @@ def test_demo_setup_lists_the_judges_and_train_demo_leaves_them_out(tmp_path):
     assert d["judges"] == [f"hpsv2={c},config={j}" for _n, c, j in demo_world.judges()] and len(d["judges"]) == 2
     for spec in d["judges"]:
         assert parse_spec(spec).name == "hpsv2"
-    # training optimises the reward alone: the judges only ever judge
+    # training optimises the reward alone: the judges only ever judge, as its monitors (named as eval names them)
     ns = build_parser().parse_args(["train", "--demo", "--out", str(tmp_path / "run")])
     _apply_demo(ns, "train")
-    assert ns.rewards == [d["reward"]]
+    assert ns.rewards == [d["reward"]] and ns.monitor_rewards == d["judges"]
+    from reneg.options import monitor_names
+
+    assert monitor_names(ns.monitor_rewards, ns.rewards) == ["hpsv2-judge", "hpsv2-referee"]
+    # a --monitor-reward given replaces them
+    from reneg.options import given_flags
+
+    argv = ["train", "--demo", "--out", str(tmp_path / "run"), "--monitor-reward", d["judges"][1]]
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    ns.given_flags = given_flags(parser, argv)
+    _apply_demo(ns, "train")
+    assert ns.monitor_rewards == [d["judges"][1]]
 
 
 def test_demo_setup_has_no_judges_with_the_tiny_fallback(tmp_path, monkeypatch):

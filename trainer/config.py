@@ -429,7 +429,7 @@ def resume_fingerprint(cfg: TrainConfig) -> dict:
         "heldout_sha256": texts(cfg.heldout),
         "init_sha256": init,
         # the monitors by name (their files may move with the run): the best checks kept are theirs
-        "monitor_names": O.monitor_names(getattr(cfg, "monitor_rewards", None) or []),
+        "monitor_names": O.monitor_names(getattr(cfg, "monitor_rewards", None) or [], cfg.rewards),
     }
 
 

@@ -149,7 +149,7 @@ def load_monitor_rewards(cfg: TrainConfig, device) -> dict:
 
     specs = list(getattr(cfg, "monitor_rewards", None) or [])
     dtype = weights_dtype(cfg.mixed_precision, device)
-    return {name: load_reward(spec, device, dtype) for name, spec in zip(monitor_names(specs), specs)}
+    return {name: load_reward(spec, device, dtype) for name, spec in zip(monitor_names(specs, cfg.rewards), specs)}
 
 
 def check_image_tower(cfg: TrainConfig, reward, device) -> None:

@@ -11,21 +11,12 @@ from reneg.fileio import atomic_path
 
 from .config import EvalError, progress_bar
 from .images import IMAGE_DIR, load_frames
-from .negatives import clean_name
 
 
 def reward_names(specs) -> list[str]:
-    names = []
-    for s in specs:
-        base = s.name
-        if base in names:
-            base = f"{s.name}-{clean_name(os.path.splitext(os.path.basename(s.path))[0])}"
-        k = 2
-        name = base
-        while name in names:
-            name, k = f"{base}-{k}", k + 1
-        names.append(name)
-    return names
+    from reneg.rewards import display_names
+
+    return display_names(specs)
 
 
 class FrameReward(torch.nn.Module):

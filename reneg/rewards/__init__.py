@@ -269,6 +269,26 @@ def reward_files(specs: list[RewardSpec | str]) -> list[dict]:
     return [reward_file(s) for s in specs]
 
 
+def display_names(specs, taken: tuple[str, ...] = ()) -> list[str]:
+    """The names rewards are reported by (eval's columns, a training run's monitors): the reward's NAME,
+    and for a second reward of that NAME ``NAME-<file stem>`` (``hpsv2-judge``), then ``-2``, ``-3``...
+    ``taken`` names are never given (e.g. a run's held-out measures)."""
+    import os
+    import re
+
+    names: list[str] = []
+    for s in specs:
+        base = s.name
+        if base in names or base in taken:
+            stem = os.path.splitext(os.path.basename(str(s.path)))[0]
+            base = f"{s.name}-{re.sub(r'[^A-Za-z0-9_.+-]+', '-', stem).strip('-.')[:64] or 'reward'}"
+        name, k = base, 2
+        while name in names or name in taken:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
 def load_reward(
     spec: RewardSpec | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Reward:
