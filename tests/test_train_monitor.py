@@ -53,7 +53,12 @@ def test_monitor_rewards_and_diversity_are_logged_and_never_trained_on(
     assert main(_args(tmp_path, plain, tiny_pipeline_dir, tiny_hps_ckpt, "--eval-every", "1")) == 0
 
     # the existing columns first, in their order; then the diversity, then the monitor's three
-    new = ["heldout_diversity", "heldout_hpsv2_null", "heldout_hpsv2_handcrafted", "heldout_hpsv2_learned"]
+    new = [
+        "heldout_diversity",
+        "heldout_hpsv2-hps_tiny_null",
+        "heldout_hpsv2-hps_tiny_handcrafted",
+        "heldout_hpsv2-hps_tiny_learned",
+    ]
     assert _header(out) == CsvLog.FIELDS + new
     assert _header(plain) == CsvLog.FIELDS + new[:1]
     rows, ref = _rows(out), _rows(plain)
@@ -67,17 +72,25 @@ def test_monitor_rewards_and_diversity_are_logged_and_never_trained_on(
                 assert r[k] == p[k], (k, r[k], p[k])
         assert r["heldout_diversity"] == p["heldout_diversity"] and float(r["heldout_diversity"]) >= 0
     # the monitor is another model: its scores are its own; null and handcrafted are scored once
-    assert rows[0]["heldout_hpsv2_learned"] != rows[0]["heldout_learned"]
-    assert len({r["heldout_hpsv2_null"] for r in rows}) == 1
+    assert rows[0]["heldout_hpsv2-hps_tiny_learned"] != rows[0]["heldout_learned"]
+    assert len({r["heldout_hpsv2-hps_tiny_null"] for r in rows}) == 1
 
     summary = json.loads((out / "summary.json").read_text())
     h = summary["heldout"]
-    assert set(h) == {"null", "handcrafted", "learned", "diversity", "hpsv2_null", "hpsv2_handcrafted", "hpsv2_learned"}
-    assert h["hpsv2_learned"] == pytest.approx(float(rows[-1]["heldout_hpsv2_learned"]), rel=1e-5)
+    assert set(h) == {
+        "null",
+        "handcrafted",
+        "learned",
+        "diversity",
+        "hpsv2-hps_tiny_null",
+        "hpsv2-hps_tiny_handcrafted",
+        "hpsv2-hps_tiny_learned",
+    }
+    assert h["hpsv2-hps_tiny_learned"] == pytest.approx(float(rows[-1]["heldout_hpsv2-hps_tiny_learned"]), rel=1e-5)
     assert [x["step"] for x in summary["heldout_history"]] == [1, 2, 3, 4]
-    assert all("hpsv2_learned" in x and "diversity" in x for x in summary["heldout_history"])
+    assert all("hpsv2-hps_tiny_learned" in x and "diversity" in x for x in summary["heldout_history"])
     assert summary["warnings"] == [] and "best" not in summary
-    assert "held-out hpsv2 (monitor)" in capsys.readouterr().out
+    assert "held-out hpsv2-hps_tiny (monitor)" in capsys.readouterr().out
 
     # the studio's plot: the monitor and the diversity in a panel beside the held-out reward
     pytest.importorskip("matplotlib")
@@ -85,11 +98,18 @@ def test_monitor_rewards_and_diversity_are_logged_and_never_trained_on(
     from reneg.studio.runs import run_status
 
     st = run_status(str(out))
-    assert [s for s, _ in st["monitors"]["hpsv2"]] == [1, 2, 3, 4] and len(st["monitors"]["diversity"]) == 4
+    assert [s for s, _ in st["monitors"]["hpsv2-hps_tiny"]] == [1, 2, 3, 4] and len(st["monitors"]["diversity"]) == 4
     fig = curves_figure(st["rows"], st["heldout"], monitors=st["monitors"])
     lines = {ln.get_label(): ln for ax in fig.axes[2:] for ln in ax.lines}
-    assert list(lines["hpsv2"].get_xdata()) == [1, 2, 3, 4] and list(lines["diversity"].get_xdata()) == [1, 2, 3, 4]
-    assert list(lines["hpsv2"].get_ydata()) == pytest.approx([float(r["heldout_hpsv2_learned"]) for r in rows])
+    assert list(lines["hpsv2-hps_tiny"].get_xdata()) == [1, 2, 3, 4] and list(lines["diversity"].get_xdata()) == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert list(lines["hpsv2-hps_tiny"].get_ydata()) == pytest.approx(
+        [float(r["heldout_hpsv2-hps_tiny_learned"]) for r in rows]
+    )
 
     if tb:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -99,7 +119,12 @@ def test_monitor_rewards_and_diversity_are_logged_and_never_trained_on(
             acc = EventAccumulator(str(out / "tensorboard" / f))
             acc.Reload()
             tags |= set(acc.Tags()["scalars"])
-        assert {"heldout/learned", "heldout/diversity", "heldout/hpsv2_learned", "heldout/hpsv2_null"} <= tags
+        assert {
+            "heldout/learned",
+            "heldout/diversity",
+            "heldout/hpsv2-hps_tiny_learned",
+            "heldout/hpsv2-hps_tiny_null",
+        } <= tags
 
 
 def test_diversity_is_left_empty_for_a_reward_without_an_image_tower(
@@ -186,16 +211,18 @@ def test_keep_best_by_writes_the_embedding_of_the_best_check(
     monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
     out = tmp_path / "run"
     extra = ["--eval-every", "1", "--checkpoint-every", "1", "--monitor-reward", f"hpsv2={judge_ckpt}"]
-    rc = main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, *extra, "--keep-best-by", "hpsv2"))
+    rc = main(_args(tmp_path, out, tiny_pipeline_dir, tiny_hps_ckpt, *extra, "--keep-best-by", "hpsv2-hps_tiny"))
     assert rc == 0, capsys.readouterr().err
     rows = _rows(out)
-    scores = [float(r["heldout_hpsv2_learned"]) for r in rows]
+    scores = [float(r["heldout_hpsv2-hps_tiny_learned"]) for r in rows]
     step = int(rows[scores.index(max(scores))]["step"])  # the first check with the highest value
     best = json.loads((out / "summary.json").read_text())["best"]
-    assert (best["by"], best["step"]) == ("hpsv2", step) and best["value"] == pytest.approx(max(scores), rel=1e-5)
+    assert (best["by"], best["step"]) == ("hpsv2-hps_tiny", step) and best["value"] == pytest.approx(
+        max(scores), rel=1e-5
+    )
     emb = load_embedding(out / "embedding-best.safetensors")
     assert torch.equal(emb.tensor, saved[step])
-    assert emb.metadata["best_by"] == "hpsv2" and emb.metadata["best_step"] == str(step)
+    assert emb.metadata["best_by"] == "hpsv2-hps_tiny" and emb.metadata["best_step"] == str(step)
     assert emb.metadata["trained_steps"] == str(step) and emb.metadata["kind"] == "global"
     assert float(emb.metadata["best_value"]) == best["value"]
     # the checkpoint carries the best check: its embedding and the monitor's state
@@ -271,19 +298,19 @@ def test_bad_monitor_flags_are_refused_by_name_before_any_model_loads(env, capsy
     _refused("train", base + ["--eval-every", "0", "--keep-best-by", "heldout"], "--keep-best-by", capsys)
     one = train_base(env, drop=("--heldout-count",)) + ["--heldout-count", "1", "--eval-every", "2"]
     _refused("train", one + ["--keep-best-by", "diversity"], "--keep-best-by", capsys)
-    # a monitor's name, once there is one: two of the same reward are NAME and NAME-2
+    # a monitor's name, once there is one: two of the training reward's NAME are NAME-<file stem> and NAME-<file stem>-2
     two = base + ["--monitor-reward", env["reward"], "--monitor-reward", env["reward"]]
-    for by in ("heldout", "diversity", "hpsv2", "hpsv2-2"):
+    for by in ("heldout", "diversity", "hpsv2-hps", "hpsv2-hps-2"):
         with pytest.raises(ModelLoadAttempt):
             main(two + ["--keep-best-by", by])
     capsys.readouterr()
-    _refused("train", two + ["--keep-best-by", "hpsv2-3"], "--keep-best-by", capsys)
+    _refused("train", two + ["--keep-best-by", "hpsv2-hps-3"], "--keep-best-by", capsys)
 
 
 def test_keep_best_by_names_the_measures_there_are(env, capsys):  # noqa: F811
     rc = main(train_base(env) + ["--eval-every", "2", "--monitor-reward", env["reward"], "--keep-best-by", "judge"])
     err = capsys.readouterr().err
-    assert rc == 2 and "expected one of heldout, hpsv2, diversity" in err, err
+    assert rc == 2 and "expected one of heldout, hpsv2-hps, diversity" in err, err
 
 
 # --------------------------------------------------------------------------- the warning rule
