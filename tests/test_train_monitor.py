@@ -349,6 +349,12 @@ def test_no_warning_on_noise_or_when_the_training_reward_falls_too():
     # a real fall, but the training reward falls as well: the run is not hacking its reward, just worse
     low = [x - 0.04 for x in best_scores]
     assert hacking_warning("heldout", 40, sum(low) / 16, low, best, _train(40, -0.005), 10) is None
+    # a flat training reward whose last window happens to be a little higher (the demo's normal run: 0.6927
+    # -> 0.6943 with steps scattered by +-0.03) does not count as rising: no warning however far held-out fell
+    rng = random.Random(3)
+    flat = [[s, 0.69 + rng.gauss(0, 0.03)] for s in range(1, 41)]
+    flat[-10:] = [[s, r + 0.002] for s, r in flat[-10:]]
+    assert hacking_warning("heldout", 40, sum(low) / 16, low, best, flat, 10) is None
     # the best check is this one, or later: nothing to compare
     assert hacking_warning("heldout", 10, sum(low) / 16, low, best, _train(40, 0.005), 10) is None
     assert hacking_warning("heldout", 40, sum(low) / 16, low, None, _train(40, 0.005), 10) is None

@@ -15,7 +15,9 @@ The rule (:func:`hacking_warning`), checked at each held-out check for each meas
 earlier check of that measure (its highest value; the first of equal ones):
 
 1. the training reward keeps rising: its mean over the last ``--eval-every`` logged steps is above its
-   mean over the steps up to the best check;
+   mean over the steps up to the best check by more than noise (the 95 % Welch interval of the
+   difference of the two means, each step's reward one value, lies above zero: a flat, noisy training
+   reward does not count as rising);
 2. the measure fell by more than noise: for a reward, the 95 % Student-t interval of the paired
    differences (this check's image minus the best check's image of the same prompt and seed) lies below
    zero; for the diversity (one number a check), it is more than 10 % below the best check's.
@@ -54,13 +56,35 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def training_trend(
-    train: Sequence[Sequence[float]], step: int, best_step: int, window: int
-) -> tuple[float, float] | None:
-    """``(before, recent)``: the mean training reward of the logged steps up to ``best_step`` and over the
-    last ``window`` steps up to ``step``; None when either has no finite value."""
-    before = _mean([r for s, r in train if s <= best_step])
-    recent = _mean([r for s, r in train if step - window < s <= step])
-    return None if before is None or recent is None else (before, recent)
+    train: Sequence[Sequence[float]], step: int, best_step: int, window: int, level: float = LEVEL
+) -> tuple[float, float, bool] | None:
+    """``(before, recent, rose)``: the mean training reward of the logged steps up to ``best_step``, over
+    the last ``window`` steps up to ``step``, and whether ``recent`` is above ``before`` by more than noise
+    (the lower end of the Welch interval of ``recent - before`` above 0); None when either has no finite
+    value."""
+    a = [float(r) for s, r in train if s <= best_step and _finite(r)]
+    b = [float(r) for s, r in train if step - window < s <= step and _finite(r)]
+    if not a or not b:
+        return None
+    before, recent = math.fsum(a) / len(a), math.fsum(b) / len(b)
+    return before, recent, _welch_above_zero(b, a, level)
+
+
+def _welch_above_zero(x: Sequence[float], y: Sequence[float], level: float) -> bool:
+    """Whether the ``level`` Welch interval of ``mean(x) - mean(y)`` lies above zero."""
+    if len(x) < 2 or len(y) < 2:
+        return False
+    from reneg.evaluation.stats import t_quantile
+
+    mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
+    vx = math.fsum((v - mx) ** 2 for v in x) / (len(x) - 1) / len(x)
+    vy = math.fsum((v - my) ** 2 for v in y) / (len(y) - 1) / len(y)
+    se = math.sqrt(vx + vy)
+    if se == 0:
+        return mx > my
+    den = vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1)
+    df = (vx + vy) ** 2 / den if den > 0 else len(x) + len(y) - 2  # Welch-Satterthwaite
+    return mx - my - t_quantile(0.5 + level / 2, max(1, int(df))) * se > 0
 
 
 def fell_significantly(
@@ -103,11 +127,11 @@ def hacking_warning(
     if not best or best.get("step") is None or best["step"] >= step or window < 1:
         return None
     trend = training_trend(train, step, best["step"], window)
-    if trend is None or not trend[1] > trend[0]:
+    if trend is None or not trend[2]:
         return None
     if not fell_significantly(measure, value, scores, best):
         return None
-    before, recent = trend
+    before, recent, _ = trend
     keep = f"{kept} holds it" if kept else f"--keep-best-by {measure} keeps it"
     return (
         f"from step {max(0, step - window)} the training reward rose ({before:.4f} -> {recent:.4f}) while "
