@@ -131,13 +131,18 @@ def prompt_diversity(feats: dict | None, negatives, items, coverage=None) -> lis
     return out
 
 
-def write_diversity_csv(path: str, rows: list[dict]) -> None:
+def _write_csv(path: str, fields: list[str], rows: list[dict], number: str) -> None:
+    """``rows`` as a CSV written atomically, the float column ``number`` to 8 significant digits."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, DIVERSITY_FIELDS)
+            w = csv.DictWriter(f, fields)
             w.writeheader()
             for r in rows:
-                w.writerow(dict(r, diversity=f"{r['diversity']:.8g}"))
+                w.writerow(dict(r, **{number: f"{r[number]:.8g}"}))
+
+
+def write_diversity_csv(path: str, rows: list[dict]) -> None:
+    _write_csv(path, DIVERSITY_FIELDS, rows, "diversity")
 
 
 def read_diversity_csv(path: str) -> list[dict]:
@@ -152,12 +157,7 @@ SCORE_FIELDS = ["prompt_index", "category", "prompt", "seed", "negative", "rewar
 
 
 def write_scores_csv(path: str, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, SCORE_FIELDS)
-            w.writeheader()
-            for r in rows:
-                w.writerow(dict(r, score=f"{r['score']:.8g}"))
+    _write_csv(path, SCORE_FIELDS, rows, "score")
 
 
 def read_scores_csv(path: str) -> list[dict]:
