@@ -66,25 +66,10 @@ def training_trend(
     b = [float(r) for s, r in train if step - window < s <= step and _finite(r)]
     if not a or not b:
         return None
-    before, recent = math.fsum(a) / len(a), math.fsum(b) / len(b)
-    return before, recent, _welch_above_zero(b, a, level)
+    from reneg.evaluation.stats import welch_ci
 
-
-def _welch_above_zero(x: Sequence[float], y: Sequence[float], level: float) -> bool:
-    """Whether the ``level`` Welch interval of ``mean(x) - mean(y)`` lies above zero."""
-    if len(x) < 2 or len(y) < 2:
-        return False
-    from reneg.evaluation.stats import t_quantile
-
-    mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
-    vx = math.fsum((v - mx) ** 2 for v in x) / (len(x) - 1) / len(x)
-    vy = math.fsum((v - my) ** 2 for v in y) / (len(y) - 1) / len(y)
-    se = math.sqrt(vx + vy)
-    if se == 0:
-        return mx > my
-    den = vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1)
-    df = (vx + vy) ** 2 / den if den > 0 else len(x) + len(y) - 2  # Welch-Satterthwaite
-    return mx - my - t_quantile(0.5 + level / 2, max(1, int(df))) * se > 0
+    lo = welch_ci(b, a, level)["lo"]  # recent minus before
+    return math.fsum(a) / len(a), math.fsum(b) / len(b), lo is not None and lo > 0
 
 
 def fell_significantly(

@@ -95,6 +95,23 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict:
     return {"n": n, "mean": m, "std": sd, "lo": m - half, "hi": m + half, "half": half}
 
 
+def welch_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+    """Unpaired ``mean(a) - mean(b)`` with its Welch (Welch-Satterthwaite) Student-t interval:
+    ``{mean, lo, hi}``; ``lo``/``hi`` are None when either side has fewer than 2 values."""
+    a, b = _finite(a, "welch_ci"), _finite(b, "welch_ci")
+    if not a or not b:
+        return {"mean": None, "lo": None, "hi": None}
+    ma, mb = math.fsum(a) / len(a), math.fsum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return {"mean": ma - mb, "lo": None, "hi": None}
+    va = math.fsum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = math.fsum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    den = va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)
+    df = (va + vb) ** 2 / den if den > 0 else len(a) + len(b) - 2
+    half = t_quantile(0.5 + level / 2, max(1, int(df))) * math.sqrt(va + vb)
+    return {"mean": ma - mb, "lo": ma - mb - half, "hi": ma - mb + half}
+
+
 def wilson(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion (``successes`` may be fractional: ties count half)."""
     if n <= 0:
