@@ -9,7 +9,8 @@ For every training seed and every variant it runs exactly what a user runs,
 
 then scores every embedding with ``reneg eval --demo`` (the README's second command, with its
 negatives replaced: null, the handcrafted negative, and every embedding trained here), on the demo's
-32 held-out prompts x 16 image seeds (the same noise for every negative). Per training seed it
+32 held-out prompts x 16 image seeds (the same noise for every negative), with the training reward (the
+headline) and the held-out judges (their own table: each variant's lead over handcrafted under each). Per training seed it
 reports, paired on (prompt, image seed), with 95 % Student-t intervals (``reneg.evaluation.stats``):
 
 - the demo's headline for the first variant: learned - handcrafted, handcrafted - null, and whether
@@ -113,13 +114,15 @@ def eval_group(root: str, group: int, negatives: list[str], threads: int, images
     return done
 
 
-def scores_by_negative(paths: list[str]) -> dict[str, dict[tuple[int, int], float]]:
+def scores_by_reward(paths: list[str]) -> dict[str, dict[str, dict[tuple[int, int], float]]]:
+    """``{reward: {negative: {(prompt_index, seed): score}}}``, the rewards in the files' order: the
+    training reward first (``reneg eval --demo`` scores with it, then with the held-out judges)."""
     from reneg.evaluation.scoring import read_scores_csv
 
-    out: dict[str, dict[tuple[int, int], float]] = {}
+    out: dict[str, dict[str, dict[tuple[int, int], float]]] = {}
     for p in paths:
         for r in read_scores_csv(p):
-            out.setdefault(r["negative"], {})[(r["prompt_index"], r["seed"])] = r["score"]
+            out.setdefault(r["reward"], {}).setdefault(r["negative"], {})[(r["prompt_index"], r["seed"])] = r["score"]
     return out
 
 
@@ -171,7 +174,9 @@ def main(argv=None) -> int:
         paths = list(
             pool.map(lambda g: eval_group(ns.out, g[0], g[1], ns.threads, ns.images_per_prompt), enumerate(groups))
         )
-    sc = scores_by_negative(paths)
+    by_reward = scores_by_reward(paths)
+    rewards = list(by_reward)
+    sc = by_reward[rewards[0]]  # the training reward: the headline
 
     ref = names[0]
     null, hand = sc["null"], sc["handcrafted"]
@@ -205,11 +210,18 @@ def main(argv=None) -> int:
                 "above_null": dn["lo"] > 0,
             }
         row["reference_mean"] = sum(learned.values()) / len(learned)
+        # the held-out judges' view of each variant: its lead over the handcrafted negative under each
+        row["judges"] = {
+            j: {n: paired(by_reward[j][f"{n}-s{s}"], by_reward[j]["handcrafted"]) for n in names}
+            for j in rewards[1:]
+        }
         per_seed.append(row)
     result = {
         "seeds": ns.seeds,
         "variants": {n: f for n, f in variants},
         "images_per_prompt": ns.images_per_prompt,
+        "reward": rewards[0],
+        "judges": rewards[1:],
         "null_mean": sum(null.values()) / len(null),
         "handcrafted_mean": sum(hand.values()) / len(hand),
         "per_seed": per_seed,
@@ -256,6 +268,19 @@ def table(res: dict) -> str:
         f"Worst seed for learned - handcrafted: {worst['seed']} ({_ci(worst['learned_minus_handcrafted'])}); "
         f"headline holds on {sum(r['headline_holds'] for r in res['per_seed'])} of {len(res['per_seed'])} seeds.",
     ]
+    judges = res.get("judges") or []
+    if judges:
+        lines += [
+            "",
+            f"Under the held-out judges (never trained on): each variant's learned - handcrafted, per training seed "
+            f"(the table above is under {res.get('reward', 'the training reward')})",
+            "",
+            "| seed | " + " | ".join(f"{n}: {j}" for j in judges for n in names) + " |",
+            "|---:|" + "---:|" * (len(judges) * len(names)),
+        ]
+        for r in res["per_seed"]:
+            cells = [_ci(r["judges"][j][n]) for j in judges for n in names]
+            lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
     for n in names[1:]:
         lines += [
             "",

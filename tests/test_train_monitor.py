@@ -14,7 +14,7 @@ import torch
 from reneg.cli import main
 from reneg.embedding import load_embedding
 from reneg.trainer.checkpoint import load_checkpoint
-from reneg.trainer.monitor import DIVERSITY_DROP, HeldoutMonitor, hacking_warning
+from reneg.trainer.monitor import DIVERSITY_DROP, HeldoutMonitor, hacking_warning, training_trend
 from test_reliability_cli import ModelLoadAttempt, env, train_base  # noqa: F401
 from test_reliability_promises import _refused
 from test_train_events import _args
@@ -403,3 +403,52 @@ def test_the_monitor_warns_once_a_measure_and_resumes_from_its_state():
     resumed = HeldoutMonitor(["heldout", "judge", "diversity"], keep_best_by="judge", state=state)
     run(resumed, [30, 40, 50], got2)
     assert got2 == got and resumed.state() == mon.state()
+
+
+def test_warning_fires_on_the_held_out_images_when_the_batches_reward_is_too_noisy_to_read():
+    """The over-trained demo run's shape: the batches' reward scattered by +-0.05 (never a significant rise),
+    while on the same held-out images the training reward rose and the judge fell (rule 1b)."""
+    rng = random.Random(4)
+    noisy_train = [[s, 0.70 + rng.gauss(0, 0.05)] for s in range(1, 81)]
+    held_then = _scores(0.71, seed=6)
+    judge_then = _scores(0.745, seed=7)
+    best = {"step": 40, "value": sum(judge_then) / 16, "scores": judge_then, "heldout": held_then}
+    held_now = [x + 0.015 + random.Random(8).gauss(0, 0.003) for x in held_then]
+    judge_now = [x - 0.045 for x in judge_then]
+    assert training_trend(noisy_train, 80, 40, 40)[2] is False  # the batches say nothing
+    msg = hacking_warning("judge", 80, sum(judge_now) / 16, judge_now, best, noisy_train, 40, heldout_now=held_now)
+    assert msg is not None and msg.startswith(
+        f"the training reward of the held-out images rose ({sum(held_then) / 16:.4f} at step 40 -> "
+        f"{sum(held_now) / 16:.4f} at step 80) while held-out judge fell"
+    )
+    # the held-out reward level (noise only): no warning, however far the judge fell
+    held_flat = [x + g for x, g in zip(held_then, _scores(0.0, seed=9))]
+    assert hacking_warning("judge", 80, 0.6, judge_now, best, noisy_train, 40, heldout_now=held_flat) is None
+    # the held-out reward fell too: the run is degrading, not hacking
+    held_down = [x - 0.02 for x in held_then]
+    assert hacking_warning("judge", 80, 0.6, judge_now, best, noisy_train, 40, heldout_now=held_down) is None
+    # a best check recorded before this rule (no "heldout" in it), or no per-image reward now: rule 1a only
+    old = {k: v for k, v in best.items() if k != "heldout"}
+    assert hacking_warning("judge", 80, 0.6, judge_now, old, noisy_train, 40, heldout_now=held_now) is None
+    assert hacking_warning("judge", 80, 0.6, judge_now, best, noisy_train, 40) is None
+    # the training reward's own fall is never read against itself
+    assert hacking_warning("heldout", 80, 0.6, held_down, best, noisy_train, 40, heldout_now=held_now) is None
+
+
+def test_the_monitor_passes_the_held_out_reward_to_rule_1b():
+    """Through observe(): the judge's best check keeps that check's held-out reward; a later check with the
+    held-out reward up and the judge down warns although the batches' reward is flat noise."""
+    rng = random.Random(11)
+    base = _scores(0.70)
+    mon = HeldoutMonitor(["heldout", "judge", "diversity"])
+    got = []
+    for step, (up, down) in zip((20, 40, 60), ((0.0, 0.0), (0.01, 0.0), (0.03, -0.05))):
+        for s in range(step - 19, step + 1):
+            mon.add_training_reward(s, 0.70 + rng.gauss(0, 0.05))
+        held = [x + up for x in base]
+        judge = [x + down for x in base]
+        values = {"heldout": sum(held) / 16, "judge": sum(judge) / 16, "diversity": 0.3}
+        new, _ = mon.observe(step, values, {"heldout": held, "judge": judge}, 20)
+        got += [(w["step"], w["measure"]) for w in new]
+    assert mon.best["judge"]["heldout"] == pytest.approx(base)  # the judge's best: step 20 (ties keep the first)
+    assert got == [(60, "judge")]

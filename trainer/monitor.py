@@ -14,16 +14,23 @@ all the same. What shows it is what the training loss never sees, scored at ever
 The rule (:func:`hacking_warning`), checked at each held-out check for each measure against the best
 earlier check of that measure (its highest value; the first of equal ones):
 
-1. the training reward keeps rising: its mean over the last ``--eval-every`` logged steps is above its
-   mean over the steps up to the best check by more than noise (the 95 % Welch interval of the
-   difference of the two means, each step's reward one value, lies above zero: a flat, noisy training
-   reward does not count as rising);
+1. the training reward keeps rising, by either of two readings:
+
+   a. on the training batches: its mean over the last ``--eval-every`` logged steps is above its mean
+      over the steps up to the best check by more than noise (the 95 % Welch interval of the difference
+      of the two means, each step's reward one value, lies above zero: a flat, noisy training reward
+      does not count as rising);
+   b. on the held-out images (for a monitor reward or the diversity, not for the training reward
+      itself): the training reward of this check's images is above that of the best check's images by
+      more than noise (the 95 % Student-t interval of the paired differences, same prompt and seed, lies
+      above zero). The batches' reward is scattered by the batches' prompts and noise (a short rollout
+      scatters it more), so that (a) can miss a rise that the same held-out images show plainly;
 2. the measure fell by more than noise: for a reward, the 95 % Student-t interval of the paired
    differences (this check's image minus the best check's image of the same prompt and seed) lies below
    zero; for the diversity (one number a check), it is more than 10 % below the best check's.
 
 A measure warns once. :class:`HeldoutMonitor` keeps, for each measure, the best check's step, value and
-per-image scores, the training reward of every step, the warnings given and (``--keep-best-by``) the
+per-image scores (and the training reward's per-image scores of that check, for reading 1b), the training reward of every step, the warnings given and (``--keep-best-by``) the
 best check of the chosen measure: all of it plain JSON that the checkpoint carries, so a resumed run
 goes on exactly as the unbroken one would.
 """
@@ -93,6 +100,23 @@ def fell_significantly(
     return ci["hi"] is not None and ci["hi"] < 0
 
 
+def heldout_rise(now: Sequence[float] | None, then: Sequence[float] | None, level: float = LEVEL):
+    """``(then_mean, now_mean)`` when the training reward of this check's held-out images (``now``) is
+    above that of an earlier check's same images (``then``) by more than noise (the module's rule 1b:
+    the paired interval's lower end above 0); None otherwise."""
+    if not now or not then or len(now) != len(then):
+        return None
+    diffs = [float(a) - float(b) for a, b in zip(now, then)]
+    if not all(math.isfinite(d) for d in diffs):
+        return None
+    from reneg.evaluation.stats import mean_ci
+
+    ci = mean_ci(diffs, level)
+    if ci["lo"] is None or ci["lo"] <= 0:
+        return None
+    return math.fsum(float(x) for x in then) / len(then), math.fsum(float(x) for x in now) / len(now)
+
+
 def hacking_warning(
     measure: str,
     step: int,
@@ -102,27 +126,38 @@ def hacking_warning(
     train: Sequence[Sequence[float]],
     window: int,
     kept: str | None = None,
+    heldout_now: Sequence[float] | None = None,
 ) -> str | None:
     """The warning for ``measure`` at the held-out check of ``step``, or None.
 
     ``value``/``scores``: this check's mean and per-image scores (no scores for the diversity);
     ``best``: the best earlier check of the measure, ``{"step", "value", "scores"}``; ``train``: the
     logged training reward as ``(step, reward)`` up to ``step``; ``window``: ``--eval-every``; ``kept``:
-    the file that holds the best check's embedding, when ``--keep-best-by`` keeps this measure."""
+    the file that holds the best check's embedding, when ``--keep-best-by`` keeps this measure;
+    ``heldout_now``: this check's per-image training reward (rule 1b, against ``best["heldout"]``, the
+    best check's)."""
     if not best or best.get("step") is None or best["step"] >= step or window < 1:
-        return None
-    trend = training_trend(train, step, best["step"], window)
-    if trend is None or not trend[2]:
         return None
     if not fell_significantly(measure, value, scores, best):
         return None
-    before, recent, _ = trend
+    rose = None
+    trend = training_trend(train, step, best["step"], window)
+    if trend is not None and trend[2]:
+        rose = f"from step {max(0, step - window)} the training reward rose ({trend[0]:.4f} -> {trend[1]:.4f})"
+    elif measure != "heldout":
+        held = heldout_rise(heldout_now, best.get("heldout"))
+        if held is not None:
+            rose = (
+                f"the training reward of the held-out images rose ({held[0]:.4f} at step {best['step']} -> "
+                f"{held[1]:.4f} at step {step})"
+            )
+    if rose is None:
+        return None
     keep = f"{kept} holds it" if kept else f"--keep-best-by {measure} keeps it"
     return (
-        f"from step {max(0, step - window)} the training reward rose ({before:.4f} -> {recent:.4f}) while "
-        f"{measure_label(measure)} fell ({best['value']:.4f} at step {best['step']} -> {value:.4f} at step "
-        f"{step}): the embedding may be learning what the reward likes rather than what people like (reward "
-        f"hacking); the best held-out checkpoint is step {best['step']} ({keep})"
+        f"{rose} while {measure_label(measure)} fell ({best['value']:.4f} at step {best['step']} -> "
+        f"{value:.4f} at step {step}): the embedding may be learning what the reward likes rather than what "
+        f"people like (reward hacking); the best held-out checkpoint is step {best['step']} ({keep})"
     )
 
 
@@ -168,14 +203,23 @@ class HeldoutMonitor:
                 continue
             s = scores.get(m)
             best = self.best.get(m)
+            held = scores.get("heldout")
+            held = None if held is None else [float(x) for x in held]
             if not self.warned(m):
-                msg = hacking_warning(m, step, v, s, best, self.train, window, kept if m == self.keep_best_by else None)
+                msg = hacking_warning(
+                    m, step, v, s, best, self.train, window, kept if m == self.keep_best_by else None, held
+                )
                 if msg:
                     w = {"step": int(step), "measure": m, "message": msg}
                     self.warnings.append(w)
                     new.append(w)
             if best is None or v > best["value"]:
-                self.best[m] = {"step": int(step), "value": float(v), "scores": None if s is None else list(s)}
+                self.best[m] = {
+                    "step": int(step),
+                    "value": float(v),
+                    "scores": None if s is None else [float(x) for x in s],
+                    "heldout": held,
+                }
                 if m == self.keep_best_by:
                     self.keep = {"by": m, "step": int(step), "value": float(v)}
                     best_now = True
