@@ -30,6 +30,14 @@ class Family:
     masked: bool = False
     space: str = ""  # families sharing a text-encoder output space (and so their negatives)
     comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
+    # the diffusers pipeline a folder's model_index.json names (``_class_name``), for the T5 families
+    # whose folders are recognised by it (reneg/backends/pixart.py loads them)
+    pipeline: str = ""
+    motion_adapter: bool = False  # AnimateDiff motion adapters fit this family's UNet (reneg eval --video)
+    # the A1111 extension warns when the host's CLIP skip differs from the one the embedding was learned at
+    # (the host's setting moves this family's negative to another layer's space)
+    clip_skip_warning: bool = False
+    note: str = ""  # more for docs/embeddings.md's table (Markdown; links relative to docs/)
 
     @property
     def text_space(self) -> str:
@@ -48,6 +56,9 @@ FAMILIES: dict[str, Family] = {
             "Stable Diffusion 1.x",
             (768,),
             ("a1111",),
+            motion_adapter=True,
+            clip_skip_warning=True,
+            note="padded with the end token",
         ),
         Family(
             "sd2",
@@ -68,6 +79,7 @@ FAMILIES: dict[str, Family] = {
             "Stable Diffusion XL",
             (768, 1280),
             ("a1111",),
+            note="the two side by side; pooled: bigG's projection of the empty prompt",
         ),
         Family(
             "pixart",
@@ -79,6 +91,8 @@ FAMILIES: dict[str, Family] = {
             masked=True,
             space="t5xxl",
             comfy_image_model="pixart_alpha",
+            pipeline="PixArtAlphaPipeline",
+            note="see [PixArt](pixart.md)",
         ),
         Family(
             "pixart-sigma",
@@ -90,9 +104,19 @@ FAMILIES: dict[str, Family] = {
             masked=True,
             space="t5xxl",
             comfy_image_model="pixart_sigma",
+            pipeline="PixArtSigmaPipeline",
+            note="see [PixArt](pixart.md)",
         ),
         Family(
-            "tiny", 64, 77, None, "small CLIP text model (demo world and tests)", "ReNeg's built-in demo world", (64,)
+            "tiny",
+            64,
+            77,
+            None,
+            "small CLIP text model (demo world and tests)",
+            "ReNeg's built-in demo world",
+            (64,),
+            motion_adapter=True,  # the tests' tiny SD UNet takes a tiny motion adapter
+            note="see [the demo world](demo-world.md)",
         ),
     )
 }
@@ -161,3 +185,20 @@ def family_for_model(hidden: int, image_model: str | None = None) -> Family | No
                 return f if f.hidden == int(hidden) else None
     fam = family_for_hidden(hidden)
     return None if fam is None or fam.masked else fam
+
+
+def markdown_table() -> str:
+    """The families as a Markdown table (docs/embeddings.md is made from it)."""
+    rows = [
+        "| family | model | hidden size D | rows | pooled | text encoder (convention) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in FAMILIES.values():
+        notes = [f.note] if f.note else []
+        first = next(g for g in FAMILIES.values() if g.text_space == f.text_space)
+        if first is not f:
+            notes.append(f"the same space as `{first.name}`")
+        encoder = "; ".join([f.text_encoder, *notes])
+        pooled = f.pooled if f.pooled else "\u2013"
+        rows.append(f"| `{f.name}` | {f.description} | {f.hidden} | {f.tokens} | {pooled} | {encoder} |")
+    return "\n".join(rows)

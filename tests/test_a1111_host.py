@@ -119,6 +119,8 @@ def rig(models):
 def test_host_families_come_from_the_family_table():
     assert core.HOST_FAMILIES == tuple(f.name for f in FAMILIES.values() if "a1111" in f.hosts)
     assert core.HOST_FAMILIES == ("sd1", "sd2", "sdxl")
+    # the CLIP skip note is for the families the table marks (A1111's setting moves SD1.x's negative)
+    assert [f.name for f in FAMILIES.values() if f.clip_skip_warning] == ["sd1"]
     assert core.host_families_text() == "Stable Diffusion 1.x, Stable Diffusion 2.x or Stable Diffusion XL"
     assert core.model_family(sd_model("sd1")) == "sd1"
     assert core.model_family(sd_model("refiner")) == core.UNSUPPORTED  # 1280 is no family of the table

@@ -148,3 +148,11 @@ def test_a_broken_link_is_caught(tmp_path):
         "README.md:2: docs/there.md#nope: no heading '#nope' in docs/there.md",
         "README.md:2: ../x.md leaves the repository",
     ]
+
+
+def test_docs_families_table_is_current():
+    """docs/embeddings.md's families table is made from the family table (reneg/families.py)."""
+    from reneg.families import markdown_table
+
+    text = (ROOT / "docs" / "embeddings.md").read_text(encoding="utf-8")
+    assert markdown_table() in text, "docs/embeddings.md: regenerate the table from reneg.families.markdown_table()"

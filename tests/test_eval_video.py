@@ -43,6 +43,21 @@ def test_video_backend_shapes(tiny_backend, motion_adapter_dir):
         load_animatediff(tiny_backend, motion_adapter_dir, frames=9)
 
 
+def test_motion_adapters_fit_the_families_the_table_says():
+    """The family table's ``motion_adapter`` says which UNets AnimateDiff extends; any other family's
+    model is refused before the adapter is read."""
+    import types
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+    from reneg.evaluation.video import load_animatediff
+    from reneg.families import FAMILIES
+
+    assert [f.name for f in FAMILIES.values() if f.motion_adapter] == ["sd1", "tiny"]
+    for name in [f.name for f in FAMILIES.values() if not f.motion_adapter] + ["unknown"]:
+        with pytest.raises(ModelLoadError, match=f"extend SD1.x UNets; --model is a {name} model"):
+            load_animatediff(types.SimpleNamespace(family=name), "/nowhere")
+
+
 def test_eval_video_end_to_end(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_reward, motion_adapter_dir):
     from PIL import Image
 

@@ -207,6 +207,14 @@ def test_mask_round_trip_and_t5_spaces(tmp_path):
     assert int(implied_attention_mask(rows).sum()) == 120
 
 
+def test_pixart_folders_are_recognised_by_the_family_tables_pipelines():
+    from reneg.backends.pixart import PIPELINES, pixart_family
+
+    assert PIPELINES == {"PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart-sigma"}
+    assert pixart_family({"_class_name": "PixArtSigmaPipeline"}) == "pixart-sigma"
+    assert pixart_family({"_class_name": "StableDiffusionPipeline"}) is None and pixart_family({}) is None
+
+
 def test_masked_conds_batch_by_padding():
     a = Cond(torch.ones(1, 5, 8), mask=torch.ones(1, 5, dtype=torch.long))
     b = Cond(torch.ones(1, 2, 8), mask=torch.tensor([[1, 1]]))

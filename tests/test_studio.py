@@ -244,6 +244,11 @@ def test_embeddings_tab_lists_inspects_and_converts(tmp_path):
     msg = studio.convert(str(folder / "official_sd21.bin"), str(dst))
     assert msg.startswith("Wrote") and load_embedding(dst).metadata["source_file"] == "official_sd21.bin"
     assert "already exists" in studio.convert(str(folder / "official_sd21.bin"), str(dst))
+    # the family dropdown offers every family of the table (and empty: from the shape)
+    from reneg.families import FAMILIES
+    from reneg.studio.app import FAMILY_CHOICES
+
+    assert FAMILY_CHOICES == ["", *FAMILIES] and "pixart-sigma" in FAMILY_CHOICES
 
 
 @pytest.mark.slow

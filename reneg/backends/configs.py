@@ -54,9 +54,9 @@ _SCHEDULER = {  # the DDPM training schedule all three share
     "prediction_type": "epsilon",
 }
 
+# keyed by family name (reneg/families.py): the families a single-file checkpoint can hold
 ARCHITECTURES: dict[str, dict] = {
     "sd1": {
-        "title": "Stable Diffusion 1.x",
         "unet": {
             "sample_size": 64,
             "in_channels": 4,
@@ -75,7 +75,6 @@ ARCHITECTURES: dict[str, dict] = {
         "scheduler": dict(_SCHEDULER, _class_name="DDIMScheduler"),
     },
     "sd2": {
-        "title": "Stable Diffusion 2.x",
         "unet": {
             "sample_size": 64,
             "in_channels": 4,
@@ -112,7 +111,6 @@ ARCHITECTURES: dict[str, dict] = {
         "scheduler": dict(_SCHEDULER, _class_name="DDIMScheduler"),
     },
     "sdxl": {
-        "title": "Stable Diffusion XL",
         "unet": {
             "sample_size": 128,
             "in_channels": 4,

@@ -31,12 +31,13 @@ import torch
 
 from ..cond import Cond
 from ..embedding import implied_attention_mask
-from ..families import get_family
+from ..families import FAMILIES, get_family
 from ..sampling import ddim_schedule
 from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadError
 from .parts import read_json
 
-PIPELINES = {"PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart-sigma"}
+# the pipelines of the T5 families this module loads, from the family table: {class name: family}
+PIPELINES = {f.pipeline: f.name for f in FAMILIES.values() if f.pipeline and f.masked}
 
 
 def pixart_family(index: dict) -> str | None:

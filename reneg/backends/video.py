@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cond import Cond
+from ..families import FAMILIES
 from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadError
 from .parts import family_of, read_json
 
@@ -87,7 +88,8 @@ class VideoBackend(DiffusersBackend):
 
 def load_animatediff(backend: DiffusersBackend, adapter_dir: str, frames: int = 16) -> VideoBackend:
     """Wrap an SD1.x backend with a local diffusers MotionAdapter folder."""
-    if backend.family not in ("sd1", "tiny"):
+    fam = FAMILIES.get(backend.family)
+    if fam is None or not fam.motion_adapter:
         raise ModelLoadError(
             f"--video {adapter_dir}: AnimateDiff motion adapters extend SD1.x UNets; "
             f"--model is a {backend.family} model"

@@ -587,7 +587,7 @@ class Host:
         except Exception:
             clip_skip = 1
         learned = str(emb.metadata.get("clip_skip", "1"))
-        if emb.family == "sd1" and str(clip_skip) != learned:
+        if FAMILIES[emb.family].clip_skip_warning and str(clip_skip) != learned:
             log(
                 f"ReNeg: {name} was learned at CLIP skip {learned}, this generation uses {clip_skip}: "
                 f"results may be off"

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import fields
 
+from ..families import FAMILIES
 from ..threads import apply_threads
 from .runs import (
     EVAL_LABELS,
@@ -60,7 +61,7 @@ TUNE_FIELDS = [
     "resolution",
     "device",
 ]
-FAMILIES = ["", "sd1", "sd2", "sdxl", "pixart", "tiny"]
+FAMILY_CHOICES = ["", *FAMILIES]  # the convert form's family dropdown; empty: from the shape
 MAX_SAMPLE_CARDS = 8
 
 
@@ -1023,7 +1024,7 @@ def build_app(studio: Studio):
             info = gr.JSON(label="Inspect")
             with gr.Row():
                 conv_dst = gr.Textbox("", label="Convert to (.safetensors)", scale=3)
-                conv_family = gr.Dropdown(FAMILIES, value="", label="family (empty: from the shape)", scale=1)
+                conv_family = gr.Dropdown(FAMILY_CHOICES, value="", label="family (empty: from the shape)", scale=1)
                 conv_over = gr.Checkbox(False, label="Overwrite", scale=1)
             conv_b = gr.Button("Convert")
             conv_msg = gr.Markdown("")
