@@ -104,3 +104,29 @@ def test_eval_video_end_to_end(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_
     assert summary["settings"]["video"] == motion_adapter_dir
     html = (out / "report.html").read_text()
     assert all(f"images/{n}" in html for n in names) and "motion adapter" in html
+
+
+def test_a_text_to_video_folder_is_a_video_folder_kind(tmp_path, monkeypatch):
+    """A TextToVideoSDPipeline folder (ZeroScope) is one of the loader's folder kinds, marked video: it
+    loads where frames are asked for (reneg eval) and is passed over otherwise, as before it was a kind."""
+    import json
+
+    from reneg.backends import loading, video
+    from reneg.backends.diffusers_backend import ModelLoadError
+    from reneg.evaluation.config import EvalConfig
+    from reneg.evaluation.run import load_backend
+
+    folder = tmp_path / "t2v"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "TextToVideoSDPipeline"}))
+    calls = []
+    monkeypatch.setattr(video, "load_text_to_video", lambda path, device, dtype, frames: calls.append(frames) or "t2v")
+    assert loading.makes_videos(str(folder)) and video.is_text_to_video_folder(str(folder))
+    assert not loading.makes_videos(str(tmp_path)) and not loading.makes_videos(str(folder / "model_index.json"))
+    assert loading.load_diffusers(str(folder), frames=3) == "t2v" and calls == [3]
+    with pytest.raises(ModelLoadError, match="not a complete diffusers Stable Diffusion folder"):
+        loading.load_diffusers(str(folder))  # no frames: not a video kind's load
+    with pytest.raises(ModelLoadError, match="--vae is for Stable Diffusion checkpoints"):
+        loading.load_diffusers(str(folder), vae=str(tmp_path), frames=3)
+    assert load_backend(EvalConfig(model=str(folder), video=str(folder), frames=2), torch.device("cpu")) == "t2v"
+    assert calls == [3, 2]

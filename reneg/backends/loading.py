@@ -12,7 +12,10 @@ table in :mod:`reneg.families`: the hidden sizes of its text encoders, the UNet'
 cross-attention width and, for two-encoder models, the pooled vector's size.
 
 Folder kinds are rows of ``FOLDER_KINDS``: a new architecture adds a row (a test on
-the folder's ``model_index.json`` and a loader) without touching the others.
+the folder's ``model_index.json`` and a loader) without touching the others. A video
+model's folder (ZeroScope's ``TextToVideoSDPipeline``) is a row too, marked ``video``:
+it is loaded where the caller asks for ``frames`` (``reneg eval``) and passed over
+otherwise, as if the row were absent.
 """
 
 from __future__ import annotations
@@ -42,15 +45,17 @@ def load_diffusers(
     config: str | None = None,
     vae: str | None = None,
     prediction_type: str | None = None,
+    frames: int | None = None,
 ) -> DiffusersBackend:
     """Load SD1.x / SD2.x / SDXL from a diffusers folder or a single-file checkpoint, locally.
 
     ``config``: optional diffusers folder whose configs replace the built-in ones for a single
     file; ``vae``: a VAE file or folder replacing the model's own; ``prediction_type``: ``eps``
-    or ``v`` instead of what the files say."""
+    or ``v`` instead of what the files say; ``frames``: frames per video, which also lets a video
+    model's folder load (see :func:`makes_videos`)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        backend = _load_folder(path, device, dtype, vae)
+        backend = _load_folder(path, device, dtype, vae, frames)
     elif os.path.isfile(path):
         from .single_file import load_single_file
 
@@ -69,7 +74,8 @@ def load_diffusers(
 class FolderKind(NamedTuple):
     name: str
     matches: Callable[[str, dict], bool]  # (folder, model_index) -> is this kind
-    load: Callable  # (folder, device, dtype, vae) -> backend
+    load: Callable  # (folder, device, dtype, vae) -> backend; a video kind also takes frames
+    video: bool = False  # the model makes videos: loaded only where frames are asked for
 
 
 def _load_sd_folder(path: str, device, dtype, vae_path: str | None = None) -> DiffusersBackend:
@@ -134,16 +140,51 @@ def _load_pixart(path: str, device, dtype, vae: str | None = None) -> DiffusersB
     return load_folder(path, device, dtype)
 
 
+def _is_text_to_video(path: str, index: dict) -> bool:
+    from .video import TEXT_TO_VIDEO_PIPELINES
+
+    return index.get("_class_name") in TEXT_TO_VIDEO_PIPELINES
+
+
+def _load_text_to_video(path: str, device, dtype, vae: str | None = None, frames: int = 16) -> DiffusersBackend:
+    from .video import load_text_to_video  # ZeroScope / ModelScope: a 3-D UNet, SD2.1's text side
+
+    if vae:
+        raise ModelLoadError(
+            f"{path}: --vae is for Stable Diffusion checkpoints; a text-to-video folder uses its own vae/"
+        )
+    return load_text_to_video(path, device, dtype=dtype, frames=frames)
+
+
 FOLDER_KINDS: list[FolderKind] = [
     FolderKind("pixart", _is_pixart, _load_pixart),
+    FolderKind("text-to-video", _is_text_to_video, _load_text_to_video, video=True),
     FolderKind("stable-diffusion", lambda path, index: os.path.isdir(os.path.join(path, "unet")), _load_sd_folder),
 ]
 
 
-def _load_folder(path: str, device, dtype, vae: str | None = None) -> DiffusersBackend:
+def _model_index(path: str) -> dict:
     p = os.path.join(path, "model_index.json")
-    index = read_json(p) if os.path.isfile(p) else {}
+    return read_json(p) if os.path.isfile(p) else {}
+
+
+def makes_videos(path: str) -> bool:
+    """Whether ``path`` is a folder of a video kind (a ``TextToVideoSDPipeline``): a model that makes
+    videos by itself, which :func:`load_diffusers` loads when it is given ``frames``."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return False
+    index = _model_index(path)
+    return any(kind.video and kind.matches(path, index) for kind in FOLDER_KINDS)
+
+
+def _load_folder(path: str, device, dtype, vae: str | None = None, frames: int | None = None) -> DiffusersBackend:
+    index = _model_index(path)
     for kind in FOLDER_KINDS:
+        if kind.video and frames is None:
+            continue  # a video model loads only where videos are made
         if kind.matches(path, index):
+            if kind.video:
+                return kind.load(path, device, dtype, vae, frames)
             return kind.load(path, device, dtype, vae)
     return _load_sd_folder(path, device, dtype, vae)  # says which parts are missing

@@ -49,15 +49,11 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
         raise EvalError("--prompts is required (.txt, ImageReward .json, PartiPrompts .tsv or an HPSv2 folder)")
     if cfg.tune_noise not in ("seed", "fresh"):
         raise EvalError(f"--tune-noise must be seed or fresh, got {cfg.tune_noise}")
-    from reneg.backends.video import is_text_to_video_folder
+    from reneg.backends.loading import makes_videos
 
-    if not cfg.video and os.path.isdir(cfg.model) and is_text_to_video_folder(cfg.model):
+    if not cfg.video and makes_videos(cfg.model):
         cfg.video = cfg.model  # ZeroScope / ModelScope: the model itself makes videos
-    if (
-        cfg.video
-        and not os.path.isfile(os.path.join(cfg.video, "config.json"))
-        and not is_text_to_video_folder(cfg.video)
-    ):
+    if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")) and not makes_videos(cfg.video):
         raise EvalError(
             f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
             f"diffusion_pytorch_model.safetensors)"
@@ -124,12 +120,11 @@ def _device(cfg: EvalConfig) -> torch.device:
 
 
 def load_backend(cfg: EvalConfig, device: torch.device):
-    from reneg.backends.loading import load_diffusers, weights_dtype
-    from reneg.backends.video import is_text_to_video_folder, load_text_to_video
+    from reneg.backends.loading import load_diffusers, makes_videos, weights_dtype
 
     dtype = weights_dtype(cfg.mixed_precision, device)
-    if cfg.video and is_text_to_video_folder(cfg.video):
-        return load_text_to_video(cfg.video, device, dtype=dtype, frames=cfg.frames)
+    if cfg.video and makes_videos(cfg.video):  # a video model's folder: the loader's video kind
+        return load_diffusers(cfg.video, device, dtype, frames=cfg.frames)
     backend = load_diffusers(
         cfg.model,
         device=device,
