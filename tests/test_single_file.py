@@ -347,7 +347,9 @@ def test_small_sd1_file_is_the_folder_it_was_written_from(small_sd1, capsys):
 def test_builtin_tokenizers_pad_as_the_models_do():
     """SD1.x and SDXL's CLIP-L pad with <|endoftext|> (49407); SD2's OpenCLIP-H and SDXL's bigG with "!" (0)."""
     from reneg.backends.configs import ARCHITECTURES
+    from reneg.families import FAMILIES
 
+    assert set(ARCHITECTURES) <= set(FAMILIES)  # keyed by the family table's names
     pads = {
         (fam, part): ARCHITECTURES[fam][part]
         for fam in ARCHITECTURES
