@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import struct
 import tempfile
@@ -49,6 +48,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..families import FAMILIES, family_for_hidden
+from ..fileio import SAFETENSORS_DTYPES, read_safetensors_header
 from .diffusers_backend import DiffusersBackend, ModelLoadError
 
 UNET = "model.diffusion_model."
@@ -66,20 +66,6 @@ SD2_V_KEY = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 SD2_V_STD = 0.09
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 # --- reading a file's keys and shapes ------------------------------------------------------------
 
@@ -132,7 +118,7 @@ class Checkpoint:
             if k == "__metadata__":
                 continue
             shapes[k] = tuple(v["shape"])
-            dtypes[k] = _ST_DTYPES.get(v["dtype"], torch.float32)
+            dtypes[k] = _torch_dtype(v["dtype"])
         return cls(path, shapes, dtypes, header.get("__metadata__") or {}, None if meta else _st_reader(path))
 
 
@@ -149,35 +135,16 @@ def _st_reader(path: str):
     return read
 
 
-def _safetensors_header(path: str) -> dict:
-    """The header, with a truncated file named as such (its header promises more bytes than are there)."""
-    from ..fileio import read_safetensors_header
+def _torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (float32 for one this torch lacks)."""
+    entry = SAFETENSORS_DTYPES.get(name)
+    return getattr(torch, entry[1], torch.float32) if entry else torch.float32
 
-    size = os.path.getsize(path)
+
+def _safetensors_header(path: str) -> dict:
+    """The checked header, with a truncated file named as such (its header promises more bytes than are there)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) == 8:
-                (n,) = struct.unpack("<Q", head)
-                if 0 < n <= size - 8:
-                    raw = json.loads(f.read(n).decode("utf-8"))
-                    ends = [
-                        v["data_offsets"][1]
-                        for k, v in raw.items()
-                        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
-                    ]
-                    need = 8 + n + max(ends, default=0)
-                    if need > size:
-                        raise ModelLoadError(
-                            f"{path}: truncated: the safetensors header describes {need:,} bytes of tensors but "
-                            f"the file has {size:,} ({100 * size / need:.0f} %); the download or copy did not finish"
-                        )
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, RecursionError) as e:
-        # a header that is not JSON (deep nesting, huge integers...) is named by the checked reader below
-        if isinstance(e, ModelLoadError):
-            raise
-    try:
-        return read_safetensors_header(path)
+        return read_safetensors_header(path, name_truncation=True)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
 
