@@ -30,6 +30,12 @@ class Family:
     masked: bool = False
     space: str = ""  # families sharing a text-encoder output space (and so their negatives)
     comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
+    # single-file checkpoints in the original (LDM) layout, read by reneg/backends/single_file/: the key
+    # prefix and short name of each text encoder, in the order of ``encoders`` (empty: not read from one file)
+    checkpoint_encoders: tuple[tuple[str, str], ...] = ()
+    native_resolution: int = 0  # px of the base release: a checkpoint's native image size
+    v_native_resolution: int = 0  # px of its v-prediction release where that differs (SD2.x's 768-v)
+    v_from_norm_std: bool = False  # no marker tells v-prediction apart: ComfyUI's norm-bias test does
 
     @property
     def text_space(self) -> str:
@@ -48,6 +54,8 @@ FAMILIES: dict[str, Family] = {
             "Stable Diffusion 1.x",
             (768,),
             ("a1111",),
+            checkpoint_encoders=(("cond_stage_model.transformer.", "CLIP-L"),),
+            native_resolution=512,
         ),
         Family(
             "sd2",
@@ -58,6 +66,10 @@ FAMILIES: dict[str, Family] = {
             "Stable Diffusion 2.x",
             (1024,),
             ("a1111",),
+            checkpoint_encoders=(("cond_stage_model.model.", "OpenCLIP-H"),),
+            native_resolution=512,
+            v_native_resolution=768,
+            v_from_norm_std=True,
         ),
         Family(
             "sdxl",
@@ -68,6 +80,11 @@ FAMILIES: dict[str, Family] = {
             "Stable Diffusion XL",
             (768, 1280),
             ("a1111",),
+            checkpoint_encoders=(
+                ("conditioner.embedders.0.transformer.", "CLIP-L"),
+                ("conditioner.embedders.1.model.", "OpenCLIP bigG"),
+            ),
+            native_resolution=1024,
         ),
         Family(
             "pixart",

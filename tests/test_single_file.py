@@ -370,7 +370,7 @@ def test_builtin_tokenizers_pad_as_the_models_do():
         ("sdxl", "tokenizer_2_pad"): "!",
     }
     for pad, pad_id in (("<|endoftext|>", 49407), ("!", 0)):
-        tok = sf._tokenizer(pad)
+        tok = sf.build._tokenizer(pad)
         ids = tok(["a photo of a cat"], padding="max_length", max_length=77).input_ids[0]
         assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and ids[-1] == pad_id and len(ids) == 77
 
