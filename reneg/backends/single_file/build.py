@@ -135,7 +135,7 @@ def _tokenizer(pad: str, folder: str | None = None):
 
     if folder and os.path.isdir(folder):
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    from ...tiny import write_clip_tokenizer
+    from ..clip_tokenizer import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="reneg-tok-") as d:
         write_clip_tokenizer(d, pad_token=pad)
