@@ -214,9 +214,7 @@ def table(res: dict) -> str:
             cells = []
             for m in ("hpsv2-judge", "hpsv2-referee"):
                 v = r["monitors"].get(m)
-                cells.append(
-                    f"{v['best']:.4f} ({v['best_step']}) -> {v['end']:.4f} ({v['null']:.4f})" if v else "-"
-                )
+                cells.append(f"{v['best']:.4f} ({v['best_step']}) -> {v['end']:.4f} ({v['null']:.4f})" if v else "-")
             warns = "; ".join(f"step {w['step']}: {w['measure']}" for w in r["warnings"]) or "none"
             lines.append(
                 f"| {r['seed']} | {r['objective']} | {r['heldout_end']:.4f} ({r['heldout_null']:.4f}) | "

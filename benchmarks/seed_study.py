@@ -212,8 +212,7 @@ def main(argv=None) -> int:
         row["reference_mean"] = sum(learned.values()) / len(learned)
         # the held-out judges' view of each variant: its lead over the handcrafted negative under each
         row["judges"] = {
-            j: {n: paired(by_reward[j][f"{n}-s{s}"], by_reward[j]["handcrafted"]) for n in names}
-            for j in rewards[1:]
+            j: {n: paired(by_reward[j][f"{n}-s{s}"], by_reward[j]["handcrafted"]) for n in names} for j in rewards[1:]
         }
         per_seed.append(row)
     result = {

@@ -3,12 +3,12 @@
 It prefers the shipped demo world (:mod:`reneg.demo_world`: a small text-to-image
 model and a preference reward trained on a procedural world of shapes, where a
 learned negative visibly helps). When those assets are absent, it builds a tiny
-random pipeline and reward from fixed configs and seeds, which proves the
-machinery but not the method.
+random pipeline and reward from fixed configs and seeds (:mod:`reneg.demo_fallback`),
+which proves the machinery but not the method.
 
 Of the three look-alikes: this module sets up a ``--demo`` run (settings, paths, which models);
 :mod:`reneg.demo_world` holds the shipped trained models; :mod:`reneg.tiny` builds random-weight
-models for tests.
+models for tests (no production code imports it).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _setup(out: str) -> dict:
         settings = dict(WORLD_SETTINGS)
         kind = "demo world"
     else:
-        from .tiny import build_tiny_hps, build_tiny_pipeline
+        from .demo_fallback import build_tiny_hps, build_tiny_pipeline
 
         model = os.path.join(folder, "tiny-pipeline")
         if not os.path.isfile(os.path.join(model, "model_index.json")):

@@ -38,6 +38,12 @@ class Family:
     # (the host's setting moves this family's negative to another layer's space)
     clip_skip_warning: bool = False
     note: str = ""  # more for docs/embeddings.md's table (Markdown; links relative to docs/)
+    # single-file checkpoints in the original (LDM) layout, read by reneg/backends/single_file/: the key
+    # prefix and short name of each text encoder, in the order of ``encoders`` (empty: not read from one file)
+    checkpoint_encoders: tuple[tuple[str, str], ...] = ()
+    native_resolution: int = 0  # px of the base release: a checkpoint's native image size
+    v_native_resolution: int = 0  # px of its v-prediction release where that differs (SD2.x's 768-v)
+    v_from_norm_std: bool = False  # no marker tells v-prediction apart: ComfyUI's norm-bias test does
 
     @property
     def text_space(self) -> str:
@@ -59,6 +65,8 @@ FAMILIES: dict[str, Family] = {
             motion_adapter=True,
             clip_skip_warning=True,
             note="padded with the end token",
+            checkpoint_encoders=(("cond_stage_model.transformer.", "CLIP-L"),),
+            native_resolution=512,
         ),
         Family(
             "sd2",
@@ -69,6 +77,10 @@ FAMILIES: dict[str, Family] = {
             "Stable Diffusion 2.x",
             (1024,),
             ("a1111",),
+            checkpoint_encoders=(("cond_stage_model.model.", "OpenCLIP-H"),),
+            native_resolution=512,
+            v_native_resolution=768,
+            v_from_norm_std=True,
         ),
         Family(
             "sdxl",
@@ -80,6 +92,11 @@ FAMILIES: dict[str, Family] = {
             (768, 1280),
             ("a1111",),
             note="the two side by side; pooled: bigG's projection of the empty prompt",
+            checkpoint_encoders=(
+                ("conditioner.embedders.0.transformer.", "CLIP-L"),
+                ("conditioner.embedders.1.model.", "OpenCLIP bigG"),
+            ),
+            native_resolution=1024,
         ),
         Family(
             "pixart",

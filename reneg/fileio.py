@@ -221,16 +221,46 @@ def _check_zip_sizes(path: Path, what: str) -> None:
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
+# The one table of safetensors dtypes: bytes per element and the torch dtype's name (by name, so that
+# this module needs no torch). A dtype missing here is refused as a corrupt header.
+SAFETENSORS_DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "U16": (2, "uint16"),
+    "U32": (4, "uint32"),
+    "U64": (8, "uint64"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+}
+_COMPLEX_DTYPES = {"C64": "complex64", "C128": "complex128", "C32": "complex32"}
 
-def read_safetensors_header(path) -> dict:
+
+class TruncatedFile(ValueError):
+    """A safetensors file whose header describes more bytes of tensors than the file holds."""
+
+
+def read_safetensors_header(path, name_truncation: bool = False) -> dict:
     """Parse and check a safetensors header without trusting it.
 
     Checks the header length against the file size, that it is JSON, and that
     every tensor's byte range lies inside the file and matches its dtype and shape,
     so that a lying header can cause neither a huge allocation nor a crash.
+
+    ``name_truncation``: a file cut short (its tensors' byte ranges end past the file's end) is
+    reported as such, :class:`TruncatedFile`, before any tensor is checked: how a model checkpoint
+    whose download did not finish is named.
     """
     import struct
 
+    shown = os.fspath(path)
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -253,33 +283,22 @@ def read_safetensors_header(path) -> dict:
         ) from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
-    complex_types = {"C64": "complex64", "C128": "complex128", "C32": "complex32"}
-    itemsize = {
-        "F64": 8,
-        "F32": 4,
-        "F16": 2,
-        "BF16": 2,
-        "I64": 8,
-        "I32": 4,
-        "I16": 2,
-        "I8": 1,
-        "U8": 1,
-        "BOOL": 1,
-        "U16": 2,
-        "U32": 4,
-        "U64": 8,
-        "F8_E4M3": 1,
-        "F8_E5M2": 1,
-    }
+    if name_truncation and n > 0:
+        need = _described_size(header, n)
+        if need is not None and need > size:
+            raise TruncatedFile(
+                f"{shown}: truncated: the safetensors header describes {need:,} bytes of tensors but "
+                f"the file has {size:,} ({100 * size / need:.0f} %); the download or copy did not finish"
+            )
     data_len = size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise ValueError(f"{path}: corrupt safetensors metadata (expected string values)")
             continue
-        if isinstance(info, dict) and info.get("dtype") in complex_types:
+        if isinstance(info, dict) and info.get("dtype") in _COMPLEX_DTYPES:
             raise ValueError(
-                f"{path}: tensor {key!r} holds complex numbers ({complex_types[info['dtype']]}), which are "
+                f"{path}: tensor {key!r} holds complex numbers ({_COMPLEX_DTYPES[info['dtype']]}), which are "
                 f"not supported: embeddings and models hold real floating-point values"
             )
         try:
@@ -290,11 +309,11 @@ def read_safetensors_header(path) -> dict:
                     raise ValueError
                 count *= s
             ok = (
-                dtype in itemsize
+                dtype in SAFETENSORS_DTYPES
                 and isinstance(a, int)
                 and isinstance(b, int)
                 and 0 <= a <= b <= data_len
-                and (b - a) == count * itemsize[dtype]
+                and (b - a) == count * SAFETENSORS_DTYPES[dtype][0]
             )
         except (KeyError, TypeError, ValueError):
             ok = False
@@ -304,6 +323,21 @@ def read_safetensors_header(path) -> dict:
                 f"dtype, shape or byte range ({str(info)[:120]})"
             )
     return header
+
+
+def _described_size(header: dict, n: int):
+    """The file size a header of ``n`` bytes describes (its tensors' furthest end), or None when its
+    byte ranges are too malformed to say (the tensor checks then name what is wrong)."""
+    try:
+        ends = [
+            v["data_offsets"][1]
+            for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+        ]
+        need = 8 + n + max(ends, default=0)
+        return need
+    except (KeyError, TypeError, IndexError):  # e.g. a string offset
+        return None
 
 
 LOCK_NAME = ".reneg.lock"

@@ -1,9 +1,10 @@
-"""Tiny models built from small fixed configs, saved in the real file layouts.
+"""Tiny models built from small fixed configs, saved in the real file layouts: for tests and benchmarks.
 
-Used by the test-suite and by benchmarks: a diffusers Stable Diffusion folder
-(UNet2DConditionModel, AutoencoderKL, CLIPTextModel + the real CLIP tokenizer,
-DDIM scheduler) and an HPS-format open_clip checkpoint, so that they load through
-exactly the code paths users' files take. Random weights: they prove the
+No production code imports this module. The Stable Diffusion folder and the HPS-format reward are
+:mod:`reneg.demo_fallback`'s (``--demo`` builds them when the demo world's assets are missing) and are
+re-exported here; this module adds the models only tests and benchmarks use: an SDXL-architecture
+folder, PixArt-alpha/-sigma folders with a small T5 tokenizer, and a ZeroScope-style text-to-video
+folder. They load through exactly the code paths users' files take. Random weights: they prove the
 machinery, not the method (the demo world in :mod:`reneg.demo_world` does that).
 
 Of the three look-alikes: this module builds random-weight models for tests and benchmarks;
@@ -13,161 +14,39 @@ Of the three look-alikes: this module builds random-weight models for tests and 
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 
 import torch
 
-SD_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
+from .backends.clip_tokenizer import write_clip_tokenizer
+from .demo_fallback import (
+    SD_MODEL_INDEX,
+    SD_SCHEDULER,
+    TINY_CLIP_CONFIG,
+    build_tiny_hps,
+    build_tiny_pipeline,
+    save_text_encoder_prefixed,
+    tiny_clip,
+    tiny_unet_blocks,
+    tiny_vae,
+    write_pipeline_files,
+)
 
-SD_MODEL_INDEX = {  # a StableDiffusionPipeline folder's model_index.json
-    "_class_name": "StableDiffusionPipeline",
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "safety_checker": [None, None],
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-}
-
-
-def _tiny_unet_blocks(dim: str = "2D") -> dict:
-    """The small UNets' shape (two levels, one with cross-attention): SD's 2-D blocks, ZeroScope's 3-D ones."""
-    return dict(
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        norm_num_groups=8,
-        down_block_types=(f"CrossAttnDownBlock{dim}", f"DownBlock{dim}"),
-        up_block_types=(f"UpBlock{dim}", f"CrossAttnUpBlock{dim}"),
-        attention_head_dim=8,
-    )
-
-
-def _tiny_vae(sample_size: int, **kw):
-    """A two-level AutoencoderKL: images of ``sample_size`` px, latents of half that."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size,
-        **kw,
-    )
-
-
-def _tiny_clip(hidden: int, heads: int, intermediate: int = 64, cls=None, **kw):
-    """A two-layer CLIP text encoder of width ``hidden`` over CLIP's real vocabulary and 77 positions."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        vocab_size=49408,
-        max_position_embeddings=77,
-        **kw,
-    )
-    return (cls or CLIPTextModel)(cfg)
-
-
-def write_pipeline_files(folder: str, scheduler: dict, index: dict) -> None:
-    """A diffusers folder's ``scheduler/scheduler_config.json`` and ``model_index.json``."""
-    from .fileio import atomic_write_json
-
-    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    atomic_write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
-    atomic_write_json(os.path.join(folder, "model_index.json"), dict(index, _diffusers_version="0.30.0"))
-
-
-def write_clip_tokenizer(folder: str, pad_token: str = "<|endoftext|>") -> None:
-    """A transformers CLIPTokenizer folder built offline from open_clip's BPE file
-    (same ids as open_clip's tokenizer): real CLIP ids, padded with ``<|endoftext|>`` as SD1.x does
-    (SDXL's second tokenizer pads with ``!``)."""
-    import open_clip
-
-    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
-    from open_clip.tokenizer import bytes_to_unicode
-
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    cfg = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad_token,
-        "do_lower_case": True,
-        "errors": "replace",
-    }
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=1)
-    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump({k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, f, indent=1)
-
-
-def save_text_encoder_prefixed(text_encoder, folder: str) -> None:
-    """Save a CLIPTextModel with the ``text_model.`` key prefix real SD folders use
-    (transformers 5 drops it; ComfyUI then loads garbage: NaN images)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    text_encoder.config.save_pretrained(folder)
-    sd = {}
-    for k, v in text_encoder.state_dict().items():
-        key = k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
-        sd[key] = v.detach().contiguous().clone()
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-
-
-def build_tiny_pipeline(
-    folder: str, seed: int = 0, hidden: int = 64, prediction_type: str = "epsilon", sample_size: int = 8
-) -> str:
-    """A tiny SD-architecture diffusers folder (family ``tiny``, hidden 64): 16 px images, 8 px latents."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)  # the parts are made in this order: their random weights depend on it
-    unet = UNet2DConditionModel(sample_size=sample_size, cross_attention_dim=hidden, **_tiny_unet_blocks())
-    vae = _tiny_vae(sample_size * 2)
-    te = _tiny_clip(hidden, 4, intermediate=2 * hidden, projection_dim=hidden)
-    os.makedirs(folder, exist_ok=True)
-    unet.save_pretrained(os.path.join(folder, "unet"))
-    vae.save_pretrained(os.path.join(folder, "vae"))
-    save_text_encoder_prefixed(te, os.path.join(folder, "text_encoder"))
-    write_clip_tokenizer(os.path.join(folder, "tokenizer"))
-    write_pipeline_files(folder, dict(SD_SCHEDULER, prediction_type=prediction_type), SD_MODEL_INDEX)
-    return folder
+__all__ = [
+    "PIXART_SCHEDULER",
+    "SD_MODEL_INDEX",
+    "SD_SCHEDULER",
+    "TINY_CLIP_CONFIG",
+    "build_tiny_hps",
+    "build_tiny_pipeline",
+    "build_tiny_pixart",
+    "build_tiny_sdxl",
+    "build_tiny_text_to_video",
+    "save_text_encoder_prefixed",
+    "write_clip_tokenizer",
+    "write_pipeline_files",
+    "write_t5_tokenizer",
+]
 
 
 def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
@@ -189,11 +68,11 @@ def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=1280 + 6 * time_dim,
-        **_tiny_unet_blocks(),
+        **tiny_unet_blocks(),
     )
-    vae = _tiny_vae(sample_size * 2, scaling_factor=0.13025, force_upcast=True)
-    te = _tiny_clip(768, 12, projection_dim=768)
-    te2 = _tiny_clip(1280, 20, cls=CLIPTextModelWithProjection, projection_dim=1280, hidden_act="gelu", pad_token_id=0)
+    vae = tiny_vae(sample_size * 2, scaling_factor=0.13025, force_upcast=True)
+    te = tiny_clip(768, 12, projection_dim=768)
+    te2 = tiny_clip(1280, 20, cls=CLIPTextModelWithProjection, projection_dim=1280, hidden_act="gelu", pad_token_id=0)
     os.makedirs(folder, exist_ok=True)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))
@@ -214,29 +93,6 @@ def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
     }
     write_pipeline_files(folder, dict(SD_SCHEDULER, _class_name="EulerDiscreteScheduler"), index)
     return folder
-
-
-TINY_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
-}
-
-
-def build_tiny_hps(folder: str, seed: int = 0, config: dict | None = None) -> str:
-    """An HPS-format checkpoint (``{"state_dict": ...}``) of a small open_clip model,
-    with its ``open_clip_config.json`` beside it. Returns the checkpoint path."""
-    import open_clip
-
-    cfg = config or TINY_CLIP_CONFIG
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": cfg}, f, indent=1)
-    path = os.path.join(folder, "hps_tiny.pt")
-    torch.save({"state_dict": model.state_dict()}, path)
-    return path
 
 
 PIXART_SCHEDULER = {  # the scheduler config PixArt-alpha and PixArt-sigma folders ship
@@ -338,7 +194,7 @@ def build_tiny_pixart(
         interpolation_scale=2 if sigma else None,
         use_additional_conditions=size_cond and not sigma,
     )
-    vae = _tiny_vae(16, scaling_factor=0.13025 if sigma else 0.18215)
+    vae = tiny_vae(16, scaling_factor=0.13025 if sigma else 0.18215)
     os.makedirs(folder, exist_ok=True)
     write_t5_tokenizer(os.path.join(folder, "tokenizer"), tokens)
     from transformers import AutoTokenizer
@@ -385,9 +241,9 @@ def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sam
     from diffusers import UNet3DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet3DConditionModel(sample_size=sample_size, cross_attention_dim=hidden, **_tiny_unet_blocks("3D"))
-    vae = _tiny_vae(sample_size * 2)
-    te = _tiny_clip(hidden, 16, projection_dim=hidden, hidden_act="gelu", pad_token_id=0)
+    unet = UNet3DConditionModel(sample_size=sample_size, cross_attention_dim=hidden, **tiny_unet_blocks("3D"))
+    vae = tiny_vae(sample_size * 2)
+    te = tiny_clip(hidden, 16, projection_dim=hidden, hidden_act="gelu", pad_token_id=0)
     os.makedirs(folder, exist_ok=True)
     unet.save_pretrained(os.path.join(folder, "unet"))
     vae.save_pretrained(os.path.join(folder, "vae"))

@@ -233,8 +233,14 @@ def meta_parts(family: str) -> dict:
     return parts
 
 
-_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
-_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int64: 8}
+_ST = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.float8_e4m3fn: "F8_E4M3",
+}
+_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int64: 8, torch.float8_e4m3fn: 1}
 
 
 def write_header_only(

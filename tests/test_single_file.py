@@ -124,6 +124,15 @@ def test_prediction_type_markers_and_the_sd2_768_v_rule(tmp_path, full_tables):
     assert (info.prediction_type, info.prediction_reason) == ("epsilon", "modelspec.predict_key metadata")
 
 
+def test_storage_dtype_is_read_from_the_one_safetensors_dtype_table(tmp_path, full_tables):
+    """The header's dtype names are read through reneg.fileio's table, the one the header checks use:
+    an fp8 checkpoint is described as fp8 (a second, shorter table once called it float32)."""
+    info = sf.inspect_checkpoint(_full(tmp_path, full_tables, "sdxl", "fp8.safetensors", dtype=torch.float8_e4m3fn))
+    assert (info.family, info.dtype) == ("sdxl", "float8_e4m3fn")
+    ck = sf.open_checkpoint(tmp_path / "fp8.safetensors", meta=True)
+    assert ck.tensor(sf.IN_CONV).dtype == torch.float8_e4m3fn and ck.tensor(sf.IN_CONV).device.type == "meta"
+
+
 def test_inspect_cli_describes_a_checkpoint_from_its_header(tmp_path, full_tables, capsys):
     from reneg.cli import main
 
@@ -363,7 +372,7 @@ def test_builtin_tokenizers_pad_as_the_models_do():
         ("sdxl", "tokenizer_2_pad"): "!",
     }
     for pad, pad_id in (("<|endoftext|>", 49407), ("!", 0)):
-        tok = sf._tokenizer(pad)
+        tok = sf.build._tokenizer(pad)
         ids = tok(["a photo of a cat"], padding="max_length", max_length=77).input_ids[0]
         assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and ids[-1] == pad_id and len(ids) == 77
 

@@ -203,7 +203,7 @@ def log(*a: Any) -> None:
 
 def write_tokenizer_folder(folder: Path) -> None:
     """An SD1-style CLIPTokenizer folder built offline from open_clip's BPE file (same ids as open_clip's tokenizer)."""
-    from reneg.tiny import write_clip_tokenizer
+    from reneg.backends.clip_tokenizer import write_clip_tokenizer
 
     write_clip_tokenizer(str(folder))
 

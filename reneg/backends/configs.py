@@ -6,7 +6,7 @@ VAE, text-encoder and scheduler configurations of the original releases
 that nothing is ever downloaded: the keys and values are those of the
 diffusers / transformers ``config.json`` files of those releases. The
 tokenizers are built from the BPE vocabulary open_clip ships (see
-:func:`reneg.tiny.write_clip_tokenizer`); only their pad token differs.
+:func:`reneg.backends.clip_tokenizer.write_clip_tokenizer`); only their pad token differs.
 """
 
 from __future__ import annotations
