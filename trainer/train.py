@@ -32,7 +32,7 @@ from reneg.sampling import initial_latent
 
 from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint, save_run_files
 from .config import BEST_NAME, TrainConfig, check_out_free, remove_old_run, resume_fingerprint, validate_train
-from .events import STOP_EXIT, TrainEvents, check_event_args
+from .events import STOP_EXIT, TrainEvents
 from .monitor import HeldoutMonitor
 
 SUMMARY_NAME = "summary.json"
@@ -178,7 +178,6 @@ def run_train(cfg: TrainConfig, accelerator=None, *, handle_signals: bool = Fals
 
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
     validate_train(cfg, acc.num_processes)
-    check_event_args(cfg)  # reported events: --sample-every, --report-to
     main = acc.is_main_process
     lock = None
     if main:  # one writer per out folder; released when this returns or the process ends, however

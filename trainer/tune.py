@@ -62,7 +62,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_tune_numbers(ns) -> None:
-    """Every numeric flag of tune, before anything is read (also run first under --demo)."""
+    """Every numeric flag of tune, before anything is read."""
     check_numbers(ns)  # sampling settings and --lr
     # --max-steps, --patience (at most --max-steps) and --seed: the options layer's rules, which the
     # ComfyUI tune node runs too
