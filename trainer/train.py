@@ -7,6 +7,12 @@ gradients of the one trainable tensor are averaged across processes, so
 The prompts, noise and grad step of micro-batch ``j`` of step ``s`` are drawn
 from a generator seeded by ``(seed, s, j)``: a resumed run sees exactly the
 samples the uninterrupted one would have.
+
+The loop is :func:`train_loop`: :func:`setup_run` (models, prompts, embedding, optimizer),
+:func:`resume` (the checkpoint), :func:`open_outputs` and :func:`start_events`, then for each step
+:func:`train_step` (the update; returns the log row), :func:`log_step` (held-out check, log, checkpoint,
+events) and :func:`stop_requested`, and :func:`finish` (summary.json). A :class:`TrainRun` carries the
+run's state between them.
 """
 
 from __future__ import annotations
