@@ -203,8 +203,8 @@ def apply_recipe(ns: argparse.Namespace) -> None:
 
 def validate_compute(cfg) -> None:
     if cfg.rollout_steps is not None:
-        _positive("rollout-steps", cfg.rollout_steps)
-    _positive("grads-per-rollout", cfg.grads_per_rollout)
+        O.check_float("--rollout-steps", cfg.rollout_steps)
+    O.check_float("--grads-per-rollout", cfg.grads_per_rollout)
     lo, hi = cfg.grad_range
     if cfg.grads_per_rollout > hi - lo + 1:
         raise ConfigError(
@@ -233,19 +233,10 @@ TRAIN_NUMBERS = {
 }
 
 
-def _positive(name: str, v, allow_zero: bool = False):
-    """Kept for callers of the old helper: a finite number > 0 (or >= 0)."""
-    O.check_float(f"--{name}", v, positive=not allow_zero)
-
-
-check_model_and_rewards = O.check_model_and_rewards
-_check_device = O.check_device
-
-
 def validate_common(cfg) -> None:
-    """Checks shared by train and tune: model, rewards, sampling, --lr and --device."""
-    check_numbers(cfg)
-    check_model_and_rewards(cfg)
+    """Checks shared by train and tune once their numbers are checked (check_train_numbers,
+    check_tune_numbers): the model, the rewards and --device."""
+    O.check_model_and_rewards(cfg)
     O.check_device(getattr(cfg, "device", None))
 
 
@@ -258,7 +249,11 @@ def check_numbers(cfg, table: dict | None = None) -> None:
 
 
 def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
+    """Every check of ``reneg train``'s arguments, in one pass, before any model loads (run_train and the
+    studio's form run it)."""
     from reneg.prompts import PromptFileError, load_prompts
+
+    from .events import check_event_args
 
     check_train_numbers(cfg)
     validate_compute(cfg)
@@ -295,6 +290,7 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
         _check_resume(cfg)
     check_out_free(cfg)
     check_out_dir(cfg.out)
+    check_event_args(cfg)  # --sample-every, --report-to
 
 
 def check_monitor_args(cfg, heldout_prompts: int) -> None:
@@ -359,7 +355,7 @@ def remove_old_run(out: str) -> None:
 
 
 def check_train_numbers(cfg) -> None:
-    """Every numeric flag of train, before anything is read (also run first under --demo)."""
+    """Every numeric flag of train, before anything is read."""
     check_numbers(cfg, TRAIN_NUMBERS)
     O.check_seed("--heldout-seed", cfg.heldout_seed, span=cfg.heldout_count)
 

@@ -7,6 +7,12 @@ gradients of the one trainable tensor are averaged across processes, so
 The prompts, noise and grad step of micro-batch ``j`` of step ``s`` are drawn
 from a generator seeded by ``(seed, s, j)``: a resumed run sees exactly the
 samples the uninterrupted one would have.
+
+The loop is :func:`train_loop`: :func:`setup_run` (models, prompts, embedding, optimizer),
+:func:`resume` (the checkpoint), :func:`open_outputs` and :func:`start_events`, then for each step
+:func:`train_step` (the update; returns the log row), :func:`log_step` (held-out check, log, checkpoint,
+events) and :func:`stop_requested`, and :func:`finish` (summary.json). A :class:`TrainRun` carries the
+run's state between them.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from reneg.backends.loading import weights_dtype  # noqa: F401  (also imported from here by tune)
+from reneg.backends.loading import weights_dtype
 from reneg.compute import ComputeMeter
 from reneg.diversity import image_features, pairwise_diversity
 from reneg.embedding import load_embedding, save_embedding
@@ -32,7 +40,7 @@ from reneg.sampling import initial_latent
 
 from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint, save_run_files
 from .config import BEST_NAME, TrainConfig, check_out_free, remove_old_run, resume_fingerprint, validate_train
-from .events import STOP_EXIT, TrainEvents, check_event_args
+from .events import STOP_EXIT, TrainEvents
 from .monitor import HeldoutMonitor
 
 SUMMARY_NAME = "summary.json"
@@ -147,14 +155,14 @@ def load_monitor_rewards(cfg: TrainConfig, device) -> dict:
     from reneg.options import monitor_names
     from reneg.rewards import load_reward
 
-    specs = list(getattr(cfg, "monitor_rewards", None) or [])
+    specs = list(cfg.monitor_rewards or [])
     dtype = weights_dtype(cfg.mixed_precision, device)
     return {name: load_reward(spec, device, dtype) for name, spec in zip(monitor_names(specs, cfg.rewards), specs)}
 
 
 def check_image_tower(cfg: TrainConfig, reward, device) -> None:
     """``--keep-best-by diversity`` needs the training reward's image tower (one tiny no-grad pass)."""
-    if getattr(cfg, "keep_best_by", None) != "diversity":
+    if cfg.keep_best_by != "diversity":
         return
     with torch.no_grad():
         f = reward.image_features(torch.zeros(1, 3, 32, 32, device=device))
@@ -178,7 +186,6 @@ def run_train(cfg: TrainConfig, accelerator=None, *, handle_signals: bool = Fals
 
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=(cfg.device == "cpu"))
     validate_train(cfg, acc.num_processes)
-    check_event_args(cfg)  # reported events: --sample-every, --report-to
     main = acc.is_main_process
     lock = None
     if main:  # one writer per out folder; released when this returns or the process ends, however
@@ -187,30 +194,206 @@ def run_train(cfg: TrainConfig, accelerator=None, *, handle_signals: bool = Fals
         lock = FolderLock(cfg.out, "reneg train", flag="--out").acquire()
     try:
         check_out_free(cfg)  # again, now that no other run can start there
-        return _run_train(cfg, acc, main, handle_signals)
+        return train_loop(cfg, acc, main, handle_signals)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
+def train_loop(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
+    """The run, from its setup (or its checkpoint) to its summary: one step, its log row, a stop check."""
+    run = setup_run(cfg, acc, main)
+    resume(run)
+    open_outputs(run)
+    start_events(run, handle_signals)
+    step, stopped_at = run.start, None
+    try:
+        for step in range(run.start, cfg.steps):
+            row = train_step(run, step)
+            log_step(run, row)
+            acc.wait_for_everyone()
+            if stop_requested(run, row["step"]):
+                stopped_at = row["step"]
+                break
+    except BaseException as e:
+        record_failure(run, e, step)
+        raise
+    finally:
+        close_loop(run)
+    if stopped_at is not None:
+        reason = run.events.stop_reason or "STOP"
+        run.events.close()
+        acc.wait_for_everyone()
+        raise TrainingStopped(stopped_at, cfg.steps, run.ckpt_path, reason)
+    return finish(run)
+
+
+@dataclass
+class TrainRun:
+    """One run's models, embedding, optimizer and progress: made by :func:`setup_run`, brought to its
+    checkpoint by :func:`resume`, given its outputs by :func:`open_outputs` and :func:`start_events`."""
+
+    cfg: TrainConfig
+    acc: Any
+    main: bool  # the main process: the one that scores held-out images and writes files
+    device: torch.device
+    backend: Any
+    reward: Any
+    judges: dict  # the --monitor-reward models by name (main process only)
+    train_texts: list
+    heldout_texts: list
+    heldout_seeds: list
+    null: torch.Tensor
+    handcrafted: torch.Tensor
+    hc_pooled: Any
+    neg: torch.nn.Parameter  # the one trainable tensor
+    opt: torch.optim.Optimizer
+    sched: Any
+    obj: ObjectiveConfig
+    sigmas: torch.Tensor
+    accum: int  # micro-batches per process and step
+    shape: tuple  # one micro-batch's latent
+    # where the run stands: a fresh run's, or the checkpoint's after resume()
+    start: int = 0
+    skipped: int = 0
+    bad_streak: int = 0
+    history: list = field(default_factory=list)  # the held-out checks so far
+    spent: ComputeMeter = field(default_factory=ComputeMeter)  # all processes' training compute so far
+    resumed_from: str | None = None
+    watch_state: Any = None  # the checkpoint's held-out monitor
+    best_neg: torch.Tensor | None = None  # --keep-best-by: the embedding of the best check so far
+    # set by open_outputs() and start_events()
+    watch: HeldoutMonitor | None = None
+    log: CsvLog | None = None
+    meta: dict = field(default_factory=dict)  # the embedding files' metadata
+    saved_config: dict = field(default_factory=dict)  # what a --resume compares
+    events: TrainEvents | None = None
+    bar: Any = None
+    meter: ComputeMeter | None = None  # this process's counts of the current step
+    metered: tuple = ()  # the denoiser, decode and reward, counted by meter
+    t0: float = 0.0
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.cfg.out, CHECKPOINT_NAME)
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.cfg.out, BEST_NAME)
+
+    @property
+    def embedding_path(self) -> str:
+        return os.path.join(self.cfg.out, "embedding.safetensors")
+
+    def write_outputs(self, step: int) -> None:
+        # all or nothing: the embedding staged, the checkpoint written (the commit), the embedding moved in
+        emb = as_embedding(self.backend, self.neg)
+        save_run_files(
+            self.cfg.out,
+            lambda path: save_embedding(path, emb, overwrite=True, **dict(self.meta, trained_steps=step)),
+            lambda path: save_checkpoint(
+                path,
+                step=step,
+                neg=self.neg,
+                optimizer=self.opt,
+                scheduler=self.sched,
+                skipped=self.skipped,
+                config=self.saved_config,
+                heldout=self.history,
+                extra={"compute": self.spent.counts, "monitor": self.watch.state()},
+                best_neg=self.best_neg,
+            ),
+        )
+
+    def write_best(self) -> None:
+        # as embedding.safetensors is written (atomically, the run's metadata), saying which check it is
+        k = self.watch.keep
+        save_embedding(
+            self.best_path,
+            as_embedding(self.backend, self.best_neg),
+            overwrite=True,
+            **dict(self.meta, trained_steps=k["step"], best_by=k["by"], best_step=k["step"], best_value=k["value"]),
+        )
+
+    def watch_fields(self) -> dict:
+        # the hacking warnings given so far and (--keep-best-by) the best check: summary.json carries them
+        d = {"warnings": self.watch.warnings}
+        if self.cfg.keep_best_by:
+            d["best"] = dict(self.watch.keep, embedding=self.best_path) if self.watch.keep else None
+        return d
+
+    def write_status(self, status: str, step: int, **more) -> None:
+        # what scripts (and the studio) read to tell a finished run from a stopped or running one
+        atomic_write_json(
+            os.path.join(self.cfg.out, SUMMARY_NAME),
+            dict(
+                status=status,
+                step=step,
+                steps=self.cfg.steps,
+                checkpoint=self.ckpt_path,
+                embedding=self.embedding_path,
+                **self.watch_fields(),
+                **more,
+                config=self.cfg.to_json(),
+            ),
+        )
+
+
+# --- setup ---------------------------------------------------------------------------------------------
+
+
+def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
+    """The models, the prompts, the negatives compared against, the embedding and its optimizer: a run
+    at step 0."""
     device = torch.device(cfg.device) if cfg.device and acc.num_processes == 1 else acc.device
     torch.manual_seed(cfg.seed)
+    backend, reward, judges = load_models(cfg, device, main)
+    train_texts, heldout_texts = split_prompts(cfg, backend, main)
+    # SDXL: the learned negative is the 77 x 2048 cross-attention rows; the pooled vector stays the
+    # empty prompt's (what hosts pass for an empty negative) and is saved beside it in the file
+    null, _ = backend.null_embedding()
+    handcrafted, hc_pooled = text_negative(backend, cfg.handcrafted)
+    init = {"null": null, "handcrafted": handcrafted}.get(cfg.init)
+    if init is None:
+        init = load_embedding(cfg.init, expected_family=backend.family).model_rows()
+    neg = torch.nn.Parameter(init.detach().float().clone().to(device))
+    opt = torch.optim.AdamW([neg], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return TrainRun(
+        cfg=cfg,
+        acc=acc,
+        main=main,
+        device=device,
+        backend=backend,
+        reward=reward,
+        judges=judges,
+        train_texts=train_texts,
+        heldout_texts=heldout_texts,
+        heldout_seeds=[cfg.heldout_seed + i for i in range(len(heldout_texts))],
+        null=null,
+        handcrafted=handcrafted,
+        hc_pooled=hc_pooled,
+        neg=neg,
+        opt=opt,
+        sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        obj=ObjectiveConfig(cfg.sampling_steps, cfg.guidance, tuple(cfg.grad_range)),
+        sigmas=backend.schedule(cfg.sampling_steps),
+        accum=cfg.batch_size // (cfg.micro_batch * acc.num_processes),
+        shape=backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution),
+    )
 
+
+def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
+    """The model, the training reward and (main process) the monitor rewards, set up as the flags say."""
     from reneg.backends.loading import load_diffusers
     from reneg.rewards import load_rewards
 
+    dtype = weights_dtype(cfg.mixed_precision, device)
     backend = load_diffusers(
-        cfg.model,
-        device=device,
-        dtype=weights_dtype(cfg.mixed_precision, device),
-        config=cfg.config,
-        vae=cfg.vae,
-        prediction_type=cfg.prediction_type,
+        cfg.model, device=device, dtype=dtype, config=cfg.config, vae=cfg.vae, prediction_type=cfg.prediction_type
     )
     if main:
         print(f"reneg train: model {backend.describe()}", flush=True)
-    reward = load_rewards(cfg.rewards, device=device, dtype=weights_dtype(cfg.mixed_precision, device))
+    reward = load_rewards(cfg.rewards, device=device, dtype=dtype)
     judges = load_monitor_rewards(cfg, device) if main else {}  # scored on held-out images only, by main
     check_image_tower(cfg, reward, device)
     note = backend.resolution_note(cfg.resolution)
@@ -218,73 +401,83 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
         print(f"reneg train: {note}", flush=True)
     if cfg.gradient_checkpointing:
         enable_checkpointing(backend, reward)
-    if getattr(cfg, "channels_last", False) or getattr(cfg, "compile", False):
-        backend.set_performance(
-            channels_last=getattr(cfg, "channels_last", False) or None, compile=getattr(cfg, "compile", False)
-        )
+    if cfg.channels_last or cfg.compile:
+        backend.set_performance(channels_last=cfg.channels_last or None, compile=cfg.compile)
+    return backend, reward, judges
 
+
+def split_prompts(cfg: TrainConfig, backend, main: bool) -> tuple[list[str], list[str]]:
+    """The training and held-out prompts' texts: --heldout's first --heldout-count, or the last
+    --heldout-count of --prompts."""
     prompts = load_prompts(cfg.prompts)
     if cfg.heldout:
         train, heldout = prompts, load_prompts(cfg.heldout)[: cfg.heldout_count]
     else:
         train, heldout = prompts[: -cfg.heldout_count], prompts[-cfg.heldout_count :]
-    train_texts = [p.text for p in train]
-    note = backend.truncation_note(train_texts + [p.text for p in heldout]) if main else None
+    train_texts, heldout_texts = [p.text for p in train], [p.text for p in heldout]
+    note = backend.truncation_note(train_texts + heldout_texts) if main else None
     if note:
         print(f"reneg train: {note}", flush=True)
-    heldout_texts = [p.text for p in heldout]
-    heldout_seeds = [cfg.heldout_seed + i for i in range(len(heldout_texts))]
+    return train_texts, heldout_texts
 
-    # SDXL: the learned negative is the 77 x 2048 cross-attention rows; the pooled vector stays the
-    # empty prompt's (what hosts pass for an empty negative) and is saved beside it in the file
-    null, _ = backend.null_embedding()
-    handcrafted, hc_pooled = text_negative(backend, cfg.handcrafted)
-    if cfg.init == "null":
-        init = null
-    elif cfg.init == "handcrafted":
-        init = handcrafted
-    else:
-        init = load_embedding(cfg.init, expected_family=backend.family).model_rows()
-    neg = torch.nn.Parameter(init.detach().float().clone().to(device))
-    opt = torch.optim.AdamW([neg], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
-    start, skipped, history = 0, 0, []
-    watch_state, best_neg = None, None  # a resumed run's held-out monitor and best embedding
-    spent = ComputeMeter()  # all processes' training compute so far (held-out scoring is not counted)
-    ckpt_path = os.path.join(cfg.out, CHECKPOINT_NAME)
-    resume_from = find_resume(cfg.out, cfg.resume) if cfg.resume else None
-    if resume_from:
-        state = load_checkpoint(resume_from)
-        if tuple(state["neg"].shape) != tuple(neg.shape):
-            raise TrainingError(
-                f"{resume_from}: checkpoint embedding {list(state['neg'].shape)} does not "
-                f"fit this model ({list(neg.shape)})"
-            )
-        with torch.no_grad():
-            neg.copy_(state["neg"].to(device))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, skipped, history = state["step"], state.get("skipped", 0), state["heldout"]
-        if "rng_cpu" in state:
-            torch.set_rng_state(state["rng_cpu"])
-        spent = ComputeMeter(_checkpoint_compute(state))
-        watch_state, best_neg = _checkpoint_extra(state).get("monitor"), state.get("best_neg")
+def resume(run: TrainRun) -> None:
+    """``--resume``: the checkpoint's embedding, optimizer, schedule, step, skipped updates, RNG,
+    held-out checks, compute counts, monitor and best embedding (nothing when there is no checkpoint to
+    resume from: no --resume, or --resume auto in a new folder)."""
+    cfg = run.cfg
+    path = find_resume(cfg.out, cfg.resume) if cfg.resume else None
+    if not path:
+        return
+    state = load_checkpoint(path)
+    if tuple(state["neg"].shape) != tuple(run.neg.shape):
+        raise TrainingError(
+            f"{path}: checkpoint embedding {list(state['neg'].shape)} does not fit this model ({list(run.neg.shape)})"
+        )
+    with torch.no_grad():
+        run.neg.copy_(state["neg"].to(run.device))
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    run.start, run.skipped, run.history = state["step"], state.get("skipped", 0), state["heldout"]
+    if "rng_cpu" in state:
+        torch.set_rng_state(state["rng_cpu"])
+    extra = state["extra"]  # a dict: load_checkpoint parses and checks it ({} when the file has none)
+    run.spent = ComputeMeter(extra.get("compute", {}))
+    run.watch_state, run.best_neg = extra.get("monitor"), state.get("best_neg")
+    run.resumed_from = path
 
-    obj = ObjectiveConfig(cfg.sampling_steps, cfg.guidance, tuple(cfg.grad_range))
-    sigmas = backend.schedule(cfg.sampling_steps)
-    accum = cfg.batch_size // (cfg.micro_batch * acc.num_processes)
-    shape = backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution)
-    measures = ["heldout", *judges, "diversity"]
-    watch = HeldoutMonitor(measures, cfg.keep_best_by, watch_state if isinstance(watch_state, dict) else None)
+
+def open_outputs(run: TrainRun) -> None:
+    """Before the first step: the held-out monitor, log.csv (a resumed run's rows up to its step), the
+    embeddings' metadata; with --overwrite, the old run's files removed; a resumed run's best embedding put
+    back as it was at its checkpoint, and the summary saying "running"."""
+    cfg, main = run.cfg, run.main
+    watch_state = run.watch_state if isinstance(run.watch_state, dict) else None
+    run.watch = HeldoutMonitor(["heldout", *run.judges, "diversity"], cfg.keep_best_by, watch_state)
     extra_fields = ["heldout_diversity"] + [
-        f"heldout_{n}_{k}" for n in judges for k in ("null", "handcrafted", "learned")
+        f"heldout_{n}_{k}" for n in run.judges for k in ("null", "handcrafted", "learned")
     ]
-    log = CsvLog(os.path.join(cfg.out, "log.csv"), start, extra_fields) if main else None
-    base = dict(base_model=cfg.base_model_name) if cfg.base_model_name else base_model_fields(cfg.model)
+    run.log = CsvLog(os.path.join(cfg.out, "log.csv"), run.start, extra_fields) if main else None
+    run.meta = embedding_metadata(cfg)
+    run.saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))
+    if main and cfg.overwrite and not run.resumed_from:
+        remove_old_run(cfg.out)  # --overwrite: the old run's files go once the models have loaded
+    if main and cfg.keep_best_by and run.resumed_from:
+        # embedding-best.safetensors as it was at the checkpoint (a killed run may have written a later one)
+        if run.watch.keep and run.best_neg is not None:
+            run.write_best()
+        elif os.path.isfile(run.best_path):
+            os.unlink(run.best_path)
+    if main and run.start < cfg.steps:
+        run.write_status("running", run.start)  # a summary that says "finished" only when the run has
+
+
+def embedding_metadata(cfg: TrainConfig) -> dict:
+    """What every embedding file of the run carries: the model, the rewards and the recipe."""
     from reneg.rewards import reward_files
 
-    meta = dict(
+    base = dict(base_model=cfg.base_model_name) if cfg.base_model_name else base_model_fields(cfg.model)
+    return dict(
         kind="global",
         **base,
         rewards=cfg.rewards,
@@ -299,369 +492,332 @@ def _run_train(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
         init=os.path.basename(cfg.init),
     )
 
-    def heldout_scores(t, pooled=None, features: bool = False) -> tuple[dict, torch.Tensor | None]:
-        """The per-image scores of one negative's held-out images: the training reward's ("heldout") and
-        each monitor reward's (by name); with ``features``, also the images' features in the training
-        reward's image tower (None when it has none). No grad, not metered: held-out scoring measures."""
-        keep = bool(judges) or features
-        got = generate_and_score(
-            backend,
-            reward,
-            heldout_texts,
-            heldout_seeds,
-            backend.negative_cond(t.detach(), pooled),
-            cfg.sampling_steps,
-            cfg.guidance,
-            cfg.resolution,
-            cfg.resolution,
-            cfg.eval_batch,
-            keep_images=keep,
-        )
-        scores, images = got if keep else (got, None)
-        out = {"heldout": scores}
-        feats = None
-        if images is not None:
-            with torch.no_grad():
-                for name, judge in judges.items():
-                    parts = []
-                    for i in range(0, len(heldout_texts), cfg.eval_batch):
-                        img = images[i : i + cfg.eval_batch].to(backend.device)
-                        parts.append(judge(img, heldout_texts[i : i + cfg.eval_batch]).float().cpu())
-                    out[name] = torch.cat(parts)
-            if features:
-                feats = image_features(reward, images.to(backend.device), batch=cfg.eval_batch)
-        return out, feats
 
-    def heldout_eval(step: int) -> tuple[dict, dict]:
-        """One held-out check: the record (means; null and handcrafted scored once and reused) and the
-        learned negative's per-image scores by measure."""
-        base_keys = ["null", "handcrafted"] + [f"{n}_{k}" for n in judges for k in ("null", "handcrafted")]
-        base = next((h for h in history if all(k in h for k in base_keys)), None)
-        rec = {"step": step}
-        if not base:
-            base = {}
-            for which, (t, pooled) in (("null", (null, None)), ("handcrafted", (handcrafted, hc_pooled))):
-                scores, _ = heldout_scores(t, pooled)
-                base[which] = float(scores["heldout"].mean())
-                base.update({f"{n}_{which}": float(scores[n].mean()) for n in judges})
-        rec.update({k: base[k] for k in base_keys})
-        scores, feats = heldout_scores(neg, features=True)
-        rec["learned"] = float(scores["heldout"].mean())
-        rec.update({f"{n}_learned": float(scores[n].mean()) for n in judges})
-        # the spread of the learned negative's images across the held-out prompts (one image each)
-        rec["diversity"] = pairwise_diversity(feats) if feats is not None else None
-        history.append(rec)
-        return rec, {k: [float(x) for x in v] for k, v in scores.items()}
-
-    saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))  # what a --resume compares
-    best_path = os.path.join(cfg.out, BEST_NAME)
-    kept = {"neg": best_neg}  # --keep-best-by: the embedding of the best check so far (the checkpoint keeps it)
-
-    def write_best() -> None:
-        # as embedding.safetensors is written (atomically, the run's metadata), saying which check it is
-        k = watch.keep
-        save_embedding(
-            best_path,
-            as_embedding(backend, kept["neg"]),
-            overwrite=True,
-            **dict(meta, trained_steps=k["step"], best_by=k["by"], best_step=k["step"], best_value=k["value"]),
-        )
-
-    def write_outputs(step: int) -> None:
-        # all or nothing: the embedding staged, the checkpoint written (the commit), the embedding moved in
-        emb = as_embedding(backend, neg)
-        save_run_files(
-            cfg.out,
-            lambda path: save_embedding(path, emb, overwrite=True, **dict(meta, trained_steps=step)),
-            lambda path: save_checkpoint(
-                path,
-                step=step,
-                neg=neg,
-                optimizer=opt,
-                scheduler=sched,
-                skipped=skipped,
-                config=saved_config,
-                heldout=history,
-                extra={"compute": spent.counts, "monitor": watch.state()},
-                best_neg=kept["neg"],
-            ),
-        )
-
-    summary_path = os.path.join(cfg.out, SUMMARY_NAME)
-
-    def watch_fields() -> dict:
-        # the hacking warnings given so far and (--keep-best-by) the best check: summary.json carries them
-        d = {"warnings": watch.warnings}
-        if cfg.keep_best_by:
-            d["best"] = dict(watch.keep, embedding=best_path) if watch.keep else None
-        return d
-
-    def write_status(status: str, step: int, **more) -> None:
-        # what scripts (and the studio) read to tell a finished run from a stopped or running one
-        atomic_write_json(
-            summary_path,
-            dict(
-                status=status,
-                step=step,
-                steps=cfg.steps,
-                checkpoint=ckpt_path,
-                embedding=os.path.join(cfg.out, "embedding.safetensors"),
-                **watch_fields(),
-                **more,
-                config=cfg.to_json(),
-            ),
-        )
-
-    if main and cfg.overwrite and not resume_from:
-        remove_old_run(cfg.out)  # --overwrite: the old run's files go once the models have loaded
-    if main and cfg.keep_best_by and resume_from:
-        # embedding-best.safetensors as it was at the checkpoint (a killed run may have written a later one)
-        if watch.keep and kept["neg"] is not None:
-            write_best()
-        elif os.path.isfile(best_path):
-            os.unlink(best_path)
-    if main and start < cfg.steps:
-        write_status("running", start)  # a summary that says "finished" only when the run has
-    # --- reported events (trainer/events.py): samples, TensorBoard, stop on SIGTERM or OUT/STOP ---
-    events = TrainEvents(
-        cfg, backend, main, null, heldout_texts, heldout_seeds, acc.num_processes, signals=handle_signals
+def start_events(run: TrainRun, handle_signals: bool) -> None:
+    """The reported events (trainer/events.py: samples, TensorBoard, stop on SIGTERM or OUT/STOP) with the
+    starting point's samples, the progress bar, the clock and the compute meter."""
+    cfg = run.cfg
+    run.events = TrainEvents(
+        cfg,
+        run.backend,
+        run.main,
+        run.null,
+        run.heldout_texts,
+        run.heldout_seeds,
+        run.acc.num_processes,
+        signals=handle_signals,
     )
-    events.on_start(start, neg)
-    stopped_at = None
-    # --- end reported events ---
-
-    def held_out_check(step: int) -> dict:
-        """Score the held-out images, then watch them: warnings (once a measure) and the best check."""
-        rec, per_image = heldout_eval(step)
-        values = {"heldout": rec["learned"], "diversity": rec["diversity"]}
-        values.update({n: rec[f"{n}_learned"] for n in judges})
-        new, best_now = watch.observe(
-            step, values, per_image, cfg.eval_every or step, kept=best_path if cfg.keep_best_by else None
-        )
-        if best_now:
-            kept["neg"] = neg.detach().float().cpu().clone()
-            write_best()
-        for w in new:
-            print(f"reneg train: warning: {w['message']}", flush=True)
-            events.on_warning(w)
-        if new:
-            write_status("running", step)  # a long run's reader (the studio) sees a warning as it comes
-        return rec
-
-    bar = None
-    if main and cfg.progress:
+    run.events.on_start(run.start, run.neg)
+    if run.main and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="reneg train", dynamic_ncols=True)
-    bad_streak, t0 = 0, time.time()
-    meter = ComputeMeter()  # this process's counts of the current step
-    m_denoiser, m_decode, m_reward = (
-        meter.denoiser(backend.denoiser),
-        meter.decode(backend.decode),
-        meter.reward(reward),
+        run.bar = tqdm(total=cfg.steps, initial=run.start, desc="reneg train", dynamic_ncols=True)
+    run.t0 = time.time()
+    run.meter = ComputeMeter()
+    run.metered = (
+        run.meter.denoiser(run.backend.denoiser),
+        run.meter.decode(run.backend.decode),
+        run.meter.reward(run.reward),
     )
-    grads_per_rollout = getattr(cfg, "grads_per_rollout", 1)
-    rollout_steps = getattr(cfg, "rollout_steps", None) or None
-    try:
-        for step in range(start, cfg.steps):
-            opt.zero_grad(set_to_none=True)
-            rewards, loss_sum = [], 0.0
-            for m in range(accum):
-                j = acc.process_index * accum + m
-                g = sample_generator(cfg.seed, step, j)
-                idx = torch.randint(len(train_texts), (cfg.micro_batch,), generator=g)
-                ps = [train_texts[i] for i in idx]
-                noise = torch.randn(shape, generator=g).to(device)
-                gi = obj.grad_indices(grads_per_rollout, g)
-                with acc.autocast():
-                    res = grad_step_loss(
-                        m_denoiser,
-                        m_decode,
-                        m_reward,
-                        ps,
-                        backend.encode_prompts(ps),
-                        backend.negative_cond(neg),
-                        initial_latent(noise, sigmas[0]),
-                        sigmas,
-                        cfg.guidance,
-                        gi if len(gi) > 1 else gi[0],
-                        rollout_steps=rollout_steps,
-                        # several grad steps: each one's backward at once (one graph alive)
-                        backward=(lambda loss: (loss / accum).backward()) if len(gi) > 1 else None,
-                    )
-                if len(gi) == 1:
-                    (res.loss / accum).backward()
-                rewards.append(res.rewards.float())
-                loss_sum += float(res.loss.detach()) / accum
-            grad = neg.grad if neg.grad is not None else torch.zeros_like(neg)
-            if acc.num_processes > 1:
-                grad = acc.reduce(grad.contiguous(), reduction="mean")
-                neg.grad = grad
-            r_all = torch.cat(rewards)
-            if acc.num_processes > 1:
-                r_all = acc.gather(r_all)
-            gnorm = float(grad.norm())
-            bad = None
-            if not math.isfinite(gnorm) or not math.isfinite(loss_sum):
-                bad = "non-finite loss or gradient"
-            else:
-                # a finite gradient can still make a non-finite update (a huge --lr): the step is taken
-                # on a copy of the state and undone when the embedding is no longer finite
-                before = (neg.detach().clone(), copy.deepcopy(opt.state_dict()))
-                opt.step()
-                if not bool(torch.isfinite(neg).all()):
-                    with torch.no_grad():
-                        neg.copy_(before[0])
-                    opt.load_state_dict(before[1])
-                    bad = "non-finite update"
-                del before
-            if bad:
-                skipped += 1
-                bad_streak += 1
-                if main:
-                    print(
-                        f"reneg train: step {step + 1}: {bad}, update skipped "
-                        f"({bad_streak} in a row, {skipped} in all)",
-                        flush=True,
-                    )
-                if bad_streak >= cfg.max_bad_steps:
-                    last = (
-                        f"The last good checkpoint is {ckpt_path}"
-                        if os.path.isfile(ckpt_path)
-                        else "No checkpoint was written before this"
-                    )
-                    raise TrainingError(
-                        f"stopped: {bad_streak} non-finite updates in a row (limit --max-bad-steps "
-                        f"{cfg.max_bad_steps}). {last}; try a lower --lr "
-                        f"or --mixed-precision no."
-                    )
-            else:
-                bad_streak = 0
-            with warnings.catch_warnings():
-                # a skipped first step never calls opt.step(); the schedule advances all the same, on purpose
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-                sched.step()
-            done = step + 1
-            counts = meter.take()
-            if acc.num_processes > 1:
-                from accelerate.utils import gather_object
 
-                for c in gather_object([counts]):
-                    spent.add(c)
-            else:
-                spent.add(counts)
-            units = spent.units()
-            row = {
-                "step": done,
-                "loss": loss_sum,
-                "reward": float(r_all.mean()),
-                "lr": sched.get_last_lr()[0],
-                "grad_norm": gnorm,
-                "skipped": skipped,
-                "seconds": round(time.time() - t0, 2),
-                "compute_U": units["U"],
-                "compute_V": units["V"],
-                "compute_R": units["R"],
-                "compute_tflop_sd15": round(spent.tflop_sd15(), 3),
-            }
-            watch.add_training_reward(done, row["reward"])
-            # the last step's row carries the final held-out scores, like every --eval-every row
-            if main and (done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                rec = held_out_check(done)
-                row.update({f"heldout_{k}": v for k, v in rec.items() if k != "step"})
-            if main:
-                log.write(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{row['reward']:.4f}", lr=f"{row['lr']:.2e}")
-                if done % cfg.checkpoint_every == 0 and bad_streak == 0:
-                    write_outputs(done)
-                events.on_step(done, row, neg, last=done == cfg.steps)
-            acc.wait_for_everyone()
-            # --- reported events: a stop request ends the run here, with a checkpoint ---
-            if done < cfg.steps and events.should_stop(acc):
-                if main:
-                    write_outputs(done)
-                    write_status("stopped", done, reason=events.stop_reason)
-                    print(
-                        f"reneg train: stopped on request after step {done}; checkpoint {ckpt_path} "
-                        f"(continue with --resume)",
-                        flush=True,
-                    )
-                stopped_at = done
-                break
-            # --- end reported events ---
-    except BaseException as e:
-        events.close()
-        if main:  # best effort (the disk may be what failed): the summary must not keep saying "running"
-            try:
-                interrupted = isinstance(e, KeyboardInterrupt)
-                write_status("interrupted" if interrupted else "failed", step, error=str(e)[:300])
-            except Exception:
-                pass
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-        events.close_stop_watch()
 
-    if stopped_at is not None:
-        reason = events.stop_reason or "STOP"
-        events.close()
-        acc.wait_for_everyone()
-        raise TrainingStopped(stopped_at, cfg.steps, ckpt_path, reason)
+# --- one step --------------------------------------------------------------------------------------------
 
-    summary = {}
-    if main:
-        if history and history[-1]["step"] == cfg.steps:
-            rec = history[-1]  # scored in the last step's row (or before a resume at the last step)
+
+def train_step(run: TrainRun, step: int) -> dict:
+    """Optimizer step ``step`` over the global batch (this process's micro-batches, the gradient averaged
+    across processes); returns its log row, without held-out scores."""
+    acc, neg = run.acc, run.neg
+    run.opt.zero_grad(set_to_none=True)
+    rewards, loss_sum = [], 0.0
+    for m in range(run.accum):
+        res = micro_batch(run, step, acc.process_index * run.accum + m)
+        rewards.append(res.rewards.float())
+        loss_sum += float(res.loss.detach()) / run.accum
+    grad = neg.grad if neg.grad is not None else torch.zeros_like(neg)
+    if acc.num_processes > 1:
+        grad = acc.reduce(grad.contiguous(), reduction="mean")
+        neg.grad = grad
+    r_all = torch.cat(rewards)
+    if acc.num_processes > 1:
+        r_all = acc.gather(r_all)
+    gnorm = float(grad.norm())
+    finite = math.isfinite(gnorm) and math.isfinite(loss_sum)
+    count_bad_step(run, step, apply_update(run) if finite else "non-finite loss or gradient")
+    with warnings.catch_warnings():
+        # a skipped first step never calls opt.step(); the schedule advances all the same, on purpose
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.sched.step()
+    add_compute(run)
+    units = run.spent.units()
+    return {
+        "step": step + 1,
+        "loss": loss_sum,
+        "reward": float(r_all.mean()),
+        "lr": run.sched.get_last_lr()[0],
+        "grad_norm": gnorm,
+        "skipped": run.skipped,
+        "seconds": round(time.time() - run.t0, 2),
+        "compute_U": units["U"],
+        "compute_V": units["V"],
+        "compute_R": units["R"],
+        "compute_tflop_sd15": round(run.spent.tflop_sd15(), 3),
+    }
+
+
+def micro_batch(run: TrainRun, step: int, j: int):
+    """Micro-batch ``j`` of ``step``: its prompts, noise and grad step(s) drawn from
+    ``sample_generator(seed, step, j)``, its loss's gradient (over the micro-batches of this process)
+    added to the embedding's; returns the objective's result."""
+    cfg, backend, accum = run.cfg, run.backend, run.accum
+    g = sample_generator(cfg.seed, step, j)
+    idx = torch.randint(len(run.train_texts), (cfg.micro_batch,), generator=g)
+    ps = [run.train_texts[i] for i in idx]
+    noise = torch.randn(run.shape, generator=g).to(run.device)
+    gi = run.obj.grad_indices(cfg.grads_per_rollout, g)
+    with run.acc.autocast():
+        res = grad_step_loss(
+            *run.metered,
+            ps,
+            backend.encode_prompts(ps),
+            backend.negative_cond(run.neg),
+            initial_latent(noise, run.sigmas[0]),
+            run.sigmas,
+            cfg.guidance,
+            gi if len(gi) > 1 else gi[0],
+            rollout_steps=cfg.rollout_steps or None,
+            # several grad steps: each one's backward at once (one graph alive)
+            backward=(lambda loss: (loss / accum).backward()) if len(gi) > 1 else None,
+        )
+    if len(gi) == 1:
+        (res.loss / accum).backward()
+    return res
+
+
+def apply_update(run: TrainRun) -> str | None:
+    """The optimizer's step; None, or why it was undone. A finite gradient can still make a non-finite
+    update (a huge --lr): the step is taken on a copy of the state and undone when the embedding is no
+    longer finite."""
+    neg, opt = run.neg, run.opt
+    before = (neg.detach().clone(), copy.deepcopy(opt.state_dict()))
+    opt.step()
+    if bool(torch.isfinite(neg).all()):
+        return None
+    with torch.no_grad():
+        neg.copy_(before[0])
+    opt.load_state_dict(before[1])
+    return "non-finite update"
+
+
+def count_bad_step(run: TrainRun, step: int, bad: str | None) -> None:
+    """A skipped update is counted and said; --max-bad-steps of them in a row end the run."""
+    if not bad:
+        run.bad_streak = 0
+        return
+    run.skipped += 1
+    run.bad_streak += 1
+    if run.main:
+        print(
+            f"reneg train: step {step + 1}: {bad}, update skipped ({run.bad_streak} in a row, {run.skipped} in all)",
+            flush=True,
+        )
+    if run.bad_streak >= run.cfg.max_bad_steps:
+        last = (
+            f"The last good checkpoint is {run.ckpt_path}"
+            if os.path.isfile(run.ckpt_path)
+            else "No checkpoint was written before this"
+        )
+        raise TrainingError(
+            f"stopped: {run.bad_streak} non-finite updates in a row (limit --max-bad-steps "
+            f"{run.cfg.max_bad_steps}). {last}; try a lower --lr "
+            f"or --mixed-precision no."
+        )
+
+
+def add_compute(run: TrainRun) -> None:
+    """This step's compute, of every process, added to the run's."""
+    counts = run.meter.take()
+    if run.acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for c in gather_object([counts]):
+            run.spent.add(c)
+    else:
+        run.spent.add(counts)
+
+
+# --- logging, held-out checks, stop and end ------------------------------------------------------------------
+
+
+def log_step(run: TrainRun, row: dict) -> None:
+    """After a step: the monitor notes its reward; the main process scores the held-out prompts when a
+    check is due (every --eval-every steps and the last step: that row carries the final scores), writes
+    the row, moves the progress bar, writes the checkpoint when one is due (not amid skipped updates) and
+    reports the step's events."""
+    cfg, done = run.cfg, row["step"]
+    run.watch.add_training_reward(done, row["reward"])
+    if not run.main:
+        return
+    if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+        rec = held_out_check(run, done)
+        row.update({f"heldout_{k}": v for k, v in rec.items() if k != "step"})
+    run.log.write(row)
+    if run.bar is not None:
+        run.bar.update(1)
+        run.bar.set_postfix(reward=f"{row['reward']:.4f}", lr=f"{row['lr']:.2e}")
+    if done % cfg.checkpoint_every == 0 and run.bad_streak == 0:
+        run.write_outputs(done)
+    run.events.on_step(done, row, run.neg, last=done == cfg.steps)
+
+
+def held_out_check(run: TrainRun, step: int) -> dict:
+    """Score the held-out images, then watch them: warnings (once a measure) and the best check."""
+    rec, per_image = heldout_eval(run, step)
+    values = {"heldout": rec["learned"], "diversity": rec["diversity"]}
+    values.update({n: rec[f"{n}_learned"] for n in run.judges})
+    cfg = run.cfg
+    new, best_now = run.watch.observe(
+        step, values, per_image, cfg.eval_every or step, kept=run.best_path if cfg.keep_best_by else None
+    )
+    if best_now:
+        run.best_neg = run.neg.detach().float().cpu().clone()
+        run.write_best()
+    for w in new:
+        print(f"reneg train: warning: {w['message']}", flush=True)
+        run.events.on_warning(w)
+    if new:
+        run.write_status("running", step)  # a long run's reader (the studio) sees a warning as it comes
+    return rec
+
+
+def heldout_eval(run: TrainRun, step: int) -> tuple[dict, dict]:
+    """One held-out check: the record (means; null and handcrafted scored once and reused) and the
+    learned negative's per-image scores by measure."""
+    judges = run.judges
+    base_keys = ["null", "handcrafted"] + [f"{n}_{k}" for n in judges for k in ("null", "handcrafted")]
+    base = next((h for h in run.history if all(k in h for k in base_keys)), None)
+    rec = {"step": step}
+    if not base:
+        base = {}
+        for which, (t, pooled) in (("null", (run.null, None)), ("handcrafted", (run.handcrafted, run.hc_pooled))):
+            scores, _ = heldout_scores(run, t, pooled)
+            base[which] = float(scores["heldout"].mean())
+            base.update({f"{n}_{which}": float(scores[n].mean()) for n in judges})
+    rec.update({k: base[k] for k in base_keys})
+    scores, feats = heldout_scores(run, run.neg, features=True)
+    rec["learned"] = float(scores["heldout"].mean())
+    rec.update({f"{n}_learned": float(scores[n].mean()) for n in judges})
+    # the spread of the learned negative's images across the held-out prompts (one image each)
+    rec["diversity"] = pairwise_diversity(feats) if feats is not None else None
+    run.history.append(rec)
+    return rec, {k: [float(x) for x in v] for k, v in scores.items()}
+
+
+def heldout_scores(run: TrainRun, t, pooled=None, features: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """The per-image scores of one negative's held-out images: the training reward's ("heldout") and
+    each monitor reward's (by name); with ``features``, also the images' features in the training
+    reward's image tower (None when it has none). No grad, not metered: held-out scoring measures."""
+    cfg, backend, texts = run.cfg, run.backend, run.heldout_texts
+    keep = bool(run.judges) or features
+    got = generate_and_score(
+        backend,
+        run.reward,
+        texts,
+        run.heldout_seeds,
+        backend.negative_cond(t.detach(), pooled),
+        cfg.sampling_steps,
+        cfg.guidance,
+        cfg.resolution,
+        cfg.resolution,
+        cfg.eval_batch,
+        keep_images=keep,
+    )
+    scores, images = got if keep else (got, None)
+    out = {"heldout": scores}
+    feats = None
+    if images is not None:
+        with torch.no_grad():
+            for name, judge in run.judges.items():
+                parts = []
+                for i in range(0, len(texts), cfg.eval_batch):
+                    img = images[i : i + cfg.eval_batch].to(backend.device)
+                    parts.append(judge(img, texts[i : i + cfg.eval_batch]).float().cpu())
+                out[name] = torch.cat(parts)
+        if features:
+            feats = image_features(run.reward, images.to(backend.device), batch=cfg.eval_batch)
+    return out, feats
+
+
+def stop_requested(run: TrainRun, done: int) -> bool:
+    """A stop request (OUT/STOP, SIGTERM, Ctrl-C) on any process, before the last step: the main process
+    writes the checkpoint and a "stopped" summary."""
+    if done >= run.cfg.steps or not run.events.should_stop(run.acc):
+        return False
+    if run.main:
+        run.write_outputs(done)
+        run.write_status("stopped", done, reason=run.events.stop_reason)
+        print(
+            f"reneg train: stopped on request after step {done}; checkpoint {run.ckpt_path} (continue with --resume)",
+            flush=True,
+        )
+    return True
+
+
+def record_failure(run: TrainRun, e: BaseException, step: int) -> None:
+    """A step that raised: best effort (the disk may be what failed), the summary must not keep saying
+    "running"."""
+    run.events.close()
+    if run.main:
+        try:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            run.write_status("interrupted" if interrupted else "failed", step, error=str(e)[:300])
+        except Exception:
+            pass
+
+
+def close_loop(run: TrainRun) -> None:
+    if run.bar is not None:
+        run.bar.close()
+    if run.log is not None:
+        run.log.close()
+    run.events.close_stop_watch()
+
+
+def finish(run: TrainRun) -> dict:
+    """The finished run (main process): the last held-out check (unless the last step's row made it),
+    the final embedding and checkpoint, and summary.json."""
+    cfg, summary = run.cfg, {}
+    if run.main:
+        if run.history and run.history[-1]["step"] == cfg.steps:
+            rec = run.history[-1]  # scored in the last step's row (or before a resume at the last step)
         else:
-            rec = held_out_check(cfg.steps)
-            events.on_heldout(rec)
-        write_outputs(cfg.steps)
+            rec = held_out_check(run, cfg.steps)
+            run.events.on_heldout(rec)
+        run.write_outputs(cfg.steps)
+        seeds = run.heldout_seeds
         summary = {
             "status": "finished",
             "steps": cfg.steps,
-            "family": backend.family,
+            "family": run.backend.family,
             # how the model was read (single file or folder, prediction type and why, VAE), as printed at the start
-            "model": {k: v for k, v in getattr(backend, "model_info", {}).items() if v is not None},
+            "model": {k: v for k, v in getattr(run.backend, "model_info", {}).items() if v is not None},
             # null, handcrafted, learned; each monitor's (NAME_null, ...); the learned images' diversity
             "heldout": {k: v for k, v in rec.items() if k != "step"},
-            "heldout_prompts": len(heldout_texts),
-            "heldout_seeds": [heldout_seeds[0], heldout_seeds[-1]] if heldout_seeds else [],
-            "heldout_history": history,
-            **watch_fields(),
-            "skipped_updates": skipped,
-            "compute": spent.to_json(),
+            "heldout_prompts": len(run.heldout_texts),
+            "heldout_seeds": [seeds[0], seeds[-1]] if seeds else [],
+            "heldout_history": run.history,
+            **run.watch_fields(),
+            "skipped_updates": run.skipped,
+            "compute": run.spent.to_json(),
             "rewards": cfg.rewards,
-            "embedding": os.path.join(cfg.out, "embedding.safetensors"),
-            "seconds": round(time.time() - t0, 2),
+            "embedding": run.embedding_path,
+            "seconds": round(time.time() - run.t0, 2),
             "config": cfg.to_json(),
         }
-        atomic_write_json(summary_path, summary)
-    events.close()
-    acc.wait_for_everyone()
+        atomic_write_json(os.path.join(cfg.out, SUMMARY_NAME), summary)
+    run.events.close()
+    run.acc.wait_for_everyone()
     return summary
-
-
-def _checkpoint_extra(state: dict) -> dict:
-    """A checkpoint's ``extra`` record (compute counts, the held-out monitor), parsed."""
-    import json
-
-    extra = state.get("extra") or {}
-    if isinstance(extra, str):  # load_checkpoint parses it; a raw state still holds JSON text
-        try:
-            extra = json.loads(extra)
-        except ValueError:
-            return {}
-    return extra if isinstance(extra, dict) else {}
-
-
-def _checkpoint_compute(state: dict) -> dict:
-    """The compute counts a checkpoint carries (none in checkpoints written before the meter)."""
-    return _checkpoint_extra(state).get("compute", {})
 
 
 def enable_checkpointing(backend, reward=None) -> None:

@@ -62,7 +62,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_tune_numbers(ns) -> None:
-    """Every numeric flag of tune, before anything is read (also run first under --demo)."""
+    """Every numeric flag of tune, before anything is read."""
     check_numbers(ns)  # sampling settings and --lr
     # --max-steps, --patience (at most --max-steps) and --seed: the options layer's rules, which the
     # ComfyUI tune node runs too
@@ -122,10 +122,10 @@ def check_tune_out(out: str, overwrite: bool) -> None:
 
 def run_tune(ns) -> dict:
     validate_tune(ns)
-    from reneg.backends.loading import load_diffusers
+    from reneg.backends.loading import load_diffusers, weights_dtype
     from reneg.rewards import load_rewards, reward_files
 
-    from .train import enable_checkpointing, weights_dtype
+    from .train import enable_checkpointing
 
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mixed = getattr(ns, "mixed_precision", "no")

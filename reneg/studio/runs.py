@@ -352,7 +352,6 @@ def check_train(form: TrainForm, resume: bool = False) -> list[str]:
     raises :class:`FormError` with the trainer's one-line message, the fields named as the page
     labels them."""
     from reneg.trainer.config import ConfigError, config_from_args, validate_train
-    from reneg.trainer.events import check_event_args
 
     if not _text(form.out):
         raise FormError('"Output folder": required')
@@ -368,7 +367,6 @@ def check_train(form: TrainForm, resume: bool = False) -> list[str]:
     try:
         cfg = config_from_args(ns)
         validate_train(cfg)
-        check_event_args(cfg)
     except (ConfigError, OSError, ValueError) as e:
         raise FormError(name_fields(str(e), TRAIN_NAMES)) from None
     return args
