@@ -131,7 +131,7 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
         )
     )
     status, *_ = next(studio.tune(*tune.values()))
-    assert status == '**Error:** "Prompt" is required'
+    assert status == '**Error:** "Prompt" is required and must not be empty'  # reneg tune's own message
     status, *_ = next(studio.tune(*dict(tune, prompt="a", patience=5).values()))
     assert '"patience P" 5 is above "max steps N" 3' in status
     assert studio.tune_save(None, str(tmp_path / "t.safetensors")).startswith("**Error:** Nothing to save")

@@ -13,14 +13,14 @@ import os
 import queue
 import threading
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from ..threads import apply_threads
+from .forms import TRAIN, TUNE, TuneForm, check_tune
 from .runs import (
     EVAL_LABELS,
     TRAIN_LABELS,
     TUNE_LABELS,
-    TUNE_NAMES,
     EvalForm,
     FormError,
     RunManager,
@@ -30,37 +30,16 @@ from .runs import (
     demo_setup,
     eval_report,
     list_embeddings,
-    name_fields,
-    real,
     recorded_form,
     resume_form,
     run_status,
     start_eval,
     thumbnail,
-    whole,
 )
 
 TRAIN_FIELDS = [f.name for f in fields(TrainForm) if f.name != "extra"]
 EVAL_FIELDS = [f.name for f in fields(EvalForm)]
-TUNE_FIELDS = [
-    "model",
-    "config",
-    "rewards",
-    "embedding",
-    "prompt",
-    "seed",
-    "noise",
-    "max_steps",
-    "patience",
-    "lr",
-    "sampling_steps",
-    "guidance",
-    "grad_lo",
-    "grad_hi",
-    "resolution",
-    "device",
-]
-FAMILIES = ["", "sd1", "sd2", "sdxl", "pixart", "tiny"]
+TUNE_FIELDS = [f.name for f in fields(TuneForm)]
 MAX_SAMPLE_CARDS = 8
 
 
@@ -103,24 +82,7 @@ class Studio:
     # ------------------------------------------------------------------ defaults for the form
     def tune_defaults(self) -> dict:
         t = self.train_defaults
-        d = {
-            "model": t.model,
-            "config": t.config,
-            "rewards": t.rewards,
-            "embedding": "",
-            "prompt": "",
-            "seed": 0,
-            "noise": "seed",
-            "max_steps": 10,
-            "patience": 3,
-            "lr": 5e-3,
-            "sampling_steps": 30,
-            "guidance": 7.5,
-            "grad_lo": 0,
-            "grad_hi": 10,
-            "resolution": 512,
-            "device": "",
-        }
+        d = asdict(TuneForm(model=t.model, config=t.config, rewards=t.rewards))
         if self.demo:
             emb = os.path.join(t.out, "embedding.safetensors")
             d.update(
@@ -288,35 +250,7 @@ class Studio:
     def check_tune(self, v: dict):
         """The Tune form, checked by ``reneg tune``'s own checks (the options layer's), before any
         model loads; a bad value is a :class:`FormError` naming the field as the page labels it."""
-        import argparse
-
-        from reneg.options import OptionError
-        from reneg.trainer.config import ConfigError, check_embedding_arg, validate_common
-        from reneg.trainer.tune import check_tune_numbers
-
-        L = TUNE_LABELS
-        ns = argparse.Namespace(**v)
-        ns.rewards = [s.strip() for s in (v["rewards"] or "").splitlines() if s.strip()]
-        for k in ("seed", "max_steps", "patience", "sampling_steps", "grad_lo", "grad_hi", "resolution"):
-            setattr(ns, k, whole(L[k], v[k]))
-        ns.lr, ns.guidance = real(L["lr"], v["lr"]), real(L["guidance"], v["guidance"])
-        ns.grad_range = (ns.grad_lo, ns.grad_hi)
-        ns.model, ns.config = (ns.model or "").strip(), (ns.config or "").strip() or None
-        ns.embedding = (ns.embedding or "").strip()
-        ns.device = (ns.device or "").strip() or None
-        ns.noise = ns.noise or "seed"
-        try:
-            check_tune_numbers(ns)
-            validate_common(ns)
-            if not (ns.prompt or "").strip():
-                raise ConfigError("--prompt is required")
-            if ns.embedding:
-                if not os.path.isfile(ns.embedding):
-                    raise ConfigError(f"--embedding {ns.embedding}: no such file")
-                check_embedding_arg("embedding", ns.embedding)
-        except (ConfigError, OptionError) as e:
-            raise FormError(name_fields(str(e), TUNE_NAMES)) from None
-        return ns
+        return check_tune(v)
 
     def tune(self, *values):
         """Generator: (status, gallery [(image, caption)], table rows, result) after every step."""
@@ -676,7 +610,7 @@ def _bar(step: int, steps: int) -> str:
 def build_app(studio: Studio):
     import gradio as gr
 
-    from reneg.options import help_of
+    from reneg.families import FAMILIES
 
     t = studio.train_defaults
     with gr.Blocks(title="ReNeg Studio", analytics_enabled=False) as app:
@@ -702,7 +636,7 @@ def build_app(studio: Studio):
                         value=t.monitor_rewards,
                         lines=1,
                         label=TRAIN_LABELS["monitor_rewards"],
-                        info=help_of("monitor_rewards"),
+                        info=TRAIN.help("monitor_rewards"),
                     )
                     c["prompts"] = gr.Textbox(elem_id="train_prompts", value=t.prompts, label=TRAIN_LABELS["prompts"])
                     c["heldout"] = gr.Textbox(
@@ -769,7 +703,7 @@ def build_app(studio: Studio):
                             )
                         with gr.Row():
                             c["mixed_precision"] = gr.Dropdown(
-                                ["no", "fp16", "bf16"],
+                                TRAIN.choices("mixed_precision"),
                                 value=t.mixed_precision,
                                 elem_id="train_mixed_precision",
                                 label=TRAIN_LABELS["mixed_precision"],
@@ -778,7 +712,7 @@ def build_app(studio: Studio):
                                 elem_id="train_device", value=t.device, label=TRAIN_LABELS["device"]
                             )
                             c["report_to"] = gr.Dropdown(
-                                ["none", "tensorboard"],
+                                TRAIN.choices("report_to"),
                                 value=t.report_to,
                                 elem_id="train_report_to",
                                 label=TRAIN_LABELS["report_to"],
@@ -787,7 +721,7 @@ def build_app(studio: Studio):
                                 elem_id="train_keep_best_by",
                                 value=t.keep_best_by,
                                 label=TRAIN_LABELS["keep_best_by"],
-                                info=help_of("keep_best_by"),
+                                info=TRAIN.help("keep_best_by"),
                             )
                     with gr.Row():
                         start_b = gr.Button("Start", variant="primary", elem_id="train_start")
@@ -871,7 +805,7 @@ def build_app(studio: Studio):
                     u["prompt"] = gr.Textbox(elem_id="tune_prompt", value=td["prompt"], label=TUNE_LABELS["prompt"])
                     with gr.Row():
                         u["seed"] = gr.Textbox(elem_id="tune_seed", value=str(td["seed"]), label=TUNE_LABELS["seed"])
-                        u["noise"] = gr.Dropdown(["seed", "fresh"], value=td["noise"], label=TUNE_LABELS["noise"])
+                        u["noise"] = gr.Dropdown(TUNE.choices("noise"), value=td["noise"], label=TUNE_LABELS["noise"])
                     with gr.Accordion("Algorithm 1 settings", open=True):
                         with gr.Row():
                             u["max_steps"] = gr.Number(
@@ -1023,7 +957,7 @@ def build_app(studio: Studio):
             info = gr.JSON(label="Inspect")
             with gr.Row():
                 conv_dst = gr.Textbox("", label="Convert to (.safetensors)", scale=3)
-                conv_family = gr.Dropdown(FAMILIES, value="", label="family (empty: from the shape)", scale=1)
+                conv_family = gr.Dropdown(["", *FAMILIES], value="", label="family (empty: from the shape)", scale=1)
                 conv_over = gr.Checkbox(False, label="Overwrite", scale=1)
             conv_b = gr.Button("Convert")
             conv_msg = gr.Markdown("")

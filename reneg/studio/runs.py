@@ -10,368 +10,44 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from itertools import pairwise
+
+from .forms import (  # noqa: F401 - the forms' names, also reached through this module
+    EVAL_LABELS,
+    EVAL_NAMES,
+    TRAIN,
+    TRAIN_LABELS,
+    TRAIN_NAMES,
+    TUNE_LABELS,
+    TUNE_NAMES,
+    EvalForm,
+    FormError,
+    TrainForm,
+    _command_parser,
+    _lines,
+    _text,
+    check_eval,
+    check_train,
+    demo_setup,
+    eval_args,
+    name_fields,
+    real,
+    short_label,
+    train_args,
+    whole,
+)
 
 RUN_FILE = "studio_run.json"
 TRAIN_LOG = "studio_train.log"
 EVAL_LOG = "studio_eval.log"
-
-
-class FormError(ValueError):
-    """A bad value in the page's form: the message is shown in the page as it is."""
-
-
-# --------------------------------------------------------------------------- the fields as the page labels them
-
-# Each tab's fields with the label the page shows (the page takes its labels from here). A message from
-# the command's own checks names a flag (``--batch-size``); the page shows it with the field's label.
-TRAIN_LABELS = {
-    "model": "Model (diffusers folder or single .safetensors file)",
-    "config": "Configs folder (single-file checkpoints only)",
-    "rewards": "Rewards (NAME=PATH[,weight=W], one a line)",
-    "monitor_rewards": "Monitor rewards (NAME=PATH, one a line; scored on the held-out images, never trained on)",
-    "prompts": "Training prompts file",
-    "heldout": "Held-out prompts file (empty: the last N training prompts)",
-    "handcrafted": "Handcrafted negative (compared against)",
-    "out": "Output folder",
-    "steps": "steps",
-    "lr": "learning rate",
-    "batch_size": "batch size",
-    "micro_batch": "micro-batch",
-    "sampling_steps": "DDIM steps",
-    "guidance": "CFG scale",
-    "grad_lo": "grad step from (end)",
-    "grad_hi": "grad step to",
-    "resolution": "resolution",
-    "init": "init (null, handcrafted or a file)",
-    "seed": "seed",
-    "heldout_count": "held-out prompts",
-    "checkpoint_every": "checkpoint every",
-    "eval_every": "held-out eval every",
-    "eval_batch": "eval batch",
-    "sample_every": "samples every",
-    "mixed_precision": "mixed precision",
-    "device": "device (empty: automatic)",
-    "report_to": "also report to",
-    "keep_best_by": "keep best by (empty: off)",
-}
-EVAL_LABELS = {
-    "model": "Model",
-    "config": "Configs folder (single-file checkpoints only)",
-    "rewards": "Reward(s), one a line",
-    "prompts": "Prompt set",
-    "negatives": "Negatives, one a line (null, handcrafted, text:..., NAME=FILE, tuned:FILE)",
-    "handcrafted": "Handcrafted negative text",
-    "out": "Report folder",
-    "limit": "prompts (0: all)",
-    "images_per_prompt": "images per prompt",
-    "sampling_steps": "DDIM steps",
-    "guidance": "CFG scale",
-    "resolution": "resolution",
-    "batch": "batch",
-    "seed": "seed",
-    "device": "device",
-}
-TUNE_LABELS = {
-    "model": "Model",
-    "config": "Configs folder (single-file checkpoints only)",
-    "rewards": "Reward(s), one a line",
-    "embedding": "Starting embedding (empty: null)",
-    "prompt": "Prompt",
-    "seed": "seed",
-    "noise": "noise each step",
-    "max_steps": "max steps N",
-    "patience": "patience P",
-    "lr": "learning rate",
-    "sampling_steps": "DDIM steps",
-    "guidance": "CFG scale",
-    "grad_lo": "grad step from",
-    "grad_hi": "grad step to",
-    "resolution": "resolution",
-    "device": "device",
-}
-_FLAG_OF = {
-    "rewards": "--reward",
-    "monitor_rewards": "--monitor-reward",
-    "negatives": "--negative",
-    "grad_lo": "--grad-range",
-    "grad_hi": None,
-}
-
-
-def short_label(label: str) -> str:
-    """A field's name in a message: its label without the explanation (``Reward(s)``, ``steps``)."""
-    return re.split(r" \(|, one a line", label)[0]
-
-
-def _field_names(labels: dict) -> dict:
-    names = {}
-    for field_name, label in labels.items():
-        flag = _FLAG_OF.get(field_name, "--" + field_name.replace("_", "-"))
-        if flag == "--grad-range":
-            names[flag] = f'"{short_label(labels["grad_lo"])}"/"{short_label(labels["grad_hi"])}"'
-        elif flag:
-            names[flag] = f'"{short_label(label)}"'
-    return names
-
-
-TRAIN_NAMES, EVAL_NAMES, TUNE_NAMES = (_field_names(x) for x in (TRAIN_LABELS, EVAL_LABELS, TUNE_LABELS))
-
-
-def name_fields(message: str, names: dict) -> str:
-    """A command's message with each flag the form has replaced by the field's label."""
-    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda m: names.get(m.group(0), m.group(0)), message)
-
-
-def _shown(v) -> str:
-    s = str(v).strip()
-    return s if len(s) <= 40 else f"{s[:30]}... ({len(s)} characters)"
-
-
-def whole(label: str, v) -> int:
-    """A whole-number field's value, exactly: an int, a float with no fraction, or its digits as text
-    (a seed field is text: a browser's number input would round 12345678901234567891 to a float)."""
-    name = f'"{short_label(label)}"'
-    if v is None or (isinstance(v, str) and not v.strip()):
-        raise FormError(f"{name}: a number is required (the field is empty)")
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, str) and re.fullmatch(r"[+-]?[0-9]{1,400}", v.strip()):
-        return int(v.strip())
-    raise FormError(f"{name}: expected a whole number, got {_shown(v)}")
-
-
-def real(label: str, v) -> float:
-    """A number field's value as a float (its range is checked by the command's own checks)."""
-    name = f'"{short_label(label)}"'
-    if v is None or (isinstance(v, str) and not v.strip()):
-        raise FormError(f"{name}: a number is required (the field is empty)")
-    if isinstance(v, bool):
-        raise FormError(f"{name}: expected a number, got {v}")
-    try:
-        return float(v.strip() if isinstance(v, str) else v)
-    except (TypeError, ValueError, OverflowError):
-        raise FormError(f"{name}: expected a number, got {_shown(v)}") from None
-
-
-# --------------------------------------------------------------------------- the Train form
-
-
-@dataclass
-class TrainForm:
-    """The Train tab's fields; the defaults are ``reneg train``'s own."""
-
-    model: str = ""
-    config: str = ""
-    rewards: str = ""  # one NAME=PATH[,...] spec a line
-    monitor_rewards: str = ""  # --monitor-reward specs, one a line
-    prompts: str = ""
-    heldout: str = ""
-    handcrafted: str = ""
-    out: str = "runs/studio"
-    steps: int = 4000
-    lr: float = 5e-3
-    batch_size: int = 64
-    micro_batch: int = 1
-    sampling_steps: int = 30
-    guidance: float = 7.5
-    grad_lo: int = 0
-    grad_hi: int = 10
-    resolution: int = 512
-    init: str = "null"
-    seed: int = 0
-    heldout_count: int = 16
-    checkpoint_every: int = 100
-    eval_every: int = 500
-    eval_batch: int = 4
-    sample_every: int = 100
-    mixed_precision: str = "no"
-    device: str = ""
-    report_to: str = "none"
-    keep_best_by: str = ""  # --keep-best-by MEASURE; empty: off
-    extra: list[str] = field(default_factory=list)  # more reneg train flags, as given
-
-    @classmethod
-    def defaults(cls) -> TrainForm:
-        from reneg.trainer.config import TrainConfig
-
-        d = TrainConfig()
-        return cls(
-            steps=d.steps,
-            lr=d.lr,
-            batch_size=d.batch_size,
-            micro_batch=d.micro_batch,
-            sampling_steps=d.sampling_steps,
-            guidance=d.guidance,
-            grad_lo=d.grad_range[0],
-            grad_hi=d.grad_range[1],
-            resolution=d.resolution,
-            init=d.init,
-            seed=d.seed,
-            heldout_count=d.heldout_count,
-            checkpoint_every=d.checkpoint_every,
-            eval_every=d.eval_every,
-            eval_batch=d.eval_batch,
-            handcrafted=d.handcrafted,
-            mixed_precision=d.mixed_precision,
-        )
-
-
-def demo_setup(root: str = "runs") -> dict:
-    """The demo world's files (written under ``ROOT/studio-demo/demo``) and the forms filled for it."""
-    from reneg import demo
-
-    out = os.path.join(root, "studio-demo")
-    d = demo.setup(out)
-    s = d["settings"]
-    train = TrainForm(
-        model=d["model"],
-        rewards=d["reward"],
-        prompts=d["prompts"],
-        heldout=d["heldout"],
-        handcrafted=d["handcrafted"],
-        out=out,
-        steps=s["steps"],
-        lr=s["lr"],
-        batch_size=s["batch_size"],
-        micro_batch=s["micro_batch"],
-        sampling_steps=s["sampling_steps"],
-        guidance=s["guidance"],
-        grad_lo=s["grad_range"][0],
-        grad_hi=s["grad_range"][1],
-        resolution=s["resolution"],
-        seed=0,
-        heldout_count=s.get("heldout_count", 16),
-        checkpoint_every=s["checkpoint_every"],
-        eval_every=s["eval_every"],
-        eval_batch=s["eval_batch"],
-        sample_every=max(1, s["steps"] // 16),
-    )
-    heldout = d["heldout_texts"]
-    return {
-        "kind": d["kind"],
-        "train": train,
-        "prompt": heldout[0] if heldout else "a red circle",
-        "tune_lr": s.get("tune_lr", s["lr"]),
-        "threads": demo.default_threads(),
-        "root": root,
-    }
-
-
-def _text(v) -> str:
-    return (v or "").strip() if isinstance(v, str) or v is None else str(v).strip()
-
-
-def train_args(form: TrainForm) -> list[str]:
-    """``reneg train`` arguments for a filled form. Each value travels as ``--flag=value``, so a value
-    that starts with ``-`` is never taken for a flag; numbers are read exactly (:func:`whole`,
-    :func:`real`), a field that is empty or not a number raising :class:`FormError` with its label."""
-    L = TRAIN_LABELS
-
-    def n(k):
-        return str(whole(L[k], getattr(form, k)))
-
-    def r(k):
-        return repr(real(L[k], getattr(form, k)))
-
-    a = [f"--model={_text(form.model)}"]
-    if _text(form.config):
-        a.append(f"--config={_text(form.config)}")
-    a += [f"--reward={spec}" for spec in _lines(form.rewards)]
-    a += [f"--monitor-reward={spec}" for spec in _lines(form.monitor_rewards)]
-    a.append(f"--prompts={_text(form.prompts)}")
-    if _text(form.heldout):
-        a.append(f"--heldout={_text(form.heldout)}")
-    if _text(form.handcrafted):
-        a.append(f"--handcrafted={_text(form.handcrafted)}")
-    a += [
-        f"--out={_text(form.out)}",
-        f"--steps={n('steps')}",
-        f"--lr={r('lr')}",
-        f"--batch-size={n('batch_size')}",
-        f"--micro-batch={n('micro_batch')}",
-        f"--sampling-steps={n('sampling_steps')}",
-        f"--guidance={r('guidance')}",
-        "--grad-range",  # two values; whole numbers (a negative one is read as a number, and refused)
-        n("grad_lo"),
-        n("grad_hi"),
-        f"--resolution={n('resolution')}",
-        f"--init={_text(form.init) or 'null'}",
-        f"--seed={n('seed')}",
-        f"--heldout-count={n('heldout_count')}",
-        f"--checkpoint-every={n('checkpoint_every')}",
-        f"--eval-every={n('eval_every')}",
-        f"--eval-batch={n('eval_batch')}",
-        f"--sample-every={n('sample_every')}",
-        f"--mixed-precision={form.mixed_precision or 'no'}",
-        f"--report-to={form.report_to or 'none'}",
-    ]
-    if _text(form.device):
-        a.append(f"--device={_text(form.device)}")
-    if _text(form.keep_best_by):
-        a.append(f"--keep-best-by={_text(form.keep_best_by)}")
-    return a + list(form.extra)
-
-
-def _lines(text: str) -> list[str]:
-    return [s.strip() for s in (text or "").splitlines() if s.strip()]
-
-
-def _command_parser(kind: str):
-    """``reneg train`` / ``reneg eval``'s own argument parser, exactly as the command line builds it
-    (the same functions add the flags), so a form is checked as the command would check it."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="reneg")
-    sub = p.add_subparsers(dest="command", required=True)
-    if kind == "train":
-        from reneg.trainer.config import add_train_args
-
-        add_train_args(sub.add_parser("train"))
-    else:
-        from reneg.evaluation.cli import add_eval_parser
-
-        add_eval_parser(sub)
-    return p
-
-
-def check_train(form: TrainForm, resume: bool = False) -> list[str]:
-    """The arguments, checked exactly as ``reneg train`` checks them (no model loads): a bad form
-    raises :class:`FormError` with the trainer's one-line message, the fields named as the page
-    labels them."""
-    from reneg.trainer.config import ConfigError, config_from_args, validate_train
-    from reneg.trainer.events import check_event_args
-
-    if not _text(form.out):
-        raise FormError('"Output folder": required')
-    args = train_args(form) + (["--resume=latest"] if resume else [])
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            ns = _command_parser("train").parse_args(["train", *args])
-    except SystemExit:
-        msg = err.getvalue().strip().splitlines()
-        text = msg[-1].replace("reneg train: error: ", "") if msg else "bad arguments"
-        raise FormError(name_fields(text, TRAIN_NAMES)) from None
-    try:
-        cfg = config_from_args(ns)
-        validate_train(cfg)
-        check_event_args(cfg)
-    except (ConfigError, OSError, ValueError) as e:
-        raise FormError(name_fields(str(e), TRAIN_NAMES)) from None
-    return args
 
 
 # --------------------------------------------------------------------------- a run's own settings
@@ -916,83 +592,6 @@ def monitor_points(rows: list[dict], history: list | None = None) -> dict:
             if k == "diversity" or (k.endswith("_learned") and k != "learned"):
                 add(k if k == "diversity" else k[: -len("_learned")], h["step"], v)
     return {name: sorted(pts.items()) for name, pts in found.items()}
-
-
-# --------------------------------------------------------------------------- Compare (reneg eval)
-
-
-@dataclass
-class EvalForm:
-    model: str = ""
-    config: str = ""
-    rewards: str = ""
-    prompts: str = ""
-    negatives: str = "null\nhandcrafted"
-    handcrafted: str = ""
-    out: str = "runs/studio-eval"
-    limit: int = 0
-    images_per_prompt: int = 1
-    sampling_steps: int = 30
-    guidance: float = 7.5
-    resolution: int = 512
-    batch: int = 4
-    seed: int = 0
-    device: str = ""
-
-
-def eval_args(form: EvalForm) -> list[str]:
-    L = EVAL_LABELS
-
-    def n(k):
-        return str(whole(L[k], getattr(form, k)))
-
-    a = [f"--model={_text(form.model)}"]
-    if _text(form.config):
-        a.append(f"--config={_text(form.config)}")
-    a += [f"--reward={spec}" for spec in _lines(form.rewards)]
-    a.append(f"--prompts={_text(form.prompts)}")
-    a += [f"--negative={spec}" for spec in _lines(form.negatives)]
-    if _text(form.handcrafted):
-        a.append(f"--handcrafted={_text(form.handcrafted)}")
-    a += [
-        f"--out={_text(form.out)}",
-        f"--images-per-prompt={n('images_per_prompt')}",
-        f"--sampling-steps={n('sampling_steps')}",
-        f"--guidance={real(L['guidance'], form.guidance)!r}",
-        f"--resolution={n('resolution')}",
-        f"--batch={n('batch')}",
-        f"--seed={n('seed')}",
-    ]
-    if form.limit not in (None, "") and whole(L["limit"], form.limit) != 0:
-        a.append(f"--limit={n('limit')}")
-    if _text(form.device):
-        a.append(f"--device={_text(form.device)}")
-    return a
-
-
-def check_eval(form: EvalForm) -> list[str]:
-    """``reneg eval``'s own checks, before any model loads."""
-    from reneg.trainer.config import ConfigError
-
-    from reneg.evaluation.cli import config_from_args
-    from reneg.evaluation.run import validate_eval
-
-    if not _text(form.out):
-        raise FormError('"Report folder": required')
-    args = eval_args(form)
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            ns = _command_parser("eval").parse_args(["eval", *args])
-    except SystemExit:
-        msg = err.getvalue().strip().splitlines()
-        text = msg[-1].replace("reneg eval: error: ", "") if msg else "bad arguments"
-        raise FormError(name_fields(text, EVAL_NAMES)) from None
-    try:
-        validate_eval(config_from_args(ns))
-    except (ConfigError, OSError, ValueError) as e:
-        raise FormError(name_fields(str(e), EVAL_NAMES)) from None
-    return args
 
 
 def start_eval(form: EvalForm, threads: int | None = None) -> subprocess.Popen:
