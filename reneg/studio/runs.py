@@ -8,7 +8,6 @@ opened later, or a restarted app, finds the run again from its folder alone.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -652,91 +651,3 @@ def eval_report(out: str) -> dict:
     except OSError:
         pass
     return rep
-
-
-# --------------------------------------------------------------------------- Embeddings
-
-
-def list_embeddings(folder: str) -> list[dict]:
-    """The embedding files under ``folder`` with family, kind and provenance, or the load error."""
-    from reneg.embedding import list_embedding_files, load_embedding
-
-    rows = []
-    for path in list_embedding_files(folder):
-        if os.path.basename(path) == "checkpoint.pt":  # a training checkpoint, not an embedding
-            continue
-        try:
-            emb = load_embedding(path)
-        except (OSError, ValueError, RuntimeError) as e:
-            rows.append({"path": path, "error": str(e)})
-            continue
-        m = emb.metadata
-        rows.append(
-            {
-                "path": path,
-                "family": emb.family,
-                "kind": m.get("kind", "?" if emb.format == "reneg" else "official (no metadata)"),
-                "shape": "x".join(map(str, emb.tensor.shape)),
-                "format": emb.format,
-                "base_model": m.get("base_model", ""),
-                "steps": m.get("trained_steps", m.get("steps", "")),
-                "rewards": m.get("rewards", ""),
-                "created": m.get("created", ""),
-                "source": m.get("source_file", m.get("prompt", "")),
-                "emb": emb,
-            }
-        )
-    return rows
-
-
-def thumbnail(entry: dict, size: int = 160):
-    """A picture of an embedding: its run's latest sample grid when it sits in a run folder, else a
-    heat map of its values (tokens down, channels across; each value's distance from its channel's
-    mean, scaled by the file's 98th percentile of those distances)."""
-    from PIL import Image
-
-    folder = os.path.dirname(entry["path"])
-    samples = sample_files(folder)
-    if samples:
-        im = Image.open(samples[-1][1]).convert("RGB")
-        im.thumbnail((size * 2, size * 2))
-        return im
-    import numpy as np
-
-    emb = entry.get("emb")
-    if emb is None:
-        return Image.new("RGB", (size, size), (200, 60, 60))
-    t = emb.tensor.double()[0].numpy()
-    t = t - t.mean(0, keepdims=True)
-    # scaled per file by a high percentile, not the maximum: the released files have a few values far
-    # from the rest (the start token's row), which would leave every other value near white
-    mag = np.abs(t[np.isfinite(t)])
-    scale = float(np.percentile(mag, 98)) if mag.size else 0.0
-    if not scale > 0:
-        scale = float(mag.max()) if mag.size and mag.max() > 0 else 1.0
-    t = np.nan_to_num(t / scale, nan=0.0, posinf=1.0, neginf=-1.0)
-    pos, neg = np.clip(t, 0, 1), np.clip(-t, 0, 1)
-    rgb = (np.stack([1 - neg, 1 - pos - neg, 1 - pos], -1).clip(0, 1) * 255).astype("uint8")
-    # red: above the channel's mean over tokens, blue: below
-    return Image.fromarray(rgb, "RGB").resize((size, size), Image.NEAREST)
-
-
-# --------------------------------------------------------------------------- the app's folder
-
-
-def check_root(root: str) -> None:
-    """``--root`` must be a folder the app can write (runs and reports go there): refused at start-up,
-    with the reason, rather than at the first Start."""
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"--root {root}: cannot create the folder ({e.strerror or e})") from None
-    probe = os.path.join(root, f".reneg-studio-write-test-{os.getpid()}")
-    try:
-        with open(probe, "w", encoding="utf-8") as f:
-            f.write("ok")
-    except OSError as e:
-        raise OSError(f"--root {root}: the folder is not writable ({e.strerror or e})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
