@@ -131,7 +131,7 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
         )
     )
     status, *_ = next(studio.tune(*tune.values()))
-    assert status == '**Error:** "Prompt" is required'
+    assert status == '**Error:** "Prompt" is required and must not be empty'  # reneg tune's own message
     status, *_ = next(studio.tune(*dict(tune, prompt="a", patience=5).values()))
     assert '"patience P" 5 is above "max steps N" 3' in status
     assert studio.tune_save(None, str(tmp_path / "t.safetensors")).startswith("**Error:** Nothing to save")
@@ -246,9 +246,9 @@ def test_embeddings_tab_lists_inspects_and_converts(tmp_path):
     assert "already exists" in studio.convert(str(folder / "official_sd21.bin"), str(dst))
     # the family dropdown offers every family of the table (and empty: from the shape)
     from reneg.families import FAMILIES
-    from reneg.studio.app import FAMILY_CHOICES
+    from reneg.studio.embeddings_tab import family_choices
 
-    assert FAMILY_CHOICES == ["", *FAMILIES] and "pixart-sigma" in FAMILY_CHOICES
+    assert family_choices() == ["", *FAMILIES] and "pixart-sigma" in family_choices()
 
 
 @pytest.mark.slow

@@ -70,6 +70,18 @@ def check_tune_numbers(ns) -> None:
 
 
 def validate_tune(ns) -> None:
+    check_tune_inputs(ns)
+    check_tune_out(ns.out, ns.overwrite)
+    search = getattr(ns, "search_steps", None)
+    if search is not None:
+        O.check_int("--search-steps", search)
+        if search > ns.sampling_steps:
+            raise ConfigError(f"--search-steps {search} is above --sampling-steps {ns.sampling_steps}")
+
+
+def check_tune_inputs(ns) -> None:
+    """Tune's checks of the inputs of one search (the studio's Tune tab, which has no --out or
+    --search-steps, runs these)."""
     check_tune_numbers(ns)
     validate_common(ns)
     if not ns.prompt or not ns.prompt.strip():
@@ -78,12 +90,6 @@ def validate_tune(ns) -> None:
         raise ConfigError(f"--embedding {ns.embedding}: {not_a_file(ns.embedding) or 'no such file'}")
     if ns.embedding:
         check_embedding_arg("embedding", ns.embedding, ns)
-    check_tune_out(ns.out, ns.overwrite)
-    search = getattr(ns, "search_steps", None)
-    if search is not None:
-        O.check_int("--search-steps", search)
-        if search > ns.sampling_steps:
-            raise ConfigError(f"--search-steps {search} is above --sampling-steps {ns.sampling_steps}")
 
 
 def sidecar_path(out: str) -> str:

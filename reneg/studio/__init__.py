@@ -5,8 +5,11 @@ reneg.cli train|eval``), so a crash of a run never takes the app down and closin
 never stops one: a run's whole state lives in its output folder (``log.csv``, ``checkpoint.pt``,
 ``samples/``, ``summary.json``, ``studio_run.json``), where a reopened page finds it again.
 
-A front-end: the core never imports it. :mod:`reneg.studio.runs` needs only the standard library
-and the trainer's config; gradio is imported by :mod:`reneg.studio.app` alone.
+A front-end: the core never imports it. :mod:`reneg.studio.forms` builds the forms from the
+commands' own option definitions and checks them with the commands' checks; :mod:`reneg.studio.runs`
+starts runs and reads their folders; one module per tab (:mod:`.train_tab`, :mod:`.tune_tab`,
+:mod:`.compare_tab`, :mod:`.embeddings_tab`) holds its handlers and layout, and :mod:`.app` assembles
+them. gradio is imported only when the page is built (:func:`reneg.studio.app.build_app`).
 """
 
 from __future__ import annotations
