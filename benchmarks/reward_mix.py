@@ -16,8 +16,8 @@ the preference. Two regimes, each on every ``--seeds``:
 - ``normal``: the demo's recipe; both embeddings then scored with ``reneg eval --demo`` on its 32
   held-out prompts x 16 image seeds under every reward (paired on prompt and seed, 95 % Student-t
   intervals): learned - handcrafted under the reward, the judge and the referee;
-- ``overtrain``: the over-trained run of docs/demo-world.md (``--rollout-steps 6 --lr-schedule
-  constant --steps 480 --eval-every 40``); from its ``log.csv`` and ``summary.json``: the referee's
+- ``overtrain``: the over-trained run of docs/demo-world.md (``--rollout-steps 6 --batch-size 16
+  --lr-schedule constant --steps 480 --eval-every 40``: three times the steps at a constant lr); from its ``log.csv`` and ``summary.json``: the referee's
   best held-out check, where it ended, the end against its null, and the warnings given.
 
 Writes ``OUT/result.json`` and ``OUT/table.md``; finished runs are reused when run again.
@@ -38,7 +38,18 @@ if __package__ in (None, ""):
 
 from benchmarks.seed_study import eval_group, finished, log, paired, run, scores_by_reward  # noqa: E402
 
-OVERTRAIN = ["--rollout-steps", "6", "--lr-schedule", "constant", "--steps", "480", "--eval-every", "40"]
+OVERTRAIN = [
+    "--rollout-steps",
+    "6",
+    "--batch-size",
+    "16",
+    "--lr-schedule",
+    "constant",
+    "--steps",
+    "480",
+    "--eval-every",
+    "40",
+]
 REGIMES = {"normal": [], "overtrain": OVERTRAIN}
 
 
