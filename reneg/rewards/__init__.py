@@ -118,14 +118,14 @@ def _discover() -> None:
             warnings.warn(f"reward module {qual} could not be imported and is left out: {_FAILED[qual]}", stacklevel=2)
 
 
-def available() -> dict[str, RewardInfo]:
-    """Every registered reward, by name, sorted."""
+def reward_kinds() -> dict[str, RewardInfo]:
+    """The registry of reward kinds: every registered reward's RewardInfo, by name, sorted."""
     _discover()
     return dict(sorted(_REGISTRY.items()))
 
 
 def names() -> list[str]:
-    return list(available())
+    return list(reward_kinds())
 
 
 def spec_help(prefix: str = "") -> str:
@@ -181,7 +181,7 @@ class RewardSpec:
 
 def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
     """Parse ``NAME=PATH[,key=value...]``; checks the name and that the path exists."""
-    regs = available()
+    regs = reward_kinds()
     if "=" not in text:
         raise RewardSpecError(
             f"reward spec {text!r}: expected NAME=PATH[,weight=W], NAME one of {', '.join(sorted(regs))}"
@@ -294,7 +294,7 @@ def load_reward(
 ) -> Reward:
     if isinstance(spec, str):
         spec = parse_spec(spec)
-    info = available()[spec.name]
+    info = reward_kinds()[spec.name]
     try:
         model = info.loader(spec.path, device=device, dtype=dtype, **spec.options)
     except torch.cuda.OutOfMemoryError:
