@@ -34,9 +34,9 @@ EXTRA_MARKERS = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config
 
 def rewards() -> dict:
     """The reward registry (names, help, options): the single list the nodes offer."""
-    from ..reneg.rewards import available
+    from ..reneg.rewards import reward_kinds
 
-    return available()
+    return reward_kinds()
 
 
 def extra_options() -> list[str]:

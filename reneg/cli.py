@@ -163,9 +163,9 @@ def _cmd_convert(ns) -> int:
 
 
 def _cmd_rewards(ns) -> int:
-    from .rewards import available
+    from .rewards import reward_kinds
 
-    for info in available().values():
+    for info in reward_kinds().values():
         print(f"{info.syntax}\n    {info.help}")
     return 0
 
@@ -212,14 +212,14 @@ def _apply_demo(ns, kind: str) -> None:
 
 
 def _cmd_train(ns) -> int:
-    from reneg.trainer.config import config_from_args
+    from reneg.trainer.config import train_config_from_args
     from reneg.trainer.train import TrainingStopped, run_train
 
     if ns.demo:
         _apply_demo(ns, "train")
     try:
         # the command, not the library, listens for SIGTERM and Ctrl-C: the run stops after its step
-        summary = run_train(config_from_args(ns), handle_signals=True)
+        summary = run_train(train_config_from_args(ns), handle_signals=True)
     except TrainingStopped as e:
         print(
             f"stopped at step {e.step} of {e.steps}: {e.checkpoint} holds the run; the same command "

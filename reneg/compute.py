@@ -1,22 +1,9 @@
 """A compute meter: what a training run or a per-sample tune really spent, in the cost model's units.
 
 The cost model (``benchmarks/cost_model.py``) prices everything in three units, the FLOPs of one
-forward pass for one latent or image:
-
-- ``U``: one UNet forward of one latent,
-- ``V``: one VAE decode of one latent,
-- ``R``: one forward of the reward's image tower on one image.
-
-A backward pass with frozen weights needs only input gradients: it is counted as one more forward
-of the same size (the cost model's convention; gradient checkpointing would add a further forward,
-which is not counted). The meter wraps the three callables a run uses, counts every call (with or
-without grad, and how many latents each carried), and counts each backward exactly (a hook on the
-call's output fires when a gradient flows through it). Counts are deterministic: the same recipe
-gives the same counts on any machine, in any number of processes.
-
-``U``, ``V`` and ``R`` are then converted to FLOPs with the figures counted for SD1.5 at 512 x 512
-and the HPS ViT-H-14 reward (``SD15_512``), so runs on any model can be compared on the scale that
-matters to a user of SD1.5. Text encoding is not counted (the trainer caches it; it is < 0.1 %).
+forward pass for one latent or image: ``U``, one UNet forward of one latent; ``V``, one VAE decode of
+one latent; ``R``, one forward of the reward's image tower on one image. Text encoding is not counted
+(the trainer caches it; it is < 0.1 %).
 """
 
 from __future__ import annotations
@@ -28,7 +15,8 @@ import torch
 
 # FLOPs of one forward, counted with torch.utils.flop_counter on the meta device
 # (python benchmarks/cost_model.py): SD1.5 UNet at 64 x 64 latents, SD1.5 VAE decoder to 512 x 512,
-# OpenCLIP ViT-H-14 image tower at 224 x 224.
+# OpenCLIP ViT-H-14 image tower at 224 x 224. U, V and R are converted to FLOPs with these, so runs on
+# any model can be compared on the scale that matters to a user of SD1.5.
 SD15_512 = {"U": 803_273_441_280, "V": 2_514_518_933_504, "R": 334_590_279_680}
 
 KINDS = ("unet", "decode", "reward")
@@ -48,6 +36,12 @@ class ComputeMeter:
     ``meter.denoiser(fn)``, ``meter.decode(fn)`` and ``meter.reward(fn)`` return counting
     wrappers with the same signature. ``units()`` gives the totals in forward-equivalents of
     ``U``, ``V`` and ``R``; ``to_json()`` everything, for ``summary.json`` and checkpoints.
+
+    Every call is counted, with or without grad, with how many latents it carried, and each backward
+    exactly (:meth:`_count`). A backward pass with frozen weights needs only input gradients: it is
+    counted as one more forward of the same size (the cost model's convention; gradient checkpointing
+    would add a further forward, which is not counted). Counts are deterministic: the same recipe gives
+    the same counts on any machine, in any number of processes.
     """
 
     def __init__(self, counts: dict | None = None):
@@ -57,6 +51,8 @@ class ComputeMeter:
 
     # --- counting ---------------------------------------------------------------------------
     def _count(self, kind: str, batch: int, out) -> None:
+        """One call of ``batch`` items; a call whose output needs grad gets a hook that counts its
+        backward when a gradient flows through it."""
         c = self.counts[kind]
         grad = isinstance(out, torch.Tensor) and out.requires_grad
         mode = "grad" if grad else "nograd"

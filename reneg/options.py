@@ -419,7 +419,7 @@ def check_monitor(opts: Any) -> list[str]:
     return names
 
 
-def check_numbers(obj: Any, table: dict[str, tuple]) -> None:
+def check_number_table(obj: Any, table: dict[str, tuple]) -> None:
     """Check attributes of ``obj`` by a table ``{attr: (kind, *args)}``; kinds: ``"int"`` (lo, hi),
     ``"seed"`` (span), ``"pos"`` / ``"nonneg"`` (floats), ``"opt_int"`` (None or int >= lo).
     The flag is ``--attr-with-dashes`` unless the table's last item is a flag string."""

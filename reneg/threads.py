@@ -1,19 +1,10 @@
 """Torch's CPU threads: a fixed count (``--threads N``), or ``auto``: the cores other work leaves free.
 
 Why ``auto``: torch's OpenMP pool ends every parallel operation at a barrier where all its threads
-meet. When other processes keep the cores busy, the scheduler deschedules one of our threads now and
-then, and the others wait for it at every barrier; a step made of many small operations (the demo
-world's) then runs far slower than its fair share of the machine (``benchmarks/load_study.py``; the
-table is in docs/performance.md). A single thread never waits for a peer. So ``auto`` measures, at
-most every :data:`INTERVAL` seconds while sampling, how much CPU the rest of the machine used since the
-last look (Linux: ``/proc/stat`` less this process's own ``/proc/self/stat``) and, once two looks in a
-row agree, runs on the cores left free: at least one, at most the cores there are (and at most :data:`MAX_AUTO`). Elsewhere, and
-when ``/proc`` can not be read, ``auto`` is torch's own default, fixed. ``RENEG_THREADS=N`` in the
-environment makes the command line's ``auto`` a fixed ``N`` (a cluster's or a test suite's setting).
-
-The count is changed only from the thread that runs the model (OpenMP's thread count is a per-thread
-setting), between sampling steps: :func:`tick` is called by the sampler once per step and costs a
-clock read unless a look is due.
+meet; when other processes keep the cores busy, the others wait at every barrier for the thread the
+scheduler took away, and a step made of many small operations runs far slower than its fair share of
+the machine (docs/performance.md, "A busy machine", has the measurements). A single thread never waits
+for a peer. ``RENEG_THREADS=N`` in the environment makes the command line's ``auto`` a fixed ``N``.
 """
 
 from __future__ import annotations
@@ -62,6 +53,11 @@ def _cpu_ticks():
 
 
 class _Governor:
+    """``auto`` at work: at most every :data:`INTERVAL` seconds while sampling, how much CPU the rest of
+    the machine used since the last look (Linux: ``/proc/stat`` less this process's own
+    ``/proc/self/stat``), and, once two looks in a row agree (:meth:`settle`), the cores left free: at
+    least one, at most the cores there are (and at most ``most``)."""
+
     def __init__(self, cores: int, most: int):
         self.cores, self.most = cores, most
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -98,7 +94,8 @@ class _Governor:
 
 def apply_threads(spec="auto", most: int | None = None) -> int:
     """Set torch's CPU threads from ``spec`` (``parse_threads``'s forms); returns the count now in use.
-    ``most`` caps what ``auto`` may choose (the demo's small models gain nothing beyond two)."""
+    ``most`` caps what ``auto`` may choose (the demo's small models gain nothing beyond two). Where
+    ``/proc`` can not be read (not Linux), ``auto`` is torch's own default, fixed."""
     import torch
 
     global _governor
@@ -126,7 +123,11 @@ def release() -> None:
 
 
 def tick() -> None:
-    """Between steps: under ``auto``, follow the machine's load (at most one look per INTERVAL)."""
+    """Between steps: under ``auto``, follow the machine's load (at most one look per INTERVAL).
+
+    The sampler calls it once per step, from the thread that runs the model (OpenMP's thread count is a
+    per-thread setting), so the count changes only between sampling steps; it costs a clock read unless
+    a look is due."""
     gov = _governor
     if gov is None or time.monotonic() - gov.last[0] < INTERVAL:
         return

@@ -1,29 +1,9 @@
 """Put a negative embedding in place of a host's unconditional conditioning.
 
-Host-independent and pure torch: the AUTOMATIC1111 / Forge / reForge extension
-calls :func:`replace_uncond` from its ``on_cfg_denoiser`` callback, and the
-ComfyUI nodes use :func:`match_tokens` and :func:`blend` for their strength
-blend. Nothing here imports anything heavier than torch.
-
-Shapes (as ComfyUI, A1111, Forge and reForge pass them):
-
-* An embedding is ``[1, R, D]`` (R = 77 for the CLIP families) or ``[B, R, D]``.
-* A host's negative conditioning is ``[B, L, D]`` where a prompt longer than 75
-  tokens gives ``L = 77 k``. Repeating the embedding k times along the token
-  axis gives the same cross-attention output (duplicated keys and values).
-* SDXL hosts pass a dict ``{"crossattn": [B, L, 2048], "vector": [B, 2816]}``
-  where ``vector`` is the pooled text vector ``[B, 1280]`` followed by the size
-  embeddings. ``crossattn`` is replaced; when the embedding carries a pooled
-  vector (SDXL files from ``reneg train`` do: the one it was trained with), the
-  first 1280 numbers of ``vector`` are replaced too, the size part is kept.
-  (A1111 and Forge make an all-zero negative, pooled part included, from an
-  empty SDXL negative prompt.)
-* The A1111 ControlNet extension prepends one marker row filled with -1024
-  (+1024 for the positive side) so it can tell cond from uncond:
-  ``[B, 1 + 77 k, D]``. That row is kept.
-* Forge passes ``None`` at CFG scale 1 (no negative pass at all).
-
-Nothing here mutates its inputs: every result is a new tensor or a new dict.
+Host-independent and pure torch, nothing heavier imported: the AUTOMATIC1111 / Forge / reForge
+extension calls :func:`replace_uncond` from its ``on_cfg_denoiser`` callback, and the ComfyUI nodes use
+:func:`match_tokens` and :func:`blend` for their strength blend. Nothing here mutates its inputs: every
+result is a new tensor or a new dict.
 """
 
 from __future__ import annotations
@@ -36,7 +16,8 @@ import torch
 from .families import describe_hidden as _describe
 
 MARK_VALUE = 1024.0
-"""Absolute value of the A1111 ControlNet extension's cond/uncond marker row."""
+"""Absolute value of the A1111 ControlNet extension's cond/uncond marker row: it prepends one row filled
+with -1024 (+1024 on the positive side) so it can tell cond from uncond, ``[B, 1 + 77 k, D]``."""
 
 MARK_EPS = 1e-3
 
@@ -62,7 +43,10 @@ def match_tokens(emb: Any, length: int) -> torch.Tensor:
 
     ``length`` must be a positive multiple of R (77 k for the CLIP families);
     anything else raises ``ValueError`` (cutting or padding the embedding would
-    change what it means). Always returns a new tensor, never a view of ``emb``.
+    change what it means). Repeating the embedding k times along the token axis
+    gives the same cross-attention output (duplicated keys and values), which is
+    why it can meet a host negative of a prompt longer than 75 tokens (``L = 77 k``).
+    Always returns a new tensor, never a view of ``emb``.
     """
     t = _as_tensor(emb)
     rows = t.shape[1]
@@ -137,6 +121,20 @@ def replace_uncond(
     pooled: Optional[torch.Tensor] = None,
 ) -> Tuple[Uncond, Optional[str]]:
     """Replace (or blend into) a host's negative conditioning.
+
+    Shapes, as ComfyUI, A1111, Forge and reForge pass them:
+
+    * An embedding is ``[1, R, D]`` (R = 77 for the CLIP families) or ``[B, R, D]``.
+    * A host's negative conditioning is ``[B, L, D]`` where a prompt longer than 75 tokens gives
+      ``L = 77 k`` (:func:`match_tokens` repeats the embedding to it).
+    * SDXL hosts pass a dict ``{"crossattn": [B, L, 2048], "vector": [B, 2816]}`` where ``vector`` is the
+      pooled text vector ``[B, 1280]`` followed by the size embeddings. ``crossattn`` is replaced; when
+      the embedding carries a pooled vector (SDXL files from ``reneg train`` do: the one it was trained
+      with), the first 1280 numbers of ``vector`` are replaced too, the size part is kept. (A1111 and
+      Forge make an all-zero negative, pooled part included, from an empty SDXL negative prompt.)
+    * The A1111 ControlNet extension's marker row (:data:`MARK_VALUE`) makes it ``[B, 1 + 77 k, D]``;
+      that row is kept.
+    * Forge passes ``None`` at CFG scale 1 (no negative pass at all).
 
     Args:
         text_uncond: the host's negative conditioning: a tensor ``[B, L, D]``, an SDXL

@@ -295,12 +295,12 @@ def test_options_are_validated_before_loading(tmp_path, tiny_pipeline_dir, tiny_
 
 def test_recipe_fills_unset_options_and_flags_win():
     from reneg.cli import build_parser
-    from reneg.trainer.config import RECIPES, config_from_args
+    from reneg.trainer.config import RECIPES, train_config_from_args
 
     base = ["train", "--model", "m", "--reward", "hpsv2=x", "--prompts", "p"]
-    paper = config_from_args(build_parser().parse_args(base))
+    paper = train_config_from_args(build_parser().parse_args(base))
     assert (paper.recipe, paper.rollout_steps, paper.grads_per_rollout) == ("paper", None, 1)
-    fast = config_from_args(build_parser().parse_args(base + ["--recipe", "fast"]))
+    fast = train_config_from_args(build_parser().parse_args(base + ["--recipe", "fast"]))
     # fast: the paper's optimizer path (steps, lr, samples per step) with a 6-step no-grad rollout
     assert RECIPES["fast"] == {"rollout_steps": 6}
     assert (fast.recipe, fast.steps, fast.lr, fast.batch_size) == ("fast", paper.steps, paper.lr, paper.batch_size)
@@ -308,7 +308,7 @@ def test_recipe_fills_unset_options_and_flags_win():
     ns = build_parser().parse_args(
         base + ["--recipe", "fast", "--steps", "160", "--lr", "0.05", "--rollout-steps", "9"]
     )
-    mine = config_from_args(ns)
+    mine = train_config_from_args(ns)
     assert (mine.steps, mine.lr, mine.rollout_steps) == (160, pytest.approx(0.05), 9)  # flags given win
 
 

@@ -24,7 +24,7 @@ DRIVER = textwrap.dedent("""
     from accelerate import PartialState
     from reneg.cli import build_parser
     from reneg.trainer import train as T
-    from reneg.trainer.config import config_from_args
+    from reneg.trainer.config import train_config_from_args
 
     orig = T.sample_generator
     runs = [[]]
@@ -41,7 +41,7 @@ DRIVER = textwrap.dedent("""
             return orig(seed, step, index)
 
         T.sample_generator = spy
-        T.run_train(config_from_args(build_parser().parse_args(args)))
+        T.run_train(train_config_from_args(build_parser().parse_args(args)))
         st = PartialState()
         with open(os.path.join(record, f"rank{st.process_index}.json"), "w") as f:
             json.dump({"rank": st.process_index, "world": st.num_processes, "seen": seen}, f)

@@ -142,9 +142,9 @@ def test_trainer_checkpointing_covers_the_reward(fresh):
 
 def test_train_flags_parse():
     from reneg.cli import build_parser
-    from reneg.trainer.config import config_from_args
+    from reneg.trainer.config import train_config_from_args
 
-    cfg = config_from_args(
+    cfg = train_config_from_args(
         build_parser().parse_args(["train", "--channels-last", "--compile", "--gradient-checkpointing"])
     )
     assert cfg.channels_last and cfg.compile and cfg.gradient_checkpointing

@@ -348,10 +348,10 @@ def test_resume_with_other_sampling_settings_is_refused(env, capsys):
 
     from reneg.cli import build_parser
     from reneg.trainer.checkpoint import save_checkpoint
-    from reneg.trainer.config import config_from_args
+    from reneg.trainer.config import train_config_from_args
 
     base = train_base(env)
-    cfg = config_from_args(build_parser().parse_args(base))
+    cfg = train_config_from_args(build_parser().parse_args(base))
     neg = torch.nn.Parameter(torch.zeros(1, 77, 64))
     opt = torch.optim.AdamW([neg], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -337,9 +337,9 @@ def _checkpoint_for(argv, step: int, **changes):
     its saved config)."""
     from reneg.cli import build_parser
     from reneg.trainer.checkpoint import save_checkpoint
-    from reneg.trainer.config import config_from_args, resume_fingerprint
+    from reneg.trainer.config import train_config_from_args, resume_fingerprint
 
-    cfg = config_from_args(build_parser().parse_args(argv))
+    cfg = train_config_from_args(build_parser().parse_args(argv))
     neg = torch.nn.Parameter(torch.zeros(1, 77, 64))
     opt = torch.optim.AdamW([neg], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -163,7 +163,7 @@ def test_library_call_keeps_the_callers_handlers_and_raises_when_stopped(
     and the last log row carries the final held-out scores."""
     from reneg.cli import build_parser
     from reneg.trainer import events
-    from reneg.trainer.config import config_from_args
+    from reneg.trainer.config import train_config_from_args
     from reneg.trainer.train import TrainingStopped, run_train
 
     out = tmp_path / "run"
@@ -180,7 +180,7 @@ def test_library_call_keeps_the_callers_handlers_and_raises_when_stopped(
     monkeypatch.setattr(events.TrainEvents, "on_step", on_step)
     before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     with pytest.raises(TrainingStopped) as e:
-        run_train(config_from_args(build_parser().parse_args(argv)))
+        run_train(train_config_from_args(build_parser().parse_args(argv)))
     assert seen == [before]  # the caller's handlers, untouched
     assert (e.value.step, e.value.exit_code) == (1, 143) and e.value.checkpoint == str(out / "checkpoint.pt")
     assert json.loads((out / "summary.json").read_text())["status"] == "stopped"
@@ -462,7 +462,7 @@ def test_failed_checkpoint_write_keeps_the_embedding_too(
 )
 def test_resume_advice_is_accepted(env, capsys, made, step, given):  # noqa: F811
     from reneg.cli import build_parser
-    from reneg.trainer.config import config_from_args, validate_train
+    from reneg.trainer.config import train_config_from_args, validate_train
 
     base = [a for a in train_base(env) if a not in ("--steps", "10")]
     _checkpoint_for(base + made, step)
@@ -475,4 +475,4 @@ def test_resume_advice_is_accepted(env, capsys, made, step, given):  # noqa: F81
         return
     argv = list(base + given + ["--resume"])
     argv[argv.index("--steps") + 1] = advice.group(1)
-    validate_train(config_from_args(build_parser().parse_args(argv)))  # accepted: no ConfigError
+    validate_train(train_config_from_args(build_parser().parse_args(argv)))  # accepted: no ConfigError

@@ -43,7 +43,7 @@ def tiny_ir(tmp_path_factory):
 
 
 def _add_module(package, folder: Path, monkeypatch):
-    package.available()  # the built-in rewards registered before the registry is copied for this test
+    package.reward_kinds()  # the built-in rewards registered before the registry is copied for this test
     (folder / "brightness_reward.py").write_text(NEW_MODULE)
     monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
     monkeypatch.setattr(package, "_REGISTRY", dict(package._REGISTRY))
@@ -52,8 +52,8 @@ def _add_module(package, folder: Path, monkeypatch):
 
 def test_a_new_reward_module_is_found_and_listed_by_the_cli(tmp_path, monkeypatch, capsys):
     _add_module(rewards, tmp_path, monkeypatch)
-    assert "brightness" in rewards.available()
-    assert rewards.available()["brightness"].syntax == "brightness=FILE[,gain=VALUE][,weight=W]"
+    assert "brightness" in rewards.reward_kinds()
+    assert rewards.reward_kinds()["brightness"].syntax == "brightness=FILE[,gain=VALUE][,weight=W]"
     assert main(["rewards"]) == 0
     out = capsys.readouterr().out
     assert "brightness=FILE[,gain=VALUE][,weight=W]" in out and "imagereward=FILE[,tokenizer=FOLDER]" in out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reneg.prompts import PromptFileError, load_prompts, subsample
-from reneg.rewards import RewardSpecError, WeightedReward, available, load_rewards, parse_spec
+from reneg.rewards import RewardSpecError, WeightedReward, load_rewards, parse_spec, reward_kinds
 
 
 def _tiny_hf_clip(folder):
@@ -83,7 +83,7 @@ def test_pickscore_and_aesthetic_from_local_folders(tmp_path):
 
 
 def test_reward_specs(tmp_path, tiny_hps_ckpt):
-    assert {"hpsv2", "hpsv2.1", "pickscore", "aesthetic"} <= set(available())
+    assert {"hpsv2", "hpsv2.1", "pickscore", "aesthetic"} <= set(reward_kinds())
     spec = parse_spec(f"hpsv2.1={tiny_hps_ckpt},weight=0.25")
     assert spec.name == "hpsv2.1" and spec.weight == 0.25 and spec.path == tiny_hps_ckpt
     for bad, needle in [

@@ -538,24 +538,24 @@ def test_train_records_the_checkpoint_file_and_its_hash(tmp_path, small_sd1, tin
 
 def test_model_file_flags_reach_train_tune_and_eval():
     from reneg.cli import build_parser
-    from reneg.evaluation.cli import config_from_args as eval_config
-    from reneg.trainer.config import config_from_args
+    from reneg.evaluation.cli import eval_config_from_args
+    from reneg.trainer.config import train_config_from_args
     from reneg.backends.loading import weights_dtype
 
     p = build_parser()
     flags = ["--model", "m.safetensors", "--vae", "v.safetensors", "--prediction-type", "v"]
     assert (
-        config_from_args(p.parse_args(["train", *flags])).vae,
-        config_from_args(p.parse_args(["train", *flags])).prediction_type,
+        train_config_from_args(p.parse_args(["train", *flags])).vae,
+        train_config_from_args(p.parse_args(["train", *flags])).prediction_type,
     ) == ("v.safetensors", "v")
     ns = p.parse_args(["tune", *flags])
     assert (ns.vae, ns.prediction_type, ns.config) == ("v.safetensors", "v", None)
-    cfg = eval_config(p.parse_args(["eval", *flags]))
+    cfg = eval_config_from_args(p.parse_args(["eval", *flags]))
     assert (cfg.vae, cfg.prediction_type) == ("v.safetensors", "v")
     # --mixed-precision is one option of train, tune and eval (an SDXL eval on a CPU in bf16)
     for cmd in ("train", "tune", "eval"):
         assert p.parse_args([cmd, *flags, "--mixed-precision", "bf16"]).mixed_precision == "bf16"
-    assert eval_config(p.parse_args(["eval", *flags, "--mixed-precision", "bf16"])).mixed_precision == "bf16"
+    assert eval_config_from_args(p.parse_args(["eval", *flags, "--mixed-precision", "bf16"])).mixed_precision == "bf16"
     # bf16 weights on the CPU when asked (an SDXL checkpoint in half the memory); fp16 stays fp32 there
     cpu = torch.device("cpu")
     assert weights_dtype("bf16", cpu) == torch.bfloat16 and weights_dtype("fp16", cpu) == torch.float32

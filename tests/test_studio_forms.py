@@ -72,10 +72,10 @@ def fake_popen(monkeypatch):
 def _checkpoint(form: TrainForm, step: int) -> None:
     """A checkpoint as ``reneg train`` writes it for ``form``'s settings, at ``step``."""
     from reneg.trainer.checkpoint import save_checkpoint
-    from reneg.trainer.config import config_from_args, resume_fingerprint
+    from reneg.trainer.config import train_config_from_args, resume_fingerprint
 
     ns = runs._command_parser("train").parse_args(["train", *runs.train_args(form)])
-    cfg = config_from_args(ns)
+    cfg = train_config_from_args(ns)
     neg = torch.nn.Parameter(torch.zeros(1, 77, 32))
     opt = torch.optim.AdamW([neg], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -240,12 +240,12 @@ def validate_common(cfg) -> None:
     O.check_device(getattr(cfg, "device", None))
 
 
-def check_numbers(cfg, table: dict | None = None) -> None:
+def check_common_numbers(cfg, table: dict | None = None) -> None:
     """The numeric flags shared by train and tune (sampling settings, --lr), then ``table``'s."""
     O.check_sampling(cfg)
     O.check_float("--lr", cfg.lr)
     if table:
-        O.check_numbers(cfg, table)
+        O.check_number_table(cfg, table)
 
 
 def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
@@ -356,7 +356,7 @@ def remove_old_run(out: str) -> None:
 
 def check_train_numbers(cfg) -> None:
     """Every numeric flag of train, before anything is read."""
-    check_numbers(cfg, TRAIN_NUMBERS)
+    check_common_numbers(cfg, TRAIN_NUMBERS)
     O.check_seed("--heldout-seed", cfg.heldout_seed, span=cfg.heldout_count)
 
 
@@ -495,7 +495,9 @@ def check_out_dir(out: str) -> None:
             pass
 
 
-def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+def train_config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``reneg train`` arguments, with the compute options the command line
+    left unset filled in from --recipe (apply_recipe)."""
     apply_recipe(ns)
     d = {k: v for k, v in vars(ns).items() if k in TrainConfig.__dataclass_fields__}
     d["grad_range"] = tuple(d.get("grad_range", PAPER.grad_range))

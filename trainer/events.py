@@ -1,20 +1,8 @@
 """What a training run reports besides ``log.csv``, and how it stops cleanly.
 
-The trainer calls one :class:`TrainEvents` object at fixed points of its loop:
-
-- ``--sample-every N``: every N steps (and at the start and the end) the current negative and the
-  null negative each make an image for a few fixed held-out prompts and seeds; the pair is written
-  as ``OUT/samples/step_NNNNNN.png`` (one row per prompt: null left, learned right) and listed in
-  ``OUT/samples/index.json``. The null images are made once and reused.
-- ``--report-to tensorboard``: the logged scalars (loss, reward, lr, gradient norm, held-out rewards,
-  the monitor rewards' and the held-out diversity), the sample grids and the reward-hacking warnings go to
-  ``OUT/tensorboard`` through TensorBoard's own ``SummaryWriter``.
-- Stop on request: a file ``OUT/STOP`` and, when the command installed them (``reneg train``, never a
-  library call), SIGTERM and Ctrl-C end the run after the step in progress with a checkpoint, so
-  ``--resume`` continues it. Repeated SIGTERMs change nothing (the stop is under way); a second Ctrl-C
-  stops at once, without the step in progress.
-
-``reneg studio`` reads these files to show a run; any other tool can too.
+The trainer calls one :class:`TrainEvents` object at fixed points of its loop: sample images
+(``--sample-every``), TensorBoard (``--report-to tensorboard``) and stop requests (``OUT/STOP``,
+SIGTERM, Ctrl-C). ``reneg studio`` reads the files it writes to show a run; any other tool can too.
 """
 
 from __future__ import annotations
@@ -113,7 +101,9 @@ STOP_EXIT = {"SIGTERM": 143, "SIGINT": 130, "STOP": 143}
 
 class _StopWatch:
     """``OUT/STOP`` (and, with ``signals``, SIGTERM or SIGINT in the main thread) asks the run to stop
-    after the current step."""
+    after the current step, with a checkpoint, so ``--resume`` continues it. Signals are listened to
+    only when the command installed them (``reneg train``, never a library call). Repeated SIGTERMs
+    change nothing (the stop is under way); a second Ctrl-C stops at once, without the step in progress."""
 
     def __init__(self, out: str, main: bool = True, signals: bool = False):
         self.path = os.path.join(out, STOP_FILE)
@@ -169,7 +159,15 @@ class _StopWatch:
 
 
 class TrainEvents:
-    """Sample images, TensorBoard and stop requests for one run of the trainer."""
+    """Sample images, TensorBoard and stop requests for one run of the trainer.
+
+    - ``--sample-every N``: every N steps (and at the start and the end) the current negative and the
+      null negative each make an image for a few fixed held-out prompts and seeds (:meth:`sample`).
+    - ``--report-to tensorboard``: the logged scalars (loss, reward, lr, gradient norm, held-out
+      rewards, the monitor rewards' and the held-out diversity), the sample grids and the reward-hacking
+      warnings go to ``OUT/tensorboard`` through TensorBoard's own ``SummaryWriter``.
+    - Stop on request: :class:`_StopWatch`, agreed on by every process in :meth:`should_stop`.
+    """
 
     def __init__(
         self,
@@ -216,7 +214,9 @@ class TrainEvents:
         return to_pil(imgs)
 
     def sample(self, step: int, neg: torch.Tensor) -> str | None:
-        """Write ``samples/step_NNNNNN.png`` for ``neg`` at ``step`` (main process only)."""
+        """Write ``samples/step_NNNNNN.png`` for ``neg`` at ``step`` (main process only): one row per
+        prompt, null left, learned right, listed in ``samples/index.json``. The null images are made once
+        and reused."""
         if not (self.main and self.every and self.texts):
             return None
         from reneg.fileio import atomic_path, atomic_write_json

@@ -1,38 +1,10 @@
 """Watching a training run for reward hacking, at its held-out checks.
 
-A negative learned from a reward can learn what the reward likes rather than what people like: the
-images turn smooth and glossy, and every image starts to look alike. The training reward keeps rising
-all the same. What shows it is what the training loss never sees, scored at every held-out check
-(``--eval-every``) on the same held-out prompts and seeds:
-
-- ``heldout``: the training reward of the learned negative's held-out images;
-- each ``--monitor-reward`` (by its name): another reward's score of the same images;
-- ``diversity``: the mean pairwise ``1 - cos`` between the held-out images' features in the training
-  reward's image tower (one image per held-out prompt: the spread across prompts, which falls when every
-  image starts to look alike; :mod:`reneg.diversity`).
-
-The rule (:func:`hacking_warning`), checked at each held-out check for each measure against the best
-earlier check of that measure (its highest value; the first of equal ones):
-
-1. the training reward keeps rising, by either of two readings:
-
-   a. on the training batches: its mean over the last ``--eval-every`` logged steps is above its mean
-      over the steps up to the best check by more than noise (the 95 % Welch interval of the difference
-      of the two means, each step's reward one value, lies above zero: a flat, noisy training reward
-      does not count as rising);
-   b. on the held-out images (for a monitor reward or the diversity, not for the training reward
-      itself): the training reward of this check's images is above that of the best check's images by
-      more than noise (the 95 % Student-t interval of the paired differences, same prompt and seed, lies
-      above zero). The batches' reward is scattered by the batches' prompts and noise (a short rollout
-      scatters it more), so that (a) can miss a rise that the same held-out images show plainly;
-2. the measure fell by more than noise: for a reward, the 95 % Student-t interval of the paired
-   differences (this check's image minus the best check's image of the same prompt and seed) lies below
-   zero; for the diversity (one number a check), it is more than 10 % below the best check's.
-
-A measure warns once. :class:`HeldoutMonitor` keeps, for each measure, the best check's step, value and
-per-image scores (and the training reward's per-image scores of that check, for reading 1b), the training reward of every step, the warnings given and (``--keep-best-by``) the
-best check of the chosen measure: all of it plain JSON that the checkpoint carries, so a resumed run
-goes on exactly as the unbroken one would.
+A negative learned from a reward can learn what the reward likes rather than what people like, while
+the training reward keeps rising. What shows it is what the training loss never sees, scored at every
+held-out check (``--eval-every``): the training reward of the held-out images, each ``--monitor-reward``
+and their diversity. :func:`hacking_warning` is the rule; :class:`HeldoutMonitor` keeps what it needs
+across checks (and across a resume).
 """
 
 from __future__ import annotations
@@ -82,7 +54,7 @@ def training_trend(
 def fell_significantly(
     measure: str, value: float, scores: Sequence[float] | None, best: dict, level: float = LEVEL
 ) -> bool:
-    """Whether ``measure`` fell below its best check by more than noise (the module's rule 2)."""
+    """Whether ``measure`` fell below its best check by more than noise (:func:`hacking_warning`'s rule 2)."""
     if not (_finite(value) and _finite(best.get("value"))):
         return False
     if measure == "diversity":
@@ -102,7 +74,7 @@ def fell_significantly(
 
 def heldout_rise(now: Sequence[float] | None, then: Sequence[float] | None, level: float = LEVEL):
     """``(then_mean, now_mean)`` when the training reward of this check's held-out images (``now``) is
-    above that of an earlier check's same images (``then``) by more than noise (the module's rule 1b:
+    above that of an earlier check's same images (``then``) by more than noise (:func:`hacking_warning`'s rule 1b:
     the paired interval's lower end above 0); None otherwise."""
     if not now or not then or len(now) != len(then):
         return None
@@ -129,6 +101,37 @@ def hacking_warning(
     heldout_now: Sequence[float] | None = None,
 ) -> str | None:
     """The warning for ``measure`` at the held-out check of ``step``, or None.
+
+    The measures, each scored at every held-out check on the same held-out prompts and seeds:
+
+    - ``heldout``: the training reward of the learned negative's held-out images;
+    - each ``--monitor-reward`` (by its name): another reward's score of the same images;
+    - ``diversity``: the mean pairwise ``1 - cos`` between the held-out images' features in the training
+      reward's image tower (one image per held-out prompt: the spread across prompts, which falls when
+      every image starts to look alike; :mod:`reneg.diversity`).
+
+    The rule, checked for each measure against the best earlier check of that measure (its highest value;
+    the first of equal ones): it warns when
+
+    1. the training reward keeps rising, by either of two readings:
+
+       a. on the training batches: its mean over the last ``--eval-every`` logged steps is above its mean
+          over the steps up to the best check by more than noise (the 95 % Welch interval of the
+          difference of the two means, each step's reward one value, lies above zero: a flat, noisy
+          training reward does not count as rising; :func:`training_trend`);
+       b. on the held-out images (for a monitor reward or the diversity, not for the training reward
+          itself): the training reward of this check's images is above that of the best check's images
+          by more than noise (the 95 % Student-t interval of the paired differences, same prompt and
+          seed, lies above zero; :func:`heldout_rise`). The batches' reward is scattered by the batches'
+          prompts and noise (a short rollout scatters it more), so that (a) can miss a rise that the
+          same held-out images show plainly;
+
+    2. and the measure fell by more than noise (:func:`fell_significantly`): for a reward, the 95 %
+       Student-t interval of the paired differences (this check's image minus the best check's image of
+       the same prompt and seed) lies below zero; for the diversity (one number a check), it is more than
+       10 % below the best check's.
+
+    A measure warns once (:meth:`HeldoutMonitor.observe`).
 
     ``value``/``scores``: this check's mean and per-image scores (no scores for the diversity);
     ``best``: the best earlier check of the measure, ``{"step", "value", "scores"}``; ``train``: the
@@ -162,8 +165,11 @@ def hacking_warning(
 
 
 class HeldoutMonitor:
-    """The best check of each measure, the training reward so far, the warnings given, and the best
-    check of ``keep_best_by``. ``state()`` / ``HeldoutMonitor(..., state=...)`` round-trip through JSON."""
+    """The best check of each measure (its step, value and per-image scores, and the training reward's
+    per-image scores of that check, for :func:`hacking_warning`'s reading 1b), the training reward of
+    every step, the warnings given, and (``--keep-best-by``) the best check of ``keep_best_by``.
+    ``state()`` / ``HeldoutMonitor(..., state=...)`` round-trip through plain JSON, which the checkpoint
+    carries, so a resumed run goes on exactly as the unbroken one would."""
 
     def __init__(self, measures: Sequence[str], keep_best_by: str | None = None, state: dict | None = None):
         self.measures = list(measures)
@@ -195,7 +201,8 @@ class HeldoutMonitor:
     ) -> tuple[list[dict], bool]:
         """One held-out check: ``values[m]`` its mean (None: not measured), ``scores[m]`` its per-image
         scores. Returns the new warnings (``{step, measure, message}``) and whether this check is a new
-        best of ``keep_best_by`` (``self.keep`` then names it)."""
+        best of ``keep_best_by`` (``self.keep`` then names it). A measure that has warned never warns
+        again."""
         new, best_now = [], False
         for m in self.measures:
             v = values.get(m)

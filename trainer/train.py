@@ -1,18 +1,8 @@
 """``reneg train``: learn a global negative embedding from a reward (paper section 3).
 
-One readable loop. Each optimizer step averages ``batch_size`` samples: every
-process runs ``batch_size / (micro_batch x processes)`` micro-batches and the
-gradients of the one trainable tensor are averaged across processes, so
-``accelerate launch`` with N processes takes the same step as one process.
-The prompts, noise and grad step of micro-batch ``j`` of step ``s`` are drawn
-from a generator seeded by ``(seed, s, j)``: a resumed run sees exactly the
-samples the uninterrupted one would have.
-
-The loop is :func:`train_loop`: :func:`setup_run` (models, prompts, embedding, optimizer),
-:func:`resume` (the checkpoint), :func:`open_outputs` and :func:`start_events`, then for each step
-:func:`train_step` (the update; returns the log row), :func:`log_step` (held-out check, log, checkpoint,
-events) and :func:`stop_requested`, and :func:`finish` (summary.json). A :class:`TrainRun` carries the
-run's state between them.
+One readable loop, :func:`train_loop`; a :class:`TrainRun` carries the run's state between its parts.
+``accelerate launch`` with N processes takes the same step as one process, and a resumed run sees
+exactly the samples the uninterrupted one would have (:func:`train_step`, :func:`sample_generator`).
 """
 
 from __future__ import annotations
@@ -79,6 +69,9 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator the prompts, noise and grad step of micro-batch ``index`` of ``step`` are drawn from,
+    seeded by ``(seed, step, index)``: a resumed run sees exactly the samples the uninterrupted one would
+    have, and N processes split one global batch exactly."""
     # taken modulo 2**64, the range manual_seed accepts: every --seed up to 2**64 - 1 works
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 10_007 + index) % 2**64)
 
@@ -201,7 +194,12 @@ def run_train(cfg: TrainConfig, accelerator=None, *, handle_signals: bool = Fals
 
 
 def train_loop(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
-    """The run, from its setup (or its checkpoint) to its summary: one step, its log row, a stop check."""
+    """The run, from its setup (or its checkpoint) to its summary: one step, its log row, a stop check.
+
+    :func:`setup_run` (models, prompts, embedding, optimizer), :func:`resume` (the checkpoint),
+    :func:`open_outputs` and :func:`start_events`, then for each step :func:`train_step` (the update;
+    returns the log row), :func:`log_step` (held-out check, log, checkpoint, events) and
+    :func:`stop_requested`, and :func:`finish` (summary.json)."""
     run = setup_run(cfg, acc, main)
     resume(run)
     open_outputs(run)
@@ -526,7 +524,12 @@ def start_events(run: TrainRun, handle_signals: bool) -> None:
 
 def train_step(run: TrainRun, step: int) -> dict:
     """Optimizer step ``step`` over the global batch (this process's micro-batches, the gradient averaged
-    across processes); returns its log row, without held-out scores."""
+    across processes); returns its log row, without held-out scores.
+
+    Each optimizer step averages ``batch_size`` samples: every process runs
+    ``batch_size / (micro_batch x processes)`` micro-batches and the gradients of the one trainable
+    tensor are averaged across processes, so ``accelerate launch`` with N processes takes the same step
+    as one process."""
     acc, neg = run.acc, run.neg
     run.opt.zero_grad(set_to_none=True)
     rewards, loss_sum = [], 0.0

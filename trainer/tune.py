@@ -14,7 +14,7 @@ from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding
 from reneg.tuning import tune_for_seed
 
-from .config import ConfigError, check_embedding_arg, check_numbers, check_out_dir, validate_common
+from .config import ConfigError, check_common_numbers, check_embedding_arg, check_out_dir, validate_common
 from .train import base_model_fields
 
 
@@ -63,7 +63,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
 
 def check_tune_numbers(ns) -> None:
     """Every numeric flag of tune, before anything is read."""
-    check_numbers(ns)  # sampling settings and --lr
+    check_common_numbers(ns)  # sampling settings and --lr
     # --max-steps, --patience (at most --max-steps) and --seed: the options layer's rules, which the
     # ComfyUI tune node runs too
     O.check_search(ns)

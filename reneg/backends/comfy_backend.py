@@ -1,22 +1,7 @@
 """ComfyUI backend: a :class:`reneg.backends.base.Backend` over a MODEL and a VAE.
 
-ComfyUI's ``model.model.apply_model(x, sigma, c_crossattn=...)`` already is the
-denoiser ``D(x, sigma, cond) -> x0`` of :mod:`reneg.sampling`:
-it takes sigma, scales the input and returns x0 whatever the parameterisation
-(eps or v). The sigma table comes from the model's ``model_sampling``; decoding
-goes through ``model.process_latent_out`` and ``vae.first_stage_model.decode``
-(``VAE.decode`` itself may fall back to a tiled path decorated with inference mode).
-
-Only torch and the core are imported here; ComfyUI's own modules are imported
-inside the functions that need them, so the module also loads (and is tested)
-with small stand-ins for ``comfy.*``.
-
-A ComfyUI prompt runs under ``torch.inference_mode()``. :meth:`ComfyBackend.trainable`
-is the context in which a gradient can flow through the UNet and the VAE: it loads
-both models fully, turns inference-tensor weights into normal tensors (numerically
-the same; ComfyUI's own LoRA trainer ends with normal tensors too), freezes every
-weight and on exit puts the ``requires_grad`` flags back, drops any ``.grad`` and
-empties the device cache.
+Only torch and the core are imported here; ComfyUI's own modules are imported inside the functions
+that need them, so the module also loads (and is tested) with small stand-ins for ``comfy.*``.
 """
 
 from __future__ import annotations
@@ -80,7 +65,9 @@ def clone_normal(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class ComfyDenoiser:
-    """``D(x, sigma, cond) -> x0`` through ``model.model.apply_model``."""
+    """``D(x, sigma, cond) -> x0`` through ``model.model.apply_model``, which already is the denoiser
+    of :mod:`reneg.sampling`: it takes sigma, scales the input and returns x0 whatever the
+    parameterisation (eps or v)."""
 
     def __init__(self, patcher):
         self.patcher = patcher
@@ -199,7 +186,8 @@ class ComfyBackend:
 
     # --- schedule -------------------------------------------------------------------------
     def schedule(self, steps: int) -> torch.Tensor:
-        """Sigmas (float64, high to low, ending at 0) from the model's own sigma table."""
+        """Sigmas (float64, high to low, ending at 0) from the model's own sigma table (its
+        ``model_sampling``)."""
         ms = self.model_sampling()
         try:
             from comfy.samplers import calculate_sigmas
@@ -295,7 +283,9 @@ class ComfyBackend:
 
     # --- decoding -------------------------------------------------------------------------
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Differentiable: model-space x0 -> VAE latent -> image in [-1, 1], BCHW, float32."""
+        """Differentiable: model-space x0 -> VAE latent -> image in [-1, 1], BCHW, float32, through
+        ``model.process_latent_out`` and ``vae.first_stage_model.decode`` (``VAE.decode`` itself may fall
+        back to a tiled path decorated with inference mode)."""
         z = self.model.process_latent_out(x0)
         vae_dtype = getattr(self.vae, "vae_dtype", torch.float32)
         vae_device = getattr(self.vae, "device", x0.device)
@@ -308,7 +298,13 @@ class ComfyBackend:
 
     @contextlib.contextmanager
     def trainable(self) -> Iterator["ComfyBackend"]:
-        """Grad-enabled, weights as normal tensors, models fully loaded; restores flags on exit."""
+        """Grad-enabled, weights as normal tensors, models fully loaded; restores flags on exit.
+
+        A ComfyUI prompt runs under ``torch.inference_mode()``; this is the context in which a gradient
+        can flow through the UNet and the VAE: it loads both models fully, turns inference-tensor weights
+        into normal tensors (numerically the same; ComfyUI's own LoRA trainer ends with normal tensors
+        too), freezes every weight and on exit puts the ``requires_grad`` flags back, drops any ``.grad``
+        and empties the device cache."""
         with torch.inference_mode(False), torch.enable_grad():
             self._load_models()
             flags = []

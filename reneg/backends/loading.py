@@ -1,21 +1,8 @@
-"""Loading a user's model files into a :class:`DiffusersBackend`, locally.
+"""Loading a user's model files into a :class:`DiffusersBackend`, locally: a diffusers folder or a
+single-file checkpoint as the UIs keep them (:func:`load_diffusers`). Nothing is ever downloaded.
 
-``load_diffusers(path)`` takes a diffusers folder (``model_index.json`` with
-``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, and for
-SDXL also ``text_encoder_2/`` and ``tokenizer_2/``) or a single-file checkpoint
-as the UIs keep them (``.safetensors``; ``.ckpt``/``.pt`` through
-``weights_only=True``), which :mod:`reneg.backends.single_file` recognises from its
-own keys and shapes. Nothing is ever downloaded.
-
-The family a model belongs to (which embeddings fit it) comes from the family
-table in :mod:`reneg.families`: the hidden sizes of its text encoders, the UNet's
-cross-attention width and, for two-encoder models, the pooled vector's size.
-
-Folder kinds are rows of ``FOLDER_KINDS``: a new architecture adds a row (a test on
-the folder's ``model_index.json`` and a loader) without touching the others. A video
-model's folder (ZeroScope's ``TextToVideoSDPipeline``) is a row too, marked ``video``:
-it is loaded where the caller asks for ``frames`` (``reneg eval``) and passed over
-otherwise, as if the row were absent.
+Folder kinds are rows of ``FOLDER_KINDS``: a new architecture adds a row (a test on the folder's
+``model_index.json`` and a loader) without touching the others.
 """
 
 from __future__ import annotations
@@ -49,6 +36,14 @@ def load_diffusers(
 ) -> DiffusersBackend:
     """Load SD1.x / SD2.x / SDXL from a diffusers folder or a single-file checkpoint, locally.
 
+    A diffusers folder is ``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
+    ``tokenizer/``, ``scheduler/``, and for SDXL also ``text_encoder_2/`` and ``tokenizer_2/`` (or another
+    row of ``FOLDER_KINDS``); a single file is ``.safetensors``, or ``.ckpt``/``.pt`` read through
+    ``weights_only=True``, which :mod:`reneg.backends.single_file` recognises from its own keys and
+    shapes. The family a model belongs to (which embeddings fit it) comes from the family table in
+    :mod:`reneg.families`: the hidden sizes of its text encoders, the UNet's cross-attention width and,
+    for two-encoder models, the pooled vector's size (:func:`reneg.backends.parts.family_of`).
+
     ``config``: optional diffusers folder whose configs replace the built-in ones for a single
     file; ``vae``: a VAE file or folder replacing the model's own; ``prediction_type``: ``eps``
     or ``v`` instead of what the files say; ``frames``: frames per video, which also lets a video
@@ -72,6 +67,10 @@ def load_diffusers(
 
 
 class FolderKind(NamedTuple):
+    """A row of ``FOLDER_KINDS``. A video model's folder (ZeroScope's ``TextToVideoSDPipeline``) is a row
+    marked ``video``: it is loaded where the caller asks for ``frames`` (``reneg eval``) and passed over
+    otherwise, as if the row were absent."""
+
     name: str
     matches: Callable[[str, dict], bool]  # (folder, model_index) -> is this kind
     load: Callable  # (folder, device, dtype, vae) -> backend; a video kind also takes frames

@@ -1,26 +1,10 @@
 """PixArt-alpha and PixArt-sigma through diffusers: the T5 family's backend.
 
 A diffusers PixArt folder (``model_index.json`` naming ``PixArtAlphaPipeline`` or
-``PixArtSigmaPipeline``, with ``transformer/``, ``vae/``, ``text_encoder/`` (a T5
-encoder), ``tokenizer/`` and ``scheduler/``) loads into :class:`PixArtBackend`, which
-offers the same operations as :class:`reneg.backends.diffusers_backend.DiffusersBackend`.
-What differs from Stable Diffusion, as diffusers' PixArt pipelines do it:
-
-- Prompts are tokenized to a fixed length, 120 tokens (alpha) or 300 (sigma), padded,
-  and encoded by the T5 encoder *with* the attention mask; the transformer reads the
-  rows and the same mask (``Cond.mask``), so padding rows are ignored. A negative keeps
-  all its rows and carries its own mask.
-- The transformer predicts noise and a learned variance (8 output channels for 4 latent
-  channels): only the first half, the noise, feeds the sampler.
-- PixArt-alpha at 1024 px (``use_additional_conditions``) also reads the image size and
-  aspect ratio; the denoiser derives both from the latent it is given, as the pipeline
-  does (after its resolution binning, the size of the latent is the size it passes).
-- ``prediction_type`` epsilon and v_prediction are both handled.
-
-The DDIM schedule follows ``DDIMScheduler.from_config(<the folder's scheduler config>)``,
-with DDIMScheduler's own defaults for what a PixArt config (a DPM-Solver one) leaves out
-(``set_alpha_to_one=True``, ``steps_offset=0``). DDIMScheduler's default ``clip_sample=True``
-clips latents to [-1, 1]; the sampler here never clips (PixArt's own DPM-Solver does not either).
+``PixArtSigmaPipeline``, with ``transformer/``, ``vae/``, ``text_encoder/`` (a T5 encoder),
+``tokenizer/`` and ``scheduler/``) loads into :class:`PixArtBackend`, which offers the same operations
+as :class:`reneg.backends.diffusers_backend.DiffusersBackend`; what differs from Stable Diffusion is
+done as diffusers' PixArt pipelines do it.
 """
 
 from __future__ import annotations
@@ -46,7 +30,12 @@ def pixart_family(index: dict) -> str | None:
 
 
 class PixArtDenoiser(DiffusersDenoiser):
-    """``D(x, sigma, cond) -> x0`` around a ``PixArtTransformer2DModel``."""
+    """``D(x, sigma, cond) -> x0`` around a ``PixArtTransformer2DModel``.
+
+    The transformer reads the prompt's rows and their attention mask (``Cond.mask``), so padding rows
+    are ignored. It predicts noise and a learned variance (8 output channels for 4 latent channels):
+    only the first half, the noise, feeds the sampler. ``prediction_type`` epsilon and v_prediction are
+    both handled."""
 
     def __init__(self, transformer, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", vae_scale: int = 8):
         super().__init__(transformer, alphas_cumprod, prediction_type, vae_scale)
@@ -60,7 +49,9 @@ class PixArtDenoiser(DiffusersDenoiser):
 
     def added_cond(self, x: torch.Tensor, cond: Cond) -> dict:
         """``resolution`` ``[B, 2]`` (height, width in pixels) and ``aspect_ratio`` ``[B, 1]``
-        for a transformer that reads them; ``cond.extra`` may give its own."""
+        for a transformer that reads them (PixArt-alpha at 1024 px, ``use_additional_conditions``);
+        ``cond.extra`` may give its own. Both are derived from the latent, as the pipeline does (after
+        its resolution binning, the size of the latent is the size it passes)."""
         if not self.size_cond:
             return {"resolution": None, "aspect_ratio": None}
         dt = self.unet.dtype
@@ -119,6 +110,10 @@ class PixArtBackend(DiffusersBackend):
         return self.unet
 
     def schedule(self, steps: int) -> torch.Tensor:
+        """The DDIM schedule of ``DDIMScheduler.from_config(<the folder's scheduler config>)``, with
+        DDIMScheduler's own defaults for what a PixArt config (a DPM-Solver one) leaves out
+        (``set_alpha_to_one=True``, ``steps_offset=0``). DDIMScheduler's default ``clip_sample=True``
+        clips latents to [-1, 1]; the sampler here never clips (PixArt's own DPM-Solver does not either)."""
         c = self.scheduler_config
         return ddim_schedule(
             self.alphas_cumprod(),
@@ -135,7 +130,8 @@ class PixArtBackend(DiffusersBackend):
     @torch.no_grad()
     def _encode_masked(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, L, 4096], mask [B, L])`` as diffusers' PixArt pipelines encode prompts
-        (no caption cleaning: ``clean_caption=False``)."""
+        (no caption cleaning: ``clean_caption=False``): tokenized to a fixed length, 120 tokens (alpha)
+        or 300 (sigma), padded, and encoded by the T5 encoder *with* the attention mask."""
         tok = self.tokenizer(
             prompts,
             padding="max_length",
@@ -182,6 +178,7 @@ class PixArtBackend(DiffusersBackend):
     def negative_cond(
         self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> Cond:
+        """A negative keeps all its rows and carries its own mask (by default :meth:`negative_mask`)."""
         if pooled is not None:
             raise ValueError(f"{self.family} reads no pooled vector; a pooled vector was given with the negative")
         if neg.dim() != 3 or neg.shape[0] != 1:

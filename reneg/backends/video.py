@@ -1,26 +1,9 @@
-"""Video transfer (paper, section 5): AnimateDiff = an SD1.5 UNet + a motion adapter, same CLIP-L text encoder.
+"""Video transfer (paper, section 5): SD1.5 -> AnimateDiff and SD2.1 -> ZeroScope.
 
-A negative embedding learned on SD1.5 lives in the output space of SD1.5's text encoder, which
-AnimateDiff reuses unchanged, so the embedding applies to every frame's cross-attention as is.
-:func:`load_animatediff` turns a loaded SD1.x :class:`DiffusersBackend` into a video backend:
-
-- the UNet becomes ``diffusers.UNetMotionModel.from_unet2d(unet, MotionAdapter)`` (a local
-  MotionAdapter folder, e.g. ``animatediff-motion-adapter-v1-5-2``);
-- latents are ``[B, C, F, h, w]``; the denoiser repeats the text conditioning per frame (as
-  diffusers' ``AnimateDiffPipeline`` does) and keeps the sigma-space DDIM sampler unchanged;
-- the DDIM schedule uses AnimateDiff's: linear betas, ``linspace`` spacing (the motion modules
-  were trained with it);
-- ``decode`` returns the ``B * F`` frames as images ``[B*F, 3, H, W]``, so any image reward scores
-  frames; ``reneg eval``'s ``FrameReward`` averages them per video.
-
-The paper's other transfer, SD2.1 -> ZeroScope: a ``TextToVideoSDPipeline`` folder (ModelScope,
-ZeroScope) is its own video model, a ``UNet3DConditionModel`` that takes ``[B, C, F, h, w]``
-latents and one text conditioning per video (it repeats it per frame itself). Its text side is
-SD2.1's: a ``CLIPTextModel`` of width 1024 (OpenCLIP ViT-H/14 converted, as SD2.1's), whose
-``last_hidden_state`` (final layer norm applied; ``clip_skip=None`` in the pipeline's
-``encode_prompt``) is what the UNet reads, so an SD2.1 embedding is in its space.
-:func:`load_text_to_video` loads such a folder; ``reneg eval`` recognises it by its
-``model_index.json``.
+A negative embedding learned on an image model lives in the output space of its text encoder, which
+these video models read unchanged, so the embedding applies to every frame's cross-attention as is.
+:func:`load_animatediff` turns a loaded SD1.x backend into a video backend; :func:`load_text_to_video`
+loads a ``TextToVideoSDPipeline`` folder (ModelScope, ZeroScope).
 """
 
 from __future__ import annotations
@@ -35,8 +18,8 @@ from ..families import FAMILIES
 from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadError
 from .parts import family_of, read_json
 
-# diffusers' AnimateDiff examples: DDIMScheduler(beta_schedule="linear", timestep_spacing="linspace",
-# steps_offset=1, clip_sample=False)
+# AnimateDiff's DDIM schedule, as diffusers' AnimateDiff examples set it: DDIMScheduler(beta_schedule="linear",
+# timestep_spacing="linspace", steps_offset=1, clip_sample=False); the motion modules were trained with it
 ANIMATEDIFF_SCHEDULER = {
     "beta_schedule": "linear",
     "beta_start": 0.00085,
@@ -49,7 +32,8 @@ ANIMATEDIFF_SCHEDULER = {
 
 
 class MotionDenoiser(DiffusersDenoiser):
-    """``D(x [B,C,F,h,w], sigma [B], cond [B,L,D]) -> x0``; the cond is repeated per frame."""
+    """``D(x [B,C,F,h,w], sigma [B], cond [B,L,D]) -> x0``; the cond is repeated per frame (as
+    diffusers' ``AnimateDiffPipeline`` does), so the sigma-space DDIM sampler is unchanged."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         if x.dim() != 5:
@@ -82,12 +66,17 @@ class VideoBackend(DiffusersBackend):
         return (b, c, self.frames, h, w)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The ``B * F`` frames as images ``[B*F, 3, H, W]``, so any image reward scores frames
+        (``reneg eval``'s ``FrameReward`` averages them per video)."""
         b, c, f, h, w = x0.shape
         return super().decode(x0.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
 
 
 def load_animatediff(backend: DiffusersBackend, adapter_dir: str, frames: int = 16) -> VideoBackend:
-    """Wrap an SD1.x backend with a local diffusers MotionAdapter folder."""
+    """Wrap an SD1.x backend with a local diffusers MotionAdapter folder (e.g.
+    ``animatediff-motion-adapter-v1-5-2``): AnimateDiff is an SD1.5 UNet + a motion adapter, with the
+    same CLIP-L text encoder. The UNet becomes ``UNetMotionModel.from_unet2d(unet, adapter)``, latents
+    are ``[B, C, F, h, w]`` and the schedule is :data:`ANIMATEDIFF_SCHEDULER`."""
     fam = FAMILIES.get(backend.family)
     if fam is None or not fam.motion_adapter:
         raise ModelLoadError(
@@ -131,7 +120,8 @@ TEXT_TO_VIDEO_PIPELINES = ("TextToVideoSDPipeline",)
 
 @dataclass
 class TextToVideoBackend(VideoBackend):
-    """A ``TextToVideoSDPipeline`` folder: the 3-D UNet reads one conditioning per video."""
+    """A ``TextToVideoSDPipeline`` folder: its own video model, a ``UNet3DConditionModel`` that takes
+    ``[B, C, F, h, w]`` latents and one text conditioning per video (it repeats it per frame itself)."""
 
     @property
     def denoiser(self) -> DiffusersDenoiser:
@@ -146,7 +136,12 @@ def is_text_to_video_folder(path: str) -> bool:
 def load_text_to_video(
     path: str, device="cpu", dtype: torch.dtype = torch.float32, frames: int = 16
 ) -> TextToVideoBackend:
-    """Load a local ``TextToVideoSDPipeline`` folder (ZeroScope, ModelScope text-to-video)."""
+    """Load a local ``TextToVideoSDPipeline`` folder (ZeroScope, ModelScope text-to-video); ``reneg eval``
+    recognises one by its ``model_index.json`` (:func:`is_text_to_video_folder`).
+
+    Its text side is SD2.1's: a ``CLIPTextModel`` of width 1024 (OpenCLIP ViT-H/14 converted, as
+    SD2.1's), whose ``last_hidden_state`` (final layer norm applied; ``clip_skip=None`` in the
+    pipeline's ``encode_prompt``) is what the UNet reads, so an SD2.1 embedding is in its space."""
     need = [
         "unet/config.json",
         "vae/config.json",

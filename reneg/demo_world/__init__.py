@@ -1,15 +1,5 @@
-"""The ReNeg demo world: a procedural image-caption world and two tiny models trained on it.
-
-- :mod:`reneg.demo_world.world`: the world (numpy + PIL only).
-- ``assets/pipeline``: a diffusers ``StableDiffusionPipeline`` folder (32 px images, text width 64).
-- ``assets/reward``: a small open_clip reward in HPSv2 checkpoint format plus its model config.
-- ``assets/judge``, ``assets/referee``: two held-out judges of the same preference in the same format, trained
-  on other data, from other seeds, with other architectures; nothing trains a negative on them, they check
-  what a negative trained on the reward learned.
-- ``tools/train_demo_world.py`` (in the repository, not installed): the script that trains them all (see
-  ``assets/CARD.md``).
-
-Importing this package needs only numpy and PIL.
+"""The ReNeg demo world: a procedural image-caption world (:mod:`reneg.demo_world.world`) and the tiny
+models trained on it, shipped in ``assets/``. Importing this package needs only numpy and PIL.
 
 Of the three look-alikes: this package holds the shipped *trained* demo models and their world;
 :mod:`reneg.demo` sets up a ``--demo`` run on them; :mod:`reneg.tiny` builds random-weight models
@@ -22,6 +12,8 @@ import os
 
 from .world import HANDCRAFTED_NEGATIVE, HANDCRAFTED_NEGATIVE_LONG, heldout_prompts, train_prompts
 
+# The models, trained by tools/train_demo_world.py (in the repository, not installed); assets/CARD.md
+# says how.
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 # The trainer and eval settings that suit this world live in reneg.demo.WORLD_SETTINGS.
@@ -31,12 +23,14 @@ REWARD_MODEL_NAME = "reneg-demo-clip"
 
 
 def pipeline_dir() -> str:
-    """The diffusers folder of the demo text-to-image pipeline."""
+    """The diffusers folder of the demo text-to-image pipeline (a ``StableDiffusionPipeline`` folder:
+    32 px images, text width 64)."""
     return os.path.join(ASSETS, "pipeline")
 
 
 def reward_checkpoint() -> str:
-    """The reward checkpoint: ``torch.load(path, weights_only=True)["state_dict"]``."""
+    """The reward checkpoint, a small open_clip reward in HPSv2 checkpoint format:
+    ``torch.load(path, weights_only=True)["state_dict"]``."""
     return os.path.join(ASSETS, "reward", "hps_demo.pt")
 
 
@@ -45,7 +39,9 @@ def reward_config() -> str:
     return os.path.join(ASSETS, "reward", "open_clip_config.json")
 
 
-# The held-out judges, in the order reneg eval --demo reports them (after the reward).
+# The held-out judges, in the order reneg eval --demo reports them (after the reward): two judges of the
+# same preference as the reward, in the same format, trained on other data, from other seeds, with other
+# architectures. Nothing trains a negative on them; they check what a negative trained on the reward learned.
 JUDGES = ("judge", "referee")
 
 

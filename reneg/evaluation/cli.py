@@ -123,7 +123,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     return s
 
 
-def config_from_args(ns) -> EvalConfig:
+def eval_config_from_args(ns) -> EvalConfig:
+    """The EvalConfig of parsed ``reneg eval`` arguments (flags left unset keep EvalConfig's defaults)."""
     d = {k: v for k, v in vars(ns).items() if k in EvalConfig.__dataclass_fields__ and v is not None}
     d["grad_range"] = tuple(d.get("grad_range", O.PAPER.grad_range))
     d.setdefault("out", EvalConfig.out)
@@ -138,7 +139,7 @@ def cmd_eval(ns) -> int:
     if ns.demo:
         cfg = demo_config(ns)
     else:
-        cfg = config_from_args(ns)
+        cfg = eval_config_from_args(ns)
         check_eval_numbers(cfg)
     summary = run_eval(cfg)
     print(_console_table(summary))

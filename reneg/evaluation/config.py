@@ -119,7 +119,7 @@ def check_eval_numbers(cfg) -> None:
 
     try:
         O.check_sampling(cfg, grad=False)
-        O.check_numbers(cfg, EVAL_NUMBERS)
+        O.check_number_table(cfg, EVAL_NUMBERS)
         threads = getattr(cfg, "threads", None)
         if threads is not None:
             from reneg.threads import parse_threads

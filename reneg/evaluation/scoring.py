@@ -1,4 +1,5 @@
-"""Scoring the eval's image files with every reward, and ``scores.csv`` (one row per image and reward)."""
+"""Scoring the eval's image files with every reward, and ``scores.csv`` (one row per image and reward);
+in the same pass the image features each negative's diversity per prompt is measured in, ``diversity.csv``."""
 
 from __future__ import annotations
 

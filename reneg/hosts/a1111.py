@@ -1,37 +1,10 @@
 """Everything the AUTOMATIC1111 / Forge / reForge extension decides, without the web UI.
 
-The extension's script (``a1111_extension/scripts/reneg_negative.py``) builds the gradio
-panel, registers the callbacks and holds the ``scripts.Script`` class; it hands every
-decision to a :class:`Host` from this module:
-
-* which embedding files exist and what they hold (:class:`EmbeddingStore`);
-* which family the loaded model is, and how it changes (:func:`model_family`, :class:`ModelWatch`);
-* what the panel lists and says (:meth:`Host.choices_and_status`, :meth:`Host.panel_state`);
-* what one generation applies (:meth:`Host.process`) and the ``on_cfg_denoiser`` hook's work
-  (:meth:`Host.on_cfg_denoiser`);
-* the infotext a generation writes and what pasting it restores; the X/Y/Z plot's axes.
-
-The web UI objects it touches are passed in and duck-typed: a processing object ``p``
-(``extra_generation_params``, ``sd_model``, ``enable_hr``, ``is_hr_pass``, ``comment``),
-the hook's ``params`` (``text_cond``, ``text_uncond``, ``denoiser.p``) and a model
-(``cond_stage_model_empty_prompt``, ``is_sd1`` / ``is_sd2`` / ``is_sdxl``).
-
-Script arguments, in this order (the UI passes them, and so does the API under
-``alwayson_scripts: {"reneg": {"args": [...]}}``; missing ones keep their defaults):
-
-    0  enabled      bool   default False
-    1  embedding    str    a name as listed in the dropdown (e.g. "sd15_reneg.safetensors"),
-                           its stem ("sd15_reneg"), or "None" (the default)
-    2  strength     float  0..1, default 1 (0 = the negative prompt, 1 = the embedding only);
-                           outside 0..1 it is clamped, with a warning; a value that is not a finite
-                           number (null, text, NaN) turns ReNeg off for that generation, with a warning
-    3  hires        bool   default True: also replace the negative in the hires-fix pass
-
-Infotext: ``ReNeg: <name>, ReNeg strength: <s>, ReNeg hash: <sha256[:10]>`` and
-``ReNeg hires: False`` when a hires pass runs without it; a generation made without ReNeg
-carries none of these keys, even when it shares its parameters dict with one made with it
-(the X/Y/Z plot makes every cell from a shallow copy of one processing object). An X/Y/Z grid
-image does not carry the ReNeg keys its ReNeg axes vary (see :func:`drop_axis_keys`).
+The extension's script (``a1111_extension/scripts/reneg_negative.py``) builds the gradio panel,
+registers the callbacks and holds the ``scripts.Script`` class; it hands every decision to a
+:class:`Host` from this module: the embedding files (:class:`EmbeddingStore`), the loaded model's
+family (:func:`model_family`, :class:`ModelWatch`), the panel's list and status, what one generation
+applies and the ``on_cfg_denoiser`` hook's work, the infotext and the X/Y/Z plot's axes.
 """
 
 from __future__ import annotations
@@ -344,9 +317,21 @@ def read_strength(v) -> tuple[float | None, str | None]:
 
 
 def parse_args(args) -> tuple[bool, str, Any, bool]:
-    """The four script args (see the module docstring) with defaults for missing ones: enabled,
-    embedding and hires coerced, strength as given (:meth:`Host.process` reads it with
-    :func:`read_strength`, which can say what was wrong with it)."""
+    """The four script args with defaults for missing ones: enabled, embedding and hires coerced,
+    strength as given (:meth:`Host.process` reads it with :func:`read_strength`, which can say what
+    was wrong with it).
+
+    The args, in this order (the UI passes them, and so does the API under
+    ``alwayson_scripts: {"reneg": {"args": [...]}}``; missing ones keep their defaults):
+
+        0  enabled      bool   default False
+        1  embedding    str    a name as listed in the dropdown (e.g. "sd15_reneg.safetensors"),
+                               its stem ("sd15_reneg"), or "None" (the default)
+        2  strength     float  0..1, default 1 (0 = the negative prompt, 1 = the embedding only);
+                               outside 0..1 it is clamped, with a warning; a value that is not a finite
+                               number (null, text, NaN) turns ReNeg off for that generation, with a warning
+        3  hires        bool   default True: also replace the negative in the hires-fix pass
+    """
     args = list(args)
     enabled, name, strength, hires = args[: len(ARG_DEFAULTS)] + list(ARG_DEFAULTS[len(args) :])
 
@@ -375,6 +360,11 @@ def clear_infotext(p) -> dict:
 
 
 def write_infotext(p, name: str, strength: float, digest: str | None, hires_skipped: bool) -> None:
+    """Write ``ReNeg: <name>, ReNeg strength: <s>, ReNeg hash: <sha256[:10]>`` into ``p``'s parameters,
+    and ``ReNeg hires: False`` when a hires pass runs without it. A generation made without ReNeg
+    carries none of these keys, even when it shares its parameters dict with one made with it
+    (:func:`clear_infotext` gives each generation its own); an X/Y/Z grid image does not carry the
+    keys its ReNeg axes vary (:func:`drop_axis_keys`)."""
     params = p.extra_generation_params
     params[KEY_NAME] = name
     params[KEY_STRENGTH] = strength
@@ -427,7 +417,12 @@ class Host:
     """One loaded copy of the extension: its files, the model it follows, and the generation
     in progress. ``folders`` lists the embedding folders (re-read on every refresh, so a
     changed setting applies); ``probe_model`` returns the loaded model without loading one;
-    ``clip_skip`` returns the web UI's CLIP skip setting."""
+    ``clip_skip`` returns the web UI's CLIP skip setting.
+
+    The web UI objects it touches are passed in and duck-typed: a processing object ``p``
+    (``extra_generation_params``, ``sd_model``, ``enable_hr``, ``is_hr_pass``, ``comment``), the
+    hook's ``params`` (``text_cond``, ``text_uncond``, ``denoiser.p``) and a model
+    (``cond_stage_model_empty_prompt``, ``is_sd1`` / ``is_sd2`` / ``is_sdxl``)."""
 
     def __init__(
         self,

@@ -1,21 +1,9 @@
-"""Differentiable reward models, loaded from local files only.
+"""Differentiable reward models, loaded from local files only: the registry of reward kinds, and the
+``--reward`` specs that name them.
 
-Every reward is a ``torch.nn.Module`` called as ``reward(images, prompts) -> [B]``
-with images in [-1, 1], BCHW, differentiable w.r.t. the images. A new reward is
-one new module in this package that decorates a loader with :func:`register`::
-
-    @register("myreward", "what it scores and which file it reads", options=("opt",))
-    def load_myreward(path, device="cpu", dtype=torch.float32, **options) -> Reward: ...
-
-Nothing else changes: the modules of this package are found with :mod:`pkgutil` the first
-time the registry is read, and the CLI help, ``reneg rewards`` and the ComfyUI nodes' lists
-all come from the registry (names, help, spec syntax, which options are paths).
-
-Reward specs on the command line: ``NAME=PATH[,option=value...][,weight=W]``,
-e.g. ``hpsv2.1=/models/HPS_v2.1_compressed.pt`` or
-``aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth,clip=/models/clip-vit-large-patch14,weight=0.5``.
+A new reward is one new module in this package that decorates a loader with :func:`register`; the CLI
+help, ``reneg rewards`` and the ComfyUI nodes' lists all come from the registry (:func:`reward_kinds`).
 Several specs combine into a weighted sum (:class:`WeightedReward`).
-Heavy libraries (open_clip, transformers) are imported inside the loaders.
 """
 
 from __future__ import annotations
@@ -57,7 +45,8 @@ class RewardInfo:
 
 
 class Reward(torch.nn.Module):
-    """Base class: subclasses implement ``forward(images, prompts) -> [B]``."""
+    """Base class: subclasses implement ``forward(images, prompts) -> [B]``, with images in [-1, 1],
+    BCHW, differentiable w.r.t. the images."""
 
     name: str = "reward"
 
@@ -88,7 +77,12 @@ def register(
     ``path_kind``: whether PATH is a "file" or a "folder"; ``options``: the option names it takes;
     ``path_options``: those options whose value is a path ("file" or "folder"; checked to exist
     before anything loads, and offered as model lists by the ComfyUI Load Reward Model node);
-    ``required``: options the spec must give.
+    ``required``: options the spec must give. For example::
+
+        @register("myreward", "what it scores and which file it reads", options=("opt",))
+        def load_myreward(path, device="cpu", dtype=torch.float32, **options) -> Reward: ...
+
+    Heavy libraries (open_clip, transformers) are imported inside the loader.
     """
 
     def deco(fn):
@@ -118,14 +112,16 @@ def _discover() -> None:
             warnings.warn(f"reward module {qual} could not be imported and is left out: {_FAILED[qual]}", stacklevel=2)
 
 
-def available() -> dict[str, RewardInfo]:
-    """Every registered reward, by name, sorted."""
+def reward_kinds() -> dict[str, RewardInfo]:
+    """The registry of reward kinds: every registered reward's RewardInfo, by name, sorted. The modules
+    of this package are found with :mod:`pkgutil` the first time it is read (:func:`_discover`), so a
+    new reward module changes nothing else."""
     _discover()
     return dict(sorted(_REGISTRY.items()))
 
 
 def names() -> list[str]:
-    return list(available())
+    return list(reward_kinds())
 
 
 def spec_help(prefix: str = "") -> str:
@@ -180,8 +176,11 @@ class RewardSpec:
 
 
 def parse_spec(text: str, check_files: bool = True) -> RewardSpec:
-    """Parse ``NAME=PATH[,key=value...]``; checks the name and that the path exists."""
-    regs = available()
+    """Parse ``NAME=PATH[,key=value...][,weight=W]``; checks the name and that the path exists.
+
+    E.g. ``hpsv2.1=/models/HPS_v2.1_compressed.pt`` or
+    ``aesthetic=/models/sac+logos+ava1-l14-linearMSE.pth,clip=/models/clip-vit-large-patch14,weight=0.5``."""
+    regs = reward_kinds()
     if "=" not in text:
         raise RewardSpecError(
             f"reward spec {text!r}: expected NAME=PATH[,weight=W], NAME one of {', '.join(sorted(regs))}"
@@ -294,7 +293,7 @@ def load_reward(
 ) -> Reward:
     if isinstance(spec, str):
         spec = parse_spec(spec)
-    info = available()[spec.name]
+    info = reward_kinds()[spec.name]
     try:
         model = info.loader(spec.path, device=device, dtype=dtype, **spec.options)
     except torch.cuda.OutOfMemoryError:

@@ -1,28 +1,9 @@
 """ImageReward: BLIP's ViT-L/16 image encoder, a BERT-base text encoder that cross-attends to
 the image, and an MLP head; the score is standardised with fixed constants.
 
-``imagereward=ImageReward.pt[,tokenizer=FOLDER][,config=FILE.json]``
-
-- The checkpoint is the published ``ImageReward.pt``: a state dict of the package's ``ImageReward``
-  module (``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``blip.vision_proj.*``,
-  ``blip.text_proj.*``, ``mlp.layers.*``), read with ``weights_only=True`` (a ``.safetensors``
-  copy with the same keys works too). Every key must fit: a file whose keys do not fit names the
-  missing and unexpected ones.
-- The network is written here in plain torch, with the package's names, so that neither the
-  ``image-reward`` package nor its ``timm``/``fairscale`` pins are needed. Its architecture is
-  :data:`PUBLISHED` (what the package builds: ``BLIP_Pretrain(image_size=224, vit="large")`` with
-  its ``med_config.json``); ``config=FILE.json`` (or ``imagereward_config.json`` beside the
-  checkpoint) overrides parts of it, e.g. for a small test model.
-- The tokenizer is ``bert-base-uncased`` plus the two tokens BLIP adds (``[DEC]`` as bos,
-  ``[ENC]``): 30,524 ids. Its files (``vocab.txt``, or a Hugging Face tokenizer folder) are not
-  in this package or any of its dependencies; they are taken, in this order, from
-  ``tokenizer=`` (a folder, or a ``vocab.txt`` file), a ``tokenizer/`` or ``bert-base-uncased/``
-  folder or a ``vocab.txt`` beside the checkpoint, or the local Hugging Face cache of
-  ``bert-base-uncased`` (read with ``local_files_only``: nothing is downloaded).
-- Score, as the package's ``ImageReward.score``: prompts tokenised to 35 tokens (padded and
-  truncated), image resized (shorter side to 224, bicubic, antialiased like PIL), centre-cropped
-  to 224 (sizes and offset as torchvision's ``Resize`` and ``CenterCrop``) and normalised with the CLIP mean/std; the [CLS] output of the text encoder goes through
-  the MLP and ``(r - 0.16717362830052426) / 1.0333394966054072``. The image path is differentiable.
+``imagereward=ImageReward.pt[,tokenizer=FOLDER][,config=FILE.json]``. The network is written here
+in plain torch, with the ``image-reward`` package's names, so that neither that package nor its
+``timm``/``fairscale`` pins are needed (docs/rewards.md, "ImageReward").
 """
 
 from __future__ import annotations
@@ -299,7 +280,10 @@ class _Blip(nn.Module):
 
 class ImageRewardModel(nn.Module):
     """The package's ``ImageReward`` module, with its state-dict names; ``forward`` is its ``score_gard``
-    (token ids, attention mask and a preprocessed image batch -> standardised rewards ``[B]``)."""
+    (token ids, attention mask and a preprocessed image batch -> standardised rewards ``[B]``).
+
+    Its architecture is ``cfg``, by default :data:`PUBLISHED` (what the package builds:
+    ``BLIP_Pretrain(image_size=224, vit="large")`` with its ``med_config.json``)."""
 
     def __init__(self, cfg: dict | None = None):
         super().__init__()
@@ -335,7 +319,13 @@ def _tokenizer_from(where: str):
 
 
 def find_tokenizer(path: str, tokenizer: str | None = None):
-    """The bert-base-uncased tokenizer with BLIP's [DEC] and [ENC] added, from local files only."""
+    """The bert-base-uncased tokenizer with BLIP's [DEC] and [ENC] added, from local files only.
+
+    ``bert-base-uncased`` plus the two tokens BLIP adds (``[DEC]`` as bos, ``[ENC]``): 30,524 ids. Its
+    files (``vocab.txt``, or a Hugging Face tokenizer folder) are not in this package or any of its
+    dependencies; they are taken, in this order, from ``tokenizer`` (a folder, or a ``vocab.txt`` file),
+    a ``tokenizer/`` or ``bert-base-uncased/`` folder or a ``vocab.txt`` beside the checkpoint, or the
+    local Hugging Face cache of ``bert-base-uncased`` (read as plain folders: nothing is downloaded)."""
     if tokenizer:
         tok = _tokenizer_from(tokenizer)
     else:
@@ -423,6 +413,11 @@ class ImageRewardScore(Reward):
         return f / f.norm(dim=-1, keepdim=True)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The score, as the package's ``ImageReward.score``: prompts tokenised to 35 tokens (padded and
+        truncated), image resized (shorter side to 224, bicubic, antialiased like PIL), centre-cropped to
+        224 (sizes and offset as torchvision's ``Resize`` and ``CenterCrop``) and normalised with the CLIP
+        mean/std; the [CLS] output of the text encoder goes through the MLP and
+        ``(r - 0.16717362830052426) / 1.0333394966054072``. The image path is differentiable."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
         p = next(self.model.parameters())
@@ -433,6 +428,8 @@ class ImageRewardScore(Reward):
 
 
 def read_config(path: str, config: str | None) -> dict:
+    """The architecture: :data:`PUBLISHED`, with the parts that ``config`` (a JSON file), or else an
+    ``imagereward_config.json`` beside the checkpoint, overrides (e.g. for a small test model)."""
     if config is None:
         beside = os.path.join(os.path.dirname(os.path.abspath(path)), "imagereward_config.json")
         config = beside if os.path.isfile(beside) else None
@@ -449,6 +446,10 @@ def read_config(path: str, config: str | None) -> dict:
 
 
 def read_state_dict(path: str) -> dict:
+    """The published ``ImageReward.pt``'s state dict: the package's ``ImageReward`` module
+    (``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``blip.vision_proj.*``, ``blip.text_proj.*``,
+    ``mlp.layers.*``), read with ``weights_only=True`` (a ``.safetensors`` copy with the same keys works
+    too). Every key must then fit (:func:`build_from_state_dict` names the missing and unexpected ones)."""
     if path.lower().endswith(".safetensors"):
         from safetensors.torch import load_file
 

@@ -2,17 +2,8 @@
 
 It is torchvision's ``Resize(size, interpolation=BICUBIC, antialias=True)`` + ``CenterCrop(size)`` +
 ``Normalize(mean, std)``, the evaluation transform of OpenAI CLIP, open_clip (HPS) and ImageReward,
-computed the way torchvision computes it on tensors:
-
-- the shorter side becomes ``size`` and the longer one ``int(size * long / short)`` (truncated, not
-  rounded), by ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``; an image already at
-  that size is left as it is;
-- the crop starts at ``int(round((side - size) / 2.0))`` (Python's rounding: halves to even); a side
-  shorter than the crop is first padded with zeros, ``(size - side) // 2`` before and the rest after.
-
-Hugging Face's ``CLIPImageProcessor`` (PickScore's reference) differs only in the crop offset, which it
-truncates: ``crop_offset="floor"``. ``tests/test_rewards_preprocess.py`` compares both with the
-libraries themselves."""
+computed the way torchvision computes it on tensors (:func:`clip_preprocess`).
+"""
 
 from __future__ import annotations
 
@@ -25,7 +16,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
     """(height, width) after resizing the shorter side of an ``h`` x ``w`` image to ``size``, as
-    torchvision (and Hugging Face's image processors) compute it."""
+    torchvision (and Hugging Face's image processors) compute it: the longer side becomes
+    ``int(size * long / short)`` (truncated, not rounded)."""
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
@@ -33,7 +25,8 @@ def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to ``size``, bicubic with antialiasing, as torchvision's tensor ``resize``."""
+    """Shorter side to ``size``, bicubic with antialiasing, as torchvision's tensor ``resize``
+    (``F.interpolate(mode="bicubic", antialias=True)``); an image already at that size is left as it is."""
     h, w = x.shape[-2:]
     out = resized_size(h, w, size)
     if (h, w) == out:
@@ -54,8 +47,11 @@ def _offset(excess: int, how: str) -> int:
 
 
 def center_crop(x: torch.Tensor, size: int, offset: str = "round") -> torch.Tensor:
-    """Centre crop ``size`` x ``size`` as torchvision's ``center_crop`` (``offset="round"``) or Hugging
-    Face's (``"floor"``); sides shorter than ``size`` are padded with zeros first, as both do."""
+    """Centre crop ``size`` x ``size`` as torchvision's ``center_crop`` (``offset="round"``: the crop
+    starts at ``int(round((side - size) / 2.0))``, Python's rounding, halves to even) or Hugging Face's
+    ``CLIPImageProcessor`` (PickScore's reference), which differs only in truncating that offset
+    (``"floor"``). Sides shorter than ``size`` are padded with zeros first, as both do:
+    ``(size - side) // 2`` before and the rest after."""
     h, w = x.shape[-2:]
     if size > h or size > w:
         pad_w, pad_h = max(size - w, 0), max(size - h, 0)
@@ -71,7 +67,8 @@ def clip_preprocess(
     images: torch.Tensor, size: int = 224, mean=OPENAI_MEAN, std=OPENAI_STD, crop_offset: str = "round"
 ) -> torch.Tensor:
     """[-1, 1] BCHW -> [0, 1] -> shorter side to ``size`` (bicubic, antialias) -> centre crop ``size``
-    -> normalise; see the module's docstring for the exact sizes and offsets."""
+    -> normalise; :func:`resized_size` and :func:`center_crop` give the exact sizes and offsets.
+    ``tests/test_rewards_preprocess.py`` compares both crop offsets with the libraries themselves."""
     x = ((images + 1) / 2).clamp(0, 1)
     x = center_crop(resize_shorter(x, size), size, crop_offset)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

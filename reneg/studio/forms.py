@@ -388,14 +388,14 @@ def check_train(form: TrainForm, resume: bool = False) -> list[str]:
     """The arguments, checked exactly as ``reneg train`` checks them (no model loads): a bad form
     raises :class:`FormError` with the trainer's one-line message, the fields named as the page
     labels them."""
-    from reneg.trainer.config import ConfigError, config_from_args, validate_train
+    from reneg.trainer.config import ConfigError, train_config_from_args, validate_train
 
     if not _text(form.out):
         raise FormError('"Output folder": required')
     args = train_args(form) + (["--resume=latest"] if resume else [])
     ns = parse_command("train", args, TRAIN_NAMES)
     try:
-        cfg = config_from_args(ns)
+        cfg = train_config_from_args(ns)
         validate_train(cfg)  # the events' flags included (check_event_args)
     except (ConfigError, OSError, ValueError) as e:
         raise FormError(name_fields(str(e), TRAIN_NAMES)) from None
@@ -578,7 +578,7 @@ def check_eval(form: EvalForm) -> list[str]:
     """``reneg eval``'s own checks, before any model loads."""
     from reneg.trainer.config import ConfigError
 
-    from reneg.evaluation.cli import config_from_args
+    from reneg.evaluation.cli import eval_config_from_args
     from reneg.evaluation.run import validate_eval
 
     if not _text(form.out):
@@ -586,7 +586,7 @@ def check_eval(form: EvalForm) -> list[str]:
     args = eval_args(form)
     ns = parse_command("eval", args, EVAL_NAMES)
     try:
-        validate_eval(config_from_args(ns))
+        validate_eval(eval_config_from_args(ns))
     except (ConfigError, OSError, ValueError) as e:
         raise FormError(name_fields(str(e), EVAL_NAMES)) from None
     return args

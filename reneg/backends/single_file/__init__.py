@@ -1,21 +1,10 @@
 """Single-file checkpoints as the UIs keep them: recognise, describe, load. Nothing is downloaded.
 
-A checkpoint in the original (LDM) layout holds the UNet under
-``model.diffusion_model.``, the VAE under ``first_stage_model.`` and the text
-encoders under ``cond_stage_model.transformer.`` (SD1.x: CLIP ViT-L/14 in the
-transformers layout), ``cond_stage_model.model.`` (SD2.x: OpenCLIP ViT-H/14 in the
-open_clip layout) or ``conditioner.embedders.0.transformer.`` +
-``conditioner.embedders.1.model.`` (SDXL: CLIP-L and OpenCLIP ViT-bigG/14).
-
-Three steps, one module each:
-
-* :mod:`.read`: the file's keys, shapes and dtypes from the safetensors header (a pickle is
-  opened memory-mapped with ``weights_only=True``), its tensors one at a time, the key prefixes;
-* :mod:`.detect`: which family and variant it is (or a one-line refusal), from keys and shapes
-  alone, with the family table's ``checkpoint_encoders``, ``native_resolution`` and
-  ``v_from_norm_std`` where families differ;
-* :mod:`.build`: the diffusers modules and the backend, from the built-in configurations of
-  :mod:`reneg.backends.configs` and diffusers' own single-file conversion functions.
+Three steps, one module each: :mod:`.read` (the file's keys, shapes and dtypes, its tensors one at a
+time), :mod:`.detect` (which family and variant it is, or a one-line refusal, from keys and shapes
+alone, with the family table's ``checkpoint_encoders``, ``native_resolution`` and ``v_from_norm_std``
+where families differ) and :mod:`.build` (the diffusers modules and the backend, from the built-in
+configurations of :mod:`reneg.backends.configs` and diffusers' own single-file conversion functions).
 """
 
 from __future__ import annotations

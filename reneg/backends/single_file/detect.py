@@ -2,26 +2,8 @@
 
 Recognition reads only the keys and shapes in the header (see :mod:`.read`), as ComfyUI
 (``comfy/model_detection.py``, ``comfy/supported_models.py``) and A1111
-(``modules/sd_models_config.py``) do:
-
-* the UNet's input channels (``input_blocks.0.0.weight``): 4 is text-to-image, 9 an
-  inpainting UNet and 8 an instruct-pix2pix UNet (both refused);
-* its cross-attention width (any ``attn2.to_k.weight``): 768 SD1.x, 1024 SD2.x, 2048 SDXL
-  (the widths of the family table, :mod:`reneg.families`);
-* SDXL's ADM input (``label_emb.0.0.weight``): the pooled vector (1280) plus six size
-  numbers; a refiner has one 1280-wide encoder and an aesthetic score instead (refused);
-* the text encoders' own prefixes (the family table's ``checkpoint_encoders``);
-* prediction type: a ``v_pred`` marker key means v-prediction (``ztsnr`` beside it: a
-  zero-terminal-SNR schedule), as ComfyUI reads them; else a safetensors
-  ``modelspec.prediction_type`` (kohya) or ``modelspec.predict_key`` (ComfyUI's saver) metadata entry; else, for SD2.x
-  (``v_from_norm_std`` in the family table), which carries no marker,
-  ComfyUI's rule: v-prediction (the 768-v model) when the standard deviation of
-  ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` is above 0.09 (one 320-number
-  tensor is read; A1111 instead runs a test forward pass of the whole UNet). Everything
-  else predicts noise. ``--prediction-type`` overrides all of it.
-
-SD3, Flux, refiners, inpainting UNets, LoRA files, embeddings and truncated files
-are refused before anything loads, with one line naming the file and what was found.
+(``modules/sd_models_config.py``) do. SD3, Flux, refiners, inpainting UNets, LoRA files, embeddings
+and truncated files are refused before anything loads, with one line naming the file and what was found.
 """
 
 from __future__ import annotations
@@ -138,6 +120,14 @@ def _context_dim(ck: Checkpoint) -> int | None:
 
 
 def _prediction(ck: Checkpoint, family: Family, override: str | None) -> tuple[str, str, bool]:
+    """``(prediction type, the reason, ztsnr)``. ``--prediction-type`` (``override``) overrides all of
+    it; else a ``v_pred`` marker key means v-prediction (``ztsnr`` beside it: a zero-terminal-SNR
+    schedule), as ComfyUI reads them; else a safetensors ``modelspec.prediction_type`` (kohya) or
+    ``modelspec.predict_key`` (ComfyUI's saver) metadata entry; else, for SD2.x (``v_from_norm_std`` in
+    the family table), which carries no marker, ComfyUI's rule: v-prediction (the 768-v model) when the
+    standard deviation of ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` is above 0.09 (one
+    320-number tensor is read; A1111 instead runs a test forward pass of the whole UNet). Everything
+    else predicts noise."""
     ztsnr = "ztsnr" in ck
     if override:
         from ..parts import normalize_prediction_type
@@ -165,7 +155,19 @@ def _prediction(ck: Checkpoint, family: Family, override: str | None) -> tuple[s
 
 
 def classify(ck: Checkpoint, prediction_type: str | None = None) -> CheckpointInfo:
-    """What a checkpoint is, from its keys and shapes, or a one-line refusal naming the file."""
+    """What a checkpoint is, from its keys and shapes, or a one-line refusal naming the file.
+
+    It reads:
+
+    * the UNet's input channels (``input_blocks.0.0.weight``): 4 is text-to-image, 9 an inpainting
+      UNet and 8 an instruct-pix2pix UNet (both refused);
+    * its cross-attention width (any ``attn2.to_k.weight``): 768 SD1.x, 1024 SD2.x, 2048 SDXL (the
+      widths of the family table, :mod:`reneg.families`);
+    * SDXL's ADM input (``label_emb.0.0.weight``): the pooled vector (1280) plus six size numbers; a
+      refiner has one 1280-wide encoder and an aesthetic score instead (refused);
+    * the text encoders' own prefixes (the family table's ``checkpoint_encoders``);
+    * the prediction type (:func:`_prediction`).
+    """
     path = ck.path
     _refuse_non_checkpoint(ck)
     in_ch = int(ck.shapes[IN_CONV][1])

@@ -19,6 +19,11 @@ from ...families import FAMILIES
 from ...fileio import SAFETENSORS_DTYPES, read_safetensors_header, safe_torch_load
 from ..diffusers_backend import ModelLoadError
 
+# The original (LDM) layout: the UNet under model.diffusion_model., the VAE under first_stage_model.,
+# the text encoders under cond_stage_model.transformer. (SD1.x: CLIP ViT-L/14 in the transformers
+# layout), cond_stage_model.model. (SD2.x: OpenCLIP ViT-H/14 in the open_clip layout) or
+# conditioner.embedders.0.transformer. + conditioner.embedders.1.model. (SDXL: CLIP-L and OpenCLIP
+# ViT-bigG/14).
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 # the text encoders' prefixes, as the family table gives them
