@@ -75,6 +75,15 @@ def test_monitor_rewards_and_diversity_are_logged_and_never_trained_on(
     assert rows[0]["heldout_hpsv2-hps_tiny_learned"] != rows[0]["heldout_learned"]
     assert len({r["heldout_hpsv2-hps_tiny_null"] for r in rows}) == 1
 
+    # heldout_scores.csv: each check's per-image scores, whose means are log.csv's columns
+    with open(out / "heldout_scores.csv", newline="", encoding="utf-8") as f:
+        per = list(csv.DictReader(f))
+    assert set(per[0]) == {"step", "prompt_index", "prompt", "measure", "score"}
+    for r in rows:
+        for measure, col in (("heldout", "heldout_learned"), ("hpsv2-hps_tiny", "heldout_hpsv2-hps_tiny_learned")):
+            got = [float(x["score"]) for x in per if x["step"] == r["step"] and x["measure"] == measure]
+            assert got and sum(got) / len(got) == pytest.approx(float(r[col]), abs=1e-5), (measure, r["step"])
+
     summary = json.loads((out / "summary.json").read_text())
     h = summary["heldout"]
     assert set(h) == {
@@ -282,6 +291,8 @@ def test_resume_continues_the_best_check_exactly(tmp_path, tiny_pipeline_dir, ti
         return [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(d)]
 
     assert rows(out) == rows(ref)
+    # the per-image scores too: the resumed run's file keeps the rows up to its checkpoint, then goes on
+    assert (out / "heldout_scores.csv").read_text() == (ref / "heldout_scores.csv").read_text()
 
 
 # --------------------------------------------------------------------------- bad flags

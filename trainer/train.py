@@ -34,6 +34,7 @@ from .events import STOP_EXIT, TrainEvents
 from .monitor import HeldoutMonitor
 
 SUMMARY_NAME = "summary.json"
+SCORES_NAME = "heldout_scores.csv"  # every held-out check's per-image scores (ScoreLog)
 
 
 class TrainingError(RuntimeError):
@@ -226,6 +227,19 @@ def train_loop(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
     return finish(run)
 
 
+class ScoreLog(CsvLog):
+    """``heldout_scores.csv``: every held-out check's per-image scores of the learned negative, one row per
+    image and measure (``heldout``: the training reward; each monitor by its name), so that a user can read
+    what the check's means hide (which prompts a monitor turned against); kept like log.csv on resume."""
+
+    FIELDS = ["step", "prompt_index", "prompt", "measure", "score"]
+
+    def write_check(self, step: int, prompts: list[str], per_image: dict) -> None:
+        for measure, scores in per_image.items():
+            for i, v in enumerate(scores):
+                self.write({"step": step, "prompt_index": i, "prompt": prompts[i], "measure": measure, "score": v})
+
+
 @dataclass
 class TrainRun:
     """One run's models, embedding, optimizer and progress: made by :func:`setup_run`, brought to its
@@ -263,6 +277,7 @@ class TrainRun:
     # set by open_outputs() and start_events()
     watch: HeldoutMonitor | None = None
     log: CsvLog | None = None
+    score_log: CsvLog | None = None
     meta: dict = field(default_factory=dict)  # the embedding files' metadata
     saved_config: dict = field(default_factory=dict)  # what a --resume compares
     events: TrainEvents | None = None
@@ -456,6 +471,7 @@ def open_outputs(run: TrainRun) -> None:
         f"heldout_{n}_{k}" for n in run.judges for k in ("null", "handcrafted", "learned")
     ]
     run.log = CsvLog(os.path.join(cfg.out, "log.csv"), run.start, extra_fields) if main else None
+    run.score_log = ScoreLog(os.path.join(cfg.out, SCORES_NAME), run.start) if main else None
     run.meta = embedding_metadata(cfg)
     run.saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))
     if main and cfg.overwrite and not run.resumed_from:
@@ -676,6 +692,8 @@ def log_step(run: TrainRun, row: dict) -> None:
 def held_out_check(run: TrainRun, step: int) -> dict:
     """Score the held-out images, then watch them: warnings (once a measure) and the best check."""
     rec, per_image = heldout_eval(run, step)
+    if run.score_log is not None:
+        run.score_log.write_check(step, run.heldout_texts, per_image)
     values = {"heldout": rec["learned"], "diversity": rec["diversity"]}
     values.update({n: rec[f"{n}_learned"] for n in run.judges})
     cfg = run.cfg
@@ -783,6 +801,8 @@ def close_loop(run: TrainRun) -> None:
         run.bar.close()
     if run.log is not None:
         run.log.close()
+    if run.score_log is not None:
+        run.score_log.close()
     run.events.close_stop_watch()
 
 
