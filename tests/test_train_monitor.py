@@ -463,3 +463,41 @@ def test_the_monitor_passes_the_held_out_reward_to_rule_1b():
         got += [(w["step"], w["measure"]) for w in new]
     assert mon.best["judge"]["heldout"] == pytest.approx(base)  # the judge's best: step 20 (ties keep the first)
     assert got == [(60, "judge")]
+
+
+def test_a_new_high_of_the_held_out_reward_with_a_monitor_far_below_its_best_warns():
+    """Rule 1c, the over-trained demo run's shape: the judge's best check (step 40) had a held-out reward the
+    run later passed only by noise; at step 80 the held-out reward sets a new high (over step 60's) while
+    the judge stands far below its best. The batches' reward is flat noise; rule 1b's paired rise over step
+    40 is not significant."""
+    rng = random.Random(12)
+    base = _scores(0.70, sd=0.03)
+
+    def centred(sd):  # image-to-image scatter that moves no mean
+        n = [rng.gauss(0, sd) for _ in base]
+        return [x - sum(n) / len(n) for x in n]
+
+    held = {20: [x - 0.01 for x in base], 40: base, 60: [x + 0.004 + n for x, n in zip(base, centred(0.02))]}
+    held[80] = [x + 0.002 + n for x, n in zip(held[60], centred(0.02))]  # just above step 60's: a new high
+    judge = {20: 0.0, 40: 0.02, 60: 0.02, 80: -0.04}  # step 60 ties step 40 (the first of equal ones stays best)
+    mon, got = HeldoutMonitor(["heldout", "judge", "diversity"]), []
+    for step in (20, 40, 60, 80):
+        for s in range(step - 19, step + 1):
+            mon.add_training_reward(s, 0.70 + rng.gauss(0, 0.05))
+        j = [x + judge[step] + random.Random(min(step, 40) if step <= 60 else step).gauss(0, 0.003) for x in base]
+        values = {"heldout": sum(held[step]) / 16, "judge": sum(j) / 16, "diversity": 0.3}
+        new, _ = mon.observe(step, values, {"heldout": held[step], "judge": j}, 20)
+        got += [(w["step"], w["measure"], w["message"]) for w in new]
+    assert [(s, m) for s, m, _ in got] == [(80, "judge")]
+    assert got[0][2].startswith(
+        f"the training reward of the held-out images reached a new high ({sum(held[80]) / 16:.4f} at step 80, "
+        f"above {sum(held[60]) / 16:.4f} at step 60) while held-out judge fell"
+    )
+    # the same checks with step 80's held-out reward a little below step 60's: no new high, no warning
+    mon2, got2 = HeldoutMonitor(["heldout", "judge", "diversity"]), []
+    held[80] = [x - 0.002 for x in held[60]]
+    for step in (20, 40, 60, 80):
+        j = [x + judge[step] + random.Random(min(step, 40) if step <= 60 else step).gauss(0, 0.003) for x in base]
+        values = {"heldout": sum(held[step]) / 16, "judge": sum(j) / 16, "diversity": 0.3}
+        got2 += mon2.observe(step, values, {"heldout": held[step], "judge": j}, 20)[0]
+    assert got2 == []

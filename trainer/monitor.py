@@ -99,6 +99,7 @@ def hacking_warning(
     window: int,
     kept: str | None = None,
     heldout_now: Sequence[float] | None = None,
+    heldout_high: tuple[float, int, float] | None = None,
 ) -> str | None:
     """The warning for ``measure`` at the held-out check of ``step``, or None.
 
@@ -113,7 +114,7 @@ def hacking_warning(
     The rule, checked for each measure against the best earlier check of that measure (its highest value;
     the first of equal ones): it warns when
 
-    1. the training reward keeps rising, by either of two readings:
+    1. the training reward keeps rising, by any of three readings:
 
        a. on the training batches: its mean over the last ``--eval-every`` logged steps is above its mean
           over the steps up to the best check by more than noise (the 95 % Welch interval of the
@@ -125,6 +126,11 @@ def hacking_warning(
           seed, lies above zero; :func:`heldout_rise`). The batches' reward is scattered by the batches'
           prompts and noise (a short rollout scatters it more), so that (a) can miss a rise that the
           same held-out images show plainly;
+       c. on the held-out images (for a monitor reward or the diversity): the training reward of this
+          check's images is the highest of the run so far (``heldout_high``). A monitor's best check is
+          often one the training reward passed long ago, on a path that wandered down and up again; (b)
+          then needs a large rise over it, while the training reward setting a new high as the monitor
+          stands far below its own best is the plainest shape of reward hacking there is;
 
     2. and the measure fell by more than noise (:func:`fell_significantly`): for a reward, the 95 %
        Student-t interval of the paired differences (this check's image minus the best check's image of
@@ -138,7 +144,8 @@ def hacking_warning(
     logged training reward as ``(step, reward)`` up to ``step``; ``window``: ``--eval-every``; ``kept``:
     the file that holds the best check's embedding, when ``--keep-best-by`` keeps this measure;
     ``heldout_now``: this check's per-image training reward (rule 1b, against ``best["heldout"]``, the
-    best check's)."""
+    best check's); ``heldout_high``: ``(previous high, its step, this check's value)`` when this check's
+    held-out training reward is the highest so far (rule 1c), else None."""
     if not best or best.get("step") is None or best["step"] >= step or window < 1:
         return None
     if not fell_significantly(measure, value, scores, best):
@@ -153,6 +160,11 @@ def hacking_warning(
             rose = (
                 f"the training reward of the held-out images rose ({held[0]:.4f} at step {best['step']} -> "
                 f"{held[1]:.4f} at step {step})"
+            )
+        elif heldout_high is not None:
+            rose = (
+                f"the training reward of the held-out images reached a new high ({heldout_high[2]:.4f} at step "
+                f"{step}, above {heldout_high[0]:.4f} at step {heldout_high[1]})"
             )
     if rose is None:
         return None
@@ -204,6 +216,11 @@ class HeldoutMonitor:
         best of ``keep_best_by`` (``self.keep`` then names it). A measure that has warned never warns
         again."""
         new, best_now = [], False
+        # rule 1c: is this check's held-out training reward the highest so far (against the earlier checks)?
+        prev, now = self.best.get("heldout"), values.get("heldout")
+        high = None
+        if prev and _finite(now) and prev.get("step") is not None and prev["step"] < step and now > prev["value"]:
+            high = (float(prev["value"]), int(prev["step"]), float(now))
         for m in self.measures:
             v = values.get(m)
             if not _finite(v):
@@ -214,7 +231,7 @@ class HeldoutMonitor:
             held = None if held is None else [float(x) for x in held]
             if not self.warned(m):
                 msg = hacking_warning(
-                    m, step, v, s, best, self.train, window, kept if m == self.keep_best_by else None, held
+                    m, step, v, s, best, self.train, window, kept if m == self.keep_best_by else None, held, high
                 )
                 if msg:
                     w = {"step": int(step), "measure": m, "message": msg}
