@@ -36,10 +36,7 @@ def _world():
 # The demo world's recipe: the paper's (AdamW, cosine, 30 DDIM steps, CFG 7.5, init from null, grad
 # step among the last 11) with 160 steps of 16 samples at lr 5e-2: about 5.5 minutes on 2 idle CPU cores
 # (held-out checks with the two judges every 20 steps included).
-# Measured (with an earlier build; today's figures are in docs/demo-world.md and docs/compute.md) on the
-# 32 held-out prompts x 16 seeds (512 images each): lr 2e-2 ends level with the
-# handcrafted negative (0.7058 vs 0.7070), lr 5e-2 and 1e-1 above it (0.7256, 0.7250), with the
-# paired gaps outside their 95 % intervals; 20 DDIM steps x 240 training steps instead: 0.7203.
+# Why lr 5e-2 and these sizes: docs/demo-world.md ("The recipe", and the recipes tried on ten seeds).
 # eval --demo: 16 images per held-out prompt for the global negatives, so that gaps of ~0.015 are
 # resolved, and per-sample tuning (the slow part) for the first image of each prompt.
 WORLD_SETTINGS = dict(
