@@ -157,6 +157,10 @@ def main(argv=None) -> int:
                     row["minus_handcrafted"][rw] = paired(mine, sc["handcrafted"])
                     row["minus_null"][rw] = paired(mine, sc["null"])
                 result["normal"].append(row)
+            # the mix against the reward alone, paired on the same images, under every reward
+            result.setdefault("mix_minus_reward", []).append(
+                {"seed": s, **{rw: paired(sc[f"mix-s{s}"], sc[f"reward-s{s}"]) for rw, sc in by_reward.items()}}
+            )
         result["rewards"] = list(by_reward)
     if "overtrain" in ns.regimes:
         for s in ns.seeds:
@@ -211,6 +215,8 @@ def table(res: dict) -> str:
             lines.append(
                 f"| {r['seed']} | {r['objective']} | " + " | ".join(_ci(r["minus_handcrafted"][x]) for x in rw) + " |"
             )
+        for r in res.get("mix_minus_reward", []):
+            lines.append(f"| {r['seed']} | mix - reward | " + " | ".join(_ci(r[x]) for x in rw) + " |")
     if res["overtrain"]:
         lines += [
             "",
