@@ -34,7 +34,7 @@ def _world():
 
 
 # The demo world's recipe: the paper's (AdamW, cosine, 30 DDIM steps, CFG 7.5, init from null, grad
-# step among the last 11) with 160 steps of 16 samples at lr 5e-2: about 5.5 minutes on 2 idle CPU cores
+# step among the last 11) with 160 steps of 16 samples at lr 5e-2: about 5 minutes on 2 idle CPU cores
 # (held-out checks with the two judges every 20 steps included).
 # Why lr 5e-2 and these sizes: docs/demo-world.md ("The recipe", and the recipes tried on ten seeds).
 # eval --demo: 16 images per held-out prompt for the global negatives, so that gaps of ~0.015 are
