@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.seed_study import eval_group, finished, log, paired, run, scores_by_reward  # noqa: E402
+from benchmarks.seed_study import _ci, eval_group, finished, log, paired, run, save, scores_by_reward  # noqa: E402
 
 OVERTRAIN = [
     "--rollout-steps",
@@ -187,17 +187,8 @@ def main(argv=None) -> int:
                 row["heldout_end"] = h.get("learned")
                 row["heldout_null"] = h.get("null")
                 result["overtrain"].append(row)
-    from reneg.fileio import atomic_write_json, atomic_write_text
-
-    atomic_write_json(os.path.join(ns.out, "result.json"), result)
-    md = table(result)
-    atomic_write_text(os.path.join(ns.out, "table.md"), md)
-    print(md)
+    save(ns.out, "result.json", result, table(result))
     return 0
-
-
-def _ci(d: dict) -> str:
-    return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
 
 
 def table(res: dict) -> str:

@@ -229,13 +229,17 @@ def main(argv=None) -> int:
         },
         "command": " ".join([sys.executable] + sys.argv),
     }
+    save(ns.out, "study.json", result, table(result))
+    return 0
+
+
+def save(out: str, name: str, result: dict, md: str) -> None:
+    """``OUT/NAME`` (the figures) and ``OUT/table.md`` (the tables, also printed), each written atomically."""
     from reneg.fileio import atomic_write_json, atomic_write_text
 
-    atomic_write_json(os.path.join(ns.out, "study.json"), result)
-    md = table(result)
-    atomic_write_text(os.path.join(ns.out, "table.md"), md)
+    atomic_write_json(os.path.join(out, name), result)
+    atomic_write_text(os.path.join(out, "table.md"), md)
     print(md)
-    return 0
 
 
 def _ci(d: dict) -> str:
