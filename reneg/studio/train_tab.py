@@ -233,6 +233,11 @@ def _bar(step: int, steps: int) -> str:
 def build(gr, studio, app) -> None:
     """The Train tab, in the page being built (``app``: its Blocks, for the page's load event)."""
     t = studio.train_defaults
+
+    def number(name: str):
+        """A number field of the form: its page id train_NAME, the form's default, the form's label."""
+        return gr.Number(elem_id=f"train_{name}", value=getattr(t, name), label=TRAIN_LABELS[name])
+
     with gr.Tab("Train"):
         with gr.Row():
             with gr.Column(scale=1):
@@ -270,55 +275,25 @@ def build(gr, studio, app) -> None:
                 c["out"] = gr.Textbox(elem_id="train_out", value=t.out, label=TRAIN_LABELS["out"])
                 with gr.Accordion("Recipe (defaults as reneg train)", open=False):
                     with gr.Row():
-                        c["steps"] = gr.Number(elem_id="train_steps", value=t.steps, label=TRAIN_LABELS["steps"])
-                        c["lr"] = gr.Number(elem_id="train_lr", value=t.lr, label=TRAIN_LABELS["lr"])
-                        c["batch_size"] = gr.Number(
-                            elem_id="train_batch_size", value=t.batch_size, label=TRAIN_LABELS["batch_size"]
-                        )
-                        c["micro_batch"] = gr.Number(
-                            elem_id="train_micro_batch", value=t.micro_batch, label=TRAIN_LABELS["micro_batch"]
-                        )
+                        c["steps"] = number("steps")
+                        c["lr"] = number("lr")
+                        c["batch_size"] = number("batch_size")
+                        c["micro_batch"] = number("micro_batch")
                     with gr.Row():
-                        c["sampling_steps"] = gr.Number(
-                            elem_id="train_sampling_steps",
-                            value=t.sampling_steps,
-                            label=TRAIN_LABELS["sampling_steps"],
-                        )
-                        c["guidance"] = gr.Number(
-                            elem_id="train_guidance", value=t.guidance, label=TRAIN_LABELS["guidance"]
-                        )
-                        c["grad_lo"] = gr.Number(
-                            elem_id="train_grad_lo", value=t.grad_lo, label=TRAIN_LABELS["grad_lo"]
-                        )
-                        c["grad_hi"] = gr.Number(
-                            elem_id="train_grad_hi", value=t.grad_hi, label=TRAIN_LABELS["grad_hi"]
-                        )
+                        c["sampling_steps"] = number("sampling_steps")
+                        c["guidance"] = number("guidance")
+                        c["grad_lo"] = number("grad_lo")
+                        c["grad_hi"] = number("grad_hi")
                     with gr.Row():
-                        c["resolution"] = gr.Number(
-                            elem_id="train_resolution", value=t.resolution, label=TRAIN_LABELS["resolution"]
-                        )
+                        c["resolution"] = number("resolution")
                         c["init"] = gr.Textbox(elem_id="train_init", value=t.init, label=TRAIN_LABELS["init"])
                         c["seed"] = gr.Textbox(elem_id="train_seed", value=str(t.seed), label=TRAIN_LABELS["seed"])
-                        c["heldout_count"] = gr.Number(
-                            elem_id="train_heldout_count",
-                            value=t.heldout_count,
-                            label=TRAIN_LABELS["heldout_count"],
-                        )
+                        c["heldout_count"] = number("heldout_count")
                     with gr.Row():
-                        c["checkpoint_every"] = gr.Number(
-                            elem_id="train_checkpoint_every",
-                            value=t.checkpoint_every,
-                            label=TRAIN_LABELS["checkpoint_every"],
-                        )
-                        c["eval_every"] = gr.Number(
-                            elem_id="train_eval_every", value=t.eval_every, label=TRAIN_LABELS["eval_every"]
-                        )
-                        c["eval_batch"] = gr.Number(
-                            elem_id="train_eval_batch", value=t.eval_batch, label=TRAIN_LABELS["eval_batch"]
-                        )
-                        c["sample_every"] = gr.Number(
-                            elem_id="train_sample_every", value=t.sample_every, label=TRAIN_LABELS["sample_every"]
-                        )
+                        c["checkpoint_every"] = number("checkpoint_every")
+                        c["eval_every"] = number("eval_every")
+                        c["eval_batch"] = number("eval_batch")
+                        c["sample_every"] = number("sample_every")
                     with gr.Row():
                         c["mixed_precision"] = gr.Dropdown(
                             TRAIN.choices("mixed_precision"),
