@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.seed_study import _ci, eval_group, finished, log, paired, run, save, scores_by_reward  # noqa: E402
+from benchmarks.seed_study import _ci, eval_group, log, paired, save, scores_by_reward, train_demo  # noqa: E402
 
 OVERTRAIN = [
     "--rollout-steps",
@@ -86,21 +86,10 @@ def child(spec_file: str, argv: list[str]) -> int:
 
 
 def train_one(root: str, regime: str, objective: str, seed: int, threads: int) -> dict:
-    name = f"{objective}-{regime}-s{seed}"
-    out = os.path.join(root, "train", name)
-    s = finished(out)
-    if s is None:
-        spec = os.path.join(root, "specs", f"{objective}.json")
-        resume = ["--resume"] if os.path.isfile(os.path.join(out, "checkpoint.pt")) else ["--overwrite"]
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", spec, "--", "train", "--demo"]
-        cmd += ["--seed", str(seed), "--out", out, "--threads", str(threads), "--no-progress", *resume]
-        cmd += REGIMES[regime]
-        secs = run(cmd, os.path.join(root, "logs", f"train-{name}.log"))
-        s = finished(out)
-        if s is None:
-            raise SystemExit(f"{out}: training ended without a finished summary.json")
-        log(f"trained {name} in {secs:.0f} s")
-    return s
+    """The demo's training with the objective's rewards (this script as a child that replaces them)."""
+    spec = os.path.join(root, "specs", f"{objective}.json")
+    child = [sys.executable, os.path.abspath(__file__), "--child", spec, "--"]
+    return train_demo(root, f"{objective}-{regime}-s{seed}", REGIMES[regime], seed, threads, command=child)
 
 
 def trajectory(folder: str, monitor: str) -> list[tuple[int, float]]:

@@ -80,18 +80,22 @@ def run(cmd: list[str], logfile: str) -> float:
     return time.time() - t0
 
 
-def train_one(root: str, name: str, flags: list[str], seed: int, threads: int) -> dict:
-    out = os.path.join(root, "train", f"{name}-s{seed}")
+def train_demo(
+    root: str, name: str, flags: list[str], seed: int, threads: int, command: list[str] | None = None
+) -> dict:
+    """``reneg train --demo --seed S --out ROOT/train/NAME [flags]`` (``command``: what runs ``reneg``), its
+    summary.json; a finished run is reused, a stopped one resumed."""
+    out = os.path.join(root, "train", name)
     s = finished(out)
     if s is None:
         resume = ["--resume"] if os.path.isfile(os.path.join(out, "checkpoint.pt")) else ["--overwrite"]
-        cmd = reneg_command() + ["train", "--demo", "--seed", str(seed), "--out", out, "--threads", str(threads)]
-        cmd += ["--no-progress", *resume, *flags]
-        secs = run(cmd, os.path.join(root, "logs", f"train-{name}-s{seed}.log"))
+        cmd = (command or reneg_command()) + ["train", "--demo", "--seed", str(seed), "--out", out]
+        cmd += ["--threads", str(threads), "--no-progress", *resume, *flags]
+        secs = run(cmd, os.path.join(root, "logs", f"train-{name}.log"))
         s = finished(out)
         if s is None:
             raise SystemExit(f"{out}: training ended without a finished summary.json")
-        log(f"trained {name} seed {seed} in {secs:.0f} s")
+        log(f"trained {name} in {secs:.0f} s")
     return s
 
 
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
     work = [(n, f, s) for s in ns.seeds for n, f in variants]
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=ns.jobs) as pool:
-        futures = {(n, s): pool.submit(train_one, ns.out, n, f, s, ns.threads) for n, f, s in work}
+        futures = {(n, s): pool.submit(train_demo, ns.out, f"{n}-s{s}", f, s, ns.threads) for n, f, s in work}
         summaries = {k: f.result() for k, f in futures.items()}
     log(f"training done ({time.time() - t0:.0f} s)")
 

@@ -60,22 +60,14 @@ def fell_significantly(
     if measure == "diversity":
         b = float(best["value"])
         return b > 0 and (b - value) / b > DIVERSITY_DROP
-    old = best.get("scores")
-    if not scores or not old or len(scores) != len(old):
-        return False
-    diffs = [float(a) - float(b) for a, b in zip(scores, old)]
-    if not all(math.isfinite(d) for d in diffs):
-        return False
-    from reneg.evaluation.stats import mean_ci
-
-    ci = mean_ci(diffs, level)
-    return ci["hi"] is not None and ci["hi"] < 0
+    ci = paired_ci(scores, best.get("scores"), level)
+    return ci is not None and ci["hi"] is not None and ci["hi"] < 0
 
 
-def heldout_rise(now: Sequence[float] | None, then: Sequence[float] | None, level: float = LEVEL):
-    """``(then_mean, now_mean)`` when the training reward of this check's held-out images (``now``) is
-    above that of an earlier check's same images (``then``) by more than noise (:func:`hacking_warning`'s rule 1b:
-    the paired interval's lower end above 0); None otherwise."""
+def paired_ci(now: Sequence[float] | None, then: Sequence[float] | None, level: float = LEVEL) -> dict | None:
+    """The Student-t interval of the paired differences ``now - then`` (this check's image minus an earlier
+    check's image of the same prompt and seed), or None when the two can not be paired or a difference is
+    not finite."""
     if not now or not then or len(now) != len(then):
         return None
     diffs = [float(a) - float(b) for a, b in zip(now, then)]
@@ -83,8 +75,15 @@ def heldout_rise(now: Sequence[float] | None, then: Sequence[float] | None, leve
         return None
     from reneg.evaluation.stats import mean_ci
 
-    ci = mean_ci(diffs, level)
-    if ci["lo"] is None or ci["lo"] <= 0:
+    return mean_ci(diffs, level)
+
+
+def heldout_rise(now: Sequence[float] | None, then: Sequence[float] | None, level: float = LEVEL):
+    """``(then_mean, now_mean)`` when the training reward of this check's held-out images (``now``) is
+    above that of an earlier check's same images (``then``) by more than noise (:func:`hacking_warning`'s rule 1b:
+    the paired interval's lower end above 0); None otherwise."""
+    ci = paired_ci(now, then, level)
+    if ci is None or ci["lo"] is None or ci["lo"] <= 0:
         return None
     return math.fsum(float(x) for x in then) / len(then), math.fsum(float(x) for x in now) / len(now)
 
@@ -221,14 +220,14 @@ class HeldoutMonitor:
         high = None
         if prev and _finite(now) and prev.get("step") is not None and prev["step"] < step and now > prev["value"]:
             high = (float(prev["value"]), int(prev["step"]), float(now))
+        held = scores.get("heldout")  # this check's per-image training reward (rule 1b, and kept with a best)
+        held = None if held is None else [float(x) for x in held]
         for m in self.measures:
             v = values.get(m)
             if not _finite(v):
                 continue
             s = scores.get(m)
             best = self.best.get(m)
-            held = scores.get("heldout")
-            held = None if held is None else [float(x) for x in held]
             if not self.warned(m):
                 msg = hacking_warning(
                     m, step, v, s, best, self.train, window, kept if m == self.keep_best_by else None, held, high

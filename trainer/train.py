@@ -131,6 +131,19 @@ class CsvLog:
         self.f.close()
 
 
+class ScoreLog(CsvLog):
+    """``heldout_scores.csv``: every held-out check's per-image scores of the learned negative, one row per
+    image and measure (``heldout``: the training reward; each monitor by its name), so that a user can read
+    what the check's means hide (which prompts a monitor turned against); kept like log.csv on resume."""
+
+    FIELDS = ["step", "prompt_index", "prompt", "measure", "score"]
+
+    def write_check(self, step: int, prompts: list[str], per_image: dict) -> None:
+        for measure, scores in per_image.items():
+            for i, v in enumerate(scores):
+                self.write({"step": step, "prompt_index": i, "prompt": prompts[i], "measure": measure, "score": v})
+
+
 def base_model_fields(model: str) -> dict:
     """Metadata naming the model an embedding was made on: its file or folder name and, for a
     single file, ``base_model_hash``: the first 10 hex digits of the sha256 of the whole file, the
@@ -227,19 +240,6 @@ def train_loop(cfg: TrainConfig, acc, main: bool, handle_signals: bool) -> dict:
     return finish(run)
 
 
-class ScoreLog(CsvLog):
-    """``heldout_scores.csv``: every held-out check's per-image scores of the learned negative, one row per
-    image and measure (``heldout``: the training reward; each monitor by its name), so that a user can read
-    what the check's means hide (which prompts a monitor turned against); kept like log.csv on resume."""
-
-    FIELDS = ["step", "prompt_index", "prompt", "measure", "score"]
-
-    def write_check(self, step: int, prompts: list[str], per_image: dict) -> None:
-        for measure, scores in per_image.items():
-            for i, v in enumerate(scores):
-                self.write({"step": step, "prompt_index": i, "prompt": prompts[i], "measure": measure, "score": v})
-
-
 @dataclass
 class TrainRun:
     """One run's models, embedding, optimizer and progress: made by :func:`setup_run`, brought to its
@@ -277,7 +277,7 @@ class TrainRun:
     # set by open_outputs() and start_events()
     watch: HeldoutMonitor | None = None
     log: CsvLog | None = None
-    score_log: CsvLog | None = None
+    score_log: ScoreLog | None = None
     meta: dict = field(default_factory=dict)  # the embedding files' metadata
     saved_config: dict = field(default_factory=dict)  # what a --resume compares
     events: TrainEvents | None = None

@@ -1,6 +1,7 @@
-"""What every tab's handlers share: an error as the one line the page shows, a picture file read.
+"""What every tab shares: an error as the one line the page shows, a picture file read, a form's fields.
 
-No gradio here: the tabs' handlers are plain methods (:mod:`reneg.studio.app`).
+No gradio import here: the tabs' handlers are plain methods (:mod:`reneg.studio.app`), and the page's
+builders pass their gradio module in.
 """
 
 from __future__ import annotations
@@ -25,3 +26,13 @@ def _pil(path: str):
 
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def form_field(component, prefix: str, defaults, labels: dict):
+    """``make(name, **more)``: a ``component`` (gr.Number, gr.Textbox...) for the form field ``name``, its
+    page id ``PREFIX_NAME``, its value the form's default, its label the form's."""
+
+    def make(name: str, **more):
+        return component(elem_id=f"{prefix}_{name}", value=getattr(defaults, name), label=labels[name], **more)
+
+    return make

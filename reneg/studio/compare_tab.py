@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import fields
 
-from .common import _err, _pil
+from .common import _err, _pil, form_field
 from .forms import EVAL_LABELS, EvalForm
 from .runs import _tail, error_line, eval_report, start_eval
 
@@ -81,48 +81,31 @@ def build(gr, studio) -> None:
     """The Compare tab, in the page being built."""
     with gr.Tab("Compare"):
         ed = studio.eval_defaults()
+        number = form_field(gr.Number, "compare", ed, EVAL_LABELS)
+        text = form_field(gr.Textbox, "compare", ed, EVAL_LABELS)
         with gr.Row():
             with gr.Column(scale=1):
                 e = {}
-                e["model"] = gr.Textbox(elem_id="compare_model", value=ed.model, label=EVAL_LABELS["model"])
-                e["config"] = gr.Textbox(elem_id="compare_config", value=ed.config, label=EVAL_LABELS["config"])
+                e["model"] = text("model")
+                e["config"] = text("config")
                 e["rewards"] = gr.Textbox(
                     elem_id="compare_rewards", value=ed.rewards, lines=2, label=EVAL_LABELS["rewards"]
                 )
-                e["prompts"] = gr.Textbox(elem_id="compare_prompts", value=ed.prompts, label=EVAL_LABELS["prompts"])
-                e["negatives"] = gr.Textbox(
-                    elem_id="compare_negatives",
-                    value=ed.negatives,
-                    lines=4,
-                    label=EVAL_LABELS["negatives"],
-                )
-                e["handcrafted"] = gr.Textbox(
-                    elem_id="compare_handcrafted", value=ed.handcrafted, label=EVAL_LABELS["handcrafted"]
-                )
-                e["out"] = gr.Textbox(elem_id="compare_out", value=ed.out, label=EVAL_LABELS["out"])
+                e["prompts"] = text("prompts")
+                e["negatives"] = text("negatives", lines=4)
+                e["handcrafted"] = text("handcrafted")
+                e["out"] = text("out")
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
-                        e["limit"] = gr.Number(elem_id="compare_limit", value=ed.limit, label=EVAL_LABELS["limit"])
-                        e["images_per_prompt"] = gr.Number(
-                            elem_id="compare_images_per_prompt",
-                            value=ed.images_per_prompt,
-                            label=EVAL_LABELS["images_per_prompt"],
-                        )
-                        e["sampling_steps"] = gr.Number(
-                            elem_id="compare_sampling_steps",
-                            value=ed.sampling_steps,
-                            label=EVAL_LABELS["sampling_steps"],
-                        )
-                        e["guidance"] = gr.Number(
-                            elem_id="compare_guidance", value=ed.guidance, label=EVAL_LABELS["guidance"]
-                        )
+                        e["limit"] = number("limit")
+                        e["images_per_prompt"] = number("images_per_prompt")
+                        e["sampling_steps"] = number("sampling_steps")
+                        e["guidance"] = number("guidance")
                     with gr.Row():
-                        e["resolution"] = gr.Number(
-                            elem_id="compare_resolution", value=ed.resolution, label=EVAL_LABELS["resolution"]
-                        )
-                        e["batch"] = gr.Number(elem_id="compare_batch", value=ed.batch, label=EVAL_LABELS["batch"])
+                        e["resolution"] = number("resolution")
+                        e["batch"] = number("batch")
                         e["seed"] = gr.Textbox(elem_id="compare_seed", value=str(ed.seed), label=EVAL_LABELS["seed"])
-                        e["device"] = gr.Textbox(elem_id="compare_device", value=ed.device, label=EVAL_LABELS["device"])
+                        e["device"] = text("device")
                 with gr.Row():
                     cmp_b = gr.Button("Run reneg eval", variant="primary", elem_id="compare_start")
                     show_b = gr.Button("Show the report in the folder")

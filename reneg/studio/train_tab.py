@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 
-from .common import _err, _pil
+from .common import _err, _pil, form_field
 from .forms import TRAIN, TRAIN_LABELS, TrainForm
 from .runs import monitor_points, recorded_form, resume_form, run_status
 
@@ -234,26 +234,16 @@ def build(gr, studio, app) -> None:
     """The Train tab, in the page being built (``app``: its Blocks, for the page's load event)."""
     t = studio.train_defaults
 
-    def number(name: str):
-        """A number field of the form: its page id train_NAME, the form's default, the form's label."""
-        return gr.Number(elem_id=f"train_{name}", value=getattr(t, name), label=TRAIN_LABELS[name])
+    number = form_field(gr.Number, "train", t, TRAIN_LABELS)
+    text = form_field(gr.Textbox, "train", t, TRAIN_LABELS)
 
     with gr.Tab("Train"):
         with gr.Row():
             with gr.Column(scale=1):
                 c = {}
-                c["model"] = gr.Textbox(
-                    elem_id="train_model",
-                    value=t.model,
-                    label=TRAIN_LABELS["model"],
-                )
-                c["config"] = gr.Textbox(elem_id="train_config", value=t.config, label=TRAIN_LABELS["config"])
-                c["rewards"] = gr.Textbox(
-                    elem_id="train_rewards",
-                    value=t.rewards,
-                    lines=2,
-                    label=TRAIN_LABELS["rewards"],
-                )
+                c["model"] = text("model")
+                c["config"] = text("config")
+                c["rewards"] = text("rewards", lines=2)
                 c["monitor_rewards"] = gr.Textbox(
                     elem_id="train_monitor_rewards",
                     value=t.monitor_rewards,
@@ -261,18 +251,10 @@ def build(gr, studio, app) -> None:
                     label=TRAIN_LABELS["monitor_rewards"],
                     info=TRAIN.help("monitor_rewards"),
                 )
-                c["prompts"] = gr.Textbox(elem_id="train_prompts", value=t.prompts, label=TRAIN_LABELS["prompts"])
-                c["heldout"] = gr.Textbox(
-                    elem_id="train_heldout",
-                    value=t.heldout,
-                    label=TRAIN_LABELS["heldout"],
-                )
-                c["handcrafted"] = gr.Textbox(
-                    elem_id="train_handcrafted",
-                    value=t.handcrafted,
-                    label=TRAIN_LABELS["handcrafted"],
-                )
-                c["out"] = gr.Textbox(elem_id="train_out", value=t.out, label=TRAIN_LABELS["out"])
+                c["prompts"] = text("prompts")
+                c["heldout"] = text("heldout")
+                c["handcrafted"] = text("handcrafted")
+                c["out"] = text("out")
                 with gr.Accordion("Recipe (defaults as reneg train)", open=False):
                     with gr.Row():
                         c["steps"] = number("steps")
@@ -286,7 +268,7 @@ def build(gr, studio, app) -> None:
                         c["grad_hi"] = number("grad_hi")
                     with gr.Row():
                         c["resolution"] = number("resolution")
-                        c["init"] = gr.Textbox(elem_id="train_init", value=t.init, label=TRAIN_LABELS["init"])
+                        c["init"] = text("init")
                         c["seed"] = gr.Textbox(elem_id="train_seed", value=str(t.seed), label=TRAIN_LABELS["seed"])
                         c["heldout_count"] = number("heldout_count")
                     with gr.Row():
@@ -301,7 +283,7 @@ def build(gr, studio, app) -> None:
                             elem_id="train_mixed_precision",
                             label=TRAIN_LABELS["mixed_precision"],
                         )
-                        c["device"] = gr.Textbox(elem_id="train_device", value=t.device, label=TRAIN_LABELS["device"])
+                        c["device"] = text("device")
                         c["report_to"] = gr.Dropdown(
                             TRAIN.choices("report_to"),
                             value=t.report_to,
