@@ -251,38 +251,6 @@ def test_demo_setup_has_no_judges_with_the_tiny_fallback(tmp_path, monkeypatch):
     assert d["kind"] == "tiny random models" and d["judges"] == []
 
 
-def test_production_code_does_not_import_the_test_builders():
-    """reneg.tiny holds the models only tests and benchmarks use; what --demo builds when the demo
-    world's assets are missing lives in reneg.demo_fallback, and the CLIP tokenizer the single-file
-    loader writes in reneg.backends.clip_tokenizer, so no installed or host-loaded module imports it."""
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    packages = {"reneg": ("reneg",), "trainer": ("reneg", "trainer")}  # trainer/ is installed as reneg.trainer
-    files = [
-        f for top in ("reneg", "trainer", "nodes", "a1111_extension", "scripts") for f in (root / top).rglob("*.py")
-    ]
-    offenders = []
-    for f in files + [root / "__init__.py"]:
-        rel = f.relative_to(root)
-        if rel == Path("reneg/tiny.py"):
-            continue
-        package = packages.get(rel.parts[0], (rel.parts[0],)) + rel.parts[1:-1]
-        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
-                module = ".".join(x for x in (base, node.module or "") if x)
-                names = [module] + [f"{module}.{a.name}" for a in node.names]
-            else:
-                continue
-            if "reneg.tiny" in names:
-                offenders.append(f"{rel}:{node.lineno}")
-    assert not offenders, offenders
-
-
 def test_eval_demo_scores_with_the_reward_first_and_the_judges(tmp_path, monkeypatch):
     from test_hostile_inputs import demo_eval_config, fake_finished_demo_train
 
