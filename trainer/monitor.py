@@ -29,11 +29,6 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    v = [float(x) for x in values if _finite(x)]
-    return math.fsum(v) / len(v) if v else None
-
-
 def training_trend(
     train: Sequence[Sequence[float]], step: int, best_step: int, window: int, level: float = LEVEL
 ) -> tuple[float, float, bool] | None:
