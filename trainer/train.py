@@ -118,9 +118,11 @@ class CsvLog:
         self.f = open(path, "a", newline="", encoding="utf-8")
         self.w = csv.DictWriter(self.f, self.fields, extrasaction="ignore")
 
-    def write(self, row: dict) -> None:
+    def write(self, *rows: dict) -> None:
+        """Append rows (floats to 6 significant digits), flushed together."""
         try:
-            self.w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            for row in rows:
+                self.w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
             self.f.flush()
         except OSError as e:  # a full disk shows up here first: name the file
             from reneg.fileio import OutputError
@@ -139,9 +141,13 @@ class ScoreLog(CsvLog):
     FIELDS = ["step", "prompt_index", "prompt", "measure", "score"]
 
     def write_check(self, step: int, prompts: list[str], per_image: dict) -> None:
-        for measure, scores in per_image.items():
-            for i, v in enumerate(scores):
-                self.write({"step": step, "prompt_index": i, "prompt": prompts[i], "measure": measure, "score": v})
+        self.write(
+            *(
+                {"step": step, "prompt_index": i, "prompt": prompts[i], "measure": measure, "score": v}
+                for measure, scores in per_image.items()
+                for i, v in enumerate(scores)
+            )
+        )
 
 
 def base_model_fields(model: str) -> dict:
