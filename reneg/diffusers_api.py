@@ -72,7 +72,7 @@ class PipelineText(NamedTuple):
     """What :func:`load_negative` needs to know of one family's pipelines beyond the family table.
 
     ``encode(pipe, texts, device, rows)``: the pipeline's own encoding of ``texts`` (its
-    ``encode_prompt``, without guidance) as a :class:`Negative` of ``len(texts)`` rows, ``rows`` being
+    ``encode_prompt``, without guidance) as a :class:`Negative` with one row per text, ``rows`` being
     the row count it encodes prompts to. ``prompt_as_embeds``: the pipeline refuses a ``prompt`` text
     beside ``negative_prompt_embeds`` (PixArt, and many newer pipelines), so a prompt is passed to it as
     its encoding."""
@@ -156,7 +156,7 @@ def pipeline_family(pipe) -> Family:
     unet = getattr(pipe, "unet", None)
     encoders = _text_encoders(pipe)
     known = "; ".join(
-        f"{f.description} ({f.pipeline or ' + '.join(map(str, f.encoders)) + ' wide text encoders'})"
+        f"{f.description} ({f.pipeline or 'text encoders ' + ' + '.join(map(str, f.encoders)) + ' wide'})"
         for f in FAMILIES.values()
         if f.pipeline or f.encoders
     )

@@ -269,6 +269,52 @@ def test_pixart_kwargs_carry_the_mask_and_fit_sigmas_300_rows(tmp_path, tiny_pix
     assert reneg.load_negative(spipe, big, prompts)["negative_prompt_embeds"].shape == (2, 300, 4096)
 
 
+def test_the_papers_pixart_file(shared_data, tiny_pixart_dir):
+    """The authors' PixArt-alpha .bin (no mask stored): its one read row, the empty prompt's mask."""
+    path = shared_data / "reneg-official" / "pixart-alpha_reneg_emb.bin"
+    if not path.is_file():
+        pytest.skip("the paper's PixArt-alpha embedding is not in the shared data folder")
+    from reneg.embedding import load_embedding
+
+    emb = load_embedding(path)
+    pipe = _pixart_pipe(tiny_pixart_dir)
+    kw = reneg.load_negative(pipe, path, "a red circle")
+    assert kw["negative_prompt_attention_mask"].tolist() == [[1] + [0] * 119]
+    assert torch.equal(kw["negative_prompt_embeds"][:, :1], emb.tensor[:, :1].float())
+    noise = _noise(1, 4, 8, 8, seed=9)
+    got = _pixart_latents(pipe, noise, **kw)
+    hand = _pixart_latents(
+        pipe,
+        noise,
+        prompt_embeds=kw["prompt_embeds"],
+        prompt_attention_mask=kw["prompt_attention_mask"],
+        negative_prompt=None,
+        negative_prompt_embeds=emb.tensor.float(),
+        negative_prompt_attention_mask=emb.mask(),
+    )
+    assert _rel(got, hand) < 1e-6  # the file's masked rows are zeroed: the transformer ignores them either way
+    assert _rel(got, _pixart_latents(pipe, noise, prompt="a red circle")) > 1e-3
+
+
+@pytest.mark.slow  # builds a 150 MB SD folder (CLIP-L's 768-wide token table)
+def test_the_papers_sd15_file_on_an_sd1_pipeline(shared_data, tmp_path):
+    path = shared_data / "reneg-official" / "sd1.5_reneg_emb.bin"
+    if not path.is_file():
+        pytest.skip("the paper's SD1.5 embedding is not in the shared data folder")
+    from reneg.embedding import load_embedding
+    from reneg.tiny import build_tiny_pipeline
+
+    pipe = _sd_pipe(build_tiny_pipeline(str(tmp_path / "sd1"), hidden=768))
+    emb = load_embedding(path).tensor.float()
+    prompts = ["a red circle", "a blue square"]
+    kw = reneg.load_negative(pipe, path, prompts)
+    noise = _noise(2, 4, 8, 8, seed=10)
+    got = _latents(pipe, noise, **kw)
+    assert torch.equal(got, _latents(pipe, noise, prompt=prompts, negative_prompt_embeds=emb.expand(2, -1, -1)))
+    with pytest.raises(EmbeddingError, match=r"sd2\.1_reneg_emb\.bin: this is a sd2 embedding .* sd1 pipeline"):
+        reneg.load_negative(pipe, path.parent / "sd2.1_reneg_emb.bin")
+
+
 def test_video_pipelines_take_the_kwargs(tmp_path, tiny_pipeline_dir, sd, sd_neg):
     from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, TextToVideoSDPipeline
 
