@@ -394,6 +394,40 @@ def test_refusals_name_the_file_what_was_expected_and_what_was_found(tmp_path, s
         reneg.load_negative(bare, path, strength=0.5)
 
 
+def test_other_kinds_of_file_plug_in_as_readers(tmp_path, sd, sd_neg, monkeypatch):
+    """READERS is where other kinds of ReNeg file go (negative tokens, per-prompt predictors): a reader
+    that recognises its file returns a Negative, one per prompt if it likes, and everything after reading
+    (blend, batch, dtype, argument names) is load_negative's."""
+    from reneg import diffusers_api
+    from reneg.diffusers_api import Negative
+
+    seen = []
+
+    def per_prompt(path, pipe, family, prompts):
+        if not str(path).endswith(".pred"):
+            return None
+        seen.append((family.name, prompts))
+        return Negative(torch.stack([sd_neg[0] * (i + 1) for i in range(len(prompts))]))
+
+    monkeypatch.setattr(diffusers_api, "READERS", [per_prompt])
+    pred = tmp_path / "neg.pred"
+    pred.write_bytes(b"")
+    kw = reneg.load_negative(sd, pred, ["a", "b", "c"])
+    assert seen == [("tiny", ["a", "b", "c"])]
+    assert torch.equal(kw["negative_prompt_embeds"][2], 3 * sd_neg[0])
+    with torch.no_grad():
+        _, e = sd.encode_prompt("", "cpu", 1, True, negative_prompt="")
+    half = reneg.load_negative(sd, pred, ["a", "b"], strength=0.5)["negative_prompt_embeds"]
+    assert torch.allclose(half[1], torch.lerp(e[0], 2 * sd_neg[0], 0.5), atol=1e-6)
+    with pytest.raises(ValueError, match=r"neg\.pred: gives 3 negatives for 2 prompts"):
+        monkeypatch.setattr(diffusers_api, "READERS", [lambda *a: Negative(sd_neg.expand(3, -1, -1))])
+        reneg.load_negative(sd, pred, ["a", "b"])
+    # a file no reader claims is read as an embedding
+    path = _file(tmp_path, "neg.safetensors", sd_neg, "tiny")
+    monkeypatch.setattr(diffusers_api, "READERS", [per_prompt])
+    assert torch.equal(reneg.load_negative(sd, path)["negative_prompt_embeds"], sd_neg)
+
+
 def test_the_api_is_import_light():
     code = (
         "import sys, reneg, reneg.diffusers_api\n"
