@@ -125,6 +125,20 @@ def make_guidance(mode: str, cfg: float, nag: NAG | None = None) -> Guidance:
     return Guidance(cfg=1.0 if mode == "nag" else cfg, nag=nag or NAG())
 
 
+def guidance_of(opts, family: str) -> Guidance:
+    """The :class:`Guidance` of a command's settings (``guidance``, ``guidance_mode``, ``nag_scale``,
+    ``nag_tau``, ``nag_alpha``; see :mod:`reneg.options`) for a model of ``family``: NAG settings
+    not given are the family's (:attr:`reneg.families.Family.nag`)."""
+    mode = getattr(opts, "guidance_mode", "cfg") or "cfg"
+    if mode == "cfg":
+        return Guidance(cfg=float(opts.guidance))
+    from .families import get_family
+
+    given = (getattr(opts, "nag_scale", None), getattr(opts, "nag_tau", None), getattr(opts, "nag_alpha", None))
+    nag = NAG(*(float(v if v is not None else d) for v, d in zip(given, get_family(family).nag)))
+    return make_guidance(mode, float(opts.guidance), nag)
+
+
 # --- the attention both backends use ------------------------------------------------------------------
 
 
