@@ -6,6 +6,7 @@ the host has loaded); rewards, samplers and model code are imported when a node 
 
 from .common import register_folders
 from .load_embedding import ReNegLoadEmbedding
+from .nag import ReNegNAG
 from .reward import ReNegLoadRewardModel, ReNegRewardScore
 from .save_embedding import ReNegSaveEmbedding
 from .tune import ReNegPerSampleTune
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "ReNegRewardScore": ReNegRewardScore,
     "ReNegLoadRewardModel": ReNegLoadRewardModel,
     "ReNegSaveEmbedding": ReNegSaveEmbedding,
+    "ReNegNAG": ReNegNAG,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +29,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ReNegRewardScore": "Reward Score",
     "ReNegLoadRewardModel": "Load Reward Model",
     "ReNegSaveEmbedding": "Save ReNeg Embedding",
+    "ReNegNAG": "ReNeg NAG",
 }

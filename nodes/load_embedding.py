@@ -182,4 +182,9 @@ class ReNegLoadEmbedding:
         emb = load_embedding(full_path(EMBEDDING_FOLDER, embedding), expected_family=family)
         base = check_conditioning(base_negative, "base_negative") if base_negative is not None else null
         _check_dtype(emb, null[0][0].dtype)
-        return (apply_embedding(base, emb, s),)
+        out = apply_embedding(base, emb, s)
+        learned = emb.metadata.get("guidance") or ("cfg" if emb.metadata.get("guidance_scale") else None)
+        if learned:  # the guidance the file was learned under: ReNeg NAG warns when it is not NAG
+            for entry in out:
+                entry[1]["reneg_learned_under"] = learned
+        return (out,)

@@ -8,7 +8,7 @@ import torch
 
 from .common import CATEGORY, REWARD_TYPE, check_interrupt, model_family_of, one_block, progress_bar, reports_errors
 from ..reneg import options as O
-from ..reneg.options import PAPER, clamp_grad_range
+from ..reneg.options import GUIDANCE_MODES, PAPER, clamp_grad_range
 from .save_embedding import INFO_KEY
 
 TITLE = "Per-Sample ReNeg Tune"
@@ -132,6 +132,18 @@ class ReNegPerSampleTune:
                         "UNet calls (docs/compute.md).",
                     },
                 ),
+                # Normalized Attention Guidance (docs/nag.md): learn the negative for the guidance it will be used with
+                "guidance": (
+                    list(GUIDANCE_MODES),
+                    {
+                        "default": "cfg",
+                        "tooltip": "cfg: the negative is CFG's unconditional input (KSampler). nag: learn it for "
+                        "ReNeg NAG at cfg 1 (few-step models). cfg+nag: both, at `cfg`.",
+                    },
+                ),
+                "nag_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "nag_tau": ("FLOAT", {"default": 2.5, "min": 1.0, "max": 10.0, "step": 0.1, "round": 0.01}),
+                "nag_alpha": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01, "round": 0.01}),
             },
         }
 
@@ -158,9 +170,14 @@ class ReNegPerSampleTune:
         scheduler,
         latent=None,
         search_steps=0,
+        guidance="cfg",
+        nag_scale=5.0,
+        nag_tau=2.5,
+        nag_alpha=0.25,
     ):
         from ..reneg.backends.comfy_backend import ComfyBackend, clone_normal, conditioning_to_cond
         from ..reneg.compute import ComputeMeter
+        from ..reneg.nag import guidance_of
         from ..reneg.tuning import tune_for_seed
         from .reward import RewardModel
 
@@ -183,6 +200,8 @@ class ReNegPerSampleTune:
             grad_step_max=grad_step_max,
         )
         steps, cfg, learning_rate, max_steps, patience = v.sampling_steps, v.guidance, v.lr, v.max_steps, v.patience
+        g = types.SimpleNamespace(guidance_mode=guidance, nag_scale=nag_scale, nag_tau=nag_tau, nag_alpha=nag_alpha)
+        O.check_nag(g)
         pos, neg = conditioning_to_cond(positive, "positive"), conditioning_to_cond(negative, "negative")
         if pos.crossattn.shape[-1] != neg.crossattn.shape[-1]:
             raise ValueError(
@@ -237,7 +256,7 @@ class ReNegPerSampleTune:
                 int(seed),
                 start,
                 int(steps),
-                float(cfg),
+                guidance_of(types.SimpleNamespace(guidance=float(cfg), **vars(g)), backend.family),
                 (int(grad_step_min), int(grad_step_max)),
                 backend.height,
                 backend.width,
@@ -265,6 +284,7 @@ class ReNegPerSampleTune:
             "best_step": res.best_step,
             "lr": float(learning_rate),
             "guidance_scale": float(cfg),
+            "guidance": guidance,
             "sampling_steps": n,
             "scheduler": scheduler,
             "grad_range": f"{grad_step_min},{grad_step_max}",

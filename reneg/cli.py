@@ -201,7 +201,7 @@ def _apply_demo(ns, kind: str) -> None:
                 setattr(ns, k, s[k])
         if "lr" not in given:
             ns.lr = s.get("tune_lr", s["lr"])
-    overridden = sorted(k for k in given if k not in ("demo", "out", "progress", "command"))
+    overridden = sorted(k for k in given if k not in ("demo", "out", "progress", "command", "guidance_mode"))
     if overridden:
         from .options import flag_of
 

@@ -75,6 +75,7 @@ class ComputeMeter:
             return out
 
         wrapped.__reneg_meter__ = self
+        wrapped.supports_nag = getattr(fn, "supports_nag", False)  # the sampler asks a denoiser (reneg/nag.py)
         return wrapped
 
     def denoiser(self, fn: Callable) -> Callable:

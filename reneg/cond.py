@@ -5,14 +5,16 @@
 SD3's pooled projection); ``mask`` is the T5 families' attention mask ``[B, L]``
 (1 = a token the model reads, 0 = padding it ignores; None = every row counts);
 ``extra`` carries anything else a backend needs per sample (SDXL's size
-conditioning ``time_ids``). The sampler never looks inside: it only batches,
-expands and detaches conds.
+conditioning ``time_ids``). ``nag`` is the negative context Normalized Attention Guidance steers
+this cond's cross-attention away from (:mod:`reneg.nag`; same batch), ``nag_settings`` its
+:class:`reneg.nag.NAG`. The sampler never looks inside: it only batches, expands and detaches conds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -23,6 +25,8 @@ class Cond:
     pooled: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     mask: torch.Tensor | None = None
+    nag: "Cond | None" = None
+    nag_settings: Any = None
 
     @property
     def batch(self) -> int:
@@ -34,7 +38,16 @@ class Cond:
             fn(self.pooled) if self.pooled is not None else None,
             {k: fn(v) for k, v in self.extra.items()},
             fn(self.mask) if self.mask is not None else None,
+            self.nag._map(fn) if self.nag is not None else None,
+            self.nag_settings,
         )
+
+    def with_nag(self, negative: "Cond", settings) -> "Cond":
+        """This cond guided by NAG away from ``negative`` (a batch-1 negative is expanded)."""
+        return replace(self, nag=negative.expand(self.batch).without_nag(), nag_settings=settings)
+
+    def without_nag(self) -> "Cond":
+        return self if self.nag is None else replace(self, nag=None, nag_settings=None)
 
     def expand(self, batch: int) -> "Cond":
         """Repeat a batch-1 cond to ``batch`` rows (views, no copies)."""
@@ -60,6 +73,11 @@ class Cond:
 
         Masked conds (T5) are padded instead: zero rows the mask marks as padding, which
         the model ignores exactly as it ignores a tokenizer's padding rows."""
+        if any(c.nag is not None for c in conds):
+            if not all(c.nag is not None and c.nag_settings == conds[0].nag_settings for c in conds):
+                raise ValueError("conds with and without NAG (or with different NAG settings) can not be batched")
+            plain = Cond.cat([c.without_nag() for c in conds])
+            return replace(plain, nag=Cond.cat([c.nag for c in conds]), nag_settings=conds[0].nag_settings)
         length = max(c.crossattn.shape[1] for c in conds)
         if any(c.mask is not None for c in conds):
             return Cond._cat_masked(conds, length)

@@ -541,3 +541,31 @@ def list_embedding_files(*folders: str | os.PathLike) -> list[str]:
                     path = os.path.join(root, fn)
                     found.setdefault(os.path.realpath(path), path)
     return sorted(set(found.values()))
+
+
+_WARNED: set[str] = set()
+
+
+def guidance_mismatch(emb: NegEmbedding, mode: str) -> str | None:
+    """A note when ``emb`` was learned under another guidance than ``mode`` (``cfg``, ``nag`` or
+    ``cfg+nag``, the ``guidance`` entry a training run writes; a file without one was learned under
+    CFG, the only guidance before NAG). A negative learned to steer CFG's unconditional pass is not the
+    one that steers NAG's attention best, and the other way round."""
+    learned = emb.metadata.get("guidance") or ("cfg" if emb.metadata.get("guidance_scale") else None)
+    if learned is None or learned == mode:
+        return None
+    where = os.path.basename(emb.path) if emb.path else "this embedding"
+    return (
+        f"ReNeg: {where} was learned under {learned} guidance and is used under {mode}; "
+        f"it works, but a negative learned under {mode} is likely to do better (docs/nag.md)"
+    )
+
+
+def warn_once(note: str) -> None:
+    """Print ``note`` to stderr the first time this process sees it."""
+    if note in _WARNED:
+        return
+    _WARNED.add(note)
+    import sys
+
+    print(note, file=sys.stderr, flush=True)

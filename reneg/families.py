@@ -44,6 +44,10 @@ class Family:
     native_resolution: int = 0  # px of the base release: a checkpoint's native image size
     v_native_resolution: int = 0  # px of its v-prediction release where that differs (SD2.x's 768-v)
     v_from_norm_std: bool = False  # no marker tells v-prediction apart: ComfyUI's norm-bias test does
+    # Normalized Attention Guidance's (scale, tau, alpha) for this family (reneg/nag.py, docs/nag.md): the
+    # authors' values where they published some for the family, else their general defaults (5, 2.5, 0.25:
+    # ComfyUI-NAG's node inputs and their diffusers Flux pipeline)
+    nag: tuple[float, float, float] = (5.0, 2.5, 0.25)
 
     @property
     def text_space(self) -> str:
@@ -67,6 +71,7 @@ FAMILIES: dict[str, Family] = {
             note="padded with the end token",
             checkpoint_encoders=(("cond_stage_model.transformer.", "CLIP-L"),),
             native_resolution=512,
+            nag=(5.0, 2.5, 0.38),  # the authors' SD1.5 workflow (ComfyUI-NAG, NAG-SD15: CFG 7 with NAG)
         ),
         Family(
             "sd2",
@@ -97,6 +102,7 @@ FAMILIES: dict[str, Family] = {
                 ("conditioner.embedders.1.model.", "OpenCLIP bigG"),
             ),
             native_resolution=1024,
+            nag=(3.0, 2.5, 0.5),  # the authors' SDXL few-step workflow (ComfyUI-NAG, NAG-DMD2: CFG 1)
         ),
         Family(
             "pixart",

@@ -16,7 +16,8 @@ import torch
 
 from .cond import Cond
 from .options import PAPER
-from .sampling import Denoiser, cfg_denoise, ddim_step, sample
+from .nag import Guidance, as_guidance
+from .sampling import Denoiser, cfg_denoise, ddim_step, nag_cond, sample
 
 
 @dataclass
@@ -63,14 +64,24 @@ def rollout_schedule(sigmas: torch.Tensor, stop: int, rollout_steps: int | None)
 
 
 def grad_step_x0(
-    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, uncond: Cond, scale: float
+    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, uncond: Cond, scale: float | Guidance
 ) -> torch.Tensor:
     """``x0~ = x0(x, n) + g (x0(x, c) - x0(x, n))`` where only the ``n`` branch has grad.
 
     With ``g == 1`` the result does not depend on ``n`` at all (and carries no graph).
+    Under NAG the conditional pass reads ``n`` in its attention, so it carries the gradient: one
+    pass under NAG alone, both passes under CFG + NAG.
     """
     b = x.shape[0]
     x = x.detach()
+    g = as_guidance(scale)
+    if g.nag is not None:
+        x0_c = denoiser(x, sigma, nag_cond(denoiser, cond.expand(b), uncond.expand(b), g))
+        if g.cfg == 1.0:
+            return x0_c
+        x0_u = denoiser(x, sigma, uncond.expand(b))
+        return (1.0 - g.cfg) * x0_u + g.cfg * x0_c
+    scale = g.cfg
     with torch.no_grad():
         x0_c = denoiser(x, sigma, cond.expand(b))
     if scale == 1.0:
@@ -97,7 +108,7 @@ def grad_step_loss(
     uncond: Cond,
     x_start: torch.Tensor,
     sigmas: torch.Tensor,
-    scale: float,
+    scale: float | Guidance,
     grad_index: int | list[int],
     reward_weight: float = 1.0,
     rollout_steps: int | None = None,
@@ -227,7 +238,7 @@ def sample_score_and_loss(
     uncond: Cond,
     x_start: torch.Tensor,
     sigmas: torch.Tensor,
-    scale: float,
+    scale: float | Guidance,
     grad_index: int,
     want_loss: bool = True,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,

@@ -87,7 +87,17 @@ class ReNegOptions:
     )
     # --- sampling (the objective samples exactly like this)
     sampling_steps: int = _opt(30, "DDIM steps (paper: 30)")
-    guidance: float = _opt(7.5, "CFG scale (paper: 7.5)")
+    guidance: float = _opt(
+        7.5,
+        "CFG scale (paper: 7.5); or nag: Normalized Attention Guidance alone, at CFG 1 (few-step and "
+        "guidance-distilled models); or SCALE+nag (e.g. 7.5+nag): CFG with NAG in its conditional pass "
+        "(docs/nag.md)",
+        metavar="SCALE|nag|SCALE+nag",
+    )
+    guidance_mode: str = _opt("cfg", "how the negative guides: cfg, nag or cfg+nag (set by --guidance)")
+    nag_scale: float | None = _opt(None, "NAG scale (1: the negative has no effect; default: the family's)", type=float)
+    nag_tau: float | None = _opt(None, "NAG norm-ratio clip tau, >= 1 (default: the family's)", type=float)
+    nag_alpha: float | None = _opt(None, "NAG blend alpha, 0 to 1 (default: the family's)", type=float)
     grad_range: tuple = _opt(
         (0, 10),
         "grad step, counted in DDIM steps from the end (paper: 0 10, one of the last 11 of 30)",
@@ -177,6 +187,11 @@ def add_options(
 
             kw["help"] = spec_help() + ("; " + helps[name] if name in helps else "")
         kw["dest"] = name if name not in flags else flag.lstrip("-").replace("-", "_")
+        if name == "guidance":  # a CFG scale, nag or SCALE+nag: also sets guidance_mode
+            kw.update(action=_GuidanceAction, default=value)
+            p.set_defaults(guidance_mode=defaults.get("guidance_mode", "cfg"))
+            p.add_argument(flag, **kw)
+            continue
         if kw.get("action") == "append":
             kw["default"] = list(value)
         elif kw.get("nargs") == 2:
@@ -187,6 +202,54 @@ def add_options(
                 kw["type"] = kind
             kw["default"] = value
         p.add_argument(flag, **kw)
+
+
+GUIDANCE_MODES = ("cfg", "nag", "cfg+nag")
+
+
+def parse_guidance(text: str, flag: str = "--guidance") -> tuple[float | None, str]:
+    """``--guidance``'s value as (CFG scale or None for the default, mode): ``7.5`` (CFG), ``nag``
+    (NAG alone: CFG 1), ``7.5+nag`` or ``cfg+nag`` (CFG with NAG)."""
+    t = str(text).strip().lower()
+    if t == "nag":
+        return 1.0, "nag"
+    if t == "cfg+nag":
+        return None, "cfg+nag"
+    head, plus, tail = t.partition("+")
+    try:
+        scale = float(head)
+    except ValueError:
+        scale = None
+    if scale is None or (plus and tail != "nag"):
+        raise OptionError(f"{flag} must be a CFG scale, nag, or SCALE+nag (e.g. 7.5+nag), got {text!r}")
+    return scale, "cfg+nag" if plus else "cfg"
+
+
+class _GuidanceAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            scale, mode = parse_guidance(values, option_string or "--guidance")
+        except OptionError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+        if scale is not None:
+            setattr(namespace, self.dest, scale)
+        namespace.guidance_mode = mode
+
+
+def check_nag(opts: Any) -> None:
+    """``guidance_mode`` and the NAG settings given (None: the family's default)."""
+    mode = getattr(opts, "guidance_mode", "cfg") or "cfg"
+    if mode not in GUIDANCE_MODES:
+        raise OptionError(f"--guidance mode must be one of {', '.join(GUIDANCE_MODES)}, got {mode!r}")
+    checks = (("nag_scale", 0.0, None), ("nag_tau", 1.0, None), ("nag_alpha", 0.0, 1.0))
+    for name, lo, hi in checks:
+        v = getattr(opts, name, None)
+        if v is None:
+            continue
+        v = _num(flag_of(name), v)
+        if not (math.isfinite(v) and v >= lo and (hi is None or v <= hi)):
+            top = f" and <= {hi:g}" if hi is not None else ""
+            raise OptionError(f"{flag_of(name)} must be a finite number >= {lo:g}{top}, got {_short(v)}")
 
 
 # --------------------------------------------------------------------------- checks
@@ -262,6 +325,7 @@ def check_sampling(
     n.update(names or {})
     steps = check_int(n["sampling_steps"], opts.sampling_steps, 1, SAMPLING_STEPS_MAX)
     check_float(n["guidance"], opts.guidance)
+    check_nag(opts)
     for side in sides:
         check_resolution(n[side], getattr(opts, side))
     if grad:
@@ -473,6 +537,8 @@ def markdown_table() -> str:
     """The shared settings as a Markdown table (docs/options.md is made from it)."""
     rows = ["| flag | default | what |", "|---|---|---|"]
     for f in fields(ReNegOptions):
+        if f.name == "guidance_mode":  # no flag of its own: --guidance sets it
+            continue
         d = default(f.name)
         if isinstance(d, bool):
             shown = "on" if d else "off"

@@ -7,7 +7,8 @@ scheduler's ``alphas_cumprod``; in ComfyUI ``model.apply_model`` already is one.
 
 DDIM with eta = 0 is exactly Euler in sigma space:
 ``x_next = x0~ + sigma_next * (x - x0~) / sigma``, and classifier-free guidance on
-x0 is the same linear combination as on eps.
+x0 is the same linear combination as on eps. ``scale`` is a CFG scale or a
+:class:`reneg.nag.Guidance` (CFG, Normalized Attention Guidance, or both).
 
 Flow-matching models (``x_t = (1 - t) x0 + t eps``, a velocity ``v = eps - x0``) use the
 same step with ``sigma = t``: the Euler step ``x + (t_next - t) v`` with ``v = (x - x0~) / t``
@@ -23,6 +24,7 @@ from typing import Callable, Protocol
 import torch
 
 from .cond import Cond
+from .nag import Guidance, as_guidance
 from .threads import tick as _follow_cpu_load
 
 
@@ -113,16 +115,23 @@ def cfg_denoise(
     sigma: torch.Tensor,
     cond: Cond,
     uncond: Cond,
-    scale: float,
+    scale: float | Guidance,
     batched: bool = True,
 ) -> torch.Tensor:
     """x0 with classifier-free guidance; ``uncond`` is the negative.
 
     ``batched`` runs both branches in one denoiser call (faster, no gradient
     needed); otherwise two calls. ``scale == 1`` skips the negative entirely.
+    Under NAG (``scale`` a :class:`Guidance` with ``nag``) the conditional pass carries the negative
+    into its attention (:func:`nag_cond`); with CFG as well, the unconditional pass runs without it.
     """
     b = x.shape[0]
+    g = as_guidance(scale)
     cond, uncond = cond.expand(b), uncond.expand(b)
+    if g.nag is not None:
+        cond = nag_cond(denoiser, cond, uncond, g)
+        batched = False  # a NAG cond and a plain one do not share a batch
+    scale = g.cfg
     if scale == 1.0:
         return denoiser(x, sigma, cond)
     if batched:
@@ -132,6 +141,13 @@ def cfg_denoise(
         x0_u = denoiser(x, sigma, uncond)
         x0_c = denoiser(x, sigma, cond)
     return x0_u + scale * (x0_c - x0_u)
+
+
+def nag_cond(denoiser: Denoiser, cond: Cond, negative: Cond, guidance: Guidance) -> Cond:
+    """``cond`` carrying ``negative`` for NAG, after checking the denoiser applies it."""
+    if not getattr(denoiser, "supports_nag", False):
+        raise ValueError(f"{type(denoiser).__name__} does not apply Normalized Attention Guidance (--guidance nag)")
+    return cond.with_nag(negative, guidance.nag)
 
 
 def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -150,7 +166,7 @@ def sample(
     sigmas: torch.Tensor,
     cond: Cond,
     uncond: Cond,
-    scale: float,
+    scale: float | Guidance,
     start: int = 0,
     stop: int | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,

@@ -8,6 +8,7 @@ import math
 import torch
 
 from .cond import Cond
+from .nag import Guidance
 from .generate import seeded_noise
 from .options import PAPER
 from .sampling import initial_latent, is_flow, sample
@@ -20,7 +21,7 @@ def tune_for_seed(
     seed: int,
     start: torch.Tensor,
     steps: int,
-    guidance: float,
+    guidance: float | Guidance,  # a CFG scale or a reneg.nag.Guidance
     grad_range: tuple[int, int],
     height: int,
     width: int,

@@ -280,7 +280,11 @@ class BaseModel(torch.nn.Module):
         sigma = t
         xc = self.model_sampling.calculate_input(sigma, x)
         ts = self.model_sampling.timestep(t).float()
-        out = self.diffusion_model(xc, ts, encoder_hidden_states=c_crossattn.to(xc.dtype), return_dict=False)[0].float()
+        out = _with_comfy_patches(
+            self.diffusion_model,
+            transformer_options,
+            lambda: self.diffusion_model(xc, ts, encoder_hidden_states=c_crossattn.to(xc.dtype), return_dict=False)[0],
+        ).float()
         return self.model_sampling.calculate_denoised(sigma, out, x)
 
     def process_latent_out(self, latent):
@@ -292,6 +296,57 @@ class ModelPatcher:
         self.model = model
         self.load_device = torch.device("cpu")
         self.model_options = {"transformer_options": {}}
+
+    def clone(self):
+        import copy
+
+        n = ModelPatcher(self.model)
+        n.model_options = copy.deepcopy(self.model_options)
+        return n
+
+
+class _ComfyAttn2:
+    """ComfyUI's BasicTransformerBlock cross-attention path with its patches (comfy/ldm/modules/attention.py):
+    ``attn2_patch`` functions on (n, context, value), then, where ``patches_replace["attn2"]`` has the
+    block, to_q/to_k/to_v, the replacement on (q, k, v, extra_options) and to_out; else the plain attention."""
+
+    def __init__(self, base, key, transformer_options):
+        self.base, self.key, self.to = base, key, transformer_options
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        if encoder_hidden_states is None:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
+        extra = {k: v for k, v in self.to.items() if k not in ("patches", "patches_replace")}
+        extra.update(n_heads=attn.heads, dim_head=attn.inner_dim // attn.heads, attn_precision=None)
+        n, context, value = hidden_states, encoder_hidden_states, None
+        patches = self.to.get("patches", {}).get("attn2_patch", [])
+        if patches:
+            value = context
+            for p in patches:
+                n, context, value = p(n, context, value, extra)
+        replace = self.to.get("patches_replace", {}).get("attn2", {})
+        if self.key in replace:
+            value = context if value is None else value
+            out = replace[self.key](attn.to_q(n), attn.to_k(context), attn.to_v(value), extra)
+            return attn.to_out[1](attn.to_out[0](out))
+        return self.base(attn, n, context, attention_mask, **kw)
+
+
+def _with_comfy_patches(unet, transformer_options, run):
+    """Run ``run()`` with the UNet's cross-attentions following ComfyUI's patch protocol, when
+    ``transformer_options`` carries patches (ComfyUI's own UNet always does; the diffusers UNet of
+    these stubs is given processors that do for the call)."""
+    if not transformer_options.get("patches") and not transformer_options.get("patches_replace"):
+        return run()
+    procs = unet.attn_processors
+    keyed = {}
+    for i, (name, p) in enumerate(procs.items()):
+        keyed[name] = _ComfyAttn2(p, ("block", i, 0), transformer_options) if ".attn2." in name else p
+    unet.set_attn_processor(keyed)
+    try:
+        return run()
+    finally:
+        unet.set_attn_processor(procs)
 
     def get_model_object(self, name):
         return getattr(self.model, name)

@@ -23,6 +23,7 @@ NODE_IDS = [
     "ReNegRewardScore",
     "ReNegLoadRewardModel",
     "ReNegSaveEmbedding",
+    "ReNegNAG",
 ]
 
 
@@ -109,6 +110,7 @@ def test_node_ids_names_and_model_folders(host, tmp_path):
         "ReNegRewardScore": "Reward Score",
         "ReNegLoadRewardModel": "Load Reward Model",
         "ReNegSaveEmbedding": "Save ReNeg Embedding",
+        "ReNegNAG": "ReNeg NAG",
     }
     paths, exts = host.fp.folder_names_and_paths["reneg"]
     assert paths[0] == os.path.join(host.models_dir, "reneg")

@@ -35,6 +35,10 @@ class TrainConfig:
     micro_batch: int = 1
     sampling_steps: int = PAPER.sampling_steps
     guidance: float = PAPER.guidance
+    guidance_mode: str = "cfg"  # cfg | nag | cfg+nag (set by --guidance; reneg/nag.py)
+    nag_scale: float | None = None  # None: the family's (reneg/families.py)
+    nag_tau: float | None = None
+    nag_alpha: float | None = None
     grad_range: tuple[int, int] = PAPER.grad_range
     resolution: int = PAPER.resolution
     init: str = "null"  # null | handcrafted | path to an embedding file
@@ -101,7 +105,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.micro_batch,
         help="samples per forward pass; batch-size / (micro-batch x processes) accumulation steps",
     )
-    O.add_options(p, ["sampling_steps", "guidance", "grad_range", "resolution"])
+    O.add_options(p, ["sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha", "grad_range", "resolution"])
     a("--init", default=d.init, help="null, handcrafted, or an embedding file to start from")
     a("--handcrafted", default=d.handcrafted, help="the handcrafted negative prompt compared against")
     O.add_options(p, ["seed"])
@@ -385,6 +389,10 @@ RESUME_MUST_MATCH = (
     "sampling_steps",
     "grad_range",
     "guidance",
+    "guidance_mode",
+    "nag_scale",
+    "nag_tau",
+    "nag_alpha",
     "resolution",
     "lr",
     "lr_schedule",

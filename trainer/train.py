@@ -24,6 +24,7 @@ from reneg.diversity import image_features, pairwise_diversity
 from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding, generate_and_score, text_negative
+from reneg.nag import guidance_of
 from reneg.objective import ObjectiveConfig, grad_step_loss
 from reneg.prompts import load_prompts
 from reneg.sampling import initial_latent, is_flow
@@ -394,7 +395,7 @@ def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
         neg=neg,
         opt=opt,
         sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-        obj=ObjectiveConfig(cfg.sampling_steps, cfg.guidance, tuple(cfg.grad_range)),
+        obj=ObjectiveConfig(cfg.sampling_steps, guidance_of(cfg, backend.family), tuple(cfg.grad_range)),
         sigmas=backend.schedule(cfg.sampling_steps),
         accum=cfg.batch_size // (cfg.micro_batch * acc.num_processes),
         shape=backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution),
@@ -478,7 +479,7 @@ def open_outputs(run: TrainRun) -> None:
     ]
     run.log = CsvLog(os.path.join(cfg.out, "log.csv"), run.start, extra_fields) if main else None
     run.score_log = ScoreLog(os.path.join(cfg.out, SCORES_NAME), run.start) if main else None
-    run.meta = embedding_metadata(cfg)
+    run.meta = {**embedding_metadata(cfg), **run.obj.guidance.metadata()}  # and the guidance it was learned under
     run.saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))
     if main and cfg.overwrite and not run.resumed_from:
         remove_old_run(cfg.out)  # --overwrite: the old run's files go once the models have loaded
@@ -608,7 +609,7 @@ def micro_batch(run: TrainRun, step: int, j: int):
             backend.negative_cond(run.neg),
             initial_latent(noise, run.sigmas[0], is_flow(backend)),
             run.sigmas,
-            cfg.guidance,
+            run.obj.guidance,
             gi if len(gi) > 1 else gi[0],
             rollout_steps=cfg.rollout_steps or None,
             # several grad steps: each one's backward at once (one graph alive)
@@ -753,7 +754,7 @@ def heldout_scores(run: TrainRun, t, pooled=None, features: bool = False) -> tup
         run.heldout_seeds,
         backend.negative_cond(t.detach(), pooled),
         cfg.sampling_steps,
-        cfg.guidance,
+        run.obj.guidance,
         cfg.resolution,
         cfg.resolution,
         cfg.eval_batch,

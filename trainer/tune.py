@@ -12,6 +12,7 @@ from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import not_a_file
 from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding
+from reneg.nag import guidance_of
 from reneg.tuning import tune_for_seed
 
 from .config import ConfigError, check_common_numbers, check_embedding_arg, check_out_dir, validate_common
@@ -35,7 +36,11 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         default="seed",
         help="seed: tune for this seed's image; fresh: new noise each step, as in the paper",
     )
-    O.add_options(p, ["max_steps", "patience", "lr", "sampling_steps", "guidance", "grad_range", "resolution"])
+    O.add_options(
+        p,
+        ["max_steps", "patience", "lr", "sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha"]
+        + ["grad_range", "resolution"],
+    )
     a(
         "--out",
         help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
@@ -163,6 +168,7 @@ def run_tune(ns) -> dict:
     from reneg.compute import ComputeMeter
 
     meter = ComputeMeter()
+    guidance = guidance_of(ns, backend.family)
     res, _ = tune_for_seed(
         backend,
         reward,
@@ -170,7 +176,7 @@ def run_tune(ns) -> dict:
         ns.seed,
         start.to(device),
         ns.sampling_steps,
-        ns.guidance,
+        guidance,
         tuple(ns.grad_range),
         ns.resolution,
         ns.resolution,
@@ -198,7 +204,7 @@ def run_tune(ns) -> dict:
         reward_files=reward_files(ns.rewards),  # how reneg eval recognises them
         steps=len(res.history),
         lr=ns.lr,
-        guidance_scale=ns.guidance,
+        **{**guidance.metadata(), "guidance_scale": ns.guidance},
         start_embedding=os.path.basename(ns.embedding) if ns.embedding else "null",
         start_reward=res.start_reward,
         best_reward=res.best_reward,

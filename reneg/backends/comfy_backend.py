@@ -67,7 +67,10 @@ def clone_normal(t: torch.Tensor | None) -> torch.Tensor | None:
 class ComfyDenoiser:
     """``D(x, sigma, cond) -> x0`` through ``model.model.apply_model``, which already is the denoiser
     of :mod:`reneg.sampling`: it takes sigma, scales the input and returns x0 whatever the
-    parameterisation (eps or v)."""
+    parameterisation (eps or v). A cond carrying a NAG negative adds NAG's attention patches
+    (:func:`reneg.nag.comfy_transformer_options`) to this call's ``transformer_options``."""
+
+    supports_nag = True
 
     def __init__(self, patcher):
         self.patcher = patcher
@@ -77,6 +80,10 @@ class ComfyDenoiser:
         options = getattr(self.patcher, "model_options", None) or {}
         transformer_options = dict(options.get("transformer_options", {}))
         transformer_options["sigmas"] = sigma
+        if cond.nag is not None:
+            from ..nag import comfy_transformer_options
+
+            transformer_options = comfy_transformer_options(transformer_options, cond.nag.crossattn, cond.nag_settings)
         kwargs = {k: cond.extra[k] for k in ("y", "c_size", "c_ar") if k in cond.extra}
         out = self.model.apply_model(
             x, sigma, c_crossattn=cond.crossattn, transformer_options=transformer_options, **kwargs

@@ -27,7 +27,11 @@ class ModelLoadError(ValueError):
 
 
 class DiffusersDenoiser:
-    """``D(x, sigma, cond) -> x0`` around a diffusers UNet (see :mod:`reneg.sampling`)."""
+    """``D(x, sigma, cond) -> x0`` around a diffusers UNet (see :mod:`reneg.sampling`).
+
+    A cond carrying a NAG negative (``cond.nag``) is guided in every cross-attention (:mod:`reneg.nag`)."""
+
+    supports_nag = True
 
     def __init__(self, unet, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", vae_scale: int = 8):
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -81,6 +85,12 @@ class DiffusersDenoiser:
         added = self.added_cond(x, cond)
         if added is not None:
             kwargs["added_cond_kwargs"] = added
+        if cond.nag is not None:
+            from ..nag import NagContext, install
+
+            install(self.unet)  # once; set_performance's processors are wrapped again here
+            ctx = NagContext(cond.nag.crossattn.to(dt), cond.nag.mask, cond.nag_settings)
+            kwargs["cross_attention_kwargs"] = {"nag": ctx}
         out = self.unet(
             (x * c_in).to(dt),
             self.timestep(sigma),

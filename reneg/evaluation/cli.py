@@ -77,7 +77,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="seeds per prompt; 2 or more also measure each negative's diversity (how much a prompt's images "
         "differ in the first reward's image features; a drop is the sign of reward hacking), into diversity.csv",
     )
-    O.add_options(s, ["sampling_steps", "guidance", "resolution"])
+    O.add_options(s, ["sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha", "resolution"])
     a("--batch", type=int, default=d.batch, help="images per generation / scoring batch")
     O.add_options(
         s,
@@ -308,7 +308,9 @@ def demo_config(ns) -> EvalConfig:
     )
     for k, v in user.items():
         setattr(cfg, k, v)
-    shown = [_FLAG_OF.get(k, O.flag_of(k)) for k in sorted(user) if k != "progress"]  # a display choice
+    shown = [
+        _FLAG_OF.get(k, O.flag_of(k)) for k in sorted(user) if k not in ("progress", "guidance_mode")
+    ]  # a display choice
     if shown:
         print(f"reneg eval --demo: using your {', '.join(shown)} instead of the demo's", flush=True)
     check_eval_numbers(cfg)

@@ -68,6 +68,10 @@ class EvalConfig:
     images_per_prompt: int = 1
     sampling_steps: int = PAPER.sampling_steps
     guidance: float = PAPER.guidance
+    guidance_mode: str = "cfg"  # cfg | nag | cfg+nag (set by --guidance; reneg/nag.py)
+    nag_scale: float | None = None  # None: the family's (reneg/families.py)
+    nag_tau: float | None = None
+    nag_alpha: float | None = None
     resolution: int = PAPER.resolution
     batch: int = 4
     tune_steps: int = PAPER.max_steps

@@ -42,6 +42,10 @@ def _generation_key(cfg: EvalConfig) -> dict:
                 ("vae", cfg.vae and os.path.abspath(cfg.vae)),
                 ("prediction_type", cfg.prediction_type),
                 ("mixed_precision", cfg.mixed_precision if cfg.mixed_precision != "no" else None),
+                ("guidance_mode", cfg.guidance_mode if cfg.guidance_mode != "cfg" else None),
+                ("nag_scale", cfg.nag_scale),
+                ("nag_tau", cfg.nag_tau),
+                ("nag_alpha", cfg.nag_alpha),
             )
             if v
         }

@@ -522,7 +522,7 @@ def render_html(summary: dict, rows, items, plots: list[str], grid_limit: int = 
         f"{summary['prompts']} prompts, {summary['images_per_negative']} images per negative, "
         f"{len(negs)} negatives; model {_e(os.path.basename(os.path.normpath(str(s.get('model', '')))))}"
         f"{' + motion adapter ' + _e(os.path.basename(os.path.normpath(s['video']))) if s.get('video') else ''}, "
-        f"{s.get('sampling_steps')} DDIM steps, CFG {s.get('guidance')}, {s.get('resolution')} px, "
+        f"{s.get('sampling_steps')} DDIM steps, {_e(_guidance_text(s))}, {s.get('resolution')} px, "
         f"seeds from {s.get('seed')}. Created {_e(summary['created'])}."
     )
     p.append(f"<p class='meta'>{meta}</p>")
@@ -780,6 +780,16 @@ def write_grid_png(out: str, summary: dict, rows, items, rows_limit: int = 12, c
 
 
 # --------------------------------------------------------------------------- all outputs
+
+
+def _guidance_text(s: dict) -> str:
+    """The guidance the images were made under, as the settings say (NAG's own settings where given)."""
+    mode = s.get("guidance_mode") or "cfg"
+    if mode == "cfg":
+        return f"CFG {s.get('guidance')}"
+    given = ", ".join(f"{k[4:]} {s[k]:g}" for k in ("nag_scale", "nag_tau", "nag_alpha") if s.get(k) is not None)
+    nag = f"NAG ({given or 'the family defaults'})"
+    return nag if mode == "nag" else f"CFG {s.get('guidance')} + {nag}"
 
 
 def write_report(out, summary, rows, items, negatives, reward_names, cfg) -> dict:

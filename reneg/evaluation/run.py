@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from reneg.embedding import guidance_mismatch, warn_once
 from reneg.fileio import atomic_write_json
 
 from . import images
@@ -170,7 +171,7 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
             log(f"reneg eval: {note}")
     frames = cfg.frames if cfg.video else 1
     # every embedding file must fit the model before any image is made (or a reward loads)
-    embs, tensors = check_negatives_fit(backend, negatives)
+    embs, tensors = check_negatives_fit(backend, negatives, _guidance(cfg, backend).mode)
     specs = [parse_spec(s) for s in cfg.rewards]
     names = reward_names(specs)
     dtype = weights_dtype(cfg.mixed_precision, device)
@@ -264,11 +265,12 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
     return summary
 
 
-def check_negatives_fit(backend, negatives: list[Negative]) -> tuple[dict, dict]:
+def check_negatives_fit(backend, negatives: list[Negative], guidance: str = "cfg") -> tuple[dict, dict]:
     """Load every embedding negative for the loaded model and put it through the model's own
     negative check (``negative_cond``, what generation and tuning call), so that a negative the model
     cannot read (PixArt-sigma's 300 rows on PixArt-alpha, a file of another family) is refused before
-    the first image, naming the negative and its file. Returns ``({file: NegEmbedding}, {file: rows})``."""
+    the first image, naming the negative and its file; a file learned under another guidance than
+    ``guidance`` (cfg, nag, cfg+nag) is warned about, once. Returns ``({file: NegEmbedding}, {file: rows})``."""
     from reneg.embedding import load_embedding
 
     embs, tensors = {}, {}
@@ -286,7 +288,17 @@ def check_negatives_fit(backend, negatives: list[Negative]) -> tuple[dict, dict]
         except ValueError as e:
             raise EvalError(f"--negative {n.name} ({n.source}): {e}") from None
         embs[n.source], tensors[n.source] = emb, rows
+        note = guidance_mismatch(emb, guidance)
+        if note:
+            warn_once(note)
     return embs, tensors
+
+
+def _guidance(cfg, backend):
+    """The eval's :class:`reneg.nag.Guidance` for this model (NAG settings not given: the family's)."""
+    from reneg.nag import guidance_of
+
+    return guidance_of(cfg, backend.family)
 
 
 def _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames) -> int:
@@ -297,7 +309,9 @@ def _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames) -> 
         chunk = need[i : i + cfg.batch]
         prompts = [it.text for it in chunk]
         noise = seeded_noise(backend, [it.seed for it in chunk], cfg.resolution, cfg.resolution)
-        img = generate(backend, backend.encode_prompts(prompts), uncond, noise, cfg.sampling_steps, cfg.guidance)
+        img = generate(
+            backend, backend.encode_prompts(prompts), uncond, noise, cfg.sampling_steps, _guidance(cfg, backend)
+        )
         img = img.cpu().view(len(chunk), frames, *img.shape[1:])
         for it, im in zip(chunk, img):
             images.save_frames(os.path.join(img_dir, it.image_name(neg.name)), im)
@@ -336,7 +350,7 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
             it.seed,
             start.to(backend.device),
             cfg.sampling_steps,
-            cfg.guidance,
+            _guidance(cfg, backend),
             tuple(cfg.grad_range),
             cfg.resolution,
             cfg.resolution,
@@ -355,7 +369,7 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
                 backend.negative_cond(res.best),
                 noise,
                 cfg.sampling_steps,
-                cfg.guidance,
+                _guidance(cfg, backend),
             ).cpu()
         name = it.image_name(neg.name)
         images.save_frames(os.path.join(img_dir, name), image.view(frames, *image.shape[1:]))
@@ -370,7 +384,7 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
                 start_embedding=os.path.basename(neg.source),
                 steps=len(res.history),
                 lr=cfg.tune_lr,
-                guidance_scale=cfg.guidance,
+                **{**_guidance(cfg, backend).metadata(), "guidance_scale": cfg.guidance},
                 start_reward=res.start_reward,
                 best_reward=res.best_reward,
             )
