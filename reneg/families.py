@@ -125,6 +125,18 @@ FAMILIES: dict[str, Family] = {
             note="see [PixArt](pixart.md)",
         ),
         Family(
+            "wan",
+            4096,
+            512,
+            None,
+            "UMT5-XXL encoder, last layer (final RMS norm); rows past the prompt's tokens and end token zeroed",
+            "Wan 2.1 / 2.2 text-to-video",
+            space="umt5xxl",
+            comfy_image_model="wan2.1",
+            pipeline="WanPipeline",
+            note="no attention mask: the transformer reads all 512 rows, zeros included; see [Wan](wan.md)",
+        ),
+        Family(
             "tiny",
             64,
             77,
