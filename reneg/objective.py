@@ -16,7 +16,7 @@ import torch
 
 from .cond import Cond
 from .options import PAPER
-from .sampling import Denoiser, cfg_denoise, ddim_step, sample
+from .sampling import Denoiser, cfg_denoise, ddim_step, sample, step_scale
 
 
 @dataclass
@@ -71,6 +71,7 @@ def grad_step_x0(
     """
     b = x.shape[0]
     x = x.detach()
+    scale = step_scale(denoiser, sigma, scale)
     with torch.no_grad():
         x0_c = denoiser(x, sigma, cond.expand(b))
     if scale == 1.0:

@@ -107,6 +107,13 @@ def to_vp(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     return x / float((1 + s * s).sqrt())
 
 
+def step_scale(denoiser: Denoiser, sigma: torch.Tensor, scale: float) -> float:
+    """The guidance scale at a step: ``scale``, unless the denoiser sets its own per step through a
+    ``step_guidance(sigma, scale)`` method (Wan 2.2 A14B: the low-noise expert has its own scale)."""
+    own = getattr(denoiser, "step_guidance", None)
+    return scale if own is None else own(sigma, scale)
+
+
 def cfg_denoise(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -123,6 +130,7 @@ def cfg_denoise(
     """
     b = x.shape[0]
     cond, uncond = cond.expand(b), uncond.expand(b)
+    scale = step_scale(denoiser, sigma, scale)
     if scale == 1.0:
         return denoiser(x, sigma, cond)
     if batched:
