@@ -53,6 +53,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         default=[],
         metavar="[NAME=]SPEC",
         help="repeatable: null | handcrafted (the paper's prompt, or --handcrafted) | handcrafted:TEXT | text:TEXT "
+        "| wan-default or wan-default-en (Wan's own negative prompt, Chinese or English) "
         "| FILE (an embedding: .safetensors or the official .bin) | tuned:FILE or tuned:null (per-sample "
         "tuning from it, per image). Names come from the file names unless given as NAME=SPEC. "
         "Default: null and handcrafted",
