@@ -233,6 +233,7 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
 
     t1 = time.time()
     from .report import DIVERSITY_NEEDS, build_summary, write_report
+    from .temporal import MEASURES as TEMPORAL_MEASURES
 
     # diversity of each negative's images of one prompt across seeds, in its reward's feature space:
     # the features come from the same pass over the files as the scores
@@ -243,6 +244,12 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
     else:
         rows = score_image_files(cfg, items, negatives, rewards, names, img_dir, frames, cover)
     write_scores_csv(os.path.join(cfg.out, "scores.csv"), rows)
+    measured = [m for m in TEMPORAL_MEASURES if any(r["reward"] == m for r in rows)]  # videos
+    roles = roles + [
+        {"name": m, "spec": m, "role": "temporal measure, VBench's definition", "trained_by": [], "embeddings": {}}
+        for m in measured
+    ]
+    names = names + measured
     div_rows = prompt_diversity(feats, negatives, items, cover)
     write_diversity_csv(os.path.join(cfg.out, DIVERSITY_CSV), div_rows)
     diversity = {"reward": feats["reward"] if feats else None, "rows": div_rows, "frames": frames, "note": note}
