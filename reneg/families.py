@@ -137,6 +137,16 @@ FAMILIES: dict[str, Family] = {
             note="no attention mask: the transformer reads all 512 rows, zeros included; see [Wan](wan.md)",
         ),
         Family(
+            "wan-experts",
+            4096,
+            1024,
+            None,
+            "UMT5-XXL encoder, as wan; the high-noise expert's 512 rows, then the low-noise expert's 512",
+            "Wan 2.2 A14B, one negative per expert",
+            space="umt5xxl",
+            note="two `wan` negatives in one file (`--wan-experts per-expert`); see [Wan](wan.md)",
+        ),
+        Family(
             "tiny",
             64,
             77,

@@ -88,6 +88,17 @@ class ReNegOptions:
     # --- sampling (the objective samples exactly like this)
     sampling_steps: int = _opt(30, "DDIM steps (paper: 30)")
     guidance: float = _opt(7.5, "CFG scale (paper: 7.5)")
+    guidance_2: float | None = _opt(
+        None,
+        "Wan 2.2 A14B: the low-noise expert's own CFG scale, as WanPipeline's guidance_scale_2 (default: --guidance)",
+        type=float,
+    )
+    wan_experts: str = _opt(
+        "shared",
+        "Wan 2.2 A14B: one negative for both experts (shared: family wan) or one per expert, stored together "
+        "in one file (per-expert: family wan-experts)",
+        choices=("shared", "per-expert"),
+    )
     grad_range: tuple = _opt(
         (0, 10),
         "grad step, counted in DDIM steps from the end (paper: 0 10, one of the last 11 of 30)",

@@ -133,3 +133,117 @@ def test_wan_refusals(tmp_path, wan21):
     with pytest.raises(ModelLoadError, match="flow-matching"):
         load_diffusers(wan21, prediction_type="v")
     assert os.path.isdir(os.path.join(wan21, "transformer"))
+
+
+def test_one_negative_per_expert_matches_the_pipeline_switching_negatives_at_the_boundary(wan22):
+    """--wan-experts per-expert: the high-noise expert reads the file's first 512 rows, the low-noise
+    expert the last 512; the pipeline does the same when its negative_prompt_embeds are swapped (through
+    its step callback) where the experts switch."""
+    from reneg.backends.loading import apply_model_options
+
+    b = apply_model_options(load_diffusers(wan22), "per-expert", 2.0)
+    assert b.family == "wan-experts" and b.null_embedding()[0].shape == (1, 1024, 4096)
+    high = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(4))
+    low = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(5))
+    cond = b.encode_prompts(["a red circle"])
+    noise = torch.randn(1, 16, 1, 2, 2, generator=torch.Generator().manual_seed(6))
+    sig = b.schedule(8)
+    got = _ours(b, cond, torch.cat([high, low], 1), noise, 8, 5.0)
+    pipe = _pipe(wan22, b.shift)
+
+    def swap(p, i, t, kw):
+        return {"negative_prompt_embeds": low} if b.denoiser.expert(float(sig[i + 1])) == 1 else {}
+
+    ref = pipe(
+        prompt_embeds=cond.crossattn,
+        negative_prompt_embeds=high,
+        guidance_scale=5.0,
+        guidance_scale_2=2.0,
+        latents=noise.clone(),
+        num_inference_steps=8,
+        height=16,
+        width=16,
+        num_frames=1,
+        output_type="latent",
+        callback_on_step_end=swap,
+        callback_on_step_end_tensor_inputs=["negative_prompt_embeds"],
+    ).frames
+    assert _rel(got, ref) < 1e-4
+    shared_b = load_diffusers(wan22)
+    with pytest.raises(ValueError, match="wan-experts negative .*per-expert"):
+        shared_b.negative_cond(torch.cat([high, low], 1))
+
+
+def test_expert_files_and_options_are_refused_where_they_do_not_fit(tmp_path, wan21, wan22):
+    from reneg.backends.loading import apply_model_options
+    from reneg.embedding import EmbeddingError, NegEmbedding, load_embedding, save_embedding
+
+    two = save_embedding(str(tmp_path / "two.safetensors"), NegEmbedding(torch.zeros(1, 1024, 4096), "wan-experts"))
+    one = save_embedding(str(tmp_path / "one.safetensors"), NegEmbedding(torch.zeros(1, 512, 4096), "wan"))
+    with pytest.raises(EmbeddingError, match=r"wan-experts embedding \(Wan 2.2 A14B.*model in use is wan \(Wan 2.1"):
+        load_embedding(two, expected_family="wan")
+    with pytest.raises(EmbeddingError, match="a wan embedding .*model in use is wan-experts"):
+        load_embedding(one, expected_family="wan-experts")
+    with pytest.raises(EmbeddingError, match="a wan embedding .*model in use is pixart"):
+        load_embedding(one, expected_family="pixart")
+    with pytest.raises(ModelLoadError, match="per-expert: .* has one transformer"):
+        apply_model_options(load_diffusers(wan21), "per-expert")
+    with pytest.raises(ModelLoadError, match="--guidance-2: .* has one transformer"):
+        apply_model_options(load_diffusers(wan21), "shared", 3.0)
+
+
+def test_wan_options_are_refused_on_other_models(tiny_backend):
+    from reneg.backends.loading import apply_model_options
+
+    with pytest.raises(ModelLoadError, match="--wan-experts and --guidance-2: for Wan 2.2 A14B.* a tiny model"):
+        apply_model_options(tiny_backend, "per-expert", 3.0)
+    assert apply_model_options(tiny_backend) is tiny_backend
+
+
+def test_wan_train_tune_and_eval_through_the_cli(tmp_path, wan21, wan22, tiny_hps_ckpt, capsys):
+    """The user's path on a tiny Wan: train one negative per expert on 2.2 A14B in image mode (one frame),
+    tune one on 2.1, and eval 5-frame videos against Wan's own default negative, with temporal measures."""
+    from reneg.cli import main
+    from reneg.embedding import load_embedding
+    from reneg.evaluation.images import load_frames
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green house\na cat in the city\n")
+    common = ["--reward", f"hpsv2={tiny_hps_ckpt}", "--sampling-steps", "3", "--resolution", "16", "--guidance", "5"]
+    run = tmp_path / "run"
+    args = ["train", "--model", wan22, *common, "--grad-range", "0", "1", "--prompts", str(prompts)]
+    args += ["--heldout-count", "2", "--out", str(run), "--steps", "2", "--batch-size", "2", "--micro-batch", "2"]
+    args += ["--lr", "0.05", "--eval-every", "2", "--no-progress", "--wan-experts", "per-expert", "--guidance-2", "3"]
+    assert main(args) == 0, capsys.readouterr().err
+    emb = load_embedding(run / "embedding.safetensors", expected_family="wan-experts")
+    assert emb.tensor.shape == (1, 1024, 4096)
+    assert json.loads((run / "summary.json").read_text())["family"] == "wan-experts"
+    tuned = tmp_path / "tuned.safetensors"
+    args = ["tune", "--model", wan21, *common, "--grad-range", "0", "1", "--prompt", "a red circle", "--seed", "1"]
+    args += ["--max-steps", "1", "--patience", "1", "--lr", "0.05", "--out", str(tuned)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert load_embedding(tuned, expected_family="wan").metadata["kind"] == "per-sample"
+    ev = tmp_path / "eval"
+    negs = ["--negative", "null", "--negative", "wan-default", "--negative", "wan-default-en"]
+    negs += ["--negative", f"learned={tuned}"]
+    args = ["eval", "--model", wan21, *common, "--prompts", str(prompts), "--limit", "2", *negs]
+    args += ["--frames", "5", "--batch", "2", "--out", str(ev), "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    s = json.loads((ev / "summary.json").read_text())
+    names = ["null", "wan-default", "wan-default-en", "learned"]
+    assert [n["name"] for n in s["negatives"]] == names
+    from reneg.evaluation.provenance import reward_names_of
+
+    assert reward_names_of(s) == ["hpsv2", "temporal_flickering", "consistency"]
+    assert load_frames(str(next((ev / "images").iterdir()))).shape == (5, 3, 16, 16)
+
+
+def test_temporal_measures():
+    from reneg.evaluation.temporal import consistency, flickering
+
+    still = torch.rand(1, 1, 3, 4, 4).expand(2, 3, 3, 4, 4) * 2 - 1
+    blink = torch.stack([-torch.ones(3, 4, 4), torch.ones(3, 4, 4), -torch.ones(3, 4, 4)])[None]
+    assert torch.allclose(flickering(still), torch.ones(2)) and torch.allclose(flickering(blink), torch.zeros(1))
+    f = torch.randn(1, 1, 8).expand(1, 4, 8)
+    assert torch.allclose(consistency(f), torch.ones(1))
+    assert torch.allclose(consistency(torch.tensor([[[1.0, 0], [0, 1.0], [0, 1.0]]])), torch.tensor([0.25]))

@@ -179,6 +179,26 @@ FOLDER_KINDS: list[FolderKind] = [
 ]
 
 
+def apply_model_options(backend, wan_experts: str = "shared", guidance_2: float | None = None):
+    """``--wan-experts`` and ``--guidance-2`` on a loaded model: Wan 2.2 A14B's settings, refused with a
+    reason on any other model. Returns the backend."""
+    set_experts = getattr(backend, "set_experts", None)
+    if set_experts is None:
+        given = [f for f, v in (("--wan-experts", wan_experts != "shared"), ("--guidance-2", guidance_2)) if v]
+        if given:
+            raise ModelLoadError(
+                f"{' and '.join(given)}: for Wan 2.2 A14B's two experts; {backend.source} is a {backend.family} model"
+            )
+        return backend
+    if guidance_2 is not None and backend.experts != 2:
+        raise ModelLoadError(
+            f"--guidance-2: {backend.source} has one transformer; the low-noise expert's own guidance is Wan 2.2 A14B's"
+        )
+    set_experts(wan_experts)
+    backend.denoiser.guidance_2 = guidance_2
+    return backend
+
+
 def _model_index(path: str) -> dict:
     p = os.path.join(path, "model_index.json")
     return read_json(p) if os.path.isfile(p) else {}

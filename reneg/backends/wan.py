@@ -29,6 +29,8 @@ from .diffusers_backend import DiffusersBackend, ModelLoadError
 from .parts import read_json
 
 FAMILY = "wan"
+EXPERTS_FAMILY = "wan-experts"  # Wan 2.2 A14B, one negative per expert: two wan negatives in one file
+EXPERT_MODES = ("shared", "per-expert")
 TEXT_TO_VIDEO = ("WanPipeline",)
 # Wan pipelines that read an image or a video besides the text: not text-to-video models
 NOT_TEXT_TO_VIDEO = {
@@ -270,19 +272,47 @@ class WanBackend(DiffusersBackend):
         rows[n:] = 0
         return rows
 
+    # --- one negative per expert (Wan 2.2 A14B) ----------------------------------------------
+    @property
+    def per_expert(self) -> bool:
+        return self.family == EXPERTS_FAMILY
+
+    def set_experts(self, mode: str) -> None:
+        """``shared``: one negative for both experts (family ``wan``); ``per-expert``: one each, a
+        ``[1, 1024, 4096]`` negative (the high-noise expert's rows, then the low-noise one's; family
+        ``wan-experts``). Per-expert needs a model with two experts."""
+        if mode not in EXPERT_MODES:
+            raise ModelLoadError(f"--wan-experts {mode}: expected one of {', '.join(EXPERT_MODES)}")
+        if mode == "per-expert" and self.transformer_2 is None:
+            raise ModelLoadError(
+                f"--wan-experts per-expert: {self.source} has one transformer (Wan 2.1 / 2.2 5B); one negative "
+                f"per expert needs Wan 2.2 A14B's two (transformer and transformer_2)"
+            )
+        self.family = EXPERTS_FAMILY if mode == "per-expert" else FAMILY
+        self.model_info["family"] = self.family
+
+    def _two(self, cond: Cond) -> Cond:
+        """In per-expert mode every cond carries the low-noise expert's rows (``extra["expert_2"]``), so
+        positive and negative conds batch together."""
+        if self.per_expert and "expert_2" not in cond.extra:
+            return Cond(cond.crossattn, cond.pooled, dict(cond.extra, expert_2=cond.crossattn), cond.mask)
+        return cond
+
     def encode_prompts(self, prompts: list[str]) -> Cond:
         for p in dict.fromkeys(prompts):
             if p not in self._cache:
                 self._cache[p] = self._encode_rows(p)
         if len(self._cache) > 20000:
             self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
-        return Cond(torch.stack([self._cache[p] for p in prompts]))
+        return self._two(Cond(torch.stack([self._cache[p] for p in prompts])))
 
     def null_embedding(self) -> tuple[torch.Tensor, None]:
-        """``E("")``: the end token's row, then 511 zero rows (what the pipeline uses for ``negative_prompt=""``)."""
+        """``E("")``: the end token's row, then 511 zero rows (what the pipeline uses for ``negative_prompt=""``);
+        in per-expert mode once per expert, ``[1, 1024, 4096]``."""
         if self._null is None:
             self._null = self._encode_rows("")[None]
-        return self._null.clone(), None
+        null = self._null.clone()
+        return (torch.cat([null, null], dim=1) if self.per_expert else null), None
 
     def negative_cond(
         self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -294,6 +324,19 @@ class WanBackend(DiffusersBackend):
             raise ValueError("Wan reads no pooled vector; a pooled vector was given with the negative")
         if neg.dim() != 3 or neg.shape[0] != 1:
             raise ValueError(f"a negative must be [1, tokens, hidden], got {list(neg.shape)}")
+        if neg.shape[1] == 2 * self.max_tokens:  # one negative per expert
+            if not self.per_expert:
+                raise ValueError(
+                    f"a wan-experts negative (one per expert, {neg.shape[1]} rows) needs Wan 2.2 A14B's two experts "
+                    f"used per expert (--wan-experts per-expert); this model reads one {self.family} negative"
+                )
+            high = self.negative_cond(
+                neg[:, : self.max_tokens], mask=None if mask is None else mask[..., : self.max_tokens]
+            )
+            low = self.negative_cond(
+                neg[:, self.max_tokens :], mask=None if mask is None else mask[..., self.max_tokens :]
+            )
+            return Cond(high.crossattn, extra={"expert_2": low.crossattn})
         if neg.shape[1] > self.max_tokens:
             raise ValueError(f"Wan reads {self.max_tokens} text rows; the negative has {neg.shape[1]}")
         neg = neg.to(self.device)
@@ -304,7 +347,7 @@ class WanBackend(DiffusersBackend):
             neg = neg * m.to(neg.dtype)[..., None]
         if neg.shape[1] < self.max_tokens:
             neg = torch.cat([neg, neg.new_zeros(1, self.max_tokens - neg.shape[1], neg.shape[2])], dim=1)
-        return Cond(neg)
+        return self._two(Cond(neg))
 
     def to(self, device) -> "WanBackend":
         self.device = torch.device(device)

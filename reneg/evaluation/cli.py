@@ -78,7 +78,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="seeds per prompt; 2 or more also measure each negative's diversity (how much a prompt's images "
         "differ in the first reward's image features; a drop is the sign of reward hacking), into diversity.csv",
     )
-    O.add_options(s, ["sampling_steps", "guidance", "resolution"])
+    O.add_options(s, ["sampling_steps", "guidance", "resolution", "guidance_2", "wan_experts"])
     a("--batch", type=int, default=d.batch, help="images per generation / scoring batch")
     O.add_options(
         s,

@@ -68,6 +68,8 @@ class EvalConfig:
     images_per_prompt: int = 1
     sampling_steps: int = PAPER.sampling_steps
     guidance: float = PAPER.guidance
+    guidance_2: float | None = PAPER.guidance_2  # Wan 2.2 A14B's low-noise expert
+    wan_experts: str = PAPER.wan_experts
     resolution: int = PAPER.resolution
     batch: int = 4
     tune_steps: int = PAPER.max_steps

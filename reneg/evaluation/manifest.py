@@ -42,6 +42,8 @@ def _generation_key(cfg: EvalConfig) -> dict:
                 ("vae", cfg.vae and os.path.abspath(cfg.vae)),
                 ("prediction_type", cfg.prediction_type),
                 ("mixed_precision", cfg.mixed_precision if cfg.mixed_precision != "no" else None),
+                ("guidance_2", cfg.guidance_2),
+                ("wan_experts", cfg.wan_experts if cfg.wan_experts != "shared" else None),
             )
             if v
         }

@@ -120,11 +120,12 @@ def _device(cfg: EvalConfig) -> torch.device:
 
 
 def load_backend(cfg: EvalConfig, device: torch.device):
-    from reneg.backends.loading import load_diffusers, makes_videos, weights_dtype
+    from reneg.backends.loading import apply_model_options, load_diffusers, makes_videos, weights_dtype
 
     dtype = weights_dtype(cfg.mixed_precision, device)
     if cfg.video and makes_videos(cfg.video):  # a video model's folder: the loader's video kind
-        return load_diffusers(cfg.video, device, dtype, frames=cfg.frames)
+        backend = load_diffusers(cfg.video, device, dtype, frames=cfg.frames)
+        return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
     backend = load_diffusers(
         cfg.model,
         device=device,
@@ -137,7 +138,7 @@ def load_backend(cfg: EvalConfig, device: torch.device):
         from .video import load_animatediff
 
         backend = load_animatediff(backend, cfg.video, cfg.frames)
-    return backend
+    return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
 
 
 def run_eval(cfg: EvalConfig, log=None) -> dict:
