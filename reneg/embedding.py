@@ -312,8 +312,11 @@ def validate(
         # our own files must carry it; foreign files are allowed without (hosts keep theirs)
         pass
     if expected_family and spec.name != expected_family and not _same_space(spec.name, expected_family):
+        want = FAMILIES.get(expected_family)
         raise EmbeddingError(
-            f"{path}: this is a {spec.name} embedding (hidden size {hidden}), but the model in use is {expected_family}"
+            f"{path}: this is a {spec.name} embedding ({spec.description}; hidden size {hidden}, "
+            f"{tensor.shape[1]} rows), but the model in use is {expected_family}"
+            + (f" ({want.description}; {want.hidden} x {want.tokens} rows)" if want else "")
         )
     return tensor, spec.name, pooled
 

@@ -17,7 +17,7 @@ import torch
 from .cond import Cond
 from .options import PAPER
 from .nag import Guidance, as_guidance
-from .sampling import Denoiser, cfg_denoise, ddim_step, nag_cond, sample
+from .sampling import Denoiser, cfg_denoise, ddim_step, nag_cond, sample, step_scale
 
 
 @dataclass
@@ -77,11 +77,12 @@ def grad_step_x0(
     g = as_guidance(scale)
     if g.nag is not None:
         x0_c = denoiser(x, sigma, nag_cond(denoiser, cond.expand(b), uncond.expand(b), g))
-        if g.cfg == 1.0:
+        cfg = step_scale(denoiser, sigma, g.cfg)
+        if cfg == 1.0:
             return x0_c
         x0_u = denoiser(x, sigma, uncond.expand(b))
-        return (1.0 - g.cfg) * x0_u + g.cfg * x0_c
-    scale = g.cfg
+        return (1.0 - cfg) * x0_u + cfg * x0_c
+    scale = step_scale(denoiser, sigma, g.cfg)
     with torch.no_grad():
         x0_c = denoiser(x, sigma, cond.expand(b))
     if scale == 1.0:

@@ -98,6 +98,17 @@ class ReNegOptions:
     nag_scale: float | None = _opt(None, "NAG scale (1: the negative has no effect; default: the family's)", type=float)
     nag_tau: float | None = _opt(None, "NAG norm-ratio clip tau, >= 1 (default: the family's)", type=float)
     nag_alpha: float | None = _opt(None, "NAG blend alpha, 0 to 1 (default: the family's)", type=float)
+    guidance_2: float | None = _opt(
+        None,
+        "Wan 2.2 A14B: the low-noise expert's own CFG scale, as WanPipeline's guidance_scale_2 (default: --guidance)",
+        type=float,
+    )
+    wan_experts: str = _opt(
+        "shared",
+        "Wan 2.2 A14B: one negative for both experts (shared: family wan) or one per expert, stored together "
+        "in one file (per-expert: family wan-experts)",
+        choices=("shared", "per-expert"),
+    )
     grad_range: tuple = _opt(
         (0, 10),
         "grad step, counted in DDIM steps from the end (paper: 0 10, one of the last 11 of 30)",

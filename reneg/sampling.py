@@ -109,6 +109,13 @@ def to_vp(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     return x / float((1 + s * s).sqrt())
 
 
+def step_scale(denoiser: Denoiser, sigma: torch.Tensor, scale: float) -> float:
+    """The guidance scale at a step: ``scale``, unless the denoiser sets its own per step through a
+    ``step_guidance(sigma, scale)`` method (Wan 2.2 A14B: the low-noise expert has its own scale)."""
+    own = getattr(denoiser, "step_guidance", None)
+    return scale if own is None else own(sigma, scale)
+
+
 def cfg_denoise(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -131,7 +138,7 @@ def cfg_denoise(
     if g.nag is not None:
         cond = nag_cond(denoiser, cond, uncond, g)
         batched = False  # a NAG cond and a plain one do not share a batch
-    scale = g.cfg
+    scale = step_scale(denoiser, sigma, g.cfg)
     if scale == 1.0:
         return denoiser(x, sigma, cond)
     if batched:

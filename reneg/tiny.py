@@ -42,6 +42,7 @@ __all__ = [
     "build_tiny_pixart",
     "build_tiny_sdxl",
     "build_tiny_text_to_video",
+    "build_tiny_wan",
     "save_text_encoder_prefixed",
     "write_clip_tokenizer",
     "write_pipeline_files",
@@ -252,4 +253,94 @@ def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sam
     index = {k: v for k, v in SD_MODEL_INDEX.items() if "safety" not in k and k != "feature_extractor"}
     index.update(_class_name="TextToVideoSDPipeline", unet=["diffusers", "UNet3DConditionModel"])
     write_pipeline_files(folder, SD_SCHEDULER, index)
+    return folder
+
+
+# Wan's scheduler config as the Wan 2.1 / 2.2 diffusers folders ship it (UniPC on flow sigmas, shift 3 for 480p)
+WAN_SCHEDULER = {
+    "_class_name": "UniPCMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "solver_order": 2,
+    "predict_x0": True,
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "timestep_spacing": "linspace",
+}
+
+
+def build_tiny_wan(folder: str, seed: int = 0, experts: int = 1, boundary_ratio: float = 0.875, layers: int = 1) -> str:
+    """A small ``WanPipeline`` folder with Wan's real conditioning sizes.
+
+    Real: the pipeline class and folder layout, UMT5's width 4096 (``text_dim`` 4096, so 512-row
+    ``[1, 512, 4096]`` negatives fit), the tokenizer's 512 tokens with the end token, the transformer's
+    architecture (patch (1, 2, 2), RoPE, qk RMS norm, cross-attention norm), ``AutoencoderKLWan`` with its
+    16 latent channels, ``latents_mean`` / ``latents_std``, 8x spatial and 4x temporal compression, the
+    scheduler config; ``experts=2``: Wan 2.2 A14B's ``transformer_2`` and ``boundary_ratio``. Small: one
+    UMT5 layer with two 8-wide heads and a vocabulary of a few hundred pieces, ``layers`` transformer
+    blocks 24 wide, a VAE 4 channels wide (16 px frames, 2x2 latents)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    write_t5_tokenizer(os.path.join(folder, "tokenizer"), 512)
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")))
+    te = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=vocab,
+            d_model=4096,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            layer_norm_epsilon=1e-6,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    te.save_pretrained(os.path.join(folder, "text_encoder"))
+
+    def transformer():
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=32,
+        )
+
+    transformer().save_pretrained(os.path.join(folder, "transformer"))
+    if experts == 2:
+        transformer().save_pretrained(os.path.join(folder, "transformer_2"))
+    AutoencoderKLWan(
+        base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).save_pretrained(os.path.join(folder, "vae"))
+    index = {
+        "_class_name": "WanPipeline",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"] if experts == 2 else [None, None],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "boundary_ratio": boundary_ratio if experts == 2 else None,
+        "expand_timesteps": False,
+    }
+    write_pipeline_files(folder, dict(WAN_SCHEDULER), index)
     return folder

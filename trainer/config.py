@@ -39,6 +39,8 @@ class TrainConfig:
     nag_scale: float | None = None  # None: the family's (reneg/families.py)
     nag_tau: float | None = None
     nag_alpha: float | None = None
+    guidance_2: float | None = PAPER.guidance_2  # Wan 2.2 A14B's low-noise expert
+    wan_experts: str = PAPER.wan_experts
     grad_range: tuple[int, int] = PAPER.grad_range
     resolution: int = PAPER.resolution
     init: str = "null"  # null | handcrafted | path to an embedding file
@@ -105,7 +107,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.micro_batch,
         help="samples per forward pass; batch-size / (micro-batch x processes) accumulation steps",
     )
-    O.add_options(p, ["sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha", "grad_range", "resolution"])
+    O.add_options(
+        p,
+        [
+            "sampling_steps",
+            "guidance",
+            "nag_scale",
+            "nag_tau",
+            "nag_alpha",
+            "grad_range",
+            "resolution",
+            "guidance_2",
+            "wan_experts",
+        ],
+    )
     a("--init", default=d.init, help="null, handcrafted, or an embedding file to start from")
     a("--handcrafted", default=d.handcrafted, help="the handcrafted negative prompt compared against")
     O.add_options(p, ["seed"])

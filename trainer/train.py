@@ -404,13 +404,14 @@ def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
 
 def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
     """The model, the training reward and (main process) the monitor rewards, set up as the flags say."""
-    from reneg.backends.loading import load_diffusers
+    from reneg.backends.loading import apply_model_options, load_diffusers
     from reneg.rewards import load_rewards
 
     dtype = weights_dtype(cfg.mixed_precision, device)
     backend = load_diffusers(
         cfg.model, device=device, dtype=dtype, config=cfg.config, vae=cfg.vae, prediction_type=cfg.prediction_type
     )
+    apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
     if main:
         print(f"reneg train: model {backend.describe()}", flush=True)
     reward = load_rewards(cfg.rewards, device=device, dtype=dtype)

@@ -41,6 +41,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         ["max_steps", "patience", "lr", "sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha"]
         + ["grad_range", "resolution"],
     )
+    O.add_options(p, ["guidance_2", "wan_experts"])
     a(
         "--out",
         help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
@@ -133,7 +134,7 @@ def check_tune_out(out: str, overwrite: bool) -> None:
 
 def run_tune(ns) -> dict:
     validate_tune(ns)
-    from reneg.backends.loading import load_diffusers, weights_dtype
+    from reneg.backends.loading import apply_model_options, load_diffusers, weights_dtype
     from reneg.rewards import load_rewards, reward_files
 
     from .train import enable_checkpointing
@@ -149,6 +150,7 @@ def run_tune(ns) -> dict:
         vae=getattr(ns, "vae", None),
         prediction_type=getattr(ns, "prediction_type", None),
     )
+    apply_model_options(backend, getattr(ns, "wan_experts", "shared"), getattr(ns, "guidance_2", None))
     print(f"reneg tune: model {backend.describe()}", flush=True)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)
     for note in (backend.resolution_note(ns.resolution), backend.truncation_note([ns.prompt])):

@@ -75,6 +75,8 @@ class FolderKind(NamedTuple):
     matches: Callable[[str, dict], bool]  # (folder, model_index) -> is this kind
     load: Callable  # (folder, device, dtype, vae) -> backend; a video kind also takes frames
     video: bool = False  # the model makes videos: loaded only where frames are asked for
+    # a video kind that also loads where no frames are asked for, as one frame per video (Wan: image mode)
+    single_frame: bool = False
 
 
 def _load_sd_folder(path: str, device, dtype, vae_path: str | None = None) -> DiffusersBackend:
@@ -155,11 +157,46 @@ def _load_text_to_video(path: str, device, dtype, vae: str | None = None, frames
     return load_text_to_video(path, device, dtype=dtype, frames=frames)
 
 
+def _is_wan(path: str, index: dict) -> bool:
+    from .wan import wan_kind
+
+    return wan_kind(index) is not None
+
+
+def _load_wan(path: str, device, dtype, vae: str | None = None, frames: int | None = None) -> DiffusersBackend:
+    from .wan import load_folder  # Wan 2.1 / 2.2: UMT5 rows, a flow-matching video transformer (two for A14B)
+
+    if vae:
+        raise ModelLoadError(f"{path}: --vae is for Stable Diffusion checkpoints; a Wan folder uses its own vae/")
+    return load_folder(path, device, dtype, frames)
+
+
 FOLDER_KINDS: list[FolderKind] = [
     FolderKind("pixart", _is_pixart, _load_pixart),
+    FolderKind("wan", _is_wan, _load_wan, video=True, single_frame=True),
     FolderKind("text-to-video", _is_text_to_video, _load_text_to_video, video=True),
     FolderKind("stable-diffusion", lambda path, index: os.path.isdir(os.path.join(path, "unet")), _load_sd_folder),
 ]
+
+
+def apply_model_options(backend, wan_experts: str = "shared", guidance_2: float | None = None):
+    """``--wan-experts`` and ``--guidance-2`` on a loaded model: Wan 2.2 A14B's settings, refused with a
+    reason on any other model. Returns the backend."""
+    set_experts = getattr(backend, "set_experts", None)
+    if set_experts is None:
+        given = [f for f, v in (("--wan-experts", wan_experts != "shared"), ("--guidance-2", guidance_2)) if v]
+        if given:
+            raise ModelLoadError(
+                f"{' and '.join(given)}: for Wan 2.2 A14B's two experts; {backend.source} is a {backend.family} model"
+            )
+        return backend
+    if guidance_2 is not None and backend.experts != 2:
+        raise ModelLoadError(
+            f"--guidance-2: {backend.source} has one transformer; the low-noise expert's own guidance is Wan 2.2 A14B's"
+        )
+    set_experts(wan_experts)
+    backend.denoiser.guidance_2 = guidance_2
+    return backend
 
 
 def _model_index(path: str) -> dict:
@@ -180,7 +217,7 @@ def makes_videos(path: str) -> bool:
 def _load_folder(path: str, device, dtype, vae: str | None = None, frames: int | None = None) -> DiffusersBackend:
     index = _model_index(path)
     for kind in FOLDER_KINDS:
-        if kind.video and frames is None:
+        if kind.video and frames is None and not kind.single_frame:
             continue  # a video model loads only where videos are made
         if kind.matches(path, index):
             if kind.video:

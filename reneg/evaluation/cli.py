@@ -53,6 +53,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         default=[],
         metavar="[NAME=]SPEC",
         help="repeatable: null | handcrafted (the paper's prompt, or --handcrafted) | handcrafted:TEXT | text:TEXT "
+        "| wan-default or wan-default-en (Wan's own negative prompt, Chinese or English) "
         "| FILE (an embedding: .safetensors or the official .bin) | tuned:FILE or tuned:null (per-sample "
         "tuning from it, per image). Names come from the file names unless given as NAME=SPEC. "
         "Default: null and handcrafted",
@@ -77,7 +78,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="seeds per prompt; 2 or more also measure each negative's diversity (how much a prompt's images "
         "differ in the first reward's image features; a drop is the sign of reward hacking), into diversity.csv",
     )
-    O.add_options(s, ["sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha", "resolution"])
+    O.add_options(
+        s,
+        ["sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha", "resolution", "guidance_2", "wan_experts"],
+    )
     a("--batch", type=int, default=d.batch, help="images per generation / scoring batch")
     O.add_options(
         s,

@@ -72,6 +72,8 @@ class EvalConfig:
     nag_scale: float | None = None  # None: the family's (reneg/families.py)
     nag_tau: float | None = None
     nag_alpha: float | None = None
+    guidance_2: float | None = PAPER.guidance_2  # Wan 2.2 A14B's low-noise expert
+    wan_experts: str = PAPER.wan_experts
     resolution: int = PAPER.resolution
     batch: int = 4
     tune_steps: int = PAPER.max_steps

@@ -46,6 +46,8 @@ def _generation_key(cfg: EvalConfig) -> dict:
                 ("nag_scale", cfg.nag_scale),
                 ("nag_tau", cfg.nag_tau),
                 ("nag_alpha", cfg.nag_alpha),
+                ("guidance_2", cfg.guidance_2),
+                ("wan_experts", cfg.wan_experts if cfg.wan_experts != "shared" else None),
             )
             if v
         }

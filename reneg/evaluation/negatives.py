@@ -46,7 +46,7 @@ def clean_name(s: str) -> str:
 
 def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
     """``[NAME=]SPEC`` with SPEC one of ``null``, ``zero``, ``handcrafted``, ``handcrafted:TEXT``,
-    ``text:TEXT``, an embedding file, ``tuned:FILE`` or ``tuned:null``."""
+    ``text:TEXT``, a preset's name (:func:`preset_negatives`), an embedding file, ``tuned:FILE`` or ``tuned:null``."""
     raw = spec
     spec = spec.strip()
     if not spec:
@@ -69,7 +69,9 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
             f"_ . + - (starting with a letter or digit), as it becomes part of image file names"
         )
     low = spec.lower()
-    if low == "null":
+    if low in preset_negatives():
+        neg = Negative(low, "text", preset_negatives()[low])
+    elif low == "null":
         neg = Negative("null", "null", "")
     elif low == "zero":
         neg = Negative("zero", "zero", "")
@@ -93,11 +95,19 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
     return neg
 
 
+def preset_negatives() -> dict[str, str]:
+    """Negative prompts known by name: Wan's official default (``wan-default``, Chinese, as its configs
+    ship it) and diffusers' English rendering of it (``wan-default-en``)."""
+    from reneg.backends.wan import DEFAULT_NEGATIVE_EN, DEFAULT_NEGATIVE_ZH
+
+    return {"wan-default": DEFAULT_NEGATIVE_ZH, "wan-default-en": DEFAULT_NEGATIVE_EN}
+
+
 def _looks_like_spec(spec: str) -> bool:
     """What follows ``NAME=`` is a negative (so the part before it was meant as a name)."""
     low = spec.lower()
     return (
-        low in ("null", "zero", "handcrafted")
+        low in ("null", "zero", "handcrafted", *preset_negatives())
         or low.startswith(("handcrafted:", "text:", "tuned:"))
         or low.endswith(EMBEDDING_SUFFIXES)
         or os.path.isfile(spec)

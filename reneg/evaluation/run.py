@@ -121,11 +121,12 @@ def _device(cfg: EvalConfig) -> torch.device:
 
 
 def load_backend(cfg: EvalConfig, device: torch.device):
-    from reneg.backends.loading import load_diffusers, makes_videos, weights_dtype
+    from reneg.backends.loading import apply_model_options, load_diffusers, makes_videos, weights_dtype
 
     dtype = weights_dtype(cfg.mixed_precision, device)
     if cfg.video and makes_videos(cfg.video):  # a video model's folder: the loader's video kind
-        return load_diffusers(cfg.video, device, dtype, frames=cfg.frames)
+        backend = load_diffusers(cfg.video, device, dtype, frames=cfg.frames)
+        return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
     backend = load_diffusers(
         cfg.model,
         device=device,
@@ -138,7 +139,7 @@ def load_backend(cfg: EvalConfig, device: torch.device):
         from .video import load_animatediff
 
         backend = load_animatediff(backend, cfg.video, cfg.frames)
-    return backend
+    return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
 
 
 def run_eval(cfg: EvalConfig, log=None) -> dict:
@@ -234,6 +235,7 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
 
     t1 = time.time()
     from .report import DIVERSITY_NEEDS, build_summary, write_report
+    from .temporal import MEASURES as TEMPORAL_MEASURES
 
     # diversity of each negative's images of one prompt across seeds, in its reward's feature space:
     # the features come from the same pass over the files as the scores
@@ -244,6 +246,12 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
     else:
         rows = score_image_files(cfg, items, negatives, rewards, names, img_dir, frames, cover)
     write_scores_csv(os.path.join(cfg.out, "scores.csv"), rows)
+    measured = [m for m in TEMPORAL_MEASURES if any(r["reward"] == m for r in rows)]  # videos
+    roles = roles + [
+        {"name": m, "spec": m, "role": "temporal measure, VBench's definition", "trained_by": [], "embeddings": {}}
+        for m in measured
+    ]
+    names = names + measured
     div_rows = prompt_diversity(feats, negatives, items, cover)
     write_diversity_csv(os.path.join(cfg.out, DIVERSITY_CSV), div_rows)
     diversity = {"reward": feats["reward"] if feats else None, "rows": div_rows, "frames": frames, "note": note}

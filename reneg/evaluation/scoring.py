@@ -12,6 +12,7 @@ from reneg.fileio import atomic_path
 
 from .config import EvalError, progress_bar
 from .images import IMAGE_DIR, load_frames
+from .temporal import temporal_scores
 
 
 def reward_names(specs) -> list[str]:
@@ -74,6 +75,21 @@ def score_image_files(cfg, items, negatives, rewards, names, img_dir, frames=1, 
                             "score": v,
                             "image": f"{IMAGE_DIR}/{it.image_name(n.name)}",
                         }
+                    )
+            for mname, vals in temporal_scores(x, f, rewards).items():  # videos: VBench's temporal measures
+                for (n, it), v in zip(chunk, vals.tolist()):
+                    rows.append(
+                        dict(
+                            rows[-1],
+                            prompt_index=it.index,
+                            category=it.category,
+                            prompt=it.text,
+                            seed=it.seed,
+                            negative=n.name,
+                            reward=mname,
+                            score=v,
+                            image=f"{IMAGE_DIR}/{it.image_name(n.name)}",
+                        )
                     )
             if feats is not None and tower != -1:
                 fx, tower = _tower_features(rewards, x, tower)

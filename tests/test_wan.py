@@ -1,0 +1,249 @@
+"""Wan 2.1 / 2.2 text-to-video: small WanPipeline folders (Wan's real text width 4096 and 512 rows, its
+transformer and VAE architectures), loaded through the user's path and checked against diffusers'
+WanPipeline given the same negative_prompt_embeds, for Wan 2.1 and Wan 2.2 A14B's expert switch."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from reneg.backends.diffusers_backend import ModelLoadError
+from reneg.backends.loading import load_diffusers, makes_videos
+from reneg.backends.wan import WanBackend, latent_frames
+from reneg.sampling import initial_latent, is_flow, sample
+from reneg.tiny import build_tiny_wan
+
+
+@pytest.fixture(scope="module")
+def wan21(tmp_path_factory):
+    return build_tiny_wan(str(tmp_path_factory.mktemp("wan") / "wan21"))
+
+
+@pytest.fixture(scope="module")
+def wan22(tmp_path_factory):
+    return build_tiny_wan(str(tmp_path_factory.mktemp("wan") / "wan22"), seed=1, experts=2)
+
+
+def _pipe(folder, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    pipe = WanPipeline.from_pretrained(
+        folder, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _ours(b, cond, neg, noise, steps, scale):
+    sig = b.schedule(steps)
+    x, _ = sample(b.denoiser, initial_latent(noise, sig[0], is_flow(b)), sig, cond, b.negative_cond(neg), scale)
+    return x
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_wan21_matches_diffusers_pipeline(wan21):
+    assert makes_videos(wan21)
+    b = load_diffusers(wan21, frames=5)
+    assert isinstance(b, WanBackend) and b.family == "wan" and b.experts == 1 and is_flow(b)
+    assert b.latent_shape(2, 16, 16) == (2, 16, 2, 2, 2)
+    pipe = _pipe(wan21, b.shift)
+    prompts = ["a red circle", "a blue square on a green house"]
+    pe, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
+    cond = b.encode_prompts(prompts)
+    assert cond.crossattn.shape == (2, 512, 4096) and torch.allclose(cond.crossattn, pe, atol=1e-5)
+    # rows past each prompt's tokens (and its end token) are zero, as in the pipeline
+    assert int((cond.crossattn[0].abs().sum(-1) > 0).sum()) == len(pipe.tokenizer("a red circle").input_ids)
+    null, _ = b.null_embedding()
+    npe, _ = pipe.encode_prompt([""], do_classifier_free_guidance=False, max_sequence_length=512)
+    assert torch.allclose(null, npe, atol=1e-5) and int((null[0].abs().sum(-1) > 0).sum()) == 1
+    noise = torch.randn(2, 16, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    learned = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1))
+    for neg in (null, learned):
+        ref = pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=neg.expand(2, -1, -1),
+            latents=noise.clone(),
+            num_inference_steps=6,
+            guidance_scale=5.0,
+            height=16,
+            width=16,
+            num_frames=5,
+            output_type="latent",
+        ).frames
+        got = _ours(b, cond, neg, noise, 6, 5.0)
+        assert _rel(got, ref) < 1e-4
+    assert _rel(_ours(b, cond, learned, noise, 6, 5.0), _ours(b, cond, null, noise, 6, 5.0)) > 1e-3
+    # decoding: the pipeline's latents_mean / latents_std and AutoencoderKLWan; 2 latent frames are 5 frames
+    video = pipe(
+        prompt_embeds=pe[:1],
+        negative_prompt_embeds=null,
+        latents=noise[:1].clone(),
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=16,
+        width=16,
+        num_frames=5,
+        output_type="pt",
+    ).frames
+    frames = b.decode(_ours(b, cond.index(slice(0, 1)), null, noise[:1], 3, 5.0))
+    assert frames.shape == (5, 3, 16, 16)
+    assert (((frames + 1) / 2).clamp(0, 1) - video[0]).abs().max().item() < 1e-4
+
+
+def test_wan22_a14b_expert_switch_matches_diffusers_with_two_guidance_scales(wan22):
+    b = load_diffusers(wan22)  # no frames: image mode, one frame
+    assert b.experts == 2 and b.boundary_ratio == 0.875 and b.latent_shape(1, 16, 16) == (1, 16, 1, 2, 2)
+    sig = b.schedule(8)
+    used = [b.denoiser.expert(float(s)) for s in sig[:-1]]
+    assert used[0] == 0 and used[-1] == 1 and sorted(used) == used  # high-noise expert first, then the low
+    pipe = _pipe(wan22, b.shift)
+    prompts = ["a red circle"]
+    pe, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
+    cond = b.encode_prompts(prompts)
+    neg = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(1, 16, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    kw = dict(latents=noise.clone(), num_inference_steps=8, height=16, width=16, num_frames=1, output_type="latent")
+    ref = pipe(prompt_embeds=pe, negative_prompt_embeds=neg, guidance_scale=5.0, guidance_scale_2=2.0, **kw).frames
+    b.denoiser.guidance_2 = 2.0
+    try:
+        got = _ours(b, cond, neg, noise, 8, 5.0)
+    finally:
+        b.denoiser.guidance_2 = None
+    assert _rel(got, ref) < 1e-4
+    one = pipe(prompt_embeds=pe, negative_prompt_embeds=neg, guidance_scale=5.0, **kw).frames
+    assert _rel(_ours(b, cond, neg, noise, 8, 5.0), one) < 1e-4 and _rel(one, ref) > 1e-3
+
+
+def test_wan_refusals(tmp_path, wan21):
+    assert latent_frames(1) == 1 and latent_frames(9) == 3
+    with pytest.raises(ModelLoadError, match="4 k \\+ 1 frames"):
+        load_diffusers(wan21, frames=16)
+    i2v = tmp_path / "i2v"
+    i2v.mkdir()
+    (i2v / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline"}))
+    assert makes_videos(str(i2v))
+    with pytest.raises(ModelLoadError, match="an image-to-video model .*text-to-video"):
+        load_diffusers(str(i2v))
+    with pytest.raises(ModelLoadError, match="flow-matching"):
+        load_diffusers(wan21, prediction_type="v")
+    assert os.path.isdir(os.path.join(wan21, "transformer"))
+
+
+def test_one_negative_per_expert_matches_the_pipeline_switching_negatives_at_the_boundary(wan22):
+    """--wan-experts per-expert: the high-noise expert reads the file's first 512 rows, the low-noise
+    expert the last 512; the pipeline does the same when its negative_prompt_embeds are swapped (through
+    its step callback) where the experts switch."""
+    from reneg.backends.loading import apply_model_options
+
+    b = apply_model_options(load_diffusers(wan22), "per-expert", 2.0)
+    assert b.family == "wan-experts" and b.null_embedding()[0].shape == (1, 1024, 4096)
+    high = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(4))
+    low = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(5))
+    cond = b.encode_prompts(["a red circle"])
+    noise = torch.randn(1, 16, 1, 2, 2, generator=torch.Generator().manual_seed(6))
+    sig = b.schedule(8)
+    got = _ours(b, cond, torch.cat([high, low], 1), noise, 8, 5.0)
+    pipe = _pipe(wan22, b.shift)
+
+    def swap(p, i, t, kw):
+        return {"negative_prompt_embeds": low} if b.denoiser.expert(float(sig[i + 1])) == 1 else {}
+
+    ref = pipe(
+        prompt_embeds=cond.crossattn,
+        negative_prompt_embeds=high,
+        guidance_scale=5.0,
+        guidance_scale_2=2.0,
+        latents=noise.clone(),
+        num_inference_steps=8,
+        height=16,
+        width=16,
+        num_frames=1,
+        output_type="latent",
+        callback_on_step_end=swap,
+        callback_on_step_end_tensor_inputs=["negative_prompt_embeds"],
+    ).frames
+    assert _rel(got, ref) < 1e-4
+    shared_b = load_diffusers(wan22)
+    with pytest.raises(ValueError, match="wan-experts negative .*per-expert"):
+        shared_b.negative_cond(torch.cat([high, low], 1))
+
+
+def test_expert_files_and_options_are_refused_where_they_do_not_fit(tmp_path, wan21, wan22):
+    from reneg.backends.loading import apply_model_options
+    from reneg.embedding import EmbeddingError, NegEmbedding, load_embedding, save_embedding
+
+    two = save_embedding(str(tmp_path / "two.safetensors"), NegEmbedding(torch.zeros(1, 1024, 4096), "wan-experts"))
+    one = save_embedding(str(tmp_path / "one.safetensors"), NegEmbedding(torch.zeros(1, 512, 4096), "wan"))
+    with pytest.raises(EmbeddingError, match=r"wan-experts embedding \(Wan 2.2 A14B.*model in use is wan \(Wan 2.1"):
+        load_embedding(two, expected_family="wan")
+    with pytest.raises(EmbeddingError, match="a wan embedding .*model in use is wan-experts"):
+        load_embedding(one, expected_family="wan-experts")
+    with pytest.raises(EmbeddingError, match="a wan embedding .*model in use is pixart"):
+        load_embedding(one, expected_family="pixart")
+    with pytest.raises(ModelLoadError, match="per-expert: .* has one transformer"):
+        apply_model_options(load_diffusers(wan21), "per-expert")
+    with pytest.raises(ModelLoadError, match="--guidance-2: .* has one transformer"):
+        apply_model_options(load_diffusers(wan21), "shared", 3.0)
+
+
+def test_wan_options_are_refused_on_other_models(tiny_backend):
+    from reneg.backends.loading import apply_model_options
+
+    with pytest.raises(ModelLoadError, match="--wan-experts and --guidance-2: for Wan 2.2 A14B.* a tiny model"):
+        apply_model_options(tiny_backend, "per-expert", 3.0)
+    assert apply_model_options(tiny_backend) is tiny_backend
+
+
+def test_wan_train_tune_and_eval_through_the_cli(tmp_path, wan21, wan22, tiny_hps_ckpt, capsys):
+    """The user's path on a tiny Wan: train one negative per expert on 2.2 A14B in image mode (one frame),
+    tune one on 2.1, and eval 5-frame videos against Wan's own default negative, with temporal measures."""
+    from reneg.cli import main
+    from reneg.embedding import load_embedding
+    from reneg.evaluation.images import load_frames
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green house\na cat in the city\n")
+    common = ["--reward", f"hpsv2={tiny_hps_ckpt}", "--sampling-steps", "3", "--resolution", "16", "--guidance", "5"]
+    run = tmp_path / "run"
+    args = ["train", "--model", wan22, *common, "--grad-range", "0", "1", "--prompts", str(prompts)]
+    args += ["--heldout-count", "2", "--out", str(run), "--steps", "2", "--batch-size", "2", "--micro-batch", "2"]
+    args += ["--lr", "0.05", "--eval-every", "2", "--no-progress", "--wan-experts", "per-expert", "--guidance-2", "3"]
+    assert main(args) == 0, capsys.readouterr().err
+    emb = load_embedding(run / "embedding.safetensors", expected_family="wan-experts")
+    assert emb.tensor.shape == (1, 1024, 4096)
+    assert json.loads((run / "summary.json").read_text())["family"] == "wan-experts"
+    tuned = tmp_path / "tuned.safetensors"
+    args = ["tune", "--model", wan21, *common, "--grad-range", "0", "1", "--prompt", "a red circle", "--seed", "1"]
+    args += ["--max-steps", "1", "--patience", "1", "--lr", "0.05", "--out", str(tuned)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert load_embedding(tuned, expected_family="wan").metadata["kind"] == "per-sample"
+    ev = tmp_path / "eval"
+    negs = ["--negative", "null", "--negative", "wan-default", "--negative", "wan-default-en"]
+    negs += ["--negative", f"learned={tuned}"]
+    args = ["eval", "--model", wan21, *common, "--prompts", str(prompts), "--limit", "2", *negs]
+    args += ["--frames", "5", "--batch", "2", "--out", str(ev), "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    s = json.loads((ev / "summary.json").read_text())
+    names = ["null", "wan-default", "wan-default-en", "learned"]
+    assert [n["name"] for n in s["negatives"]] == names
+    from reneg.evaluation.provenance import reward_names_of
+
+    assert reward_names_of(s) == ["hpsv2", "temporal_flickering", "consistency"]
+    assert load_frames(str(next((ev / "images").iterdir()))).shape == (5, 3, 16, 16)
+
+
+def test_temporal_measures():
+    from reneg.evaluation.temporal import consistency, flickering
+
+    still = torch.rand(1, 1, 3, 4, 4).expand(2, 3, 3, 4, 4) * 2 - 1
+    blink = torch.stack([-torch.ones(3, 4, 4), torch.ones(3, 4, 4), -torch.ones(3, 4, 4)])[None]
+    assert torch.allclose(flickering(still), torch.ones(2)) and torch.allclose(flickering(blink), torch.zeros(1))
+    f = torch.randn(1, 1, 8).expand(1, 4, 8)
+    assert torch.allclose(consistency(f), torch.ones(1))
+    assert torch.allclose(consistency(torch.tensor([[[1.0, 0], [0, 1.0], [0, 1.0]]])), torch.tensor([0.25]))
