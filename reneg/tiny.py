@@ -37,6 +37,8 @@ __all__ = [
     "SD_MODEL_INDEX",
     "SD_SCHEDULER",
     "TINY_CLIP_CONFIG",
+    "FLUX_SCHEDULERS",
+    "build_tiny_flux",
     "build_tiny_hps",
     "build_tiny_pipeline",
     "build_tiny_pixart",
@@ -252,4 +254,115 @@ def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sam
     index = {k: v for k, v in SD_MODEL_INDEX.items() if "safety" not in k and k != "feature_extractor"}
     index.update(_class_name="TextToVideoSDPipeline", unet=["diffusers", "UNet3DConditionModel"])
     write_pipeline_files(folder, SD_SCHEDULER, index)
+    return folder
+
+
+# the scheduler configs the Flux.1 releases ship (FlowMatchEulerDiscreteScheduler): dev shifts its
+# schedule with the image size (``use_dynamic_shifting``, ``mu`` from the number of 2x2 latent patches);
+# schnell does not
+FLUX_SCHEDULERS = {
+    "dev": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+    },
+    "schnell": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+    },
+}
+
+
+def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width: int = 4096) -> str:
+    """A small Flux.1-architecture ``FluxPipeline`` folder with Flux's real conditioning sizes.
+
+    Real: the pipeline class and folder layout, the two text encoders' widths (T5 v1.1 XXL's 4096,
+    ``joint_attention_dim`` 4096; CLIP-L's 768 pooled output, ``pooled_projection_dim`` 768, over CLIP's
+    real tokenizer), the token count (dev 512, schnell 256), 16 latent channels packed into 2x2 patches
+    (``in_channels`` 64), the guidance embedding (dev; none for schnell), the VAE's scaling and shift
+    factors, the scheduler configs. Small: one double-stream and one single-stream block of two 16-wide
+    heads, one T5 layer, two CLIP layers, a two-level VAE (32 px images, 16 px latents, 8x8 patches)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokens = 256 if schnell else 512
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=768,
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    clip = tiny_clip(768, 4, intermediate=64, projection_dim=768)
+    os.makedirs(folder, exist_ok=True)
+    write_t5_tokenizer(os.path.join(folder, "tokenizer_2"), tokens)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2")))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            layer_norm_epsilon=1e-6,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    transformer.save_pretrained(os.path.join(folder, "transformer"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    save_text_encoder_prefixed(clip, os.path.join(folder, "text_encoder"))
+    write_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    t5.save_pretrained(os.path.join(folder, "text_encoder_2"))
+    index = {
+        "_class_name": "FluxPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    write_pipeline_files(folder, FLUX_SCHEDULERS["schnell" if schnell else "dev"], index)
     return folder
