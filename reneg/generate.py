@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .cond import Cond
-from .sampling import initial_latent, sample
+from .sampling import initial_latent, is_flow, sample
 
 
 def text_negative(backend, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,7 +53,7 @@ def generate(
 ) -> torch.Tensor:
     """Images in [-1, 1] from DDIM with CFG; ``noise`` is unit-variance latent noise."""
     sigmas = backend.schedule(steps)
-    x = initial_latent(noise.float(), sigmas[0])
+    x = initial_latent(noise.float(), sigmas[0], is_flow(backend))
     _, x0 = sample(backend.denoiser, x, sigmas, cond, uncond, guidance, callback=callback)
     return backend.decode(x0)
 

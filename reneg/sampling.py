@@ -8,6 +8,12 @@ scheduler's ``alphas_cumprod``; in ComfyUI ``model.apply_model`` already is one.
 DDIM with eta = 0 is exactly Euler in sigma space:
 ``x_next = x0~ + sigma_next * (x - x0~) / sigma``, and classifier-free guidance on
 x0 is the same linear combination as on eps.
+
+Flow-matching models (``x_t = (1 - t) x0 + t eps``, a velocity ``v = eps - x0``) use the
+same step with ``sigma = t``: the Euler step ``x + (t_next - t) v`` with ``v = (x - x0~) / t``
+is ``x0~ + (t_next / t)(x - x0~)``, and CFG on x0 (``x0 = x - t v``) is CFG on v. Such a
+backend says ``flow = True``, its ``schedule`` returns flow times ending at 0, and only the
+start differs (:func:`initial_latent`).
 """
 
 from __future__ import annotations
@@ -78,11 +84,21 @@ def uniform_schedule(sigma_table: torch.Tensor, steps: int, final_zero: bool = T
     return torch.cat([table[idx], tail])
 
 
-def initial_latent(noise: torch.Tensor, sigma_max: float | torch.Tensor) -> torch.Tensor:
-    """Pure-noise start at ``sigma_max`` in VE space: ``noise * sqrt(1 + sigma^2)``
-    (what diffusers' unit-variance initial latents are in VE units)."""
+def initial_latent(noise: torch.Tensor, sigma_max: float | torch.Tensor, flow: bool = False) -> torch.Tensor:
+    """Pure-noise start at ``sigma_max``.
+
+    VE space: ``noise * sqrt(1 + sigma^2)`` (what diffusers' unit-variance initial latents are in VE
+    units). Flow matching (``flow=True``, ``sigma`` is the flow time t): the noise itself, as the
+    flow-matching pipelines start whatever their first t (1.0 unless a schedule is cut short)."""
+    if flow:
+        return noise
     s = torch.as_tensor(sigma_max, dtype=torch.float64)
     return noise * float((1 + s * s).sqrt())
+
+
+def is_flow(backend) -> bool:
+    """Whether a backend's sigmas are flow-matching times (its ``flow`` attribute; absent: VE)."""
+    return bool(getattr(backend, "flow", False))
 
 
 def to_vp(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from .cond import Cond
 from .generate import seeded_noise
 from .options import PAPER
-from .sampling import initial_latent, sample
+from .sampling import initial_latent, is_flow, sample
 
 
 def tune_for_seed(
@@ -81,7 +81,7 @@ def tune_for_seed(
                 [prompt],
                 cond,
                 backend.negative_cond(neg),
-                initial_latent(x, sigmas[0]),
+                initial_latent(x, sigmas[0], is_flow(backend)),
                 sigmas,
                 guidance,
                 obj.grad_index(g),
@@ -107,7 +107,7 @@ def tune_for_seed(
         ):
             _, x0 = sample(
                 denoiser,
-                initial_latent(x.float(), full[0]),
+                initial_latent(x.float(), full[0], is_flow(backend)),
                 full,
                 cond,
                 backend.negative_cond(res.best),

@@ -225,3 +225,37 @@ def test_cond_cat_repeats_tokens():
     c = Cond.cat([a, b])
     assert c.crossattn.shape == (2, 154, 8)
     assert torch.equal(c.crossattn[0, 77:], a.crossattn[0])
+
+
+def test_flow_matching_euler_is_the_sampler_with_flow_times():
+    """A flow-matching model (x_t = (1-t) x0 + t eps) runs through the same sampler: with sigma = t the
+    DDIM step is diffusers' FlowMatchEulerDiscreteScheduler step, CFG on x0 is CFG on the velocity, and
+    the start is the plain noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(6)
+    ts = sched.sigmas.double()  # flow times, 1.0 .. 0
+    w = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+
+    def velocity(x, t, ctx):  # a toy flow model: v depends on x, t and the context
+        return torch.tanh(x @ w) * (1 + t.view(-1, 1)) + ctx
+
+    def denoiser(x, t, cond):  # x0 = x - t v
+        return x - t.view(-1, 1) * velocity(x, t, cond.crossattn[:, 0])
+
+    noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    pos = Cond(torch.randn(2, 1, 4, generator=torch.Generator().manual_seed(1)))
+    neg = Cond(torch.randn(1, 1, 4, generator=torch.Generator().manual_seed(2)))
+    scale = 4.0
+    x = initial_latent(noise, ts[0], flow=True)
+    assert torch.equal(x, noise)
+    ours, _ = sample(denoiser, x, ts, pos, neg, scale)
+
+    ref = noise
+    for t in sched.timesteps:
+        tt = torch.full((2,), float(t) / 1000)
+        v_c = velocity(ref, tt, pos.crossattn[:, 0])
+        v_u = velocity(ref, tt, neg.crossattn[:, 0].expand(2, -1))
+        ref = sched.step(v_u + scale * (v_c - v_u), t, ref).prev_sample
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -26,7 +26,7 @@ from reneg.fileio import atomic_write_json
 from reneg.generate import as_embedding, generate_and_score, text_negative
 from reneg.objective import ObjectiveConfig, grad_step_loss
 from reneg.prompts import load_prompts
-from reneg.sampling import initial_latent
+from reneg.sampling import initial_latent, is_flow
 
 from .checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint, save_run_files
 from .config import BEST_NAME, TrainConfig, check_out_free, remove_old_run, resume_fingerprint, validate_train
@@ -606,7 +606,7 @@ def micro_batch(run: TrainRun, step: int, j: int):
             ps,
             backend.encode_prompts(ps),
             backend.negative_cond(run.neg),
-            initial_latent(noise, run.sigmas[0]),
+            initial_latent(noise, run.sigmas[0], is_flow(backend)),
             run.sigmas,
             cfg.guidance,
             gi if len(gi) > 1 else gi[0],

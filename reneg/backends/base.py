@@ -21,6 +21,8 @@ class Backend(Protocol):
     family: str
     device: torch.device
     dtype: torch.dtype  # compute dtype of the denoiser
+    # flow-matching models set ``flow = True`` (a class attribute): their ``schedule`` gives flow times t,
+    # ending at 0, and the sampler starts from the plain noise (reneg/sampling.py); absent means VE sigmas
 
     @property
     def denoiser(self) -> Denoiser: ...
