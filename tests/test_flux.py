@@ -9,7 +9,7 @@ import torch
 
 from reneg.backends.flux import pack, unpack
 from reneg.backends.loading import load_diffusers
-from reneg.sampling import sample
+from reneg.sampling import initial_latent, is_flow, sample
 from reneg.tiny import build_tiny_flux
 
 
@@ -76,7 +76,9 @@ def _check_family(backend, folder, family, rows, guidance_embeds):
 
     # CFG 1, the way Flux is run: the negative is never read
     ref = _reference(pipe, cond, noise, steps, rows)
-    ours, _ = sample(backend.denoiser, noise.clone(), sig, cond, backend.negative_cond(null), 1.0)
+    ours, _ = sample(
+        backend.denoiser, initial_latent(noise, sig[0], is_flow(backend)), sig, cond, backend.negative_cond(null), 1.0
+    )
     assert _rel(ours, ref) < 1e-5
 
     # true CFG with a negative's rows and its own pooled vector (FluxPipeline's true_cfg_scale)
@@ -98,7 +100,9 @@ def _check_family(backend, folder, family, rows, guidance_embeds):
         assert _rel(ours_n, ref_n) < 1e-5
     assert _rel(ref_n, ref) > 1e-3  # the negative reaches the transformer
     # both halves of a negative matter: its rows and its pooled vector
-    only_rows, _ = sample(backend.denoiser, noise.clone(), sig, cond, backend.negative_cond(rows_n), 3.0)
+    only_rows, _ = sample(
+        backend.denoiser, initial_latent(noise, sig[0], is_flow(backend)), sig, cond, backend.negative_cond(rows_n), 3.0
+    )
     assert _rel(only_rows, ref_n) > 1e-4
     # the text negative train and eval make is the pipeline's negative_prompt_embeds (all rows, no mask)
     from reneg.generate import text_negative
@@ -133,6 +137,21 @@ def test_dev_encoding_schedule_and_sampler_match_flux_pipeline(tiny_flux_dir, de
     n5 = Cond(null.crossattn, null.pooled, {"guidance": torch.tensor([5.0])})
     ours5, _ = sample(dev.denoiser, noise.clone(), dev.schedule(6), c5, n5, 1.0)
     assert _rel(ours5, ref5) < 1e-5
+
+    # the images train and eval make (reneg.generate: flow start, sampler, VAE decode) are the pipeline's
+    from reneg.generate import generate
+
+    img = generate(dev, cond, null, noise, 6, 1.0)
+    ref_img = pipe(
+        prompt_embeds=cond.crossattn,
+        pooled_prompt_embeds=cond.pooled,
+        latents=pack(noise),
+        num_inference_steps=6,
+        height=32,
+        width=32,
+        output_type="pt",
+    ).images
+    assert img.shape == (2, 3, 32, 32) and _rel((img + 1) / 2, ref_img) < 1e-5
 
 
 @pytest.mark.slow
@@ -222,3 +241,42 @@ def test_flux_embeddings_are_their_own_family(tmp_path, dev):
     with pytest.raises(EmbeddingError, match="model in use is flux-dev"):
         save_embedding(str(tmp_path / "sd.safetensors"), NegEmbedding(torch.zeros(1, 77, 768), "sd1"))
         load_embedding(tmp_path / "sd.safetensors", expected_family="flux-dev")
+
+
+@pytest.mark.slow
+def test_flux_train_tune_and_eval_through_the_cli(tmp_path, tiny_flux_dir, dev, tiny_hps_ckpt, capsys):
+    """The user's commands on a Flux folder, with true CFG (--guidance 3) as the negative's guidance."""
+    import json
+
+    from reneg.cli import main
+    from reneg.embedding import load_embedding
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")))
+    common = ["--model", tiny_flux_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--sampling-steps", "4"]
+    common += ["--grad-range", "0", "1", "--resolution", "32", "--guidance", "3"]
+    out = tmp_path / "run"
+    train = ["train", *common, "--prompts", str(prompts), "--heldout-count", "2", "--out", str(out), "--steps", "3"]
+    train += ["--batch-size", "2", "--micro-batch", "2", "--lr", "0.05", "--eval-every", "3", "--no-progress"]
+    assert main([*train, "--handcrafted", "blurry"]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["family"] == "flux-dev" and set(summary["heldout"]) >= {"null", "handcrafted", "learned"}
+    emb = load_embedding(out / "embedding.safetensors", expected_family="flux-dev")
+    null, pooled = dev.null_embedding()
+    assert emb.tensor.shape == (1, 512, 4096) and not torch.allclose(emb.tensor, null)
+    assert torch.equal(emb.pooled, pooled)  # the rows are learned; the pooled vector is the empty prompt's
+
+    tuned = tmp_path / "tuned.safetensors"
+    tune = ["tune", *common, "--prompt", "a red circle", "--seed", "1", "--max-steps", "2", "--patience", "2"]
+    tune += ["--lr", "0.05", "--embedding", str(out / "embedding.safetensors"), "--out", str(tuned)]
+    assert main(tune) == 0, capsys.readouterr().err
+    assert load_embedding(tuned, expected_family="flux-dev").metadata["kind"] == "per-sample"
+
+    ev = tmp_path / "eval"
+    negs = ["--negative", "null", "--negative", "handcrafted:blurry, ugly"]
+    negs += ["--negative", f"learned={out / 'embedding.safetensors'}"]
+    rc = main(["eval", *common, "--prompts", str(prompts), "--limit", "2", *negs, "--batch", "2", "--out", str(ev)])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((ev / "summary.json").read_text())
+    assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned"]
+    assert s["images"] == {"null": 2, "handcrafted": 2, "learned": 2}
