@@ -38,6 +38,7 @@ __all__ = [
     "SD_SCHEDULER",
     "TINY_CLIP_CONFIG",
     "FLUX_SCHEDULERS",
+    "bfl_flux_state_dict",
     "build_tiny_flux",
     "build_tiny_hps",
     "build_tiny_pipeline",
@@ -366,3 +367,58 @@ def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width:
     }
     write_pipeline_files(folder, FLUX_SCHEDULERS["schnell" if schnell else "dev"], index)
     return folder
+
+
+def bfl_flux_state_dict(
+    hidden: int = 64,
+    depth: int = 1,
+    depth_single: int = 1,
+    guidance: bool = True,
+    context: int = 4096,
+    pooled: int = 768,
+    head_dim: int = 32,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A Flux.1 transformer's state dict in the Black Forest Labs layout ComfyUI loads from
+    ``models/diffusion_models/`` (``img_in``, ``txt_in``, ``vector_in``, ``time_in``, ``guidance_in`` for
+    dev, ``double_blocks.N``, ``single_blocks.N``, ``final_layer``), random, with Flux's shapes for a
+    given width and depth (MLP ratio 4, 16 latent channels in 2x2 patches; the release: 3072 wide,
+    19 + 38 blocks, heads of 128). Small random values keep a random model's outputs finite."""
+    g = torch.Generator().manual_seed(seed)
+    h, m = hidden, 4 * hidden
+    sd: dict[str, torch.Tensor] = {}
+
+    def lin(name, out, inp, bias=True):
+        sd[name + ".weight"] = (torch.randn(out, inp, generator=g) * inp**-0.5).to(dtype)
+        if bias:
+            sd[name + ".bias"] = torch.zeros(out, dtype=dtype)
+
+    def scale(name):
+        sd[name] = torch.ones(head_dim, dtype=dtype)
+
+    lin("img_in", h, 64)
+    lin("txt_in", h, context)
+    for emb, inp in (("time_in", 256), ("vector_in", pooled)) + ((("guidance_in", 256),) if guidance else ()):
+        lin(f"{emb}.in_layer", h, inp)
+        lin(f"{emb}.out_layer", h, h)
+    for i in range(depth):
+        for s in ("img", "txt"):
+            b = f"double_blocks.{i}.{s}"
+            lin(f"{b}_mod.lin", 6 * h, h)
+            lin(f"{b}_attn.qkv", 3 * h, h)
+            scale(f"{b}_attn.norm.query_norm.scale")
+            scale(f"{b}_attn.norm.key_norm.scale")
+            lin(f"{b}_attn.proj", h, h)
+            lin(f"{b}_mlp.0", m, h)
+            lin(f"{b}_mlp.2", h, m)
+    for i in range(depth_single):
+        b = f"single_blocks.{i}"
+        lin(f"{b}.linear1", 3 * h + m, h)
+        lin(f"{b}.linear2", h, h + m)
+        scale(f"{b}.norm.query_norm.scale")
+        scale(f"{b}.norm.key_norm.scale")
+        lin(f"{b}.modulation.lin", 3 * h, h)
+    lin("final_layer.linear", 64, h)
+    lin("final_layer.adaLN_modulation.1", 2 * h, h)
+    return sd

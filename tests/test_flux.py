@@ -280,3 +280,70 @@ def test_flux_train_tune_and_eval_through_the_cli(tmp_path, tiny_flux_dir, dev, 
     s = json.loads((ev / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned"]
     assert s["images"] == {"null": 2, "handcrafted": 2, "learned": 2}
+
+
+# --------------------------------------------------------------------------- ComfyUI's single files
+
+
+def _save(path, sd):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)
+
+
+def test_comfyui_single_files_are_named_and_refused_clearly(tmp_path, tiny_flux_dir, capsys):
+    import os
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+    from reneg.backends.single_file import inspect_checkpoint
+    from reneg.cli import main
+    from reneg.tiny import bfl_flux_state_dict
+
+    dev_sd = bfl_flux_state_dict(depth=2, depth_single=3, guidance=True)
+    files = {
+        "transformer-dev": _save(tmp_path / "flux1-dev.safetensors", dev_sd),
+        "transformer-schnell": _save(
+            tmp_path / "flux1-schnell.safetensors", bfl_flux_state_dict(guidance=False, dtype=torch.bfloat16)
+        ),
+        # the text encoders ComfyUI keeps in models/text_encoders are the transformers layouts the folder has
+        "t5xxl": os.path.join(tiny_flux_dir, "text_encoder_2", "model.safetensors"),
+        "clip_l": os.path.join(tiny_flux_dir, "text_encoder", "model.safetensors"),
+        # the autoencoder in the LDM layout (its first and last convolutions: what the header test reads)
+        "ae": _save(
+            tmp_path / "ae.safetensors",
+            {
+                "encoder.down.0.block.0.conv1.weight": torch.zeros(8, 8, 3, 3),
+                "encoder.conv_out.weight": torch.zeros(32, 8, 3, 3),
+                "decoder.conv_in.weight": torch.zeros(8, 16, 3, 3),
+            },
+        ),
+    }
+    whole = {f"model.diffusion_model.{k}": v for k, v in dev_sd.items()}
+    whole["text_encoders.t5xxl.transformer.shared.weight"] = torch.zeros(4, 4096)
+    whole["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.zeros(768)
+    whole["vae.decoder.conv_in.weight"] = torch.zeros(8, 16, 3, 3)
+    files["checkpoint"] = _save(tmp_path / "flux1-dev-fp8.safetensors", whole)
+
+    want = {
+        "transformer-dev": ("transformer", "flux-dev", "2 double-stream, 3 single-stream, 64 wide"),
+        "transformer-schnell": ("transformer", "flux-schnell", "no guidance embedding"),
+        "t5xxl": ("t5xxl", "", "T5 v1.1 XXL, 1 layers, 4096 wide"),
+        "clip_l": ("clip_l", "", "CLIP ViT-L/14 text model, 2 layers, 768 wide"),
+        "ae": ("ae", "", "16 channels"),
+        "checkpoint": ("checkpoint", "flux-dev", "2 double-stream"),
+    }
+    for name, path in files.items():
+        part, family, detail = want[name]
+        info = inspect_checkpoint(path)
+        assert (info.part, info.family) == (part, family), name
+        assert main(["inspect", path]) == 0
+        out = capsys.readouterr().out
+        assert detail in out and "FluxPipeline folder" in out and "ComfyUI keeps it in models/" in out, out
+        assert main(["inspect", "--json", path]) == 0
+        assert '"part": "%s"' % part in capsys.readouterr().out
+        with pytest.raises(ModelLoadError) as e:
+            load_diffusers(path)
+        msg = str(e.value)
+        assert msg.startswith(path + ": ") and "diffusers FluxPipeline folder" in msg, msg
+        assert "Stable Diffusion 3" not in msg
