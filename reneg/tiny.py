@@ -37,6 +37,9 @@ __all__ = [
     "SD_MODEL_INDEX",
     "SD_SCHEDULER",
     "TINY_CLIP_CONFIG",
+    "FLUX_SCHEDULERS",
+    "bfl_flux_state_dict",
+    "build_tiny_flux",
     "build_tiny_hps",
     "build_tiny_pipeline",
     "build_tiny_pixart",
@@ -344,3 +347,169 @@ def build_tiny_wan(folder: str, seed: int = 0, experts: int = 1, boundary_ratio:
     }
     write_pipeline_files(folder, dict(WAN_SCHEDULER), index)
     return folder
+
+
+# the scheduler configs the Flux.1 releases ship (FlowMatchEulerDiscreteScheduler): dev shifts its
+# schedule with the image size (``use_dynamic_shifting``, ``mu`` from the number of 2x2 latent patches);
+# schnell does not
+FLUX_SCHEDULERS = {
+    "dev": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+    },
+    "schnell": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+    },
+}
+
+
+def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width: int = 4096) -> str:
+    """A small Flux.1-architecture ``FluxPipeline`` folder with Flux's real conditioning sizes.
+
+    Real: the pipeline class and folder layout, the two text encoders' widths (T5 v1.1 XXL's 4096,
+    ``joint_attention_dim`` 4096; CLIP-L's 768 pooled output, ``pooled_projection_dim`` 768, over CLIP's
+    real tokenizer), the token count (dev 512, schnell 256), 16 latent channels packed into 2x2 patches
+    (``in_channels`` 64), the guidance embedding (dev; none for schnell), the VAE's scaling and shift
+    factors, the scheduler configs. Small: one double-stream and one single-stream block of two 16-wide
+    heads, one T5 layer, two CLIP layers, a two-level VAE (32 px images, 16 px latents, 8x8 patches)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokens = 256 if schnell else 512
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=768,
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    clip = tiny_clip(768, 4, intermediate=64, projection_dim=768)
+    os.makedirs(folder, exist_ok=True)
+    write_t5_tokenizer(os.path.join(folder, "tokenizer_2"), tokens)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2")))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            layer_norm_epsilon=1e-6,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    transformer.save_pretrained(os.path.join(folder, "transformer"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    save_text_encoder_prefixed(clip, os.path.join(folder, "text_encoder"))
+    write_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    t5.save_pretrained(os.path.join(folder, "text_encoder_2"))
+    index = {
+        "_class_name": "FluxPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    write_pipeline_files(folder, FLUX_SCHEDULERS["schnell" if schnell else "dev"], index)
+    return folder
+
+
+def bfl_flux_state_dict(
+    hidden: int = 64,
+    depth: int = 1,
+    depth_single: int = 1,
+    guidance: bool = True,
+    context: int = 4096,
+    pooled: int = 768,
+    head_dim: int = 32,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A Flux.1 transformer's state dict in the Black Forest Labs layout ComfyUI loads from
+    ``models/diffusion_models/`` (``img_in``, ``txt_in``, ``vector_in``, ``time_in``, ``guidance_in`` for
+    dev, ``double_blocks.N``, ``single_blocks.N``, ``final_layer``), random, with Flux's shapes for a
+    given width and depth (MLP ratio 4, 16 latent channels in 2x2 patches; the release: 3072 wide,
+    19 + 38 blocks, heads of 128). Small random values keep a random model's outputs finite."""
+    g = torch.Generator().manual_seed(seed)
+    h, m = hidden, 4 * hidden
+    sd: dict[str, torch.Tensor] = {}
+
+    def lin(name, out, inp, bias=True):
+        sd[name + ".weight"] = (torch.randn(out, inp, generator=g) * inp**-0.5).to(dtype)
+        if bias:
+            sd[name + ".bias"] = torch.zeros(out, dtype=dtype)
+
+    def scale(name):
+        sd[name] = torch.ones(head_dim, dtype=dtype)
+
+    lin("img_in", h, 64)
+    lin("txt_in", h, context)
+    for emb, inp in (("time_in", 256), ("vector_in", pooled)) + ((("guidance_in", 256),) if guidance else ()):
+        lin(f"{emb}.in_layer", h, inp)
+        lin(f"{emb}.out_layer", h, h)
+    for i in range(depth):
+        for s in ("img", "txt"):
+            b = f"double_blocks.{i}.{s}"
+            lin(f"{b}_mod.lin", 6 * h, h)
+            lin(f"{b}_attn.qkv", 3 * h, h)
+            scale(f"{b}_attn.norm.query_norm.scale")
+            scale(f"{b}_attn.norm.key_norm.scale")
+            lin(f"{b}_attn.proj", h, h)
+            lin(f"{b}_mlp.0", m, h)
+            lin(f"{b}_mlp.2", h, m)
+    for i in range(depth_single):
+        b = f"single_blocks.{i}"
+        lin(f"{b}.linear1", 3 * h + m, h)
+        lin(f"{b}.linear2", h, h + m)
+        scale(f"{b}.norm.query_norm.scale")
+        scale(f"{b}.norm.key_norm.scale")
+        lin(f"{b}.modulation.lin", 3 * h, h)
+    lin("final_layer.linear", 64, h)
+    lin("final_layer.adaLN_modulation.1", 2 * h, h)
+    return sd

@@ -84,3 +84,10 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> str:
+    from reneg.tiny import build_tiny_flux
+
+    return build_tiny_flux(str(tmp_path_factory.mktemp("tiny") / "flux-dev"), seed=0)

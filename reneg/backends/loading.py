@@ -141,6 +141,20 @@ def _load_pixart(path: str, device, dtype, vae: str | None = None) -> DiffusersB
     return load_folder(path, device, dtype)
 
 
+def _is_flux(path: str, index: dict) -> bool:
+    from .flux import is_flux_index
+
+    return is_flux_index(index)
+
+
+def _load_flux(path: str, device, dtype, vae: str | None = None) -> DiffusersBackend:
+    from .flux import load_folder  # Flux.1 dev / schnell: T5 rows + CLIP's pooled vector, a flow transformer
+
+    if vae:
+        raise ModelLoadError(f"{path}: --vae is for Stable Diffusion checkpoints; a Flux folder uses its own vae/")
+    return load_folder(path, device, dtype)
+
+
 def _is_text_to_video(path: str, index: dict) -> bool:
     from .video import TEXT_TO_VIDEO_PIPELINES
 
@@ -174,6 +188,7 @@ def _load_wan(path: str, device, dtype, vae: str | None = None, frames: int | No
 FOLDER_KINDS: list[FolderKind] = [
     FolderKind("pixart", _is_pixart, _load_pixart),
     FolderKind("wan", _is_wan, _load_wan, video=True, single_frame=True),
+    FolderKind("flux", _is_flux, _load_flux),
     FolderKind("text-to-video", _is_text_to_video, _load_text_to_video, video=True),
     FolderKind("stable-diffusion", lambda path, index: os.path.isdir(os.path.join(path, "unet")), _load_sd_folder),
 ]

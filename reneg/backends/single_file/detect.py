@@ -2,7 +2,7 @@
 
 Recognition reads only the keys and shapes in the header (see :mod:`.read`), as ComfyUI
 (``comfy/model_detection.py``, ``comfy/supported_models.py``) and A1111
-(``modules/sd_models_config.py``) do. SD3, Flux, refiners, inpainting UNets, LoRA files, embeddings
+(``modules/sd_models_config.py``) do. Flux.1's parts are named (:mod:`.flux`); SD3, Flux, refiners, inpainting UNets, LoRA files, embeddings
 and truncated files are refused before anything loads, with one line naming the file and what was found.
 """
 
@@ -15,6 +15,7 @@ import torch
 
 from ...families import Family, family_for_hidden
 from ..diffusers_backend import ModelLoadError
+from .flux import REFUSAL, FluxPart, flux_part
 from .read import UNET, VAE, XL_REFINER_TE, Checkpoint, key_examples, open_checkpoint
 
 IN_CONV = UNET + "input_blocks.0.0.weight"
@@ -71,6 +72,9 @@ def _refuse_non_checkpoint(ck: Checkpoint) -> None:
             f"checkpoint; ReNeg trains on the base model itself: pass the checkpoint the LoRA "
             f"was made for"
         )
+    flux = flux_part(ck)  # before SD3's test: a whole Flux checkpoint keeps its encoders under text_encoders.
+    if flux is not None:
+        raise ModelLoadError(f"{path}: {flux.description}; ReNeg {REFUSAL}")
     if any(k.startswith(("joint_blocks.", UNET + "joint_blocks.")) for k in keys) or any(
         k.startswith("text_encoders.") for k in keys
     ):
@@ -264,14 +268,18 @@ def classify(ck: Checkpoint, prediction_type: str | None = None) -> CheckpointIn
     )
 
 
-def inspect_checkpoint(path: str, prediction_type: str | None = None) -> CheckpointInfo:
+def inspect_checkpoint(path: str, prediction_type: str | None = None) -> CheckpointInfo | FluxPart:
     """Describe a checkpoint from its header alone (no weights are read, except ComfyUI's one small
-    SD2 tensor when no marker decides the prediction type)."""
-    return classify(open_checkpoint(path, meta=False), prediction_type)
+    SD2 tensor when no marker decides the prediction type). A Flux.1 part (transformer, clip_l, t5xxl,
+    ae, or all four in one file) is named as such (:mod:`.flux`)."""
+    ck = open_checkpoint(path, meta=False)
+    return flux_part(ck) or classify(ck, prediction_type)
 
 
-def describe(info: CheckpointInfo) -> list[str]:
+def describe(info: CheckpointInfo | FluxPart) -> list[str]:
     """Lines for ``reneg inspect``."""
+    if isinstance(info, FluxPart):
+        return info.describe()
     pt = "v-prediction" if info.prediction_type == "v_prediction" else "eps (noise) prediction"
     size = info.size / 2**30
     return [

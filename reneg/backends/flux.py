@@ -1,0 +1,392 @@
+"""Flux.1 dev and schnell through diffusers: a flow-matching transformer read by T5 rows and a CLIP vector.
+
+A diffusers Flux folder (``model_index.json`` naming ``FluxPipeline``, with ``transformer/``
+(``FluxTransformer2DModel``), ``vae/``, ``text_encoder/`` (CLIP-L), ``tokenizer/``, ``text_encoder_2/``
+(T5 v1.1 XXL), ``tokenizer_2/`` and ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``)) loads into
+:class:`FluxBackend`, which offers the operations of :class:`reneg.backends.base.Backend`, done as
+diffusers' ``FluxPipeline`` does them:
+
+- **Conditioning.** The prompt's T5 rows ``[B, L, 4096]`` (padded to ``L`` = 512 for dev, 256 for
+  schnell with T5's pad token, encoded *without* an attention mask, so every row is read) in
+  ``Cond.crossattn``, and CLIP-L's pooled output ``[B, 768]`` in ``Cond.pooled``. A negative is both: its
+  rows and a pooled vector (the empty prompt's unless one is given, as for SDXL). The family tells
+  dev from schnell by the transformer's guidance embedding (``guidance_embeds``).
+- **Denoiser.** Flux is a rectified-flow model: ``x_t = (1 - t) x0 + t eps`` and the transformer
+  predicts the velocity ``v = eps - x0``, so ``D(x, t, cond) = x - t v``. The sampler's latent is the
+  unpacked ``[B, 16, H/8, W/8]`` one (what the VAE reads); :class:`FluxDenoiser` packs it into 2x2
+  patches (``[B, HW/4, 64]``), builds the image and text position ids (``img_ids`` rows ``(0, i, j)``,
+  ``txt_ids`` zeros), passes the flow time as the timestep (diffusers' ``timestep / 1000``) and, for dev,
+  the distilled guidance scale (``guidance``, 3.5 by default) to the guidance embedding, and unpacks the
+  prediction. The sampler's DDIM step in sigma space is exactly the flow-matching Euler step when sigma
+  is the flow time; CFG on x0 equals ``true_cfg_scale`` on the velocity.
+- **Schedule.** ``FlowMatchEulerDiscreteScheduler``'s: ``t = linspace(1, 1/N, N)``, shifted (dev:
+  ``use_dynamic_shifting`` with ``mu`` from the number of latent patches, ``calculate_shift``;
+  schnell: the static ``shift``, 1), then 0. The shift depends on the image size: :meth:`FluxBackend.schedule`
+  takes it, or the size of the last :meth:`FluxBackend.latent_shape`, or the model's native 1024 px.
+- **Decode.** ``z = x0 / scaling_factor + shift_factor`` through the VAE.
+
+Attention, for guidance that works inside it (NAG): the transformer's joint text-image attention is
+``FluxAttention`` (``diffusers.models.transformers.transformer_flux``), in
+``transformer.transformer_blocks[i].attn`` (double-stream: text and image projected separately, text
+tokens first in the joint sequence, ``encoder_hidden_states`` passed) and
+``transformer.single_transformer_blocks[i].attn`` (single-stream: one sequence, text rows first, the
+first ``L`` tokens); each calls its ``processor``, a ``FluxAttnProcessor``
+(``processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None)``).
+:meth:`FluxBackend.attention_modules` lists them, so a wrapper can replace ``attn.processor`` (or
+call ``transformer.set_attn_processor``) without knowing the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..cond import Cond
+from ..families import get_family
+from .diffusers_backend import DiffusersBackend, ModelLoadError
+from .parts import read_json
+
+PIPELINE = "FluxPipeline"
+DEFAULT_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, and ComfyUI's for a Flux conditioning
+NATIVE_RESOLUTION = 1024  # FluxPipeline's default image size (default_sample_size 128 x the VAE's 8)
+# FlowMatchEulerDiscreteScheduler options the schedule below does not implement (none of Flux's releases sets them)
+_UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+
+
+def is_flux_index(index: dict) -> bool:
+    return str(index.get("_class_name", "")) == PIPELINE
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, (H/2)(W/2), 4C]``: 2x2 patches, as ``FluxPipeline._pack_latents``."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack` for a latent of ``h x w``."""
+    b, _, d = x.shape
+    x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """``[(h/2)(w/2), 3]`` position ids of the latent's patches: ``(0, row, column)``."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def calculate_shift(seq_len: int, config: dict) -> float:
+    """``mu`` for ``seq_len`` latent patches: linear from ``base_shift`` at ``base_image_seq_len`` to
+    ``max_shift`` at ``max_image_seq_len`` (FluxPipeline's ``calculate_shift``)."""
+    b0, b1 = int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096))
+    s0, s1 = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    m = (s1 - s0) / (b1 - b0)
+    return seq_len * m + (s0 - m * b0)
+
+
+def flow_schedule(config: dict, steps: int, seq_len: int) -> torch.Tensor:
+    """Flow times ``[steps + 1]`` (float64, from 1 down to 0) as ``FlowMatchEulerDiscreteScheduler``
+    sets them for FluxPipeline's ``sigmas = linspace(1, 1/steps, steps)``."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).float().double()
+    if config.get("use_dynamic_shifting"):
+        mu = calculate_shift(seq_len, config)
+        if config.get("time_shift_type", "exponential") == "linear":
+            t = mu / (mu + (1 / t - 1))
+        else:
+            t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    else:
+        shift = float(config.get("shift", 1.0))
+        t = shift * t / (1 + (shift - 1) * t)
+    return torch.cat([t.float().double(), torch.zeros(1, dtype=torch.float64)])
+
+
+class FluxDenoiser:
+    """``D(x, t, cond) -> x0`` around a ``FluxTransformer2DModel`` (see the module's docstring).
+
+    ``guidance`` is the distilled guidance scale a dev transformer reads (``cond.extra["guidance"]``,
+    ``[B]``, overrides it per sample, as ComfyUI's Flux conditioning carries one); schnell reads none."""
+
+    flow = True
+
+    def __init__(self, transformer, guidance: float = DEFAULT_GUIDANCE):
+        self.transformer = transformer
+        self.guidance = float(guidance)
+        self.guidance_embeds = bool(getattr(transformer.config, "guidance_embeds", False))
+        self._ids: tuple | None = None
+
+    @property
+    def unet(self):  # the name the shared code (performance switches, meters) looks for
+        return self.transformer
+
+    def _image_ids(self, h: int, w: int, device, dtype) -> torch.Tensor:
+        key = (h, w, device, dtype)
+        if self._ids is None or self._ids[0] != key:
+            self._ids = (key, image_ids(h, w, device, dtype))
+        return self._ids[1]
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if cond.pooled is None:
+            raise ValueError("a Flux transformer needs CLIP's pooled vector in its conditioning; none was given")
+        dt = self.transformer.dtype
+        b, _, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"a Flux latent's height and width must be even (2x2 patches), got {h}x{w}")
+        guidance = None
+        if self.guidance_embeds:
+            g = cond.extra.get("guidance")
+            guidance = (
+                torch.full((b,), self.guidance, device=x.device, dtype=torch.float32)
+                if g is None
+                else g.reshape(-1).to(x.device, torch.float32).expand(b)
+            )
+        # the pipeline's timestep is the scheduler's sigma * 1000 in float32, divided by 1000
+        t = (sigma.float() * 1000).to(dt) / 1000
+        v = self.transformer(
+            hidden_states=pack(x).to(dt),
+            timestep=t,
+            guidance=guidance,
+            pooled_projections=cond.pooled.to(dt),
+            encoder_hidden_states=cond.crossattn.to(dt),
+            txt_ids=torch.zeros(cond.crossattn.shape[1], 3, device=x.device, dtype=dt),
+            img_ids=self._image_ids(h, w, x.device, dt),
+            return_dict=False,
+        )[0]
+        v = unpack(v, h, w).to(x.dtype)
+        s = sigma.to(x.dtype).view(-1, 1, 1, 1)
+        return x - s * v
+
+
+class FluxBackend(DiffusersBackend):
+    """A Flux transformer + VAE + CLIP-L (``text_encoder``) + T5-XXL (``text_encoder_2``); ``unet`` holds
+    the transformer, so the shared code (decode, device moves, description) applies unchanged."""
+
+    flow = True
+
+    def __post_init__(self):
+        for key in _UNSUPPORTED:
+            if self.scheduler_config.get(key):
+                raise ModelLoadError(
+                    f"{self.source}: the scheduler config sets {key}, which ReNeg's Flux schedule does not "
+                    "implement (Flux.1 dev and schnell leave it unset)"
+                )
+        self._denoiser = FluxDenoiser(self.unet)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._null = None
+        self.max_tokens = get_family(self.family).tokens
+        self.image_size = (NATIVE_RESOLUTION, NATIVE_RESOLUTION)
+
+    @property
+    def transformer(self):
+        return self.unet
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    @property
+    def guidance(self) -> float:
+        """The distilled guidance scale a dev model reads (3.5 unless set); schnell ignores it."""
+        return self._denoiser.guidance
+
+    @guidance.setter
+    def guidance(self, value: float) -> None:
+        self._denoiser.guidance = float(value)
+
+    def set_prediction_type(self, prediction_type: str, reason: str = "") -> None:
+        raise ModelLoadError(f"{self.source}: a Flux model predicts a flow velocity; --prediction-type does not apply")
+
+    def describe(self) -> str:
+        name = os.path.basename(os.path.normpath(self.source)) or self.source
+        g = f", distilled guidance {self.guidance:g}" if self._denoiser.guidance_embeds else ""
+        return f"{name}: {self.family} ({self.model_info.get('kind', 'model')}), rectified flow{g}, its own VAE"
+
+    def attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """``(name, FluxAttention)`` for every joint text-image attention, double-stream blocks first."""
+        t = self.transformer
+        return [(f"transformer_blocks.{i}.attn", blk.attn) for i, blk in enumerate(t.transformer_blocks)] + [
+            (f"single_transformer_blocks.{i}.attn", blk.attn) for i, blk in enumerate(t.single_transformer_blocks)
+        ]
+
+    # --- schedule -------------------------------------------------------------------------
+    def alphas_cumprod(self) -> torch.Tensor:
+        raise NotImplementedError("a flow-matching model has no alphas_cumprod; its schedule is flow times")
+
+    def schedule(self, steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Flow times ``[steps + 1]`` for an image of ``height x width`` px (default: the size of the last
+        :meth:`latent_shape` call, else 1024 x 1024): dev's shift grows with the number of latent patches."""
+        h, w = (height, width) if height and width else self.image_size
+        f = 2 * self.vae_scale
+        return flow_schedule(self.scheduler_config, steps, (int(h) // f) * (int(w) // f))
+
+    @property
+    def native_resolution(self) -> int:
+        return NATIVE_RESOLUTION
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        f = 2 * self.vae_scale  # the VAE's factor, then 2x2 patches
+        if height % f or width % f:
+            raise ValueError(f"a Flux model's height and width must be multiples of {f}, got {height}x{width}")
+        self.image_size = (int(height), int(width))
+        return (batch, self.unet.config.in_channels // 4, height // self.vae_scale, width // self.vae_scale)
+
+    # --- text -----------------------------------------------------------------------------
+    def truncation_note(self, prompts) -> str | None:
+        tok = self.tokenizer
+        try:
+            self.tokenizer = self.tokenizer_2  # T5 reads the rows; its limit is the family's row count
+            return super().truncation_note(prompts)
+        finally:
+            self.tokenizer = tok
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, L, 4096], pooled [B, 768])`` as FluxPipeline's ``encode_prompt``: T5 rows of the prompt
+        padded to ``L`` and encoded without a mask; CLIP-L's pooled output of the prompt padded to 77."""
+        clip_ids = self._ids(self.tokenizer, prompts).to(self.device)
+        pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
+        t5_ids = self.tokenizer_2(
+            prompts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
+        ).input_ids
+        rows = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
+        return rows.float(), pooled.float()
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.transformer.config.pooled_projection_dim)
+
+    def negative_cond(
+        self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> Cond:
+        """A negative's rows with a pooled vector (the empty prompt's unless one is given). Flux reads
+        every row (no mask), and rows count in its joint attention, so a negative has the model's row
+        count: a batch of conds of different lengths could not be batched without changing them."""
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError(
+                f"{self.family} reads every row of a negative; an attention mask with padding does not apply"
+            )
+        if neg.dim() != 3 or neg.shape[0] != 1:
+            raise ValueError(f"a negative must be [1, tokens, hidden], got {list(neg.shape)}")
+        if neg.shape[1] != self.max_tokens:
+            raise ValueError(
+                f"this {self.family} model's negatives have {self.max_tokens} T5 rows (its prompts' count); "
+                f"the negative has {neg.shape[1]}"
+            )
+        if pooled is None:
+            pooled = self._empty()[1]
+        return Cond(neg.to(self.device), pooled.reshape(1, -1).to(self.device))
+
+    def set_performance(
+        self,
+        *,
+        sdpa: bool | None = None,
+        checkpointing: bool | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
+    ) -> "FluxBackend":
+        """As :meth:`DiffusersBackend.set_performance`, except that the transformer keeps its own
+        ``FluxAttnProcessor`` (it applies the rotary embedding; it already uses fused attention) and
+        ``channels_last`` applies to the VAE only (the transformer has no convolutions)."""
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        if sdpa is not None:
+            self.vae.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
+        for m in (self.unet, self.vae):
+            if checkpointing and getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+            elif checkpointing is not None and getattr(m, "_supports_gradient_checkpointing", False):
+                m.disable_gradient_checkpointing()
+        if channels_last is not None:
+            self.vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if compile:
+            self.unet.compile()
+        return self
+
+
+def flux_family(transformer) -> str:
+    """``flux-dev`` when the transformer reads a distilled guidance scale, ``flux-schnell`` otherwise."""
+    return "flux-dev" if getattr(transformer.config, "guidance_embeds", False) else "flux-schnell"
+
+
+def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> FluxBackend:
+    """Load a diffusers Flux.1 (dev or schnell) folder from local files only."""
+    from .pixart import load_t5_tokenizer
+
+    index = read_json(os.path.join(path, "model_index.json"))
+    if not is_flux_index(index):
+        raise ModelLoadError(f"{path}: model_index.json names {index.get('_class_name')!r}, not {PIPELINE}")
+    need = [
+        "transformer/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer",
+        "text_encoder_2/config.json",
+        "tokenizer_2",
+        "scheduler/scheduler_config.json",
+    ]
+    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
+    if missing:
+        raise ModelLoadError(f"{path}: not a complete diffusers {PIPELINE} folder; missing {', '.join(missing)}")
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    kw = dict(local_files_only=True, torch_dtype=dtype)
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
+    tokenizer_2 = load_t5_tokenizer(os.path.join(path, "tokenizer_2"))
+    family = flux_family(transformer)
+    spec = get_family(family)
+    cfg = transformer.config
+    checks = (
+        (
+            "the T5 encoder's width",
+            int(getattr(t5.config, "d_model", 0)),
+            "joint_attention_dim",
+            cfg.joint_attention_dim,
+        ),
+        ("CLIP's width", int(clip.config.hidden_size), "pooled_projection_dim", cfg.pooled_projection_dim),
+    )
+    for what, got, key, want in checks:
+        if int(got) != int(want):
+            raise ModelLoadError(f"{path}: {what} {got} does not match the transformer's {key} {want}")
+    if int(cfg.joint_attention_dim) != spec.hidden or int(cfg.pooled_projection_dim) != spec.pooled:
+        raise ModelLoadError(
+            f"{path}: {spec.description} reads T5-XXL rows of width {spec.hidden} and a CLIP-L vector of "
+            f"{spec.pooled}; this transformer reads {cfg.joint_attention_dim} and {cfg.pooled_projection_dim}"
+        )
+    if int(cfg.in_channels) != 4 * int(vae.config.latent_channels) or int(getattr(cfg, "patch_size", 1)) != 1:
+        raise ModelLoadError(
+            f"{path}: the transformer reads {cfg.in_channels} channels; a Flux.1 text-to-image transformer reads "
+            f"2x2 patches of the VAE's {vae.config.latent_channels} latent channels ({4 * vae.config.latent_channels})"
+        )
+    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    for m in (transformer, vae, clip, t5):
+        m.requires_grad_(False).eval()
+    backend = FluxBackend(
+        transformer,
+        vae,
+        clip,
+        tokenizer,
+        dict(sched),
+        family,
+        path,
+        torch.device(device),
+        dtype,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        model_info={"source": path, "kind": "diffusers folder", "family": family, "vae": "inside"},
+    )
+    return backend.to(device)
