@@ -28,6 +28,9 @@ class Family:
     # T5 families: rows past the text's own tokens are padding the model ignores through an
     # attention mask, which travels with the rows (``Cond.mask``, the file's ``attention_mask``)
     masked: bool = False
+    # masked families: padding rows past the text the model still reads (Chroma reads one: its
+    # pipeline and its trainer unmask the first padding token), so a negative's mask covers them too
+    reads_padding: int = 0
     space: str = ""  # families sharing a text-encoder output space (and so their negatives)
     comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
     # the diffusers pipeline a folder's model_index.json names (``_class_name``), for the T5 families
@@ -123,6 +126,21 @@ FAMILIES: dict[str, Family] = {
             comfy_image_model="pixart_sigma",
             pipeline="PixArtSigmaPipeline",
             note="see [PixArt](pixart.md)",
+        ),
+        Family(
+            "chroma",
+            4096,
+            512,
+            None,
+            "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask",
+            "Chroma",
+            masked=True,
+            reads_padding=1,
+            space="t5xxl",
+            comfy_image_model="chroma",
+            pipeline="ChromaPipeline",
+            note="the mask covers the text and one padding row; see [Chroma](chroma.md)",
+            native_resolution=1024,
         ),
         Family(
             "tiny",

@@ -139,6 +139,18 @@ def _load_pixart(path: str, device, dtype, vae: str | None = None) -> DiffusersB
     return load_folder(path, device, dtype)
 
 
+def _is_chroma(path: str, index: dict) -> bool:
+    return index.get("_class_name") == "ChromaPipeline"
+
+
+def _load_chroma(path: str, device, dtype, vae: str | None = None) -> DiffusersBackend:
+    from .chroma import load_folder  # Chroma: T5 with its attention mask, a flow-matching transformer
+
+    if vae:
+        raise ModelLoadError(f"{path}: --vae is for Stable Diffusion checkpoints; a Chroma folder uses its own vae/")
+    return load_folder(path, device, dtype)
+
+
 def _is_text_to_video(path: str, index: dict) -> bool:
     from .video import TEXT_TO_VIDEO_PIPELINES
 
@@ -157,6 +169,7 @@ def _load_text_to_video(path: str, device, dtype, vae: str | None = None, frames
 
 FOLDER_KINDS: list[FolderKind] = [
     FolderKind("pixart", _is_pixart, _load_pixart),
+    FolderKind("chroma", _is_chroma, _load_chroma),
     FolderKind("text-to-video", _is_text_to_video, _load_text_to_video, video=True),
     FolderKind("stable-diffusion", lambda path, index: os.path.isdir(os.path.join(path, "unet")), _load_sd_folder),
 ]
