@@ -314,8 +314,13 @@ def validate(
         # our own files must carry it; foreign files are allowed without (hosts keep theirs)
         pass
     if expected_family and spec.name != expected_family and not _same_space(spec.name, expected_family):
+        model = expected_family
+        exp = FAMILIES.get(expected_family)
+        if exp is not None and exp.masked:  # a host's T5 text encoder does not say which T5 model reads it
+            same = ", ".join(f.name for f in FAMILIES.values() if f.masked and f.text_space == exp.text_space)
+            model += f" (a T5-XXL model: {same})"
         raise EmbeddingError(
-            f"{path}: this is a {spec.name} embedding (hidden size {hidden}), but the model in use is {expected_family}"
+            f"{path}: this is a {spec.name} embedding (hidden size {hidden}), but the model in use is {model}"
         )
     return tensor, spec.name, pooled
 

@@ -31,6 +31,7 @@ class Family:
     # masked families: padding rows past the text the model still reads (Chroma reads one: its
     # pipeline and its trainer unmask the first padding token), so a negative's mask covers them too
     reads_padding: int = 0
+    flow: bool = False  # a flow-matching model (x_t = (1 - t) x0 + t eps): the sampler starts from plain noise
     space: str = ""  # families sharing a text-encoder output space (and so their negatives)
     comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
     # the diffusers pipeline a folder's model_index.json names (``_class_name``), for the T5 families
@@ -136,6 +137,7 @@ FAMILIES: dict[str, Family] = {
             "Chroma",
             masked=True,
             reads_padding=1,
+            flow=True,
             space="t5xxl",
             comfy_image_model="chroma",
             pipeline="ChromaPipeline",
