@@ -207,3 +207,63 @@ def test_chroma_train_tune_and_eval_through_the_cli(tmp_path, chroma_dir, chroma
     s = json.loads((ev / "summary.json").read_text())
     assert [n["name"] for n in s["negatives"]] == ["null", "handcrafted", "learned"]
     assert s["images"] == {"null": 2, "handcrafted": 2, "learned": 2}
+
+
+def test_comfyui_single_files_are_named_by_inspect_and_refused_as_a_model(tmp_path, chroma, capsys):
+    """The three files a ComfyUI Chroma user holds: the transformer (Flux's double/single blocks with a
+    distilled_guidance_layer, ComfyUI's own test), the T5-XXL encoder (transformers layout), the Flux VAE."""
+    from safetensors.torch import save_file
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+
+    z = torch.zeros
+    tr = {
+        "img_in.weight": z(8, 64),
+        "txt_in.weight": z(8, 4096),
+        "distilled_guidance_layer.in_proj.weight": z(8, 64),
+        "distilled_guidance_layer.norms.0.scale": z(8),
+        **{f"double_blocks.{i}.img_attn.norm.key_norm.scale": z(4) for i in range(2)},
+        **{f"single_blocks.{i}.linear1.weight": z(4, 8) for i in range(3)},
+        **{f"single_blocks.{i}.norm.key_norm.scale": z(4) for i in range(3)},
+        **{f"double_blocks.{i}.txt_mlp.0.weight": z(4, 8) for i in range(2)},
+        **{f"double_blocks.{i}.img_mlp.0.weight": z(4, 8) for i in range(2)},
+        **{f"double_blocks.{i}.img_attn.qkv.weight": z(12, 8) for i in range(2)},
+    }
+    save_file({k: v.to(torch.bfloat16) for k, v in tr.items()}, str(tmp_path / "chroma.safetensors"))
+    t5 = {k: v.clone().contiguous() for k, v in chroma.text_encoder.state_dict().items()}
+    save_file(t5, str(tmp_path / "t5.safetensors"))  # ComfyUI's t5xxl files: transformers' names
+    vae = {f"decoder.up.{i}.block.0.conv1.weight": z(4, 4, 3, 3) for i in range(4)}
+    vae.update({f"encoder.down.{i}.block.0.conv1.weight": z(4, 4, 3, 3) for i in range(4)})
+    vae.update({"decoder.conv_in.weight": z(8, 16, 3, 3), "encoder.conv_out.weight": z(32, 8, 3, 3)})
+    vae.update({f"decoder.mid.block_{i}.norm1.weight": z(8) for i in range(1, 3)})
+    vae.update({f"encoder.mid.block_{i}.norm1.weight": z(8) for i in range(1, 10)})
+    save_file(vae, str(tmp_path / "ae.safetensors"))
+    expect = {
+        "chroma.safetensors": ("Chroma transformer", "models/diffusion_models/", "2 double-stream and 3 single"),
+        "t5.safetensors": ("T5-XXL-shaped text encoder", "models/text_encoders/", "1 layers, width 4096", "PixArt"),
+        "ae.safetensors": ("16-channel autoencoder (ae)", "models/vae/", "16 latent channels", "Flux.1"),
+    }
+    for name, words in expect.items():
+        assert main(["inspect", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert all(w in out for w in words), out
+        with pytest.raises(ModelLoadError, match="on its own .* ChromaPipeline folder"):
+            load_diffusers(str(tmp_path / name))
+    assert main(["inspect", "--json", str(tmp_path / "chroma.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "chroma" and info["kind"] == "transformer" and info["dtype"] == "bfloat16"
+    assert info["comfy_folder"] == "diffusion_models"
+    # under ComfyUI's checkpoint prefix; Chroma Radiance (pixel space) is named and not claimed as Chroma
+    radiance = {"model.diffusion_model." + k: v for k, v in tr.items() if k != "img_in.weight"}
+    radiance["model.diffusion_model.nerf_blocks.0.norm.scale"] = z(4)
+    save_file(radiance, str(tmp_path / "radiance.safetensors"))
+    assert main(["inspect", str(tmp_path / "radiance.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "Chroma Radiance" in out and "does not support" in out and "family chroma" not in out
+    # Flux.1's transformer (guidance_in, no distilled_guidance_layer) is not called Chroma
+    flux = {k: v for k, v in tr.items() if not k.startswith("distilled_guidance_layer.")}
+    flux["guidance_in.in_layer.weight"] = z(8, 256)
+    save_file(flux, str(tmp_path / "flux.safetensors"))
+    with pytest.raises(ModelLoadError) as e:
+        load_diffusers(str(tmp_path / "flux.safetensors"))
+    assert "Chroma" not in str(e.value)

@@ -15,6 +15,7 @@ import torch
 
 from ...families import Family, family_for_hidden
 from ..diffusers_backend import ModelLoadError
+from .chroma import ChromaPart, chroma_part
 from .read import UNET, VAE, XL_REFINER_TE, Checkpoint, key_examples, open_checkpoint
 
 IN_CONV = UNET + "input_blocks.0.0.weight"
@@ -71,6 +72,9 @@ def _refuse_non_checkpoint(ck: Checkpoint) -> None:
             f"checkpoint; ReNeg trains on the base model itself: pass the checkpoint the LoRA "
             f"was made for"
         )
+    chroma = chroma_part(ck)  # a Chroma transformer, its T5-XXL or its ae: one part of a model
+    if chroma is not None:
+        raise ModelLoadError(chroma.refusal())
     if any(k.startswith(("joint_blocks.", UNET + "joint_blocks.")) for k in keys) or any(
         k.startswith("text_encoders.") for k in keys
     ):
@@ -264,14 +268,18 @@ def classify(ck: Checkpoint, prediction_type: str | None = None) -> CheckpointIn
     )
 
 
-def inspect_checkpoint(path: str, prediction_type: str | None = None) -> CheckpointInfo:
+def inspect_checkpoint(path: str, prediction_type: str | None = None) -> CheckpointInfo | ChromaPart:
     """Describe a checkpoint from its header alone (no weights are read, except ComfyUI's one small
-    SD2 tensor when no marker decides the prediction type)."""
-    return classify(open_checkpoint(path, meta=False), prediction_type)
+    SD2 tensor when no marker decides the prediction type). A Chroma part (transformer, T5-XXL, ae)
+    is named as such (:mod:`.chroma`)."""
+    ck = open_checkpoint(path, meta=False)
+    return chroma_part(ck) or classify(ck, prediction_type)
 
 
-def describe(info: CheckpointInfo) -> list[str]:
+def describe(info: CheckpointInfo | ChromaPart) -> list[str]:
     """Lines for ``reneg inspect``."""
+    if isinstance(info, ChromaPart):
+        return info.describe()
     pt = "v-prediction" if info.prediction_type == "v_prediction" else "eps (noise) prediction"
     size = info.size / 2**30
     return [
