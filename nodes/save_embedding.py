@@ -24,15 +24,18 @@ def free_name(folder: str, stem: str) -> str:
     raise FileExistsError(f"{folder}: no free file name for {stem!r}")
 
 
-def t5_file_rows(t):
+def t5_file_rows(t, family=None):
     """ComfyUI's unpadded T5 rows ``[1, n, 4096]`` -> the file's rows, padded with zero rows to the
-    family's count (120 PixArt-alpha, or 300 when n > 120), and the mask that marks the n rows."""
+    family's count (``family``'s, e.g. Chroma's 512 for a negative tuned on Chroma; else 120
+    PixArt-alpha, or 300 when n > 120), and the mask that marks the n rows."""
     import torch
 
     from ..reneg.families import FAMILIES
 
     n = t.shape[1]
     fits = sorted((f.tokens for f in FAMILIES.values() if f.masked and f.hidden == t.shape[-1] and f.tokens >= n))
+    if family is not None and family.masked and family.hidden == t.shape[-1] and family.tokens >= n:
+        fits = [family.tokens]
     if not fits:
         raise ValueError(
             f"negative: {n} T5 rows are more than a PixArt embedding holds "
@@ -82,7 +85,7 @@ class ReNegSaveEmbedding:
     @reports_errors(TITLE)
     def save(self, negative, filename, overwrite, note=""):
         from ..reneg.embedding import NegEmbedding, save_embedding
-        from ..reneg.families import family_for_shape, get_family
+        from ..reneg.families import FAMILIES, family_for_shape, get_family
 
         if not isinstance(negative, list) or not negative:
             raise ValueError(f"negative: expected a CONDITIONING, found {type(negative).__name__}")
@@ -91,8 +94,10 @@ class ReNegSaveEmbedding:
         t, extra = negative[0][0], negative[0][1]
         rows = 77
         mask = None
+        info = dict(extra.get(INFO_KEY) or {})
+        named = FAMILIES.get(str(info.pop("family", "")))  # the tune node says which model it tuned for
         if t.dim() == 3 and t.shape[0] == 1 and get_family(model_family_of(t.shape[-1])).masked:
-            t, mask = t5_file_rows(t)
+            t, mask = t5_file_rows(t, named)
         elif t.dim() != 3 or t.shape[0] != 1 or t.shape[1] % rows:
             raise ValueError(f"negative: expected a tensor [1, 77k, hidden], found {list(t.shape)}")
         block = one_block(t, rows) if mask is None else t
@@ -117,8 +122,11 @@ class ReNegSaveEmbedding:
         path = os.path.join(folder, parts[-1] + ".safetensors")
         if not overwrite:
             path = free_name(folder, parts[-1])
-        family = model_family_of(t.shape[-1]) if mask is None else family_for_shape(t.shape[-1], t.shape[1]).name
-        info = dict(extra.get(INFO_KEY) or {})
+        family = (
+            model_family_of(t.shape[-1])
+            if mask is None
+            else family_for_shape(t.shape[-1], t.shape[1], masked=True).name
+        )
         kind = info.pop("kind", "global")
         meta = {k: str(v) for k, v in info.items()}
         if note:

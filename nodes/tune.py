@@ -276,6 +276,7 @@ class ReNegPerSampleTune:
         extra = dict(negative[0][1]) if isinstance(negative[0][1], dict) else {}
         extra[INFO_KEY] = {
             "kind": "per-sample",
+            "family": backend.family,
             "prompt": prompt,
             "seed": int(seed),
             "noise_mode": noise_mode,

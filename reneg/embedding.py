@@ -78,7 +78,7 @@ class NegEmbedding:
         if self.attention_mask is not None:
             return self.attention_mask
         if self.family in FAMILIES and FAMILIES[self.family].masked:
-            return implied_attention_mask(self.tensor)
+            return implied_attention_mask(self.tensor, FAMILIES[self.family].reads_padding)
         return None
 
     def model_rows(self) -> torch.Tensor:
@@ -190,7 +190,7 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def implied_attention_mask(tensor: torch.Tensor) -> torch.Tensor:
+def implied_attention_mask(tensor: torch.Tensor, reads_padding: int = 0) -> torch.Tensor:
     """The attention mask of T5 rows stored without one, ``[1, L]`` (int64).
 
     When every row after the first is one and the same row, the tensor is (or was trained
@@ -201,11 +201,13 @@ def implied_attention_mask(tensor: torch.Tensor) -> torch.Tensor:
     leaves the padding rows untouched (the authors' PixArt-alpha file has 119 identical rows
     after the first). Otherwise trailing rows that are exactly zero are padding (how ReNeg pads a
     host's unpadded T5 rows, e.g. from ComfyUI, to the family's row count); every other row counts.
+    ``reads_padding``: padding rows past the text the family's model reads (Chroma: 1), which the
+    empty prompt's mask then covers too.
     """
     t = tensor.reshape(-1, tensor.shape[-1])
     mask = torch.ones(1, t.shape[0], dtype=torch.long)
-    if t.shape[0] > 2 and bool((t[1:] == t[1]).all()):
-        mask[:, 1:] = 0
+    if t.shape[0] > 2 + reads_padding and bool((t[1:] == t[1]).all()):
+        mask[:, 1 + reads_padding :] = 0
         return mask
     nonzero = (t != 0).any(dim=1).nonzero()
     last = int(nonzero[-1]) + 1 if len(nonzero) else 1
@@ -261,7 +263,7 @@ def validate(
             f"{path}: expected a tensor of shape [1, tokens, hidden] (or [tokens, hidden]), found {_shape(tensor)}"
         )
     hidden = tensor.shape[-1]
-    by_dim = family_for_shape(hidden, tensor.shape[1])
+    by_dim = family_for_shape(hidden, tensor.shape[1], pooled=pooled is not None)
     if family:
         spec = get_family(family) if family in FAMILIES else None
         if spec is None:
@@ -278,6 +280,9 @@ def validate(
                 f"{path}: unknown hidden size {hidden} (shape {_shape(tensor)}); expected one of {known_hidden_sizes()}"
             )
         spec = by_dim
+        want = FAMILIES.get(expected_family or "")
+        if want is not None and (want.hidden, want.tokens) == (hidden, tensor.shape[1]):
+            spec = want  # a bare tensor of a shape several families share (4096 x 512): the model in use decides
     if tensor.shape[1] != spec.tokens:
         raise EmbeddingError(
             f"{path}: family {spec.name} needs {spec.tokens} token rows, "
@@ -313,10 +318,13 @@ def validate(
         pass
     if expected_family and spec.name != expected_family and not _same_space(spec.name, expected_family):
         want = FAMILIES.get(expected_family)
+        model = expected_family + (f" ({want.description}; {want.hidden} x {want.tokens} rows)" if want else "")
+        if want is not None and want.masked:  # a host's T5 text encoder does not say which T5 model reads it
+            same = ", ".join(f.name for f in FAMILIES.values() if f.masked and f.text_space == want.text_space)
+            model += f" (a T5-XXL model: {same})"
         raise EmbeddingError(
             f"{path}: this is a {spec.name} embedding ({spec.description}; hidden size {hidden}, "
-            f"{tensor.shape[1]} rows), but the model in use is {expected_family}"
-            + (f" ({want.description}; {want.hidden} x {want.tokens} rows)" if want else "")
+            f"{tensor.shape[1]} rows), but the model in use is {model}"
         )
     return tensor, spec.name, pooled
 
@@ -491,7 +499,7 @@ def save_embedding(path: str | os.PathLike, emb: NegEmbedding, overwrite: bool =
         emb.attention_mask.detach().cpu() if emb.attention_mask is not None else None, tensor, path, family
     )
     if mask is None and get_family(family).masked:
-        mask = implied_attention_mask(tensor)  # our T5 files always say which rows count
+        mask = implied_attention_mask(tensor, get_family(family).reads_padding)  # our T5 files say which rows count
     meta = dict(emb.metadata)
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if v is not None})
     for k, v in (("format", "reneg"), ("format_version", FORMAT_VERSION), ("family", family)):

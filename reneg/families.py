@@ -28,6 +28,10 @@ class Family:
     # T5 families: rows past the text's own tokens are padding the model ignores through an
     # attention mask, which travels with the rows (``Cond.mask``, the file's ``attention_mask``)
     masked: bool = False
+    # masked families: padding rows past the text the model still reads (Chroma reads one: its
+    # pipeline and its trainer unmask the first padding token), so a negative's mask covers them too
+    reads_padding: int = 0
+    flow: bool = False  # a flow-matching model (x_t = (1 - t) x0 + t eps): the sampler starts from plain noise
     space: str = ""  # families sharing a text-encoder output space (and so their negatives)
     comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
     # the diffusers pipeline a folder's model_index.json names (``_class_name``), for the T5 families
@@ -137,6 +141,7 @@ FAMILIES: dict[str, Family] = {
             None,
             "UMT5-XXL encoder, last layer (final RMS norm); rows past the prompt's tokens and end token zeroed",
             "Wan 2.1 / 2.2 text-to-video",
+            flow=True,
             space="umt5xxl",
             comfy_image_model="wan2.1",
             pipeline="WanPipeline",
@@ -149,6 +154,7 @@ FAMILIES: dict[str, Family] = {
             None,
             "UMT5-XXL encoder, as wan; the high-noise expert's 512 rows, then the low-noise expert's 512",
             "Wan 2.2 A14B, one negative per expert",
+            flow=True,
             space="umt5xxl",
             note="two `wan` negatives in one file (`--wan-experts per-expert`); see [Wan](wan.md)",
         ),
@@ -159,6 +165,7 @@ FAMILIES: dict[str, Family] = {
             768,
             "T5 v1.1 XXL encoder, last layer (final RMS norm), no attention mask; pooled: CLIP ViT-L/14's pooled output",
             "Flux.1 dev",
+            flow=True,
             comfy_image_model="flux",
             pipeline="FluxPipeline",
             note="rows padded with T5's pad token and all read; see [Flux](flux.md)",
@@ -170,9 +177,26 @@ FAMILIES: dict[str, Family] = {
             768,
             "T5 v1.1 XXL encoder, last layer (final RMS norm), no attention mask; pooled: CLIP ViT-L/14's pooled output",
             "Flux.1 schnell",
+            flow=True,
             comfy_image_model="flux",
             pipeline="FluxPipeline",
             note="rows padded with T5's pad token and all read; see [Flux](flux.md)",
+        ),
+        Family(
+            "chroma",
+            4096,
+            512,
+            None,
+            "T5 v1.1 XXL encoder, last layer (final RMS norm), attention mask",
+            "Chroma",
+            masked=True,
+            reads_padding=1,
+            flow=True,
+            space="t5xxl",
+            comfy_image_model="chroma",
+            pipeline="ChromaPipeline",
+            note="the mask covers the text and one padding row; see [Chroma](chroma.md)",
+            native_resolution=1024,
         ),
         Family(
             "tiny",
@@ -203,12 +227,19 @@ def family_for_encoders(widths: tuple[int, ...]) -> Family | None:
     return next((f for f in FAMILIES.values() if f.encoders and f.encoders == widths), None)
 
 
-def family_for_shape(hidden: int, tokens: int) -> Family | None:
-    """The family of a ``[1, tokens, hidden]`` tensor: PixArt-alpha (120 rows) and PixArt-sigma
-    (300 rows) share T5-XXL's width 4096 and differ in their token count."""
+def family_for_shape(hidden: int, tokens: int, pooled: bool | None = None, masked: bool | None = None) -> Family | None:
+    """The family of a ``[1, tokens, hidden]`` tensor. Several share T5's width 4096 and differ in their
+    token count (PixArt-alpha 120, PixArt-sigma 300, Flux schnell 256) or, at 512 rows, in what comes with
+    the rows: a pooled vector (Flux dev), an attention mask (Chroma), neither (Wan). ``pooled`` / ``masked``
+    (None: unknown) pick among those; without them the first family in the table with the shape wins."""
     fam = family_for_hidden(hidden)
-    if fam is not None and fam.tokens != int(tokens):
-        fam = next((f for f in FAMILIES.values() if f.hidden == int(hidden) and f.tokens == int(tokens)), fam)
+    same = [f for f in FAMILIES.values() if f.hidden == int(hidden) and f.tokens == int(tokens)]
+    if pooled is not None:
+        same = [f for f in same if (f.pooled is not None) == pooled] or same
+    if masked is not None:
+        same = [f for f in same if f.masked == masked] or same
+    if fam is not None and (fam.tokens != int(tokens) or (same and fam not in same)):
+        fam = same[0] if same else fam
     return fam
 
 

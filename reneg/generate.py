@@ -30,7 +30,7 @@ def as_embedding(backend, neg: torch.Tensor):
     neg = neg.detach().cpu().float()
     spec = get_family(family)
     if spec.masked:  # a PixArt-alpha file (120 rows) tuned on PixArt-sigma stays a 120-row file
-        fits = family_for_shape(neg.shape[-1], neg.shape[1])
+        fits = family_for_shape(neg.shape[-1], neg.shape[1], masked=True)
         if fits.tokens == neg.shape[1]:
             family = fits.name
         elif neg.shape[1] < spec.tokens:  # a text's own rows (a handcrafted start): zero rows are padding

@@ -37,8 +37,10 @@ __all__ = [
     "SD_MODEL_INDEX",
     "SD_SCHEDULER",
     "TINY_CLIP_CONFIG",
+    "CHROMA_SCHEDULER",
     "FLUX_SCHEDULERS",
     "bfl_flux_state_dict",
+    "build_tiny_chroma",
     "build_tiny_flux",
     "build_tiny_hps",
     "build_tiny_pipeline",
@@ -513,3 +515,93 @@ def bfl_flux_state_dict(
     lin("final_layer.linear", 64, h)
     lin("final_layer.adaLN_modulation.1", 2 * h, h)
     return sd
+
+
+CHROMA_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+
+
+def build_tiny_chroma(folder: str, seed: int = 0, t5_width: int = 4096) -> str:
+    """A small Chroma-architecture diffusers folder (``ChromaPipeline``) with Chroma's real
+    conditioning sizes.
+
+    Real: the pipeline class and folder layout, T5's width 4096 (``joint_attention_dim``) and its
+    512-token padding with the attention mask, T5 v1.1's architecture, the Flux VAE's 16 latent
+    channels packed into 64 transformer channels (with its ``shift_factor``), the scheduler config
+    (flow matching, dynamic shift). Small: one T5 layer, one double- and one single-stream block
+    16 wide, a two-level VAE (32 px images, 16 px latents, 8 x 8 packed tokens)."""
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        axes_dims_rope=(2, 2, 4),
+        approximator_num_channels=16,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    os.makedirs(folder, exist_ok=True)
+    write_t5_tokenizer(os.path.join(folder, "tokenizer"), 512)
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")))
+    te = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=t5_width,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            layer_norm_epsilon=1e-6,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    transformer.save_pretrained(os.path.join(folder, "transformer"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    te.save_pretrained(os.path.join(folder, "text_encoder"))
+    index = {
+        "_class_name": "ChromaPipeline",
+        "transformer": ["diffusers", "ChromaTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    write_pipeline_files(folder, CHROMA_SCHEDULER, index)
+    return folder

@@ -80,11 +80,21 @@ class ComfyDenoiser:
         options = getattr(self.patcher, "model_options", None) or {}
         transformer_options = dict(options.get("transformer_options", {}))
         transformer_options["sigmas"] = sigma
+        if cond.mask is not None and not bool(cond.mask.bool().all()):
+            # joint-attention T5 rows (Chroma) of different lengths: one sample at a time, each with its
+            # own rows; repeating rows to a common length, as ComfyUI batches cross-attention conds,
+            # would weigh the text twice against the image tokens
+            outs = []
+            for i in range(x.shape[0]):
+                c = cond.index(slice(i, i + 1))
+                n = int(c.mask[0].bool().nonzero()[-1]) + 1
+                outs.append(self(x[i : i + 1], sigma[i : i + 1], Cond(c.crossattn[:, :n], c.pooled, c.extra)))
+            return torch.cat(outs)
         if cond.nag is not None:
             from ..nag import comfy_transformer_options
 
             transformer_options = comfy_transformer_options(transformer_options, cond.nag.crossattn, cond.nag_settings)
-        kwargs = {k: cond.extra[k] for k in ("y", "c_size", "c_ar") if k in cond.extra}
+        kwargs = {k: cond.extra[k] for k in ("y", "c_size", "c_ar", "guidance") if k in cond.extra}
         out = self.model.apply_model(
             x, sigma, c_crossattn=cond.crossattn, transformer_options=transformer_options, **kwargs
         )
@@ -126,8 +136,8 @@ class ComfyBackend:
             what = f"a {image_model} model" if image_model else "this model"
             raise ComfyModelError(
                 f"the conditioning has hidden size {hidden} for {what}; ReNeg's ComfyUI "
-                f"nodes support {known_hidden_sizes()} (T5's 4096 on PixArt-alpha and "
-                f"PixArt-sigma models)"
+                f"nodes support {known_hidden_sizes()} (T5's 4096 on PixArt-alpha, "
+                f"PixArt-sigma and Chroma models)"
             )
         ctx = self.context_dim()
         if ctx is not None and ctx != hidden:
@@ -138,6 +148,7 @@ class ComfyBackend:
                 f"connect the text encoder of the same checkpoint"
             )
         self.family = fam.name
+        self.flow = fam.flow  # a flow-matching model: the sampler starts from the plain noise
         self.scheduler = scheduler
         self.width, self.height = width, height
         self.negative_pooled: torch.Tensor | None = None  # the starting negative's pooled vector
@@ -228,10 +239,21 @@ class ComfyBackend:
             {"c_size": torch.tensor([[h, w]], device=dev), "c_ar": torch.tensor([[ar]], device=dev)},
         )
 
+    def _chroma(self, cond: Cond) -> Cond:
+        """Chroma: its ``guidance`` input 0 (what ComfyUI's Chroma ``extra_conds`` gives), and a mask of
+        ones over the rows, so that conds of different lengths batch by padding, which the denoiser
+        undoes, one sample at a time (ComfyUI passes Chroma every row of its conditioning, unmasked)."""
+        dev = self.device
+        n = cond.crossattn.shape[1]
+        ones = torch.ones(cond.crossattn.shape[0], n, dtype=torch.long, device=dev)
+        return Cond(cond.crossattn, None, {"guidance": torch.zeros(cond.crossattn.shape[0], device=dev)}, ones)
+
     def _with_adm(self, cond: Cond) -> Cond:
         """SDXL-style models read a pooled vector plus size embeddings (``y``); others read
         neither, so the pooled vector is dropped (positive and negative then always batch).
-        PixArt reads its size numbers through ``c_size`` and ``c_ar`` instead."""
+        PixArt reads its size numbers through ``c_size`` and ``c_ar`` instead; Chroma reads neither."""
+        if self.image_model() == "chroma":
+            return self._chroma(cond)
         if self.masked:
             return self._with_size(cond)
         if not int(getattr(self.model, "adm_channels", 0) or 0):
@@ -263,7 +285,7 @@ class ComfyBackend:
             clone_normal(c.crossattn).float().to(self.device),
             None if c.pooled is None else clone_normal(c.pooled).float().to(self.device),
         )
-        if self.masked:
+        if self.masked and self.image_model() != "chroma":
             return self._with_size(c, conditioning[0][1] if isinstance(conditioning[0][1], dict) else None)
         return self._with_adm(c)
 
@@ -274,7 +296,7 @@ class ComfyBackend:
         (what Load ReNeg Embedding gives), so a mask with padding is refused, not silently dropped."""
         if mask is not None and not bool(mask.bool().all()):
             raise ComfyModelError(
-                "ComfyUI's PixArt reads every row of its conditioning: give the rows the "
+                f"ComfyUI's {self.family} reads every row of its conditioning: give the rows the "
                 "attention mask keeps (Load ReNeg Embedding does)"
             )
         pooled = self.negative_pooled if pooled is None else pooled

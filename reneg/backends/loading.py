@@ -155,6 +155,18 @@ def _load_flux(path: str, device, dtype, vae: str | None = None) -> DiffusersBac
     return load_folder(path, device, dtype)
 
 
+def _is_chroma(path: str, index: dict) -> bool:
+    return index.get("_class_name") == "ChromaPipeline"
+
+
+def _load_chroma(path: str, device, dtype, vae: str | None = None) -> DiffusersBackend:
+    from .chroma import load_folder  # Chroma: T5 with its attention mask, a flow-matching transformer
+
+    if vae:
+        raise ModelLoadError(f"{path}: --vae is for Stable Diffusion checkpoints; a Chroma folder uses its own vae/")
+    return load_folder(path, device, dtype)
+
+
 def _is_text_to_video(path: str, index: dict) -> bool:
     from .video import TEXT_TO_VIDEO_PIPELINES
 
@@ -189,6 +201,7 @@ FOLDER_KINDS: list[FolderKind] = [
     FolderKind("pixart", _is_pixart, _load_pixart),
     FolderKind("wan", _is_wan, _load_wan, video=True, single_frame=True),
     FolderKind("flux", _is_flux, _load_flux),
+    FolderKind("chroma", _is_chroma, _load_chroma),
     FolderKind("text-to-video", _is_text_to_video, _load_text_to_video, video=True),
     FolderKind("stable-diffusion", lambda path, index: os.path.isdir(os.path.join(path, "unet")), _load_sd_folder),
 ]

@@ -21,7 +21,7 @@ from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadErr
 from .parts import read_json
 
 # the pipelines of the T5 families this module loads, from the family table: {class name: family}
-PIPELINES = {f.pipeline: f.name for f in FAMILIES.values() if f.pipeline and f.masked}
+PIPELINES = {f.pipeline: f.name for f in FAMILIES.values() if f.pipeline.startswith("PixArt") and f.masked}
 
 
 def pixart_family(index: dict) -> str | None:

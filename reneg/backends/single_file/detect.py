@@ -15,7 +15,8 @@ import torch
 
 from ...families import Family, family_for_hidden
 from ..diffusers_backend import ModelLoadError
-from .flux import REFUSAL, FluxPart, flux_part
+from .flux import FluxPart, flux_part
+from .chroma import ChromaPart, chroma_part
 from .read import UNET, VAE, XL_REFINER_TE, Checkpoint, key_examples, open_checkpoint
 
 IN_CONV = UNET + "input_blocks.0.0.weight"
@@ -74,7 +75,10 @@ def _refuse_non_checkpoint(ck: Checkpoint) -> None:
         )
     flux = flux_part(ck)  # before SD3's test: a whole Flux checkpoint keeps its encoders under text_encoders.
     if flux is not None:
-        raise ModelLoadError(f"{path}: {flux.description}; ReNeg {REFUSAL}")
+        raise ModelLoadError(flux.refusal())
+    chroma = chroma_part(ck)  # a Chroma transformer, its T5-XXL or its ae: one part of a model
+    if chroma is not None:
+        raise ModelLoadError(chroma.refusal())
     if any(k.startswith(("joint_blocks.", UNET + "joint_blocks.")) for k in keys) or any(
         k.startswith("text_encoders.") for k in keys
     ):
@@ -268,17 +272,18 @@ def classify(ck: Checkpoint, prediction_type: str | None = None) -> CheckpointIn
     )
 
 
-def inspect_checkpoint(path: str, prediction_type: str | None = None) -> CheckpointInfo | FluxPart:
+def inspect_checkpoint(path: str, prediction_type: str | None = None) -> CheckpointInfo | FluxPart | ChromaPart:
     """Describe a checkpoint from its header alone (no weights are read, except ComfyUI's one small
-    SD2 tensor when no marker decides the prediction type). A Flux.1 part (transformer, clip_l, t5xxl,
-    ae, or all four in one file) is named as such (:mod:`.flux`)."""
+    SD2 tensor when no marker decides the prediction type). One part of a flow model is named as such:
+    Flux.1 (transformer, clip_l, t5xxl, ae, or all four in one file; :mod:`.flux`), Chroma (transformer,
+    T5-XXL, ae; :mod:`.chroma`)."""
     ck = open_checkpoint(path, meta=False)
-    return flux_part(ck) or classify(ck, prediction_type)
+    return flux_part(ck) or chroma_part(ck) or classify(ck, prediction_type)  # Flux names the shared t5xxl and ae
 
 
-def describe(info: CheckpointInfo | FluxPart) -> list[str]:
+def describe(info: CheckpointInfo | FluxPart | ChromaPart) -> list[str]:
     """Lines for ``reneg inspect``."""
-    if isinstance(info, FluxPart):
+    if isinstance(info, (FluxPart, ChromaPart)):
         return info.describe()
     pt = "v-prediction" if info.prediction_type == "v_prediction" else "eps (noise) prediction"
     size = info.size / 2**30

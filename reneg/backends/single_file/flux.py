@@ -48,11 +48,18 @@ class FluxPart:
     def to_json(self) -> dict:
         return dict(asdict(self), architecture="Flux.1", comfyui_folder=FOLDERS[self.part])
 
+    def refusal(self) -> str:
+        """The loaders' one line for this file: what it is and what ReNeg takes instead."""
+        also = f"; {SHARED[self.part]}" if self.part in SHARED else ""
+        return f"{self.path}: {self.description}, one part of a model on its own; ReNeg {REFUSAL}{also}"
+
     def describe(self) -> list[str]:
         lines = [self.path, f"  Flux.1 part   {self.description}"]
         lines += [f"  {k:<13} {v}" for k, v in self.details.items()]
         lines.append(f"  ComfyUI keeps it in {FOLDERS[self.part]}/")
         lines.append(f"  ReNeg         {REFUSAL}")
+        if self.part in SHARED:
+            lines.append(f"                {SHARED[self.part]}")
         return lines
 
 
@@ -61,6 +68,13 @@ REFUSAL = (
     "tokenizer/, text_encoder_2/, tokenizer_2/, scheduler/); in ComfyUI the Load ReNeg Embedding node "
     "works with the model ComfyUI loads from these files"
 )
+
+
+# parts other models read too: what ReNeg takes for those models instead
+SHARED = {
+    "t5xxl": "Chroma: a diffusers ChromaPipeline folder; PixArt: a PixArtAlphaPipeline / PixArtSigmaPipeline folder",
+    "ae": "Chroma: a diffusers ChromaPipeline folder",
+}
 
 
 def _count(ck: Checkpoint, prefix: str) -> int:
@@ -119,7 +133,13 @@ def flux_part(ck: Checkpoint) -> FluxPart | None:
         scaled = "scaled_fp8" in ck
         details = {"encoder": f"T5 v1.1 XXL, {layers} layers, {width} wide, vocabulary {vocab}"}
         details["weights"] = "fp8 with scales (scaled_fp8)" if scaled else str(ck.dtypes[T5_KEY]).replace("torch.", "")
-        return FluxPart(ck.path, "t5xxl", "the T5-XXL text encoder (t5xxl): Flux's rows", details, size=size)
+        return FluxPart(
+            ck.path,
+            "t5xxl",
+            "the T5-XXL text encoder (t5xxl): the rows of Flux.1, Chroma, PixArt-alpha and PixArt-Sigma",
+            details,
+            size=size,
+        )
     if CLIP_KEY in ck and "text_model.embeddings.token_embedding.weight" in ck:
         vocab, width = ck.shapes["text_model.embeddings.token_embedding.weight"]
         if int(width) != 768:
@@ -131,5 +151,5 @@ def flux_part(ck: Checkpoint) -> FluxPart | None:
     conv = ck.shapes.get("decoder.conv_in.weight")
     if conv is not None and "encoder.down.0.block.0.conv1.weight" in ck and int(conv[1]) == 16:
         details = {"latent": "16 channels, 8x downsampling (the LDM layout)"}
-        return FluxPart(ck.path, "ae", "the Flux.1 autoencoder (ae)", details, size=size)
+        return FluxPart(ck.path, "ae", "the 16-channel autoencoder (ae) of Flux.1 and Chroma", details, size=size)
     return None
