@@ -125,6 +125,18 @@ FAMILIES: dict[str, Family] = {
             note="see [PixArt](pixart.md)",
         ),
         Family(
+            "qwen-image",
+            3584,
+            128,
+            None,
+            "Qwen2.5-VL-7B, last layer (final RMS norm), chat template's system part dropped, attention mask",
+            "Qwen-Image",
+            masked=True,
+            comfy_image_model="qwen_image",  # its folders: reneg/backends/qwen_image.py (QwenImagePipeline)
+            note="rows: the prompt's own tokens and the template's 5-token tail, padding masked; "
+            "see [Qwen-Image](qwen-image.md)",
+        ),
+        Family(
             "tiny",
             64,
             77,

@@ -16,7 +16,7 @@ import torch
 
 from .cond import Cond
 from .options import PAPER
-from .sampling import Denoiser, cfg_denoise, ddim_step, sample
+from .sampling import Denoiser, cfg_denoise, ddim_step, own_guidance, sample
 
 
 @dataclass
@@ -76,6 +76,9 @@ def grad_step_x0(
     if scale == 1.0:
         return x0_c
     x0_u = denoiser(x, sigma, uncond.expand(b))
+    guide = own_guidance(denoiser)  # Qwen-Image: the pipeline's norm rescale, through which n's gradient flows too
+    if guide is not None:
+        return guide(x, sigma, x0_u, x0_c, scale)
     return (1.0 - scale) * x0_u + scale * x0_c
 
 

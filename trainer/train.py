@@ -395,9 +395,10 @@ def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
         opt=opt,
         sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         obj=ObjectiveConfig(cfg.sampling_steps, cfg.guidance, tuple(cfg.grad_range)),
+        # the latent's size first: a flow model's schedule shifts with it (Qwen-Image)
+        shape=backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution),
         sigmas=backend.schedule(cfg.sampling_steps),
         accum=cfg.batch_size // (cfg.micro_batch * acc.num_processes),
-        shape=backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution),
     )
 
 
