@@ -28,6 +28,9 @@ class Family:
     # T5 families: rows past the text's own tokens are padding the model ignores through an
     # attention mask, which travels with the rows (``Cond.mask``, the file's ``attention_mask``)
     masked: bool = False
+    # MMDiT families: the text rows join the image tokens in attention, so repeating rows to batch
+    # conds of different lengths changes the output (CLIP/T5 cross-attention is unchanged by it)
+    joint: bool = False
     space: str = ""  # families sharing a text-encoder output space (and so their negatives)
     comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
     # the diffusers pipeline a folder's model_index.json names (``_class_name``), for the T5 families
@@ -132,6 +135,7 @@ FAMILIES: dict[str, Family] = {
             "Qwen2.5-VL-7B, last layer (final RMS norm), chat template's system part dropped, attention mask",
             "Qwen-Image",
             masked=True,
+            joint=True,
             comfy_image_model="qwen_image",  # its folders: reneg/backends/qwen_image.py (QwenImagePipeline)
             note="rows: the prompt's own tokens and the template's 5-token tail, padding masked; "
             "see [Qwen-Image](qwen-image.md)",

@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+import comfy_stubs
+
 from reneg.backends.loading import load_diffusers
 from reneg.backends.qwen_image import DROP, TEMPLATE, pack, template_prefix_length, unpack
 from reneg.cli import main
@@ -17,14 +19,13 @@ from reneg.cond import Cond
 from reneg.embedding import load_embedding
 from reneg.generate import text_negative
 from reneg.sampling import initial_latent, sample
-from reneg.tiny import build_tiny_qwen_image
 
 SIZE = 32  # px: a 16 x 16 latent, 64 packed tokens
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return build_tiny_qwen_image(str(tmp_path_factory.mktemp("tiny") / "qwen-image"), seed=0)
+def qwen_dir(tiny_qwen_image_dir):
+    return tiny_qwen_image_dir
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +46,6 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def comfy_template_end(ids: list[int], im_start: int, user: int, newline: int) -> int:
-    """Where ComfyUI's QwenImageTEModel.encode_token_weights cuts the template (comfy/text_encoders/
-    qwen_image.py): at the second ``<|im_start|>``, plus 3 when ``user`` and ``\\n`` follow it."""
-    end, seen = -1, 0
-    for i, t in enumerate(ids):
-        if t == im_start and seen < 2:
-            end, seen = i, seen + 1
-    if len(ids) > end + 3 and ids[end + 1] == user and ids[end + 2] == newline:
-        end += 3
-    return end
-
-
 def test_prompt_rows_are_the_pipelines_and_the_template_cut_is_comfyuis(qwen, pipe):
     prompts = ["a red cat", "a photo of a dog in the city street", ""]
     ref, ref_mask = pipe.encode_prompt(prompts, device="cpu")
@@ -71,7 +60,7 @@ def test_prompt_rows_are_the_pipelines_and_the_template_cut_is_comfyuis(qwen, pi
     assert TEMPLATE == pipe.prompt_template_encode
     ids = tok(TEMPLATE.format("a red cat"))["input_ids"]
     special = tok.convert_tokens_to_ids(["<|im_start|>", "user"])
-    assert comfy_template_end(ids, special[0], special[1], tok("\n")["input_ids"][0]) == DROP
+    assert comfy_stubs.comfy_qwen_template_end(ids, special[0], special[1], tok("\n")["input_ids"][0]) == DROP
 
 
 def _pipeline_latents(pipe, pos, noise, steps, **neg):

@@ -74,6 +74,8 @@ class ComfyDenoiser:
         self.model = patcher.model
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if cond.mask is not None and not bool(cond.mask.bool().all()):
+            return self._by_length(x, sigma, cond)
         options = getattr(self.patcher, "model_options", None) or {}
         transformer_options = dict(options.get("transformer_options", {}))
         transformer_options["sigmas"] = sigma
@@ -82,6 +84,19 @@ class ComfyDenoiser:
             x, sigma, c_crossattn=cond.crossattn, transformer_options=transformer_options, **kwargs
         )
         return out.to(x.dtype)
+
+    def _by_length(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """A batch of conds padded to one length (masked trailing rows): one call per length with
+        the rows alone, as ComfyUI runs conds whose shapes differ (a joint-attention model such as
+        Qwen-Image reads every row it is given, and padding or repeating rows would change it)."""
+        lengths = cond.mask.bool().sum(dim=1)
+        out = torch.empty_like(x)
+        for n in lengths.unique().tolist():
+            idx = (lengths == n).nonzero().flatten()
+            part = cond.index(idx)
+            rows = Cond(part.crossattn[:, :n], part.pooled, part.extra)
+            out[idx] = self(x[idx], sigma[idx], rows)
+        return out
 
 
 class ComfyBackend:
@@ -155,6 +170,32 @@ class ComfyBackend:
 
         return get_family(self.family).masked
 
+    @property
+    def joint(self) -> bool:
+        """The model's text rows join its image tokens in attention (Qwen-Image): conds of different
+        lengths are never padded or repeated to batch, as ComfyUI does not batch them either."""
+        from ..families import get_family
+
+        return get_family(self.family).joint
+
+    @property
+    def flow(self) -> bool:
+        """Flow-matching models (ComfyUI's ``CONST`` model sampling: sigma is the flow time t)."""
+        try:
+            from comfy.model_sampling import CONST
+        except ImportError:
+            return False
+        return isinstance(self.model_sampling(), CONST)
+
+    def _rows(self, cond: Cond) -> Cond:
+        """A joint-attention model's cond carries a mask of its own rows, so a batch of conds of
+        different lengths is padded and masked (:meth:`reneg.cond.Cond.cat`), then run one length
+        at a time without the padding (:meth:`ComfyDenoiser._by_length`)."""
+        if not self.joint:
+            return cond
+        t = cond.crossattn
+        return Cond(t, cond.pooled, cond.extra, torch.ones(t.shape[:2], dtype=torch.long, device=t.device))
+
     def context_dim(self) -> int | None:
         cfg = getattr(getattr(self.model, "model_config", None), "unet_config", None)
         ctx = cfg.get("context_dim") if isinstance(cfg, dict) else None
@@ -179,10 +220,13 @@ class ComfyBackend:
         return int(getattr(fmt, "latent_channels", 4))
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """``[B, C, h, w]``, or ``[B, C, 1, h, w]`` for a model with a video latent format (Qwen-Image's
+        Wan 2.1 one, ``latent_dimensions`` 3), which ComfyUI samples as one frame."""
         f = self.vae_scale
         if height % f or width % f:
             raise ComfyModelError(f"width and height must be multiples of {f}, got {width}x{height}")
-        return (batch, self.latent_channels, height // f, width // f)
+        frames = (1,) if int(getattr(getattr(self.model, "latent_format", None), "latent_dimensions", 2)) == 3 else ()
+        return (batch, self.latent_channels, *frames, height // f, width // f)
 
     # --- schedule -------------------------------------------------------------------------
     def schedule(self, steps: int) -> torch.Tensor:
@@ -225,7 +269,7 @@ class ComfyBackend:
         """SDXL-style models read a pooled vector plus size embeddings (``y``); others read
         neither, so the pooled vector is dropped (positive and negative then always batch).
         PixArt reads its size numbers through ``c_size`` and ``c_ar`` instead."""
-        if self.masked:
+        if self.masked and not self.joint:
             return self._with_size(cond)
         if not int(getattr(self.model, "adm_channels", 0) or 0):
             return Cond(cond.crossattn)
@@ -256,9 +300,9 @@ class ComfyBackend:
             clone_normal(c.crossattn).float().to(self.device),
             None if c.pooled is None else clone_normal(c.pooled).float().to(self.device),
         )
-        if self.masked:
+        if self.masked and not self.joint:
             return self._with_size(c, conditioning[0][1] if isinstance(conditioning[0][1], dict) else None)
-        return self._with_adm(c)
+        return self._rows(self._with_adm(c))
 
     def negative_cond(
         self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -267,11 +311,11 @@ class ComfyBackend:
         (what Load ReNeg Embedding gives), so a mask with padding is refused, not silently dropped."""
         if mask is not None and not bool(mask.bool().all()):
             raise ComfyModelError(
-                "ComfyUI's PixArt reads every row of its conditioning: give the rows the "
+                f"ComfyUI's {self.family} reads every row of its conditioning: give the rows the "
                 "attention mask keeps (Load ReNeg Embedding does)"
             )
         pooled = self.negative_pooled if pooled is None else pooled
-        return self._with_adm(Cond(neg.to(self.device), None if pooled is None else pooled.to(self.device)))
+        return self._rows(self._with_adm(Cond(neg.to(self.device), None if pooled is None else pooled.to(self.device))))
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         raise ComfyModelError(
@@ -290,6 +334,8 @@ class ComfyBackend:
         vae_dtype = getattr(self.vae, "vae_dtype", torch.float32)
         vae_device = getattr(self.vae, "device", x0.device)
         img = self.vae.first_stage_model.decode(z.to(vae_device, vae_dtype))
+        if img.dim() == 5:  # a video VAE (Qwen-Image's): the one frame
+            img = img[:, :, 0]
         return img.float().clamp(-1, 1)
 
     # --- training context -----------------------------------------------------------------
