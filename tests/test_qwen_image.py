@@ -185,6 +185,65 @@ def test_folder_errors_name_the_file(qwen_dir, tmp_path):
         load_diffusers(str(bad))
 
 
+def _wan_vae(z: int, wan22: bool = False) -> dict:
+    """A Wan-layout VAE's header as ComfyUI's VAE files have it (zeros: only keys and shapes are read)."""
+    z0 = torch.zeros
+    sd = {"conv1.weight": z0(2 * z, 2 * z, 1, 1, 1), "conv2.weight": z0(z, z, 1, 1, 1)}
+    sd["encoder.conv1.weight"] = z0(8, 3, 3, 3, 3)
+    sd["decoder.conv1.weight"] = z0(32, z, 3, 3, 3)
+    sd["encoder.head.0.gamma"], sd["encoder.head.2.weight"] = z0(32, 1, 1, 1), z0(2 * z, 32, 3, 3, 3)
+    sd["decoder.head.0.gamma"], sd["decoder.head.2.weight"] = z0(8, 1, 1, 1), z0(3, 8, 3, 3, 3)
+    for i in range(2):
+        for side in ("encoder", "decoder"):
+            sd[f"{side}.middle.{2 * i}.residual.0.gamma"] = z0(32, 1, 1, 1)
+            sd[f"{side}.middle.{2 * i}.residual.2.weight"] = z0(32, 32, 3, 3, 3)
+        sd[f"encoder.downsamples.{i}.residual.0.gamma"] = z0(8, 1, 1, 1)
+        sd[f"decoder.upsamples.{i}.residual.0.gamma"] = z0(32, 1, 1, 1)
+    if wan22:  # Wan 2.2's VAE (48 channels, 16x): ComfyUI tells it from Wan 2.1's by this key
+        sd["decoder.upsamples.0.upsamples.0.residual.2.weight"] = z0(32, 32, 3, 3, 3)
+    return sd
+
+
+def test_comfyui_single_files_are_named_and_refused_clearly(qwen_dir, tmp_path, capsys):
+    """The three files a ComfyUI Qwen-Image user holds. The folder's transformer and text encoder files
+    are in the layouts ComfyUI's are (diffusers' transformer names; transformers' Qwen2.5-VL names,
+    ``model.layers.N`` and ``visual.*``), so they are used as they are; the VAE is a Wan-layout header."""
+    from safetensors.torch import load_file, save_file
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+
+    transformer = f"{qwen_dir}/transformer/diffusion_pytorch_model.safetensors"
+    prefixed = str(tmp_path / "qwen_image_bf16.safetensors")
+    sd = load_file(transformer)
+    save_file({f"model.diffusion_model.{k}": v.to(torch.bfloat16) for k, v in sd.items()}, prefixed)
+    vae, wan22 = str(tmp_path / "qwen_image_vae.safetensors"), str(tmp_path / "wan2.2_vae.safetensors")
+    save_file(_wan_vae(16), vae)
+    save_file(_wan_vae(48, wan22=True), wan22)
+    want = {
+        transformer: ("transformer", "1 MMDiT blocks 32 wide (2 heads of 16)", "float32"),
+        prefixed: ("transformer", "text rows 3584 wide", "bfloat16, keys under 'model.diffusion_model.'"),
+        f"{qwen_dir}/text_encoder/model.safetensors": ("text_encoder", "Qwen2.5-VL-7B", "1 layers, 3584 wide"),
+        vae: ("vae", "16 channels, 8x spatial", "Wan 2.1"),
+    }
+    for path, (part, *words) in want.items():
+        assert main(["inspect", path]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(path) and "Qwen-Image part" in out and all(w in out for w in words), out
+        assert "QwenImagePipeline folder" in out and "ComfyUI keeps it in models/" in out, out
+        assert main(["inspect", "--json", path]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert (info["part"], info["family"]) == (part, "qwen-image") and info["parameters"] > 0, info
+        with pytest.raises(ModelLoadError) as e:
+            load_diffusers(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: the ") and "one part of a Qwen-Image model" in msg, msg
+        assert "diffusers QwenImagePipeline folder" in msg, msg
+    # Wan 2.2's VAE has the same middle block but is not Qwen-Image's: not named as one
+    with pytest.raises(ModelLoadError) as e:
+        load_diffusers(wan22)
+    assert str(e.value).startswith(wan22) and "Qwen-Image" not in str(e.value)
+
+
 def _prompts(tmp_path):
     p = tmp_path / "prompts.txt"
     p.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")))
