@@ -140,7 +140,13 @@ def _print_training_checkpoint(ns, info: dict) -> int:
 def _inspect_checkpoint(ns) -> int:
     """A model checkpoint, described from its header: no weights are loaded."""
     from .backends.single_file import describe, inspect_checkpoint
+    from .backends.single_file.qwen_image import qwen_image_part
+    from .backends.single_file.read import open_checkpoint
 
+    part = qwen_image_part(open_checkpoint(ns.file))  # a Qwen-Image transformer, text encoder or VAE file
+    if part is not None:
+        print(json.dumps(part.to_json(), indent=2) if ns.json else "\n".join(part.describe()))
+        return 0
     info = inspect_checkpoint(ns.file)
     if ns.json:
         print(json.dumps(info.to_json(), indent=2))

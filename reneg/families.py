@@ -32,6 +32,9 @@ class Family:
     # pipeline and its trainer unmask the first padding token), so a negative's mask covers them too
     reads_padding: int = 0
     flow: bool = False  # a flow-matching model (x_t = (1 - t) x0 + t eps): the sampler starts from plain noise
+    # MMDiT families: the text rows join the image tokens in attention, so repeating rows to batch
+    # conds of different lengths changes the output (CLIP/T5 cross-attention is unchanged by it)
+    joint: bool = False
     space: str = ""  # families sharing a text-encoder output space (and so their negatives)
     comfy_image_model: str = ""  # ComfyUI's unet_config["image_model"] for models it tells apart that way
     # the diffusers pipeline a folder's model_index.json names (``_class_name``), for the T5 families
@@ -165,6 +168,7 @@ FAMILIES: dict[str, Family] = {
             768,
             "T5 v1.1 XXL encoder, last layer (final RMS norm), no attention mask; pooled: CLIP ViT-L/14's pooled output",
             "Flux.1 dev",
+            joint=True,
             flow=True,
             comfy_image_model="flux",
             pipeline="FluxPipeline",
@@ -177,6 +181,7 @@ FAMILIES: dict[str, Family] = {
             768,
             "T5 v1.1 XXL encoder, last layer (final RMS norm), no attention mask; pooled: CLIP ViT-L/14's pooled output",
             "Flux.1 schnell",
+            joint=True,
             flow=True,
             comfy_image_model="flux",
             pipeline="FluxPipeline",
@@ -191,12 +196,27 @@ FAMILIES: dict[str, Family] = {
             "Chroma",
             masked=True,
             reads_padding=1,
+            joint=True,
             flow=True,
             space="t5xxl",
             comfy_image_model="chroma",
             pipeline="ChromaPipeline",
             note="the mask covers the text and one padding row; see [Chroma](chroma.md)",
             native_resolution=1024,
+        ),
+        Family(
+            "qwen-image",
+            3584,
+            128,
+            None,
+            "Qwen2.5-VL-7B, last layer (final RMS norm), chat template's system part dropped, attention mask",
+            "Qwen-Image",
+            masked=True,
+            joint=True,
+            flow=True,
+            comfy_image_model="qwen_image",  # its folders: reneg/backends/qwen_image.py (QwenImagePipeline)
+            note="rows: the prompt's own tokens and the template's 5-token tail, padding masked; "
+            "see [Qwen-Image](qwen-image.md)",
         ),
         Family(
             "tiny",

@@ -17,7 +17,7 @@ import torch
 from .cond import Cond
 from .options import PAPER
 from .nag import Guidance, as_guidance
-from .sampling import Denoiser, cfg_denoise, ddim_step, nag_cond, sample, step_scale
+from .sampling import Denoiser, cfg_denoise, ddim_step, nag_cond, own_guidance, sample, step_scale
 
 
 @dataclass
@@ -81,13 +81,17 @@ def grad_step_x0(
         if cfg == 1.0:
             return x0_c
         x0_u = denoiser(x, sigma, uncond.expand(b))
-        return (1.0 - cfg) * x0_u + cfg * x0_c
+        guide = own_guidance(denoiser)
+        return guide(x, sigma, x0_u, x0_c, cfg) if guide is not None else (1.0 - cfg) * x0_u + cfg * x0_c
     scale = step_scale(denoiser, sigma, g.cfg)
     with torch.no_grad():
         x0_c = denoiser(x, sigma, cond.expand(b))
     if scale == 1.0:
         return x0_c
     x0_u = denoiser(x, sigma, uncond.expand(b))
+    guide = own_guidance(denoiser)  # Qwen-Image: the pipeline's norm rescale, through which n's gradient flows too
+    if guide is not None:
+        return guide(x, sigma, x0_u, x0_c, scale)
     return (1.0 - scale) * x0_u + scale * x0_c
 
 

@@ -19,6 +19,7 @@ start differs (:func:`initial_latent`).
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Protocol
 
 import torch
@@ -147,6 +148,9 @@ def cfg_denoise(
     else:
         x0_u = denoiser(x, sigma, uncond)
         x0_c = denoiser(x, sigma, cond)
+    guide = own_guidance(denoiser)
+    if guide is not None:
+        return guide(x, sigma, x0_u, x0_c, scale)
     return x0_u + scale * (x0_c - x0_u)
 
 
@@ -155,6 +159,13 @@ def nag_cond(denoiser: Denoiser, cond: Cond, negative: Cond, guidance: Guidance)
     if not getattr(denoiser, "supports_nag", False):
         raise ValueError(f"{type(denoiser).__name__} does not apply Normalized Attention Guidance (--guidance nag)")
     return cond.with_nag(negative, guidance.nag)
+
+
+def own_guidance(denoiser):
+    """A denoiser's own CFG rule, ``guide(x, sigma, x0_u, x0_c, scale) -> x0``, where its pipeline's is
+    not the linear combination (Qwen-Image rescales the guided velocity); None: the linear one.
+    Looked up through wrappers (the compute meter's ``functools.wraps``)."""
+    return getattr(inspect.unwrap(denoiser), "guide", None)
 
 
 def ddim_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

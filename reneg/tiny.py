@@ -34,6 +34,7 @@ from .demo_fallback import (
 
 __all__ = [
     "PIXART_SCHEDULER",
+    "QWEN_IMAGE_SCHEDULER",
     "SD_MODEL_INDEX",
     "SD_SCHEDULER",
     "TINY_CLIP_CONFIG",
@@ -45,12 +46,14 @@ __all__ = [
     "build_tiny_hps",
     "build_tiny_pipeline",
     "build_tiny_pixart",
+    "build_tiny_qwen_image",
     "build_tiny_sdxl",
     "build_tiny_text_to_video",
     "build_tiny_wan",
     "save_text_encoder_prefixed",
     "write_clip_tokenizer",
     "write_pipeline_files",
+    "write_qwen2_tokenizer",
     "write_t5_tokenizer",
 ]
 
@@ -604,4 +607,154 @@ def build_tiny_chroma(folder: str, seed: int = 0, t5_width: int = 4096) -> str:
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     }
     write_pipeline_files(folder, CHROMA_SCHEDULER, index)
+    return folder
+
+
+QWEN_IMAGE_SCHEDULER = {  # the scheduler config Qwen/Qwen-Image ships
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+_QWEN_WORDS = (
+    "a the of and in on with at by for to is an red blue green yellow black white circle square photo portrait "
+    "painting cat dog house tree sky city street man woman car flower blurry ugly low quality bad deformed distorted"
+).split()
+
+
+def _byte_unicode() -> dict[int, str]:
+    """GPT-2's byte-to-unicode table, which byte-level BPE vocabularies (Qwen2's) are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+    bs += list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_qwen2_tokenizer(folder: str) -> None:
+    """A transformers ``Qwen2Tokenizer`` folder: Qwen2's pre-tokenizer regex, byte-level BPE and special
+    tokens (``<|endoftext|>`` pads, ``<|im_start|>``, ``<|im_end|>``), with a vocabulary of the 256 byte
+    symbols plus every word of QwenImagePipeline's prompt template and a few prompt words as whole
+    tokens, so the template splits exactly as Qwen2.5's 151,643-token vocabulary splits it (its system
+    part is 34 tokens, the count the pipeline drops)."""
+    import regex
+    from tokenizers import models
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from .backends.qwen_image import TEMPLATE
+
+    table = _byte_unicode()
+    text = TEMPLATE.replace("<|im_start|>", "\n").replace("<|im_end|>", "\n").format(" ".join(_QWEN_WORDS))
+    words = sorted(set(regex.findall(PRETOKENIZE_REGEX, text)) | {" " + w for w in _QWEN_WORDS})
+    vocab: dict[str, int] = {}
+    for c in table.values():
+        vocab.setdefault(c, len(vocab))
+    merges = []
+    for w in words:
+        w = "".join(table[b] for b in w.encode())
+        for i in range(1, len(w)):
+            if w[: i + 1] not in vocab:
+                vocab[w[: i + 1]] = len(vocab)
+                merges.append((w[:i], w[i]))
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    # whole words in the vocabulary are one token whatever the merges' order (Qwen2.5's words are)
+    tok._tokenizer.model = models.BPE(vocab, merges, ignore_merges=True)
+    tok.save_pretrained(folder)
+
+
+def build_tiny_qwen_image(folder: str, seed: int = 0, text_layers: int = 1) -> str:
+    """A small ``QwenImagePipeline`` folder with Qwen-Image's real conditioning sizes.
+
+    Real: the pipeline class and folder layout; ``Qwen2_5_VLForConditionalGeneration`` with Qwen2.5-VL-7B's
+    width 3584 (28 heads of 128, 4 key-value heads, its multimodal RoPE sections), so its rows are the
+    family's; Qwen2's tokenizer layout with the template's real split; the transformer's 64 packed input
+    channels, 16 output channels and 3584-wide text input; the VAE's 16 latent channels with Qwen-Image's
+    ``latents_mean`` / ``latents_std``; Qwen-Image's scheduler config. Small: ``text_layers`` language-model
+    layers with an MLP 16 wide, a one-block vision tower, a one-layer transformer 32 wide, a two-level VAE
+    (scale 2: 16 px images, 8 px latents). About 120 MB on disk, almost all of it the language model's
+    3584 x 3584 attention projections."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    write_qwen2_tokenizer(os.path.join(folder, "tokenizer"))
+    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")))
+    te = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=vocab,
+                hidden_size=3584,
+                intermediate_size=16,
+                num_hidden_layers=text_layers,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                max_position_embeddings=2048,
+                rms_norm_eps=1e-6,
+                rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+                bos_token_id=vocab - 3,
+                eos_token_id=vocab - 1,
+            ),
+            vision_config=dict(
+                depth=1,
+                hidden_size=16,
+                intermediate_size=16,
+                num_heads=2,
+                out_hidden_size=3584,
+                fullatt_block_indexes=[0],
+            ),
+            image_token_id=vocab + 10,
+            video_token_id=vocab + 11,
+            vision_start_token_id=vocab + 12,
+            vision_end_token_id=vocab + 13,
+        )
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3584,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+    te.save_pretrained(os.path.join(folder, "text_encoder"))
+    transformer.save_pretrained(os.path.join(folder, "transformer"))
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    index = {
+        "_class_name": "QwenImagePipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    }
+    write_pipeline_files(folder, QWEN_IMAGE_SCHEDULER, index)
     return folder

@@ -57,7 +57,7 @@ def tune_for_seed(
 
     if noise not in ("seed", "fresh"):
         raise ValueError(f"noise must be 'seed' or 'fresh', got {noise!r}")
-    backend.latent_shape(1, height, width)  # a flow model's schedule follows the image size (Flux dev's shift)
+    backend.latent_shape(1, height, width)  # the size first: a flow model's schedule follows it (Flux dev, Qwen-Image)
     full = backend.schedule(steps)  # a host's scheduler may give another step count
     search = search_steps is not None and 0 < search_steps < len(full) - 1
     sigmas = backend.schedule(search_steps) if search else full

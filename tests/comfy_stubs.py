@@ -25,7 +25,14 @@ import types
 
 import torch
 
-STUB_NAMES = ("folder_paths", "comfy", "comfy.model_management", "comfy.utils", "comfy.samplers")
+STUB_NAMES = (
+    "folder_paths",
+    "comfy",
+    "comfy.model_management",
+    "comfy.utils",
+    "comfy.samplers",
+    "comfy.model_sampling",
+)
 
 
 # --- folder_paths -------------------------------------------------------------------------
@@ -140,7 +147,14 @@ def _comfy() -> dict[str, types.ModuleType]:
             x += ss
         return torch.FloatTensor(sigs[::-1])
 
+    def simple_scheduler(model_sampling, steps):
+        s = model_sampling
+        ss = len(s.sigmas) / steps
+        return torch.FloatTensor([float(s.sigmas[-(1 + int(x * ss))]) for x in range(steps)] + [0.0])
+
     def calculate_sigmas(model_sampling, scheduler_name, steps):
+        if scheduler_name == "simple":
+            return simple_scheduler(model_sampling, steps)
         if scheduler_name != "ddim_uniform":
             raise ValueError(f"error invalid scheduler {scheduler_name}")
         return ddim_scheduler(model_sampling, steps)
@@ -157,8 +171,33 @@ def _comfy() -> dict[str, types.ModuleType]:
         "kl_optimal",
     ]
     samplers.calculate_sigmas = calculate_sigmas
+    model_sampling = types.ModuleType("comfy.model_sampling")
+    model_sampling.CONST = CONST
     comfy.model_management, comfy.utils, comfy.samplers = mm, utils, samplers
-    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "comfy.samplers": samplers}
+    comfy.model_sampling = model_sampling
+    return {
+        "comfy": comfy,
+        "comfy.model_management": mm,
+        "comfy.utils": utils,
+        "comfy.samplers": samplers,
+        "comfy.model_sampling": model_sampling,
+    }
+
+
+class CONST:
+    """``comfy.model_sampling.CONST``: flow matching, ``x_t = (1 - t) x0 + t eps``, the model predicts
+    the velocity and sees ``x_t`` unscaled; sigma is t."""
+
+    def calculate_input(self, sigma, noise):
+        return noise
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+        return model_input - model_output * sigma
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
+        return sigma * noise + (1.0 - sigma) * latent_image
 
 
 class Host:
@@ -571,3 +610,142 @@ class LTXVT5CLIP(T5CLIP):
         ids, mask = tokens
         out = self.text_encoder(ids, attention_mask=mask)[0].float()
         return [[out, {"pooled_output": None, "attention_mask": mask, **(add_dict or {})}]]
+
+
+# --- Qwen-Image ---------------------------------------------------------------------------
+class ModelSamplingFlux(CONST, torch.nn.Module):
+    """``comfy.model_sampling.ModelSamplingFlux`` with CONST, what ``supported_models.QwenImage`` gets
+    (ModelType.FLUX, ``shift`` 1.15): sigma(t) = e^shift / (e^shift + 1/t - 1) on 10,000 steps, and the
+    timestep the model reads is sigma itself."""
+
+    def __init__(self, shift: float = 1.15, timesteps: int = 10000):
+        torch.nn.Module.__init__(self)
+        self.shift = shift
+        self.register_buffer("sigmas", self.sigma(torch.arange(1, timesteps + 1, 1) / timesteps))
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+    def timestep(self, sigma):
+        return sigma
+
+    def sigma(self, t):
+        import math
+
+        return math.exp(self.shift) / (math.exp(self.shift) + (1 / t - 1))
+
+
+class Wan21LatentFormat:
+    """``latent_formats.Wan21`` (Qwen-Image's): 16 channels, video latents (``latent_dimensions`` 3),
+    ``process_out`` = latent * std + mean per channel."""
+
+    latent_channels = 16
+    latent_dimensions = 3
+    scale_factor = 1.0
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean).view(1, 16, 1, 1, 1)
+        self.std = torch.tensor(std).view(1, 16, 1, 1, 1)
+
+    def process_out(self, latent):
+        return latent * self.std.to(latent) / self.scale_factor + self.mean.to(latent)
+
+
+class QwenImageModel(torch.nn.Module):
+    """``model.model`` of a ComfyUI Qwen-Image MODEL (``model_base.QwenImage``) around a diffusers
+    ``QwenImageTransformer2DModel``: latents ``[B, 16, 1, h, w]``, every conditioning row read (ComfyUI's
+    Qwen-Image attention takes no text mask), ``unet_config["image_model"] = "qwen_image"``."""
+
+    def __init__(self, transformer, latents_mean, latents_std):
+        super().__init__()
+        self.diffusion_model = transformer
+        self.model_sampling = ModelSamplingFlux()
+        self.latent_format = Wan21LatentFormat(latents_mean, latents_std)
+        self.model_config = types.SimpleNamespace(unet_config={"image_model": "qwen_image"})
+        self.adm_channels = 0
+        self.calls = []
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        from reneg.backends.qwen_image import pack, unpack
+
+        self.calls.append(tuple(c_crossattn.shape))
+        b, c, _, h, w = x.shape
+        xc = self.model_sampling.calculate_input(t, x)[:, :, 0]
+        out = self.diffusion_model(
+            hidden_states=pack(xc),
+            timestep=self.model_sampling.timestep(t).float(),
+            encoder_hidden_states=c_crossattn.float(),
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )[0]
+        return self.model_sampling.calculate_denoised(t, unpack(out, h, w).unsqueeze(2).float(), x)
+
+    def process_latent_out(self, latent):
+        return self.latent_format.process_out(latent)
+
+
+class QwenImageVAE(VAE):
+    """The Qwen-Image VAE as ComfyUI holds it (the Wan 2.1 VAE): ``first_stage_model.decode`` takes
+    ``[B, 16, T, h, w]`` and gives ``[B, 3, T, H, W]``."""
+
+    def __init__(self, vae):
+        self.first_stage_model = FirstStage(vae)
+        self.vae_dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.patcher = ModelPatcher(self.first_stage_model)
+        self.factor = 2 ** len(vae.config.temperal_downsample)
+        self.latent_dim = 3
+
+
+def comfy_qwen_template_end(ids: list[int], im_start: int, user: int, newline: int) -> int:
+    """Where ComfyUI's ``QwenImageTEModel.encode_token_weights`` (comfy/text_encoders/qwen_image.py)
+    cuts the template: at the second ``<|im_start|>``, plus 3 when ``user`` and ``\\n`` follow it."""
+    end, seen = -1, 0
+    for i, t in enumerate(ids):
+        if t == im_start and seen < 2:
+            end, seen = i, seen + 1
+    if len(ids) > end + 3 and ids[end + 1] == user and ids[end + 2] == newline:
+        end += 3
+    return end
+
+
+class QwenCLIP:
+    """CLIP of ComfyUI's Qwen-Image (``comfy/text_encoders/qwen_image.py``): the prompt in the chat template
+    (left alone when it starts with ``<|im_start|>``), one sequence without padding, the language model's
+    last layer after its final norm, cut where :func:`comfy_qwen_template_end` says, no mask (ComfyUI drops
+    an all-ones mask) and no pooled vector."""
+
+    def __init__(self, text_encoder, tokenizer):
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+
+    def tokenize(self, text):
+        from reneg.backends.qwen_image import TEMPLATE
+
+        text = text if text.startswith("<|im_start|>") else TEMPLATE.format(text)
+        return self.tokenizer([text], return_tensors="pt").input_ids
+
+    def encode_from_tokens_scheduled(self, tokens, add_dict=None):
+        tok = self.tokenizer
+        ids = tokens[0].tolist()
+        im_start, user = tok.convert_tokens_to_ids(["<|im_start|>", "user"])
+        end = comfy_qwen_template_end(ids, im_start, user, tok("\n")["input_ids"][0])
+        hidden = self.text_encoder.model(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
+        return [[hidden[:, end:].float(), {"pooled_output": None, **(add_dict or {})}]]
+
+
+def tiny_comfy_qwen_image_models(folder: str):
+    """(MODEL, VAE, CLIP) as ComfyUI would hand them to a node, from a small QwenImagePipeline folder."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    tr = QwenImageTransformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    vae = AutoencoderKLQwenImage.from_pretrained(folder, subfolder="vae").eval()
+    te = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, subfolder="text_encoder").eval()
+    tok = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    base = to_inference_tensors(QwenImageModel(tr, vae.config.latents_mean, vae.config.latents_std))
+    return ModelPatcher(base), QwenImageVAE(to_inference_tensors(vae)), QwenCLIP(to_inference_tensors(te), tok)

@@ -33,6 +33,13 @@ def tiny_pixart_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_image_dir(tmp_path_factory) -> str:
+    from reneg.tiny import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(str(tmp_path_factory.mktemp("tiny") / "qwen-image"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> str:
     from reneg.tiny import build_tiny_sdxl
 

@@ -396,7 +396,7 @@ def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
         opt=opt,
         sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         obj=ObjectiveConfig(cfg.sampling_steps, guidance_of(cfg, backend.family), tuple(cfg.grad_range)),
-        # the shape first: a flow model's schedule follows the image size it was last given (Flux dev's shift)
+        # the shape first: a flow model's schedule follows the image size it was last given (Flux dev, Qwen-Image)
         shape=backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution),
         sigmas=backend.schedule(cfg.sampling_steps),
         accum=cfg.batch_size // (cfg.micro_batch * acc.num_processes),

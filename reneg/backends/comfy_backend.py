@@ -77,19 +77,11 @@ class ComfyDenoiser:
         self.model = patcher.model
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if cond.mask is not None and not bool(cond.mask.bool().all()):
+            return self._by_length(x, sigma, cond)
         options = getattr(self.patcher, "model_options", None) or {}
         transformer_options = dict(options.get("transformer_options", {}))
         transformer_options["sigmas"] = sigma
-        if cond.mask is not None and not bool(cond.mask.bool().all()):
-            # joint-attention T5 rows (Chroma) of different lengths: one sample at a time, each with its
-            # own rows; repeating rows to a common length, as ComfyUI batches cross-attention conds,
-            # would weigh the text twice against the image tokens
-            outs = []
-            for i in range(x.shape[0]):
-                c = cond.index(slice(i, i + 1))
-                n = int(c.mask[0].bool().nonzero()[-1]) + 1
-                outs.append(self(x[i : i + 1], sigma[i : i + 1], Cond(c.crossattn[:, :n], c.pooled, c.extra)))
-            return torch.cat(outs)
         if cond.nag is not None:
             from ..nag import comfy_transformer_options
 
@@ -99,6 +91,19 @@ class ComfyDenoiser:
             x, sigma, c_crossattn=cond.crossattn, transformer_options=transformer_options, **kwargs
         )
         return out.to(x.dtype)
+
+    def _by_length(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """A batch of conds padded to one length (masked trailing rows): one call per length with
+        the rows alone, as ComfyUI runs conds whose shapes differ (a joint-attention model such as
+        Qwen-Image reads every row it is given, and padding or repeating rows would change it)."""
+        lengths = cond.mask.bool().sum(dim=1)
+        out = torch.empty_like(x)
+        for n in lengths.unique().tolist():
+            idx = (lengths == n).nonzero().flatten()
+            part = cond.index(idx)
+            rows = Cond(part.crossattn[:, :n], part.pooled, part.extra)
+            out[idx] = self(x[idx], sigma[idx], rows)
+        return out
 
 
 class ComfyBackend:
@@ -148,7 +153,6 @@ class ComfyBackend:
                 f"connect the text encoder of the same checkpoint"
             )
         self.family = fam.name
-        self.flow = fam.flow  # a flow-matching model: the sampler starts from the plain noise
         self.scheduler = scheduler
         self.width, self.height = width, height
         self.negative_pooled: torch.Tensor | None = None  # the starting negative's pooled vector
@@ -172,6 +176,37 @@ class ComfyBackend:
         from ..families import get_family
 
         return get_family(self.family).masked
+
+    @property
+    def joint(self) -> bool:
+        """The model's text rows join its image tokens in attention (Qwen-Image, Chroma, Flux): conds of different
+        lengths are never padded or repeated to batch, as ComfyUI does not batch them either."""
+        from ..families import get_family
+
+        return get_family(self.family).joint
+
+    @property
+    def flow(self) -> bool:
+        """Flow-matching models (the family table says so, or ComfyUI's ``CONST`` model sampling: sigma is
+        the flow time t): the sampler starts from the plain noise."""
+        from ..families import get_family
+
+        if get_family(self.family).flow:
+            return True
+        try:
+            from comfy.model_sampling import CONST
+        except ImportError:
+            return False
+        return isinstance(self.model_sampling(), CONST)
+
+    def _rows(self, cond: Cond) -> Cond:
+        """A joint-attention model's cond carries a mask of its own rows, so a batch of conds of
+        different lengths is padded and masked (:meth:`reneg.cond.Cond.cat`), then run one length
+        at a time without the padding (:meth:`ComfyDenoiser._by_length`)."""
+        if not self.joint:
+            return cond
+        t = cond.crossattn
+        return Cond(t, cond.pooled, cond.extra, torch.ones(t.shape[:2], dtype=torch.long, device=t.device))
 
     def context_dim(self) -> int | None:
         cfg = getattr(getattr(self.model, "model_config", None), "unet_config", None)
@@ -197,10 +232,13 @@ class ComfyBackend:
         return int(getattr(fmt, "latent_channels", 4))
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """``[B, C, h, w]``, or ``[B, C, 1, h, w]`` for a model with a video latent format (Qwen-Image's
+        Wan 2.1 one, ``latent_dimensions`` 3), which ComfyUI samples as one frame."""
         f = self.vae_scale
         if height % f or width % f:
             raise ComfyModelError(f"width and height must be multiples of {f}, got {width}x{height}")
-        return (batch, self.latent_channels, height // f, width // f)
+        frames = (1,) if int(getattr(getattr(self.model, "latent_format", None), "latent_dimensions", 2)) == 3 else ()
+        return (batch, self.latent_channels, *frames, height // f, width // f)
 
     # --- schedule -------------------------------------------------------------------------
     def schedule(self, steps: int) -> torch.Tensor:
@@ -254,7 +292,7 @@ class ComfyBackend:
         PixArt reads its size numbers through ``c_size`` and ``c_ar`` instead; Chroma reads neither."""
         if self.image_model() == "chroma":
             return self._chroma(cond)
-        if self.masked:
+        if self.masked and not self.joint:
             return self._with_size(cond)
         if not int(getattr(self.model, "adm_channels", 0) or 0):
             return Cond(cond.crossattn)
@@ -285,9 +323,9 @@ class ComfyBackend:
             clone_normal(c.crossattn).float().to(self.device),
             None if c.pooled is None else clone_normal(c.pooled).float().to(self.device),
         )
-        if self.masked and self.image_model() != "chroma":
+        if self.masked and not self.joint:
             return self._with_size(c, conditioning[0][1] if isinstance(conditioning[0][1], dict) else None)
-        return self._with_adm(c)
+        return self._rows(self._with_adm(c))
 
     def negative_cond(
         self, neg: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -300,7 +338,7 @@ class ComfyBackend:
                 "attention mask keeps (Load ReNeg Embedding does)"
             )
         pooled = self.negative_pooled if pooled is None else pooled
-        return self._with_adm(Cond(neg.to(self.device), None if pooled is None else pooled.to(self.device)))
+        return self._rows(self._with_adm(Cond(neg.to(self.device), None if pooled is None else pooled.to(self.device))))
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         raise ComfyModelError(
@@ -319,6 +357,8 @@ class ComfyBackend:
         vae_dtype = getattr(self.vae, "vae_dtype", torch.float32)
         vae_device = getattr(self.vae, "device", x0.device)
         img = self.vae.first_stage_model.decode(z.to(vae_device, vae_dtype))
+        if img.dim() == 5:  # a video VAE (Qwen-Image's): the one frame
+            img = img[:, :, 0]
         return img.float().clamp(-1, 1)
 
     # --- training context -----------------------------------------------------------------

@@ -167,6 +167,16 @@ def _load_chroma(path: str, device, dtype, vae: str | None = None) -> DiffusersB
     return load_folder(path, device, dtype)
 
 
+def _load_qwen_image(path: str, device, dtype, vae: str | None = None) -> DiffusersBackend:
+    from .qwen_image import load_folder  # Qwen-Image: Qwen2.5-VL rows with a mask, a flow-matching MMDiT
+
+    if vae:
+        raise ModelLoadError(
+            f"{path}: --vae is for Stable Diffusion checkpoints; a Qwen-Image folder uses its own vae/"
+        )
+    return load_folder(path, device, dtype)
+
+
 def _is_text_to_video(path: str, index: dict) -> bool:
     from .video import TEXT_TO_VIDEO_PIPELINES
 
@@ -202,6 +212,7 @@ FOLDER_KINDS: list[FolderKind] = [
     FolderKind("wan", _is_wan, _load_wan, video=True, single_frame=True),
     FolderKind("flux", _is_flux, _load_flux),
     FolderKind("chroma", _is_chroma, _load_chroma),
+    FolderKind("qwen-image", lambda path, index: index.get("_class_name") == "QwenImagePipeline", _load_qwen_image),
     FolderKind("text-to-video", _is_text_to_video, _load_text_to_video, video=True),
     FolderKind("stable-diffusion", lambda path, index: os.path.isdir(os.path.join(path, "unet")), _load_sd_folder),
 ]

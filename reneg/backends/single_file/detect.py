@@ -16,6 +16,7 @@ import torch
 from ...families import Family, family_for_hidden
 from ..diffusers_backend import ModelLoadError
 from .flux import FluxPart, flux_part
+from .qwen_image import qwen_image_part
 from .chroma import ChromaPart, chroma_part
 from .read import UNET, VAE, XL_REFINER_TE, Checkpoint, key_examples, open_checkpoint
 
@@ -114,6 +115,9 @@ def _refuse_non_checkpoint(ck: Checkpoint) -> None:
         )
     if any(k.startswith(("encoder.down.", "decoder.up.", VAE + "decoder.")) for k in keys):
         raise ModelLoadError(f"{path}: a VAE on its own, not a model checkpoint; pass it as --vae beside --model")
+    qwen = qwen_image_part(ck)  # a Qwen-Image transformer, text encoder or VAE file
+    if qwen is not None:
+        raise ModelLoadError(qwen.refusal())
     raise ModelLoadError(
         f"{path}: not a Stable Diffusion checkpoint: no UNet under {UNET!r} "
         f"({len(keys)} tensors such as {key_examples(keys)})"
