@@ -97,3 +97,15 @@ def test_flux_and_sd_embeddings_are_refused_on_each_others_models(host, flux_cli
     # schnell's negatives come from the same two encoders: its file fits a Flux CLIP too
     (neg,) = run(load.load, "flux_schnell.safetensors", flux_clip, 1.0)
     assert neg[0][0].shape == (1, 256, 4096) and neg[0][1]["pooled_output"].shape == (1, 768)
+
+
+def test_comfy_sampler_refuses_a_flux_model_by_name():
+    """The Tune node's sampler (reneg/backends/comfy_backend.py) runs the UNet and PixArt models; a
+    ComfyUI Flux MODEL (``unet_config["image_model"] == "flux"``) is refused by name, not mis-sampled."""
+    from types import SimpleNamespace
+
+    from reneg.backends.comfy_backend import ComfyBackend, ComfyModelError
+
+    model = SimpleNamespace(apply_model=None, model_config=SimpleNamespace(unet_config={"image_model": "flux"}))
+    with pytest.raises(ComfyModelError, match="Flux.1 dev model; ReNeg's ComfyUI sampler does not run Flux"):
+        ComfyBackend(SimpleNamespace(model=model), SimpleNamespace(first_stage_model=None), 4096)
