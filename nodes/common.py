@@ -170,10 +170,12 @@ def check_conditioning(conditioning, what: str) -> list:
     return list(conditioning)
 
 
-def model_family_of(hidden: int) -> str:
-    from ..reneg.families import family_for_hidden, known_hidden_sizes
+def model_family_of(hidden: int, pooled: int | None = None) -> str:
+    """The family of a CLIP's conditioning: its width, and where widths are shared (T5-XXL's 4096:
+    PixArt, Flux) the size of its pooled vector."""
+    from ..reneg.families import family_for_text, known_hidden_sizes
 
-    fam = family_for_hidden(hidden)
+    fam = family_for_text(hidden, pooled)
     if fam is None:
         raise ReNegNodeError(
             f"the model's text encoder gives hidden size {hidden}, which no ReNeg "

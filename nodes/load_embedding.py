@@ -34,6 +34,7 @@ def apply_embedding(base, emb, strength: float):
     Entry dicts are copied, so ControlNet, area and timestep settings on a base
     negative carry over; the pooled vector is blended too when the file has one.
     """
+    from ..reneg.families import FAMILIES
     from ..reneg.uncond import blend, match_tokens
 
     rows_used = host_rows(emb)
@@ -49,6 +50,9 @@ def apply_embedding(base, emb, strength: float):
         if rows_used is not None:  # T5: PixArt's conditioning is the counted rows, unpadded; LTX-Video's
             out.append(list(_t5_entry(t, extra, rows_used, strength, emb, i)))  # is padded, with its mask
             continue
+        if FAMILIES[emb.family].space == "flux":  # every T5 row, and CLIP-L's pooled vector
+            out.append(_flux_entry(t, extra, strength, emb, i))
+            continue
         rows = emb.tensor.shape[1]
         if t.shape[1] % rows:
             raise ValueError(
@@ -60,6 +64,30 @@ def apply_embedding(base, emb, strength: float):
             extra["pooled_output"] = blend(pooled.unsqueeze(1), emb.pooled.float().unsqueeze(1), strength).squeeze(1)
         out.append([new, extra])
     return out
+
+
+def _flux_entry(base: torch.Tensor, extra: dict, strength: float, emb, i: int) -> list:
+    """A Flux negative as ComfyUI's own Flux text encoding shapes it: T5 rows ``[1, L, 4096]`` (every
+    row read, no mask: the file's rows as they are) and CLIP-L's ``pooled_output`` ``[1, 768]``; the
+    rest of the entry's dict (a ``guidance`` set by CLIPTextEncodeFlux or FluxGuidance) carries over.
+    Strength blends rows and pooled vector with the base's where the row counts agree (ComfyUI pads a
+    prompt to at least 256 rows, diffusers' dev to 512); otherwise only 0 and 1 apply."""
+    from ..reneg.uncond import blend
+
+    out = dict(extra)
+    if strength <= 0.0:
+        return [base, out]
+    rows = _blend_t5(base, emb.tensor.float(), strength, emb, i)
+    pooled = extra.get("pooled_output")
+    if emb.pooled is not None:
+        own = emb.pooled.float().reshape(1, 1, -1)
+        if isinstance(pooled, torch.Tensor) and strength < 1.0:
+            out["pooled_output"] = blend(pooled.unsqueeze(1), own.expand(pooled.shape[0], 1, -1), strength).squeeze(1)
+        else:
+            n = pooled.shape[0] if isinstance(pooled, torch.Tensor) else base.shape[0]
+            dtype = pooled.dtype if isinstance(pooled, torch.Tensor) else base.dtype
+            out["pooled_output"] = own[:, 0].expand(n, -1).to(dtype)
+    return [rows.to(base.dtype).expand(base.shape[0], -1, -1), out]
 
 
 def host_rows(emb) -> torch.Tensor | None:
@@ -178,7 +206,8 @@ class ReNegLoadEmbedding:
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
         null = null_conditioning(clip)
-        family = model_family_of(null[0][0].shape[-1])
+        pooled = null[0][1].get("pooled_output")
+        family = model_family_of(null[0][0].shape[-1], pooled.shape[-1] if isinstance(pooled, torch.Tensor) else None)
         emb = load_embedding(full_path(EMBEDDING_FOLDER, embedding), expected_family=family)
         base = check_conditioning(base_negative, "base_negative") if base_negative is not None else null
         _check_dtype(emb, null[0][0].dtype)

@@ -331,9 +331,10 @@ def validate(
 
 def _same_space(a: str, b: str) -> bool:
     """Families whose negatives are interchangeable: PixArt-alpha's 120 T5 rows and PixArt-sigma's
-    300 are the same T5-XXL output space (the mask tells which rows count)."""
+    300 are the same T5-XXL output space (the mask tells which rows count); Flux.1 dev's and schnell's
+    are the same two encoders' (a backend that needs its own row count says so)."""
     fa, fb = FAMILIES.get(a), FAMILIES.get(b)
-    return fa is not None and fb is not None and fa.masked and fa.text_space == fb.text_space
+    return fa is not None and fb is not None and bool(fa.space) and fa.space == fb.space
 
 
 def load_embedding(path: str | os.PathLike, expected_family: str | None = None) -> NegEmbedding:

@@ -170,6 +170,7 @@ FAMILIES: dict[str, Family] = {
             "Flux.1 dev",
             joint=True,
             flow=True,
+            space="flux",
             comfy_image_model="flux",
             pipeline="FluxPipeline",
             note="rows padded with T5's pad token and all read; see [Flux](flux.md)",
@@ -183,6 +184,7 @@ FAMILIES: dict[str, Family] = {
             "Flux.1 schnell",
             joint=True,
             flow=True,
+            space="flux",
             comfy_image_model="flux",
             pipeline="FluxPipeline",
             note="rows padded with T5's pad token and all read; see [Flux](flux.md)",
@@ -261,6 +263,17 @@ def family_for_shape(hidden: int, tokens: int, pooled: bool | None = None, maske
     if fam is not None and (fam.tokens != int(tokens) or (same and fam not in same)):
         fam = same[0] if same else fam
     return fam
+
+
+def family_for_text(hidden: int, pooled: int | None = None) -> Family | None:
+    """The family of a host's text conditioning from its width and, where families share a width, the
+    size of the pooled vector beside it: T5-XXL's 4096-wide rows alone are PixArt's, with CLIP-L's
+    768-wide pooled vector Flux's (dev, the first; schnell shares its space)."""
+    if pooled:
+        both = next((f for f in FAMILIES.values() if f.hidden == int(hidden) and f.pooled == int(pooled)), None)
+        if both is not None:
+            return both
+    return family_for_hidden(hidden)
 
 
 def get_family(name: str) -> Family:

@@ -749,3 +749,39 @@ def tiny_comfy_qwen_image_models(folder: str):
     tok = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
     base = to_inference_tensors(QwenImageModel(tr, vae.config.latents_mean, vae.config.latents_std))
     return ModelPatcher(base), QwenImageVAE(to_inference_tensors(vae)), QwenCLIP(to_inference_tensors(te), tok)
+
+
+class FluxCLIP:
+    """CLIP of ComfyUI's Flux (``comfy/text_encoders/flux.py``): T5-XXL padded with the pad token to at
+    least 256 tokens (``min_length=256``, no end-token padding) and encoded without a mask, and CLIP-L's
+    pooled output (``return_projected_pooled=False``) of the prompt padded to 77; CLIPTextEncodeFlux adds
+    ``guidance`` to the dict (``add_dict``)."""
+
+    def __init__(self, clip, clip_tok, t5, t5_tok):
+        self.clip, self.clip_tok, self.t5, self.t5_tok = clip, clip_tok, t5, t5_tok
+
+    def tokenize(self, text):
+        ids = self.t5_tok([text], return_tensors="pt").input_ids
+        if ids.shape[1] < 256:
+            ids = torch.cat([ids, torch.zeros(1, 256 - ids.shape[1], dtype=ids.dtype)], dim=1)
+        return {"l": self.clip_tok([text], padding="max_length", max_length=77, return_tensors="pt").input_ids,
+                "t5xxl": ids}  # fmt: skip
+
+    def encode_from_tokens_scheduled(self, tokens, add_dict=None):
+        rows = self.t5(tokens["t5xxl"])[0].float()
+        pooled = self.clip(tokens["l"]).pooler_output.float()
+        return [[rows, {"pooled_output": pooled, **(add_dict or {})}]]
+
+
+def tiny_comfy_flux_clip(folder: str) -> FluxCLIP:
+    """The CLIP ComfyUI makes of Flux's ``clip_l`` and ``t5xxl`` files, from a small Flux diffusers folder."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2").eval()
+    return FluxCLIP(
+        to_inference_tensors(clip),
+        CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        to_inference_tensors(t5),
+        AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2")),
+    )

@@ -158,6 +158,9 @@ def test_dev_encoding_schedule_and_sampler_match_flux_pipeline(tiny_flux_dir, de
 def test_schnell_matches_flux_pipeline(schnell_dir):
     backend = load_diffusers(schnell_dir)
     _check_family(backend, schnell_dir, "flux-schnell", 256, False)
+    # a flux-dev file (512 rows) loads for schnell (the same encoders); the backend refuses its row count
+    with pytest.raises(ValueError, match="flux-schnell model's negatives have 256 T5 rows .* has 512"):
+        backend.negative_cond(torch.zeros(1, 512, 4096))
 
 
 def test_dev_schedule_shifts_with_the_image_size(dev):
@@ -235,9 +238,12 @@ def test_flux_embeddings_are_their_own_family(tmp_path, dev):
     # a bare [1, 512, 4096] tensor is flux-dev, [1, 256, 4096] flux-schnell
     torch.save(torch.zeros(1, 256, 4096), tmp_path / "s.pt")
     assert load_embedding(tmp_path / "s.pt").family == "flux-schnell"
-    for other in ("sd1", "sdxl", "pixart", "flux-schnell"):
+    for other in ("sd1", "sdxl", "pixart"):
         with pytest.raises(EmbeddingError, match=f"flux-dev embedding.*model in use is {other}"):
             load_embedding(p, expected_family=other)
+    # dev and schnell share their text encoders (one ComfyUI CLIP serves both), so the file loads for
+    # schnell; schnell's backend reads 256 rows and says so about dev's 512 (test_schnell_matches_flux_pipeline)
+    assert load_embedding(p, expected_family="flux-schnell").family == "flux-dev"
     with pytest.raises(EmbeddingError, match="model in use is flux-dev"):
         save_embedding(str(tmp_path / "sd.safetensors"), NegEmbedding(torch.zeros(1, 77, 768), "sd1"))
         load_embedding(tmp_path / "sd.safetensors", expected_family="flux-dev")

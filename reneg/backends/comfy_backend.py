@@ -144,6 +144,12 @@ class ComfyBackend:
                 f"nodes support {known_hidden_sizes()} (T5's 4096 on PixArt-alpha, "
                 f"PixArt-sigma and Chroma models)"
             )
+        if fam.space == "flux":  # a flow model read with guidance and img/txt ids: not sampled here yet
+            raise ComfyModelError(
+                f"this is a {fam.description} model; ReNeg's ComfyUI sampler does not run Flux yet, so it "
+                f"cannot train or tune on it. Train with `reneg train`/`reneg tune` on a diffusers FluxPipeline "
+                f"folder; Load ReNeg Embedding gives the result to ComfyUI's Flux"
+            )
         ctx = self.context_dim()
         if ctx is not None and ctx != hidden:
             have = family_for_hidden(ctx)
