@@ -227,7 +227,14 @@ def _cmd_train(ns) -> int:
             flush=True,
         )
         return e.exit_code
-    if summary:
+    if summary.get("kind") == "predictor":  # reneg train --predictor (trainer/predictor.py)
+        h = summary["heldout"]
+        print(
+            f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "
+            f"global part alone {h['global']:.5f}  predictor {h['predictor']:.5f}\n"
+            f"wrote {summary['predictor_file']} and {summary['embedding']} (its global negative)"
+        )
+    elif summary:
         h = summary["heldout"]
         print(
             f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "

@@ -422,3 +422,24 @@ def predicted_cond(model: NegPredictor, cond, device=None):
     b = rows.shape[0]
     mask = model.neg_mask.expand(b, -1).long() if get_family(model.spec.family).masked else None
     return Cond(rows, pooled, {}, mask)
+
+
+@torch.no_grad()
+def predicted_scores(
+    backend, reward, model: NegPredictor, prompts, seeds, steps, guidance, height, width, batch=4, keep_images=False
+):
+    """:func:`reneg.generate.generate_and_score` with each prompt's own predicted negative."""
+    from .generate import generate, seeded_noise
+
+    scores, images = [], []
+    for i in range(0, len(prompts), batch):
+        p, s = prompts[i : i + batch], seeds[i : i + batch]
+        cond = backend.encode_prompts(p)
+        img = generate(
+            backend, cond, predicted_cond(model, cond), seeded_noise(backend, s, height, width), steps, guidance
+        )
+        scores.append(reward(img, p).float().cpu())
+        if keep_images:
+            images.append(img.cpu())
+    out = torch.cat(scores)
+    return (out, torch.cat(images)) if keep_images else out
