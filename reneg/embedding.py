@@ -402,8 +402,8 @@ def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
     if meta.get("format") == "reneg-predictor":  # reneg/predictor.py's file: its global negative is inside
         raise EmbeddingError(
             f"{path}: a ReNeg negative predictor (family {str(meta.get('family'))[:20]}), not an embedding; "
-            f"use it where a predictor is taken (reneg eval --negative predictor:FILE, the Load ReNeg "
-            f"Predictor node, the A1111 extension), or its global part, embedding.safetensors beside it"
+            f"use it where a predictor is taken (reneg eval --negative predictor:FILE or tuned:FILE, reneg tune "
+            f"--embedding FILE), or its global part, the embedding.safetensors its training run wrote beside it"
         )
     keys = [k for k in header if k != "__metadata__"]
     try:

@@ -242,3 +242,83 @@ def test_train_predictor_files_and_exact_resume(tmp_path, tiny_pipeline_dir, tin
     # a different --predictor-rank can not resume this run
     rc = main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 6, ["--resume", "--predictor-rank", "3"]))
     assert rc == 2 and "--predictor-rank" in capsys.readouterr().err
+
+
+def test_eval_and_tune_take_a_predictor(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_backend):
+    """``reneg eval --negative predictor:FILE``: a zero-initialised predictor makes exactly the images of its
+    global negative; a trained one makes others; ``tuned:PREDICTOR`` tunes each image from its prompt's own
+    negative. ``reneg tune --embedding PREDICTOR`` starts from the prompt's predicted negative."""
+    from reneg.cli import main
+    from reneg.embedding import save_embedding
+    from reneg.evaluation import run as ev
+    from reneg.evaluation import scoring
+    from reneg.evaluation.config import EvalConfig
+
+    null, _ = tiny_backend.null_embedding()
+    glob = NegEmbedding(
+        (null + 0.3 * torch.randn(null.shape, generator=torch.Generator().manual_seed(4))).float(), "tiny"
+    )
+    gpath = str(tmp_path / "glob.safetensors")
+    save_embedding(gpath, glob)
+    zero = str(tmp_path / "zero.safetensors")
+    save_predictor(zero, from_embedding(load_embedding(gpath), "lowrank", 2))
+    moved = str(tmp_path / "moved.safetensors")
+    save_predictor(moved, _trained(from_embedding(load_embedding(gpath), "xattn", 2)))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    cfg = EvalConfig(
+        model=tiny_pipeline_dir,
+        rewards=[f"hpsv2={tiny_hps_ckpt}"],
+        prompts=str(prompts),
+        negatives=[gpath, f"predictor:{zero}", moved, f"tuned:{moved}"],
+        out=str(tmp_path / "ev"),
+        sampling_steps=3,
+        guidance=5.0,
+        resolution=16,
+        batch=2,
+        seed=7,
+        progress=False,
+        device="cpu",
+        tune_steps=1,
+        tune_patience=1,
+        grad_range=(0, 1),
+    )
+    ev.run_eval(cfg, log=lambda m: None)
+    rows = scoring.read_scores_csv(str(tmp_path / "ev" / "scores.csv"))
+    by = {(r["prompt_index"], r["negative"]): r["score"] for r in rows}
+    assert {n for _, n in by} == {"glob", "predictor-zero", "predictor-moved", "tuned-moved"}
+    for i in range(2):
+        assert by[(i, "predictor-zero")] == pytest.approx(by[(i, "glob")], abs=1e-6)
+    assert any(abs(by[(i, "predictor-moved")] - by[(i, "glob")]) > 1e-6 for i in range(2))
+    # tuned:PREDICTOR: each search starts at the predictor's image of the same prompt and seed
+    logs = json.loads((tmp_path / "ev" / "tuning_tuned-moved.json").read_text())
+    starts = {v["prompt_index"]: v["start_reward"] for v in logs.values()}
+    for i in range(2):  # the saved image is 8-bit: its score is close to, not exactly, the in-memory one
+        assert starts[i] == pytest.approx(by[(i, "predictor-moved")], abs=2e-2)
+    # a predictor of another family is refused before the first image, naming the negative and file
+    other = str(tmp_path / "sd1.safetensors")
+    save_predictor(other, from_embedding(_global("sd1"), "lowrank", 1))
+    for spec in (f"predictor:{other}", f"tuned:{other}"):
+        with pytest.raises(ValueError, match=r"--negative \S+ \(.*sd1\.safetensors\): .*this is a sd1 predictor"):
+            ev.run_eval(
+                EvalConfig(**{**cfg.__dict__, "negatives": [spec], "out": str(tmp_path / "ev2")}), log=lambda m: None
+            )
+
+    def tune(start, name):
+        out = tmp_path / f"{name}.safetensors"
+        rc = main(
+            ["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "a red circle",
+             "--embedding", start, "--max-steps", "1", "--patience", "1", "--sampling-steps", "3", "--grad-range",
+             "0", "1", "--resolution", "16", "--out", str(out), "--device", "cpu"]
+        )  # fmt: skip
+        assert rc == 0
+        return load_embedding(out), json.loads((tmp_path / f"{name}.json").read_text())
+
+    # the zero predictor starts exactly where its global negative does; the trained one elsewhere
+    _, from_glob = tune(gpath, "t-glob")
+    _, from_zero = tune(zero, "t-zero")
+    emb, from_moved = tune(moved, "t-moved")
+    assert from_zero["start_reward"] == from_glob["start_reward"]
+    assert from_moved["start_reward"] != from_glob["start_reward"]
+    assert emb.metadata["start_embedding"] == "moved.safetensors"
+    assert emb.metadata["start_kind"] == "predictor"
