@@ -123,6 +123,21 @@ def test_file_round_trip(tmp_path, fam, arch):
         save_predictor(path, model)  # never over a file without overwrite
 
 
+def test_inspect_says_what_a_predictor_is(tmp_path, capsys):
+    from reneg.cli import main
+
+    model = _trained(from_embedding(_global("sdxl"), "xattn", rank=3))
+    path = tmp_path / "p.safetensors"
+    save_predictor(path, model, trained_steps=7)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a negative predictor" in out and "sdxl" in out and "xattn, rank 3" in out and "trained_steps: 7" in out
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == model.num_parameters() and info["global"]["pooled_shape"] == [1, 1280]
+    assert info["readout_norm"] > 0
+
+
 def _rewrite(path, out, meta=None, drop=None, tensors=None):
     from safetensors.torch import load_file, save_file
 

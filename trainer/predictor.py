@@ -5,9 +5,10 @@ The same samples as a global run (each micro-batch's prompts, noise and grad ste
 the predictor's output for that sample's prompt, so one step trains the global negative and the
 prompt-dependent correction together. ``--predictor-reg W`` adds ``W x`` the correction's mean square
 (towards the global negative). ``--init`` (null, handcrafted or a trained global embedding) is the global
-negative it starts from; the correction starts at zero. Exact resume and N-process equivalence hold as for
-the global trainer: the checkpoint holds every tensor of the predictor and the optimizer's state, and the
-gradients of every tensor are averaged across processes.
+negative it starts from; the correction starts at zero. Exact resume holds as for the global trainer (the
+checkpoint holds every tensor of the predictor and the optimizer's state; tested). Under several processes
+the gradients of every tensor are averaged across processes as the global trainer averages its embedding's,
+but that a 2-process run takes the same step as one process is not yet tested for the predictor.
 
 Writes ``OUT/predictor.safetensors`` (the predictor, its global negative inside), ``OUT/embedding.safetensors``
 (that global negative alone, usable anywhere an embedding is), ``OUT/checkpoint.pt``, ``OUT/log.csv`` and
