@@ -278,7 +278,10 @@ def test_eval_and_tune_take_a_predictor(tmp_path, tiny_pipeline_dir, tiny_hps_ck
     zero = str(tmp_path / "zero.safetensors")
     save_predictor(zero, from_embedding(load_embedding(gpath), "lowrank", 2))
     moved = str(tmp_path / "moved.safetensors")
-    save_predictor(moved, _trained(from_embedding(load_embedding(gpath), "xattn", 2)))
+    from reneg.rewards import reward_files
+
+    trained_on = reward_files([f"hpsv2={tiny_hps_ckpt}"])  # as reneg train --predictor records it
+    save_predictor(moved, _trained(from_embedding(load_embedding(gpath), "xattn", 2)), reward_files=trained_on)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
     cfg = EvalConfig(
@@ -298,7 +301,10 @@ def test_eval_and_tune_take_a_predictor(tmp_path, tiny_pipeline_dir, tiny_hps_ck
         tune_patience=1,
         grad_range=(0, 1),
     )
-    ev.run_eval(cfg, log=lambda m: None)
+    summary = ev.run_eval(cfg, log=lambda m: None)
+    role = summary["rewards"][0]  # the report says the predictor was trained on the eval's reward
+    assert role["role"] == "trained on" and "predictor-moved" in role["trained_by"]
+    assert role["embeddings"]["predictor-zero"] != "trained on"  # saved without saying its rewards
     rows = scoring.read_scores_csv(str(tmp_path / "ev" / "scores.csv"))
     by = {(r["prompt_index"], r["negative"]): r["score"] for r in rows}
     assert {n for _, n in by} == {"glob", "predictor-zero", "predictor-moved", "tuned-moved"}

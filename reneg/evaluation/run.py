@@ -190,7 +190,9 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
             )
     from .provenance import reward_roles, role_text
 
-    roles = reward_roles(specs, names, negatives, {src: e.metadata for src, e in embs.items()})
+    meta = {src: e.metadata for src, e in embs.items()}
+    meta.update({src: m.metadata for src, m in tensors.items() if hasattr(m, "spec")})  # predictors' own
+    roles = reward_roles(specs, names, negatives, meta)
     log("reneg eval: rewards: " + "; ".join(f"{r['name']} ({role_text(r)})" for r in roles))
     tune_reward = FrameReward(rewards[0], frames) if frames > 1 else rewards[0]
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
