@@ -120,7 +120,7 @@ def _looks_like_spec(spec: str) -> bool:
 def _check_embedding_file(path: str, raw: str) -> None:
     if not os.path.isfile(path):
         raise EvalError(
-            f"--negative {raw!r}: expected null, zero, handcrafted[:TEXT], text:TEXT, tuned:FILE or an "
+            f"--negative {raw!r}: expected null, zero, handcrafted[:TEXT], text:TEXT, tuned:FILE, predictor:FILE or an "
             f"embedding file; {path} is not a file"
         )
     if not path.lower().endswith(EMBEDDING_SUFFIXES):
