@@ -35,11 +35,35 @@ def _cmd_inspect(ns) -> int:
         raise OSError(f"{path}: cannot read the file ({e.strerror or e})") from None
 
 
+def _inspect_predictor(ns) -> int:
+    from .predictor import predictor_info
+
+    info = predictor_info(ns.file)
+    if ns.json:
+        print(json.dumps(info, indent=2, allow_nan=False))
+        return 0
+    g = info["global"]
+    print(
+        f"{_safe_text(info['path'])}\n  format  {info['format']} (a negative predictor)\n  family  {info['family']}\n"
+        f"  global  {g['shape']}{'  pooled ' + str(g['pooled_shape']) if g['pooled_shape'] else ''}  norm "
+        f"{g['norm']:.4g}\n  model   {info['architecture']}, rank {info['rank']}, {info['parameters']} parameters "
+        f"(read-out norm {info['readout_norm']:.4g}; 0: it is its global negative)"
+    )
+    for k, v in info["metadata"].items():
+        if k not in ("format", "format_version", "family", "architecture", "rank", "hidden_size", "token_count"):
+            print(f"  {_safe_text(k)}: {_safe_text(str(v))[:200]}")
+    return 0
+
+
 def _inspect_file(ns) -> int:
     from .backends.single_file import looks_like_checkpoint
 
     if looks_like_checkpoint(ns.file):
         return _inspect_checkpoint(ns)
+    from .predictor import is_predictor_file
+
+    if is_predictor_file(ns.file):  # reneg train --predictor's file (reneg/predictor.py)
+        return _inspect_predictor(ns)
     from .embedding import EmbeddingError, load_embedding
 
     try:
@@ -233,7 +257,14 @@ def _cmd_train(ns) -> int:
             flush=True,
         )
         return e.exit_code
-    if summary:
+    if summary.get("kind") == "predictor":  # reneg train --predictor (trainer/predictor.py)
+        h = summary["heldout"]
+        print(
+            f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "
+            f"global part alone {h['global']:.5f}  predictor {h['predictor']:.5f}\n"
+            f"wrote {summary['predictor_file']} and {summary['embedding']} (its global negative)"
+        )
+    elif summary:
         h = summary["heldout"]
         print(
             f"held-out mean reward ({summary['heldout_prompts']} prompts): null {h['null']:.5f}  "

@@ -332,9 +332,12 @@ def validate(
 def _same_space(a: str, b: str) -> bool:
     """Families whose negatives are interchangeable: PixArt-alpha's 120 T5 rows and PixArt-sigma's
     300 are the same T5-XXL output space (the mask tells which rows count); Flux.1 dev's and schnell's
-    are the same two encoders' (a backend that needs its own row count says so)."""
+    are the same two encoders' (a backend that needs its own row count says so). Wan's one negative and
+    its two-expert file share a space but not a use: the rows' count says which expert reads which."""
     fa, fb = FAMILIES.get(a), FAMILIES.get(b)
-    return fa is not None and fb is not None and bool(fa.space) and fa.space == fb.space
+    if fa is None or fb is None or fa.text_space != fb.text_space:
+        return False
+    return (fa.masked and fb.masked) or (fa.pooled is not None and fa.pooled == fb.pooled)
 
 
 def load_embedding(path: str | os.PathLike, expected_family: str | None = None) -> NegEmbedding:
@@ -411,6 +414,12 @@ def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
     except ValueError as e:
         raise EmbeddingError(str(e)) from None
     meta = dict(header.get("__metadata__") or {})
+    if meta.get("format") == "reneg-predictor":  # reneg/predictor.py's file: its global negative is inside
+        raise EmbeddingError(
+            f"{path}: a ReNeg negative predictor (family {str(meta.get('family'))[:20]}), not an embedding; "
+            f"use it where a predictor is taken (reneg eval --negative predictor:FILE or tuned:FILE, reneg tune "
+            f"--embedding FILE), or its global part, the embedding.safetensors its training run wrote beside it"
+        )
     keys = [k for k in header if k != "__metadata__"]
     try:
         tensors = load_file(path, device="cpu")

@@ -72,6 +72,10 @@ class TrainConfig:
     # --- watching for reward hacking (trainer/monitor.py) ---
     monitor_rewards: list[str] = field(default_factory=list)  # rewards scored on held-out images, never trained on
     keep_best_by: str | None = None  # heldout | diversity | a monitor's name: OUT/embedding-best.safetensors
+    # --- a negative predictor instead of one global negative (trainer/predictor.py) ---
+    predictor: str | None = None  # lowrank | xattn
+    predictor_rank: int = 4
+    predictor_reg: float = 0.01
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -160,6 +164,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     add_event_args(p)
     # --- end reported events ---
+    from .predictor import add_predictor_args
+
+    add_predictor_args(p)
 
 
 # --- compute-saving options (docs/compute.md) -------------------------------------------------------
@@ -310,6 +317,9 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
     check_out_free(cfg)
     check_out_dir(cfg.out)
     check_event_args(cfg)  # --sample-every, --report-to
+    from .predictor import check_predictor_args
+
+    check_predictor_args(cfg)
 
 
 def check_monitor_args(cfg, heldout_prompts: int) -> None:
@@ -421,6 +431,9 @@ RESUME_MUST_MATCH = (
     "init_sha256",
     "rollout_steps",
     "grads_per_rollout",
+    "predictor",
+    "predictor_rank",
+    "predictor_reg",
     "monitor_names",
     "keep_best_by",
 )

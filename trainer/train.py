@@ -208,6 +208,10 @@ def run_train(cfg: TrainConfig, accelerator=None, *, handle_signals: bool = Fals
         lock = FolderLock(cfg.out, "reneg train", flag="--out").acquire()
     try:
         check_out_free(cfg)  # again, now that no other run can start there
+        if cfg.predictor:  # a negative predictor (trainer/predictor.py) instead of one global negative
+            from .predictor import predictor_loop
+
+            return predictor_loop(cfg, acc, main)
         return train_loop(cfg, acc, main, handle_signals)
     finally:
         if lock is not None:

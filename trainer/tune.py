@@ -27,7 +27,11 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         help="tune on the built-in demo world (no files needed); flags given beside it replace the demo's settings",
     )
     O.add_options(p, ["model", "config", "vae", "prediction_type", "rewards"])
-    a("--embedding", help="starting embedding file (default: the null embedding)")
+    a(
+        "--embedding",
+        help="starting embedding file (default: the null embedding), or a negative predictor file: the "
+        "tune starts from its negative for --prompt",
+    )
     a("--prompt", help="the prompt to tune for")
     O.add_options(p, ["seed"], helps={"seed": "the image's seed (0 to 2**64 - 1)"})
     a(
@@ -95,7 +99,15 @@ def check_tune_inputs(ns) -> None:
     if ns.embedding and not os.path.isfile(ns.embedding):
         raise ConfigError(f"--embedding {ns.embedding}: {not_a_file(ns.embedding) or 'no such file'}")
     if ns.embedding:
-        check_embedding_arg("embedding", ns.embedding, ns)
+        from reneg.predictor import is_predictor_file, load_predictor
+
+        if is_predictor_file(ns.embedding):  # a predictor: its negative for --prompt is the start
+            try:
+                load_predictor(ns.embedding).global_embedding().check_dtype(*O.compute_dtype(ns))
+            except ValueError as e:
+                raise ConfigError(f"--embedding: {e}") from None
+        else:
+            check_embedding_arg("embedding", ns.embedding, ns)
 
 
 def sidecar_path(out: str) -> str:
@@ -158,7 +170,14 @@ def run_tune(ns) -> dict:
             print(f"reneg tune: {note}", flush=True)
     if getattr(ns, "gradient_checkpointing", False):
         enable_checkpointing(backend, reward)
-    if ns.embedding:
+    from reneg.predictor import is_predictor_file, load_predictor
+
+    if ns.embedding and is_predictor_file(ns.embedding):  # the predicted negative of this prompt
+        model = load_predictor(ns.embedding, expected_family=backend.family).to(device)
+        c = backend.encode_prompts([ns.prompt])
+        with torch.no_grad():
+            start = model(c.crossattn, c.pooled, c.mask)[0].float()
+    elif ns.embedding:
         start_emb = load_embedding(ns.embedding, expected_family=backend.family)
         start = start_emb.model_rows().float()  # a T5 file's padding as zero rows: rows alone keep its mask
     else:
@@ -208,6 +227,7 @@ def run_tune(ns) -> dict:
         lr=ns.lr,
         **{**guidance.metadata(), "guidance_scale": ns.guidance},
         start_embedding=os.path.basename(ns.embedding) if ns.embedding else "null",
+        start_kind="predictor" if ns.embedding and is_predictor_file(ns.embedding) else None,
         start_reward=res.start_reward,
         best_reward=res.best_reward,
     )

@@ -55,7 +55,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="repeatable: null | handcrafted (the paper's prompt, or --handcrafted) | handcrafted:TEXT | text:TEXT "
         "| wan-default or wan-default-en (Wan's own negative prompt, Chinese or English) "
         "| FILE (an embedding: .safetensors or the official .bin) | tuned:FILE or tuned:null (per-sample "
-        "tuning from it, per image). Names come from the file names unless given as NAME=SPEC. "
+        "tuning from it, per image) | predictor:FILE (a negative predictor: each prompt's own negative). Names come from the file names unless given as NAME=SPEC. "
         "Default: null and handcrafted",
     )
     a("--handcrafted", default=d.handcrafted, help="text of 'handcrafted' (default: the paper's negative prompt)")

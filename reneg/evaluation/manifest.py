@@ -59,7 +59,7 @@ def _negative_key(cfg: EvalConfig, n: Negative) -> dict:
     d = {"kind": n.kind}
     if n.kind == "text":
         d["text"] = n.source
-    elif n.kind in ("file", "tuned") and n.source != "null":
+    elif n.kind in ("file", "tuned", "predictor") and n.source != "null":
         d["sha256"] = _file_digest(n.source)
     if n.kind == "tuned":
         d.update(

@@ -17,7 +17,7 @@ EMBEDDING_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 @dataclass(frozen=True)
 class Negative:
     name: str  # used in file names and the report
-    kind: str  # null | zero | text | file | tuned
+    kind: str  # null | zero | text | file | tuned | predictor
     source: str  # the text (text), the embedding file (file, tuned; "null" for tuned from null)
 
     def describe(self) -> str:
@@ -29,6 +29,8 @@ class Negative:
             return f'text "{self.source}"'
         if self.kind == "file":
             return f"embedding {_short(self.source)}"
+        if self.kind == "predictor":
+            return f"negative predictor {_short(self.source)} (each prompt's own negative)"
         start = "null" if self.source == "null" else _short(self.source)
         return f"per-sample tuning from {start}"
 
@@ -46,7 +48,9 @@ def clean_name(s: str) -> str:
 
 def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
     """``[NAME=]SPEC`` with SPEC one of ``null``, ``zero``, ``handcrafted``, ``handcrafted:TEXT``,
-    ``text:TEXT``, a preset's name (:func:`preset_negatives`), an embedding file, ``tuned:FILE`` or ``tuned:null``."""
+    ``text:TEXT``, a preset's name (:func:`preset_negatives`), an embedding file, ``tuned:FILE``, ``tuned:null``
+    or ``predictor:FILE`` (a negative predictor, reneg/predictor.py: each prompt gets its own negative; a
+    predictor file given bare is one too)."""
     raw = spec
     spec = spec.strip()
     if not spec:
@@ -61,7 +65,7 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
     elif (
         sep
         and not os.path.exists(spec)
-        and not head.lower().startswith(("handcrafted:", "text:", "tuned:"))
+        and not head.lower().startswith(("handcrafted:", "text:", "tuned:", "predictor:"))
         and _looks_like_spec(rest.strip())
     ):
         raise EvalError(
@@ -80,6 +84,10 @@ def parse_negative(spec: str, handcrafted: str = PAPER_HANDCRAFTED) -> Negative:
         if not text:
             raise EvalError(f"--negative {raw!r}: the negative prompt text is empty")
         neg = Negative("handcrafted" if low.startswith("handcrafted") else "text", "text", text)
+    elif low.startswith("predictor:") or (os.path.isfile(spec) and _is_predictor(spec)):
+        path = spec.split(":", 1)[1].strip() if low.startswith("predictor:") else spec
+        _check_embedding_file(path, raw)
+        neg = Negative("predictor-" + clean_name(os.path.splitext(os.path.basename(path))[0]), "predictor", path)
     elif low.startswith("tuned:"):
         start = spec.split(":", 1)[1].strip()
         if start.lower() == "null":
@@ -103,12 +111,18 @@ def preset_negatives() -> dict[str, str]:
     return {"wan-default": DEFAULT_NEGATIVE_ZH, "wan-default-en": DEFAULT_NEGATIVE_EN}
 
 
+def _is_predictor(path: str) -> bool:
+    from reneg.predictor import is_predictor_file
+
+    return is_predictor_file(path)
+
+
 def _looks_like_spec(spec: str) -> bool:
     """What follows ``NAME=`` is a negative (so the part before it was meant as a name)."""
     low = spec.lower()
     return (
         low in ("null", "zero", "handcrafted", *preset_negatives())
-        or low.startswith(("handcrafted:", "text:", "tuned:"))
+        or low.startswith(("handcrafted:", "text:", "tuned:", "predictor:"))
         or low.endswith(EMBEDDING_SUFFIXES)
         or os.path.isfile(spec)
     )
@@ -117,7 +131,7 @@ def _looks_like_spec(spec: str) -> bool:
 def _check_embedding_file(path: str, raw: str) -> None:
     if not os.path.isfile(path):
         raise EvalError(
-            f"--negative {raw!r}: expected null, zero, handcrafted[:TEXT], text:TEXT, tuned:FILE or an "
+            f"--negative {raw!r}: expected null, zero, handcrafted[:TEXT], text:TEXT, tuned:FILE, predictor:FILE or an "
             f"embedding file; {path} is not a file"
         )
     if not path.lower().endswith(EMBEDDING_SUFFIXES):

@@ -101,7 +101,7 @@ def reward_roles(specs, names: list[str], negatives, metadata: dict[str, dict]) 
     current = [reward_file(s) for s in specs]
     marks: dict[str, list[str]] = {}  # negative -> mark per reward
     for n in negatives:
-        if n.kind not in ("file", "tuned"):
+        if n.kind not in ("file", "tuned", "predictor"):  # a predictor file's metadata says its rewards too
             continue
         start = None if n.source == "null" else trained_with(metadata.get(n.source) or {})
         row = []

@@ -62,8 +62,15 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
     negatives = parse_negatives(cfg.negatives or ["null", "handcrafted"], cfg.handcrafted)
     from reneg.embedding import load_embedding
 
+    from reneg.predictor import is_predictor_file, load_predictor
+
     for n in negatives:
-        if n.kind in ("file", "tuned") and n.source != "null":
+        if n.kind == "predictor" or (n.kind == "tuned" and n.source != "null" and is_predictor_file(n.source)):
+            try:  # rebuilt from its metadata before any model loads; the family is checked later
+                load_predictor(n.source).global_embedding().check_dtype(*O.compute_dtype(cfg))
+            except ValueError as e:
+                raise EvalError(f"--negative: {e}") from None
+        elif n.kind in ("file", "tuned") and n.source != "null":
             try:  # readable and finite in the compute dtype before any model loads; the family is checked later
                 load_embedding(n.source).check_dtype(*O.compute_dtype(cfg))
             except ValueError as e:
@@ -185,7 +192,9 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
             )
     from .provenance import reward_roles, role_text
 
-    roles = reward_roles(specs, names, negatives, {src: e.metadata for src, e in embs.items()})
+    meta = {src: e.metadata for src, e in embs.items()}
+    meta.update({src: m.metadata for src, m in tensors.items() if hasattr(m, "spec")})  # predictors' own
+    roles = reward_roles(specs, names, negatives, meta)
     log("reneg eval: rewards: " + "; ".join(f"{r['name']} ({role_text(r)})" for r in roles))
     tune_reward = FrameReward(rewards[0], frames) if frames > 1 else rewards[0]
     img_dir = os.path.join(cfg.out, IMAGE_DIR)
@@ -224,6 +233,9 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
                     t, pooled = torch.zeros_like(t), None if pooled is None else torch.zeros_like(pooled)
             elif neg.kind == "text":
                 t, pooled = text_negative(backend, neg.source)
+            elif neg.kind == "predictor":  # each batch's prompts get their own negatives (_generate_batched)
+                made += _generate_batched(cfg, backend, tensors[neg.source], neg, need, img_dir, bar, frames)
+                continue
             else:
                 t, mask = tensors[neg.source], embs[neg.source].mask()  # a T5 file's attention mask
             uncond = backend.negative_cond(t.to(device), pooled, mask)
@@ -281,8 +293,22 @@ def check_negatives_fit(backend, negatives: list[Negative], guidance: str = "cfg
     ``guidance`` (cfg, nag, cfg+nag) is warned about, once. Returns ``({file: NegEmbedding}, {file: rows})``."""
     from reneg.embedding import load_embedding
 
+    from reneg.predictor import is_predictor_file, load_predictor
+
     embs, tensors = {}, {}
     for n in negatives:
+        if n.kind == "predictor" or (n.kind == "tuned" and n.source != "null" and is_predictor_file(n.source)):
+            # {file: NegPredictor}: the model of the file, for this model's family (tuned: each item's start)
+            try:
+                model = load_predictor(n.source, expected_family=backend.family).to(backend.device)
+                g = model.global_embedding()  # its negatives have the global part's rows: the model must read them
+                backend.negative_cond(
+                    g.model_rows().to(backend.device), None, g.mask() if n.kind == "predictor" else None
+                )
+            except ValueError as e:
+                raise EvalError(f"--negative {n.name} ({n.source}): {e}") from None
+            tensors[n.source] = model
+            continue
         if n.kind not in ("file", "tuned") or n.source == "null" or n.source in embs:
             continue
         try:
@@ -310,16 +336,18 @@ def _guidance(cfg, backend):
 
 
 def _generate_batched(cfg, backend, uncond, neg, need, img_dir, bar, frames) -> int:
+    """``uncond``: one negative's Cond, or a negative predictor (each batch's prompts get their own)."""
     from reneg.generate import generate, seeded_noise
+    from reneg.predictor import NegPredictor, predicted_cond
 
     n = 0
     for i in range(0, len(need), cfg.batch):
         chunk = need[i : i + cfg.batch]
         prompts = [it.text for it in chunk]
         noise = seeded_noise(backend, [it.seed for it in chunk], cfg.resolution, cfg.resolution)
-        img = generate(
-            backend, backend.encode_prompts(prompts), uncond, noise, cfg.sampling_steps, _guidance(cfg, backend)
-        )
+        cond = backend.encode_prompts(prompts)
+        u = predicted_cond(uncond, cond) if isinstance(uncond, NegPredictor) else uncond
+        img = generate(backend, cond, u, noise, cfg.sampling_steps, _guidance(cfg, backend))
         img = img.cpu().view(len(chunk), frames, *img.shape[1:])
         for it, im in zip(chunk, img):
             images.save_frames(os.path.join(img_dir, it.image_name(neg.name)), im)
@@ -347,16 +375,23 @@ def _run_tuned(cfg, backend, reward, neg, items, need, img_dir, bar, start) -> d
             logs = {}
     if not need:
         return logs
+    from reneg.predictor import NegPredictor
+
     if start is None:
         start, _ = backend.null_embedding()
     frames = cfg.frames if cfg.video else 1
     for it in need:
+        first = start
+        if isinstance(start, NegPredictor):  # tuned:PREDICTOR: each item starts from its prompt's own negative
+            c = backend.encode_prompts([it.text])
+            with torch.no_grad():
+                first = start(c.crossattn, c.pooled, c.mask)[0].float()
         res, image = tune_for_seed(
             backend,
             reward,
             it.text,
             it.seed,
-            start.to(backend.device),
+            first.to(backend.device),
             cfg.sampling_steps,
             _guidance(cfg, backend),
             tuple(cfg.grad_range),

@@ -1,0 +1,345 @@
+"""The negative predictor (reneg/predictor.py): shapes per family, zero-initialised = the global negative,
+the file's round trip and refusals, and ``reneg train --predictor`` (its files, exact resume)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from reneg.embedding import EmbeddingError, NegEmbedding, load_embedding
+from reneg.families import FAMILIES
+from reneg.predictor import (
+    ARCHITECTURES,
+    PredictorError,
+    from_embedding,
+    is_predictor_file,
+    load_predictor,
+    predicted_cond,
+    save_predictor,
+)
+
+FAMS = ("sd1", "sd2", "sdxl", "pixart", "tiny")
+
+
+def _global(fam: str, seed: int = 0) -> NegEmbedding:
+    f = FAMILIES[fam]
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(1, f.tokens, f.hidden, generator=g)
+    mask = None
+    if f.masked:  # a T5 negative reads its first rows only
+        mask = torch.zeros(1, f.tokens, dtype=torch.long)
+        mask[:, :5] = 1
+        rows = rows * mask[..., None]
+    pooled = torch.randn(1, f.pooled, generator=g) if f.pooled else None
+    return NegEmbedding(rows, fam, pooled, attention_mask=mask)
+
+
+def _positive(fam: str, batch: int = 2, rows: int | None = None):
+    f = FAMILIES[fam]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, rows or f.tokens, f.hidden, generator=g)
+    pooled = torch.randn(batch, f.pooled, generator=g) if f.pooled else None
+    mask = None
+    if f.masked:
+        mask = torch.zeros(batch, x.shape[1], dtype=torch.long)
+        mask[0, :7], mask[1, :3] = 1, 1
+    return x, pooled, mask
+
+
+def _trained(model):
+    """Give the read-out (zero at the start) values, as training does."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in ("up", "mix", "up_pooled"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("fam", FAMS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shapes_per_family_and_zero_init_is_the_global_negative(fam, arch):
+    emb = _global(fam)
+    model = from_embedding(emb, arch, rank=3)
+    x, pooled, mask = _positive(fam)
+    neg, neg_pooled = model(x, pooled, mask)
+    f = FAMILIES[fam]
+    assert neg.shape == (2, f.tokens, f.hidden)
+    # untrained: exactly the global negative (and its pooled vector) for every prompt
+    assert torch.equal(neg, emb.model_rows().expand(2, -1, -1))
+    if f.pooled:
+        assert neg_pooled.shape == (2, f.pooled) and torch.equal(neg_pooled, emb.pooled.expand(2, -1))
+    else:
+        assert neg_pooled is None
+    _trained(model)
+    neg, neg_pooled = model(x, pooled, mask)
+    assert not torch.allclose(neg[0], neg[1])  # a per-prompt negative
+    if f.masked:  # rows the negative's mask leaves out stay as the global negative has them (zero)
+        assert torch.equal(neg[:, 5:], torch.zeros_like(neg[:, 5:]))
+        # the prompt's padding rows are never read: changing them changes nothing
+        x2 = x.clone()
+        x2[0, 7:] += 100.0
+        assert torch.allclose(model(x2, pooled, mask)[0], neg)
+    # a host's longer conditioning (a 154-row CLIP prompt) gives the same negative shape
+    x3, p3, m3 = _positive(fam, rows=2 * f.tokens)
+    assert model(x3, p3, m3)[0].shape == (2, f.tokens, f.hidden)
+
+
+def test_predicted_cond_carries_mask_and_pooled():
+    for fam in ("sdxl", "pixart"):
+        model = _trained(from_embedding(_global(fam), "lowrank", 2))
+        from reneg.cond import Cond
+
+        x, pooled, mask = _positive(fam)
+        c = predicted_cond(model, Cond(x, pooled, {}, mask))
+        assert c.crossattn.shape[0] == 2
+        assert (c.pooled is not None) == (fam == "sdxl")
+        assert (c.mask is not None) == (fam == "pixart")
+        if c.mask is not None:
+            assert c.mask.shape == (2, FAMILIES[fam].tokens) and int(c.mask[0].sum()) == 5
+
+
+@pytest.mark.parametrize("fam", ("sd1", "sdxl", "pixart"))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_file_round_trip(tmp_path, fam, arch):
+    model = _trained(from_embedding(_global(fam), arch, rank=2, seed=5))
+    path = tmp_path / "p.safetensors"
+    save_predictor(path, model, trained_steps=7)
+    assert is_predictor_file(path)
+    back = load_predictor(path, expected_family=fam)
+    x, pooled, mask = _positive(fam)
+    a, b = model(x, pooled, mask), back(x, pooled, mask)
+    assert torch.equal(a[0], b[0])
+    assert (a[1] is None and b[1] is None) or torch.equal(a[1], b[1])
+    assert back.metadata["architecture"] == arch and back.metadata["trained_steps"] == "7"
+    assert back.metadata["family"] == fam and back.metadata["rank"] == "2"
+    # the global negative inside is an embedding of its own
+    g = back.global_embedding()
+    assert torch.equal(g.tensor, model.base.detach())
+    with pytest.raises(FileExistsError):
+        save_predictor(path, model)  # never over a file without overwrite
+
+
+def test_inspect_says_what_a_predictor_is(tmp_path, capsys):
+    from reneg.cli import main
+
+    model = _trained(from_embedding(_global("sdxl"), "xattn", rank=3))
+    path = tmp_path / "p.safetensors"
+    save_predictor(path, model, trained_steps=7)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a negative predictor" in out and "sdxl" in out and "xattn, rank 3" in out and "trained_steps: 7" in out
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == model.num_parameters() and info["global"]["pooled_shape"] == [1, 1280]
+    assert info["readout_norm"] > 0
+
+
+def _rewrite(path, out, meta=None, drop=None, tensors=None):
+    from safetensors.torch import load_file, save_file
+
+    from reneg.fileio import read_safetensors_header
+
+    m = dict(read_safetensors_header(path)["__metadata__"])
+    m.update(meta or {})
+    t = load_file(str(path))
+    if drop:
+        t.pop(drop)
+    t.update(tensors or {})
+    save_file(t, str(out), metadata=m)
+    return out
+
+
+def test_refusals_name_file_expected_and_found(tmp_path):
+    model = from_embedding(_global("sd1"), "lowrank", rank=2)
+    path = tmp_path / "p.safetensors"
+    save_predictor(path, model)
+    with pytest.raises(PredictorError, match=r"p\.safetensors: this is a sd1 predictor.*model in use is sdxl"):
+        load_predictor(path, expected_family="sdxl")
+    cases = [
+        (
+            {"architecture": "evil"},
+            None,
+            None,
+            r"unknown predictor architecture 'evil'; expected one of lowrank, xattn",
+        ),
+        ({"family": "sd9"}, None, None, r"unknown family 'sd9'"),
+        ({"hidden_size": "1024"}, None, None, r"family sd1 needs hidden size 768, found 1024"),
+        ({"rank": "3"}, None, None, r"predictor\.(w_in|up) must have shape \[3, .*found \[2, "),
+        ({"rank": "99999"}, None, None, r"'rank' must be an integer from 1 to 256"),
+        ({"format": "reneg"}, None, None, r"not a ReNeg predictor"),
+        (None, "predictor.up", None, r"missing predictor\.up"),
+        (None, None, {"predictor.payload": torch.zeros(1)}, r"unexpected predictor\.payload"),
+        (None, None, {"predictor.up": torch.full((2, 77, 768), float("nan"))}, r"predictor\.up has NaN/inf"),
+        (None, None, {"global.neg_embedding": torch.zeros(1, 77, 1024)}, r"global\.neg_embedding must have shape"),
+    ]
+    for i, (meta, drop, tensors, msg) in enumerate(cases):
+        bad = _rewrite(path, tmp_path / f"bad{i}.safetensors", meta, drop, tensors)
+        with pytest.raises(PredictorError, match=f"bad{i}\\.safetensors: .*{msg}"):
+            load_predictor(bad)
+    # not a safetensors file at all; a truncated one
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(PredictorError, match="junk.safetensors"):
+        load_predictor(junk)
+    # an embedding loader handed a predictor file says what it is rather than misreading it
+    with pytest.raises(EmbeddingError, match=r"p\.safetensors: .*predictor"):
+        load_embedding(path)
+
+
+def _train_args(tmp_path, pipe, hps, out, steps, extra=()):
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")))
+    return [
+        "train",
+        "--model",
+        pipe,
+        "--reward",
+        f"hpsv2={hps}",
+        "--prompts",
+        str(p),
+        "--heldout-count",
+        "2",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--micro-batch",
+        "1",
+        "--sampling-steps",
+        "4",
+        "--grad-range",
+        "0",
+        "1",
+        "--resolution",
+        "16",
+        "--lr",
+        "0.05",
+        "--lr-schedule",  # so that a run of 2 steps is the first 2 steps of a run of 4
+        "constant",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        "--predictor",
+        "xattn",
+        "--predictor-rank",
+        "2",
+        *extra,
+    ]
+
+
+def test_train_predictor_files_and_exact_resume(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
+    from reneg.cli import main
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, full, 4)) == 0, capsys.readouterr().err
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["kind"] == "predictor" and set(summary["heldout"]) == {"null", "global", "predictor"}
+    assert len(summary["heldout_per_prompt"]) == 2
+    model = load_predictor(full / "predictor.safetensors", expected_family="tiny")
+    assert model.metadata["trained_steps"] == "4" and model.metadata["architecture"] == "xattn"
+    assert float(model.mix.abs().sum()) > 0  # the correction moved away from zero
+    glob = load_embedding(full / "embedding.safetensors")
+    assert torch.equal(glob.tensor, model.base)
+    # the same run stopped after its step-2 checkpoint, then resumed: bit for bit the same predictor
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 2)) == 0
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 4, ["--resume"])) == 0
+    resumed = load_predictor(part / "predictor.safetensors")
+    for (n, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), n
+    # a different --predictor-rank can not resume this run
+    rc = main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 6, ["--resume", "--predictor-rank", "3"]))
+    assert rc == 2 and "--predictor-rank" in capsys.readouterr().err
+
+
+def test_eval_and_tune_take_a_predictor(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_backend):
+    """``reneg eval --negative predictor:FILE``: a zero-initialised predictor makes exactly the images of its
+    global negative; a trained one makes others; ``tuned:PREDICTOR`` tunes each image from its prompt's own
+    negative. ``reneg tune --embedding PREDICTOR`` starts from the prompt's predicted negative."""
+    from reneg.cli import main
+    from reneg.embedding import save_embedding
+    from reneg.evaluation import run as ev
+    from reneg.evaluation import scoring
+    from reneg.evaluation.config import EvalConfig
+
+    null, _ = tiny_backend.null_embedding()
+    glob = NegEmbedding(
+        (null + 0.3 * torch.randn(null.shape, generator=torch.Generator().manual_seed(4))).float(), "tiny"
+    )
+    gpath = str(tmp_path / "glob.safetensors")
+    save_embedding(gpath, glob)
+    zero = str(tmp_path / "zero.safetensors")
+    save_predictor(zero, from_embedding(load_embedding(gpath), "lowrank", 2))
+    moved = str(tmp_path / "moved.safetensors")
+    from reneg.rewards import reward_files
+
+    trained_on = reward_files([f"hpsv2={tiny_hps_ckpt}"])  # as reneg train --predictor records it
+    save_predictor(moved, _trained(from_embedding(load_embedding(gpath), "xattn", 2)), reward_files=trained_on)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    cfg = EvalConfig(
+        model=tiny_pipeline_dir,
+        rewards=[f"hpsv2={tiny_hps_ckpt}"],
+        prompts=str(prompts),
+        negatives=[gpath, f"predictor:{zero}", moved, f"tuned:{moved}"],
+        out=str(tmp_path / "ev"),
+        sampling_steps=3,
+        guidance=5.0,
+        resolution=16,
+        batch=2,
+        seed=7,
+        progress=False,
+        device="cpu",
+        tune_steps=1,
+        tune_patience=1,
+        grad_range=(0, 1),
+    )
+    summary = ev.run_eval(cfg, log=lambda m: None)
+    role = summary["rewards"][0]  # the report says the predictor was trained on the eval's reward
+    assert role["role"] == "trained on" and "predictor-moved" in role["trained_by"]
+    assert role["embeddings"]["predictor-zero"] != "trained on"  # saved without saying its rewards
+    rows = scoring.read_scores_csv(str(tmp_path / "ev" / "scores.csv"))
+    by = {(r["prompt_index"], r["negative"]): r["score"] for r in rows}
+    assert {n for _, n in by} == {"glob", "predictor-zero", "predictor-moved", "tuned-moved"}
+    for i in range(2):
+        assert by[(i, "predictor-zero")] == pytest.approx(by[(i, "glob")], abs=1e-6)
+    assert any(abs(by[(i, "predictor-moved")] - by[(i, "glob")]) > 1e-6 for i in range(2))
+    # tuned:PREDICTOR: each search starts at the predictor's image of the same prompt and seed
+    logs = json.loads((tmp_path / "ev" / "tuning_tuned-moved.json").read_text())
+    starts = {v["prompt_index"]: v["start_reward"] for v in logs.values()}
+    for i in range(2):  # the saved image is 8-bit: its score is close to, not exactly, the in-memory one
+        assert starts[i] == pytest.approx(by[(i, "predictor-moved")], abs=2e-2)
+    # a predictor of another family is refused before the first image, naming the negative and file
+    other = str(tmp_path / "sd1.safetensors")
+    save_predictor(other, from_embedding(_global("sd1"), "lowrank", 1))
+    for spec in (f"predictor:{other}", f"tuned:{other}"):
+        with pytest.raises(ValueError, match=r"--negative \S+ \(.*sd1\.safetensors\): .*this is a sd1 predictor"):
+            ev.run_eval(
+                EvalConfig(**{**cfg.__dict__, "negatives": [spec], "out": str(tmp_path / "ev2")}), log=lambda m: None
+            )
+
+    def tune(start, name):
+        out = tmp_path / f"{name}.safetensors"
+        rc = main(
+            ["tune", "--model", tiny_pipeline_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--prompt", "a red circle",
+             "--embedding", start, "--max-steps", "1", "--patience", "1", "--sampling-steps", "3", "--grad-range",
+             "0", "1", "--resolution", "16", "--out", str(out), "--device", "cpu"]
+        )  # fmt: skip
+        assert rc == 0
+        return load_embedding(out), json.loads((tmp_path / f"{name}.json").read_text())
+
+    # the zero predictor starts exactly where its global negative does; the trained one elsewhere
+    _, from_glob = tune(gpath, "t-glob")
+    _, from_zero = tune(zero, "t-zero")
+    emb, from_moved = tune(moved, "t-moved")
+    assert from_zero["start_reward"] == from_glob["start_reward"]
+    assert from_moved["start_reward"] != from_glob["start_reward"]
+    assert emb.metadata["start_embedding"] == "moved.safetensors"
+    assert emb.metadata["start_kind"] == "predictor"
