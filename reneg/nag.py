@@ -212,9 +212,7 @@ class NAGAttnProcessor:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
         batch = hidden_states.shape[0]
-        neg = nag.negative.to(hidden_states.dtype)
-        if neg.shape[0] != batch:
-            neg = neg.expand(batch, *neg.shape[1:])
+        neg = _rows(nag.negative.to(hidden_states.dtype), batch)
         pos = encoder_hidden_states
         if attn.norm_cross:
             pos, neg = attn.norm_encoder_hidden_states(pos), attn.norm_encoder_hidden_states(neg)
@@ -227,8 +225,7 @@ class NAGAttnProcessor:
             mask_pos = attention_mask.to(q.dtype).view(batch, 1, -1, attention_mask.shape[-1])
         mask_neg = None
         if nag.mask is not None:
-            m = nag.mask.to(q.device)
-            mask_neg = (m.expand(batch, -1) if m.shape[0] != batch else m).bool()
+            mask_neg = _rows(nag.mask.to(q.device), batch).bool()
         z = guide(q, k_pos, v_pos, k_neg, v_neg, attn.heads, nag.nag, mask_pos, mask_neg).to(q.dtype)
         z = attn.to_out[1](attn.to_out[0](z))
         if four_d:
@@ -236,6 +233,19 @@ class NAGAttnProcessor:
         if attn.residual_connection:
             z = z + residual
         return z / attn.rescale_output_factor
+
+
+def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """The negative's rows for a layer that sees ``batch`` rows: one row expanded, or each row repeated
+    ``batch / rows`` times in place (a video UNet's per-frame batch, laid out as its ``repeat_interleave``)."""
+    n = t.shape[0]
+    if n == batch:
+        return t
+    if n == 1:
+        return t.expand(batch, *t.shape[1:])
+    if batch % n:
+        raise ValueError(f"NAG: a negative of {n} rows for an attention over {batch} rows")
+    return t.repeat_interleave(batch // n, 0)
 
 
 def install(model) -> None:
