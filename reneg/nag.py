@@ -345,9 +345,24 @@ def comfy_transformer_options(transformer_options: dict, negative: torch.Tensor,
     return to
 
 
+def check_comfy_model(model) -> None:
+    """Refuse a ComfyUI model (``patcher.model``) whose blocks do not read the ``attn2`` patches: only
+    ComfyUI's UNets (SD1.x, SD2.x, SDXL: no ``image_model`` in their ``unet_config``) go through the
+    transformer block that applies them; on a DiT (PixArt, Flux, ...) the patches would change nothing."""
+    cfg = getattr(getattr(model, "model_config", None), "unet_config", None)
+    image_model = cfg.get("image_model") if isinstance(cfg, dict) else None
+    if image_model:
+        raise ValueError(
+            f"NAG in ComfyUI: this model ({image_model}) does not read ComfyUI's cross-attention patches, "
+            "which only its UNets (SD1.x, SD2.x, SDXL) apply; NAG would change nothing here"
+        )
+
+
 def patch_comfy_model(patcher, negative: torch.Tensor, nag: NAG):
     """A clone of a ComfyUI MODEL (ModelPatcher) that samples with NAG away from ``negative``
-    (``[1, L, D]``, our Load node's output or any text encoder's). ``nag`` inactive: the clone is unpatched."""
+    (``[1, L, D]``, our Load node's output or any text encoder's). ``nag`` inactive: the clone is unpatched.
+    A model that does not apply ``attn2`` patches is refused (:func:`check_comfy_model`)."""
+    check_comfy_model(patcher.model)
     m = patcher.clone()
     if not nag.active:
         return m
