@@ -212,9 +212,7 @@ class NAGAttnProcessor:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
         batch = hidden_states.shape[0]
-        neg = nag.negative.to(hidden_states.dtype)
-        if neg.shape[0] != batch:
-            neg = neg.expand(batch, *neg.shape[1:])
+        neg = _rows(nag.negative.to(hidden_states.dtype), batch)
         pos = encoder_hidden_states
         if attn.norm_cross:
             pos, neg = attn.norm_encoder_hidden_states(pos), attn.norm_encoder_hidden_states(neg)
@@ -227,8 +225,7 @@ class NAGAttnProcessor:
             mask_pos = attention_mask.to(q.dtype).view(batch, 1, -1, attention_mask.shape[-1])
         mask_neg = None
         if nag.mask is not None:
-            m = nag.mask.to(q.device)
-            mask_neg = (m.expand(batch, -1) if m.shape[0] != batch else m).bool()
+            mask_neg = _rows(nag.mask.to(q.device), batch).bool()
         z = guide(q, k_pos, v_pos, k_neg, v_neg, attn.heads, nag.nag, mask_pos, mask_neg).to(q.dtype)
         z = attn.to_out[1](attn.to_out[0](z))
         if four_d:
@@ -236,6 +233,19 @@ class NAGAttnProcessor:
         if attn.residual_connection:
             z = z + residual
         return z / attn.rescale_output_factor
+
+
+def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """The negative's rows for a layer that sees ``batch`` rows: one row expanded, or each row repeated
+    ``batch / rows`` times in place (a video UNet's per-frame batch, laid out as its ``repeat_interleave``)."""
+    n = t.shape[0]
+    if n == batch:
+        return t
+    if n == 1:
+        return t.expand(batch, *t.shape[1:])
+    if batch % n:
+        raise ValueError(f"NAG: a negative of {n} rows for an attention over {batch} rows")
+    return t.repeat_interleave(batch // n, 0)
 
 
 def install(model) -> None:
@@ -335,9 +345,24 @@ def comfy_transformer_options(transformer_options: dict, negative: torch.Tensor,
     return to
 
 
+def check_comfy_model(model) -> None:
+    """Refuse a ComfyUI model (``patcher.model``) whose blocks do not read the ``attn2`` patches: only
+    ComfyUI's UNets (SD1.x, SD2.x, SDXL: no ``image_model`` in their ``unet_config``) go through the
+    transformer block that applies them; on a DiT (PixArt, Flux, ...) the patches would change nothing."""
+    cfg = getattr(getattr(model, "model_config", None), "unet_config", None)
+    image_model = cfg.get("image_model") if isinstance(cfg, dict) else None
+    if image_model:
+        raise ValueError(
+            f"NAG in ComfyUI: this model ({image_model}) does not read ComfyUI's cross-attention patches, "
+            "which only its UNets (SD1.x, SD2.x, SDXL) apply; NAG would change nothing here"
+        )
+
+
 def patch_comfy_model(patcher, negative: torch.Tensor, nag: NAG):
     """A clone of a ComfyUI MODEL (ModelPatcher) that samples with NAG away from ``negative``
-    (``[1, L, D]``, our Load node's output or any text encoder's). ``nag`` inactive: the clone is unpatched."""
+    (``[1, L, D]``, our Load node's output or any text encoder's). ``nag`` inactive: the clone is unpatched.
+    A model that does not apply ``attn2`` patches is refused (:func:`check_comfy_model`)."""
+    check_comfy_model(patcher.model)
     m = patcher.clone()
     if not nag.active:
         return m

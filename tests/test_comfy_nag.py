@@ -92,3 +92,17 @@ def test_tune_node_learns_through_nag(host, models, hps):
     assert r1 >= r0 and tuned[0][1]["reneg"]["guidance"] == "nag"
     assert not torch.equal(tuned[0][0], neg[0][0][:, :77])  # the search moved the negative
     assert not model.model_options["transformer_options"].get("patches")  # the host's model is left as it was
+
+
+def test_nag_on_a_model_that_ignores_attn2_patches_is_refused_by_name(host, tiny_pixart_dir):
+    """ComfyUI's DiTs (PixArt here) do not apply attn2 patches: the NAG node and the tune node under NAG
+    stop with the model's name instead of sampling as if there were no negative."""
+    model, _, clip = comfy_stubs.tiny_comfy_pixart_models(tiny_pixart_dir)
+    with torch.inference_mode():  # as ComfyUI runs every node
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    from reneg.nag import NAG, patch_comfy_model
+
+    with pytest.raises(ValueError, match="pixart.*does not read ComfyUI's cross-attention patches"):
+        patch_comfy_model(model, torch.zeros(1, 120, 4096), NAG())
+    with pytest.raises(Exception, match="pixart.*does not read ComfyUI's cross-attention patches"):
+        node(host, "ReNegNAG").patch(model, neg, 5.0, 2.5, 0.25, 1.0)

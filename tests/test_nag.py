@@ -255,3 +255,56 @@ def test_denoiser_without_nag_is_refused_by_name():
             Cond(torch.zeros(1, 3, 4)),
             Guidance(1.0, NAG()),
         )
+
+
+def _nag_call(backend, x, sigma, cond, neg, nag):
+    return backend.denoiser(x, sigma, cond.with_nag(neg, nag) if nag is not None else cond)
+
+
+@pytest.mark.parametrize("kind", ["pixart", "animatediff", "text-to-video"])
+def test_every_diffusers_denoiser_applies_nag(kind, tmp_path, tiny_backend, request):
+    """The denoisers with their own call (PixArt's transformer with T5 masks, AnimateDiff's per-frame cond, the
+    text-to-video UNet3D) pass the negative to the attention: NAG changes the output, scale 1 leaves it, a batch
+    of two prompts works; for PixArt the negative's padding rows (mask 0) do not count."""
+    if kind == "pixart":
+        from reneg.backends.loading import load_diffusers
+
+        backend = load_diffusers(request.getfixturevalue("tiny_pixart_dir"))
+        x = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    elif kind == "animatediff":
+        from diffusers import MotionAdapter
+
+        from reneg.backends.video import load_animatediff
+
+        torch.manual_seed(0)
+        MotionAdapter(
+            block_out_channels=(32, 64),
+            motion_layers_per_block=1,
+            motion_num_attention_heads=2,
+            motion_norm_num_groups=8,
+            motion_max_seq_length=8,
+            use_motion_mid_block=False,
+        ).save_pretrained(str(tmp_path / "adapter"))
+        backend = load_animatediff(tiny_backend, str(tmp_path / "adapter"), frames=2)
+        x = torch.randn(2, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    else:
+        from reneg.backends.video import load_text_to_video
+        from reneg.tiny import build_tiny_text_to_video
+
+        backend = load_text_to_video(build_tiny_text_to_video(str(tmp_path / "t2v"), seed=0), frames=2)
+        x = torch.randn(2, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond, neg = backend.encode_prompts(["a red circle", "a blue square"]), backend.encode_prompts(["blurry, ugly"])
+    sigma = torch.tensor([3.0, 3.0])
+    with torch.no_grad():
+        plain = _nag_call(backend, x, sigma, cond, neg, None)
+        guided = _nag_call(backend, x, sigma, cond, neg, NAG(5.0, 2.5, 0.5))
+        off = _nag_call(backend, x, sigma, cond, neg, NAG(1.0))
+        if neg.mask is not None:
+            pad = neg.mask[0] == 0
+            assert pad.any()
+            junk = neg.crossattn.clone()
+            junk[:, pad] = torch.randn(int(pad.sum()), junk.shape[-1], generator=torch.Generator().manual_seed(3))
+            masked = _nag_call(backend, x, sigma, cond, Cond(junk, neg.pooled, neg.extra, neg.mask), NAG(5.0, 2.5, 0.5))
+            assert torch.allclose(masked, guided, atol=1e-5)
+    assert (guided - plain).abs().max() > 1e-4
+    assert torch.allclose(off, plain, atol=1e-5)

@@ -83,8 +83,9 @@ class ComfyDenoiser:
         transformer_options = dict(options.get("transformer_options", {}))
         transformer_options["sigmas"] = sigma
         if cond.nag is not None:
-            from ..nag import comfy_transformer_options
+            from ..nag import check_comfy_model, comfy_transformer_options
 
+            check_comfy_model(self.model)
             transformer_options = comfy_transformer_options(transformer_options, cond.nag.crossattn, cond.nag_settings)
         kwargs = {k: cond.extra[k] for k in ("y", "c_size", "c_ar", "guidance") if k in cond.extra}
         out = self.model.apply_model(

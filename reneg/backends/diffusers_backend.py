@@ -64,6 +64,19 @@ class DiffusersDenoiser:
         extra = {k: v.to(dt) for k, v in cond.extra.items() if k != "time_ids"}
         return {"text_embeds": cond.pooled.to(dt), "time_ids": tid.to(dt), **extra}
 
+    def nag_kwargs(self, cond: Cond) -> dict:
+        """The model call's ``cross_attention_kwargs`` for a cond carrying a NAG negative (else none):
+        every subclass's ``__call__`` passes them, so no model silently samples without its NAG."""
+        if cond.nag is None:
+            return {}
+        from ..nag import NagContext, install
+
+        install(self.unet)  # once; set_performance's processors are wrapped again here
+        dt = self.unet.dtype
+        return {
+            "cross_attention_kwargs": {"nag": NagContext(cond.nag.crossattn.to(dt), cond.nag.mask, cond.nag_settings)}
+        }
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Continuous timestep for ``sigma`` (log-sigma interpolation; exact on the table)."""
         if self.log_sigmas.device != sigma.device:
@@ -85,12 +98,7 @@ class DiffusersDenoiser:
         added = self.added_cond(x, cond)
         if added is not None:
             kwargs["added_cond_kwargs"] = added
-        if cond.nag is not None:
-            from ..nag import NagContext, install
-
-            install(self.unet)  # once; set_performance's processors are wrapped again here
-            ctx = NagContext(cond.nag.crossattn.to(dt), cond.nag.mask, cond.nag_settings)
-            kwargs["cross_attention_kwargs"] = {"nag": ctx}
+        kwargs.update(self.nag_kwargs(cond))
         out = self.unet(
             (x * c_in).to(dt),
             self.timestep(sigma),

@@ -70,6 +70,15 @@ class PixArtDenoiser(DiffusersDenoiser):
         ar = self._size[2].expand(b, 1) if ar is None else ar.to(dt)
         return {"resolution": res, "aspect_ratio": ar}
 
+    def nag_kwargs(self, cond: Cond) -> dict:
+        """As a UNet's, with the negative's T5 rows through the transformer's caption projection, which the
+        transformer applies to the prompt's rows before its cross-attention reads them."""
+        kw = super().nag_kwargs(cond)
+        if kw:
+            ctx = kw["cross_attention_kwargs"]["nag"]
+            ctx.negative = self.unet.caption_projection(ctx.negative)
+        return kw
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         c_in = 1 / (1 + s * s).sqrt()
@@ -82,6 +91,7 @@ class PixArtDenoiser(DiffusersDenoiser):
             timestep=self.timestep(sigma).to(dt),
             added_cond_kwargs=self.added_cond(x, cond),
             return_dict=False,
+            **self.nag_kwargs(cond),
         )[0]
         c = x.shape[1]
         if out.shape[1] == 2 * c:  # learned sigma: noise first, variance second

@@ -39,12 +39,8 @@ class MotionDenoiser(DiffusersDenoiser):
         if x.dim() != 5:
             raise ValueError(f"video latents must be [B, C, F, h, w], got {list(x.shape)}")
         f = x.shape[2]
-        rep = Cond(
-            cond.crossattn.repeat_interleave(f, 0),
-            cond.pooled.repeat_interleave(f, 0) if cond.pooled is not None else None,
-            {k: v.repeat_interleave(f, 0) for k, v in cond.extra.items()},
-        )
-        return super().__call__(x, sigma, rep)
+        # every field per frame, the NAG negative included
+        return super().__call__(x, sigma, cond._map(lambda t: t.repeat_interleave(f, 0)))
 
 
 @dataclass
