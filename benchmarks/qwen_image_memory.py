@@ -5,8 +5,11 @@ back-propagates to the rows. This script builds ``QwenImageTransformer2DModel`` 
 configuration (3072 wide: 24 heads of 128, text rows 3584 wide, 64 packed latent channels, RoPE axes
 16/56/56) but only ``--depths`` blocks instead of 60, random weights in bf16, and runs one grad step
 through :class:`reneg.backends.qwen_image.QwenImageDenoiser` (the backend's own call) on the CPU, with and
-without gradient checkpointing. Each measurement runs in a fresh process: the peak resident memory
-(``ru_maxrss``) above the memory after the model is built is what the step needs beyond the weights.
+without gradient checkpointing. Each measurement runs in a fresh process whose allocator gives every large
+tensor back when it is freed (``MALLOC_MMAP_THRESHOLD_``): the peak resident memory (``ru_maxrss``) above the
+memory after the model is built is what the step needs beyond the weights; the bytes autograd keeps for
+the backward (counted with saved-tensor hooks, each storage once, the weights left out) are the part of
+it that grows with depth.
 Two depths give the cost of one more block, which extrapolates to the 60 blocks of the release::
 
     python benchmarks/qwen_image_memory.py --resolution 512 --rows 128 --depths 1 2
@@ -65,9 +68,20 @@ def measure(depth: int, checkpointing: bool, resolution: int, rows: int) -> dict
     neg = (torch.randn(1, rows, 3584) * 0.1).requires_grad_(True)
     mask = torch.ones(1, rows, dtype=torch.long)
     mask[:, rows // 2 :] = 0  # a masked negative, as a file's rows are used
+    saved = [0]  # the activations autograd keeps for the backward (not the weights it also keeps a reference to)
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def keep(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            saved[0] += t.untyped_storage().nbytes()
+        return t
+
     base = _rss_kib()
     t0 = time.perf_counter()
-    v = den.velocity(x, torch.tensor([0.7]), Cond(neg, mask=mask))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        v = den.velocity(x, torch.tensor([0.7]), Cond(neg, mask=mask))
     v.float().square().mean().backward()
     seconds = time.perf_counter() - t0
     assert neg.grad is not None and torch.isfinite(neg.grad).all()
@@ -80,9 +94,16 @@ def measure(depth: int, checkpointing: bool, resolution: int, rows: int) -> dict
         text_rows=rows,
         parameters=params,
         weights_gib=round(params * 2 / 2**30, 3),
+        saved_gib=round(saved[0] / 2**30, 3),
         step_gib=round((peak - base) / 2**20, 3),
         seconds=round(seconds, 1),
     )
+
+
+def _extrapolate(a: dict, b: dict, key: str, lo: int, hi: int) -> tuple[float, float]:
+    """One block's cost (the two depths' difference) and the figure at 60 blocks."""
+    per_block = (b[key] - a[key]) / (hi - lo)
+    return per_block, a[key] + per_block * (BLOCKS - lo)
 
 
 def main(argv=None) -> int:
@@ -100,7 +121,11 @@ def main(argv=None) -> int:
         for depth in ns.depths:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", str(depth), "1" if ckpt else "0"]
             cmd += ["--resolution", str(ns.resolution), "--rows", str(ns.rows)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            # a fixed mmap threshold: every large tensor is its own mapping, given back when freed, so the
+            # resident peak follows the live tensors instead of what the allocator keeps for reuse
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            out = run.stdout.strip().splitlines()[-1]
             print(out, flush=True)
             runs.append(json.loads(out))
     if len(ns.depths) >= 2:
@@ -108,13 +133,13 @@ def main(argv=None) -> int:
         for ckpt in (False, True):
             a = next(r for r in runs if r["depth"] == lo and r["checkpointing"] == ckpt)
             b = next(r for r in runs if r["depth"] == hi and r["checkpointing"] == ckpt)
-            per_block = (b["step_gib"] - a["step_gib"]) / (hi - lo)
-            weights_per_block = (b["weights_gib"] - a["weights_gib"]) / (hi - lo)
-            full_weights = a["weights_gib"] + weights_per_block * (BLOCKS - lo)
-            full_step = a["step_gib"] + per_block * (BLOCKS - lo)
+            (_, weights), (step_block, step), (saved_block, saved) = (
+                _extrapolate(a, b, key, lo, hi) for key in ("weights_gib", "step_gib", "saved_gib")
+            )
             print(
-                f"checkpointing {'on ' if ckpt else 'off'}: {per_block:.3f} GiB a block for the grad step; "
-                f"60 blocks: weights {full_weights:.1f} GiB (bf16) + grad step {full_step:.1f} GiB"
+                f"checkpointing {'on ' if ckpt else 'off'}: a block adds {step_block:.3f} GiB to the step's peak "
+                f"({saved_block:.3f} GiB kept for the backward); 60 blocks: weights {weights:.1f} GiB (bf16), "
+                f"grad step {step:.1f} GiB above them ({saved:.1f} GiB kept for the backward)"
             )
     return 0
 
