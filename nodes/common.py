@@ -182,6 +182,18 @@ def model_family_of(hidden: int) -> str:
     return fam.name
 
 
+def conditioning_family(t: torch.Tensor) -> str:
+    """The family of a text encoder's conditioning ``[1, rows, D]``: by its width, and for T5 widths by
+    its rows (ComfyUI's Wan UMT5 encoding pads to at least 512 rows; PixArt's T5 is unpadded)."""
+    from ..reneg.families import FAMILIES
+
+    family = model_family_of(t.shape[-1])
+    wan = FAMILIES["wan"]
+    if t.shape[-1] == wan.hidden and t.shape[1] >= wan.tokens:
+        return wan.name
+    return family
+
+
 def one_block(t: torch.Tensor, rows: int = 77) -> torch.Tensor:
     """``[1, 77k, D]`` made of one 77-row block repeated (as Load ReNeg Embedding gives for a
     long base negative) -> that block; anything else is returned as it is."""
