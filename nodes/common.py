@@ -184,6 +184,19 @@ def model_family_of(hidden: int, pooled: int | None = None) -> str:
     return fam.name
 
 
+def conditioning_family(t: torch.Tensor, pooled: int | None = None) -> str:
+    """The family of a text encoder's conditioning ``[1, rows, D]`` (``pooled``: the size of its pooled
+    vector, if any): by its width and pooled vector (Flux's CLIP-L 768), and for T5 widths without one by
+    its rows (ComfyUI's Wan UMT5 encoding pads to at least 512 rows; PixArt's and Chroma's T5 are unpadded)."""
+    from ..reneg.families import FAMILIES
+
+    family = model_family_of(t.shape[-1], pooled)
+    wan = FAMILIES["wan"]
+    if pooled is None and t.shape[-1] == wan.hidden and t.shape[1] >= wan.tokens:
+        return wan.name
+    return family
+
+
 def one_block(t: torch.Tensor, rows: int = 77) -> torch.Tensor:
     """``[1, 77k, D]`` made of one 77-row block repeated (as Load ReNeg Embedding gives for a
     long base negative) -> that block; anything else is returned as it is."""

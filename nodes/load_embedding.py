@@ -8,6 +8,7 @@ from .common import (
     CATEGORY,
     EMBEDDING_FOLDER,
     check_conditioning,
+    conditioning_family,
     folder_list,
     full_path,
     model_family_of,
@@ -152,12 +153,44 @@ def _check_dtype(emb, dtype: torch.dtype) -> None:
         print(f"[ReNeg] warning: {problem}: a model that samples in float16 gets inf from it (black images)")
 
 
+EXPERTS = ("both", "high-noise", "low-noise")
+
+
+def wan_expert_embedding(emb, expert: str):
+    """A Wan file for one sampler: a ``wan`` file as it is (both experts read it), the chosen half of a
+    ``wan-experts`` file (the high-noise expert's first 512 rows, the low-noise expert's last 512)."""
+    from ..reneg.embedding import EmbeddingError, NegEmbedding
+    from ..reneg.families import FAMILIES
+
+    if expert not in EXPERTS:
+        raise ValueError(f"expert must be one of {', '.join(EXPERTS)}, got {expert!r}")
+    if emb.family == "wan":
+        return emb
+    if emb.family != "wan-experts":
+        f = FAMILIES[emb.family]
+        raise EmbeddingError(
+            f"{emb.path}: this is a {emb.family} embedding ({f.description}; hidden size {f.hidden}, "
+            f"{emb.tensor.shape[1]} rows), but the model in use is wan (Wan 2.1 / 2.2, UMT5-XXL 4096 x 512)"
+        )
+    if expert == "both":
+        raise ValueError(
+            f"{emb.path}: a wan-experts file holds one negative per Wan 2.2 A14B expert: load it twice, "
+            f"expert high-noise for the high-noise model's sampler and low-noise for the low-noise one's "
+            f"(a Wan 2.1 model has one expert: use a wan file)"
+        )
+    n = FAMILIES["wan"].tokens
+    half = emb.tensor[:, :n] if expert == "high-noise" else emb.tensor[:, n:]
+    return NegEmbedding(half.contiguous(), "wan", None, dict(emb.metadata), emb.path, emb.format)
+
+
 class ReNegLoadEmbedding:
     DESCRIPTION = (
         "Loads a ReNeg negative embedding (ComfyUI/models/reneg) as a negative CONDITIONING for a "
         "sampler. Strength blends it with the base negative (0 = base only, 1 = embedding only); "
         "without a base negative the base is the empty prompt. PixArt / LTX-Video (T5) files give the "
-        "rows their attention mask keeps (the paper's PixArt file: its first row)."
+        "rows their attention mask keeps (the paper's PixArt file: its first row). Wan files give the 512 "
+        "zero-padded rows ComfyUI's own Wan text encoding gives; a Wan 2.2 A14B per-expert file gives the "
+        "`expert` chosen."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
@@ -193,11 +226,20 @@ class ReNegLoadEmbedding:
             },
             "optional": {
                 "base_negative": ("CONDITIONING", {"tooltip": "Negative to blend with (default: empty prompt)."}),
+                "expert": (
+                    list(EXPERTS),
+                    {
+                        "default": EXPERTS[0],
+                        "tooltip": "Wan 2.2 A14B: the expert whose sampler this negative feeds. A file learned "
+                        "one per expert (wan-experts) gives the high-noise expert's half or the low-noise "
+                        "expert's; a one-negative file feeds both as it is. Other models: ignored.",
+                    },
+                ),
             },
         }
 
     @reports_errors(TITLE)
-    def load(self, embedding, clip, strength, base_negative=None):
+    def load(self, embedding, clip, strength, base_negative=None, expert=EXPERTS[0]):
         from ..reneg.embedding import load_embedding
 
         if clip is None:
@@ -207,8 +249,12 @@ class ReNegLoadEmbedding:
             raise ValueError(f"strength must be between 0 and 1, got {strength}")
         null = null_conditioning(clip)
         pooled = null[0][1].get("pooled_output")
-        family = model_family_of(null[0][0].shape[-1], pooled.shape[-1] if isinstance(pooled, torch.Tensor) else None)
-        emb = load_embedding(full_path(EMBEDDING_FOLDER, embedding), expected_family=family)
+        family = conditioning_family(null[0][0], pooled.shape[-1] if isinstance(pooled, torch.Tensor) else None)
+        path = full_path(EMBEDDING_FOLDER, embedding)
+        if family == "wan":  # a Wan negative: one for both experts, or one of a per-expert file's two
+            emb = wan_expert_embedding(load_embedding(path), expert)
+        else:
+            emb = load_embedding(path, expected_family=family)
         base = check_conditioning(base_negative, "base_negative") if base_negative is not None else null
         _check_dtype(emb, null[0][0].dtype)
         out = apply_embedding(base, emb, s)

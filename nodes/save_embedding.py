@@ -5,7 +5,15 @@ from __future__ import annotations
 import os
 import re
 
-from .common import CATEGORY, EMBEDDING_FOLDER, folder_paths_of, model_family_of, one_block, reports_errors
+from .common import (
+    CATEGORY,
+    EMBEDDING_FOLDER,
+    conditioning_family,
+    folder_paths_of,
+    model_family_of,
+    one_block,
+    reports_errors,
+)
 
 TITLE = "Save ReNeg Embedding"
 INFO_KEY = "reneg"  # conditioning-dict key under which the tune node leaves its provenance
@@ -84,6 +92,8 @@ class ReNegSaveEmbedding:
 
     @reports_errors(TITLE)
     def save(self, negative, filename, overwrite, note=""):
+        import torch
+
         from ..reneg.embedding import NegEmbedding, save_embedding
         from ..reneg.families import FAMILIES, family_for_shape, get_family
 
@@ -96,11 +106,21 @@ class ReNegSaveEmbedding:
         mask = None
         info = dict(extra.get(INFO_KEY) or {})
         named = FAMILIES.get(str(info.pop("family", "")))  # the tune node says which model it tuned for
-        if t.dim() == 3 and t.shape[0] == 1 and get_family(model_family_of(t.shape[-1])).masked:
+        pooled = extra.get("pooled_output")
+        size = pooled.shape[-1] if isinstance(pooled, torch.Tensor) else None
+        wan = t.dim() == 3 and t.shape[0] == 1 and (named.name if named else conditioning_family(t, size)) == "wan"
+        if wan:  # Wan: the 512 rows ComfyUI's UMT5 encoding gives, all read by the model (no mask)
+            rows = get_family("wan").tokens
+            if t.shape[1] != rows:
+                raise ValueError(
+                    f"negative: {t.shape[1]} Wan rows (a base negative longer than {rows} tokens blended in); "
+                    f"a wan embedding file holds {rows}"
+                )
+        elif t.dim() == 3 and t.shape[0] == 1 and get_family(model_family_of(t.shape[-1])).masked:
             t, mask = t5_file_rows(t, named)
         elif t.dim() != 3 or t.shape[0] != 1 or t.shape[1] % rows:
             raise ValueError(f"negative: expected a tensor [1, 77k, hidden], found {list(t.shape)}")
-        block = one_block(t, rows) if mask is None else t
+        block = one_block(t, rows) if mask is None and not wan else t
         if block.shape[1] != rows and mask is None:
             raise ValueError(
                 f"negative: {t.shape[1]} token rows that are not one 77-row block repeated "
@@ -122,11 +142,14 @@ class ReNegSaveEmbedding:
         path = os.path.join(folder, parts[-1] + ".safetensors")
         if not overwrite:
             path = free_name(folder, parts[-1])
-        family = (
-            model_family_of(t.shape[-1])
-            if mask is None
-            else family_for_shape(t.shape[-1], t.shape[1], masked=True).name
-        )
+        if wan:
+            family = "wan"
+        else:
+            family = (
+                model_family_of(t.shape[-1])
+                if mask is None
+                else family_for_shape(t.shape[-1], t.shape[1], masked=True).name
+            )
         kind = info.pop("kind", "global")
         meta = {k: str(v) for k, v in info.items()}
         if note:

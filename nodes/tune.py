@@ -212,9 +212,13 @@ class ReNegPerSampleTune:
         backend = ComfyBackend(model, vae, pos.crossattn.shape[-1], scheduler)
         if latent is not None:
             samples = latent.get("samples") if isinstance(latent, dict) else None
-            if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
-                raise ValueError("latent: expected a LATENT with 4-d samples")
+            dims = 5 if backend.video else 4
+            if not isinstance(samples, torch.Tensor) or samples.dim() != dims:
+                what = "5-d samples [B, C, frames, h, w] (a video model)" if backend.video else "4-d samples"
+                raise ValueError(f"latent: expected a LATENT with {what}")
             height, width = samples.shape[-2] * backend.vae_scale, samples.shape[-1] * backend.vae_scale
+            if backend.video:  # Wan: tune for a video of this many latent frames (1: one image)
+                backend.latent_frames = int(samples.shape[2])
         side = "latent {}" if latent is not None else "{}"
         backend.width = O.check_resolution(side.format("width"), width, backend.vae_scale)
         backend.height = O.check_resolution(side.format("height"), height, backend.vae_scale)
@@ -239,6 +243,10 @@ class ReNegPerSampleTune:
             check_interrupt()
 
         with backend.trainable(), reward.use() as rmodel:
+            if backend.frames > 1:  # a video's frames, each scored, averaged per video
+                from ..reneg.evaluation.scoring import FrameReward
+
+                rmodel = FrameReward(rmodel, backend.frames)
             cond = backend.positive_cond(positive)
             backend.negative_pooled = clone_normal(neg.pooled)
             start = clone_normal(neg.crossattn).float()

@@ -279,7 +279,14 @@ WAN_SCHEDULER = {
 }
 
 
-def build_tiny_wan(folder: str, seed: int = 0, experts: int = 1, boundary_ratio: float = 0.875, layers: int = 1) -> str:
+def build_tiny_wan(
+    folder: str,
+    seed: int = 0,
+    experts: int = 1,
+    boundary_ratio: float = 0.875,
+    layers: int = 1,
+    real_widths: bool = False,
+) -> str:
     """A small ``WanPipeline`` folder with Wan's real conditioning sizes.
 
     Real: the pipeline class and folder layout, UMT5's width 4096 (``text_dim`` 4096, so 512-row
@@ -288,7 +295,12 @@ def build_tiny_wan(folder: str, seed: int = 0, experts: int = 1, boundary_ratio:
     16 latent channels, ``latents_mean`` / ``latents_std``, 8x spatial and 4x temporal compression, the
     scheduler config; ``experts=2``: Wan 2.2 A14B's ``transformer_2`` and ``boundary_ratio``. Small: one
     UMT5 layer with two 8-wide heads and a vocabulary of a few hundred pieces, ``layers`` transformer
-    blocks 24 wide, a VAE 4 channels wide (16 px frames, 2x2 latents)."""
+    blocks 24 wide, a VAE 4 channels wide (16 px frames, 2x2 latents).
+
+    ``real_widths=True``: the released Wan 2.1 1.3B sizes in every layer there is (transformer 1536 wide,
+    12 heads of 128, feed-forward 8960; UMT5-XXL's layers: 64 heads of 64, feed-forward 10240; the
+    released VAE's sizes), with ``layers`` transformer blocks and ``layers`` UMT5 layers and the small
+    vocabulary: a random Wan of the real widths at reduced depth (about 1.4 GB at 2 layers)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
@@ -300,10 +312,10 @@ def build_tiny_wan(folder: str, seed: int = 0, experts: int = 1, boundary_ratio:
         UMT5Config(
             vocab_size=vocab,
             d_model=4096,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
+            d_kv=64 if real_widths else 8,
+            d_ff=10240 if real_widths else 32,
+            num_layers=layers if real_widths else 1,
+            num_heads=64 if real_widths else 2,
             relative_attention_num_buckets=32,
             relative_attention_max_distance=128,
             dropout_rate=0.0,
@@ -319,26 +331,31 @@ def build_tiny_wan(folder: str, seed: int = 0, experts: int = 1, boundary_ratio:
     def transformer():
         return WanTransformer3DModel(
             patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
+            num_attention_heads=12 if real_widths else 2,
+            attention_head_dim=128 if real_widths else 12,
             in_channels=16,
             out_channels=16,
             text_dim=4096,
             freq_dim=256,
-            ffn_dim=32,
+            ffn_dim=8960 if real_widths else 32,
             num_layers=layers,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             eps=1e-6,
-            rope_max_seq_len=32,
+            rope_max_seq_len=1024 if real_widths else 32,
         )
 
     transformer().save_pretrained(os.path.join(folder, "transformer"))
     if experts == 2:
         transformer().save_pretrained(os.path.join(folder, "transformer_2"))
-    AutoencoderKLWan(
-        base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).save_pretrained(os.path.join(folder, "vae"))
+    vae = (
+        AutoencoderKLWan()  # its defaults are the released Wan 2.1 VAE's sizes
+        if real_widths
+        else AutoencoderKLWan(
+            base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+    )
+    vae.save_pretrained(os.path.join(folder, "vae"))
     index = {
         "_class_name": "WanPipeline",
         "transformer": ["diffusers", "WanTransformer3DModel"],

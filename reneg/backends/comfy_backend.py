@@ -163,6 +163,7 @@ class ComfyBackend:
         self.scheduler = scheduler
         self.width, self.height = width, height
         self.negative_pooled: torch.Tensor | None = None  # the starting negative's pooled vector
+        self.latent_frames = 1  # video models (Wan): latent frames per video
         self.dtype = torch.float32
         self._denoiser = ComfyDenoiser(patcher)
 
@@ -200,11 +201,7 @@ class ComfyBackend:
 
         if get_family(self.family).flow:
             return True
-        try:
-            from comfy.model_sampling import CONST
-        except ImportError:
-            return False
-        return isinstance(self.model_sampling(), CONST)
+        return any(c.__name__ == "CONST" for c in type(self.model_sampling()).__mro__)
 
     def _rows(self, cond: Cond) -> Cond:
         """A joint-attention model's cond carries a mask of its own rows, so a batch of conds of
@@ -238,14 +235,30 @@ class ComfyBackend:
         fmt = getattr(self.model, "latent_format", None)
         return int(getattr(fmt, "latent_channels", 4))
 
+    @property
+    def video(self) -> bool:
+        """A video model's latents are ``[B, C, F, h, w]`` (ComfyUI's ``latent_dimensions`` 3: Wan)."""
+        fmt = getattr(self.model, "latent_format", None)
+        return int(getattr(fmt, "latent_dimensions", 2)) == 3
+
+    @property
+    def frames(self) -> int:
+        """Frames a video's ``latent_frames`` decode to (the VAE's temporal compression: Wan's 4 k + 1)."""
+        if not self.video:
+            return 1
+        f = getattr(self.vae, "temporal_compression_decode", None)
+        t = f() if callable(f) else None
+        return (self.latent_frames - 1) * int(t or 1) + 1
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """``[B, C, h, w]``, or ``[B, C, 1, h, w]`` for a model with a video latent format (Qwen-Image's
         Wan 2.1 one, ``latent_dimensions`` 3), which ComfyUI samples as one frame."""
         f = self.vae_scale
         if height % f or width % f:
             raise ComfyModelError(f"width and height must be multiples of {f}, got {width}x{height}")
-        frames = (1,) if int(getattr(getattr(self.model, "latent_format", None), "latent_dimensions", 2)) == 3 else ()
-        return (batch, self.latent_channels, *frames, height // f, width // f)
+        if self.video:
+            return (batch, self.latent_channels, self.latent_frames, height // f, width // f)
+        return (batch, self.latent_channels, height // f, width // f)
 
     # --- schedule -------------------------------------------------------------------------
     def schedule(self, steps: int) -> torch.Tensor:
@@ -357,15 +370,15 @@ class ComfyBackend:
 
     # --- decoding -------------------------------------------------------------------------
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Differentiable: model-space x0 -> VAE latent -> image in [-1, 1], BCHW, float32, through
+        """Differentiable: model-space x0 -> VAE latent -> image in [-1, 1], BCHW (a video's frames, ``B * F``), float32, through
         ``model.process_latent_out`` and ``vae.first_stage_model.decode`` (``VAE.decode`` itself may fall
         back to a tiled path decorated with inference mode)."""
         z = self.model.process_latent_out(x0)
         vae_dtype = getattr(self.vae, "vae_dtype", torch.float32)
         vae_device = getattr(self.vae, "device", x0.device)
         img = self.vae.first_stage_model.decode(z.to(vae_device, vae_dtype))
-        if img.dim() == 5:  # a video VAE (Qwen-Image's): the one frame
-            img = img[:, :, 0]
+        if img.dim() == 5:  # a video [B, 3, F, H, W]: its frames as images, for any image reward
+            img = img.permute(0, 2, 1, 3, 4).flatten(0, 1)
         return img.float().clamp(-1, 1)
 
     # --- training context -----------------------------------------------------------------
