@@ -27,12 +27,11 @@ from .read import Checkpoint
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 T5_Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
 UMT5_BIAS = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"  # every UMT5 layer has one
-FOLDER = "(model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/)"
-PIPELINES = {  # what --model takes instead, by part: T5-XXL serves PixArt as well
-    "transformer": f"a diffusers ChromaPipeline folder {FOLDER}",
-    "text_encoder": f"the model's diffusers folder {FOLDER}: ChromaPipeline, PixArtAlphaPipeline or PixArtSigmaPipeline",
-    "vae": f"a diffusers ChromaPipeline folder {FOLDER}",
-}
+PIPELINE = (
+    "ReNeg's command line reads Chroma from a diffusers ChromaPipeline folder (model_index.json, "
+    "transformer/, text_encoder/, tokenizer/, vae/, scheduler/); in ComfyUI the ReNeg nodes take the "
+    "MODEL, CLIP and VAE its own loaders make from these files"
+)
 LOADERS = {
     "transformer": ("diffusion_models", "Load Diffusion Model"),
     "text_encoder": ("text_encoders", "Load CLIP, type chroma (or pixart)"),
@@ -71,16 +70,15 @@ class ChromaPart:
             f"  weights       {self.dtype}, {self.parameters / 1e9:.2f} B numbers in {self.tensors} tensors, "
             f"{self.size / 2**30:.2f} GiB",
             f"  ComfyUI       models/{folder}/ ({loader})",
-            f"  ReNeg CLI     one part of a model: --model takes {PIPELINES[self.kind]}",
+            "  ReNeg CLI     one part of a model: --model takes the diffusers ChromaPipeline folder "
+            "(transformer/, text_encoder/, tokenizer/, vae/, scheduler/)",
         ]
 
     def refusal(self) -> str:
         """The one-line error for ``--model`` given this file."""
         return (
             f"{self.path}: a {self.architecture} on its own (the file ComfyUI keeps in "
-            f"models/{self.comfy_folder}/), one part of a model; ReNeg's command line takes "
-            f"{PIPELINES[self.kind]}; in ComfyUI the ReNeg nodes take the MODEL, CLIP and VAE its own "
-            f"loaders make from these files"
+            f"models/{self.comfy_folder}/), one part of a model; {PIPELINE}"
         )
 
 
