@@ -206,7 +206,7 @@ def implied_attention_mask(tensor: torch.Tensor, reads_padding: int = 0) -> torc
     """
     t = tensor.reshape(-1, tensor.shape[-1])
     mask = torch.ones(1, t.shape[0], dtype=torch.long)
-    if t.shape[0] > 2 + reads_padding and bool((t[1:] == t[1]).all()):
+    if t.shape[0] > 2 + reads_padding and bool((t[1:] == t[1]).all()) and bool(t[1].any()):
         mask[:, 1 + reads_padding :] = 0
         return mask
     nonzero = (t != 0).any(dim=1).nonzero()
@@ -340,13 +340,30 @@ def _same_space(a: str, b: str) -> bool:
     return (fa.masked and fb.masked) or (fa.pooled is not None and fa.pooled == fb.pooled)
 
 
+def _read_for(emb: NegEmbedding, family: str | None) -> NegEmbedding:
+    """A T5 file of another family, stored without a mask, for a model that reads padding past the text
+    (Chroma reads one row): the file's implied mask counted as that model counts it. For the authors'
+    PixArt file that is its end-token row and one of its padding rows, which are T5's own padding row for
+    the empty prompt at any length: what the model reads for ``""``, with the learned row in place."""
+    want = FAMILIES.get(family or "")
+    if (
+        emb.attention_mask is None
+        and want is not None
+        and want.reads_padding
+        and emb.family != want.name
+        and _same_space(emb.family, want.name)
+    ):
+        emb.attention_mask = implied_attention_mask(emb.tensor, want.reads_padding)
+    return emb
+
+
 def load_embedding(path: str | os.PathLike, expected_family: str | None = None) -> NegEmbedding:
     """Load and validate a negative embedding from any supported file.
 
     Whatever the file holds, a failure is one :class:`EmbeddingError` line naming the file."""
     path = str(path)
     try:
-        return _load_any(path, expected_family)
+        return _read_for(_load_any(path, expected_family), expected_family)
     except EmbeddingError:
         raise
     except Exception as e:  # untrusted content (RecursionError included): any other failure is still a bad file

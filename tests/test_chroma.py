@@ -158,6 +158,24 @@ def test_mask_in_the_file_and_other_t5_files(tmp_path, chroma):
     assert c.crossattn.shape == (1, 120, 4096) and c.mask.sum() == 1
     with pytest.raises(ValueError, match="at most 512"):
         chroma.negative_cond(torch.zeros(1, 600, 4096))
+    # the authors' file layout: a learned end row, then T5's padding row for "" repeated (PixArt's 120)
+    tok = chroma.tokenizer([""], padding="max_length", max_length=120, return_tensors="pt")
+    with torch.no_grad():
+        t5 = chroma.text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0].float()
+    # T5's padding row for "" is the same at 120 tokens (PixArt-alpha) and at 512 (Chroma): the row Chroma reads
+    torch.testing.assert_close(t5[0, 1], null[0, 1], rtol=1e-5, atol=1e-6)
+    official = torch.cat([torch.randn(1, 1, 4096), t5[:, 1:2].expand(1, 119, -1)], dim=1).contiguous()
+    torch.save(official, tmp_path / "official.bin")
+    as_pixart = load_embedding(tmp_path / "official.bin", expected_family="pixart")
+    assert as_pixart.family == "pixart" and as_pixart.mask().sum() == 1
+    e = load_embedding(tmp_path / "official.bin", expected_family="chroma")
+    assert e.family == "pixart" and e.mask().tolist() == [[1, 1] + [0] * 118]  # end row and one padding row
+    c = chroma.negative_cond(e.model_rows(), None, e.mask())
+    torch.testing.assert_close(c.crossattn[0, 1], null[0, 1], rtol=1e-5, atol=1e-6)
+    # a file with its mask stored is read with it; zero rows are never taken for T5's padding row
+    assert load_embedding(tmp_path / "p.safetensors", expected_family="chroma").mask().sum() == 1
+    torch.save(pix, tmp_path / "zeros.bin")
+    assert load_embedding(tmp_path / "zeros.bin", expected_family="chroma").mask().sum() == 1
     # an SD embedding is refused by name
     torch.save(torch.zeros(1, 77, 768), tmp_path / "sd.pt")
     with pytest.raises(ValueError, match="sd1 embedding .* the model in use is chroma"):
