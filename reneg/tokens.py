@@ -515,3 +515,64 @@ def fit_report(rows: torch.Tensor, target: torch.Tensor, pooled=None, target_poo
         p, q = pooled.double().flatten().cpu(), target_pooled.double().flatten().cpu()
         out["pooled_relative_error"] = float((p - q).norm() / q.norm().clamp_min(1e-12))
     return out
+
+
+def convert_to_tokens(
+    src: str,
+    dst: str,
+    backend,
+    n: int,
+    steps: int = 300,
+    lr: float = 0.15,
+    overwrite: bool = False,
+    log=None,
+) -> tuple[TokenNegative, dict]:
+    """``reneg convert SRC DST --to tokens N --model M``: N token vectors fitted (:func:`fit_tokens`) to the
+    output-space embedding in ``src`` through ``backend``'s text encoder(s), written to ``dst`` as a TI file.
+    The report says how close the tokens' encoding came to the embedding, beside how far the empty prompt's
+    is (the distance the embedding's training covered), and ``kept``: the share of that distance the
+    tokens cover (1 - fit error / null error)."""
+    import hashlib
+
+    from .embedding import load_embedding
+
+    enc = TokenEncoder(backend)
+    enc.ids(n)  # 1..75, said before any work
+    if os.path.exists(dst) and not overwrite:
+        raise TokenError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if not str(dst).endswith((".safetensors", ".pt")) or (
+        backend.family == "sdxl" and not dst.endswith(".safetensors")
+    ):
+        raise TokenError(
+            f"{dst}: token files are written as .safetensors" + ("" if backend.family == "sdxl" else " or .pt")
+        )
+    emb = load_embedding(src, expected_family=backend.family)
+    target = emb.model_rows().float()
+    if tuple(target.shape[1:]) != (77, target.shape[-1]):
+        raise TokenError(f"{src}: a {list(target.shape)} embedding; negative tokens give 77 rows")
+    pooled = emb.pooled.float() if emb.pooled is not None and backend.family == "sdxl" else None
+    with torch.no_grad():
+        null_rows, null_pooled = enc.encode(enc.null(n).to(backend.device))
+    vec, report = fit_tokens(enc, target, n, steps=steps, lr=lr, target_pooled=pooled, log=log)
+    null = fit_report(null_rows.cpu(), target, null_pooled, pooled)
+    report = dict(report, tokens=n, steps=steps, null_relative_error=null["relative_error"], null_cosine=null["cosine"])
+    report["kept"] = 1.0 - report["relative_error"] / max(null["relative_error"], 1e-12)
+    with open(src, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    meta = provenance(
+        backend.family,
+        n,
+        how=f"reneg convert --to tokens {n}: fitted to an output-space embedding through the frozen text encoder",
+        source=os.path.basename(src),
+        source_sha256=digest,
+        base_model=emb.metadata.get("base_model"),
+        fit_relative_error=round(report["relative_error"], 6),
+        fit_cosine=round(report["cosine"], 6),
+        fit_kept=round(report["kept"], 6),
+    )
+    for k in ("rewards", "reward_files", "trained_steps", "seed"):
+        if k in emb.metadata:
+            meta[f"source_{k}"] = emb.metadata[k]
+    tok = TokenNegative.from_flat(vec, backend.family, metadata=meta)
+    save_tokens(dst, tok, overwrite=overwrite)
+    return tok, report
