@@ -67,3 +67,19 @@ def test_inspect_reads_token_files(tmp_path, capsys, kind):
     assert info["kind"] == "tokens" and info["tokens"] == 3 and info["family"] == fam
     want = {"clip_l": [3, 768], "clip_g": [3, 1280]} if kind == "sdxl" else {"emb_params": [3, 768]}
     assert info["vectors"] == want
+
+
+@pytest.mark.slow
+def test_convert_sdxl_fits_both_encoders_and_the_pooled_vector(tmp_path, tiny_sdxl_dir):
+    from reneg.backends.loading import load_diffusers
+    from reneg.tokens import convert_to_tokens
+
+    xl = load_diffusers(tiny_sdxl_dir)
+    c = xl.encode_prompts(["a blue square"])
+    src = save_embedding(tmp_path / "xl.safetensors", NegEmbedding(c.crossattn.detach(), "sdxl", c.pooled.detach()))
+    with pytest.raises(ValueError, match=r"x\.pt: token files are written as \.safetensors"):
+        convert_to_tokens(src, str(tmp_path / "x.pt"), xl, 3, steps=2)
+    tok, rep = convert_to_tokens(src, str(tmp_path / "x.safetensors"), xl, 3, steps=40)
+    assert set(tok.vectors) == {"clip_l", "clip_g"} and tok.count == 3
+    assert "pooled_relative_error" in rep and rep["relative_error"] < rep["null_relative_error"]
+    assert load_tokens(str(tmp_path / "x.safetensors"), expected_family="sdxl").count == 3
