@@ -542,8 +542,12 @@ def open_outputs(run: TrainRun) -> None:
         # embedding-best.safetensors as it was at the checkpoint (a killed run may have written a later one)
         if run.watch.keep and run.best_neg is not None:
             run.write_best()
-        elif os.path.isfile(run.best_path):
-            os.unlink(run.best_path)
+        else:  # (--tokens: its best token files too)
+            for path in [run.best_path] + [
+                os.path.join(cfg.out, TOKENS_NAME + "-best" + x) for x in (".safetensors", ".pt")
+            ]:
+                if os.path.isfile(path):
+                    os.unlink(path)
     if main and run.start < cfg.steps:
         run.write_status("running", run.start)  # a summary that says "finished" only when the run has
 
