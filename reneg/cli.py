@@ -69,6 +69,10 @@ def _inspect_file(ns) -> int:
     try:
         emb = load_embedding(ns.file)
     except EmbeddingError:
+        from .tokens import looks_like_tokens
+
+        if looks_like_tokens(ns.file):  # a textual-inversion file (negative tokens, ours or a third party's)
+            return _print_tokens(ns)
         train = _training_checkpoint_info(ns.file)  # reneg train's checkpoint.pt
         if train is None:
             raise
@@ -100,6 +104,26 @@ def _inspect_file(ns) -> int:
             )
         for k, v in sorted(info["metadata"].items()):
             print(f"  {_safe_text(k, 80)}: {_safe_text(v)}")
+    return 0
+
+
+def _print_tokens(ns) -> int:
+    from .tokens import load_tokens
+
+    info = load_tokens(ns.file).info()
+    if ns.json:
+        print(json.dumps(info, indent=2, allow_nan=False))
+        return 0
+    vecs = "  ".join(f"{k} {v}" for k, v in info["vectors"].items())
+    print(
+        f"{_safe_text(info['path'])}\n  format  textual-inversion file ({info['format']}): {info['tokens']} negative "
+        f"token vectors, used by name in a UI's negative prompt\n  family  {info['family']}\n"
+        f"  name    {_safe_text(info['name'], 120)}\n  vectors {vecs}  {info['dtype']}"
+    )
+    for k, norms in info["norms"].items():
+        print(f"  norms   {k}: {_safe_text(' '.join(f'{x:.3g}' for x in norms), 300)}")
+    for k, v in sorted(info["metadata"].items()):
+        print(f"  {_safe_text(k, 80)}: {_safe_text(v)}")
     return 0
 
 
@@ -183,12 +207,53 @@ def _cmd_convert(ns) -> int:
     from .embedding import convert
     from .families import FAMILIES
 
+    if ns.to is not None:
+        return _convert_to_tokens(ns)
+
     if ns.family is not None and ns.family not in FAMILIES:
         raise ValueError(f"--family {_safe_text(ns.family, 60)}: expected one of {', '.join(FAMILIES)}")
     if os.path.exists(ns.dst) and not ns.overwrite:
         raise ValueError(f"{ns.dst}: already exists (pass --overwrite to replace it)")
     emb = convert(ns.src, ns.dst, family=ns.family, overwrite=ns.overwrite)
     print(f"wrote {ns.dst}: {emb.family} {list(emb.tensor.shape)} {str(emb.tensor.dtype).replace('torch.', '')}")
+    return 0
+
+
+def _convert_to_tokens(ns) -> int:
+    """``--to tokens N``: N input-token vectors fitted to the embedding (reneg/tokens.py), and how close."""
+    what, n = ns.to
+    if what != "tokens" or not n.isdigit():
+        raise ValueError(f"--to {_safe_text(what, 20)} {_safe_text(n, 20)}: expected --to tokens N (N from 1 to 75)")
+    if not ns.model:
+        raise ValueError("--to tokens: needs --model (the model whose text encoder the tokens go through)")
+    if ns.fit_steps < 1:
+        raise ValueError(f"--fit-steps {ns.fit_steps}: expected at least 1")
+    from .backends.loading import load_diffusers
+    from .tokens import convert_to_tokens
+
+    backend = load_diffusers(ns.model, device=ns.device)
+    tok, rep = convert_to_tokens(
+        ns.src,
+        ns.dst,
+        backend,
+        int(n),
+        steps=ns.fit_steps,
+        lr=ns.fit_lr,
+        overwrite=ns.overwrite,
+        log=None if ns.json else (lambda m: print(m, flush=True)),
+    )
+    if ns.json:
+        print(json.dumps(dict(rep, path=ns.dst), indent=2, allow_nan=False))
+        return 0
+    print(
+        f"wrote {ns.dst}: {tok.family} {tok.count} token vectors ({', '.join(tok.vectors)})\n"
+        f"  its encoding vs the embedding: relative error {rep['relative_error']:.4f}, cosine {rep['cosine']:.4f}, "
+        f"row cosine min {rep['row_cosine_min']:.4f} mean {rep['row_cosine_mean']:.4f}"
+        + (f", pooled relative error {rep['pooled_relative_error']:.4f}" if "pooled_relative_error" in rep else "")
+        + f"\n  the empty prompt's encoding vs the embedding: relative error {rep['null_relative_error']:.4f}, "
+        f"cosine {rep['null_cosine']:.4f}\n  kept {100 * rep['kept']:.1f} % of the way from the empty prompt to the "
+        f"embedding (1 - error / empty prompt's error); closeness of encodings, not of images or rewards"
+    )
     return 0
 
 
@@ -352,11 +417,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_inspect)
 
-    s = sub.add_parser("convert", help="convert an embedding file to ReNeg's .safetensors format")
+    s = sub.add_parser(
+        "convert",
+        help="convert an embedding file to ReNeg's .safetensors format, or (--to tokens N) fit N negative tokens to it",
+    )
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--family", help=f"{', '.join(FAMILIES)} (default: from the shape)")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument(
+        "--to",
+        nargs=2,
+        metavar=("tokens", "N"),
+        help="fit N input-token vectors (a textual-inversion file every UI loads by name, DST .safetensors or "
+        ".pt) to the embedding through --model's text encoder, and report how close their encoding comes",
+    )
+    s.add_argument("--model", help="--to tokens: the model (diffusers folder or single file) the embedding is for")
+    s.add_argument("--fit-steps", type=int, default=300, help="--to tokens: Adam steps of the fit (default 300)")
+    s.add_argument("--fit-lr", type=float, default=0.15, help="--to tokens: the fit's learning rate (default 0.15)")
+    s.add_argument("--device", default="cpu", help="--to tokens: where the text encoder runs (default cpu)")
+    s.add_argument("--json", action="store_true", help="--to tokens: the report as JSON")
     s.set_defaults(fn=_cmd_convert)
 
     s = sub.add_parser("rewards", help="list the reward models and their spec syntax")

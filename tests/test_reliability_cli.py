@@ -216,6 +216,9 @@ TRAIN = COMMON + [
     ("--init", lambda e: ["--init", "/no/such/init.safetensors"], ()),
     ("--init", lambda e: ["--init", e["not_emb"]], ()),  # unreadable embedding
     ("--init", lambda e: ["--init", e["prompts"]], ()),  # a text file
+    ("--tokens", lambda e: ["--tokens", "0"], ()),  # 1 to 75, not "off"
+    ("--tokens", lambda e: ["--tokens", "76"], ()),
+    ("--init", lambda e: ["--tokens", "3", "--init", e["not_emb"]], ()),  # --tokens: not a token file
     ("--resume", lambda e: ["--resume", "/no/such/checkpoint.pt"], ()),
     ("--resume", lambda e: ["--resume"], ()),  # none in --out yet
     ("--resume", lambda e: ["--resume", e["bad_ckpt"]], ()),

@@ -43,7 +43,8 @@ class TrainConfig:
     wan_experts: str = PAPER.wan_experts
     grad_range: tuple[int, int] = PAPER.grad_range
     resolution: int = PAPER.resolution
-    init: str = "null"  # null | handcrafted | path to an embedding file
+    init: str = "null"  # null | handcrafted | path to an embedding file (--tokens: a token file)
+    tokens: int | None = None  # --tokens N: learn N input-token vectors (reneg/tokens.py); None: the embedding
     handcrafted: str = PAPER_HANDCRAFTED
     seed: int = PAPER.seed
     checkpoint_every: int = 100
@@ -125,7 +126,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             "wan_experts",
         ],
     )
-    a("--init", default=d.init, help="null, handcrafted, or an embedding file to start from")
+    a("--init", default=d.init, help="null, handcrafted, or an embedding file to start from (--tokens: a token file)")
+    a(
+        "--tokens",
+        type=int,
+        default=d.tokens,
+        metavar="N",
+        help="learn N input-token vectors (1-75; a textual-inversion file every UI loads by name) instead of "
+        "the output-space embedding (default: the embedding)",
+    )
     a("--handcrafted", default=d.handcrafted, help="the handcrafted negative prompt compared against")
     O.add_options(p, ["seed"])
     a("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -309,7 +318,9 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"{flag}: {e}") from None
     if cfg.init not in ("null", "handcrafted") and not os.path.isfile(cfg.init):
         raise ConfigError(f"--init {cfg.init}: expected null, handcrafted or an embedding file")
-    if cfg.init not in ("null", "handcrafted"):
+    if getattr(cfg, "tokens", None) is not None:
+        check_tokens_args(cfg)
+    elif cfg.init not in ("null", "handcrafted"):
         check_embedding_arg("init", cfg.init, cfg)
     check_monitor_args(cfg, n_heldout)
     if cfg.resume is not None:
@@ -320,6 +331,22 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
     from .predictor import check_predictor_args
 
     check_predictor_args(cfg)
+
+
+def check_tokens_args(cfg) -> None:
+    """--tokens N: 1 to 75 vectors (77 positions less start and end); an --init file is a token file of N."""
+    from reneg.tokens import MAX_TOKENS, TokenError, load_tokens
+
+    if not 1 <= cfg.tokens <= MAX_TOKENS:
+        raise ConfigError(f"--tokens {cfg.tokens}: expected 1 to {MAX_TOKENS} (77 positions less start and end)")
+    if cfg.init in ("null", "handcrafted"):
+        return
+    try:
+        tok = load_tokens(cfg.init)
+    except TokenError as e:
+        raise ConfigError(f"--init: {e} (with --tokens, --init is null, handcrafted or a token file)") from None
+    if tok.count != cfg.tokens:
+        raise ConfigError(f"--init {cfg.init}: holds {tok.count} token vectors, --tokens asks for {cfg.tokens}")
 
 
 def check_monitor_args(cfg, heldout_prompts: int) -> None:
@@ -345,6 +372,8 @@ def check_monitor_args(cfg, heldout_prompts: int) -> None:
 # the files that make a folder a training run's: a new run there needs --resume or --overwrite
 RUN_FILES = ("checkpoint.pt", "embedding.safetensors", "summary.json")
 BEST_NAME = "embedding-best.safetensors"  # --keep-best-by
+# --tokens: the textual-inversion files a run writes beside its embedding (reneg/tokens.py)
+TOKEN_FILES = ("tokens.safetensors", "tokens.pt", "tokens-best.safetensors", "tokens-best.pt")
 
 
 def existing_run(out: str) -> list[str]:
@@ -376,7 +405,7 @@ def check_out_free(cfg) -> None:
 
 def remove_old_run(out: str) -> None:
     """``--overwrite``: the old run's files, so that nothing of it is taken for the new one's."""
-    for name in RUN_FILES + (BEST_NAME, os.path.join("samples", "index.json")):
+    for name in RUN_FILES + (BEST_NAME, os.path.join("samples", "index.json")) + TOKEN_FILES:
         try:
             os.unlink(os.path.join(out, name))
         except OSError:
@@ -436,6 +465,7 @@ RESUME_MUST_MATCH = (
     "predictor_reg",
     "monitor_names",
     "keep_best_by",
+    "tokens",
 )
 _CONTENT_FLAG = {"prompts_sha256": "--prompts", "heldout_sha256": "--heldout", "init_sha256": "--init"}
 
@@ -453,7 +483,11 @@ def resume_fingerprint(cfg: TrainConfig) -> dict:
         return hashlib.sha256("\n".join(p.text for p in load_prompts(path)).encode("utf-8")).hexdigest()
 
     init = cfg.init
-    if init not in ("null", "handcrafted"):
+    if init not in ("null", "handcrafted") and getattr(cfg, "tokens", 0):
+        from reneg.tokens import load_tokens
+
+        init = hashlib.sha256(load_tokens(init).flat().contiguous().numpy().tobytes()).hexdigest()
+    elif init not in ("null", "handcrafted"):
         from reneg.embedding import load_embedding
 
         t = load_embedding(init).tensor.detach().float().contiguous()

@@ -199,14 +199,16 @@ class TrainEvents:
             self.writer = SummaryWriter(os.path.join(cfg.out, TENSORBOARD_DIR))
 
     # ------------------------------------------------------------------ samples
-    def _images(self, neg: torch.Tensor):
+    def _images(self, neg):
         from reneg.generate import generate, seeded_noise
 
         c = self.cfg
+        # a tensor of output rows, or (negative tokens) a function giving the negative's Cond
+        uncond = neg() if callable(neg) else self.backend.negative_cond(neg.detach())
         imgs = generate(
             self.backend,
             self.backend.encode_prompts(self.texts),
-            self.backend.negative_cond(neg.detach()),
+            uncond,
             seeded_noise(self.backend, self.seeds, c.resolution, c.resolution),
             c.sampling_steps,
             c.guidance,

@@ -80,6 +80,7 @@ def check_predictor_args(cfg) -> None:
         ("--keep-best-by", cfg.keep_best_by),
         ("--monitor-reward", cfg.monitor_rewards),
         ("--sample-every", cfg.sample_every),
+        ("--tokens", getattr(cfg, "tokens", None)),
     ):
         if bad:
             raise OptionError(f"{flag} is not supported with --predictor (the predictor's run checks held-out itself)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import os
 import time
@@ -20,6 +21,7 @@ import torch
 
 from reneg.backends.loading import weights_dtype
 from reneg.compute import ComputeMeter
+from reneg.cond import Cond
 from reneg.diversity import image_features, pairwise_diversity
 from reneg.embedding import load_embedding, save_embedding
 from reneg.fileio import atomic_write_json
@@ -36,6 +38,7 @@ from .monitor import HeldoutMonitor
 
 SUMMARY_NAME = "summary.json"
 SCORES_NAME = "heldout_scores.csv"  # every held-out check's per-image scores (ScoreLog)
+TOKENS_NAME = "tokens"  # --tokens: OUT/tokens.safetensors (and tokens.pt), the textual-inversion files
 
 
 class TrainingError(RuntimeError):
@@ -269,7 +272,7 @@ class TrainRun:
     null: torch.Tensor
     handcrafted: torch.Tensor
     hc_pooled: Any
-    neg: torch.nn.Parameter  # the one trainable tensor
+    neg: torch.nn.Parameter  # the one trainable tensor (--tokens: [1, N, widths], the vectors / TokenEncoder.unit)
     opt: torch.optim.Optimizer
     sched: Any
     obj: ObjectiveConfig
@@ -296,6 +299,37 @@ class TrainRun:
     meter: ComputeMeter | None = None  # this process's counts of the current step
     metered: tuple = ()  # the denoiser, decode and reward, counted by meter
     t0: float = 0.0
+    tokens: Any = None  # --tokens: the TokenEncoder the vectors go through
+
+    def neg_cond(self, t: torch.Tensor | None = None):
+        """The Cond of the trained tensor ``t`` (default: the embedding being trained)."""
+        t = self.neg if t is None else t
+        if self.tokens is None:
+            return self.backend.negative_cond(t)
+        return self.tokens.cond(t.to(self.device)[0] * self.tokens.unit.to(self.device))
+
+    def embedding_of(self, t: torch.Tensor):
+        """The output-space file of the trained tensor ``t`` (--tokens: what its vectors encode to)."""
+        if self.tokens is None:
+            return as_embedding(self.backend, t)
+        from reneg.embedding import NegEmbedding
+
+        with torch.no_grad():
+            rows, pooled = self.tokens.encode(t.detach().to(self.device)[0] * self.tokens.unit.to(self.device))
+        return NegEmbedding(rows.cpu(), self.backend.family, None if pooled is None else pooled.cpu())
+
+    def write_tokens(self, t: torch.Tensor, stem: str, **meta) -> None:
+        """--tokens: ``OUT/<stem>.safetensors`` (and ``.pt`` for a one-encoder family), the files the UIs read."""
+        if self.tokens is None:
+            return
+        from reneg.tokens import TokenNegative, save_tokens
+
+        vec = t.detach().float().cpu()[0] * self.tokens.unit
+        info = dict(self.meta, **meta, how=f"reneg train --tokens {vec.shape[0]}: ReNeg objective, frozen text encoder")
+        info = {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
+        tok = TokenNegative.from_flat(vec, self.backend.family, metadata=info)
+        for suffix in (".safetensors",) + ((".pt",) if self.backend.family != "sdxl" else ()):
+            save_tokens(os.path.join(self.cfg.out, stem + suffix), tok, overwrite=True, step=meta.get("trained_steps"))
 
     @property
     def ckpt_path(self) -> str:
@@ -311,7 +345,7 @@ class TrainRun:
 
     def write_outputs(self, step: int) -> None:
         # all or nothing: the embedding staged, the checkpoint written (the commit), the embedding moved in
-        emb = as_embedding(self.backend, self.neg)
+        emb = self.embedding_of(self.neg)
         save_run_files(
             self.cfg.out,
             lambda path: save_embedding(path, emb, overwrite=True, **dict(self.meta, trained_steps=step)),
@@ -328,16 +362,14 @@ class TrainRun:
                 best_neg=self.best_neg,
             ),
         )
+        self.write_tokens(self.neg, TOKENS_NAME, trained_steps=step)  # after the commit: rebuilt from it on resume
 
     def write_best(self) -> None:
         # as embedding.safetensors is written (atomically, the run's metadata), saying which check it is
         k = self.watch.keep
-        save_embedding(
-            self.best_path,
-            as_embedding(self.backend, self.best_neg),
-            overwrite=True,
-            **dict(self.meta, trained_steps=k["step"], best_by=k["by"], best_step=k["step"], best_value=k["value"]),
-        )
+        best = dict(trained_steps=k["step"], best_by=k["by"], best_step=k["step"], best_value=k["value"])
+        save_embedding(self.best_path, self.embedding_of(self.best_neg), overwrite=True, **dict(self.meta, **best))
+        self.write_tokens(self.best_neg, TOKENS_NAME + "-best", **best)
 
     def watch_fields(self) -> dict:
         # the hacking warnings given so far and (--keep-best-by) the best check: summary.json carries them
@@ -377,9 +409,13 @@ def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
     # empty prompt's (what hosts pass for an empty negative) and is saved beside it in the file
     null, _ = backend.null_embedding()
     handcrafted, hc_pooled = text_negative(backend, cfg.handcrafted)
-    init = {"null": null, "handcrafted": handcrafted}.get(cfg.init)
-    if init is None:
-        init = load_embedding(cfg.init, expected_family=backend.family).model_rows()
+    tokens = None
+    if cfg.tokens:
+        tokens, init = token_start(cfg, backend)
+    else:
+        init = {"null": null, "handcrafted": handcrafted}.get(cfg.init)
+        if init is None:
+            init = load_embedding(cfg.init, expected_family=backend.family).model_rows()
     neg = torch.nn.Parameter(init.detach().float().clone().to(device))
     opt = torch.optim.AdamW([neg], lr=cfg.lr, weight_decay=cfg.weight_decay)
     return TrainRun(
@@ -404,7 +440,27 @@ def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
         shape=backend.latent_shape(cfg.micro_batch, cfg.resolution, cfg.resolution),
         sigmas=backend.schedule(cfg.sampling_steps),
         accum=cfg.batch_size // (cfg.micro_batch * acc.num_processes),
+        tokens=tokens,
     )
+
+
+def token_start(cfg: TrainConfig, backend) -> tuple:
+    """--tokens N: the encoder and the starting vectors in its units: the end token's vector (null: the
+    empty prompt where the tokenizer pads with it), the handcrafted negative's own token vectors, or a
+    token file's vectors."""
+    from reneg.tokens import TokenEncoder, TokenError, load_tokens
+
+    try:
+        enc = TokenEncoder(backend)
+    except TokenError as e:
+        raise TrainingError(f"--tokens {cfg.tokens}: {e}") from None
+    if cfg.init == "null":
+        vec = enc.null(cfg.tokens)
+    elif cfg.init == "handcrafted":
+        vec = enc.from_text(cfg.handcrafted, cfg.tokens)
+    else:
+        vec = load_tokens(cfg.init, expected_family=backend.family).flat()
+    return enc, (vec / enc.unit).unsqueeze(0)  # [1, N, widths]: the checkpoint's shape of a trained tensor
 
 
 def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
@@ -493,8 +549,12 @@ def open_outputs(run: TrainRun) -> None:
         # embedding-best.safetensors as it was at the checkpoint (a killed run may have written a later one)
         if run.watch.keep and run.best_neg is not None:
             run.write_best()
-        elif os.path.isfile(run.best_path):
-            os.unlink(run.best_path)
+        else:  # (--tokens: its best token files too)
+            for path in [run.best_path] + [
+                os.path.join(cfg.out, TOKENS_NAME + "-best" + x) for x in (".safetensors", ".pt")
+            ]:
+                if os.path.isfile(path):
+                    os.unlink(path)
     if main and run.start < cfg.steps:
         run.write_status("running", run.start)  # a summary that says "finished" only when the run has
 
@@ -517,6 +577,7 @@ def embedding_metadata(cfg: TrainConfig) -> dict:
         seed=cfg.seed,
         resolution=cfg.resolution,
         init=os.path.basename(cfg.init),
+        tokens=cfg.tokens or None,  # --tokens: the output rows of N learned input-token vectors
     )
 
 
@@ -534,7 +595,7 @@ def start_events(run: TrainRun, handle_signals: bool) -> None:
         run.acc.num_processes,
         signals=handle_signals,
     )
-    run.events.on_start(run.start, run.neg)
+    run.events.on_start(run.start, sample_neg(run))
     if run.main and cfg.progress:
         from tqdm.auto import tqdm
 
@@ -612,7 +673,7 @@ def micro_batch(run: TrainRun, step: int, j: int):
             *run.metered,
             ps,
             backend.encode_prompts(ps),
-            backend.negative_cond(run.neg),
+            run.neg_cond(),
             initial_latent(noise, run.sigmas[0], is_flow(backend)),
             run.sigmas,
             run.obj.guidance,
@@ -699,7 +760,19 @@ def log_step(run: TrainRun, row: dict) -> None:
         run.bar.set_postfix(reward=f"{row['reward']:.4f}", lr=f"{row['lr']:.2e}")
     if done % cfg.checkpoint_every == 0 and run.bad_streak == 0:
         run.write_outputs(done)
-    run.events.on_step(done, row, run.neg, last=done == cfg.steps)
+    run.events.on_step(done, row, sample_neg(run), last=done == cfg.steps)
+
+
+def sample_neg(run: TrainRun):
+    """What the sample images are made with: the embedding, or (--tokens) a function giving its Cond."""
+    if run.tokens is None:
+        return run.neg
+
+    def cond():
+        with torch.no_grad():
+            return run.neg_cond(run.neg.detach())
+
+    return cond
 
 
 def held_out_check(run: TrainRun, step: int) -> dict:
@@ -738,7 +811,9 @@ def heldout_eval(run: TrainRun, step: int) -> tuple[dict, dict]:
             base[which] = float(scores["heldout"].mean())
             base.update({f"{n}_{which}": float(scores[n].mean()) for n in judges})
     rec.update({k: base[k] for k in base_keys})
-    scores, feats = heldout_scores(run, run.neg, features=True)
+    with torch.no_grad():
+        learned = run.neg_cond(run.neg.detach())
+    scores, feats = heldout_scores(run, learned, features=True)
     rec["learned"] = float(scores["heldout"].mean())
     rec.update({f"{n}_learned": float(scores[n].mean()) for n in judges})
     # the spread of the learned negative's images across the held-out prompts (one image each)
@@ -758,7 +833,7 @@ def heldout_scores(run: TrainRun, t, pooled=None, features: bool = False) -> tup
         run.reward,
         texts,
         run.heldout_seeds,
-        backend.negative_cond(t.detach(), pooled),
+        t if isinstance(t, Cond) else backend.negative_cond(t.detach(), pooled),
         cfg.sampling_steps,
         run.obj.guidance,
         cfg.resolution,
