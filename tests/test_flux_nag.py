@@ -73,11 +73,23 @@ def test_flux_nag_changes_the_output_per_row(dev):
 def test_flux_nag_gradient_reaches_the_negative(dev):
     d = dev.denoiser
     x, sigma, pos, _ = _inputs(dev, batch=1)
-    for g in (Guidance(1.0, NAG(5.0)), Guidance(3.0, NAG(5.0))):
-        neg = dev.null_embedding()[0].clone().requires_grad_(True)
-        x0 = grad_step_x0(d, x, sigma, pos, dev.negative_cond(neg), g)
-        x0.square().mean().backward()
-        assert neg.grad is not None and torch.isfinite(neg.grad).all() and neg.grad.abs().sum() > 0
+    grads = []
+    try:
+        for g, checkpointing in (
+            (Guidance(1.0, NAG(5.0)), False),
+            (Guidance(1.0, NAG(5.0)), True),
+            (Guidance(3.0, NAG(5.0)), False),
+        ):
+            dev.set_performance(checkpointing=checkpointing)
+            neg = dev.null_embedding()[0].clone().requires_grad_(True)
+            x0 = grad_step_x0(d, x, sigma, pos, dev.negative_cond(neg), g)
+            x0.square().mean().backward()
+            assert neg.grad is not None and torch.isfinite(neg.grad).all() and neg.grad.abs().sum() > 0
+            grads.append(neg.grad)
+    finally:
+        dev.set_performance(checkpointing=False)
+    # gradient checkpointing recomputes the blocks in NAG's layout: the same gradient
+    assert torch.allclose(grads[0], grads[1], atol=1e-12, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- the authors' formulation by hand
@@ -206,8 +218,8 @@ def test_flux_nag_joint_blocks_equal_the_authors_formulation_by_hand(dev, nag):
             assert torch.allclose(got, ref, atol=1e-7, rtol=1e-6), (name, (got - ref).abs().max())
 
 
-def test_flux_train_under_nag_through_the_cli(tmp_path, tiny_flux_dir, dev, tiny_hps_ckpt, capsys):
-    """``reneg train --guidance nag`` on a Flux folder: the negative is learned through NAG and says so."""
+def test_flux_train_tune_and_eval_under_nag_through_the_cli(tmp_path, tiny_flux_dir, dev, tiny_hps_ckpt, capsys):
+    """``reneg train/tune/eval --guidance nag`` on a Flux folder: the negative is learned through NAG and says so."""
     import json
 
     from reneg.cli import main
@@ -226,3 +238,23 @@ def test_flux_train_under_nag_through_the_cli(tmp_path, tiny_flux_dir, dev, tiny
     emb = load_embedding(out / "embedding.safetensors", expected_family="flux-dev")
     assert emb.metadata["guidance"] == "nag" and emb.metadata["nag_scale"] == "5"
     assert emb.tensor.shape == (1, 512, 4096) and not torch.allclose(emb.tensor, dev.null_embedding()[0])
+
+    common = ["--model", tiny_flux_dir, "--reward", f"hpsv2={tiny_hps_ckpt}", "--sampling-steps", "3"]
+    common += ["--resolution", "32", "--guidance", "nag", "--nag-scale", "4"]
+    tuned = tmp_path / "tuned.safetensors"
+    tune = ["tune", *common, "--prompt", "a red circle", "--seed", "1", "--max-steps", "2", "--patience", "2"]
+    tune += ["--grad-range", "0", "1", "--lr", "0.05", "--embedding", str(out / "embedding.safetensors")]
+    assert main([*tune, "--out", str(tuned)]) == 0, capsys.readouterr().err
+    assert load_embedding(tuned, expected_family="flux-dev").metadata["guidance"] == "nag"
+    ev = tmp_path / "eval"
+    negs = [
+        "--negative",
+        "null",
+        "--negative",
+        "handcrafted:blurry",
+        "--negative",
+        f"learned={out / 'embedding.safetensors'}",
+    ]
+    rc = main(["eval", *common, "--prompts", str(prompts), "--limit", "1", *negs, "--batch", "1", "--out", str(ev)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((ev / "summary.json").read_text())["images"] == {"null": 1, "handcrafted": 1, "learned": 1}
