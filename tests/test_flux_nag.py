@@ -68,6 +68,11 @@ def test_flux_nag_changes_the_output_per_row(dev):
     # each row of a batch is guided by its own prompt only: row 1 alone equals row 1 of the batch
     one = d(x[1:], sigma[1:], pos.index(slice(1, 2)).with_nag(neg, NAG(5.0)))
     assert torch.allclose(one, guided[1:], atol=1e-5)
+    # processors replaced after NAG was installed (set_attn_processor by other code) are wrapped again
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    dev.transformer.set_attn_processor(FluxAttnProcessor())
+    assert torch.equal(d(x, sigma, pos.with_nag(neg, NAG(5.0))), guided)
 
 
 def test_flux_nag_gradient_reaches_the_negative(dev):

@@ -25,6 +25,10 @@ diffusers' ``FluxPipeline`` does them:
   takes it, or the size of the last :meth:`FluxBackend.latent_shape`, or the model's native 1024 px.
 - **Decode.** ``z = x0 / scaling_factor + shift_factor`` through the VAE.
 
+Normalized Attention Guidance (``cond.nag``): :class:`FluxNAGAttnProcessor`, the NAG authors' Flux
+formulation (the negative's text stream beside the prompt's; the image tokens' joint-attention output
+combined by :func:`reneg.nag.nag_combine`), in one transformer call.
+
 Attention, for guidance that works inside it (NAG): the transformer's joint text-image attention is
 ``FluxAttention`` (``diffusers.models.transformers.transformer_flux``), in
 ``transformer.transformer_blocks[i].attn`` (double-stream: text and image projected separately, text
@@ -218,22 +222,24 @@ def _repeat_image_stream(module, args, output):
 
 
 def install_nag(transformer) -> None:
-    """Make a ``FluxTransformer2DModel`` able to run NAG, once: every attention processor is wrapped in
-    :class:`FluxNAGAttnProcessor`, and two hooks (:func:`_image_rows_of_emb`, :func:`_repeat_image_stream`)
-    act only in NAG's batch layout (text rows twice the image rows), so a plain call runs exactly as before,
-    including the recomputation of gradient checkpointing."""
-    if getattr(transformer, "_reneg_nag", False):
-        return
+    """Make a ``FluxTransformer2DModel`` able to run NAG: every attention processor is wrapped in
+    :class:`FluxNAGAttnProcessor` (again after anything replaced them: a processor that does not read the
+    NAG context would drop it with only a warning), and, once, two hooks (:func:`_image_rows_of_emb`,
+    :func:`_repeat_image_stream`) that act only in NAG's batch layout (text rows twice the image rows), so
+    a plain call runs exactly as before, including the recomputation of gradient checkpointing."""
     if not len(transformer.transformer_blocks):
         raise ValueError("NAG on Flux needs at least one double-stream block")
     procs = transformer.attn_processors
-    transformer.set_attn_processor(
-        {k: p if isinstance(p, FluxNAGAttnProcessor) else FluxNAGAttnProcessor(p) for k, p in procs.items()}
-    )
+    if not all(isinstance(p, FluxNAGAttnProcessor) for p in procs.values()):
+        transformer.set_attn_processor(
+            {k: p if isinstance(p, FluxNAGAttnProcessor) else FluxNAGAttnProcessor(p) for k, p in procs.items()}
+        )
+    if getattr(transformer, "_reneg_nag_hooks", False):
+        return
     for blk in transformer.transformer_blocks:
         blk.norm1.register_forward_pre_hook(_image_rows_of_emb, with_kwargs=True)
     transformer.transformer_blocks[-1].register_forward_hook(_repeat_image_stream)
-    transformer._reneg_nag = True
+    transformer._reneg_nag_hooks = True
 
 
 class FluxDenoiser:
