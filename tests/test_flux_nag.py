@@ -262,4 +262,6 @@ def test_flux_train_tune_and_eval_under_nag_through_the_cli(tmp_path, tiny_flux_
     ]
     rc = main(["eval", *common, "--prompts", str(prompts), "--limit", "1", *negs, "--batch", "1", "--out", str(ev)])
     assert rc == 0, capsys.readouterr().err
-    assert json.loads((ev / "summary.json").read_text())["images"] == {"null": 1, "handcrafted": 1, "learned": 1}
+    s = json.loads((ev / "summary.json").read_text())
+    assert s["images"] == {"null": 1, "handcrafted": 1, "learned": 1}
+    assert s["settings"]["guidance_mode"] == "nag" and s["settings"]["nag_scale"] == 4
