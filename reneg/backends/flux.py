@@ -25,6 +25,10 @@ diffusers' ``FluxPipeline`` does them:
   takes it, or the size of the last :meth:`FluxBackend.latent_shape`, or the model's native 1024 px.
 - **Decode.** ``z = x0 / scaling_factor + shift_factor`` through the VAE.
 
+Normalized Attention Guidance (``cond.nag``): :class:`FluxNAGAttnProcessor`, the NAG authors' Flux
+formulation (the negative's text stream beside the prompt's; the image tokens' joint-attention output
+combined by :func:`reneg.nag.nag_combine`), in one transformer call.
+
 Attention, for guidance that works inside it (NAG): the transformer's joint text-image attention is
 ``FluxAttention`` (``diffusers.models.transformers.transformer_flux``), in
 ``transformer.transformer_blocks[i].attn`` (double-stream: text and image projected separately, text
@@ -40,11 +44,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from ..cond import Cond
 from ..families import get_family
+from ..nag import NAG, nag_combine
 from .diffusers_backend import DiffusersBackend, ModelLoadError
 from .parts import read_json
 
@@ -108,13 +114,146 @@ def flow_schedule(config: dict, steps: int, seq_len: int) -> torch.Tensor:
     return torch.cat([t.float().double(), torch.zeros(1, dtype=torch.float64)])
 
 
+# --- Normalized Attention Guidance in the joint attention ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FluxNagContext:
+    """What a NAG call hands each ``FluxAttention`` (``joint_attention_kwargs["nag"]``): the settings, the
+    image stream's batch ``B`` (the text stream has ``2B`` rows, the positive prompts then their negatives)
+    and the text token count ``L`` (the front of each single-stream sequence)."""
+
+    nag: NAG
+    batch: int
+    text_rows: int
+
+
+def _heads(attn, x, to_q, to_k, to_v, norm_q, norm_k):
+    if getattr(attn, "fused_projections", False):
+        raise ValueError("NAG on Flux: fused QKV projections are not supported; unfuse them first")
+    q, k, v = (m(x).unflatten(-1, (-1, attn.head_dim)) for m in (to_q, to_k, to_v))
+    return norm_q(q), norm_k(k), v
+
+
+def _attend(q, k, v, rotary) -> torch.Tensor:
+    """Joint attention of ``[N, S, H, d]`` queries, keys and values with Flux's rotary embedding -> ``[N, S, H*d]``."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if rotary is not None:
+        q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+
+class FluxNAGAttnProcessor:
+    """NAG in Flux's joint attention, as the NAG authors formulate it for Flux (their ``NAGFluxAttnProcessor2_0``
+    with the L1 norm of :func:`reneg.nag.nag_combine`). A call without a :class:`FluxNagContext` goes to the
+    wrapped processor unchanged.
+
+    Under NAG the text stream has ``2B`` rows (positive, then negative) and the image stream ``B``:
+
+    - double-stream block: the image's queries, keys and values are used beside each text, so the positive
+      text and the image attend jointly (image output ``Z+``) and so do the negative text and the same image
+      (``Z-``); the image output is NAG's combine of the two, both text outputs go on (the negative text stream
+      runs beside the positive one);
+    - single-stream block: the image stream has been repeated to ``2B`` rows (:func:`install_nag`), each row
+      attends jointly with its own text, and the image tokens' output of both halves becomes the combine of
+      the positive half (``Z+``) and the negative half (``Z-``).
+
+    ``Z`` goes on through the block's output projection (``to_out``; a single-stream block's ``proj_out``)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, nag=None
+    ):
+        if nag is None:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise ValueError("NAG on Flux: an attention mask is not supported (Flux reads every text row)")
+        b, s = nag.batch, nag.nag
+        q, k, v = _heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        if encoder_hidden_states is not None:  # double-stream: image [B, N, D], text [2B, L, D]
+            if encoder_hidden_states.shape[0] != 2 * b or hidden_states.shape[0] != b:
+                raise ValueError(
+                    f"NAG on Flux: a joint attention over {hidden_states.shape[0]} image rows and "
+                    f"{encoder_hidden_states.shape[0]} text rows; expected {b} and {2 * b}"
+                )
+            cq, ck, cv = _heads(
+                attn,
+                encoder_hidden_states,
+                attn.add_q_proj,
+                attn.add_k_proj,
+                attn.add_v_proj,
+                attn.norm_added_q,
+                attn.norm_added_k,
+            )
+            # text first, then the same image rows beside each text
+            q, k, v = (torch.cat([c, t.repeat(2, 1, 1, 1)], dim=1) for c, t in ((cq, q), (ck, k), (cv, v)))
+            out = _attend(q, k, v, image_rotary_emb)
+            rows = encoder_hidden_states.shape[1]
+            text, image = out[:, :rows], out[:, rows:]
+            z = nag_combine(image[:b], image[b:], s.scale, s.tau, s.alpha)
+            return attn.to_out[1](attn.to_out[0](z)), attn.to_add_out(text)
+        # single-stream: [2B, L + N, D], text rows first
+        out = _attend(q, k, v, image_rotary_emb)
+        rows = nag.text_rows
+        z = nag_combine(out[:b, rows:], out[b:, rows:], s.scale, s.tau, s.alpha)
+        return torch.cat([out[:, :rows], z.repeat(2, 1, 1)], dim=1)
+
+
+def _image_rows_of_emb(module, args, kwargs):
+    """A double-stream block's image norm (``norm1``) reads the first ``B`` rows of a ``2B``-row embedding
+    (the positive prompts'), as the authors' truncated AdaLayerNormZero; any other call is left alone."""
+    x, emb = args[0], kwargs.get("emb")
+    if emb is not None and emb.shape[0] == 2 * x.shape[0]:
+        kwargs = {**kwargs, "emb": emb[: x.shape[0]]}
+    return args, kwargs
+
+
+def _repeat_image_stream(module, args, output):
+    """After the last double-stream block: an image stream of ``B`` rows beside ``2B`` text rows is
+    repeated to ``2B`` for the single-stream blocks (each half joined with its own text); else unchanged."""
+    text, image = output
+    if text.shape[0] == 2 * image.shape[0]:
+        return text, image.repeat(2, 1, 1)
+    return output
+
+
+def install_nag(transformer) -> None:
+    """Make a ``FluxTransformer2DModel`` able to run NAG: every attention processor is wrapped in
+    :class:`FluxNAGAttnProcessor` (again after anything replaced them: a processor that does not read the
+    NAG context would drop it with only a warning), and, once, two hooks (:func:`_image_rows_of_emb`,
+    :func:`_repeat_image_stream`) that act only in NAG's batch layout (text rows twice the image rows), so
+    a plain call runs exactly as before, including the recomputation of gradient checkpointing."""
+    if not len(transformer.transformer_blocks):
+        raise ValueError("NAG on Flux needs at least one double-stream block")
+    procs = transformer.attn_processors
+    if not all(isinstance(p, FluxNAGAttnProcessor) for p in procs.values()):
+        transformer.set_attn_processor(
+            {k: p if isinstance(p, FluxNAGAttnProcessor) else FluxNAGAttnProcessor(p) for k, p in procs.items()}
+        )
+    if getattr(transformer, "_reneg_nag_hooks", False):
+        return
+    for blk in transformer.transformer_blocks:
+        blk.norm1.register_forward_pre_hook(_image_rows_of_emb, with_kwargs=True)
+    transformer.transformer_blocks[-1].register_forward_hook(_repeat_image_stream)
+    transformer._reneg_nag_hooks = True
+
+
 class FluxDenoiser:
     """``D(x, t, cond) -> x0`` around a ``FluxTransformer2DModel`` (see the module's docstring).
 
     ``guidance`` is the distilled guidance scale a dev transformer reads (``cond.extra["guidance"]``,
-    ``[B]``, overrides it per sample, as ComfyUI's Flux conditioning carries one); schnell reads none."""
+    ``[B]``, overrides it per sample, as ComfyUI's Flux conditioning carries one); schnell reads none.
+
+    A cond carrying a NAG negative (``cond.nag``, active settings) runs the transformer once in NAG's batch
+    layout (:class:`FluxNAGAttnProcessor`): the text rows, pooled vectors, timesteps and guidance of the
+    prompts and of their negatives side by side (``2B``), the image latent once (``B``)."""
 
     flow = True
+    supports_nag = True
 
     def __init__(self, transformer, guidance: float = DEFAULT_GUIDANCE):
         self.transformer = transformer
@@ -149,16 +288,33 @@ class FluxDenoiser:
             )
         # the pipeline's timestep is the scheduler's sigma * 1000 in float32, divided by 1000
         t = (sigma.float() * 1000).to(dt) / 1000
+        text, pooled, kwargs = cond.crossattn, cond.pooled, {}
+        if cond.nag is not None and cond.nag_settings is not None and cond.nag_settings.active:
+            neg = cond.nag
+            if neg.pooled is None:
+                raise ValueError("NAG on Flux: the negative needs CLIP's pooled vector; none was given")
+            if neg.crossattn.shape[1] != text.shape[1]:
+                raise ValueError(
+                    f"NAG on Flux: the negative has {neg.crossattn.shape[1]} T5 rows and the prompt "
+                    f"{text.shape[1]}; Flux reads every row, so they must have the same count"
+                )
+            install_nag(self.transformer)
+            text = torch.cat([text, neg.crossattn.to(text.device, text.dtype)])
+            pooled = torch.cat([pooled, neg.pooled.to(pooled.device, pooled.dtype)])
+            t = t.reshape(-1).expand(b).repeat(2)
+            guidance = guidance.repeat(2) if guidance is not None else None
+            kwargs["joint_attention_kwargs"] = {"nag": FluxNagContext(cond.nag_settings, b, text.shape[1])}
         v = self.transformer(
             hidden_states=pack(x).to(dt),
             timestep=t,
             guidance=guidance,
-            pooled_projections=cond.pooled.to(dt),
-            encoder_hidden_states=cond.crossattn.to(dt),
-            txt_ids=torch.zeros(cond.crossattn.shape[1], 3, device=x.device, dtype=dt),
+            pooled_projections=pooled.to(dt),
+            encoder_hidden_states=text.to(dt),
+            txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=dt),
             img_ids=self._image_ids(h, w, x.device, dt),
             return_dict=False,
-        )[0]
+            **kwargs,
+        )[0][:b]
         v = unpack(v, h, w).to(x.dtype)
         s = sigma.to(x.dtype).view(-1, 1, 1, 1)
         return x - s * v
