@@ -156,3 +156,11 @@ def test_docs_families_table_is_current():
 
     text = (ROOT / "docs" / "embeddings.md").read_text(encoding="utf-8")
     assert markdown_table() in text, "docs/embeddings.md: regenerate the table from reneg.families.markdown_table()"
+
+
+def test_reliability_examples_name_the_current_families():
+    """docs/reliability.md shows the real refusal of an unknown --family: its list is the family table's."""
+    from reneg.families import FAMILIES
+
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    assert f"--family bogus: expected one of {', '.join(FAMILIES)}\n" in text

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from ..cond import Cond
-from ..families import family_for_hidden, family_for_model, known_hidden_sizes
+from ..families import FAMILIES, family_for_hidden, family_for_model, known_hidden_sizes
 from ..sampling import uniform_schedule
 
 
@@ -142,8 +142,8 @@ class ComfyBackend:
             what = f"a {image_model} model" if image_model else "this model"
             raise ComfyModelError(
                 f"the conditioning has hidden size {hidden} for {what}; ReNeg's ComfyUI "
-                f"nodes support {known_hidden_sizes()} (T5's 4096 on PixArt-alpha, "
-                f"PixArt-sigma and Chroma models)"
+                f"nodes support {known_hidden_sizes()} (a shared width on the models ComfyUI tells apart: "
+                f"{', '.join(sorted({f.description for f in FAMILIES.values() if f.comfy_image_model}))})"
             )
         if fam.space == "flux":  # a flow model read with guidance and img/txt ids: not sampled here yet
             raise ComfyModelError(
