@@ -58,6 +58,44 @@ __all__ = [
 ]
 
 
+def tiny_t5(
+    tokenizer_dir: str,
+    tokens: int,
+    width: int = 4096,
+    umt5: bool = False,
+    d_kv: int = 8,
+    d_ff: int = 32,
+    layers: int = 1,
+    heads: int = 2,
+):
+    """A small T5 v1.1-architecture encoder (``umt5``: UMT5, Wan's) at ``width`` (4096: T5-XXL's, the
+    width the models read), with its tokenizer written to ``tokenizer_dir`` for ``tokens`` tokens; the
+    vocabulary is the small tokenizer's. The real encoders' relative attention, gated-GELU feed-forward,
+    RMS norm, pad 0 and end token 1."""
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    write_t5_tokenizer(tokenizer_dir, tokens)
+    config, model = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    return model(
+        config(
+            vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_dir)),
+            d_model=width,
+            d_kv=d_kv,
+            d_ff=d_ff,
+            num_layers=layers,
+            num_heads=heads,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            layer_norm_epsilon=1e-6,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
 def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
     """A small SDXL-architecture diffusers folder with SDXL's real conditioning sizes.
 
@@ -180,7 +218,6 @@ def build_tiny_pixart(
     config. Small: one T5 layer with two 8-wide heads, a vocabulary of a few hundred pieces, a
     one-layer transformer 24 wide, a two-level VAE (16 px images, 8 px latents)."""
     from diffusers import PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tokens = 300 if sigma else 120
@@ -205,28 +242,7 @@ def build_tiny_pixart(
     )
     vae = tiny_vae(16, scaling_factor=0.13025 if sigma else 0.18215)
     os.makedirs(folder, exist_ok=True)
-    write_t5_tokenizer(os.path.join(folder, "tokenizer"), tokens)
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")))
-    te = T5EncoderModel(
-        T5Config(
-            vocab_size=vocab,
-            d_model=t5_width,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            layer_norm_epsilon=1e-6,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    te = tiny_t5(os.path.join(folder, "tokenizer"), tokens, t5_width)
     transformer.save_pretrained(os.path.join(folder, "transformer"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     te.save_pretrained(os.path.join(folder, "text_encoder"))
@@ -302,29 +318,18 @@ def build_tiny_wan(
     released VAE's sizes), with ``layers`` transformer blocks and ``layers`` UMT5 layers and the small
     vocabulary: a random Wan of the real widths at reduced depth (about 1.4 GB at 2 layers)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     os.makedirs(folder, exist_ok=True)
-    write_t5_tokenizer(os.path.join(folder, "tokenizer"), 512)
-    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")))
-    te = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=vocab,
-            d_model=4096,
-            d_kv=64 if real_widths else 8,
-            d_ff=10240 if real_widths else 32,
-            num_layers=layers if real_widths else 1,
-            num_heads=64 if real_widths else 2,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            layer_norm_epsilon=1e-6,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
+    te = tiny_t5(
+        os.path.join(folder, "tokenizer"),
+        512,
+        4096,
+        umt5=True,
+        d_kv=64 if real_widths else 8,
+        d_ff=10240 if real_widths else 32,
+        layers=layers if real_widths else 1,
+        heads=64 if real_widths else 2,
     )
     te.save_pretrained(os.path.join(folder, "text_encoder"))
 
@@ -408,7 +413,6 @@ def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width:
     factors, the scheduler configs. Small: one double-stream and one single-stream block of two 16-wide
     heads, one T5 layer, two CLIP layers, a two-level VAE (32 px images, 16 px latents, 8x8 patches)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     tokens = 256 if schnell else 512
@@ -441,28 +445,7 @@ def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width:
     )
     clip = tiny_clip(768, 4, intermediate=64, projection_dim=768)
     os.makedirs(folder, exist_ok=True)
-    write_t5_tokenizer(os.path.join(folder, "tokenizer_2"), tokens)
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2")))
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=vocab,
-            d_model=t5_width,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            layer_norm_epsilon=1e-6,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    t5 = tiny_t5(os.path.join(folder, "tokenizer_2"), tokens, t5_width)
     transformer.save_pretrained(os.path.join(folder, "transformer"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     save_text_encoder_prefixed(clip, os.path.join(folder, "text_encoder"))
@@ -560,7 +543,6 @@ def build_tiny_chroma(folder: str, seed: int = 0, t5_width: int = 4096) -> str:
     (flow matching, dynamic shift). Small: one T5 layer, one double- and one single-stream block
     16 wide, a two-level VAE (32 px images, 16 px latents, 8 x 8 packed tokens)."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = ChromaTransformer2DModel(
@@ -592,26 +574,7 @@ def build_tiny_chroma(folder: str, seed: int = 0, t5_width: int = 4096) -> str:
         use_post_quant_conv=False,
     )
     os.makedirs(folder, exist_ok=True)
-    write_t5_tokenizer(os.path.join(folder, "tokenizer"), 512)
-    vocab = len(AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")))
-    te = T5EncoderModel(
-        T5Config(
-            vocab_size=vocab,
-            d_model=t5_width,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            layer_norm_epsilon=1e-6,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    te = tiny_t5(os.path.join(folder, "tokenizer"), 512, t5_width)
     transformer.save_pretrained(os.path.join(folder, "transformer"))
     vae.save_pretrained(os.path.join(folder, "vae"))
     te.save_pretrained(os.path.join(folder, "text_encoder"))
