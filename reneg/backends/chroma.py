@@ -35,7 +35,7 @@ from ..cond import Cond
 from ..embedding import implied_attention_mask
 from ..families import get_family
 from .diffusers_backend import DiffusersBackend, ModelLoadError
-from .parts import read_json
+from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
 PIPELINE = get_family("chroma").pipeline
 
@@ -291,31 +291,17 @@ def is_chroma_folder(path: str, index: dict | None = None) -> bool:
 
 def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> ChromaBackend:
     """Load a diffusers ``ChromaPipeline`` folder from local files only."""
-    from .pixart import load_t5_tokenizer
-
     index = read_json(os.path.join(path, "model_index.json"))
     if not is_chroma_folder(path, index):
         raise ModelLoadError(f"{path}: model_index.json names {index.get('_class_name')!r}, not {PIPELINE}")
-    need = [
-        "transformer/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "tokenizer",
-        "scheduler/scheduler_config.json",
-    ]
-    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
-    if missing:
-        raise ModelLoadError(f"{path}: not a complete diffusers {PIPELINE} folder; missing {', '.join(missing)}")
+    require_parts(path, PIPELINE, T5_FOLDER_PARTS)
     from diffusers import AutoencoderKL, ChromaTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    kw = dict(local_files_only=True, torch_dtype=dtype)
-    try:
-        transformer = ChromaTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
+    m = load_parts(
+        path, dtype, {"transformer": ChromaTransformer2DModel, "vae": AutoencoderKL, "text_encoder": T5EncoderModel}
+    )
+    transformer, vae, text_encoder = m["transformer"], m["vae"], m["text_encoder"]
     tokenizer = load_t5_tokenizer(os.path.join(path, "tokenizer"), AutoTokenizer)
     check_parts(transformer, vae, text_encoder, path)
     sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))

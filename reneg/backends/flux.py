@@ -52,7 +52,7 @@ from ..cond import Cond
 from ..families import get_family
 from ..nag import NAG, nag_combine
 from .diffusers_backend import DiffusersBackend, ModelLoadError
-from .parts import read_json
+from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
 PIPELINE = "FluxPipeline"
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, and ComfyUI's for a Flux conditioning
@@ -473,33 +473,18 @@ def flux_family(transformer) -> str:
 
 def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> FluxBackend:
     """Load a diffusers Flux.1 (dev or schnell) folder from local files only."""
-    from .pixart import load_t5_tokenizer
-
     index = read_json(os.path.join(path, "model_index.json"))
     if not is_flux_index(index):
         raise ModelLoadError(f"{path}: model_index.json names {index.get('_class_name')!r}, not {PIPELINE}")
-    need = [
-        "transformer/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "tokenizer",
-        "text_encoder_2/config.json",
-        "tokenizer_2",
-        "scheduler/scheduler_config.json",
-    ]
-    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
-    if missing:
-        raise ModelLoadError(f"{path}: not a complete diffusers {PIPELINE} folder; missing {', '.join(missing)}")
+    require_parts(path, PIPELINE, T5_FOLDER_PARTS + ["text_encoder_2/config.json", "tokenizer_2"])
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-    kw = dict(local_files_only=True, torch_dtype=dtype)
+    parts = {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    m = load_parts(path, dtype, {**parts, "text_encoder_2": T5EncoderModel})
+    transformer, vae, clip, t5 = m["transformer"], m["vae"], m["text_encoder"], m["text_encoder_2"]
     try:
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
     tokenizer_2 = load_t5_tokenizer(os.path.join(path, "tokenizer_2"))

@@ -2,8 +2,9 @@
 recognising a model's family from its text encoders and UNet (by the family table), and
 assembling a :class:`DiffusersBackend` from loaded modules. The loaders
 (:mod:`reneg.backends.loading` for folders, :mod:`reneg.backends.single_file` for one
-checkpoint file, :mod:`reneg.backends.pixart`, :mod:`reneg.backends.video`) import from here,
-never from each other's internals."""
+checkpoint file, and the transformer families' modules) import from here, never from each other's
+internals: a folder's parts checked and loaded (:func:`require_parts`, :func:`load_parts`), a T5
+tokenizer read with a clear error (:func:`load_t5_tokenizer`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,86 @@ def read_json(path: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: not a readable JSON config ({e})") from None
+
+
+# what a diffusers folder of a one-text-encoder transformer pipeline holds (PixArt, Chroma, Qwen-Image, Wan)
+T5_FOLDER_PARTS = [
+    "transformer/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "tokenizer",
+    "scheduler/scheduler_config.json",
+]
+
+
+def require_parts(path: str, pipeline: str, need: list[str]) -> None:
+    """A diffusers folder must hold every part its pipeline loads: one error that names the folder, the
+    pipeline and what is missing."""
+    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
+    if missing:
+        raise ModelLoadError(f"{path}: not a complete diffusers {pipeline} folder; missing {', '.join(missing)}")
+
+
+def load_parts(path: str, dtype: torch.dtype, parts: dict) -> dict:
+    """``{subfolder: model class}`` loaded with ``from_pretrained`` from local files only, in ``dtype``;
+    whatever fails is one :class:`ModelLoadError` naming the folder."""
+    kw = dict(local_files_only=True, torch_dtype=dtype)
+    try:
+        return {sub: cls.from_pretrained(path, subfolder=sub, **kw) for sub, cls in parts.items()}
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
+
+
+SENTENCEPIECE_PACKAGES = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
+
+
+def _not_installed(modules: dict[str, str]) -> list[str]:
+    import importlib.util
+
+    missing = []
+    for module, package in modules.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def load_t5_tokenizer(folder: str, auto_tokenizer=None):
+    """The T5 tokenizer of a PixArt folder, as ``AutoTokenizer`` reads it; where it cannot be read, a
+    :class:`ModelLoadError` that names the files found and the package that reads them (transformers'
+    own message for a ``spiece.model`` without ``sentencepiece`` asks for ``tiktoken``)."""
+    if auto_tokenizer is None:
+        from transformers import AutoTokenizer as auto_tokenizer
+    try:
+        files = sorted(os.listdir(folder))
+    except OSError as e:
+        raise ModelLoadError(f"{folder}: cannot list the tokenizer folder ({e.strerror or e})") from None
+    found = ", ".join(files) if files else "nothing"
+    spm = [f for f in files if f.endswith(".model")]
+    if "tokenizer.json" not in files and spm:
+        missing = _not_installed(SENTENCEPIECE_PACKAGES)
+        if missing:
+            raise ModelLoadError(
+                f"{folder}: the tokenizer is a SentencePiece model (found {found}; no tokenizer.json), which "
+                f"transformers reads with the sentencepiece and protobuf packages; not installed: "
+                f"{', '.join(missing)}. Install them with `pip install sentencepiece protobuf` (reneg's train, "
+                "eval and studio extras bring them), or give the folder a tokenizer.json"
+            )
+    try:
+        return auto_tokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises many kinds here; the user needs the files and the reader
+        if "tokenizer.json" in files:
+            reader = "tokenizer.json is read by the tokenizers package"
+        elif spm:
+            reader = f"{spm[0]} is read by the sentencepiece and protobuf packages"
+        else:
+            reader = "expected tokenizer.json, or spiece.model with tokenizer_config.json"
+        raise ModelLoadError(
+            f"{folder}: could not read the tokenizer (found {found}; {reader}): {str(e)[:300]}"
+        ) from None
 
 
 # --- families ------------------------------------------------------------------------------

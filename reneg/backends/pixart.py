@@ -18,7 +18,7 @@ from ..embedding import implied_attention_mask
 from ..families import FAMILIES, get_family
 from ..sampling import ddim_schedule
 from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadError
-from .parts import read_json
+from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
 # the pipelines of the T5 families this module loads, from the family table: {class name: family}
 PIPELINES = {f.pipeline: f.name for f in FAMILIES.values() if f.pipeline.startswith("PixArt") and f.masked}
@@ -214,58 +214,6 @@ def is_pixart_folder(path: str) -> bool:
 
 # the packages transformers reads a SentencePiece model (``spiece.model``) with; ``tokenizer.json``
 # needs only ``tokenizers``, which transformers always brings
-SENTENCEPIECE_PACKAGES = {"sentencepiece": "sentencepiece", "google.protobuf": "protobuf"}
-
-
-def _not_installed(modules: dict[str, str]) -> list[str]:
-    import importlib.util
-
-    missing = []
-    for module, package in modules.items():
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(package)
-    return missing
-
-
-def load_t5_tokenizer(folder: str, auto_tokenizer=None):
-    """The T5 tokenizer of a PixArt folder, as ``AutoTokenizer`` reads it; where it cannot be read, a
-    :class:`ModelLoadError` that names the files found and the package that reads them (transformers'
-    own message for a ``spiece.model`` without ``sentencepiece`` asks for ``tiktoken``)."""
-    if auto_tokenizer is None:
-        from transformers import AutoTokenizer as auto_tokenizer
-    try:
-        files = sorted(os.listdir(folder))
-    except OSError as e:
-        raise ModelLoadError(f"{folder}: cannot list the tokenizer folder ({e.strerror or e})") from None
-    found = ", ".join(files) if files else "nothing"
-    spm = [f for f in files if f.endswith(".model")]
-    if "tokenizer.json" not in files and spm:
-        missing = _not_installed(SENTENCEPIECE_PACKAGES)
-        if missing:
-            raise ModelLoadError(
-                f"{folder}: the tokenizer is a SentencePiece model (found {found}; no tokenizer.json), which "
-                f"transformers reads with the sentencepiece and protobuf packages; not installed: "
-                f"{', '.join(missing)}. Install them with `pip install sentencepiece protobuf` (reneg's train, "
-                "eval and studio extras bring them), or give the folder a tokenizer.json"
-            )
-    try:
-        return auto_tokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # transformers raises many kinds here; the user needs the files and the reader
-        if "tokenizer.json" in files:
-            reader = "tokenizer.json is read by the tokenizers package"
-        elif spm:
-            reader = f"{spm[0]} is read by the sentencepiece and protobuf packages"
-        else:
-            reader = "expected tokenizer.json, or spiece.model with tokenizer_config.json"
-        raise ModelLoadError(
-            f"{folder}: could not read the tokenizer (found {found}; {reader}): {str(e)[:300]}"
-        ) from None
-
-
 def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> PixArtBackend:
     """Load a diffusers PixArt-alpha / PixArt-sigma folder from local files only."""
     index = read_json(os.path.join(path, "model_index.json"))
@@ -274,28 +222,14 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
         raise ModelLoadError(
             f"{path}: model_index.json names {index.get('_class_name')!r}, not {' or '.join(PIPELINES)}"
         )
-    need = [
-        "transformer/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "tokenizer",
-        "scheduler/scheduler_config.json",
-    ]
-    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
-    if missing:
-        raise ModelLoadError(
-            f"{path}: not a complete diffusers {index['_class_name']} folder; missing {', '.join(missing)}"
-        )
+    require_parts(path, index["_class_name"], T5_FOLDER_PARTS)
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    kw = dict(local_files_only=True, torch_dtype=dtype)
-    try:
-        transformer = PixArtTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
+    m = load_parts(
+        path, dtype, {"transformer": PixArtTransformer2DModel, "vae": AutoencoderKL, "text_encoder": T5EncoderModel}
+    )
+    transformer, vae, text_encoder = m["transformer"], m["vae"], m["text_encoder"]
     tokenizer = load_t5_tokenizer(os.path.join(path, "tokenizer"), AutoTokenizer)
     spec = get_family(family)
     d_model = int(getattr(text_encoder.config, "d_model", 0))

@@ -33,7 +33,7 @@ from ..cond import Cond
 from ..embedding import implied_attention_mask
 from ..families import get_family
 from .diffusers_backend import DiffusersBackend, ModelLoadError
-from .parts import read_json
+from .parts import T5_FOLDER_PARTS, load_parts, read_json, require_parts
 
 PIPELINE = "QwenImagePipeline"
 FAMILY = "qwen-image"
@@ -306,24 +306,14 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
     index = read_json(os.path.join(path, "model_index.json"))
     if index.get("_class_name") != PIPELINE:
         raise ModelLoadError(f"{path}: model_index.json names {index.get('_class_name')!r}, not {PIPELINE}")
-    need = [
-        "transformer/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "tokenizer",
-        "scheduler/scheduler_config.json",
-    ]
-    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
-    if missing:
-        raise ModelLoadError(f"{path}: not a complete diffusers {PIPELINE} folder; missing {', '.join(missing)}")
+    require_parts(path, PIPELINE, T5_FOLDER_PARTS)
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    kw = dict(local_files_only=True, torch_dtype=dtype)
+    parts = {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage}
+    m = load_parts(path, dtype, {**parts, "text_encoder": Qwen2_5_VLForConditionalGeneration})
+    transformer, vae, text_encoder = m["transformer"], m["vae"], m["text_encoder"]
     try:
-        transformer = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw)
-        vae = AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, subfolder="text_encoder", **kw)
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None

@@ -26,7 +26,7 @@ import torch
 from ..cond import Cond
 from ..families import get_family
 from .diffusers_backend import DiffusersBackend, ModelLoadError
-from .parts import read_json
+from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
 FAMILY = "wan"
 EXPERTS_FAMILY = "wan-experts"  # Wan 2.2 A14B, one negative per expert: two wan negatives in one file
@@ -386,27 +386,17 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32, fra
             f"models (WanPipeline folders: Wan 2.1 T2V, Wan 2.2 T2V A14B, Wan 2.2 TI2V 5B)"
         )
     two = bool(index.get("transformer_2")) and index["transformer_2"][0] is not None
-    need = ["transformer/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"]
-    need += ["scheduler/scheduler_config.json"] + (["transformer_2/config.json"] if two else [])
-    missing = [n for n in need if not os.path.exists(os.path.join(path, n))]
-    if missing:
-        raise ModelLoadError(f"{path}: not a complete diffusers WanPipeline folder; missing {', '.join(missing)}")
+    require_parts(path, "WanPipeline", T5_FOLDER_PARTS + (["transformer_2/config.json"] if two else []))
     boundary = index.get("boundary_ratio")
     if two and boundary is None:
         raise ModelLoadError(f"{path}: two transformers (Wan 2.2 A14B) but model_index.json gives no boundary_ratio")
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from .pixart import load_t5_tokenizer
-
-    kw = dict(local_files_only=True, torch_dtype=dtype)
-    try:
-        transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", **kw)
-        transformer_2 = WanTransformer3DModel.from_pretrained(path, subfolder="transformer_2", **kw) if two else None
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
+    parts = {"transformer": WanTransformer3DModel, "vae": AutoencoderKLWan, "text_encoder": UMT5EncoderModel}
+    m = load_parts(path, dtype, {**parts, **({"transformer_2": WanTransformer3DModel} if two else {})})
+    transformer, transformer_2 = m["transformer"], m.get("transformer_2")
+    vae, text_encoder = m["vae"], m["text_encoder"]
     tokenizer = load_t5_tokenizer(os.path.join(path, "tokenizer"), AutoTokenizer)
     spec = get_family(FAMILY)
     for name, t in (("transformer", transformer), ("transformer_2", transformer_2)):
