@@ -35,31 +35,12 @@ from ..cond import Cond
 from ..embedding import implied_attention_mask
 from ..families import get_family
 from .diffusers_backend import DiffusersBackend, ModelLoadError
+from .patches import image_ids
+from .patches import pack as pack_latents
+from .patches import unpack as unpack_latents
 from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
 PIPELINE = get_family("chroma").pipeline
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, (H/2)(W/2), 4C]``: 2 x 2 patches, as the Flux-family pipelines pack."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The inverse of :func:`pack_latents` for a latent of ``h`` x ``w``."""
-    b, _, ch = x.shape
-    x = x.view(b, h // 2, w // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, ch // 4, h, w)
-
-
-def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
-    """Flux's position ids of the packed image tokens: ``(0, row, column)``, ``[(h/2)(w/2), 3]``."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] += torch.arange(h // 2)[:, None]
-    ids[..., 2] += torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
 def chroma_mask(tokenizer_mask: torch.Tensor, reads_padding: int = 1) -> torch.Tensor:

@@ -52,6 +52,7 @@ from ..cond import Cond
 from ..families import get_family
 from ..nag import NAG, nag_combine
 from .diffusers_backend import DiffusersBackend, ModelLoadError
+from .patches import image_ids, pack, unpack
 from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
 PIPELINE = "FluxPipeline"
@@ -63,28 +64,6 @@ _UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
 
 def is_flux_index(index: dict) -> bool:
     return str(index.get("_class_name", "")) == PIPELINE
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, (H/2)(W/2), 4C]``: 2x2 patches, as ``FluxPipeline._pack_latents``."""
-    b, c, h, w = x.shape
-    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The inverse of :func:`pack` for a latent of ``h x w``."""
-    b, _, d = x.shape
-    x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
-
-
-def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
-    """``[(h/2)(w/2), 3]`` position ids of the latent's patches: ``(0, row, column)``."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
 def calculate_shift(seq_len: int, config: dict) -> float:

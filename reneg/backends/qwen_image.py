@@ -33,6 +33,7 @@ from ..cond import Cond
 from ..embedding import implied_attention_mask
 from ..families import get_family
 from .diffusers_backend import DiffusersBackend, ModelLoadError
+from .patches import pack, unpack
 from .parts import T5_FOLDER_PARTS, load_parts, read_json, require_parts
 
 PIPELINE = "QwenImagePipeline"
@@ -53,18 +54,6 @@ def template_prefix_length(tokenizer) -> int:
     is for this tokenizer; Qwen2.5's tokenizer gives 34, the count the pipeline drops."""
     head = TEMPLATE.split("{}")[0]
     return len(tokenizer(head, add_special_tokens=False)["input_ids"])
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, H/2 * W/2, 4 C]`` (QwenImagePipeline._pack_latents)."""
-    b, c, h, w = x.shape
-    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The inverse of :func:`pack` (QwenImagePipeline._unpack_latents without the frame axis)."""
-    b, _, d = x.shape
-    return x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
 
 class QwenImageDenoiser:
