@@ -96,6 +96,28 @@ def tiny_t5(
     )
 
 
+def tiny_flux_ae():
+    """A small 16-channel autoencoder with the layout, scaling and shift of the ``ae`` Flux.1 and Chroma
+    share (no quant convs; 8x would be the real one's downsampling, 2x here)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def build_tiny_sdxl(folder: str, seed: int = 0, sample_size: int = 8) -> str:
     """A small SDXL-architecture diffusers folder with SDXL's real conditioning sizes.
 
@@ -412,7 +434,7 @@ def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width:
     (``in_channels`` 64), the guidance embedding (dev; none for schnell), the VAE's scaling and shift
     factors, the scheduler configs. Small: one double-stream and one single-stream block of two 16-wide
     heads, one T5 layer, two CLIP layers, a two-level VAE (32 px images, 16 px latents, 8x8 patches)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     tokens = 256 if schnell else 512
@@ -428,21 +450,7 @@ def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width:
         guidance_embeds=not schnell,
         axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_flux_ae()
     clip = tiny_clip(768, 4, intermediate=64, projection_dim=768)
     os.makedirs(folder, exist_ok=True)
     t5 = tiny_t5(os.path.join(folder, "tokenizer_2"), tokens, t5_width)
@@ -542,7 +550,7 @@ def build_tiny_chroma(folder: str, seed: int = 0, t5_width: int = 4096) -> str:
     channels packed into 64 transformer channels (with its ``shift_factor``), the scheduler config
     (flow matching, dynamic shift). Small: one T5 layer, one double- and one single-stream block
     16 wide, a two-level VAE (32 px images, 16 px latents, 8 x 8 packed tokens)."""
-    from diffusers import AutoencoderKL, ChromaTransformer2DModel
+    from diffusers import ChromaTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = ChromaTransformer2DModel(
@@ -558,21 +566,7 @@ def build_tiny_chroma(folder: str, seed: int = 0, t5_width: int = 4096) -> str:
         approximator_hidden_dim=32,
         approximator_layers=1,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_flux_ae()
     os.makedirs(folder, exist_ok=True)
     te = tiny_t5(os.path.join(folder, "tokenizer"), 512, t5_width)
     transformer.save_pretrained(os.path.join(folder, "transformer"))
