@@ -28,62 +28,13 @@ from reneg.embedding import save_embedding
 from reneg.fileio import OutputError, atomic_torch_save, atomic_write_json
 from reneg.generate import as_embedding
 from reneg.objective import grad_step_loss
-from reneg.predictor import ARCHITECTURES, RANK_MAX, from_embedding, predicted_cond, predicted_scores, save_predictor
+from reneg.predictor import from_embedding, predicted_cond, predicted_scores, save_predictor
 from reneg.sampling import initial_latent, is_flow
 
 from .checkpoint import CHECKPOINT_NAME, EMBEDDING_NAME, find_resume, load_checkpoint
 
 PREDICTOR_NAME = "predictor.safetensors"
 LOG_FIELDS = ["penalty"]  # beside log.csv's usual columns
-
-
-def add_predictor_args(p) -> None:
-    """``--predictor``, ``--predictor-rank``, ``--predictor-reg`` for ``reneg train`` (defined once here)."""
-    p.add_argument(
-        "--predictor",
-        choices=ARCHITECTURES,
-        default=None,
-        help="learn a negative predictor instead of one global negative: lowrank (a low-rank correction "
-        "from the prompt's pooled text features) or xattn (learned queries over the prompt's tokens); "
-        "--init is the global negative it starts from (docs/predictor.md)",
-    )
-    p.add_argument(
-        "--predictor-rank",
-        type=int,
-        default=4,
-        metavar="R",
-        help=f"--predictor's size: lowrank's directions or xattn's queries (1 to {RANK_MAX})",
-    )
-    p.add_argument(
-        "--predictor-reg",
-        type=float,
-        default=0.01,
-        metavar="W",
-        help="weight of the correction's mean square in the loss (regularisation towards the global negative)",
-    )
-
-
-def check_predictor_args(cfg) -> None:
-    from reneg.options import OptionError
-
-    if cfg.predictor is None:
-        return
-    if cfg.predictor not in ARCHITECTURES:
-        raise OptionError(f"--predictor must be one of {', '.join(ARCHITECTURES)}, got {cfg.predictor!r}")
-    r = cfg.predictor_rank
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= RANK_MAX:
-        raise OptionError(f"--predictor-rank must be an integer from 1 to {RANK_MAX}, got {r}")
-    w = cfg.predictor_reg
-    if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-        raise OptionError(f"--predictor-reg must be a finite number >= 0, got {w}")
-    for flag, bad in (
-        ("--keep-best-by", cfg.keep_best_by),
-        ("--monitor-reward", cfg.monitor_rewards),
-        ("--sample-every", cfg.sample_every),
-        ("--tokens", getattr(cfg, "tokens", None)),
-    ):
-        if bad:
-            raise OptionError(f"{flag} is not supported with --predictor (the predictor's run checks held-out itself)")
 
 
 def predictor_loop(cfg, acc, main: bool) -> dict:
