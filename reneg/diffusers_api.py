@@ -79,6 +79,7 @@ class PipelineText(NamedTuple):
 
     encode: Encode
     prompt_as_embeds: bool = False
+    bool_mask: bool = False  # the pipeline's attention takes the mask as booleans (Chroma), not 0/1 integers
 
 
 READERS: list[Reader] = []
@@ -93,14 +94,16 @@ POOLED_ARGS = ("negative_pooled_prompt_embeds",)
 MASK_ARGS = ("negative_prompt_attention_mask", "negative_prompt_embeds_mask")
 
 
-def pipeline_text(*families: str, prompt_as_embeds: bool = False) -> Callable[[Encode], Encode]:
+def pipeline_text(
+    *families: str, prompt_as_embeds: bool = False, bool_mask: bool = False
+) -> Callable[[Encode], Encode]:
     """Register ``encode(pipe, texts, device, rows) -> Negative`` for ``families`` (see :class:`PipelineText`)."""
 
     def register(fn: Encode) -> Encode:
         for name in families:
             if name not in FAMILIES:
                 raise ValueError(f"pipeline_text: {name!r} is not a family in reneg.families")
-            PIPELINE_TEXT[name] = PipelineText(fn, prompt_as_embeds)
+            PIPELINE_TEXT[name] = PipelineText(fn, prompt_as_embeds, bool_mask)
         return fn
 
     return register
@@ -130,6 +133,38 @@ def _sdxl_text(pipe, texts: list, device: torch.device, rows: int) -> Negative:
 def _t5_text(pipe, texts: list, device: torch.device, rows: int) -> Negative:
     """PixArtAlphaPipeline / PixArtSigmaPipeline: padded to ``rows`` tokens, with the attention mask."""
     embeds, mask, _, _ = pipe.encode_prompt(texts, False, device=device, clean_caption=False, max_sequence_length=rows)
+    return Negative(embeds, None, mask)
+
+
+@pipeline_text("wan")
+def _wan_text(pipe, texts: list, device: torch.device, rows: int) -> Negative:
+    """WanPipeline: UMT5 rows zero-padded to ``rows`` (no mask; the transformer reads every row)."""
+    embeds, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, max_sequence_length=rows, device=device)
+    return Negative(embeds)
+
+
+@pipeline_text("flux-dev", "flux-schnell")
+def _flux_text(pipe, texts: list, device: torch.device, rows: int) -> Negative:
+    """FluxPipeline: T5 rows padded to ``rows`` and CLIP-L's pooled vector."""
+    embeds, pooled, _ = pipe.encode_prompt(texts, texts, device=device, max_sequence_length=rows)
+    return Negative(embeds, pooled)
+
+
+@pipeline_text("chroma", bool_mask=True)
+def _chroma_text(pipe, texts: list, device: torch.device, rows: int) -> Negative:
+    """ChromaPipeline: T5 rows with its mask (the text and one padding row). The mask goes to the
+    pipeline as booleans: its attention takes an integer mask not at all, and a float one (what its own
+    ``encode_prompt`` returns) as an additive bias, so a 0/1 float mask reads every row."""
+    embeds, _, mask, _, _, _ = pipe.encode_prompt(
+        texts, device=device, do_classifier_free_guidance=False, max_sequence_length=rows
+    )
+    return Negative(embeds, None, mask)
+
+
+@pipeline_text("qwen-image")
+def _qwen_image_text(pipe, texts: list, device: torch.device, rows: int) -> Negative:
+    """QwenImagePipeline: Qwen2.5-VL rows with the template's system part dropped, and their mask."""
+    embeds, mask = pipe.encode_prompt(texts, device=device)
     return Negative(embeds, None, mask)
 
 
@@ -246,6 +281,11 @@ def _fit_rows(neg: Negative, family: Family, rows: int, what: str) -> Negative:
     n = x.shape[1]
     if n == rows:
         return neg
+    if not family.masked and family.joint:  # joint attention (Flux): repeated rows would weigh the text twice
+        raise ValueError(
+            f"{what}: {n} token rows, and this pipeline encodes prompts to {rows}; give max_sequence_length={n} "
+            f"here and to the pipeline"
+        )
     if not family.masked:
         try:
             return neg._replace(embeds=match_tokens(x, rows))
@@ -334,8 +374,9 @@ def load_negative(
         pipe: a diffusers pipeline object of a family ReNeg supports: ``StableDiffusionPipeline``
             (SD1.x, SD2.x) and its img2img / inpaint siblings, ``StableDiffusionXLPipeline`` and its
             siblings, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``, ``AnimateDiffPipeline``,
-            ``TextToVideoSDPipeline`` (ZeroScope), and any pipeline whose text encoders are one of
-            these families'.
+            ``TextToVideoSDPipeline`` (ZeroScope), ``WanPipeline``, ``FluxPipeline`` (the negative acts
+            at ``true_cfg_scale`` above 1), ``ChromaPipeline``, ``QwenImagePipeline`` (``true_cfg_scale``
+            above 1), and any pipeline whose text encoders are one of these families'.
         path: a ReNeg embedding (``.safetensors``, the paper's ``.bin``, a file another tool saved
             ``negative_prompt_embeds`` in); see the module docstring for other kinds.
         prompt: the prompt or list of prompts. It is returned among the keyword arguments, as
@@ -349,7 +390,8 @@ def load_negative(
             batch and row count are taken from it (a CLIP negative is repeated to a long prompt's 77 k
             rows) and so is the dtype; no prompt is returned.
         max_sequence_length: T5 pipelines: the ``max_sequence_length`` the pipeline is called with
-            (default: the family's, 120 for PixArt-alpha and 300 for PixArt-sigma).
+            (default: the family's, 120 for PixArt-alpha, 300 for PixArt-sigma, 512 for Wan, Flux dev and
+            Chroma; Flux schnell is called with 256).
 
     Returns:
         ``negative_prompt_embeds`` ``[B, L, D]``; ``negative_pooled_prompt_embeds`` ``[B, P]`` for SDXL
@@ -400,6 +442,9 @@ def load_negative(
         neg = _blend(Negative(*(None if t is None else t.detach().cpu() for t in base)), neg, s, path, pipe)
     _check_finite(neg, dtype, path, pipe)
 
+    def mask_type(m: torch.Tensor) -> torch.Tensor:
+        return m.bool() if text is not None and text.bool_mask else m.long()
+
     def batched(t: torch.Tensor) -> torch.Tensor:
         return t.expand(batch, *t.shape[1:]).contiguous() if t.shape[0] == 1 else t
 
@@ -411,7 +456,7 @@ def load_negative(
             if pooled_arg and pos.pooled is not None:
                 out[pooled_arg.replace("negative_", "", 1)] = pos.pooled.to(device=device, dtype=dtype)
             if mask_arg and pos.mask is not None:
-                out[mask_arg.replace("negative_", "", 1)] = pos.mask.long().to(device=device)
+                out[mask_arg.replace("negative_", "", 1)] = mask_type(pos.mask).to(device=device)
         else:
             out["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
     if args.get("negative_prompt", None) not in (None, inspect.Parameter.empty):
@@ -420,7 +465,7 @@ def load_negative(
     if pooled_arg and neg.pooled is not None:
         out[pooled_arg] = batched(neg.pooled.reshape(neg.pooled.shape[0], -1)).to(device=device, dtype=dtype)
     if mask_arg and neg.mask is not None:
-        out[mask_arg] = batched(neg.mask.long()).to(device=device)
+        out[mask_arg] = batched(mask_type(neg.mask)).to(device=device)
     return out
 
 

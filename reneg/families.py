@@ -216,7 +216,8 @@ FAMILIES: dict[str, Family] = {
             masked=True,
             joint=True,
             flow=True,
-            comfy_image_model="qwen_image",  # its folders: reneg/backends/qwen_image.py (QwenImagePipeline)
+            comfy_image_model="qwen_image",
+            pipeline="QwenImagePipeline",
             note="rows: the prompt's own tokens and the template's 5-token tail, padding masked; "
             "see [Qwen-Image](qwen-image.md)",
         ),
