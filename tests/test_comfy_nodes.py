@@ -24,6 +24,7 @@ NODE_IDS = [
     "ReNegLoadRewardModel",
     "ReNegSaveEmbedding",
     "ReNegNAG",
+    "ReNegPredictedNegative",
 ]
 
 
@@ -111,6 +112,7 @@ def test_node_ids_names_and_model_folders(host, tmp_path):
         "ReNegLoadRewardModel": "Load Reward Model",
         "ReNegSaveEmbedding": "Save ReNeg Embedding",
         "ReNegNAG": "ReNeg NAG",
+        "ReNegPredictedNegative": "ReNeg Predicted Negative",
     }
     paths, exts = host.fp.folder_names_and_paths["reneg"]
     assert paths[0] == os.path.join(host.models_dir, "reneg")
