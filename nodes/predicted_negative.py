@@ -33,8 +33,14 @@ def predicted_embedding(model, rows: torch.Tensor, pooled, mask, path: str):
     keep = mask.reshape(1, -1).bool() if isinstance(mask, torch.Tensor) else None
     if keep is not None and keep.shape[1] != rows.shape[1]:
         keep = None
-    neg, neg_pooled = model(rows.float(), pooled.float() if isinstance(pooled, torch.Tensor) else None, keep)
     family = model.spec.family
+    if keep is None and FAMILIES[family].masked:  # ComfyUI's Wan encoding pads with zero rows: not the prompt's
+        nonzero = rows.detach().abs().sum(-1) > 0
+        if bool(nonzero.any()) and not bool(nonzero.all()):
+            keep = nonzero
+    rows = rows.detach().float().cpu()  # the predictor is read onto the CPU; one tiny forward there
+    pooled = pooled.detach().float().cpu() if isinstance(pooled, torch.Tensor) else None
+    neg, neg_pooled = model(rows, pooled, keep.cpu() if keep is not None else None)
     attention = model.neg_mask.long() if FAMILIES[family].masked else None
     meta = dict(getattr(model, "metadata", {}))
     out_pooled = neg_pooled.detach().cpu() if neg_pooled is not None else None

@@ -151,3 +151,36 @@ def test_predictor_errors_are_clear(host, models):
     # Load ReNeg Embedding handed the predictor says what it is and where it goes
     with pytest.raises(RuntimeError, match="ReNeg Predicted Negative node"):
         run(node(host, "ReNegLoadEmbedding").load, "pred.safetensors", clip, 1.0)
+
+
+class _T5Clip:
+    """Just enough of ComfyUI's PixArt CLIP for the node: T5 rows unpadded, no pooled vector."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        return [[torch.zeros(1, 1, 4096), {"pooled_output": None}]]
+
+
+def test_t5_predictor_gives_the_rows_its_mask_keeps_as_load_does(host):
+    g = torch.Generator().manual_seed(7)
+    mask = torch.zeros(1, 120, dtype=torch.long)
+    mask[:, :9] = 1
+    emb = NegEmbedding(torch.randn(1, 120, 4096, generator=g) * mask[..., None], "pixart", attention_mask=mask)
+    save_embedding(str(folder(host) / "global.safetensors"), emb)
+    model = from_embedding(emb, "xattn", rank=2)
+    save_predictor(str(folder(host) / "pred.safetensors"), model)
+    pred, load = node(host, "ReNegPredictedNegative"), node(host, "ReNegLoadEmbedding")
+    positive = [[torch.randn(1, 14, 4096, generator=g), {"pooled_output": None}]]  # a prompt's unpadded rows
+    (got,) = run(pred.predict, "pred.safetensors", positive, _T5Clip(), 1.0)
+    (want,) = run(load.load, "global.safetensors", _T5Clip(), 1.0)
+    assert got[0][0].shape == (1, 9, 4096) and torch.equal(got[0][0], want[0][0])
+    with torch.no_grad():  # a trained read-out moves the kept rows, per prompt
+        model.mix.normal_(0.0, 1.0, generator=g)
+    save_predictor(str(folder(host) / "pred2.safetensors"), model)
+    (a,) = run(pred.predict, "pred2.safetensors", positive, _T5Clip(), 1.0)
+    other = [[torch.randn(1, 6, 4096, generator=g), {"pooled_output": None}]]
+    (b,) = run(pred.predict, "pred2.safetensors", other, _T5Clip(), 1.0)
+    assert a[0][0].shape == b[0][0].shape == (1, 9, 4096)
+    assert (a[0][0] - b[0][0]).abs().max() > 1e-3 and not torch.equal(a[0][0], want[0][0])
