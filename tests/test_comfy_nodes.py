@@ -487,7 +487,7 @@ def test_example_workflows_fit_the_nodes(host, workflow):
     wf = json.loads((ROOT / "workflows" / workflow).read_text())
     ids = {n["id"] for n in wf["nodes"]}
     assert all(link[1] in ids and link[3] in ids for link in wf["links"])
-    user_files = {"embedding", "model", "clip_model", "tokenizer_model"}  # lists of the user's own files
+    user_files = {"embedding", "predictor", "model", "clip_model", "tokenizer_model"}  # lists of the user's own files
     seen = 0
     for n in wf["nodes"]:
         if not n["type"].startswith("ReNeg"):
