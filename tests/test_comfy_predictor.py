@@ -87,7 +87,9 @@ def test_zero_initialised_predictor_gives_exactly_its_global_negative(host, mode
             assert got[0][1]["reneg_learned_under"] == "cfg"
 
 
-def test_trained_predictor_gives_each_prompt_its_own_negative(host, models):
+def test_trained_predictor_gives_each_prompt_its_own_negative(host, models, tiny_backend):
+    from reneg.predictor import predicted_cond
+
     _, _, clip = models
     _, model = write_pair(host, random_readout=True)
     pred = node(host, "ReNegPredictedNegative")
@@ -96,9 +98,12 @@ def test_trained_predictor_gives_each_prompt_its_own_negative(host, models):
         positive = encode(clip, prompt)
         (neg,) = run(pred.predict, "pred.safetensors", positive, clip, 1.0)
         assert neg[0][0].shape == (1, 77, 64)
-        with torch.no_grad():  # the core's predictor on the same conditioning gives the same rows
+        with torch.no_grad():  # the core's predictor on the same conditioning gives the same rows ...
             expect, _ = model(positive[0][0].float())
+            # ... and on the prompt as the trainer and `reneg eval` encode it (the same negative)
+            trained = predicted_cond(model, tiny_backend.encode_prompts([prompt])).crossattn
         torch.testing.assert_close(neg[0][0], expect)
+        torch.testing.assert_close(neg[0][0], trained, rtol=1e-4, atol=1e-5)
         outs[prompt] = neg[0][0]
     assert (outs["a red circle"] - outs["a blue square on grass"]).abs().max() > 1e-3
     # a long positive (two 77-row chunks) still gives one 77-row negative
