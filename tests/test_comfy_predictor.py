@@ -189,3 +189,19 @@ def test_t5_predictor_gives_the_rows_its_mask_keeps_as_load_does(host):
     (b,) = run(pred.predict, "pred2.safetensors", other, _T5Clip(), 1.0)
     assert a[0][0].shape == b[0][0].shape == (1, 9, 4096)
     assert (a[0][0] - b[0][0]).abs().max() > 1e-3 and not torch.equal(a[0][0], want[0][0])
+
+
+def test_each_positive_entry_gets_its_own_negative(host, models):
+    _, _, clip = models
+    _, model = write_pair(host, random_readout=True)
+    pred = node(host, "ReNegPredictedNegative")
+    a, b = encode(clip, "a red circle"), encode(clip, "a blue square on grass")
+    combined = [a[0], [b[0][0], dict(b[0][1], area=(8, 8, 0, 0))]]  # Conditioning Combine / an area prompt
+    (neg,) = run(pred.predict, "pred.safetensors", combined, clip, 1.0)
+    assert len(neg) == 2
+    with torch.no_grad():
+        for entry, prompt in zip(neg, (a, b)):
+            torch.testing.assert_close(entry[0], model(prompt[0][0])[0])
+    base = encode(clip, "ugly")
+    with pytest.raises(RuntimeError, match="positive has 2 entries and base_negative 3"):
+        run(pred.predict, "pred.safetensors", combined, clip, 0.5, base_negative=base * 3)
