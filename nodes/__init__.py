@@ -7,6 +7,7 @@ the host has loaded); rewards, samplers and model code are imported when a node 
 from .common import register_folders
 from .load_embedding import ReNegLoadEmbedding
 from .nag import ReNegNAG
+from .predicted_negative import ReNegPredictedNegative
 from .reward import ReNegLoadRewardModel, ReNegRewardScore
 from .save_embedding import ReNegSaveEmbedding
 from .tune import ReNegPerSampleTune
@@ -21,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
     "ReNegLoadRewardModel": ReNegLoadRewardModel,
     "ReNegSaveEmbedding": ReNegSaveEmbedding,
     "ReNegNAG": ReNegNAG,
+    "ReNegPredictedNegative": ReNegPredictedNegative,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,4 +32,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ReNegLoadRewardModel": "Load Reward Model",
     "ReNegSaveEmbedding": "Save ReNeg Embedding",
     "ReNegNAG": "ReNeg NAG",
+    "ReNegPredictedNegative": "ReNeg Predicted Negative",
 }

@@ -435,7 +435,8 @@ def _load_safetensors(path: str, expected_family: str | None) -> NegEmbedding:
         raise EmbeddingError(
             f"{path}: a ReNeg negative predictor (family {str(meta.get('family'))[:20]}), not an embedding; "
             f"use it where a predictor is taken (reneg eval --negative predictor:FILE or tuned:FILE, reneg tune "
-            f"--embedding FILE), or its global part, the embedding.safetensors its training run wrote beside it"
+            f"--embedding FILE, ComfyUI's ReNeg Predicted Negative node, the A1111/Forge extension), or its "
+            f"global part, the embedding.safetensors its training run wrote beside it"
         )
     keys = [k for k in header if k != "__metadata__"]
     try:

@@ -216,7 +216,7 @@ def _with_pooled(vector: Any, pooled: Optional[torch.Tensor], strength: float) -
     (no pooled vector, or a ``vector`` that is not ``[B, more than P]``)."""
     if pooled is None or not isinstance(vector, torch.Tensor) or vector.dim() != 2:
         return None
-    pooled = pooled.reshape(1, -1)
+    pooled = pooled.reshape(-1, pooled.shape[-1])  # [1, P], or [B, P]: one per image (a predictor's)
     n = pooled.shape[1]
     if vector.shape[1] <= n:
         return None

@@ -24,6 +24,7 @@ NODE_IDS = [
     "ReNegLoadRewardModel",
     "ReNegSaveEmbedding",
     "ReNegNAG",
+    "ReNegPredictedNegative",
 ]
 
 
@@ -111,6 +112,7 @@ def test_node_ids_names_and_model_folders(host, tmp_path):
         "ReNegLoadRewardModel": "Load Reward Model",
         "ReNegSaveEmbedding": "Save ReNeg Embedding",
         "ReNegNAG": "ReNeg NAG",
+        "ReNegPredictedNegative": "ReNeg Predicted Negative",
     }
     paths, exts = host.fp.folder_names_and_paths["reneg"]
     assert paths[0] == os.path.join(host.models_dir, "reneg")
@@ -485,7 +487,7 @@ def test_example_workflows_fit_the_nodes(host, workflow):
     wf = json.loads((ROOT / "workflows" / workflow).read_text())
     ids = {n["id"] for n in wf["nodes"]}
     assert all(link[1] in ids and link[3] in ids for link in wf["links"])
-    user_files = {"embedding", "model", "clip_model", "tokenizer_model"}  # lists of the user's own files
+    user_files = {"embedding", "predictor", "model", "clip_model", "tokenizer_model"}  # lists of the user's own files
     seen = 0
     for n in wf["nodes"]:
         if not n["type"].startswith("ReNeg"):

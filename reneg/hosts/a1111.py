@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 
-from ..embedding import EmbeddingError, _sha256, list_embedding_files, load_embedding
+from ..embedding import EmbeddingError, _overflow, _sha256, list_embedding_files, load_embedding
 from ..families import FAMILIES, families_for_host, family_for_hidden
+from ..predictor import is_predictor_file, load_predictor
 from ..uncond import content_length, crossattn_of, replace_uncond
+from .predicted import PredictedNegative
 
 HOST = "a1111"
 TITLE = "ReNeg"
@@ -136,8 +138,8 @@ class EmbeddingStore:
             hit = self.cache.get(path)
         if hit is not None and hit[0] == key:
             return hit
-        try:
-            value = load_embedding(path)
+        try:  # a predictor file is picked like an embedding; it gives each prompt its own negative
+            value = PredictedNegative(load_predictor(path)) if is_predictor_file(path) else load_embedding(path)
         except EmbeddingError as e:
             value = str(e)
             log(f"ReNeg: cannot use {value}")
@@ -630,8 +632,18 @@ class Host:
                 active.warn(f"ReNeg: not applied: {active.dtype_problem(host.dtype)}, the host's conditioning dtype")
                 return
             emb = active.tensor_like(host) if isinstance(host, torch.Tensor) else active.tensor
+            pooled = active.pooled
+            if getattr(active.emb, "is_predictor", False) and isinstance(host, torch.Tensor):
+                # this step's prompts' own negatives (rows [B, R, D], SDXL's pooled [B, P])
+                emb, pooled, note = active.emb.predict(params.text_cond, host.shape[0])
+                if note:
+                    active.warn(note)
+                problem = _overflow(emb, host.dtype, active.emb.path or "predictor", "predicted values")
+                if problem:
+                    active.warn(f"ReNeg: not applied: {problem}, the host's conditioning dtype")
+                    return
             length = content_length(getattr(params, "text_cond", None), active.rows)
-            new, msg = replace_uncond(params.text_uncond, emb, active.strength, length=length, pooled=active.pooled)
+            new, msg = replace_uncond(params.text_uncond, emb, active.strength, length=length, pooled=pooled)
             if msg:
                 active.warn(msg)
             if new is not None:
