@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from comfy_stubs import ModelPatcher, to_inference_tensors
+from comfy_stubs import FirstStage, ModelPatcher, to_inference_tensors
 
 
 class CONST:  # ComfyUI's name: ComfyBackend recognises flow models by it
@@ -84,18 +84,9 @@ class WanModel(torch.nn.Module):
         return latent * self.latent_format.std.to(latent) + self.latent_format.mean.to(latent)
 
 
-class WanFirstStage(torch.nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def decode(self, z):
-        return self.vae.decode(z, return_dict=False)[0]
-
-
 class WanVAE:
     def __init__(self, vae):
-        self.first_stage_model = WanFirstStage(vae)
+        self.first_stage_model = FirstStage(vae)  # decode: [B, 3, F, H, W] for the Wan VAE
         self.vae_dtype = torch.float32
         self.device = torch.device("cpu")
         self.patcher = ModelPatcher(self.first_stage_model)
