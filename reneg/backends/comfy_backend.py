@@ -116,7 +116,7 @@ def latent_out(model, x0: torch.Tensor) -> torch.Tensor:
     shallow copy of the format, so ComfyUI's own object is left as it is."""
     fmt = getattr(model, "latent_format", None)
     stats = {}
-    if fmt is not None and not torch.is_inference_mode_enabled():
+    if callable(getattr(fmt, "process_out", None)) and not torch.is_inference_mode_enabled():
         stats = {k: v for k, v in vars(fmt).items() if isinstance(v, torch.Tensor) and v.is_inference()}
     if not stats:
         return model.process_latent_out(x0)
