@@ -244,7 +244,7 @@ class ReNegPerSampleTune:
 
         with backend.trainable(), reward.use() as rmodel:
             if backend.frames > 1:  # a video's frames, each scored, averaged per video
-                from ..reneg.evaluation.scoring import FrameReward
+                from ..reneg.frame_reward import FrameReward
 
                 rmodel = FrameReward(rmodel, backend.frames)
             cond = backend.positive_cond(positive)

@@ -54,9 +54,18 @@ class Wan21LatentFormat:
     latent_channels = 16
     latent_dimensions = 3
 
+    scale_factor = 1.0
+
     def __init__(self, mean, std):
-        self.mean = torch.tensor(mean).view(1, 16, 1, 1, 1)
-        self.std = torch.tensor(std).view(1, 16, 1, 1, 1)
+        # made when the model loads, inside the prompt's inference mode, as ComfyUI's Wan21 format makes them
+        with torch.inference_mode():
+            self.latents_mean = torch.tensor(mean).view(1, 16, 1, 1, 1)
+            self.latents_std = torch.tensor(std).view(1, 16, 1, 1, 1)
+
+    def process_out(self, latent):  # comfy/latent_formats.py Wan21.process_out
+        latents_mean = self.latents_mean.to(latent.device, latent.dtype)
+        latents_std = self.latents_std.to(latent.device, latent.dtype)
+        return latent * latents_std / self.scale_factor + latents_mean
 
 
 class WanModel(torch.nn.Module):
@@ -81,7 +90,7 @@ class WanModel(torch.nn.Module):
         return self.model_sampling.calculate_denoised(t, out, x)
 
     def process_latent_out(self, latent):
-        return latent * self.latent_format.std.to(latent) + self.latent_format.mean.to(latent)
+        return self.latent_format.process_out(latent)
 
 
 class WanVAE:

@@ -7,6 +7,7 @@ that need them, so the module also loads (and is tested) with small stand-ins fo
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 from typing import Iterator
 
@@ -105,6 +106,24 @@ class ComfyDenoiser:
             rows = Cond(part.crossattn[:, :n], part.pooled, part.extra)
             out[idx] = self(x[idx], sigma[idx], rows)
         return out
+
+
+def latent_out(model, x0: torch.Tensor) -> torch.Tensor:
+    """``model.process_latent_out(x0)`` (ComfyUI's ``latent_format.process_out``) where a gradient can flow:
+    a latent format with tensor statistics (Wan's ``latents_mean`` / ``latents_std``) made them when the
+    model was loaded, inside the prompt's inference mode, and autograd cannot save inference tensors.
+    Outside inference mode the statistics are read from normal copies of them (the same values), on a
+    shallow copy of the format, so ComfyUI's own object is left as it is."""
+    fmt = getattr(model, "latent_format", None)
+    stats = {}
+    if callable(getattr(fmt, "process_out", None)) and not torch.is_inference_mode_enabled():
+        stats = {k: v for k, v in vars(fmt).items() if isinstance(v, torch.Tensor) and v.is_inference()}
+    if not stats:
+        return model.process_latent_out(x0)
+    shadow = copy.copy(fmt)
+    for k, v in stats.items():
+        setattr(shadow, k, v.clone())
+    return shadow.process_out(x0)
 
 
 class ComfyBackend:
@@ -373,7 +392,7 @@ class ComfyBackend:
         """Differentiable: model-space x0 -> VAE latent -> image in [-1, 1], BCHW (a video's frames, ``B * F``), float32, through
         ``model.process_latent_out`` and ``vae.first_stage_model.decode`` (``VAE.decode`` itself may fall
         back to a tiled path decorated with inference mode)."""
-        z = self.model.process_latent_out(x0)
+        z = latent_out(self.model, x0)
         vae_dtype = getattr(self.vae, "vae_dtype", torch.float32)
         vae_device = getattr(self.vae, "device", x0.device)
         img = self.vae.first_stage_model.decode(z.to(vae_device, vae_dtype))

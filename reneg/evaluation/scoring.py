@@ -9,6 +9,7 @@ import os
 import torch
 
 from reneg.fileio import atomic_path
+from reneg.frame_reward import FrameReward  # noqa: F401  (re-exported: reneg eval scores videos with it)
 
 from .config import EvalError, progress_bar
 from .images import IMAGE_DIR, load_frames
@@ -19,22 +20,6 @@ def reward_names(specs) -> list[str]:
     from reneg.rewards import display_names
 
     return display_names(specs)
-
-
-class FrameReward(torch.nn.Module):
-    """Scores ``[B*F, 3, H, W]`` frames with an image reward; returns the mean over each video's F frames."""
-
-    def __init__(self, reward, frames: int):
-        super().__init__()
-        self.reward, self.frames = reward, frames
-        self.name = getattr(reward, "name", "reward")
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        f = self.frames
-        if images.shape[0] != len(prompts) * f:
-            raise ValueError(f"FrameReward: {images.shape[0]} frames for {len(prompts)} prompts x {f} frames")
-        s = self.reward(images, [p for p in prompts for _ in range(f)])
-        return s.view(len(prompts), f).mean(1)
 
 
 @torch.no_grad()
