@@ -1,6 +1,6 @@
 """Negative tokens against the output-space embedding on the demo world: how much of its gain N tokens keep.
 
-    python benchmarks/tokens_study.py --quick --threads 1   # 3 seeds of 40 steps of 16, 32 prompts x 4 images
+    python benchmarks/tokens_study.py --quick --threads 1   # 3 seeds of 40 steps of 16, 32 prompts x 2 images
     python benchmarks/tokens_study.py                       # 5 seeds of the demo's 160 steps of 16, 16 images
 
 For every training seed it runs what a user runs (``--jobs`` at once, each on ``--threads`` torch threads),
@@ -220,13 +220,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--images-per-prompt", type=int, default=16, help="image seeds per held-out prompt")
     ap.add_argument("--fit-steps", type=int, default=300, help="reneg convert --fit-steps")
-    ap.add_argument("--quick", action="store_true", help="3 seeds, 40 steps of 16, 32 held-out prompts x 4 images")
+    ap.add_argument("--quick", action="store_true", help="3 seeds, 40 steps of 16, 32 held-out prompts x 2 images")
     ap.add_argument("--jobs", type=int, default=2, help="commands run at once")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per command")
     ap.add_argument("--out", default="runs/tokens-study")
     a = ap.parse_args(argv)
     if a.quick:
-        a.seeds, a.steps, a.batch_size, a.images_per_prompt = a.seeds[:3], 40, 16, 4
+        a.seeds, a.steps, a.batch_size, a.images_per_prompt = a.seeds[:3], 40, 16, 2
     from reneg import demo
 
     if demo._world() is None:
