@@ -113,7 +113,7 @@ def to_vp(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
 def step_scale(denoiser: Denoiser, sigma: torch.Tensor, scale: float) -> float:
     """The guidance scale at a step: ``scale``, unless the denoiser sets its own per step through a
     ``step_guidance(sigma, scale)`` method (Wan 2.2 A14B: the low-noise expert has its own scale)."""
-    own = getattr(denoiser, "step_guidance", None)
+    own = getattr(inspect.unwrap(denoiser), "step_guidance", None)  # through the compute meter's wrapper
     return scale if own is None else own(sigma, scale)
 
 

@@ -259,3 +259,24 @@ def test_flow_matching_euler_is_the_sampler_with_flow_times():
         v_u = velocity(ref, tt, neg.crossattn[:, 0].expand(2, -1))
         ref = sched.step(v_u + scale * (v_c - v_u), t, ref).prev_sample
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_denoisers_own_rules_survive_the_compute_meter():
+    """The trainer samples through the compute meter's wrapper: a denoiser's per-step scale (Wan 2.2
+    A14B's second expert) and its own CFG rule (Qwen-Image) must still be found through it."""
+    from reneg.compute import ComputeMeter
+    from reneg.sampling import own_guidance, step_scale
+
+    class Experts:
+        def __call__(self, x, sigma, cond):
+            return x
+
+        def step_guidance(self, sigma, scale):
+            return 2.0 if float(sigma.reshape(-1)[0]) < 0.5 else scale
+
+        def guide(self, x, sigma, x0_u, x0_c, scale):
+            return x0_c
+
+    d = ComputeMeter().denoiser(Experts())
+    assert step_scale(d, torch.tensor([0.2]), 5.0) == 2.0 and step_scale(d, torch.tensor([0.9]), 5.0) == 5.0
+    assert own_guidance(d) is not None
