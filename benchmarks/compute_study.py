@@ -104,8 +104,27 @@ def base_recipe(world: dict, ns) -> dict:
     return s
 
 
-def train_variant(world: dict, base: dict, name: str, seed: int, root: str) -> dict:
+def demo_train_config(world: dict, out: str, settings: dict):
+    """The TrainConfig of an in-process demo-world run into ``out`` with ``settings`` (TrainConfig fields),
+    resumed where a run stopped earlier (``resume="auto"``)."""
     from reneg.trainer.config import TrainConfig
+
+    return TrainConfig(
+        model=world["model"],
+        rewards=[world["reward"]],
+        prompts=world["prompts"],
+        heldout=world["heldout"],
+        handcrafted=world["handcrafted"],
+        out=out,
+        progress=False,
+        device="cpu",
+        base_model_name="reneg-demo",
+        resume="auto",
+        **{k: (tuple(v) if k == "grad_range" else v) for k, v in settings.items()},
+    )
+
+
+def train_variant(world: dict, base: dict, name: str, seed: int, root: str) -> dict:
     from reneg.trainer.train import run_train
 
     out = os.path.join(root, "train", f"{name}-s{seed}")
@@ -118,19 +137,7 @@ def train_variant(world: dict, base: dict, name: str, seed: int, root: str) -> d
     s = dict(base)
     s.update(VARIANTS[name][0](base))
     s.update(eval_every=0, checkpoint_every=max(1, s["steps"]), seed=seed)
-    cfg = TrainConfig(
-        model=world["model"],
-        rewards=[world["reward"]],
-        prompts=world["prompts"],
-        heldout=world["heldout"],
-        handcrafted=world["handcrafted"],
-        out=out,
-        progress=False,
-        device="cpu",
-        base_model_name="reneg-demo",
-        resume="auto",  # a run stopped earlier continues where it stopped
-        **{k: (tuple(v) if k == "grad_range" else v) for k, v in s.items()},
-    )
+    cfg = demo_train_config(world, out, s)  # resume="auto": a run stopped earlier continues where it stopped
     t0 = time.time()
     # a stop (SIGTERM, Ctrl-C, OUT/STOP) ends the run after its step with a checkpoint and raises
     # TrainingStopped, which main() turns into the exit status; never a half-made summary

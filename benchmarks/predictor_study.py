@@ -45,7 +45,7 @@ def log(msg: str) -> None:
 
 
 def train(world: dict, s: dict, out: str, **over) -> dict:
-    from reneg.trainer.config import TrainConfig
+    from benchmarks.compute_study import demo_train_config
     from reneg.trainer.train import run_train
 
     s = dict(s, **over)
@@ -62,19 +62,7 @@ def train(world: dict, s: dict, out: str, **over) -> dict:
                 raise SystemExit(f"{out}: a finished run with other settings ({', '.join(diff)}); use another --out")
             log(f"reused {os.path.basename(out)} (trained in {summary.get('seconds', 0):.0f} s)")
             return summary
-    cfg = TrainConfig(
-        model=world["model"],
-        rewards=[world["reward"]],
-        prompts=world["prompts"],
-        heldout=world["heldout"],
-        handcrafted=world["handcrafted"],
-        out=out,
-        progress=False,
-        device="cpu",
-        base_model_name="reneg-demo",
-        resume="auto",
-        **{k: (tuple(v) if k == "grad_range" else v) for k, v in s.items()},
-    )
+    cfg = demo_train_config(world, out, s)
     t0 = time.time()
     summary = run_train(cfg)
     log(f"trained {os.path.basename(out)} in {time.time() - t0:.0f} s")
