@@ -585,12 +585,19 @@ def list_embedding_files(*folders: str | os.PathLike) -> list[str]:
 _WARNED: set[str] = set()
 
 
+def learned_guidance(emb: NegEmbedding) -> str | None:
+    """The guidance ``emb`` was learned under (``cfg``, ``nag`` or ``cfg+nag``: the ``guidance`` entry a
+    training run writes; a file of ours without one was learned under CFG, the only guidance before NAG);
+    None where the file does not say (the paper's files, foreign formats)."""
+    return emb.metadata.get("guidance") or ("cfg" if emb.metadata.get("guidance_scale") else None)
+
+
 def guidance_mismatch(emb: NegEmbedding, mode: str) -> str | None:
     """A note when ``emb`` was learned under another guidance than ``mode`` (``cfg``, ``nag`` or
     ``cfg+nag``, the ``guidance`` entry a training run writes; a file without one was learned under
     CFG, the only guidance before NAG). A negative learned to steer CFG's unconditional pass is not the
     one that steers NAG's attention best, and the other way round."""
-    learned = emb.metadata.get("guidance") or ("cfg" if emb.metadata.get("guidance_scale") else None)
+    learned = learned_guidance(emb)
     if learned is None or learned == mode:
         return None
     where = os.path.basename(emb.path) if emb.path else "this embedding"

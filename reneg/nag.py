@@ -354,7 +354,9 @@ def check_comfy_model(model) -> None:
     if image_model:
         raise ValueError(
             f"NAG in ComfyUI: this model ({image_model}) does not read ComfyUI's cross-attention patches, "
-            "which only its UNets (SD1.x, SD2.x, SDXL) apply; NAG would change nothing here"
+            "which only its UNets (SD1.x, SD2.x, SDXL) apply; NAG would change nothing here. For Flux, Chroma, "
+            "SD3.5 or Wan, connect Load ReNeg Embedding's output to the nag_negative input of ComfyUI-NAG's "
+            "KSamplerWithNAG (custom node ChenDarYen/ComfyUI-NAG) instead"
         )
 
 

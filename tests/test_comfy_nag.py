@@ -102,7 +102,9 @@ def test_nag_on_a_model_that_ignores_attn2_patches_is_refused_by_name(host, tiny
         neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
     from reneg.nag import NAG, patch_comfy_model
 
-    with pytest.raises(ValueError, match="pixart.*does not read ComfyUI's cross-attention patches"):
+    with pytest.raises(ValueError, match="pixart.*does not read ComfyUI's cross-attention patches") as refused:
         patch_comfy_model(model, torch.zeros(1, 120, 4096), NAG())
+    # the message names the path that does exist for the DiTs ComfyUI-NAG covers: our negative as its nag_negative
+    assert "nag_negative input of ComfyUI-NAG's KSamplerWithNAG" in str(refused.value)
     with pytest.raises(Exception, match="pixart.*does not read ComfyUI's cross-attention patches"):
         node(host, "ReNegNAG").patch(model, neg, 5.0, 2.5, 0.25, 1.0)

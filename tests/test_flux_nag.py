@@ -265,3 +265,7 @@ def test_flux_train_tune_and_eval_under_nag_through_the_cli(tmp_path, tiny_flux_
     s = json.loads((ev / "summary.json").read_text())
     assert s["images"] == {"null": 1, "handcrafted": 1, "learned": 1}
     assert s["settings"]["guidance_mode"] == "nag" and s["settings"]["nag_scale"] == 4
+    # the report says which guidance the file was learned under, beside the guidance its images were made with
+    learned = next(n for n in s["negatives"] if n["name"] == "learned")
+    assert learned["description"].endswith("embedding.safetensors (learned under nag)"), learned
+    assert "learned under nag" in (ev / "report.html").read_text()

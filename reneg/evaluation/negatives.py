@@ -19,6 +19,7 @@ class Negative:
     name: str  # used in file names and the report
     kind: str  # null | zero | text | file | tuned | predictor
     source: str  # the text (text), the embedding file (file, tuned; "null" for tuned from null)
+    learned_under: str = ""  # the guidance the file says it was learned under (cfg, nag, cfg+nag), once read
 
     def describe(self) -> str:
         if self.kind == "null":
@@ -28,7 +29,9 @@ class Negative:
         if self.kind == "text":
             return f'text "{self.source}"'
         if self.kind == "file":
-            return f"embedding {_short(self.source)}"
+            return f"embedding {_short(self.source)}" + (
+                f" (learned under {self.learned_under})" if self.learned_under else ""
+            )
         if self.kind == "predictor":
             return f"negative predictor {_short(self.source)} (each prompt's own negative)"
         start = "null" if self.source == "null" else _short(self.source)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 
-from reneg.embedding import guidance_mismatch, warn_once
+from reneg.embedding import guidance_mismatch, learned_guidance, warn_once
 from reneg.fileio import atomic_write_json
 
 from . import images
@@ -180,6 +181,11 @@ def _run_eval(cfg: EvalConfig, log, items, negatives) -> dict:
     frames = cfg.frames if cfg.video else 1
     # every embedding file must fit the model before any image is made (or a reward loads)
     embs, tensors = check_negatives_fit(backend, negatives, _guidance(cfg, backend).mode)
+    # the report says, beside each file, the guidance it was learned under (next to the one used here)
+    negatives = [
+        replace(n, learned_under=learned_guidance(embs[n.source]) or "") if n.kind == "file" and n.source in embs else n
+        for n in negatives
+    ]
     specs = [parse_spec(s) for s in cfg.rewards]
     names = reward_names(specs)
     dtype = weights_dtype(cfg.mixed_precision, device)
