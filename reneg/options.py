@@ -59,6 +59,20 @@ class ReNegOptions:
         "a VAE file (.safetensors) or diffusers VAE folder used instead of the model's own "
         "(needed when the checkpoint has none inside)",
     )
+    text_encoders: list = _opt(
+        [],
+        "for a Flux.1 transformer file as ComfyUI keeps it (--model): its text encoder files, clip_l and "
+        "t5xxl (e.g. models/text_encoders/clip_l.safetensors, t5xxl_fp16.safetensors); repeat",
+        flag="--text-encoder",
+        action="append",
+        metavar="FILE",
+    )
+    tokenizer: str | None = _opt(
+        None,
+        "for a Flux.1 transformer file: a folder with T5's tokenizer (ComfyUI's comfy/text_encoders/t5_tokenizer, "
+        "found by itself when the files are inside a ComfyUI folder; or a FluxPipeline folder's tokenizer_2)",
+        metavar="FOLDER",
+    )
     prediction_type: str | None = _opt(
         None,
         "what the UNet predicts, instead of what the checkpoint says (default: read from the file)",
@@ -426,6 +440,12 @@ def check_model_and_rewards(opts: Any) -> None:
     vae = getattr(opts, "vae", None)
     if vae and not os.path.exists(vae):
         raise OptionError(f"--vae {vae}: no such file or folder")
+    for te in getattr(opts, "text_encoders", None) or ():
+        if not os.path.isfile(te):
+            raise OptionError(f"--text-encoder {te}: no such file")
+    tok = getattr(opts, "tokenizer", None)
+    if tok and not os.path.isdir(tok):
+        raise OptionError(f"--tokenizer {tok}: no such folder")
     if getattr(opts, "prediction_type", None) not in (None, "eps", "v"):
         raise OptionError(f"--prediction-type {opts.prediction_type}: expected eps or v")
     if not opts.rewards:

@@ -19,6 +19,7 @@ import os
 import torch
 
 from .backends.clip_tokenizer import write_clip_tokenizer
+from .backends.flux import SCHEDULERS as FLUX_RELEASE_SCHEDULERS
 from .demo_fallback import (
     SD_MODEL_INDEX,
     SD_SCHEDULER,
@@ -398,31 +399,8 @@ def build_tiny_wan(
     return folder
 
 
-# the scheduler configs the Flux.1 releases ship (FlowMatchEulerDiscreteScheduler): dev shifts its
-# schedule with the image size (``use_dynamic_shifting``, ``mu`` from the number of 2x2 latent patches);
-# schnell does not
-FLUX_SCHEDULERS = {
-    "dev": {
-        "_class_name": "FlowMatchEulerDiscreteScheduler",
-        "base_image_seq_len": 256,
-        "base_shift": 0.5,
-        "max_image_seq_len": 4096,
-        "max_shift": 1.15,
-        "num_train_timesteps": 1000,
-        "shift": 3.0,
-        "use_dynamic_shifting": True,
-    },
-    "schnell": {
-        "_class_name": "FlowMatchEulerDiscreteScheduler",
-        "base_image_seq_len": 256,
-        "base_shift": 0.5,
-        "max_image_seq_len": 4096,
-        "max_shift": 1.15,
-        "num_train_timesteps": 1000,
-        "shift": 1.0,
-        "use_dynamic_shifting": False,
-    },
-}
+# the scheduler configs the Flux.1 releases ship, as the single-file loader uses them
+FLUX_SCHEDULERS = {"dev": FLUX_RELEASE_SCHEDULERS["flux-dev"], "schnell": FLUX_RELEASE_SCHEDULERS["flux-schnell"]}
 
 
 def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width: int = 4096) -> str:

@@ -351,5 +351,118 @@ def test_comfyui_single_files_are_named_and_refused_clearly(tmp_path, tiny_flux_
         with pytest.raises(ModelLoadError) as e:
             load_diffusers(path)
         msg = str(e.value)
-        assert msg.startswith(path + ": ") and "diffusers FluxPipeline folder" in msg, msg
-        assert "Stable Diffusion 3" not in msg
+        assert msg.startswith(path + ": ") and "Stable Diffusion 3" not in msg, msg
+        if part == "transformer":  # loaded with its parts (the test below); alone it asks for them
+            assert "needs its text encoders: pass --text-encoder FILE for clip_l and t5xxl" in msg, msg
+        elif part == "checkpoint":  # all four parts inside; T5's tokenizer is not, nor a ComfyUI folder around it
+            assert "T5's tokenizer is not in these files; pass --tokenizer FOLDER" in msg, msg
+            with pytest.raises(ModelLoadError, match="a Flux.1 part lacks the tensor"):  # one tensor an encoder here
+                load_diffusers(path, tokenizer=os.path.join(tiny_flux_dir, "tokenizer_2"))
+        else:  # a part alone: what it is, and what to give
+            assert "diffusers FluxPipeline folder, or from these files together" in msg, msg
+
+
+def test_comfyui_single_files_load_as_the_folder_does(tmp_path, tiny_flux_dir, tiny_hps_ckpt, capsys):
+    """The four files a ComfyUI user holds (the transformer in the Black Forest Labs layout, clip_l, t5xxl, the
+    ae in the LDM layout), placed as in a ComfyUI folder, load into the same model as the FluxPipeline folder made
+    of the same weights: the same conditioning, schedule and images; T5's tokenizer is ComfyUI's own, found
+    beside the files. ``reneg train`` takes them; a missing part is asked for by its flag."""
+    import os
+    import shutil
+
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from ldm_layout import vae_to_ldm
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+    from reneg.backends.single_file.flux import bfl_to_diffusers
+    from reneg.cli import main
+    from reneg.generate import generate
+    from reneg.tiny import bfl_flux_state_dict
+
+    # a folder and files with the same weights: the transformer file converted by diffusers' own function
+    folder = tmp_path / "flux-folder"
+    shutil.copytree(tiny_flux_dir, folder)
+    bfl = bfl_flux_state_dict(hidden=64, depth=1, depth_single=1, head_dim=32, guidance=True, seed=3)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                attention_head_dim=32, num_attention_heads=2, joint_attention_dim=4096,
+                                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(4, 14, 14))  # fmt: skip
+    tr.load_state_dict(bfl_to_diffusers(bfl, 64), strict=True)  # diffusers' mapping (test below), at 64 wide
+    shutil.rmtree(folder / "transformer")
+    tr.save_pretrained(folder / "transformer")
+    # CLIP-L's own heads (12 of 64), which a file does not record, at two layers and a narrow feed-forward
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from reneg.backends.configs import architecture
+    from reneg.tiny import save_text_encoder_prefixed
+
+    clip_cfg = dict(architecture("sd1")["text_encoder"][1], num_hidden_layers=2, intermediate_size=64)
+    shutil.rmtree(folder / "text_encoder")
+    save_text_encoder_prefixed(CLIPTextModel(CLIPTextConfig(**clip_cfg)), str(folder / "text_encoder"))
+    comfy = tmp_path / "ComfyUI"
+    models = comfy / "models"
+    for d in ("diffusion_models", "text_encoders", "vae"):
+        (models / d).mkdir(parents=True)
+    shutil.copytree(folder / "tokenizer_2", comfy / "comfy" / "text_encoders" / "t5_tokenizer")
+    transformer = _save(models / "diffusion_models" / "flux1-dev.safetensors", bfl)
+    clip = shutil.copy(folder / "text_encoder" / "model.safetensors", models / "text_encoders" / "clip_l.safetensors")
+    t5 = shutil.copy(folder / "text_encoder_2" / "model.safetensors", models / "text_encoders" / "t5xxl.safetensors")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    ae = _save(models / "vae" / "ae.safetensors", vae_to_ldm(vae.state_dict(), dict(vae.config), prefix=""))
+
+    a = load_diffusers(str(folder))
+    b = load_diffusers(transformer, vae=ae, text_encoders=[str(t5), str(clip)])  # either order
+    assert b.family == "flux-dev" and b.model_info["kind"] == "single files (ComfyUI)"
+    assert b.model_info["tokenizer"].endswith(os.path.join("comfy", "text_encoders", "t5_tokenizer"))
+    prompts = ["a red circle", "a blue square on a green house"]
+    ca, cb = a.encode_prompts(prompts), b.encode_prompts(prompts)
+    assert torch.equal(ca.crossattn, cb.crossattn) and torch.equal(ca.pooled, cb.pooled)
+    assert torch.equal(a.schedule(4), b.schedule(4))
+    noise = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    ua, ub = a.negative_cond(*a._encode(["blurry"])), b.negative_cond(*b._encode(["blurry"]))
+    ia, ib = generate(a, ca, ua, noise, 4, 2.0), generate(b, cb, ub, noise, 4, 2.0)
+    assert ia.abs().max() > 0 and torch.equal(ia, ib)
+
+    # the CLI: the same files train a flux-dev negative (a tokenizer folder may also be given by hand)
+    out = tmp_path / "run"
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts * 2))
+    args = ["train", "--model", transformer, "--text-encoder", str(clip), "--text-encoder", str(t5), "--vae", ae]
+    args += ["--tokenizer", str(folder / "tokenizer_2"), "--reward", "hpsv2=" + tiny_hps_ckpt]
+    args += ["--prompts", str(prompts_file), "--sampling-steps", "3", "--grad-range", "0", "1", "--resolution", "32"]
+    args += ["--heldout-count", "1", "--out", str(out), "--steps", "1", "--batch-size", "1", "--eval-every", "0"]
+    assert main([*args, "--no-progress"]) == 0, capsys.readouterr().err
+    from reneg.embedding import load_embedding
+
+    assert load_embedding(out / "embedding.safetensors").family == "flux-dev"
+
+    # a part missing: the message names the flag that gives it
+    with pytest.raises(ModelLoadError, match=r"pass --text-encoder FILE for t5xxl"):
+        load_diffusers(transformer, vae=ae, text_encoders=[str(clip)])
+    with pytest.raises(ModelLoadError, match=r"needs its autoencoder: pass --vae FILE"):
+        load_diffusers(transformer, text_encoders=[str(clip), str(t5)])
+    with pytest.raises(ModelLoadError, match=r"--text-encoder .*ae.safetensors: the 16-channel autoencoder"):
+        load_diffusers(transformer, vae=ae, text_encoders=[ae, str(t5)])
+    # none of the files inside a ComfyUI folder: no tokenizer found
+    outside = [_save(tmp_path / "flux1-dev.safetensors", bfl), str(folder / "text_encoder" / "model.safetensors")]
+    with pytest.raises(ModelLoadError, match=r"T5's tokenizer is not in these files; pass --tokenizer FOLDER"):
+        load_diffusers(
+            outside[0], vae=ae, text_encoders=[outside[1], str(folder / "text_encoder_2" / "model.safetensors")]
+        )
+    with pytest.raises(ModelLoadError, match=r"--text-encoder: only for a model kept as separate files"):
+        load_diffusers(str(clip), text_encoders=[str(t5)])
+
+
+@pytest.mark.slow
+def test_the_transformer_mapping_equals_diffusers_own_at_the_released_width():
+    """``bfl_to_diffusers`` (any width) gives exactly what diffusers' converter (3072 wide only) gives, on a
+    Black Forest Labs-layout file of the release's width with one block of each kind (bf16, ~1.1 GB)."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from reneg.backends.single_file.flux import bfl_to_diffusers
+    from reneg.tiny import bfl_flux_state_dict
+
+    sd = bfl_flux_state_dict(hidden=3072, head_dim=128, depth=1, depth_single=1, dtype=torch.bfloat16)
+    ours = bfl_to_diffusers(sd, 3072)
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(sd))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -20,6 +20,8 @@ class TrainConfig:
     model: str = ""
     config: str | None = None  # configs folder for a single-file checkpoint (optional)
     vae: str | None = None  # a VAE file or folder replacing the model's own
+    text_encoders: list[str] = field(default_factory=list)  # a Flux transformer file's clip_l and t5xxl
+    tokenizer: str | None = None  # T5's tokenizer folder for a Flux transformer file
     prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""
@@ -93,7 +95,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train on the built-in demo world (no files needed); flags given beside it replace the demo's settings",
     )
-    O.add_options(p, ["model", "config", "vae", "prediction_type", "rewards"])
+    O.add_options(p, ["model", "config", "vae", "text_encoders", "tokenizer", "prediction_type", "rewards"])
     a(
         "--prompts",
         help="training prompts: .txt (one a line), .json (ImageReward list, "

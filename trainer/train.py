@@ -470,7 +470,14 @@ def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
 
     dtype = weights_dtype(cfg.mixed_precision, device)
     backend = load_diffusers(
-        cfg.model, device=device, dtype=dtype, config=cfg.config, vae=cfg.vae, prediction_type=cfg.prediction_type
+        cfg.model,
+        device=device,
+        dtype=dtype,
+        config=cfg.config,
+        vae=cfg.vae,
+        prediction_type=cfg.prediction_type,
+        text_encoders=cfg.text_encoders,
+        tokenizer=cfg.tokenizer,
     )
     apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
     if main:

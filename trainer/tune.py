@@ -26,7 +26,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tune on the built-in demo world (no files needed); flags given beside it replace the demo's settings",
     )
-    O.add_options(p, ["model", "config", "vae", "prediction_type", "rewards"])
+    O.add_options(p, ["model", "config", "vae", "text_encoders", "tokenizer", "prediction_type", "rewards"])
     a(
         "--embedding",
         help="starting embedding file (default: the null embedding), or a negative predictor file: the "
@@ -161,6 +161,8 @@ def run_tune(ns) -> dict:
         config=ns.config,
         vae=getattr(ns, "vae", None),
         prediction_type=getattr(ns, "prediction_type", None),
+        text_encoders=getattr(ns, "text_encoders", None) or (),
+        tokenizer=getattr(ns, "tokenizer", None),
     )
     apply_model_options(backend, getattr(ns, "wan_experts", "shared"), getattr(ns, "guidance_2", None))
     print(f"reneg tune: model {backend.describe()}", flush=True)

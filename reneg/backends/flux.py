@@ -59,6 +59,22 @@ PIPELINE = "FluxPipeline"
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default, and ComfyUI's for a Flux conditioning
 NATIVE_RESOLUTION = 1024  # FluxPipeline's default image size (default_sample_size 128 x the VAE's 8)
 # FlowMatchEulerDiscreteScheduler options the schedule below does not implement (none of Flux's releases sets them)
+# the scheduler configs the Flux.1 releases ship (FlowMatchEulerDiscreteScheduler), for files that carry none
+# (ComfyUI's single files): dev shifts its schedule with the image size (``use_dynamic_shifting``, ``mu`` from
+# the number of 2x2 latent patches); schnell does not
+SCHEDULERS = {
+    variant: {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "base_image_seq_len": 256,
+        "base_shift": 0.5,
+        "max_image_seq_len": 4096,
+        "max_shift": 1.15,
+        "num_train_timesteps": 1000,
+        "shift": shift,
+        "use_dynamic_shifting": dynamic,
+    }
+    for variant, shift, dynamic in (("flux-dev", 3.0, True), ("flux-schnell", 1.0, False))
+}
 _UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
 
 
@@ -461,12 +477,24 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
 
     parts = {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
     m = load_parts(path, dtype, {**parts, "text_encoder_2": T5EncoderModel})
-    transformer, vae, clip, t5 = m["transformer"], m["vae"], m["text_encoder"], m["text_encoder_2"]
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
     tokenizer_2 = load_t5_tokenizer(os.path.join(path, "tokenizer_2"))
+    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    info = {"source": path, "kind": "diffusers folder", "vae": "inside"}
+    return build_backend(
+        m["transformer"], m["vae"], m["text_encoder"], tokenizer, m["text_encoder_2"], tokenizer_2, sched, path,
+        device, dtype, info,
+    )  # fmt: skip
+
+
+def build_backend(transformer, vae, clip, tokenizer, t5, tokenizer_2, sched: dict, source: str, device, dtype,
+                  model_info: dict) -> FluxBackend:  # fmt: skip
+    """A :class:`FluxBackend` from its loaded parts (a folder's or ComfyUI's single files'), once they are
+    checked to fit together: the T5 and CLIP widths the transformer reads, 2x2 patches of the VAE's
+    channels."""
     family = flux_family(transformer)
     spec = get_family(family)
     cfg = transformer.config
@@ -481,18 +509,17 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
     )
     for what, got, key, want in checks:
         if int(got) != int(want):
-            raise ModelLoadError(f"{path}: {what} {got} does not match the transformer's {key} {want}")
+            raise ModelLoadError(f"{source}: {what} {got} does not match the transformer's {key} {want}")
     if int(cfg.joint_attention_dim) != spec.hidden or int(cfg.pooled_projection_dim) != spec.pooled:
         raise ModelLoadError(
-            f"{path}: {spec.description} reads T5-XXL rows of width {spec.hidden} and a CLIP-L vector of "
+            f"{source}: {spec.description} reads T5-XXL rows of width {spec.hidden} and a CLIP-L vector of "
             f"{spec.pooled}; this transformer reads {cfg.joint_attention_dim} and {cfg.pooled_projection_dim}"
         )
     if int(cfg.in_channels) != 4 * int(vae.config.latent_channels) or int(getattr(cfg, "patch_size", 1)) != 1:
         raise ModelLoadError(
-            f"{path}: the transformer reads {cfg.in_channels} channels; a Flux.1 text-to-image transformer reads "
+            f"{source}: the transformer reads {cfg.in_channels} channels; a Flux.1 text-to-image transformer reads "
             f"2x2 patches of the VAE's {vae.config.latent_channels} latent channels ({4 * vae.config.latent_channels})"
         )
-    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     for m in (transformer, vae, clip, t5):
         m.requires_grad_(False).eval()
     backend = FluxBackend(
@@ -502,11 +529,11 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
         tokenizer,
         dict(sched),
         family,
-        path,
+        source,
         torch.device(device),
         dtype,
         text_encoder_2=t5,
         tokenizer_2=tokenizer_2,
-        model_info={"source": path, "kind": "diffusers folder", "family": family, "vae": "inside"},
+        model_info={**model_info, "family": family},
     )
     return backend.to(device)

@@ -33,6 +33,8 @@ def load_diffusers(
     vae: str | None = None,
     prediction_type: str | None = None,
     frames: int | None = None,
+    text_encoders: list[str] | tuple = (),
+    tokenizer: str | None = None,
 ) -> DiffusersBackend:
     """Load SD1.x / SD2.x / SDXL from a diffusers folder or a single-file checkpoint, locally.
 
@@ -47,13 +49,24 @@ def load_diffusers(
     ``config``: optional diffusers folder whose configs replace the built-in ones for a single
     file; ``vae``: a VAE file or folder replacing the model's own; ``prediction_type``: ``eps``
     or ``v`` instead of what the files say; ``frames``: frames per video, which also lets a video
-    model's folder load (see :func:`makes_videos`)."""
+    model's folder load (see :func:`makes_videos`). A Flux.1 transformer file, as ComfyUI keeps it, loads
+    with its parts: ``text_encoders`` (clip_l and t5xxl files), ``vae`` (ae) and ``tokenizer`` (T5's;
+    ComfyUI's own when the files sit in a ComfyUI folder): :func:`reneg.backends.single_file.flux.load_flux_files`."""
     path = os.fspath(path)
     if os.path.isdir(path):
         backend = _load_folder(path, device, dtype, vae, frames)
     elif os.path.isfile(path):
-        from .single_file import load_single_file
+        from .single_file import load_single_file, open_checkpoint
+        from .single_file.flux import flux_part, load_flux_files
 
+        if path.lower().endswith(".safetensors"):
+            part = flux_part(open_checkpoint(path))
+            if part is not None and part.part in ("transformer", "checkpoint"):
+                return load_flux_files(path, text_encoders, vae, tokenizer, device, dtype)
+        if text_encoders or tokenizer:
+            flag = "--text-encoder" if text_encoders else "--tokenizer"
+            raise ModelLoadError(f"{flag}: only for a model kept as separate files (a Flux.1 transformer file); "
+                                 f"{path} holds its own text encoders")  # fmt: skip
         backend = load_single_file(path, device, dtype, config=config, vae=vae, prediction_type=prediction_type)
         return backend
     else:

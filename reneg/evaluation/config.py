@@ -56,6 +56,8 @@ class EvalConfig:
     model: str = ""
     config: str | None = None
     vae: str | None = None  # a VAE file or folder replacing the model's own
+    text_encoders: list[str] = field(default_factory=list)  # a Flux transformer file's clip_l and t5xxl
+    tokenizer: str | None = None  # T5's tokenizer folder for a Flux transformer file
     prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""

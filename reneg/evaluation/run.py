@@ -142,6 +142,8 @@ def load_backend(cfg: EvalConfig, device: torch.device):
         config=cfg.config,
         vae=cfg.vae,
         prediction_type=cfg.prediction_type,
+        text_encoders=cfg.text_encoders,
+        tokenizer=cfg.tokenizer,
     )
     if cfg.video:
         from .video import load_animatediff

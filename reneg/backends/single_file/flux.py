@@ -11,9 +11,11 @@ Forest Labs layout: ``img_in``, ``txt_in``, ``vector_in``, ``double_blocks.N``, 
 ``double_blocks.0.img_attn.norm.key_norm.scale`` with ``img_in.weight``; dev when
 ``guidance_in.in_layer.weight`` is there) and ``sd.py`` (the text encoders) tell them apart.
 
-ReNeg reads Flux from a diffusers ``FluxPipeline`` folder (:mod:`reneg.backends.flux`): the single
-files carry no tokenizers. ``reneg inspect`` describes them; the loaders refuse them with a message
-that says so.
+ReNeg reads Flux from a diffusers ``FluxPipeline`` folder (:mod:`reneg.backends.flux`) or from these
+files together (:func:`load_flux_files`: the transformer as ``--model`` with ``--text-encoder`` and
+``--vae``); they carry no tokenizers: CLIP's ships with ReNeg, T5's is ComfyUI's own (found beside the
+files) or ``--tokenizer``. ``reneg inspect`` describes each file; a part given alone as ``--model`` is
+refused with a message that says what to give.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+from ..diffusers_backend import ModelLoadError
 from .read import Checkpoint
 
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")
@@ -64,9 +69,10 @@ class FluxPart:
 
 
 REFUSAL = (
-    "trains and tunes Flux.1 from a diffusers FluxPipeline folder (transformer/, vae/, text_encoder/, "
-    "tokenizer/, text_encoder_2/, tokenizer_2/, scheduler/); in ComfyUI the Load ReNeg Embedding node "
-    "works with the model ComfyUI loads from these files"
+    "trains and tunes Flux.1 from a diffusers FluxPipeline folder, or from these files together: the "
+    "transformer as --model, --text-encoder clip_l --text-encoder t5xxl, --vae ae (T5's tokenizer: ComfyUI's "
+    "own when the files are inside a ComfyUI folder, else --tokenizer FOLDER); in ComfyUI the Load ReNeg "
+    "Embedding node works with the model ComfyUI loads from these files"
 )
 
 
@@ -153,3 +159,293 @@ def flux_part(ck: Checkpoint) -> FluxPart | None:
         details = {"latent": "16 channels, 8x downsampling (the LDM layout)"}
         return FluxPart(ck.path, "ae", "the 16-channel autoencoder (ae) of Flux.1 and Chroma", details, size=size)
     return None
+
+
+def bfl_to_diffusers(sd: dict, hidden: int) -> dict:
+    """A Flux transformer's state dict from the Black Forest Labs layout to diffusers' (the mapping of
+    diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``, which fixes the width at the release's
+    3072; here it is the file's: ``tests/test_flux.py`` checks the two agree bit for bit at 3072)."""
+    sd, out = dict(sd), {}
+
+    def move(src: str, dst: str, fn=None) -> None:
+        for suffix in (".weight", ".bias"):
+            if src + suffix in sd:
+                v = sd.pop(src + suffix)
+                out[dst + suffix] = fn(v) if fn else v
+
+    def swap_scale_shift(v):  # the original's final modulation is (shift, scale); diffusers' (scale, shift)
+        shift, scale = v.chunk(2, dim=0)
+        return torch.cat([scale, shift], dim=0)
+
+    for src, dst in (
+        ("time_in", "timestep_embedder"),
+        ("vector_in", "text_embedder"),
+        ("guidance_in", "guidance_embedder"),
+    ):
+        move(f"{src}.in_layer", f"time_text_embed.{dst}.linear_1")
+        move(f"{src}.out_layer", f"time_text_embed.{dst}.linear_2")
+    move("txt_in", "context_embedder")
+    move("img_in", "x_embedder")
+    for i in range(_count_keys(sd, "double_blocks.")):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        move(b + "img_mod.lin", d + "norm1.linear")
+        move(b + "txt_mod.lin", d + "norm1_context.linear")
+        for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+            for suffix in (".weight", ".bias"):
+                for name, part in zip(names, sd.pop(f"{b}{stream}_attn.qkv{suffix}").chunk(3, dim=0)):
+                    out[f"{d}attn.{name}{suffix}"] = part
+        for stream, (q, k) in (("img", ("norm_q", "norm_k")), ("txt", ("norm_added_q", "norm_added_k"))):
+            out[f"{d}attn.{q}.weight"] = sd.pop(f"{b}{stream}_attn.norm.query_norm.scale")
+            out[f"{d}attn.{k}.weight"] = sd.pop(f"{b}{stream}_attn.norm.key_norm.scale")
+        move(b + "img_mlp.0", d + "ff.net.0.proj")
+        move(b + "img_mlp.2", d + "ff.net.2")
+        move(b + "txt_mlp.0", d + "ff_context.net.0.proj")
+        move(b + "txt_mlp.2", d + "ff_context.net.2")
+        move(b + "img_attn.proj", d + "attn.to_out.0")
+        move(b + "txt_attn.proj", d + "attn.to_add_out")
+    for i in range(_count_keys(sd, "single_blocks.")):
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        move(b + "modulation.lin", d + "norm.linear")
+        for suffix in (".weight", ".bias"):
+            w = sd.pop(f"{b}linear1{suffix}")
+            parts = torch.split(w, (hidden, hidden, hidden, w.shape[0] - 3 * hidden), dim=0)
+            for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts):
+                out[f"{d}{name}{suffix}"] = part
+        out[f"{d}attn.norm_q.weight"] = sd.pop(f"{b}norm.query_norm.scale")
+        out[f"{d}attn.norm_k.weight"] = sd.pop(f"{b}norm.key_norm.scale")
+        move(b + "linear2", d + "proj_out")
+    move("final_layer.linear", "proj_out")
+    move("final_layer.adaLN_modulation.1", "norm_out.linear", swap_scale_shift)
+    return {**out, **sd}  # anything left is reported by the loader as not the model's
+
+
+def _count_keys(sd: dict, prefix: str) -> int:
+    n = {
+        int(k[len(prefix) :].split(".", 1)[0])
+        for k in sd
+        if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0].isdigit()
+    }
+    return max(n) + 1 if n else 0
+
+
+# ComfyUI keeps T5's tokenizer in its own source tree; a transformer file inside a ComfyUI folder finds it there
+COMFY_T5_TOKENIZER = os.path.join("comfy", "text_encoders", "t5_tokenizer")
+
+
+def find_t5_tokenizer(*paths: str) -> str | None:
+    """The T5 tokenizer folder of the ComfyUI installation that holds one of ``paths`` (a model file under
+    ``ComfyUI/models/...``), or None."""
+    for p in paths:
+        d = os.path.dirname(os.path.abspath(p))
+        for _ in range(6):
+            cand = os.path.join(d, COMFY_T5_TOKENIZER)
+            if os.path.isdir(cand):
+                return cand
+            d = os.path.dirname(d)
+    return None
+
+
+def _transformer_config(ck: Checkpoint, prefix: str) -> dict:
+    """A ``FluxTransformer2DModel`` config from a Black Forest Labs-layout file's shapes (the release: 3072
+    wide, heads of 128, 19 + 38 blocks, rotary axes 16/56/56 of each head's 128)."""
+    hidden, in_ch = (int(x) for x in ck.shapes[prefix + "img_in.weight"])
+    head = int(ck.shapes[prefix + "double_blocks.0.img_attn.norm.query_norm.scale"][0])
+    if head % 16:
+        raise ModelLoadError(f"{ck.path}: attention heads of {head} (Flux's are 128): not a Flux.1 transformer")
+    return {
+        "patch_size": 1,
+        "in_channels": in_ch,
+        "num_layers": _count(ck, prefix + "double_blocks."),
+        "num_single_layers": _count(ck, prefix + "single_blocks."),
+        "attention_head_dim": head,
+        "num_attention_heads": hidden // head,
+        "joint_attention_dim": int(ck.shapes[prefix + "txt_in.weight"][1]),
+        "pooled_projection_dim": int(ck.shapes[prefix + "vector_in.in_layer.weight"][1]),
+        "guidance_embeds": prefix + "guidance_in.in_layer.weight" in ck,
+        "axes_dims_rope": (head // 8, 7 * head // 16, 7 * head // 16),
+    }
+
+
+def _ae_config(ck: Checkpoint, prefix: str) -> dict:
+    """An ``AutoencoderKL`` config for Flux's ``ae`` from its shapes (the release: 128/256/512/512 wide, 2
+    ResNet blocks a level, 16 latent channels, groups of 32, scaling 0.3611, shift 0.1159, no quant convs).
+    The group count is not in the file: the release's 32 where every width allows it, else 8."""
+    levels = _count(ck, prefix + "encoder.down.")
+    widths = [int(ck.shapes[prefix + f"encoder.down.{i}.block.0.conv2.weight"][0]) for i in range(levels)]
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": int(ck.shapes[prefix + "decoder.conv_in.weight"][1]),
+        "block_out_channels": widths,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": _count(ck, prefix + "encoder.down.0.block."),
+        "norm_num_groups": 32 if all(w % 32 == 0 for w in widths) else 8,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+
+
+def _t5(ck: Checkpoint, prefix: str, dtype):
+    from transformers import T5Config, T5EncoderModel
+
+    from .build import _empty_weights, _fill
+
+    if "scaled_fp8" in ck:
+        raise ModelLoadError(
+            f"{ck.path}: a T5-XXL with scaled fp8 weights (scaled_fp8), which ReNeg does not read; "
+            "use the fp16 file (t5xxl_fp16.safetensors)"
+        )
+    q = ck.shapes[prefix + T5_KEY]
+    heads = int(ck.shapes[prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"][1])
+    vocab, width = (int(x) for x in ck.shapes[prefix + "shared.weight"])
+    config = T5Config(
+        vocab_size=vocab,
+        d_model=width,
+        d_kv=int(q[0]) // heads,
+        d_ff=int(ck.shapes[prefix + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]),
+        num_layers=_count(ck, prefix + "encoder.block."),
+        num_heads=heads,
+        relative_attention_num_buckets=int(
+            ck.shapes[prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"][0]
+        ),
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        is_encoder_decoder=False,
+        tie_word_embeddings=False,
+    )
+    with _empty_weights():
+        model = T5EncoderModel(config)
+    sd = {k[len(prefix) :]: v for k, v in ck.subset(prefix, dtype).items()}
+    if "encoder.embed_tokens.weight" in model.state_dict() and "encoder.embed_tokens.weight" not in sd:
+        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
+    return _fill(model, sd, ck.path, "T5-XXL text encoder")
+
+
+def _clip(ck: Checkpoint, prefix: str, dtype):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..configs import architecture
+    from .build import _empty_weights, _fill
+
+    # CLIP ViT-L/14's text tower (12 heads of 64, quick GELU); the depth and feed-forward width from the file
+    config = CLIPTextConfig.from_dict(dict(architecture("sd1")["text_encoder"][1]))
+    config.num_hidden_layers = _count(ck, prefix + "text_model.encoder.layers.")
+    config.intermediate_size = int(ck.shapes[prefix + "text_model.encoder.layers.0.mlp.fc1.weight"][0])
+    with _empty_weights():
+        model = CLIPTextModel(config)
+    sd = {k[len(prefix) :]: v for k, v in ck.subset(prefix, dtype).items() if not k.endswith("text_projection.weight")}
+    return _fill(model, sd, ck.path, "CLIP-L text encoder")
+
+
+def load_flux_files(
+    path: str,
+    text_encoders: list[str] | tuple = (),
+    vae: str | None = None,
+    tokenizer: str | None = None,
+    device="cpu",
+    dtype=None,
+):
+    """A :class:`reneg.backends.flux.FluxBackend` from the files a ComfyUI user holds: the transformer file
+    (``path``; or one checkpoint with all four parts), ``clip_l`` and ``t5xxl`` (``text_encoders``, either
+    order), ``ae`` (``vae``; a diffusers VAE folder also does) and T5's tokenizer (``tokenizer``: a folder;
+    by default ComfyUI's own, found beside the files). The transformer is converted with diffusers' own
+    ``convert_flux_transformer_checkpoint_to_diffusers`` mapping (:func:`bfl_to_diffusers`); every part is
+    checked against its shapes."""
+
+    from .read import open_checkpoint
+
+    dtype = dtype or torch.float32
+    ck = open_checkpoint(path)
+    part = flux_part(ck)
+    if part is None or part.part not in ("transformer", "checkpoint"):
+        what = part.description if part else "not a Flux.1 transformer"
+        raise ModelLoadError(f"{path}: {what}; give the Flux.1 transformer file as --model")
+    whole = part.part == "checkpoint"
+    tprefix = "model.diffusion_model." if whole else next(p for p in TRANSFORMER_PREFIXES if _transformer(ck, p))
+    if any(k.endswith(".scale_weight") for k in ck.keys()) or "scaled_fp8" in ck:
+        raise ModelLoadError(f"{path}: scaled fp8 weights (scale_weight tensors), which ReNeg does not read; "
+                             "use the bf16/fp16 file")  # fmt: skip
+
+    # the parts: from the one checkpoint, or one file each
+    found: dict[str, tuple[Checkpoint, str]] = {}
+    if whole:  # ComfyUI's whole checkpoints keep each encoder under text_encoders.NAME.transformer.
+        for name in ("clip_l", "t5xxl"):
+            inner = f"text_encoders.{name}.transformer."
+            found[name] = (ck, inner if any(k.startswith(inner) for k in ck.keys()) else f"text_encoders.{name}.")
+        if not vae:
+            found["ae"] = (ck, "vae.")
+    for te in text_encoders or ():
+        tck = open_checkpoint(te)
+        tpart = flux_part(tck)
+        if tpart is None or tpart.part not in ("clip_l", "t5xxl"):
+            what = tpart.description if tpart else "neither CLIP-L (clip_l) nor T5-XXL (t5xxl)"
+            raise ModelLoadError(f"--text-encoder {te}: {what}; Flux.1 reads clip_l and t5xxl")
+        if tpart.part in found and found[tpart.part][0] is not ck:
+            raise ModelLoadError(
+                f"--text-encoder {te}: a second {tpart.part} file (the first: {found[tpart.part][0].path})"
+            )
+        found[tpart.part] = (tck, "")
+    missing = [p for p in ("clip_l", "t5xxl") if p not in found]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: a Flux.1 transformer file needs its text encoders: pass --text-encoder FILE for "
+            f"{' and '.join(missing)} (ComfyUI keeps them in models/text_encoders/: clip_l.safetensors, "
+            "t5xxl_fp16.safetensors)"
+        )
+    if not vae and "ae" not in found:
+        raise ModelLoadError(f"{path}: a Flux.1 transformer file needs its autoencoder: pass --vae FILE "
+                             "(ComfyUI keeps it as models/vae/ae.safetensors)")  # fmt: skip
+
+    tok_dir = tokenizer or find_t5_tokenizer(path, *(text_encoders or ()))
+    if not tok_dir:
+        raise ModelLoadError(
+            f"{path}: T5's tokenizer is not in these files; pass --tokenizer FOLDER (ComfyUI's "
+            f"{COMFY_T5_TOKENIZER}/, or a FluxPipeline folder's tokenizer_2/), found by itself when the files "
+            "sit inside a ComfyUI folder"
+        )
+    try:
+        return _load_parts(path, ck, tprefix, found, vae, tok_dir, part.family, device, dtype)
+    except KeyError as e:  # a tensor the shapes are read from is not there: the file is not what it says
+        raise ModelLoadError(
+            f"{path}: a Flux.1 part lacks the tensor {e.args[0]} (a damaged or cut-down file)"
+        ) from None
+
+
+def _load_parts(path, ck, tprefix, found, vae, tok_dir, family, device, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    from ..flux import SCHEDULERS, build_backend
+    from ..parts import load_t5_tokenizer
+    from .build import _empty_weights, _fill, _tokenizer, build_vae, load_vae
+    from .read import open_checkpoint
+
+    cfg = _transformer_config(ck, tprefix)
+    sd = bfl_to_diffusers({k[len(tprefix) :]: v for k, v in ck.subset(tprefix, dtype).items()},
+                          cfg["num_attention_heads"] * cfg["attention_head_dim"])  # fmt: skip
+    with _empty_weights():
+        transformer = FluxTransformer2DModel.from_config(cfg)
+    transformer = _fill(transformer, sd, path, "Flux transformer")
+    clip = _clip(*found["clip_l"], dtype)
+    t5 = _t5(*found["t5xxl"], dtype)
+    if vae and os.path.isdir(vae):
+        ae = load_vae(vae, dtype)
+    else:
+        ack, aprefix = found.get("ae") or (open_checkpoint(vae), "")
+        apart = flux_part(ack) if aprefix == "" else None
+        if aprefix == "" and (apart is None or apart.part != "ae"):
+            raise ModelLoadError(f"--vae {vae}: not Flux's 16-channel autoencoder (ae)")
+        ae = build_vae(ack, _ae_config(ack, aprefix), dtype, source=f"--vae {ack.path}" if not aprefix else path)
+    info = {
+        "source": path,
+        "kind": "single files (ComfyUI)",
+        "text_encoders": [c.path for c, _ in (found["clip_l"], found["t5xxl"])],
+        "vae": vae or "inside",
+        "tokenizer": tok_dir,
+    }
+    return build_backend(
+        transformer, ae, clip, _tokenizer("<|endoftext|>"), t5, load_t5_tokenizer(tok_dir),
+        SCHEDULERS[family], path, device, dtype, info,
+    )  # fmt: skip
