@@ -19,6 +19,7 @@ import os
 import torch
 
 from .backends.clip_tokenizer import write_clip_tokenizer
+from .backends.chroma import SCHEDULER as CHROMA_RELEASE_SCHEDULER
 from .backends.flux import SCHEDULERS as FLUX_RELEASE_SCHEDULERS
 from .demo_fallback import (
     SD_MODEL_INDEX,
@@ -41,6 +42,7 @@ __all__ = [
     "TINY_CLIP_CONFIG",
     "CHROMA_SCHEDULER",
     "FLUX_SCHEDULERS",
+    "bfl_chroma_state_dict",
     "bfl_flux_state_dict",
     "build_tiny_chroma",
     "build_tiny_flux",
@@ -506,17 +508,57 @@ def bfl_flux_state_dict(
     return sd
 
 
-CHROMA_SCHEDULER = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "time_shift_type": "exponential",
-}
+def bfl_chroma_state_dict(
+    hidden: int = 64,
+    depth: int = 1,
+    depth_single: int = 1,
+    head_dim: int = 32,
+    approximator: tuple[int, int, int] = (16, 32, 1),
+    context: int = 4096,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A Chroma transformer's state dict in the layout ComfyUI loads from ``models/diffusion_models/``:
+    Flux's blocks without their modulation layers, and the ``distilled_guidance_layer`` (``approximator``:
+    input channels, width, layers; the release: 64, 5120, 5) that makes every block's modulations; random,
+    with Chroma's shapes for a given width and depth (the release: 3072 wide, 19 + 38 blocks, heads of 128)."""
+    g = torch.Generator().manual_seed(seed)
+    h, m = hidden, 4 * hidden
+    a_in, a_hidden, a_layers = approximator
+    sd: dict[str, torch.Tensor] = {}
+
+    def lin(name, out, inp):
+        sd[name + ".weight"] = (torch.randn(out, inp, generator=g) * inp**-0.5).to(dtype)
+        sd[name + ".bias"] = torch.zeros(out, dtype=dtype)
+
+    lin("distilled_guidance_layer.in_proj", a_hidden, a_in)
+    for i in range(a_layers):
+        lin(f"distilled_guidance_layer.layers.{i}.in_layer", a_hidden, a_hidden)
+        lin(f"distilled_guidance_layer.layers.{i}.out_layer", a_hidden, a_hidden)
+        sd[f"distilled_guidance_layer.norms.{i}.scale"] = torch.ones(a_hidden, dtype=dtype)
+    lin("distilled_guidance_layer.out_proj", h, a_hidden)
+    lin("img_in", h, 64)
+    lin("txt_in", h, context)
+    for i in range(depth):
+        for st in ("img", "txt"):
+            b = f"double_blocks.{i}.{st}"
+            lin(f"{b}_attn.qkv", 3 * h, h)
+            sd[f"{b}_attn.norm.query_norm.scale"] = torch.ones(head_dim, dtype=dtype)
+            sd[f"{b}_attn.norm.key_norm.scale"] = torch.ones(head_dim, dtype=dtype)
+            lin(f"{b}_attn.proj", h, h)
+            lin(f"{b}_mlp.0", m, h)
+            lin(f"{b}_mlp.2", h, m)
+    for i in range(depth_single):
+        b = f"single_blocks.{i}"
+        lin(f"{b}.linear1", 3 * h + m, h)
+        lin(f"{b}.linear2", h, h + m)
+        sd[f"{b}.norm.query_norm.scale"] = torch.ones(head_dim, dtype=dtype)
+        sd[f"{b}.norm.key_norm.scale"] = torch.ones(head_dim, dtype=dtype)
+    lin("final_layer.linear", 64, h)
+    return sd
+
+
+CHROMA_SCHEDULER = CHROMA_RELEASE_SCHEDULER  # the one the single-file loader uses
 
 
 def build_tiny_chroma(folder: str, seed: int = 0, t5_width: int = 4096) -> str:

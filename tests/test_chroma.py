@@ -227,7 +227,7 @@ def test_chroma_train_tune_and_eval_through_the_cli(tmp_path, chroma_dir, chroma
     assert s["images"] == {"null": 2, "handcrafted": 2, "learned": 2}
 
 
-def test_comfyui_single_files_are_named_by_inspect_and_refused_as_a_model(tmp_path, chroma, capsys):
+def test_comfyui_single_files_are_named_by_inspect_and_refused_alone(tmp_path, chroma, capsys):
     """The three files a ComfyUI Chroma user holds: the transformer (Flux's double/single blocks with a
     distilled_guidance_layer, ComfyUI's own test), the T5-XXL encoder (transformers layout), the Flux VAE."""
     from safetensors.torch import save_file
@@ -265,7 +265,13 @@ def test_comfyui_single_files_are_named_by_inspect_and_refused_as_a_model(tmp_pa
         assert main(["inspect", str(tmp_path / name)]) == 0
         out = capsys.readouterr().out
         assert all(w in out for w in words), out
-        with pytest.raises(ModelLoadError, match="on its own.*ChromaPipeline folder"):
+        # a part alone is refused; the transformer alone asks for its parts (they load: the test below)
+        alone = (
+            "needs its text encoder: pass --text-encoder"
+            if name == "chroma.safetensors"
+            else "on its own.*ChromaPipeline"
+        )
+        with pytest.raises(ModelLoadError, match=alone):
             load_diffusers(str(tmp_path / name))
     assert main(["inspect", "--json", str(tmp_path / "chroma.safetensors")]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -285,3 +291,96 @@ def test_comfyui_single_files_are_named_by_inspect_and_refused_as_a_model(tmp_pa
     with pytest.raises(ModelLoadError) as e:
         load_diffusers(str(tmp_path / "flux.safetensors"))
     assert "Chroma" not in str(e.value)
+
+
+def test_comfyui_single_files_load_as_the_folder_does(tmp_path, chroma_dir, tiny_hps_ckpt, capsys):
+    """A ComfyUI Chroma user's three files (the transformer in ComfyUI's layout, t5xxl, the ae in the LDM
+    layout) inside a ComfyUI-shaped folder with its T5 tokenizer load into the model the ChromaPipeline folder
+    of the same weights makes: the same rows, masks and images; ``reneg train`` takes them."""
+    import os
+    import shutil
+
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel
+    from ldm_layout import vae_to_ldm
+    from safetensors.torch import save_file
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+    from reneg.backends.single_file.flux import bfl_to_diffusers
+    from reneg.generate import generate
+    from reneg.tiny import bfl_chroma_state_dict
+
+    folder = tmp_path / "chroma-folder"
+    shutil.copytree(chroma_dir, folder)
+    bfl = bfl_chroma_state_dict(hidden=64, head_dim=32, approximator=(16, 32, 2), seed=5)
+    tr = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=32, num_attention_heads=2, joint_attention_dim=4096,
+                                  axes_dims_rope=(4, 14, 14), approximator_num_channels=16,
+                                  approximator_hidden_dim=32, approximator_layers=2)  # fmt: skip
+    tr.load_state_dict(bfl_to_diffusers(bfl, 64), strict=True)  # diffusers' mapping (slow test), at 64 wide
+    shutil.rmtree(folder / "transformer")
+    tr.save_pretrained(folder / "transformer")
+    models = tmp_path / "ComfyUI" / "models"
+    for d in ("diffusion_models", "text_encoders", "vae"):
+        (models / d).mkdir(parents=True)
+    shutil.copytree(folder / "tokenizer", tmp_path / "ComfyUI" / "comfy" / "text_encoders" / "t5_tokenizer")
+    transformer = str(models / "diffusion_models" / "chroma.safetensors")
+    save_file({k: v.contiguous() for k, v in bfl.items()}, transformer)
+    t5 = shutil.copy(folder / "text_encoder" / "model.safetensors", models / "text_encoders" / "t5xxl.safetensors")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    ae = str(models / "vae" / "ae.safetensors")
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(vae.state_dict(), dict(vae.config), prefix="").items()}, ae)
+
+    a = load_diffusers(str(folder))
+    b = load_diffusers(transformer, vae=ae, text_encoders=[str(t5)])
+    assert b.family == "chroma" and b.model_info["kind"] == "single files (ComfyUI)"
+    assert b.model_info["tokenizer"].endswith(os.path.join("comfy", "text_encoders", "t5_tokenizer"))
+    prompts = ["a red circle", "a blue square on a green house"]
+    ca, cb = a.encode_prompts(prompts), b.encode_prompts(prompts)
+    assert torch.equal(ca.crossattn, cb.crossattn) and torch.equal(ca.mask, cb.mask)
+    assert torch.equal(a.schedule(4), b.schedule(4))
+    noise = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    ua, ub = a.encode_prompts(["blurry"]), b.encode_prompts(["blurry"])
+    ia, ib = generate(a, ca, ua, noise, 4, 3.0), generate(b, cb, ub, noise, 4, 3.0)
+    assert ia.abs().max() > 0 and torch.equal(ia, ib)
+
+    out = tmp_path / "run"
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(prompts * 2))
+    args = [
+        "train",
+        "--model",
+        transformer,
+        "--text-encoder",
+        str(t5),
+        "--vae",
+        ae,
+        "--reward",
+        f"hpsv2={tiny_hps_ckpt}",
+    ]
+    args += ["--prompts", str(pf), "--sampling-steps", "3", "--grad-range", "0", "1", "--resolution", "32"]
+    args += ["--heldout-count", "1", "--out", str(out), "--steps", "1", "--batch-size", "1", "--eval-every", "0"]
+    assert main([*args, "--no-progress"]) == 0, capsys.readouterr().err
+    assert load_embedding(out / "embedding.safetensors").family == "chroma"
+
+    with pytest.raises(ModelLoadError, match=r"pass --text-encoder FILE once, for t5xxl"):
+        load_diffusers(transformer, vae=ae)
+    with pytest.raises(ModelLoadError, match=r"needs its autoencoder: pass --vae FILE"):
+        load_diffusers(transformer, text_encoders=[str(t5)])
+    with pytest.raises(ModelLoadError, match=r"--text-encoder .*ae.safetensors: .*Chroma reads t5xxl only"):
+        load_diffusers(transformer, vae=ae, text_encoders=[ae])
+
+
+@pytest.mark.slow
+def test_the_transformer_mapping_equals_diffusers_own_at_the_released_width():
+    """``bfl_to_diffusers`` gives exactly what diffusers' Chroma converter (3072 wide only) gives, on a
+    ComfyUI-layout Chroma of the release's width and approximator with one block of each kind (bf16)."""
+    from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
+
+    from reneg.backends.single_file.flux import bfl_to_diffusers
+    from reneg.tiny import bfl_chroma_state_dict
+
+    sd = bfl_chroma_state_dict(hidden=3072, head_dim=128, approximator=(64, 5120, 5), dtype=torch.bfloat16)
+    ours = bfl_to_diffusers(sd, 3072)
+    theirs = convert_chroma_transformer_checkpoint_to_diffusers(dict(sd))
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -112,6 +112,21 @@ class ChromaDenoiser:
         return x - t * v
 
 
+# the scheduler config Chroma's releases ship (FlowMatchEulerDiscreteScheduler, dynamic shift), for files that
+# carry none (ComfyUI's single files)
+SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+
+
 class ChromaBackend(DiffusersBackend):
     """A Chroma transformer + VAE + T5 encoder; ``unet`` holds the transformer, so the shared code
     (decode, device moves, gradient checkpointing) applies unchanged."""

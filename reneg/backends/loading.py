@@ -49,20 +49,26 @@ def load_diffusers(
     ``config``: optional diffusers folder whose configs replace the built-in ones for a single
     file; ``vae``: a VAE file or folder replacing the model's own; ``prediction_type``: ``eps``
     or ``v`` instead of what the files say; ``frames``: frames per video, which also lets a video
-    model's folder load (see :func:`makes_videos`). A Flux.1 transformer file, as ComfyUI keeps it, loads
-    with its parts: ``text_encoders`` (clip_l and t5xxl files), ``vae`` (ae) and ``tokenizer`` (T5's;
-    ComfyUI's own when the files sit in a ComfyUI folder): :func:`reneg.backends.single_file.flux.load_flux_files`."""
+    model's folder load (see :func:`makes_videos`). A Flux.1 or Chroma transformer file, as ComfyUI keeps
+    it, loads with its parts: ``text_encoders`` (Flux: clip_l and t5xxl; Chroma: t5xxl), ``vae`` (ae) and
+    ``tokenizer`` (T5's; ComfyUI's own when the files sit in a ComfyUI folder):
+    :func:`reneg.backends.single_file.flux.load_flux_files`, :func:`reneg.backends.single_file.chroma.load_chroma_files`."""
     path = os.fspath(path)
     if os.path.isdir(path):
         backend = _load_folder(path, device, dtype, vae, frames)
     elif os.path.isfile(path):
         from .single_file import load_single_file, open_checkpoint
+        from .single_file.chroma import chroma_part, load_chroma_files
         from .single_file.flux import flux_part, load_flux_files
 
-        if path.lower().endswith(".safetensors"):
-            part = flux_part(open_checkpoint(path))
+        if path.lower().endswith(".safetensors"):  # the transformer files that load with their parts
+            ck = open_checkpoint(path)
+            part = flux_part(ck)
             if part is not None and part.part in ("transformer", "checkpoint"):
                 return load_flux_files(path, text_encoders, vae, tokenizer, device, dtype)
+            chroma = chroma_part(ck)
+            if chroma is not None and chroma.kind == "transformer" and chroma.family == "chroma":
+                return load_chroma_files(path, text_encoders, vae, tokenizer, device, dtype)
         if text_encoders or tokenizer:
             flag = "--text-encoder" if text_encoders else "--tokenizer"
             raise ModelLoadError(f"{flag}: only for a model kept as separate files (a Flux.1 transformer file); "

@@ -11,9 +11,11 @@ inputs; ``nerf_blocks`` make it Chroma Radiance, a pixel-space model. The text e
 autoencoder are the ones Flux.1 uses too (and the T5 is PixArt's), so their lines name every family
 that reads them.
 
-ReNeg's command line reads Chroma from a diffusers ``ChromaPipeline`` folder
-(:mod:`reneg.backends.chroma`): the single files carry no tokenizer and no scheduler. ``reneg inspect``
-describes them; the loaders refuse them with a line that says what to pass.
+ReNeg's command line reads Chroma from a diffusers ``ChromaPipeline`` folder (:mod:`reneg.backends.chroma`)
+or from these files together (:func:`load_chroma_files`: the transformer as ``--model`` with
+``--text-encoder`` t5xxl and ``--vae`` ae; T5's tokenizer is ComfyUI's own, found beside the files, or
+``--tokenizer``; the scheduler the release's). ``reneg inspect`` describes each file; the T5 or the ae given
+alone as ``--model`` is refused with a line that says what to pass.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ T5_Q = "encoder.block.0.layer.0.SelfAttention.q.weight"
 UMT5_BIAS = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"  # every UMT5 layer has one
 PIPELINE = (
     "ReNeg's command line reads Chroma from a diffusers ChromaPipeline folder (model_index.json, "
-    "transformer/, text_encoder/, tokenizer/, vae/, scheduler/); in ComfyUI the ReNeg nodes take the "
+    "transformer/, text_encoder/, tokenizer/, vae/, scheduler/), or from these files together: the "
+    "transformer as --model, --text-encoder t5xxl, --vae ae; in ComfyUI the ReNeg nodes take the "
     "MODEL, CLIP and VAE its own loaders make from these files"
 )
 LOADERS = {
@@ -179,3 +182,104 @@ def chroma_part(ck: Checkpoint) -> ChromaPart | None:
             **_common(ck),
         )
     return None
+
+
+def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, tokenizer: str | None = None,
+                      device="cpu", dtype=None):  # fmt: skip
+    """A :class:`reneg.backends.chroma.ChromaBackend` from the files a ComfyUI Chroma user holds: the
+    transformer (``path``), ``t5xxl`` (``text_encoders``), ``ae`` (``vae``) and T5's tokenizer
+    (``tokenizer``; ComfyUI's own when the files sit in a ComfyUI folder). The transformer is converted with
+    the mapping of diffusers' ``convert_chroma_transformer_checkpoint_to_diffusers``
+    (:func:`reneg.backends.single_file.flux.bfl_to_diffusers`); the T5 and the ae are read as for Flux.1."""
+    import torch
+    from diffusers import ChromaTransformer2DModel
+
+    from ..chroma import SCHEDULER, ChromaBackend, check_parts
+    from ..diffusers_backend import ModelLoadError
+    from ..parts import load_t5_tokenizer
+    from .build import _empty_weights, _fill, build_vae, load_vae
+    from .flux import COMFY_T5_TOKENIZER, _ae_config, _t5, bfl_to_diffusers, find_t5_tokenizer, flux_part
+    from .read import open_checkpoint
+
+    dtype = dtype or torch.float32
+    ck = open_checkpoint(path)
+    part = chroma_part(ck)
+    if part is None or part.kind != "transformer" or part.family != "chroma":
+        raise ModelLoadError(f"{path}: {part.architecture if part else 'not a Chroma transformer'}; "
+                             "give the Chroma transformer file as --model")  # fmt: skip
+    keys = list(ck.keys())
+    pre = next(p for p in TRANSFORMER_PREFIXES if any(k.startswith(p + "distilled_guidance_layer.") for k in keys))
+    if any(k.endswith(".scale_weight") for k in keys) or "scaled_fp8" in ck:
+        raise ModelLoadError(f"{path}: scaled fp8 weights (scale_weight tensors), which ReNeg does not read; "
+                             "use the bf16/fp16 file")  # fmt: skip
+    t5 = []
+    for te in text_encoders or ():
+        tck = open_checkpoint(te)
+        tpart = flux_part(tck)
+        if tpart is None or tpart.part != "t5xxl":
+            what = tpart.description if tpart else "not T5-XXL (t5xxl)"
+            raise ModelLoadError(f"--text-encoder {te}: {what}; Chroma reads t5xxl only")
+        t5.append(tck)
+    if len(t5) != 1:
+        raise ModelLoadError(
+            f"{path}: a Chroma transformer file needs its text encoder: pass --text-encoder FILE once, for "
+            "t5xxl (ComfyUI keeps it in models/text_encoders/: t5xxl_fp16.safetensors)"
+        )
+    if not vae:
+        raise ModelLoadError(f"{path}: a Chroma transformer file needs its autoencoder: pass --vae FILE "
+                             "(ComfyUI keeps it as models/vae/ae.safetensors)")  # fmt: skip
+    tok_dir = tokenizer or find_t5_tokenizer(path, *(text_encoders or ()))
+    if not tok_dir:
+        raise ModelLoadError(
+            f"{path}: T5's tokenizer is not in these files; pass --tokenizer FOLDER (ComfyUI's "
+            f"{COMFY_T5_TOKENIZER}/, or a ChromaPipeline folder's tokenizer/), found by itself when the files "
+            "sit inside a ComfyUI folder"
+        )
+    try:
+        hidden, in_ch = (int(x) for x in ck.shapes[pre + "img_in.weight"])
+        head = int(ck.shapes[pre + "double_blocks.0.img_attn.norm.query_norm.scale"][0])
+        approx_hidden, approx_in = (int(x) for x in ck.shapes[pre + "distilled_guidance_layer.in_proj.weight"])
+        cfg = {
+            "patch_size": 1,
+            "in_channels": in_ch,
+            "num_layers": _count(keys, pre + "double_blocks."),
+            "num_single_layers": _count(keys, pre + "single_blocks."),
+            "attention_head_dim": head,
+            "num_attention_heads": hidden // head,
+            "joint_attention_dim": int(ck.shapes[pre + "txt_in.weight"][1]),
+            "axes_dims_rope": (head // 8, 7 * head // 16, 7 * head // 16),  # the release's 16/56/56 of 128
+            "approximator_num_channels": approx_in,
+            "approximator_hidden_dim": approx_hidden,
+            "approximator_layers": _count(keys, pre + "distilled_guidance_layer.layers."),
+        }
+        sd = bfl_to_diffusers({k[len(pre) :]: v for k, v in ck.subset(pre, dtype).items()}, hidden)
+        with _empty_weights():
+            transformer = ChromaTransformer2DModel.from_config(cfg)
+        transformer = _fill(transformer, sd, path, "Chroma transformer")
+        text_encoder = _t5(t5[0], "", dtype)
+        if os.path.isdir(vae):
+            ae = load_vae(vae, dtype)
+        else:
+            ack = open_checkpoint(vae)
+            apart = flux_part(ack)
+            if apart is None or apart.part != "ae":
+                raise ModelLoadError(f"--vae {vae}: not the 16-channel autoencoder (ae) Chroma reads")
+            ae = build_vae(ack, _ae_config(ack, ""), dtype, source=f"--vae {vae}")
+    except KeyError as e:
+        raise ModelLoadError(
+            f"{path}: a Chroma part lacks the tensor {e.args[0]} (a damaged or cut-down file)"
+        ) from None
+    check_parts(transformer, ae, text_encoder, path)
+    for m in (transformer, ae, text_encoder):
+        m.requires_grad_(False).eval()
+    backend = ChromaBackend(transformer, ae, text_encoder, load_t5_tokenizer(tok_dir), dict(SCHEDULER), "chroma",
+                            path, torch.device(device), dtype)  # fmt: skip
+    backend.model_info = {
+        "source": path,
+        "kind": "single files (ComfyUI)",
+        "family": "chroma",
+        "text_encoders": [t5[0].path],
+        "vae": vae,
+        "tokenizer": tok_dir,
+    }
+    return backend.to(device)

@@ -78,8 +78,9 @@ REFUSAL = (
 
 # parts other models read too: what ReNeg takes for those models instead
 SHARED = {
-    "t5xxl": "Chroma: a diffusers ChromaPipeline folder; PixArt: a PixArtAlphaPipeline / PixArtSigmaPipeline folder",
-    "ae": "Chroma: a diffusers ChromaPipeline folder",
+    "t5xxl": "Chroma: a diffusers ChromaPipeline folder, or its transformer file as --model with this file as "
+    "--text-encoder and --vae ae; PixArt: a PixArtAlphaPipeline / PixArtSigmaPipeline folder",
+    "ae": "Chroma: a diffusers ChromaPipeline folder, or its transformer file as --model with this file as --vae",
 }
 
 
@@ -162,9 +163,10 @@ def flux_part(ck: Checkpoint) -> FluxPart | None:
 
 
 def bfl_to_diffusers(sd: dict, hidden: int) -> dict:
-    """A Flux transformer's state dict from the Black Forest Labs layout to diffusers' (the mapping of
-    diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``, which fixes the width at the release's
-    3072; here it is the file's: ``tests/test_flux.py`` checks the two agree bit for bit at 3072)."""
+    """A Flux (or Chroma) transformer's state dict from the Black Forest Labs layout to diffusers' (the
+    mapping of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` and
+    ``convert_chroma_transformer_checkpoint_to_diffusers``, which fix the width at the releases' 3072; here
+    it is the file's: slow tests check they agree bit for bit at 3072)."""
     sd, out = dict(sd), {}
 
     def move(src: str, dst: str, fn=None) -> None:
@@ -186,6 +188,13 @@ def bfl_to_diffusers(sd: dict, hidden: int) -> dict:
         move(f"{src}.out_layer", f"time_text_embed.{dst}.linear_2")
     move("txt_in", "context_embedder")
     move("img_in", "x_embedder")
+    # Chroma: the approximator that makes every block's modulations (in place of Flux's per-block ones)
+    move("distilled_guidance_layer.in_proj", "distilled_guidance_layer.in_proj")
+    move("distilled_guidance_layer.out_proj", "distilled_guidance_layer.out_proj")
+    for i in range(_count_keys(sd, "distilled_guidance_layer.layers.")):
+        move(f"distilled_guidance_layer.layers.{i}.in_layer", f"distilled_guidance_layer.layers.{i}.linear_1")
+        move(f"distilled_guidance_layer.layers.{i}.out_layer", f"distilled_guidance_layer.layers.{i}.linear_2")
+        out[f"distilled_guidance_layer.norms.{i}.weight"] = sd.pop(f"distilled_guidance_layer.norms.{i}.scale")
     for i in range(_count_keys(sd, "double_blocks.")):
         b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         move(b + "img_mod.lin", d + "norm1.linear")
