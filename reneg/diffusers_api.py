@@ -32,11 +32,12 @@ How a family plugs in (nothing below names a family):
 * The pipeline's own argument names come from its ``__call__`` signature (:data:`POOLED_ARGS` and
   :data:`MASK_ARGS` list the spellings diffusers uses).
 
-Extension point for other kinds of ReNeg file: :data:`READERS` holds functions
+Other kinds of ReNeg file: :data:`READERS` holds functions
 ``reader(path, pipe, family, prompts) -> Negative | None``, tried in order before the embedding
 reader; each returns None for a file that is not its kind. A negative-token file (input-token vectors
-for the text encoder) is read by running its vectors through the pipeline's encoder; a per-prompt
-predictor file returns one negative per prompt (``Negative.embeds`` ``[B, L, D]``). Everything after
+for the text encoder) is read by running its vectors through the pipeline's encoder
+(:func:`_read_tokens`); a per-prompt predictor file returns one negative per prompt
+(``Negative.embeds`` ``[B, L, D]``, :func:`_read_predictor`). Everything after
 reading (rows, blend, batch, dtype, argument names) is the same for every kind.
 """
 
@@ -82,7 +83,62 @@ class PipelineText(NamedTuple):
     bool_mask: bool = False  # the pipeline's attention takes the mask as booleans (Chroma), not 0/1 integers
 
 
-READERS: list[Reader] = []
+def _read_tokens(path: str, pipe, family: Family, prompts: Optional[list]) -> Optional[Negative]:
+    """A negative-token (textual-inversion) file: its vectors through the pipeline's own text encoder(s),
+    placed as diffusers' ``load_textual_inversion`` and the UIs place them (the file's name alone as the
+    negative prompt); SDXL's pooled vector from the second encoder, as the pipeline makes it."""
+    from .tokens import TokenEncoder, TokenError, load_tokens, looks_like_tokens
+
+    if not looks_like_tokens(path):
+        return None
+    try:
+        tok = load_tokens(path, expected_family=family.name)
+        enc = TokenEncoder(_PipelineEncoders(pipe, family))
+    except TokenError as e:
+        raise EmbeddingError(str(e)) from None
+    with torch.no_grad():
+        rows, pooled = enc.encode(tok.flat().to(_device(pipe)))
+    return Negative(rows.float().cpu(), None if pooled is None else pooled.float().cpu())
+
+
+class _PipelineEncoders:
+    """What :class:`reneg.tokens.TokenEncoder` reads of a backend, from a diffusers pipeline."""
+
+    def __init__(self, pipe, family: Family):
+        self.family = family.name
+        self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+        self.device = _device(pipe)
+
+
+def _read_predictor(path: str, pipe, family: Family, prompts: Optional[list]) -> Optional[Negative]:
+    """A per-prompt negative predictor: each prompt's own negative, from the pipeline's own encoding of
+    the prompt (the conditioning the predictor was trained on)."""
+    from .predictor import is_predictor_file, load_predictor
+
+    if not is_predictor_file(path):
+        return None
+    model = load_predictor(path, expected_family=family.name)  # another family's: refused naming both
+    if not prompts:
+        raise ValueError(f"{path}: a predictor gives each prompt its own negative; give load_negative the prompts")
+    text = PIPELINE_TEXT.get(family.name)
+    if text is None or not _text_encoders(pipe):
+        raise ValueError(
+            f"{path}: a predictor reads the prompts' encoding, which ReNeg does not make for {_name(pipe)}"
+        )
+    with torch.no_grad():
+        pos = text.encode(pipe, list(prompts), _device(pipe), family.tokens)
+        rows, pooled = model(
+            pos.embeds.float().cpu(),
+            None if pos.pooled is None else pos.pooled.float().cpu(),
+            None if pos.mask is None else pos.mask.cpu(),
+        )
+    mask = model.neg_mask.expand(rows.shape[0], -1).long() if family.masked else None
+    return Negative(rows.detach(), None if pooled is None else pooled.detach(), mask)
+
+
+READERS: list[Reader] = [_read_tokens, _read_predictor]
 """Readers of other kinds of ReNeg file, tried in order before the embedding reader (see the module
 docstring): ``reader(path, pipe, family, prompts)`` returns a :class:`Negative` (CPU, float32, rows
 as the family's file has them) or None when the file is not its kind."""

@@ -428,6 +428,66 @@ def test_other_kinds_of_file_plug_in_as_readers(tmp_path, sd, sd_neg, monkeypatc
     assert torch.equal(reneg.load_negative(sd, path)["negative_prompt_embeds"], sd_neg)
 
 
+def test_token_and_predictor_files_are_read_too(tmp_path, sd, sd_neg, tiny_pipeline_dir, tiny_backend, tiny_sdxl_dir):
+    """A negative-token file gives what diffusers' own load_textual_inversion gives for its name as the negative
+    prompt (SD and SDXL, pooled vector included); a predictor file gives each prompt the negative ReNeg's
+    sampler gives it (predicted_cond on the prompt's encoding); another family's file is refused."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from reneg.embedding import EmbeddingError
+    from reneg.predictor import from_embedding, predicted_cond, save_predictor
+    from reneg.tokens import TokenNegative, save_tokens
+
+    # tokens, SD-type (this pipeline's CLIP is 64 wide: family tiny)
+    v = _noise(4, 64, seed=3) * 0.02
+    tok = save_tokens(tmp_path / "neg4.pt", TokenNegative.from_flat(v, "tiny"))
+    ref = _sd_pipe(tiny_pipeline_dir)
+    ref.load_textual_inversion(tok, token="<neg4>")
+    with torch.no_grad():
+        _, want = ref.encode_prompt("a red circle", "cpu", 1, True, negative_prompt="<neg4>")
+    got = reneg.load_negative(sd, tok, "a red circle")["negative_prompt_embeds"]
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, sd.encode_prompt("", "cpu", 1, False)[0])
+
+    # tokens, SDXL: clip_l + clip_g, and the pooled vector from the second encoder
+    xl = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    vx = _noise(3, 2048, seed=4) * 0.02
+    tokx = save_tokens(tmp_path / "xl3.safetensors", TokenNegative.from_flat(vx, "sdxl"))
+    kw = reneg.load_negative(xl, tokx, "a red circle")
+    refx = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    from safetensors.torch import load_file
+
+    parts = load_file(tokx)
+    refx.load_textual_inversion(parts["clip_l"], token="<x>", text_encoder=refx.text_encoder, tokenizer=refx.tokenizer)
+    refx.load_textual_inversion(
+        parts["clip_g"], token="<x>", text_encoder=refx.text_encoder_2, tokenizer=refx.tokenizer_2
+    )
+    with torch.no_grad():
+        _, neg, _, neg_pooled = refx.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=True, negative_prompt="<x>")  # fmt: skip
+    assert torch.allclose(kw["negative_prompt_embeds"], neg, atol=1e-6)
+    assert torch.allclose(kw["negative_pooled_prompt_embeds"], neg_pooled, atol=1e-6)
+    with pytest.raises(EmbeddingError, match="sdxl"):  # SDXL tokens on an SD pipeline
+        reneg.load_negative(sd, tokx, "a red circle")
+
+    # a predictor: one negative per prompt, as ReNeg's sampler makes it
+    model = from_embedding(NegEmbedding(sd_neg, "tiny"), "xattn", rank=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in ("up", "mix", "up_pooled"):
+                p.copy_(_noise(*p.shape, seed=5) * 0.1)
+    pred = save_predictor(tmp_path / "pred.safetensors", model)
+    prompts = ["a red circle", "a blue square on a green house"]
+    got = reneg.load_negative(sd, pred, prompts)["negative_prompt_embeds"]
+    with torch.no_grad():
+        want = predicted_cond(model, tiny_backend.encode_prompts(prompts)).crossattn
+    assert got.shape == (2, 77, 64) and torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-4)  # each prompt its own
+    with pytest.raises(ValueError, match="give load_negative the prompts"):
+        reneg.load_negative(sd, pred, prompt_embeds=torch.zeros(2, 77, 64))
+    with pytest.raises(EmbeddingError, match="tiny"):  # this SD-type predictor on the SDXL pipeline
+        reneg.load_negative(xl, pred, prompts)
+
+
 def test_the_api_is_import_light():
     code = (
         "import sys, reneg, reneg.diffusers_api\n"
