@@ -442,7 +442,7 @@ class TokenEncoder:
 
     def null(self, n: int) -> torch.Tensor:
         """The end token's vector ``n`` times: the empty prompt's conditioning exactly where the tokenizer
-        pads with the end token (SD1.x), nearly so elsewhere."""
+        pads with the end token (SD1.x); not in general where it pads with another token (OpenCLIP's 0)."""
         return self.from_text("", n)
 
     def text_token_count(self, text: str) -> int:
