@@ -442,7 +442,7 @@ class TokenEncoder:
 
     def null(self, n: int) -> torch.Tensor:
         """The end token's vector ``n`` times: the empty prompt's conditioning exactly where the tokenizer
-        pads with the end token (SD1.x), nearly so elsewhere."""
+        pads with the end token (SD1.x); not in general where it pads with another token (OpenCLIP's 0)."""
         return self.from_text("", n)
 
     def text_token_count(self, text: str) -> int:
@@ -551,10 +551,12 @@ def convert_to_tokens(
     if tuple(target.shape[1:]) != (77, target.shape[-1]):
         raise TokenError(f"{src}: a {list(target.shape)} embedding; negative tokens give 77 rows")
     pooled = emb.pooled.float() if emb.pooled is not None and backend.family == "sdxl" else None
-    with torch.no_grad():
-        null_rows, null_pooled = enc.encode(enc.null(n).to(backend.device))
+    # the baseline is the empty prompt's own encoding (what the embedding's training starts from), not the
+    # end-token vectors training starts from: the two are equal only where the tokenizer pads with its end
+    # token (SD1.x); OpenCLIP pads with 0 (SD2.x, SDXL's bigG), where they differ
+    null_rows, null_pooled = backend.null_embedding()
     vec, report = fit_tokens(enc, target, n, steps=steps, lr=lr, target_pooled=pooled, log=log)
-    null = fit_report(null_rows.cpu(), target, null_pooled, pooled)
+    null = fit_report(null_rows.detach().float().cpu(), target, null_pooled, pooled)
     report = dict(report, tokens=n, steps=steps, null_relative_error=null["relative_error"], null_cosine=null["cosine"])
     report["kept"] = 1.0 - report["relative_error"] / max(null["relative_error"], 1e-12)
     with open(src, "rb") as f:

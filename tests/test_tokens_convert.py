@@ -83,3 +83,9 @@ def test_convert_sdxl_fits_both_encoders_and_the_pooled_vector(tmp_path, tiny_sd
     assert set(tok.vectors) == {"clip_l", "clip_g"} and tok.count == 3
     assert "pooled_relative_error" in rep and rep["relative_error"] < rep["null_relative_error"]
     assert load_tokens(str(tmp_path / "x.safetensors"), expected_family="sdxl").count == 3
+    # the report's baseline is the empty prompt's encoding: an embedding equal to it is
+    # 0 away (bigG pads with 0, so the end-token vectors training starts from encode to something else)
+    null, null_pooled = xl.null_embedding()
+    empty = save_embedding(tmp_path / "empty.safetensors", NegEmbedding(null, "sdxl", null_pooled))
+    _, rep = convert_to_tokens(empty, str(tmp_path / "e.safetensors"), xl, 3, steps=1)
+    assert rep["null_relative_error"] < 1e-6 and rep["null_cosine"] > 1 - 1e-6, rep
