@@ -465,20 +465,11 @@ def token_start(cfg: TrainConfig, backend) -> tuple:
 
 def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
     """The model, the training reward and (main process) the monitor rewards, set up as the flags say."""
-    from reneg.backends.loading import apply_model_options, load_diffusers
+    from reneg.backends.loading import apply_model_options, load_diffusers, model_files
     from reneg.rewards import load_rewards
 
     dtype = weights_dtype(cfg.mixed_precision, device)
-    backend = load_diffusers(
-        cfg.model,
-        device=device,
-        dtype=dtype,
-        config=cfg.config,
-        vae=cfg.vae,
-        prediction_type=cfg.prediction_type,
-        text_encoders=cfg.text_encoders,
-        tokenizer=cfg.tokenizer,
-    )
+    backend = load_diffusers(cfg.model, device=device, dtype=dtype, **model_files(cfg))
     apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
     if main:
         print(f"reneg train: model {backend.describe()}", flush=True)

@@ -146,7 +146,7 @@ def check_tune_out(out: str, overwrite: bool) -> None:
 
 def run_tune(ns) -> dict:
     validate_tune(ns)
-    from reneg.backends.loading import apply_model_options, load_diffusers, weights_dtype
+    from reneg.backends.loading import apply_model_options, load_diffusers, model_files, weights_dtype
     from reneg.rewards import load_rewards, reward_files
 
     from .train import enable_checkpointing
@@ -154,16 +154,7 @@ def run_tune(ns) -> dict:
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mixed = getattr(ns, "mixed_precision", "no")
     dtype = weights_dtype(mixed, device)
-    backend = load_diffusers(
-        ns.model,
-        device=device,
-        dtype=dtype,
-        config=ns.config,
-        vae=getattr(ns, "vae", None),
-        prediction_type=getattr(ns, "prediction_type", None),
-        text_encoders=getattr(ns, "text_encoders", None) or (),
-        tokenizer=getattr(ns, "tokenizer", None),
-    )
+    backend = load_diffusers(ns.model, device=device, dtype=dtype, **model_files(ns))
     apply_model_options(backend, getattr(ns, "wan_experts", "shared"), getattr(ns, "guidance_2", None))
     print(f"reneg tune: model {backend.describe()}", flush=True)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)

@@ -85,6 +85,18 @@ def load_diffusers(
     return backend
 
 
+def model_files(opts) -> dict:
+    """The keyword arguments of :func:`load_diffusers` besides the model path that a front-end's options
+    carry (``--config``, ``--vae``, ``--prediction-type``, ``--text-encoder``, ``--tokenizer``)."""
+    return {
+        "config": getattr(opts, "config", None),
+        "vae": getattr(opts, "vae", None),
+        "prediction_type": getattr(opts, "prediction_type", None),
+        "text_encoders": getattr(opts, "text_encoders", None) or (),
+        "tokenizer": getattr(opts, "tokenizer", None),
+    }
+
+
 class FolderKind(NamedTuple):
     """A row of ``FOLDER_KINDS``. A video model's folder (ZeroScope's ``TextToVideoSDPipeline``) is a row
     marked ``video``: it is loaded where the caller asks for ``frames`` (``reneg eval``) and passed over

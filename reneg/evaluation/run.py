@@ -129,22 +129,13 @@ def _device(cfg: EvalConfig) -> torch.device:
 
 
 def load_backend(cfg: EvalConfig, device: torch.device):
-    from reneg.backends.loading import apply_model_options, load_diffusers, makes_videos, weights_dtype
+    from reneg.backends.loading import apply_model_options, load_diffusers, makes_videos, model_files, weights_dtype
 
     dtype = weights_dtype(cfg.mixed_precision, device)
     if cfg.video and makes_videos(cfg.video):  # a video model's folder: the loader's video kind
         backend = load_diffusers(cfg.video, device, dtype, frames=cfg.frames)
         return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
-    backend = load_diffusers(
-        cfg.model,
-        device=device,
-        dtype=dtype,
-        config=cfg.config,
-        vae=cfg.vae,
-        prediction_type=cfg.prediction_type,
-        text_encoders=cfg.text_encoders,
-        tokenizer=cfg.tokenizer,
-    )
+    backend = load_diffusers(cfg.model, device=device, dtype=dtype, **model_files(cfg))
     if cfg.video:
         from .video import load_animatediff
 

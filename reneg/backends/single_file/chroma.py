@@ -198,7 +198,7 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
     from ..diffusers_backend import ModelLoadError
     from ..parts import load_t5_tokenizer
     from .build import _empty_weights, _fill, build_vae, load_vae
-    from .flux import COMFY_T5_TOKENIZER, _ae_config, _t5, bfl_to_diffusers, find_t5_tokenizer, flux_part
+    from .flux import _ae_config, _t5, bfl_config, bfl_to_diffusers, flux_part, refuse_scaled_fp8, require_t5_tokenizer
     from .read import open_checkpoint
 
     dtype = dtype or torch.float32
@@ -209,9 +209,7 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
                              "give the Chroma transformer file as --model")  # fmt: skip
     keys = list(ck.keys())
     pre = next(p for p in TRANSFORMER_PREFIXES if any(k.startswith(p + "distilled_guidance_layer.") for k in keys))
-    if any(k.endswith(".scale_weight") for k in keys) or "scaled_fp8" in ck:
-        raise ModelLoadError(f"{path}: scaled fp8 weights (scale_weight tensors), which ReNeg does not read; "
-                             "use the bf16/fp16 file")  # fmt: skip
+    refuse_scaled_fp8(ck, path)
     t5 = []
     for te in text_encoders or ():
         tck = open_checkpoint(te)
@@ -228,30 +226,16 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
     if not vae:
         raise ModelLoadError(f"{path}: a Chroma transformer file needs its autoencoder: pass --vae FILE "
                              "(ComfyUI keeps it as models/vae/ae.safetensors)")  # fmt: skip
-    tok_dir = tokenizer or find_t5_tokenizer(path, *(text_encoders or ()))
-    if not tok_dir:
-        raise ModelLoadError(
-            f"{path}: T5's tokenizer is not in these files; pass --tokenizer FOLDER (ComfyUI's "
-            f"{COMFY_T5_TOKENIZER}/, or a ChromaPipeline folder's tokenizer/), found by itself when the files "
-            "sit inside a ComfyUI folder"
-        )
+    tok_dir = require_t5_tokenizer(path, text_encoders, tokenizer, "a ChromaPipeline folder's tokenizer/")
     try:
-        hidden, in_ch = (int(x) for x in ck.shapes[pre + "img_in.weight"])
-        head = int(ck.shapes[pre + "double_blocks.0.img_attn.norm.query_norm.scale"][0])
+        cfg = bfl_config(ck, pre)
         approx_hidden, approx_in = (int(x) for x in ck.shapes[pre + "distilled_guidance_layer.in_proj.weight"])
-        cfg = {
-            "patch_size": 1,
-            "in_channels": in_ch,
-            "num_layers": _count(keys, pre + "double_blocks."),
-            "num_single_layers": _count(keys, pre + "single_blocks."),
-            "attention_head_dim": head,
-            "num_attention_heads": hidden // head,
-            "joint_attention_dim": int(ck.shapes[pre + "txt_in.weight"][1]),
-            "axes_dims_rope": (head // 8, 7 * head // 16, 7 * head // 16),  # the release's 16/56/56 of 128
-            "approximator_num_channels": approx_in,
-            "approximator_hidden_dim": approx_hidden,
-            "approximator_layers": _count(keys, pre + "distilled_guidance_layer.layers."),
-        }
+        cfg.update(
+            approximator_num_channels=approx_in,
+            approximator_hidden_dim=approx_hidden,
+            approximator_layers=_count(keys, pre + "distilled_guidance_layer.layers."),
+        )
+        hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
         sd = bfl_to_diffusers({k[len(pre) :]: v for k, v in ck.subset(pre, dtype).items()}, hidden)
         with _empty_weights():
             transformer = ChromaTransformer2DModel.from_config(cfg)

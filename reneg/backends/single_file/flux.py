@@ -241,6 +241,26 @@ def _count_keys(sd: dict, prefix: str) -> int:
 COMFY_T5_TOKENIZER = os.path.join("comfy", "text_encoders", "t5_tokenizer")
 
 
+def require_t5_tokenizer(path: str, text_encoders, tokenizer: str | None, folder_hint: str) -> str:
+    """T5's tokenizer folder for ``path``'s model: ``tokenizer`` (``--tokenizer``), else the ComfyUI's own
+    that holds the files; a one-line error that says what to pass where there is none."""
+    found = tokenizer or find_t5_tokenizer(path, *(text_encoders or ()))
+    if not found:
+        raise ModelLoadError(
+            f"{path}: T5's tokenizer is not in these files; pass --tokenizer FOLDER (ComfyUI's "
+            f"{COMFY_T5_TOKENIZER}/, or {folder_hint}), found by itself when the files sit inside a ComfyUI folder"
+        )
+    return found
+
+
+def refuse_scaled_fp8(ck: Checkpoint, path: str) -> None:
+    """ComfyUI's ``scaled_fp8`` files keep a scale beside each weight, which ReNeg does not apply."""
+    if "scaled_fp8" in ck or any(k.endswith(".scale_weight") for k in ck.keys()):
+        raise ModelLoadError(
+            f"{path}: scaled fp8 weights (scale_weight tensors), which ReNeg does not read; use the bf16/fp16 file"
+        )
+
+
 def find_t5_tokenizer(*paths: str) -> str | None:
     """The T5 tokenizer folder of the ComfyUI installation that holds one of ``paths`` (a model file under
     ``ComfyUI/models/...``), or None."""
@@ -254,14 +274,15 @@ def find_t5_tokenizer(*paths: str) -> str | None:
     return None
 
 
-def _transformer_config(ck: Checkpoint, prefix: str) -> dict:
-    """A ``FluxTransformer2DModel`` config from a Black Forest Labs-layout file's shapes (the release: 3072
-    wide, heads of 128, 19 + 38 blocks, rotary axes 16/56/56 of each head's 128)."""
+def bfl_config(ck: Checkpoint, prefix: str) -> dict:
+    """A diffusers transformer config from a Black Forest Labs-layout file's shapes, what Flux.1 and Chroma
+    share (the releases: 3072 wide, heads of 128, 19 + 38 blocks, rotary axes 16/56/56 of each head's
+    128); Flux's pooled vector and guidance embedding where the file has them."""
     hidden, in_ch = (int(x) for x in ck.shapes[prefix + "img_in.weight"])
     head = int(ck.shapes[prefix + "double_blocks.0.img_attn.norm.query_norm.scale"][0])
     if head % 16:
-        raise ModelLoadError(f"{ck.path}: attention heads of {head} (Flux's are 128): not a Flux.1 transformer")
-    return {
+        raise ModelLoadError(f"{ck.path}: attention heads of {head} (the releases' are 128): not this layout")
+    cfg = {
         "patch_size": 1,
         "in_channels": in_ch,
         "num_layers": _count(ck, prefix + "double_blocks."),
@@ -269,10 +290,12 @@ def _transformer_config(ck: Checkpoint, prefix: str) -> dict:
         "attention_head_dim": head,
         "num_attention_heads": hidden // head,
         "joint_attention_dim": int(ck.shapes[prefix + "txt_in.weight"][1]),
-        "pooled_projection_dim": int(ck.shapes[prefix + "vector_in.in_layer.weight"][1]),
-        "guidance_embeds": prefix + "guidance_in.in_layer.weight" in ck,
         "axes_dims_rope": (head // 8, 7 * head // 16, 7 * head // 16),
     }
+    if prefix + "vector_in.in_layer.weight" in ck:  # Flux.1
+        cfg["pooled_projection_dim"] = int(ck.shapes[prefix + "vector_in.in_layer.weight"][1])
+        cfg["guidance_embeds"] = prefix + "guidance_in.in_layer.weight" in ck
+    return cfg
 
 
 def _ae_config(ck: Checkpoint, prefix: str) -> dict:
@@ -374,9 +397,7 @@ def load_flux_files(
         raise ModelLoadError(f"{path}: {what}; give the Flux.1 transformer file as --model")
     whole = part.part == "checkpoint"
     tprefix = "model.diffusion_model." if whole else next(p for p in TRANSFORMER_PREFIXES if _transformer(ck, p))
-    if any(k.endswith(".scale_weight") for k in ck.keys()) or "scaled_fp8" in ck:
-        raise ModelLoadError(f"{path}: scaled fp8 weights (scale_weight tensors), which ReNeg does not read; "
-                             "use the bf16/fp16 file")  # fmt: skip
+    refuse_scaled_fp8(ck, path)
 
     # the parts: from the one checkpoint, or one file each
     found: dict[str, tuple[Checkpoint, str]] = {}
@@ -408,13 +429,7 @@ def load_flux_files(
         raise ModelLoadError(f"{path}: a Flux.1 transformer file needs its autoencoder: pass --vae FILE "
                              "(ComfyUI keeps it as models/vae/ae.safetensors)")  # fmt: skip
 
-    tok_dir = tokenizer or find_t5_tokenizer(path, *(text_encoders or ()))
-    if not tok_dir:
-        raise ModelLoadError(
-            f"{path}: T5's tokenizer is not in these files; pass --tokenizer FOLDER (ComfyUI's "
-            f"{COMFY_T5_TOKENIZER}/, or a FluxPipeline folder's tokenizer_2/), found by itself when the files "
-            "sit inside a ComfyUI folder"
-        )
+    tok_dir = require_t5_tokenizer(path, text_encoders, tokenizer, "a FluxPipeline folder's tokenizer_2/")
     try:
         return _load_parts(path, ck, tprefix, found, vae, tok_dir, part.family, device, dtype)
     except KeyError as e:  # a tensor the shapes are read from is not there: the file is not what it says
@@ -431,7 +446,7 @@ def _load_parts(path, ck, tprefix, found, vae, tok_dir, family, device, dtype):
     from .build import _empty_weights, _fill, _tokenizer, build_vae, load_vae
     from .read import open_checkpoint
 
-    cfg = _transformer_config(ck, tprefix)
+    cfg = bfl_config(ck, tprefix)
     sd = bfl_to_diffusers({k[len(tprefix) :]: v for k, v in ck.subset(tprefix, dtype).items()},
                           cfg["num_attention_heads"] * cfg["attention_head_dim"])  # fmt: skip
     with _empty_weights():
