@@ -343,3 +343,48 @@ def test_eval_and_tune_take_a_predictor(tmp_path, tiny_pipeline_dir, tiny_hps_ck
     assert from_moved["start_reward"] != from_glob["start_reward"]
     assert emb.metadata["start_embedding"] == "moved.safetensors"
     assert emb.metadata["start_kind"] == "predictor"
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_predictor_step_as_one(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt):
+    """The multi-process test of tests/test_multiprocess.py with --predictor xattn: two processes of a batch of
+    2 each take, to float tolerance, the step one process takes on the batch of 4 (every tensor of the
+    predictor, its global part included), and not the step of a batch of 2."""
+    import sys
+
+    import torch.distributed as dist
+
+    import test_multiprocess as M
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\nan old lighthouse\na bowl of soup\na city at night\na cat\na lake\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(M.DRIVER)
+    dirs = {k: tmp_path / k for k in ("two", "one4", "one2")}
+    for d in dirs.values():
+        d.mkdir()
+
+    def run_args(name, batch):
+        args = M._args(tiny_pipeline_dir, tiny_hps_ckpt, str(prompts), str(dirs[name] / "out"), batch)
+        return [str(dirs[name])] + args + ["--predictor", "xattn", "--predictor-rank", "2", "--lr", "0.5"]
+
+    cwd = str(tmp_path)
+    M._run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+        + run_args("two", 4),
+        cwd,
+    )
+    M._run([sys.executable, str(driver)] + run_args("one4", 4) + [":::"] + run_args("one2", 2), cwd)
+    two, one4, one2 = (
+        load_predictor(dirs[k] / "out" / "predictor.safetensors").state_dict() for k in ("two", "one4", "one2")
+    )
+    assert set(two) == set(one4)
+    moved = 0.0
+    for name in two:
+        scale = max(1.0, float(one4[name].abs().max()))
+        diff = float((two[name] - one4[name]).abs().max())
+        assert diff < 1e-5 * scale, f"{name}: 2 processes vs 1, max diff {diff:.3g}"
+        moved = max(moved, float((two[name] - one2[name]).abs().max()))
+    assert moved > 1e-4  # a batch of 2 takes another step: the comparison can tell steps apart
