@@ -247,3 +247,58 @@ def test_temporal_measures():
     f = torch.randn(1, 1, 8).expand(1, 4, 8)
     assert torch.allclose(consistency(f), torch.ones(1))
     assert torch.allclose(consistency(torch.tensor([[[1.0, 0], [0, 1.0], [0, 1.0]]])), torch.tensor([0.25]))
+
+
+def test_comfyui_single_files_are_named_by_inspect_and_refused_as_a_model(tmp_path, capsys):
+    """The files a ComfyUI Wan user holds, from their headers: the transformer (Wan's own layout; Wan 2.1 T2V 1.3B
+    here, an image-to-video and a VACE one named as not supported) and the UMT5-XXL encoder (a bias in every
+    layer, which T5-XXL lacks: not taken for Flux's t5xxl); each refused as --model with what to pass."""
+    from safetensors.torch import save_file
+
+    from reneg.cli import main
+
+    z = torch.zeros
+
+    def transformer(dim, in_ch, extra=()):
+        sd = {
+            "patch_embedding.weight": z(dim, in_ch, 1, 1, 1),
+            "text_embedding.0.weight": z(dim, 4096),
+            "head.modulation": z(1, 2, dim),
+            "blocks.0.ffn.0.weight": z(8, dim),
+            "blocks.29.self_attn.q.weight": z(1, 1),
+        }
+        sd.update({k: z(1) for k in extra})
+        return sd
+
+    files = {
+        "wan2.1_t2v_1.3B_fp16.safetensors": transformer(1536, 16),
+        "wan2.1_i2v_480p_14B.safetensors": transformer(5120, 36, ["img_emb.proj.0.weight"]),
+        "wan2.1_vace_1.3B.safetensors": transformer(1536, 16, ["vace_blocks.0.before_proj.weight"]),
+        "umt5_xxl_fp16.safetensors": {
+            "shared.weight": z(4, 4096),
+            "encoder.block.0.layer.0.SelfAttention.q.weight": z(4, 4),
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": z(32, 64),
+            "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight": z(32, 64),
+            "spiece_model": torch.zeros(16, dtype=torch.uint8),
+        },
+    }
+    want = {
+        "wan2.1_t2v_1.3B_fp16.safetensors": ("Wan 2.1 T2V 1.3B transformer", "30 blocks 1536 wide", 'family": "wan'),
+        "wan2.1_i2v_480p_14B.safetensors": ("image-to-video", "text-to-video models", 'family": null'),
+        "wan2.1_vace_1.3B.safetensors": ("VACE", "does not support", 'family": null'),
+        "umt5_xxl_fp16.safetensors": ("UMT5-XXL text encoder", "2 layers, 4096 wide", 'family": "wan'),
+    }
+    for name, sd in files.items():
+        path = str(tmp_path / name)
+        save_file(sd, path)
+        assert main(["inspect", path]) == 0
+        out = capsys.readouterr().out
+        assert want[name][0] in out and want[name][1] in out and "WanPipeline folder" in out, out
+        assert main(["inspect", "--json", path]) == 0
+        assert want[name][2] in capsys.readouterr().out
+        with pytest.raises(ModelLoadError, match=r"one part of a Wan model on its own; ReNeg trains.*WanPipeline"):
+            load_diffusers(path)
+    assert main(["inspect", "--json", str(tmp_path / "umt5_xxl_fp16.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["part"] == "text_encoder" and info["comfyui_folder"] == "models/text_encoders"
+    assert "spiece_model" in info["details"]["tokenizer"]

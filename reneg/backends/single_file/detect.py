@@ -18,6 +18,7 @@ from ..diffusers_backend import ModelLoadError
 from .flux import FluxPart, flux_part
 from .qwen_image import qwen_image_part
 from .chroma import ChromaPart, chroma_part
+from .wan import WanPart, wan_part
 from .read import UNET, VAE, XL_REFINER_TE, Checkpoint, key_examples, open_checkpoint
 
 IN_CONV = UNET + "input_blocks.0.0.weight"
@@ -80,6 +81,9 @@ def _refuse_non_checkpoint(ck: Checkpoint) -> None:
     chroma = chroma_part(ck)  # a Chroma transformer, its T5-XXL or its ae: one part of a model
     if chroma is not None:
         raise ModelLoadError(chroma.refusal())
+    wan = wan_part(ck)  # a Wan transformer or its UMT5-XXL
+    if wan is not None:
+        raise ModelLoadError(wan.refusal())
     if any(k.startswith(("joint_blocks.", UNET + "joint_blocks.")) for k in keys) or any(
         k.startswith("text_encoders.") for k in keys
     ):
@@ -276,18 +280,21 @@ def classify(ck: Checkpoint, prediction_type: str | None = None) -> CheckpointIn
     )
 
 
-def inspect_checkpoint(path: str, prediction_type: str | None = None) -> CheckpointInfo | FluxPart | ChromaPart:
+def inspect_checkpoint(
+    path: str, prediction_type: str | None = None
+) -> CheckpointInfo | FluxPart | ChromaPart | WanPart:
     """Describe a checkpoint from its header alone (no weights are read, except ComfyUI's one small
     SD2 tensor when no marker decides the prediction type). One part of a flow model is named as such:
     Flux.1 (transformer, clip_l, t5xxl, ae, or all four in one file; :mod:`.flux`), Chroma (transformer,
-    T5-XXL, ae; :mod:`.chroma`)."""
+    T5-XXL, ae; :mod:`.chroma`), Wan (transformer, UMT5-XXL; :mod:`.wan`)."""
     ck = open_checkpoint(path, meta=False)
-    return flux_part(ck) or chroma_part(ck) or classify(ck, prediction_type)  # Flux names the shared t5xxl and ae
+    # Flux names the shared t5xxl and ae
+    return flux_part(ck) or chroma_part(ck) or wan_part(ck) or classify(ck, prediction_type)
 
 
-def describe(info: CheckpointInfo | FluxPart | ChromaPart) -> list[str]:
+def describe(info: CheckpointInfo | FluxPart | ChromaPart | WanPart) -> list[str]:
     """Lines for ``reneg inspect``."""
-    if isinstance(info, (FluxPart, ChromaPart)):
+    if isinstance(info, (FluxPart, ChromaPart, WanPart)):
         return info.describe()
     pt = "v-prediction" if info.prediction_type == "v_prediction" else "eps (noise) prediction"
     size = info.size / 2**30

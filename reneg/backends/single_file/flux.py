@@ -31,6 +31,7 @@ from .read import Checkpoint
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.")
 T5_KEY = "encoder.block.0.layer.0.SelfAttention.q.weight"
 CLIP_KEY = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+UMT5_KEY = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"
 # where ComfyUI keeps each part
 FOLDERS = {
     "transformer": "models/diffusion_models",
@@ -132,7 +133,7 @@ def flux_part(ck: Checkpoint) -> FluxPart | None:
             family, details = found
             return FluxPart(ck.path, "transformer", f"the {family} transformer (Black Forest Labs layout)",
                             details, family, size)  # fmt: skip
-    if T5_KEY in ck and "shared.weight" in ck:
+    if T5_KEY in ck and "shared.weight" in ck and UMT5_KEY not in ck:  # (UMT5, Wan's, has a bias in every layer)
         vocab, width = ck.shapes["shared.weight"]
         if int(width) != 4096:
             return None

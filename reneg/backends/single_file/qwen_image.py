@@ -127,7 +127,9 @@ def _part(ck: Checkpoint) -> tuple[str, str, dict] | None:
             "latent": f"{z[1] if z else '?'} channels, 8x spatial (the Wan 2.1 VAE's layout, used on one frame)",
             "weights": _weights(ck),
         }
-        details["note"] = "Wan 2.1's own VAE file has the same keys and shapes"
+        details["note"] = (
+            "Wan 2.1's own VAE file (wan_2.1_vae, also Wan 2.2 A14B's) has the same keys and shapes: a Wan user passes a WanPipeline folder"
+        )
         return "vae", "the Qwen-Image VAE (Wan 2.1's architecture)", details
     return None
 

@@ -180,6 +180,7 @@ def looks_like_checkpoint(path: str) -> bool:
     prefixes = (UNET, VAE, "cond_stage_model.", "conditioner.", "lora_", "double_blocks.", "joint_blocks.")
     # a text encoder or an autoencoder on its own (ComfyUI's clip_l, t5xxl and ae files)
     prefixes += ("text_model.encoder.", "encoder.block.", "encoder.down.", "decoder.up.")
+    prefixes += ("patch_embedding.", "head.modulation")  # a Wan transformer
     return len(ck.shapes) > 16 or any(k.startswith(prefixes) for k in ck.keys())
 
 
