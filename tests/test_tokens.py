@@ -154,3 +154,40 @@ def test_fit_tokens_recovers_a_reachable_target(enc):
     vec, rep = fit_tokens(enc, target.detach(), 4, steps=60, init=start)
     assert vec.shape == (4, 64) and len(rep["row_cosine"]) == 77
     assert rep["relative_error"] < 0.5 * before["relative_error"], (rep["relative_error"], before["relative_error"])
+
+
+def test_eval_reads_a_token_file_as_the_model_encodes_its_name(
+    tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_backend
+):
+    """``reneg eval --negative FILE.pt``: a negative-token file is encoded through the model's own text encoder
+    (what a UI gives the model for the file's name), so its images and scores are those of its encoded
+    embedding; a token file of another family is refused before the first image."""
+    from reneg.embedding import NegEmbedding, save_embedding
+    from reneg.evaluation import run as ev
+    from reneg.evaluation import scoring
+    from reneg.evaluation.config import EvalConfig, EvalError
+
+    v = torch.randn(4, 64, generator=torch.Generator().manual_seed(6)) * 0.02
+    tok = save_tokens(tmp_path / "neg4.pt", TokenNegative.from_flat(v, "tiny"))
+    rows, _ = TokenEncoder(tiny_backend).encode(v)
+    twin = save_embedding(str(tmp_path / "twin.safetensors"), NegEmbedding(rows.detach(), "tiny"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+
+    def cfg(negatives, out):
+        return EvalConfig(model=tiny_pipeline_dir, rewards=[f"hpsv2={tiny_hps_ckpt}"], prompts=str(prompts),
+                          negatives=negatives, out=str(tmp_path / out), sampling_steps=3, guidance=5.0,
+                          resolution=16, batch=2, seed=7, progress=False, device="cpu")  # fmt: skip
+
+    summary = ev.run_eval(cfg([f"tok={tok}", f"twin={twin}", "null"], "ev"), log=lambda m: None)
+    assert summary["images"] == {"tok": 2, "twin": 2, "null": 2}
+    by = {
+        (r["prompt_index"], r["negative"]): r["score"]
+        for r in scoring.read_scores_csv(str(tmp_path / "ev" / "scores.csv"))
+    }
+    for i in range(2):
+        assert by[(i, "tok")] == pytest.approx(by[(i, "twin")], abs=1e-6)
+        assert by[(i, "tok")] != pytest.approx(by[(i, "null")], abs=1e-6)
+    xl = save_tokens(tmp_path / "xl.safetensors", TokenNegative.from_flat(torch.zeros(2, 2048), "sdxl"))
+    with pytest.raises(EvalError, match=r"--negative xl: .*sdxl"):
+        ev.run_eval(cfg([f"xl={xl}"], "ev2"), log=lambda m: None)

@@ -64,11 +64,17 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
     from reneg.embedding import load_embedding
 
     from reneg.predictor import is_predictor_file, load_predictor
+    from reneg.tokens import load_tokens, looks_like_tokens
 
     for n in negatives:
         if n.kind == "predictor" or (n.kind == "tuned" and n.source != "null" and is_predictor_file(n.source)):
             try:  # rebuilt from its metadata before any model loads; the family is checked later
                 load_predictor(n.source).global_embedding().check_dtype(*O.compute_dtype(cfg))
+            except ValueError as e:
+                raise EvalError(f"--negative: {e}") from None
+        elif n.kind == "file" and looks_like_tokens(n.source):
+            try:  # a negative-token file: read now, encoded through the model's own text encoder later
+                load_tokens(n.source)
             except ValueError as e:
                 raise EvalError(f"--negative: {e}") from None
         elif n.kind in ("file", "tuned") and n.source != "null":
@@ -291,6 +297,7 @@ def check_negatives_fit(backend, negatives: list[Negative], guidance: str = "cfg
     the first image, naming the negative and its file; a file learned under another guidance than
     ``guidance`` (cfg, nag, cfg+nag) is warned about, once. Returns ``({file: NegEmbedding}, {file: rows})``."""
     from reneg.embedding import load_embedding
+    from reneg.tokens import looks_like_tokens
 
     from reneg.predictor import is_predictor_file, load_predictor
 
@@ -311,7 +318,10 @@ def check_negatives_fit(backend, negatives: list[Negative], guidance: str = "cfg
         if n.kind not in ("file", "tuned") or n.source == "null" or n.source in embs:
             continue
         try:
-            emb = load_embedding(n.source, expected_family=backend.family)  # its family, width and rows
+            if n.kind == "file" and looks_like_tokens(n.source):
+                emb = token_embedding(backend, n.source)  # what a UI gives the model for the file's name
+            else:
+                emb = load_embedding(n.source, expected_family=backend.family)  # its family, width and rows
         except ValueError as e:
             raise EvalError(f"--negative {n.name}: {e}") from None
         rows = emb.model_rows().float()
@@ -325,6 +335,19 @@ def check_negatives_fit(backend, negatives: list[Negative], guidance: str = "cfg
         if note:
             warn_once(note)
     return embs, tensors
+
+
+def token_embedding(backend, path: str):
+    """A negative-token file as the output-space negative the model reads: its vectors through the model's
+    own text encoder(s), placed as the UIs and diffusers place them for the file's name alone."""
+    from reneg.embedding import NegEmbedding
+    from reneg.tokens import TokenEncoder, load_tokens
+
+    tok = load_tokens(path, expected_family=backend.family)
+    with torch.no_grad():
+        rows, pooled = TokenEncoder(backend).encode(tok.flat().to(backend.device))
+    meta = dict(tok.metadata)
+    return NegEmbedding(rows.cpu(), backend.family, None if pooled is None else pooled.cpu(), meta, path)
 
 
 def _guidance(cfg, backend):
