@@ -350,33 +350,10 @@ def test_two_processes_take_the_same_predictor_step_as_one(tmp_path, tiny_pipeli
     """The multi-process test of tests/test_multiprocess.py with --predictor xattn: two processes of a batch of
     2 each take, to float tolerance, the step one process takes on the batch of 4 (every tensor of the
     predictor, its global part included), and not the step of a batch of 2."""
-    import sys
-
-    import torch.distributed as dist
-
     import test_multiprocess as M
 
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox in snow\nan old lighthouse\na bowl of soup\na city at night\na cat\na lake\n")
-    driver = tmp_path / "driver.py"
-    driver.write_text(M.DRIVER)
-    dirs = {k: tmp_path / k for k in ("two", "one4", "one2")}
-    for d in dirs.values():
-        d.mkdir()
-
-    def run_args(name, batch):
-        args = M._args(tiny_pipeline_dir, tiny_hps_ckpt, str(prompts), str(dirs[name] / "out"), batch)
-        return [str(dirs[name])] + args + ["--predictor", "xattn", "--predictor-rank", "2", "--lr", "0.5"]
-
-    cwd = str(tmp_path)
-    M._run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
-        + run_args("two", 4),
-        cwd,
-    )
-    M._run([sys.executable, str(driver)] + run_args("one4", 4) + [":::"] + run_args("one2", 2), cwd)
+    extra = ["--predictor", "xattn", "--predictor-rank", "2", "--lr", "0.5"]
+    dirs = M.run_two_and_one(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, extra)
     two, one4, one2 = (
         load_predictor(dirs[k] / "out" / "predictor.safetensors").state_dict() for k in ("two", "one4", "one2")
     )

@@ -5,7 +5,6 @@ and the flags checked before any model loads."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -161,31 +160,10 @@ def test_killed_and_resumed_tokens_run_equals_the_unbroken_one(tmp_path, forkser
 @pytest.mark.slow
 def test_two_processes_take_the_same_tokens_step_as_one(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt):
     """The multi-process test of tests/test_multiprocess.py, with --tokens 3."""
-    import torch.distributed as dist
-
     import test_multiprocess as M
 
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox in snow\nan old lighthouse\na bowl of soup\na city at night\na cat\na lake\n")
-    driver = tmp_path / "driver.py"
-    driver.write_text(M.DRIVER)
-    dirs = {k: tmp_path / k for k in ("two", "one4", "one2")}
-    for d in dirs.values():
-        d.mkdir()
-
-    def run_args(name, batch):
-        args = M._args(tiny_pipeline_dir, tiny_hps_ckpt, str(prompts), str(dirs[name] / "out"), batch)
-        return [str(dirs[name])] + args + ["--tokens", "3", "--init", "handcrafted", "--lr", "0.5"]
-
-    cwd = str(tmp_path)
-    M._run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
-        + run_args("two", 4),
-        cwd,
-    )
-    M._run([sys.executable, str(driver)] + run_args("one4", 4) + [":::"] + run_args("one2", 2), cwd)
+    extra = ["--tokens", "3", "--init", "handcrafted", "--lr", "0.5"]
+    dirs = M.run_two_and_one(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, extra)
     two, one4, one2 = (load_tokens(str(dirs[k] / "out" / "tokens.safetensors")).flat() for k in ("two", "one4", "one2"))
     diff = float((two - one4).abs().max())
     assert diff < 1e-6 * max(1.0, float(one4.abs().max())), f"2 processes vs 1: max diff {diff:.3g}"

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from .qwen_image import _layers as _count
+from .qwen_image import _weights
 from .read import Checkpoint
 
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
@@ -57,25 +59,6 @@ class WanPart:
 
     def refusal(self) -> str:
         return f"{self.path}: {self.description}, one part of a Wan model on its own; ReNeg {REFUSAL}"
-
-
-def _count(ck: Checkpoint, prefix: str) -> int:
-    found = set()
-    for k in ck.keys():
-        if k.startswith(prefix):
-            head = k[len(prefix) :].split(".", 1)[0]
-            if head.isdigit():
-                found.add(int(head))
-    return max(found) + 1 if found else 0
-
-
-def _weights(ck: Checkpoint) -> str:
-    counts: dict[str, int] = {}
-    for k in ck.keys():
-        name = str(ck.dtypes[k]).replace("torch.", "")
-        counts[name] = counts.get(name, 0) + 1
-    main = max(counts, key=counts.get) if counts else "?"
-    return main + (" with scales (scaled_fp8)" if "scaled_fp8" in ck else "")
 
 
 def _transformer(ck: Checkpoint) -> WanPart | None:
