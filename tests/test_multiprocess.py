@@ -109,42 +109,9 @@ def _embedding(out):
 
 @pytest.mark.slow
 def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt):
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(
-        "\n".join(
-            [
-                "a red fox in snow",
-                "an old lighthouse",
-                "a bowl of soup",
-                "a city at night",
-                "a cat in a hat",
-                "a mountain lake",
-                "a blue car",
-                "a tree in autumn",
-            ]
-        )
-        + "\n"
-    )
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    dirs = {k: tmp_path / k for k in ("two", "one4", "one2")}
-    for d in dirs.values():
-        d.mkdir()
-
-    def run_args(name, batch):
-        return [str(dirs[name])] + _args(tiny_pipeline_dir, tiny_hps_ckpt, str(prompts), str(dirs[name] / "out"), batch)
-
-    cwd = str(tmp_path)
-    _run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
-        + run_args("two", 4),
-        cwd,
-    )
-    _run([sys.executable, str(driver)] + run_args("one4", 4) + [":::"] + run_args("one2", 2), cwd)
+    prompts = ["a red fox in snow", "an old lighthouse", "a bowl of soup", "a city at night", "a cat in a hat"]
+    prompts += ["a mountain lake", "a blue car", "a tree in autumn"]
+    dirs = run_two_and_one(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, [], "\n".join(prompts) + "\n")
 
     ranks = [json.loads((dirs["two"] / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2], "the launch did not give a 2-process group"
@@ -170,8 +137,8 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, tiny_pipeline_dir, ti
 SIX_PROMPTS = "a red fox in snow\nan old lighthouse\na bowl of soup\na city at night\na cat\na lake\n"
 
 
-def run_two_and_one(tmp_path, model, hps, extra: list) -> dict:
-    """The launches the other multi-process tests share: ``reneg train ... extra`` as 2 processes of a batch
+def run_two_and_one(tmp_path, model, hps, extra: list, prompts_text: str = SIX_PROMPTS) -> dict:
+    """The launches every multi-process test makes: ``reneg train ... extra`` as 2 processes of a batch
     of 4, as 1 process of a batch of 4 and as 1 of a batch of 2, each writing under ``tmp_path / name / out``;
     returns ``{"two", "one4", "one2"}`` -> their folders (skips where torch.distributed's gloo is missing)."""
     import torch.distributed as dist
@@ -179,7 +146,7 @@ def run_two_and_one(tmp_path, model, hps, extra: list) -> dict:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(SIX_PROMPTS)
+    prompts.write_text(prompts_text)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     dirs = {k: tmp_path / k for k in ("two", "one4", "one2")}
