@@ -61,16 +61,18 @@ class ReNegOptions:
     )
     text_encoders: list = _opt(
         [],
-        "for a Flux.1 or Chroma transformer file as ComfyUI keeps it (--model): its text encoder files (Flux: "
-        "clip_l and t5xxl; Chroma: t5xxl; e.g. models/text_encoders/t5xxl_fp16.safetensors); repeat",
+        "for a Flux.1, Chroma or Qwen-Image transformer file as ComfyUI keeps it (--model): its text encoder "
+        "files (Flux: clip_l and t5xxl; Chroma: t5xxl; Qwen-Image: qwen_2.5_vl_7b; e.g. "
+        "models/text_encoders/t5xxl_fp16.safetensors); repeat",
         flag="--text-encoder",
         action="append",
         metavar="FILE",
     )
     tokenizer: str | None = _opt(
         None,
-        "for a Flux.1 or Chroma transformer file: a folder with T5's tokenizer (ComfyUI's "
-        "comfy/text_encoders/t5_tokenizer, found by itself when the files are inside a ComfyUI folder)",
+        "for a Flux.1, Chroma or Qwen-Image transformer file: a folder with its text encoder's tokenizer "
+        "(ComfyUI's comfy/text_encoders/t5_tokenizer or qwen25_tokenizer, found by itself when the files are "
+        "inside a ComfyUI folder)",
         metavar="FOLDER",
     )
     prediction_type: str | None = _opt(

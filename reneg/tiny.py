@@ -21,6 +21,7 @@ import torch
 from .backends.clip_tokenizer import write_clip_tokenizer
 from .backends.chroma import SCHEDULER as CHROMA_RELEASE_SCHEDULER
 from .backends.flux import SCHEDULERS as FLUX_RELEASE_SCHEDULERS
+from .backends.qwen_image import SCHEDULER as QWEN_SCHEDULER
 from .demo_fallback import (
     SD_MODEL_INDEX,
     SD_SCHEDULER,
@@ -604,23 +605,7 @@ def build_tiny_chroma(folder: str, seed: int = 0, t5_width: int = 4096) -> str:
     return folder
 
 
-QWEN_IMAGE_SCHEDULER = {  # the scheduler config Qwen/Qwen-Image ships
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
+QWEN_IMAGE_SCHEDULER = QWEN_SCHEDULER  # the one the single-file loader uses
 
 _QWEN_WORDS = (
     "a the of and in on with at by for to is an red blue green yellow black white circle square photo portrait "
@@ -681,7 +666,7 @@ def write_qwen2_tokenizer(folder: str) -> None:
     tok.save_pretrained(folder)
 
 
-def build_tiny_qwen_image(folder: str, seed: int = 0, text_layers: int = 1) -> str:
+def build_tiny_qwen_image(folder: str, seed: int = 0, text_layers: int = 1, head_dim: int = 16) -> str:
     """A small ``QwenImagePipeline`` folder with Qwen-Image's real conditioning sizes.
 
     Real: the pipeline class and folder layout; ``Qwen2_5_VLForConditionalGeneration`` with Qwen2.5-VL-7B's
@@ -691,7 +676,8 @@ def build_tiny_qwen_image(folder: str, seed: int = 0, text_layers: int = 1) -> s
     ``latents_mean`` / ``latents_std``; Qwen-Image's scheduler config. Small: ``text_layers`` language-model
     layers with an MLP 16 wide, a one-block vision tower, a one-layer transformer 32 wide, a two-level VAE
     (scale 2: 16 px images, 8 px latents). About 120 MB on disk, almost all of it the language model's
-    3584 x 3584 attention projections."""
+    3584 x 3584 attention projections. ``head_dim`` 128 gives the transformer one head of the release's
+    size and its rotary axes (16/56/56), which the single files' loader assumes."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -733,10 +719,10 @@ def build_tiny_qwen_image(folder: str, seed: int = 0, text_layers: int = 1) -> s
         in_channels=64,
         out_channels=16,
         num_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=2 if head_dim == 16 else 1,
         joint_attention_dim=3584,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=(4, 6, 6) if head_dim == 16 else (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
     )
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
     te.save_pretrained(os.path.join(folder, "text_encoder"))

@@ -282,3 +282,37 @@ def full_size_table(family: str, vae: bool = True) -> dict:
         k: tuple(v.shape) if v.is_floating_point() else (tuple(v.shape), v.dtype)
         for k, v in pipeline_to_ldm(meta_parts(family), family, vae=vae).items()
     }
+
+
+def vae_to_wan21(sd: dict, config: dict) -> dict:
+    """A diffusers ``AutoencoderKLWan`` / ``AutoencoderKLQwenImage`` state dict in the Wan 2.1 VAE's own layout
+    (``qwen_image_vae.safetensors``, ``wan_2.1_vae.safetensors``): the inverse of diffusers'
+    ``convert_wan_vae_to_diffusers`` (the tests check the round trip against it at the released config). The
+    decoder's levels are flattened back into one ``upsamples`` sequence: ``num_res_blocks + 1`` residual blocks
+    per level, then the level's resampling block."""
+    from reneg.backends.single_file.wan_vae import FIXED, RESIDUAL
+
+    res = {v: k for k, v in RESIDUAL.items()}
+    fixed = {v: k for k, v in FIXED.items()}
+    per = int(config["num_res_blocks"]) + 1
+    mid = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        if k in fixed:
+            name = fixed[k]
+        elif p[1] == "mid_block":
+            rest = ".".join(p[4:])
+            name = f"{p[0]}.middle.{mid[p[2] + '.' + p[3]]}.{res.get(rest, rest)}"
+        elif p[1] == "down_blocks":
+            rest = ".".join(p[3:])
+            name = f"encoder.downsamples.{p[2]}.{res.get(rest, rest)}"
+        elif p[1] == "up_blocks":
+            level = int(p[2])
+            i = level * (per + 1) + (int(p[4]) if p[3] == "resnets" else per)
+            rest = ".".join(p[5:])
+            name = f"decoder.upsamples.{i}.{res.get(rest, rest)}"
+        else:
+            raise KeyError(f"not a Wan VAE tensor: {k}")
+        out[name] = v
+    return out

@@ -205,7 +205,8 @@ def _wan_vae(z: int, wan22: bool = False) -> dict:
 
 
 def test_comfyui_single_files_are_named_and_refused_clearly(qwen_dir, tmp_path, capsys):
-    """The three files a ComfyUI Qwen-Image user holds. The folder's transformer and text encoder files
+    """The three files a ComfyUI Qwen-Image user holds, named by ``reneg inspect``; the text encoder or the VAE
+    as ``--model`` is refused naming the part, the transformer alone asks for its parts. The folder's transformer and text encoder files
     are in the layouts ComfyUI's are (diffusers' transformer names; transformers' Qwen2.5-VL names,
     ``model.layers.N`` and ``visual.*``), so they are used as they are; the VAE is a Wan-layout header."""
     from safetensors.torch import load_file, save_file
@@ -236,12 +237,124 @@ def test_comfyui_single_files_are_named_and_refused_clearly(qwen_dir, tmp_path, 
         with pytest.raises(ModelLoadError) as e:
             load_diffusers(path)
         msg = str(e.value)
+        if part == "transformer":  # loads with its parts (the next test); alone, it asks for them
+            assert msg.startswith(f"{path}: a Qwen-Image transformer file needs its text encoder"), msg
+            continue
         assert msg.startswith(f"{path}: the ") and "one part of a Qwen-Image model" in msg, msg
-        assert "diffusers QwenImagePipeline folder" in msg, msg
+        assert "diffusers QwenImagePipeline folder" in msg and "--text-encoder qwen_2.5_vl_7b" in msg, msg
     # Wan 2.2's VAE has the same middle block but is not Qwen-Image's: not named as one
     with pytest.raises(ModelLoadError) as e:
         load_diffusers(wan22)
     assert str(e.value).startswith(wan22) and "Qwen-Image" not in str(e.value)
+
+
+def test_wan21_vae_mapping_equals_diffusers_own_at_the_released_config():
+    """``wan21_vae_to_diffusers`` renames the Wan 2.1 layout exactly as diffusers' ``convert_wan_vae_to_diffusers``
+    (written for the released configuration only) does, at that configuration; and it round-trips at the test
+    folder's two-level one, which diffusers' function gets wrong. Only names are compared (meta tensors)."""
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from ldm_layout import vae_to_wan21
+
+    from reneg.backends.single_file.wan_vae import wan21_vae_to_diffusers
+
+    released = dict(
+        base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
+    )
+    small = dict(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+    for cfg in (released, small):
+        with torch.device("meta"):
+            sd = AutoencoderKLQwenImage(**cfg).state_dict()
+        wan = vae_to_wan21(sd, cfg)
+        assert len(wan) == len(sd) and any(k.startswith("decoder.upsamples.") for k in wan)
+        ours = wan21_vae_to_diffusers(wan)
+        assert sorted(ours) == sorted(sd) and all(ours[k] is sd[k] for k in sd)
+        if cfg is released:
+            theirs = convert_wan_vae_to_diffusers(wan)
+            assert sorted(theirs) == sorted(ours) and all(theirs[k] is ours[k] for k in ours)
+        else:  # diffusers' fixed block numbers put a two-level decoder's blocks elsewhere
+            assert sorted(convert_wan_vae_to_diffusers(wan)) != sorted(sd)
+
+
+def test_comfyui_single_files_load_as_the_folder_does(tmp_path, tiny_hps_ckpt, capsys):
+    """A ComfyUI Qwen-Image user's three files (the transformer under ComfyUI's prefix, qwen_2.5_vl_7b in its
+    ``model.*`` / ``visual.*`` layout, the VAE in the Wan 2.1 layout) inside a ComfyUI-shaped folder with its
+    qwen25_tokenizer load into the model the QwenImagePipeline folder of the same weights makes: the same rows,
+    masks, schedule and images; ``reneg train`` takes them; each missing part is asked for by its flag."""
+    import os
+    import shutil
+
+    from diffusers import AutoencoderKLQwenImage
+    from ldm_layout import vae_to_wan21
+    from safetensors.torch import load_file, save_file
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+    from reneg.generate import generate
+    from reneg.tiny import build_tiny_qwen_image
+
+    folder = build_tiny_qwen_image(str(tmp_path / "qwen-folder"), seed=3, head_dim=128)
+    comfy = tmp_path / "ComfyUI"
+    models = comfy / "models"
+    for d in ("diffusion_models", "text_encoders", "vae"):
+        (models / d).mkdir(parents=True)
+    shutil.copytree(os.path.join(folder, "tokenizer"), comfy / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    transformer = str(models / "diffusion_models" / "qwen_image.safetensors")
+    sd = load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, transformer)
+    te = str(shutil.copy(os.path.join(folder, "text_encoder", "model.safetensors"),
+                         models / "text_encoders" / "qwen_2.5_vl_7b.safetensors"))  # fmt: skip
+    vae = AutoencoderKLQwenImage.from_pretrained(os.path.join(folder, "vae"))
+    vae_file = str(models / "vae" / "qwen_image_vae.safetensors")
+    save_file({k: v.contiguous() for k, v in vae_to_wan21(vae.state_dict(), dict(vae.config)).items()}, vae_file)
+
+    a = load_diffusers(folder)
+    b = load_diffusers(transformer, vae=vae_file, text_encoders=[te])
+    assert b.family == "qwen-image" and b.model_info["kind"] == "single files (ComfyUI)"
+    assert b.model_info["tokenizer"].endswith(os.path.join("comfy", "text_encoders", "qwen25_tokenizer"))
+    assert not any(n.startswith("visual") for n, _ in b.text_encoder.named_parameters())  # the tower is not read
+    prompts = ["a red circle", "a blue square on a green house"]
+    ca, cb = a.encode_prompts(prompts), b.encode_prompts(prompts)
+    assert torch.equal(ca.mask, cb.mask) and _rel(cb.crossattn, ca.crossattn) < 1e-5
+    assert torch.equal(a.null_mask(), b.null_mask()) and _rel(b.null_embedding()[0], a.null_embedding()[0]) < 1e-5
+    assert torch.equal(a.schedule(4), b.schedule(4))
+    noise = torch.randn(2, 16, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(1))
+    ua, ub = a.encode_prompts(["blurry"]), b.encode_prompts(["blurry"])
+    ia, ib = generate(a, ca, ua, noise, 4, 4.0), generate(b, cb, ub, noise, 4, 4.0)
+    assert ia.abs().max() > 0 and _rel(ib, ia) < 1e-4
+
+    out = tmp_path / "run"
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(prompts * 2))
+    args = [
+        "train",
+        "--model",
+        transformer,
+        "--text-encoder",
+        te,
+        "--vae",
+        vae_file,
+        "--reward",
+        f"hpsv2={tiny_hps_ckpt}",
+    ]
+    args += ["--prompts", str(pf), "--sampling-steps", "3", "--grad-range", "0", "1", "--resolution", str(SIZE)]
+    args += ["--heldout-count", "1", "--out", str(out), "--steps", "1", "--batch-size", "1", "--eval-every", "0"]
+    assert main([*args, "--no-progress"]) == 0, capsys.readouterr().err
+    assert load_embedding(out / "embedding.safetensors").family == "qwen-image"
+
+    with pytest.raises(ModelLoadError, match=r"pass --text-encoder FILE once, for Qwen2.5-VL-7B"):
+        load_diffusers(transformer, vae=vae_file)
+    with pytest.raises(ModelLoadError, match=r"needs its VAE: pass --vae FILE"):
+        load_diffusers(transformer, text_encoders=[te])
+    with pytest.raises(ModelLoadError, match=r"--text-encoder .*qwen_image_vae.safetensors: the Qwen-Image VAE"):
+        load_diffusers(transformer, vae=vae_file, text_encoders=[vae_file])
+    with pytest.raises(ModelLoadError, match=r"--vae .*qwen_2.5_vl_7b.safetensors: the Qwen2.5-VL-7B text encoder"):
+        load_diffusers(transformer, vae=te, text_encoders=[te])
+    outside = shutil.copy(transformer, tmp_path / "qwen_image.safetensors")  # no ComfyUI around it
+    with pytest.raises(ModelLoadError, match=r"Qwen2.5's tokenizer is not in these files; pass --tokenizer FOLDER"):
+        load_diffusers(str(outside), vae=vae_file, text_encoders=[str(shutil.copy(te, tmp_path / "te.safetensors"))])
+    c = load_diffusers(str(outside), vae=os.path.join(folder, "vae"), text_encoders=[te],
+                       tokenizer=os.path.join(folder, "tokenizer"))  # fmt: skip
+    assert torch.equal(c.encode_prompts(prompts).crossattn, cb.crossattn)
 
 
 def _prompts(tmp_path):

@@ -60,6 +60,7 @@ def load_diffusers(
         from .single_file import load_single_file, open_checkpoint
         from .single_file.chroma import chroma_part, load_chroma_files
         from .single_file.flux import flux_part, load_flux_files
+        from .single_file.qwen_image import load_qwen_image_files, qwen_image_part
 
         if path.lower().endswith(".safetensors"):  # the transformer files that load with their parts
             ck = open_checkpoint(path)
@@ -69,9 +70,12 @@ def load_diffusers(
             chroma = chroma_part(ck)
             if chroma is not None and chroma.kind == "transformer" and chroma.family == "chroma":
                 return load_chroma_files(path, text_encoders, vae, tokenizer, device, dtype)
+            qwen = qwen_image_part(ck)
+            if qwen is not None and qwen.part == "transformer":
+                return load_qwen_image_files(path, text_encoders, vae, tokenizer, device, dtype)
         if text_encoders or tokenizer:
             flag = "--text-encoder" if text_encoders else "--tokenizer"
-            raise ModelLoadError(f"{flag}: only for a model kept as separate files (a Flux.1 transformer file); "
+            raise ModelLoadError(f"{flag}: only for a model kept as separate files (a Flux.1, Chroma or Qwen-Image transformer file); "
                                  f"{path} holds its own text encoders")  # fmt: skip
         backend = load_single_file(path, device, dtype, config=config, vae=vae, prediction_type=prediction_type)
         return backend

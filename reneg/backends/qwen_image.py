@@ -47,6 +47,23 @@ TEMPLATE = (
 DROP = 34
 TOKENIZER_MAX = 1024  # QwenImagePipeline.tokenizer_max_length: at most 1024 + 34 tokens are encoded
 MAX_ROWS = 512  # the pipeline's default max_sequence_length: prompt rows past it are cut
+SCHEDULER = {  # the scheduler config Qwen/Qwen-Image ships (scheduler/scheduler_config.json)
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
 
 
 def template_prefix_length(tokenizer) -> int:
@@ -306,6 +323,16 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"), local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(f"{path}: could not load the model: {str(e)[:400]}") from None
+    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    info = {"source": path, "kind": "diffusers folder", "family": FAMILY, "vae": "inside"}
+    return build_backend(transformer, vae, text_encoder, tokenizer, sched, path, device, dtype, info)
+
+
+def build_backend(transformer, vae, text_encoder, tokenizer, sched: dict, path: str, device, dtype, info: dict):
+    """A :class:`QwenImageBackend` from its parts (a folder's or the single files'), after checking that they
+    belong together: the text encoder's width is the transformer's text input and Qwen2.5-VL-7B's, the
+    tokenizer splits the prompt template as the pipeline counts on, and the transformer reads 2 x 2 patches
+    of the VAE's latent channels."""
     spec = get_family(FAMILY)
     width = int(text_encoder.config.get_text_config().hidden_size)
     joint = int(transformer.config.joint_attention_dim)
@@ -320,7 +347,7 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
     head = template_prefix_length(tokenizer)
     if head != DROP:
         raise ModelLoadError(
-            f"{path}: tokenizer/ makes {head} tokens of the prompt template's system part; QwenImagePipeline "
+            f"{path}: the tokenizer makes {head} tokens of the prompt template's system part; QwenImagePipeline "
             f"drops {DROP} (Qwen2.5's tokenizer), so this tokenizer does not belong to the model"
         )
     latent = int(vae.config.z_dim)
@@ -329,11 +356,10 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
             f"{path}: the transformer reads {transformer.config.in_channels} channels; 2 x 2 patches of the "
             f"VAE's {latent} latent channels are {4 * latent}"
         )
-    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
     for m in (transformer, vae, text_encoder):
         m.requires_grad_(False).eval()
     backend = QwenImageBackend(
         transformer, vae, text_encoder, tokenizer, dict(sched), FAMILY, path, torch.device(device), dtype
     )
-    backend.model_info = {"source": path, "kind": "diffusers folder", "family": FAMILY, "vae": "inside"}
+    backend.model_info = info
     return backend.to(device)

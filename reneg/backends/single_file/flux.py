@@ -265,10 +265,16 @@ def refuse_scaled_fp8(ck: Checkpoint, path: str) -> None:
 def find_t5_tokenizer(*paths: str) -> str | None:
     """The T5 tokenizer folder of the ComfyUI installation that holds one of ``paths`` (a model file under
     ``ComfyUI/models/...``), or None."""
+    return find_in_comfyui(COMFY_T5_TOKENIZER, *paths)
+
+
+def find_in_comfyui(relative: str, *paths: str) -> str | None:
+    """``relative`` (a folder of ComfyUI's source tree, such as a tokenizer it ships) in the ComfyUI
+    installation that holds one of ``paths``, looked for up to six folders above each file; or None."""
     for p in paths:
         d = os.path.dirname(os.path.abspath(p))
         for _ in range(6):
-            cand = os.path.join(d, COMFY_T5_TOKENIZER)
+            cand = os.path.join(d, relative)
             if os.path.isdir(cand):
                 return cand
             d = os.path.dirname(d)

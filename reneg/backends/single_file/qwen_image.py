@@ -12,8 +12,11 @@ transformer (``comfy/model_detection.py``); a 512-wide ``k_proj.bias`` in layer 
 (``comfy/sd.py``).
 
 ReNeg trains, tunes and evaluates Qwen-Image from a diffusers ``QwenImagePipeline`` folder
-(:mod:`reneg.backends.qwen_image`): the single files carry no tokenizer. ``reneg inspect`` describes
-them; the loaders refuse them with a message that says so.
+(:mod:`reneg.backends.qwen_image`) or from these files together (:func:`load_qwen_image_files`: the
+transformer as ``--model`` with ``--text-encoder`` and ``--vae``; Qwen2.5's tokenizer is ComfyUI's own,
+``comfy/text_encoders/qwen25_tokenizer/``, found beside the files, or ``--tokenizer``; the scheduler the
+release's). ``reneg inspect`` describes each file; the text encoder or the VAE given alone as ``--model`` is
+refused with a message that says what to pass.
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ FOLDERS = {  # where ComfyUI keeps each part, and the node that loads it
 }
 REFUSAL = (
     "trains, tunes and evaluates Qwen-Image from a diffusers QwenImagePipeline folder (transformer/, "
-    "text_encoder/, tokenizer/, vae/, scheduler/); in ComfyUI the Load ReNeg Embedding node works with "
-    "the model ComfyUI loads from these files"
+    "text_encoder/, tokenizer/, vae/, scheduler/), or from these files together: the transformer as --model, "
+    "--text-encoder qwen_2.5_vl_7b, --vae qwen_image_vae (Qwen2.5's tokenizer: ComfyUI's own when the files "
+    "are inside a ComfyUI folder, else --tokenizer FOLDER); in ComfyUI the ReNeg nodes work with the model "
+    "ComfyUI loads from these files"
 )
+HEAD = 128  # Qwen2.5's attention heads and Qwen-Image's: every release's
+COMFY_TOKENIZER = os.path.join("comfy", "text_encoders", "qwen25_tokenizer")
 
 
 @dataclass
@@ -142,3 +149,158 @@ def qwen_image_part(ck: Checkpoint) -> QwenImagePart | None:
     part, description, details = found
     size = os.path.getsize(ck.path) if os.path.isfile(ck.path) else 0
     return QwenImagePart(ck.path, part, description, details, _numbers(ck), size)
+
+
+# --- loading the three files together ---------------------------------------------------------------
+
+
+def transformer_config(ck: Checkpoint, prefix: str) -> dict:
+    """diffusers' ``QwenImageTransformer2DModel`` configuration from the file's shapes (the release: 60 blocks
+    3072 wide, 24 heads of 128, 64 packed input channels, 16 out, text rows 3584 wide, rotary axes 16/56/56)."""
+    from ..diffusers_backend import ModelLoadError
+
+    inner, packed = (int(x) for x in ck.shapes[prefix + "img_in.weight"])
+    head = int(ck.shapes[prefix + "transformer_blocks.0.attn.norm_q.weight"][0])
+    if head != HEAD:
+        raise ModelLoadError(f"{ck.path}: attention heads of {head}; Qwen-Image's are {HEAD} (rotary axes 16/56/56)")
+    out = int(ck.shapes[prefix + "proj_out.weight"][0]) // 4
+    return {
+        "patch_size": 2,
+        "in_channels": packed,
+        "out_channels": out,
+        "num_layers": _layers(ck, prefix + "transformer_blocks."),
+        "attention_head_dim": head,
+        "num_attention_heads": inner // head,
+        "joint_attention_dim": int(ck.shapes[prefix + "txt_in.weight"][1]),
+        "guidance_embeds": any(k.startswith(prefix + "time_text_embed.guidance_embedder.") for k in ck.keys()),
+        "axes_dims_rope": (16, 56, 56),
+    }
+
+
+def _text_encoder(ck: Checkpoint, dtype):
+    """Qwen2.5-VL's language model (``Qwen2_5_VLTextModel``) from ComfyUI's file (``model.*``; the vision tower,
+    ``visual.*``, and any ``lm_head`` are not read: a text-to-image prompt never reaches them). Its
+    configuration from the shapes, with Qwen2.5-VL-7B's fixed parts: heads of 128, RMS norm eps 1e-6, rotary
+    base 1e6 in the multimodal sections 16/24/24."""
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    from .build import _empty_weights, _fill
+
+    vocab, width = (int(x) for x in ck.shapes["model.embed_tokens.weight"])
+    config = Qwen2_5_VLTextConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=int(ck.shapes["model.layers.0.mlp.gate_proj.weight"][0]),
+        num_hidden_layers=_layers(ck, "model.layers."),
+        num_attention_heads=width // HEAD,
+        num_key_value_heads=int(ck.shapes[TE_KEY][0]) // HEAD,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+    )
+    with _empty_weights():
+        model = Qwen2_5_VLTextModel(config)
+    sd = {k[len("model.") :]: v for k, v in ck.subset("model.", dtype).items()}
+    return _fill(model, sd, ck.path, "Qwen2.5-VL text encoder")
+
+
+def _vae(path: str, dtype):
+    from diffusers import AutoencoderKLQwenImage
+
+    from ..diffusers_backend import ModelLoadError
+    from .build import _empty_weights, _fill
+    from .read import open_checkpoint
+    from .wan_vae import wan21_vae_config, wan21_vae_to_diffusers
+
+    if os.path.isdir(path):  # a QwenImagePipeline folder's vae/
+        try:
+            return AutoencoderKLQwenImage.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelLoadError(
+                f"--vae {path}: not a diffusers AutoencoderKLQwenImage folder: {str(e)[:300]}"
+            ) from None
+    ck = open_checkpoint(path)
+    part = qwen_image_part(ck)
+    if part is None or part.part != "vae":
+        what = part.description if part else "not a VAE in the Wan 2.1 layout Qwen-Image's has"
+        raise ModelLoadError(f"--vae {path}: {what}; Qwen-Image reads qwen_image_vae.safetensors")
+    with _empty_weights():
+        vae = AutoencoderKLQwenImage(**wan21_vae_config(ck, f"--vae {path}"))
+    return _fill(vae, wan21_vae_to_diffusers(ck.subset("", dtype)), f"--vae {path}", "VAE")
+
+
+def load_qwen_image_files(path: str, text_encoders=(), vae: str | None = None, tokenizer: str | None = None,
+                          device="cpu", dtype=None):  # fmt: skip
+    """A :class:`reneg.backends.qwen_image.QwenImageBackend` from the files a ComfyUI Qwen-Image user holds:
+    the transformer (``path``; diffusers' names, under no prefix or ComfyUI's), Qwen2.5-VL-7B
+    (``text_encoders``), the VAE (``vae``: the Wan 2.1 layout, or a diffusers VAE folder) and Qwen2.5's
+    tokenizer (``tokenizer``; ComfyUI's own when the files sit in a ComfyUI folder). The parts are checked
+    against each other as a folder's are (:func:`reneg.backends.qwen_image.build_backend`)."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2Tokenizer
+
+    from ..diffusers_backend import ModelLoadError
+    from ..qwen_image import FAMILY, SCHEDULER, build_backend
+    from .build import _empty_weights, _fill
+    from .flux import find_in_comfyui, refuse_scaled_fp8
+    from .read import open_checkpoint
+
+    dtype = dtype or torch.float32
+    ck = open_checkpoint(path)
+    part = qwen_image_part(ck)
+    if part is None or part.part != "transformer":
+        what = part.description if part else "not a Qwen-Image transformer"
+        raise ModelLoadError(f"{path}: {what}; give the Qwen-Image transformer file as --model")
+    pre = next(p for p in TRANSFORMER_PREFIXES if f"{p}txt_norm.weight" in ck)
+    refuse_scaled_fp8(ck, path)
+    found = []
+    for te in text_encoders or ():
+        tck = open_checkpoint(te)
+        tpart = qwen_image_part(tck)
+        if tpart is None or tpart.part != "text_encoder":
+            what = tpart.description if tpart else "not Qwen2.5-VL-7B"
+            raise ModelLoadError(f"--text-encoder {te}: {what}; Qwen-Image reads Qwen2.5-VL-7B (qwen_2.5_vl_7b)")
+        refuse_scaled_fp8(tck, te)
+        found.append(tck)
+    if len(found) != 1:
+        raise ModelLoadError(
+            f"{path}: a Qwen-Image transformer file needs its text encoder: pass --text-encoder FILE once, for "
+            "Qwen2.5-VL-7B (ComfyUI keeps it in models/text_encoders/: qwen_2.5_vl_7b.safetensors)"
+        )
+    if not vae:
+        raise ModelLoadError(f"{path}: a Qwen-Image transformer file needs its VAE: pass --vae FILE "
+                             "(ComfyUI keeps it as models/vae/qwen_image_vae.safetensors)")  # fmt: skip
+    tok_dir = tokenizer or find_in_comfyui(COMFY_TOKENIZER, path, *text_encoders)
+    if not tok_dir:
+        raise ModelLoadError(
+            f"{path}: Qwen2.5's tokenizer is not in these files; pass --tokenizer FOLDER (ComfyUI's "
+            f"{COMFY_TOKENIZER}/, or a QwenImagePipeline folder's tokenizer/), found by itself when the files "
+            "sit inside a ComfyUI folder"
+        )
+    try:
+        tok = Qwen2Tokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(
+            f"--tokenizer {tok_dir}: not Qwen2.5's tokenizer (vocab.json, merges.txt): {str(e)[:300]}"
+        ) from None
+    try:
+        cfg = transformer_config(ck, pre)
+        with _empty_weights():
+            transformer = QwenImageTransformer2DModel.from_config(cfg)
+        transformer = _fill(transformer, {k[len(pre) :]: v for k, v in ck.subset(pre, dtype).items()}, path,
+                            "Qwen-Image transformer")  # fmt: skip
+        text_encoder = _text_encoder(found[0], dtype)
+    except KeyError as e:  # a tensor the shapes are read from is not there: the file is not what it says
+        raise ModelLoadError(
+            f"{path}: a Qwen-Image part lacks the tensor {e.args[0]} (a damaged or cut-down file)"
+        ) from None
+    info = {
+        "source": path,
+        "kind": "single files (ComfyUI)",
+        "family": FAMILY,
+        "text_encoders": [found[0].path],
+        "vae": vae,
+        "tokenizer": tok_dir,
+    }
+    return build_backend(transformer, _vae(vae, dtype), text_encoder, tok, SCHEDULER, path, device, dtype, info)
