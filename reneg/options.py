@@ -61,8 +61,8 @@ class ReNegOptions:
     )
     text_encoders: list = _opt(
         [],
-        "for a Flux.1, Chroma or Qwen-Image transformer file as ComfyUI keeps it (--model): its text encoder "
-        "files (Flux: clip_l and t5xxl; Chroma: t5xxl; Qwen-Image: qwen_2.5_vl_7b; e.g. "
+        "for a Flux.1, Chroma, Qwen-Image or Wan transformer file as ComfyUI keeps it (--model): its text "
+        "encoder files (Flux: clip_l and t5xxl; Chroma: t5xxl; Qwen-Image: qwen_2.5_vl_7b; Wan: umt5_xxl; e.g. "
         "models/text_encoders/t5xxl_fp16.safetensors); repeat",
         flag="--text-encoder",
         action="append",
@@ -70,10 +70,16 @@ class ReNegOptions:
     )
     tokenizer: str | None = _opt(
         None,
-        "for a Flux.1, Chroma or Qwen-Image transformer file: a folder with its text encoder's tokenizer "
+        "for a Flux.1, Chroma, Qwen-Image or Wan transformer file: a folder with its text encoder's tokenizer "
         "(ComfyUI's comfy/text_encoders/t5_tokenizer or qwen25_tokenizer, found by itself when the files are "
-        "inside a ComfyUI folder)",
+        "inside a ComfyUI folder; Wan's is read from the umt5_xxl file)",
         metavar="FOLDER",
+    )
+    low_noise_model: str | None = _opt(
+        None,
+        "for Wan 2.2 A14B as ComfyUI keeps it: the low-noise expert's transformer file (--model is the "
+        "high-noise one; they switch at the release's boundary 0.875)",
+        metavar="FILE",
     )
     prediction_type: str | None = _opt(
         None,
@@ -448,6 +454,9 @@ def check_model_and_rewards(opts: Any) -> None:
     tok = getattr(opts, "tokenizer", None)
     if tok and not os.path.isdir(tok):
         raise OptionError(f"--tokenizer {tok}: no such folder")
+    low = getattr(opts, "low_noise_model", None)
+    if low and not os.path.isfile(low):
+        raise OptionError(f"--low-noise-model {low}: no such file")
     if getattr(opts, "prediction_type", None) not in (None, "eps", "v"):
         raise OptionError(f"--prediction-type {opts.prediction_type}: expected eps or v")
     if not opts.rewards:

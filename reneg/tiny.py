@@ -22,6 +22,7 @@ from .backends.clip_tokenizer import write_clip_tokenizer
 from .backends.chroma import SCHEDULER as CHROMA_RELEASE_SCHEDULER
 from .backends.flux import SCHEDULERS as FLUX_RELEASE_SCHEDULERS
 from .backends.qwen_image import SCHEDULER as QWEN_SCHEDULER
+from .backends.wan import SCHEDULER as WAN_RELEASE_SCHEDULER
 from .demo_fallback import (
     SD_MODEL_INDEX,
     SD_SCHEDULER,
@@ -307,18 +308,7 @@ def build_tiny_text_to_video(folder: str, seed: int = 0, hidden: int = 1024, sam
 
 
 # Wan's scheduler config as the Wan 2.1 / 2.2 diffusers folders ship it (UniPC on flow sigmas, shift 3 for 480p)
-WAN_SCHEDULER = {
-    "_class_name": "UniPCMultistepScheduler",
-    "num_train_timesteps": 1000,
-    "prediction_type": "flow_prediction",
-    "use_flow_sigmas": True,
-    "flow_shift": 3.0,
-    "solver_order": 2,
-    "predict_x0": True,
-    "solver_type": "bh2",
-    "lower_order_final": True,
-    "timestep_spacing": "linspace",
-}
+WAN_SCHEDULER = WAN_RELEASE_SCHEDULER  # the one the single-file loader uses
 
 
 def build_tiny_wan(
@@ -328,6 +318,7 @@ def build_tiny_wan(
     boundary_ratio: float = 0.875,
     layers: int = 1,
     real_widths: bool = False,
+    head_dim: int | None = None,
 ) -> str:
     """A small ``WanPipeline`` folder with Wan's real conditioning sizes.
 
@@ -342,7 +333,9 @@ def build_tiny_wan(
     ``real_widths=True``: the released Wan 2.1 1.3B sizes in every layer there is (transformer 1536 wide,
     12 heads of 128, feed-forward 8960; UMT5-XXL's layers: 64 heads of 64, feed-forward 10240; the
     released VAE's sizes), with ``layers`` transformer blocks and ``layers`` UMT5 layers and the small
-    vocabulary: a random Wan of the real widths at reduced depth (about 1.4 GB at 2 layers)."""
+    vocabulary: a random Wan of the real widths at reduced depth (about 1.4 GB at 2 layers). ``head_dim`` 128
+    (small folders): one transformer head of the releases' size, which the single files' loader assumes, and two
+    UMT5 layers, so a UMT5 file is told from a T5 one by the second layer's own relative attention bias."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -354,7 +347,7 @@ def build_tiny_wan(
         umt5=True,
         d_kv=64 if real_widths else 8,
         d_ff=10240 if real_widths else 32,
-        layers=layers if real_widths else 1,
+        layers=layers if real_widths else (2 if head_dim else 1),
         heads=64 if real_widths else 2,
     )
     te.save_pretrained(os.path.join(folder, "text_encoder"))
@@ -362,8 +355,8 @@ def build_tiny_wan(
     def transformer():
         return WanTransformer3DModel(
             patch_size=(1, 2, 2),
-            num_attention_heads=12 if real_widths else 2,
-            attention_head_dim=128 if real_widths else 12,
+            num_attention_heads=12 if real_widths else (1 if head_dim else 2),
+            attention_head_dim=128 if real_widths else (head_dim or 12),
             in_channels=16,
             out_channels=16,
             text_dim=4096,

@@ -316,3 +316,39 @@ def vae_to_wan21(sd: dict, config: dict) -> dict:
             raise KeyError(f"not a Wan VAE tensor: {k}")
         out[name] = v
     return out
+
+
+# diffusers' WanTransformer3DModel names and Wan's own, in the order they are put back
+_WAN_TRANSFORMER = (
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1", "self_attn"),
+    ("attn2", "cross_attn"),
+    (".to_out.0.", ".o."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+    ("proj_out", "head.head"),
+)
+
+
+def transformer_to_wan(sd: dict) -> dict:
+    """A diffusers ``WanTransformer3DModel`` state dict in Wan's own layout (ComfyUI's ``models/diffusion_models``
+    files): the inverse of diffusers' ``convert_wan_transformer_to_diffusers`` for text-to-video transformers
+    (the tests check the round trip against it), including its swap of ``norm2`` and ``norm3``."""
+    out = {}
+    for k, v in sd.items():
+        n = k
+        for new, old in _WAN_TRANSFORMER:
+            n = n.replace(new, old)
+        if n == "scale_shift_table":
+            n = "head.modulation"
+        n = n.replace(".scale_shift_table", ".modulation")
+        n = n.replace(".norm2.", ".norm__swap.").replace(".norm3.", ".norm2.").replace(".norm__swap.", ".norm3.")
+        out[n] = v
+    return out

@@ -252,7 +252,8 @@ def test_temporal_measures():
 def test_comfyui_single_files_are_named_by_inspect_and_refused_as_a_model(tmp_path, capsys):
     """The files a ComfyUI Wan user holds, from their headers: the transformer (Wan's own layout; Wan 2.1 T2V 1.3B
     here, an image-to-video and a VACE one named as not supported) and the UMT5-XXL encoder (a bias in every
-    layer, which T5-XXL lacks: not taken for Flux's t5xxl); each refused as --model with what to pass."""
+    layer, which T5-XXL lacks: not taken for Flux's t5xxl); each but the text-to-video transformer (which asks
+    for its parts) refused as --model with what to pass."""
     from safetensors.torch import save_file
 
     from reneg.cli import main
@@ -296,9 +297,140 @@ def test_comfyui_single_files_are_named_by_inspect_and_refused_as_a_model(tmp_pa
         assert want[name][0] in out and want[name][1] in out and "WanPipeline folder" in out, out
         assert main(["inspect", "--json", path]) == 0
         assert want[name][2] in capsys.readouterr().out
+        if name.startswith("wan2.1_t2v"):  # loads with its parts (the next test); alone, it asks for them
+            with pytest.raises(ModelLoadError, match=r"a Wan transformer file needs its text encoder: pass --text-enc"):
+                load_diffusers(path)
+            continue
         with pytest.raises(ModelLoadError, match=r"one part of a Wan model on its own; ReNeg trains.*WanPipeline"):
             load_diffusers(path)
     assert main(["inspect", "--json", str(tmp_path / "umt5_xxl_fp16.safetensors")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["part"] == "text_encoder" and info["comfyui_folder"] == "models/text_encoders"
     assert "spiece_model" in info["details"]["tokenizer"]
+
+
+def _comfy_wan_files(folder: str, root, name: str, spiece: bytes | None = None) -> dict:
+    """A Wan folder's parts written as ComfyUI keeps them under ``root/models``: the transformer(s) in Wan's own
+    layout (``transformer_2/`` as the low-noise twin), UMT5 with transformers' names (and ``spiece_model``), the
+    VAE in the Wan 2.1 layout."""
+    from diffusers import AutoencoderKLWan
+    from ldm_layout import transformer_to_wan, vae_to_wan21
+    from safetensors.torch import load_file, save_file
+
+    models = root / "models"
+    for d in ("diffusion_models", "text_encoders", "vae"):
+        (models / d).mkdir(parents=True, exist_ok=True)
+    out = {}
+    for sub, kind in (("transformer", "high_noise"), ("transformer_2", "low_noise")):
+        src = os.path.join(folder, sub, "diffusion_pytorch_model.safetensors")
+        if os.path.isfile(src):
+            out[sub] = str(models / "diffusion_models" / f"{name}_{kind}.safetensors")
+            save_file({k: v.contiguous() for k, v in transformer_to_wan(load_file(src)).items()}, out[sub])
+    te = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
+    if spiece is not None:
+        te["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
+    out["umt5"] = str(models / "text_encoders" / "umt5_xxl.safetensors")
+    save_file(te, out["umt5"])
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(folder, "vae"))
+    out["vae"] = str(models / "vae" / "wan_2.1_vae.safetensors")
+    save_file({k: v.contiguous() for k, v in vae_to_wan21(vae.state_dict(), dict(vae.config)).items()}, out["vae"])
+    return out
+
+
+def test_transformer_layout_round_trips_through_diffusers_converter(tmp_path):
+    """The tests' writer of Wan's own transformer layout is the inverse of diffusers'
+    ``convert_wan_transformer_to_diffusers``, which the loader uses (checked on names, meta tensors)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from ldm_layout import transformer_to_wan
+
+    with torch.device("meta"):
+        sd = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=128, num_layers=2, ffn_dim=32,
+                                   cross_attn_norm=True, qk_norm="rms_norm_across_heads").state_dict()  # fmt: skip
+    wan = transformer_to_wan(sd)
+    assert "head.modulation" in wan and "blocks.1.cross_attn.o.weight" in wan and "blocks.0.norm3.weight" in wan
+    back = convert_wan_transformer_to_diffusers(dict(wan))
+    assert sorted(back) == sorted(sd) and all(back[k] is sd[k] for k in sd)
+
+
+def test_comfyui_single_files_load_as_the_folder_does(tmp_path, tiny_hps_ckpt, capsys):
+    """A ComfyUI Wan user's files (the transformer in Wan's layout, umt5_xxl, wan_2.1_vae) load into the model
+    the WanPipeline folder of the same weights makes: the same rows, schedule and videos; Wan 2.2 A14B's two
+    expert files load as the folder's two experts; the tokenizer ComfyUI keeps inside the UMT5 file gives
+    SentencePiece's own ids; ``reneg train`` takes the files; each missing part is asked for by its flag."""
+    import io
+
+    import sentencepiece as spm
+
+    from reneg.cli import main
+    from reneg.embedding import load_embedding
+    from reneg.generate import generate
+
+    folder = build_tiny_wan(str(tmp_path / "wan21"), seed=2, head_dim=128)
+    tok = os.path.join(folder, "tokenizer")
+    f = _comfy_wan_files(folder, tmp_path / "ComfyUI", "wan2.1_t2v")
+    a = load_diffusers(folder)
+    b = load_diffusers(f["transformer"], text_encoders=[f["umt5"]], vae=f["vae"], tokenizer=tok)
+    assert b.family == "wan" and b.model_info["kind"] == "single files (ComfyUI)" and b.transformer_2 is None
+    prompts = ["a red circle", "a blue square on a green house"]
+    ca, cb = a.encode_prompts(prompts), b.encode_prompts(prompts)
+    assert torch.equal(ca.crossattn, cb.crossattn) and torch.equal(a.schedule(4), b.schedule(4))
+    assert b.scheduler_config["flow_shift"] == 3.0
+    noise = torch.randn(2, 16, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    neg = a.encode_prompts(["blurry"])
+    ia, ib = generate(a, ca, neg, noise, 3, 5.0), generate(b, cb, b.encode_prompts(["blurry"]), noise, 3, 5.0)
+    assert ia.abs().max() > 0 and torch.equal(ia, ib)
+    assert makes_videos(f["transformer"]) and not makes_videos(f["umt5"])
+
+    # Wan 2.2 A14B: the high-noise file as --model, its low-noise twin beside it
+    folder2 = build_tiny_wan(str(tmp_path / "wan22"), seed=4, experts=2, head_dim=128)
+    f2 = _comfy_wan_files(folder2, tmp_path / "ComfyUI", "wan2.2_t2v")
+    c = load_diffusers(folder2)
+    d = load_diffusers(f2["transformer"], text_encoders=[f2["umt5"]], vae=f2["vae"], tokenizer=tok,
+                       low_noise_model=f2["transformer_2"])  # fmt: skip
+    assert d.boundary_ratio == c.boundary_ratio == 0.875 and d.model_info["experts"] == 2
+    assert d.scheduler_config["flow_shift"] == 12.0  # the A14B release's shift (the test folder's is 3)
+    x = torch.randn(1, 16, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    cc = c.encode_prompts(["a cat"])
+    for t in (0.95, 0.5):  # one step on each side of the boundary: each expert is its folder twin
+        s = torch.tensor([t])
+        assert _rel(d.denoiser(x, s, d.encode_prompts(["a cat"])), c.denoiser(x, s, cc)) < 1e-6
+
+    # the tokenizer inside the UMT5 file (ComfyUI's spiece_model): SentencePiece's ids, then </s>
+    text = "a red circle\na blue square on a green house\nblurry ugly low quality\n" * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=24,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)  # fmt: skip
+    g = _comfy_wan_files(folder, tmp_path / "spm", "wan2.1_t2v", spiece=model.getvalue())
+    e = load_diffusers(g["transformer"], text_encoders=[g["umt5"]], vae=g["vae"])
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    for p in ("a red circle", "Blurry, ugly!  low quality"):
+        assert e.tokenizer(p).input_ids == sp.encode(p) + [1]
+    assert (
+        e.model_info["tokenizer"].endswith("(spiece_model)")
+        and e.encode_prompts(["a red circle"]).crossattn.shape[-1] == 4096
+    )
+
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(prompts * 2))
+    out = tmp_path / "run"
+    args = ["train", "--model", f["transformer"], "--text-encoder", f["umt5"], "--vae", f["vae"], "--tokenizer", tok]
+    args += ["--reward", f"hpsv2={tiny_hps_ckpt}", "--prompts", str(pf), "--sampling-steps", "3", "--resolution", "16"]
+    args += ["--grad-range", "0", "1", "--heldout-count", "1", "--out", str(out), "--steps", "1", "--batch-size", "1"]
+    assert main([*args, "--eval-every", "0", "--guidance", "5", "--no-progress"]) == 0, capsys.readouterr().err
+    assert load_embedding(out / "embedding.safetensors").family == "wan"
+
+    with pytest.raises(ModelLoadError, match=r"pass --text-encoder FILE once, for UMT5-XXL"):
+        load_diffusers(f["transformer"], vae=f["vae"])
+    with pytest.raises(ModelLoadError, match=r"needs its VAE: pass --vae FILE"):
+        load_diffusers(f["transformer"], text_encoders=[f["umt5"]])
+    with pytest.raises(ModelLoadError, match=r"no tokenizer inside .*pass --tokenizer FOLDER"):
+        load_diffusers(f["transformer"], text_encoders=[f["umt5"]], vae=f["vae"])
+    with pytest.raises(ModelLoadError, match=r"--text-encoder .*wan_2.1_vae.safetensors: .*Wan reads UMT5-XXL"):
+        load_diffusers(f["transformer"], text_encoders=[f["vae"]], vae=f["vae"])
+    with pytest.raises(ModelLoadError, match=r"--low-noise-model .*umt5_xxl.safetensors: .*give a Wan text-to-video"):
+        load_diffusers(
+            f["transformer"], text_encoders=[f["umt5"]], vae=f["vae"], tokenizer=tok, low_noise_model=f["umt5"]
+        )
+    with pytest.raises(ModelLoadError, match=r"--low-noise-model: for Wan 2.2 A14B's files"):
+        load_diffusers(folder, low_noise_model=f2["transformer_2"])

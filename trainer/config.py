@@ -20,8 +20,9 @@ class TrainConfig:
     model: str = ""
     config: str | None = None  # configs folder for a single-file checkpoint (optional)
     vae: str | None = None  # a VAE file or folder replacing the model's own
-    text_encoders: list[str] = field(default_factory=list)  # a Flux transformer file's clip_l and t5xxl
-    tokenizer: str | None = None  # T5's tokenizer folder for a Flux transformer file
+    text_encoders: list[str] = field(default_factory=list)  # a transformer file's text encoders (Flux: clip_l, t5xxl)
+    tokenizer: str | None = None  # the tokenizer folder for a transformer file (T5's, Qwen2.5's, UMT5's)
+    low_noise_model: str | None = None  # Wan 2.2 A14B's low-noise expert file, beside --model the high-noise one
     prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""
@@ -95,7 +96,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train on the built-in demo world (no files needed); flags given beside it replace the demo's settings",
     )
-    O.add_options(p, ["model", "config", "vae", "text_encoders", "tokenizer", "prediction_type", "rewards"])
+    O.add_options(
+        p, ["model", "config", "vae", "text_encoders", "tokenizer", "low_noise_model", "prediction_type", "rewards"]
+    )
     a(
         "--prompts",
         help="training prompts: .txt (one a line), .json (ImageReward list, "

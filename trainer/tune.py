@@ -26,7 +26,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tune on the built-in demo world (no files needed); flags given beside it replace the demo's settings",
     )
-    O.add_options(p, ["model", "config", "vae", "text_encoders", "tokenizer", "prediction_type", "rewards"])
+    O.add_options(
+        p, ["model", "config", "vae", "text_encoders", "tokenizer", "low_noise_model", "prediction_type", "rewards"]
+    )
     a(
         "--embedding",
         help="starting embedding file (default: the null embedding), or a negative predictor file: the "

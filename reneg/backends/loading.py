@@ -35,6 +35,7 @@ def load_diffusers(
     frames: int | None = None,
     text_encoders: list[str] | tuple = (),
     tokenizer: str | None = None,
+    low_noise_model: str | None = None,
 ) -> DiffusersBackend:
     """Load SD1.x / SD2.x / SDXL from a diffusers folder or a single-file checkpoint, locally.
 
@@ -55,12 +56,16 @@ def load_diffusers(
     :func:`reneg.backends.single_file.flux.load_flux_files`, :func:`reneg.backends.single_file.chroma.load_chroma_files`."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        if low_noise_model:
+            raise ModelLoadError(f"--low-noise-model: for Wan 2.2 A14B's files; a folder {path} holds its own "
+                                 "transformer_2/")  # fmt: skip
         backend = _load_folder(path, device, dtype, vae, frames)
     elif os.path.isfile(path):
         from .single_file import load_single_file, open_checkpoint
         from .single_file.chroma import chroma_part, load_chroma_files
         from .single_file.flux import flux_part, load_flux_files
         from .single_file.qwen_image import load_qwen_image_files, qwen_image_part
+        from .single_file.wan import load_wan_files, wan_part
 
         if path.lower().endswith(".safetensors"):  # the transformer files that load with their parts
             ck = open_checkpoint(path)
@@ -73,9 +78,15 @@ def load_diffusers(
             qwen = qwen_image_part(ck)
             if qwen is not None and qwen.part == "transformer":
                 return load_qwen_image_files(path, text_encoders, vae, tokenizer, device, dtype)
+            wan = wan_part(ck)
+            if wan is not None and wan.part == "transformer" and wan.supported:
+                return load_wan_files(path, text_encoders, vae, tokenizer, device, dtype, frames, low_noise_model)
+        if low_noise_model:
+            raise ModelLoadError(f"--low-noise-model: only for Wan 2.2 A14B's high-noise transformer file as --model; "
+                                 f"{path} is not one")  # fmt: skip
         if text_encoders or tokenizer:
             flag = "--text-encoder" if text_encoders else "--tokenizer"
-            raise ModelLoadError(f"{flag}: only for a model kept as separate files (a Flux.1, Chroma or Qwen-Image transformer file); "
+            raise ModelLoadError(f"{flag}: only for a model kept as separate files (a Flux.1, Chroma, Qwen-Image or Wan transformer file); "
                                  f"{path} holds its own text encoders")  # fmt: skip
         backend = load_single_file(path, device, dtype, config=config, vae=vae, prediction_type=prediction_type)
         return backend
@@ -91,13 +102,15 @@ def load_diffusers(
 
 def model_files(opts) -> dict:
     """The keyword arguments of :func:`load_diffusers` besides the model path that a front-end's options
-    carry (``--config``, ``--vae``, ``--prediction-type``, ``--text-encoder``, ``--tokenizer``)."""
+    carry (``--config``, ``--vae``, ``--prediction-type``, ``--text-encoder``, ``--tokenizer``,
+    ``--low-noise-model``)."""
     return {
         "config": getattr(opts, "config", None),
         "vae": getattr(opts, "vae", None),
         "prediction_type": getattr(opts, "prediction_type", None),
         "text_encoders": getattr(opts, "text_encoders", None) or (),
         "tokenizer": getattr(opts, "tokenizer", None),
+        "low_noise_model": getattr(opts, "low_noise_model", None),
     }
 
 
@@ -282,6 +295,12 @@ def makes_videos(path: str) -> bool:
     """Whether ``path`` is a folder of a video kind (a ``TextToVideoSDPipeline``): a model that makes
     videos by itself, which :func:`load_diffusers` loads when it is given ``frames``."""
     path = os.fspath(path)
+    if os.path.isfile(path) and path.lower().endswith(".safetensors"):  # a Wan text-to-video transformer file
+        from .single_file import open_checkpoint
+        from .single_file.wan import wan_part
+
+        part = wan_part(open_checkpoint(path))
+        return part is not None and part.part == "transformer" and part.supported
     if not os.path.isdir(path):
         return False
     index = _model_index(path)

@@ -30,6 +30,24 @@ from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, re
 
 FAMILY = "wan"
 EXPERTS_FAMILY = "wan-experts"  # Wan 2.2 A14B, one negative per expert: two wan negatives in one file
+# the scheduler config Wan-AI's Wan 2.1 T2V diffusers folders ship (UniPC on flow sigmas, shift 3); what the
+# backend reads of it is the flow shift and the training timesteps
+SCHEDULER = {
+    "_class_name": "UniPCMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "solver_order": 2,
+    "predict_x0": True,
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "timestep_spacing": "linspace",
+}
+# Wan 2.2 T2V A14B's release settings (its own config, wan/configs/wan_t2v_A14B.py): the experts switch at
+# boundary 0.875 and it samples with shift 12
+A14B_BOUNDARY = 0.875
+A14B_FLOW_SHIFT = 12.0
 EXPERT_MODES = ("shared", "per-expert")
 TEXT_TO_VIDEO = ("WanPipeline",)
 # Wan pipelines that read an image or a video besides the text: not text-to-video models
@@ -398,6 +416,22 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32, fra
     transformer, transformer_2 = m["transformer"], m.get("transformer_2")
     vae, text_encoder = m["vae"], m["text_encoder"]
     tokenizer = load_t5_tokenizer(os.path.join(path, "tokenizer"), AutoTokenizer)
+    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    info = {
+        "source": path,
+        "kind": "diffusers folder",
+        "expand_timesteps": bool(index.get("expand_timesteps", False)),
+        "vae": "inside",
+    }
+    return build_backend(transformer, transformer_2, boundary, vae, text_encoder, tokenizer, sched, path, device,
+                         dtype, info, frames)  # fmt: skip
+
+
+def build_backend(transformer, transformer_2, boundary, vae, text_encoder, tokenizer, sched: dict, path: str,
+                  device, dtype, info: dict, frames: int | None = None) -> WanBackend:  # fmt: skip
+    """A :class:`WanBackend` from its parts (a folder's or the single files'), after checking that they belong
+    together: text-to-video transformers reading UMT5-XXL's 4096-wide rows, a 4096-wide encoder, and the
+    VAE's latent channels the transformer's input."""
     spec = get_family(FAMILY)
     for name, t in (("transformer", transformer), ("transformer_2", transformer_2)):
         if t is None:
@@ -420,16 +454,13 @@ def load_folder(path: str, device="cpu", dtype: torch.dtype = torch.float32, fra
     for m in (transformer, transformer_2, vae, text_encoder):
         if m is not None:
             m.requires_grad_(False).eval()
-    sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    two = transformer_2 is not None
     info = {
-        "source": path,
-        "kind": "diffusers folder",
+        **info,
         "family": FAMILY,
         "architecture": "Wan 2.2 A14B (two experts)" if two else "Wan",
         "experts": 2 if two else 1,
         "boundary_ratio": boundary,
-        "expand_timesteps": bool(index.get("expand_timesteps", False)),
-        "vae": "inside",
     }
     backend = WanBackend(
         transformer,

@@ -35,7 +35,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     )
     O.add_options(
         s,
-        ["model", "config", "vae", "text_encoders", "tokenizer", "prediction_type", "rewards"],
+        ["model", "config", "vae", "text_encoders", "tokenizer", "low_noise_model", "prediction_type", "rewards"],
         helps={
             "rewards": "each reward is reported on its own, marked trained on or held out (from the evaluated "
             "embeddings' metadata); the first one also drives per-sample tuning"

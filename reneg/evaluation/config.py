@@ -56,8 +56,9 @@ class EvalConfig:
     model: str = ""
     config: str | None = None
     vae: str | None = None  # a VAE file or folder replacing the model's own
-    text_encoders: list[str] = field(default_factory=list)  # a Flux transformer file's clip_l and t5xxl
-    tokenizer: str | None = None  # T5's tokenizer folder for a Flux transformer file
+    text_encoders: list[str] = field(default_factory=list)  # a transformer file's text encoders (Flux: clip_l, t5xxl)
+    tokenizer: str | None = None  # the tokenizer folder for a transformer file (T5's, Qwen2.5's, UMT5's)
+    low_noise_model: str | None = None  # Wan 2.2 A14B's low-noise expert file, beside --model the high-noise one
     prediction_type: str | None = None  # eps | v: instead of what the model's files say
     rewards: list[str] = field(default_factory=list)
     prompts: str = ""

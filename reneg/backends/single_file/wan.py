@@ -9,8 +9,12 @@ bias in every layer) and the VAE in ``models/vae/`` (named by :mod:`.qwen_image`
 layout). :func:`wan_part` tells them apart as ComfyUI's ``model_detection.py`` does (``head.modulation``
 makes a Wan transformer; ``img_emb`` or 36 input channels an image-to-video one, ``vace_blocks`` VACE).
 
-ReNeg trains, tunes and evaluates Wan from a diffusers ``WanPipeline`` folder (:mod:`reneg.backends.wan`).
-``reneg inspect`` describes these files; the loaders refuse them with a message that says what to pass.
+ReNeg trains, tunes and evaluates Wan from a diffusers ``WanPipeline`` folder (:mod:`reneg.backends.wan`) or
+from these files together (:func:`load_wan_files`: a Wan 2.1 T2V transformer, or Wan 2.2 A14B's high-noise
+expert with ``--low-noise-model``, as ``--model``, ``--text-encoder`` umt5_xxl and ``--vae`` wan_2.1_vae; the
+tokenizer the one ComfyUI reads from the UMT5 file's ``spiece_model``, or ``--tokenizer``). ``reneg inspect``
+describes each file; the text encoder given alone as ``--model`` is refused with a message that says what to
+pass.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ FOLDERS = {  # where ComfyUI keeps each part, and the node that loads it
 }
 REFUSAL = (
     "trains, tunes and evaluates Wan from a diffusers WanPipeline folder (transformer/ and, for Wan 2.2 "
-    "A14B, transformer_2/, text_encoder/, tokenizer/, vae/, scheduler/); in ComfyUI the ReNeg nodes work "
-    "with the model ComfyUI loads from these files"
+    "A14B, transformer_2/, text_encoder/, tokenizer/, vae/, scheduler/), or from these files together: a "
+    "text-to-video transformer as --model (Wan 2.2 A14B: the high-noise expert, with --low-noise-model), "
+    "--text-encoder umt5_xxl, --vae wan_2.1_vae; in ComfyUI the ReNeg nodes work with the model ComfyUI "
+    "loads from these files"
 )
+HEAD = 128  # Wan's attention heads, in every release
 
 
 @dataclass
@@ -110,3 +117,221 @@ def wan_part(ck: Checkpoint) -> WanPart | None:
     if found is not None:
         found.size = size
     return found
+
+
+# --- loading the files together ------------------------------------------------------------------------
+
+
+def transformer_config(ck: Checkpoint, prefix: str) -> dict:
+    """diffusers' ``WanTransformer3DModel`` configuration of a Wan-layout transformer file, from its shapes
+    (Wan 2.1 1.3B: 30 blocks 1536 wide, 12 heads of 128, feed-forward 8960; 14B and each A14B expert: 40
+    blocks 5120 wide; every release: patches 1 x 2 x 2, UMT5 rows 4096 wide, 256 frequencies, RMS norm on
+    queries and keys across heads, a norm before cross-attention, eps 1e-6)."""
+    from ..diffusers_backend import ModelLoadError
+
+    pe = ck.shapes[prefix + "patch_embedding.weight"]
+    dim, in_ch = int(pe[0]), int(pe[1])
+    patch = tuple(int(x) for x in pe[2:])
+    if dim % HEAD:
+        raise ModelLoadError(f"{ck.path}: a Wan transformer {dim} wide, not a whole number of Wan's heads of {HEAD}")
+    n = 1
+    for x in patch:
+        n *= x
+    return {
+        "patch_size": patch,
+        "num_attention_heads": dim // HEAD,
+        "attention_head_dim": HEAD,
+        "in_channels": in_ch,
+        "out_channels": int(ck.shapes[prefix + "head.head.weight"][0]) // n,
+        "text_dim": int(ck.shapes[prefix + "text_embedding.0.weight"][1]),
+        "freq_dim": int(ck.shapes[prefix + "time_embedding.0.weight"][1]),
+        "ffn_dim": int(ck.shapes[prefix + "blocks.0.ffn.0.weight"][0]),
+        "num_layers": _count(ck, prefix + "blocks."),
+        "cross_attn_norm": prefix + "blocks.0.norm3.weight" in ck,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 1024,
+    }
+
+
+def _transformer_file(path: str, dtype, flag: str):
+    """One Wan text-to-video transformer file, converted with diffusers' ``convert_wan_transformer_to_diffusers``
+    (renames only, at any width and depth), and its configuration."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    from ..diffusers_backend import ModelLoadError
+    from .build import _empty_weights, _fill
+    from .flux import refuse_scaled_fp8
+    from .read import open_checkpoint
+
+    ck = open_checkpoint(path)
+    part = wan_part(ck)
+    if part is None or part.part != "transformer":
+        what = part.description if part else "not a Wan transformer"
+        raise ModelLoadError(f"{flag} {path}: {what}; give a Wan text-to-video transformer file")
+    if not part.supported:
+        raise ModelLoadError(f"{flag} {path}: {part.description}")
+    if (
+        int(
+            ck.shapes[next(p for p in TRANSFORMER_PREFIXES if p + "head.modulation" in ck) + "patch_embedding.weight"][
+                1
+            ]
+        )
+        == 48
+    ):
+        raise ModelLoadError(
+            f"{flag} {path}: Wan 2.2 TI2V 5B (48 latent channels, Wan 2.2's own VAE, one timestep per latent "
+            "token): ReNeg reads it from a WanPipeline folder, not from ComfyUI's files"
+        )
+    refuse_scaled_fp8(ck, path)
+    pre = next(p for p in TRANSFORMER_PREFIXES if p + "head.modulation" in ck)
+    cfg = transformer_config(ck, pre)
+    sd = convert_wan_transformer_to_diffusers({k[len(pre) :]: v for k, v in ck.subset(pre, dtype).items()})
+    with _empty_weights():
+        model = WanTransformer3DModel.from_config(cfg)
+    return _fill(model, sd, path, "Wan transformer"), cfg
+
+
+def _umt5(ck: Checkpoint, dtype):
+    """transformers' ``UMT5EncoderModel`` from ComfyUI's file (transformers' names; ``spiece_model``, the tokenizer
+    ComfyUI keeps inside it, is not a weight): its configuration from the shapes, with UMT5's fixed parts
+    (gated GELU, 32 relative-position buckets up to 128, eps 1e-6)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .build import _empty_weights, _fill
+
+    bias = ck.shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    heads = int(bias[1])
+    vocab, width = (int(x) for x in ck.shapes["shared.weight"])
+    config = UMT5Config(
+        vocab_size=vocab,
+        d_model=width,
+        d_kv=int(ck.shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]) // heads,
+        d_ff=int(ck.shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]),
+        num_layers=_count(ck, "encoder.block."),
+        num_heads=heads,
+        relative_attention_num_buckets=int(bias[0]),
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        is_encoder_decoder=False,
+        tie_word_embeddings=False,
+    )
+    with _empty_weights():
+        model = UMT5EncoderModel(config)
+    sd = {k: v for k, v in ck.subset("", dtype).items() if k != "spiece_model"}
+    if "encoder.embed_tokens.weight" in model.state_dict() and "encoder.embed_tokens.weight" not in sd:
+        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
+    return _fill(model, sd, ck.path, "UMT5-XXL text encoder")
+
+
+def _tokenizer(ck: Checkpoint, tokenizer: str | None):
+    """``--tokenizer`` (a WanPipeline folder's ``tokenizer/``, google/umt5-xxl's), else the SentencePiece model
+    ComfyUI keeps in the UMT5 file (``spiece_model``), read as transformers' T5 tokenizer: the ids
+    SentencePiece itself gives, with ``</s>`` appended, as ComfyUI's Wan text encoder tokenizes."""
+    import tempfile
+
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    from ..diffusers_backend import ModelLoadError
+    from ..parts import load_t5_tokenizer
+
+    if tokenizer:
+        return load_t5_tokenizer(tokenizer, AutoTokenizer), tokenizer
+    if "spiece_model" not in ck:
+        raise ModelLoadError(
+            f"{ck.path}: no tokenizer inside (ComfyUI's umt5_xxl files keep one as 'spiece_model'); pass "
+            "--tokenizer FOLDER (a WanPipeline folder's tokenizer/)"
+        )
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "spiece.model"), "wb") as f:
+            f.write(ck.tensor("spiece_model").numpy().tobytes())
+        try:
+            tok = T5Tokenizer.from_pretrained(d, extra_ids=0, model_max_length=512)
+        except Exception as e:  # sentencepiece / protobuf missing, or not a SentencePiece model
+            raise ModelLoadError(
+                f"{ck.path}: its tokenizer (spiece_model) could not be read ({type(e).__name__}: {str(e)[:200]}); "
+                "`pip install sentencepiece protobuf`, or pass --tokenizer FOLDER"
+            ) from None
+    return tok, f"{ck.path} (spiece_model)"
+
+
+def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenizer: str | None = None,
+                   device="cpu", dtype=None, frames: int | None = None, low_noise: str | None = None):  # fmt: skip
+    """A :class:`reneg.backends.wan.WanBackend` from the files a ComfyUI Wan user holds: a text-to-video
+    transformer (``path``: Wan 2.1 T2V, or Wan 2.2 A14B's high-noise expert with its low-noise twin as
+    ``low_noise``, switched at the release's boundary 0.875), UMT5-XXL (``text_encoders``), the Wan 2.1 VAE
+    (``vae``; a diffusers VAE folder also does) and the tokenizer (inside the UMT5 file, or ``tokenizer``). The
+    scheduler is the release's: shift 3 for Wan 2.1, 12 for A14B. The parts are checked against each other as
+    a folder's are (:func:`reneg.backends.wan.build_backend`)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from ..diffusers_backend import ModelLoadError
+    from ..wan import A14B_BOUNDARY, A14B_FLOW_SHIFT, SCHEDULER, build_backend
+    from .build import _empty_weights, _fill
+    from .flux import refuse_scaled_fp8
+    from .qwen_image import qwen_image_part
+    from .read import open_checkpoint
+    from .wan_vae import wan21_vae_config, wan21_vae_to_diffusers
+
+    dtype = dtype or torch.float32
+    found = []
+    for te in text_encoders or ():
+        tck = open_checkpoint(te)
+        tpart = wan_part(tck)
+        if tpart is None or tpart.part != "text_encoder" or not tpart.supported:
+            what = tpart.description if tpart else "not UMT5-XXL (umt5_xxl)"
+            raise ModelLoadError(f"--text-encoder {te}: {what}; Wan reads UMT5-XXL (umt5_xxl_fp16.safetensors)")
+        refuse_scaled_fp8(tck, te)
+        found.append(tck)
+    if len(found) != 1:
+        raise ModelLoadError(
+            f"{path}: a Wan transformer file needs its text encoder: pass --text-encoder FILE once, for UMT5-XXL "
+            "(ComfyUI keeps it in models/text_encoders/: umt5_xxl_fp16.safetensors)"
+        )
+    if not vae:
+        raise ModelLoadError(f"{path}: a Wan transformer file needs its VAE: pass --vae FILE "
+                             "(ComfyUI keeps it as models/vae/wan_2.1_vae.safetensors)")  # fmt: skip
+    transformer, cfg = _transformer_file(path, dtype, "--model")
+    transformer_2 = None
+    if low_noise:
+        transformer_2, cfg2 = _transformer_file(low_noise, dtype, "--low-noise-model")
+        if cfg2 != cfg:
+            diff = ", ".join(f"{k} {cfg[k]} vs {cfg2[k]}" for k in cfg if cfg[k] != cfg2[k])
+            raise ModelLoadError(f"--low-noise-model {low_noise}: not the twin of {path} ({diff})")
+    tok, tok_from = _tokenizer(found[0], tokenizer)
+    try:
+        text_encoder = _umt5(found[0], dtype)
+    except KeyError as e:
+        raise ModelLoadError(
+            f"{found[0].path}: a UMT5 file lacks the tensor {e.args[0]} (a damaged or cut-down file)"
+        ) from None
+    if os.path.isdir(vae):
+        try:
+            vae_model = AutoencoderKLWan.from_pretrained(vae, local_files_only=True, torch_dtype=dtype)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelLoadError(f"--vae {vae}: not a diffusers AutoencoderKLWan folder: {str(e)[:300]}") from None
+    else:
+        vck = open_checkpoint(vae)
+        vpart = qwen_image_part(vck)  # the Wan 2.1 VAE's layout, which Qwen-Image's VAE file shares
+        if vpart is None or vpart.part != "vae":
+            raise ModelLoadError(f"--vae {vae}: not the Wan 2.1 VAE (wan_2.1_vae.safetensors; Wan 2.2 TI2V 5B's "
+                                 "VAE is read from a WanPipeline folder only)")  # fmt: skip
+        with _empty_weights():
+            vae_model = AutoencoderKLWan(**wan21_vae_config(vck, f"--vae {vae}"))
+        vae_model = _fill(vae_model, wan21_vae_to_diffusers(vck.subset("", dtype)), f"--vae {vae}", "VAE")
+    sched = dict(SCHEDULER, flow_shift=A14B_FLOW_SHIFT) if transformer_2 is not None else dict(SCHEDULER)
+    info = {
+        "source": path,
+        "kind": "single files (ComfyUI)",
+        "text_encoders": [found[0].path],
+        "low_noise_model": low_noise,
+        "vae": vae,
+        "tokenizer": tok_from,
+        "expand_timesteps": False,
+    }
+    boundary = A14B_BOUNDARY if transformer_2 is not None else None
+    return build_backend(transformer, transformer_2, boundary, vae_model, text_encoder, tok, sched, path, device,
+                         dtype, info, frames)  # fmt: skip
