@@ -206,3 +206,16 @@ def test_tokens_and_too_many_prompts_are_refused_before_a_model_loads(tmp_path, 
     many.write_text("".join(f"prompt {i}\n" for i in range(OFFLOAD_PROMPTS_MAX)))
     with pytest.raises(ConfigError, match="more than the 20000 the prompt cache keeps"):
         validate_train(TrainConfig(prompts=str(many), out=str(tmp_path / "b"), **base))
+
+
+def test_the_memory_arithmetic_in_the_docs():
+    """docs/performance.md's table is benchmarks/cost_model.py's arithmetic (bf16, GB = 1e9 bytes)."""
+    from benchmarks.cost_model import memory_table
+
+    got = {r["family"]: (round(r["without_gb"], 1), round(r["with_gb"], 1)) for r in memory_table()}
+    assert got == {"chroma": (27.5, 18.0), "qwen-image": (57.6, 41.1), "flux": (33.7, 24.0)}
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    for without, with_ in got.values():
+        assert f"| {without} GB | {with_} GB |" in doc
