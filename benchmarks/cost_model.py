@@ -10,6 +10,13 @@ a given matmul rate (790 TFLOP/s: an H100 at bf16).
 
 The counted U, V and R at 512 x 512 are also the units of the trainer's compute meter
 (``reneg.compute.SD15_512``); ``--check-meter`` verifies that the two agree.
+
+    python benchmarks/cost_model.py --memory             # weights a run holds, with and without
+                                                         # --offload-text-encoder (arithmetic)
+
+``--memory`` prints, for the large flow families, the bf16 weights a training run keeps on the card
+with the text encoder resident and with ``--offload-text-encoder``, and the prompt cache's size per
+prompt: arithmetic from the released parameter counts, not a measurement.
 """
 
 from __future__ import annotations
@@ -64,6 +71,55 @@ def count_sd15(resolution: int = 512) -> dict:
     return {"unet_forward": U, "vae_decode": V, "reward_image_forward": R}
 
 
+# released parameter counts (billions) of what a training run loads besides the reward, by family; the text
+# encoders are what --offload-text-encoder moves to the CPU. Chroma: the transformer (19 double-, 38
+# single-stream blocks, 3072 wide), T5 v1.1 XXL's encoder, Flux's ae. Qwen-Image: the MMDiT, Qwen2.5-VL-7B
+# (7.6 B language model with its head + 0.67 B vision tower), its video-style VAE. Flux.1 dev: the
+# transformer, T5-XXL, CLIP-L's text model, the ae.
+MEMORY_PARTS = {
+    "chroma": {"transformer": 8.9, "vae": 0.084, "text": {"T5-XXL": 4.76}, "rows": (512, 4096)},
+    "qwen-image": {"transformer": 20.4, "vae": 0.127, "text": {"Qwen2.5-VL-7B": 8.29}, "rows": (512, 3584)},
+    "flux": {"transformer": 11.9, "vae": 0.084, "text": {"T5-XXL": 4.76, "CLIP-L": 0.123}, "rows": (512, 4096)},
+}
+
+
+def memory_table(bytes_per_parameter: int = 2) -> list[dict]:
+    """Per family: the weights (GB, 1e9 bytes) a run holds on the card with the text encoder(s) resident and
+    with ``--offload-text-encoder``, and one cached prompt's rows in float32 (MB; Qwen-Image: at most, as its
+    cache keeps only a prompt's real tokens)."""
+    rows = []
+    for family, p in MEMORY_PARTS.items():
+        text = sum(p["text"].values())
+        kept = p["transformer"] + p["vae"]
+        rows.append(
+            {
+                "family": family,
+                "transformer_gb": p["transformer"] * bytes_per_parameter,
+                "vae_gb": p["vae"] * bytes_per_parameter,
+                "text_gb": text * bytes_per_parameter,
+                "text": ", ".join(f"{k} {v:g} B" for k, v in p["text"].items()),
+                "without_gb": (kept + text) * bytes_per_parameter,
+                "with_gb": kept * bytes_per_parameter,
+                "cache_mb_per_prompt": p["rows"][0] * p["rows"][1] * 4 / 1e6,
+            }
+        )
+    return rows
+
+
+def print_memory() -> None:
+    print("bf16 weights on the card during training (GB = 1e9 bytes; the reward and activations come on top)")
+    print(
+        f"  {'family':<11} {'transformer':>11} {'VAE':>5} {'text encoders':>37} {'without':>8} {'with':>6}  cache/prompt"
+    )
+    for r in memory_table():
+        text = f"{r['text']} = {r['text_gb']:.2f}"
+        print(
+            f"  {r['family']:<11} {r['transformer_gb']:>11.2f} {r['vae_gb']:>5.2f} {text:>37} "
+            f"{r['without_gb']:>8.2f} {r['with_gb']:>6.2f}  {'up to ' if r['family'] == 'qwen-image' else ''}{r['cache_mb_per_prompt']:.1f} MB (fp32)"
+        )
+    print("  without: text encoder(s) resident; with: --offload-text-encoder (they go to the CPU once encoded)")
+
+
 def main(argv=None) -> int:
     from benchmarks.bench import ESTIMATED_TFLOP_PER_SAMPLE, cost_totals
 
@@ -78,7 +134,15 @@ def main(argv=None) -> int:
         action="store_true",
         help="check that reneg.compute.SD15_512 holds the counts at 512 x 512, then exit",
     )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="print the weights a run holds with and without --offload-text-encoder (arithmetic), then exit",
+    )
     ns = p.parse_args(argv)
+    if ns.memory:
+        print_memory()
+        return 0
     if ns.check_meter:
         from reneg.compute import SD15_512
 

@@ -101,6 +101,13 @@ class ReNegOptions:
         "an SDXL checkpoint's memory) and fp16 runs in fp32",
         choices=("no", "fp16", "bf16"),
     )
+    offload_text_encoder: bool = _opt(
+        False,
+        "train and tune: encode every prompt the run needs first (training and held-out prompts, the empty "
+        "and handcrafted negatives), then move the text encoder(s) (T5-XXL, CLIP, Qwen2.5-VL) to the CPU, so "
+        "the card holds only the denoiser, the VAE and the rewards; the result is the same (docs/performance.md)",
+        action="store_true",
+    )
     threads: str = _opt(
         "auto",
         "CPU threads for torch: a number, or auto: the cores other work leaves free, followed as the load "

@@ -14,6 +14,9 @@ from reneg.prompts import PAPER_HANDCRAFTED
 # one error class for every front-end's bad arguments (the message names the flag)
 ConfigError = OptionError
 
+# the most prompts a backend's prompt cache keeps (reneg/backends: 20000); --offload-text-encoder needs them all
+OFFLOAD_PROMPTS_MAX = 20000
+
 
 @dataclass
 class TrainConfig:
@@ -59,6 +62,7 @@ class TrainConfig:
     overwrite: bool = False  # start afresh over a run --out already holds (else refused)
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    offload_text_encoder: bool = PAPER.offload_text_encoder  # encode every prompt first, then text encoders to the CPU
     channels_last: bool = False
     compile: bool = False
     device: str | None = None
@@ -169,6 +173,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute UNet, VAE-decoder and reward-tower activations in backward (less memory)",
     )
+    O.add_options(p, ["offload_text_encoder"])
     a("--channels-last", action="store_true", help="NHWC convolution weights (pays with bf16/fp16 on GPUs)")
     a("--compile", action="store_true", help="torch.compile the UNet (slow first steps; see docs/performance.md)")
     O.add_options(p, ["device", "threads"], helps={"device": "cpu, cuda, cuda:1... (default: what accelerate picks)"})
@@ -320,10 +325,22 @@ def validate_train(cfg: TrainConfig, num_processes: int = 1) -> None:
             )
     except PromptFileError as e:
         raise ConfigError(f"{flag}: {e}") from None
+    total = n + (n_heldout if cfg.heldout else 0)  # and the handcrafted negative: one more cached prompt
+    if getattr(cfg, "offload_text_encoder", False) and total >= OFFLOAD_PROMPTS_MAX:
+        raise ConfigError(
+            f"--offload-text-encoder: {total} prompts and the handcrafted negative are more than the "
+            f"{OFFLOAD_PROMPTS_MAX} the prompt cache keeps, so most would be encoded again on the CPU at every "
+            f"step; use fewer prompts or leave the text encoder on the device"
+        )
     if cfg.init not in ("null", "handcrafted") and not os.path.isfile(cfg.init):
         raise ConfigError(f"--init {cfg.init}: expected null, handcrafted or an embedding file")
     if getattr(cfg, "tokens", None) is not None:
         check_tokens_args(cfg)
+        if getattr(cfg, "offload_text_encoder", False):
+            raise ConfigError(
+                "--offload-text-encoder does not go with --tokens: the token vectors are trained through the "
+                "text encoder at every step, so it has to stay on the device"
+            )
     elif cfg.init not in ("null", "handcrafted"):
         check_embedding_arg("init", cfg.init, cfg)
     check_monitor_args(cfg, n_heldout)

@@ -416,6 +416,8 @@ def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
         init = {"null": null, "handcrafted": handcrafted}.get(cfg.init)
         if init is None:
             init = load_embedding(cfg.init, expected_family=backend.family).model_rows()
+    if cfg.offload_text_encoder:  # every prompt encoded by now: the text encoder(s) leave the device
+        pre_encode_and_offload(cfg, acc, main, backend, train_texts, heldout_texts)
     neg = torch.nn.Parameter(init.detach().float().clone().to(device))
     opt = torch.optim.AdamW([neg], lr=cfg.lr, weight_decay=cfg.weight_decay)
     return TrainRun(
@@ -441,6 +443,68 @@ def setup_run(cfg: TrainConfig, acc, main: bool) -> TrainRun:
         sigmas=backend.schedule(cfg.sampling_steps),
         accum=cfg.batch_size // (cfg.micro_batch * acc.num_processes),
         tokens=tokens,
+    )
+
+
+def pre_encode_and_offload(cfg: TrainConfig, acc, main: bool, backend, train_texts, heldout_texts) -> dict:
+    """--offload-text-encoder: encode (and cache) every prompt the run will need, then move the text
+    encoder(s) to the CPU; returns the moved encoders' parameter counts by name.
+
+    The run encodes its training prompts (every process; as :func:`micro_batch` does, under the
+    accelerator's autocast, so the cached rows are the ones the run would make without the flag; the
+    predictor encodes outside it), its held-out prompts (the main process: held-out checks and sample
+    images) and, before this, the empty prompt (``null_embedding``, also the pooled vector of SDXL's
+    and Flux's negatives) and the handcrafted negative (``text_negative``). The monitor rewards and the
+    training reward have their own text towers, which stay. A prompt encoded after this is still encoded
+    exactly, on the CPU, with one warning."""
+    import contextlib
+
+    if not hasattr(backend, "offload_text_encoder"):
+        raise TrainingError(f"--offload-text-encoder: the {backend.family} backend can not offload its text encoder")
+    t0 = time.time()
+    train = list(dict.fromkeys(train_texts))
+    seen = set(train)
+    held = [p for p in dict.fromkeys(heldout_texts) if p not in seen] if main else []
+    with acc.autocast() if not cfg.predictor else contextlib.nullcontext():
+        for p in train:  # one prompt per call, as the backends encode a batch (exact resume)
+            backend.encode_prompts([p])
+    for p in held:
+        backend.encode_prompts([p])
+    from reneg.backends.diffusers_backend import module_device
+
+    before = sorted({str(module_device(m)) for _, m in backend.text_encoders()})
+
+    def warn(message: str) -> None:
+        if main:
+            print(f"reneg train: warning: {message}", flush=True)
+
+    moved = backend.offload_text_encoder("cpu", warn=warn)
+    if main:
+        print(
+            f"reneg train: {offload_line(backend, moved, before, len(train), len(held), time.time() - t0)}", flush=True
+        )
+    return moved
+
+
+def parameter_count(n: int) -> str:
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M" if n >= 1e6 else str(n)
+
+
+def offload_line(backend, moved: dict, before: list, n_train: int, n_held: int, seconds: float) -> str:
+    """The one line --offload-text-encoder prints: what was encoded, what the cache holds, what moved."""
+    kinds = {name: type(m).__name__ for name, m in backend.text_encoders()}
+    parts = ", ".join(f"{name} ({kinds.get(name, '?')}, {parameter_count(n)} parameters)" for name, n in moved.items())
+    total = f"; {parameter_count(sum(moved.values()))} parameters in all" if len(moved) > 1 else ""
+    held = f" and {n_held} held-out" if n_held else ""
+    where = (
+        "to the CPU (already there: the CPU is the compute device)"
+        if before == ["cpu"]
+        else f"from {', '.join(before)} to the CPU"
+    )
+    return (
+        f"--offload-text-encoder: {n_train} training{held} prompts, the empty prompt and the handcrafted "
+        f"negative encoded in {seconds:.1f} s and cached on {backend.device} "
+        f"({backend.text_cache_bytes() / 2**30:.3g} GiB); moved {parts} {where}{total}"
     )
 
 

@@ -60,6 +60,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute UNet, VAE-decoder and reward activations in backward (less memory)",
     )
+    O.add_options(p, ["offload_text_encoder"])
     # --- compute-saving options (docs/compute.md); the default is the paper's Algorithm 1 ---
     a(
         "--search-steps",
@@ -165,6 +166,15 @@ def run_tune(ns) -> dict:
             print(f"reneg tune: {note}", flush=True)
     if getattr(ns, "gradient_checkpointing", False):
         enable_checkpointing(backend, reward)
+    if getattr(ns, "offload_text_encoder", False):
+        # the one prompt and E("") (the start, and the pooled vector an SDXL/Flux file carries) first
+        backend.encode_prompts([ns.prompt])
+        backend.null_embedding()
+        moved = backend.offload_text_encoder("cpu", warn=lambda m: print(f"reneg tune: warning: {m}", flush=True))
+        from .train import parameter_count
+
+        parts = ", ".join(f"{name} ({parameter_count(n)} parameters)" for name, n in moved.items())
+        print(f"reneg tune: --offload-text-encoder: the prompt encoded; moved {parts} to the CPU", flush=True)
     from reneg.predictor import is_predictor_file, load_predictor
 
     if ns.embedding and is_predictor_file(ns.embedding):  # the predicted negative of this prompt

@@ -34,7 +34,7 @@ import torch
 from ..cond import Cond
 from ..embedding import implied_attention_mask
 from ..families import get_family
-from .diffusers_backend import DiffusersBackend, ModelLoadError
+from .diffusers_backend import DiffusersBackend, ModelLoadError, module_device
 from .patches import image_ids
 from .patches import pack as pack_latents
 from .patches import unpack as unpack_latents
@@ -214,9 +214,10 @@ class ChromaBackend(DiffusersBackend):
             return_attention_mask=True,
             return_tensors="pt",
         )
-        tmask = tok.attention_mask.to(self.device)
-        out = self.text_encoder(tok.input_ids.to(self.device), attention_mask=tmask)[0].float()
-        mask = chroma_mask(tmask, self.reads_padding)
+        te = self.text_encoder
+        dev = module_device(te)  # the CPU after offload_text_encoder(); the result on self.device
+        out = te(tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev))[0].float().to(self.device)
+        mask = chroma_mask(tok.attention_mask.to(self.device), self.reads_padding)
         return out * mask[..., None], mask
 
     def encode_prompts(self, prompts: list[str]) -> Cond:

@@ -26,6 +26,16 @@ class ModelLoadError(ValueError):
     pass
 
 
+# the attributes a backend keeps its text encoders in (SDXL and Flux have two; SD3-style pipelines three)
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def module_device(module) -> torch.device:
+    """The device a module's weights are on (the CPU for one without weights)."""
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 class DiffusersDenoiser:
     """``D(x, sigma, cond) -> x0`` around a diffusers UNet (see :mod:`reneg.sampling`).
 
@@ -265,15 +275,19 @@ class DiffusersBackend:
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``([B, 77, D], pooled [B, P] or None)`` as diffusers' pipelines encode prompts."""
+        """``([B, 77, D], pooled [B, P] or None)`` as diffusers' pipelines encode prompts; each encoder
+        runs where its weights are (the CPU after :meth:`offload_text_encoder`), the result is on
+        the backend's device."""
+        dev = self.device
         if self.text_encoder_2 is None:
-            out = self.text_encoder(self._ids(self.tokenizer, prompts).to(self.device), return_dict=True)
-            return out.last_hidden_state.float(), None
+            te = self.text_encoder
+            out = te(self._ids(self.tokenizer, prompts).to(module_device(te)), return_dict=True)
+            return out.last_hidden_state.float().to(dev), None
         parts = []
         for tok, te in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = te(self._ids(tok, prompts).to(self.device), output_hidden_states=True, return_dict=True)
-            parts.append(out.hidden_states[-2].float())
-        return torch.cat(parts, dim=-1), out.text_embeds.float()
+            out = te(self._ids(tok, prompts).to(module_device(te)), output_hidden_states=True, return_dict=True)
+            parts.append(out.hidden_states[-2].float().to(dev))
+        return torch.cat(parts, dim=-1), out.text_embeds.float().to(dev)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Cached per prompt: a training run sees each prompt many times."""
@@ -331,13 +345,98 @@ class DiffusersBackend:
         return img.to(torch.promote_types(img.dtype, torch.float32)).clamp(-1, 1)
 
     def to(self, device) -> "DiffusersBackend":
+        """Every part on ``device`` (the text encoders too: an :meth:`offload_text_encoder` is undone)."""
         self.device = torch.device(device)
         for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if m is not None:
                 m.to(self.device)
         self._cache.clear()
         self._null = None
+        self._text_offloaded = None
         return self
+
+    # --- text encoders off the compute device --------------------------------------------------
+    def text_encoders(self) -> list[tuple[str, object]]:
+        """``(attribute, module)`` of each text encoder the backend holds (``text_encoder``,
+        ``text_encoder_2``, ``text_encoder_3``)."""
+        return [(n, getattr(self, n)) for n in TEXT_ENCODER_NAMES if getattr(self, n, None) is not None]
+
+    def text_cache_bytes(self) -> int:
+        """The bytes the cached prompt encodings (and ``E("")``) hold on the backend's device."""
+        seen, total = set(), 0
+
+        def add(v):
+            nonlocal total
+            if isinstance(v, torch.Tensor):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    total += v.numel() * v.element_size()
+            elif isinstance(v, (tuple, list)):
+                for x in v:
+                    add(x)
+
+        for v in getattr(self, "_cache", {}).values():
+            add(v)
+        add(getattr(self, "_null", None))
+        return total
+
+    def offload_text_encoder(self, device="cpu", warn=None) -> dict[str, int]:
+        """Move the text encoder(s) to ``device`` (the CPU), so the compute device holds only the
+        denoiser and the VAE: for a run whose prompts are all encoded (and cached) already. A prompt
+        encoded later is still encoded, exactly, where the encoder now is (slowly), its result on the
+        backend's device; the first such call is said once through ``warn(message)`` (default:
+        :func:`warnings.warn`). Returns each moved encoder's parameter count by attribute name;
+        :meth:`to` moves them back."""
+        target = torch.device(device)
+        moved = {}
+        for name, m in self.text_encoders():
+            m.to(target)
+            moved[name] = sum(p.numel() for p in m.parameters())
+            if id(m) not in getattr(self, "_late_hooks", {}):
+                self._late_hooks = dict(getattr(self, "_late_hooks", {}))
+                self._late_hooks[id(m)] = self._watch_late_calls(name, m)
+        self._text_offloaded = target
+        self._late_warn = warn
+        return moved
+
+    @property
+    def text_offloaded(self) -> bool:
+        """Whether :meth:`offload_text_encoder` moved the text encoders off the compute device."""
+        return getattr(self, "_text_offloaded", None) is not None
+
+    def _watch_late_calls(self, name: str, encoder) -> list:
+        """Hooks counting the encoder's calls while it is offloaded (``late_encoder_calls``) and saying the
+        first. On the encoder and on its inner ``model`` (Qwen-Image calls that one, for the hidden states
+        without the logits); a call through both counts once."""
+        depth = [0]
+
+        def pre(_module, _args):
+            depth[0] += 1
+            if depth[0] > 1 or not self.text_offloaded:
+                return
+            self.late_encoder_calls = getattr(self, "late_encoder_calls", 0) + 1
+            if self.late_encoder_calls == 1:
+                msg = (
+                    f"a prompt was encoded after the text encoder was offloaded: {name} runs on "
+                    f"{module_device(encoder)} now (correct, but slow); every prompt the run needs should "
+                    f"be encoded before offload_text_encoder()"
+                )
+                if self._late_warn is not None:
+                    self._late_warn(msg)
+                else:
+                    import warnings
+
+                    warnings.warn(msg, stacklevel=2)
+
+        def post(_module, _args, _out):
+            depth[0] -= 1
+
+        handles = []
+        inner = getattr(encoder, "model", None)
+        for m in [encoder] + ([inner] if isinstance(inner, torch.nn.Module) else []):
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post, always_call=True))
+        return handles
 
     def set_performance(
         self,

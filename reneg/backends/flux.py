@@ -51,7 +51,7 @@ import torch
 from ..cond import Cond
 from ..families import get_family
 from ..nag import NAG, nag_combine
-from .diffusers_backend import DiffusersBackend, ModelLoadError
+from .diffusers_backend import DiffusersBackend, ModelLoadError, module_device
 from .patches import image_ids, pack, unpack
 from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
@@ -401,13 +401,14 @@ class FluxBackend(DiffusersBackend):
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, L, 4096], pooled [B, 768])`` as FluxPipeline's ``encode_prompt``: T5 rows of the prompt
         padded to ``L`` and encoded without a mask; CLIP-L's pooled output of the prompt padded to 77."""
-        clip_ids = self._ids(self.tokenizer, prompts).to(self.device)
+        # each encoder runs where its weights are (the CPU after offload_text_encoder()); results on self.device
+        clip_ids = self._ids(self.tokenizer, prompts).to(module_device(self.text_encoder))
         pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
         t5_ids = self.tokenizer_2(
             prompts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
         ).input_ids
-        rows = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
-        return rows.float(), pooled.float()
+        rows = self.text_encoder_2(t5_ids.to(module_device(self.text_encoder_2)), output_hidden_states=False)[0]
+        return rows.float().to(self.device), pooled.float().to(self.device)
 
     @property
     def pooled_dim(self) -> int:

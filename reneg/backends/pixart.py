@@ -17,7 +17,7 @@ from ..cond import Cond
 from ..embedding import implied_attention_mask
 from ..families import FAMILIES, get_family
 from ..sampling import ddim_schedule
-from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadError
+from .diffusers_backend import DiffusersBackend, DiffusersDenoiser, ModelLoadError, module_device
 from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
 # the pipelines of the T5 families this module loads, from the family table: {class name: family}
@@ -151,9 +151,9 @@ class PixArtBackend(DiffusersBackend):
             return_attention_mask=True,
             return_tensors="pt",
         )
-        mask = tok.attention_mask.to(self.device)
-        out = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
-        return out.float(), mask.long()
+        dev = module_device(self.text_encoder)  # the CPU after offload_text_encoder(); results on self.device
+        out = self.text_encoder(tok.input_ids.to(dev), attention_mask=tok.attention_mask.to(dev))[0]
+        return out.float().to(self.device), tok.attention_mask.long().to(self.device)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]

@@ -32,7 +32,7 @@ import torch
 from ..cond import Cond
 from ..embedding import implied_attention_mask
 from ..families import get_family
-from .diffusers_backend import DiffusersBackend, ModelLoadError
+from .diffusers_backend import DiffusersBackend, ModelLoadError, module_device
 from .patches import pack, unpack
 from .parts import T5_FOLDER_PARTS, load_parts, read_json, require_parts
 
@@ -203,7 +203,7 @@ class QwenImageBackend(DiffusersBackend):
             truncation=True,
             return_tensors="pt",
         )
-        dev = next(self.text_encoder.parameters()).device  # the CPU after offload_text_encoder()
+        dev = module_device(self.text_encoder)  # the CPU after offload_text_encoder()
         ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)
         lm = getattr(self.text_encoder, "model", self.text_encoder)  # the hidden states without the logits
         hidden = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
@@ -291,11 +291,6 @@ class QwenImageBackend(DiffusersBackend):
         if compile:
             m.compile()
         return self
-
-    def offload_text_encoder(self) -> None:
-        """Move Qwen2.5-VL (7B: 15 GiB in bf16) to the CPU: prompts already encoded stay cached, and
-        any later prompt is encoded there (slowly). For training once its prompts are encoded."""
-        self.text_encoder.to("cpu")
 
     def to(self, device) -> "QwenImageBackend":
         super().to(device)

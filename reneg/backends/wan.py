@@ -25,7 +25,7 @@ import torch
 
 from ..cond import Cond
 from ..families import get_family
-from .diffusers_backend import DiffusersBackend, ModelLoadError
+from .diffusers_backend import DiffusersBackend, ModelLoadError, module_device
 from .parts import T5_FOLDER_PARTS, load_parts, load_t5_tokenizer, read_json, require_parts
 
 FAMILY = "wan"
@@ -284,8 +284,9 @@ class WanBackend(DiffusersBackend):
             return_attention_mask=True,
             return_tensors="pt",
         )
-        mask = tok.attention_mask.to(self.device)
-        rows = self.text_encoder(tok.input_ids.to(self.device), mask).last_hidden_state[0].float()
+        dev = module_device(self.text_encoder)  # the CPU after offload_text_encoder(); rows on self.device
+        mask = tok.attention_mask.to(dev)
+        rows = self.text_encoder(tok.input_ids.to(dev), mask).last_hidden_state[0].float().to(self.device)
         n = int(mask.gt(0).sum())
         rows[n:] = 0
         return rows
@@ -374,6 +375,7 @@ class WanBackend(DiffusersBackend):
                 m.to(self.device)
         self._cache.clear()
         self._null = None
+        self._text_offloaded = None  # the text encoder is back on the device
         return self
 
     def set_performance(self, *, sdpa=None, checkpointing=None, channels_last=None, compile=False) -> "WanBackend":

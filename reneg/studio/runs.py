@@ -77,7 +77,11 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
 
     grad = cfg.get("grad_range") or list(d.grad_range)
     extra = [f"{flag}={cfg[k]}" for k, flag in _EXTRA_FLAGS if cfg.get(k) is not None and cfg[k] != getattr(d, k)]
-    extra += [f"--{k.replace('_', '-')}" for k in ("gradient_checkpointing", "channels_last") if cfg.get(k) is True]
+    extra += [
+        f"--{k.replace('_', '-')}"
+        for k in ("gradient_checkpointing", "offload_text_encoder", "channels_last")
+        if cfg.get(k) is True
+    ]
     return TrainForm(
         model=cfg.get("model") or "",
         config=cfg.get("config") or "",
