@@ -378,3 +378,23 @@ def test_embedding_thumbnails_are_captioned_and_show_files_with_outliers(tmp_pat
     a = np.asarray(im).astype(float)
     coloured = (a.max(-1) - a.min(-1)) > 40  # visibly red or blue, not near white
     assert coloured.mean() > 0.3, coloured.mean()
+
+
+def test_a_run_from_separate_files_keeps_its_parts_in_the_refilled_form():
+    """A run trained from ComfyUI's separate files (a transformer file with its text encoders, tokenizer and
+    Wan's low-noise expert): the form refilled from its config carries each part's flag, so Resume and a
+    restart load the same model."""
+    cfg = {
+        "model": "/m/wan2.2_t2v_high_noise_14B_fp16.safetensors",
+        "text_encoders": ["/m/umt5_xxl_fp16.safetensors"],
+        "vae": "/m/wan_2.1_vae.safetensors",
+        "tokenizer": "/m/tokenizer",
+        "low_noise_model": "/m/wan2.2_t2v_low_noise_14B_fp16.safetensors",
+        "rewards": ["hpsv2=/m/hps.pt"],
+        "prompts": "/m/p.txt",
+    }
+    form = runs.form_from_config(cfg, "/tmp/run")
+    args = runs.train_args(form)
+    for flag, value in (("--text-encoder", cfg["text_encoders"][0]), ("--vae", cfg["vae"]),
+                        ("--tokenizer", cfg["tokenizer"]), ("--low-noise-model", cfg["low_noise_model"])):  # fmt: skip
+        assert f"{flag}={value}" in args, args

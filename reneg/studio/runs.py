@@ -61,6 +61,8 @@ _EXTRA_FLAGS = (
     ("grads_per_rollout", "--grads-per-rollout"),
     ("max_bad_steps", "--max-bad-steps"),
     ("vae", "--vae"),
+    ("tokenizer", "--tokenizer"),
+    ("low_noise_model", "--low-noise-model"),
     ("prediction_type", "--prediction-type"),
 )
 
@@ -77,6 +79,7 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
 
     grad = cfg.get("grad_range") or list(d.grad_range)
     extra = [f"{flag}={cfg[k]}" for k, flag in _EXTRA_FLAGS if cfg.get(k) is not None and cfg[k] != getattr(d, k)]
+    extra += [f"--text-encoder={te}" for te in cfg.get("text_encoders") or []]  # a transformer file's encoders
     extra += [
         f"--{k.replace('_', '-')}"
         for k in ("gradient_checkpointing", "offload_text_encoder", "channels_last")
