@@ -120,6 +120,55 @@ def test_wan22_a14b_expert_switch_matches_diffusers_with_two_guidance_scales(wan
     assert _rel(_ours(b, cond, neg, noise, 8, 5.0), one) < 1e-4 and _rel(one, ref) > 1e-3
 
 
+def test_wan22_ti2v_5b_shape_matches_diffusers_pipeline(tmp_path):
+    """Wan 2.2 TI2V 5B used for text to video, on a small folder of its shape: 48 latent channels, Wan 2.2's
+    VAE (residual, 2 x 2 patches, 16x spatial in the release; 8x here), ``expand_timesteps`` (one timestep per
+    latent token, as ``WanPipeline`` feeds this model): our sampling equals the pipeline's for the empty and a
+    learned negative, and the decoded video is the pipeline's."""
+    import shutil
+
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    folder = build_tiny_wan(str(tmp_path / "ti2v"), seed=5)
+    torch.manual_seed(5)
+    shutil.rmtree(os.path.join(folder, "transformer"))
+    shutil.rmtree(os.path.join(folder, "vae"))
+    WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48,
+                          out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=32, num_layers=1, cross_attn_norm=True,
+                          qk_norm="rms_norm_across_heads", eps=1e-6,
+                          rope_max_seq_len=32).save_pretrained(os.path.join(folder, "transformer"))  # fmt: skip
+    AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2], num_res_blocks=1,
+                     temperal_downsample=[False, True], is_residual=True, in_channels=12, out_channels=12,
+                     patch_size=2, scale_factor_temporal=2, scale_factor_spatial=8, latents_mean=[0.1] * 48,
+                     latents_std=[1.5] * 48).save_pretrained(os.path.join(folder, "vae"))  # fmt: skip
+    index = os.path.join(folder, "model_index.json")
+    with open(index) as f:
+        idx = json.load(f)
+    idx["expand_timesteps"] = True
+    with open(index, "w") as f:
+        json.dump(idx, f)
+    b = load_diffusers(folder, frames=5)
+    assert b.model_info["expand_timesteps"] and b.latent_shape(2, 32, 32) == (2, 48, 3, 4, 4)
+    pipe = _pipe(folder, b.shift)
+    assert pipe.config.expand_timesteps
+    prompts = ["a red circle", "a blue square on a green house"]
+    pe, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
+    cond = b.encode_prompts(prompts)
+    null, _ = b.null_embedding()
+    noise = torch.randn(*b.latent_shape(2, 32, 32), generator=torch.Generator().manual_seed(0))
+    learned = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1))
+    for neg in (null, learned):
+        ref = pipe(prompt_embeds=pe, negative_prompt_embeds=neg.expand(2, -1, -1), latents=noise.clone(),
+                   num_inference_steps=6, guidance_scale=5.0, height=32, width=32, num_frames=5,
+                   output_type="latent").frames  # fmt: skip
+        assert _rel(_ours(b, cond, neg, noise, 6, 5.0), ref) < 1e-5
+    video = pipe(prompt_embeds=pe[:1], negative_prompt_embeds=null, latents=noise[:1].clone(), num_inference_steps=3,
+                 guidance_scale=5.0, height=32, width=32, num_frames=5, output_type="pt").frames  # fmt: skip
+    frames = b.decode(_ours(b, cond.index(slice(0, 1)), null, noise[:1], 3, 5.0))
+    assert frames.shape == (5, 3, 32, 32)
+    assert (((frames + 1) / 2).clamp(0, 1) - video[0]).abs().max().item() < 1e-5
+
+
 def test_wan_refusals(tmp_path, wan21):
     assert latent_frames(1) == 1 and latent_frames(9) == 3
     with pytest.raises(ModelLoadError, match="4 k \\+ 1 frames"):
