@@ -128,3 +128,46 @@ def test_tune_node_on_a_wan_video_latent_then_save(host, high, reward):  # noqa:
     frames = (vae.first_stage_model.decode(torch.zeros(1, 16, 2, 2, 2)).permute(0, 2, 3, 4, 1)[0] + 1) / 2
     scores = run(node(host, "ReNegRewardScore").score, frames.clamp(0, 1), "a red circle", reward)[0]
     assert len(scores) == 5
+
+
+def test_tune_node_runs_wan22_a14b_with_both_experts(host, wan22_dir, high, reward):  # noqa: F811
+    """Wan 2.2 A14B in ComfyUI: with ``model_low_noise`` the tune samples with the high-noise MODEL at flow times
+    at or above ``boundary`` and the low-noise one below it, as WanPipeline (and the diffusers backend) switch
+    them; one backend over both gives the diffusers backend's x0 on both sides; bad second inputs are refused."""
+    from reneg.backends.comfy_backend import ComfyBackend, ComfyModelError
+    from reneg.backends.loading import load_diffusers
+
+    low = comfy_wan_stubs.tiny_comfy_wan_models(wan22_dir, "transformer_2")
+    ref = load_diffusers(wan22_dir, frames=5)
+    b = ComfyBackend(high[0], high[1], 4096, "ddim_uniform", patcher_2=low[0], boundary=0.875)
+    x = torch.randn(2, 16, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    neg = _rows(2)
+    with torch.no_grad():
+        for s in (0.95, 0.875, 0.5):
+            sig = torch.full((2,), s)
+            got = b.denoiser(x, sig, _two(b, neg))
+            want = ref.denoiser(x, sig, _two(ref, neg))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ComfyModelError, match="boundary: expected a flow time between 0 and 1"):
+        ComfyBackend(high[0], high[1], 4096, patcher_2=low[0], boundary=1.5)
+    with pytest.raises(ComfyModelError, match="model_low_noise: expected a ComfyUI MODEL"):
+        ComfyBackend(high[0], high[1], 4096, patcher_2=object(), boundary=0.875)
+
+    model, vae, clip = high
+    with torch.inference_mode():
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
+        negc = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    video = {"samples": torch.zeros(1, 16, 2, 2, 2)}
+    model.model.calls = low[0].model.calls = 0
+    args = _tune_args(high, pos, negc, reward, latent=video, cfg=5.0, max_steps=1, patience=1, steps=8)
+    with torch.inference_mode():
+        out = node(host, "ReNegPerSampleTune").tune(**args, model_low_noise=low[0], boundary=0.875)
+    tuned, r0, r1 = out["result"]
+    assert r1 >= r0 and tuned[0][0].shape == (1, 512, 4096)
+    assert model.model.calls > 0 and low[0].model.calls > 0  # both experts sampled
+
+
+def _two(backend, neg):
+    """The negative's cond for a batch of two."""
+    c = backend.negative_cond(neg)
+    return c.index(torch.tensor([0, 0]))

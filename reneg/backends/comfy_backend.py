@@ -73,11 +73,23 @@ class ComfyDenoiser:
 
     supports_nag = True
 
-    def __init__(self, patcher):
+    def __init__(self, patcher, patcher_2=None, boundary: float | None = None):
         self.patcher = patcher
         self.model = patcher.model
+        # Wan 2.2 A14B: the low-noise expert's MODEL, run where sigma (the flow time) is below ``boundary``
+        self.patcher_2, self.boundary = patcher_2, boundary
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        if self.patcher_2 is not None:
+            low = sigma.reshape(-1).expand(x.shape[0]) < self.boundary
+            if bool(low.any()):
+                out = torch.empty_like(x)
+                for mask, d in ((~low, ComfyDenoiser(self.patcher)), (low, ComfyDenoiser(self.patcher_2))):
+                    idx = mask.nonzero().flatten()
+                    if len(idx):
+                        s = sigma.reshape(-1).expand(x.shape[0])[idx]
+                        out[idx] = d(x[idx], s, cond.index(idx))
+                return out
         if cond.mask is not None and not bool(cond.mask.bool().all()):
             return self._by_length(x, sigma, cond)
         options = getattr(self.patcher, "model_options", None) or {}
@@ -146,6 +158,8 @@ class ComfyBackend:
         scheduler: str = "ddim_uniform",
         width: int | None = None,
         height: int | None = None,
+        patcher_2=None,
+        boundary: float | None = None,
     ):
         if not hasattr(patcher, "model") or not hasattr(patcher.model, "apply_model"):
             raise ComfyModelError(
@@ -184,7 +198,25 @@ class ComfyBackend:
         self.negative_pooled: torch.Tensor | None = None  # the starting negative's pooled vector
         self.latent_frames = 1  # video models (Wan): latent frames per video
         self.dtype = torch.float32
-        self._denoiser = ComfyDenoiser(patcher)
+        self.patcher_2 = None
+        if patcher_2 is not None:
+            self._second_expert(patcher_2, boundary)
+        self._denoiser = ComfyDenoiser(patcher, self.patcher_2, boundary)
+
+    def _second_expert(self, patcher_2, boundary) -> None:
+        """Wan 2.2 A14B's low-noise expert beside ``patcher`` (the high-noise one): a Wan MODEL reading the same
+        text width, and a boundary in (0, 1) (the release's 0.875), where WanPipeline switches them."""
+        if not hasattr(patcher_2, "model") or not hasattr(patcher_2.model, "apply_model"):
+            raise ComfyModelError(f"model_low_noise: expected a ComfyUI MODEL, found {type(patcher_2).__name__}")
+        if self.family != "wan":
+            raise ComfyModelError(f"model_low_noise: a second expert is for Wan 2.2 A14B; this model is {self.family}")
+        cfg = getattr(patcher_2.model, "model_config", None)
+        other = getattr(cfg, "unet_config", {}).get("image_model") if cfg is not None else None
+        if other not in (None, "wan2.1"):
+            raise ComfyModelError(f"model_low_noise: a {other} model, not Wan 2.2 A14B's low-noise expert")
+        if boundary is None or not 0.0 < float(boundary) < 1.0:
+            raise ComfyModelError(f"boundary: expected a flow time between 0 and 1 (A14B: 0.875), got {boundary}")
+        self.patcher_2 = patcher_2
 
     # --- model facts ----------------------------------------------------------------------
     @property
@@ -402,7 +434,8 @@ class ComfyBackend:
 
     # --- training context -----------------------------------------------------------------
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.model, self.vae.first_stage_model) if isinstance(m, torch.nn.Module)]
+        second = self.patcher_2.model if self.patcher_2 is not None else None
+        return [m for m in (self.model, second, self.vae.first_stage_model) if isinstance(m, torch.nn.Module)]
 
     @contextlib.contextmanager
     def trainable(self) -> Iterator["ComfyBackend"]:
@@ -435,7 +468,8 @@ class ComfyBackend:
             import comfy.model_management as mm
         except ImportError:
             return
-        patchers = [self.patcher] + ([self.vae.patcher] if getattr(self.vae, "patcher", None) else [])
+        patchers = [self.patcher] + ([self.patcher_2] if self.patcher_2 is not None else [])
+        patchers += [self.vae.patcher] if getattr(self.vae, "patcher", None) else []
         # as ComfyUI's LoRA trainer does: free the device for training and load both models
         # completely (no low-VRAM weight casting in the middle of a backward pass)
         mm.load_models_gpu(patchers, memory_required=1e20, force_full_load=True)
