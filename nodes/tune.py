@@ -149,19 +149,8 @@ class ReNegPerSampleTune:
                     "MODEL",
                     {
                         "tooltip": "Wan 2.2 A14B: the low-noise expert (model is the high-noise one). The tune "
-                        "samples with each expert on its side of `boundary`, as WanPipeline does.",
-                    },
-                ),
-                "boundary": (
-                    "FLOAT",
-                    {
-                        "default": 0.875,
-                        "min": 0.01,
-                        "max": 0.99,
-                        "step": 0.005,
-                        "round": 0.001,
-                        "tooltip": "Wan 2.2 A14B: the flow time (sigma) below which model_low_noise runs "
-                        "(the release's 0.875). Used only with model_low_noise.",
+                        "samples with the high-noise expert at sigmas from 0.875 (the release's boundary) up "
+                        "and the low-noise one below, as WanPipeline does.",
                     },
                 ),
             },
@@ -195,7 +184,6 @@ class ReNegPerSampleTune:
         nag_tau=2.5,
         nag_alpha=0.25,
         model_low_noise=None,
-        boundary=0.875,
     ):
         from ..reneg.backends.comfy_backend import ComfyBackend, clone_normal, conditioning_to_cond
         from ..reneg.compute import ComputeMeter
@@ -231,8 +219,10 @@ class ReNegPerSampleTune:
                 f"{neg.crossattn.shape[-1]}) but the positive is "
                 f"{model_family_of(pos.crossattn.shape[-1])} ({pos.crossattn.shape[-1]})"
             )
+        from ..reneg.backends.wan import A14B_BOUNDARY
+
         backend = ComfyBackend(model, vae, pos.crossattn.shape[-1], scheduler, patcher_2=model_low_noise,
-                               boundary=boundary if model_low_noise is not None else None)  # fmt: skip
+                               boundary=A14B_BOUNDARY if model_low_noise is not None else None)  # fmt: skip
         if latent is not None:
             samples = latent.get("samples") if isinstance(latent, dict) else None
             dims = 5 if backend.video else 4

@@ -132,7 +132,7 @@ def test_tune_node_on_a_wan_video_latent_then_save(host, high, reward):  # noqa:
 
 def test_tune_node_runs_wan22_a14b_with_both_experts(host, wan22_dir, high, reward):  # noqa: F811
     """Wan 2.2 A14B in ComfyUI: with ``model_low_noise`` the tune samples with the high-noise MODEL at flow times
-    at or above ``boundary`` and the low-noise one below it, as WanPipeline (and the diffusers backend) switch
+    at or above the release's boundary 0.875 and the low-noise one below it, as WanPipeline (and the diffusers backend) switch
     them; one backend over both gives the diffusers backend's x0 on both sides; bad second inputs are refused."""
     from reneg.backends.comfy_backend import ComfyBackend, ComfyModelError
     from reneg.backends.loading import load_diffusers
@@ -161,7 +161,7 @@ def test_tune_node_runs_wan22_a14b_with_both_experts(host, wan22_dir, high, rewa
     model.model.calls = low[0].model.calls = 0
     args = _tune_args(high, pos, negc, reward, latent=video, cfg=5.0, max_steps=1, patience=1, steps=8)
     with torch.inference_mode():
-        out = node(host, "ReNegPerSampleTune").tune(**args, model_low_noise=low[0], boundary=0.875)
+        out = node(host, "ReNegPerSampleTune").tune(**args, model_low_noise=low[0])
     tuned, r0, r1 = out["result"]
     assert r1 >= r0 and tuned[0][0].shape == (1, 512, 4096)
     assert model.model.calls > 0 and low[0].model.calls > 0  # both experts sampled
