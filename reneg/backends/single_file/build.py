@@ -289,3 +289,33 @@ def load_vae(path: str, dtype: torch.dtype, vae_config: dict | None = None):
 
     ckpt = open_checkpoint(path)
     return build_vae(ckpt, vae_config, dtype, source=f"--vae {path}")
+
+
+def transformer_file_parts(path: str, text_encoders, vae: str | None, model: str, check, reads: str, one: str,
+                           te_file: str, vae_word: str, vae_file: str, fp8: bool = True) -> Checkpoint:  # fmt: skip
+    """The one text-encoder file a ``model`` transformer file (``path``, ComfyUI's layout) loads with, checked:
+    ``check(ck)`` is None for the right encoder, else what the file is (said with ``--text-encoder FILE:``
+    and what ``model`` reads); none or two are asked for by the flag, naming ``one`` and where ComfyUI keeps
+    ``te_file``; a missing ``vae`` (its ``vae_word``, ComfyUI's ``vae_file``) too. ``fp8``: refuse ComfyUI's
+    ``scaled_fp8`` text encoders here."""
+    from .flux import refuse_scaled_fp8
+    from .read import open_checkpoint
+
+    found = []
+    for te in text_encoders or ():
+        tck = open_checkpoint(te)
+        what = check(tck)
+        if what is not None:
+            raise ModelLoadError(f"--text-encoder {te}: {what}; {model} reads {reads}")
+        if fp8:
+            refuse_scaled_fp8(tck, te)
+        found.append(tck)
+    if len(found) != 1:
+        raise ModelLoadError(
+            f"{path}: a {model} transformer file needs its text encoder: pass --text-encoder FILE once, for {one} "
+            f"(ComfyUI keeps it in models/text_encoders/: {te_file})"
+        )
+    if not vae:
+        raise ModelLoadError(f"{path}: a {model} transformer file needs its {vae_word}: pass --vae FILE "
+                             f"(ComfyUI keeps it as models/vae/{vae_file})")  # fmt: skip
+    return found[0]

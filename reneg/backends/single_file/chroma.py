@@ -197,7 +197,7 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
     from ..chroma import SCHEDULER, ChromaBackend, check_parts
     from ..diffusers_backend import ModelLoadError
     from ..parts import load_t5_tokenizer
-    from .build import _empty_weights, _fill, build_vae, load_vae
+    from .build import _empty_weights, _fill, build_vae, load_vae, transformer_file_parts
     from .flux import _ae_config, _t5, bfl_config, bfl_to_diffusers, flux_part, refuse_scaled_fp8, require_t5_tokenizer
     from .read import open_checkpoint
 
@@ -210,22 +210,17 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
     keys = list(ck.keys())
     pre = next(p for p in TRANSFORMER_PREFIXES if any(k.startswith(p + "distilled_guidance_layer.") for k in keys))
     refuse_scaled_fp8(ck, path)
-    t5 = []
-    for te in text_encoders or ():
-        tck = open_checkpoint(te)
+
+    def check(tck):
         tpart = flux_part(tck)
-        if tpart is None or tpart.part != "t5xxl":
-            what = tpart.description if tpart else "not T5-XXL (t5xxl)"
-            raise ModelLoadError(f"--text-encoder {te}: {what}; Chroma reads t5xxl only")
-        t5.append(tck)
-    if len(t5) != 1:
-        raise ModelLoadError(
-            f"{path}: a Chroma transformer file needs its text encoder: pass --text-encoder FILE once, for "
-            "t5xxl (ComfyUI keeps it in models/text_encoders/: t5xxl_fp16.safetensors)"
+        return (
+            None
+            if tpart is not None and tpart.part == "t5xxl"
+            else (tpart.description if tpart else "not T5-XXL (t5xxl)")
         )
-    if not vae:
-        raise ModelLoadError(f"{path}: a Chroma transformer file needs its autoencoder: pass --vae FILE "
-                             "(ComfyUI keeps it as models/vae/ae.safetensors)")  # fmt: skip
+
+    t5 = transformer_file_parts(path, text_encoders, vae, "Chroma", check, "t5xxl only", "t5xxl",
+                                "t5xxl_fp16.safetensors", "autoencoder", "ae.safetensors", fp8=False)  # fmt: skip
     tok_dir = require_t5_tokenizer(path, text_encoders, tokenizer, "a ChromaPipeline folder's tokenizer/")
     try:
         cfg = bfl_config(ck, pre)
@@ -240,7 +235,7 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
         with _empty_weights():
             transformer = ChromaTransformer2DModel.from_config(cfg)
         transformer = _fill(transformer, sd, path, "Chroma transformer")
-        text_encoder = _t5(t5[0], "", dtype)
+        text_encoder = _t5(t5, "", dtype)
         if os.path.isdir(vae):
             ae = load_vae(vae, dtype)
         else:
@@ -262,7 +257,7 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
         "source": path,
         "kind": "single files (ComfyUI)",
         "family": "chroma",
-        "text_encoders": [t5[0].path],
+        "text_encoders": [t5.path],
         "vae": vae,
         "tokenizer": tok_dir,
     }

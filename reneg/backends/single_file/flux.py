@@ -327,8 +327,13 @@ def _ae_config(ck: Checkpoint, prefix: str) -> dict:
     }
 
 
-def _t5(ck: Checkpoint, prefix: str, dtype):
-    from transformers import T5Config, T5EncoderModel
+def _t5(ck: Checkpoint, prefix: str, dtype, umt5: bool = False):
+    """transformers' ``T5EncoderModel`` (``umt5``: ``UMT5EncoderModel``, Wan's, a relative attention bias in every
+    layer) from a file in transformers' names under ``prefix``: the configuration from the shapes (width, heads,
+    feed-forward, layers, vocabulary, position buckets) with the v1.1 encoders' fixed parts (gated GELU, eps
+    1e-6; UMT5's positions up to 128). A SentencePiece model kept inside (ComfyUI's ``spiece_model``) is not a
+    weight."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     from .build import _empty_weights, _fill
 
@@ -338,29 +343,29 @@ def _t5(ck: Checkpoint, prefix: str, dtype):
             "use the fp16 file (t5xxl_fp16.safetensors)"
         )
     q = ck.shapes[prefix + T5_KEY]
-    heads = int(ck.shapes[prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"][1])
+    bias = ck.shapes[prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    heads = int(bias[1])
     vocab, width = (int(x) for x in ck.shapes[prefix + "shared.weight"])
-    config = T5Config(
+    config = (UMT5Config if umt5 else T5Config)(
         vocab_size=vocab,
         d_model=width,
         d_kv=int(q[0]) // heads,
         d_ff=int(ck.shapes[prefix + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]),
         num_layers=_count(ck, prefix + "encoder.block."),
         num_heads=heads,
-        relative_attention_num_buckets=int(
-            ck.shapes[prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"][0]
-        ),
+        relative_attention_num_buckets=int(bias[0]),
+        **({"relative_attention_max_distance": 128} if umt5 else {}),
         feed_forward_proj="gated-gelu",
         layer_norm_epsilon=1e-6,
         is_encoder_decoder=False,
         tie_word_embeddings=False,
     )
     with _empty_weights():
-        model = T5EncoderModel(config)
-    sd = {k[len(prefix) :]: v for k, v in ck.subset(prefix, dtype).items()}
+        model = (UMT5EncoderModel if umt5 else T5EncoderModel)(config)
+    sd = {k[len(prefix) :]: v for k, v in ck.subset(prefix, dtype).items() if k != prefix + "spiece_model"}
     if "encoder.embed_tokens.weight" in model.state_dict() and "encoder.embed_tokens.weight" not in sd:
         sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
-    return _fill(model, sd, ck.path, "T5-XXL text encoder")
+    return _fill(model, sd, ck.path, "UMT5-XXL text encoder" if umt5 else "T5-XXL text encoder")
 
 
 def _clip(ck: Checkpoint, prefix: str, dtype):

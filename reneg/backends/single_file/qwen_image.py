@@ -242,7 +242,7 @@ def load_qwen_image_files(path: str, text_encoders=(), vae: str | None = None, t
 
     from ..diffusers_backend import ModelLoadError
     from ..qwen_image import FAMILY, SCHEDULER, build_backend
-    from .build import _empty_weights, _fill
+    from .build import _empty_weights, _fill, transformer_file_parts
     from .flux import find_in_comfyui, refuse_scaled_fp8
     from .read import open_checkpoint
 
@@ -254,23 +254,14 @@ def load_qwen_image_files(path: str, text_encoders=(), vae: str | None = None, t
         raise ModelLoadError(f"{path}: {what}; give the Qwen-Image transformer file as --model")
     pre = next(p for p in TRANSFORMER_PREFIXES if f"{p}txt_norm.weight" in ck)
     refuse_scaled_fp8(ck, path)
-    found = []
-    for te in text_encoders or ():
-        tck = open_checkpoint(te)
+
+    def check(tck):
         tpart = qwen_image_part(tck)
-        if tpart is None or tpart.part != "text_encoder":
-            what = tpart.description if tpart else "not Qwen2.5-VL-7B"
-            raise ModelLoadError(f"--text-encoder {te}: {what}; Qwen-Image reads Qwen2.5-VL-7B (qwen_2.5_vl_7b)")
-        refuse_scaled_fp8(tck, te)
-        found.append(tck)
-    if len(found) != 1:
-        raise ModelLoadError(
-            f"{path}: a Qwen-Image transformer file needs its text encoder: pass --text-encoder FILE once, for "
-            "Qwen2.5-VL-7B (ComfyUI keeps it in models/text_encoders/: qwen_2.5_vl_7b.safetensors)"
-        )
-    if not vae:
-        raise ModelLoadError(f"{path}: a Qwen-Image transformer file needs its VAE: pass --vae FILE "
-                             "(ComfyUI keeps it as models/vae/qwen_image_vae.safetensors)")  # fmt: skip
+        ok = tpart is not None and tpart.part == "text_encoder"
+        return None if ok else (tpart.description if tpart else "not Qwen2.5-VL-7B")
+
+    te_ck = transformer_file_parts(path, text_encoders, vae, "Qwen-Image", check, "Qwen2.5-VL-7B (qwen_2.5_vl_7b)",
+                                   "Qwen2.5-VL-7B", "qwen_2.5_vl_7b.safetensors", "VAE", "qwen_image_vae.safetensors")  # fmt: skip
     tok_dir = tokenizer or find_in_comfyui(COMFY_TOKENIZER, path, *text_encoders)
     if not tok_dir:
         raise ModelLoadError(
@@ -290,7 +281,7 @@ def load_qwen_image_files(path: str, text_encoders=(), vae: str | None = None, t
             transformer = QwenImageTransformer2DModel.from_config(cfg)
         transformer = _fill(transformer, {k[len(pre) :]: v for k, v in ck.subset(pre, dtype).items()}, path,
                             "Qwen-Image transformer")  # fmt: skip
-        text_encoder = _text_encoder(found[0], dtype)
+        text_encoder = _text_encoder(te_ck, dtype)
     except KeyError as e:  # a tensor the shapes are read from is not there: the file is not what it says
         raise ModelLoadError(
             f"{path}: a Qwen-Image part lacks the tensor {e.args[0]} (a damaged or cut-down file)"
@@ -299,7 +290,7 @@ def load_qwen_image_files(path: str, text_encoders=(), vae: str | None = None, t
         "source": path,
         "kind": "single files (ComfyUI)",
         "family": FAMILY,
-        "text_encoders": [found[0].path],
+        "text_encoders": [te_ck.path],
         "vae": vae,
         "tokenizer": tok_dir,
     }

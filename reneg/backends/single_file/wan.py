@@ -193,39 +193,6 @@ def _transformer_file(path: str, dtype, flag: str):
     return _fill(model, sd, path, "Wan transformer"), cfg
 
 
-def _umt5(ck: Checkpoint, dtype):
-    """transformers' ``UMT5EncoderModel`` from ComfyUI's file (transformers' names; ``spiece_model``, the tokenizer
-    ComfyUI keeps inside it, is not a weight): its configuration from the shapes, with UMT5's fixed parts
-    (gated GELU, 32 relative-position buckets up to 128, eps 1e-6)."""
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from .build import _empty_weights, _fill
-
-    bias = ck.shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-    heads = int(bias[1])
-    vocab, width = (int(x) for x in ck.shapes["shared.weight"])
-    config = UMT5Config(
-        vocab_size=vocab,
-        d_model=width,
-        d_kv=int(ck.shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]) // heads,
-        d_ff=int(ck.shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]),
-        num_layers=_count(ck, "encoder.block."),
-        num_heads=heads,
-        relative_attention_num_buckets=int(bias[0]),
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        layer_norm_epsilon=1e-6,
-        is_encoder_decoder=False,
-        tie_word_embeddings=False,
-    )
-    with _empty_weights():
-        model = UMT5EncoderModel(config)
-    sd = {k: v for k, v in ck.subset("", dtype).items() if k != "spiece_model"}
-    if "encoder.embed_tokens.weight" in model.state_dict() and "encoder.embed_tokens.weight" not in sd:
-        sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
-    return _fill(model, sd, ck.path, "UMT5-XXL text encoder")
-
-
 def _tokenizer(ck: Checkpoint, tokenizer: str | None):
     """``--tokenizer`` (a WanPipeline folder's ``tokenizer/``, google/umt5-xxl's), else the SentencePiece model
     ComfyUI keeps in the UMT5 file (``spiece_model``), read as transformers' T5 tokenizer: the ids
@@ -270,30 +237,21 @@ def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenize
 
     from ..diffusers_backend import ModelLoadError
     from ..wan import A14B_BOUNDARY, A14B_FLOW_SHIFT, SCHEDULER, build_backend
-    from .build import _empty_weights, _fill
-    from .flux import refuse_scaled_fp8
+    from .build import _empty_weights, _fill, transformer_file_parts
+    from .flux import _t5
     from .qwen_image import qwen_image_part
     from .read import open_checkpoint
     from .wan_vae import wan21_vae_config, wan21_vae_to_diffusers
 
     dtype = dtype or torch.float32
-    found = []
-    for te in text_encoders or ():
-        tck = open_checkpoint(te)
+
+    def check(tck):
         tpart = wan_part(tck)
-        if tpart is None or tpart.part != "text_encoder" or not tpart.supported:
-            what = tpart.description if tpart else "not UMT5-XXL (umt5_xxl)"
-            raise ModelLoadError(f"--text-encoder {te}: {what}; Wan reads UMT5-XXL (umt5_xxl_fp16.safetensors)")
-        refuse_scaled_fp8(tck, te)
-        found.append(tck)
-    if len(found) != 1:
-        raise ModelLoadError(
-            f"{path}: a Wan transformer file needs its text encoder: pass --text-encoder FILE once, for UMT5-XXL "
-            "(ComfyUI keeps it in models/text_encoders/: umt5_xxl_fp16.safetensors)"
-        )
-    if not vae:
-        raise ModelLoadError(f"{path}: a Wan transformer file needs its VAE: pass --vae FILE "
-                             "(ComfyUI keeps it as models/vae/wan_2.1_vae.safetensors)")  # fmt: skip
+        ok = tpart is not None and tpart.part == "text_encoder" and tpart.supported
+        return None if ok else (tpart.description if tpart else "not UMT5-XXL (umt5_xxl)")
+
+    te_ck = transformer_file_parts(path, text_encoders, vae, "Wan", check, "UMT5-XXL (umt5_xxl_fp16.safetensors)",
+                                   "UMT5-XXL", "umt5_xxl_fp16.safetensors", "VAE", "wan_2.1_vae.safetensors")  # fmt: skip
     transformer, cfg = _transformer_file(path, dtype, "--model")
     transformer_2 = None
     if low_noise:
@@ -301,12 +259,12 @@ def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenize
         if cfg2 != cfg:
             diff = ", ".join(f"{k} {cfg[k]} vs {cfg2[k]}" for k in cfg if cfg[k] != cfg2[k])
             raise ModelLoadError(f"--low-noise-model {low_noise}: not the twin of {path} ({diff})")
-    tok, tok_from = _tokenizer(found[0], tokenizer)
+    tok, tok_from = _tokenizer(te_ck, tokenizer)
     try:
-        text_encoder = _umt5(found[0], dtype)
+        text_encoder = _t5(te_ck, "", dtype, umt5=True)
     except KeyError as e:
         raise ModelLoadError(
-            f"{found[0].path}: a UMT5 file lacks the tensor {e.args[0]} (a damaged or cut-down file)"
+            f"{te_ck.path}: a UMT5 file lacks the tensor {e.args[0]} (a damaged or cut-down file)"
         ) from None
     if os.path.isdir(vae):
         try:
@@ -326,7 +284,7 @@ def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenize
     info = {
         "source": path,
         "kind": "single files (ComfyUI)",
-        "text_encoders": [found[0].path],
+        "text_encoders": [te_ck.path],
         "low_noise_model": low_noise,
         "vae": vae,
         "tokenizer": tok_from,
