@@ -319,7 +319,7 @@ def validate(
     if expected_family and spec.name != expected_family and not _same_space(spec.name, expected_family):
         want = FAMILIES.get(expected_family)
         model = expected_family + (f" ({want.description}; {want.hidden} x {want.tokens} rows)" if want else "")
-        if want is not None and want.masked:  # a host's T5 text encoder does not say which T5 model reads it
+        if want is not None and want.masked and want.hidden == 4096:  # a host's T5 says not which T5 model reads it
             same = ", ".join(f.name for f in FAMILIES.values() if f.masked and f.text_space == want.text_space)
             model += f" (a T5-XXL model: {same})"
         raise EmbeddingError(

@@ -200,3 +200,40 @@ def test_load_tune_save_and_score_on_chroma(host, chroma_models, reward, ref):  
     batch = torch.cat(images).permute(0, 2, 3, 1).add(1).div(2)
     scores, report, *_ = run(node(host, "ReNegRewardScore").score, batch, "a red circle", reward)
     assert len(json.loads(scores) if isinstance(scores, str) else scores) == 3 and report
+
+
+def test_a_comfyui_model_that_updates_activations_in_place_still_gives_the_gradient():
+    """ComfyUI's real Chroma blocks update an activation in place after a LayerNorm saved it (``addcmul_``), which
+    fails a tune's backward in a real ComfyUI ("modified by an inplace operation"). The denoiser runs the MODEL
+    with saved copies: the backward works and its gradient equals the same computation written out of place."""
+    from reneg.backends.comfy_backend import ComfyDenoiser
+    from reneg.cond import Cond
+
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+
+    class InPlace:
+        def __init__(self, in_place):
+            self.in_place = in_place
+
+        def apply_model(self, x, sigma, c_crossattn=None, transformer_options=None, **kw):
+            h = torch.addcmul(x, c_crossattn.mean(1, keepdim=True), x)  # like the block's modulation
+            n = torch.nn.functional.layer_norm(h, (8,))  # saves h for its backward
+            if self.in_place:
+                h.addcmul_(n, torch.tanh(n))  # ComfyUI: img.addcmul_(gate, attn)
+            else:
+                h = h + n * torch.tanh(n)
+            return h @ w
+
+    x = torch.randn(1, 3, 8)
+    grads = []
+    for in_place in (True, False):
+        neg = torch.randn(1, 2, 8, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        d = ComfyDenoiser(types.SimpleNamespace(model=InPlace(in_place), model_options={}))
+        d(x, torch.ones(1), Cond(neg)).square().sum().backward()
+        grads.append(neg.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+    # without the saved copies, the same in-place model cannot be differentiated
+    neg = torch.randn(1, 2, 8).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        InPlace(True).apply_model(x, torch.ones(1), c_crossattn=neg).square().sum().backward()

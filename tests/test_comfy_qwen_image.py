@@ -100,8 +100,9 @@ def test_load_node_gives_native_conditioning_and_refuses_other_families(host, qw
     assert plain[0][0].shape == own[0][0].shape and torch.equal(plain[0][0], own[0][0])  # strength 0: the plain
     (half,) = run(load.load, "qwen.safetensors", clip, 0.5)
     torch.testing.assert_close(half[0][0], 0.5 * (neg[0][0] + own[0][0]))
-    with pytest.raises(RuntimeError, match="pixart"):
+    with pytest.raises(RuntimeError, match="pixart") as e:
         run(load.load, "pixart.safetensors", clip, 1.0)
+    assert "qwen-image" in str(e.value) and "T5-XXL" not in str(e.value)  # Qwen2.5-VL's rows are not T5's
 
 
 def test_tune_save_and_reward_score_on_qwen_image(host, qwen_models, reward):  # noqa: F811

@@ -101,9 +101,10 @@ class ComfyDenoiser:
             check_comfy_model(self.model)
             transformer_options = comfy_transformer_options(transformer_options, cond.nag.crossattn, cond.nag_settings)
         kwargs = {k: cond.extra[k] for k in ("y", "c_size", "c_ar", "guidance") if k in cond.extra}
-        out = self.model.apply_model(
-            x, sigma, c_crossattn=cond.crossattn, transformer_options=transformer_options, **kwargs
-        )
+        with saved_copies() if torch.is_grad_enabled() else contextlib.nullcontext():
+            out = self.model.apply_model(
+                x, sigma, c_crossattn=cond.crossattn, transformer_options=transformer_options, **kwargs
+            )
         return out.to(x.dtype)
 
     def _by_length(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -118,6 +119,19 @@ class ComfyDenoiser:
             rows = Cond(part.crossattn[:, :n], part.pooled, part.extra)
             out[idx] = self(x[idx], sigma[idx], rows)
         return out
+
+
+def saved_copies():
+    """Autograd keeps its own copy of each activation a backward needs. ComfyUI's models are written for
+    inference and may update an activation in place after an op saved it for the backward (its Chroma blocks:
+    ``img.addcmul_`` / ``x.addcmul_`` after a LayerNorm), which fails the backward of a tune ("modified by an
+    inplace operation"); a copy taken when autograd saves the tensor is not touched by that. Weights and other
+    tensors without a ``grad_fn`` are kept as they are (no copy)."""
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone() if t.grad_fn is not None else t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 def latent_out(model, x0: torch.Tensor) -> torch.Tensor:
