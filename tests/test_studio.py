@@ -127,7 +127,7 @@ def test_bad_inputs_get_one_line_messages_not_tracebacks(tmp_path, tiny_pipeline
     tune = dict(
         zip(
             TUNE_FIELDS,
-            [tiny_pipeline_dir, "", f"hpsv2={tiny_hps_ckpt}", "", "", 0, "seed", 3, 2, 0.05, 4, 7.5, 0, 2, 16, ""],
+            [tiny_pipeline_dir, "", "", f"hpsv2={tiny_hps_ckpt}", "", "", 0, "seed", 3, 2, 0.05, 4, 7.5, 0, 2, 16, ""],
         )
     )
     status, *_ = next(studio.tune(*tune.values()))
@@ -175,6 +175,7 @@ def test_tune_streams_each_step_and_saves_the_kept_embedding(tmp_path, tiny_pipe
     studio = Studio(demo=False, root=str(tmp_path))
     values = [
         tiny_pipeline_dir,
+        "",
         "",
         f"hpsv2={tiny_hps_ckpt}",
         "",

@@ -317,6 +317,7 @@ def test_tune_runs_the_options_layers_checks(tmp_path, tiny_pipeline_dir, tiny_h
             [
                 tiny_pipeline_dir,
                 "",
+                "",
                 f"hpsv2={tiny_hps_ckpt}",
                 "",
                 "a cat",
@@ -382,8 +383,8 @@ def test_embedding_thumbnails_are_captioned_and_show_files_with_outliers(tmp_pat
 
 def test_a_run_from_separate_files_keeps_its_parts_in_the_refilled_form():
     """A run trained from ComfyUI's separate files (a transformer file with its text encoders, tokenizer and
-    Wan's low-noise expert): the form refilled from its config carries each part's flag, so Resume and a
-    restart load the same model."""
+    Wan's low-noise expert): the form refilled from its config shows them in Model parts and gives each
+    part's flag back, so Resume and a restart load the same model; the field's lines read as the label says."""
     cfg = {
         "model": "/m/wan2.2_t2v_high_noise_14B_fp16.safetensors",
         "text_encoders": ["/m/umt5_xxl_fp16.safetensors"],
@@ -398,3 +399,11 @@ def test_a_run_from_separate_files_keeps_its_parts_in_the_refilled_form():
     for flag, value in (("--text-encoder", cfg["text_encoders"][0]), ("--vae", cfg["vae"]),
                         ("--tokenizer", cfg["tokenizer"]), ("--low-noise-model", cfg["low_noise_model"])):  # fmt: skip
         assert f"{flag}={value}" in args, args
+    assert form.parts.splitlines()[0] == cfg["text_encoders"][0] and "low-noise=" in form.parts
+    from reneg.studio.forms import parts_args
+
+    assert parts_args("a.safetensors\n VAE = v.safetensors\nx=y.safetensors") == [
+        "--text-encoder=a.safetensors",
+        "--vae=v.safetensors",
+        "--text-encoder=x=y.safetensors",
+    ]

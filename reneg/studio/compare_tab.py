@@ -88,6 +88,7 @@ def build(gr, studio) -> None:
                 e = {}
                 e["model"] = text("model")
                 e["config"] = text("config")
+                e["parts"] = text("parts", lines=1)
                 e["rewards"] = gr.Textbox(
                     elem_id="compare_rewards", value=ed.rewards, lines=2, label=EVAL_LABELS["rewards"]
                 )

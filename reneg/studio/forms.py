@@ -151,12 +151,43 @@ def name_fields(message: str, names: dict) -> str:
     return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", lambda m: names.get(m.group(0), m.group(0)), message)
 
 
+# a transformer file's other parts (ComfyUI's separate files), one a line: a text encoder file as it is, the
+# rest as KEY=PATH
+PARTS_LABEL = (
+    "Model parts, for a transformer file kept as ComfyUI keeps it (one a line: each text encoder file; "
+    "vae=FILE; tokenizer=FOLDER; low-noise=FILE for Wan 2.2 A14B)"
+)
+PART_FLAGS = {"vae": "--vae", "tokenizer": "--tokenizer", "low-noise": "--low-noise-model"}
+
+
+def parts_args(text: str) -> list[str]:
+    """The flags a Model parts field holds: ``KEY=PATH`` lines (:data:`PART_FLAGS`) as their flags, every
+    other line a ``--text-encoder``."""
+    out = []
+    for line in _lines(text):
+        key, sep, value = line.partition("=")
+        flag = PART_FLAGS.get(key.strip().lower()) if sep else None
+        out.append(f"{flag}={value.strip()}" if flag else f"--text-encoder={line}")
+    return out
+
+
+def parts_text(cfg: dict) -> str:
+    """A run's parts (a trainer config's ``text_encoders``, ``vae``, ``tokenizer``, ``low_noise_model``) as
+    the Model parts field shows them."""
+    lines = [str(t) for t in cfg.get("text_encoders") or []]
+    for key, name in (("vae", "vae"), ("tokenizer", "tokenizer"), ("low-noise", "low_noise_model")):
+        if cfg.get(name):
+            lines.append(f"{key}={cfg[name]}")
+    return "\n".join(lines)
+
+
 F = Field
 TRAIN = FormSpec(
     "train",
     [
         F("model", "Model (diffusers folder or single .safetensors file)", "--model"),
         F("config", "Configs folder (single-file checkpoints only)", "--config"),
+        F("parts", PARTS_LABEL, "--text-encoder"),
         F("rewards", "Rewards (NAME=PATH[,weight=W], one a line)", "--reward"),
         F(
             "monitor_rewards",
@@ -196,6 +227,7 @@ EVAL = FormSpec(
     [
         F("model", "Model", "--model"),
         F("config", "Configs folder (single-file checkpoints only)", "--config"),
+        F("parts", PARTS_LABEL, "--text-encoder"),
         F("rewards", "Reward(s), one a line", "--reward"),
         F("prompts", "Prompt set", "--prompts"),
         # reneg eval's default with no --negative, written out
@@ -224,6 +256,7 @@ TUNE = FormSpec(
     [
         F("model", "Model", "--model"),
         F("config", "Configs folder (single-file checkpoints only)", "--config"),
+        F("parts", PARTS_LABEL, "--text-encoder"),
         F("rewards", "Reward(s), one a line", "--reward"),
         F("embedding", "Starting embedding (empty: null)", "--embedding"),
         F("prompt", "Prompt", "--prompt"),
@@ -300,6 +333,7 @@ class TrainForm:
 
     model: str = TRAIN.field("model")
     config: str = TRAIN.field("config")
+    parts: str = TRAIN.field("parts")  # a transformer file's text encoders, vae=, tokenizer=, low-noise=
     rewards: str = TRAIN.field("rewards")  # one NAME=PATH[,...] spec a line
     monitor_rewards: str = TRAIN.field("monitor_rewards")  # --monitor-reward specs, one a line
     prompts: str = TRAIN.field("prompts")
@@ -348,6 +382,7 @@ def train_args(form: TrainForm) -> list[str]:
     a = [f"--model={_text(form.model)}"]
     if _text(form.config):
         a.append(f"--config={_text(form.config)}")
+    a += parts_args(form.parts)
     a += [f"--reward={spec}" for spec in _lines(form.rewards)]
     a += [f"--monitor-reward={spec}" for spec in _lines(form.monitor_rewards)]
     a.append(f"--prompts={_text(form.prompts)}")
@@ -452,6 +487,7 @@ class TuneForm:
 
     model: str = TUNE.field("model")
     config: str = TUNE.field("config")
+    parts: str = TUNE.field("parts")
     rewards: str = TUNE.field("rewards")
     embedding: str = TUNE.field("embedding")
     prompt: str = TUNE.field("prompt")
@@ -482,6 +518,7 @@ def tune_args(v: dict) -> list[str]:
     a = [f"--model={_text(v['model'])}"]
     if _text(v["config"]):
         a.append(f"--config={_text(v['config'])}")
+    a += parts_args(v.get("parts") or "")
     a += [f"--reward={spec}" for spec in _lines(v["rewards"])]
     if _text(v["embedding"]):
         a.append(f"--embedding={_text(v['embedding'])}")
@@ -529,6 +566,7 @@ class EvalForm:
 
     model: str = EVAL.field("model")
     config: str = EVAL.field("config")
+    parts: str = EVAL.field("parts")
     rewards: str = EVAL.field("rewards")
     prompts: str = EVAL.field("prompts")
     negatives: str = EVAL.field("negatives")
@@ -553,6 +591,7 @@ def eval_args(form: EvalForm) -> list[str]:
     a = [f"--model={_text(form.model)}"]
     if _text(form.config):
         a.append(f"--config={_text(form.config)}")
+    a += parts_args(form.parts)
     a += [f"--reward={spec}" for spec in _lines(form.rewards)]
     a.append(f"--prompts={_text(form.prompts)}")
     a += [f"--negative={spec}" for spec in _lines(form.negatives)]

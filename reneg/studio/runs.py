@@ -32,6 +32,7 @@ from .forms import (  # noqa: F401 - the forms' names, also reached through this
     TrainForm,
     _command_parser,
     _lines,
+    parts_text,
     _text,
     check_eval,
     check_train,
@@ -60,9 +61,6 @@ _EXTRA_FLAGS = (
     ("rollout_steps", "--rollout-steps"),
     ("grads_per_rollout", "--grads-per-rollout"),
     ("max_bad_steps", "--max-bad-steps"),
-    ("vae", "--vae"),
-    ("tokenizer", "--tokenizer"),
-    ("low_noise_model", "--low-noise-model"),
     ("prediction_type", "--prediction-type"),
 )
 
@@ -79,7 +77,6 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
 
     grad = cfg.get("grad_range") or list(d.grad_range)
     extra = [f"{flag}={cfg[k]}" for k, flag in _EXTRA_FLAGS if cfg.get(k) is not None and cfg[k] != getattr(d, k)]
-    extra += [f"--text-encoder={te}" for te in cfg.get("text_encoders") or []]  # a transformer file's encoders
     extra += [
         f"--{k.replace('_', '-')}"
         for k in ("gradient_checkpointing", "offload_text_encoder", "channels_last")
@@ -88,6 +85,7 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
     return TrainForm(
         model=cfg.get("model") or "",
         config=cfg.get("config") or "",
+        parts=parts_text(cfg),  # --text-encoder, --vae, --tokenizer, --low-noise-model
         rewards="\n".join(cfg.get("rewards") or []),
         monitor_rewards="\n".join(cfg.get("monitor_rewards") or []),
         prompts=cfg.get("prompts") or "",

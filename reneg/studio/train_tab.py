@@ -243,6 +243,7 @@ def build(gr, studio, app) -> None:
                 c = {}
                 c["model"] = text("model")
                 c["config"] = text("config")
+                c["parts"] = text("parts", lines=1)
                 c["rewards"] = text("rewards", lines=2)
                 c["monitor_rewards"] = gr.Textbox(
                     elem_id="train_monitor_rewards",

@@ -23,7 +23,7 @@ class TuneTab:
 
     def tune_defaults(self) -> dict:
         t = self.train_defaults
-        d = asdict(TuneForm(model=t.model, config=t.config, rewards=t.rewards))
+        d = asdict(TuneForm(model=t.model, config=t.config, parts=t.parts, rewards=t.rewards))
         if self.demo:
             emb = os.path.join(t.out, "embedding.safetensors")
             d.update(
@@ -38,18 +38,20 @@ class TuneTab:
             )
         return d
 
-    def _models_for(self, model, config, rewards, device):
+    def _models_for(self, model, config, rewards, device, parts: dict | None = None):
         import torch
 
         from reneg.backends.loading import load_diffusers
         from reneg.rewards import load_rewards
 
-        key = (model, config or None, tuple(rewards), device or "")
+        parts = {k: v for k, v in (parts or {}).items() if k != "config"}
+        frozen = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(parts.items()))
+        key = (model, config or None, frozen, tuple(rewards), device or "")
         with self._models_lock:
             if key not in self._models:
                 self._models.clear()  # one model set in memory at a time
                 dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-                backend = load_diffusers(model, device=dev, config=config or None)
+                backend = load_diffusers(model, device=dev, config=config or None, **parts)
                 self._models[key] = (backend, load_rewards(list(rewards), device=dev))
             return self._models[key]
 
@@ -68,7 +70,9 @@ class TuneTab:
             return
         yield "Loading the models...", [], [], None
         try:
-            backend, reward = self._models_for(ns.model, ns.config, ns.rewards, ns.device)
+            from reneg.backends.loading import model_files
+
+            backend, reward = self._models_for(ns.model, ns.config, ns.rewards, ns.device, model_files(ns))
             from reneg.embedding import load_embedding
 
             if ns.embedding:
@@ -224,6 +228,7 @@ def build(gr, studio) -> None:
                 u = {}
                 u["model"] = gr.Textbox(elem_id="tune_model", value=td["model"], label=TUNE_LABELS["model"])
                 u["config"] = gr.Textbox(elem_id="tune_config", value=td["config"], label=TUNE_LABELS["config"])
+                u["parts"] = gr.Textbox(elem_id="tune_parts", value=td["parts"], lines=1, label=TUNE_LABELS["parts"])
                 u["rewards"] = gr.Textbox(
                     elem_id="tune_rewards", value=td["rewards"], lines=2, label=TUNE_LABELS["rewards"]
                 )
