@@ -182,13 +182,23 @@ def test_both_sdxl_encoders_move_and_to_moves_them_back(tiny_sdxl_dir):
 
 
 @pytest.mark.parametrize("folder", FAMILY_DIRS + ["tiny_sdxl_dir"])
-def test_encoders_run_where_their_weights_are_and_results_go_to_the_backends_device(folder, request):
-    """The backend's device set apart from the encoder's (``meta``: shapes only, on a CPU-only machine): the
-    tokens go to the encoder's device (else the CPU encoder would fail on meta ids), the rows to the backend's."""
+def test_the_prompt_cache_stays_with_the_offloaded_encoders_and_batches_go_to_the_backends_device(folder, request):
+    """The prompt cache goes with the offloaded encoders (the CPU): a prompt cached before the offload is kept
+    there, unchanged, and one encoded after it too; with the backend's device set apart from the encoders'
+    (``meta``: shapes only, on a CPU-only machine), each batch's rows come to the backend's device. (A late
+    prompt's encoding on the CPU is compared with its encoding before the offload above.)"""
     b = load_diffusers(request.getfixturevalue(folder))
+    b.encode_prompts(["a red circle"])  # to the cache only: the meta device below has no data to compare
+    before = b.encode_prompts(["a blue square"])
     b.offload_text_encoder("cpu", warn=lambda m: None)
+    entry = b._cache["a blue square"]
+    rows = entry[0] if isinstance(entry, tuple) else entry
+    assert rows.device.type == "cpu" and torch.equal(rows, before.crossattn[0]), folder  # moved, not changed
+    b.encode_prompts(["a late prompt"])
+    kept = [t for v in b._cache.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]
+    assert len(b._cache) == 3 and all(t.device.type == "cpu" for t in kept), folder
     b.device = torch.device("meta")
-    c = b.encode_prompts(["a red circle"])
+    c = b.encode_prompts(["a blue square", "a red circle"])
     for f in ("crossattn", "mask", "pooled"):
         t = getattr(c, f)
         assert t is None or t.device.type == "meta", (folder, f)

@@ -503,8 +503,8 @@ def offload_line(backend, moved: dict, before: list, n_train: int, n_held: int, 
     )
     return (
         f"--offload-text-encoder: {n_train} training{held} prompts, the empty prompt and the handcrafted "
-        f"negative encoded in {seconds:.1f} s and cached on {backend.device} "
-        f"({backend.text_cache_bytes() / 2**30:.3g} GiB); moved {parts} {where}{total}"
+        f"negative encoded in {seconds:.1f} s and cached ({backend.text_cache_bytes() / 2**30:.3g} GiB, kept on "
+        f"the CPU with the encoders, each batch's rows brought to {backend.device}); moved {parts} {where}{total}"
     )
 
 

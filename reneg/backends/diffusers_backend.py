@@ -137,6 +137,15 @@ def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ac.float()
 
 
+def _moved(entry, device):
+    """A tensor, or a tuple of tensors and Nones (a cache entry), on ``device``."""
+    if isinstance(entry, torch.Tensor):
+        return entry.to(device)
+    if isinstance(entry, tuple):
+        return tuple(_moved(x, device) for x in entry)
+    return entry
+
+
 @dataclass
 class DiffusersBackend:
     unet: object
@@ -294,10 +303,10 @@ class DiffusersBackend:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         for p in missing:  # one at a time: an encoding never depends on the prompts beside it (exact resume)
             crossattn, pooled = self._encode([p])
-            self._cache[p] = (crossattn[0], None if pooled is None else pooled[0])
+            self._cache[p] = self._keep((crossattn[0], None if pooled is None else pooled[0]))
         if len(self._cache) > 20000:
             self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
-        rows = [self._cache[p] for p in prompts]
+        rows = [self._use(self._cache[p]) for p in prompts]
         pooled = torch.stack([r[1] for r in rows]) if rows and rows[0][1] is not None else None
         return Cond(torch.stack([r[0] for r in rows]), pooled)
 
@@ -362,7 +371,8 @@ class DiffusersBackend:
         return [(n, getattr(self, n)) for n in TEXT_ENCODER_NAMES if getattr(self, n, None) is not None]
 
     def text_cache_bytes(self) -> int:
-        """The bytes the cached prompt encodings (and ``E("")``) hold on the backend's device."""
+        """The bytes the cached prompt encodings (and ``E("")``) hold (on the CPU once the text encoders are
+        offloaded; ``E("")`` stays on the backend's device)."""
         seen, total = set(), 0
 
         def add(v):
@@ -388,6 +398,9 @@ class DiffusersBackend:
         :func:`warnings.warn`). Returns each moved encoder's parameter count by attribute name;
         :meth:`to` moves them back."""
         target = torch.device(device)
+        # the prompt cache goes with them: the largest thing left on the card otherwise (a T5 prompt's rows are
+        # 8.4 MB in float32); :meth:`_use` brings each batch's rows back, :meth:`to` clears it
+        self._cache = {p: _moved(v, target) for p, v in self._cache.items()}
         moved = {}
         for name, m in self.text_encoders():
             m.to(target)
@@ -398,6 +411,15 @@ class DiffusersBackend:
         self._text_offloaded = target
         self._late_warn = warn
         return moved
+
+    def _keep(self, entry):
+        """A prompt cache entry as the cache keeps it: where the text encoders went once offloaded, else as made."""
+        where = getattr(self, "_text_offloaded", None)
+        return entry if where is None else _moved(entry, where)
+
+    def _use(self, entry):
+        """A prompt cache entry on the backend's device, for a batch."""
+        return _moved(entry, self.device) if self.text_offloaded else entry
 
     @property
     def text_offloaded(self) -> bool:

@@ -160,10 +160,10 @@ class PixArtBackend(DiffusersBackend):
         if missing:
             rows, mask = self._encode_masked(missing)
             for i, p in enumerate(missing):
-                self._cache[p] = (rows[i], mask[i])
+                self._cache[p] = self._keep((rows[i], mask[i]))
             if len(self._cache) > 20000:
                 self._cache = {p: self._cache[p] for p in missing}
-        got = [self._cache[p] for p in prompts]
+        got = [self._use(self._cache[p]) for p in prompts]
         return Cond(torch.stack([r[0] for r in got]), mask=torch.stack([r[1] for r in got]))
 
     def _empty(self):

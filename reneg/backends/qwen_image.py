@@ -214,10 +214,10 @@ class QwenImageBackend(DiffusersBackend):
         prompt per encoder call, so an encoding never depends on the prompts beside it)."""
         for p in dict.fromkeys(prompts):
             if p not in self._cache:
-                self._cache[p] = self._encode_rows([p])[0]
+                self._cache[p] = self._keep(self._encode_rows([p])[0])
         if len(self._cache) > 20000:
             self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
-        rows = [self._cache[p] for p in prompts]
+        rows = [self._use(self._cache[p]) for p in prompts]
         n = max(r.shape[0] for r in rows)
         x = torch.stack([torch.cat([r, r.new_zeros(n - r.shape[0], r.shape[1])]) for r in rows])
         mask = torch.stack(

@@ -320,10 +320,10 @@ class WanBackend(DiffusersBackend):
     def encode_prompts(self, prompts: list[str]) -> Cond:
         for p in dict.fromkeys(prompts):
             if p not in self._cache:
-                self._cache[p] = self._encode_rows(p)
+                self._cache[p] = self._keep(self._encode_rows(p))
         if len(self._cache) > 20000:
             self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
-        return self._two(Cond(torch.stack([self._cache[p] for p in prompts])))
+        return self._two(Cond(torch.stack([self._use(self._cache[p]) for p in prompts])))
 
     def null_embedding(self) -> tuple[torch.Tensor, None]:
         """``E("")``: the end token's row, then 511 zero rows (what the pipeline uses for ``negative_prompt=""``);
