@@ -352,3 +352,19 @@ def transformer_to_wan(sd: dict) -> dict:
         n = n.replace(".norm2.", ".norm__swap.").replace(".norm3.", ".norm2.").replace(".norm__swap.", ".norm3.")
         out[n] = v
     return out
+
+
+def to_scaled_fp8(sd: dict, skip=("shared.", "embed", "spiece_model")) -> dict:
+    """``sd`` as ComfyUI's ``*_fp8_e4m3fn_scaled`` files keep it: each 2-d linear weight in float8 (e4m3fn) divided
+    by its own float32 ``scale_weight`` (its largest magnitude over float8's 448), other tensors as they are, and
+    the ``scaled_fp8`` marker tensor."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.dim() == 2 and v.is_floating_point() and not any(s in k for s in skip):
+            scale = (v.float().abs().max() / 448.0).clamp(min=1e-12)
+            out[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            out[k[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[k] = v
+    out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out

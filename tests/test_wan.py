@@ -378,10 +378,10 @@ def _comfy_wan_files(folder: str, root, name: str, spiece: bytes | None = None) 
     te = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
     if spiece is not None:
         te["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
-    out["umt5"] = str(models / "text_encoders" / "umt5_xxl.safetensors")
+    out["umt5"] = str(models / "text_encoders" / f"{name}_umt5_xxl.safetensors")
     save_file(te, out["umt5"])
     vae = AutoencoderKLWan.from_pretrained(os.path.join(folder, "vae"))
-    out["vae"] = str(models / "vae" / "wan_2.1_vae.safetensors")
+    out["vae"] = str(models / "vae" / f"{name}_wan_2.1_vae.safetensors")
     save_file({k: v.contiguous() for k, v in vae_to_wan21(vae.state_dict(), dict(vae.config)).items()}, out["vae"])
     return out
 
@@ -468,6 +468,29 @@ def test_comfyui_single_files_load_as_the_folder_does(tmp_path, tiny_hps_ckpt, c
     args += ["--grad-range", "0", "1", "--heldout-count", "1", "--out", str(out), "--steps", "1", "--batch-size", "1"]
     assert main([*args, "--eval-every", "0", "--guidance", "5", "--no-progress"]) == 0, capsys.readouterr().err
     assert load_embedding(out / "embedding.safetensors").family == "wan"
+
+    # ComfyUI's scaled fp8 files (umt5_xxl_fp8_e4m3fn_scaled, the fp8 transformers): read as ComfyUI computes
+    # with them, weight * scale_weight
+    from ldm_layout import to_scaled_fp8
+    from safetensors.torch import load_file, save_file
+
+    fp8 = {}
+    for name in ("transformer", "umt5"):
+        fp8[name] = str(tmp_path / f"{name}_fp8_e4m3fn_scaled.safetensors")
+        save_file(to_scaled_fp8(load_file(f[name])), fp8[name])
+    q = load_diffusers(fp8["transformer"], text_encoders=[fp8["umt5"]], vae=f["vae"], tokenizer=tok)
+    for model, file, key in ((q.text_encoder, fp8["umt5"], "encoder.block.0.layer.0.SelfAttention.q.weight"),
+                             (q.transformer, fp8["transformer"], "blocks.0.ffn.net.0.proj.weight")):  # fmt: skip
+        raw = load_file(file)
+        name = "blocks.0.ffn.0.weight" if model is q.transformer else key  # Wan's own name in the file
+        want = raw[name].float() * raw[name.replace(".weight", ".scale_weight")]
+        got = model.state_dict()[key]
+        assert torch.equal(got, want) and raw[name].dtype == torch.float8_e4m3fn, key
+        ref = (b.text_encoder if model is q.text_encoder else b.transformer).state_dict()[key]
+        assert 0 < _rel(got, ref) < 0.05  # fp8's rounding
+    cq = q.encode_prompts(prompts)  # the tiny encoder is far more sensitive than a trained one: no value check
+    assert cq.crossattn.shape == cb.crossattn.shape and torch.equal(cq.crossattn != 0, cb.crossattn != 0)
+    assert generate(q, cq, q.encode_prompts(["blurry"]), noise, 3, 5.0).isfinite().all()
 
     with pytest.raises(ModelLoadError, match=r"pass --text-encoder FILE once, for UMT5-XXL"):
         load_diffusers(f["transformer"], vae=f["vae"])

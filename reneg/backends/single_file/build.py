@@ -292,13 +292,11 @@ def load_vae(path: str, dtype: torch.dtype, vae_config: dict | None = None):
 
 
 def transformer_file_parts(path: str, text_encoders, vae: str | None, model: str, check, reads: str, one: str,
-                           te_file: str, vae_word: str, vae_file: str, fp8: bool = True) -> Checkpoint:  # fmt: skip
+                           te_file: str, vae_word: str, vae_file: str) -> Checkpoint:  # fmt: skip
     """The one text-encoder file a ``model`` transformer file (``path``, ComfyUI's layout) loads with, checked:
     ``check(ck)`` is None for the right encoder, else what the file is (said with ``--text-encoder FILE:``
     and what ``model`` reads); none or two are asked for by the flag, naming ``one`` and where ComfyUI keeps
-    ``te_file``; a missing ``vae`` (its ``vae_word``, ComfyUI's ``vae_file``) too. ``fp8``: refuse ComfyUI's
-    ``scaled_fp8`` text encoders here."""
-    from .flux import refuse_scaled_fp8
+    ``te_file``; a missing ``vae`` (its ``vae_word``, ComfyUI's ``vae_file``) too."""
     from .read import open_checkpoint
 
     found = []
@@ -307,8 +305,6 @@ def transformer_file_parts(path: str, text_encoders, vae: str | None, model: str
         what = check(tck)
         if what is not None:
             raise ModelLoadError(f"--text-encoder {te}: {what}; {model} reads {reads}")
-        if fp8:
-            refuse_scaled_fp8(tck, te)
         found.append(tck)
     if len(found) != 1:
         raise ModelLoadError(

@@ -198,7 +198,7 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
     from ..diffusers_backend import ModelLoadError
     from ..parts import load_t5_tokenizer
     from .build import _empty_weights, _fill, build_vae, load_vae, transformer_file_parts
-    from .flux import _ae_config, _t5, bfl_config, bfl_to_diffusers, flux_part, refuse_scaled_fp8, require_t5_tokenizer
+    from .flux import _ae_config, _t5, bfl_config, bfl_to_diffusers, flux_part, require_t5_tokenizer
     from .read import open_checkpoint
 
     dtype = dtype or torch.float32
@@ -209,7 +209,6 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
                              "give the Chroma transformer file as --model")  # fmt: skip
     keys = list(ck.keys())
     pre = next(p for p in TRANSFORMER_PREFIXES if any(k.startswith(p + "distilled_guidance_layer.") for k in keys))
-    refuse_scaled_fp8(ck, path)
 
     def check(tck):
         tpart = flux_part(tck)
@@ -220,7 +219,7 @@ def load_chroma_files(path: str, text_encoders=(), vae: str | None = None, token
         )
 
     t5 = transformer_file_parts(path, text_encoders, vae, "Chroma", check, "t5xxl only", "t5xxl",
-                                "t5xxl_fp16.safetensors", "autoencoder", "ae.safetensors", fp8=False)  # fmt: skip
+                                "t5xxl_fp16.safetensors", "autoencoder", "ae.safetensors")  # fmt: skip
     tok_dir = require_t5_tokenizer(path, text_encoders, tokenizer, "a ChromaPipeline folder's tokenizer/")
     try:
         cfg = bfl_config(ck, pre)

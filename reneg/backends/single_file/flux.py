@@ -254,14 +254,6 @@ def require_t5_tokenizer(path: str, text_encoders, tokenizer: str | None, folder
     return found
 
 
-def refuse_scaled_fp8(ck: Checkpoint, path: str) -> None:
-    """ComfyUI's ``scaled_fp8`` files keep a scale beside each weight, which ReNeg does not apply."""
-    if "scaled_fp8" in ck or any(k.endswith(".scale_weight") for k in ck.keys()):
-        raise ModelLoadError(
-            f"{path}: scaled fp8 weights (scale_weight tensors), which ReNeg does not read; use the bf16/fp16 file"
-        )
-
-
 def find_t5_tokenizer(*paths: str) -> str | None:
     """The T5 tokenizer folder of the ComfyUI installation that holds one of ``paths`` (a model file under
     ``ComfyUI/models/...``), or None."""
@@ -337,11 +329,6 @@ def _t5(ck: Checkpoint, prefix: str, dtype, umt5: bool = False):
 
     from .build import _empty_weights, _fill
 
-    if "scaled_fp8" in ck:
-        raise ModelLoadError(
-            f"{ck.path}: a T5-XXL with scaled fp8 weights (scaled_fp8), which ReNeg does not read; "
-            "use the fp16 file (t5xxl_fp16.safetensors)"
-        )
     q = ck.shapes[prefix + T5_KEY]
     bias = ck.shapes[prefix + "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     heads = int(bias[1])
@@ -409,7 +396,6 @@ def load_flux_files(
         raise ModelLoadError(f"{path}: {what}; give the Flux.1 transformer file as --model")
     whole = part.part == "checkpoint"
     tprefix = "model.diffusion_model." if whole else next(p for p in TRANSFORMER_PREFIXES if _transformer(ck, p))
-    refuse_scaled_fp8(ck, path)
 
     # the parts: from the one checkpoint, or one file each
     found: dict[str, tuple[Checkpoint, str]] = {}

@@ -243,7 +243,7 @@ def load_qwen_image_files(path: str, text_encoders=(), vae: str | None = None, t
     from ..diffusers_backend import ModelLoadError
     from ..qwen_image import FAMILY, SCHEDULER, build_backend
     from .build import _empty_weights, _fill, transformer_file_parts
-    from .flux import find_in_comfyui, refuse_scaled_fp8
+    from .flux import find_in_comfyui
     from .read import open_checkpoint
 
     dtype = dtype or torch.float32
@@ -253,7 +253,6 @@ def load_qwen_image_files(path: str, text_encoders=(), vae: str | None = None, t
         what = part.description if part else "not a Qwen-Image transformer"
         raise ModelLoadError(f"{path}: {what}; give the Qwen-Image transformer file as --model")
     pre = next(p for p in TRANSFORMER_PREFIXES if f"{p}txt_norm.weight" in ck)
-    refuse_scaled_fp8(ck, path)
 
     def check(tck):
         tpart = qwen_image_part(tck)

@@ -33,6 +33,7 @@ XL_TE1, XL_TE2 = (p for p, _ in FAMILIES["sdxl"].checkpoint_encoders)  # conditi
 XL_REFINER_TE = "conditioner.embedders.0.model."
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")  # ComfyUI's scaled fp8: beside a float8 weight
 
 
 class Checkpoint:
@@ -68,13 +69,28 @@ class Checkpoint:
         return self._reader(key)
 
     def subset(self, prefix: str, dtype: torch.dtype | None = None) -> dict:
-        """Every tensor under ``prefix`` (names kept), floats cast to ``dtype`` one at a time."""
+        """Every tensor under ``prefix`` (names kept), floats cast to ``dtype`` one at a time.
+
+        ComfyUI's ``scaled_fp8`` files (``t5xxl_fp8_e4m3fn_scaled``, ``umt5_xxl_fp8_e4m3fn_scaled``, the fp8
+        transformers) keep each linear weight in float8 with a ``scale_weight`` beside it; ComfyUI computes with
+        ``weight * scale_weight`` (``comfy/ops.py``), which is what is read here for that weight (the product
+        in float32, then ``dtype``). The scales, ``scale_input`` and the ``scaled_fp8`` marker are left out."""
         out = {}
         for k in self.shapes:
-            if k.startswith(prefix):
-                t = self.tensor(k)
-                out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            if not k.startswith(prefix) or k.endswith(SCALE_SUFFIXES) or k == prefix + "scaled_fp8":
+                continue
+            t = self.tensor(k)
+            scale = k[: -len("weight")] + "scale_weight" if k.endswith("weight") else None
+            if scale is not None and scale in self.shapes:
+                t = t.to(torch.float32) * self.tensor(scale).to(torch.float32)
+                t = t.to(dtype or torch.float32)
+            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
+
+    @property
+    def scaled_fp8(self) -> bool:
+        """Whether the file holds ComfyUI's scaled fp8 weights (read as ComfyUI computes with them)."""
+        return "scaled_fp8" in self.shapes or any(k.endswith(".scale_weight") for k in self.shapes)
 
     @classmethod
     def from_header(cls, path: str, header: dict, meta: bool = True) -> "Checkpoint":

@@ -162,7 +162,6 @@ def _transformer_file(path: str, dtype, flag: str):
 
     from ..diffusers_backend import ModelLoadError
     from .build import _empty_weights, _fill
-    from .flux import refuse_scaled_fp8
     from .read import open_checkpoint
 
     ck = open_checkpoint(path)
@@ -184,7 +183,6 @@ def _transformer_file(path: str, dtype, flag: str):
             f"{flag} {path}: Wan 2.2 TI2V 5B (48 latent channels, Wan 2.2's own VAE, one timestep per latent "
             "token): ReNeg reads it from a WanPipeline folder, not from ComfyUI's files"
         )
-    refuse_scaled_fp8(ck, path)
     pre = next(p for p in TRANSFORMER_PREFIXES if p + "head.modulation" in ck)
     cfg = transformer_config(ck, pre)
     sd = convert_wan_transformer_to_diffusers({k[len(pre) :]: v for k, v in ck.subset(pre, dtype).items()})
