@@ -135,9 +135,10 @@ def _part(ck: Checkpoint) -> tuple[str, str, dict] | None:
             "weights": _weights(ck),
         }
         details["note"] = (
-            "Wan 2.1's own VAE file (wan_2.1_vae, also Wan 2.2 A14B's) has the same keys and shapes: a Wan user passes a WanPipeline folder"
+            "Wan 2.1's own VAE file (wan_2.1_vae, also Wan 2.2 A14B's) has the same keys and shapes: for Wan, "
+            "pass it as --vae beside a Wan transformer file (--model) and umt5_xxl (--text-encoder)"
         )
-        return "vae", "the Qwen-Image VAE (Wan 2.1's architecture)", details
+        return "vae", "the Qwen-Image VAE (Wan 2.1's architecture; Wan 2.1's own VAE file is the same)", details
     return None
 
 
