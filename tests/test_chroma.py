@@ -343,24 +343,10 @@ def test_comfyui_single_files_load_as_the_folder_does(tmp_path, chroma_dir, tiny
     ia, ib = generate(a, ca, ua, noise, 4, 3.0), generate(b, cb, ub, noise, 4, 3.0)
     assert ia.abs().max() > 0 and torch.equal(ia, ib)
 
-    out = tmp_path / "run"
-    pf = tmp_path / "prompts.txt"
-    pf.write_text("\n".join(prompts * 2))
-    args = [
-        "train",
-        "--model",
-        transformer,
-        "--text-encoder",
-        str(t5),
-        "--vae",
-        ae,
-        "--reward",
-        f"hpsv2={tiny_hps_ckpt}",
-    ]
-    args += ["--prompts", str(pf), "--sampling-steps", "3", "--grad-range", "0", "1", "--resolution", "32"]
-    args += ["--heldout-count", "1", "--out", str(out), "--steps", "1", "--batch-size", "1", "--eval-every", "0"]
-    assert main([*args, "--no-progress"]) == 0, capsys.readouterr().err
-    assert load_embedding(out / "embedding.safetensors").family == "chroma"
+    from split_files import train_one_step
+
+    parts = ["--text-encoder", str(t5), "--vae", ae]
+    assert train_one_step(tmp_path, capsys, transformer, parts, tiny_hps_ckpt, prompts, 32) == "chroma"
 
     with pytest.raises(ModelLoadError, match=r"pass --text-encoder FILE once, for t5xxl"):
         load_diffusers(transformer, vae=ae)

@@ -322,24 +322,10 @@ def test_comfyui_single_files_load_as_the_folder_does(tmp_path, tiny_hps_ckpt, c
     ia, ib = generate(a, ca, ua, noise, 4, 4.0), generate(b, cb, ub, noise, 4, 4.0)
     assert ia.abs().max() > 0 and _rel(ib, ia) < 1e-4
 
-    out = tmp_path / "run"
-    pf = tmp_path / "prompts.txt"
-    pf.write_text("\n".join(prompts * 2))
-    args = [
-        "train",
-        "--model",
-        transformer,
-        "--text-encoder",
-        te,
-        "--vae",
-        vae_file,
-        "--reward",
-        f"hpsv2={tiny_hps_ckpt}",
-    ]
-    args += ["--prompts", str(pf), "--sampling-steps", "3", "--grad-range", "0", "1", "--resolution", str(SIZE)]
-    args += ["--heldout-count", "1", "--out", str(out), "--steps", "1", "--batch-size", "1", "--eval-every", "0"]
-    assert main([*args, "--no-progress"]) == 0, capsys.readouterr().err
-    assert load_embedding(out / "embedding.safetensors").family == "qwen-image"
+    from split_files import train_one_step
+
+    parts = ["--text-encoder", te, "--vae", vae_file]
+    assert train_one_step(tmp_path, capsys, transformer, parts, tiny_hps_ckpt, prompts, SIZE) == "qwen-image"
 
     with pytest.raises(ModelLoadError, match=r"pass --text-encoder FILE once, for Qwen2.5-VL-7B"):
         load_diffusers(transformer, vae=vae_file)

@@ -411,8 +411,6 @@ def test_comfyui_single_files_load_as_the_folder_does(tmp_path, tiny_hps_ckpt, c
 
     import sentencepiece as spm
 
-    from reneg.cli import main
-    from reneg.embedding import load_embedding
     from reneg.generate import generate
 
     folder = build_tiny_wan(str(tmp_path / "wan21"), seed=2, head_dim=128)
@@ -460,14 +458,10 @@ def test_comfyui_single_files_load_as_the_folder_does(tmp_path, tiny_hps_ckpt, c
         and e.encode_prompts(["a red circle"]).crossattn.shape[-1] == 4096
     )
 
-    pf = tmp_path / "prompts.txt"
-    pf.write_text("\n".join(prompts * 2))
-    out = tmp_path / "run"
-    args = ["train", "--model", f["transformer"], "--text-encoder", f["umt5"], "--vae", f["vae"], "--tokenizer", tok]
-    args += ["--reward", f"hpsv2={tiny_hps_ckpt}", "--prompts", str(pf), "--sampling-steps", "3", "--resolution", "16"]
-    args += ["--grad-range", "0", "1", "--heldout-count", "1", "--out", str(out), "--steps", "1", "--batch-size", "1"]
-    assert main([*args, "--eval-every", "0", "--guidance", "5", "--no-progress"]) == 0, capsys.readouterr().err
-    assert load_embedding(out / "embedding.safetensors").family == "wan"
+    from split_files import train_one_step
+
+    parts = ["--text-encoder", f["umt5"], "--vae", f["vae"], "--tokenizer", tok, "--guidance", "5"]
+    assert train_one_step(tmp_path, capsys, f["transformer"], parts, tiny_hps_ckpt, prompts, 16) == "wan"
 
     # ComfyUI's scaled fp8 files (umt5_xxl_fp8_e4m3fn_scaled, the fp8 transformers): read as ComfyUI computes
     # with them, weight * scale_weight
