@@ -217,7 +217,7 @@ class ReNegPerSampleTune:
             raise ValueError(
                 f"the negative is {model_family_of(neg.crossattn.shape[-1])} (hidden size "
                 f"{neg.crossattn.shape[-1]}) but the positive is "
-                f"{model_family_of(pos.crossattn.shape[-1])} ({pos.crossattn.shape[-1]})"
+                f"{_family_on(model, pos.crossattn.shape[-1])} ({pos.crossattn.shape[-1]})"
             )
         from ..reneg.backends.wan import A14B_BOUNDARY
 
@@ -335,3 +335,14 @@ class ReNegPerSampleTune:
             "ui": {"text": ["\n".join(lines)]},
             "result": ([[tuned, extra]], float(res.start_reward), float(res.best_reward)),
         }
+
+
+def _family_on(model, hidden: int) -> str:
+    """The family of a conditioning of width ``hidden`` on ``model``: where a width is shared (T5-XXL's 4096:
+    PixArt, Chroma), the MODEL tells which (ComfyUI's ``unet_config["image_model"]``)."""
+    from ..reneg.families import family_for_model
+
+    cfg = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", None)
+    name = cfg.get("image_model") if isinstance(cfg, dict) else None
+    fam = family_for_model(hidden, name if isinstance(name, str) else None)
+    return fam.name if fam is not None else model_family_of(hidden)

@@ -179,6 +179,9 @@ def test_load_tune_save_and_score_on_chroma(host, chroma_models, reward, ref):  
         out = node(host, "ReNegPerSampleTune").tune(**args)
     tuned, r0, r1 = out["result"]
     assert r1 >= r0 and tuned[0][0].shape == (1, 2, 4096) and tuned[0][1]["reneg"]["family"] == "chroma"
+    sd_neg = [[torch.zeros(1, 77, 768), {"pooled_output": None}]]  # a 768-wide negative on the Chroma MODEL
+    with pytest.raises(Exception, match=r"the negative is sd1 .* but the positive is chroma \(4096\)"):
+        run(node(host, "ReNegPerSampleTune").tune, **dict(args, negative=sd_neg))
 
     save = node(host, "ReNegSaveEmbedding")
     (path,) = run(save.save, tuned, "chroma_tuned", False)
