@@ -77,19 +77,19 @@ class ComfyDenoiser:
         self.patcher = patcher
         self.model = patcher.model
         # Wan 2.2 A14B: the low-noise expert's MODEL, run where sigma (the flow time) is below ``boundary``
-        self.patcher_2, self.boundary = patcher_2, boundary
+        self.boundary = boundary
+        self.experts = None if patcher_2 is None else (ComfyDenoiser(patcher), ComfyDenoiser(patcher_2))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        if self.patcher_2 is not None:
-            low = sigma.reshape(-1).expand(x.shape[0]) < self.boundary
-            if bool(low.any()):
-                out = torch.empty_like(x)
-                for mask, d in ((~low, ComfyDenoiser(self.patcher)), (low, ComfyDenoiser(self.patcher_2))):
-                    idx = mask.nonzero().flatten()
-                    if len(idx):
-                        s = sigma.reshape(-1).expand(x.shape[0])[idx]
-                        out[idx] = d(x[idx], s, cond.index(idx))
-                return out
+        if self.experts is not None:
+            sigmas = sigma.reshape(-1).expand(x.shape[0])
+            low = sigmas < self.boundary
+            out = torch.empty_like(x)
+            for mask, expert in zip((~low, low), self.experts):
+                idx = mask.nonzero().flatten()
+                if len(idx):
+                    out[idx] = expert(x[idx], sigmas[idx], cond.index(idx))
+            return out
         if cond.mask is not None and not bool(cond.mask.bool().all()):
             return self._by_length(x, sigma, cond)
         options = getattr(self.patcher, "model_options", None) or {}
