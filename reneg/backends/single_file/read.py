@@ -87,11 +87,6 @@ class Checkpoint:
             out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 
-    @property
-    def scaled_fp8(self) -> bool:
-        """Whether the file holds ComfyUI's scaled fp8 weights (read as ComfyUI computes with them)."""
-        return "scaled_fp8" in self.shapes or any(k.endswith(".scale_weight") for k in self.shapes)
-
     @classmethod
     def from_header(cls, path: str, header: dict, meta: bool = True) -> "Checkpoint":
         shapes, dtypes = {}, {}
