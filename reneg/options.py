@@ -25,6 +25,10 @@ SAMPLING_STEPS_MAX = 1000  # a DDIM schedule can not have more steps than the mo
 RESOLUTION_MAX = 8192
 
 
+# prompt encodings a backend keeps cached (reneg/backends); --offload-text-encoder needs a run's prompts all in it
+PROMPT_CACHE_MAX = 20000
+
+
 class OptionError(ValueError):
     """A bad option; the message is one line naming the flag."""
 

@@ -229,3 +229,16 @@ def test_the_memory_arithmetic_in_the_docs():
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
     for without, with_ in got.values():
         assert f"| {without} GB | {with_} GB |" in doc
+
+
+@pytest.mark.parametrize("folder", FAMILY_DIRS)
+def test_a_full_prompt_cache_keeps_the_batch_and_encodes_the_same(folder, request, monkeypatch):
+    """Past the cache's limit (2 here, 20000 in use) a batch with a prompt cached earlier and a new one still
+    encodes, each prompt as it was encoded alone (the PixArt backend once kept only the new prompts and failed)."""
+    import reneg.backends.diffusers_backend as db
+
+    b = load_diffusers(request.getfixturevalue(folder))
+    alone = {p: b.encode_prompts([p]).crossattn[0] for p in ("a red circle", "a blue square", "a green house")}
+    monkeypatch.setattr(db, "PROMPT_CACHE_MAX", 2)
+    c = b.encode_prompts(["a red circle", "a cat in the city"])
+    assert len(b._cache) <= 2 and torch.equal(c.crossattn[0][: len(alone["a red circle"])], alone["a red circle"])

@@ -14,8 +14,8 @@ from reneg.prompts import PAPER_HANDCRAFTED
 # one error class for every front-end's bad arguments (the message names the flag)
 ConfigError = OptionError
 
-# the most prompts a backend's prompt cache keeps (reneg/backends: 20000); --offload-text-encoder needs them all
-OFFLOAD_PROMPTS_MAX = 20000
+# the most prompts a backend's prompt cache keeps; --offload-text-encoder needs them all
+OFFLOAD_PROMPTS_MAX = O.PROMPT_CACHE_MAX
 
 
 @dataclass

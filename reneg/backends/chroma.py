@@ -225,8 +225,7 @@ class ChromaBackend(DiffusersBackend):
         for p in missing:  # one at a time: an encoding never depends on the prompts beside it
             rows, mask = self._encode_masked([p])
             self._cache[p] = self._keep((rows[0], mask[0]))
-        if len(self._cache) > 20000:
-            self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
+        self._trim_cache(prompts)
         got = [self._use(self._cache[p]) for p in prompts]
         return Cond(torch.stack([r[0] for r in got]), mask=torch.stack([r[1] for r in got]))
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cond import Cond
+from ..options import PROMPT_CACHE_MAX
 from ..sampling import ddim_schedule, sigmas_from_alphas_cumprod
 
 
@@ -304,8 +305,7 @@ class DiffusersBackend:
         for p in missing:  # one at a time: an encoding never depends on the prompts beside it (exact resume)
             crossattn, pooled = self._encode([p])
             self._cache[p] = self._keep((crossattn[0], None if pooled is None else pooled[0]))
-        if len(self._cache) > 20000:
-            self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
+        self._trim_cache(prompts)
         rows = [self._use(self._cache[p]) for p in prompts]
         pooled = torch.stack([r[1] for r in rows]) if rows and rows[0][1] is not None else None
         return Cond(torch.stack([r[0] for r in rows]), pooled)
@@ -411,6 +411,12 @@ class DiffusersBackend:
         self._text_offloaded = target
         self._late_warn = warn
         return moved
+
+    def _trim_cache(self, prompts: list[str]) -> None:
+        """Past :data:`PROMPT_CACHE_MAX` cached prompts, keep only this batch's (a run over more prompts than that
+        encodes them again as they come)."""
+        if len(self._cache) > PROMPT_CACHE_MAX:
+            self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
 
     def _keep(self, entry):
         """A prompt cache entry as the cache keeps it: where the text encoders went once offloaded, else as made."""

@@ -161,8 +161,7 @@ class PixArtBackend(DiffusersBackend):
             rows, mask = self._encode_masked(missing)
             for i, p in enumerate(missing):
                 self._cache[p] = self._keep((rows[i], mask[i]))
-            if len(self._cache) > 20000:
-                self._cache = {p: self._cache[p] for p in missing}
+        self._trim_cache(prompts)
         got = [self._use(self._cache[p]) for p in prompts]
         return Cond(torch.stack([r[0] for r in got]), mask=torch.stack([r[1] for r in got]))
 

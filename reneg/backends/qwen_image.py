@@ -215,8 +215,7 @@ class QwenImageBackend(DiffusersBackend):
         for p in dict.fromkeys(prompts):
             if p not in self._cache:
                 self._cache[p] = self._keep(self._encode_rows([p])[0])
-        if len(self._cache) > 20000:
-            self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
+        self._trim_cache(prompts)
         rows = [self._use(self._cache[p]) for p in prompts]
         n = max(r.shape[0] for r in rows)
         x = torch.stack([torch.cat([r, r.new_zeros(n - r.shape[0], r.shape[1])]) for r in rows])

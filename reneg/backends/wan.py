@@ -321,8 +321,7 @@ class WanBackend(DiffusersBackend):
         for p in dict.fromkeys(prompts):
             if p not in self._cache:
                 self._cache[p] = self._keep(self._encode_rows(p))
-        if len(self._cache) > 20000:
-            self._cache = {p: self._cache[p] for p in dict.fromkeys(prompts)}
+        self._trim_cache(prompts)
         return self._two(Cond(torch.stack([self._use(self._cache[p]) for p in prompts])))
 
     def null_embedding(self) -> tuple[torch.Tensor, None]:
