@@ -447,6 +447,32 @@ def build_tiny_flux(folder: str, seed: int = 0, schnell: bool = False, t5_width:
     return folder
 
 
+def _bfl_blocks(lin, scale, h: int, depth: int, depth_single: int, modulation: bool) -> None:
+    """The double- and single-stream blocks of the Black Forest Labs layout, through ``lin(name, out, in)`` and
+    ``scale(name)`` (the query/key norms): Flux's with their modulation layers, Chroma's without (its
+    ``distilled_guidance_layer`` makes them). MLP ratio 4."""
+    m = 4 * h
+    for i in range(depth):
+        for stream in ("img", "txt"):
+            b = f"double_blocks.{i}.{stream}"
+            if modulation:
+                lin(f"{b}_mod.lin", 6 * h, h)
+            lin(f"{b}_attn.qkv", 3 * h, h)
+            scale(f"{b}_attn.norm.query_norm.scale")
+            scale(f"{b}_attn.norm.key_norm.scale")
+            lin(f"{b}_attn.proj", h, h)
+            lin(f"{b}_mlp.0", m, h)
+            lin(f"{b}_mlp.2", h, m)
+    for i in range(depth_single):
+        b = f"single_blocks.{i}"
+        lin(f"{b}.linear1", 3 * h + m, h)
+        lin(f"{b}.linear2", h, h + m)
+        scale(f"{b}.norm.query_norm.scale")
+        scale(f"{b}.norm.key_norm.scale")
+        if modulation:
+            lin(f"{b}.modulation.lin", 3 * h, h)
+
+
 def bfl_flux_state_dict(
     hidden: int = 64,
     depth: int = 1,
@@ -464,7 +490,7 @@ def bfl_flux_state_dict(
     given width and depth (MLP ratio 4, 16 latent channels in 2x2 patches; the release: 3072 wide,
     19 + 38 blocks, heads of 128). Small random values keep a random model's outputs finite."""
     g = torch.Generator().manual_seed(seed)
-    h, m = hidden, 4 * hidden
+    h = hidden
     sd: dict[str, torch.Tensor] = {}
 
     def lin(name, out, inp, bias=True):
@@ -480,23 +506,7 @@ def bfl_flux_state_dict(
     for emb, inp in (("time_in", 256), ("vector_in", pooled)) + ((("guidance_in", 256),) if guidance else ()):
         lin(f"{emb}.in_layer", h, inp)
         lin(f"{emb}.out_layer", h, h)
-    for i in range(depth):
-        for s in ("img", "txt"):
-            b = f"double_blocks.{i}.{s}"
-            lin(f"{b}_mod.lin", 6 * h, h)
-            lin(f"{b}_attn.qkv", 3 * h, h)
-            scale(f"{b}_attn.norm.query_norm.scale")
-            scale(f"{b}_attn.norm.key_norm.scale")
-            lin(f"{b}_attn.proj", h, h)
-            lin(f"{b}_mlp.0", m, h)
-            lin(f"{b}_mlp.2", h, m)
-    for i in range(depth_single):
-        b = f"single_blocks.{i}"
-        lin(f"{b}.linear1", 3 * h + m, h)
-        lin(f"{b}.linear2", h, h + m)
-        scale(f"{b}.norm.query_norm.scale")
-        scale(f"{b}.norm.key_norm.scale")
-        lin(f"{b}.modulation.lin", 3 * h, h)
+    _bfl_blocks(lin, scale, h, depth, depth_single, modulation=True)
     lin("final_layer.linear", 64, h)
     lin("final_layer.adaLN_modulation.1", 2 * h, h)
     return sd
@@ -517,7 +527,7 @@ def bfl_chroma_state_dict(
     input channels, width, layers; the release: 64, 5120, 5) that makes every block's modulations; random,
     with Chroma's shapes for a given width and depth (the release: 3072 wide, 19 + 38 blocks, heads of 128)."""
     g = torch.Generator().manual_seed(seed)
-    h, m = hidden, 4 * hidden
+    h = hidden
     a_in, a_hidden, a_layers = approximator
     sd: dict[str, torch.Tensor] = {}
 
@@ -533,21 +543,11 @@ def bfl_chroma_state_dict(
     lin("distilled_guidance_layer.out_proj", h, a_hidden)
     lin("img_in", h, 64)
     lin("txt_in", h, context)
-    for i in range(depth):
-        for st in ("img", "txt"):
-            b = f"double_blocks.{i}.{st}"
-            lin(f"{b}_attn.qkv", 3 * h, h)
-            sd[f"{b}_attn.norm.query_norm.scale"] = torch.ones(head_dim, dtype=dtype)
-            sd[f"{b}_attn.norm.key_norm.scale"] = torch.ones(head_dim, dtype=dtype)
-            lin(f"{b}_attn.proj", h, h)
-            lin(f"{b}_mlp.0", m, h)
-            lin(f"{b}_mlp.2", h, m)
-    for i in range(depth_single):
-        b = f"single_blocks.{i}"
-        lin(f"{b}.linear1", 3 * h + m, h)
-        lin(f"{b}.linear2", h, h + m)
-        sd[f"{b}.norm.query_norm.scale"] = torch.ones(head_dim, dtype=dtype)
-        sd[f"{b}.norm.key_norm.scale"] = torch.ones(head_dim, dtype=dtype)
+
+    def scale(name):
+        sd[name] = torch.ones(head_dim, dtype=dtype)
+
+    _bfl_blocks(lin, scale, h, depth, depth_single, modulation=False)
     lin("final_layer.linear", 64, h)
     return sd
 
