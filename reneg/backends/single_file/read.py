@@ -82,8 +82,7 @@ class Checkpoint:
             t = self.tensor(k)
             scale = k[: -len("weight")] + "scale_weight" if k.endswith("weight") else None
             if scale is not None and scale in self.shapes:
-                t = t.to(torch.float32) * self.tensor(scale).to(torch.float32)
-                t = t.to(dtype or torch.float32)
+                t = t.to(torch.float32) * self.tensor(scale).to(torch.float32)  # cast to dtype below
             out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 
