@@ -23,6 +23,7 @@ SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 COUNT_MAX = 2**31 - 1  # steps, batch sizes, image counts
 SAMPLING_STEPS_MAX = 1000  # a DDIM schedule can not have more steps than the model's 1000 timesteps
 RESOLUTION_MAX = 8192
+FRAMES_MAX = 1024  # frames per training clip (Wan's releases make 81)
 
 
 # prompt encodings a backend keeps cached (reneg/backends); --offload-text-encoder needs a run's prompts all in it
@@ -141,6 +142,12 @@ class ReNegOptions:
         "Wan 2.2 A14B: one negative for both experts (shared: family wan) or one per expert, stored together "
         "in one file (per-expert: family wan-experts)",
         choices=("shared", "per-expert"),
+    )
+    frames: int = _opt(
+        1,
+        "train and tune on a text-to-video model (Wan, ZeroScope): frames per sample (Wan: 4 k + 1). 1 (the "
+        "default): image mode, one frame; above 1: each sample is a clip, every frame scored by the image "
+        "reward and a clip's reward the mean over its frames (docs/wan.md)",
     )
     grad_range: tuple = _opt(
         (0, 10),

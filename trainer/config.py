@@ -48,6 +48,7 @@ class TrainConfig:
     nag_alpha: float | None = None
     guidance_2: float | None = PAPER.guidance_2  # Wan 2.2 A14B's low-noise expert
     wan_experts: str = PAPER.wan_experts
+    frames: int = PAPER.frames  # a text-to-video model's frames per sample (1: image mode)
     grad_range: tuple[int, int] = PAPER.grad_range
     resolution: int = PAPER.resolution
     init: str = "null"  # null | handcrafted | path to an embedding file (--tokens: a token file)
@@ -134,6 +135,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             "resolution",
             "guidance_2",
             "wan_experts",
+            "frames",
         ],
     )
     a("--init", default=d.init, help="null, handcrafted, or an embedding file to start from (--tokens: a token file)")
@@ -288,6 +290,7 @@ def check_common_numbers(cfg, table: dict | None = None) -> None:
     """The numeric flags shared by train and tune (sampling settings, --lr), then ``table``'s."""
     O.check_sampling(cfg)
     O.check_float("--lr", cfg.lr)
+    O.check_int("--frames", getattr(cfg, "frames", 1), hi=O.FRAMES_MAX)
     if table:
         O.check_number_table(cfg, table)
 

@@ -20,6 +20,7 @@ STOP_FILE = "STOP"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_TO = ("none", "tensorboard")
 SAMPLE_PROMPTS = 4  # fixed prompts (the first held-out ones) shown in the sample grids
+STRIP_FRAMES = 5  # --frames: a clip in the sample grids is a strip of this many of its frames
 SAMPLE_TILE = 128  # small models' images are enlarged to at least this many pixels
 
 
@@ -73,6 +74,17 @@ def to_pil(images: torch.Tensor):
             a = a.repeat(3, axis=2)
         out.append(Image.fromarray(a[:, :, :3], "RGB"))
     return out
+
+
+def filmstrips(images: torch.Tensor, frames: int, keep: int = STRIP_FRAMES) -> torch.Tensor:
+    """``[B*F, C, H, W]`` clips (F ``frames`` each) -> ``[B, C, H, k*W]``: each clip as one strip of ``k``
+    evenly spaced frames (at most ``keep``, the first and the last among them); images are left as they are."""
+    if frames <= 1:
+        return images
+    b = images.shape[0] // frames
+    idx = torch.linspace(0, frames - 1, min(frames, keep)).round().long().unique()
+    x = images.view(b, frames, *images.shape[1:])[:, idx]  # [B, k, C, H, W]
+    return x.permute(0, 2, 3, 1, 4).reshape(b, x.shape[2], x.shape[3], -1)
 
 
 def pair_grid(null_images, learned_images, step: int):
@@ -213,7 +225,7 @@ class TrainEvents:
             c.sampling_steps,
             c.guidance,
         )
-        return to_pil(imgs)
+        return to_pil(filmstrips(imgs, getattr(self.backend, "frames", 1)))
 
     def sample(self, step: int, neg: torch.Tensor) -> str | None:
         """Write ``samples/step_NNNNNN.png`` for ``neg`` at ``step`` (main process only): one row per

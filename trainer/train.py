@@ -529,11 +529,15 @@ def token_start(cfg: TrainConfig, backend) -> tuple:
 
 def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
     """The model, the training reward and (main process) the monitor rewards, set up as the flags say."""
-    from reneg.backends.loading import apply_model_options, load_diffusers, model_files
+    from reneg.backends.loading import apply_model_options, check_clip_frames, clip_frames, load_diffusers, model_files
+    from reneg.frame_reward import per_frame
     from reneg.rewards import load_rewards
 
     dtype = weights_dtype(cfg.mixed_precision, device)
-    backend = load_diffusers(cfg.model, device=device, dtype=dtype, **model_files(cfg))
+    backend = load_diffusers(
+        cfg.model, device=device, dtype=dtype, frames=clip_frames(cfg.model, cfg.frames), **model_files(cfg)
+    )
+    check_clip_frames(backend, cfg.frames)
     apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
     if main:
         print(f"reneg train: model {backend.describe()}", flush=True)
@@ -547,7 +551,9 @@ def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
         enable_checkpointing(backend, reward)
     if cfg.channels_last or cfg.compile:
         backend.set_performance(channels_last=cfg.channels_last or None, compile=cfg.compile)
-    return backend, reward, judges
+    # --frames: a sample is a clip, each frame scored by the image reward, a clip's reward the mean
+    judges = {name: per_frame(j, cfg.frames) for name, j in judges.items()}
+    return backend, per_frame(reward, cfg.frames), judges
 
 
 def split_prompts(cfg: TrainConfig, backend, main: bool) -> tuple[list[str], list[str]]:
@@ -640,6 +646,7 @@ def embedding_metadata(cfg: TrainConfig) -> dict:
         resolution=cfg.resolution,
         init=os.path.basename(cfg.init),
         tokens=cfg.tokens or None,  # --tokens: the output rows of N learned input-token vectors
+        frames=cfg.frames if cfg.frames > 1 else None,  # --frames: trained on clips of this many frames
     )
 
 
@@ -907,15 +914,16 @@ def heldout_scores(run: TrainRun, t, pooled=None, features: bool = False) -> tup
     out = {"heldout": scores}
     feats = None
     if images is not None:
+        f, b = cfg.frames, cfg.eval_batch  # images: f frames a prompt (a clip), one image in image mode
         with torch.no_grad():
             for name, judge in run.judges.items():
                 parts = []
-                for i in range(0, len(texts), cfg.eval_batch):
-                    img = images[i : i + cfg.eval_batch].to(backend.device)
-                    parts.append(judge(img, texts[i : i + cfg.eval_batch]).float().cpu())
+                for i in range(0, len(texts), b):
+                    img = images[i * f : (i + b) * f].to(backend.device)
+                    parts.append(judge(img, texts[i : i + b]).float().cpu())
                 out[name] = torch.cat(parts)
-        if features:
-            feats = image_features(run.reward, images.to(backend.device), batch=cfg.eval_batch)
+        if features:  # a clip's features: the mean of its frames' (reneg.frame_reward.FrameReward)
+            feats = image_features(run.reward, images.to(backend.device), batch=b * f)
     return out, feats
 
 

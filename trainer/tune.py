@@ -47,7 +47,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         ["max_steps", "patience", "lr", "sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha"]
         + ["grad_range", "resolution"],
     )
-    O.add_options(p, ["guidance_2", "wan_experts"])
+    O.add_options(p, ["guidance_2", "wan_experts", "frames"])
     a(
         "--out",
         help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
@@ -149,7 +149,15 @@ def check_tune_out(out: str, overwrite: bool) -> None:
 
 def run_tune(ns) -> dict:
     validate_tune(ns)
-    from reneg.backends.loading import apply_model_options, load_diffusers, model_files, weights_dtype
+    from reneg.backends.loading import (
+        apply_model_options,
+        check_clip_frames,
+        clip_frames,
+        load_diffusers,
+        model_files,
+        weights_dtype,
+    )
+    from reneg.frame_reward import per_frame
     from reneg.rewards import load_rewards, reward_files
 
     from .train import enable_checkpointing
@@ -157,7 +165,11 @@ def run_tune(ns) -> dict:
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mixed = getattr(ns, "mixed_precision", "no")
     dtype = weights_dtype(mixed, device)
-    backend = load_diffusers(ns.model, device=device, dtype=dtype, **model_files(ns))
+    frames = getattr(ns, "frames", 1)
+    backend = load_diffusers(
+        ns.model, device=device, dtype=dtype, frames=clip_frames(ns.model, frames), **model_files(ns)
+    )
+    check_clip_frames(backend, frames)
     apply_model_options(backend, getattr(ns, "wan_experts", "shared"), getattr(ns, "guidance_2", None))
     print(f"reneg tune: model {backend.describe()}", flush=True)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)
@@ -166,6 +178,7 @@ def run_tune(ns) -> dict:
             print(f"reneg tune: {note}", flush=True)
     if getattr(ns, "gradient_checkpointing", False):
         enable_checkpointing(backend, reward)
+    reward = per_frame(reward, frames)  # --frames: a clip's reward, the mean over its frames
     if getattr(ns, "offload_text_encoder", False):
         # the one prompt and E("") (the start, and the pooled vector an SDXL/Flux file carries) first
         backend.encode_prompts([ns.prompt])
@@ -235,6 +248,7 @@ def run_tune(ns) -> dict:
         start_kind="predictor" if ns.embedding and is_predictor_file(ns.embedding) else None,
         start_reward=res.start_reward,
         best_reward=res.best_reward,
+        frames=frames if frames > 1 else None,
     )
     report = {
         "prompt": ns.prompt,

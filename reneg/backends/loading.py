@@ -286,6 +286,35 @@ def apply_model_options(backend, wan_experts: str = "shared", guidance_2: float 
     return backend
 
 
+def clip_frames(path: str, frames: int | None, flag: str = "--frames") -> int | None:
+    """What :func:`load_diffusers` is given for ``--frames`` in train and tune: None for image mode (1), so
+    that only a text-to-video model is asked for clips. A model that makes clips only (ZeroScope's
+    ``TextToVideoSDPipeline``; Wan also makes single frames) asks for ``flag`` by name."""
+    if frames and int(frames) > 1:
+        return int(frames)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        index = _model_index(path)
+        for kind in FOLDER_KINDS:
+            if kind.video and not kind.single_frame and kind.matches(path, index):
+                raise ModelLoadError(
+                    f"{path}: a text-to-video model ({index.get('_class_name') or kind.name}) makes clips, not "
+                    f"single images: give {flag} N (its frames per clip, e.g. 16) to train or tune on its clips"
+                )
+    return None
+
+
+def check_clip_frames(backend, frames: int | None, flag: str = "--frames"):
+    """A run asked for clips (``frames`` above 1) needs a model that makes them: anything else is refused
+    with a reason naming the model. Returns the backend."""
+    if frames and int(frames) > 1 and getattr(backend, "frames", 1) != int(frames):
+        raise ModelLoadError(
+            f"{flag} {frames}: {backend.source} is a {backend.family} model, which makes images; clips are for "
+            f"a text-to-video model (Wan, ZeroScope). Leave {flag} at 1"
+        )
+    return backend
+
+
 def _model_index(path: str) -> dict:
     p = os.path.join(path, "model_index.json")
     return read_json(p) if os.path.isfile(p) else {}
