@@ -111,6 +111,12 @@ def test_train_on_clips_scores_every_clip_as_its_frames(tmp_path, wan21, tiny_hp
     one = Image.open(run / "samples" / "step_000000.png")
     assert grid.size == one.size and grid.size[0] > 4 * grid.size[1] / 2  # two strips of 5 frames a row
 
+    # a resume is the same run: clips of another length are refused by name
+    more = [a if a != "2" or i != args.index("--steps") + 1 else "3" for i, a in enumerate(args)]
+    more[more.index("--frames") + 1] = "9"
+    assert main([*more, "--resume"]) != 0
+    assert "--frames 5" in capsys.readouterr().err
+
 
 def test_tune_on_a_clip_starts_from_the_clips_reward(tmp_path, wan21, tiny_hps_ckpt, capsys):
     from reneg.cli import main

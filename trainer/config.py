@@ -521,6 +521,8 @@ RESUME_MUST_MATCH = (
     "nag_tau",
     "nag_alpha",
     "resolution",
+    "frames",
+    "guidance_2",
     "lr",
     "lr_schedule",
     "warmup",
