@@ -137,6 +137,13 @@ class ReNegOptions:
         "Wan 2.2 A14B: the low-noise expert's own CFG scale, as WanPipeline's guidance_scale_2 (default: --guidance)",
         type=float,
     )
+    shift: float | None = _opt(
+        None,
+        "Wan: the flow shift to sample with, as ComfyUI's ModelSamplingSD3 shift (default: the model's own: "
+        "3 for Wan 2.1, 12 for 2.2 A14B, as their releases ship); give the shift your ComfyUI workflow samples "
+        "with (its Wan 2.2 templates use 8)",
+        type=float,
+    )
     wan_experts: str = _opt(
         "shared",
         "Wan 2.2 A14B: one negative for both experts (shared: family wan) or one per expert, stored together "
@@ -376,6 +383,9 @@ def check_sampling(
     n.update(names or {})
     steps = check_int(n["sampling_steps"], opts.sampling_steps, 1, SAMPLING_STEPS_MAX)
     check_float(n["guidance"], opts.guidance)
+    for name in ("guidance_2", "shift"):  # Wan's, where a front-end has them
+        if getattr(opts, name, None) is not None:
+            check_float(n.get(name, flag_of(name)), getattr(opts, name))
     check_nag(opts)
     for side in sides:
         check_resolution(n[side], getattr(opts, side))

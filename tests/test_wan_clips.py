@@ -203,3 +203,60 @@ def test_zeroscope_trains_on_its_clips_and_asks_for_frames_without_them(tmp_path
     assert load_embedding(tmp_path / "b" / "embedding.safetensors").metadata["frames"] == "4"
     with open(tmp_path / "b" / "log.csv", newline="") as f:
         assert [int(r["compute_R"]) for r in csv.DictReader(f)] == [16]
+
+
+def test_shift_samples_as_the_pipeline_with_that_shift_and_is_refused_elsewhere(
+    tmp_path, wan21, tiny_backend, tiny_hps_ckpt, capsys
+):
+    """--shift 8 (ComfyUI's ModelSamplingSD3 shift in its Wan 2.2 templates): the same latents as
+    WanPipeline with a FlowMatchEuler scheduler of shift 8; other than the model's own 3; on an image model
+    it is refused; reneg train records it and a resume with another shift is refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from reneg.backends.diffusers_backend import ModelLoadError
+    from reneg.backends.loading import apply_model_options
+    from reneg.cli import main
+    from reneg.embedding import load_embedding
+    from reneg.sampling import initial_latent, sample
+
+    b = load_diffusers(wan21, frames=5)
+    assert b.shift == 3.0
+    own = b.schedule(6)
+    assert apply_model_options(b, shift=8.0) is b and b.shift == 8.0
+    pipe = WanPipeline.from_pretrained(
+        wan21, scheduler=FlowMatchEulerDiscreteScheduler(shift=8.0), local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    cond = b.encode_prompts(["a red circle"])
+    null, _ = b.null_embedding()
+    noise = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    ref = pipe(
+        prompt_embeds=cond.crossattn,
+        negative_prompt_embeds=null,
+        latents=noise.clone(),
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        height=16,
+        width=16,
+        num_frames=5,
+        output_type="latent",
+    ).frames
+    sig = b.schedule(6)
+    got, _ = sample(b.denoiser, initial_latent(noise, sig[0], True), sig, cond, b.negative_cond(null), 5.0)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    assert (sig - own).abs().max() > 0.05  # shift 8 is another schedule than the model's 3
+    with pytest.raises(ModelLoadError, match="--shift: for Wan's fixed flow shift; .* is a tiny model"):
+        apply_model_options(tiny_backend, shift=8.0)
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green house\n")
+    run = tmp_path / "run"
+    args = ["train", "--model", wan21, "--reward", f"hpsv2={tiny_hps_ckpt}", "--sampling-steps", "3"]
+    args += ["--grad-range", "0", "1", "--resolution", "16", "--prompts", str(prompts), "--heldout-count", "1"]
+    args += ["--steps", "1", "--batch-size", "1", "--no-progress", "--out", str(run)]
+    assert main([*args, "--shift", "8"]) == 0, capsys.readouterr().err
+    assert load_embedding(run / "embedding.safetensors").metadata["flow_shift"] == "8.0"
+    assert main([*args, "--shift", "5", "--resume", "--steps", "2"]) != 0
+    assert "--shift 8.0" in capsys.readouterr().err
+    assert main([*args, "--shift", "-1", "--out", str(tmp_path / "x")]) != 0
+    assert "--shift must be a finite number > 0" in capsys.readouterr().err

@@ -47,6 +47,7 @@ class TrainConfig:
     nag_tau: float | None = None
     nag_alpha: float | None = None
     guidance_2: float | None = PAPER.guidance_2  # Wan 2.2 A14B's low-noise expert
+    shift: float | None = PAPER.shift  # Wan's flow shift (None: the model's own)
     wan_experts: str = PAPER.wan_experts
     frames: int = PAPER.frames  # a text-to-video model's frames per sample (1: image mode)
     grad_range: tuple[int, int] = PAPER.grad_range
@@ -134,6 +135,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
             "grad_range",
             "resolution",
             "guidance_2",
+            "shift",
             "wan_experts",
             "frames",
         ],
@@ -523,6 +525,7 @@ RESUME_MUST_MATCH = (
     "resolution",
     "frames",
     "guidance_2",
+    "shift",
     "lr",
     "lr_schedule",
     "warmup",

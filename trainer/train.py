@@ -538,7 +538,7 @@ def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
         cfg.model, device=device, dtype=dtype, frames=clip_frames(cfg.model, cfg.frames), **model_files(cfg)
     )
     check_clip_frames(backend, cfg.frames)
-    apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
+    apply_model_options(backend, cfg.wan_experts, cfg.guidance_2, cfg.shift)
     if main:
         print(f"reneg train: model {backend.describe()}", flush=True)
     reward = load_rewards(cfg.rewards, device=device, dtype=dtype)
@@ -647,6 +647,7 @@ def embedding_metadata(cfg: TrainConfig) -> dict:
         init=os.path.basename(cfg.init),
         tokens=cfg.tokens or None,  # --tokens: the output rows of N learned input-token vectors
         frames=cfg.frames if cfg.frames > 1 else None,  # --frames: trained on clips of this many frames
+        flow_shift=cfg.shift,  # --shift: the flow shift it was trained at (None: the model's own)
     )
 
 

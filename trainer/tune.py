@@ -47,7 +47,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
         ["max_steps", "patience", "lr", "sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha"]
         + ["grad_range", "resolution"],
     )
-    O.add_options(p, ["guidance_2", "wan_experts", "frames"])
+    O.add_options(p, ["guidance_2", "shift", "wan_experts", "frames"])
     a(
         "--out",
         help="output .safetensors (default: tuned.safetensors); a .json with the reward at "
@@ -170,7 +170,8 @@ def run_tune(ns) -> dict:
         ns.model, device=device, dtype=dtype, frames=clip_frames(ns.model, frames), **model_files(ns)
     )
     check_clip_frames(backend, frames)
-    apply_model_options(backend, getattr(ns, "wan_experts", "shared"), getattr(ns, "guidance_2", None))
+    shift = getattr(ns, "shift", None)
+    apply_model_options(backend, getattr(ns, "wan_experts", "shared"), getattr(ns, "guidance_2", None), shift)
     print(f"reneg tune: model {backend.describe()}", flush=True)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)
     for note in (backend.resolution_note(ns.resolution), backend.truncation_note([ns.prompt])):
@@ -249,6 +250,7 @@ def run_tune(ns) -> dict:
         start_reward=res.start_reward,
         best_reward=res.best_reward,
         frames=frames if frames > 1 else None,
+        flow_shift=shift,
     )
     report = {
         "prompt": ns.prompt,

@@ -266,17 +266,26 @@ FOLDER_KINDS: list[FolderKind] = [
 ]
 
 
-def apply_model_options(backend, wan_experts: str = "shared", guidance_2: float | None = None):
-    """``--wan-experts`` and ``--guidance-2`` on a loaded model: Wan 2.2 A14B's settings, refused with a
-    reason on any other model. Returns the backend."""
+def apply_model_options(
+    backend, wan_experts: str = "shared", guidance_2: float | None = None, shift: float | None = None
+):
+    """``--wan-experts`` and ``--guidance-2`` (Wan 2.2 A14B's settings) and ``--shift`` (Wan's flow shift) on a
+    loaded model, refused with a reason on any other model. Returns the backend."""
     set_experts = getattr(backend, "set_experts", None)
     if set_experts is None:
+        if shift is not None:
+            raise ModelLoadError(
+                f"--shift: for Wan's fixed flow shift; {backend.source} is a {backend.family} model, which keeps "
+                "its own schedule"
+            )
         given = [f for f, v in (("--wan-experts", wan_experts != "shared"), ("--guidance-2", guidance_2)) if v]
         if given:
             raise ModelLoadError(
                 f"{' and '.join(given)}: for Wan 2.2 A14B's two experts; {backend.source} is a {backend.family} model"
             )
         return backend
+    if shift is not None:  # the shift ComfyUI's ModelSamplingSD3 sets: sigma = s t / (1 + (s - 1) t)
+        backend.scheduler_config = dict(backend.scheduler_config, flow_shift=float(shift))
     if guidance_2 is not None and backend.experts != 2:
         raise ModelLoadError(
             f"--guidance-2: {backend.source} has one transformer; the low-noise expert's own guidance is Wan 2.2 A14B's"

@@ -80,7 +80,17 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     )
     O.add_options(
         s,
-        ["sampling_steps", "guidance", "nag_scale", "nag_tau", "nag_alpha", "resolution", "guidance_2", "wan_experts"],
+        [
+            "sampling_steps",
+            "guidance",
+            "nag_scale",
+            "nag_tau",
+            "nag_alpha",
+            "resolution",
+            "guidance_2",
+            "shift",
+            "wan_experts",
+        ],
     )
     a("--batch", type=int, default=d.batch, help="images per generation / scoring batch")
     O.add_options(

@@ -76,6 +76,7 @@ class EvalConfig:
     nag_tau: float | None = None
     nag_alpha: float | None = None
     guidance_2: float | None = PAPER.guidance_2  # Wan 2.2 A14B's low-noise expert
+    shift: float | None = PAPER.shift  # Wan's flow shift (None: the model's own)
     wan_experts: str = PAPER.wan_experts
     resolution: int = PAPER.resolution
     batch: int = 4

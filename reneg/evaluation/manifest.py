@@ -47,6 +47,7 @@ def _generation_key(cfg: EvalConfig) -> dict:
                 ("nag_tau", cfg.nag_tau),
                 ("nag_alpha", cfg.nag_alpha),
                 ("guidance_2", cfg.guidance_2),
+                ("shift", cfg.shift),
                 ("wan_experts", cfg.wan_experts if cfg.wan_experts != "shared" else None),
             )
             if v

@@ -140,13 +140,13 @@ def load_backend(cfg: EvalConfig, device: torch.device):
     dtype = weights_dtype(cfg.mixed_precision, device)
     if cfg.video and makes_videos(cfg.video):  # a video model's folder: the loader's video kind
         backend = load_diffusers(cfg.video, device, dtype, frames=cfg.frames, **model_files(cfg))
-        return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
+        return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2, cfg.shift)
     backend = load_diffusers(cfg.model, device=device, dtype=dtype, **model_files(cfg))
     if cfg.video:
         from .video import load_animatediff
 
         backend = load_animatediff(backend, cfg.video, cfg.frames)
-    return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2)
+    return apply_model_options(backend, cfg.wan_experts, cfg.guidance_2, cfg.shift)
 
 
 def run_eval(cfg: EvalConfig, log=None) -> dict:
