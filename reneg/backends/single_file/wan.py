@@ -293,8 +293,8 @@ def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenize
     the VAE (``vae``: Wan 2.1's for 16 latent channels, Wan 2.2's for TI2V 5B's 48; a diffusers VAE folder also
     does) and the tokenizer (inside the UMT5 file, or ``tokenizer``). The scheduler is the release's: shift 3 for
     Wan 2.1, 12 for A14B, 5 for TI2V 5B, which also gets one timestep per latent token (``expand_timesteps``), as
-    Wan-AI's ``Wan2.2-TI2V-5B-Diffusers`` folder has it. The parts are checked against each other as a folder's
-    are (:func:`reneg.backends.wan.build_backend`)."""
+    diffusers' converter writes Wan-AI's ``Wan2.2-TI2V-5B-Diffusers``. The parts are checked against each other
+    as a folder's are (:func:`reneg.backends.wan.build_backend`)."""
     import torch
 
     from ..diffusers_backend import ModelLoadError
