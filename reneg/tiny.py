@@ -22,7 +22,9 @@ from .backends.clip_tokenizer import write_clip_tokenizer
 from .backends.chroma import SCHEDULER as CHROMA_RELEASE_SCHEDULER
 from .backends.flux import SCHEDULERS as FLUX_RELEASE_SCHEDULERS
 from .backends.qwen_image import SCHEDULER as QWEN_SCHEDULER
+from .backends.single_file.wan_vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 from .backends.wan import SCHEDULER as WAN_RELEASE_SCHEDULER
+from .backends.wan import TI2V_FLOW_SHIFT as WAN_TI2V_FLOW_SHIFT
 from .demo_fallback import (
     SD_MODEL_INDEX,
     SD_SCHEDULER,
@@ -319,6 +321,7 @@ def build_tiny_wan(
     layers: int = 1,
     real_widths: bool = False,
     head_dim: int | None = None,
+    ti2v: bool = False,
 ) -> str:
     """A small ``WanPipeline`` folder with Wan's real conditioning sizes.
 
@@ -335,7 +338,12 @@ def build_tiny_wan(
     released VAE's sizes), with ``layers`` transformer blocks and ``layers`` UMT5 layers and the small
     vocabulary: a random Wan of the real widths at reduced depth (about 1.4 GB at 2 layers). ``head_dim`` 128
     (small folders): one transformer head of the releases' size, which the single files' loader assumes, and two
-    UMT5 layers, so a UMT5 file is told from a T5 one by the second layer's own relative attention bias."""
+    UMT5 layers, so a UMT5 file is told from a T5 one by the second layer's own relative attention bias.
+
+    ``ti2v=True``: Wan 2.2 TI2V 5B's shape, as diffusers' converter writes its folder: a transformer of 48 latent
+    channels, Wan 2.2's residual VAE (``is_residual``, 12 input channels: 2 x 2 patches; encoder 8 and decoder 12
+    wide, three levels, one halving time: 8x spatial, 2x temporal here; the release's 48 ``latents_mean`` /
+    ``latents_std``), ``expand_timesteps`` in ``model_index.json`` and the scheduler at the release's shift 5."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -357,8 +365,8 @@ def build_tiny_wan(
             patch_size=(1, 2, 2),
             num_attention_heads=12 if real_widths else (1 if head_dim else 2),
             attention_head_dim=128 if real_widths else (head_dim or 12),
-            in_channels=16,
-            out_channels=16,
+            in_channels=48 if ti2v else 16,
+            out_channels=48 if ti2v else 16,
             text_dim=4096,
             freq_dim=256,
             ffn_dim=8960 if real_widths else 32,
@@ -374,7 +382,24 @@ def build_tiny_wan(
         transformer().save_pretrained(os.path.join(folder, "transformer_2"))
     vae = (
         AutoencoderKLWan()  # its defaults are the released Wan 2.1 VAE's sizes
-        if real_widths
+        if real_widths and not ti2v
+        else AutoencoderKLWan(
+            base_dim=8,
+            decoder_base_dim=12,
+            z_dim=48,
+            dim_mult=[1, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_temporal=2,
+            scale_factor_spatial=8,
+            latents_mean=list(WAN22_LATENTS_MEAN),
+            latents_std=list(WAN22_LATENTS_STD),
+        )
+        if ti2v
         else AutoencoderKLWan(
             base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         )
@@ -389,9 +414,10 @@ def build_tiny_wan(
         "tokenizer": ["transformers", "T5TokenizerFast"],
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "boundary_ratio": boundary_ratio if experts == 2 else None,
-        "expand_timesteps": False,
+        "expand_timesteps": ti2v,
     }
-    write_pipeline_files(folder, dict(WAN_SCHEDULER), index)
+    sched = dict(WAN_SCHEDULER, flow_shift=WAN_TI2V_FLOW_SHIFT) if ti2v else dict(WAN_SCHEDULER)
+    write_pipeline_files(folder, sched, index)
     return folder
 
 

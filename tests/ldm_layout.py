@@ -318,6 +318,47 @@ def vae_to_wan21(sd: dict, config: dict) -> dict:
     return out
 
 
+def vae_to_wan22(sd: dict) -> dict:
+    """A diffusers ``AutoencoderKLWan(is_residual=True)`` state dict in Wan 2.2's own VAE layout
+    (``wan2.2_vae.safetensors``): each level a block of its own, ``encoder.downsamples.I.downsamples.J`` (its residual
+    blocks ``J = 0..``, then its resampling block), ``decoder.upsamples.I.upsamples.J`` likewise; the middle blocks,
+    the heads and the quantisation convolutions as in Wan 2.1's layout. The inverse of the loader's
+    ``wan22_vae_to_diffusers``; the names are checked against ComfyUI's own ``WanVAE`` (``comfy/ldm/wan/vae2_2.py``)
+    in ``tests/test_wan_ti2v_files.py``."""
+    from reneg.backends.single_file.wan_vae import FIXED, RESIDUAL
+
+    res = {v: k for k, v in RESIDUAL.items()}
+    fixed = {v: k for k, v in FIXED.items()}
+    mid = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}
+    per: dict[tuple[str, int], int] = {}  # residual blocks per level: the resampling block comes after them
+    for k in sd:
+        p = k.split(".")
+        if p[1] in ("down_blocks", "up_blocks") and p[3] == "resnets":
+            per[p[0], int(p[2])] = max(per.get((p[0], int(p[2])), 0), int(p[4]) + 1)
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        if k in fixed:
+            name = fixed[k]
+        elif p[1] == "mid_block":
+            rest = ".".join(p[4:])
+            name = f"{p[0]}.middle.{mid[p[2] + '.' + p[3]]}.{res.get(rest, rest)}"
+        elif p[1] in ("down_blocks", "up_blocks"):
+            seq = "downsamples" if p[0] == "encoder" else "upsamples"
+            if p[3] == "resnets":
+                j, rest = p[4], ".".join(p[5:])
+                rest = res.get(rest, rest)
+            elif p[3] in ("downsampler", "upsampler"):
+                j, rest = per[p[0], int(p[2])], ".".join(p[4:])
+            else:
+                raise KeyError(f"not a Wan 2.2 VAE tensor: {k}")
+            name = f"{p[0]}.{seq}.{p[2]}.{seq}.{j}.{rest}"
+        else:
+            raise KeyError(f"not a Wan 2.2 VAE tensor: {k}")
+        out[name] = v
+    return out
+
+
 # diffusers' WanTransformer3DModel names and Wan's own, in the order they are put back
 _WAN_TRANSFORMER = (
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),

@@ -48,6 +48,10 @@ SCHEDULER = {
 # boundary 0.875 and it samples with shift 12
 A14B_BOUNDARY = 0.875
 A14B_FLOW_SHIFT = 12.0
+# Wan 2.2 TI2V 5B's: shift 5 (its own config, wan/configs/wan_ti2v_5B.py, sample_shift 5.0; diffusers'
+# scripts/convert_wan_to_diffusers.py writes UniPC with flow_shift 5.0, the rest UniPC's defaults, and
+# WanPipeline(expand_timesteps=True) for it: the converter of Wan-AI's Wan2.2-TI2V-5B-Diffusers folder)
+TI2V_FLOW_SHIFT = 5.0
 EXPERT_MODES = ("shared", "per-expert")
 TEXT_TO_VIDEO = ("WanPipeline",)
 # Wan pipelines that read an image or a video besides the text: not text-to-video models

@@ -5,16 +5,18 @@ A ComfyUI Wan user holds a transformer in ``models/diffusion_models/`` (``wan2.1
 Wan's own layout, ``patch_embedding``, ``text_embedding``, ``blocks.N.self_attn`` / ``cross_attn``,
 ``head.modulation``), the UMT5-XXL text encoder in ``models/text_encoders/`` (``umt5_xxl_fp16.safetensors``,
 ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``: transformers' ``UMT5EncoderModel`` names, a relative attention
-bias in every layer) and the VAE in ``models/vae/`` (named by :mod:`.qwen_image`, whose VAE has Wan 2.1's
-layout). :func:`wan_part` tells them apart as ComfyUI's ``model_detection.py`` does (``head.modulation``
-makes a Wan transformer; ``img_emb`` or 36 input channels an image-to-video one, ``vace_blocks`` VACE).
+bias in every layer) and the VAE in ``models/vae/`` (``wan_2.1_vae.safetensors``, named by :mod:`.qwen_image`,
+whose VAE has Wan 2.1's layout; ``wan2.2_vae.safetensors``, Wan 2.2 TI2V 5B's own, named here).
+:func:`wan_part` tells them apart as ComfyUI's ``model_detection.py`` and ``sd.py`` do (``head.modulation``
+makes a Wan transformer; ``img_emb`` or 36 input channels an image-to-video one, ``vace_blocks`` VACE, 48 output
+channels Wan 2.2 TI2V 5B; ``decoder.upsamples.0.upsamples.0.residual.2.weight`` the Wan 2.2 VAE).
 
 ReNeg trains, tunes and evaluates Wan from a diffusers ``WanPipeline`` folder (:mod:`reneg.backends.wan`) or
 from these files together (:func:`load_wan_files`: a Wan 2.1 T2V transformer, or Wan 2.2 A14B's high-noise
-expert with ``--low-noise-model``, as ``--model``, ``--text-encoder`` umt5_xxl and ``--vae`` wan_2.1_vae; the
-tokenizer the one ComfyUI reads from the UMT5 file's ``spiece_model``, or ``--tokenizer``). ``reneg inspect``
-describes each file; the text encoder given alone as ``--model`` is refused with a message that says what to
-pass.
+expert with ``--low-noise-model``, as ``--model``, ``--text-encoder`` umt5_xxl and ``--vae`` wan_2.1_vae; or
+Wan 2.2 TI2V 5B's transformer with ``--vae`` wan2.2_vae; the tokenizer the one ComfyUI reads from the UMT5
+file's ``spiece_model``, or ``--tokenizer``). ``reneg inspect`` describes each file; the text encoder or the
+Wan 2.2 VAE given alone as ``--model`` is refused with a message that says what to pass.
 """
 
 from __future__ import annotations
@@ -25,30 +27,33 @@ from dataclasses import asdict, dataclass, field
 from .qwen_image import _layers as _count
 from .qwen_image import _weights
 from .read import Checkpoint
+from .wan_vae import wan_vae_layout
 
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 UMT5_KEY = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"  # in every UMT5 layer
 FOLDERS = {  # where ComfyUI keeps each part, and the node that loads it
     "transformer": ("models/diffusion_models", "Load Diffusion Model (UNETLoader)"),
     "text_encoder": ("models/text_encoders", "Load CLIP (CLIPLoader), type wan"),
+    "vae": ("models/vae", "Load VAE (VAELoader)"),
 }
 REFUSAL = (
     "trains, tunes and evaluates Wan from a diffusers WanPipeline folder (transformer/ and, for Wan 2.2 "
     "A14B, transformer_2/, text_encoder/, tokenizer/, vae/, scheduler/), or from these files together: a "
     "text-to-video transformer as --model (Wan 2.2 A14B: the high-noise expert, with --low-noise-model), "
-    "--text-encoder umt5_xxl, --vae wan_2.1_vae; in ComfyUI the ReNeg nodes work with the model ComfyUI "
-    "loads from these files"
+    "--text-encoder umt5_xxl, --vae wan_2.1_vae (Wan 2.2 TI2V 5B: --vae wan2.2_vae); in ComfyUI the ReNeg "
+    "nodes work with the model ComfyUI loads from these files"
 )
 HEAD = 128  # Wan's attention heads, in every release
+TI2V_CHANNELS = 48  # Wan 2.2 TI2V 5B's latent channels (its VAE's); ComfyUI picks WAN22_T2V by 48 output channels
 
 
 @dataclass
 class WanPart:
     path: str
-    part: str  # transformer | text_encoder
+    part: str  # transformer | text_encoder | vae
     description: str
     details: dict = field(default_factory=dict)
-    supported: bool = True  # a text-to-video model (or its text encoder): what ReNeg learns negatives for
+    supported: bool = True  # a text-to-video model (or its text encoder, its VAE): what ReNeg learns negatives for
     size: int = 0
 
     def to_json(self) -> dict:
@@ -93,16 +98,47 @@ def _transformer(ck: Checkpoint) -> WanPart | None:
                        details, False)  # fmt: skip
     known = {(1536, 16): "Wan 2.1 T2V 1.3B", (5120, 16): "Wan 2.1 T2V 14B or one expert of Wan 2.2 T2V A14B",
              (3072, 48): "Wan 2.2 TI2V 5B (used for text to video)"}  # fmt: skip
-    name = known.get((dim, in_ch), "a Wan text-to-video transformer")
+    other = "Wan 2.2 TI2V-shaped (48 latent channels)" if in_ch == TI2V_CHANNELS else "Wan text-to-video"
+    name = known.get((dim, in_ch), other)
     if (dim, in_ch) == (5120, 16):
         details["note"] = "Wan 2.2 A14B keeps two such files (high_noise and low_noise experts)"
+    if in_ch == TI2V_CHANNELS:
+        details["note"] = (
+            "reads Wan 2.2's own VAE (wan2.2_vae.safetensors, 48 channels), one timestep per latent token "
+            "(expand_timesteps), sampled at shift 5"
+        )
     return WanPart(ck.path, "transformer", f"the {name} transformer (Wan's own layout)", details)
 
 
+def _vae(ck: Checkpoint) -> WanPart | None:
+    """Wan 2.2's own VAE (the Wan 2.1 layout is named by :mod:`.qwen_image`, whose VAE file it shares)."""
+    if wan_vae_layout(ck) != "2.2":
+        return None
+    from ..diffusers_backend import ModelLoadError
+    from .wan_vae import wan22_vae_config
+
+    try:
+        c = wan22_vae_config(ck, ck.path)
+        latent = (
+            f"{c['z_dim']} channels, {c['scale_factor_spatial']}x spatial and {c['scale_factor_temporal']}x temporal "
+            f"({len(c['dim_mult'])} levels {c['base_dim']} / {c['decoder_base_dim']} wide over {c['in_channels']} "
+            f"input channels: 3 colours in {c['patch_size']} x {c['patch_size']} patches)"
+        )
+    except ModelLoadError as e:
+        latent = f"not read: {str(e).removeprefix(ck.path + ': ')}"
+    details = {
+        "latent": latent,
+        "weights": _weights(ck),
+        "note": "Wan 2.2 TI2V 5B's VAE: pass it as --vae beside its transformer (wan2.2_ti2v_5B, --model) and "
+        "umt5_xxl (--text-encoder)",
+    }
+    return WanPart(ck.path, "vae", "the Wan 2.2 VAE (Wan 2.2 TI2V 5B's, residual, 48 latent channels)", details)
+
+
 def wan_part(ck: Checkpoint) -> WanPart | None:
-    """What Wan part ``ck`` is (a transformer or the UMT5-XXL encoder), or None when it is neither."""
+    """What Wan part ``ck`` is (a transformer, the UMT5-XXL encoder or Wan 2.2's VAE), or None when it is none."""
     size = os.path.getsize(ck.path) if os.path.isfile(ck.path) else 0
-    found = _transformer(ck)
+    found = _transformer(ck) or _vae(ck)
     if found is None and UMT5_KEY in ck and "shared.weight" in ck:
         vocab, width = (int(x) for x in ck.shapes["shared.weight"])
         details = {
@@ -171,18 +207,6 @@ def _transformer_file(path: str, dtype, flag: str):
         raise ModelLoadError(f"{flag} {path}: {what}; give a Wan text-to-video transformer file")
     if not part.supported:
         raise ModelLoadError(f"{flag} {path}: {part.description}")
-    if (
-        int(
-            ck.shapes[next(p for p in TRANSFORMER_PREFIXES if p + "head.modulation" in ck) + "patch_embedding.weight"][
-                1
-            ]
-        )
-        == 48
-    ):
-        raise ModelLoadError(
-            f"{flag} {path}: Wan 2.2 TI2V 5B (48 latent channels, Wan 2.2's own VAE, one timestep per latent "
-            "token): ReNeg reads it from a WanPipeline folder, not from ComfyUI's files"
-        )
     pre = next(p for p in TRANSFORMER_PREFIXES if p + "head.modulation" in ck)
     cfg = transformer_config(ck, pre)
     sd = convert_wan_transformer_to_diffusers({k[len(pre) :]: v for k, v in ck.subset(pre, dtype).items()})
@@ -222,24 +246,62 @@ def _tokenizer(ck: Checkpoint, tokenizer: str | None):
     return tok, f"{ck.path} (spiece_model)"
 
 
+def _vae_file(vae: str, in_ch: int, what: str, dtype):
+    """The ``--vae`` file (or diffusers VAE folder) for a transformer reading ``in_ch`` latent channels (``what``
+    names it): Wan 2.1's layout for 16, Wan 2.2's for 48 (:mod:`.wan_vae`); the wrong one, or a file of neither
+    layout, refused naming the flag before anything is read."""
+    from diffusers import AutoencoderKLWan
+
+    from ..diffusers_backend import ModelLoadError
+    from .build import _empty_weights, _fill
+    from .read import open_checkpoint
+    from .wan_vae import not_a_wan_vae, wan21_vae_config, wan21_vae_to_diffusers, wan22_vae_config
+    from .wan_vae import wan22_vae_to_diffusers
+
+    want = "wan2.2_vae.safetensors" if in_ch == TI2V_CHANNELS else "wan_2.1_vae.safetensors"
+    if os.path.isdir(vae):
+        try:
+            model = AutoencoderKLWan.from_pretrained(vae, local_files_only=True, torch_dtype=dtype)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelLoadError(f"--vae {vae}: not a diffusers AutoencoderKLWan folder: {str(e)[:300]}") from None
+        if int(model.config.z_dim) != in_ch:
+            raise ModelLoadError(f"--vae {vae}: a VAE of {model.config.z_dim} latent channels; {what} reads {in_ch}")
+        return model
+    ck = open_checkpoint(vae)
+    layout = wan_vae_layout(ck)
+    if layout is None:
+        raise ModelLoadError(not_a_wan_vae(ck, f"--vae {vae}") + f"; {what} reads {want}")
+    z = int(ck.shapes["decoder.conv1.weight"][1])
+    if z != in_ch:
+        raise ModelLoadError(
+            f"--vae {vae}: the Wan {layout} VAE's layout, {z} latent channels; {what} reads {in_ch} (ComfyUI keeps "
+            f"its VAE as models/vae/{want})"
+        )
+    config, convert = (
+        (wan22_vae_config, wan22_vae_to_diffusers) if layout == "2.2" else (wan21_vae_config, wan21_vae_to_diffusers)
+    )
+    with _empty_weights():
+        model = AutoencoderKLWan(**config(ck, f"--vae {vae}"))
+    return _fill(model, convert(ck.subset("", dtype)), f"--vae {vae}", "VAE")
+
+
 def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenizer: str | None = None,
                    device="cpu", dtype=None, frames: int | None = None, low_noise: str | None = None):  # fmt: skip
     """A :class:`reneg.backends.wan.WanBackend` from the files a ComfyUI Wan user holds: a text-to-video
     transformer (``path``: Wan 2.1 T2V, or Wan 2.2 A14B's high-noise expert with its low-noise twin as
-    ``low_noise``, switched at the release's boundary 0.875), UMT5-XXL (``text_encoders``), the Wan 2.1 VAE
-    (``vae``; a diffusers VAE folder also does) and the tokenizer (inside the UMT5 file, or ``tokenizer``). The
-    scheduler is the release's: shift 3 for Wan 2.1, 12 for A14B. The parts are checked against each other as
-    a folder's are (:func:`reneg.backends.wan.build_backend`)."""
+    ``low_noise``, switched at the release's boundary 0.875, or Wan 2.2 TI2V 5B's), UMT5-XXL (``text_encoders``),
+    the VAE (``vae``: Wan 2.1's for 16 latent channels, Wan 2.2's for TI2V 5B's 48; a diffusers VAE folder also
+    does) and the tokenizer (inside the UMT5 file, or ``tokenizer``). The scheduler is the release's: shift 3 for
+    Wan 2.1, 12 for A14B, 5 for TI2V 5B, which also gets one timestep per latent token (``expand_timesteps``), as
+    diffusers' converter writes Wan-AI's ``Wan2.2-TI2V-5B-Diffusers``. The parts are checked against each other
+    as a folder's are (:func:`reneg.backends.wan.build_backend`)."""
     import torch
-    from diffusers import AutoencoderKLWan
 
     from ..diffusers_backend import ModelLoadError
-    from ..wan import A14B_BOUNDARY, A14B_FLOW_SHIFT, SCHEDULER, build_backend
-    from .build import _empty_weights, _fill, transformer_file_parts
+    from ..wan import A14B_BOUNDARY, A14B_FLOW_SHIFT, SCHEDULER, TI2V_FLOW_SHIFT, build_backend
+    from .build import transformer_file_parts
     from .flux import _t5
-    from .qwen_image import qwen_image_part
     from .read import open_checkpoint
-    from .wan_vae import wan21_vae_config, wan21_vae_to_diffusers
 
     dtype = dtype or torch.float32
 
@@ -248,8 +310,18 @@ def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenize
         ok = tpart is not None and tpart.part == "text_encoder" and tpart.supported
         return None if ok else (tpart.description if tpart else "not UMT5-XXL (umt5_xxl)")
 
+    tck = open_checkpoint(path)
+    pre = next((p for p in TRANSFORMER_PREFIXES if p + "head.modulation" in tck), "")
+    in_ch = int(tck.shapes.get(pre + "patch_embedding.weight", (0, 0))[1])
+    ti2v = in_ch == TI2V_CHANNELS
+    vae_file = "wan2.2_vae.safetensors" if ti2v else "wan_2.1_vae.safetensors"
     te_ck = transformer_file_parts(path, text_encoders, vae, "Wan", check, "UMT5-XXL (umt5_xxl_fp16.safetensors)",
-                                   "UMT5-XXL", "umt5_xxl_fp16.safetensors", "VAE", "wan_2.1_vae.safetensors")  # fmt: skip
+                                   "UMT5-XXL", "umt5_xxl_fp16.safetensors", "VAE", vae_file)  # fmt: skip
+    if ti2v and low_noise:
+        raise ModelLoadError(f"--low-noise-model {low_noise}: for Wan 2.2 A14B's two experts; {path} is Wan 2.2 TI2V "
+                             "5B, one transformer")  # fmt: skip
+    what = f"--model {path} (" + ("Wan 2.2 TI2V 5B" if ti2v else f"a Wan transformer of {in_ch} latent channels") + ")"
+    vae_model = _vae_file(vae, in_ch, what, dtype)  # the cheap check first: a wrong VAE is said before the weights
     transformer, cfg = _transformer_file(path, dtype, "--model")
     transformer_2 = None
     if low_noise:
@@ -264,21 +336,12 @@ def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenize
         raise ModelLoadError(
             f"{te_ck.path}: a UMT5 file lacks the tensor {e.args[0]} (a damaged or cut-down file)"
         ) from None
-    if os.path.isdir(vae):
-        try:
-            vae_model = AutoencoderKLWan.from_pretrained(vae, local_files_only=True, torch_dtype=dtype)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise ModelLoadError(f"--vae {vae}: not a diffusers AutoencoderKLWan folder: {str(e)[:300]}") from None
+    if transformer_2 is not None:
+        sched = dict(SCHEDULER, flow_shift=A14B_FLOW_SHIFT)
+    elif ti2v:
+        sched = dict(SCHEDULER, flow_shift=TI2V_FLOW_SHIFT)
     else:
-        vck = open_checkpoint(vae)
-        vpart = qwen_image_part(vck)  # the Wan 2.1 VAE's layout, which Qwen-Image's VAE file shares
-        if vpart is None or vpart.part != "vae":
-            raise ModelLoadError(f"--vae {vae}: not the Wan 2.1 VAE (wan_2.1_vae.safetensors; Wan 2.2 TI2V 5B's "
-                                 "VAE is read from a WanPipeline folder only)")  # fmt: skip
-        with _empty_weights():
-            vae_model = AutoencoderKLWan(**wan21_vae_config(vck, f"--vae {vae}"))
-        vae_model = _fill(vae_model, wan21_vae_to_diffusers(vck.subset("", dtype)), f"--vae {vae}", "VAE")
-    sched = dict(SCHEDULER, flow_shift=A14B_FLOW_SHIFT) if transformer_2 is not None else dict(SCHEDULER)
+        sched = dict(SCHEDULER)
     info = {
         "source": path,
         "kind": "single files (ComfyUI)",
@@ -286,7 +349,7 @@ def load_wan_files(path: str, text_encoders=(), vae: str | None = None, tokenize
         "low_noise_model": low_noise,
         "vae": vae,
         "tokenizer": tok_from,
-        "expand_timesteps": False,
+        "expand_timesteps": ti2v,
     }
     boundary = A14B_BOUNDARY if transformer_2 is not None else None
     return build_backend(transformer, transformer_2, boundary, vae_model, text_encoder, tok, sched, path, device,
