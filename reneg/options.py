@@ -140,8 +140,8 @@ class ReNegOptions:
     shift: float | None = _opt(
         None,
         "Wan: the flow shift to sample with, as ComfyUI's ModelSamplingSD3 shift (default: the model's own: "
-        "3 for Wan 2.1, 12 for 2.2 A14B, as their releases ship); give the shift your ComfyUI workflow samples "
-        "with (its Wan 2.2 templates use 8)",
+        "3 for Wan 2.1, 12 for 2.2 A14B, 5 for 2.2 TI2V 5B, as their releases ship); give the shift your "
+        "ComfyUI workflow samples with (its Wan 2.2 templates use 8)",
         type=float,
     )
     wan_experts: str = _opt(
