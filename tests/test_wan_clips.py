@@ -260,3 +260,15 @@ def test_shift_samples_as_the_pipeline_with_that_shift_and_is_refused_elsewhere(
     assert "--shift 8.0" in capsys.readouterr().err
     assert main([*args, "--shift", "-1", "--out", str(tmp_path / "x")]) != 0
     assert "--shift must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_eval_makes_wans_own_length_unless_told(tmp_path, wan21, tiny_pipeline_dir):
+    """reneg eval without --frames: 81 frames for Wan (its releases' length; 16 is not a Wan length), 16 for
+    ZeroScope; an image model has no default video length to take."""
+    from reneg.backends.loading import VIDEO_FRAMES, WAN_FRAMES, default_frames
+    from reneg.tiny import build_tiny_text_to_video
+
+    assert default_frames(wan21) == WAN_FRAMES == 81
+    assert default_frames(build_tiny_text_to_video(str(tmp_path / "t2v"), hidden=64)) == VIDEO_FRAMES == 16
+    assert default_frames(tiny_pipeline_dir) == 16
+    assert (81 - 1) % 4 == 0

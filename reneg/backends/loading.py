@@ -324,6 +324,21 @@ def check_clip_frames(backend, frames: int | None, flag: str = "--frames"):
     return backend
 
 
+VIDEO_FRAMES = 16  # reneg eval's frames per video by default (AnimateDiff, ZeroScope)
+WAN_FRAMES = 81  # Wan's own default length (its configs' frame_num, WanPipeline's num_frames)
+
+
+def default_frames(path: str) -> int:
+    """Frames per video when ``reneg eval`` is not given ``--frames``: Wan's 81 for a Wan folder or
+    transformer file, else 16."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and _is_wan(path, _model_index(path)):
+        return WAN_FRAMES
+    if os.path.isfile(path) and makes_videos(path):  # a file that makes videos is a Wan transformer
+        return WAN_FRAMES
+    return VIDEO_FRAMES
+
+
 def _model_index(path: str) -> dict:
     p = os.path.join(path, "model_index.json")
     return read_json(p) if os.path.isfile(p) else {}

@@ -126,7 +126,13 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         "averaged; videos are saved as animated PNGs. A --model that is a "
         "TextToVideoSDPipeline folder (ZeroScope) makes videos without it",
     )
-    a("--frames", type=int, default=d.frames, help="frames per video with --video or a text-to-video --model")
+    a(
+        "--frames",
+        type=int,
+        default=d.frames,
+        help="frames per video with --video or a text-to-video --model (default: 81 for Wan, as its releases "
+        "make; 16 otherwise); Wan makes 4 k + 1",
+    )
     a("--reference", help="negative the others are compared to in the report (default: handcrafted, else null)")
     a("--tie-tol", type=float, default=d.tie_tol, help="score differences up to this count as ties (default 0)")
     a("--grid-limit", type=int, default=d.grid_limit, help="rows of images shown in report.html")

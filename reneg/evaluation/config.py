@@ -88,7 +88,7 @@ class EvalConfig:
     grad_range: tuple[int, int] = PAPER.grad_range
     save_tuned: bool = False
     video: str | None = None  # motion-adapter folder (AnimateDiff)
-    frames: int = 16
+    frames: int | None = None  # None: the model's default (reneg.backends.loading.default_frames)
     reference: str | None = None
     tie_tol: float = 0.0
     grid_limit: int = 200
@@ -112,7 +112,7 @@ EVAL_NUMBERS = {
     "images_per_prompt": ("int",),
     "tune_steps": ("int",),
     "tune_patience": ("int",),
-    "frames": ("int",),
+    "frames": ("opt_int", 1),
     "grid_limit": ("int",),
     "limit": ("opt_int", 1),
     "tune_per_prompt": ("opt_int", 1),

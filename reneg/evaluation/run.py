@@ -55,6 +55,10 @@ def validate_eval(cfg: EvalConfig) -> tuple[list[Item], list[Negative]]:
 
     if not cfg.video and makes_videos(cfg.model):
         cfg.video = cfg.model  # ZeroScope / ModelScope: the model itself makes videos
+    if cfg.frames is None:
+        from reneg.backends.loading import VIDEO_FRAMES, default_frames
+
+        cfg.frames = default_frames(cfg.video) if cfg.video else VIDEO_FRAMES
     if cfg.video and not os.path.isfile(os.path.join(cfg.video, "config.json")) and not makes_videos(cfg.video):
         raise EvalError(
             f"--video {cfg.video}: expected a diffusers MotionAdapter folder (config.json and "
