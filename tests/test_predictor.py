@@ -149,6 +149,10 @@ def test_inspect_says_what_a_predictor_is(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "a negative predictor" in out and "sdxl" in out and "xattn, rank 3" in out and "trained_steps: 7" in out
+    assert "reads   the prompt uncentred" in out
+    save_predictor(path, _centred(model), overwrite=True)
+    assert main(["inspect", str(path)]) == 0
+    assert "centred on its training prompts' mean feature (norm " in capsys.readouterr().out
     assert main(["inspect", "--json", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == model.num_parameters() and info["global"]["pooled_shape"] == [1, 1280]
