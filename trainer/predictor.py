@@ -6,11 +6,12 @@ the predictor's output for that sample's prompt, so one step trains the global n
 prompt-dependent correction together. ``--predictor-reg W`` adds ``W x`` the correction's mean square
 (towards the global negative). ``--init`` (null, handcrafted or a trained global embedding) is the global
 negative it starts from; the correction starts at zero. Before the first step the predictor's
-``feature_mean`` is fitted on the training prompts (at most 512 of them, evenly spaced; with
-``--predictor-features centred``, the default; ``mean`` leaves it zero, the features of format version 1). Exact resume holds as for the global trainer (the
-checkpoint holds every tensor of the predictor and the optimizer's state; tested). Under several processes
-the gradients of every tensor are averaged across processes as the global trainer averages its embedding's,
-but that a 2-process run takes the same step as one process is not yet tested for the predictor.
+``feature_mean`` is fitted on the training prompts (at most 512 of them, evenly spaced, every process the
+same ones) with ``--predictor-features centred``, the default; ``mean`` leaves it zero (the uncentred
+features of format version 1). Exact resume holds as for the global trainer (the checkpoint holds every
+tensor of the predictor, the feature mean among them, and the optimizer's state; tested). Under several
+processes the gradients of every tensor are averaged across processes as the global trainer averages its
+embedding's; a 2-process run takes the same step as one process (tests/test_predictor.py, slow).
 
 Writes ``OUT/predictor.safetensors`` (the predictor, its global negative inside), ``OUT/embedding.safetensors``
 (that global negative alone, usable anywhere an embedding is), ``OUT/checkpoint.pt``, ``OUT/log.csv`` and
