@@ -1,20 +1,25 @@
 """The negative predictor against the global negative and per-sample tuning, on the demo world.
 
     python benchmarks/predictor_study.py --quick          # 2 training seeds, very short runs at 10 sampling steps
+    python benchmarks/predictor_study.py --quick --features centred mean --seeds 0 1 2 3 4   # docs/predictor.md
     python benchmarks/predictor_study.py                   # the full study: 10 seeds at the demo recipe (not yet run)
 
-``--quick`` took about 41 min of training (six runs of 6-8 min) and 23 min of scoring and tuning on a
-shared, busy 2-core machine; its figures are in docs/predictor.md.
+``--quick`` with both features took 8 to 15 s a training run and about 20 s of scoring per training seed
+on one thread of a 2-core machine (an earlier run, on the same machine far busier, took 6 to 8 min a run);
+its figures are in docs/predictor.md.
 
 For each training seed S: ``global-sS`` is the demo recipe's global negative (``reneg train --demo --seed
-S``, shortened by ``--steps``/``--batch-size``); for each architecture A, ``A-sS`` is ``reneg train --demo
---seed S --predictor A --init global-sS/embedding.safetensors`` (``--predictor-steps`` more steps, warm
-started from that global negative). Everything is scored on the demo world's 32 held-out prompts, which no
+S``, shortened by ``--steps``/``--batch-size``); for each architecture A and ``--features`` F, ``A-F-sS`` is
+``reneg train --demo --seed S --predictor A --predictor-features F --init global-sS/embedding.safetensors``
+(``--predictor-steps`` more steps, warm started from that global negative). ``--features centred mean``
+trains both and compares them, paired. Everything is scored on the demo world's 32 held-out prompts, which no
 run trains on, x ``--eval-seeds`` fixed image seeds (the same noise for every negative):
 
 - predictor - global (the global negative it started from), and predictor - its own global part alone
   (the run's ``embedding.safetensors``: the same steps, without the prompt-dependent correction), paired on
   (training seed, prompt, image seed), 95 % Student-t intervals;
+- what the predictors learned (training seed ``--seeds[0]``'s): the cosine between two held-out prompts'
+  features (what the read-in sees) and corrections, over all pairs (mean and the least alike pair);
 - per-sample tuning on ``--tune-prompts`` held-out prompts (one image seed each): from the global negative
   at the full budget (at most ``--tune-steps`` steps, patience 3) and at a third of it, and from the
   predictor's negative at a third of it; each gain is the kept negative's image minus the global
@@ -84,6 +89,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0-9; quick 0 1)")
     p.add_argument("--archs", nargs="+", default=["lowrank", "xattn"])
+    p.add_argument(
+        "--features",
+        nargs="+",
+        choices=("centred", "mean"),
+        default=["centred"],
+        help="--predictor-features of the predictor runs (centred mean: both, compared paired)",
+    )
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--reg", type=float, default=0.01)
     p.add_argument("--steps", type=int, default=None, help="global run's steps (demo: 160; quick: 8)")
@@ -135,15 +147,16 @@ def main(argv=None) -> int:
         f"recipe: {st['steps']} steps x {st['batch_size']} samples, {st['sampling_steps']} sampling steps, grad "
         f"range {tuple(st['grad_range'])}; predictor {psteps} steps at lr {plr}"
     )
+    variants = [(f"{a}-{f}", a, f) for a in ns.archs for f in ns.features]  # (name, architecture, features)
     runs = {}
     for seed in seeds:
         g = train(world, st, os.path.join(root, f"global-s{seed}"), seed=seed)
         runs[("global", seed)] = g
-        for a in ns.archs:
-            runs[(a, seed)] = train(
+        for v, a, f in variants:
+            runs[(v, seed)] = train(
                 world,
                 st,
-                os.path.join(root, f"{a}-s{seed}"),
+                os.path.join(root, f"{v}-s{seed}"),
                 seed=seed,
                 steps=psteps,
                 lr=plr,
@@ -151,6 +164,7 @@ def main(argv=None) -> int:
                 predictor=a,
                 predictor_rank=ns.rank,
                 predictor_reg=ns.reg,
+                predictor_features=f,
             )
 
     from reneg.backends.loading import load_diffusers
@@ -173,16 +187,18 @@ def main(argv=None) -> int:
         e = load_embedding(path)
         return generate_and_score(backend, reward, ps, ss, backend.negative_cond(e.model_rows()), *args).tolist()
 
-    scores = {k: [] for k in ["null", "global"] + [f"{a}{x}" for a in ns.archs for x in ("", "-base")]}
+    names = [v for v, _, _ in variants]
+    scores = {k: [] for k in ["null", "global"] + [f"{v}{x}" for v in names for x in ("", "-base")]}
     null, _ = backend.null_embedding()
     null_s = generate_and_score(backend, reward, prompts, iseeds, backend.negative_cond(null), *args).tolist()
-    per_prompt_moves = {a: {} for a in ns.archs}
-    per_seed = {a: {} for a in ns.archs}  # training seed -> predictor - global on that seed's images
+    per_prompt_moves = {v: {} for v in names}
+    per_seed = {v: {} for v in names}  # training seed -> predictor - global on that seed's images
+    learned = {}  # training seed 0's predictors: how alike two held-out prompts' features and corrections are
     for seed in seeds:
         t0 = time.time()
         scores["null"] += null_s
         scores["global"] += emb_scores(runs[("global", seed)]["embedding"])
-        for a in ns.archs:
+        for a in names:
             model = load_predictor(runs[(a, seed)]["predictor_file"])
             scores[a] += predicted_scores(backend, reward, model, prompts, iseeds, *args).tolist()
             scores[f"{a}-base"] += emb_scores(runs[(a, seed)]["embedding"])
@@ -194,6 +210,11 @@ def main(argv=None) -> int:
                 delta, _ = model.correction(c.crossattn, c.pooled, c.mask)
                 for t, d in zip(texts, delta.flatten(1).norm(dim=1).tolist()):
                     per_prompt_moves[a].setdefault(t, []).append(d / float(model.base.norm()))
+                if seed == seeds[0]:
+                    learned[a] = {
+                        "features": _cosines(model.features(c.crossattn, c.pooled, c.mask)),
+                        "corrections": _cosines(delta.flatten(1)),
+                    }
         log(f"scored seed {seed} ({time.time() - t0:.0f} s)")
 
     def cmp(a, b):
@@ -208,6 +229,7 @@ def main(argv=None) -> int:
         "predictor": {"steps": psteps, "lr": plr, "rank": ns.rank, "reg": ns.reg},
         "means": {k: mean_ci(v) for k, v in scores.items()},
         "global_vs_null": cmp("global", "null"),
+        "features": ns.features,
         "arch": {
             a: {
                 "vs_global": cmp(a, "global"),
@@ -218,8 +240,13 @@ def main(argv=None) -> int:
                 "per_seed_vs_global": {str(k): v for k, v in per_seed[a].items()},
                 "worst_seed": min(per_seed[a].items(), key=lambda kv: kv[1]["mean"])[0],
                 "moves": sorted(((t, sum(v) / len(v)) for t, v in per_prompt_moves[a].items()), key=lambda x: -x[1]),
+                "cosines": learned[a],
             }
-            for a in ns.archs
+            for a in names
+        },
+        # centred - mean features of the same architecture, paired (when both were trained)
+        "centred_vs_mean": {
+            a: cmp(f"{a}-centred", f"{a}-mean") for a in ns.archs if {"centred", "mean"} <= set(ns.features)
         },
         "global_train_seconds": sum(runs[("global", s)].get("seconds", 0) for s in seeds) / len(seeds),
     }
@@ -249,7 +276,7 @@ def main(argv=None) -> int:
 
         tune["global_full"] = run_tune("full", lambda t: gstart, ns.tune_steps)
         tune["global_third"] = run_tune("third", lambda t: gstart, third)
-        for a in ns.archs:
+        for a in names:
             model = load_predictor(runs[(a, seed)]["predictor_file"])
 
             def pstart(text, model=model):
@@ -284,6 +311,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def _cosines(x: torch.Tensor) -> dict:
+    """Cosine between two rows of ``x`` over all pairs: the mean and the least alike pair."""
+    u = torch.nn.functional.normalize(x.double(), dim=-1)
+    c = u @ u.T
+    off = c[~torch.eye(len(c), dtype=torch.bool)]
+    return {"mean": float(off.mean()), "least": float(off.min())}
+
+
+def _label(name: str) -> str:
+    a, _, f = name.rpartition("-")
+    return f"`{a}`, {f}"
+
+
 def _ci(d: dict) -> str:
     if d.get("lo") is None:
         return f"{d['mean']:+.4f}"
@@ -306,7 +346,7 @@ def table(r: dict) -> str:
     ]
     for a, v in r["arch"].items():
         out.append(
-            f"| predictor `{a}` ({v['parameters']} parameters) | {r['means'][a]['mean']:.4f} | "
+            f"| predictor {_label(a)} ({v['parameters']} parameters) | {r['means'][a]['mean']:.4f} | "
             f"{_ci(v['vs_global']['diff'])} | {_ci(v['vs_own_base']['diff'])} | "
             f"{v['vs_global']['win_rate']['rate']:.2f} |"
         )
@@ -316,8 +356,10 @@ def table(r: dict) -> str:
     for a, v in r["arch"].items():
         w = v["worst_seed"]
         per = "; ".join(f"seed {k}: {_ci(d)}" for k, d in v["per_seed_vs_global"].items())
-        out += ["", f"`{a}` - global per training seed ({r['heldout_prompts'] * r['eval_seeds']} paired images "
+        out += ["", f"{_label(a)} - global per training seed ({r['heldout_prompts'] * r['eval_seeds']} paired images "
                 f"each): {per}; worst: seed {w}."]  # fmt: skip
+    for a, d in r.get("centred_vs_mean", {}).items():
+        out += ["", f"`{a}` centred - `{a}` mean, paired: {_ci(d['diff'])}, win rate {d['win_rate']['rate']:.2f}."]
     t = r.get("tune")
     if t:
         out += [
@@ -334,14 +376,21 @@ def table(r: dict) -> str:
         }
         for k, v in t["rows"].items():
             label = names.get(k) or (
-                f"predictor `{k[:-6]}` alone" if k.endswith("_alone") else f"tune from predictor `{k[:-6]}`, a third"
+                f"predictor {_label(k[:-6])} alone"
+                if k.endswith("_alone")
+                else f"tune from predictor {_label(k[:-6])}, a third"
             )
             share = "" if v["share_of_full_gain"] is None else f"{v['share_of_full_gain']:.2f}"
             out.append(f"| {label} | {v['unet_calls']:.0f} | {_ci(v['gain_over_global'])} | {share} |")
     for a, v in r["arch"].items():
         top = ", ".join(f"{t!r} {m:.3f}" for t, m in v["moves"][:3])
         low = ", ".join(f"{t!r} {m:.3f}" for t, m in v["moves"][-3:])
-        out += ["", f"`{a}`: correction norm / global norm, most moved: {top}; least: {low}."]
+        out += ["", f"{_label(a)}: correction norm / global norm, most moved: {top}; least: {low}."]
+        cf, cc = v["cosines"]["features"], v["cosines"]["corrections"]
+        out.append(
+            f"Cosine between two held-out prompts (training seed {r['seeds'][0]}): features {cf['mean']:.2f} "
+            f"(least alike {cf['least']:.2f}), corrections {cc['mean']:.2f} (least alike {cc['least']:.2f})."
+        )
     return "\n".join(out) + "\n"
 
 

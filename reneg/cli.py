@@ -47,7 +47,12 @@ def _inspect_predictor(ns) -> int:
         f"{_safe_text(info['path'])}\n  format  {info['format']} (a negative predictor)\n  family  {info['family']}\n"
         f"  global  {g['shape']}{'  pooled ' + str(g['pooled_shape']) if g['pooled_shape'] else ''}  norm "
         f"{g['norm']:.4g}\n  model   {info['architecture']}, rank {info['rank']}, {info['parameters']} parameters "
-        f"(read-out norm {info['readout_norm']:.4g}; 0: it is its global negative)"
+        f"(read-out norm {info['readout_norm']:.4g}; 0: it is its global negative)\n  reads   the prompt "
+        + (
+            f"centred on its training prompts' mean feature (norm {info['feature_mean_norm']:.4g})"
+            if info["feature_mean_norm"]
+            else "uncentred (no feature mean)"
+        )
     )
     for k, v in info["metadata"].items():
         if k not in ("format", "format_version", "family", "architecture", "rank", "hidden_size", "token_count"):

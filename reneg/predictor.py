@@ -11,6 +11,15 @@ global negative) and bounded (tanh or softmax features, so a strange prompt cann
 - ``xattn``: ``queries`` learned queries attend over the prompt's (layer-normed) token rows (the mask keeps
   T5 padding out); each row of the correction is a learned mix of the attended prompt vectors.
 
+Both read the prompt *centred*: ``feature_mean`` (a buffer, ``[D (+ P)]``) is the mean over the training
+prompts of the pooled features before their layer norm (the mean row, and the pooled vector), set once when
+training starts (:func:`fit_feature_mean`) and stored in the file. It is taken from the pooled features and
+from every row the attention reads before they are layer-normed, so that what all prompts share (most of a
+CLIP prompt's 77 rows are padding after its end token, alike for every prompt) does not drown what tells
+them apart. It needs nothing but the conditioning rows (and pooled vector) a host hands over. A zero
+``feature_mean`` reads the prompt as format version 1 did: a version-1 file (which has none) loads with
+zeros and gives exactly what it gave before.
+
 For a family with a pooled vector (SDXL) the negative's pooled vector gets a low-rank correction from ``f``
 as well. Only torch and safetensors are imported: the A1111 extension and the ComfyUI Load node use this.
 
@@ -48,7 +57,8 @@ from .families import FAMILIES, get_family
 from .fileio import atomic_save_safetensors, not_a_file, read_safetensors_header
 
 FORMAT = "reneg-predictor"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: predictor.feature_mean; 1 (read too): none, the features uncentred
+READ_VERSIONS = ("1", "2")
 ARCHITECTURES = ("lowrank", "xattn")
 RANK_MAX = 256  # rank (lowrank) or queries (xattn): a predictor is small
 GLOBAL_KEYS = ("global.neg_embedding", "global.pooled", "global.attention_mask")
@@ -132,21 +142,44 @@ class NegPredictor(torch.nn.Module):
             self.queries = torch.nn.Parameter(torch.randn(r, D, generator=g))
             self.mix = torch.nn.Parameter(torch.zeros(L, r))
         self.up_pooled = torch.nn.Parameter(torch.zeros(r, P)) if P else None
+        # what every prompt shares, taken away before the layer norms (zero: uncentred, format version 1)
+        self.register_buffer("feature_mean", torch.zeros(spec.features))
 
-    def features(self, rows: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """The prompt's pooled text features ``[B, D (+ P)]``, each part layer-normed."""
+    def raw_features(self, rows: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """The prompt's pooled text features before centring and layer norm: ``[B, D (+ P)]``, the mean of
+        the rows it reads (and the pooled vector). Their mean over training prompts is ``feature_mean``."""
         x = rows.float()
         if mask is not None:
             m = mask.to(x.dtype)[..., None]
             mean = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         else:
             mean = x.mean(1)
-        parts = [_norm(mean)]
+        parts = [mean]
         if self.spec.pooled:
             if pooled is None:
                 raise ValueError(f"a {self.spec.family} predictor reads the prompt's pooled vector; none was given")
-            parts.append(_norm(pooled.float().reshape(x.shape[0], -1)))
+            parts.append(pooled.float().reshape(x.shape[0], -1))
+        return torch.cat(parts, -1)
+
+    def features(self, rows: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """The prompt's pooled text features ``[B, D (+ P)]``: centred on ``feature_mean``, each part
+        layer-normed."""
+        f = self.raw_features(rows, pooled, mask) - self.feature_mean
+        D = self.spec.hidden
+        parts = [_norm(f[:, :D])] + ([_norm(f[:, D:])] if self.spec.pooled else [])
         return torch.cat(parts, -1) / math.sqrt(len(parts))
+
+    def set_feature_mean(self, mean: torch.Tensor) -> None:
+        """Set ``feature_mean`` (``[D (+ P)]``, finite): the mean of :meth:`raw_features` over the training
+        prompts (:func:`fit_feature_mean`)."""
+        mean = torch.as_tensor(mean).detach()
+        if tuple(mean.shape) != tuple(self.feature_mean.shape) or not bool(torch.isfinite(mean).all()):
+            raise ValueError(
+                f"a {self.spec.family} predictor's feature mean is a finite [{self.spec.features}], "
+                f"found {list(mean.shape)}"
+            )
+        with torch.no_grad():
+            self.feature_mean.copy_(mean.to(self.feature_mean))
 
     def correction(
         self, rows: torch.Tensor, pooled: torch.Tensor | None = None, mask: torch.Tensor | None = None
@@ -162,7 +195,7 @@ class NegPredictor(torch.nn.Module):
         if self.spec.architecture == "lowrank":
             delta = torch.einsum("br,rld->bld", h, self.up)
         else:
-            keys = _norm(rows.float())
+            keys = _norm(rows.float() - self.feature_mean[: self.spec.hidden])
             scores = keys @ self.queries.T / math.sqrt(self.spec.hidden)  # [B, L', r]
             if mask is not None:
                 scores = scores.masked_fill(~mask.bool()[..., None], float("-inf"))
@@ -199,12 +232,31 @@ class NegPredictor(torch.nn.Module):
 
 
 def from_embedding(emb: NegEmbedding, architecture: str = "lowrank", rank: int = 4, seed: int = 0) -> NegPredictor:
-    """A zero-initialised predictor around a global negative (it predicts ``emb`` for every prompt)."""
+    """A zero-initialised predictor around a global negative (it predicts ``emb`` for every prompt). Its
+    ``feature_mean`` is zero until :func:`fit_feature_mean` sets it."""
     spec = PredictorSpec(emb.family, architecture, rank)
     pooled = emb.pooled
     if spec.pooled and pooled is None:
         raise EmbeddingError(f"{emb.path or 'embedding'}: a {emb.family} predictor needs the pooled vector")
     return NegPredictor(spec, emb.model_rows(), pooled if spec.pooled else None, emb.mask(), seed)
+
+
+@torch.no_grad()
+def fit_feature_mean(model: NegPredictor, encode, texts, batch: int = 32, limit: int = 512) -> int:
+    """Set ``model.feature_mean`` to the mean of its :meth:`~NegPredictor.raw_features` over ``texts`` (at most
+    ``limit`` of them, evenly spaced: the same ones on every call), ``encode(list of texts) -> Cond`` giving
+    each batch's conditioning. Returns how many prompts were read."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("the feature mean needs at least one prompt")
+    n = min(len(texts), int(limit))
+    pick = [texts[i * len(texts) // n] for i in range(n)]
+    total = torch.zeros(model.spec.features, dtype=torch.float64)
+    for i in range(0, n, batch):
+        c = encode(pick[i : i + batch])
+        total += model.raw_features(c.crossattn, c.pooled, c.mask).double().sum(0).cpu()
+    model.set_feature_mean((total / n).float())
+    return n
 
 
 # --- the file ------------------------------------------------------------------------------------------------
@@ -229,6 +281,9 @@ def save_predictor(path: str | os.PathLike, model: NegPredictor, overwrite: bool
             if not bool(torch.isfinite(t).all()):
                 raise PredictorError(f"{path}: the predictor's {name} has NaN/inf values; not written")
             tensors[f"predictor.{name}"] = t
+    tensors["predictor.feature_mean"] = model.feature_mean.detach().cpu().float()
+    if not bool(torch.isfinite(tensors["predictor.feature_mean"]).all()):
+        raise PredictorError(f"{path}: the predictor's feature_mean has NaN/inf values; not written")
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if v is not None}
     meta.update(
         format=FORMAT,
@@ -270,10 +325,10 @@ def _spec_from_metadata(path: str, meta: dict, expected_family: str | None) -> P
         raise PredictorError(
             f"{path}: not a ReNeg predictor (expected metadata format {FORMAT!r}, found {str(meta.get('format'))[:40]!r})"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READ_VERSIONS:
         raise PredictorError(
             f"{path}: predictor format version {str(meta.get('format_version'))[:20]!r}; this ReNeg reads "
-            f"version {FORMAT_VERSION}"
+            f"versions {', '.join(READ_VERSIONS)}"
         )
     family = meta.get("family")
     if family not in FAMILIES:
@@ -343,6 +398,9 @@ def _load(path: str, expected_family: str | None) -> NegPredictor:
         spec, torch.zeros(1, L, D), torch.zeros(1, spec.pooled) if spec.pooled else None, None, seed=0
     )
     want = {f"predictor.{n}": list(p.shape) for n, p in placeholder.named_parameters() if not n.startswith("base")}
+    version = meta["format_version"]
+    if version != "1":  # version 1 has no feature mean: it reads the prompt uncentred (zero, as before)
+        want["predictor.feature_mean"] = [spec.features]
     want["global.neg_embedding"] = [1, L, D]
     if spec.pooled:
         want["global.pooled"] = [1, spec.pooled]
@@ -352,7 +410,8 @@ def _load(path: str, expected_family: str | None) -> NegPredictor:
     if set(found) != set(want):
         missing, extra = sorted(set(want) - set(found)), sorted(set(found) - set(want))
         raise PredictorError(
-            f"{path}: a {spec.family} {spec.architecture} predictor of rank {spec.rank} holds "
+            f"{path}: a {spec.family} {spec.architecture} predictor of rank {spec.rank} (format version "
+            f"{version}) holds "
             f"{', '.join(sorted(want))}; "
             + "; ".join(
                 s
@@ -384,6 +443,7 @@ def _load(path: str, expected_family: str | None) -> NegPredictor:
     if pooled is not None:
         state["base_pooled"] = pooled.float()
     state["neg_mask"] = model.neg_mask
+    state.setdefault("feature_mean", model.feature_mean)  # version 1: zero, the features as they were
     model.load_state_dict(state, strict=True)
     model.metadata = dict(meta)
     model.path = path
@@ -404,6 +464,7 @@ def predictor_info(path: str) -> dict[str, Any]:
             "pooled_shape": list(g.pooled.shape) if g.pooled is not None else None,
             "norm": float(g.tensor.double().norm()),
         },
+        "feature_mean_norm": float(model.feature_mean.double().norm()),  # 0: uncentred (format version 1)
         "readout_norm": float(
             sum(p.double().pow(2).sum() for n, p in model.named_parameters() if n in ("up", "mix", "up_pooled")) ** 0.5
         ),

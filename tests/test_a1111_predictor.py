@@ -44,7 +44,8 @@ class Params:
 
 def write_files(folder: Path, family: str, random_readout: bool, seed=0):
     """``<family>_global.safetensors`` and ``<family>_pred.safetensors`` (a predictor around that global
-    negative: zero read-out, so it predicts the global negative, or a random one)."""
+    negative: zero read-out, so it predicts the global negative, or a random one with a feature mean: the
+    file's centring travels through the hook)."""
     g = torch.Generator().manual_seed(seed)
     d = WIDTH[family]
     pooled = torch.randn(1, 1280, generator=g) if family == "sdxl" else None
@@ -56,6 +57,7 @@ def write_files(folder: Path, family: str, random_readout: bool, seed=0):
             model.up.normal_(0.0, 1.0, generator=g)
             if model.up_pooled is not None:
                 model.up_pooled.normal_(0.0, 1.0, generator=g)
+        model.set_feature_mean(0.5 * torch.randn(model.feature_mean.shape, generator=g))
     save_predictor(str(folder / f"{family}_pred.safetensors"), model)
     return emb, model
 

@@ -54,7 +54,8 @@ def folder(host) -> Path:
 
 
 def write_pair(host, family="tiny", hidden=64, pooled=None, random_readout=False, seed=0):
-    """A global embedding file and a predictor around it (zero read-out, or a random one)."""
+    """A global embedding file and a predictor around it (zero read-out, or a random one with a feature mean:
+    the file's centring travels through the node)."""
     g = torch.Generator().manual_seed(seed)
     emb = NegEmbedding(
         torch.randn(1, 77, hidden, generator=g), family, torch.randn(1, pooled, generator=g) if pooled else None
@@ -66,6 +67,7 @@ def write_pair(host, family="tiny", hidden=64, pooled=None, random_readout=False
             model.up.normal_(0.0, 1.0, generator=g)
             if model.up_pooled is not None:
                 model.up_pooled.normal_(0.0, 1.0, generator=g)
+        model.set_feature_mean(0.5 * torch.randn(model.feature_mean.shape, generator=g))
     save_predictor(str(folder(host) / "pred.safetensors"), model, guidance="cfg")
     return emb, model
 

@@ -1,5 +1,6 @@
 """The negative predictor (reneg/predictor.py): shapes per family, zero-initialised = the global negative,
-the file's round trip and refusals, and ``reneg train --predictor`` (its files, exact resume)."""
+the file's round trip and refusals, centred features (``feature_mean``: its round trip, format-version-1 files
+read as before, real prompts told apart), and ``reneg train --predictor`` (its files, exact resume)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from reneg.families import FAMILIES
 from reneg.predictor import (
     ARCHITECTURES,
     PredictorError,
+    fit_feature_mean,
     from_embedding,
     is_predictor_file,
     load_predictor,
@@ -49,6 +51,13 @@ def _positive(fam: str, batch: int = 2, rows: int | None = None):
     return x, pooled, mask
 
 
+def _centred(model, seed: int = 3):
+    """Give ``feature_mean`` (zero until fitted) values, as fitting on training prompts does."""
+    g = torch.Generator().manual_seed(seed)
+    model.set_feature_mean(torch.randn(model.feature_mean.shape, generator=g))
+    return model
+
+
 def _trained(model):
     """Give the read-out (zero at the start) values, as training does."""
     g = torch.Generator().manual_seed(2)
@@ -68,12 +77,15 @@ def test_shapes_per_family_and_zero_init_is_the_global_negative(fam, arch):
     neg, neg_pooled = model(x, pooled, mask)
     f = FAMILIES[fam]
     assert neg.shape == (2, f.tokens, f.hidden)
-    # untrained: exactly the global negative (and its pooled vector) for every prompt
-    assert torch.equal(neg, emb.model_rows().expand(2, -1, -1))
-    if f.pooled:
-        assert neg_pooled.shape == (2, f.pooled) and torch.equal(neg_pooled, emb.pooled.expand(2, -1))
-    else:
-        assert neg_pooled is None
+    # untrained: exactly the global negative (and its pooled vector) for every prompt, centred or not
+    for _ in range(2):
+        assert torch.equal(neg, emb.model_rows().expand(2, -1, -1))
+        if f.pooled:
+            assert neg_pooled.shape == (2, f.pooled) and torch.equal(neg_pooled, emb.pooled.expand(2, -1))
+        else:
+            assert neg_pooled is None
+        neg, neg_pooled = _centred(model)(x, pooled, mask)
+    assert float(model.feature_mean.abs().sum()) > 0
     _trained(model)
     neg, neg_pooled = model(x, pooled, mask)
     assert not torch.allclose(neg[0], neg[1])  # a per-prompt negative
@@ -105,7 +117,7 @@ def test_predicted_cond_carries_mask_and_pooled():
 @pytest.mark.parametrize("fam", ("sd1", "sdxl", "pixart"))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_file_round_trip(tmp_path, fam, arch):
-    model = _trained(from_embedding(_global(fam), arch, rank=2, seed=5))
+    model = _centred(_trained(from_embedding(_global(fam), arch, rank=2, seed=5)))
     path = tmp_path / "p.safetensors"
     save_predictor(path, model, trained_steps=7)
     assert is_predictor_file(path)
@@ -116,6 +128,11 @@ def test_file_round_trip(tmp_path, fam, arch):
     assert (a[1] is None and b[1] is None) or torch.equal(a[1], b[1])
     assert back.metadata["architecture"] == arch and back.metadata["trained_steps"] == "7"
     assert back.metadata["family"] == fam and back.metadata["rank"] == "2"
+    # the feature mean travels in the file (format version 2), and is what the output depends on
+    assert back.metadata["format_version"] == "2"
+    assert torch.equal(back.feature_mean, model.feature_mean) and float(back.feature_mean.abs().sum()) > 0
+    back.set_feature_mean(torch.zeros_like(back.feature_mean))
+    assert not torch.equal(back(x, pooled, mask)[0], a[0])
     # the global negative inside is an embedding of its own
     g = back.global_embedding()
     assert torch.equal(g.tensor, model.base.detach())
@@ -132,6 +149,10 @@ def test_inspect_says_what_a_predictor_is(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "a negative predictor" in out and "sdxl" in out and "xattn, rank 3" in out and "trained_steps: 7" in out
+    assert "reads   the prompt uncentred" in out
+    save_predictor(path, _centred(model), overwrite=True)
+    assert main(["inspect", str(path)]) == 0
+    assert "centred on its training prompts' mean feature (norm " in capsys.readouterr().out
     assert main(["inspect", "--json", str(path)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == model.num_parameters() and info["global"]["pooled_shape"] == [1, 1280]
@@ -151,6 +172,93 @@ def _rewrite(path, out, meta=None, drop=None, tensors=None):
     t.update(tensors or {})
     save_file(t, str(out), metadata=m)
     return out
+
+
+def _old_forward(model, x, pooled, mask):
+    """What a format-version-1 predictor computed (uncentred features), written out again here."""
+    import math
+
+    import torch.nn.functional as F
+
+    def ln(t):
+        return F.layer_norm(t, t.shape[-1:])
+
+    m = mask.float()[..., None] if mask is not None else torch.ones(*x.shape[:2], 1)
+    parts = [ln((x * m).sum(1) / m.sum(1).clamp_min(1.0))] + ([ln(pooled)] if pooled is not None else [])
+    h = torch.tanh((torch.cat(parts, -1) / math.sqrt(len(parts))) @ model.w_in.T)
+    if model.spec.architecture == "lowrank":
+        delta = torch.einsum("br,rld->bld", h, model.up)
+    else:
+        keys = ln(x)
+        scores = keys @ model.queries.T / math.sqrt(model.spec.hidden)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.bool()[..., None], float("-inf"))
+        delta = model.mix @ (scores.softmax(1).transpose(1, 2) @ keys)
+    neg = model.base + delta * model.neg_mask[..., None]
+    return neg, (model.base_pooled + h @ model.up_pooled if pooled is not None else None)
+
+
+@pytest.mark.parametrize("fam", ("sd1", "sdxl", "pixart"))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_format_version_1_files_load_and_predict_as_before(tmp_path, fam, arch):
+    """A file written before the feature mean (format version 1: no predictor.feature_mean) loads with a zero
+    one and gives exactly what version 1 computed; a version-1 file with a feature mean, or a version-2 file
+    without one, is refused naming the file, what was expected and what was found."""
+    model = _trained(from_embedding(_global(fam), arch, rank=2, seed=5))
+    new = tmp_path / "new.safetensors"
+    save_predictor(new, model)
+    old = _rewrite(new, tmp_path / "old.safetensors", {"format_version": "1"}, drop="predictor.feature_mean")
+    back = load_predictor(old, expected_family=fam)
+    assert back.metadata["format_version"] == "1" and torch.equal(back.feature_mean, torch.zeros(model.spec.features))
+    x, pooled, mask = _positive(fam)
+    a, b = back(x, pooled, mask), _old_forward(model, x, pooled, mask)
+    assert torch.equal(a[0], b[0])
+    assert (a[1] is None and b[1] is None) or torch.equal(a[1], b[1])
+    with pytest.raises(
+        PredictorError, match=r"old1\.safetensors: .*format version 1.*unexpected predictor\.feature_mean"
+    ):
+        load_predictor(_rewrite(new, tmp_path / "old1.safetensors", {"format_version": "1"}))
+    with pytest.raises(PredictorError, match=r"new2\.safetensors: .*format version 2.*missing predictor\.feature_mean"):
+        load_predictor(_rewrite(new, tmp_path / "new2.safetensors", drop="predictor.feature_mean"))
+    with pytest.raises(
+        PredictorError, match=r"v3\.safetensors: predictor format version '3'; this ReNeg reads versions 1, 2"
+    ):
+        load_predictor(_rewrite(new, tmp_path / "v3.safetensors", {"format_version": "3"}))
+    bad = {"predictor.feature_mean": torch.zeros(model.spec.features + 1)}
+    with pytest.raises(PredictorError, match=r"fm\.safetensors: predictor\.feature_mean must have shape \["):
+        load_predictor(_rewrite(new, tmp_path / "fm.safetensors", tensors=bad))
+
+
+def test_centred_features_tell_real_prompts_apart(tiny_backend):
+    """On the tiny model's real conditionings, the mean fitted on training prompts takes away what prompts
+    share: two different prompts' features are far less alike centred than uncentred, and the feature mean
+    is the mean of the training prompts' raw features."""
+    train = [
+        f"{n} {c} {s} on a {g} background"
+        for n in ("a", "three")
+        for c in ("red", "blue", "green", "yellow")
+        for s in ("circle", "square", "triangle")
+        for g in ("white", "striped")
+    ]
+    model = from_embedding(NegEmbedding(tiny_backend.null_embedding()[0].float(), "tiny"), "lowrank", 2)
+    two = tiny_backend.encode_prompts(["a red circle", "two purple squares on a checkered background"])
+
+    def cos():
+        f = model.features(two.crossattn, two.pooled, two.mask)
+        return float(torch.nn.functional.cosine_similarity(f[0], f[1], dim=0))
+
+    uncentred = cos()
+    assert fit_feature_mean(model, tiny_backend.encode_prompts, train, batch=5) == len(train)
+    centred = cos()
+    assert uncentred > 0.85 and centred < uncentred - 0.3, (uncentred, centred)
+    c = tiny_backend.encode_prompts(train)
+    raw = model.raw_features(c.crossattn, c.pooled, c.mask)
+    assert torch.allclose(model.feature_mean, raw.mean(0), atol=1e-5)
+    # at most `limit` prompts, evenly spaced: the same ones on every call
+    assert fit_feature_mean(model, tiny_backend.encode_prompts, train, limit=4) == 4
+    assert torch.allclose(model.feature_mean, raw[[0, 12, 24, 36]].mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match=r"feature mean is a finite \[64\], found \[3\]"):
+        model.set_feature_mean(torch.zeros(3))
 
 
 def test_refusals_name_file_expected_and_found(tmp_path):
@@ -248,6 +356,9 @@ def test_train_predictor_files_and_exact_resume(tmp_path, tiny_pipeline_dir, tin
     assert float(model.mix.abs().sum()) > 0  # the correction moved away from zero
     glob = load_embedding(full / "embedding.safetensors")
     assert torch.equal(glob.tensor, model.base)
+    # centred by default: the feature mean fitted on the 4 training prompts, stored in the file
+    assert model.metadata["predictor_features"] == "centred" and model.metadata["feature_mean_prompts"] == "4"
+    assert float(model.feature_mean.abs().sum()) > 0
     # the same run stopped after its step-2 checkpoint, then resumed: bit for bit the same predictor
     assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 2)) == 0
     assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 4, ["--resume"])) == 0
@@ -257,6 +368,35 @@ def test_train_predictor_files_and_exact_resume(tmp_path, tiny_pipeline_dir, tin
     # a different --predictor-rank can not resume this run
     rc = main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 6, ["--resume", "--predictor-rank", "3"]))
     assert rc == 2 and "--predictor-rank" in capsys.readouterr().err
+    rc = main(
+        _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 6, ["--resume", "--predictor-features", "mean"])
+    )
+    assert rc == 2 and "--predictor-features" in capsys.readouterr().err
+
+
+def test_train_predictor_uncentred_and_old_checkpoints(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
+    """``--predictor-features mean`` leaves the feature mean zero (the features of format version 1); a
+    checkpoint written before the feature mean (none in it, none in its config) resumes only uncentred."""
+    from reneg.cli import main
+
+    out = tmp_path / "mean"
+    extra = ["--predictor-features", "mean"]
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, 2, extra)) == 0
+    model = load_predictor(out / "predictor.safetensors")
+    assert model.metadata["predictor_features"] == "mean" and model.metadata["feature_mean_prompts"] == "0"
+    assert torch.equal(model.feature_mean, torch.zeros(64)) and float(model.mix.abs().sum()) > 0
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["predictor"]["feature_mean"]
+    cfg = json.loads(state["config"])
+    del cfg["predictor_features"]
+    state["config"] = json.dumps(cfg, sort_keys=True)
+    torch.save(state, ckpt)
+    rc = main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, 4, ["--resume"]))
+    assert rc != 0 and "resume it with --predictor-features mean" in capsys.readouterr().err
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, 4, ["--resume", *extra])) == 0
+    resumed = load_predictor(out / "predictor.safetensors")
+    assert resumed.metadata["trained_steps"] == "4" and torch.equal(resumed.feature_mean, torch.zeros(64))
 
 
 def test_eval_and_tune_take_a_predictor(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, tiny_backend):

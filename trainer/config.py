@@ -87,6 +87,7 @@ class TrainConfig:
     predictor: str | None = None  # lowrank | xattn
     predictor_rank: int = 4
     predictor_reg: float = 0.01
+    predictor_features: str = "centred"  # centred (on the training prompts' mean) | mean (uncentred, as v1)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -383,6 +384,14 @@ def add_predictor_args(p) -> None:
         metavar="W",
         help="weight of the correction's mean square in the loss (regularisation towards the global negative)",
     )
+    p.add_argument(
+        "--predictor-features",
+        choices=("centred", "mean"),
+        default="centred",
+        help="how the predictor reads the prompt: centred (default: the training prompts' mean feature taken "
+        "away before the layer norm, stored in the file) or mean (uncentred, as predictor files of format "
+        "version 1 do)",
+    )
 
 
 def check_predictor_args(cfg) -> None:
@@ -398,6 +407,8 @@ def check_predictor_args(cfg) -> None:
     w = cfg.predictor_reg
     if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise OptionError(f"--predictor-reg must be a finite number >= 0, got {w}")
+    if getattr(cfg, "predictor_features", "centred") not in ("centred", "mean"):
+        raise OptionError(f"--predictor-features must be centred or mean, got {cfg.predictor_features!r}")
     for flag, bad in (
         ("--keep-best-by", cfg.keep_best_by),
         ("--monitor-reward", cfg.monitor_rewards),
@@ -541,6 +552,7 @@ RESUME_MUST_MATCH = (
     "predictor",
     "predictor_rank",
     "predictor_reg",
+    "predictor_features",
     "monitor_names",
     "keep_best_by",
     "tokens",

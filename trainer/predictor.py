@@ -5,10 +5,13 @@ The same samples as a global run (each micro-batch's prompts, noise and grad ste
 the predictor's output for that sample's prompt, so one step trains the global negative and the
 prompt-dependent correction together. ``--predictor-reg W`` adds ``W x`` the correction's mean square
 (towards the global negative). ``--init`` (null, handcrafted or a trained global embedding) is the global
-negative it starts from; the correction starts at zero. Exact resume holds as for the global trainer (the
-checkpoint holds every tensor of the predictor and the optimizer's state; tested). Under several processes
-the gradients of every tensor are averaged across processes as the global trainer averages its embedding's,
-but that a 2-process run takes the same step as one process is not yet tested for the predictor.
+negative it starts from; the correction starts at zero. Before the first step the predictor's
+``feature_mean`` is fitted on the training prompts (at most 512 of them, evenly spaced, every process the
+same ones) with ``--predictor-features centred``, the default; ``mean`` leaves it zero (the uncentred
+features of format version 1). Exact resume holds as for the global trainer (the checkpoint holds every
+tensor of the predictor, the feature mean among them, and the optimizer's state; tested). Under several
+processes the gradients of every tensor are averaged across processes as the global trainer averages its
+embedding's; a 2-process run takes the same step as one process (tests/test_predictor.py, slow).
 
 Writes ``OUT/predictor.safetensors`` (the predictor, its global negative inside), ``OUT/embedding.safetensors``
 (that global negative alone, usable anywhere an embedding is), ``OUT/checkpoint.pt``, ``OUT/log.csv`` and
@@ -28,7 +31,7 @@ from reneg.embedding import save_embedding
 from reneg.fileio import OutputError, atomic_torch_save, atomic_write_json
 from reneg.generate import as_embedding
 from reneg.objective import grad_step_loss
-from reneg.predictor import from_embedding, predicted_cond, predicted_scores, save_predictor
+from reneg.predictor import fit_feature_mean, from_embedding, predicted_cond, predicted_scores, save_predictor
 from reneg.sampling import initial_latent, is_flow
 
 from .checkpoint import CHECKPOINT_NAME, EMBEDDING_NAME, find_resume, load_checkpoint
@@ -44,6 +47,11 @@ def predictor_loop(cfg, acc, main: bool) -> dict:
     run = setup_run(cfg, acc, main)  # models, prompts, the --init negative as run.neg
     backend, device = run.backend, run.device
     model = from_embedding(as_embedding(backend, run.neg), cfg.predictor, cfg.predictor_rank, seed=cfg.seed)
+    features = getattr(cfg, "predictor_features", "centred")
+    fitted = 0
+    if features == "centred":  # what every training prompt shares, taken away from each prompt's features
+        with torch.no_grad():
+            fitted = fit_feature_mean(model, backend.encode_prompts, run.train_texts, batch=max(1, cfg.eval_batch))
     model = model.to(device)
     params = [p for _, p in model.named_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -51,16 +59,17 @@ def predictor_loop(cfg, acc, main: bool) -> dict:
     start, skipped, history = 0, 0, []
     path = find_resume(cfg.out, cfg.resume) if cfg.resume else None
     if path:
-        start, skipped, history = _resume(path, model, opt, sched)
+        start, skipped, history = _resume(path, model, opt, sched, features)
     from .config import resume_fingerprint
 
     saved_config = dict(cfg.to_json(), **resume_fingerprint(cfg))
     log = CsvLog(os.path.join(cfg.out, "log.csv"), start, LOG_FIELDS) if main else None
-    meta = _metadata(cfg)
+    meta = dict(_metadata(cfg), predictor_features=features, feature_mean_prompts=fitted)
     if main and cfg.progress:
         print(
             f"reneg train: predictor {cfg.predictor} rank {cfg.predictor_rank} "
-            f"({model.num_parameters()} parameters beside the global negative)",
+            f"({model.num_parameters()} parameters beside the global negative), "
+            + (f"features centred on {fitted} training prompts" if fitted else "features uncentred"),
             flush=True,
         )
     t0 = time.time()
@@ -103,7 +112,13 @@ def predictor_loop(cfg, acc, main: bool) -> dict:
             "kind": "predictor",
             "steps": cfg.steps,
             "family": backend.family,
-            "predictor": {"architecture": cfg.predictor, "rank": cfg.predictor_rank, "reg": cfg.predictor_reg},
+            "predictor": {
+                "architecture": cfg.predictor,
+                "rank": cfg.predictor_rank,
+                "reg": cfg.predictor_reg,
+                "features": features,
+                "feature_mean_prompts": fitted,
+            },
             "parameters": model.num_parameters(),
             "heldout": {k: v for k, v in rec.items() if k not in ("step", "per_prompt")},
             "heldout_per_prompt": rec["per_prompt"],
@@ -257,10 +272,18 @@ def _json(v) -> str:
     return json.dumps(v, sort_keys=True)
 
 
-def _resume(path: str, model, opt, sched) -> tuple[int, int, list]:
+def _resume(path: str, model, opt, sched, features: str = "centred") -> tuple[int, int, list]:
     state = load_checkpoint(path)
     pred = state.get("predictor")
     want = model.state_dict()
+    if isinstance(pred, dict) and "feature_mean" not in pred and set(pred) == set(want) - {"feature_mean"}:
+        # a checkpoint written before the features were centred: it goes on as it was trained, uncentred
+        if features != "mean":
+            raise ValueError(
+                f"{path}: this predictor checkpoint has no feature_mean (written before the features were "
+                "centred); resume it with --predictor-features mean"
+            )
+        pred = dict(pred, feature_mean=torch.zeros_like(want["feature_mean"]))
     if not isinstance(pred, dict) or set(pred) != set(want):
         raise ValueError(
             f"{path}: not a --predictor checkpoint of this predictor (expected tensors "
