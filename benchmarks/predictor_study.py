@@ -93,8 +93,8 @@ def main(argv=None) -> int:
         "--features",
         nargs="+",
         choices=("centred", "mean"),
-        default=["centred"],
-        help="--predictor-features of the predictor runs (centred mean: both, compared paired)",
+        default=["mean"],
+        help="--predictor-features of the predictor runs (default mean, the trainer's; centred mean: both, compared paired)",
     )
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--reg", type=float, default=0.01)

@@ -347,7 +347,8 @@ def test_train_predictor_files_and_exact_resume(tmp_path, tiny_pipeline_dir, tin
     from reneg.cli import main
 
     full, part = tmp_path / "full", tmp_path / "part"
-    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, full, 4)) == 0, capsys.readouterr().err
+    c = ["--predictor-features", "centred"]
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, full, 4, c)) == 0, capsys.readouterr().err
     summary = json.loads((full / "summary.json").read_text())
     assert summary["kind"] == "predictor" and set(summary["heldout"]) == {"null", "global", "predictor"}
     assert len(summary["heldout_per_prompt"]) == 2
@@ -356,17 +357,19 @@ def test_train_predictor_files_and_exact_resume(tmp_path, tiny_pipeline_dir, tin
     assert float(model.mix.abs().sum()) > 0  # the correction moved away from zero
     glob = load_embedding(full / "embedding.safetensors")
     assert torch.equal(glob.tensor, model.base)
-    # centred by default: the feature mean fitted on the 4 training prompts, stored in the file
+    # centred: the feature mean fitted on the 4 training prompts, stored in the file
     assert model.metadata["predictor_features"] == "centred" and model.metadata["feature_mean_prompts"] == "4"
     assert float(model.feature_mean.abs().sum()) > 0
     # the same run stopped after its step-2 checkpoint, then resumed: bit for bit the same predictor
-    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 2)) == 0
-    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 4, ["--resume"])) == 0
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 2, c)) == 0
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 4, [*c, "--resume"])) == 0
     resumed = load_predictor(part / "predictor.safetensors")
     for (n, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
     # a different --predictor-rank can not resume this run
-    rc = main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 6, ["--resume", "--predictor-rank", "3"]))
+    rc = main(
+        _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 6, [*c, "--resume", "--predictor-rank", "3"])
+    )
     assert rc == 2 and "--predictor-rank" in capsys.readouterr().err
     rc = main(
         _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, part, 6, ["--resume", "--predictor-features", "mean"])
@@ -375,8 +378,9 @@ def test_train_predictor_files_and_exact_resume(tmp_path, tiny_pipeline_dir, tin
 
 
 def test_train_predictor_uncentred_and_old_checkpoints(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, capsys):
-    """``--predictor-features mean`` leaves the feature mean zero (the features of format version 1); a
-    checkpoint written before the feature mean (none in it, none in its config) resumes only uncentred."""
+    """``--predictor-features mean`` (the default) leaves the feature mean zero (the features of format
+    version 1); a checkpoint written before the feature mean (none in it, none in its config) resumes only
+    uncentred."""
     from reneg.cli import main
 
     out = tmp_path / "mean"
@@ -386,15 +390,17 @@ def test_train_predictor_uncentred_and_old_checkpoints(tmp_path, tiny_pipeline_d
     assert model.metadata["predictor_features"] == "mean" and model.metadata["feature_mean_prompts"] == "0"
     assert torch.equal(model.feature_mean, torch.zeros(64)) and float(model.mix.abs().sum()) > 0
     ckpt = out / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     del state["predictor"]["feature_mean"]
     cfg = json.loads(state["config"])
     del cfg["predictor_features"]
     state["config"] = json.dumps(cfg, sort_keys=True)
     torch.save(state, ckpt)
-    rc = main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, 4, ["--resume"]))
+    rc = main(
+        _train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, 4, ["--resume", "--predictor-features", "centred"])
+    )
     assert rc != 0 and "resume it with --predictor-features mean" in capsys.readouterr().err
-    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, 4, ["--resume", *extra])) == 0
+    assert main(_train_args(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, out, 4, ["--resume"])) == 0  # the default
     resumed = load_predictor(out / "predictor.safetensors")
     assert resumed.metadata["trained_steps"] == "4" and torch.equal(resumed.feature_mean, torch.zeros(64))
 

@@ -87,7 +87,7 @@ class TrainConfig:
     predictor: str | None = None  # lowrank | xattn
     predictor_rank: int = 4
     predictor_reg: float = 0.01
-    predictor_features: str = "centred"  # centred (on the training prompts' mean) | mean (uncentred, as v1)
+    predictor_features: str = "mean"  # mean (uncentred, as v1) | centred (on the training prompts' mean)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -387,10 +387,10 @@ def add_predictor_args(p) -> None:
     p.add_argument(
         "--predictor-features",
         choices=("centred", "mean"),
-        default="centred",
-        help="how the predictor reads the prompt: centred (default: the training prompts' mean feature taken "
-        "away before the layer norm, stored in the file) or mean (uncentred, as predictor files of format "
-        "version 1 do)",
+        default="mean",
+        help="how the predictor reads the prompt: mean (default: uncentred, as predictor files of format "
+        "version 1 do) or centred (the training prompts' mean feature taken away before the layer norm, "
+        "stored in the file; prompt-specific corrections, but not better on the demo world: docs/predictor.md)",
     )
 
 
@@ -407,7 +407,7 @@ def check_predictor_args(cfg) -> None:
     w = cfg.predictor_reg
     if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise OptionError(f"--predictor-reg must be a finite number >= 0, got {w}")
-    if getattr(cfg, "predictor_features", "centred") not in ("centred", "mean"):
+    if getattr(cfg, "predictor_features", "mean") not in ("centred", "mean"):
         raise OptionError(f"--predictor-features must be centred or mean, got {cfg.predictor_features!r}")
     for flag, bad in (
         ("--keep-best-by", cfg.keep_best_by),

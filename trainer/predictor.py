@@ -7,7 +7,7 @@ prompt-dependent correction together. ``--predictor-reg W`` adds ``W x`` the cor
 (towards the global negative). ``--init`` (null, handcrafted or a trained global embedding) is the global
 negative it starts from; the correction starts at zero. Before the first step the predictor's
 ``feature_mean`` is fitted on the training prompts (at most 512 of them, evenly spaced, every process the
-same ones) with ``--predictor-features centred``, the default; ``mean`` leaves it zero (the uncentred
+same ones) with ``--predictor-features centred``; ``mean``, the default, leaves it zero (the uncentred
 features of format version 1). Exact resume holds as for the global trainer (the checkpoint holds every
 tensor of the predictor, the feature mean among them, and the optimizer's state; tested). Under several
 processes the gradients of every tensor are averaged across processes as the global trainer averages its
@@ -47,7 +47,7 @@ def predictor_loop(cfg, acc, main: bool) -> dict:
     run = setup_run(cfg, acc, main)  # models, prompts, the --init negative as run.neg
     backend, device = run.backend, run.device
     model = from_embedding(as_embedding(backend, run.neg), cfg.predictor, cfg.predictor_rank, seed=cfg.seed)
-    features = getattr(cfg, "predictor_features", "centred")
+    features = getattr(cfg, "predictor_features", "mean")
     fitted = 0
     if features == "centred":  # what every training prompt shares, taken away from each prompt's features
         with torch.no_grad():
