@@ -281,13 +281,17 @@ def save_predictor(path: str | os.PathLike, model: NegPredictor, overwrite: bool
             if not bool(torch.isfinite(t).all()):
                 raise PredictorError(f"{path}: the predictor's {name} has NaN/inf values; not written")
             tensors[f"predictor.{name}"] = t
-    tensors["predictor.feature_mean"] = model.feature_mean.detach().cpu().float()
-    if not bool(torch.isfinite(tensors["predictor.feature_mean"]).all()):
+    mean = model.feature_mean.detach().cpu().float()
+    if not bool(torch.isfinite(mean).all()):
         raise PredictorError(f"{path}: the predictor's feature_mean has NaN/inf values; not written")
+    # uncentred (a zero mean): format version 1, which a ReNeg from before the feature mean reads too
+    version = FORMAT_VERSION if bool(mean.any()) else "1"
+    if version != "1":
+        tensors["predictor.feature_mean"] = mean
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items() if v is not None}
     meta.update(
         format=FORMAT,
-        format_version=FORMAT_VERSION,
+        format_version=version,
         family=family,
         kind="predictor",
         architecture=spec.architecture,

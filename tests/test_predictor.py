@@ -4,6 +4,8 @@ read as before, real prompts told apart), and ``reneg train --predictor`` (its f
 
 from __future__ import annotations
 
+import copy
+
 import json
 import struct
 
@@ -205,8 +207,13 @@ def test_format_version_1_files_load_and_predict_as_before(tmp_path, fam, arch):
     one and gives exactly what version 1 computed; a version-1 file with a feature mean, or a version-2 file
     without one, is refused naming the file, what was expected and what was found."""
     model = _trained(from_embedding(_global(fam), arch, rank=2, seed=5))
+    # an uncentred predictor (a zero mean, the default) is written as version 1 itself
+    plain = tmp_path / "plain.safetensors"
+    save_predictor(plain, model)
+    assert load_predictor(plain).metadata["format_version"] == "1"
     new = tmp_path / "new.safetensors"
-    save_predictor(new, model)
+    save_predictor(new, _centred(copy.deepcopy(model)))
+    assert load_predictor(new).metadata["format_version"] == "2"
     old = _rewrite(new, tmp_path / "old.safetensors", {"format_version": "1"}, drop="predictor.feature_mean")
     back = load_predictor(old, expected_family=fam)
     assert back.metadata["format_version"] == "1" and torch.equal(back.feature_mean, torch.zeros(model.spec.features))
