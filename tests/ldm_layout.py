@@ -284,26 +284,38 @@ def full_size_table(family: str, vae: bool = True) -> dict:
     }
 
 
+def _wan_shared_name(k: str) -> str | None:
+    """Wan's own name of a diffusers ``AutoencoderKLWan`` tensor both Wan VAE layouts keep alike (the
+    quantisation convolutions, the heads, the middle blocks), or None for the down / up blocks."""
+    from reneg.backends.single_file.wan_vae import FIXED, MIDDLE, RESIDUAL
+
+    fixed = {v: k for k, v in FIXED.items()}
+    if k in fixed:
+        return fixed[k]
+    p = k.split(".")
+    if p[1] != "mid_block":
+        return None
+    res, mid = {v: k for k, v in RESIDUAL.items()}, {v: k for k, v in MIDDLE.items()}
+    rest = ".".join(p[4:])
+    return f"{p[0]}.middle.{mid[p[2] + '.' + p[3]]}.{res.get(rest, rest)}"
+
+
 def vae_to_wan21(sd: dict, config: dict) -> dict:
     """A diffusers ``AutoencoderKLWan`` / ``AutoencoderKLQwenImage`` state dict in the Wan 2.1 VAE's own layout
     (``qwen_image_vae.safetensors``, ``wan_2.1_vae.safetensors``): the inverse of diffusers'
     ``convert_wan_vae_to_diffusers`` (the tests check the round trip against it at the released config). The
     decoder's levels are flattened back into one ``upsamples`` sequence: ``num_res_blocks + 1`` residual blocks
     per level, then the level's resampling block."""
-    from reneg.backends.single_file.wan_vae import FIXED, RESIDUAL
+    from reneg.backends.single_file.wan_vae import RESIDUAL
 
     res = {v: k for k, v in RESIDUAL.items()}
-    fixed = {v: k for k, v in FIXED.items()}
     per = int(config["num_res_blocks"]) + 1
-    mid = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}
     out = {}
     for k, v in sd.items():
         p = k.split(".")
-        if k in fixed:
-            name = fixed[k]
-        elif p[1] == "mid_block":
-            rest = ".".join(p[4:])
-            name = f"{p[0]}.middle.{mid[p[2] + '.' + p[3]]}.{res.get(rest, rest)}"
+        name = _wan_shared_name(k)
+        if name is not None:
+            pass
         elif p[1] == "down_blocks":
             rest = ".".join(p[3:])
             name = f"encoder.downsamples.{p[2]}.{res.get(rest, rest)}"
@@ -325,11 +337,9 @@ def vae_to_wan22(sd: dict) -> dict:
     the heads and the quantisation convolutions as in Wan 2.1's layout. The inverse of the loader's
     ``wan22_vae_to_diffusers``; the names are checked against ComfyUI's own ``WanVAE`` (``comfy/ldm/wan/vae2_2.py``)
     in ``tests/test_wan_ti2v_files.py``."""
-    from reneg.backends.single_file.wan_vae import FIXED, RESIDUAL
+    from reneg.backends.single_file.wan_vae import RESIDUAL
 
     res = {v: k for k, v in RESIDUAL.items()}
-    fixed = {v: k for k, v in FIXED.items()}
-    mid = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}
     per: dict[tuple[str, int], int] = {}  # residual blocks per level: the resampling block comes after them
     for k in sd:
         p = k.split(".")
@@ -338,11 +348,9 @@ def vae_to_wan22(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         p = k.split(".")
-        if k in fixed:
-            name = fixed[k]
-        elif p[1] == "mid_block":
-            rest = ".".join(p[4:])
-            name = f"{p[0]}.middle.{mid[p[2] + '.' + p[3]]}.{res.get(rest, rest)}"
+        name = _wan_shared_name(k)
+        if name is not None:
+            pass
         elif p[1] in ("down_blocks", "up_blocks"):
             seq = "downsamples" if p[0] == "encoder" else "upsamples"
             if p[3] == "resnets":

@@ -84,6 +84,21 @@ def _residual(rest: str) -> str:
     return rest  # a resampling block's tensors (resample.1.*, time_conv.*) keep their names
 
 
+MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}  # a middle block's three parts
+
+
+def _shared_name(k: str) -> str | None:
+    """diffusers' name of a tensor both layouts keep alike (the quantisation convolutions, the heads, the
+    middle blocks), or None for the down / up sequences, where the layouts differ."""
+    if k in FIXED:
+        return FIXED[k]
+    if k.startswith(("encoder.middle.", "decoder.middle.")):
+        side, _, i, rest = k.split(".", 3)
+        name = MIDDLE.get(i)
+        return f"{side}.mid_block.{name}.{_residual(rest)}" if name else k
+    return None
+
+
 def _is_resample(rest: str) -> bool:
     return rest.startswith(("resample.", "time_conv."))
 
@@ -116,12 +131,9 @@ def wan21_vae_to_diffusers(sd: dict) -> dict:
             j += 1
     out = {}
     for k, v in sd.items():
-        if k in FIXED:
-            out[FIXED[k]] = v
-        elif k.startswith(("encoder.middle.", "decoder.middle.")):
-            side, _, i, rest = k.split(".", 3)
-            name = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}.get(i)
-            out[f"{side}.mid_block.{name}.{_residual(rest)}" if name else k] = v
+        shared = _shared_name(k)
+        if shared is not None:
+            out[shared] = v
         elif k.startswith("encoder.downsamples."):
             i, rest = k[len("encoder.downsamples.") :].split(".", 1)
             out[f"encoder.down_blocks.{i}.{_residual(rest)}"] = v
@@ -215,12 +227,9 @@ def wan22_vae_to_diffusers(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         p = k.split(".")
-        if k in FIXED:
-            out[FIXED[k]] = v
-        elif k.startswith(("encoder.middle.", "decoder.middle.")):
-            side, _, i, rest = k.split(".", 3)
-            name = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}.get(i)
-            out[f"{side}.mid_block.{name}.{_residual(rest)}" if name else k] = v
+        shared = _shared_name(k)
+        if shared is not None:
+            out[shared] = v
         elif (
             len(p) > 5
             and (p[0], p[1], p[3]) in (("encoder", "downsamples", "downsamples"), ("decoder", "upsamples", "upsamples"))
