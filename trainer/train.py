@@ -529,16 +529,12 @@ def token_start(cfg: TrainConfig, backend) -> tuple:
 
 def load_models(cfg: TrainConfig, device, main: bool) -> tuple:
     """The model, the training reward and (main process) the monitor rewards, set up as the flags say."""
-    from reneg.backends.loading import apply_model_options, check_clip_frames, clip_frames, load_diffusers, model_files
+    from reneg.backends.loading import load_run_model
     from reneg.frame_reward import per_frame
     from reneg.rewards import load_rewards
 
     dtype = weights_dtype(cfg.mixed_precision, device)
-    backend = load_diffusers(
-        cfg.model, device=device, dtype=dtype, frames=clip_frames(cfg.model, cfg.frames), **model_files(cfg)
-    )
-    check_clip_frames(backend, cfg.frames)
-    apply_model_options(backend, cfg.wan_experts, cfg.guidance_2, cfg.shift)
+    backend = load_run_model(cfg, device, dtype)
     if main:
         print(f"reneg train: model {backend.describe()}", flush=True)
     reward = load_rewards(cfg.rewards, device=device, dtype=dtype)

@@ -149,14 +149,7 @@ def check_tune_out(out: str, overwrite: bool) -> None:
 
 def run_tune(ns) -> dict:
     validate_tune(ns)
-    from reneg.backends.loading import (
-        apply_model_options,
-        check_clip_frames,
-        clip_frames,
-        load_diffusers,
-        model_files,
-        weights_dtype,
-    )
+    from reneg.backends.loading import load_run_model, weights_dtype
     from reneg.frame_reward import per_frame
     from reneg.rewards import load_rewards, reward_files
 
@@ -165,13 +158,8 @@ def run_tune(ns) -> dict:
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mixed = getattr(ns, "mixed_precision", "no")
     dtype = weights_dtype(mixed, device)
-    frames = getattr(ns, "frames", 1)
-    backend = load_diffusers(
-        ns.model, device=device, dtype=dtype, frames=clip_frames(ns.model, frames), **model_files(ns)
-    )
-    check_clip_frames(backend, frames)
-    shift = getattr(ns, "shift", None)
-    apply_model_options(backend, getattr(ns, "wan_experts", "shared"), getattr(ns, "guidance_2", None), shift)
+    frames, shift = getattr(ns, "frames", 1), getattr(ns, "shift", None)
+    backend = load_run_model(ns, device, dtype)
     print(f"reneg tune: model {backend.describe()}", flush=True)
     reward = load_rewards(ns.rewards, device=device, dtype=dtype)
     for note in (backend.resolution_note(ns.resolution), backend.truncation_note([ns.prompt])):

@@ -295,6 +295,19 @@ def apply_model_options(
     return backend
 
 
+def load_run_model(opts, device, dtype):
+    """The model of a ``reneg train`` / ``reneg tune`` run as its options say: ``--model`` with its files
+    (:func:`model_files`), ``--frames`` (clips: a text-to-video model only), then ``--wan-experts``,
+    ``--guidance-2`` and ``--shift`` (:func:`apply_model_options`)."""
+    frames = getattr(opts, "frames", 1)
+    path = opts.model
+    backend = load_diffusers(path, device=device, dtype=dtype, frames=clip_frames(path, frames), **model_files(opts))
+    check_clip_frames(backend, frames)
+    return apply_model_options(
+        backend, getattr(opts, "wan_experts", "shared"), getattr(opts, "guidance_2", None), getattr(opts, "shift", None)
+    )
+
+
 def clip_frames(path: str, frames: int | None, flag: str = "--frames") -> int | None:
     """What :func:`load_diffusers` is given for ``--frames`` in train and tune: None for image mode (1), so
     that only a text-to-video model is asked for clips. A model that makes clips only (ZeroScope's
