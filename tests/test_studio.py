@@ -322,3 +322,81 @@ def test_front_end_imports_stay_light_and_listen_is_announced():
 
     assert "this machine only" in address_line("http://127.0.0.1:7860", False)
     assert "ALL NETWORK INTERFACES" in address_line("http://127.0.0.1:7860", True)
+
+
+def _studio_tune(studio, **values):
+    """The Tune tab run to its end with the form's ``values`` (the rest its defaults): the last update."""
+    from dataclasses import asdict
+
+    from reneg.studio.forms import TuneForm
+
+    v = dict(asdict(TuneForm()), **values)
+    updates = list(studio.tune(*[v[k] for k in TUNE_FIELDS]))
+    assert updates[-1][0].startswith("**Done"), updates[-1][0]
+    return updates[-1]
+
+
+def _cli_tune(tmp_path, name, args):
+    from reneg.cli import main
+
+    out = tmp_path / f"{name}.safetensors"
+    assert main(["tune", *args, "--out", str(out), "--device", "cpu"]) == 0
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_tune_tab_starts_and_samples_as_reneg_tune_does(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt):
+    """The Tune tab starts where ``reneg tune`` starts and samples what it samples: from a negative predictor
+    (its negative for the prompt, not a refusal), and on Wan clips with --frames and --shift (a clip's reward
+    the mean over its frames, the gallery a strip of frames); the start reward equals the command's, and the
+    saved file records the start's kind, the frames and the shift as the command's does."""
+    from reneg.embedding import NegEmbedding, load_embedding, save_embedding
+    from reneg.predictor import from_embedding, save_predictor
+    from reneg.tiny import build_tiny_wan
+
+    studio = Studio(demo=False, root=str(tmp_path))
+    reward = f"hpsv2={tiny_hps_ckpt}"
+    common = dict(rewards=reward, prompt="a red circle", seed="1", max_steps=1, patience=1, sampling_steps=3)
+    common.update(guidance=5.0, grad_lo=0, grad_hi=1, resolution=16)
+    cli = ["--reward", reward, "--prompt", "a red circle", "--seed", "1", "--max-steps", "1", "--patience", "1"]
+    cli += ["--sampling-steps", "3", "--guidance", "5", "--grad-range", "0", "1", "--resolution", "16"]
+
+    # a predictor as the start
+    from reneg.backends.loading import load_diffusers
+
+    null, _ = load_diffusers(tiny_pipeline_dir).null_embedding()
+    gpath = str(tmp_path / "glob.safetensors")
+    save_embedding(gpath, NegEmbedding(null.float(), "tiny"))
+    model = from_embedding(load_embedding(gpath), "xattn", 2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in ("up", "mix", "up_pooled"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    pred = str(tmp_path / "pred.safetensors")
+    save_predictor(pred, model)
+    final = _studio_tune(studio, model=tiny_pipeline_dir, embedding=pred, **common)
+    want = _cli_tune(tmp_path, "p", ["--model", tiny_pipeline_dir, "--embedding", pred, *cli])
+    assert final[3]["start_reward"] == pytest.approx(want["start_reward"], abs=1e-5)
+    glob = _cli_tune(tmp_path, "g", ["--model", tiny_pipeline_dir, "--embedding", gpath, *cli])
+    assert abs(want["start_reward"] - glob["start_reward"]) > 1e-6  # the predictor's own negative, not its global
+    saved = tmp_path / "kept-p.safetensors"
+    assert studio.tune_save(final[3], str(saved)).startswith("Saved")
+    assert load_embedding(saved).metadata["start_kind"] == "predictor"
+
+    # Wan clips with a shift
+    wan = build_tiny_wan(str(tmp_path / "wan21"))
+    final = _studio_tune(studio, model=wan, frames=5, shift="8", **common)
+    want = _cli_tune(tmp_path, "w", ["--model", wan, "--frames", "5", "--shift", "8", *cli])
+    assert final[3]["start_reward"] == pytest.approx(want["start_reward"], abs=1e-5)
+    image, caption = final[1][-1]
+    assert image.size[0] >= 5 * image.size[1] - 5 and caption.startswith("step 0")  # a strip of the clip's frames
+    saved = tmp_path / "kept-w.safetensors"
+    assert studio.tune_save(final[3], str(saved)).startswith("Saved")
+    meta = load_embedding(saved).metadata
+    assert (meta["frames"], float(meta["flow_shift"])) == ("5", 8.0)
+    # the Compare and Train forms carry the two fields to their commands
+    from reneg.studio.forms import eval_args, train_args
+
+    ev = EvalForm(model=wan, frames="9", shift="8")
+    assert "--frames=9" in eval_args(ev) and "--shift=8.0" in eval_args(ev)
+    assert not any(a.startswith(("--frames", "--shift")) for a in eval_args(EvalForm(model=wan)))
+    assert {"--frames=5", "--shift=8.0"} <= set(train_args(TrainForm(model=wan, frames=5, shift="8")))

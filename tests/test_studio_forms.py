@@ -407,3 +407,34 @@ def test_a_run_from_separate_files_keeps_its_parts_in_the_refilled_form():
         "--vae=v.safetensors",
         "--text-encoder=x=y.safetensors",
     ]
+
+
+def test_the_refilled_form_gives_back_every_setting_a_resume_must_match():
+    """Resume in the studio restarts a run (one started from the command line too) from its config: every
+    option a resumed run must match (trainer.config.RESUME_MUST_MATCH), set away from its default, comes
+    back from the refilled form as the same value, so Resume is never refused over a setting the page
+    dropped (Wan's clips and shift, NAG, a predictor, --tokens, ...)."""
+    from reneg.studio.forms import parse_command, TRAIN_NAMES
+    from reneg.trainer.config import RESUME_MUST_MATCH, train_config_from_args
+
+    given = [
+        "--model=/m/wan", "--reward=hpsv2=/m/hps.pt", "--prompts=/m/p.txt", "--out=/tmp/run",
+        "--seed=7", "--batch-size=4", "--micro-batch=2", "--sampling-steps=12", "--grad-range", "1", "5",
+        "--guidance=4.5+nag", "--nag-scale=3.0", "--nag-tau=2.0", "--nag-alpha=0.5", "--resolution=64",
+        "--frames=5", "--guidance-2=3.0", "--shift=8.0", "--wan-experts=per-expert", "--lr=0.01",
+        "--lr-schedule=constant", "--warmup=3", "--weight-decay=0.1", "--heldout-count=4", "--heldout-seed=9",
+        "--handcrafted=blurry", "--rollout-steps=4", "--grads-per-rollout=2", "--predictor=xattn",
+        "--predictor-rank=2", "--predictor-reg=0.1", "--predictor-features=centred", "--keep-best-by=diversity",
+        "--tokens=3",
+    ]  # fmt: skip
+    cfg = vars(train_config_from_args(parse_command("train", given, TRAIN_NAMES)))
+    form = runs.form_from_config(cfg, "/tmp/run")
+    back = vars(train_config_from_args(parse_command("train", runs.train_args(form), TRAIN_NAMES)))
+    skip = {"prompts_sha256", "heldout_sha256", "init_sha256", "monitor_names"}  # from files, not flags
+    for k in RESUME_MUST_MATCH:
+        if k in skip:
+            continue
+        assert k in cfg, k
+        assert back[k] == cfg[k], (k, back[k], cfg[k])
+    assert (back["frames"], back["shift"], back["guidance_mode"]) == (5, 8.0, "cfg+nag")
+    assert (form.frames, form.shift) == (5, "8.0")

@@ -147,6 +147,23 @@ def check_tune_out(out: str, overwrite: bool) -> None:
             pass
 
 
+def tune_start(backend, embedding: str | None, prompt: str) -> torch.Tensor:
+    """The negative a tune of ``prompt`` starts from, as ``--embedding`` says: a predictor file's
+    negative for this prompt, an embedding file's rows, or (empty) the null embedding. ``reneg tune``
+    and the studio's Tune tab both start here."""
+    from reneg.predictor import is_predictor_file, load_predictor
+
+    if embedding and is_predictor_file(embedding):  # the predicted negative of this prompt
+        model = load_predictor(embedding, expected_family=backend.family).to(backend.device)
+        c = backend.encode_prompts([prompt])
+        with torch.no_grad():
+            return model(c.crossattn, c.pooled, c.mask)[0].float()
+    if embedding:
+        # a T5 file's padding as zero rows: rows alone keep its mask
+        return load_embedding(embedding, expected_family=backend.family).model_rows().float()
+    return backend.null_embedding()[0]
+
+
 def run_tune(ns) -> dict:
     validate_tune(ns)
     from reneg.backends.loading import load_run_model, weights_dtype
@@ -177,18 +194,9 @@ def run_tune(ns) -> dict:
 
         parts = ", ".join(f"{name} ({parameter_count(n)} parameters)" for name, n in moved.items())
         print(f"reneg tune: --offload-text-encoder: the prompt encoded; moved {parts} to the CPU", flush=True)
-    from reneg.predictor import is_predictor_file, load_predictor
+    from reneg.predictor import is_predictor_file
 
-    if ns.embedding and is_predictor_file(ns.embedding):  # the predicted negative of this prompt
-        model = load_predictor(ns.embedding, expected_family=backend.family).to(device)
-        c = backend.encode_prompts([ns.prompt])
-        with torch.no_grad():
-            start = model(c.crossattn, c.pooled, c.mask)[0].float()
-    elif ns.embedding:
-        start_emb = load_embedding(ns.embedding, expected_family=backend.family)
-        start = start_emb.model_rows().float()  # a T5 file's padding as zero rows: rows alone keep its mask
-    else:
-        start, _ = backend.null_embedding()
+    start = tune_start(backend, ns.embedding, ns.prompt)
 
     def on_step(rec):
         print(f"step {rec['step']}: reward {rec['reward']:.5f} (best {rec['best_reward']:.5f})", flush=True)

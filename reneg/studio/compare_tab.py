@@ -104,6 +104,8 @@ def build(gr, studio) -> None:
                         e["guidance"] = number("guidance")
                     with gr.Row():
                         e["resolution"] = number("resolution")
+                        e["frames"] = text("frames")  # empty: the model's own count
+                        e["shift"] = text("shift")
                         e["batch"] = number("batch")
                         e["seed"] = gr.Textbox(elem_id="compare_seed", value=str(ed.seed), label=EVAL_LABELS["seed"])
                         e["device"] = text("device")

@@ -208,6 +208,8 @@ TRAIN = FormSpec(
         F("grad_lo", "grad step from (end)", "--grad-range", part=0),
         F("grad_hi", "grad step to", "--grad-range", part=1),
         F("resolution", "resolution", "--resolution"),
+        F("frames", "frames (text-to-video models; 1: images)", "--frames"),
+        F("shift", "flow shift (Wan; empty: the model's own)", "--shift"),
         F("init", "init (null, handcrafted or a file)", "--init"),
         F("seed", "seed", "--seed"),
         F("heldout_count", "held-out prompts", "--heldout-count"),
@@ -246,6 +248,8 @@ EVAL = FormSpec(
         F("sampling_steps", "DDIM steps", "--sampling-steps"),
         F("guidance", "CFG scale", "--guidance"),
         F("resolution", "resolution", "--resolution"),
+        F("frames", "frames (text-to-video models; empty: the model's own)", "--frames"),
+        F("shift", "flow shift (Wan; empty: the model's own)", "--shift"),
         F("batch", "batch", "--batch"),
         F("seed", "seed", "--seed"),
         F("device", "device", "--device"),
@@ -271,6 +275,8 @@ TUNE = FormSpec(
         F("grad_hi", "grad step to", "--grad-range", part=1),
         F("resolution", "resolution", "--resolution"),
         F("device", "device", "--device"),
+        F("frames", "frames (text-to-video models; 1: images)", "--frames"),
+        F("shift", "flow shift (Wan; empty: the model's own)", "--shift"),
     ],
 )
 del F
@@ -349,6 +355,8 @@ class TrainForm:
     grad_lo: int = TRAIN.field("grad_lo")
     grad_hi: int = TRAIN.field("grad_hi")
     resolution: int = TRAIN.field("resolution")
+    frames: int = TRAIN.field("frames")  # --frames: 1 (images) unless the model makes clips
+    shift: str = TRAIN.field("shift")  # --shift; empty: the model's own
     init: str = TRAIN.field("init")
     seed: int = TRAIN.field("seed")
     heldout_count: int = TRAIN.field("heldout_count")
@@ -402,6 +410,7 @@ def train_args(form: TrainForm) -> list[str]:
         n("grad_lo"),
         n("grad_hi"),
         f"--resolution={n('resolution')}",
+        f"--frames={n('frames')}",
         f"--init={_text(form.init) or 'null'}",
         f"--seed={n('seed')}",
         f"--heldout-count={n('heldout_count')}",
@@ -416,7 +425,13 @@ def train_args(form: TrainForm) -> list[str]:
         a.append(f"--device={_text(form.device)}")
     if _text(form.keep_best_by):
         a.append(f"--keep-best-by={_text(form.keep_best_by)}")
+    a += _shift_args(L["shift"], form.shift)
     return a + list(form.extra)
+
+
+def _shift_args(label: str, v) -> list[str]:
+    """``--shift`` for a Shift field's value: none when it is empty (the model's own shift)."""
+    return [] if v is None or _text(v) == "" else [f"--shift={real(label, v)!r}"]
 
 
 def check_train(form: TrainForm, resume: bool = False) -> list[str]:
@@ -502,6 +517,8 @@ class TuneForm:
     grad_hi: int = TUNE.field("grad_hi")
     resolution: int = TUNE.field("resolution")
     device: str = TUNE.field("device")
+    frames: int = TUNE.field("frames")
+    shift: str = TUNE.field("shift")
 
 
 def tune_args(v: dict) -> list[str]:
@@ -535,7 +552,9 @@ def tune_args(v: dict) -> list[str]:
         n("grad_lo"),
         n("grad_hi"),
         f"--resolution={n('resolution')}",
+        f"--frames={whole(L['frames'], v.get('frames', 1))}",
     ]
+    a += _shift_args(L["shift"], v.get("shift"))
     if _text(v["device"]):
         a.append(f"--device={_text(v['device'])}")
     return a
@@ -577,6 +596,8 @@ class EvalForm:
     sampling_steps: int = EVAL.field("sampling_steps")
     guidance: float = EVAL.field("guidance")
     resolution: int = EVAL.field("resolution")
+    frames: str = EVAL.field("frames")  # empty: the model's own (81 for Wan, 16 for other video models)
+    shift: str = EVAL.field("shift")
     batch: int = EVAL.field("batch")
     seed: int = EVAL.field("seed")
     device: str = EVAL.field("device")
@@ -608,6 +629,9 @@ def eval_args(form: EvalForm) -> list[str]:
     ]
     if form.limit not in (None, "") and whole(L["limit"], form.limit) != 0:
         a.append(f"--limit={n('limit')}")
+    if form.frames is not None and _text(form.frames) != "":  # empty: the model's own count
+        a.append(f"--frames={n('frames')}")
+    a += _shift_args(L["shift"], form.shift)
     if _text(form.device):
         a.append(f"--device={_text(form.device)}")
     return a

@@ -62,6 +62,17 @@ _EXTRA_FLAGS = (
     ("grads_per_rollout", "--grads-per-rollout"),
     ("max_bad_steps", "--max-bad-steps"),
     ("prediction_type", "--prediction-type"),
+    # what else a resumed run must match (trainer.config.RESUME_MUST_MATCH) that the form has no field for
+    ("guidance_2", "--guidance-2"),
+    ("wan_experts", "--wan-experts"),
+    ("nag_scale", "--nag-scale"),
+    ("nag_tau", "--nag-tau"),
+    ("nag_alpha", "--nag-alpha"),
+    ("predictor", "--predictor"),
+    ("predictor_rank", "--predictor-rank"),
+    ("predictor_reg", "--predictor-reg"),
+    ("predictor_features", "--predictor-features"),
+    ("tokens", "--tokens"),
 )
 
 
@@ -82,6 +93,9 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
         for k in ("gradient_checkpointing", "offload_text_encoder", "channels_last")
         if cfg.get(k) is True
     ]
+    mode = cfg.get("guidance_mode") or "cfg"
+    if mode != "cfg":  # after the form's CFG scale, so that it sets the mode: nag or SCALE+nag
+        extra.append("--guidance=nag" if mode == "nag" else f"--guidance={float(g('guidance'))!r}+nag")
     return TrainForm(
         model=cfg.get("model") or "",
         config=cfg.get("config") or "",
@@ -101,6 +115,8 @@ def form_from_config(cfg: dict, out: str) -> TrainForm:
         grad_lo=grad[0],
         grad_hi=grad[1],
         resolution=g("resolution"),
+        frames=g("frames"),
+        shift="" if cfg.get("shift") is None else repr(float(cfg["shift"])),
         init=g("init"),
         seed=g("seed"),
         heldout_count=g("heldout_count"),

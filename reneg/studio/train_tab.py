@@ -34,6 +34,7 @@ class TrainTab:
             "init",
             "device",
             "keep_best_by",
+            "shift",
         ):
             lines = k in ("rewards", "monitor_rewards")
             setattr(form, k, (getattr(form, k) or "").strip() if not lines else getattr(form, k) or "")
@@ -272,6 +273,9 @@ def build(gr, studio, app) -> None:
                         c["init"] = text("init")
                         c["seed"] = gr.Textbox(elem_id="train_seed", value=str(t.seed), label=TRAIN_LABELS["seed"])
                         c["heldout_count"] = number("heldout_count")
+                    with gr.Row():  # text-to-video models (Wan, ZeroScope): clips and Wan's flow shift
+                        c["frames"] = number("frames")
+                        c["shift"] = text("shift")
                     with gr.Row():
                         c["checkpoint_every"] = number("checkpoint_every")
                         c["eval_every"] = number("eval_every")

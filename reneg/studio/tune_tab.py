@@ -38,21 +38,25 @@ class TuneTab:
             )
         return d
 
-    def _models_for(self, model, config, rewards, device, parts: dict | None = None):
+    def _models_for(self, ns):
+        """The model and rewards of the Tune form's ``ns``, loaded as ``reneg tune`` loads them
+        (:func:`reneg.backends.loading.load_run_model`: its files, --frames, --shift) and kept loaded
+        while the form asks for the same ones."""
         import torch
 
-        from reneg.backends.loading import load_diffusers
+        from reneg.backends.loading import load_run_model, model_files
         from reneg.rewards import load_rewards
 
-        parts = {k: v for k, v in (parts or {}).items() if k != "config"}
+        parts = {k: v for k, v in model_files(ns).items() if k != "config"}
         frozen = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(parts.items()))
-        key = (model, config or None, frozen, tuple(rewards), device or "")
+        model_opts = tuple(getattr(ns, k, None) for k in ("frames", "shift", "wan_experts", "guidance_2"))
+        key = (ns.model, ns.config or None, frozen, model_opts, tuple(ns.rewards), ns.device or "")
         with self._models_lock:
             if key not in self._models:
                 self._models.clear()  # one model set in memory at a time
-                dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-                backend = load_diffusers(model, device=dev, config=config or None, **parts)
-                self._models[key] = (backend, load_rewards(list(rewards), device=dev))
+                dev = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                backend = load_run_model(ns, dev, torch.float32)
+                self._models[key] = (backend, load_rewards(list(ns.rewards), device=dev))
             return self._models[key]
 
     def check_tune(self, v: dict):
@@ -70,20 +74,20 @@ class TuneTab:
             return
         yield "Loading the models...", [], [], None
         try:
-            from reneg.backends.loading import model_files
+            from reneg.frame_reward import per_frame
+            from reneg.nag import guidance_of
+            from reneg.trainer.tune import tune_start
 
-            backend, reward = self._models_for(ns.model, ns.config, ns.rewards, ns.device, model_files(ns))
-            from reneg.embedding import load_embedding
-
-            if ns.embedding:
-                start = load_embedding(ns.embedding, expected_family=backend.family).tensor.float()
-            else:
-                start, _ = backend.null_embedding()
+            backend, reward = self._models_for(ns)
+            # as reneg tune starts: a predictor's negative for this prompt, an embedding file's rows, or null
+            start = tune_start(backend, ns.embedding, ns.prompt)
+            guidance = guidance_of(ns, backend.family)
         except Exception as e:  # noqa: BLE001 - the page shows every error as one line
             yield _err(e), [], [], None
             return
         q: queue.Queue = queue.Queue()
-        capture = _ImageCapture(reward)
+        frames = getattr(ns, "frames", 1) or 1
+        capture = _ImageCapture(per_frame(reward, frames))  # --frames: a clip's reward, its frames' mean
 
         def on_step(rec):
             q.put(("step", dict(rec), capture.last))
@@ -99,7 +103,7 @@ class TuneTab:
                     ns.seed,
                     start.to(backend.device),
                     ns.sampling_steps,
-                    float(ns.guidance),
+                    guidance,
                     ns.grad_range,
                     ns.resolution,
                     ns.resolution,
@@ -122,10 +126,11 @@ class TuneTab:
                     [a["step"], round(a["reward"], 5), round(a["best_reward"], 5), "yes" if a["improved"] else ""]
                 )
                 if b is not None:
-                    from reneg.trainer.events import to_pil
+                    from reneg.trainer.events import filmstrips, to_pil
 
-                    im = to_pil(b)[0]
-                    im = im.resize((max(256, im.width), max(256, im.height)), 0)
+                    im = to_pil(filmstrips(b, frames))[0]  # a clip as a strip of its frames
+                    k = max(1, -(-256 // min(im.width, im.height)))  # at least 256 px, a strip's shape kept
+                    im = im.resize((im.width * k, im.height * k), 0)
                     gallery.append((im, f"step {a['step']}: reward {a['reward']:.4f}"))
                 # numbered as reneg tune numbers them: step 0 scores the start, step k follows k updates
                 status = (
@@ -138,6 +143,7 @@ class TuneTab:
                 return
             else:
                 from reneg.generate import as_embedding
+                from reneg.predictor import is_predictor_file
 
                 res = a
                 emb = as_embedding(backend, res.best)
@@ -152,6 +158,9 @@ class TuneTab:
                     "guidance": float(ns.guidance),
                     "steps": len(res.history),
                     "start": os.path.basename(ns.embedding) or "null",
+                    "start_kind": "predictor" if ns.embedding and is_predictor_file(ns.embedding) else None,
+                    "frames": frames if frames > 1 else None,
+                    "flow_shift": getattr(ns, "shift", None),
                     "start_reward": res.start_reward,
                     "best_reward": res.best_reward,
                 }
@@ -193,6 +202,9 @@ class TuneTab:
                 lr=r["lr"],
                 guidance_scale=r["guidance"],
                 start_embedding=r["start"],
+                start_kind=r.get("start_kind"),
+                frames=r.get("frames"),
+                flow_shift=r.get("flow_shift"),
                 start_reward=r["start_reward"],
                 best_reward=r["best_reward"],
             )
@@ -268,6 +280,9 @@ def build(gr, studio) -> None:
                             elem_id="tune_resolution", value=td["resolution"], label=TUNE_LABELS["resolution"]
                         )
                         u["device"] = gr.Textbox(elem_id="tune_device", value=td["device"], label=TUNE_LABELS["device"])
+                    with gr.Row():  # text-to-video models (Wan, ZeroScope): clips and Wan's flow shift
+                        u["frames"] = gr.Number(elem_id="tune_frames", value=td["frames"], label=TUNE_LABELS["frames"])
+                        u["shift"] = gr.Textbox(elem_id="tune_shift", value=td["shift"], label=TUNE_LABELS["shift"])
                 tune_b = gr.Button("Tune", variant="primary", elem_id="tune_start")
                 with gr.Row():
                     save_path = gr.Textbox(
