@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         base = [emb_scores(gpath, [t], [s])[0] for t, s in items]
         third = max(1, round(ns.tune_steps / 3))
 
-        def run_tune(label, start_of, max_steps):
+        def run_tune(label, start_of, max_steps, negatives=None):
             kept, calls, t0 = [], [], time.time()
             for text, s in items:
                 meter = ComputeMeter()
@@ -271,10 +271,13 @@ def main(argv=None) -> int:
                 )  # fmt: skip
                 kept.append(res.final_reward if res.final_reward is not None else res.best_reward)
                 calls.append(meter.unet_calls())
+                if negatives is not None:
+                    negatives.append(res.best.detach())
             log(f"tune {label}: {time.time() - t0:.0f} s")
             return {"kept": kept, "unet_calls": sum(calls) / len(calls)}
 
-        tune["global_full"] = run_tune("full", lambda t: gstart, ns.tune_steps)
+        tuned = []  # the full tune's kept negatives, one per item
+        tune["global_full"] = run_tune("full", lambda t: gstart, ns.tune_steps, tuned)
         tune["global_third"] = run_tune("third", lambda t: gstart, third)
         for a in names:
             model = load_predictor(runs[(a, seed)]["predictor_file"])
@@ -300,6 +303,26 @@ def main(argv=None) -> int:
                 "vs_full": mean_ci(paired_differences(v["kept"], tune["global_full"]["kept"])),
             }
         result["tune"] = {"prompts": tune_prompts, "training_seed": seed, "third_steps": third, "rows": rows}
+        # How much of a tune's gain belongs to the prompt and how much to its one noise: each kept negative
+        # on the --eval-seeds image seeds of its prompt (seeds it was not tuned on, the main comparison's),
+        # against the global negative and the predictors on the same images. No negative read from the
+        # prompt alone can be expected to keep more than the prompt's part.
+        n = len(prompts)  # training seed seeds[0]'s block of the main comparison comes first
+        pos = [i * eval_seeds + k for text, _ in items for i in [texts.index(text)] for k in range(eval_seeds)]
+        other = []
+        for (text, _), neg in zip(items, tuned):
+            ss = [iseeds[texts.index(text) * eval_seeds + k] for k in range(eval_seeds)]
+            other += generate_and_score(
+                backend, reward, [text] * eval_seeds, ss, backend.negative_cond(neg), *args
+            ).tolist()
+        glob = [scores["global"][:n][i] for i in pos]
+        transfer = {"tuned_on_other_seeds": mean_ci(paired_differences(other, glob))}
+        for a in names:
+            transfer[a] = mean_ci(paired_differences([scores[a][:n][i] for i in pos], glob))
+        g = transfer["tuned_on_other_seeds"]["mean"]
+        transfer["prompt_share_of_full_gain"] = g / full_gain["mean"] if full_gain["mean"] else None
+        transfer["images"] = len(other)
+        result["tune"]["transfer"] = transfer
     result["command"] = " ".join([sys.executable] + sys.argv)
     result["seconds"] = round(time.time() - t_start)
     from reneg.fileio import atomic_write_json, atomic_write_text
@@ -382,6 +405,22 @@ def table(r: dict) -> str:
             )
             share = "" if v["share_of_full_gain"] is None else f"{v['share_of_full_gain']:.2f}"
             out.append(f"| {label} | {v['unet_calls']:.0f} | {_ci(v['gain_over_global'])} | {share} |")
+        tr = t.get("transfer")
+        if tr:
+            share = tr["prompt_share_of_full_gain"]
+            preds = "; ".join(
+                f"predictor {_label(a)} {_ci(d)}"
+                for a, d in tr.items()
+                if isinstance(d, dict) and a != "tuned_on_other_seeds"
+            )
+            out += [
+                "",
+                f"The prompt's part of a tune's gain: each full tune's kept negative on {tr['images'] // t['prompts']} "
+                f"other image seeds of its prompt ({tr['images']} images), minus the global negative on the same "
+                f"images: {_ci(tr['tuned_on_other_seeds'])}"
+                + ("" if share is None else f", {share:.2f} of the full tune's gain on its own image")
+                + f"; on the same images {preds}.",
+            ]
     for a, v in r["arch"].items():
         top = ", ".join(f"{t!r} {m:.3f}" for t, m in v["moves"][:3])
         low = ", ".join(f"{t!r} {m:.3f}" for t, m in v["moves"][-3:])

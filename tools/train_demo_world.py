@@ -1294,6 +1294,54 @@ def _resume_stage(path: Path, make, key: str, name: str):
     return model, state["info"]
 
 
+def text_stage(tok, caps: Sequence[str], seed: int, info: Dict[str, Any]):
+    """The frozen, randomly initialised (seeded) CLIP text encoder and every caption's conditioning:
+    ``(te, cond_table, cap_idx, empty_cond)``."""
+    torch.manual_seed(seed + 6)
+    te = make_text_encoder().eval()
+    te.requires_grad_(False)
+    # tokens that never occur in the world: zero rows (keeps the files compressible; world prompts unchanged)
+    keep = world_token_ids(tok)
+    info["n_world_tokens"] = len(keep)
+    with torch.no_grad():
+        w = te.get_input_embeddings().weight
+        mask = torch.ones(w.shape[0], dtype=torch.bool)
+        mask[keep] = False
+        w[mask] = 0
+    te.half().float()  # train on exactly the weights that ship (fp16)
+    uniq = sorted(set(caps))
+    where = {c: i for i, c in enumerate(uniq)}
+    cond_table = encode_captions(te, tok, uniq)
+    cap_idx = torch.tensor([where[c] for c in caps])
+    empty_cond = encode_captions(te, tok, [""])[0]
+    log("text encoder: %d distinct captions encoded" % len(uniq))
+    return te, cond_table, cap_idx, empty_cond
+
+
+def diffusion_only(out: Path, work: Path, cfg: Dict[str, Any], seed: int, named_fraction: float) -> None:
+    """Retrain the UNet alone (stage 3) on the VAE and text encoder already in ``out/pipeline``, with the
+    captions naming ``named_fraction`` of the degraded images, and rewrite ``out/pipeline``: an experiment on
+    the world's captions that keeps the VAE, the reward and the judges (the images are the same; only
+    which captions name their degradation changes). CARD.md is not rewritten."""
+    pipe = load_pipeline(out / "pipeline")  # the shipped VAE (fp16 on disk, fp32 here)
+    vae = pipe.vae
+    tok = build_tokenizer(work / "tokenizer")
+    imgs, caps, clean, metas = world.make_dataset(cfg["n_data"], seed, named_fraction=named_fraction)
+    named = sum(m["named"] for m in metas) / len(metas)
+    log("data: %d samples, %.1f%% clean, %.1f%% name their degradation" % (len(caps), 100 * clean.mean(), 100 * named))
+    lat_mean, lat_std = encode_all(vae, imgs)
+    scale = float(vae.config.scaling_factor)
+    info: Dict[str, Any] = {}
+    te, cond_table, cap_idx, empty_cond = text_stage(tok, caps, seed, info)
+    unet, dinfo = train_diffusion(lat_mean, lat_std, scale, cond_table, cap_idx, empty_cond, cfg, seed + 2)
+    save_pipeline(out, vae, unet, te, tok)
+    check_saved_pipeline(out / "pipeline", te)
+    log(
+        "pipeline rewritten in %s (diffusion %.0f s, final loss %.4f)"
+        % (out, dinfo["diff_seconds"], dinfo["diff_final_loss"])
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -1312,6 +1360,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_true",
         help="train only the held-out judges (stage 8) from the VAE and reward already in --out, and rewrite "
         "only their section of CARD.md",
+    )
+    ap.add_argument(
+        "--named-fraction",
+        type=float,
+        default=world.NAMED_FRACTION,
+        help="fraction of the degraded training images whose caption names the degradation (default %(default)s)",
+    )
+    ap.add_argument(
+        "--diffusion-only",
+        action="store_true",
+        help="retrain only the UNet (stage 3) on the VAE and text encoder already in --out/pipeline (with "
+        "--named-fraction: the captions' experiment) and rewrite --out/pipeline; the rewards are kept",
     )
     args = ap.parse_args(argv)
     raw_argv = list(argv) if argv is not None else sys.argv[1:]
@@ -1351,6 +1411,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     t_start = time.time()
 
+    if args.diffusion_only:
+        diffusion_only(out, work, cfg, seed, args.named_fraction)
+        return 0
     if args.judges_only:
         pipe = load_pipeline(out / "pipeline")  # the shipped VAE (fp16 on disk, fp32 here) and sampler
         jinfo = judges_stage(out, work, pipe, cfg, seed, args.resume, args.threads)
@@ -1362,7 +1425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # 1. data
     t0 = time.time()
-    imgs, caps, clean, _ = world.make_dataset(cfg["n_data"], seed)
+    imgs, caps, clean, _ = world.make_dataset(cfg["n_data"], seed, named_fraction=args.named_fraction)
     info["data_seconds"] = time.time() - t0
     log("data: %d samples, %.1f%% clean (%.0fs)" % (len(caps), 100 * clean.mean(), info["data_seconds"]))
 
@@ -1385,24 +1448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log("vae: latent std %.4f -> scaling_factor %.4f" % (1 / scale, scale))
 
     # 3. diffusion: a frozen, randomly initialised CLIP text encoder (seeded) and a UNet trained on its outputs
-    torch.manual_seed(seed + 6)
-    te = make_text_encoder().eval()
-    te.requires_grad_(False)
-    # tokens that never occur in the world: zero rows (keeps the files compressible; world prompts unchanged)
-    keep = world_token_ids(tok)
-    info["n_world_tokens"] = len(keep)
-    with torch.no_grad():
-        w = te.get_input_embeddings().weight
-        mask = torch.ones(w.shape[0], dtype=torch.bool)
-        mask[keep] = False
-        w[mask] = 0
-    te.half().float()  # train on exactly the weights that ship (fp16)
-    uniq = sorted(set(caps))
-    where = {c: i for i, c in enumerate(uniq)}
-    cond_table = encode_captions(te, tok, uniq)
-    cap_idx = torch.tensor([where[c] for c in caps])
-    empty_cond = encode_captions(te, tok, [""])[0]
-    log("text encoder: %d distinct captions encoded" % len(uniq))
+    te, cond_table, cap_idx, empty_cond = text_stage(tok, caps, seed, info)
     diff_path = work / "diffusion.pt"
     if args.resume and diff_path.exists():
         unet, dinfo = _resume_stage(diff_path, make_unet, "unet", "diffusion")
