@@ -221,6 +221,11 @@ def _cmd_convert(ns) -> int:
         raise ValueError(f"{ns.dst}: already exists (pass --overwrite to replace it)")
     emb = convert(ns.src, ns.dst, family=ns.family, overwrite=ns.overwrite)
     print(f"wrote {ns.dst}: {emb.family} {list(emb.tensor.shape)} {str(emb.tensor.dtype).replace('torch.', '')}")
+    if emb.metadata.get("source_kind") == "predictor global part":
+        print(
+            f"  {ns.src} is a negative predictor: this is its global negative, the same for every prompt (its "
+            f"per-prompt correction needs the predictor itself: docs/predictor.md)"
+        )
     return 0
 
 

@@ -553,8 +553,23 @@ def save_embedding(path: str | os.PathLike, emb: NegEmbedding, overwrite: bool =
 
 
 def convert(src: str, dst: str, family: str | None = None, overwrite: bool = False) -> NegEmbedding:
-    """Convert any supported file to our format; values are kept bit for bit."""
-    emb = load_embedding(src)
+    """Convert any supported file to our format; values are kept bit for bit. A negative predictor's file
+    (``reneg train --predictor``) gives its global negative: the prompt-dependent correction is a network,
+    which no embedding file holds."""
+    from .predictor import is_predictor_file, load_predictor
+
+    if is_predictor_file(src):
+        model = load_predictor(src)
+        emb = model.global_embedding()
+        own = {"format", "format_version", "kind", "architecture", "rank", "parameters", "created", "reneg_version"}
+        own |= {"hidden_size", "token_count", "pooled_size"}
+        # how it was trained (rewards, guidance, model) stays; what describes the network does not
+        emb.metadata = {k: v for k, v in model.metadata.items() if k not in own}
+        emb.metadata.update(kind="global", source_kind="predictor global part")
+        emb.path = src
+        emb.format = "reneg-predictor"
+    else:
+        emb = load_embedding(src)
     if family and family != emb.family:
         # an explicit family must agree with the tensor's shape
         tensor, fam, pooled = validate(emb.tensor, src, family, emb.pooled)

@@ -518,3 +518,28 @@ def test_two_processes_take_the_same_predictor_step_as_one(tmp_path, tiny_pipeli
         assert diff < 1e-5 * scale, f"{name}: 2 processes vs 1, max diff {diff:.3g}"
         moved = max(moved, float((two[name] - one2[name]).abs().max()))
     assert moved > 1e-4  # a batch of 2 takes another step: the comparison can tell steps apart
+
+
+@pytest.mark.parametrize("fam", ("sdxl", "pixart"))
+def test_convert_gives_a_predictors_global_negative(tmp_path, fam, capsys):
+    """``reneg convert PREDICTOR DST`` writes its global negative as an embedding (bit for bit, SDXL's pooled
+    vector and a T5 family's mask included), keeps how it was trained and says the per-prompt part is not in
+    it; loading it as an embedding still refuses by name."""
+    from reneg.cli import main
+
+    model = _trained(from_embedding(_global(fam), "xattn", rank=2))
+    src, dst = tmp_path / "p.safetensors", tmp_path / "g.safetensors"
+    save_predictor(src, model, rewards=["hpsv2=x.pt"], guidance="cfg")
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert "a negative predictor: this is its global negative" in capsys.readouterr().out
+    emb, glob = load_embedding(dst), model.global_embedding()
+    assert emb.family == fam and torch.equal(emb.tensor, glob.tensor)
+    assert (emb.pooled is None and glob.pooled is None) or torch.equal(emb.pooled, glob.pooled)
+    if FAMILIES[fam].masked:
+        assert torch.equal(emb.mask(), glob.attention_mask)
+    meta = emb.metadata
+    assert meta["kind"] == "global" and meta["source_kind"] == "predictor global part" and meta["guidance"] == "cfg"
+    assert "architecture" not in meta and json.loads(meta["rewards"]) == ["hpsv2=x.pt"]
+    assert main(["convert", str(src), str(dst)]) != 0  # never over a file without --overwrite
+    with pytest.raises(EmbeddingError, match=r"p\.safetensors: a ReNeg negative predictor"):
+        load_embedding(src)
