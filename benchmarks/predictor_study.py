@@ -2,6 +2,7 @@
 
     python benchmarks/predictor_study.py --quick          # 2 training seeds, very short runs at 10 sampling steps
     python benchmarks/predictor_study.py --quick --features centred mean --seeds 0 1 2 3 4   # docs/predictor.md
+    python benchmarks/predictor_study.py --seeds 0 1 2 --archs xattn --predictor-steps 80 --eval-seeds 4 --tune-prompts 16  # docs/predictor.md
     python benchmarks/predictor_study.py                   # the full study: 10 seeds at the demo recipe (not yet run)
 
 ``--quick`` with both features took 8 to 15 s a training run and about 20 s of scoring per training seed
@@ -25,7 +26,10 @@ run trains on, x ``--eval-seeds`` fixed image seeds (the same noise for every ne
   predictor's negative at a third of it; each gain is the kept negative's image minus the global
   negative's image of the same prompt and seed, and the predictor's own gain (zero UNet calls of search)
   is measured on the same images. The goals: predictor gain >= half the full tune's gain; the tune from
-  the predictor at a third of the calls >= the full tune's gain.
+  the predictor at a third of the calls >= the full tune's gain;
+- the prompt's part of a tune's gain: each full tune's kept negative on the ``--eval-seeds`` image seeds of
+  its prompt (seeds it was not tuned on), minus the global negative (and each predictor) on the same images:
+  what a per-prompt negative can hope to keep of a per-image search.
 
 Outputs under ``--out`` (default ``runs/predictor-study``): ``train/`` (the runs; a finished run is reused),
 ``study.json`` and ``table.md``.
