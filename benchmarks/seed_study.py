@@ -250,6 +250,11 @@ def _ci(d: dict) -> str:
     return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
 
 
+def _ratio(v) -> str:
+    """The gain ratio as the table shows it: none when handcrafted gains nothing over null."""
+    return "— (handcrafted <= null)" if v is None else f"{v:.2f}"
+
+
 def table(res: dict) -> str:
     names = list(res["variants"])
     ref = names[0]
@@ -267,7 +272,7 @@ def table(res: dict) -> str:
         lines.append(
             f"| {r['seed']} | {r['reference_mean']:.4f} | {_ci(r['learned_minus_handcrafted'])} | "
             f"{_ci(r['handcrafted_minus_null'])} | {_ci(r['learned_minus_null'])} | "
-            f"{r['gain_ratio']:.2f} | {'yes' if r['headline_holds'] else '**no**'} |"
+            f"{_ratio(r['gain_ratio'])} | {'yes' if r['headline_holds'] else '**no**'} |"
         )
     worst = min(res["per_seed"], key=lambda r: r["learned_minus_handcrafted"]["mean"])
     lines += [
