@@ -320,11 +320,11 @@ def validate(
         want = FAMILIES.get(expected_family)
         model = expected_family + (f" ({want.description}; {want.hidden} x {want.tokens} rows)" if want else "")
         same = [f.name for f in FAMILIES.values() if f.masked and want is not None and f.text_space == want.text_space]
-        if want is not None and want.hidden == 4096 and same and same[0] == want.name:
+        if want is not None and want.hidden == 4096 and len(same) > 1 and same[0] == want.name:
             # the space's first family is what a host's bare T5 rows are taken for (ComfyUI's Chroma CLIP
-            # is its PixArt T5 encoder): the rows say not which T5-XXL model reads them, so name them all
+            # is its PixArt T5 encoder): the rows say not which T5-XXL model reads them, so name the others
             # rather than call a Chroma model PixArt
-            model = f"a T5-XXL model ({', '.join(same)}; 4096-wide rows)"
+            model += f" or another model reading T5-XXL rows ({', '.join(same[1:])})"
         raise EmbeddingError(
             f"{path}: this is a {spec.name} embedding ({spec.description}; hidden size {hidden}, "
             f"{tensor.shape[1]} rows), but the model in use is {model}"
