@@ -311,18 +311,19 @@ def main(argv=None) -> int:
         # on the --eval-seeds image seeds of its prompt (seeds it was not tuned on, the main comparison's),
         # against the global negative and the predictors on the same images. No negative read from the
         # prompt alone can be expected to keep more than the prompt's part.
-        n = len(prompts)  # training seed seeds[0]'s block of the main comparison comes first
-        pos = [i * eval_seeds + k for text, _ in items for i in [texts.index(text)] for k in range(eval_seeds)]
+        # each item's places in training seed seeds[0]'s block of the main comparison, which comes first
+        where = [[texts.index(text) * eval_seeds + k for k in range(eval_seeds)] for text, _ in items]
+        pos = [p for w in where for p in w]
         other = []
-        for (text, _), neg in zip(items, tuned):
-            ss = [iseeds[texts.index(text) * eval_seeds + k] for k in range(eval_seeds)]
+        for w, (text, _), neg in zip(where, items, tuned):
+            ss = [iseeds[p] for p in w]
             other += generate_and_score(
                 backend, reward, [text] * eval_seeds, ss, backend.negative_cond(neg), *args
             ).tolist()
-        glob = [scores["global"][:n][i] for i in pos]
+        glob = [scores["global"][p] for p in pos]
         transfer = {"tuned_on_other_seeds": mean_ci(paired_differences(other, glob))}
         for a in names:
-            transfer[a] = mean_ci(paired_differences([scores[a][:n][i] for i in pos], glob))
+            transfer[a] = mean_ci(paired_differences([scores[a][p] for p in pos], glob))
         g = transfer["tuned_on_other_seeds"]["mean"]
         transfer["prompt_share_of_full_gain"] = g / full_gain["mean"] if full_gain["mean"] else None
         transfer["images"] = len(other)

@@ -319,8 +319,8 @@ def validate(
     if expected_family and spec.name != expected_family and not _same_space(spec.name, expected_family):
         want = FAMILIES.get(expected_family)
         model = expected_family + (f" ({want.description}; {want.hidden} x {want.tokens} rows)" if want else "")
-        same = [f.name for f in FAMILIES.values() if f.masked and want is not None and f.text_space == want.text_space]
-        if want is not None and want.hidden == 4096 and len(same) > 1 and same[0] == want.name:
+        same = [f.name for f in FAMILIES.values() if want is not None and f.masked and f.text_space == want.text_space]
+        if len(same) > 1 and same[0] == expected_family and want.hidden == 4096:
             # the space's first family is what a host's bare T5 rows are taken for (ComfyUI's Chroma CLIP
             # is its PixArt T5 encoder): the rows say not which T5-XXL model reads them, so name the others
             # rather than call a Chroma model PixArt
