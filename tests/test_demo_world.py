@@ -243,6 +243,39 @@ def test_demo_setup_lists_the_judges_and_train_demo_only_monitors_them(tmp_path)
     assert ns.monitor_rewards == [d["judges"][1]]
 
 
+def test_demo_holds_out_prompts_training_never_draws(tmp_path, monkeypatch):
+    """The demo's held-out prompts are captions its training prompts never contain (the world has only about
+    860 distinct captions: a plain draw of 2000 held 29 of the first 32), eval --demo judges on all 128 with
+    tuning on the first 16, and the trainer checks on the first 32."""
+    from test_hostile_inputs import demo_eval_config, fake_finished_demo_train
+
+    from reneg import demo
+    from reneg.prompts import load_prompts
+
+    d = demo.setup(str(tmp_path / "setup"))
+    train = [p.text for p in load_prompts(d["prompts"])]
+    held = [p.text for p in load_prompts(d["heldout"])]
+    assert len(train) == 2000 and len(held) == len(set(held)) == demo.DEMO_HELDOUT_PROMPTS == 128
+    assert not set(train) & set(held)
+    assert held[:32] == demo_world.heldout_prompts(32) and d["settings"]["heldout_count"] == 32
+    # excluding changes only which captions are drawn: no degradation words, and the draw is reproducible
+    assert not any(_has_degradation_word(p) for p in train)
+    assert world.train_prompts(50, seed=3, exclude=held) == world.train_prompts(50, seed=3, exclude=held)
+
+    monkeypatch.chdir(tmp_path)  # no runs/demo-train here
+    fake_finished_demo_train(tmp_path / "ev")  # (else the eval's config would train one first)
+    cfg = demo_eval_config(["eval", "--demo", "--out", str(tmp_path / "ev")])
+    assert cfg.tune_prompts == 16 and cfg.tune_per_prompt == 1 and cfg.images_per_prompt == 8
+    assert len(load_prompts(cfg.prompts)) == 128
+
+
+
+def test_train_prompts_refuse_an_exclusion_that_leaves_nothing(monkeypatch):
+    monkeypatch.setattr(world, "caption_for", lambda scene: "a red circle")
+    with pytest.raises(ValueError, match="only 0 of 5 prompts could be drawn outside the 1 excluded"):
+        world.train_prompts(5, seed=0, exclude=["a red circle"])
+
+
 def test_demo_setup_has_no_judges_with_the_tiny_fallback(tmp_path, monkeypatch):
     from reneg import demo
 

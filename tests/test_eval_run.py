@@ -483,3 +483,30 @@ def test_every_embedding_negative_is_checked_against_the_model_before_any_image(
     with pytest.raises(EvalError, match=r"--negative my_neg \(.*my_neg\.safetensors\): this model cannot read"):
         ev.run_eval(cfg, log=lambda m: None)
     assert os.listdir(tmp_path / "o" / "images") == []
+
+
+def test_tune_prompts_limits_tuning_to_the_first_prompts(tmp_path):
+    """--tune-prompts N: a tuned negative is made for the images of the first N prompts only (in the order
+    the items come, so after --limit's choice), with --tune-per-prompt K their first K; other negatives
+    are made for every image."""
+    from reneg.evaluation.config import items_for
+
+    path = tmp_path / "p.txt"
+    path.write_text("a\nb\nc\nd\n", encoding="utf-8")
+    items = build_items(str(path), seed=7, images_per_prompt=3)
+    tuned = Negative("tuned-x", "tuned", "x.safetensors")
+    plain = Negative("x", "file", "x.safetensors")
+    both = EvalConfig(tune_per_prompt=1, tune_prompts=2)
+    assert [(it.index, it.k) for it in items_for(both, tuned, items)] == [(0, 0), (1, 0)]
+    assert items_for(both, plain, items) == items
+    only_n = EvalConfig(tune_prompts=3)
+    assert [(it.index, it.k) for it in items_for(only_n, tuned, items)] == [(i, k) for i in range(3) for k in range(3)]
+    # more than there are: every prompt; the first N of a subsample are its first N, not indices < N
+    assert items_for(EvalConfig(tune_prompts=9), tuned, items) == items
+    picked = [it for it in items if it.index in (1, 3)]
+    assert {it.index for it in items_for(EvalConfig(tune_prompts=1), tuned, picked)} == {1}
+
+
+def test_tune_prompts_must_be_positive(tmp_path, tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file):
+    with pytest.raises(EvalError, match="--tune-prompts must be a positive integer, got 0"):
+        ev.validate_eval(_cfg(tmp_path / "ev", tiny_pipeline_dir, tiny_hps_ckpt, prompt_file, emb_file, tune_prompts=0))

@@ -367,14 +367,19 @@ def make_dataset(n: int, seed: int, **kw: Any) -> Tuple[np.ndarray, List[str], n
 # --------------------------------------------------------------------------- prompts
 
 
-def _clean_prompts(n: int, seed: int, unique: bool) -> List[str]:
+def _clean_prompts(n: int, seed: int, unique: bool, exclude: Sequence[str] = ()) -> List[str]:
     rng = np.random.default_rng(seed)
     out: List[str] = []
     seen = set()
+    barred = set(exclude)
     tries = 0
     while len(out) < n:
         tries += 1
+        if tries > 1000 * max(n, 1):
+            raise ValueError(f"only {len(out)} of {n} prompts could be drawn outside the {len(barred)} excluded ones")
         cap = caption_for(sample_scene(rng))
+        if cap in barred:
+            continue
         if unique and cap in seen and tries < 100 * n:
             continue
         seen.add(cap)
@@ -382,9 +387,11 @@ def _clean_prompts(n: int, seed: int, unique: bool) -> List[str]:
     return out
 
 
-def train_prompts(n: int, seed: int = 0) -> List[str]:
-    """``n`` clean-style prompts (no degradation words) for training a negative."""
-    return _clean_prompts(n, seed + 1_000_003, unique=False)
+def train_prompts(n: int, seed: int = 0, exclude: Sequence[str] = ()) -> List[str]:
+    """``n`` clean-style prompts (no degradation words) for training a negative, drawn with repeats from
+    the world's captions (there are only about 860 distinct ones); a caption in ``exclude`` (the
+    evaluation's held-out prompts) is never drawn, so that held-out prompts are ones training never saw."""
+    return _clean_prompts(n, seed + 1_000_003, unique=False, exclude=exclude)
 
 
 def heldout_prompts(n: int = 32, seed: int = 20240531) -> List[str]:

@@ -108,6 +108,14 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         "they are compared with the others on those images (default: all images)",
     )
     a(
+        "--tune-prompts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tuned negatives: tune only the images of the first N prompts (with --tune-per-prompt K, their "
+        "first K); they are compared with the others on those images (default: every prompt)",
+    )
+    a(
         "--tune-noise",
         choices=("seed", "fresh"),
         default=d.tune_noise,
@@ -305,6 +313,7 @@ def demo_config(ns) -> EvalConfig:
         batch=s.get("eval_batch", 8),
         images_per_prompt=s.get("eval_images_per_prompt", 1),
         tune_per_prompt=s.get("eval_tune_per_prompt"),
+        tune_prompts=s.get("eval_tune_prompts"),
         tune_steps=s.get("eval_tune_steps", 5),
         tune_patience=s.get("eval_tune_patience", 3),
         tune_lr=s.get("tune_lr", s["lr"]),
@@ -363,6 +372,7 @@ _NUMERIC_FIELDS = (
     "grid_limit",
     "limit",
     "tune_per_prompt",
+    "tune_prompts",
     "tune_lr",
     "tie_tol",
     "seed",

@@ -44,11 +44,17 @@ def build_items(
 
 def items_for(cfg, neg, items: list[Item]) -> list[Item]:
     """The items ``neg`` is made for: all of them, except tuned negatives under ``--tune-per-prompt K``
-    (the first K images of each prompt; per-sample search is the expensive part of an evaluation)."""
-    k = getattr(cfg, "tune_per_prompt", None)
-    if neg.kind != "tuned" or k is None:
+    (the first K images of each prompt) and ``--tune-prompts N`` (the images of the first N prompts):
+    per-sample search is the expensive part of an evaluation."""
+    if neg.kind != "tuned":
         return items
-    return [it for it in items if it.k < k]
+    k = getattr(cfg, "tune_per_prompt", None)
+    n = getattr(cfg, "tune_prompts", None)
+    first = None
+    if n is not None:
+        order = list(dict.fromkeys(it.index for it in items))
+        first = set(order[:n])
+    return [it for it in items if (k is None or it.k < k) and (first is None or it.index in first)]
 
 
 @dataclass
@@ -85,6 +91,7 @@ class EvalConfig:
     tune_lr: float = PAPER.lr
     tune_noise: str = "seed"
     tune_per_prompt: int | None = None  # tuned negatives: only images k < this of each prompt (None: all)
+    tune_prompts: int | None = None  # tuned negatives: only the images of the first N prompts (None: all)
     grad_range: tuple[int, int] = PAPER.grad_range
     save_tuned: bool = False
     video: str | None = None  # motion-adapter folder (AnimateDiff)
@@ -116,6 +123,7 @@ EVAL_NUMBERS = {
     "grid_limit": ("int",),
     "limit": ("opt_int", 1),
     "tune_per_prompt": ("opt_int", 1),
+    "tune_prompts": ("opt_int", 1),
     "tune_lr": ("pos",),
     "tie_tol": ("nonneg",),
     "seed": ("seed",),
