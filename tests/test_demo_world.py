@@ -269,7 +269,6 @@ def test_demo_holds_out_prompts_training_never_draws(tmp_path, monkeypatch):
     assert len(load_prompts(cfg.prompts)) == 128
 
 
-
 def test_train_prompts_refuse_an_exclusion_that_leaves_nothing(monkeypatch):
     monkeypatch.setattr(world, "caption_for", lambda scene: "a red circle")
     with pytest.raises(ValueError, match="only 0 of 5 prompts could be drawn outside the 1 excluded"):
