@@ -9,7 +9,7 @@ For every training seed and every variant it runs exactly what a user runs,
 
 then scores every embedding with ``reneg eval --demo`` (the README's second command, with its
 negatives replaced: null, the handcrafted negative, and every embedding trained here), on the demo's
-32 held-out prompts x 16 image seeds (the same noise for every negative), with the training reward (the
+128 held-out prompts x 8 image seeds (the same noise for every negative), with the training reward (the
 headline) and the held-out judges (their own table: each variant's lead over handcrafted under each). Per training seed it
 reports, paired on (prompt, image seed), with 95 % Student-t intervals (``reneg.evaluation.stats``):
 
@@ -147,7 +147,10 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="commands run at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per command")
     p.add_argument(
-        "--images-per-prompt", type=int, default=16, help="image seeds per held-out prompt (eval --demo: 16)"
+        "--images-per-prompt",
+        type=int,
+        default=None,
+        help="image seeds per held-out prompt (default: eval --demo's, 8)",
     )
     ns = p.parse_args(argv)
     variants = [parse_variant(v) for v in (ns.variant or DEFAULT_VARIANTS)]
@@ -158,6 +161,8 @@ def main(argv=None) -> int:
 
     if demo._world() is None:
         raise SystemExit("the demo world's assets are missing (reneg/demo_world/assets)")
+    if ns.images_per_prompt is None:
+        ns.images_per_prompt = demo.WORLD_SETTINGS["eval_images_per_prompt"]
     os.makedirs(ns.out, exist_ok=True)
 
     # training: the longest runs first, so that the jobs end together
@@ -223,6 +228,7 @@ def main(argv=None) -> int:
         "seeds": ns.seeds,
         "variants": {n: f for n, f in variants},
         "images_per_prompt": ns.images_per_prompt,
+        "heldout_prompts": len({k[0] for k in null}),
         "reward": rewards[0],
         "judges": rewards[1:],
         "null_mean": sum(null.values()) / len(null),
@@ -261,7 +267,8 @@ def table(res: dict) -> str:
     flags = lambda n: " ".join(res["variants"][n]) or "(the demo's recipe)"  # noqa: E731
     lines = [
         f"Null {res['null_mean']:.4f}, handcrafted {res['handcrafted_mean']:.4f} (the same images on every row); "
-        f"32 held-out prompts x {res['images_per_prompt']} image seeds, paired, 95 % Student-t intervals.",
+        f"{res.get('heldout_prompts', 32)} held-out prompts x {res['images_per_prompt']} image seeds, paired, "
+        "95 % Student-t intervals.",
         "",
         f"**{ref}** (`reneg train --demo --seed S {flags(ref)}`): the demo's headline per training seed",
         "",

@@ -246,7 +246,7 @@ def test_demo_setup_lists_the_judges_and_train_demo_only_monitors_them(tmp_path)
 def test_demo_holds_out_prompts_training_never_draws(tmp_path, monkeypatch):
     """The demo's held-out prompts are captions its training prompts never contain (the world has only about
     860 distinct captions: a plain draw of 2000 held 29 of the first 32), eval --demo judges on all 128 with
-    tuning on the first 16, and the trainer checks on the first 32."""
+    tuning on the first 8, and the trainer checks on the first 32."""
     from test_hostile_inputs import demo_eval_config, fake_finished_demo_train
 
     from reneg import demo
@@ -265,7 +265,7 @@ def test_demo_holds_out_prompts_training_never_draws(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/demo-train here
     fake_finished_demo_train(tmp_path / "ev")  # (else the eval's config would train one first)
     cfg = demo_eval_config(["eval", "--demo", "--out", str(tmp_path / "ev")])
-    assert cfg.tune_prompts == 16 and cfg.tune_per_prompt == 1 and cfg.images_per_prompt == 8
+    assert cfg.tune_prompts == 8 and cfg.tune_per_prompt == 1 and cfg.images_per_prompt == 8
     assert len(load_prompts(cfg.prompts)) == 128
 
 

@@ -21,3 +21,6 @@ def test_a_seed_without_a_handcrafted_gain_is_a_row_not_a_crash():
     md = table(res)
     assert "| 2 | 0.7000 |" in md and "— (handcrafted <= null) | **no** |" in md
     assert "| 2.40 | **no** |" in md
+    assert "32 held-out prompts x 16 image seeds" in md  # a study from before the count was recorded
+    res["heldout_prompts"], res["images_per_prompt"] = 128, 8
+    assert "128 held-out prompts x 8 image seeds" in table(res)
