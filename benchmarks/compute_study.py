@@ -94,9 +94,9 @@ def log(msg: str) -> None:
 
 
 def base_recipe(world: dict, ns) -> dict:
-    s = dict(world["settings"])
-    for k in ("eval_images_per_prompt", "eval_tune_per_prompt", "eval_tune_steps", "tune_lr", "eval_train_steps"):
-        s.pop(k, None)
+    from reneg.demo import train_settings
+
+    s = train_settings(world["settings"])
     for k in ("steps", "batch_size", "lr"):  # a shortened base recipe (the demo world's is 160 x 16 at 5e-2)
         if getattr(ns, k) is not None:
             s[k] = getattr(ns, k)

@@ -129,9 +129,9 @@ def main(argv=None) -> int:
     from benchmarks.compute_study import demo_world
 
     world = demo_world(ns.out)
-    st = dict(world["settings"])
-    for k in ("eval_images_per_prompt", "eval_tune_per_prompt", "eval_tune_steps", "tune_lr", "eval_train_steps"):
-        st.pop(k, None)
+    from reneg.demo import train_settings
+
+    st = train_settings(world["settings"])
     st["steps"] = ns.steps or (8 if q else st["steps"])
     sampling = ns.sampling_steps or (10 if q else st["sampling_steps"])
     if sampling != st["sampling_steps"]:  # the grad range (the last 11 of 30) scaled to the step count

@@ -157,6 +157,15 @@ def _setup(out: str) -> dict:
     )
 
 
+def train_settings(settings: dict) -> dict:
+    """The part of the demo's ``settings`` a training run takes (:class:`TrainConfig` fields); the rest
+    (``eval_*`` but ``eval_every``/``eval_batch``, ``tune_lr``) is eval's and tune's. One filter for every
+    caller that trains in-process, so that a setting added for eval never reaches a TrainConfig."""
+    from .trainer.config import TrainConfig
+
+    return {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
+
+
 # what --demo brings itself: these flags can not be combined with it
 DEMO_OWNS = {
     "train": ("model", "config", "rewards", "prompts", "heldout"),

@@ -348,3 +348,33 @@ def test_judges_card_section_replaces_its_earlier_self_and_agreement_measures(tm
     assert len({json.dumps(c["vision_cfg"], sort_keys=True) for c in configs}) == 3
     seeds = [s for r in (tool.SHIPPED_REWARD, *tool.JUDGES) for s in (r.data_seed, r.train_seed)]
     assert len(set(seeds + [tool.JUDGE_EVAL_SEED, 5])) == len(seeds) + 2
+
+
+def test_every_demo_setting_belongs_to_train_or_to_eval_and_the_studies_build_their_runs(tmp_path):
+    """A setting added to the demo for eval (eval_tune_prompts) once reached the studies' TrainConfig and
+    crashed them; train_settings() is the one filter, and every other setting is one eval or tune reads."""
+    from types import SimpleNamespace
+
+    from benchmarks.compute_study import base_recipe, demo_train_config, demo_world
+
+    from reneg import demo
+    from reneg.trainer.config import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    kept = demo.train_settings(demo.WORLD_SETTINGS)
+    assert set(kept) <= set(fields) and "eval_every" in kept and "heldout_count" in kept
+    others = set(demo.WORLD_SETTINGS) - set(kept)
+    assert others == {
+        "eval_images_per_prompt",
+        "eval_tune_per_prompt",
+        "eval_tune_prompts",
+        "eval_tune_steps",
+        "tune_lr",
+        "eval_train_steps",
+    }
+    world = demo_world(str(tmp_path / "study"))
+    assert len(world["heldout_texts"]) == 32  # the studies score the trainer's 32, not eval's 128
+    cfg = demo_train_config(
+        world, str(tmp_path / "run"), base_recipe(world, SimpleNamespace(steps=None, batch_size=None, lr=None))
+    )
+    assert cfg.steps == demo.WORLD_SETTINGS["steps"] and cfg.heldout_count == 32

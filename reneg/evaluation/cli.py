@@ -392,9 +392,10 @@ def _demo_train(d: dict, folder: str, progress: bool) -> str:
         f"world's published figures come from that)",
         flush=True,
     )
+    from reneg.demo import train_settings
+
     s = dict(d["settings"])
-    fields = TrainConfig.__dataclass_fields__
-    kw = {k: v for k, v in s.items() if k in fields}
+    kw = train_settings(s)
     kw["grad_range"] = tuple(kw.get("grad_range", O.PAPER.grad_range))
     if "eval_train_steps" in s:
         kw["steps"] = int(s["eval_train_steps"])
