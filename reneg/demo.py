@@ -35,8 +35,8 @@ def _world():
 
 # The demo world's recipe: the paper's (AdamW, cosine, 30 DDIM steps, CFG 7.5, init from null, grad
 # step among the last 11) with 160 steps of 16 samples at lr 5e-2: about 4.5 minutes on 2 idle CPU cores
-# (held-out checks with the two judges every 40 steps included; when the checks run does not change the
-# embedding, only what the log shows).
+# (held-out checks with the two judges every 40 steps included; how often they run changes what the log
+# shows, not the embedding).
 # Why lr 5e-2 and these sizes: docs/demo-world.md ("The recipe", and the recipes tried on ten seeds).
 # eval --demo: 128 held-out prompts (captions training never draws) x 8 images for the global negatives,
 # and per-sample tuning (the slow part: about 2.5 s an image) for the first image of the first 8 prompts,

@@ -64,6 +64,7 @@ NUMERIC = [
     ("eval", "--tune-patience", INTS, ["3"]),
     ("eval", "--tune-lr", FLOATS, ["0.01"]),
     ("eval", "--tune-per-prompt", INTS, ["1"]),
+    ("eval", "--tune-prompts", INTS, ["1"]),
     ("eval", "--frames", INTS, ["4"]),
     ("eval", "--tie-tol", ["nan", "inf", "-1", "1e400"], ["0", "0.01", str(2**64)]),
     ("eval", "--grid-limit", INTS, ["10"]),
@@ -100,7 +101,13 @@ def _refused(cmd: str, argv: list[str], flag: str, capsys) -> None:
 @pytest.mark.parametrize("cmd, flag, bad, good", NUMERIC, ids=[f"{c}{f}" for c, f, _, _ in NUMERIC])
 def test_every_numeric_flag_is_refused_by_name_or_accepted(env, capsys, cmd, flag, bad, good):  # noqa: F811
     base = BASE[cmd](env)
-    if cmd == "eval" and flag in ("--tune-steps", "--tune-patience", "--tune-lr", "--tune-per-prompt"):
+    if cmd == "eval" and flag in (
+        "--tune-steps",
+        "--tune-patience",
+        "--tune-lr",
+        "--tune-per-prompt",
+        "--tune-prompts",
+    ):
         base = base + ["--negative", "tuned:null", "--grad-range", "0", "2"]
     for v in bad:
         _refused(cmd, _replace(base, flag, [v]), flag, capsys)
